@@ -1,0 +1,20 @@
+// Python module exposing the CUDA FFI handlers as capsules. cudart is linked statically, so
+// this module imports on machines without a GPU or driver; XLA defers CUDA registration there.
+#include <nanobind/nanobind.h>
+
+#include "xla/ffi/api/c_api.h"
+#include "xla/ffi/api/api.h"
+
+namespace nb = nanobind;
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(PitDetectCuda);
+
+NB_MODULE(_pit_cuda, m) {
+  m.def("registrations", []() {
+    nb::dict targets;
+    targets["pit_detect"] = nb::capsule(reinterpret_cast<void*>(PitDetectCuda));
+    return targets;
+  });
+  m.attr("ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
+  m.attr("cuda_architectures") = PIT_CUDA_ARCHS;
+}

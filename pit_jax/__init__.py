@@ -1,0 +1,14 @@
+"""pit_jax: permutation-invariant dynamic sparsity (PIT) for JAX on NVIDIA GPUs.
+
+Layers, each importing only those below: _ext (load + register FFI handlers) -> _primitive
+(shared primitive helpers) -> one module per rule (detect, ...) -> public namespace.
+"""
+from . import _ext
+from ._ext import build_info, cuda_available
+from .detect import detect
+from .tile_index import TileIndex
+
+__all__ = ["detect", "TileIndex", "build_info", "cuda_available"]
+__version__ = "0.1.0"
+
+_ext._warn_if_gpu_without_kernels()

@@ -1,0 +1,52 @@
+"""Helpers shared by every pit_jax primitive: per-platform lowering, batching, AD of indices."""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from . import _ext
+
+
+def make_primitive(name: str, multiple_results: bool = True) -> Primitive:
+    p = Primitive(name)
+    p.multiple_results = multiple_results
+    p.def_impl(lambda *args, **params: jax.jit(lambda *a: p.bind(*a, **params))(*args))
+    return p
+
+
+def register_lowerings(p: Primitive, *, cpu: Callable, cuda: Callable) -> None:
+    """CPU lowering (the C++ handler) and CUDA lowering, which fails loudly without kernels."""
+    mlir.register_lowering(p, cpu, platform="cpu")
+
+    def cuda_checked(ctx, *args, **params):
+        _ext.require_cuda(p.name)
+        return cuda(ctx, *args, **params)
+
+    mlir.register_lowering(p, cuda_checked, platform="cuda")
+
+
+def batch_at_front(p: Primitive) -> None:
+    """Batching for primitives that treat every leading dimension as batch."""
+
+    def rule(args, dims, **params):
+        args = [jnp.moveaxis(a, d, 0) if d is not None else a
+                for a, d in zip(args, dims)]
+        out = p.bind(*args, **params)
+        return out, [0] * len(out) if p.multiple_results else 0
+
+    batching.primitive_batchers[p] = rule
+
+
+def integer_outputs_jvp(p: Primitive) -> None:
+    """Outputs are integer indices: their tangents are symbolic zeros (float0), so gradients
+    flow through the ops that consume the index, never into it."""
+
+    def jvp(primals, tangents, **params):
+        out = p.bind(*primals, **params)
+        return out, [ad.Zero(o.aval.to_tangent_aval()) for o in out]
+
+    ad.primitive_jvps[p] = jvp

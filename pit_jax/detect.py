@@ -1,0 +1,113 @@
+"""Micro-tile detection rule: primitive, lowering per platform, public `detect`."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _primitive
+from .tile_index import LAYOUTS, TileIndex
+
+_TARGET = "pit_detect"
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+detect_p = _primitive.make_primitive("pit_detect")
+
+
+def _grid(m, k, tile_m, tile_k):
+    return (m + tile_m - 1) // tile_m, (k + tile_k - 1) // tile_k
+
+
+def _outer_inner(m, k, tile_m, tile_k, layout):
+    nb_m, nb_k = _grid(m, k, tile_m, tile_k)
+    return (nb_m, nb_k) if layout == "row" else (nb_k, nb_m)
+
+
+def _abstract_eval(x, *, tile_m, tile_k, layout):
+    *lead, m, k = x.shape
+    n_outer, n_inner = _outer_inner(m, k, tile_m, tile_k, layout)
+    i32 = jnp.int32
+    return (jax.core.ShapedArray((*lead, n_outer), i32),
+            jax.core.ShapedArray((*lead, n_outer + 1), i32),
+            jax.core.ShapedArray((*lead, n_outer, n_inner), i32))
+
+
+detect_p.def_abstract_eval(_abstract_eval)
+
+
+def mask_sub_rows(tile_m: int) -> int:
+    """Rows folded per mask row in the CUDA mask pass (must match detect_cuda.cu)."""
+    return next((g for g in range(16, 1, -1) if tile_m % g == 0), 1)
+
+
+def _ffi_params(tile_m, tile_k, layout):
+    return dict(tile_m=np.int64(tile_m), tile_k=np.int64(tile_k),
+                layout=np.int64(LAYOUTS.index(layout)))
+
+
+_cpu_rule = jax.ffi.ffi_lowering(_TARGET)
+_cuda_rule = jax.ffi.ffi_lowering(_TARGET)
+
+
+def _lower_cpu(ctx, x, *, tile_m, tile_k, layout):
+    return _cpu_rule(ctx, x, **_ffi_params(tile_m, tile_k, layout))
+
+
+def _lower_cuda(ctx, x, *, tile_m, tile_k, layout):
+    # The CUDA handler needs a scratch column mask; it is an extra result dropped here.
+    *lead, m, k = ctx.avals_in[0].shape
+    batch = math.prod(lead) if lead else 1
+    g = mask_sub_rows(tile_m)
+    words = batch * ((m + g - 1) // g) * ((k + 31) // 32)
+    ws = jax.core.ShapedArray((words,), jnp.uint32)
+    outs = _cuda_rule(ctx.replace(avals_out=[*ctx.avals_out, ws]), x,
+                      **_ffi_params(tile_m, tile_k, layout))
+    return outs[:3]
+
+
+_primitive.register_lowerings(detect_p, cpu=_lower_cpu, cuda=_lower_cuda)
+_primitive.batch_at_front(detect_p)
+_primitive.integer_outputs_jvp(detect_p)
+
+
+def _check_tile(tile, m, k):
+    if (not isinstance(tile, (tuple, list)) or len(tile) != 2
+            or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in tile)):
+        raise TypeError(f"pit_jax.detect: tile must be a pair of ints (tm, tk), got {tile!r}")
+    tm, tk = int(tile[0]), int(tile[1])
+    if tm <= 0 or tk <= 0:
+        raise ValueError(f"pit_jax.detect: tile sizes must be positive, got tile={tile!r}")
+    for name, t, d in (("tm", tm, m), ("tk", tk, k)):
+        if isinstance(d, int) and t > d:
+            raise ValueError(f"pit_jax.detect: tile {name}={t} is larger than x's dimension ({d}); "
+                             f"x's last two dims are ({m}, {k})")
+    return tm, tk
+
+
+def detect(x: jax.Array, tile=(32, 1), *, layout: str = "row") -> TileIndex:
+    """Find the nonzero micro-tiles of the last two dims of `x`, on device, without host sync.
+
+    Args:
+      x: [..., M, K] bfloat16, float16 or float32; leading dims are batch.
+      tile: (tm, tk) micro-tile shape, positive and no larger than (M, K).
+      layout: "row" (per row block, its nonzero column blocks; for k-gather) or "col" (per
+        column block, its nonzero row blocks; for m-gather).
+
+    Returns a `TileIndex`. Works under jit, vmap, grad (the index has no gradient) and jax.export.
+    """
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"pit_jax.detect: x must be an array, got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(f"pit_jax.detect: x must have rank >= 2 ([..., M, K]), got shape {x.shape}")
+    if not any(x.dtype == d for d in SUPPORTED_DTYPES):
+        raise TypeError(f"pit_jax.detect: x must be bfloat16, float16 or float32, got {x.dtype}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"pit_jax.detect: layout must be one of {LAYOUTS}, got {layout!r}")
+    m, k = x.shape[-2:]
+    if (isinstance(m, int) and m == 0) or (isinstance(k, int) and k == 0):
+        raise ValueError(f"pit_jax.detect: x's last two dims must be non-empty, got shape {x.shape}")
+    tm, tk = _check_tile(tile, m, k)
+    counts, offsets, indices = detect_p.bind(x, tile_m=tm, tile_k=tk, layout=layout)
+    return TileIndex(counts, offsets, indices, (m, k), (tm, tk), layout)

@@ -1,0 +1,71 @@
+"""TileIndex: the result of micro-tile detection, a pytree of device arrays plus static metadata."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+LAYOUTS = ("row", "col")
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class TileIndex:
+    """Nonzero micro-tiles of the last two dims of an array x [..., M, K].
+
+    x is cut into tiles of `tile = (tm, tk)`; edge tiles are partial. Row block i covers rows
+    [i*tm, (i+1)*tm), column block j covers columns [j*tk, (j+1)*tk). A tile is nonzero when any
+    of its elements compares != 0 (NaN is nonzero, -0.0 is zero).
+
+    layout "row" (k-gather): outer blocks are row blocks, inner blocks are column blocks.
+    layout "col" (m-gather): outer blocks are column blocks, inner blocks are row blocks.
+
+    counts  int32 [..., n_outer]           nonzero tiles in each outer block
+    offsets int32 [..., n_outer + 1]       exclusive prefix sum of counts; offsets[..., -1] = total
+    indices int32 [..., n_outer, n_inner]  per outer block: ids of its nonzero inner blocks in
+                                           ascending order, then -1 up to the capacity n_inner
+
+    The capacity is fixed by the shape (every tile could be nonzero), so the index can never
+    overflow and its shape stays symbolic under jax.export.
+    """
+
+    counts: jax.Array
+    offsets: jax.Array
+    indices: jax.Array
+    shape: tuple  # (M, K) of the detected array's last two dims
+    tile: tuple  # (tm, tk)
+    layout: str
+
+    def tree_flatten(self):
+        return (self.counts, self.offsets, self.indices), (self.shape, self.tile, self.layout)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def grid(self) -> tuple:
+        """(number of row blocks, number of column blocks)."""
+        (m, k), (tm, tk) = self.shape, self.tile
+        return (-(-m // tm), -(-k // tk))
+
+    @property
+    def nnz(self) -> jax.Array:
+        """Total nonzero micro-tiles, per leading index."""
+        return self.offsets[..., -1]
+
+    @property
+    def density(self) -> jax.Array:
+        """Fraction of micro-tiles that are nonzero, per leading index."""
+        nb_m, nb_k = self.grid
+        return self.nnz.astype(jnp.float32) / max(nb_m * nb_k, 1)
+
+    def to_mask(self) -> jax.Array:
+        """Boolean tile mask [..., nb_m, nb_k] rebuilt from the index (for checks and debugging)."""
+        nb_m, nb_k = self.grid
+        n_outer, n_inner = (nb_m, nb_k) if self.layout == "row" else (nb_k, nb_m)
+        valid = self.indices >= 0
+        onehot = (self.indices[..., None] == jnp.arange(n_inner)) & valid[..., None]
+        mask = jnp.any(onehot, axis=-2)  # [..., n_outer, n_inner]
+        return mask if self.layout == "row" else jnp.swapaxes(mask, -1, -2)
