@@ -11,7 +11,15 @@ import warnings
 
 import jax
 
-_cpu = importlib.import_module("pit_jax._pit_cpu")
+try:
+    _cpu = importlib.import_module("pit_jax._pit_cpu")
+except ImportError as err:
+    import os
+    raise ImportError(
+        "pit_jax's compiled FFI module is missing from "
+        f"{os.path.dirname(__file__)}. Install the package (`pip install .`) and import it from "
+        "outside the source tree (run the tests with `pytest`, not `python -m pytest`, from the "
+        "repository root).") from err
 try:
     _cuda = importlib.import_module("pit_jax._pit_cuda")
 except ImportError as err:  # built without nvcc: CPU only, said loudly at lowering time

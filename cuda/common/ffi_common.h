@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "xla/ffi/api/ffi.h"
@@ -24,6 +25,17 @@ inline bool matrix_view(ffi::AnyBuffer::Dimensions dims, MatrixView* view) {
   view->rows = dims[dims.size() - 2];
   view->cols = dims[dims.size() - 1];
   return true;
+}
+
+// With PIT_DEBUG_POISON_OUTPUTS=1 in the environment, handlers fill their outputs with this byte
+// before computing, so a test that compares every element proves every element was written.
+constexpr int kPoisonByte = 0x5A;
+inline bool debug_poison_outputs() {
+  static const bool on = [] {
+    const char* v = std::getenv("PIT_DEBUG_POISON_OUTPUTS");
+    return v != nullptr && v[0] == '1';
+  }();
+  return on;
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -70,6 +70,11 @@ ffi::Error DetectCpu(ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::S32>> counts
       element_count(offsets->dimensions()) != s.batch * (n_outer + 1) ||
       element_count(indices->dimensions()) != s.batch * n_outer * n_inner)
     return ffi::Error::InvalidArgument("pit_detect: output sizes do not match x and tile");
+  if (debug_poison_outputs()) {  // tests: prove every output element is written
+    std::memset(counts->untyped_data(), kPoisonByte, counts->size_bytes());
+    std::memset(offsets->untyped_data(), kPoisonByte, offsets->size_bytes());
+    std::memset(indices->untyped_data(), kPoisonByte, indices->size_bytes());
+  }
   int32_t* c = counts->typed_data();
   int32_t* o = offsets->typed_data();
   int32_t* i = indices->typed_data();

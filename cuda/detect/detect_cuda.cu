@@ -235,6 +235,12 @@ ffi::Error DetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Bu
       element_count(indices->dimensions()) != s.batch * n_outer * n_inner ||
       element_count(workspace->dimensions()) < ws_words)
     return ffi::Error::InvalidArgument("pit_detect: output or workspace sizes do not match x and tile");
+  if (debug_poison_outputs()) {  // tests: prove every output element is written by the kernels
+    cudaMemsetAsync(counts->untyped_data(), kPoisonByte, counts->size_bytes(), stream);
+    cudaMemsetAsync(offsets->untyped_data(), kPoisonByte, offsets->size_bytes(), stream);
+    cudaMemsetAsync(indices->untyped_data(), kPoisonByte, indices->size_bytes(), stream);
+    cudaMemsetAsync(workspace->untyped_data(), kPoisonByte, workspace->size_bytes(), stream);
+  }
   cudaError_t err;
   switch (x.element_type()) {
     case ffi::DataType::BF16:

@@ -1,0 +1,43 @@
+"""NumPy references and random sparse inputs shared by the tests."""
+import numpy as np
+import ml_dtypes
+
+DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+
+
+def random_tile_sparse(rng, shape, tile, sparsity, dtype):
+    """Random values (never all zero) whose micro-tiles are zero with probability `sparsity`.
+    Inside a kept tile about a third of the elements are zero too, so tile detection must OR."""
+    *lead, m, k = shape
+    tm, tk = tile
+    nb_m, nb_k = -(-m // tm), -(-k // tk)
+    keep = rng.random((*lead, nb_m, nb_k)) >= sparsity
+    keep = np.repeat(np.repeat(keep, tm, -2), tk, -1)[..., :m, :k]
+    vals = rng.standard_normal(shape).astype(np.float32) + 0.1
+    vals *= rng.random(shape) > 0.33
+    return (vals * keep).astype(DTYPES[dtype] if isinstance(dtype, str) else dtype)
+
+
+def reference_detect(x, tile, layout="row"):
+    """(counts, offsets, indices) exactly as pit_jax documents them, in NumPy."""
+    x = np.asarray(x).astype(np.float32)
+    *lead, m, k = x.shape
+    tm, tk = tile
+    nb_m, nb_k = -(-m // tm), -(-k // tk)
+    nz = np.zeros((*lead, nb_m * tm, nb_k * tk), bool)
+    nz[..., :m, :k] = x != 0
+    mask = nz.reshape(*lead, nb_m, tm, nb_k, tk).any(axis=(-3, -1))
+    if layout == "col":
+        mask = np.swapaxes(mask, -1, -2)
+    n_outer, n_inner = mask.shape[-2:]
+    flat = mask.reshape(-1, n_outer, n_inner)
+    counts = flat.sum(-1).astype(np.int32)
+    offsets = np.concatenate([np.zeros((flat.shape[0], 1), np.int32),
+                              np.cumsum(counts, -1).astype(np.int32)], -1)
+    indices = np.full(flat.shape, -1, np.int32)
+    for b in range(flat.shape[0]):
+        for o in range(n_outer):
+            ids = np.flatnonzero(flat[b, o])
+            indices[b, o, :len(ids)] = ids
+    return (counts.reshape(*lead, n_outer), offsets.reshape(*lead, n_outer + 1),
+            indices.reshape(*lead, n_outer, n_inner))

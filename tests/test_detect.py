@@ -1,0 +1,118 @@
+"""detect == NumPy reference, bit for bit, on every backend present (cpu; gpu where there is one)."""
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import pit_jax
+from pit_jax.detect_reference import detect_reference
+from helpers import DTYPES, random_tile_sparse, reference_detect
+
+TILES = [(1, 1), (8, 8), (16, 1), (32, 1), (1, 32), (64, 16), (128, 128), (3, 5), (1, 128), (128, 1)]
+SHAPES = [(130, 257), (37, 300), (256, 128), (2, 3, 45, 70)]
+SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
+
+
+def _check(idx, x, tile, layout):
+    counts, offsets, indices = reference_detect(x, tile, layout)
+    np.testing.assert_array_equal(np.asarray(idx.counts), counts)
+    np.testing.assert_array_equal(np.asarray(idx.offsets), offsets)
+    np.testing.assert_array_equal(np.asarray(idx.indices), indices)
+
+
+def _detect_jit(tile, layout):
+    return jax.jit(lambda x: pit_jax.detect(x, tile, layout=layout))
+
+
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("tile", TILES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_tiles_and_shapes(backend, shape, tile, layout):
+    if tile[0] > shape[-2] or tile[1] > shape[-1]:
+        pytest.skip("tile larger than the array is an error (tested elsewhere)")
+    rng = np.random.default_rng(hash((shape, tile, layout)) % 2**32)
+    f = _detect_jit(tile, layout)
+    for sparsity in (0.5, 0.9):
+        x = random_tile_sparse(rng, shape, tile, sparsity, "bfloat16")
+        _check(f(x), x, tile, layout)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("tile", [(32, 1), (1, 64), (16, 16)], ids=str)
+def test_dtypes_and_sparsity(backend, dtype, sparsity, tile):
+    rng = np.random.default_rng(7)
+    shape = (3, 97, 203)
+    x = random_tile_sparse(rng, shape, tile, sparsity, dtype)
+    for layout in ("row", "col"):
+        idx = _detect_jit(tile, layout)(x)
+        _check(idx, x, tile, layout)
+    nb = idx.grid[0] * idx.grid[1]
+    if sparsity == 0.0:
+        assert int(idx.nnz.min()) > 0
+    if sparsity == 1.0:
+        assert int(idx.nnz.max()) == 0 and np.all(np.asarray(idx.indices) == -1)
+    assert np.all(np.asarray(idx.nnz) <= nb)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_special_values(backend, dtype):
+    """NaN, inf and subnormals count as nonzero; -0.0 counts as zero."""
+    dt = DTYPES[dtype]
+    x = np.zeros((4, 40), dt)
+    x[0, 0] = -0.0
+    x[1, 9] = np.nan
+    x[2, 17] = -np.inf
+    x[3, 39] = ml_dtypes.finfo(dt).smallest_subnormal
+    idx = _detect_jit((1, 8), "row")(x)
+    np.testing.assert_array_equal(np.asarray(idx.counts), [0, 1, 1, 1])
+    np.testing.assert_array_equal(np.asarray(idx.indices)[1:, 0], [1, 2, 4])
+
+
+def test_unaligned_widths(backend):
+    """Widths that are not a multiple of the 16-byte vector exercise the scalar load path."""
+    rng = np.random.default_rng(3)
+    for k in (1, 7, 9, 33, 255):
+        x = random_tile_sparse(rng, (19, k), (1, 1), 0.7, "float16")
+        for layout in ("row", "col"):
+            _check(_detect_jit((4, 1), layout)(x), x, (4, 1), layout)
+
+
+def test_matches_jnp_reference(backend):
+    rng = np.random.default_rng(11)
+    x = random_tile_sparse(rng, (2, 64, 96), (8, 4), 0.8, "float32")
+    for layout in ("row", "col"):
+        a = _detect_jit((8, 4), layout)(x)
+        b = jax.jit(lambda x: detect_reference(x, (8, 4), layout=layout))(x)
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+def test_to_mask_and_density(backend):
+    rng = np.random.default_rng(5)
+    x = random_tile_sparse(rng, (50, 60), (8, 8), 0.6, "float32")
+    from pit_jax.detect_reference import tile_mask
+    want = np.asarray(tile_mask(jnp.asarray(x), (8, 8)))
+    for layout in ("row", "col"):
+        idx = pit_jax.detect(jnp.asarray(x), (8, 8), layout=layout)
+        np.testing.assert_array_equal(np.asarray(idx.to_mask()), want)
+        assert float(idx.density) == pytest.approx(want.mean())
+
+
+def test_deterministic(backend):
+    rng = np.random.default_rng(9)
+    x = random_tile_sparse(rng, (300, 500), (1, 1), 0.5, "bfloat16")
+    f = _detect_jit((1, 1), "col")
+    a, b = f(x), f(x)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tile", [(32, 1), (1, 4096)], ids=str)
+def test_large(backend, tile):
+    rng = np.random.default_rng(13)
+    x = random_tile_sparse(rng, (4096, 4096), tile, 0.9, "bfloat16")
+    layout = "row" if tile[1] == 1 else "col"
+    _check(_detect_jit(tile, layout)(x), x, tile, layout)
