@@ -1,0 +1,40 @@
+"""Timing and reporting helpers shared by the benchmarks (public pit_jax API only)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+
+
+def device_description() -> dict:
+    d = jax.devices()[0]
+    return {"device": getattr(d, "device_kind", str(d)), "platform": d.platform,
+            "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+            "python": platform.python_version()}
+
+
+def time_per_call(fn, inputs, calls_per_step: int, reps: int = 20, warmup: int = 3) -> float:
+    """Median seconds per call. `fn(inputs)` runs `calls_per_step` independent calls inside one
+    jitted step (distinct buffers, so nothing is cached or CSE'd and L2 is rotated), so launch
+    and dispatch overhead are amortised the way they are in a real model step."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(inputs))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(inputs))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / calls_per_step
+
+
+def write_results(out_dir: str, name: str, rows: list[dict], markdown: str, meta: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(markdown)

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# GPU check: build pit_jax with CUDA, run the whole test suite on the GPU (every test compares
+# the GPU with the CPU reference in the same process), run compute-sanitizer memcheck and
+# racecheck over the kernel tests, run the benchmarks, and print a summary.
+#
+#   bash scripts/gpu_check.sh [RESULTS_DIR]     (default: $OUT if set, else benchmarks/results)
+set -uo pipefail
+RESULTS=${1:-${OUT:-benchmarks/results}}
+mkdir -p "$RESULTS"
+exec > >(tee "$RESULTS/gpu_check.log") 2>&1
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+declare -A STATUS
+
+step() {  # step NAME CMD...: run, record pass/fail
+  local name=$1; shift
+  echo; echo "=== $name: $*"
+  local t0=$SECONDS
+  if "$@"; then STATUS[$name]="pass ($((SECONDS - t0))s)"; else STATUS[$name]="FAIL rc=$? ($((SECONDS - t0))s)"; fi
+}
+
+echo "date: $(date -u +%FT%TZ)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+$PY -c "import sys, jax, jaxlib; print('python', sys.version.split()[0], 'jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
+nvcc --version | tail -1
+
+step build env PIT_ENABLE_CUDA=ON $PY -m pip install --no-build-isolation --no-deps -q -v . 
+$PY -P -c "import pit_jax; print(pit_jax.build_info())"
+
+# -P: do not put the source tree on sys.path, so the installed (compiled) package is tested.
+step tests $PY -P -m pytest tests -q -rs -p no:cacheprovider
+
+for bench in benchmarks/bench_*.py; do
+  step "$(basename "$bench" .py)" $PY "$bench" --out "$RESULTS"
+done
+
+# Sanitizers last (slow); each is bounded so a hang cannot eat the run.
+SAN_TIMEOUT=${SAN_TIMEOUT:-240}
+export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform  # one cudaMalloc per buffer: OOB is visible
+FILTER=()
+if compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name"; then FILTER=(--kernel-name kns=pit_); fi
+step memcheck timeout $SAN_TIMEOUT compute-sanitizer --tool memcheck --error-exitcode 97 "${FILTER[@]}" $PY -P -m pytest tests/test_detect.py -k "gpu and (dtypes_and_sparsity or unaligned or special or deterministic or jnp_reference)" -q -p no:cacheprovider -x
+step racecheck timeout $SAN_TIMEOUT compute-sanitizer --tool racecheck --error-exitcode 98 "${FILTER[@]}" $PY -P -m pytest tests/test_detect.py -k "gpu and (dtypes_and_sparsity or unaligned or deterministic)" -q -p no:cacheprovider -x
+step synccheck timeout $SAN_TIMEOUT compute-sanitizer --tool synccheck --error-exitcode 96 "${FILTER[@]}" $PY -P -m pytest tests/test_detect.py -k "gpu and dtypes_and_sparsity" -q -p no:cacheprovider -x
+unset XLA_PYTHON_CLIENT_PREALLOCATE XLA_PYTHON_CLIENT_ALLOCATOR
+
+
+echo; echo "=== summary"
+for k in build tests $(cd benchmarks && ls bench_*.py | sed 's/\.py$//') memcheck racecheck synccheck; do
+  printf '%-12s %s\n' "$k" "${STATUS[$k]:-not run}"
+done
