@@ -44,8 +44,8 @@ def make_inputs(key, m, k, tile, sparsity, n):
 def index_bytes(m, k, tile, layout):
     nb_m, nb_k = -(-m // tile[0]), -(-k // tile[1])
     n_outer, n_inner = (nb_m, nb_k) if layout == "row" else (nb_k, nb_m)
-    g = next((g for g in range(16, 1, -1) if tile[0] % g == 0), 1)
-    scratch = 2 * 4 * (-(-m // g)) * (-(-k // 32))
+    chunk = 32 if tile[1] > 256 else 1024
+    scratch = 2 * 4 * (nb_m * (-(-k // 32)) + n_outer * (-(-n_inner // chunk)))
     return 4 * (n_outer + n_outer + 1 + n_outer * n_inner) + scratch
 
 
@@ -54,13 +54,14 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="4096 cases only")
     ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--case", type=int, default=None, help="run only CASES[i] (for profiling)")
     args = ap.parse_args()
     meta = device_description()
     print(meta, pit_jax.build_info(), flush=True)
     rows = []
     key = jax.random.PRNGKey(0)
-    for m, k, tile, layout in CASES:
-        if args.quick and m > 4096:
+    for case_id, (m, k, tile, layout) in enumerate(CASES):
+        if (args.quick and m > 4096) or (args.case is not None and case_id != args.case):
             continue
         x_bytes = m * k * 2
         n = max(2, min(16, (512 << 20) // x_bytes * 2))  # rotate >= 1 GiB of inputs past L2
@@ -72,7 +73,7 @@ def main():
         same = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
         t_copy = time_per_call(copy, xs, n)
         t_ours = time_per_call(ours, xs, n)
-        t_ref = time_per_call(ref, xs, n, reps=5)
+        t_ref = time_per_call(ref, xs, n, steps=3)
         moved = x_bytes + index_bytes(m, k, tile, layout)
         copy_bw = 2 * x_bytes / t_copy
         row = dict(m=m, k=k, tile=list(tile), layout=layout, sparsity=args.sparsity,

@@ -37,9 +37,14 @@ def _abstract_eval(x, *, tile_m, tile_k, layout):
 detect_p.def_abstract_eval(_abstract_eval)
 
 
-def mask_sub_rows(tile_m: int) -> int:
-    """Rows folded per mask row in the CUDA mask pass (must match detect_cuda.cu)."""
-    return next((g for g in range(16, 1, -1) if tile_m % g == 0), 1)
+def cuda_workspace_words(lead, m, k, tile_m, tile_k, layout):
+    """Scratch of the CUDA handler in 32-bit words; must match `Plan` in detect_cuda.cu:
+    a per-row-block column bitmask, then one count per chunk of inner blocks."""
+    batch = math.prod(lead) if lead else 1
+    nb_m, _ = _grid(m, k, tile_m, tile_k)
+    n_outer, n_inner = _outer_inner(m, k, tile_m, tile_k, layout)
+    chunk = 32 if tile_k > 256 else 1024
+    return batch * nb_m * ((k + 31) // 32) + batch * n_outer * ((n_inner + chunk - 1) // chunk)
 
 
 def _ffi_params(tile_m, tile_k, layout):
@@ -56,11 +61,9 @@ def _lower_cpu(ctx, x, *, tile_m, tile_k, layout):
 
 
 def _lower_cuda(ctx, x, *, tile_m, tile_k, layout):
-    # The CUDA handler needs a scratch column mask; it is an extra result dropped here.
+    # The CUDA handler needs scratch; it is an extra result, dropped here.
     *lead, m, k = ctx.avals_in[0].shape
-    batch = math.prod(lead) if lead else 1
-    g = mask_sub_rows(tile_m)
-    words = batch * ((m + g - 1) // g) * ((k + 31) // 32)
+    words = cuda_workspace_words(lead, m, k, tile_m, tile_k, layout)
     ws = jax.core.ShapedArray((words,), jnp.uint32)
     outs = _cuda_rule(ctx.replace(avals_out=[*ctx.avals_out, ws]), x,
                       **_ffi_params(tile_m, tile_k, layout))

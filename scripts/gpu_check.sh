@@ -34,6 +34,15 @@ for bench in benchmarks/bench_*.py; do
   step "$(basename "$bench" .py)" $PY "$bench" --out "$RESULTS"
 done
 
+# Per-kernel device times for the largest k-gather case (Nsight Compute; informational).
+if command -v ncu >/dev/null; then
+  echo; echo "=== ncu: per-kernel times, 16384x16384 bf16, tile 32x1 and 1x16384"
+  for c in 4 5; do
+    timeout 180 ncu --kernel-name regex:pit_detect --launch-count 8 --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+      $PY benchmarks/bench_detect.py --case $c --out /tmp/ncu_bench 2>&1 | grep -E "pit_detect|gpu__time_duration|dram__bytes" | sed 's/(long.*//' | head -40
+  done
+fi
+
 # Sanitizers last (slow); each is bounded so a hang cannot eat the run.
 SAN_TIMEOUT=${SAN_TIMEOUT:-240}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform  # one cudaMalloc per buffer: OOB is visible

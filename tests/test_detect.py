@@ -9,8 +9,9 @@ import pit_jax
 from pit_jax.detect_reference import detect_reference
 from helpers import DTYPES, random_tile_sparse, reference_detect
 
-TILES = [(1, 1), (8, 8), (16, 1), (32, 1), (1, 32), (64, 16), (128, 128), (3, 5), (1, 128), (128, 1)]
-SHAPES = [(130, 257), (37, 300), (256, 128), (2, 3, 45, 70)]
+TILES = [(1, 1), (8, 8), (16, 1), (32, 1), (1, 32), (64, 16), (128, 128), (3, 5), (1, 128), (128, 1),
+         (5, 300), (40, 257)]
+SHAPES = [(130, 257), (37, 300), (256, 128), (2, 3, 45, 70), (33, 1001)]
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 
 
@@ -77,6 +78,21 @@ def test_unaligned_widths(backend):
         x = random_tile_sparse(rng, (19, k), (1, 1), 0.7, "float16")
         for layout in ("row", "col"):
             _check(_detect_jit((4, 1), layout)(x), x, (4, 1), layout)
+
+
+@pytest.mark.parametrize("shape, tile, layout", [
+    ((3, 2100), (1, 1), "row"),      # several chunks of inner blocks per outer block
+    ((2100, 5), (1, 1), "col"),
+    ((2100, 3), (1, 1), "row"),      # more chunk counts than scan threads
+    ((100, 600), (1, 300), "col"),   # wide tiles (a warp per tile), several chunks
+    ((2, 7, 5000), (7, 2500), "row"),
+    ((70, 9000), (1, 9000), "col"),  # m-gather rows: one outer block
+], ids=str)
+def test_chunking_edges(backend, shape, tile, layout):
+    rng = np.random.default_rng(17)
+    for sparsity in (0.0, 0.6, 1.0):
+        x = random_tile_sparse(rng, shape, tile, sparsity, "bfloat16")
+        _check(_detect_jit(tile, layout)(x), x, tile, layout)
 
 
 def test_matches_jnp_reference(backend):

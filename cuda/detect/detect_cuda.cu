@@ -1,15 +1,19 @@
 // Micro-tile detection, CUDA kernels and FFI handler.
 //
-// Two passes, no host synchronisation:
-//  1. column mask: read x once (16-byte loads, coalesced), and for every group of `sub_rows`
-//     rows record which columns hold a nonzero, as a bitmask of 32-column words.
-//     This is the only pass over x; the mask is 1/(16*sub_rows) of x's bytes for bf16.
-//  2. compact: one CTA per outer block ORs the mask bits under each micro-tile and writes the
-//     ascending ids of nonzero tiles with a CUB block scan (no atomics, so the order is fixed),
-//     then -1 padding, then the count.
-//  3. offsets: one CTA per batch element scans the counts into CSR offsets.
+// Four passes, no host synchronisation, no atomics on any output (a count -> scan -> scatter
+// design, so the index order is fixed and ascending):
+//  1. mask: the only read of x (16-byte coalesced loads); per row block, a bitmask of the
+//     columns holding a nonzero (1/(16*tile_m) of x's bytes for bf16).
+//  2. count: per (outer block, chunk of inner blocks), OR the mask bits under each micro-tile
+//     and count the nonzero tiles.
+//  3. scan: per batch element, scan the chunk counts; write counts and CSR offsets.
+//  4. scatter: per chunk, write the ids of its nonzero tiles at their scanned positions, and
+//     the -1 padding slots it owns.
+// Chunks keep every pass parallel whatever the aspect ratio (one outer block of a million
+// inner blocks, or a million outer blocks of one).
 #include <cuda_runtime.h>
 
+#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include "../common/ffi_common.h"
@@ -18,18 +22,34 @@
 namespace pit {
 namespace {
 
-constexpr int kMaskWarps = 8;          // warps per CTA in the mask pass
-constexpr int kCompactThreads = 256;   // threads per CTA in the compact pass
-constexpr int kCompactItems = 4;       // tiles per thread per scan step
-constexpr int kOffsetThreads = 256;
+constexpr int kMaskWarps = 8;         // warps per CTA in the mask pass
+constexpr int kMaskRows = 16;         // rows one warp folds in the mask pass
+constexpr int kThreads = 256;         // threads per CTA in the count and scatter passes
+constexpr int kItems = 4;             // narrow tiles per thread per chunk
+constexpr int kScanThreads = 1024;    // threads of the per-batch chunk scan
+constexpr int64_t kWideTileK = 256;   // wider tiles are tested by a whole warp, lanes over words
 
-// Rows folded together in the mask pass: the largest divisor of tile_m that is <= 16, so a
-// row block is a whole number of mask rows. Python computes the same (detect workspace size).
-inline int64_t mask_sub_rows(int64_t tile_m) {
-  for (int64_t g = 16; g > 1; --g)
-    if (tile_m % g == 0) return g;
-  return 1;
-}
+// Scratch layout (32-bit words), shared with Python's workspace size (detect.py):
+//   block_mask   [B, nb_m, n_words]        bit c of word w: column 32w+c of row block i has a nonzero
+//   chunk_prefix [B, n_outer, n_chunks]    nonzero tiles per chunk of inner blocks, then their scan
+struct Plan {
+  int64_t batch, rows, cols, tile_m, tile_k, layout;
+  int64_t nb_m, nb_k, n_outer, n_inner, n_words, chunk, n_chunks;
+  bool wide;
+  Plan(const DetectShape& s, int64_t layout_)
+      : batch(s.batch), rows(s.rows), cols(s.cols), tile_m(s.tile_m), tile_k(s.tile_k), layout(layout_) {
+    nb_m = s.nb_m();
+    nb_k = s.nb_k();
+    n_outer = s.n_outer(layout);
+    n_inner = s.n_inner(layout);
+    n_words = ceil_div(cols, 32);
+    wide = tile_k > kWideTileK;
+    chunk = wide ? (kThreads / 32) * kItems : kThreads * kItems;
+    n_chunks = ceil_div(n_inner, chunk);
+  }
+  int64_t mask_words() const { return batch * nb_m * n_words; }
+  int64_t workspace_words() const { return mask_words() + batch * n_outer * n_chunks; }
+};
 
 // Bit e set when element e of the 16-byte vector is nonzero (any magnitude bit set).
 template <typename Bits>
@@ -53,44 +73,45 @@ __device__ __forceinline__ uint32_t nonzero_bits<uint32_t>(uint4 v) {
          (uint32_t((v.z & 0x7fffffffu) != 0) << 2) | (uint32_t((v.w & 0x7fffffffu) != 0) << 3);
 }
 
-template <typename Bits>
-__device__ __forceinline__ uint4 load_streaming(const Bits* p) {
-  return __ldcs(reinterpret_cast<const uint4*>(p));
-}
-
-// One warp per task (batch, mask row, 32*V-column chunk); each lane owns V columns.
+// Pass 1, the only read of x. One warp per (batch, row block, 16-row slab, 32*V columns); each
+// lane owns V columns, loads 16 bytes per row with 8 loads in flight, and the warp assembles
+// 32-column words. Row blocks taller than 16 rows are split into slabs that OR into the same
+// word (atomicOr into zeroed scratch: OR is order-free, so the result stays deterministic).
 template <typename Bits>
 __global__ void __launch_bounds__(kMaskWarps * 32)
-    pit_detect_mask_kernel(const Bits* __restrict__ x, uint32_t* __restrict__ colmask, int64_t batch,
-                           int64_t rows, int64_t cols, int64_t sub_rows, int64_t n_sub,
-                           int64_t n_words, int64_t n_chunks, bool vectorized) {
+    pit_detect_mask_kernel(const Bits* __restrict__ x, uint32_t* __restrict__ block_mask, int64_t batch,
+                           int64_t rows, int64_t cols, int64_t tile_m, int64_t nb_m, int64_t n_slabs,
+                           int64_t n_words, int64_t n_col_chunks, bool vectorized) {
   constexpr int V = 16 / sizeof(Bits);
   constexpr int kLanesPerWord = 32 / V;
+  constexpr int kInFlight = 8;
   constexpr Bits kMag = static_cast<Bits>(~(Bits(1) << (sizeof(Bits) * 8 - 1)));
   const int lane = threadIdx.x & 31;
   const int64_t task = int64_t(blockIdx.x) * kMaskWarps + (threadIdx.x >> 5);
-  if (task >= batch * n_sub * n_chunks) return;  // uniform per warp: shuffles below stay full
-  const int64_t chunk = task % n_chunks;
-  const int64_t mask_row = task / n_chunks;  // b * n_sub + s
-  const int64_t b = mask_row / n_sub, s = mask_row % n_sub;
-  const int64_t c0 = chunk * 32 * V + int64_t(lane) * V;
-  const int64_t r0 = s * sub_rows;
-  const int64_t r1 = min(rows, r0 + sub_rows);
+  if (task >= batch * nb_m * n_slabs * n_col_chunks) return;  // uniform per warp
+  const int64_t col_chunk = task % n_col_chunks;
+  const int64_t slab_flat = task / n_col_chunks;
+  const int64_t block_flat = slab_flat / n_slabs;  // b * nb_m + i
+  const int64_t slab = slab_flat % n_slabs;
+  const int64_t b = block_flat / nb_m, i = block_flat % nb_m;
+  const int64_t r0 = i * tile_m + slab * kMaskRows;
+  const int64_t r1 = min(min(rows, (i + 1) * tile_m), r0 + kMaskRows);
+  const int64_t c0 = col_chunk * 32 * V + int64_t(lane) * V;
   const Bits* base = x + b * rows * cols;
 
   uint32_t bits = 0;
   if (c0 < cols) {
-    if (vectorized) {  // cols % V == 0 and x is 16-byte aligned, so the vector is in bounds
+    if (vectorized) {  // cols % V == 0 and x 16-byte aligned: the vector is in bounds
       const Bits* p = base + r0 * cols + c0;
       int64_t r = r0;
-      for (; r + 4 <= r1; r += 4, p += 4 * cols) {
-        uint4 v[4];
+      for (; r + kInFlight <= r1; r += kInFlight, p += kInFlight * cols) {
+        uint4 v[kInFlight];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) v[u] = load_streaming(p + u * cols);
+        for (int u = 0; u < kInFlight; ++u) v[u] = __ldcs(reinterpret_cast<const uint4*>(p + u * cols));
 #pragma unroll
-        for (int u = 0; u < 4; ++u) bits |= nonzero_bits<Bits>(v[u]);
+        for (int u = 0; u < kInFlight; ++u) bits |= nonzero_bits<Bits>(v[u]);
       }
-      for (; r < r1; ++r, p += cols) bits |= nonzero_bits<Bits>(load_streaming(p));
+      for (; r < r1; ++r, p += cols) bits |= nonzero_bits<Bits>(__ldcs(reinterpret_cast<const uint4*>(p)));
     } else {
       const int64_t n = min(int64_t(V), cols - c0);
       for (int64_t r = r0; r < r1; ++r) {
@@ -99,122 +120,170 @@ __global__ void __launch_bounds__(kMaskWarps * 32)
       }
     }
   }
-  // Gather the V-bit pieces of kLanesPerWord neighbouring lanes into one 32-column word.
   uint32_t word = bits << ((lane * V) & 31);
 #pragma unroll
   for (int off = 1; off < kLanesPerWord; off <<= 1) word |= __shfl_xor_sync(0xffffffffu, word, off);
-  const int64_t w = (chunk * 32 * V + int64_t(lane) * V) >> 5;
-  if (lane % kLanesPerWord == 0 && w < n_words) colmask[mask_row * n_words + w] = word;
+  const int64_t w = (col_chunk * 32 * V + int64_t(lane) * V) >> 5;
+  if (lane % kLanesPerWord == 0 && w < n_words) {
+    uint32_t* dst = block_mask + block_flat * n_words + w;
+    if (n_slabs == 1) *dst = word;
+    else if (word) atomicOr(dst, word);
+  }
 }
 
-// Whether micro-tile (row block i, column block j) has a nonzero, from the column mask.
-__device__ __forceinline__ int tile_nonzero(const uint32_t* __restrict__ cm, int64_t i, int64_t j,
-                                            int64_t cols, int64_t tile_m, int64_t tile_k,
-                                            int64_t sub_rows, int64_t n_sub, int64_t n_words) {
-  const int64_t per_block = tile_m / sub_rows;
-  const int64_t s0 = i * per_block, s1 = min(n_sub, s0 + per_block);
-  const int64_t lo = j * tile_k, hi = min(cols, lo + tile_k);  // columns [lo, hi)
-  const int64_t w0 = lo >> 5, w1 = (hi - 1) >> 5;
-  const uint32_t first = ~0u << (lo & 31);
-  const int last_bits = int((hi - 1) & 31) + 1;
-  const uint32_t last = last_bits == 32 ? ~0u : ((1u << last_bits) - 1u);
-  for (int64_t s = s0; s < s1; ++s) {
-    const uint32_t* row = cm + s * n_words;
-    for (int64_t w = w0; w <= w1; ++w) {
-      uint32_t m = ~0u;
-      if (w == w0) m &= first;
-      if (w == w1) m &= last;
-      if (row[w] & m) return 1;
+// Mask of the bits of word w that fall in columns [lo, hi).
+__device__ __forceinline__ uint32_t span_bits(int64_t w, int64_t lo, int64_t hi) {
+  uint32_t m = ~0u;
+  if (w == (lo >> 5)) m &= ~0u << (lo & 31);
+  if (w == ((hi - 1) >> 5)) {
+    const int last = int((hi - 1) & 31) + 1;
+    m &= last == 32 ? ~0u : ((1u << last) - 1u);
+  }
+  return m;
+}
+
+// Flags of the tiles in one chunk of one outer block, in blocked order (thread t holds items
+// t*kItems..). Narrow tiles: one thread per tile. Wide tiles: one warp per tile, lanes over
+// words, result on lane 0 (other lanes hold 0, which keeps the scan order).
+template <bool kWide>
+__device__ __forceinline__ void chunk_flags(const Plan& p, const uint32_t* __restrict__ block_mask,
+                                            int64_t b, int64_t o, int64_t c, int (&flags)[kItems],
+                                            int64_t (&ids)[kItems]) {
+  const bool row_major = p.layout == kRowMajor;
+  if (!kWide) {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int64_t inner = c * p.chunk + int64_t(threadIdx.x) * kItems + k;
+      ids[k] = inner;
+      flags[k] = 0;
+      if (inner < p.n_inner) {
+        const int64_t i = row_major ? o : inner, j = row_major ? inner : o;
+        const uint32_t* m = block_mask + (b * p.nb_m + i) * p.n_words;
+        const int64_t lo = j * p.tile_k, hi = min(p.cols, lo + p.tile_k);
+        for (int64_t w = lo >> 5; w <= ((hi - 1) >> 5); ++w)
+          if (m[w] & span_bits(w, lo, hi)) { flags[k] = 1; break; }
+      }
+    }
+  } else {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int64_t inner = c * p.chunk + int64_t(warp) * kItems + k;
+      ids[k] = inner;
+      uint32_t any = 0;
+      if (inner < p.n_inner) {  // uniform per warp
+        const int64_t i = row_major ? o : inner, j = row_major ? inner : o;
+        const uint32_t* m = block_mask + (b * p.nb_m + i) * p.n_words;
+        const int64_t lo = j * p.tile_k, hi = min(p.cols, lo + p.tile_k);
+        for (int64_t w = (lo >> 5) + lane; w <= ((hi - 1) >> 5); w += 32) any |= m[w] & span_bits(w, lo, hi);
+      }
+      flags[k] = (__any_sync(0xffffffffu, any != 0) && lane == 0) ? 1 : 0;
     }
   }
-  return 0;
 }
 
-template <bool kRowMajor>
-__global__ void __launch_bounds__(kCompactThreads)
-    pit_detect_compact_kernel(const uint32_t* __restrict__ colmask, int32_t* __restrict__ counts,
-                              int32_t* __restrict__ indices, int64_t n_outer, int64_t n_inner,
-                              int64_t cols, int64_t tile_m, int64_t tile_k, int64_t sub_rows,
-                              int64_t n_sub, int64_t n_words) {
-  using Scan = cub::BlockScan<int, kCompactThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  const int64_t outer_flat = blockIdx.x;  // b * n_outer + o
-  const int64_t b = outer_flat / n_outer, o = outer_flat % n_outer;
-  const uint32_t* cm = colmask + b * n_sub * n_words;
-  int32_t* out = indices + outer_flat * n_inner;
-  int running = 0;
-  for (int64_t start = 0; start < n_inner; start += kCompactThreads * kCompactItems) {
-    int flags[kCompactItems], pos[kCompactItems];
-#pragma unroll
-    for (int k = 0; k < kCompactItems; ++k) {
-      const int64_t inner = start + int64_t(threadIdx.x) * kCompactItems + k;  // blocked: keeps order
-      flags[k] = inner < n_inner
-                     ? tile_nonzero(cm, kRowMajor ? o : inner, kRowMajor ? inner : o, cols, tile_m,
-                                    tile_k, sub_rows, n_sub, n_words)
-                     : 0;
-    }
-    int step_total;
-    Scan(scan_storage).ExclusiveSum(flags, pos, step_total);
-#pragma unroll
-    for (int k = 0; k < kCompactItems; ++k)
-      if (flags[k]) out[running + pos[k]] = int32_t(start + int64_t(threadIdx.x) * kCompactItems + k);
-    running += step_total;
-    __syncthreads();  // scan_storage is reused by the next step
-  }
-  for (int64_t p = running + threadIdx.x; p < n_inner; p += kCompactThreads) out[p] = -1;
-  if (threadIdx.x == 0) counts[outer_flat] = running;
+// Pass 2: nonzero tiles per (batch, outer block, chunk).
+template <bool kWide>
+__global__ void __launch_bounds__(kThreads)
+    pit_detect_count_kernel(Plan p, const uint32_t* __restrict__ block_mask, int32_t* __restrict__ chunk_counts) {
+  using Reduce = cub::BlockReduce<int, kThreads>;
+  __shared__ typename Reduce::TempStorage storage;
+  const int64_t flat = blockIdx.x;  // (b * n_outer + o) * n_chunks + c
+  const int64_t c = flat % p.n_chunks, bo = flat / p.n_chunks;
+  int flags[kItems];
+  int64_t ids[kItems];
+  chunk_flags<kWide>(p, block_mask, bo / p.n_outer, bo % p.n_outer, c, flags, ids);
+  const int total = Reduce(storage).Sum(flags);
+  if (threadIdx.x == 0) chunk_counts[flat] = total;
 }
 
-__global__ void __launch_bounds__(kOffsetThreads)
-    pit_detect_offsets_kernel(const int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
-                              int64_t n_outer) {
-  using Scan = cub::BlockScan<int, kOffsetThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
+// Pass 3, one CTA per batch element: exclusive scan of its chunk counts in place (so each chunk
+// knows where its tiles go), then counts and CSR offsets per outer block.
+__global__ void __launch_bounds__(kScanThreads)
+    pit_detect_scan_kernel(Plan p, int32_t* __restrict__ chunk_prefix, int32_t* __restrict__ counts,
+                           int32_t* __restrict__ offsets) {
+  using Scan = cub::BlockScan<int, kScanThreads>;
+  __shared__ typename Scan::TempStorage storage;
   const int64_t b = blockIdx.x;
-  const int32_t* cnt = counts + b * n_outer;
-  int32_t* off = offsets + b * (n_outer + 1);
-  int running = 0;
-  for (int64_t start = 0; start < n_outer; start += kOffsetThreads) {
-    const int64_t i = start + threadIdx.x;
-    int v = i < n_outer ? cnt[i] : 0, p, step_total;
-    Scan(scan_storage).ExclusiveSum(v, p, step_total);
-    if (i < n_outer) off[i] = running + p;
-    running += step_total;
-    __syncthreads();
+  const int64_t n = p.n_outer * p.n_chunks;
+  int32_t* v = chunk_prefix + b * n;
+  const int64_t run = (n + kScanThreads - 1) / kScanThreads;  // each thread scans one contiguous run
+  const int64_t lo = min(n, int64_t(threadIdx.x) * run), hi = min(n, lo + run);
+  int sum = 0;
+  for (int64_t t = lo; t < hi; ++t) sum += v[t];
+  int prefix, total;
+  Scan(storage).ExclusiveSum(sum, prefix, total);
+  for (int64_t t = lo; t < hi; ++t) {
+    const int x = v[t];
+    v[t] = prefix;
+    prefix += x;
   }
-  if (threadIdx.x == 0) off[n_outer] = running;
+  __syncthreads();  // the block's global writes are visible to the block after the barrier
+  int32_t* cnt = counts + b * p.n_outer;
+  int32_t* off = offsets + b * (p.n_outer + 1);
+  for (int64_t o = threadIdx.x; o < p.n_outer; o += kScanThreads) {
+    const int start = v[o * p.n_chunks];
+    const int end = o + 1 < p.n_outer ? v[(o + 1) * p.n_chunks] : total;
+    off[o] = start;
+    cnt[o] = end - start;
+  }
+  if (threadIdx.x == 0) off[p.n_outer] = total;
+}
+
+// Pass 4: every chunk writes its nonzero tile ids in order at its scanned position, and -1 into
+// the padding slots [count, n_inner) that fall in its own slot range, so each index element is
+// written exactly once, by one CTA, without atomics.
+template <bool kWide>
+__global__ void __launch_bounds__(kThreads)
+    pit_detect_scatter_kernel(Plan p, const uint32_t* __restrict__ block_mask,
+                              const int32_t* __restrict__ chunk_prefix, const int32_t* __restrict__ counts,
+                              const int32_t* __restrict__ offsets, int32_t* __restrict__ indices) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage storage;
+  const int64_t flat = blockIdx.x;
+  const int64_t c = flat % p.n_chunks, bo = flat / p.n_chunks;
+  const int64_t b = bo / p.n_outer, o = bo % p.n_outer;
+  int flags[kItems], pos[kItems];
+  int64_t ids[kItems];
+  chunk_flags<kWide>(p, block_mask, b, o, c, flags, ids);
+  Scan(storage).ExclusiveSum(flags, pos);
+  int32_t* out = indices + bo * p.n_inner;
+  const int64_t base = chunk_prefix[flat] - offsets[b * (p.n_outer + 1) + o];
+#pragma unroll
+  for (int k = 0; k < kItems; ++k)
+    if (flags[k]) out[base + pos[k]] = int32_t(ids[k]);
+  const int64_t slot_lo = max(int64_t(counts[bo]), c * p.chunk);
+  const int64_t slot_hi = min(p.n_inner, (c + 1) * p.chunk);
+  for (int64_t s = slot_lo + threadIdx.x; s < slot_hi; s += kThreads) out[s] = -1;
 }
 
 template <typename Bits>
-cudaError_t launch_detect(cudaStream_t stream, const void* x, const DetectShape& s, int64_t layout,
-                          uint32_t* colmask, int32_t* counts, int32_t* offsets, int32_t* indices) {
+cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uint32_t* workspace,
+                          int32_t* counts, int32_t* offsets, int32_t* indices) {
   constexpr int V = 16 / sizeof(Bits);
-  const int64_t sub_rows = mask_sub_rows(s.tile_m);
-  const int64_t n_sub = ceil_div(s.rows, sub_rows), n_words = ceil_div(s.cols, 32);
-  const int64_t n_outer = s.n_outer(layout), n_inner = s.n_inner(layout);
-  if (s.batch == 0) return cudaSuccess;
-  if (s.rows > 0 && s.cols > 0) {
-    const int64_t n_chunks = ceil_div(s.cols, 32 * V);
-    const int64_t n_tasks = s.batch * n_sub * n_chunks;
-    const bool vectorized = s.cols % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-    pit_detect_mask_kernel<Bits><<<unsigned(ceil_div(n_tasks, kMaskWarps)), kMaskWarps * 32, 0, stream>>>(
-        static_cast<const Bits*>(x), colmask, s.batch, s.rows, s.cols, sub_rows, n_sub, n_words,
-        n_chunks, vectorized);
+  if (p.batch == 0) return cudaSuccess;
+  uint32_t* block_mask = workspace;
+  int32_t* chunk_prefix = reinterpret_cast<int32_t*>(workspace + p.mask_words());
+  const int64_t n_slabs = ceil_div(p.tile_m, kMaskRows);
+  if (n_slabs > 1) cudaMemsetAsync(block_mask, 0, sizeof(uint32_t) * p.mask_words(), stream);
+  const int64_t n_col_chunks = ceil_div(p.cols, 32 * V);
+  const int64_t n_tasks = p.batch * p.nb_m * n_slabs * n_col_chunks;
+  const bool vectorized = p.cols % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  pit_detect_mask_kernel<Bits><<<unsigned(ceil_div(n_tasks, kMaskWarps)), kMaskWarps * 32, 0, stream>>>(
+      static_cast<const Bits*>(x), block_mask, p.batch, p.rows, p.cols, p.tile_m, p.nb_m, n_slabs,
+      p.n_words, n_col_chunks, vectorized);
+  const unsigned grid = unsigned(p.batch * p.n_outer * p.n_chunks);
+  if (p.wide) {
+    pit_detect_count_kernel<true><<<grid, kThreads, 0, stream>>>(p, block_mask, chunk_prefix);
+  } else {
+    pit_detect_count_kernel<false><<<grid, kThreads, 0, stream>>>(p, block_mask, chunk_prefix);
   }
-  if (n_outer > 0) {
-    const unsigned grid = unsigned(s.batch * n_outer);
-    if (n_inner > 0) {
-      if (layout == kRowMajor)
-        pit_detect_compact_kernel<true><<<grid, kCompactThreads, 0, stream>>>(
-            colmask, counts, indices, n_outer, n_inner, s.cols, s.tile_m, s.tile_k, sub_rows, n_sub, n_words);
-      else
-        pit_detect_compact_kernel<false><<<grid, kCompactThreads, 0, stream>>>(
-            colmask, counts, indices, n_outer, n_inner, s.cols, s.tile_m, s.tile_k, sub_rows, n_sub, n_words);
-    } else {
-      cudaMemsetAsync(counts, 0, sizeof(int32_t) * s.batch * n_outer, stream);
-    }
+  pit_detect_scan_kernel<<<unsigned(p.batch), kScanThreads, 0, stream>>>(p, chunk_prefix, counts, offsets);
+  if (p.wide) {
+    pit_detect_scatter_kernel<true><<<grid, kThreads, 0, stream>>>(p, block_mask, chunk_prefix, counts, offsets, indices);
+  } else {
+    pit_detect_scatter_kernel<false><<<grid, kThreads, 0, stream>>>(p, block_mask, chunk_prefix, counts, offsets, indices);
   }
-  pit_detect_offsets_kernel<<<unsigned(s.batch), kOffsetThreads, 0, stream>>>(counts, offsets, n_outer);
   return cudaGetLastError();
 }
 
@@ -227,13 +296,12 @@ ffi::Error DetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Bu
   if (!matrix_view(x.dimensions(), &v)) return ffi::Error::InvalidArgument("pit_detect: x must have rank >= 2");
   if (tile_m <= 0 || tile_k <= 0) return ffi::Error::InvalidArgument("pit_detect: tile must be positive");
   if (layout != kRowMajor && layout != kColMajor) return ffi::Error::InvalidArgument("pit_detect: bad layout");
-  DetectShape s{v.batch, v.rows, v.cols, tile_m, tile_k};
-  const int64_t n_outer = s.n_outer(layout), n_inner = s.n_inner(layout);
-  const int64_t ws_words = s.batch * ceil_div(s.rows, mask_sub_rows(tile_m)) * ceil_div(s.cols, 32);
-  if (element_count(counts->dimensions()) != s.batch * n_outer ||
-      element_count(offsets->dimensions()) != s.batch * (n_outer + 1) ||
-      element_count(indices->dimensions()) != s.batch * n_outer * n_inner ||
-      element_count(workspace->dimensions()) < ws_words)
+  if (v.rows <= 0 || v.cols <= 0) return ffi::Error::InvalidArgument("pit_detect: x's last two dims must be non-empty");
+  const Plan p(DetectShape{v.batch, v.rows, v.cols, tile_m, tile_k}, layout);
+  if (element_count(counts->dimensions()) != p.batch * p.n_outer ||
+      element_count(offsets->dimensions()) != p.batch * (p.n_outer + 1) ||
+      element_count(indices->dimensions()) != p.batch * p.n_outer * p.n_inner ||
+      element_count(workspace->dimensions()) != p.workspace_words())
     return ffi::Error::InvalidArgument("pit_detect: output or workspace sizes do not match x and tile");
   if (debug_poison_outputs()) {  // tests: prove every output element is written by the kernels
     cudaMemsetAsync(counts->untyped_data(), kPoisonByte, counts->size_bytes(), stream);
@@ -245,11 +313,11 @@ ffi::Error DetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Bu
   switch (x.element_type()) {
     case ffi::DataType::BF16:
     case ffi::DataType::F16:
-      err = launch_detect<uint16_t>(stream, x.untyped_data(), s, layout, workspace->typed_data(),
+      err = launch_detect<uint16_t>(stream, x.untyped_data(), p, workspace->typed_data(),
                                     counts->typed_data(), offsets->typed_data(), indices->typed_data());
       break;
     case ffi::DataType::F32:
-      err = launch_detect<uint32_t>(stream, x.untyped_data(), s, layout, workspace->typed_data(),
+      err = launch_detect<uint32_t>(stream, x.untyped_data(), p, workspace->typed_data(),
                                     counts->typed_data(), offsets->typed_data(), indices->typed_data());
       break;
     default:
