@@ -39,12 +39,15 @@ detect_p.def_abstract_eval(_abstract_eval)
 
 def cuda_workspace_words(lead, m, k, tile_m, tile_k, layout):
     """Scratch of the CUDA handler in 32-bit words; must match `Plan` in detect_cuda.cu:
-    a per-row-block column bitmask, then one count per chunk of inner blocks."""
+    a column bitmask per 32-row slab of each row block, one count per chunk of inner blocks,
+    and one counter per batch element."""
     batch = math.prod(lead) if lead else 1
     nb_m, _ = _grid(m, k, tile_m, tile_k)
     n_outer, n_inner = _outer_inner(m, k, tile_m, tile_k, layout)
     chunk = 32 if tile_k > 256 else 1024
-    return batch * nb_m * ((k + 31) // 32) + batch * n_outer * ((n_inner + chunk - 1) // chunk)
+    n_slabs = (tile_m + 31) // 32
+    return (batch * nb_m * n_slabs * ((k + 31) // 32)
+            + batch * n_outer * ((n_inner + chunk - 1) // chunk) + batch)
 
 
 def _ffi_params(tile_m, tile_k, layout):

@@ -80,13 +80,18 @@ def test_unaligned_widths(backend):
             _check(_detect_jit((4, 1), layout)(x), x, (4, 1), layout)
 
 
+# The CUDA handler picks a per-row or a chunked compaction from the shape; cover both, with
+# narrow (thread per tile) and wide (warp per tile) tiles.
 @pytest.mark.parametrize("shape, tile, layout", [
-    ((3, 2100), (1, 1), "row"),      # several chunks of inner blocks per outer block
-    ((2100, 5), (1, 1), "col"),
-    ((2100, 3), (1, 1), "row"),      # more chunk counts than scan threads
-    ((100, 600), (1, 300), "col"),   # wide tiles (a warp per tile), several chunks
+    ((3, 2100), (1, 1), "row"),      # per-row, 3 chunks per outer block
+    ((2100, 3), (1, 1), "row"),      # per-row, offsets scanned over 2100 counts
+    ((3, 9000), (1, 1), "row"),      # chunked: 9 chunks, 3 outer blocks
+    ((9000, 3), (1, 1), "col"),      # chunked, column layout
+    ((300, 600), (1, 300), "col"),   # chunked, wide tiles
+    ((9000, 300), (1, 300), "col"),  # chunked, wide: m-gather rows of a long sequence
     ((2, 7, 5000), (7, 2500), "row"),
-    ((70, 9000), (1, 9000), "col"),  # m-gather rows: one outer block
+    ((70, 9000), (1, 9000), "col"),
+    ((100, 64), (33, 2), "row"),     # row blocks of two 32-row slabs
 ], ids=str)
 def test_chunking_edges(backend, shape, tile, layout):
     rng = np.random.default_rng(17)

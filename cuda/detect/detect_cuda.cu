@@ -1,16 +1,16 @@
 // Micro-tile detection, CUDA kernels and FFI handler.
 //
-// Four passes, no host synchronisation, no atomics on any output (a count -> scan -> scatter
-// design, so the index order is fixed and ascending):
-//  1. mask: the only read of x (16-byte coalesced loads); per row block, a bitmask of the
-//     columns holding a nonzero (1/(16*tile_m) of x's bytes for bf16).
-//  2. count: per (outer block, chunk of inner blocks), OR the mask bits under each micro-tile
-//     and count the nonzero tiles.
-//  3. scan: per batch element, scan the chunk counts; write counts and CSR offsets.
-//  4. scatter: per chunk, write the ids of its nonzero tiles at their scanned positions, and
-//     the -1 padding slots it owns.
-// Chunks keep every pass parallel whatever the aspect ratio (one outer block of a million
-// inner blocks, or a million outer blocks of one).
+// No host synchronisation and no atomics on any output, so the index order is fixed
+// (ascending). Two paths, chosen from the shape alone:
+//  1. mask (both paths): the only read of x, 16-byte coalesced loads with 8 in flight per lane;
+//     per 32-row slab of each row block, a bitmask of the columns holding a nonzero
+//     (1/(16*32) of x's bytes for bf16 with tile_m >= 32).
+//  per-row path (enough outer blocks, or few chunks each): one CTA per outer block ORs the
+//     mask bits under each micro-tile, block-scans the flags chunk by chunk, writes ids, -1
+//     padding and the count; the last CTA of each batch element scans the counts into offsets.
+//  chunked path (few outer blocks with very many inner blocks, e.g. rows of a long sequence):
+//     count per chunk -> scan of chunk counts per batch element -> scatter per chunk, so every
+//     pass stays parallel whatever the aspect ratio.
 #include <cuda_runtime.h>
 
 #include <cub/block/block_reduce.cuh>
@@ -23,18 +23,20 @@ namespace pit {
 namespace {
 
 constexpr int kMaskWarps = 8;         // warps per CTA in the mask pass
-constexpr int kMaskRows = 16;         // rows one warp folds in the mask pass
-constexpr int kThreads = 256;         // threads per CTA in the count and scatter passes
+constexpr int kMaskRows = 32;         // rows one warp folds in the mask pass (a "slab")
+constexpr int kThreads = 256;         // threads per CTA in the compaction passes
 constexpr int kItems = 4;             // narrow tiles per thread per chunk
 constexpr int kScanThreads = 1024;    // threads of the per-batch chunk scan
 constexpr int64_t kWideTileK = 256;   // wider tiles are tested by a whole warp, lanes over words
 
 // Scratch layout (32-bit words), shared with Python's workspace size (detect.py):
-//   block_mask   [B, nb_m, n_words]        bit c of word w: column 32w+c of row block i has a nonzero
-//   chunk_prefix [B, n_outer, n_chunks]    nonzero tiles per chunk of inner blocks, then their scan
+//   slab_mask    [B, nb_m, n_slabs, n_words]  bit c of word w: column 32w+c of that slab of row
+//                                             block i holds a nonzero (slab = 32 rows)
+//   chunk_prefix [B, n_outer, n_chunks]       chunked path: tiles per chunk, then their scan
+//   done         [B]                          per-row path: CTAs finished, for the offsets scan
 struct Plan {
   int64_t batch, rows, cols, tile_m, tile_k, layout;
-  int64_t nb_m, nb_k, n_outer, n_inner, n_words, chunk, n_chunks;
+  int64_t nb_m, nb_k, n_outer, n_inner, n_words, n_slabs, chunk, n_chunks;
   bool wide;
   Plan(const DetectShape& s, int64_t layout_)
       : batch(s.batch), rows(s.rows), cols(s.cols), tile_m(s.tile_m), tile_k(s.tile_k), layout(layout_) {
@@ -43,12 +45,17 @@ struct Plan {
     n_outer = s.n_outer(layout);
     n_inner = s.n_inner(layout);
     n_words = ceil_div(cols, 32);
+    n_slabs = ceil_div(tile_m, kMaskRows);
     wide = tile_k > kWideTileK;
     chunk = wide ? (kThreads / 32) * kItems : kThreads * kItems;
     n_chunks = ceil_div(n_inner, chunk);
   }
-  int64_t mask_words() const { return batch * nb_m * n_words; }
-  int64_t workspace_words() const { return mask_words() + batch * n_outer * n_chunks; }
+  int64_t mask_words() const { return batch * nb_m * n_slabs * n_words; }
+  int64_t chunk_words() const { return batch * n_outer * n_chunks; }
+  int64_t workspace_words() const { return mask_words() + chunk_words() + batch; }
+  // One CTA per outer block (a loop over its chunks) when that gives enough CTAs or few steps;
+  // otherwise count -> scan -> scatter over chunks, which stays parallel for one huge outer block.
+  bool per_row() const { return n_chunks <= 8 || batch * n_outer >= 1024; }
 };
 
 // Bit e set when element e of the 16-byte vector is nonzero (any magnitude bit set).
@@ -73,20 +80,23 @@ __device__ __forceinline__ uint32_t nonzero_bits<uint32_t>(uint4 v) {
          (uint32_t((v.z & 0x7fffffffu) != 0) << 2) | (uint32_t((v.w & 0x7fffffffu) != 0) << 3);
 }
 
-// Pass 1, the only read of x. One warp per (batch, row block, 16-row slab, 32*V columns); each
+// Pass 1, the only read of x. One warp per (batch, row block, 32-row slab, 32*V columns); each
 // lane owns V columns, loads 16 bytes per row with 8 loads in flight, and the warp assembles
-// 32-column words. Row blocks taller than 16 rows are split into slabs that OR into the same
-// word (atomicOr into zeroed scratch: OR is order-free, so the result stays deterministic).
+// 32-column words. Every mask word is written (no zeroing pass needed). Block 0 also zeroes the
+// per-batch `done` counters used by the per-row compaction that runs after this kernel.
 template <typename Bits>
 __global__ void __launch_bounds__(kMaskWarps * 32)
-    pit_detect_mask_kernel(const Bits* __restrict__ x, uint32_t* __restrict__ block_mask, int64_t batch,
-                           int64_t rows, int64_t cols, int64_t tile_m, int64_t nb_m, int64_t n_slabs,
-                           int64_t n_words, int64_t n_col_chunks, bool vectorized) {
+    pit_detect_mask_kernel(const Bits* __restrict__ x, uint32_t* __restrict__ slab_mask,
+                           uint32_t* __restrict__ done, int64_t batch, int64_t rows, int64_t cols,
+                           int64_t tile_m, int64_t nb_m, int64_t n_slabs, int64_t n_words,
+                           int64_t n_col_chunks, bool vectorized) {
   constexpr int V = 16 / sizeof(Bits);
   constexpr int kLanesPerWord = 32 / V;
   constexpr int kInFlight = 8;
   constexpr Bits kMag = static_cast<Bits>(~(Bits(1) << (sizeof(Bits) * 8 - 1)));
   const int lane = threadIdx.x & 31;
+  if (blockIdx.x == 0)
+    for (int64_t t = threadIdx.x; t < batch; t += blockDim.x) done[t] = 0;
   const int64_t task = int64_t(blockIdx.x) * kMaskWarps + (threadIdx.x >> 5);
   if (task >= batch * nb_m * n_slabs * n_col_chunks) return;  // uniform per warp
   const int64_t col_chunk = task % n_col_chunks;
@@ -124,11 +134,7 @@ __global__ void __launch_bounds__(kMaskWarps * 32)
 #pragma unroll
   for (int off = 1; off < kLanesPerWord; off <<= 1) word |= __shfl_xor_sync(0xffffffffu, word, off);
   const int64_t w = (col_chunk * 32 * V + int64_t(lane) * V) >> 5;
-  if (lane % kLanesPerWord == 0 && w < n_words) {
-    uint32_t* dst = block_mask + block_flat * n_words + w;
-    if (n_slabs == 1) *dst = word;
-    else if (word) atomicOr(dst, word);
-  }
+  if (lane % kLanesPerWord == 0 && w < n_words) slab_mask[slab_flat * n_words + w] = word;
 }
 
 // Mask of the bits of word w that fall in columns [lo, hi).
@@ -145,8 +151,30 @@ __device__ __forceinline__ uint32_t span_bits(int64_t w, int64_t lo, int64_t hi)
 // Flags of the tiles in one chunk of one outer block, in blocked order (thread t holds items
 // t*kItems..). Narrow tiles: one thread per tile. Wide tiles: one warp per tile, lanes over
 // words, result on lane 0 (other lanes hold 0, which keeps the scan order).
+// Whether tile (i, j) has a nonzero: OR of the slab-mask bits under it. One thread.
+__device__ __forceinline__ bool tile_nonzero(const Plan& p, const uint32_t* __restrict__ slab_mask,
+                                             int64_t b, int64_t i, int64_t j) {
+  const uint32_t* m = slab_mask + (b * p.nb_m + i) * p.n_slabs * p.n_words;
+  const int64_t lo = j * p.tile_k, hi = min(p.cols, lo + p.tile_k);
+  for (int64_t s = 0; s < p.n_slabs; ++s, m += p.n_words)
+    for (int64_t w = lo >> 5; w <= ((hi - 1) >> 5); ++w)
+      if (m[w] & span_bits(w, lo, hi)) return true;
+  return false;
+}
+
+// The same for a wide tile, by a whole warp (lanes over words); the result is warp-uniform.
+__device__ __forceinline__ bool wide_tile_nonzero(const Plan& p, const uint32_t* __restrict__ slab_mask,
+                                                  int64_t b, int64_t i, int64_t j, int lane) {
+  const uint32_t* m = slab_mask + (b * p.nb_m + i) * p.n_slabs * p.n_words;
+  const int64_t lo = j * p.tile_k, hi = min(p.cols, lo + p.tile_k);
+  uint32_t any = 0;
+  for (int64_t s = 0; s < p.n_slabs; ++s, m += p.n_words)
+    for (int64_t w = (lo >> 5) + lane; w <= ((hi - 1) >> 5); w += 32) any |= m[w] & span_bits(w, lo, hi);
+  return __any_sync(0xffffffffu, any != 0);
+}
+
 template <bool kWide>
-__device__ __forceinline__ void chunk_flags(const Plan& p, const uint32_t* __restrict__ block_mask,
+__device__ __forceinline__ void chunk_flags(const Plan& p, const uint32_t* __restrict__ slab_mask,
                                             int64_t b, int64_t o, int64_t c, int (&flags)[kItems],
                                             int64_t (&ids)[kItems]) {
   const bool row_major = p.layout == kRowMajor;
@@ -155,14 +183,8 @@ __device__ __forceinline__ void chunk_flags(const Plan& p, const uint32_t* __res
     for (int k = 0; k < kItems; ++k) {
       const int64_t inner = c * p.chunk + int64_t(threadIdx.x) * kItems + k;
       ids[k] = inner;
-      flags[k] = 0;
-      if (inner < p.n_inner) {
-        const int64_t i = row_major ? o : inner, j = row_major ? inner : o;
-        const uint32_t* m = block_mask + (b * p.nb_m + i) * p.n_words;
-        const int64_t lo = j * p.tile_k, hi = min(p.cols, lo + p.tile_k);
-        for (int64_t w = lo >> 5; w <= ((hi - 1) >> 5); ++w)
-          if (m[w] & span_bits(w, lo, hi)) { flags[k] = 1; break; }
-      }
+      flags[k] = inner < p.n_inner &&
+                 tile_nonzero(p, slab_mask, b, row_major ? o : inner, row_major ? inner : o);
     }
   } else {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -170,14 +192,9 @@ __device__ __forceinline__ void chunk_flags(const Plan& p, const uint32_t* __res
     for (int k = 0; k < kItems; ++k) {
       const int64_t inner = c * p.chunk + int64_t(warp) * kItems + k;
       ids[k] = inner;
-      uint32_t any = 0;
-      if (inner < p.n_inner) {  // uniform per warp
-        const int64_t i = row_major ? o : inner, j = row_major ? inner : o;
-        const uint32_t* m = block_mask + (b * p.nb_m + i) * p.n_words;
-        const int64_t lo = j * p.tile_k, hi = min(p.cols, lo + p.tile_k);
-        for (int64_t w = (lo >> 5) + lane; w <= ((hi - 1) >> 5); w += 32) any |= m[w] & span_bits(w, lo, hi);
-      }
-      flags[k] = (__any_sync(0xffffffffu, any != 0) && lane == 0) ? 1 : 0;
+      const bool nz = inner < p.n_inner &&  // uniform per warp
+                      wide_tile_nonzero(p, slab_mask, b, row_major ? o : inner, row_major ? inner : o, lane);
+      flags[k] = nz && lane == 0;
     }
   }
 }
@@ -185,14 +202,14 @@ __device__ __forceinline__ void chunk_flags(const Plan& p, const uint32_t* __res
 // Pass 2: nonzero tiles per (batch, outer block, chunk).
 template <bool kWide>
 __global__ void __launch_bounds__(kThreads)
-    pit_detect_count_kernel(Plan p, const uint32_t* __restrict__ block_mask, int32_t* __restrict__ chunk_counts) {
+    pit_detect_count_kernel(Plan p, const uint32_t* __restrict__ slab_mask, int32_t* __restrict__ chunk_counts) {
   using Reduce = cub::BlockReduce<int, kThreads>;
   __shared__ typename Reduce::TempStorage storage;
   const int64_t flat = blockIdx.x;  // (b * n_outer + o) * n_chunks + c
   const int64_t c = flat % p.n_chunks, bo = flat / p.n_chunks;
   int flags[kItems];
   int64_t ids[kItems];
-  chunk_flags<kWide>(p, block_mask, bo / p.n_outer, bo % p.n_outer, c, flags, ids);
+  chunk_flags<kWide>(p, slab_mask, bo / p.n_outer, bo % p.n_outer, c, flags, ids);
   const int total = Reduce(storage).Sum(flags);
   if (threadIdx.x == 0) chunk_counts[flat] = total;
 }
@@ -235,7 +252,7 @@ __global__ void __launch_bounds__(kScanThreads)
 // written exactly once, by one CTA, without atomics.
 template <bool kWide>
 __global__ void __launch_bounds__(kThreads)
-    pit_detect_scatter_kernel(Plan p, const uint32_t* __restrict__ block_mask,
+    pit_detect_scatter_kernel(Plan p, const uint32_t* __restrict__ slab_mask,
                               const int32_t* __restrict__ chunk_prefix, const int32_t* __restrict__ counts,
                               const int32_t* __restrict__ offsets, int32_t* __restrict__ indices) {
   using Scan = cub::BlockScan<int, kThreads>;
@@ -245,7 +262,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = bo / p.n_outer, o = bo % p.n_outer;
   int flags[kItems], pos[kItems];
   int64_t ids[kItems];
-  chunk_flags<kWide>(p, block_mask, b, o, c, flags, ids);
+  chunk_flags<kWide>(p, slab_mask, b, o, c, flags, ids);
   Scan(storage).ExclusiveSum(flags, pos);
   int32_t* out = indices + bo * p.n_inner;
   const int64_t base = chunk_prefix[flat] - offsets[b * (p.n_outer + 1) + o];
@@ -257,33 +274,84 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t s = slot_lo + threadIdx.x; s < slot_hi; s += kThreads) out[s] = -1;
 }
 
+// Per-row path, one CTA per (batch, outer block): loops over its chunks with a running total,
+// writes ids, -1 padding and the count. The last CTA of a batch element to finish (a counter
+// in scratch, zeroed by the mask pass) scans that element's counts into CSR offsets.
+template <bool kWide>
+__global__ void __launch_bounds__(kThreads)
+    pit_detect_rows_kernel(Plan p, const uint32_t* __restrict__ slab_mask, uint32_t* __restrict__ done,
+                           int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
+                           int32_t* __restrict__ indices) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage storage;
+  __shared__ bool is_last;
+  const int64_t bo = blockIdx.x;
+  const int64_t b = bo / p.n_outer, o = bo % p.n_outer;
+  int32_t* out = indices + bo * p.n_inner;
+  int running = 0;
+  for (int64_t c = 0; c < p.n_chunks; ++c) {
+    int flags[kItems], pos[kItems], step_total;
+    int64_t ids[kItems];
+    chunk_flags<kWide>(p, slab_mask, b, o, c, flags, ids);
+    Scan(storage).ExclusiveSum(flags, pos, step_total);
+#pragma unroll
+    for (int k = 0; k < kItems; ++k)
+      if (flags[k]) out[running + pos[k]] = int32_t(ids[k]);
+    running += step_total;
+    __syncthreads();  // storage is reused by the next step
+  }
+  for (int64_t s = running + threadIdx.x; s < p.n_inner; s += kThreads) out[s] = -1;
+  if (threadIdx.x == 0) {
+    counts[bo] = running;
+    __threadfence();  // publish the count before announcing this CTA is done
+    is_last = atomicAdd(done + b, 1u) == unsigned(p.n_outer - 1);
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  const int32_t* cnt = counts + b * p.n_outer;
+  int32_t* off = offsets + b * (p.n_outer + 1);
+  int carry = 0;
+  for (int64_t start = 0; start < p.n_outer; start += kThreads) {
+    const int64_t t = start + threadIdx.x;
+    const int v = t < p.n_outer ? __ldcg(cnt + t) : 0;  // L2 read: other CTAs wrote these
+    int prefix, step_total;
+    Scan(storage).ExclusiveSum(v, prefix, step_total);
+    if (t < p.n_outer) off[t] = carry + prefix;
+    carry += step_total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) off[p.n_outer] = carry;
+}
+
 template <typename Bits>
 cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uint32_t* workspace,
                           int32_t* counts, int32_t* offsets, int32_t* indices) {
   constexpr int V = 16 / sizeof(Bits);
   if (p.batch == 0) return cudaSuccess;
-  uint32_t* block_mask = workspace;
+  uint32_t* slab_mask = workspace;
   int32_t* chunk_prefix = reinterpret_cast<int32_t*>(workspace + p.mask_words());
-  const int64_t n_slabs = ceil_div(p.tile_m, kMaskRows);
-  if (n_slabs > 1) cudaMemsetAsync(block_mask, 0, sizeof(uint32_t) * p.mask_words(), stream);
+  uint32_t* done = workspace + p.mask_words() + p.chunk_words();
   const int64_t n_col_chunks = ceil_div(p.cols, 32 * V);
-  const int64_t n_tasks = p.batch * p.nb_m * n_slabs * n_col_chunks;
+  const int64_t n_tasks = p.batch * p.nb_m * p.n_slabs * n_col_chunks;
   const bool vectorized = p.cols % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   pit_detect_mask_kernel<Bits><<<unsigned(ceil_div(n_tasks, kMaskWarps)), kMaskWarps * 32, 0, stream>>>(
-      static_cast<const Bits*>(x), block_mask, p.batch, p.rows, p.cols, p.tile_m, p.nb_m, n_slabs,
-      p.n_words, n_col_chunks, vectorized);
+      static_cast<const Bits*>(x), slab_mask, done, p.batch, p.rows, p.cols, p.tile_m, p.nb_m,
+      p.n_slabs, p.n_words, n_col_chunks, vectorized);
+  if (p.per_row()) {
+    const unsigned grid = unsigned(p.batch * p.n_outer);
+    if (p.wide) pit_detect_rows_kernel<true><<<grid, kThreads, 0, stream>>>(p, slab_mask, done, counts, offsets, indices);
+    else pit_detect_rows_kernel<false><<<grid, kThreads, 0, stream>>>(p, slab_mask, done, counts, offsets, indices);
+    return cudaGetLastError();
+  }
   const unsigned grid = unsigned(p.batch * p.n_outer * p.n_chunks);
-  if (p.wide) {
-    pit_detect_count_kernel<true><<<grid, kThreads, 0, stream>>>(p, block_mask, chunk_prefix);
-  } else {
-    pit_detect_count_kernel<false><<<grid, kThreads, 0, stream>>>(p, block_mask, chunk_prefix);
-  }
+  if (p.wide) pit_detect_count_kernel<true><<<grid, kThreads, 0, stream>>>(p, slab_mask, chunk_prefix);
+  else pit_detect_count_kernel<false><<<grid, kThreads, 0, stream>>>(p, slab_mask, chunk_prefix);
   pit_detect_scan_kernel<<<unsigned(p.batch), kScanThreads, 0, stream>>>(p, chunk_prefix, counts, offsets);
-  if (p.wide) {
-    pit_detect_scatter_kernel<true><<<grid, kThreads, 0, stream>>>(p, block_mask, chunk_prefix, counts, offsets, indices);
-  } else {
-    pit_detect_scatter_kernel<false><<<grid, kThreads, 0, stream>>>(p, block_mask, chunk_prefix, counts, offsets, indices);
-  }
+  if (p.wide)
+    pit_detect_scatter_kernel<true><<<grid, kThreads, 0, stream>>>(p, slab_mask, chunk_prefix, counts, offsets, indices);
+  else
+    pit_detect_scatter_kernel<false><<<grid, kThreads, 0, stream>>>(p, slab_mask, chunk_prefix, counts, offsets, indices);
   return cudaGetLastError();
 }
 
