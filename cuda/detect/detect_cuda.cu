@@ -80,16 +80,18 @@ __device__ __forceinline__ uint32_t nonzero_bits<uint32_t>(uint4 v) {
          (uint32_t((v.z & 0x7fffffffu) != 0) << 2) | (uint32_t((v.w & 0x7fffffffu) != 0) << 3);
 }
 
-// Pass 1, the only read of x. One warp per (batch, row block, 32-row slab, 32*V columns); each
-// lane owns V columns, loads 16 bytes per row with 8 loads in flight, and the warp assembles
-// 32-column words. Every mask word is written (no zeroing pass needed). Block 0 also zeroes the
-// per-batch `done` counters used by the per-row compaction that runs after this kernel.
+// Pass 1, the only read of x. One warp per (batch, slab of up to 32 rows, 32*V columns); each
+// lane owns V columns and loads 16 bytes per row with 8 rows in flight; at the end of each row
+// block (tile_m < 32: a slab holds 32/tile_m whole row blocks) or slab (tile_m >= 32: a row block
+// holds several slabs) the warp assembles 32-column words and stores them. Every mask word is
+// written, so no zeroing pass is needed. Block 0 also zeroes the per-batch `done` counters used
+// by the per-row compaction, which runs after this kernel.
 template <typename Bits>
 __global__ void __launch_bounds__(kMaskWarps * 32)
     pit_detect_mask_kernel(const Bits* __restrict__ x, uint32_t* __restrict__ slab_mask,
                            uint32_t* __restrict__ done, int64_t batch, int64_t rows, int64_t cols,
                            int64_t tile_m, int64_t nb_m, int64_t n_slabs, int64_t n_words,
-                           int64_t n_col_chunks, bool vectorized) {
+                           int64_t n_row_tasks, int64_t n_col_chunks, bool vectorized) {
   constexpr int V = 16 / sizeof(Bits);
   constexpr int kLanesPerWord = 32 / V;
   constexpr int kInFlight = 8;
@@ -98,43 +100,64 @@ __global__ void __launch_bounds__(kMaskWarps * 32)
   if (blockIdx.x == 0)
     for (int64_t t = threadIdx.x; t < batch; t += blockDim.x) done[t] = 0;
   const int64_t task = int64_t(blockIdx.x) * kMaskWarps + (threadIdx.x >> 5);
-  if (task >= batch * nb_m * n_slabs * n_col_chunks) return;  // uniform per warp
+  if (task >= batch * n_row_tasks * n_col_chunks) return;  // uniform per warp
   const int64_t col_chunk = task % n_col_chunks;
-  const int64_t slab_flat = task / n_col_chunks;
-  const int64_t block_flat = slab_flat / n_slabs;  // b * nb_m + i
-  const int64_t slab = slab_flat % n_slabs;
-  const int64_t b = block_flat / nb_m, i = block_flat % nb_m;
-  const int64_t r0 = i * tile_m + slab * kMaskRows;
-  const int64_t r1 = min(min(rows, (i + 1) * tile_m), r0 + kMaskRows);
+  const int64_t row_task = task / n_col_chunks;
+  const int64_t b = row_task / n_row_tasks, rt = row_task % n_row_tasks;
+  int64_t r0, r1, out_row;  // rows [r0, r1); out_row: slab-mask row of the first output
+  if (tile_m >= kMaskRows) {
+    const int64_t i = rt / n_slabs, sl = rt % n_slabs;
+    r0 = i * tile_m + sl * kMaskRows;
+    r1 = min(min(rows, (i + 1) * tile_m), r0 + kMaskRows);
+    out_row = (b * nb_m + i) * n_slabs + sl;
+  } else {
+    const int64_t blocks_per_task = kMaskRows / tile_m;
+    r0 = rt * blocks_per_task * tile_m;
+    r1 = min(rows, r0 + blocks_per_task * tile_m);
+    out_row = b * nb_m + rt * blocks_per_task;  // n_slabs == 1
+  }
   const int64_t c0 = col_chunk * 32 * V + int64_t(lane) * V;
+  const bool in_cols = c0 < cols;
   const Bits* base = x + b * rows * cols;
+  const int64_t w = (col_chunk * 32 * V + int64_t(lane) * V) >> 5;
+  const bool writer = lane % kLanesPerWord == 0 && w < n_words;
 
   uint32_t bits = 0;
-  if (c0 < cols) {
+  for (int64_t r = r0; r < r1; r += kInFlight) {
+    uint32_t row_bits[kInFlight];
     if (vectorized) {  // cols % V == 0 and x 16-byte aligned: the vector is in bounds
-      const Bits* p = base + r0 * cols + c0;
-      int64_t r = r0;
-      for (; r + kInFlight <= r1; r += kInFlight, p += kInFlight * cols) {
-        uint4 v[kInFlight];
+      uint4 v[kInFlight];
 #pragma unroll
-        for (int u = 0; u < kInFlight; ++u) v[u] = __ldcs(reinterpret_cast<const uint4*>(p + u * cols));
+      for (int u = 0; u < kInFlight; ++u)
+        v[u] = (in_cols && r + u < r1) ? __ldcs(reinterpret_cast<const uint4*>(base + (r + u) * cols + c0))
+                                       : make_uint4(0, 0, 0, 0);
 #pragma unroll
-        for (int u = 0; u < kInFlight; ++u) bits |= nonzero_bits<Bits>(v[u]);
-      }
-      for (; r < r1; ++r, p += cols) bits |= nonzero_bits<Bits>(__ldcs(reinterpret_cast<const uint4*>(p)));
+      for (int u = 0; u < kInFlight; ++u) row_bits[u] = nonzero_bits<Bits>(v[u]);
     } else {
-      const int64_t n = min(int64_t(V), cols - c0);
-      for (int64_t r = r0; r < r1; ++r) {
-        const Bits* p = base + r * cols + c0;
-        for (int e = 0; e < n; ++e) bits |= uint32_t((p[e] & kMag) != 0) << e;
+      const int64_t n = in_cols ? min(int64_t(V), cols - c0) : 0;
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        row_bits[u] = 0;
+        if (r + u < r1)
+          for (int e = 0; e < n; ++e) row_bits[u] |= uint32_t((base[(r + u) * cols + c0 + e] & kMag) != 0) << e;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int64_t row = r + u;
+      if (row >= r1) break;  // uniform per warp
+      bits |= row_bits[u];
+      const bool block_end = row + 1 == r1 || (tile_m < kMaskRows && (row + 1) % tile_m == 0);
+      if (block_end) {  // uniform per warp
+        uint32_t word = bits << ((lane * V) & 31);
+#pragma unroll
+        for (int off = 1; off < kLanesPerWord; off <<= 1) word |= __shfl_xor_sync(0xffffffffu, word, off);
+        if (writer) slab_mask[out_row * n_words + w] = word;
+        ++out_row;
+        bits = 0;
       }
     }
   }
-  uint32_t word = bits << ((lane * V) & 31);
-#pragma unroll
-  for (int off = 1; off < kLanesPerWord; off <<= 1) word |= __shfl_xor_sync(0xffffffffu, word, off);
-  const int64_t w = (col_chunk * 32 * V + int64_t(lane) * V) >> 5;
-  if (lane % kLanesPerWord == 0 && w < n_words) slab_mask[slab_flat * n_words + w] = word;
 }
 
 // Mask of the bits of word w that fall in columns [lo, hi).
@@ -333,11 +356,12 @@ cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uin
   int32_t* chunk_prefix = reinterpret_cast<int32_t*>(workspace + p.mask_words());
   uint32_t* done = workspace + p.mask_words() + p.chunk_words();
   const int64_t n_col_chunks = ceil_div(p.cols, 32 * V);
-  const int64_t n_tasks = p.batch * p.nb_m * p.n_slabs * n_col_chunks;
+  const int64_t n_row_tasks = p.tile_m >= kMaskRows ? p.nb_m * p.n_slabs : ceil_div(p.nb_m, kMaskRows / p.tile_m);
+  const int64_t n_tasks = p.batch * n_row_tasks * n_col_chunks;
   const bool vectorized = p.cols % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   pit_detect_mask_kernel<Bits><<<unsigned(ceil_div(n_tasks, kMaskWarps)), kMaskWarps * 32, 0, stream>>>(
       static_cast<const Bits*>(x), slab_mask, done, p.batch, p.rows, p.cols, p.tile_m, p.nb_m,
-      p.n_slabs, p.n_words, n_col_chunks, vectorized);
+      p.n_slabs, p.n_words, n_row_tasks, n_col_chunks, vectorized);
   if (p.per_row()) {
     const unsigned grid = unsigned(p.batch * p.n_outer);
     if (p.wide) pit_detect_rows_kernel<true><<<grid, kThreads, 0, stream>>>(p, slab_mask, done, counts, offsets, indices);
