@@ -44,7 +44,7 @@ def make_inputs(key, m, k, tile, sparsity, n):
 def index_bytes(m, k, tile, layout):
     nb_m, nb_k = -(-m // tile[0]), -(-k // tile[1])
     n_outer, n_inner = (nb_m, nb_k) if layout == "row" else (nb_k, nb_m)
-    chunk = 32 if tile[1] > 256 else 1024
+    chunk = 32 if tile[1] > 256 else 4096
     scratch = 2 * 4 * (nb_m * (-(-tile[0] // 32)) * (-(-k // 32)) + n_outer * (-(-n_inner // chunk)))
     return 4 * (n_outer + n_outer + 1 + n_outer * n_inner) + scratch
 

@@ -47,7 +47,8 @@ fi
 SAN_TIMEOUT=${SAN_TIMEOUT:-240}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform  # one cudaMalloc per buffer: OOB is visible
 FILTER=()
-if compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name"; then FILTER=(--kernel-name kns=pit_); fi
+SAN_HELP=$(compute-sanitizer --help 2>&1 || true)  # no grep -q in a pipe: SIGPIPE under pipefail
+if [[ "$SAN_HELP" == *"--kernel-name"* ]]; then FILTER=(--kernel-name kns=pit_); fi
 step memcheck timeout $SAN_TIMEOUT compute-sanitizer --tool memcheck --error-exitcode 97 "${FILTER[@]}" $PY -P -m pytest tests/test_detect.py -k "gpu and (dtypes_and_sparsity or unaligned or special or deterministic or jnp_reference)" -q -p no:cacheprovider -x
 step racecheck timeout $SAN_TIMEOUT compute-sanitizer --tool racecheck --error-exitcode 98 "${FILTER[@]}" $PY -P -m pytest tests/test_detect.py -k "gpu and (dtypes_and_sparsity or unaligned or deterministic)" -q -p no:cacheprovider -x
 step synccheck timeout $SAN_TIMEOUT compute-sanitizer --tool synccheck --error-exitcode 96 "${FILTER[@]}" $PY -P -m pytest tests/test_detect.py -k "gpu and dtypes_and_sparsity" -q -p no:cacheprovider -x

@@ -19,13 +19,19 @@
 #include "../common/ffi_common.h"
 #include "detect_layout.h"
 
+// Rows loaded per lane before the first is used in the mask pass (a tuning knob for experiments).
+#ifndef PIT_DETECT_IN_FLIGHT
+#define PIT_DETECT_IN_FLIGHT 8
+#endif
+
 namespace pit {
 namespace {
 
 constexpr int kMaskWarps = 8;         // warps per CTA in the mask pass
 constexpr int kMaskRows = 32;         // rows one warp folds in the mask pass (a "slab")
 constexpr int kThreads = 256;         // threads per CTA in the compaction passes
-constexpr int kItems = 4;             // narrow tiles per thread per chunk
+constexpr int kItems = 16;            // narrow tiles per thread per chunk (4096 per chunk)
+constexpr int kWideItems = 4;         // wide tiles per warp per chunk (32 per chunk)
 constexpr int kScanThreads = 1024;    // threads of the per-batch chunk scan
 constexpr int64_t kWideTileK = 256;   // wider tiles are tested by a whole warp, lanes over words
 
@@ -47,7 +53,7 @@ struct Plan {
     n_words = ceil_div(cols, 32);
     n_slabs = ceil_div(tile_m, kMaskRows);
     wide = tile_k > kWideTileK;
-    chunk = wide ? (kThreads / 32) * kItems : kThreads * kItems;
+    chunk = wide ? (kThreads / 32) * kWideItems : kThreads * kItems;
     n_chunks = ceil_div(n_inner, chunk);
   }
   int64_t mask_words() const { return batch * nb_m * n_slabs * n_words; }
@@ -94,7 +100,7 @@ __global__ void __launch_bounds__(kMaskWarps * 32)
                            int64_t n_row_tasks, int64_t n_col_chunks, bool vectorized) {
   constexpr int V = 16 / sizeof(Bits);
   constexpr int kLanesPerWord = 32 / V;
-  constexpr int kInFlight = 8;
+  constexpr int kInFlight = PIT_DETECT_IN_FLIGHT;
   constexpr Bits kMag = static_cast<Bits>(~(Bits(1) << (sizeof(Bits) * 8 - 1)));
   const int lane = threadIdx.x & 31;
   if (blockIdx.x == 0)
@@ -122,18 +128,35 @@ __global__ void __launch_bounds__(kMaskWarps * 32)
   const int64_t w = (col_chunk * 32 * V + int64_t(lane) * V) >> 5;
   const bool writer = lane % kLanesPerWord == 0 && w < n_words;
 
+  // Emit the word of the block (or slab) that ends at `end_row`, then move to the next one.
+  auto emit = [&](uint32_t bits) {
+    uint32_t word = bits << ((lane * V) & 31);
+#pragma unroll
+    for (int off = 1; off < kLanesPerWord; off <<= 1) word |= __shfl_xor_sync(0xffffffffu, word, off);
+    if (writer) slab_mask[out_row * n_words + w] = word;
+    ++out_row;
+  };
+  if (r0 >= r1) {  // a slab past the end of a short last row block: its word is still written
+    emit(0);
+    return;
+  }
+  const int64_t step = tile_m >= kMaskRows ? r1 - r0 : tile_m;  // rows per emitted word
+  int64_t end_row = min(r1, r0 + step);
   uint32_t bits = 0;
   for (int64_t r = r0; r < r1; r += kInFlight) {
     uint32_t row_bits[kInFlight];
-    if (vectorized) {  // cols % V == 0 and x 16-byte aligned: the vector is in bounds
+    if (vectorized && r + kInFlight <= r1) {  // fast path: 8 unconditional 16-byte loads in flight
       uint4 v[kInFlight];
+      if (in_cols) {
 #pragma unroll
-      for (int u = 0; u < kInFlight; ++u)
-        v[u] = (in_cols && r + u < r1) ? __ldcs(reinterpret_cast<const uint4*>(base + (r + u) * cols + c0))
-                                       : make_uint4(0, 0, 0, 0);
+        for (int u = 0; u < kInFlight; ++u) v[u] = __ldcs(reinterpret_cast<const uint4*>(base + (r + u) * cols + c0));
+      } else {
+#pragma unroll
+        for (int u = 0; u < kInFlight; ++u) v[u] = make_uint4(0, 0, 0, 0);
+      }
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u) row_bits[u] = nonzero_bits<Bits>(v[u]);
-    } else {
+    } else {  // tail rows, or rows that are not 16-byte aligned: scalar loads
       const int64_t n = in_cols ? min(int64_t(V), cols - c0) : 0;
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u) {
@@ -144,17 +167,12 @@ __global__ void __launch_bounds__(kMaskWarps * 32)
     }
 #pragma unroll
     for (int u = 0; u < kInFlight; ++u) {
-      const int64_t row = r + u;
-      if (row >= r1) break;  // uniform per warp
+      if (r + u >= r1) break;  // uniform per warp
       bits |= row_bits[u];
-      const bool block_end = row + 1 == r1 || (tile_m < kMaskRows && (row + 1) % tile_m == 0);
-      if (block_end) {  // uniform per warp
-        uint32_t word = bits << ((lane * V) & 31);
-#pragma unroll
-        for (int off = 1; off < kLanesPerWord; off <<= 1) word |= __shfl_xor_sync(0xffffffffu, word, off);
-        if (writer) slab_mask[out_row * n_words + w] = word;
-        ++out_row;
+      if (r + u + 1 == end_row) {  // uniform per warp
+        emit(bits);
         bits = 0;
+        end_row = min(r1, end_row + step);
       }
     }
   }
@@ -173,7 +191,7 @@ __device__ __forceinline__ uint32_t span_bits(int64_t w, int64_t lo, int64_t hi)
 
 // Flags of the tiles in one chunk of one outer block, in blocked order (thread t holds items
 // t*kItems..). Narrow tiles: one thread per tile. Wide tiles: one warp per tile, lanes over
-// words, result on lane 0 (other lanes hold 0, which keeps the scan order).
+// words, results on lane 0 (other lanes hold 0, which keeps the scan order).
 // Whether tile (i, j) has a nonzero: OR of the slab-mask bits under it. One thread.
 __device__ __forceinline__ bool tile_nonzero(const Plan& p, const uint32_t* __restrict__ slab_mask,
                                              int64_t b, int64_t i, int64_t j) {
@@ -196,25 +214,31 @@ __device__ __forceinline__ bool wide_tile_nonzero(const Plan& p, const uint32_t*
   return __any_sync(0xffffffffu, any != 0);
 }
 
+// Inner-block id of item k of this thread in chunk c (blocked order, so scans keep it sorted).
+template <bool kWide>
+__device__ __forceinline__ int64_t item_id(const Plan& p, int64_t c, int k) {
+  return kWide ? c * p.chunk + int64_t(threadIdx.x >> 5) * kWideItems + k
+               : c * p.chunk + int64_t(threadIdx.x) * kItems + k;
+}
+
 template <bool kWide>
 __device__ __forceinline__ void chunk_flags(const Plan& p, const uint32_t* __restrict__ slab_mask,
-                                            int64_t b, int64_t o, int64_t c, int (&flags)[kItems],
-                                            int64_t (&ids)[kItems]) {
+                                            int64_t b, int64_t o, int64_t c, int (&flags)[kItems]) {
   const bool row_major = p.layout == kRowMajor;
   if (!kWide) {
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
-      const int64_t inner = c * p.chunk + int64_t(threadIdx.x) * kItems + k;
-      ids[k] = inner;
+      const int64_t inner = item_id<false>(p, c, k);
       flags[k] = inner < p.n_inner &&
                  tile_nonzero(p, slab_mask, b, row_major ? o : inner, row_major ? inner : o);
     }
   } else {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int lane = threadIdx.x & 31;
 #pragma unroll
-    for (int k = 0; k < kItems; ++k) {
-      const int64_t inner = c * p.chunk + int64_t(warp) * kItems + k;
-      ids[k] = inner;
+    for (int k = 0; k < kItems; ++k) flags[k] = 0;
+#pragma unroll
+    for (int k = 0; k < kWideItems; ++k) {
+      const int64_t inner = item_id<true>(p, c, k);
       const bool nz = inner < p.n_inner &&  // uniform per warp
                       wide_tile_nonzero(p, slab_mask, b, row_major ? o : inner, row_major ? inner : o, lane);
       flags[k] = nz && lane == 0;
@@ -231,8 +255,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t flat = blockIdx.x;  // (b * n_outer + o) * n_chunks + c
   const int64_t c = flat % p.n_chunks, bo = flat / p.n_chunks;
   int flags[kItems];
-  int64_t ids[kItems];
-  chunk_flags<kWide>(p, slab_mask, bo / p.n_outer, bo % p.n_outer, c, flags, ids);
+  chunk_flags<kWide>(p, slab_mask, bo / p.n_outer, bo % p.n_outer, c, flags);
   const int total = Reduce(storage).Sum(flags);
   if (threadIdx.x == 0) chunk_counts[flat] = total;
 }
@@ -284,14 +307,13 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c = flat % p.n_chunks, bo = flat / p.n_chunks;
   const int64_t b = bo / p.n_outer, o = bo % p.n_outer;
   int flags[kItems], pos[kItems];
-  int64_t ids[kItems];
-  chunk_flags<kWide>(p, slab_mask, b, o, c, flags, ids);
+  chunk_flags<kWide>(p, slab_mask, b, o, c, flags);
   Scan(storage).ExclusiveSum(flags, pos);
   int32_t* out = indices + bo * p.n_inner;
   const int64_t base = chunk_prefix[flat] - offsets[b * (p.n_outer + 1) + o];
 #pragma unroll
   for (int k = 0; k < kItems; ++k)
-    if (flags[k]) out[base + pos[k]] = int32_t(ids[k]);
+    if (flags[k]) out[base + pos[k]] = int32_t(item_id<kWide>(p, c, k));
   const int64_t slot_lo = max(int64_t(counts[bo]), c * p.chunk);
   const int64_t slot_hi = min(p.n_inner, (c + 1) * p.chunk);
   for (int64_t s = slot_lo + threadIdx.x; s < slot_hi; s += kThreads) out[s] = -1;
@@ -314,12 +336,11 @@ __global__ void __launch_bounds__(kThreads)
   int running = 0;
   for (int64_t c = 0; c < p.n_chunks; ++c) {
     int flags[kItems], pos[kItems], step_total;
-    int64_t ids[kItems];
-    chunk_flags<kWide>(p, slab_mask, b, o, c, flags, ids);
+    chunk_flags<kWide>(p, slab_mask, b, o, c, flags);
     Scan(storage).ExclusiveSum(flags, pos, step_total);
 #pragma unroll
     for (int k = 0; k < kItems; ++k)
-      if (flags[k]) out[running + pos[k]] = int32_t(ids[k]);
+      if (flags[k]) out[running + pos[k]] = int32_t(item_id<kWide>(p, c, k));
     running += step_total;
     __syncthreads();  // storage is reused by the next step
   }
