@@ -44,6 +44,8 @@ struct Plan {
   int64_t batch, rows, cols, tile_m, tile_k, layout;
   int64_t nb_m, nb_k, n_outer, n_inner, n_words, n_slabs, chunk, n_chunks;
   bool wide;
+  bool word_rows;     // row layout with tile_k dividing 32: compact whole mask words at a time
+  uint32_t tile_starts;  // bits 0, tile_k, 2*tile_k, ... (for word_rows)
   Plan(const DetectShape& s, int64_t layout_)
       : batch(s.batch), rows(s.rows), cols(s.cols), tile_m(s.tile_m), tile_k(s.tile_k), layout(layout_) {
     nb_m = s.nb_m();
@@ -53,6 +55,9 @@ struct Plan {
     n_words = ceil_div(cols, 32);
     n_slabs = ceil_div(tile_m, kMaskRows);
     wide = tile_k > kWideTileK;
+    word_rows = layout == kRowMajor && 32 % tile_k == 0;
+    tile_starts = 0;
+    for (int64_t bit = 0; bit < 32; bit += tile_k) tile_starts |= 1u << bit;
     chunk = wide ? (kThreads / 32) * kWideItems : kThreads * kItems;
     n_chunks = ceil_div(n_inner, chunk);
   }
@@ -322,7 +327,61 @@ __global__ void __launch_bounds__(kThreads)
 // Per-row path, one CTA per (batch, outer block): loops over its chunks with a running total,
 // writes ids, -1 padding and the count. The last CTA of a batch element to finish (a counter
 // in scratch, zeroed by the mask pass) scans that element's counts into CSR offsets.
+// Row layout, tile_k dividing 32: each thread takes one mask word (OR of the block's slabs,
+// coalesced across threads), folds each tile_k-bit group onto its first bit, and writes the ids
+// of the set bits at its block-scanned position. Returns the row's nonzero count.
+__device__ __forceinline__ int compact_row_words(const Plan& p, const uint32_t* __restrict__ m,
+                                                 int32_t* __restrict__ out) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage storage;
+  int running = 0;
+  for (int64_t w0 = 0; w0 < p.n_words; w0 += kThreads) {
+    const int64_t w = w0 + threadIdx.x;
+    uint32_t bits = 0;
+    if (w < p.n_words)
+      for (int64_t s = 0; s < p.n_slabs; ++s) bits |= m[s * p.n_words + w];
+    for (int sh = 1; sh < p.tile_k; sh <<= 1) bits |= bits >> sh;  // bit g*tk = OR of its group
+    bits &= p.tile_starts;
+    int pos, step_total;
+    Scan(storage).ExclusiveSum(__popc(bits), pos, step_total);
+    int32_t* dst = out + running + pos;
+    while (bits) {
+      const int bit = __ffs(bits) - 1;
+      *dst++ = int32_t((w * 32 + bit) / p.tile_k);
+      bits &= bits - 1;
+    }
+    running += step_total;
+    __syncthreads();  // storage is reused by the next step
+  }
+  return running;
+}
+
+// Generic rows: chunks of kItems tiles per thread (narrow) or one warp per tile (wide).
 template <bool kWide>
+__device__ __forceinline__ int compact_row_tiles(const Plan& p, const uint32_t* __restrict__ slab_mask,
+                                                 int64_t b, int64_t o, int32_t* __restrict__ out) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage storage;
+  int running = 0;
+  for (int64_t c = 0; c < p.n_chunks; ++c) {
+    int flags[kItems], pos[kItems], step_total;
+    chunk_flags<kWide>(p, slab_mask, b, o, c, flags);
+    Scan(storage).ExclusiveSum(flags, pos, step_total);
+#pragma unroll
+    for (int k = 0; k < kItems; ++k)
+      if (flags[k]) out[running + pos[k]] = int32_t(item_id<kWide>(p, c, k));
+    running += step_total;
+    __syncthreads();
+  }
+  return running;
+}
+
+enum RowMode { kRowsNarrow = 0, kRowsWide = 1, kRowsWords = 2 };
+
+// Per-row path, one CTA per (batch, outer block): writes ids, -1 padding and the count. The
+// last CTA of a batch element to finish (a counter in scratch, zeroed by the mask pass) scans
+// that element's counts into CSR offsets.
+template <int kMode>
 __global__ void __launch_bounds__(kThreads)
     pit_detect_rows_kernel(Plan p, const uint32_t* __restrict__ slab_mask, uint32_t* __restrict__ done,
                            int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
@@ -333,17 +392,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t bo = blockIdx.x;
   const int64_t b = bo / p.n_outer, o = bo % p.n_outer;
   int32_t* out = indices + bo * p.n_inner;
-  int running = 0;
-  for (int64_t c = 0; c < p.n_chunks; ++c) {
-    int flags[kItems], pos[kItems], step_total;
-    chunk_flags<kWide>(p, slab_mask, b, o, c, flags);
-    Scan(storage).ExclusiveSum(flags, pos, step_total);
-#pragma unroll
-    for (int k = 0; k < kItems; ++k)
-      if (flags[k]) out[running + pos[k]] = int32_t(item_id<kWide>(p, c, k));
-    running += step_total;
-    __syncthreads();  // storage is reused by the next step
-  }
+  const int running =
+      kMode == kRowsWords ? compact_row_words(p, slab_mask + bo * p.n_slabs * p.n_words, out)
+                          : compact_row_tiles<kMode == kRowsWide>(p, slab_mask, b, o, out);
   for (int64_t s = running + threadIdx.x; s < p.n_inner; s += kThreads) out[s] = -1;
   if (threadIdx.x == 0) {
     counts[bo] = running;
@@ -383,10 +434,14 @@ cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uin
   pit_detect_mask_kernel<Bits><<<unsigned(ceil_div(n_tasks, kMaskWarps)), kMaskWarps * 32, 0, stream>>>(
       static_cast<const Bits*>(x), slab_mask, done, p.batch, p.rows, p.cols, p.tile_m, p.nb_m,
       p.n_slabs, p.n_words, n_row_tasks, n_col_chunks, vectorized);
-  if (p.per_row()) {
+  if (p.word_rows || p.per_row()) {
     const unsigned grid = unsigned(p.batch * p.n_outer);
-    if (p.wide) pit_detect_rows_kernel<true><<<grid, kThreads, 0, stream>>>(p, slab_mask, done, counts, offsets, indices);
-    else pit_detect_rows_kernel<false><<<grid, kThreads, 0, stream>>>(p, slab_mask, done, counts, offsets, indices);
+    if (p.word_rows)
+      pit_detect_rows_kernel<kRowsWords><<<grid, kThreads, 0, stream>>>(p, slab_mask, done, counts, offsets, indices);
+    else if (p.wide)
+      pit_detect_rows_kernel<kRowsWide><<<grid, kThreads, 0, stream>>>(p, slab_mask, done, counts, offsets, indices);
+    else
+      pit_detect_rows_kernel<kRowsNarrow><<<grid, kThreads, 0, stream>>>(p, slab_mask, done, counts, offsets, indices);
     return cudaGetLastError();
   }
   const unsigned grid = unsigned(p.batch * p.n_outer * p.n_chunks);
