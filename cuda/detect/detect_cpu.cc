@@ -60,16 +60,10 @@ ffi::Error DetectCpu(ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::S32>> counts
                      ffi::Result<ffi::Buffer<ffi::S32>> offsets,
                      ffi::Result<ffi::Buffer<ffi::S32>> indices, int64_t tile_m, int64_t tile_k,
                      int64_t layout) {
-  MatrixView v;
-  if (!matrix_view(x.dimensions(), &v)) return ffi::Error::InvalidArgument("pit_detect: x must have rank >= 2");
-  if (tile_m <= 0 || tile_k <= 0) return ffi::Error::InvalidArgument("pit_detect: tile must be positive");
-  if (layout != kRowMajor && layout != kColMajor) return ffi::Error::InvalidArgument("pit_detect: bad layout");
-  DetectShape s{v.batch, v.rows, v.cols, tile_m, tile_k};
-  const int64_t n_outer = s.n_outer(layout), n_inner = s.n_inner(layout);
-  if (element_count(counts->dimensions()) != s.batch * n_outer ||
-      element_count(offsets->dimensions()) != s.batch * (n_outer + 1) ||
-      element_count(indices->dimensions()) != s.batch * n_outer * n_inner)
-    return ffi::Error::InvalidArgument("pit_detect: output sizes do not match x and tile");
+  DetectShape s;
+  ffi::Error err = check_detect_args(x.dimensions(), tile_m, tile_k, layout, counts->dimensions(),
+                                     offsets->dimensions(), indices->dimensions(), &s);
+  if (err.failure()) return err;
   if (debug_poison_outputs()) {  // tests: prove every output element is written
     std::memset(counts->untyped_data(), kPoisonByte, counts->size_bytes());
     std::memset(offsets->untyped_data(), kPoisonByte, offsets->size_bytes());

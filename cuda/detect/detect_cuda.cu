@@ -460,17 +460,13 @@ ffi::Error DetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Bu
                       ffi::Result<ffi::Buffer<ffi::S32>> indices,
                       ffi::Result<ffi::Buffer<ffi::U32>> workspace, int64_t tile_m, int64_t tile_k,
                       int64_t layout) {
-  MatrixView v;
-  if (!matrix_view(x.dimensions(), &v)) return ffi::Error::InvalidArgument("pit_detect: x must have rank >= 2");
-  if (tile_m <= 0 || tile_k <= 0) return ffi::Error::InvalidArgument("pit_detect: tile must be positive");
-  if (layout != kRowMajor && layout != kColMajor) return ffi::Error::InvalidArgument("pit_detect: bad layout");
-  if (v.rows <= 0 || v.cols <= 0) return ffi::Error::InvalidArgument("pit_detect: x's last two dims must be non-empty");
-  const Plan p(DetectShape{v.batch, v.rows, v.cols, tile_m, tile_k}, layout);
-  if (element_count(counts->dimensions()) != p.batch * p.n_outer ||
-      element_count(offsets->dimensions()) != p.batch * (p.n_outer + 1) ||
-      element_count(indices->dimensions()) != p.batch * p.n_outer * p.n_inner ||
-      element_count(workspace->dimensions()) != p.workspace_words())
-    return ffi::Error::InvalidArgument("pit_detect: output or workspace sizes do not match x and tile");
+  DetectShape shape;
+  ffi::Error arg_err = check_detect_args(x.dimensions(), tile_m, tile_k, layout, counts->dimensions(),
+                                         offsets->dimensions(), indices->dimensions(), &shape);
+  if (arg_err.failure()) return arg_err;
+  const Plan p(shape, layout);
+  if (element_count(workspace->dimensions()) != p.workspace_words())
+    return ffi::Error::InvalidArgument("pit_detect: workspace size does not match x and tile");
   if (debug_poison_outputs()) {  // tests: prove every output element is written by the kernels
     cudaMemsetAsync(counts->untyped_data(), kPoisonByte, counts->size_bytes(), stream);
     cudaMemsetAsync(offsets->untyped_data(), kPoisonByte, offsets->size_bytes(), stream);
