@@ -25,3 +25,16 @@ def test_build_info_ffi_api_not_newer_than_jaxlib():
     if jaxlib_minor is not None and jaxlib_minor <= 10:
         assert info["cpu_ffi_api"] == (0, 3)
     assert isinstance(info["cuda"], bool)
+
+
+def test_cuda_lowering_without_kernels_is_a_clear_error(monkeypatch):
+    """An install built without nvcc must refuse GPU lowering loudly, never fall back silently."""
+    import jax
+    import jax.numpy as jnp
+    import pytest
+    from pit_jax import _ext
+    monkeypatch.setattr(_ext, "_cuda", None)
+    monkeypatch.setattr(_ext, "_cuda_import_error", "test: no CUDA module")
+    f = jax.jit(lambda x: pit_jax.detect(x, (8, 1)).counts)
+    with pytest.raises(NotImplementedError, match="no CUDA kernels"):
+        f.trace(jax.ShapeDtypeStruct((16, 16), jnp.float32)).lower(lowering_platforms=("cuda",))
