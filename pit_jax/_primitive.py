@@ -41,12 +41,17 @@ def batch_at_front(p: Primitive) -> None:
     batching.primitive_batchers[p] = rule
 
 
+def zero_tangent(primal_out) -> ad.Zero:
+    """A symbolic zero tangent for an output value."""
+    return ad.Zero(primal_out.aval.to_tangent_aval())
+
+
 def integer_outputs_jvp(p: Primitive) -> None:
     """Outputs are integer indices: their tangents are symbolic zeros (float0), so gradients
     flow through the ops that consume the index, never into it."""
 
     def jvp(primals, tangents, **params):
         out = p.bind(*primals, **params)
-        return out, [ad.Zero(o.aval.to_tangent_aval()) for o in out]
+        return out, [zero_tangent(o) for o in out]
 
     ad.primitive_jvps[p] = jvp

@@ -62,10 +62,20 @@ class TileIndex:
         return self.nnz.astype(jnp.float32) / max(nb_m * nb_k, 1)
 
     def to_mask(self) -> jax.Array:
-        """Boolean tile mask [..., nb_m, nb_k] rebuilt from the index (for checks and debugging)."""
-        nb_m, nb_k = self.grid
-        n_outer, n_inner = (nb_m, nb_k) if self.layout == "row" else (nb_k, nb_m)
-        valid = self.indices >= 0
-        onehot = (self.indices[..., None] == jnp.arange(n_inner)) & valid[..., None]
-        mask = jnp.any(onehot, axis=-2)  # [..., n_outer, n_inner]
-        return mask if self.layout == "row" else jnp.swapaxes(mask, -1, -2)
+        """Boolean tile mask [..., nb_m, nb_k] rebuilt from the index (for checks and references)."""
+        return tile_mask_from_indices(self.indices, self.layout)
+
+    def element_mask(self) -> jax.Array:
+        """Boolean [..., M, K]: True on the elements covered by a nonzero micro-tile."""
+        (m, k), (tm, tk) = self.shape, self.tile
+        mask = self.to_mask()
+        return jnp.repeat(jnp.repeat(mask, tm, axis=-2), tk, axis=-1)[..., :m, :k]
+
+
+def tile_mask_from_indices(indices: jax.Array, layout: str) -> jax.Array:
+    """[..., n_outer, n_inner] ids (-1 padded) -> boolean tile mask [..., nb_m, nb_k]."""
+    n_inner = indices.shape[-1]
+    slots = jnp.where(indices >= 0, indices, n_inner)  # padding lands in a spare column
+    scatter_row = lambda row: jnp.zeros(n_inner + 1, bool).at[row].set(True)
+    mask = jax.vmap(scatter_row)(slots.reshape(-1, n_inner))[:, :n_inner].reshape(indices.shape)
+    return mask if layout == "row" else jnp.swapaxes(mask, -1, -2)

@@ -1,0 +1,276 @@
+"""k-gather rule (PIT SRead on the reduction dim): primitives, AD/batching rules, public API.
+
+    sparse_dense(x, w)   y = x @ w, x [..., M, K] dynamically tile-sparse, w [K, N] dense
+    dense_sparse(x, w)   y = x @ w, w [K, N] dynamically tile-sparse (sparse training)
+
+Primitives (the index arrays are operands, so one index can be reused across calls):
+    pit_sparse_dense(x, w, counts, offsets, indices) -> (x ⊙ M) @ w
+    pit_sparse_tn(x, dy, counts, offsets, indices)   -> Σ_batch (x ⊙ M)ᵀ @ dy   (dW of the above)
+
+Gradients: sparse_dense is the function x @ w (the index only promises where x is zero), so
+dx = dy @ wᵀ is dense and dW = xᵀ dy is computed on x's nonzero tiles only (pit_sparse_tn).
+"""
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.interpreters import ad, batching, mlir
+
+from . import _primitive
+from .detect import SUPPORTED_DTYPES, detect
+from .kgather_reference import F32, sparse_dense_ref, sparse_tn_ref
+from .tile_index import TileIndex
+
+sparse_dense_p = _primitive.make_primitive("pit_sparse_dense", multiple_results=False)
+sparse_tn_p = _primitive.make_primitive("pit_sparse_tn", multiple_results=False)
+
+
+# ---- abstract evaluation ---------------------------------------------------------------------
+
+def _sparse_dense_abstract(x, w, counts, offsets, indices, *, shape, tile, layout):
+    return jax.core.ShapedArray((*x.shape[:-1], w.shape[-1]), x.dtype)
+
+
+def _sparse_tn_abstract(x, dy, counts, offsets, indices, *, shape, tile, layout, out_dtype):
+    return jax.core.ShapedArray((x.shape[-1], dy.shape[-1]), out_dtype)
+
+
+sparse_dense_p.def_abstract_eval(_sparse_dense_abstract)
+sparse_tn_p.def_abstract_eval(_sparse_tn_abstract)
+
+
+# ---- lowering: CPU = jnp reference; CUDA = the same until the k-gather kernels land ----------
+
+def _ref_sparse_dense(x, w, counts, offsets, indices, **params):
+    return sparse_dense_ref(x, w, indices, **params)
+
+
+def _ref_sparse_tn(x, dy, counts, offsets, indices, **params):
+    return sparse_tn_ref(x, dy, indices, **params)
+
+
+_warned = set()
+
+
+def _reference_on_gpu(name, ref):
+    lowered = mlir.lower_fun(ref, multiple_results=False)
+
+    def rule(ctx, *args, **params):
+        if name not in _warned:
+            _warned.add(name)
+            warnings.warn(f"pit_jax: {name} has no CUDA kernel yet; on GPU it runs as a dense "
+                          "masked matmul (correct, not faster than jnp.matmul).", RuntimeWarning,
+                          stacklevel=2)
+        return lowered(ctx, *args, **params)
+
+    return rule
+
+
+mlir.register_lowering(sparse_dense_p, mlir.lower_fun(_ref_sparse_dense, multiple_results=False),
+                       platform="cpu")
+mlir.register_lowering(sparse_tn_p, mlir.lower_fun(_ref_sparse_tn, multiple_results=False),
+                       platform="cpu")
+mlir.register_lowering(sparse_dense_p, _reference_on_gpu("sparse_dense", _ref_sparse_dense),
+                       platform="cuda")
+mlir.register_lowering(sparse_tn_p, _reference_on_gpu("sparse_tn", _ref_sparse_tn),
+                       platform="cuda")
+
+
+# ---- autodiff ----------------------------------------------------------------------------------
+
+def _dense_matmul(a, b, out_dtype):
+    return jnp.matmul(a, b, preferred_element_type=F32).astype(out_dtype)
+
+
+def _sum_tn(a, b, out_dtype):
+    """Σ over leading dims of aᵀ b, for a [..., M, K], b [..., M, N]."""
+    return _dense_matmul(a.reshape(-1, a.shape[-1]).T, b.reshape(-1, b.shape[-1]), out_dtype)
+
+
+def _sparse_dense_jvp(primals, tangents, **params):
+    x, w, counts, offsets, indices = primals
+    dx, dw = tangents[:2]
+    y = sparse_dense_p.bind(x, w, counts, offsets, indices, **params)
+    dy = None
+    if type(dx) is not ad.Zero:  # a tangent of x need not be zero where x is: dense
+        dy = _dense_matmul(dx, w, y.dtype)
+    if type(dw) is not ad.Zero:
+        t = sparse_dense_p.bind(x, dw, counts, offsets, indices, **params)
+        dy = t if dy is None else dy + t
+    return y, (_primitive.zero_tangent(y) if dy is None else dy)
+
+
+def _sparse_dense_transpose(ct, x, w, counts, offsets, indices, **params):
+    if type(ct) is ad.Zero:
+        return [None] * 5
+    x_bar = w_bar = None
+    if ad.is_undefined_primal(w):
+        w_bar = sparse_tn_p.bind(x, ct, counts, offsets, indices, out_dtype=w.aval.dtype, **params)
+    if ad.is_undefined_primal(x):
+        x_bar = _dense_matmul(ct, jnp.swapaxes(w, -1, -2), x.aval.dtype)
+    return [x_bar, w_bar, None, None, None]
+
+
+def _sparse_tn_jvp(primals, tangents, *, out_dtype, **params):
+    x, dy, counts, offsets, indices = primals
+    dx, ddy = tangents[:2]
+    out = sparse_tn_p.bind(x, dy, counts, offsets, indices, out_dtype=out_dtype, **params)
+    t = None
+    if type(ddy) is not ad.Zero:
+        t = sparse_tn_p.bind(x, ddy, counts, offsets, indices, out_dtype=out_dtype, **params)
+    if type(dx) is not ad.Zero:
+        u = _sum_tn(dx, dy, out_dtype)
+        t = u if t is None else t + u
+    return out, (_primitive.zero_tangent(out) if t is None else t)
+
+
+def _sparse_tn_transpose(ct, x, dy, counts, offsets, indices, *, out_dtype, **params):
+    if type(ct) is ad.Zero:
+        return [None] * 5
+    x_bar = dy_bar = None
+    if ad.is_undefined_primal(dy):
+        dy_bar = sparse_dense_p.bind(x, ct.astype(dy.aval.dtype), counts, offsets, indices, **params)
+    if ad.is_undefined_primal(x):
+        x_bar = _dense_matmul(dy, ct.T.astype(dy.dtype), x.aval.dtype)
+    return [x_bar, dy_bar, None, None, None]
+
+
+ad.primitive_jvps[sparse_dense_p] = _sparse_dense_jvp
+ad.primitive_transposes[sparse_dense_p] = _sparse_dense_transpose
+ad.primitive_jvps[sparse_tn_p] = _sparse_tn_jvp
+ad.primitive_transposes[sparse_tn_p] = _sparse_tn_transpose
+
+
+# ---- batching ----------------------------------------------------------------------------------
+
+def _map_over_batch(p, args, dims, params):
+    """Generic rule: move every batched operand's axis to the front and map the primitive."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    moved = [jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size, *a.shape))
+             for a, d in zip(args, dims)]
+    return jax.lax.map(lambda xs: p.bind(*xs, **params), tuple(moved)), 0
+
+
+def _sparse_dense_batch(args, dims, **params):
+    x, w, *index = args
+    xd, wd, *index_dims = dims
+    if wd is not None:  # a batch of weights: one product per weight
+        return _map_over_batch(sparse_dense_p, args, dims, params)
+    # x's leading dims are batch already: put the mapped axis in front of x and the index.
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    lead = [jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size, *a.shape))
+            for a, d in zip([x, *index], [xd, *index_dims])]
+    return sparse_dense_p.bind(lead[0], w, *lead[1:], **params), 0
+
+
+def _sparse_tn_batch(args, dims, **params):
+    return _map_over_batch(sparse_tn_p, args, dims, params)  # leading dims are summed: keep apart
+
+
+batching.primitive_batchers[sparse_dense_p] = _sparse_dense_batch
+batching.primitive_batchers[sparse_tn_p] = _sparse_tn_batch
+
+
+# ---- public API --------------------------------------------------------------------------------
+
+def _check_operands(fn, x, w):
+    for name, a in (("x", x), ("w", w)):
+        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+            raise TypeError(f"pit_jax.{fn}: {name} must be an array, got {type(a).__name__}")
+        if a.ndim < 2:
+            raise ValueError(f"pit_jax.{fn}: {name} must have rank >= 2, got shape {a.shape}")
+        if not any(a.dtype == d for d in SUPPORTED_DTYPES):
+            raise TypeError(f"pit_jax.{fn}: {name} must be bfloat16, float16 or float32, got {a.dtype}")
+    if w.ndim != 2:
+        raise ValueError(f"pit_jax.{fn}: w must be a matrix [K, N], got shape {w.shape}")
+    if x.dtype != w.dtype:
+        raise TypeError(f"pit_jax.{fn}: x and w must have the same dtype, got {x.dtype} and {w.dtype}")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(f"pit_jax.{fn}: x's last dim ({x.shape[-1]}) must equal w's first dim "
+                         f"({w.shape[0]}); shapes {x.shape} and {w.shape}")
+
+
+def _clamp_tile(tile, m, k):
+    """A tile larger than the matrix covers it in one block (detect itself rejects that)."""
+    return (min(int(tile[0]), m), min(int(tile[1]), k))
+
+
+def _check_index(fn, name, index, shape, tile, layout, lead):
+    if not isinstance(index, TileIndex):
+        raise TypeError(f"pit_jax.{fn}: {name} must be a pit_jax.TileIndex, got {type(index).__name__}")
+    if tuple(index.shape) != tuple(shape) or tuple(index.tile) != tuple(tile) or index.layout != layout:
+        raise ValueError(f"pit_jax.{fn}: {name} was made for shape {index.shape}, tile {index.tile}, "
+                         f"layout {index.layout!r}, but this call needs shape {tuple(shape)}, tile "
+                         f"{tuple(tile)}, layout {layout!r}")
+    if tuple(index.counts.shape[:-1]) != tuple(lead):
+        raise ValueError(f"pit_jax.{fn}: {name} has batch dims {index.counts.shape[:-1]}, "
+                         f"but the sparse operand has {tuple(lead)}")
+
+
+def sparse_dense(x, w, *, tile=(32, 1), index: TileIndex | None = None):
+    """y = x @ w where x [..., M, K] is dynamically sparse in micro-tiles of `tile` = (tm, tk).
+
+    The nonzero micro-tiles of x are detected on device (`pit_jax.detect(x, tile)`) unless a
+    `TileIndex` for x (row layout) is passed as `index`; x must then be zero outside the tiles it
+    lists. Differentiable in x and w: dx = dy @ wᵀ (dense), dw = xᵀ dy on x's nonzero tiles.
+    """
+    _check_operands("sparse_dense", x, w)
+    m, k = x.shape[-2:]
+    tile = _clamp_tile(tile, m, k)
+    if index is None:
+        index = detect(jax.lax.stop_gradient(x), tile, layout="row")
+    else:
+        _check_index("sparse_dense", "index", index, (m, k), tile, "row", x.shape[:-2])
+    params = dict(shape=(m, k), tile=tuple(tile), layout="row")
+    return sparse_dense_p.bind(x, w, index.counts, index.offsets, index.indices, **params)
+
+
+@jax.custom_jvp
+def _mask_tangent(w, mask):
+    return w
+
+
+@_mask_tangent.defjvp
+def _mask_tangent_jvp(primals, tangents):
+    w, mask = primals
+    dw, _ = tangents
+    return w, jnp.where(mask, dw, jnp.zeros((), dw.dtype))
+
+
+def dense_sparse(x, w, *, tile=(1, 32), index: TileIndex | None = None, grad: str = "masked"):
+    """y = x @ w where the weight w [K, N] is dynamically sparse in micro-tiles `tile` = (tk, tn).
+
+    grad="masked" (PIT sparse training): pruned weights (outside w's nonzero tiles) get zero
+    gradient, as if y = x @ (w ⊙ M) with the mask M held constant. grad="dense": the exact
+    gradient of x @ w. dx = dy @ (w ⊙ M)ᵀ either way.
+    """
+    _check_operands("dense_sparse", x, w)
+    if grad not in ("masked", "dense"):
+        raise ValueError(f"pit_jax.dense_sparse: grad must be 'masked' or 'dense', got {grad!r}")
+    k, n = w.shape
+    tile = _clamp_tile(tile, k, n)
+    if index is None:
+        index = detect(jax.lax.stop_gradient(w), tile, layout="row")
+    else:
+        _check_index("dense_sparse", "index", index, (k, n), tile, "row", ())
+    if grad == "masked":
+        w = _mask_tangent(w, jax.lax.stop_gradient(index.element_mask()))
+    # y = x @ w  <=>  yᵀ = wᵀ xᵀ: the sparse operand goes first, its index transposed.
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    wt = w.T
+    idx_t = _transpose_index(index)
+    params = dict(shape=(n, k), tile=(tile[1], tile[0]), layout="row")
+    yt = sparse_dense_p.bind(wt, x2.T, idx_t.counts, idx_t.offsets, idx_t.indices, **params)
+    return yt.T.reshape(*lead, n)
+
+
+def _transpose_index(index: TileIndex) -> TileIndex:
+    """The index of the transposed matrix (row layout), rebuilt from the tile mask on device."""
+    from .detect_reference import detect_reference  # jnp compaction of a (small) tile mask
+    mask_t = jnp.swapaxes(index.to_mask(), -1, -2).astype(jnp.float32)
+    idx = detect_reference(mask_t, (1, 1), layout="row")
+    (m, k), (tm, tk) = index.shape, index.tile
+    return TileIndex(idx.counts, idx.offsets, idx.indices, (k, m), (tk, tm), "row")

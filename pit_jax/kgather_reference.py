@@ -1,0 +1,40 @@
+"""jnp references of the k-gather rule (the CPU path, and the check for the CUDA kernels).
+
+The index is an acceleration structure: `x` must be zero outside the micro-tiles it lists, so
+(x ⊙ M) @ w == x @ w. The references apply M explicitly so that results do not depend on x's
+values outside the listed tiles, exactly as a kernel that never reads them.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .tile_index import tile_mask_from_indices
+
+F32 = jnp.float32
+
+
+def element_mask(indices, shape, tile, layout):
+    """Boolean [..., M, K] from the index arrays."""
+    (m, k), (tm, tk) = shape, tile
+    mask = tile_mask_from_indices(indices, layout)
+    return jnp.repeat(jnp.repeat(mask, tm, axis=-2), tk, axis=-1)[..., :m, :k]
+
+
+def _masked(x, indices, shape, tile, layout):
+    return jnp.where(element_mask(indices, shape, tile, layout), x, jnp.zeros((), x.dtype))
+
+
+def sparse_dense_ref(x, w, indices, *, shape, tile, layout):
+    """y[..., M, N] = (x ⊙ M) @ w, fp32 accumulation, in x's dtype."""
+    xm = _masked(x, indices, shape, tile, layout)
+    return jnp.matmul(xm, w, preferred_element_type=F32).astype(x.dtype)
+
+
+def sparse_tn_ref(x, dy, indices, *, shape, tile, layout, out_dtype):
+    """dw[K, N] = Σ_batch (x ⊙ M)ᵀ @ dy over every leading dim, fp32 accumulation."""
+    xm = _masked(x, indices, shape, tile, layout)
+    k, n = xm.shape[-1], dy.shape[-1]
+    xm2 = xm.reshape(-1, k)
+    dy2 = dy.reshape(-1, n)
+    return jnp.matmul(xm2.T, dy2, preferred_element_type=F32).astype(out_dtype)

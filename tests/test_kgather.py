@@ -1,0 +1,197 @@
+"""sparse_dense / dense_sparse: values against a float64 reference, autodiff, vmap, export, errors."""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import pit_jax
+from helpers import DTYPES, random_tile_sparse
+
+TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}  # relative Frobenius error
+
+
+def _rel_err(got, want):
+    got = np.asarray(got, np.float64)
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+
+
+def _dense(rng, shape, dtype):
+    return (rng.standard_normal(shape) + 0.1).astype(DTYPES[dtype])
+
+
+@pytest.fixture(autouse=True)
+def _quiet_gpu_reference_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="pit_jax: sparse_")
+        yield
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("tile", [(32, 1), (8, 8), (1, 1), (3, 5)], ids=str)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_sparse_dense_matches_float64(backend, dtype, tile, sparsity):
+    rng = np.random.default_rng(hash((dtype, tile, sparsity)) % 2**32)
+    x = random_tile_sparse(rng, (2, 67, 45), tile, sparsity, dtype)
+    w = _dense(rng, (45, 29), dtype)
+    y = jax.jit(lambda x, w: pit_jax.sparse_dense(x, w, tile=tile))(x, w)
+    assert y.shape == (2, 67, 29) and y.dtype == x.dtype
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    if sparsity == 1.0:
+        np.testing.assert_array_equal(np.asarray(y, np.float32), 0)
+    else:
+        assert _rel_err(y, want) < TOL[dtype]
+
+
+def test_values_outside_index_are_ignored(backend):
+    """A caller's index is a promise; values outside it are never read (as in the kernels)."""
+    rng = np.random.default_rng(1)
+    x = random_tile_sparse(rng, (40, 24), (8, 4), 0.6, "float32")
+    idx = pit_jax.detect(x, (8, 4))
+    noisy = np.where(np.asarray(idx.element_mask()), x, 123.0).astype(np.float32)
+    w = _dense(rng, (24, 7), "float32")
+    y = pit_jax.sparse_dense(noisy, w, tile=(8, 4), index=idx)
+    np.testing.assert_allclose(np.asarray(y), x @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_index_reuse_and_clamped_tile(backend):
+    rng = np.random.default_rng(2)
+    x = random_tile_sparse(rng, (5, 30), (5, 1), 0.5, "float32")  # tm=32 > M=5: one row block
+    w = _dense(rng, (30, 6), "float32")
+    y = pit_jax.sparse_dense(x, w)  # default tile (32, 1) is clamped to (5, 1)
+    np.testing.assert_allclose(np.asarray(y), x @ w, rtol=1e-5, atol=1e-5)
+    idx = pit_jax.detect(x, (5, 1))
+    y2 = jax.jit(lambda x, w, i: pit_jax.sparse_dense(x, w, index=i))(x, w, idx)
+    np.testing.assert_allclose(np.asarray(y2), np.asarray(y))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_grad_matches_dense_matmul(backend, dtype):
+    rng = np.random.default_rng(3)
+    x = random_tile_sparse(rng, (3, 37, 26), (8, 1), 0.7, dtype)
+    w = _dense(rng, (26, 11), dtype)
+    g = rng.standard_normal((3, 37, 11)).astype(np.float32)
+
+    def loss(f):
+        return lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * g)
+
+    got = jax.jit(jax.grad(loss(lambda x, w: pit_jax.sparse_dense(x, w, tile=(8, 1))), (0, 1)))(x, w)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    want_dx = g @ w64.T
+    want_dw = np.einsum("bmk,bmn->kn", x64, g)
+    assert _rel_err(got[0], want_dx) < TOL[dtype]
+    assert _rel_err(got[1], want_dw) < TOL[dtype]
+
+
+def test_jvp_and_linear_transpose(backend):
+    rng = np.random.default_rng(4)
+    x = random_tile_sparse(rng, (21, 18), (4, 2), 0.5, "float32")
+    w, dw = _dense(rng, (18, 5), "float32"), _dense(rng, (18, 5), "float32")
+    dx = rng.standard_normal(x.shape).astype(np.float32)  # dense tangent: dy gets dx @ w in full
+    f = lambda x, w: pit_jax.sparse_dense(x, w, tile=(4, 2))
+    _, t = jax.jvp(f, (x, w), (dx, dw))
+    np.testing.assert_allclose(np.asarray(t), dx @ w + x @ dw, rtol=1e-4, atol=1e-4)
+    ct = rng.standard_normal((21, 5)).astype(np.float32)
+    (w_bar,) = jax.linear_transpose(lambda w: f(x, w), w)(ct)
+    np.testing.assert_allclose(np.asarray(w_bar), x.T @ ct, rtol=1e-4, atol=1e-4)
+    idx = pit_jax.detect(x, (4, 2))  # linear in x only for a fixed index (detection is not linear)
+    (x_bar,) = jax.linear_transpose(lambda x: pit_jax.sparse_dense(x, w, tile=(4, 2), index=idx), x)(ct)
+    np.testing.assert_allclose(np.asarray(x_bar), ct @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_second_order(backend):
+    rng = np.random.default_rng(5)
+    x = random_tile_sparse(rng, (12, 10), (2, 1), 0.5, "float32")
+    w = _dense(rng, (10, 3), "float32")
+    f = lambda w: jnp.sum(pit_jax.sparse_dense(x, w, tile=(2, 1)) ** 2)
+    h = jax.hessian(f)(w)
+    want = jax.hessian(lambda w: jnp.sum((x @ w) ** 2))(w)
+    np.testing.assert_allclose(np.asarray(h), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_vmap_over_x_w_and_grad(backend):
+    rng = np.random.default_rng(6)
+    xs = random_tile_sparse(rng, (4, 20, 16), (4, 1), 0.6, "float32")
+    ws = _dense(rng, (4, 16, 6), "float32")
+    f = lambda x, w: pit_jax.sparse_dense(x, w, tile=(4, 1))
+    np.testing.assert_allclose(np.asarray(jax.vmap(f, (1, None))(np.moveaxis(xs, 0, 1), ws[0])),
+                               xs @ ws[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.vmap(f)(xs, ws)), xs @ ws, rtol=1e-5, atol=1e-5)
+    gw = jax.vmap(jax.grad(lambda x, w: f(x, w).sum(), 1))(xs, ws)
+    np.testing.assert_allclose(np.asarray(gw), np.einsum("bmk,bmn->bkn", xs, np.ones((4, 20, 6))),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_export_symbolic_batch(backend):
+    b, = export.symbolic_shape("b")
+    fn = jax.jit(lambda x, w: pit_jax.sparse_dense(x, w, tile=(8, 1)))
+    exp = export.export(fn, platforms=("cpu", "cuda"),
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call("pit_detect")])(
+        jax.ShapeDtypeStruct((b, 24, 16), jnp.float32), jax.ShapeDtypeStruct((16, 5), jnp.float32))
+    rng = np.random.default_rng(7)
+    x = random_tile_sparse(rng, (3, 24, 16), (8, 1), 0.5, "float32")
+    w = _dense(rng, (16, 5), "float32")
+    got = export.deserialize(exp.serialize()).call(x, w)
+    np.testing.assert_allclose(np.asarray(got), x @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", ["masked", "dense"])
+def test_dense_sparse(backend, grad):
+    rng = np.random.default_rng(8)
+    x = _dense(rng, (2, 19, 40), "float32")
+    w = random_tile_sparse(rng, (40, 24), (1, 8), 0.6, "float32")
+    f = lambda x, w: pit_jax.dense_sparse(x, w, tile=(1, 8), grad=grad)
+    np.testing.assert_allclose(np.asarray(jax.jit(f)(x, w)), x @ w, rtol=1e-5, atol=1e-5)
+    g = rng.standard_normal((2, 19, 24)).astype(np.float32)
+    gx, gw = jax.grad(lambda x, w: jnp.sum(f(x, w) * g), (0, 1))(x, w)
+    np.testing.assert_allclose(np.asarray(gx), g @ w.T, rtol=1e-4, atol=1e-4)
+    dense_gw = np.einsum("bmk,bmn->kn", x, g)
+    mask = np.asarray(pit_jax.detect(w, (1, 8)).element_mask())
+    want = dense_gw * mask if grad == "masked" else dense_gw
+    np.testing.assert_allclose(np.asarray(gw), want, rtol=1e-4, atol=1e-4)
+    if grad == "masked":
+        assert np.all(np.asarray(gw)[~mask] == 0)
+
+
+def test_cuda_lowering_warns_reference_path():
+    if not pit_jax.cuda_available():
+        pytest.skip("built without CUDA kernels")
+    from pit_jax import kgather
+    kgather._warned.discard("sparse_dense")
+    x = jax.ShapeDtypeStruct((64, 32), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((32, 16), jnp.bfloat16)
+    with pytest.warns(RuntimeWarning, match="no CUDA kernel yet"):
+        text = jax.jit(lambda x, w: pit_jax.sparse_dense(x, w)).trace(x, w).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "pit_detect" in text
+
+
+@pytest.mark.parametrize("fn", ["sparse_dense", "dense_sparse"])
+@pytest.mark.parametrize("x_shape, w_shape, x_dtype, w_dtype, exc, words", [
+    ((8,), (8, 4), "float32", "float32", ValueError, "x must have rank"),
+    ((4, 8), (8,), "float32", "float32", ValueError, "w must have rank"),
+    ((4, 8), (2, 8, 4), "float32", "float32", ValueError, "w must be a matrix"),
+    ((4, 8), (9, 4), "float32", "float32", ValueError, "must equal w's first dim"),
+    ((4, 8), (8, 4), "float32", "bfloat16", TypeError, "same dtype"),
+    ((4, 8), (8, 4), "int32", "int32", TypeError, "x must be bfloat16"),
+])
+def test_bad_operands(fn, x_shape, w_shape, x_dtype, w_dtype, exc, words):
+    x, w = jnp.ones(x_shape, x_dtype), jnp.ones(w_shape, w_dtype)
+    with pytest.raises(exc, match=words):
+        getattr(pit_jax, fn)(x, w)
+
+
+def test_bad_index():
+    x, w = jnp.ones((16, 8)), jnp.ones((8, 4))
+    with pytest.raises(ValueError, match="index was made for shape"):
+        pit_jax.sparse_dense(x, w, tile=(8, 1), index=pit_jax.detect(x, (4, 1)))
+    with pytest.raises(ValueError, match="index was made for shape"):
+        pit_jax.sparse_dense(x, w, tile=(8, 1), index=pit_jax.detect(jnp.ones((8, 8)), (8, 1)))
+    with pytest.raises(ValueError, match="batch dims"):
+        pit_jax.sparse_dense(x, w, tile=(8, 1), index=pit_jax.detect(jnp.ones((2, 16, 8)), (8, 1)))
+    with pytest.raises(TypeError, match="TileIndex"):
+        pit_jax.sparse_dense(x, w, index=(1, 2, 3))
+    with pytest.raises(ValueError, match="grad must be"):
+        pit_jax.dense_sparse(x, w, grad="exact")
