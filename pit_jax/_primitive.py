@@ -11,6 +11,19 @@ from jax.interpreters import ad, batching, mlir
 from . import _ext
 
 
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def check_float_matrix(fn: str, name: str, a) -> None:
+    """Trace-time check of an operand [..., rows, cols] in a supported float dtype."""
+    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+        raise TypeError(f"pit_jax.{fn}: {name} must be an array, got {type(a).__name__}")
+    if a.ndim < 2:
+        raise ValueError(f"pit_jax.{fn}: {name} must have rank >= 2 ([..., M, K]), got shape {a.shape}")
+    if str(a.dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"pit_jax.{fn}: {name} must be bfloat16, float16 or float32, got {a.dtype}")
+
+
 def make_primitive(name: str, multiple_results: bool = True) -> Primitive:
     p = Primitive(name)
     p.multiple_results = multiple_results

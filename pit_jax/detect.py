@@ -11,7 +11,6 @@ from . import _primitive
 from .tile_index import LAYOUTS, TileIndex
 
 _TARGET = "pit_detect"
-SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 detect_p = _primitive.make_primitive("pit_detect")
 
@@ -103,12 +102,7 @@ def detect(x: jax.Array, tile=(32, 1), *, layout: str = "row") -> TileIndex:
 
     Returns a `TileIndex`. Works under jit, vmap, grad (the index has no gradient) and jax.export.
     """
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"pit_jax.detect: x must be an array, got {type(x).__name__}")
-    if x.ndim < 2:
-        raise ValueError(f"pit_jax.detect: x must have rank >= 2 ([..., M, K]), got shape {x.shape}")
-    if not any(x.dtype == d for d in SUPPORTED_DTYPES):
-        raise TypeError(f"pit_jax.detect: x must be bfloat16, float16 or float32, got {x.dtype}")
+    _primitive.check_float_matrix("detect", "x", x)
     if layout not in LAYOUTS:
         raise ValueError(f"pit_jax.detect: layout must be one of {LAYOUTS}, got {layout!r}")
     m, k = x.shape[-2:]

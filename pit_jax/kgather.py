@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.interpreters import ad, batching, mlir
 
 from . import _primitive
-from .detect import SUPPORTED_DTYPES, detect
+from .detect import detect
 from .kgather_reference import F32, sparse_dense_ref, sparse_tn_ref
 from .tile_index import TileIndex
 
@@ -176,13 +176,8 @@ batching.primitive_batchers[sparse_tn_p] = _sparse_tn_batch
 # ---- public API --------------------------------------------------------------------------------
 
 def _check_operands(fn, x, w):
-    for name, a in (("x", x), ("w", w)):
-        if not hasattr(a, "shape") or not hasattr(a, "dtype"):
-            raise TypeError(f"pit_jax.{fn}: {name} must be an array, got {type(a).__name__}")
-        if a.ndim < 2:
-            raise ValueError(f"pit_jax.{fn}: {name} must have rank >= 2, got shape {a.shape}")
-        if not any(a.dtype == d for d in SUPPORTED_DTYPES):
-            raise TypeError(f"pit_jax.{fn}: {name} must be bfloat16, float16 or float32, got {a.dtype}")
+    _primitive.check_float_matrix(fn, "x", x)
+    _primitive.check_float_matrix(fn, "w", w)
     if w.ndim != 2:
         raise ValueError(f"pit_jax.{fn}: w must be a matrix [K, N], got shape {w.shape}")
     if x.dtype != w.dtype:
