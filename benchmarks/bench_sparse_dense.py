@@ -1,0 +1,131 @@
+"""k-gather benchmark (issue 3): pit_jax.sparse_dense against jnp.dot and jax.experimental.sparse.
+
+    python benchmarks/bench_sparse_dense.py [--out benchmarks/results] [--quick]
+
+For each point: dense `jnp.dot` on the same arrays, pit_jax with detection included, pit_jax
+with a precomputed index, BCOO (`jax.experimental.sparse`), and the backward dW = xᵀ dy.
+The roofline floor is max(useful FLOPs at the measured dense rate, bytes at the measured copy
+rate); "of floor" = floor / time. Until the k-gather CUDA kernel lands, pit_jax's GPU path is a
+dense masked matmul (see README), so these rows measure that fallback.
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import sparse as jsparse
+
+import pit_jax
+from common import device_description, time_per_call, write_results
+
+SPARSITIES = [0.0, 0.5, 0.9, 0.95, 0.99]
+
+
+def shapes(quick):
+    if quick:
+        return [("small 256x512x384", 256, 512, 384)]
+    return [("4096³", 4096, 4096, 4096), ("OPT fc2 4096x16384→4096", 4096, 16384, 4096)]
+
+
+def make_x(key, m, k, tile, sparsity, n):
+    """n distinct bf16 activations relu-like: whole micro-tiles zero with prob `sparsity`."""
+    tm, tk = tile
+    out = []
+    for i in range(n):
+        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+        keep = jax.random.uniform(k1, (-(-m // tm), -(-k // tk))) >= sparsity
+        keep = jnp.repeat(jnp.repeat(keep, tm, 0), tk, 1)[:m, :k]
+        out.append((jnp.abs(jax.random.normal(k2, (m, k), jnp.bfloat16)) * keep).astype(jnp.bfloat16))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-bcoo", action="store_true")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore", message="pit_jax: sparse_")
+    meta = device_description()
+    print(meta, pit_jax.build_info(), flush=True)
+    key = jax.random.PRNGKey(0)
+    tile = (32, 1)
+    rows = []
+    for name, m, k, n in shapes(args.quick):
+        w = jax.random.normal(jax.random.fold_in(key, 99), (k, n), jnp.bfloat16)
+        n_inputs = 4
+        xs0 = make_x(key, m, k, tile, 0.0, n_inputs)
+        copy_t = time_per_call(jax.jit(lambda xs: [-x for x in xs]), xs0, n_inputs)
+        copy_rate = 2 * m * k * 2 / copy_t
+        dense = jax.jit(lambda xs, w: [x @ w for x in xs])
+        t_dense = time_per_call(lambda xs: dense(xs, w), xs0, n_inputs)
+        dense_rate = 2 * m * k * n / t_dense
+        for sp in SPARSITIES:
+            xs = make_x(key, m, k, tile, sp, n_inputs)
+            ours = jax.jit(lambda xs, w: [pit_jax.sparse_dense(x, w, tile=tile) for x in xs])
+            idxs = [pit_jax.detect(x, tile) for x in xs]
+            ours_idx = jax.jit(lambda xs, w, idxs: [pit_jax.sparse_dense(x, w, tile=tile, index=i)
+                                                    for x, i in zip(xs, idxs)])
+            dw_ours = jax.jit(lambda xs, w: [jax.grad(lambda w: jnp.sum(
+                pit_jax.sparse_dense(x, w, tile=tile).astype(jnp.float32)))(w) for x in xs])
+            dw_dense = jax.jit(lambda xs, w: [jax.grad(lambda w: jnp.sum(
+                (x @ w).astype(jnp.float32)))(w) for x in xs])
+            y, want = ours(xs[:1], w)[0], (xs[0] @ w)
+            err = float(jnp.linalg.norm((y - want).astype(jnp.float32)) /
+                        jnp.maximum(jnp.linalg.norm(want.astype(jnp.float32)), 1e-30))
+            t_ours = time_per_call(lambda xs: ours(xs, w), xs, n_inputs)
+            t_idx = time_per_call(lambda xs: ours_idx(xs, w, idxs), xs, n_inputs)
+            t_dw = time_per_call(lambda xs: dw_ours(xs, w), xs, n_inputs, steps=3)
+            t_dw_dense = time_per_call(lambda xs: dw_dense(xs, w), xs, n_inputs, steps=3)
+            t_bcoo = float("nan")
+            if not args.no_bcoo and sp >= 0.9:
+                nse = int(jnp.count_nonzero(xs[0]))
+                sp_x = jsparse.BCOO.fromdense(xs[0], nse=nse)
+                bcoo = jax.jit(lambda a, w: a @ w)
+                t_bcoo = time_per_call(lambda _: bcoo(sp_x, w), None, 1, steps=3)
+            density = float(jnp.mean(pit_jax.detect(xs[0], tile).density))
+            flops = 2 * m * k * n * density
+            bytes_moved = m * k * 2 + density * k * n * 2 + m * n * 2
+            floor = max(flops / dense_rate, bytes_moved / copy_rate)
+            row = dict(shape=name, m=m, k=k, n=n, tile=list(tile), sparsity=sp, density=density,
+                       rel_err=err, t_dense_ms=t_dense * 1e3, t_pit_ms=t_ours * 1e3,
+                       t_pit_given_index_ms=t_idx * 1e3, t_bcoo_ms=t_bcoo * 1e3,
+                       t_dw_pit_ms=t_dw * 1e3, t_dw_dense_ms=t_dw_dense * 1e3,
+                       speedup=t_dense / t_ours, speedup_dw=t_dw_dense / t_dw,
+                       floor_ms=floor * 1e3, of_floor=floor / t_ours,
+                       dense_tflops=dense_rate / 1e12, copy_tbps=copy_rate / 1e12)
+            rows.append(row)
+            print({k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
+    lines = [f"# sparse_dense benchmark — {meta['device']}, jax {meta['jax']}, {meta['date']}", "",
+             f"bf16, tile {tile[0]}×{tile[1]}, detection included unless noted; pit_jax build "
+             f"{pit_jax.build_info().get('cuda')}", "",
+             "| shape | sparsity | dense ms | pit ms | speedup | pit (given index) ms | floor ms | of floor | "
+             "dW pit ms | dW dense ms | BCOO ms | rel err |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['sparsity']:.2f} | {r['t_dense_ms']:.3f} | {r['t_pit_ms']:.3f} | "
+                     f"{r['speedup']:.2f}× | {r['t_pit_given_index_ms']:.3f} | {r['floor_ms']:.3f} | "
+                     f"{r['of_floor']:.2f} | {r['t_dw_pit_ms']:.3f} | {r['t_dw_dense_ms']:.3f} | "
+                     f"{r['t_bcoo_ms']:.3f} | {r['rel_err']:.1e} |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    write_results(args.out, "sparse_dense", rows, md, meta)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for shape in dict.fromkeys(r["shape"] for r in rows):
+            pts = [r for r in rows if r["shape"] == shape]
+            ax.plot([r["sparsity"] for r in pts], [r["speedup"] for r in pts], "o-", label=shape)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xlabel("micro-tile sparsity"); ax.set_ylabel("speedup vs jnp.dot"); ax.legend()
+        fig.tight_layout(); fig.savefig(f"{args.out}/sparse_dense.png", dpi=120)
+    except ImportError:
+        print("matplotlib not installed: no plot")
+
+
+if __name__ == "__main__":
+    main()
