@@ -17,7 +17,7 @@ import numpy as np
 
 import pit_jax
 from pit_jax.detect_reference import detect_reference
-from common import device_description, time_per_call, write_results
+from common import device_description, markdown_report, time_per_call, write_results
 
 # (M, K, tile, layout): k-gather micro-tiles (32x1), m-gather rows (1xK), and a dense 64x64 grid.
 CASES = [
@@ -85,18 +85,16 @@ def main():
         rows.append(row)
         print({k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
         del xs
-    lines = [f"# detect benchmark — {meta['device']}, jax {meta['jax']}, {meta['date']}", "",
-             f"bf16, random micro-tile sparsity {args.sparsity}; times are medians per call with "
-             "many calls per jitted step; copy = elementwise negate (read+write) in the same run.", "",
-             "| M×K | tile | layout | detect µs | detect GB/s (all bytes) | x-only GB/s | copy GB/s | "
-             "fraction of copy | jnp nonzero µs | speedup vs jnp | matches jnp |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['m']}×{r['k']} | {r['tile'][0]}×{r['tile'][1]} | {r['layout']} | "
-                     f"{r['t_detect_us']:.1f} | {r['detect_total_GBps']:.0f} | {r['detect_x_GBps']:.0f} | "
-                     f"{r['copy_GBps']:.0f} | {r['fraction_of_copy']:.2f} | {r['t_jnp_nonzero_us']:.1f} | "
-                     f"{r['speedup_vs_jnp']:.1f}× | {r['matches_reference']} |")
-    md = "\n".join(lines) + "\n"
+    md = markdown_report(
+        f"detect benchmark — {meta['device']}, jax {meta['jax']}, {meta['date']}",
+        f"bf16, random micro-tile sparsity {args.sparsity}; times are medians per call with many "
+        "calls per jitted step; copy = elementwise negate (read+write) in the same run.",
+        ["M×K", "tile", "layout", "detect µs", "detect GB/s (all bytes)", "x-only GB/s", "copy GB/s",
+         "fraction of copy", "jnp nonzero µs", "speedup vs jnp", "matches jnp"],
+        [[f"{r['m']}×{r['k']}", f"{r['tile'][0]}×{r['tile'][1]}", r["layout"], f"{r['t_detect_us']:.1f}",
+          f"{r['detect_total_GBps']:.0f}", f"{r['detect_x_GBps']:.0f}", f"{r['copy_GBps']:.0f}",
+          f"{r['fraction_of_copy']:.2f}", f"{r['t_jnp_nonzero_us']:.1f}", f"{r['speedup_vs_jnp']:.1f}×",
+          str(r["matches_reference"])] for r in rows])
     print(md)
     write_results(args.out, "detect", rows, md, meta)
 

@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 
 import pit_jax
-from common import device_description, time_per_call, write_results
+from common import device_description, markdown_report, time_per_call, write_results
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.95, 0.99]
 
@@ -99,17 +99,16 @@ def main():
                        dense_tflops=dense_rate / 1e12, copy_tbps=copy_rate / 1e12)
             rows.append(row)
             print({k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
-    lines = [f"# sparse_dense benchmark — {meta['device']}, jax {meta['jax']}, {meta['date']}", "",
-             f"bf16, tile {tile[0]}×{tile[1]}, detection included unless noted; pit_jax build "
-             f"{pit_jax.build_info().get('cuda')}", "",
-             "| shape | sparsity | dense ms | pit ms | speedup | pit (given index) ms | floor ms | of floor | "
-             "dW pit ms | dW dense ms | BCOO ms | rel err |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['shape']} | {r['sparsity']:.2f} | {r['t_dense_ms']:.3f} | {r['t_pit_ms']:.3f} | "
-                     f"{r['speedup']:.2f}× | {r['t_pit_given_index_ms']:.3f} | {r['floor_ms']:.3f} | "
-                     f"{r['of_floor']:.2f} | {r['t_dw_pit_ms']:.3f} | {r['t_dw_dense_ms']:.3f} | "
-                     f"{r['t_bcoo_ms']:.3f} | {r['rel_err']:.1e} |")
-    md = "\n".join(lines) + "\n"
+    md = markdown_report(
+        f"sparse_dense benchmark — {meta['device']}, jax {meta['jax']}, {meta['date']}",
+        f"bf16, tile {tile[0]}×{tile[1]}, detection included unless noted; CUDA kernels built: "
+        f"{pit_jax.build_info().get('cuda')}",
+        ["shape", "sparsity", "dense ms", "pit ms", "speedup", "pit (given index) ms", "floor ms",
+         "of floor", "dW pit ms", "dW dense ms", "BCOO ms", "rel err"],
+        [[r["shape"], f"{r['sparsity']:.2f}", f"{r['t_dense_ms']:.3f}", f"{r['t_pit_ms']:.3f}",
+          f"{r['speedup']:.2f}×", f"{r['t_pit_given_index_ms']:.3f}", f"{r['floor_ms']:.3f}",
+          f"{r['of_floor']:.2f}", f"{r['t_dw_pit_ms']:.3f}", f"{r['t_dw_dense_ms']:.3f}",
+          f"{r['t_bcoo_ms']:.3f}", f"{r['rel_err']:.1e}"] for r in rows])
     print(md)
     write_results(args.out, "sparse_dense", rows, md, meta)
     try:

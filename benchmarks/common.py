@@ -37,6 +37,14 @@ def time_per_call(fn, inputs, calls_per_step: int, steps: int = 10, reps: int = 
     return statistics.median(times) / calls_per_step
 
 
+def markdown_report(title: str, notes: str, header: list[str], cells: list[list[str]]) -> str:
+    """A titled markdown table, one row of formatted cells per measured point."""
+    lines = [f"# {title}", "", notes, "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
+
+
 def write_results(out_dir: str, name: str, rows: list[dict], markdown: str, meta: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
