@@ -7,9 +7,10 @@ from . import _ext
 from ._ext import build_info, cuda_available
 from .detect import detect
 from .kgather import dense_sparse, sparse_dense
+from .moe import moe_matmul
 from .tile_index import TileIndex
 
-__all__ = ["detect", "sparse_dense", "dense_sparse", "TileIndex", "build_info", "cuda_available"]
+__all__ = ["detect", "sparse_dense", "dense_sparse", "moe_matmul", "TileIndex", "build_info", "cuda_available"]
 __version__ = "0.1.0"
 
 _ext._warn_if_gpu_without_kernels()

@@ -1,0 +1,87 @@
+"""`pit_jax.nn.MoE`: a dropless top-k Mixture-of-Experts FFN as a flax.nnx Module.
+
+Router: linear gate (no bias) -> softmax (fp32) -> top-k, optionally renormalised over the k.
+Auxiliary losses are sown as `nnx.Intermediate` values (read them with `nnx.pop(model,
+nnx.Intermediate)` or `nnx.state(model, nnx.Intermediate)` after a call):
+  - `load_balancing_loss`: Switch Transformer's E · Σ_e f_e · P_e, with f_e the fraction of the
+    T·k assignments that went to expert e and P_e the mean router probability of e (1.0 when
+    balanced);
+  - `router_z_loss`: mean over tokens of logsumexp(logits)² (ST-MoE).
+Compute goes through `pit_jax.moe_matmul` (its reference path, lax.ragged_dot, until the PIT
+m-gather/scatter kernels land).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..moe import moe_matmul
+
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+
+
+class MoE(nnx.Module):
+    def __init__(self, num_experts: int, top_k: int, d_model: int, d_ff: int, *,
+                 activation: str = "swiglu", renormalize: bool = True,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if not (isinstance(num_experts, int) and num_experts >= 1):
+            raise ValueError(f"pit_jax.nn.MoE: num_experts must be a positive int, got {num_experts!r}")
+        if not (isinstance(top_k, int) and 1 <= top_k <= num_experts):
+            raise ValueError(f"pit_jax.nn.MoE: top_k must be in [1, num_experts={num_experts}], got {top_k!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"pit_jax.nn.MoE: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        for name, v in (("d_model", d_model), ("d_ff", d_ff)):
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"pit_jax.nn.MoE: {name} must be a positive int, got {v!r}")
+        self.num_experts, self.top_k, self.d_model, self.d_ff = num_experts, top_k, d_model, d_ff
+        self.activation, self.renormalize, self.dtype = activation, renormalize, dtype
+        init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+        self.router = nnx.Linear(d_model, num_experts, use_bias=False, dtype=jnp.float32,
+                                 param_dtype=param_dtype, rngs=rngs)
+        self.w_in = nnx.Param(init(rngs.params(), (num_experts, d_model, d_ff), param_dtype))
+        self.w_gate = (nnx.Param(init(rngs.params(), (num_experts, d_model, d_ff), param_dtype))
+                       if activation == "swiglu" else None)
+        self.w_out = nnx.Param(init(rngs.params(), (num_experts, d_ff, d_model), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"pit_jax.nn.MoE: x's last dim must be d_model={self.d_model}, got shape {x.shape}")
+        tokens = x.reshape(-1, self.d_model)
+        logits = self.router(tokens.astype(jnp.float32))
+        probs = jax.nn.softmax(logits, axis=-1)
+        top_p, top_e = jax.lax.top_k(probs, self.top_k)
+        if self.renormalize:
+            top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+        y = moe_ffn(tokens.astype(self.dtype), top_e, top_p, self._weights(), self.activation)
+        assigned = jnp.zeros(self.num_experts, jnp.float32).at[top_e.reshape(-1)].add(1.0)
+        fraction = assigned / top_e.size
+        self.sow(nnx.Intermediate, "load_balancing_loss",
+                 self.num_experts * jnp.sum(fraction * jnp.mean(probs, axis=0)))
+        self.sow(nnx.Intermediate, "router_z_loss",
+                 jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2))
+        return y.reshape(x.shape).astype(x.dtype)
+
+
+    def _weights(self):
+        cast = lambda p: None if p is None else p[...].astype(self.dtype)
+        return cast(self.w_in), cast(self.w_gate), cast(self.w_out)
+
+
+def moe_ffn(tokens, expert_ids, combine_weights, weights, activation):
+    """y[t] = Σ_s combine_weights[t, s] · FFN_{expert_ids[t, s]}(tokens[t]), fp32 combine."""
+    w_in, w_gate, w_out = weights
+    h = moe_matmul(tokens, w_in, expert_ids)  # [T, k, f]
+    if activation == "swiglu":
+        h = jax.nn.silu(moe_matmul(tokens, w_gate, expert_ids)) * h
+    else:
+        h = jax.nn.relu(h) if activation == "relu" else jax.nn.gelu(h)
+    out = moe_matmul(h, w_out, expert_ids)  # [T, k, d], rows already per assignment
+    y = jnp.einsum("tkd,tk->td", out.astype(jnp.float32), combine_weights.astype(jnp.float32))
+    return y.astype(tokens.dtype)
+
+
+def MoELinen(**kwargs):
+    """The same layer as a Linen module (flax's nnx->linen bridge); MoE's arguments, no rngs."""
+    from flax.nnx import bridge
+    return bridge.to_linen(MoE, **kwargs)

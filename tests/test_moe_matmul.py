@@ -1,0 +1,108 @@
+"""pit_jax.moe_matmul: values against float64, AD against a dense formulation, vmap, errors."""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pit_jax
+from helpers import DTYPES
+
+TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_gpu_reference_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="pit_jax: moe_matmul")
+        yield
+
+
+def _data(rng, t, k, e, d, f, dtype, ids=None):
+    x = rng.standard_normal((t, d)).astype(DTYPES[dtype])
+    w = (rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES[dtype])
+    if ids is None:
+        ids = np.stack([rng.permutation(e)[:k] for _ in range(t)]).astype(np.int32)
+    return x, w, ids
+
+
+def _want(x, w, ids):
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    return np.einsum("td,tkdf->tkf", x64, w64[ids])
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("t, k, e, d, f", [(1, 1, 1, 5, 3), (37, 2, 8, 24, 40), (20, 4, 4, 13, 7),
+                                           (64, 8, 256, 16, 9)])
+def test_values(backend, dtype, t, k, e, d, f):
+    rng = np.random.default_rng(t * k + e)
+    x, w, ids = _data(rng, t, k, e, d, f, dtype)
+    out = jax.jit(pit_jax.moe_matmul)(x, w, ids)
+    assert out.shape == (t, k, f) and out.dtype == x.dtype
+    want = _want(x, w, ids)
+    err = np.linalg.norm(np.asarray(out, np.float64) - want) / np.linalg.norm(want)
+    assert err < TOL[dtype]
+
+
+def test_per_assignment_rows_and_skew(backend):
+    rng = np.random.default_rng(1)
+    x3 = rng.standard_normal((10, 3, 6)).astype(np.float32)
+    w = rng.standard_normal((5, 6, 4)).astype(np.float32)
+    ids = np.full((10, 3), 2, np.int32)  # every token on one expert, the others empty
+    out = pit_jax.moe_matmul(x3, w, ids)
+    np.testing.assert_allclose(np.asarray(out), np.einsum("tkd,df->tkf", x3, w[2]), rtol=1e-5, atol=1e-5)
+    ids[0, 0], ids[1, 2] = -1, 9  # invalid ids: dropped, their rows are zero
+    out = np.asarray(pit_jax.moe_matmul(x3, w, ids))
+    assert np.all(out[0, 0] == 0) and np.all(out[1, 2] == 0)
+    np.testing.assert_allclose(out[2], x3[2] @ w[2], rtol=1e-5, atol=1e-5)
+
+
+def test_grad_and_jvp_match_dense(backend):
+    rng = np.random.default_rng(2)
+    x, w, ids = _data(rng, 15, 2, 6, 7, 5, "float32")
+    g = rng.standard_normal((15, 2, 5)).astype(np.float32)
+    dense = lambda x, w: jnp.einsum("td,tkdf->tkf", x, w[ids])
+    got = jax.grad(lambda x, w: jnp.sum(pit_jax.moe_matmul(x, w, ids) * g), (0, 1))(x, w)
+    want = jax.grad(lambda x, w: jnp.sum(dense(x, w) * g), (0, 1))(x, w)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    dx, dw = rng.standard_normal(x.shape).astype(np.float32), rng.standard_normal(w.shape).astype(np.float32)
+    _, t1 = jax.jvp(lambda x, w: pit_jax.moe_matmul(x, w, ids), (x, w), (dx, dw))
+    _, t2 = jax.jvp(dense, (x, w), (dx, dw))
+    np.testing.assert_allclose(np.asarray(t1), np.asarray(t2), rtol=1e-4, atol=1e-5)
+
+
+def test_second_order_through_tn(backend):
+    rng = np.random.default_rng(3)
+    x, w, ids = _data(rng, 6, 2, 3, 3, 2, "float32")
+    f = lambda x: jnp.sum(jax.grad(lambda w: jnp.sum(pit_jax.moe_matmul(x, w, ids) ** 2))(w) ** 2)
+    d = lambda x: jnp.sum(jax.grad(lambda w: jnp.sum(jnp.einsum("td,tkdf->tkf", x, w[ids]) ** 2))(w) ** 2)
+    np.testing.assert_allclose(np.asarray(jax.grad(f)(x)), np.asarray(jax.grad(d)(x)), rtol=1e-4, atol=1e-4)
+
+
+def test_vmap(backend):
+    rng = np.random.default_rng(4)
+    xs = rng.standard_normal((3, 9, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 6, 5)).astype(np.float32)
+    ids = rng.integers(0, 4, (3, 9, 2)).astype(np.int32)
+    out = jax.vmap(pit_jax.moe_matmul, (0, None, 0))(xs, w, ids)
+    want = np.stack([_want(xs[i], w, ids[i]) for i in range(3)])
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, ids, exc, words", [
+    ((4, 6), (3, 6), np.zeros((4, 2), np.int32), ValueError, "w must be"),
+    ((4, 6), (3, 7, 5), np.zeros((4, 2), np.int32), ValueError, "must equal w's d"),
+    ((5, 6), (3, 6, 5), np.zeros((4, 2), np.int32), ValueError, "x must be"),
+    ((4, 6), (3, 6, 5), np.zeros((4, 2), np.float32), TypeError, "integer"),
+    ((4, 6), (3, 6, 5), np.zeros((8,), np.int32), TypeError, "integer"),
+])
+def test_bad_input(x_shape, w_shape, ids, exc, words):
+    with pytest.raises(exc, match=words):
+        pit_jax.moe_matmul(jnp.ones(x_shape), jnp.ones(w_shape), ids)
+
+
+def test_dtype_mismatch():
+    with pytest.raises(TypeError, match="same dtype"):
+        pit_jax.moe_matmul(jnp.ones((4, 6)), jnp.ones((3, 6, 5), jnp.bfloat16), np.zeros((4, 2), np.int32))
