@@ -106,3 +106,14 @@ def test_bad_input(x_shape, w_shape, ids, exc, words):
 def test_dtype_mismatch():
     with pytest.raises(TypeError, match="same dtype"):
         pit_jax.moe_matmul(jnp.ones((4, 6)), jnp.ones((3, 6, 5), jnp.bfloat16), np.zeros((4, 2), np.int32))
+
+
+def test_cuda_lowering_warns_reference_path():
+    from pit_jax import moe
+    moe._warned.discard("moe_matmul")
+    args = (jax.ShapeDtypeStruct((32, 16), jnp.bfloat16), jax.ShapeDtypeStruct((4, 16, 8), jnp.bfloat16),
+            jax.ShapeDtypeStruct((32, 2), jnp.int32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the autouse fixture's filter is overridden here
+        with pytest.raises(RuntimeWarning, match="no CUDA kernel yet"):
+            jax.jit(pit_jax.moe_matmul).trace(*args).lower(lowering_platforms=("cuda",))
