@@ -3,7 +3,6 @@
 Layers, each importing only those below: _ext (load + register FFI handlers) -> _primitive
 (shared primitive helpers) -> one module per rule (detect, kgather, ...) -> public namespace.
 """
-from . import _ext
 from ._ext import build_info, cuda_available
 from .detect import detect
 from .kgather import dense_sparse, sparse_dense
@@ -12,5 +11,3 @@ from .tile_index import TileIndex
 
 __all__ = ["detect", "sparse_dense", "dense_sparse", "moe_matmul", "TileIndex", "build_info", "cuda_available"]
 __version__ = "0.1.0"
-
-_ext._warn_if_gpu_without_kernels()

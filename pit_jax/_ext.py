@@ -7,7 +7,6 @@ registration on machines without one).
 from __future__ import annotations
 
 import importlib
-import warnings
 
 import jax
 
@@ -58,13 +57,3 @@ def build_info() -> dict:
     else:
         info["cuda_missing_reason"] = _cuda_import_error
     return info
-
-
-def _warn_if_gpu_without_kernels() -> None:
-    try:
-        has_gpu = any(d.platform == "gpu" for d in jax.devices())
-    except RuntimeError:
-        has_gpu = False
-    if has_gpu and _cuda is None:
-        warnings.warn("pit_jax: JAX sees a GPU but pit_jax was built without CUDA kernels; "
-                      "pit_jax ops will raise on the GPU.", RuntimeWarning, stacklevel=3)
