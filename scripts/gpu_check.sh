@@ -30,8 +30,10 @@ $PY -P -c "import pit_jax; print(pit_jax.build_info())"
 # -P: do not put the source tree on sys.path, so the installed (compiled) package is tested.
 step tests $PY -P -m pytest tests -q -rs -p no:cacheprovider
 
-for bench in benchmarks/bench_*.py; do
-  step "$(basename "$bench" .py)" $PY "$bench" --out "$RESULTS"
+# BENCHES="detect moe" picks benchmarks (default: all); each is bounded by BENCH_TIMEOUT seconds.
+BENCHES=${BENCHES:-$(cd benchmarks && ls bench_*.py | sed 's/^bench_//; s/\.py$//')}
+for b in $BENCHES; do
+  step "bench_$b" timeout "${BENCH_TIMEOUT:-300}" $PY "benchmarks/bench_$b.py" --out "$RESULTS"
 done
 
 # Per-kernel device times for the largest k-gather case (Nsight Compute; informational).
@@ -56,6 +58,6 @@ unset XLA_PYTHON_CLIENT_PREALLOCATE XLA_PYTHON_CLIENT_ALLOCATOR
 
 
 echo; echo "=== summary"
-for k in build tests $(cd benchmarks && ls bench_*.py | sed 's/\.py$//') memcheck racecheck synccheck; do
+for k in build tests $(for b in $BENCHES; do echo "bench_$b"; done) memcheck racecheck synccheck; do
   printf '%-12s %s\n' "$k" "${STATUS[$k]:-not run}"
 done
