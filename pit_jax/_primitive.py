@@ -1,6 +1,7 @@
 """Helpers shared by every pit_jax primitive: per-platform lowering, batching, AD of indices."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import jax
@@ -68,3 +69,31 @@ def integer_outputs_jvp(p: Primitive) -> None:
         return out, [zero_tangent(o) for o in out]
 
     ad.primitive_jvps[p] = jvp
+
+
+_warned_reference = set()
+
+
+def register_reference_lowerings(p: Primitive, ref: Callable, op: str) -> None:
+    """Lower `p` to a jnp reference on CPU and CUDA. On CUDA that stands in for a kernel not
+    written yet, so the first lowering in a process says so with a RuntimeWarning."""
+    lowered = mlir.lower_fun(ref, multiple_results=p.multiple_results)
+
+    def cuda(ctx, *args, **params):
+        if op not in _warned_reference:
+            _warned_reference.add(op)
+            warnings.warn(f"pit_jax: {op} has no CUDA kernel yet; on GPU it runs as its jnp "
+                          "reference (correct, not faster).", RuntimeWarning, stacklevel=2)
+        return lowered(ctx, *args, **params)
+
+    mlir.register_lowering(p, lowered, platform="cpu")
+    mlir.register_lowering(p, cuda, platform="cuda")
+
+
+def map_over_batch(p: Primitive, args, dims, params):
+    """Batching by a loop: move each batched operand's axis to the front (broadcast the rest)
+    and map the primitive over it. For rules whose leading dims already mean something else."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    moved = tuple(jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size, *a.shape))
+                  for a, d in zip(args, dims))
+    return jax.lax.map(lambda xs: p.bind(*xs, **params), moved), 0

@@ -12,11 +12,9 @@ dx = dy @ wᵀ is dense and dW = xᵀ dy is computed on x's nonzero tiles only (
 """
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad, batching
 
 from . import _primitive
 from .detect import detect
@@ -41,7 +39,7 @@ sparse_dense_p.def_abstract_eval(_sparse_dense_abstract)
 sparse_tn_p.def_abstract_eval(_sparse_tn_abstract)
 
 
-# ---- lowering: CPU = jnp reference; CUDA = the same until the k-gather kernels land ----------
+# ---- lowering: jnp reference on CPU, and on CUDA until the k-gather kernels land -------------
 
 def _ref_sparse_dense(x, w, counts, offsets, indices, **params):
     return sparse_dense_ref(x, w, indices, **params)
@@ -51,31 +49,8 @@ def _ref_sparse_tn(x, dy, counts, offsets, indices, **params):
     return sparse_tn_ref(x, dy, indices, **params)
 
 
-_warned = set()
-
-
-def _reference_on_gpu(name, ref):
-    lowered = mlir.lower_fun(ref, multiple_results=False)
-
-    def rule(ctx, *args, **params):
-        if name not in _warned:
-            _warned.add(name)
-            warnings.warn(f"pit_jax: {name} has no CUDA kernel yet; on GPU it runs as a dense "
-                          "masked matmul (correct, not faster than jnp.matmul).", RuntimeWarning,
-                          stacklevel=2)
-        return lowered(ctx, *args, **params)
-
-    return rule
-
-
-mlir.register_lowering(sparse_dense_p, mlir.lower_fun(_ref_sparse_dense, multiple_results=False),
-                       platform="cpu")
-mlir.register_lowering(sparse_tn_p, mlir.lower_fun(_ref_sparse_tn, multiple_results=False),
-                       platform="cpu")
-mlir.register_lowering(sparse_dense_p, _reference_on_gpu("sparse_dense", _ref_sparse_dense),
-                       platform="cuda")
-mlir.register_lowering(sparse_tn_p, _reference_on_gpu("sparse_tn", _ref_sparse_tn),
-                       platform="cuda")
+_primitive.register_reference_lowerings(sparse_dense_p, _ref_sparse_dense, "sparse_dense")
+_primitive.register_reference_lowerings(sparse_tn_p, _ref_sparse_tn, "sparse_tn")
 
 
 # ---- autodiff ----------------------------------------------------------------------------------
@@ -145,19 +120,11 @@ ad.primitive_transposes[sparse_tn_p] = _sparse_tn_transpose
 
 # ---- batching ----------------------------------------------------------------------------------
 
-def _map_over_batch(p, args, dims, params):
-    """Generic rule: move every batched operand's axis to the front and map the primitive."""
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    moved = [jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size, *a.shape))
-             for a, d in zip(args, dims)]
-    return jax.lax.map(lambda xs: p.bind(*xs, **params), tuple(moved)), 0
-
-
 def _sparse_dense_batch(args, dims, **params):
     x, w, *index = args
     xd, wd, *index_dims = dims
     if wd is not None:  # a batch of weights: one product per weight
-        return _map_over_batch(sparse_dense_p, args, dims, params)
+        return _primitive.map_over_batch(sparse_dense_p, args, dims, params)
     # x's leading dims are batch already: put the mapped axis in front of x and the index.
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     lead = [jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size, *a.shape))
@@ -166,7 +133,7 @@ def _sparse_dense_batch(args, dims, **params):
 
 
 def _sparse_tn_batch(args, dims, **params):
-    return _map_over_batch(sparse_tn_p, args, dims, params)  # leading dims are summed: keep apart
+    return _primitive.map_over_batch(sparse_tn_p, args, dims, params)  # leading dims are summed: keep apart
 
 
 batching.primitive_batchers[sparse_dense_p] = _sparse_dense_batch

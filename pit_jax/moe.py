@@ -11,11 +11,9 @@ on GPU that is said once with a RuntimeWarning.
 """
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
-from jax.interpreters import ad, batching, mlir
+from jax.interpreters import ad, batching
 
 from . import _primitive
 from .moe_reference import F32, grouped_matmul_ref, grouped_matmul_tn_ref
@@ -35,25 +33,8 @@ def _tn_abstract(x, dy, ids, *, rows_per_source, num_experts, out_dtype):
 moe_matmul_p.def_abstract_eval(_mm_abstract)
 moe_matmul_tn_p.def_abstract_eval(_tn_abstract)
 
-_warned = set()
-
-
-def _register_reference(p, ref, name):
-    cpu = mlir.lower_fun(ref, multiple_results=False)
-
-    def cuda(ctx, *args, **params):
-        if name not in _warned:
-            _warned.add(name)
-            warnings.warn(f"pit_jax: {name} has no CUDA kernel yet; on GPU it runs through "
-                          "lax.ragged_dot (correct, not faster).", RuntimeWarning, stacklevel=2)
-        return cpu(ctx, *args, **params)
-
-    mlir.register_lowering(p, cpu, platform="cpu")
-    mlir.register_lowering(p, cuda, platform="cuda")
-
-
-_register_reference(moe_matmul_p, grouped_matmul_ref, "moe_matmul")
-_register_reference(moe_matmul_tn_p, grouped_matmul_tn_ref, "moe_matmul_tn")
+_primitive.register_reference_lowerings(moe_matmul_p, grouped_matmul_ref, "moe_matmul")
+_primitive.register_reference_lowerings(moe_matmul_tn_p, grouped_matmul_tn_ref, "moe_matmul_tn")
 
 
 def _sum_slots(rows, n_sources, dtype):
@@ -120,17 +101,13 @@ ad.primitive_jvps[moe_matmul_tn_p] = _tn_jvp
 ad.primitive_transposes[moe_matmul_tn_p] = _tn_transpose
 
 
-def _map_batch(p):
-    def rule(args, dims, **params):
-        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-        moved = tuple(jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size, *a.shape))
-                      for a, d in zip(args, dims))
-        return jax.lax.map(lambda xs: p.bind(*xs, **params), moved), 0
-    batching.primitive_batchers[p] = rule
+def _batch_rule(p):
+    return lambda args, dims, **params: _primitive.map_over_batch(p, args, dims, params)
 
 
-_map_batch(moe_matmul_p)  # each batch element routes its own tokens: one grouped matmul each
-_map_batch(moe_matmul_tn_p)
+# each batch element routes its own tokens: one grouped matmul each
+batching.primitive_batchers[moe_matmul_p] = _batch_rule(moe_matmul_p)
+batching.primitive_batchers[moe_matmul_tn_p] = _batch_rule(moe_matmul_tn_p)
 
 
 def moe_matmul(x, w, expert_ids):

@@ -158,11 +158,11 @@ def test_dense_sparse(backend, grad):
 def test_cuda_lowering_warns_reference_path():
     if not pit_jax.cuda_available():
         pytest.skip("built without CUDA kernels")
-    from pit_jax import kgather
-    kgather._warned.discard("sparse_dense")
+    from pit_jax import _primitive
+    _primitive._warned_reference.discard("sparse_dense")
     x = jax.ShapeDtypeStruct((64, 32), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((32, 16), jnp.bfloat16)
-    with pytest.warns(RuntimeWarning, match="no CUDA kernel yet"):
+    with pytest.warns(RuntimeWarning, match="has no CUDA kernel yet"):
         text = jax.jit(lambda x, w: pit_jax.sparse_dense(x, w)).trace(x, w).lower(
             lowering_platforms=("cuda",)).as_text()
     assert "pit_detect" in text

@@ -109,11 +109,11 @@ def test_dtype_mismatch():
 
 
 def test_cuda_lowering_warns_reference_path():
-    from pit_jax import moe
-    moe._warned.discard("moe_matmul")
+    from pit_jax import _primitive
+    _primitive._warned_reference.discard("moe_matmul")
     args = (jax.ShapeDtypeStruct((32, 16), jnp.bfloat16), jax.ShapeDtypeStruct((4, 16, 8), jnp.bfloat16),
             jax.ShapeDtypeStruct((32, 2), jnp.int32))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the autouse fixture's filter is overridden here
-        with pytest.raises(RuntimeWarning, match="no CUDA kernel yet"):
+        with pytest.raises(RuntimeWarning, match="has no CUDA kernel yet"):
             jax.jit(pit_jax.moe_matmul).trace(*args).lower(lowering_platforms=("cuda",))
