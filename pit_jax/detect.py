@@ -109,5 +109,9 @@ def detect(x: jax.Array, tile=(32, 1), *, layout: str = "row") -> TileIndex:
     if (isinstance(m, int) and m == 0) or (isinstance(k, int) and k == 0):
         raise ValueError(f"pit_jax.detect: x's last two dims must be non-empty, got shape {x.shape}")
     tm, tk = _check_tile(tile, m, k)
+    if isinstance(m, int) and isinstance(k, int) and (-(-m // tm)) * (-(-k // tk)) >= 2**31:
+        raise ValueError(f"pit_jax.detect: x of shape {x.shape} with tile {(tm, tk)} has "
+                         f"{(-(-m // tm)) * (-(-k // tk))} micro-tiles per matrix; the int32 index "
+                         "holds fewer than 2**31 — use a larger tile")
     counts, offsets, indices = detect_p.bind(x, tile_m=tm, tile_k=tk, layout=layout)
     return TileIndex(counts, offsets, indices, (m, k), (tm, tk), layout)

@@ -35,3 +35,11 @@ def test_error_raised_at_trace_time():
 def test_numpy_input_accepted():
     idx = pit_jax.detect(np.eye(4, dtype=np.float32), (2, 2))
     np.testing.assert_array_equal(np.asarray(idx.counts), [1, 1])
+
+
+def test_index_capacity_limit():
+    import jax
+    big = jax.ShapeDtypeStruct((65536, 65536), jnp.bfloat16)
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        jax.jit(lambda x: pit_jax.detect(x, (1, 1))).trace(big)
+    jax.jit(lambda x: pit_jax.detect(x, (32, 1))).trace(big)  # 2**27 tiles: fine
