@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.interpreters import ad, batching
 
 from . import _primitive
-from .moe_reference import F32, grouped_matmul_ref, grouped_matmul_tn_ref
+from .moe_reference import F32, grouped_matmul_ref, grouped_matmul_tn_ref, route
 
 moe_matmul_p = _primitive.make_primitive("pit_moe_matmul", multiple_results=False)
 moe_matmul_tn_p = _primitive.make_primitive("pit_moe_matmul_tn", multiple_results=False)
@@ -142,3 +142,24 @@ def moe_matmul(x, w, expert_ids):
                          f"({w.shape[1]}); w has shape {w.shape}")
     out = moe_matmul_p.bind(rows, w, expert_ids.reshape(-1).astype(jnp.int32), rows_per_source=r)
     return out.reshape(t, k, w.shape[-1])
+
+
+def drop_over_capacity(expert_ids, num_experts: int, capacity_factor: float):
+    """Switch/flaxformer-style capacity: each expert keeps at most
+    C = ceil(capacity_factor · T·k / E) assignments, first come (token order, then slot) first
+    served; the rest get id -1, which `moe_matmul` drops (zero rows).
+
+    Returns (expert_ids with drops, number of dropped assignments) — all on device."""
+    if not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
+        raise ValueError(f"pit_jax.drop_over_capacity: capacity_factor must be > 0, got {capacity_factor!r}")
+    flat = expert_ids.reshape(-1).astype(jnp.int32)
+    capacity = -(-int(capacity_factor * flat.size) // num_experts)  # ceil, static
+    valid = (flat >= 0) & (flat < num_experts)
+    order, sizes = route(flat, num_experts)  # stable: token order kept within each expert
+    starts = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(sizes)]).astype(jnp.int32)
+    key = jnp.where(valid, flat, num_experts)[order]
+    rank_sorted = jnp.arange(flat.size, dtype=jnp.int32) - starts[key]  # position within its expert
+    rank = jnp.zeros(flat.size, jnp.int32).at[order].set(rank_sorted)
+    keep = valid & (rank < capacity)
+    dropped = jnp.sum(valid & ~keep)
+    return jnp.where(keep, flat, -1).reshape(expert_ids.shape), dropped

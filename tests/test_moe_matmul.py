@@ -117,3 +117,14 @@ def test_cuda_lowering_warns_reference_path():
         warnings.simplefilter("error")  # the autouse fixture's filter is overridden here
         with pytest.raises(RuntimeWarning, match="has no CUDA kernel yet"):
             jax.jit(pit_jax.moe_matmul).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def test_drop_over_capacity():
+    ids = jnp.asarray([[0, 1], [0, 2], [0, 1], [0, 3], [5, -1]], jnp.int32)  # E = 4
+    kept, dropped = pit_jax.drop_over_capacity(ids, 4, 1.0)  # capacity ceil(10/4) = 3
+    np.testing.assert_array_equal(np.asarray(kept), [[0, 1], [0, 2], [0, 1], [-1, 3], [-1, -1]])
+    assert int(dropped) == 1  # the 4th token on expert 0; invalid ids are not counted as drops
+    kept, dropped = pit_jax.drop_over_capacity(ids, 4, 2.0)
+    assert int(dropped) == 0
+    with pytest.raises(ValueError, match="capacity_factor"):
+        pit_jax.drop_over_capacity(ids, 4, 0.0)

@@ -189,3 +189,16 @@ def test_bad_config(kwargs, words):
 def test_bad_input_dim():
     with pytest.raises(ValueError, match="d_model=16"):
         _model()(jnp.ones((3, 15)))
+
+
+def test_capacity_factor_drops_and_reports():
+    m = pit_jax.nn.MoE(4, 1, 8, 8, capacity_factor=0.5, rngs=nnx.Rngs(0))
+    m.router.kernel[...] = jnp.zeros_like(m.router.kernel[...]).at[:, 2].set(1.0)  # all to expert 2
+    x = jnp.abs(jnp.asarray(np.random.default_rng(0).standard_normal((16, 8)), jnp.float32))
+    y = m(x)
+    aux = nnx.pop(m, nnx.Intermediate)
+    # capacity ceil(0.5 * 16 / 4) = 2: tokens 2.. are dropped and output zero
+    np.testing.assert_allclose(float(aux["dropped_fraction"][0]), 14 / 16)
+    assert np.all(np.asarray(y)[2:] == 0) and np.any(np.asarray(y)[:2] != 0)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        pit_jax.nn.MoE(4, 1, 8, 8, capacity_factor=-1.0, rngs=nnx.Rngs(0))

@@ -6,7 +6,10 @@ nnx.Intermediate)` or `nnx.state(model, nnx.Intermediate)` after a call):
   - `load_balancing_loss`: Switch Transformer's E · Σ_e f_e · P_e, with f_e the fraction of the
     T·k assignments that went to expert e and P_e the mean router probability of e (1.0 when
     balanced);
-  - `router_z_loss`: mean over tokens of logsumexp(logits)² (ST-MoE).
+  - `router_z_loss`: mean over tokens of logsumexp(logits)² (ST-MoE);
+  - `dropped_fraction` (only with `capacity_factor`): share of assignments dropped.
+Dropless by default; `capacity_factor=c` keeps at most ceil(c·T·k/E) assignments per expert
+(first come, first served in token order), as Switch/flaxformer do.
 Compute goes through `pit_jax.moe_matmul` (its reference path, lax.ragged_dot, until the PIT
 m-gather/scatter kernels land).
 """
@@ -16,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..moe import moe_matmul
+from ..moe import drop_over_capacity, moe_matmul
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 
@@ -24,6 +27,7 @@ ACTIVATIONS = ("relu", "gelu", "swiglu")
 class MoE(nnx.Module):
     def __init__(self, num_experts: int, top_k: int, d_model: int, d_ff: int, *,
                  activation: str = "swiglu", renormalize: bool = True,
+                 capacity_factor: float | None = None,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if not (isinstance(num_experts, int) and num_experts >= 1):
             raise ValueError(f"pit_jax.nn.MoE: num_experts must be a positive int, got {num_experts!r}")
@@ -35,7 +39,10 @@ class MoE(nnx.Module):
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"pit_jax.nn.MoE: {name} must be a positive int, got {v!r}")
         self.num_experts, self.top_k, self.d_model, self.d_ff = num_experts, top_k, d_model, d_ff
+        if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
+            raise ValueError(f"pit_jax.nn.MoE: capacity_factor must be None (dropless) or > 0, got {capacity_factor!r}")
         self.activation, self.renormalize, self.dtype = activation, renormalize, dtype
+        self.capacity_factor = capacity_factor
         init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
         self.router = nnx.Linear(d_model, num_experts, use_bias=False, dtype=jnp.float32,
                                  param_dtype=param_dtype, rngs=rngs)
@@ -53,7 +60,11 @@ class MoE(nnx.Module):
         top_p, top_e = jax.lax.top_k(probs, self.top_k)
         if self.renormalize:
             top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
-        y = moe_ffn(tokens.astype(self.dtype), top_e, top_p, self._weights(), self.activation)
+        routed = top_e
+        if self.capacity_factor is not None:  # drop over-capacity assignments, Switch-style
+            routed, dropped = drop_over_capacity(top_e, self.num_experts, self.capacity_factor)
+            self.sow(nnx.Intermediate, "dropped_fraction", dropped / top_e.size)
+        y = moe_ffn(tokens.astype(self.dtype), routed, top_p, self._weights(), self.activation)
         assigned = jnp.zeros(self.num_experts, jnp.float32).at[top_e.reshape(-1)].add(1.0)
         fraction = assigned / top_e.size
         self.sow(nnx.Intermediate, "load_balancing_loss",
