@@ -9,15 +9,14 @@ measured in the same run.
 """
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import pit_jax
+from pit_jax.detect import cuda_workspace_words
 from pit_jax.detect_reference import detect_reference
-from common import device_description, markdown_report, time_per_call, write_results
+from common import announce, bench_parser, markdown_report, tile_sparse_bf16, time_per_call, write_results
 
 # (M, K, tile, layout): k-gather micro-tiles (32x1), m-gather rows (1xK), and a dense 64x64 grid.
 CASES = [
@@ -28,36 +27,20 @@ CASES = [
 ]
 
 
-def make_inputs(key, m, k, tile, sparsity, n):
-    """n distinct bf16 arrays whose micro-tiles are zero with probability `sparsity`."""
-    tm, tk = tile
-    nb_m, nb_k = -(-m // tm), -(-k // tk)
-    out = []
-    for i in range(n):
-        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
-        keep = jax.random.uniform(k1, (nb_m, nb_k)) >= sparsity
-        keep = jnp.repeat(jnp.repeat(keep, tm, 0), tk, 1)[:m, :k]
-        out.append((jax.random.normal(k2, (m, k), jnp.bfloat16) * keep).astype(jnp.bfloat16))
-    return out
-
-
 def index_bytes(m, k, tile, layout):
+    """Index written + CUDA scratch written and read (its size from pit_jax itself)."""
     nb_m, nb_k = -(-m // tile[0]), -(-k // tile[1])
     n_outer, n_inner = (nb_m, nb_k) if layout == "row" else (nb_k, nb_m)
-    chunk = 32 if tile[1] > 256 else 4096
-    scratch = 2 * 4 * (nb_m * (-(-tile[0] // 32)) * (-(-k // 32)) + n_outer * (-(-n_inner // chunk)))
+    scratch = 2 * 4 * cuda_workspace_words((), m, k, tile[0], tile[1], layout)
     return 4 * (n_outer + n_outer + 1 + n_outer * n_inner) + scratch
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--quick", action="store_true", help="4096 cases only")
+    ap = bench_parser("4096 cases only")
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--case", type=int, default=None, help="run only CASES[i] (for profiling)")
     args = ap.parse_args()
-    meta = device_description()
-    print(meta, pit_jax.build_info(), flush=True)
+    meta = announce()
     rows = []
     key = jax.random.PRNGKey(0)
     for case_id, (m, k, tile, layout) in enumerate(CASES):
@@ -65,7 +48,7 @@ def main():
             continue
         x_bytes = m * k * 2
         n = max(2, min(16, (512 << 20) // x_bytes * 2))  # rotate >= 1 GiB of inputs past L2
-        xs = make_inputs(key, m, k, tile, args.sparsity, n)
+        xs = tile_sparse_bf16(key, m, k, tile, args.sparsity, n)
         copy = jax.jit(lambda xs: [-x for x in xs])
         ours = jax.jit(lambda xs: [pit_jax.detect(x, tile, layout=layout) for x in xs])
         ref = jax.jit(lambda xs: [detect_reference(x, tile, layout=layout) for x in xs])

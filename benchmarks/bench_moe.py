@@ -11,7 +11,6 @@ Until the m-gather/scatter kernels land, pit_jax runs its lax.ragged_dot referen
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import warnings
 
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pit_jax
-from common import device_description, markdown_report, time_per_call, write_results
+from common import announce, bench_parser, markdown_report, time_per_call, write_results
 
 CASES = {  # name: (T, E, k, d, f)
     "Mixtral up T=4096": (4096, 8, 2, 4096, 14336),
@@ -63,13 +62,10 @@ def mgpu_best(rows, w, sizes):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--quick", action="store_true")
+    ap = bench_parser("one tiny shape")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message="pit_jax: moe_matmul")
-    meta = device_description()
-    print(meta, pit_jax.build_info(), flush=True)
+    meta = announce()
     on_gpu = jax.devices()[0].platform == "gpu"
     key = jax.random.PRNGKey(0)
     rows_out = []

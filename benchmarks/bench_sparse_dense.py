@@ -10,7 +10,6 @@ dense masked matmul (see README), so these rows measure that fallback.
 """
 from __future__ import annotations
 
-import argparse
 import warnings
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 
 import pit_jax
-from common import device_description, markdown_report, time_per_call, write_results
+from common import announce, bench_parser, markdown_report, tile_sparse_bf16, time_per_call, write_results
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.95, 0.99]
 
@@ -30,41 +29,26 @@ def shapes(quick):
     return [("4096³", 4096, 4096, 4096), ("OPT fc2 4096x16384→4096", 4096, 16384, 4096)]
 
 
-def make_x(key, m, k, tile, sparsity, n):
-    """n distinct bf16 activations relu-like: whole micro-tiles zero with prob `sparsity`."""
-    tm, tk = tile
-    out = []
-    for i in range(n):
-        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
-        keep = jax.random.uniform(k1, (-(-m // tm), -(-k // tk))) >= sparsity
-        keep = jnp.repeat(jnp.repeat(keep, tm, 0), tk, 1)[:m, :k]
-        out.append((jnp.abs(jax.random.normal(k2, (m, k), jnp.bfloat16)) * keep).astype(jnp.bfloat16))
-    return out
-
-
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--quick", action="store_true")
+    ap = bench_parser("one small shape")
     ap.add_argument("--no-bcoo", action="store_true")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message="pit_jax: sparse_")
-    meta = device_description()
-    print(meta, pit_jax.build_info(), flush=True)
+    meta = announce()
     key = jax.random.PRNGKey(0)
     tile = (32, 1)
     rows = []
     for name, m, k, n in shapes(args.quick):
         w = jax.random.normal(jax.random.fold_in(key, 99), (k, n), jnp.bfloat16)
         n_inputs = 4
-        xs0 = make_x(key, m, k, tile, 0.0, n_inputs)
+        xs0 = tile_sparse_bf16(key, m, k, tile, 0.0, n_inputs, nonnegative=True)
         copy_t = time_per_call(jax.jit(lambda xs: [-x for x in xs]), xs0, n_inputs)
         copy_rate = 2 * m * k * 2 / copy_t
         dense = jax.jit(lambda xs, w: [x @ w for x in xs])
         t_dense = time_per_call(lambda xs: dense(xs, w), xs0, n_inputs)
         dense_rate = 2 * m * k * n / t_dense
         for sp in SPARSITIES:
-            xs = make_x(key, m, k, tile, sp, n_inputs)
+            xs = tile_sparse_bf16(key, m, k, tile, sp, n_inputs, nonnegative=True)
             ours = jax.jit(lambda xs, w: [pit_jax.sparse_dense(x, w, tile=tile) for x in xs])
             idxs = [pit_jax.detect(x, tile) for x in xs]
             ours_idx = jax.jit(lambda xs, w, idxs: [pit_jax.sparse_dense(x, w, tile=tile, index=i)

@@ -8,7 +8,40 @@ import platform
 import statistics
 import time
 
+import argparse
+
 import jax
+import jax.numpy as jnp
+
+
+def bench_parser(quick_help: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark takes: --out and --quick."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    return ap
+
+
+def announce() -> dict:
+    """Print and return the device, versions and date a result belongs to."""
+    import pit_jax
+    meta = device_description()
+    print(meta, pit_jax.build_info(), flush=True)
+    return meta
+
+
+def tile_sparse_bf16(key, m, k, tile, sparsity, n, nonnegative=False):
+    """n distinct bf16 [m, k] arrays whose micro-tiles are zero with probability `sparsity`
+    (nonnegative: relu-like activations)."""
+    tm, tk = tile
+    out = []
+    for i in range(n):
+        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+        keep = jax.random.uniform(k1, (-(-m // tm), -(-k // tk))) >= sparsity
+        keep = jnp.repeat(jnp.repeat(keep, tm, 0), tk, 1)[:m, :k]
+        vals = jax.random.normal(k2, (m, k), jnp.bfloat16)
+        out.append(((jnp.abs(vals) if nonnegative else vals) * keep).astype(jnp.bfloat16))
+    return out
 
 
 def device_description() -> dict:

@@ -54,12 +54,11 @@ def _ffi_params(tile_m, tile_k, layout):
                 layout=np.int64(LAYOUTS.index(layout)))
 
 
-_cpu_rule = jax.ffi.ffi_lowering(_TARGET)
-_cuda_rule = jax.ffi.ffi_lowering(_TARGET)
+_ffi_rule = jax.ffi.ffi_lowering(_TARGET)  # same target name on both platforms
 
 
 def _lower_cpu(ctx, x, *, tile_m, tile_k, layout):
-    return _cpu_rule(ctx, x, **_ffi_params(tile_m, tile_k, layout))
+    return _ffi_rule(ctx, x, **_ffi_params(tile_m, tile_k, layout))
 
 
 def _lower_cuda(ctx, x, *, tile_m, tile_k, layout):
@@ -67,7 +66,7 @@ def _lower_cuda(ctx, x, *, tile_m, tile_k, layout):
     *lead, m, k = ctx.avals_in[0].shape
     words = cuda_workspace_words(lead, m, k, tile_m, tile_k, layout)
     ws = jax.core.ShapedArray((words,), jnp.uint32)
-    outs = _cuda_rule(ctx.replace(avals_out=[*ctx.avals_out, ws]), x,
+    outs = _ffi_rule(ctx.replace(avals_out=[*ctx.avals_out, ws]), x,
                       **_ffi_params(tile_m, tile_k, layout))
     return outs[:3]
 

@@ -9,20 +9,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .tile_index import tile_mask_from_indices
+from .tile_index import element_mask_from_indices
 
 F32 = jnp.float32
 
 
-def element_mask(indices, shape, tile, layout):
-    """Boolean [..., M, K] from the index arrays."""
-    (m, k), (tm, tk) = shape, tile
-    mask = tile_mask_from_indices(indices, layout)
-    return jnp.repeat(jnp.repeat(mask, tm, axis=-2), tk, axis=-1)[..., :m, :k]
-
-
 def _masked(x, indices, shape, tile, layout):
-    return jnp.where(element_mask(indices, shape, tile, layout), x, jnp.zeros((), x.dtype))
+    return jnp.where(element_mask_from_indices(indices, shape, tile, layout), x, jnp.zeros((), x.dtype))
 
 
 def sparse_dense_ref(x, w, indices, *, shape, tile, layout):

@@ -67,9 +67,7 @@ class TileIndex:
 
     def element_mask(self) -> jax.Array:
         """Boolean [..., M, K]: True on the elements covered by a nonzero micro-tile."""
-        (m, k), (tm, tk) = self.shape, self.tile
-        mask = self.to_mask()
-        return jnp.repeat(jnp.repeat(mask, tm, axis=-2), tk, axis=-1)[..., :m, :k]
+        return element_mask_from_indices(self.indices, self.shape, self.tile, self.layout)
 
 
 def tile_mask_from_indices(indices: jax.Array, layout: str) -> jax.Array:
@@ -79,3 +77,10 @@ def tile_mask_from_indices(indices: jax.Array, layout: str) -> jax.Array:
     scatter_row = lambda row: jnp.zeros(n_inner + 1, bool).at[row].set(True)
     mask = jax.vmap(scatter_row)(slots.reshape(-1, n_inner))[:, :n_inner].reshape(indices.shape)
     return mask if layout == "row" else jnp.swapaxes(mask, -1, -2)
+
+
+def element_mask_from_indices(indices: jax.Array, shape, tile, layout: str) -> jax.Array:
+    """[..., n_outer, n_inner] ids -> boolean [..., M, K], True on elements of nonzero tiles."""
+    (m, k), (tm, tk) = shape, tile
+    mask = tile_mask_from_indices(indices, layout)
+    return jnp.repeat(jnp.repeat(mask, tm, axis=-2), tk, axis=-1)[..., :m, :k]
