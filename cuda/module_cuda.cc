@@ -8,11 +8,15 @@
 namespace nb = nanobind;
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitDetectCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(PitSparseDenseCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(PitSparseTnCuda);
 
 NB_MODULE(_pit_cuda, m) {
   m.def("registrations", []() {
     nb::dict targets;
     targets["pit_detect"] = nb::capsule(reinterpret_cast<void*>(PitDetectCuda));
+    targets["pit_sparse_dense"] = nb::capsule(reinterpret_cast<void*>(PitSparseDenseCuda));
+    targets["pit_sparse_tn"] = nb::capsule(reinterpret_cast<void*>(PitSparseTnCuda));
     return targets;
   });
   m.attr("ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.interpreters import ad, batching
+from jax.interpreters import ad, batching, mlir
 
-from . import _primitive
+from . import _primitive, kgather_cuda
 from .detect import detect
 from .kgather_reference import F32, sparse_dense_ref, sparse_tn_ref
 from .tile_index import TileIndex
@@ -39,7 +39,7 @@ sparse_dense_p.def_abstract_eval(_sparse_dense_abstract)
 sparse_tn_p.def_abstract_eval(_sparse_tn_abstract)
 
 
-# ---- lowering: jnp reference on CPU, and on CUDA until the k-gather kernels land -------------
+# ---- lowering: jnp reference on CPU, the k-gather kernels (kgather_cuda.py) on CUDA -----------
 
 def _ref_sparse_dense(x, w, counts, offsets, indices, **params):
     return sparse_dense_ref(x, w, indices, **params)
@@ -49,8 +49,12 @@ def _ref_sparse_tn(x, dy, counts, offsets, indices, **params):
     return sparse_tn_ref(x, dy, indices, **params)
 
 
-_primitive.register_reference_lowerings(sparse_dense_p, _ref_sparse_dense, "sparse_dense")
-_primitive.register_reference_lowerings(sparse_tn_p, _ref_sparse_tn, "sparse_tn")
+_primitive.register_lowerings(
+    sparse_dense_p, cpu=mlir.lower_fun(_ref_sparse_dense, multiple_results=False),
+    cuda=mlir.lower_fun(kgather_cuda.sparse_dense_cuda, multiple_results=False))
+_primitive.register_lowerings(
+    sparse_tn_p, cpu=mlir.lower_fun(_ref_sparse_tn, multiple_results=False),
+    cuda=mlir.lower_fun(kgather_cuda.sparse_tn_cuda, multiple_results=False))
 
 
 # ---- autodiff ----------------------------------------------------------------------------------

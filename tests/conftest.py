@@ -7,6 +7,10 @@ os.environ.setdefault("PIT_DEBUG_POISON_OUTPUTS", "1")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# References and the dense parts of gradients use jnp matmuls; on GPU their default fp32
+# precision is TF32. The kernels accumulate exact fp32, so compare against exact fp32.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 
 def _backends():
     names = ["cpu"]

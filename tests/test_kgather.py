@@ -22,13 +22,6 @@ def _dense(rng, shape, dtype):
     return (rng.standard_normal(shape) + 0.1).astype(DTYPES[dtype])
 
 
-@pytest.fixture(autouse=True)
-def _quiet_gpu_reference_warning():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="pit_jax: sparse_")
-        yield
-
-
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("tile", [(32, 1), (8, 8), (1, 1), (3, 5)], ids=str)
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
@@ -128,7 +121,8 @@ def test_export_symbolic_batch(backend):
     b, = export.symbolic_shape("b")
     fn = jax.jit(lambda x, w: pit_jax.sparse_dense(x, w, tile=(8, 1)))
     exp = export.export(fn, platforms=("cpu", "cuda"),
-                        disabled_checks=[export.DisabledSafetyCheck.custom_call("pit_detect")])(
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in
+                                         ("pit_detect", "pit_sparse_dense")])(
         jax.ShapeDtypeStruct((b, 24, 16), jnp.float32), jax.ShapeDtypeStruct((16, 5), jnp.float32))
     rng = np.random.default_rng(7)
     x = random_tile_sparse(rng, (3, 24, 16), (8, 1), 0.5, "float32")
@@ -155,17 +149,18 @@ def test_dense_sparse(backend, grad):
         assert np.all(np.asarray(gw)[~mask] == 0)
 
 
-def test_cuda_lowering_warns_reference_path():
+def test_cuda_lowering_calls_kernels():
+    """On CUDA, forward and dW lower to the k-gather kernels, not to the jnp reference."""
     if not pit_jax.cuda_available():
         pytest.skip("built without CUDA kernels")
-    from pit_jax import _primitive
-    _primitive._warned_reference.discard("sparse_dense")
     x = jax.ShapeDtypeStruct((64, 32), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((32, 16), jnp.bfloat16)
-    with pytest.warns(RuntimeWarning, match="has no CUDA kernel yet"):
-        text = jax.jit(lambda x, w: pit_jax.sparse_dense(x, w)).trace(x, w).lower(
-            lowering_platforms=("cuda",)).as_text()
-    assert "pit_detect" in text
+    f = lambda x, w: jnp.sum(pit_jax.sparse_dense(x, w).astype(jnp.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = jax.jit(jax.value_and_grad(f, 1)).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    for target in ("pit_detect", "pit_sparse_dense", "pit_sparse_tn"):
+        assert target in text
 
 
 @pytest.mark.parametrize("fn", ["sparse_dense", "dense_sparse"])

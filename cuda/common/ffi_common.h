@@ -7,6 +7,13 @@
 
 #include "xla/ffi/api/ffi.h"
 
+// Helpers that kernels call too are marked for both host and device under nvcc.
+#ifdef __CUDACC__
+#define PIT_HOST_DEVICE __host__ __device__
+#else
+#define PIT_HOST_DEVICE
+#endif
+
 namespace pit {
 
 namespace ffi = xla::ffi;
@@ -38,7 +45,7 @@ inline bool debug_poison_outputs() {
   return on;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+PIT_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline int64_t element_count(ffi::AnyBuffer::Dimensions dims) {
   int64_t n = 1;

@@ -1,0 +1,612 @@
+// k-gather rule on CUDA (PIT SRead along the reduction dim).
+//
+// Forward  y = (x ⊙ M) @ w, three steps on the stream, no host decisions on data:
+//   1. pack:   per 32-row group, copy the columns of x that lie in nonzero micro-tiles, left to
+//              right, into a dense row-major buffer (rows padded with zeros to a multiple of 32),
+//              and record each packed column's id in x (-1 on padding).
+//   2. gemm:   one CTA per (32-row group, 128-column tile of y): a cp.async ring streams the packed
+//              x (dense 16-byte loads) and the rows of w named by the column ids (SRead); tensor
+//              cores (mma.sync m16n8k16, fp32 accumulate) or CUDA cores for fp32 do the product.
+//              A group with no nonzero tile still writes its zeros.
+// dW       dw = Σ_batch (x ⊙ M)ᵀ dy, two steps:
+//   1. colmask: per (32-row group, 64-column tile), a 64-bit mask of the columns listed nonzero.
+//   2. tn gemm: one CTA per 64x128 tile of dw walks the row groups whose mask is nonzero (in a
+//              fixed order, so results are deterministic), loads x and dy tiles and zeroes x's
+//              unlisted columns in registers before the MMA. No atomics.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include <cub/block/block_scan.cuh>
+
+#include "../common/ffi_common.h"
+#include "../common/mma_sm80.cuh"
+#include "kgather_layout.h"
+
+namespace pit {
+namespace {
+
+constexpr int kThreads = 128;  // 4 warps per GEMM CTA
+
+template <typename T>
+struct ForwardConfig {
+  static constexpr bool kTensorCores = sizeof(T) == 2;
+  static constexpr int kBM = int(kGroupRows), kBN = 128, kBK = int(kPackAlign);
+  static constexpr int kStages = kTensorCores ? 4 : 2;
+  static constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte copy
+  static constexpr int kAStride = kBK + kVec;       // one vector of padding per row: no bank conflicts
+  static constexpr int kBStride = kBN + kVec;
+  static constexpr int kStageElems = kBM * kAStride + kBK * kBStride;
+  static constexpr int kSmemBytes = kStages * kStageElems * int(sizeof(T));
+};
+
+template <typename T>
+struct TnConfig {
+  static constexpr bool kTensorCores = sizeof(T) == 2;
+  static constexpr int kBM = int(kMaskCols), kBN = 128, kBR = int(kGroupRows);  // dw rows, cols, tokens
+  static constexpr int kStages = kTensorCores ? 4 : 2;
+  static constexpr int kVec = 16 / int(sizeof(T));
+  static constexpr int kXStride = kBM + kVec;
+  static constexpr int kDStride = kBN + kVec;
+  static constexpr int kStageElems = kBR * kXStride + kBR * kDStride;
+  static constexpr int kListCap = 1024;  // row groups considered per pass
+  static constexpr int kSmemBytes = kStages * kStageElems * int(sizeof(T)) + kListCap * (8 + 4);
+};
+
+__device__ __forceinline__ uint64_t bit_range(int lo, int hi) {  // bits [lo, hi), 0 <= lo < hi <= 64
+  const uint64_t below_hi = hi >= 64 ? ~0ull : ((1ull << hi) - 1);
+  return below_hi & ~((1ull << lo) - 1);
+}
+
+// Copies one row segment of `kVec` elements into shared memory, zero past the valid length.
+template <typename T, bool kVectorized>
+__device__ __forceinline__ void load_segment(T* dst, const T* src, int64_t valid, const T* any_valid_address) {
+  constexpr int kVec = 16 / int(sizeof(T));
+  if constexpr (kVectorized) {  // the caller guarantees valid is 0 or >= kVec
+    const bool ok = valid > 0;
+    cp_async_16(dst, ok ? src : any_valid_address, ok ? 16 : 0);
+  } else {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) dst[e] = e < valid ? src[e] : zero_value<T>();
+  }
+}
+
+// ---- forward step 1: pack ----------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(256) pit_kgather_pack_kernel(const T* __restrict__ x,
+                                                               const int32_t* __restrict__ counts,
+                                                               const int32_t* __restrict__ indices,
+                                                               T* __restrict__ packed, int32_t* __restrict__ column_ids,
+                                                               KGatherShape s) {
+  const int64_t group = blockIdx.x;  // b * groups + g
+  const int64_t b = group / s.groups, g = group % s.groups;
+  const int64_t rb = b * s.nb_m + g * kGroupRows / s.tile_m;
+  const int64_t len = int64_t(counts[rb]) * s.tile_k;
+  const int64_t padded = ceil_div(len, kPackAlign) * kPackAlign;
+  const int32_t* blocks = indices + rb * s.nb_k;
+  const int64_t row0 = g * kGroupRows;
+  const T* x_rows = x + (b * s.rows + row0) * s.k;
+  T* out = packed + group * kGroupRows * s.packed_k;
+  for (int64_t p = threadIdx.x; p < padded; p += blockDim.x) {
+    int64_t col = -1;
+    if (p < len) {
+      col = int64_t(blocks[p / s.tile_k]) * s.tile_k + p % s.tile_k;
+      if (col >= s.k) col = -1;  // the last column block is partial
+    }
+    column_ids[group * s.packed_k + p] = int32_t(col);
+    T v[kGroupRows];
+#pragma unroll
+    for (int r = 0; r < kGroupRows; ++r)  // 32 independent loads in flight
+      v[r] = (col >= 0 && row0 + r < s.rows) ? x_rows[r * s.k + col] : zero_value<T>();
+#pragma unroll
+    for (int r = 0; r < kGroupRows; ++r) out[r * s.packed_k + p] = v[r];
+  }
+}
+
+// ---- forward step 2: gathered GEMM -------------------------------------------------------------
+
+template <typename T>
+struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
+  using C = ForwardConfig<T>;
+  float acc[2][4][4] = {};
+
+  __device__ __forceinline__ void step(const T* as, const T* bs, int warp, int lane) {
+#pragma unroll
+    for (int ks = 0; ks < C::kBK / 16; ++ks) {
+      uint32_t a[2][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+        ldmatrix_x4(a[mi], as + (mi * 16 + lane % 16) * C::kAStride + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int nj = 0; nj < 2; ++nj) {
+        uint32_t bq[4];
+        ldmatrix_x4_trans(bq, bs + (ks * 16 + lane % 8 + ((lane / 8) % 2) * 8) * C::kBStride + warp * 32 +
+                                  nj * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          mma_16816<T>(acc[mi][2 * nj], a[mi], bq[0], bq[1]);
+          mma_16816<T>(acc[mi][2 * nj + 1], a[mi], bq[2], bq[3]);
+        }
+      }
+    }
+  }
+
+  // y_tile points at y[row0, col0]; rows/cols: how many of the tile's rows/columns exist.
+  __device__ __forceinline__ void store(T* y_tile, int64_t ld, int64_t rows, int64_t cols, int warp, int lane) const {
+    const int gq = lane / 4, tq = lane % 4;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = mi * 16 + gq + half * 8, c = warp * 32 + ni * 8 + 2 * tq;
+          if (r >= rows) continue;
+          if (c < cols) y_tile[r * ld + c] = from_float<T>(acc[mi][ni][2 * half]);
+          if (c + 1 < cols) y_tile[r * ld + c + 1] = from_float<T>(acc[mi][ni][2 * half + 1]);
+        }
+  }
+};
+
+template <typename T>
+struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
+  using C = ForwardConfig<T>;
+  float acc[8][4] = {};
+
+  __device__ __forceinline__ void step(const T* as, const T* bs, int, int) {
+    const int tr = threadIdx.x / 32, tc = threadIdx.x % 32;
+#pragma unroll 4
+    for (int kk = 0; kk < C::kBK; ++kk) {
+      float b[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = float(bs[kk * C::kBStride + tc * 4 + j]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float a = float(as[(tr * 8 + i) * C::kAStride + kk]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a, b[j], acc[i][j]);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(T* y_tile, int64_t ld, int64_t rows, int64_t cols, int, int) const {
+    const int tr = threadIdx.x / 32, tc = threadIdx.x % 32;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (tr * 8 + i < rows && tc * 4 + j < cols) y_tile[(tr * 8 + i) * ld + tc * 4 + j] = from_float<T>(acc[i][j]);
+  }
+};
+
+template <typename T>
+using ForwardMath = std::conditional_t<ForwardConfig<T>::kTensorCores, ForwardTensorCoreMath<T>, ForwardCudaCoreMath<T>>;
+
+template <typename T, bool kVecW>
+__global__ void __launch_bounds__(kThreads) pit_kgather_forward_kernel(const T* __restrict__ packed,
+                                                                       const int32_t* __restrict__ column_ids,
+                                                                       const int32_t* __restrict__ counts,
+                                                                       const T* __restrict__ w, T* __restrict__ y,
+                                                                       KGatherShape s, int64_t n_tiles) {
+  using C = ForwardConfig<T>;
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  T* smem = reinterpret_cast<T*>(smem_bytes);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t n_tile = blockIdx.x % n_tiles;  // neighbouring CTAs share a row group
+  const int64_t group = blockIdx.x / n_tiles;
+  const int64_t b = group / s.groups, g = group % s.groups;
+  const int64_t n0 = n_tile * C::kBN;
+  const int64_t len = int64_t(counts[b * s.nb_m + g * kGroupRows / s.tile_m]) * s.tile_k;
+  const int n_chunks = int(ceil_div(len, C::kBK));
+  const T* a_src = packed + group * kGroupRows * s.packed_k;
+  const int32_t* ids = column_ids + group * s.packed_k;
+
+  auto load_stage = [&](int chunk, int stage) {
+    T* as = smem + stage * C::kStageElems;
+    T* bs = as + C::kBM * C::kAStride;
+    const int64_t p0 = int64_t(chunk) * C::kBK;
+    constexpr int kAVecsPerRow = C::kBK / C::kVec, kBVecsPerRow = C::kBN / C::kVec;
+    for (int i = threadIdx.x; i < C::kBM * kAVecsPerRow; i += kThreads) {  // packed rows: always aligned
+      const int r = i / kAVecsPerRow, c = (i % kAVecsPerRow) * C::kVec;
+      cp_async_16(as + r * C::kAStride + c, a_src + r * s.packed_k + p0 + c, 16);
+    }
+    for (int i = threadIdx.x; i < C::kBK * kBVecsPerRow; i += kThreads) {  // SRead: the w rows named by ids
+      const int r = i / kBVecsPerRow, c = (i % kBVecsPerRow) * C::kVec;
+      const int64_t k = ids[p0 + r], n = n0 + c;
+      const int64_t valid = k < 0 ? 0 : (s.n - n < C::kVec ? s.n - n : C::kVec);
+      load_segment<T, kVecW>(bs + r * C::kBStride + c, w + k * s.n + n, valid, w);
+    }
+  };
+
+  ForwardMath<T> math;
+#pragma unroll
+  for (int st = 0; st < C::kStages - 1; ++st) {
+    if (st < n_chunks) load_stage(st, st);
+    cp_async_commit();
+  }
+  for (int chunk = 0; chunk < n_chunks; ++chunk) {
+    cp_async_wait<C::kStages - 2>();
+    __syncthreads();  // stage `chunk` is visible; stage `chunk - 1` is free for reuse
+    const int next = chunk + C::kStages - 1;
+    if (next < n_chunks) load_stage(next, next % C::kStages);
+    cp_async_commit();
+    const T* as = smem + (chunk % C::kStages) * C::kStageElems;
+    math.step(as, as + C::kBM * C::kAStride, warp, lane);
+  }
+  const int64_t row0 = g * kGroupRows;
+  math.store(y + (b * s.rows + row0) * s.n + n0, s.n, s.rows - row0, s.n - n0, warp, lane);
+}
+
+// ---- dW step 1: column masks per (row group, 64-column tile) -----------------------------------
+
+constexpr int kMaskWordsPerPass = 1024;
+
+__global__ void __launch_bounds__(256) pit_kgather_colmask_kernel(const int32_t* __restrict__ counts,
+                                                                  const int32_t* __restrict__ indices,
+                                                                  uint64_t* __restrict__ masks, KGatherShape s) {
+  __shared__ unsigned long long words[kMaskWordsPerPass];
+  const int64_t rb_all = blockIdx.x;  // b * nb_m + rb
+  const int64_t b = rb_all / s.nb_m, rb = rb_all % s.nb_m;
+  const int64_t count = counts[rb_all];
+  const int32_t* blocks = indices + rb_all * s.nb_k;
+  const int64_t tiles = s.mask_tiles();
+  const int64_t g_first = rb * s.tile_m / kGroupRows;
+  const int64_t g_end = min(s.groups, (rb + 1) * s.tile_m / kGroupRows);
+  for (int64_t t0 = 0; t0 < tiles; t0 += kMaskWordsPerPass) {
+    for (int i = threadIdx.x; i < kMaskWordsPerPass; i += blockDim.x) words[i] = 0;
+    __syncthreads();
+    const int64_t pass_lo = t0 * kMaskCols, pass_hi = min(s.k, (t0 + kMaskWordsPerPass) * kMaskCols);
+    for (int64_t j = threadIdx.x; j < count; j += blockDim.x) {
+      int64_t c = max(int64_t(blocks[j]) * s.tile_k, pass_lo);
+      const int64_t c_end = min(int64_t(blocks[j]) * s.tile_k + s.tile_k, pass_hi);
+      while (c < c_end) {
+        const int64_t t = c / kMaskCols, t_end = min(c_end, (t + 1) * kMaskCols);
+        atomicOr(&words[t - t0], (unsigned long long)bit_range(int(c - t * kMaskCols), int(t_end - t * kMaskCols)));
+        c = t_end;
+      }
+    }
+    __syncthreads();
+    const int64_t n_words = min(int64_t(kMaskWordsPerPass), tiles - t0);
+    for (int64_t g = g_first; g < g_end; ++g)
+      for (int64_t i = threadIdx.x; i < n_words; i += blockDim.x)
+        masks[(t0 + i) * s.all_groups() + b * s.groups + g] = words[i];  // [tile][group]: coalesced reads later
+    __syncthreads();
+  }
+}
+
+// ---- dW step 2: xᵀ dy over the row groups with nonzero columns ---------------------------------
+
+template <typename T>
+struct TnTensorCoreMath {  // warps 2 x 2, each 32 rows (columns of x) x 64 columns of dw
+  using C = TnConfig<T>;
+  float acc[2][8][4] = {};
+
+  __device__ __forceinline__ void step(const T* xs, const T* ds, uint64_t mask, int warp, int lane) {
+    const int wm = warp / 2, wn = warp % 2, gq = lane / 4;
+#pragma unroll
+    for (int ks = 0; ks < C::kBR / 16; ++ks) {
+      uint32_t a[2][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        ldmatrix_x4_trans(a[mi], xs + (ks * 16 + lane % 8 + (lane / 16) * 8) * C::kXStride + wm * 32 + mi * 16 +
+                                     ((lane / 8) % 2) * 8);
+        const int m = wm * 32 + mi * 16 + gq;  // this lane's fragment rows are m and m + 8
+        if (!((mask >> m) & 1)) a[mi][0] = a[mi][2] = 0;  // unlisted columns of x: never used
+        if (!((mask >> (m + 8)) & 1)) a[mi][1] = a[mi][3] = 0;
+      }
+#pragma unroll
+      for (int nj = 0; nj < 4; ++nj) {
+        uint32_t bq[4];
+        ldmatrix_x4_trans(bq, ds + (ks * 16 + lane % 8 + ((lane / 8) % 2) * 8) * C::kDStride + wn * 64 + nj * 16 +
+                                  (lane / 16) * 8);
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          mma_16816<T>(acc[mi][2 * nj], a[mi], bq[0], bq[1]);
+          mma_16816<T>(acc[mi][2 * nj + 1], a[mi], bq[2], bq[3]);
+        }
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(T* out, int64_t ld, int64_t rows, int64_t cols, int warp, int lane) const {
+    const int wm = warp / 2, wn = warp % 2, gq = lane / 4, tq = lane % 4;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 8; ++ni)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = wm * 32 + mi * 16 + gq + half * 8, c = wn * 64 + ni * 8 + 2 * tq;
+          if (r >= rows) continue;
+          if (c < cols) out[r * ld + c] = from_float<T>(acc[mi][ni][2 * half]);
+          if (c + 1 < cols) out[r * ld + c + 1] = from_float<T>(acc[mi][ni][2 * half + 1]);
+        }
+  }
+};
+
+template <typename T>
+struct TnCudaCoreMath {  // fp32: each thread 8 rows x 8 columns of dw
+  using C = TnConfig<T>;
+  float acc[8][8] = {};
+
+  __device__ __forceinline__ void step(const T* xs, const T* ds, uint64_t mask, int, int) {
+    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+    const unsigned bits = unsigned(mask >> (tr * 8)) & 0xffu;
+#pragma unroll 4
+    for (int r = 0; r < C::kBR; ++r) {
+      float a[8], b[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) a[i] = ((bits >> i) & 1u) ? float(xs[r * C::kXStride + tr * 8 + i]) : 0.0f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) b[j] = float(ds[r * C::kDStride + tc * 8 + j]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+  }
+
+  __device__ __forceinline__ void store(T* out, int64_t ld, int64_t rows, int64_t cols, int, int) const {
+    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (tr * 8 + i < rows && tc * 8 + j < cols) out[(tr * 8 + i) * ld + tc * 8 + j] = from_float<T>(acc[i][j]);
+  }
+};
+
+template <typename T>
+using TnMath = std::conditional_t<TnConfig<T>::kTensorCores, TnTensorCoreMath<T>, TnCudaCoreMath<T>>;
+
+template <typename T, bool kVecX, bool kVecDy>
+__global__ void __launch_bounds__(kThreads) pit_kgather_tn_kernel(const T* __restrict__ x, const T* __restrict__ dy,
+                                                                  const uint64_t* __restrict__ masks,
+                                                                  T* __restrict__ dw, KGatherShape s, int64_t n_tiles) {
+  using C = TnConfig<T>;
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  T* smem = reinterpret_cast<T*>(smem_bytes);
+  uint64_t* list_mask = reinterpret_cast<uint64_t*>(smem_bytes + C::kStages * C::kStageElems * sizeof(T));
+  int32_t* list_group = reinterpret_cast<int32_t*>(list_mask + C::kListCap);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t n_tile = blockIdx.x % n_tiles, k_tile = blockIdx.x / n_tiles;
+  const int64_t n0 = n_tile * C::kBN, k0 = k_tile * C::kBM;
+  const int64_t all_groups = s.all_groups();
+  const uint64_t* tile_masks = masks + k_tile * all_groups;
+  constexpr int kPerThread = C::kListCap / kThreads;
+  TnMath<T> math;
+
+  for (int64_t base = 0; base < all_groups; base += C::kListCap) {
+    // The row groups of this pass with a listed column in this tile, compacted in a fixed order.
+    uint64_t m[kPerThread];
+    int mine = 0;
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t grp = base + j * kThreads + threadIdx.x;
+      m[j] = grp < all_groups ? tile_masks[grp] : 0;
+      mine += m[j] != 0;
+    }
+    int pos, active;
+    Scan(scan_storage).ExclusiveSum(mine, pos, active);
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j)
+      if (m[j]) {
+        list_mask[pos] = m[j];
+        list_group[pos] = int32_t(j * kThreads + threadIdx.x);
+        ++pos;
+      }
+    __syncthreads();
+
+    auto load_stage = [&](int e, int stage) {
+      T* xs = smem + stage * C::kStageElems;
+      T* ds = xs + C::kBR * C::kXStride;
+      const int64_t grp = base + list_group[e];
+      const int64_t b = grp / s.groups, row0 = (grp % s.groups) * kGroupRows;
+      constexpr int kXVecsPerRow = C::kBM / C::kVec, kDVecsPerRow = C::kBN / C::kVec;
+      for (int i = threadIdx.x; i < C::kBR * kXVecsPerRow; i += kThreads) {
+        const int r = i / kXVecsPerRow, c = (i % kXVecsPerRow) * C::kVec;
+        const int64_t row = row0 + r, col = k0 + c;
+        const int64_t valid = row >= s.rows ? 0 : (s.k - col < C::kVec ? s.k - col : C::kVec);
+        load_segment<T, kVecX>(xs + r * C::kXStride + c, x + (b * s.rows + row) * s.k + col, valid, x);
+      }
+      for (int i = threadIdx.x; i < C::kBR * kDVecsPerRow; i += kThreads) {
+        const int r = i / kDVecsPerRow, c = (i % kDVecsPerRow) * C::kVec;
+        const int64_t row = row0 + r, col = n0 + c;
+        const int64_t valid = row >= s.rows ? 0 : (s.n - col < C::kVec ? s.n - col : C::kVec);
+        load_segment<T, kVecDy>(ds + r * C::kDStride + c, dy + (b * s.rows + row) * s.n + col, valid, dy);
+      }
+    };
+
+#pragma unroll
+    for (int st = 0; st < C::kStages - 1; ++st) {
+      if (st < active) load_stage(st, st);
+      cp_async_commit();
+    }
+    for (int e = 0; e < active; ++e) {
+      cp_async_wait<C::kStages - 2>();
+      __syncthreads();
+      const int next = e + C::kStages - 1;
+      if (next < active) load_stage(next, next % C::kStages);
+      cp_async_commit();
+      const T* xs = smem + (e % C::kStages) * C::kStageElems;
+      math.step(xs, xs + C::kBR * C::kXStride, list_mask[e], warp, lane);
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the list and the stages are rewritten by the next pass
+  }
+  math.store(dw + k0 * s.n + n0, s.n, s.k - k0, s.n - n0, warp, lane);
+}
+
+// ---- launchers ---------------------------------------------------------------------------------
+
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, int bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T>
+cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const void* x, const void* w,
+                           const int32_t* counts, const int32_t* indices, void* y, uint8_t* workspace) {
+  using C = ForwardConfig<T>;
+  if (s.all_groups() == 0 || s.n == 0) return cudaSuccess;
+  T* packed = reinterpret_cast<T*>(workspace);
+  int32_t* column_ids = reinterpret_cast<int32_t*>(workspace + s.packed_x_bytes(sizeof(T)));
+  pit_kgather_pack_kernel<T><<<unsigned(s.all_groups()), 256, 0, stream>>>(
+      static_cast<const T*>(x), counts, indices, packed, column_ids, s);
+  const int64_t n_tiles = ceil_div(s.n, C::kBN);
+  const unsigned grid = unsigned(s.all_groups() * n_tiles);
+  const bool vec_w = s.n % C::kVec == 0 && aligned16(w);
+  auto kernel = vec_w ? pit_kgather_forward_kernel<T, true> : pit_kgather_forward_kernel<T, false>;
+  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, C::kSmemBytes, stream>>>(packed, column_ids, counts, static_cast<const T*>(w),
+                                                     static_cast<T*>(y), s, n_tiles);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_tn(cudaStream_t stream, const KGatherShape& s, const void* x, const void* dy,
+                      const int32_t* counts, const int32_t* indices, void* dw, uint8_t* workspace) {
+  using C = TnConfig<T>;
+  if (s.k == 0 || s.n == 0) return cudaSuccess;
+  if (s.all_groups() == 0) return cudaMemsetAsync(dw, 0, s.k * s.n * sizeof(T), stream);
+  uint64_t* masks = reinterpret_cast<uint64_t*>(workspace);
+  pit_kgather_colmask_kernel<<<unsigned(s.batch * s.nb_m), 256, 0, stream>>>(counts, indices, masks, s);
+  const int64_t n_tiles = ceil_div(s.n, C::kBN);
+  const unsigned grid = unsigned(ceil_div(s.k, C::kBM) * n_tiles);
+  const bool vec_x = s.k % C::kVec == 0 && aligned16(x), vec_dy = s.n % C::kVec == 0 && aligned16(dy);
+  auto kernel = vec_x ? (vec_dy ? pit_kgather_tn_kernel<T, true, true> : pit_kgather_tn_kernel<T, true, false>)
+                      : (vec_dy ? pit_kgather_tn_kernel<T, false, true> : pit_kgather_tn_kernel<T, false, false>);
+  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, C::kSmemBytes, stream>>>(static_cast<const T*>(x), static_cast<const T*>(dy), masks,
+                                                     static_cast<T*>(dw), s, n_tiles);
+  return cudaGetLastError();
+}
+
+// ---- FFI handlers ------------------------------------------------------------------------------
+
+bool same_dims(ffi::AnyBuffer::Dimensions a, std::initializer_list<int64_t> b) {
+  if (a.size() != b.size()) return false;
+  size_t i = 0;
+  for (int64_t d : b)
+    if (a[i++] != d) return false;
+  return true;
+}
+
+// Checks x [..., M, K], the second operand [rows2, N] (w: [K, N]; dy: [..., M, N]) and the row
+// index [..., nb_m] / [..., nb_m, nb_k]; fills the shape. Returns an error message or "".
+std::string check_kgather(const char* op, ffi::AnyBuffer x, ffi::AnyBuffer::Dimensions counts,
+                          ffi::AnyBuffer::Dimensions indices, int64_t n, int64_t tile_m, int64_t tile_k,
+                          KGatherShape* s) {
+  MatrixView xv;
+  if (!matrix_view(x.dimensions(), &xv)) return std::string(op) + ": x must have rank >= 2";
+  if (tile_m <= 0 || tile_k <= 0 || tile_m % kGroupRows != 0)
+    return std::string(op) + ": tile_m must be a positive multiple of 32 and tile_k positive";
+  *s = make_kgather_shape(xv.batch, xv.rows, xv.cols, n, tile_m, tile_k);
+  const size_t lead = x.dimensions().size() - 2;
+  if (counts.size() != lead + 1 || indices.size() != lead + 2 || counts[lead] != s->nb_m ||
+      indices[lead] != s->nb_m || indices[lead + 1] != s->nb_k)
+    return std::string(op) + ": the index does not match x's shape and tile";
+  for (size_t i = 0; i < lead; ++i)
+    if (counts[i] != x.dimensions()[i] || indices[i] != x.dimensions()[i])
+      return std::string(op) + ": the index's batch dims do not match x's";
+  return "";
+}
+
+template <typename Launch>
+cudaError_t dispatch_dtype(ffi::DataType dtype, Launch&& launch, bool* known) {
+  *known = true;
+  switch (dtype) {
+    case ffi::DataType::BF16: return launch(__nv_bfloat16{});
+    case ffi::DataType::F16: return launch(__half{});
+    case ffi::DataType::F32: return launch(float{});
+    default: *known = false; return cudaSuccess;
+  }
+}
+
+ffi::Error SparseDenseCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> counts,
+                           ffi::Buffer<ffi::S32> indices, ffi::Result<ffi::AnyBuffer> y,
+                           ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t tile_m, int64_t tile_k) {
+  const auto wd = w.dimensions();
+  if (wd.size() != 2) return ffi::Error::InvalidArgument("pit_sparse_dense: w must be a matrix [K, N]");
+  KGatherShape s;
+  const std::string msg = check_kgather("pit_sparse_dense", x, counts.dimensions(), indices.dimensions(), wd[1],
+                                        tile_m, tile_k, &s);
+  if (!msg.empty()) return ffi::Error::InvalidArgument(msg);
+  if (wd[0] != s.k) return ffi::Error::InvalidArgument("pit_sparse_dense: w's rows must equal x's columns");
+  if (w.element_type() != x.element_type() || y->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("pit_sparse_dense: x, w and y must share one dtype");
+  if (element_count(y->dimensions()) != s.batch * s.rows * s.n)
+    return ffi::Error::InvalidArgument("pit_sparse_dense: y must be [..., M, N]");
+  if (element_count(workspace->dimensions()) != s.forward_workspace_bytes(ffi::ByteWidth(x.element_type())))
+    return ffi::Error::InvalidArgument("pit_sparse_dense: workspace size does not match the shapes");
+  if (debug_poison_outputs()) cudaMemsetAsync(y->untyped_data(), kPoisonByte, y->size_bytes(), stream);
+  bool known;
+  const cudaError_t err = dispatch_dtype(x.element_type(), [&](auto tag) {
+    return launch_forward<decltype(tag)>(stream, s, x.untyped_data(), w.untyped_data(), counts.typed_data(),
+                                         indices.typed_data(), y->untyped_data(), workspace->typed_data());
+  }, &known);
+  if (!known) return ffi::Error::InvalidArgument("pit_sparse_dense: x must be bfloat16, float16 or float32");
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_sparse_dense: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+ffi::Error SparseTnCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::S32> counts,
+                        ffi::Buffer<ffi::S32> indices, ffi::Result<ffi::AnyBuffer> dw,
+                        ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t tile_m, int64_t tile_k) {
+  const auto dyd = dy.dimensions();
+  if (dyd.size() != x.dimensions().size() || dyd.size() < 2)
+    return ffi::Error::InvalidArgument("pit_sparse_tn: dy must be [..., M, N] with x's leading dims");
+  KGatherShape s;
+  const std::string msg = check_kgather("pit_sparse_tn", x, counts.dimensions(), indices.dimensions(),
+                                        dyd[dyd.size() - 1], tile_m, tile_k, &s);
+  if (!msg.empty()) return ffi::Error::InvalidArgument(msg);
+  for (size_t i = 0; i + 1 < dyd.size(); ++i)
+    if (dyd[i] != x.dimensions()[i]) return ffi::Error::InvalidArgument("pit_sparse_tn: dy's leading dims and M must match x's");
+  if (dy.element_type() != x.element_type() || dw->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("pit_sparse_tn: x, dy and dw must share one dtype");
+  if (!same_dims(dw->dimensions(), {s.k, s.n})) return ffi::Error::InvalidArgument("pit_sparse_tn: dw must be [K, N]");
+  if (element_count(workspace->dimensions()) != s.tn_workspace_bytes())
+    return ffi::Error::InvalidArgument("pit_sparse_tn: workspace size does not match the shapes");
+  if (debug_poison_outputs()) {
+    cudaMemsetAsync(dw->untyped_data(), kPoisonByte, dw->size_bytes(), stream);
+    cudaMemsetAsync(workspace->untyped_data(), kPoisonByte, workspace->size_bytes(), stream);
+  }
+  bool known;
+  const cudaError_t err = dispatch_dtype(x.element_type(), [&](auto tag) {
+    return launch_tn<decltype(tag)>(stream, s, x.untyped_data(), dy.untyped_data(), counts.typed_data(),
+                                    indices.typed_data(), dw->untyped_data(), workspace->typed_data());
+  }, &known);
+  if (!known) return ffi::Error::InvalidArgument("pit_sparse_tn: x must be bfloat16, float16 or float32");
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_sparse_tn: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace pit
+
+// Launch shapes depend only on static shapes, so XLA may capture these handlers in CUDA graphs.
+#define PIT_KGATHER_BINDING                                                 \
+  xla::ffi::Ffi::Bind()                                                     \
+      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()                        \
+      .Arg<xla::ffi::AnyBuffer>()                                           \
+      .Arg<xla::ffi::AnyBuffer>()                                           \
+      .Arg<xla::ffi::Buffer<xla::ffi::S32>>()                               \
+      .Arg<xla::ffi::Buffer<xla::ffi::S32>>()                               \
+      .Ret<xla::ffi::AnyBuffer>()                                           \
+      .Ret<xla::ffi::Buffer<xla::ffi::U8>>()                                \
+      .Attr<int64_t>("tile_m")                                              \
+      .Attr<int64_t>("tile_k")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseDenseCuda, pit::SparseDenseCuda, PIT_KGATHER_BINDING,
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnCuda, pit::SparseTnCuda, PIT_KGATHER_BINDING,
+                              {xla::ffi::Traits::kCmdBufferCompatible});

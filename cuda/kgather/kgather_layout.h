@@ -1,0 +1,59 @@
+// Shapes and scratch layout shared by the k-gather CUDA handlers (and mirrored in
+// pit_jax/kgather.py, which sizes the scratch buffer XLA allocates for them).
+#pragma once
+
+#include <cstdint>
+
+#include "../common/ffi_common.h"
+
+namespace pit {
+
+// Rows that share one k-list in the forward GEMM. The Python lowering guarantees that the row
+// tile is a multiple of this (a smaller tile is merged into 32-row groups before the call).
+constexpr int64_t kGroupRows = 32;
+// Packed (gathered) rows are padded to a multiple of the forward GEMM's k-step.
+constexpr int64_t kPackAlign = 32;
+// dW tiles: rows of dW (= columns of x) per CTA; one 64-bit column mask per (row group, tile).
+constexpr int64_t kMaskCols = 64;
+
+struct KGatherShape {
+  int64_t batch = 1;   // product of x's leading dims
+  int64_t rows = 0;    // M
+  int64_t k = 0;       // K (x's columns, w's rows)
+  int64_t n = 0;       // N (w's / dy's columns)
+  int64_t tile_m = 0;  // row tile (multiple of kGroupRows)
+  int64_t tile_k = 0;
+  int64_t nb_m = 0;
+  int64_t nb_k = 0;
+  int64_t groups = 0;    // ceil(M / kGroupRows)
+  int64_t packed_k = 0;  // row length of the packed x: nb_k * tile_k rounded up to kPackAlign
+
+  PIT_HOST_DEVICE int64_t all_groups() const { return batch * groups; }
+  PIT_HOST_DEVICE int64_t mask_tiles() const { return ceil_div(k, kMaskCols); }
+
+  // Forward scratch: packed x [batch*groups*32, packed_k] then its column ids [batch*groups, packed_k].
+  int64_t packed_x_bytes(int64_t elem_bytes) const { return all_groups() * kGroupRows * packed_k * elem_bytes; }
+  int64_t forward_workspace_bytes(int64_t elem_bytes) const {
+    return packed_x_bytes(elem_bytes) + all_groups() * packed_k * int64_t(sizeof(int32_t));
+  }
+  // dW scratch: one 64-bit column mask per (column tile, row group).
+  int64_t tn_workspace_bytes() const { return mask_tiles() * all_groups() * int64_t(sizeof(uint64_t)); }
+};
+
+inline KGatherShape make_kgather_shape(int64_t batch, int64_t rows, int64_t k, int64_t n, int64_t tile_m,
+                                       int64_t tile_k) {
+  KGatherShape s;
+  s.batch = batch;
+  s.rows = rows;
+  s.k = k;
+  s.n = n;
+  s.tile_m = tile_m;
+  s.tile_k = tile_k;
+  s.nb_m = ceil_div(rows, tile_m);
+  s.nb_k = ceil_div(k, tile_k);
+  s.groups = ceil_div(rows, kGroupRows);
+  s.packed_k = ceil_div(s.nb_k * tile_k, kPackAlign) * kPackAlign;
+  return s;
+}
+
+}  // namespace pit

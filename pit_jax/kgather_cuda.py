@@ -1,0 +1,82 @@
+"""CUDA lowering of the k-gather primitives: calls into cuda/kgather/kgather_cuda.cu.
+
+The kernels share one k-list among 32 consecutive rows (one GEMM row group). A row tile that is
+a multiple of 32 maps onto that directly. A smaller or odd row tile is first merged into 32-row
+groups on device — the union of the groups' column lists — and x is masked to its listed
+micro-tiles (one elementwise pass), so results stay exactly those of the finer index; the
+GEMM then does the work of the coarser one.
+
+Scratch buffers are extra results of the custom call, sized here as in `KGatherShape`
+(kgather_layout.h), and dropped.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .tile_index import element_mask_from_indices, tile_mask_from_indices
+
+GROUP_ROWS = 32   # kGroupRows
+PACK_ALIGN = 32   # kPackAlign
+MASK_COLS = 64    # kMaskCols
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _kernel_index(x, counts, indices, shape, tile):
+    """(x, counts, indices, tile_m) with tile_m a multiple of GROUP_ROWS, for the same product."""
+    (m, k), (tm, tk) = shape, tile
+    if tm % GROUP_ROWS == 0:
+        return x, counts, indices, tm
+    from .detect import detect_p  # compaction of the (small) group mask on device
+    rows = jnp.repeat(tile_mask_from_indices(indices, "row"), tm, axis=-2)[..., :m, :]
+    groups = _cdiv(m, GROUP_ROWS)
+    pad = [(0, 0)] * (rows.ndim - 2) + [(0, groups * GROUP_ROWS - m), (0, 0)]
+    rows = jnp.pad(rows, pad)
+    group_mask = rows.reshape(*rows.shape[:-2], groups, GROUP_ROWS, rows.shape[-1]).any(-2)
+    g_counts, _, g_indices = detect_p.bind(group_mask.astype(jnp.bfloat16), tile_m=1, tile_k=1, layout="row")
+    x = jnp.where(element_mask_from_indices(indices, shape, tile, "row"), x, jnp.zeros((), x.dtype))
+    return x, g_counts, g_indices, GROUP_ROWS
+
+
+def forward_workspace_bytes(lead, m, k, tile_k, itemsize):
+    groups = math.prod(lead) * _cdiv(m, GROUP_ROWS)
+    packed_k = _cdiv(_cdiv(k, tile_k) * tile_k, PACK_ALIGN) * PACK_ALIGN
+    return groups * GROUP_ROWS * packed_k * itemsize + groups * packed_k * 4
+
+
+def tn_workspace_bytes(lead, m, k):
+    return _cdiv(k, MASK_COLS) * math.prod(lead) * _cdiv(m, GROUP_ROWS) * 8
+
+
+def _attrs(tile_m, tile_k):
+    return dict(tile_m=np.int64(tile_m), tile_k=np.int64(tile_k))
+
+
+def sparse_dense_cuda(x, w, counts, offsets, indices, *, shape, tile, layout):
+    del offsets, layout
+    xk, ck, ik, tm = _kernel_index(x, counts, indices, shape, tile)
+    *lead, m, k = x.shape
+    n = w.shape[-1]
+    ws = forward_workspace_bytes(lead, m, k, tile[1], np.dtype(x.dtype).itemsize)
+    y, _ = jax.ffi.ffi_call("pit_sparse_dense", (jax.ShapeDtypeStruct((*lead, m, n), x.dtype),
+                                                 jax.ShapeDtypeStruct((ws,), jnp.uint8)))(
+        xk, w.astype(x.dtype), ck, ik, **_attrs(tm, tile[1]))
+    return y
+
+
+def sparse_tn_cuda(x, dy, counts, offsets, indices, *, shape, tile, layout, out_dtype):
+    del offsets, layout
+    xk, ck, ik, tm = _kernel_index(x, counts, indices, shape, tile)
+    *lead, m, k = x.shape
+    n = dy.shape[-1]
+    ws = tn_workspace_bytes(lead, m, k)
+    dw, _ = jax.ffi.ffi_call("pit_sparse_tn", (jax.ShapeDtypeStruct((k, n), x.dtype),
+                                               jax.ShapeDtypeStruct((ws,), jnp.uint8)))(
+        xk, dy.astype(x.dtype), ck, ik, **_attrs(tm, tile[1]))
+    return dw.astype(out_dtype)
