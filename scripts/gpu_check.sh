@@ -28,7 +28,8 @@ step build env PIT_ENABLE_CUDA=ON $PY -m pip install --no-build-isolation --no-d
 $PY -P -c "import pit_jax; print(pit_jax.build_info())"
 
 # -P: do not put the source tree on sys.path, so the installed (compiled) package is tested.
-step tests $PY -P -m pytest tests -q -rs -p no:cacheprovider
+# TESTS="tests/test_x.py ..." narrows the suite (default: all of tests/).
+step tests $PY -P -m pytest ${TESTS:-tests} -q -rs -p no:cacheprovider
 
 # BENCHES="detect moe" picks benchmarks (default: all); each is bounded by BENCH_TIMEOUT seconds.
 BENCHES=${BENCHES:-$(cd benchmarks && ls bench_*.py | sed 's/^bench_//; s/\.py$//')}
@@ -37,7 +38,7 @@ for b in $BENCHES; do
 done
 
 # Per-kernel device times for the largest k-gather case (Nsight Compute; informational).
-if command -v ncu >/dev/null; then
+if [[ "${NCU:-1}" == 1 ]] && command -v ncu >/dev/null; then
   echo; echo "=== ncu: per-kernel times, 16384x16384 bf16, tile 32x1 and 1x16384"
   for c in 4 5; do
     timeout 180 ncu --kernel-name regex:pit_detect --launch-count 8 --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
@@ -45,19 +46,25 @@ if command -v ncu >/dev/null; then
   done
 fi
 
-# Sanitizers last (slow); each is bounded so a hang cannot eat the run.
+# Sanitizers last (slow); each is bounded so a hang cannot eat the run. SANITIZE=0 skips them.
+if [[ "${SANITIZE:-1}" == 1 ]]; then
 SAN_TIMEOUT=${SAN_TIMEOUT:-240}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform  # one cudaMalloc per buffer: OOB is visible
 FILTER=()
 SAN_HELP=$(compute-sanitizer --help 2>&1 || true)  # no grep -q in a pipe: SIGPIPE under pipefail
 if [[ "$SAN_HELP" == *"--kernel-name"* ]]; then FILTER=(--kernel-name kns=pit_); fi
-step memcheck timeout $SAN_TIMEOUT compute-sanitizer --tool memcheck --error-exitcode 97 "${FILTER[@]}" $PY -P -m pytest tests/test_detect.py -k "gpu and (dtypes_and_sparsity or unaligned or special or deterministic or jnp_reference)" -q -p no:cacheprovider -x
-step racecheck timeout $SAN_TIMEOUT compute-sanitizer --tool racecheck --error-exitcode 98 "${FILTER[@]}" $PY -P -m pytest tests/test_detect.py -k "gpu and (dtypes_and_sparsity or unaligned or deterministic)" -q -p no:cacheprovider -x
-step synccheck timeout $SAN_TIMEOUT compute-sanitizer --tool synccheck --error-exitcode 96 "${FILTER[@]}" $PY -P -m pytest tests/test_detect.py -k "gpu and dtypes_and_sparsity" -q -p no:cacheprovider -x
+DETECT_SAN=(tests/test_detect.py -k "gpu and (dtypes_and_sparsity or unaligned or special or deterministic or jnp_reference)")
+KGATHER_SAN=(tests/test_kgather_kernels.py -k "gpu and (0.5 or 1.0 or garbage or many_row or dense_sparse)")
+for san in memcheck:97 racecheck:98 synccheck:96; do
+  tool=${san%%:*}; code=${san##*:}
+  step "${tool}" timeout $SAN_TIMEOUT compute-sanitizer --tool $tool --error-exitcode $code "${FILTER[@]}" $PY -P -m pytest "${DETECT_SAN[@]}" -q -p no:cacheprovider -x
+  step "${tool}_kgather" timeout $SAN_TIMEOUT compute-sanitizer --tool $tool --error-exitcode $code "${FILTER[@]}" $PY -P -m pytest "${KGATHER_SAN[@]}" -q -p no:cacheprovider -x
+done
 unset XLA_PYTHON_CLIENT_PREALLOCATE XLA_PYTHON_CLIENT_ALLOCATOR
+fi
 
 
 echo; echo "=== summary"
-for k in build tests $(for b in $BENCHES; do echo "bench_$b"; done) memcheck racecheck synccheck; do
+for k in build tests $(for b in $BENCHES; do echo "bench_$b"; done) memcheck memcheck_kgather racecheck racecheck_kgather synccheck synccheck_kgather; do
   printf '%-12s %s\n' "$k" "${STATUS[$k]:-not run}"
 done
