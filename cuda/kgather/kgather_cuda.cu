@@ -32,8 +32,8 @@ constexpr int kThreads = 128;  // 4 warps per GEMM CTA
 template <typename T>
 struct ForwardConfig {
   static constexpr bool kTensorCores = sizeof(T) == 2;
-  static constexpr int kBM = int(kGroupRows), kBN = 128, kBK = int(kPackAlign);
-  static constexpr int kStages = kTensorCores ? 4 : 2;
+  static constexpr int kBM = int(kGroupRows), kBN = 128, kBK = 2 * int(kPackAlign);
+  static constexpr int kStages = kTensorCores ? 3 : 2;  // 66 KB (bf16/fp16): 3 CTAs per SM
   static constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte copy
   static constexpr int kAStride = kBK + kVec;       // one vector of padding per row: no bank conflicts
   static constexpr int kBStride = kBN + kVec;
@@ -44,8 +44,9 @@ struct ForwardConfig {
 template <typename T>
 struct TnConfig {
   static constexpr bool kTensorCores = sizeof(T) == 2;
-  static constexpr int kBM = int(kMaskCols), kBN = 128, kBR = int(kGroupRows);  // dw rows, cols, tokens
-  static constexpr int kStages = kTensorCores ? 4 : 2;
+  static constexpr int kGroupsPerStage = 2;  // two 32-row groups per stage: fewer barriers per MMA
+  static constexpr int kBM = int(kMaskCols), kBN = 128, kBR = kGroupsPerStage * int(kGroupRows);
+  static constexpr int kStages = kTensorCores ? 3 : 2;
   static constexpr int kVec = 16 / int(sizeof(T));
   static constexpr int kXStride = kBM + kVec;
   static constexpr int kDStride = kBN + kVec;
@@ -203,35 +204,54 @@ __global__ void __launch_bounds__(kThreads) pit_kgather_forward_kernel(const T* 
   const T* a_src = packed + group * kGroupRows * s.packed_k;
   const int32_t* ids = column_ids + group * s.packed_k;
 
-  auto load_stage = [&](int chunk, int stage) {
+  const int64_t padded = ceil_div(len, kPackAlign) * kPackAlign;  // packed columns written by pack
+  constexpr int kAVecsPerRow = C::kBK / C::kVec, kBVecsPerRow = C::kBN / C::kVec;
+  constexpr int kRowsPerPass = kThreads / kBVecsPerRow, kIdsPerThread = C::kBK / kRowsPerPass;
+  const int my_row = threadIdx.x / kBVecsPerRow, my_col = (threadIdx.x % kBVecsPerRow) * C::kVec;
+
+  // Column ids of this thread's w rows for one chunk; fetched an iteration ahead so that the
+  // SRead's dependent loads never wait on them.
+  auto fetch_ids = [&](int chunk, int32_t (&out)[kIdsPerThread]) {
+#pragma unroll
+    for (int j = 0; j < kIdsPerThread; ++j) {
+      const int64_t p = int64_t(chunk) * C::kBK + my_row + j * kRowsPerPass;
+      out[j] = (chunk < n_chunks && p < padded) ? ids[p] : -1;
+    }
+  };
+  auto load_stage = [&](int chunk, int stage, const int32_t (&k_ids)[kIdsPerThread]) {
     T* as = smem + stage * C::kStageElems;
     T* bs = as + C::kBM * C::kAStride;
     const int64_t p0 = int64_t(chunk) * C::kBK;
-    constexpr int kAVecsPerRow = C::kBK / C::kVec, kBVecsPerRow = C::kBN / C::kVec;
     for (int i = threadIdx.x; i < C::kBM * kAVecsPerRow; i += kThreads) {  // packed rows: always aligned
       const int r = i / kAVecsPerRow, c = (i % kAVecsPerRow) * C::kVec;
-      cp_async_16(as + r * C::kAStride + c, a_src + r * s.packed_k + p0 + c, 16);
+      const bool ok = p0 + c < padded;
+      cp_async_16(as + r * C::kAStride + c, ok ? a_src + r * s.packed_k + p0 + c : a_src, ok ? 16 : 0);
     }
-    for (int i = threadIdx.x; i < C::kBK * kBVecsPerRow; i += kThreads) {  // SRead: the w rows named by ids
-      const int r = i / kBVecsPerRow, c = (i % kBVecsPerRow) * C::kVec;
-      const int64_t k = ids[p0 + r], n = n0 + c;
+    const int64_t n = n0 + my_col;
+#pragma unroll
+    for (int j = 0; j < kIdsPerThread; ++j) {  // SRead: the w rows named by the ids
+      const int64_t k = k_ids[j];
       const int64_t valid = k < 0 ? 0 : (s.n - n < C::kVec ? s.n - n : C::kVec);
-      load_segment<T, kVecW>(bs + r * C::kBStride + c, w + k * s.n + n, valid, w);
+      load_segment<T, kVecW>(bs + (my_row + j * kRowsPerPass) * C::kBStride + my_col, w + k * s.n + n, valid, w);
     }
   };
 
   ForwardMath<T> math;
+  int32_t k_ids[kIdsPerThread];
 #pragma unroll
   for (int st = 0; st < C::kStages - 1; ++st) {
-    if (st < n_chunks) load_stage(st, st);
+    fetch_ids(st, k_ids);
+    if (st < n_chunks) load_stage(st, st, k_ids);
     cp_async_commit();
   }
+  fetch_ids(C::kStages - 1, k_ids);
   for (int chunk = 0; chunk < n_chunks; ++chunk) {
     cp_async_wait<C::kStages - 2>();
     __syncthreads();  // stage `chunk` is visible; stage `chunk - 1` is free for reuse
     const int next = chunk + C::kStages - 1;
-    if (next < n_chunks) load_stage(next, next % C::kStages);
+    if (next < n_chunks) load_stage(next, next % C::kStages, k_ids);
     cp_async_commit();
+    fetch_ids(next + 1, k_ids);
     const T* as = smem + (chunk % C::kStages) * C::kStageElems;
     math.step(as, as + C::kBM * C::kAStride, warp, lane);
   }
@@ -283,10 +303,13 @@ struct TnTensorCoreMath {  // warps 2 x 2, each 32 rows (columns of x) x 64 colu
   using C = TnConfig<T>;
   float acc[2][8][4] = {};
 
-  __device__ __forceinline__ void step(const T* xs, const T* ds, uint64_t mask, int warp, int lane) {
+  // masks[h]: listed columns of the row group in tokens [32h, 32h + 32) of the stage.
+  __device__ __forceinline__ void step(const T* xs, const T* ds, const uint64_t (&masks)[C::kGroupsPerStage],
+                                       int warp, int lane) {
     const int wm = warp / 2, wn = warp % 2, gq = lane / 4;
 #pragma unroll
     for (int ks = 0; ks < C::kBR / 16; ++ks) {
+      const uint64_t mask = masks[ks * 16 / kGroupRows];
       uint32_t a[2][4];
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi) {
@@ -331,11 +354,12 @@ struct TnCudaCoreMath {  // fp32: each thread 8 rows x 8 columns of dw
   using C = TnConfig<T>;
   float acc[8][8] = {};
 
-  __device__ __forceinline__ void step(const T* xs, const T* ds, uint64_t mask, int, int) {
+  __device__ __forceinline__ void step(const T* xs, const T* ds, const uint64_t (&masks)[C::kGroupsPerStage], int,
+                                       int) {
     const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
-    const unsigned bits = unsigned(mask >> (tr * 8)) & 0xffu;
 #pragma unroll 4
     for (int r = 0; r < C::kBR; ++r) {
+      const unsigned bits = unsigned(masks[r / kGroupRows] >> (tr * 8)) & 0xffu;
       float a[8], b[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) a[i] = ((bits >> i) & 1u) ? float(xs[r * C::kXStride + tr * 8 + i]) : 0.0f;
@@ -401,39 +425,54 @@ __global__ void __launch_bounds__(kThreads) pit_kgather_tn_kernel(const T* __res
       }
     __syncthreads();
 
-    auto load_stage = [&](int e, int stage) {
+    // Stage `slot` holds list entries kGroupsPerStage*slot + h, one 32-token half each.
+    auto load_stage = [&](int slot, int stage) {
       T* xs = smem + stage * C::kStageElems;
       T* ds = xs + C::kBR * C::kXStride;
-      const int64_t grp = base + list_group[e];
-      const int64_t b = grp / s.groups, row0 = (grp % s.groups) * kGroupRows;
       constexpr int kXVecsPerRow = C::kBM / C::kVec, kDVecsPerRow = C::kBN / C::kVec;
-      for (int i = threadIdx.x; i < C::kBR * kXVecsPerRow; i += kThreads) {
-        const int r = i / kXVecsPerRow, c = (i % kXVecsPerRow) * C::kVec;
-        const int64_t row = row0 + r, col = k0 + c;
-        const int64_t valid = row >= s.rows ? 0 : (s.k - col < C::kVec ? s.k - col : C::kVec);
-        load_segment<T, kVecX>(xs + r * C::kXStride + c, x + (b * s.rows + row) * s.k + col, valid, x);
-      }
-      for (int i = threadIdx.x; i < C::kBR * kDVecsPerRow; i += kThreads) {
-        const int r = i / kDVecsPerRow, c = (i % kDVecsPerRow) * C::kVec;
-        const int64_t row = row0 + r, col = n0 + c;
-        const int64_t valid = row >= s.rows ? 0 : (s.n - col < C::kVec ? s.n - col : C::kVec);
-        load_segment<T, kVecDy>(ds + r * C::kDStride + c, dy + (b * s.rows + row) * s.n + col, valid, dy);
+#pragma unroll
+      for (int h = 0; h < C::kGroupsPerStage; ++h) {
+        const int e = slot * C::kGroupsPerStage + h;
+        const bool live = e < active;
+        const int grp = live ? int(base) + list_group[e] : 0;  // all_groups < 2^31: 32-bit division
+        const int64_t b = grp / int(s.groups), row0 = int64_t(grp % int(s.groups)) * kGroupRows;
+        for (int i = threadIdx.x; i < kGroupRows * kXVecsPerRow; i += kThreads) {
+          const int r = i / kXVecsPerRow, c = (i % kXVecsPerRow) * C::kVec;
+          const int64_t row = row0 + r, col = k0 + c;
+          const int64_t valid = (!live || row >= s.rows) ? 0 : (s.k - col < C::kVec ? s.k - col : C::kVec);
+          load_segment<T, kVecX>(xs + (h * kGroupRows + r) * C::kXStride + c, x + (b * s.rows + row) * s.k + col,
+                                 valid, x);
+        }
+        for (int i = threadIdx.x; i < kGroupRows * kDVecsPerRow; i += kThreads) {
+          const int r = i / kDVecsPerRow, c = (i % kDVecsPerRow) * C::kVec;
+          const int64_t row = row0 + r, col = n0 + c;
+          const int64_t valid = (!live || row >= s.rows) ? 0 : (s.n - col < C::kVec ? s.n - col : C::kVec);
+          load_segment<T, kVecDy>(ds + (h * kGroupRows + r) * C::kDStride + c, dy + (b * s.rows + row) * s.n + col,
+                                  valid, dy);
+        }
       }
     };
 
+    const int slots = int(ceil_div(active, C::kGroupsPerStage));
 #pragma unroll
     for (int st = 0; st < C::kStages - 1; ++st) {
-      if (st < active) load_stage(st, st);
+      if (st < slots) load_stage(st, st);
       cp_async_commit();
     }
-    for (int e = 0; e < active; ++e) {
+    for (int slot = 0; slot < slots; ++slot) {
       cp_async_wait<C::kStages - 2>();
       __syncthreads();
-      const int next = e + C::kStages - 1;
-      if (next < active) load_stage(next, next % C::kStages);
+      const int next = slot + C::kStages - 1;
+      if (next < slots) load_stage(next, next % C::kStages);
       cp_async_commit();
-      const T* xs = smem + (e % C::kStages) * C::kStageElems;
-      math.step(xs, xs + C::kBR * C::kXStride, list_mask[e], warp, lane);
+      const T* xs = smem + (slot % C::kStages) * C::kStageElems;
+      uint64_t masks[C::kGroupsPerStage];
+#pragma unroll
+      for (int h = 0; h < C::kGroupsPerStage; ++h) {
+        const int e = slot * C::kGroupsPerStage + h;
+        masks[h] = e < active ? list_mask[e] : 0;
+      }
+      math.step(xs, xs + C::kBR * C::kXStride, masks, warp, lane);
     }
     cp_async_wait<0>();
     __syncthreads();  // the list and the stages are rewritten by the next pass
