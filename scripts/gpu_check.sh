@@ -48,7 +48,7 @@ fi
 
 if [[ "${NCU:-1}" == 1 ]] && command -v ncu >/dev/null; then
   echo; echo "=== ncu: k-gather kernels, 4096^3 bf16, tile 32x1 (each sparsity: detect, pack, gemm; then dW)"
-  timeout 240 ncu --kernel-name regex:pit_ --metrics gpu__time_duration.sum $PY -P benchmarks/profile_kgather.py --sparsity 0.0 0.5 0.9 0.99 2>&1 \
+  timeout 240 ncu --kernel-name regex:pit_ --metrics gpu__time_duration.sum $PY benchmarks/profile_kgather.py --sparsity 0.0 0.5 0.9 0.99 2>&1 \
     | grep -E "sparsity|pit_|gpu__time_duration" | sed 's/(long.*//; s/  */ /g' | head -80
 fi
 
