@@ -175,13 +175,27 @@ def _check_index(fn, name, index, shape, tile, layout, lead):
                          f"but the sparse operand has {tuple(lead)}")
 
 
+# tile="auto": 32x1 micro-tiles, and the dense matmul when more than this fraction of them is
+# nonzero. Crossover measured on the H100 (docs/kgather.md, benchmarks/results/sparse_dense.md).
+AUTO_TILE = (32, 1)
+AUTO_MAX_DENSITY = 0.10
+
+
 def sparse_dense(x, w, *, tile=(32, 1), index: TileIndex | None = None):
     """y = x @ w where x [..., M, K] is dynamically sparse in micro-tiles of `tile` = (tm, tk).
 
     The nonzero micro-tiles of x are detected on device (`pit_jax.detect(x, tile)`) unless a
     `TileIndex` for x (row layout) is passed as `index`; x must then be zero outside the tiles it
     lists. Differentiable in x and w: dx = dy @ wᵀ (dense), dw = xᵀ dy on x's nonzero tiles.
+
+    tile="auto": 32x1 micro-tiles; the kernel runs when at most AUTO_MAX_DENSITY of them are
+    nonzero (the largest density over x's batch), else the dense matmul — decided on device
+    with `lax.cond`, no host sync. Under `vmap` a cond becomes a select and both paths run.
     """
+    if isinstance(tile, str):
+        if tile != "auto":
+            raise ValueError(f"pit_jax.sparse_dense: tile must be a pair of ints or 'auto', got {tile!r}")
+        return _sparse_dense_auto(x, w, index)
     _check_operands("sparse_dense", x, w)
     m, k = x.shape[-2:]
     tile = _clamp_tile(tile, m, k)
@@ -191,6 +205,20 @@ def sparse_dense(x, w, *, tile=(32, 1), index: TileIndex | None = None):
         _check_index("sparse_dense", "index", index, (m, k), tile, "row", x.shape[:-2])
     params = dict(shape=(m, k), tile=tuple(tile), layout="row")
     return sparse_dense_p.bind(x, w, index.counts, index.offsets, index.indices, **params)
+
+
+def _sparse_dense_auto(x, w, index):
+    _check_operands("sparse_dense", x, w)
+    m, k = x.shape[-2:]
+    tile = _clamp_tile(AUTO_TILE, m, k)
+    if index is None:
+        index = detect(jax.lax.stop_gradient(x), tile, layout="row")
+    else:
+        _check_index("sparse_dense", "index", index, (m, k), tile, "row", x.shape[:-2])
+    sparse_enough = jnp.max(index.density) <= AUTO_MAX_DENSITY
+    return jax.lax.cond(sparse_enough,
+                        lambda x, w: sparse_dense(x, w, tile=tile, index=index),
+                        lambda x, w: _dense_matmul(x, w, x.dtype), x, w)
 
 
 @jax.custom_jvp

@@ -63,8 +63,8 @@ DETECT_SAN=(tests/test_detect.py -k "gpu and (dtypes_and_sparsity or unaligned o
 KGATHER_SAN=(tests/test_kgather_kernels.py -k "gpu and (0.5 or 1.0 or garbage or many_row or dense_sparse)")
 for san in memcheck:97 racecheck:98 synccheck:96; do
   tool=${san%%:*}; code=${san##*:}
-  step "${tool}" timeout $SAN_TIMEOUT compute-sanitizer --tool $tool --error-exitcode $code "${FILTER[@]}" $PY -P -m pytest "${DETECT_SAN[@]}" -q -p no:cacheprovider -x
-  step "${tool}_kgather" timeout $SAN_TIMEOUT compute-sanitizer --tool $tool --error-exitcode $code "${FILTER[@]}" $PY -P -m pytest "${KGATHER_SAN[@]}" -q -p no:cacheprovider -x
+  [[ "${SAN_SETS:-detect kgather}" == *detect* ]] && step "${tool}" timeout $SAN_TIMEOUT compute-sanitizer --tool $tool --error-exitcode $code "${FILTER[@]}" $PY -P -m pytest "${DETECT_SAN[@]}" -q -p no:cacheprovider -x
+  [[ "${SAN_SETS:-detect kgather}" == *kgather* ]] && step "${tool}_kgather" timeout $SAN_TIMEOUT compute-sanitizer --tool $tool --error-exitcode $code "${FILTER[@]}" $PY -P -m pytest "${KGATHER_SAN[@]}" -q -p no:cacheprovider -x
 done
 unset XLA_PYTHON_CLIENT_PREALLOCATE XLA_PYTHON_CLIENT_ALLOCATOR
 fi

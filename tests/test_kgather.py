@@ -190,3 +190,24 @@ def test_bad_index():
         pit_jax.sparse_dense(x, w, index=(1, 2, 3))
     with pytest.raises(ValueError, match="grad must be"):
         pit_jax.dense_sparse(x, w, grad="exact")
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.97])
+def test_auto_tile_picks_a_path_on_device(backend, sparsity):
+    """tile="auto": same values (and gradients) whichever path the on-device density picks."""
+    rng = np.random.default_rng(11)
+    x = random_tile_sparse(rng, (2, 64, 96), (32, 1), sparsity, "float32")
+    w = _dense(rng, (96, 40), "float32")
+    f = jax.jit(lambda x, w: pit_jax.sparse_dense(x, w, tile="auto"))
+    np.testing.assert_allclose(np.asarray(f(x, w)), x @ w, rtol=1e-5, atol=1e-5)
+    gw = jax.grad(lambda w: f(x, w).sum())(w)
+    np.testing.assert_allclose(np.asarray(gw), np.einsum("bmk,bmn->kn", x, np.ones((2, 64, 40))),
+                               rtol=1e-5, atol=1e-4)
+    density = float(jnp.max(pit_jax.detect(x, (32, 1)).density))
+    assert (density <= pit_jax.kgather.AUTO_MAX_DENSITY) == (sparsity > 0.9)
+
+
+def test_auto_tile_rejects_other_strings():
+    x = jnp.ones((4, 8))
+    with pytest.raises(ValueError, match="tile must be a pair of ints or 'auto'"):
+        pit_jax.sparse_dense(x, jnp.ones((8, 2)), tile="fast")

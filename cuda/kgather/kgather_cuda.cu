@@ -27,7 +27,8 @@
 namespace pit {
 namespace {
 
-constexpr int kThreads = 128;  // 4 warps per GEMM CTA
+constexpr int kForwardThreads = 128;  // 4 warps per forward GEMM CTA
+constexpr int kPackThreads = 256;     // one packed column per thread, blockIdx.y picks the columns
 
 template <typename T>
 struct ForwardConfig {
@@ -41,18 +42,21 @@ struct ForwardConfig {
   static constexpr int kSmemBytes = kStages * kStageElems * int(sizeof(T));
 };
 
+// dW tiles are 128 x 128: x and dy are re-read once per tile column / row, so the tile is as
+// large as two CTAs per SM allow. One 32-row group per stage.
 template <typename T>
 struct TnConfig {
   static constexpr bool kTensorCores = sizeof(T) == 2;
-  static constexpr int kGroupsPerStage = 2;  // two 32-row groups per stage: fewer barriers per MMA
-  static constexpr int kBM = int(kMaskCols), kBN = 128, kBR = kGroupsPerStage * int(kGroupRows);
-  static constexpr int kStages = kTensorCores ? 3 : 2;
+  static constexpr int kThreads = 256;  // 8 warps: 2 (dw rows) x 4 (dw columns), 64 x 32 each
+  static constexpr int kWords = 2;      // 64-bit column masks per tile (the code below assumes 2)
+  static constexpr int kBM = kWords * int(kMaskCols), kBN = 128, kBR = int(kGroupRows);
+  static constexpr int kStages = kTensorCores ? 4 : 2;
   static constexpr int kVec = 16 / int(sizeof(T));
   static constexpr int kXStride = kBM + kVec;
   static constexpr int kDStride = kBN + kVec;
   static constexpr int kStageElems = kBR * kXStride + kBR * kDStride;
-  static constexpr int kListCap = 1024;  // row groups considered per pass
-  static constexpr int kSmemBytes = kStages * kStageElems * int(sizeof(T)) + kListCap * (8 + 4);
+  static constexpr int kListCap = 512;  // row groups considered per pass
+  static constexpr int kSmemBytes = kStages * kStageElems * int(sizeof(T)) + kListCap * (kWords * 8 + 4);
 };
 
 __device__ __forceinline__ uint64_t bit_range(int lo, int hi) {  // bits [lo, hi), 0 <= lo < hi <= 64
@@ -76,7 +80,7 @@ __device__ __forceinline__ void load_segment(T* dst, const T* src, int64_t valid
 // ---- forward step 1: pack ----------------------------------------------------------------------
 
 template <typename T>
-__global__ void __launch_bounds__(256) pit_kgather_pack_kernel(const T* __restrict__ x,
+__global__ void __launch_bounds__(kPackThreads) pit_kgather_pack_kernel(const T* __restrict__ x,
                                                                const int32_t* __restrict__ counts,
                                                                const int32_t* __restrict__ indices,
                                                                T* __restrict__ packed, int32_t* __restrict__ column_ids,
@@ -90,7 +94,8 @@ __global__ void __launch_bounds__(256) pit_kgather_pack_kernel(const T* __restri
   const int64_t row0 = g * kGroupRows;
   const T* x_rows = x + (b * s.rows + row0) * s.k;
   T* out = packed + group * kGroupRows * s.packed_k;
-  for (int64_t p = threadIdx.x; p < padded; p += blockDim.x) {
+  const int64_t p = int64_t(blockIdx.y) * kPackThreads + threadIdx.x;
+  if (p < padded) {
     int64_t col = -1;
     if (p < len) {
       col = int64_t(blocks[p / s.tile_k]) * s.tile_k + p % s.tile_k;
@@ -186,7 +191,7 @@ template <typename T>
 using ForwardMath = std::conditional_t<ForwardConfig<T>::kTensorCores, ForwardTensorCoreMath<T>, ForwardCudaCoreMath<T>>;
 
 template <typename T, bool kVecW>
-__global__ void __launch_bounds__(kThreads) pit_kgather_forward_kernel(const T* __restrict__ packed,
+__global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(const T* __restrict__ packed,
                                                                        const int32_t* __restrict__ column_ids,
                                                                        const int32_t* __restrict__ counts,
                                                                        const T* __restrict__ w, T* __restrict__ y,
@@ -206,7 +211,7 @@ __global__ void __launch_bounds__(kThreads) pit_kgather_forward_kernel(const T* 
 
   const int64_t padded = ceil_div(len, kPackAlign) * kPackAlign;  // packed columns written by pack
   constexpr int kAVecsPerRow = C::kBK / C::kVec, kBVecsPerRow = C::kBN / C::kVec;
-  constexpr int kRowsPerPass = kThreads / kBVecsPerRow, kIdsPerThread = C::kBK / kRowsPerPass;
+  constexpr int kRowsPerPass = kForwardThreads / kBVecsPerRow, kIdsPerThread = C::kBK / kRowsPerPass;
   const int my_row = threadIdx.x / kBVecsPerRow, my_col = (threadIdx.x % kBVecsPerRow) * C::kVec;
 
   // Column ids of this thread's w rows for one chunk; fetched an iteration ahead so that the
@@ -222,7 +227,7 @@ __global__ void __launch_bounds__(kThreads) pit_kgather_forward_kernel(const T* 
     T* as = smem + stage * C::kStageElems;
     T* bs = as + C::kBM * C::kAStride;
     const int64_t p0 = int64_t(chunk) * C::kBK;
-    for (int i = threadIdx.x; i < C::kBM * kAVecsPerRow; i += kThreads) {  // packed rows: always aligned
+    for (int i = threadIdx.x; i < C::kBM * kAVecsPerRow; i += kForwardThreads) {  // packed rows: always aligned
       const int r = i / kAVecsPerRow, c = (i % kAVecsPerRow) * C::kVec;
       const bool ok = p0 + c < padded;
       cp_async_16(as + r * C::kAStride + c, ok ? a_src + r * s.packed_k + p0 + c : a_src, ok ? 16 : 0);
@@ -299,33 +304,33 @@ __global__ void __launch_bounds__(256) pit_kgather_colmask_kernel(const int32_t*
 // ---- dW step 2: xᵀ dy over the row groups with nonzero columns ---------------------------------
 
 template <typename T>
-struct TnTensorCoreMath {  // warps 2 x 2, each 32 rows (columns of x) x 64 columns of dw
+struct TnTensorCoreMath {  // warps 2 x 4, each 64 rows (columns of x) x 32 columns of dw
   using C = TnConfig<T>;
-  float acc[2][8][4] = {};
+  float acc[4][4][4] = {};
 
-  // masks[h]: listed columns of the row group in tokens [32h, 32h + 32) of the stage.
-  __device__ __forceinline__ void step(const T* xs, const T* ds, const uint64_t (&masks)[C::kGroupsPerStage],
-                                       int warp, int lane) {
-    const int wm = warp / 2, wn = warp % 2, gq = lane / 4;
+  // masks[i]: listed columns [64i, 64i + 64) of this tile in the stage's row group.
+  __device__ __forceinline__ void step(const T* xs, const T* ds, const uint64_t (&masks)[C::kWords], int warp,
+                                       int lane) {
+    const int wm = warp / 4, wn = warp % 4, gq = lane / 4;
+    const uint64_t mask = wm == 0 ? masks[0] : masks[1];  // a warp's 64 rows are one mask word (kWords == 2)
 #pragma unroll
     for (int ks = 0; ks < C::kBR / 16; ++ks) {
-      const uint64_t mask = masks[ks * 16 / kGroupRows];
-      uint32_t a[2][4];
+      uint32_t a[4][4];
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
-        ldmatrix_x4_trans(a[mi], xs + (ks * 16 + lane % 8 + (lane / 16) * 8) * C::kXStride + wm * 32 + mi * 16 +
+      for (int mi = 0; mi < 4; ++mi) {
+        ldmatrix_x4_trans(a[mi], xs + (ks * 16 + lane % 8 + (lane / 16) * 8) * C::kXStride + wm * 64 + mi * 16 +
                                      ((lane / 8) % 2) * 8);
-        const int m = wm * 32 + mi * 16 + gq;  // this lane's fragment rows are m and m + 8
+        const int m = mi * 16 + gq;  // this lane's fragment rows are m and m + 8
         if (!((mask >> m) & 1)) a[mi][0] = a[mi][2] = 0;  // unlisted columns of x: never used
         if (!((mask >> (m + 8)) & 1)) a[mi][1] = a[mi][3] = 0;
       }
 #pragma unroll
-      for (int nj = 0; nj < 4; ++nj) {
+      for (int nj = 0; nj < 2; ++nj) {
         uint32_t bq[4];
-        ldmatrix_x4_trans(bq, ds + (ks * 16 + lane % 8 + ((lane / 8) % 2) * 8) * C::kDStride + wn * 64 + nj * 16 +
+        ldmatrix_x4_trans(bq, ds + (ks * 16 + lane % 8 + ((lane / 8) % 2) * 8) * C::kDStride + wn * 32 + nj * 16 +
                                   (lane / 16) * 8);
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi) {
+        for (int mi = 0; mi < 4; ++mi) {
           mma_16816<T>(acc[mi][2 * nj], a[mi], bq[0], bq[1]);
           mma_16816<T>(acc[mi][2 * nj + 1], a[mi], bq[2], bq[3]);
         }
@@ -334,14 +339,14 @@ struct TnTensorCoreMath {  // warps 2 x 2, each 32 rows (columns of x) x 64 colu
   }
 
   __device__ __forceinline__ void store(T* out, int64_t ld, int64_t rows, int64_t cols, int warp, int lane) const {
-    const int wm = warp / 2, wn = warp % 2, gq = lane / 4, tq = lane % 4;
+    const int wm = warp / 4, wn = warp % 4, gq = lane / 4, tq = lane % 4;
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-      for (int ni = 0; ni < 8; ++ni)
+      for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int r = wm * 32 + mi * 16 + gq + half * 8, c = wn * 64 + ni * 8 + 2 * tq;
+          const int r = wm * 64 + mi * 16 + gq + half * 8, c = wn * 32 + ni * 8 + 2 * tq;
           if (r >= rows) continue;
           if (c < cols) out[r * ld + c] = from_float<T>(acc[mi][ni][2 * half]);
           if (c + 1 < cols) out[r * ld + c + 1] = from_float<T>(acc[mi][ni][2 * half + 1]);
@@ -350,16 +355,15 @@ struct TnTensorCoreMath {  // warps 2 x 2, each 32 rows (columns of x) x 64 colu
 };
 
 template <typename T>
-struct TnCudaCoreMath {  // fp32: each thread 8 rows x 8 columns of dw
+struct TnCudaCoreMath {  // fp32: each of 256 threads 8 rows x 8 columns of dw
   using C = TnConfig<T>;
   float acc[8][8] = {};
 
-  __device__ __forceinline__ void step(const T* xs, const T* ds, const uint64_t (&masks)[C::kGroupsPerStage], int,
-                                       int) {
+  __device__ __forceinline__ void step(const T* xs, const T* ds, const uint64_t (&masks)[C::kWords], int, int) {
     const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+    const unsigned bits = unsigned((tr < 8 ? masks[0] : masks[1]) >> ((tr % 8) * 8)) & 0xffu;
 #pragma unroll 4
     for (int r = 0; r < C::kBR; ++r) {
-      const unsigned bits = unsigned(masks[r / kGroupRows] >> (tr * 8)) & 0xffu;
       float a[8], b[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) a[i] = ((bits >> i) & 1u) ? float(xs[r * C::kXStride + tr * 8 + i]) : 0.0f;
@@ -386,93 +390,88 @@ template <typename T>
 using TnMath = std::conditional_t<TnConfig<T>::kTensorCores, TnTensorCoreMath<T>, TnCudaCoreMath<T>>;
 
 template <typename T, bool kVecX, bool kVecDy>
-__global__ void __launch_bounds__(kThreads) pit_kgather_tn_kernel(const T* __restrict__ x, const T* __restrict__ dy,
-                                                                  const uint64_t* __restrict__ masks,
-                                                                  T* __restrict__ dw, KGatherShape s, int64_t n_tiles) {
+__global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_kgather_tn_kernel(
+    const T* __restrict__ x, const T* __restrict__ dy, const uint64_t* __restrict__ masks, T* __restrict__ dw,
+    KGatherShape s, int64_t n_tiles) {
   using C = TnConfig<T>;
-  using Scan = cub::BlockScan<int, kThreads>;
+  using Scan = cub::BlockScan<int, C::kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = reinterpret_cast<T*>(smem_bytes);
   uint64_t* list_mask = reinterpret_cast<uint64_t*>(smem_bytes + C::kStages * C::kStageElems * sizeof(T));
-  int32_t* list_group = reinterpret_cast<int32_t*>(list_mask + C::kListCap);
+  int32_t* list_group = reinterpret_cast<int32_t*>(list_mask + C::kWords * C::kListCap);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n_tile = blockIdx.x % n_tiles, k_tile = blockIdx.x / n_tiles;
   const int64_t n0 = n_tile * C::kBN, k0 = k_tile * C::kBM;
   const int64_t all_groups = s.all_groups();
-  const uint64_t* tile_masks = masks + k_tile * all_groups;
-  constexpr int kPerThread = C::kListCap / kThreads;
+  const int64_t first_word = k_tile * C::kWords;
+  constexpr int kPerThread = C::kListCap / C::kThreads;
   TnMath<T> math;
 
   for (int64_t base = 0; base < all_groups; base += C::kListCap) {
     // The row groups of this pass with a listed column in this tile, compacted in a fixed order.
-    uint64_t m[kPerThread];
+    uint64_t m[kPerThread][C::kWords];
     int mine = 0;
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
-      const int64_t grp = base + j * kThreads + threadIdx.x;
-      m[j] = grp < all_groups ? tile_masks[grp] : 0;
-      mine += m[j] != 0;
+      const int64_t grp = base + j * C::kThreads + threadIdx.x;
+      bool any = false;
+#pragma unroll
+      for (int wd = 0; wd < C::kWords; ++wd) {
+        const bool ok = grp < all_groups && first_word + wd < s.mask_tiles();
+        m[j][wd] = ok ? masks[(first_word + wd) * all_groups + grp] : 0;
+        any |= m[j][wd] != 0;
+      }
+      mine += any;
     }
     int pos, active;
     Scan(scan_storage).ExclusiveSum(mine, pos, active);
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j)
-      if (m[j]) {
-        list_mask[pos] = m[j];
-        list_group[pos] = int32_t(j * kThreads + threadIdx.x);
+      if (m[j][0] | m[j][1]) {  // kWords == 2
+#pragma unroll
+        for (int wd = 0; wd < C::kWords; ++wd) list_mask[pos * C::kWords + wd] = m[j][wd];
+        list_group[pos] = int32_t(j * C::kThreads + threadIdx.x);
         ++pos;
       }
     __syncthreads();
 
-    // Stage `slot` holds list entries kGroupsPerStage*slot + h, one 32-token half each.
-    auto load_stage = [&](int slot, int stage) {
+    auto load_stage = [&](int e, int stage) {
       T* xs = smem + stage * C::kStageElems;
       T* ds = xs + C::kBR * C::kXStride;
       constexpr int kXVecsPerRow = C::kBM / C::kVec, kDVecsPerRow = C::kBN / C::kVec;
-#pragma unroll
-      for (int h = 0; h < C::kGroupsPerStage; ++h) {
-        const int e = slot * C::kGroupsPerStage + h;
-        const bool live = e < active;
-        const int grp = live ? int(base) + list_group[e] : 0;  // all_groups < 2^31: 32-bit division
-        const int64_t b = grp / int(s.groups), row0 = int64_t(grp % int(s.groups)) * kGroupRows;
-        for (int i = threadIdx.x; i < kGroupRows * kXVecsPerRow; i += kThreads) {
-          const int r = i / kXVecsPerRow, c = (i % kXVecsPerRow) * C::kVec;
-          const int64_t row = row0 + r, col = k0 + c;
-          const int64_t valid = (!live || row >= s.rows) ? 0 : (s.k - col < C::kVec ? s.k - col : C::kVec);
-          load_segment<T, kVecX>(xs + (h * kGroupRows + r) * C::kXStride + c, x + (b * s.rows + row) * s.k + col,
-                                 valid, x);
-        }
-        for (int i = threadIdx.x; i < kGroupRows * kDVecsPerRow; i += kThreads) {
-          const int r = i / kDVecsPerRow, c = (i % kDVecsPerRow) * C::kVec;
-          const int64_t row = row0 + r, col = n0 + c;
-          const int64_t valid = (!live || row >= s.rows) ? 0 : (s.n - col < C::kVec ? s.n - col : C::kVec);
-          load_segment<T, kVecDy>(ds + (h * kGroupRows + r) * C::kDStride + c, dy + (b * s.rows + row) * s.n + col,
-                                  valid, dy);
-        }
+      const int grp = int(base) + list_group[e];  // all_groups < 2^31: 32-bit division
+      const int64_t b = grp / int(s.groups), row0 = int64_t(grp % int(s.groups)) * kGroupRows;
+      for (int i = threadIdx.x; i < C::kBR * kXVecsPerRow; i += C::kThreads) {
+        const int r = i / kXVecsPerRow, c = (i % kXVecsPerRow) * C::kVec;
+        const int64_t row = row0 + r, col = k0 + c;
+        const int64_t valid = row >= s.rows ? 0 : (s.k - col < C::kVec ? s.k - col : C::kVec);
+        load_segment<T, kVecX>(xs + r * C::kXStride + c, x + (b * s.rows + row) * s.k + col, valid, x);
+      }
+      for (int i = threadIdx.x; i < C::kBR * kDVecsPerRow; i += C::kThreads) {
+        const int r = i / kDVecsPerRow, c = (i % kDVecsPerRow) * C::kVec;
+        const int64_t row = row0 + r, col = n0 + c;
+        const int64_t valid = row >= s.rows ? 0 : (s.n - col < C::kVec ? s.n - col : C::kVec);
+        load_segment<T, kVecDy>(ds + r * C::kDStride + c, dy + (b * s.rows + row) * s.n + col, valid, dy);
       }
     };
 
-    const int slots = int(ceil_div(active, C::kGroupsPerStage));
 #pragma unroll
     for (int st = 0; st < C::kStages - 1; ++st) {
-      if (st < slots) load_stage(st, st);
+      if (st < active) load_stage(st, st);
       cp_async_commit();
     }
-    for (int slot = 0; slot < slots; ++slot) {
+    for (int e = 0; e < active; ++e) {
       cp_async_wait<C::kStages - 2>();
       __syncthreads();
-      const int next = slot + C::kStages - 1;
-      if (next < slots) load_stage(next, next % C::kStages);
+      const int next = e + C::kStages - 1;
+      if (next < active) load_stage(next, next % C::kStages);
       cp_async_commit();
-      const T* xs = smem + (slot % C::kStages) * C::kStageElems;
-      uint64_t masks[C::kGroupsPerStage];
+      const T* xs = smem + (e % C::kStages) * C::kStageElems;
+      uint64_t masks_e[C::kWords];
 #pragma unroll
-      for (int h = 0; h < C::kGroupsPerStage; ++h) {
-        const int e = slot * C::kGroupsPerStage + h;
-        masks[h] = e < active ? list_mask[e] : 0;
-      }
-      math.step(xs, xs + C::kBR * C::kXStride, masks, warp, lane);
+      for (int wd = 0; wd < C::kWords; ++wd) masks_e[wd] = list_mask[e * C::kWords + wd];
+      math.step(xs, xs + C::kBR * C::kXStride, masks_e, warp, lane);
     }
     cp_async_wait<0>();
     __syncthreads();  // the list and the stages are rewritten by the next pass
@@ -497,7 +496,8 @@ cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const voi
   if (s.all_groups() == 0 || s.n == 0) return cudaSuccess;
   T* packed = reinterpret_cast<T*>(workspace);
   int32_t* column_ids = reinterpret_cast<int32_t*>(workspace + s.packed_x_bytes(sizeof(T)));
-  pit_kgather_pack_kernel<T><<<unsigned(s.all_groups()), 256, 0, stream>>>(
+  const dim3 pack_grid(unsigned(s.all_groups()), unsigned(ceil_div(s.packed_k, kPackThreads)));
+  pit_kgather_pack_kernel<T><<<pack_grid, kPackThreads, 0, stream>>>(
       static_cast<const T*>(x), counts, indices, packed, column_ids, s);
   const int64_t n_tiles = ceil_div(s.n, C::kBN);
   const unsigned grid = unsigned(s.all_groups() * n_tiles);
@@ -505,7 +505,7 @@ cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const voi
   auto kernel = vec_w ? pit_kgather_forward_kernel<T, true> : pit_kgather_forward_kernel<T, false>;
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, C::kSmemBytes, stream>>>(packed, column_ids, counts, static_cast<const T*>(w),
+  kernel<<<grid, kForwardThreads, C::kSmemBytes, stream>>>(packed, column_ids, counts, static_cast<const T*>(w),
                                                      static_cast<T*>(y), s, n_tiles);
   return cudaGetLastError();
 }
@@ -525,7 +525,7 @@ cudaError_t launch_tn(cudaStream_t stream, const KGatherShape& s, const void* x,
                       : (vec_dy ? pit_kgather_tn_kernel<T, false, true> : pit_kgather_tn_kernel<T, false, false>);
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, C::kSmemBytes, stream>>>(static_cast<const T*>(x), static_cast<const T*>(dy), masks,
+  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(static_cast<const T*>(x), static_cast<const T*>(dy), masks,
                                                      static_cast<T*>(dw), s, n_tiles);
   return cudaGetLastError();
 }
