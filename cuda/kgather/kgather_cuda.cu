@@ -200,8 +200,10 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = reinterpret_cast<T*>(smem_bytes);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t n_tile = blockIdx.x % n_tiles;  // neighbouring CTAs share a row group
-  const int64_t group = blockIdx.x / n_tiles;
+  // Row groups vary fastest: the CTAs resident at once share a few column tiles of w, so the
+  // rows that different groups gather from w stay in L2 (n_tiles is unused but kept for clarity).
+  const int64_t group = blockIdx.x % s.all_groups();
+  const int64_t n_tile = blockIdx.x / s.all_groups();
   const int64_t b = group / s.groups, g = group % s.groups;
   const int64_t n0 = n_tile * C::kBN;
   const int64_t len = int64_t(counts[b * s.nb_m + g * kGroupRows / s.tile_m]) * s.tile_k;
