@@ -6,8 +6,10 @@ get zero gradient).
 
     pip install scikit-learn optax && python examples/sparse_training_mlp.py [--steps 600]
 
-Until pit_jax's k-gather CUDA kernel lands, the sparse path computes a dense masked matmul on
-every device, so the step times here show the overhead of the API, not PIT's speedup.
+On a GPU the sparse path runs pit_jax's k-gather kernels (on the CPU, its jnp reference). The
+layers here are tiny (64-256 wide), far below the sizes where skipping tiles pays, so the step
+times show the overhead of detection and the extra launches, not PIT's speedup; see
+benchmarks/bench_sparse_dense.py for that.
 """
 from __future__ import annotations
 
