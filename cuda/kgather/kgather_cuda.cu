@@ -562,6 +562,15 @@ std::string check_kgather(const char* op, ffi::AnyBuffer x, ffi::AnyBuffer::Dime
   return "";
 }
 
+// Grids are 1-D (x < 2^31) except the pack kernel's column dimension (y < 65536).
+bool fits_launch_limits(const KGatherShape& s, int64_t tile_n) {
+  constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
+  const int64_t n_tiles = ceil_div(s.n, tile_n);
+  return s.all_groups() * n_tiles <= kMaxGridX && s.batch * s.nb_m <= kMaxGridX &&
+         ceil_div(s.k, int64_t(TnConfig<float>::kBM)) * n_tiles <= kMaxGridX &&
+         ceil_div(s.packed_k, kPackThreads) <= 65535 && s.all_groups() < (int64_t(1) << 31);
+}
+
 template <typename Launch>
 cudaError_t dispatch_dtype(ffi::DataType dtype, Launch&& launch, bool* known) {
   *known = true;
@@ -582,6 +591,9 @@ ffi::Error SparseDenseCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer
   const std::string msg = check_kgather("pit_sparse_dense", x, counts.dimensions(), indices.dimensions(), wd[1],
                                         tile_m, tile_k, &s);
   if (!msg.empty()) return ffi::Error::InvalidArgument(msg);
+  if (!fits_launch_limits(s, ForwardConfig<float>::kBN))
+    return ffi::Error::InvalidArgument("pit_sparse_dense: x and w are too large for one launch (more than 2^31 - 1 "
+                                       "CTAs or 65535 * 256 packed columns); split the batch");
   if (wd[0] != s.k) return ffi::Error::InvalidArgument("pit_sparse_dense: w's rows must equal x's columns");
   if (w.element_type() != x.element_type() || y->element_type() != x.element_type())
     return ffi::Error::InvalidArgument("pit_sparse_dense: x, w and y must share one dtype");
@@ -610,6 +622,8 @@ ffi::Error SparseTnCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy
   const std::string msg = check_kgather("pit_sparse_tn", x, counts.dimensions(), indices.dimensions(),
                                         dyd[dyd.size() - 1], tile_m, tile_k, &s);
   if (!msg.empty()) return ffi::Error::InvalidArgument(msg);
+  if (!fits_launch_limits(s, TnConfig<float>::kBN))
+    return ffi::Error::InvalidArgument("pit_sparse_tn: x and dy are too large for one launch; split the batch");
   for (size_t i = 0; i + 1 < dyd.size(); ++i)
     if (dyd[i] != x.dimensions()[i]) return ffi::Error::InvalidArgument("pit_sparse_tn: dy's leading dims and M must match x's");
   if (dy.element_type() != x.element_type() || dw->element_type() != x.element_type())
