@@ -74,12 +74,20 @@ def integer_outputs_jvp(p: Primitive) -> None:
 _warned_reference = set()
 
 
-def register_reference_lowerings(p: Primitive, ref: Callable, op: str) -> None:
+def register_reference_lowerings(p: Primitive, ref: Callable, op: str,
+                                 experimental_kernel: tuple[Callable, Callable] | None = None) -> None:
     """Lower `p` to a jnp reference on CPU and CUDA. On CUDA that stands in for a kernel not
-    written yet, so the first lowering in a process says so with a RuntimeWarning."""
+    checked yet, so the first lowering in a process says so with a RuntimeWarning.
+    experimental_kernel = (enabled, kernel_fn): when enabled() at lowering time, CUDA lowers to
+    kernel_fn instead (an opt-in for kernels awaiting their first GPU check)."""
     lowered = mlir.lower_fun(ref, multiple_results=p.multiple_results)
+    kernel = (None if experimental_kernel is None
+              else mlir.lower_fun(experimental_kernel[1], multiple_results=p.multiple_results))
 
     def cuda(ctx, *args, **params):
+        if kernel is not None and experimental_kernel[0]():
+            _ext.require_cuda(p.name)
+            return kernel(ctx, *args, **params)
         if op not in _warned_reference:
             _warned_reference.add(op)
             warnings.warn(f"pit_jax: {op} has no CUDA kernel yet; on GPU it runs as its jnp "

@@ -6,8 +6,9 @@ AD and batching rules, public `moe_matmul`.
 Primitives (expert ids are an operand; routing happens inside, on device, no host sync):
     pit_moe_matmul(x, w, ids)      out[a] = x[a // r] @ w[ids[a]]          (r rows per source row)
     pit_moe_matmul_tn(x, dy, ids)  dw[e] = Σ_{ids[a] = e} x[a // r]ᵀ dy[a]   (dW of the above)
-Lowered to the jnp reference (lax.ragged_dot) on every platform until the PIT kernels land;
-on GPU that is said once with a RuntimeWarning.
+Lowered to the jnp reference (lax.ragged_dot) on every platform until the PIT kernels are
+checked on a GPU; on GPU that is said once with a RuntimeWarning. The forward kernel exists
+(moe_cuda.py, opt-in with PIT_EXPERIMENTAL_MOE_KERNELS=1).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.interpreters import ad, batching
 
-from . import _primitive
+from . import _primitive, moe_cuda
 from .moe_reference import F32, grouped_matmul_ref, grouped_matmul_tn_ref, route
 
 moe_matmul_p = _primitive.make_primitive("pit_moe_matmul", multiple_results=False)
@@ -33,7 +34,8 @@ def _tn_abstract(x, dy, ids, *, rows_per_source, num_experts, out_dtype):
 moe_matmul_p.def_abstract_eval(_mm_abstract)
 moe_matmul_tn_p.def_abstract_eval(_tn_abstract)
 
-_primitive.register_reference_lowerings(moe_matmul_p, grouped_matmul_ref, "moe_matmul")
+_primitive.register_reference_lowerings(moe_matmul_p, grouped_matmul_ref, "moe_matmul",
+                                        experimental_kernel=(moe_cuda.enabled, moe_cuda.moe_matmul_cuda))
 _primitive.register_reference_lowerings(moe_matmul_tn_p, grouped_matmul_tn_ref, "moe_matmul_tn")
 
 

@@ -22,6 +22,7 @@
 
 #include "../common/ffi_common.h"
 #include "../common/mma_sm80.cuh"
+#include "../common/tile_copy.cuh"
 #include "kgather_layout.h"
 
 namespace pit {
@@ -62,19 +63,6 @@ struct TnConfig {
 __device__ __forceinline__ uint64_t bit_range(int lo, int hi) {  // bits [lo, hi), 0 <= lo < hi <= 64
   const uint64_t below_hi = hi >= 64 ? ~0ull : ((1ull << hi) - 1);
   return below_hi & ~((1ull << lo) - 1);
-}
-
-// Copies one row segment of `kVec` elements into shared memory, zero past the valid length.
-template <typename T, bool kVectorized>
-__device__ __forceinline__ void load_segment(T* dst, const T* src, int64_t valid, const T* any_valid_address) {
-  constexpr int kVec = 16 / int(sizeof(T));
-  if constexpr (kVectorized) {  // the caller guarantees valid is 0 or >= kVec
-    const bool ok = valid > 0;
-    cp_async_16(dst, ok ? src : any_valid_address, ok ? 16 : 0);
-  } else {
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) dst[e] = e < valid ? src[e] : zero_value<T>();
-  }
 }
 
 // ---- forward step 1: pack ----------------------------------------------------------------------

@@ -1,0 +1,290 @@
+// MoE m-gather/scatter grouped GEMM on CUDA (PIT SRead of token rows, SWrite of output rows).
+//
+// EXPERIMENTAL: compiled and registered, but pit_jax lowers to it only when
+// PIT_EXPERIMENTAL_MOE_KERNELS=1 (pit_jax/moe_cuda.py) until it has been checked on a GPU.
+//
+//   out[a] = x[a / r] @ w[e(a)]  for every assignment a (r = rows per source row)
+//
+// Routing is done before the call (on device): `order` lists assignments grouped by expert
+// (invalid ids last, as pseudo-group E), `group_starts` [E+2] their offsets and `tile_starts`
+// [E+2] the prefix sum of each group's 64-row tiles. One CTA per (row tile, 128 output
+// columns); a CTA finds its group by binary search in `tile_starts`, gathers its x rows
+// straight from the unpermuted x (cp.async), streams w[e] and scatters rows of out. Tiles of
+// the invalid pseudo-group write zero rows; CTAs past the last tile exit.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../common/ffi_common.h"
+#include "../common/mma_sm80.cuh"
+#include "../common/tile_copy.cuh"
+
+namespace pit {
+namespace {
+
+constexpr int kMoeThreads = 128;  // 4 warps: 2 (rows) x 2 (columns), 32 x 64 each
+
+template <typename T>
+struct MoeConfig {
+  static constexpr bool kTensorCores = sizeof(T) == 2;
+  static constexpr int kBM = 64, kBN = 128, kBK = 32;
+  static constexpr int kStages = kTensorCores ? 4 : 2;
+  static constexpr int kVec = 16 / int(sizeof(T));
+  static constexpr int kAStride = kBK + kVec;
+  static constexpr int kBStride = kBN + kVec;
+  static constexpr int kStageElems = kBM * kAStride + kBK * kBStride;
+  static constexpr int kSmemBytes = kStages * kStageElems * int(sizeof(T)) + kBM * 4;
+};
+
+struct MoeShape {
+  int64_t sources = 0;      // R rows of x
+  int64_t d = 0, f = 0;     // x [R, d], w [E, d, f]
+  int64_t experts = 0;      // E
+  int64_t assignments = 0;  // A rows of out
+  int64_t rows_per_source = 1;
+  int64_t max_row_tiles = 0;  // grid bound: ceil(A / kBM) + E + 1
+};
+
+template <typename T>
+struct MoeTensorCoreMath {
+  using C = MoeConfig<T>;
+  float acc[2][8][4] = {};
+
+  __device__ __forceinline__ void step(const T* as, const T* bs, int warp, int lane) {
+    const int wm = warp / 2, wn = warp % 2;
+#pragma unroll
+    for (int ks = 0; ks < C::kBK / 16; ++ks) {
+      uint32_t a[2][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+        ldmatrix_x4(a[mi], as + (wm * 32 + mi * 16 + lane % 16) * C::kAStride + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int nj = 0; nj < 4; ++nj) {
+        uint32_t bq[4];
+        ldmatrix_x4_trans(bq, bs + (ks * 16 + lane % 8 + ((lane / 8) % 2) * 8) * C::kBStride + wn * 64 + nj * 16 +
+                                  (lane / 16) * 8);
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          mma_16816<T>(acc[mi][2 * nj], a[mi], bq[0], bq[1]);
+          mma_16816<T>(acc[mi][2 * nj + 1], a[mi], bq[2], bq[3]);
+        }
+      }
+    }
+  }
+
+  // SWrite: tile row r goes to out row dst_rows[r] (rows >= rows_valid are not written).
+  __device__ __forceinline__ void store(T* out, int64_t ld, const int32_t* dst_rows, int rows_valid, int64_t cols,
+                                       int warp, int lane) const {
+    const int wm = warp / 2, wn = warp % 2, gq = lane / 4, tq = lane % 4;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = wm * 32 + mi * 16 + gq + half * 8;
+        if (r >= rows_valid) continue;
+        T* row = out + int64_t(dst_rows[r]) * ld;
+#pragma unroll
+        for (int ni = 0; ni < 8; ++ni) {
+          const int c = wn * 64 + ni * 8 + 2 * tq;
+          if (c < cols) row[c] = from_float<T>(acc[mi][ni][2 * half]);
+          if (c + 1 < cols) row[c + 1] = from_float<T>(acc[mi][ni][2 * half + 1]);
+        }
+      }
+  }
+};
+
+template <typename T>
+struct MoeCudaCoreMath {  // fp32: each thread 8 rows x 8 columns
+  using C = MoeConfig<T>;
+  float acc[8][8] = {};
+
+  __device__ __forceinline__ void step(const T* as, const T* bs, int, int) {
+    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+#pragma unroll 4
+    for (int kk = 0; kk < C::kBK; ++kk) {
+      float a[8], b[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) a[i] = float(as[(tr * 8 + i) * C::kAStride + kk]);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) b[j] = float(bs[kk * C::kBStride + tc * 8 + j]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+  }
+
+  __device__ __forceinline__ void store(T* out, int64_t ld, const int32_t* dst_rows, int rows_valid, int64_t cols,
+                                       int, int) const {
+    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (tr * 8 + i >= rows_valid) continue;
+      T* row = out + int64_t(dst_rows[tr * 8 + i]) * ld;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (tc * 8 + j < cols) row[tc * 8 + j] = from_float<T>(acc[i][j]);
+    }
+  }
+};
+
+template <typename T>
+using MoeMath = std::conditional_t<MoeConfig<T>::kTensorCores, MoeTensorCoreMath<T>, MoeCudaCoreMath<T>>;
+
+template <typename T, bool kVecX, bool kVecW>
+__global__ void __launch_bounds__(kMoeThreads) pit_moe_forward_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                                                      const int32_t* __restrict__ order,
+                                                                      const int32_t* __restrict__ group_starts,
+                                                                      const int32_t* __restrict__ tile_starts,
+                                                                      T* __restrict__ out, MoeShape s) {
+  using C = MoeConfig<T>;
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  T* smem = reinterpret_cast<T*>(smem_bytes);
+  int32_t* dst_rows = reinterpret_cast<int32_t*>(smem_bytes + C::kStages * C::kStageElems * sizeof(T));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row_tile = blockIdx.x % s.max_row_tiles;  // row tiles fastest: experts run side by side
+  const int64_t n0 = (blockIdx.x / s.max_row_tiles) * C::kBN;
+  if (row_tile >= tile_starts[s.experts + 1]) return;  // past the last tile of this routing
+  int lo = 0, hi = int(s.experts) + 1;  // largest group g with tile_starts[g] <= row_tile
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (tile_starts[mid] <= row_tile) lo = mid; else hi = mid;
+  }
+  const int group = lo;
+  const int64_t p0 = group_starts[group] + (row_tile - tile_starts[group]) * C::kBM;
+  const int rows_valid = int(min(int64_t(C::kBM), int64_t(group_starts[group + 1]) - p0));
+  for (int r = threadIdx.x; r < C::kBM; r += kMoeThreads) dst_rows[r] = r < rows_valid ? order[p0 + r] : 0;
+  __syncthreads();
+  const int64_t cols = min(int64_t(C::kBN), s.f - n0);
+
+  if (group == s.experts) {  // assignments with an invalid expert id: zero rows
+    for (int i = threadIdx.x; i < rows_valid * C::kBN; i += kMoeThreads) {
+      const int r = i / C::kBN, c = i % C::kBN;
+      if (c < cols) out[int64_t(dst_rows[r]) * s.f + n0 + c] = zero_value<T>();
+    }
+    return;
+  }
+
+  const T* w_e = w + int64_t(group) * s.d * s.f;
+  auto load_stage = [&](int chunk, int stage) {
+    T* as = smem + stage * C::kStageElems;
+    T* bs = as + C::kBM * C::kAStride;
+    const int64_t k0 = int64_t(chunk) * C::kBK;
+    constexpr int kAVecsPerRow = C::kBK / C::kVec, kBVecsPerRow = C::kBN / C::kVec;
+    for (int i = threadIdx.x; i < C::kBM * kAVecsPerRow; i += kMoeThreads) {  // SRead: token rows of x
+      const int r = i / kAVecsPerRow, c = (i % kAVecsPerRow) * C::kVec;
+      const int64_t src = int64_t(dst_rows[r]) / s.rows_per_source, k = k0 + c;
+      const int64_t valid = r >= rows_valid ? 0 : (s.d - k < C::kVec ? s.d - k : C::kVec);
+      load_segment<T, kVecX>(as + r * C::kAStride + c, x + src * s.d + k, valid, x);
+    }
+    for (int i = threadIdx.x; i < C::kBK * kBVecsPerRow; i += kMoeThreads) {
+      const int r = i / kBVecsPerRow, c = (i % kBVecsPerRow) * C::kVec;
+      const int64_t k = k0 + r, n = n0 + c;
+      const int64_t valid = k >= s.d ? 0 : (s.f - n < C::kVec ? s.f - n : C::kVec);
+      load_segment<T, kVecW>(bs + r * C::kBStride + c, w_e + k * s.f + n, valid, w);
+    }
+  };
+
+  MoeMath<T> math;
+  const int n_chunks = int(ceil_div(s.d, C::kBK));
+#pragma unroll
+  for (int st = 0; st < C::kStages - 1; ++st) {
+    if (st < n_chunks) load_stage(st, st);
+    cp_async_commit();
+  }
+  for (int chunk = 0; chunk < n_chunks; ++chunk) {
+    cp_async_wait<C::kStages - 2>();
+    __syncthreads();
+    const int next = chunk + C::kStages - 1;
+    if (next < n_chunks) load_stage(next, next % C::kStages);
+    cp_async_commit();
+    const T* as = smem + (chunk % C::kStages) * C::kStageElems;
+    math.step(as, as + C::kBM * C::kAStride, warp, lane);
+  }
+  cp_async_wait<0>();
+  math.store(out + n0, s.f, dst_rows, rows_valid, cols, warp, lane);  // SWrite
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T>
+cudaError_t launch_moe_forward(cudaStream_t stream, const MoeShape& s, const void* x, const void* w,
+                               const int32_t* order, const int32_t* group_starts, const int32_t* tile_starts,
+                               void* out) {
+  using C = MoeConfig<T>;
+  if (s.assignments == 0 || s.f == 0) return cudaSuccess;
+  const bool vec_x = s.d % C::kVec == 0 && aligned16(x), vec_w = s.f % C::kVec == 0 && aligned16(w);
+  auto kernel = vec_x ? (vec_w ? pit_moe_forward_kernel<T, true, true> : pit_moe_forward_kernel<T, true, false>)
+                      : (vec_w ? pit_moe_forward_kernel<T, false, true> : pit_moe_forward_kernel<T, false, false>);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const unsigned grid = unsigned(s.max_row_tiles * ceil_div(s.f, C::kBN));
+  kernel<<<grid, kMoeThreads, C::kSmemBytes, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w), order,
+                                                        group_starts, tile_starts, static_cast<T*>(out), s);
+  return cudaGetLastError();
+}
+
+ffi::Error MoeMatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> order,
+                         ffi::Buffer<ffi::S32> group_starts, ffi::Buffer<ffi::S32> tile_starts,
+                         ffi::Result<ffi::AnyBuffer> out, int64_t rows_per_source, int64_t tile_rows) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || od.size() != 2 || order.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument("pit_moe_matmul: expected x [R, d], w [E, d, f], order [A], out [A, f]");
+  MoeShape s;
+  s.sources = xd[0];
+  s.d = xd[1];
+  s.experts = wd[0];
+  s.f = wd[2];
+  s.assignments = order.dimensions()[0];
+  s.rows_per_source = rows_per_source;
+  if (tile_rows != MoeConfig<float>::kBM)
+    return ffi::Error::InvalidArgument("pit_moe_matmul: tile_rows does not match the kernel's row tile");
+  s.max_row_tiles = ceil_div(s.assignments, tile_rows) + s.experts + 1;
+  if (wd[1] != s.d || od[0] != s.assignments || od[1] != s.f || rows_per_source <= 0 ||
+      s.sources * rows_per_source != s.assignments)
+    return ffi::Error::InvalidArgument("pit_moe_matmul: shapes of x, w, order and out do not agree");
+  if (group_starts.dimensions().size() != 1 || group_starts.dimensions()[0] != s.experts + 2 ||
+      tile_starts.dimensions().size() != 1 || tile_starts.dimensions()[0] != s.experts + 2)
+    return ffi::Error::InvalidArgument("pit_moe_matmul: group_starts and tile_starts must be [E + 2]");
+  if (w.element_type() != x.element_type() || out->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("pit_moe_matmul: x, w and out must share one dtype");
+  if (s.max_row_tiles * ceil_div(s.f, MoeConfig<float>::kBN) >= (int64_t(1) << 31))
+    return ffi::Error::InvalidArgument("pit_moe_matmul: too many tiles for one launch");
+  if (debug_poison_outputs()) cudaMemsetAsync(out->untyped_data(), kPoisonByte, out->size_bytes(), stream);
+  cudaError_t err;
+  switch (x.element_type()) {
+    case ffi::DataType::BF16:
+      err = launch_moe_forward<__nv_bfloat16>(stream, s, x.untyped_data(), w.untyped_data(), order.typed_data(),
+                                              group_starts.typed_data(), tile_starts.typed_data(), out->untyped_data());
+      break;
+    case ffi::DataType::F16:
+      err = launch_moe_forward<__half>(stream, s, x.untyped_data(), w.untyped_data(), order.typed_data(),
+                                       group_starts.typed_data(), tile_starts.typed_data(), out->untyped_data());
+      break;
+    case ffi::DataType::F32:
+      err = launch_moe_forward<float>(stream, s, x.untyped_data(), w.untyped_data(), order.typed_data(),
+                                      group_starts.typed_data(), tile_starts.typed_data(), out->untyped_data());
+      break;
+    default:
+      return ffi::Error::InvalidArgument("pit_moe_matmul: x must be bfloat16, float16 or float32");
+  }
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_moe_matmul: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace pit
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeMatmulCuda, pit::MoeMatmulCuda,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Attr<int64_t>("rows_per_source")
+                                  .Attr<int64_t>("tile_rows"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});

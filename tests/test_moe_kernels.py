@@ -1,0 +1,76 @@
+"""The experimental MoE grouped-GEMM kernel (PIT_EXPERIMENTAL_MOE_KERNELS=1) against the
+lax.ragged_dot reference and float64: GPU only; lowering checked on any machine with the
+CUDA module built."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pit_jax
+from helpers import DTYPES
+
+TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+
+
+def _gpu():
+    try:
+        return jax.devices("gpu")[0]
+    except RuntimeError:
+        return None
+
+
+def _fresh():
+    """A new function object, so jit's caches never hand back a lowering made with the
+    environment variable in another state."""
+    return lambda x, w, ids: pit_jax.moe_matmul(x, w, ids)
+
+
+@pytest.fixture
+def kernels_on(monkeypatch):
+    monkeypatch.setenv("PIT_EXPERIMENTAL_MOE_KERNELS", "1")
+
+
+def test_opt_in_lowers_to_the_kernel(kernels_on):
+    if not pit_jax.cuda_available():
+        pytest.skip("built without CUDA kernels")
+    x = jax.ShapeDtypeStruct((40, 64), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((8, 64, 96), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((40, 2), jnp.int32)
+    text = jax.jit(_fresh()).trace(x, w, ids).lower(lowering_platforms=("cuda",)).as_text()
+    assert "pit_moe_matmul" in text
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("t, k, e, d, f, routing", [
+    (1, 1, 1, 64, 128, "uniform"),
+    (300, 2, 8, 128, 256, "uniform"),
+    (257, 4, 64, 72, 136, "zipf"),
+    (200, 2, 16, 45, 29, "one_hot"),       # odd d, f: scalar loads
+    (130, 8, 256, 64, 64, "invalid"),      # some ids out of range: zero rows
+])
+def test_kernel_matches_float64(kernels_on, dtype, t, k, e, d, f, routing):
+    dev = _gpu()
+    if dev is None or not pit_jax.cuda_available():
+        pytest.skip("needs a GPU and the CUDA kernels")
+    rng = np.random.default_rng(t * 31 + e)
+    x = (rng.standard_normal((t, d)) + 0.1).astype(DTYPES[dtype])
+    w = (rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES[dtype])
+    if routing == "uniform":
+        ids = rng.integers(0, e, (t, k))
+    elif routing == "zipf":
+        ids = np.minimum(rng.zipf(1.5, (t, k)) - 1, e - 1)
+    elif routing == "one_hot":
+        ids = np.full((t, k), e // 2)
+    else:
+        ids = rng.integers(-3, e + 3, (t, k))
+    ids = ids.astype(np.int32)
+    with jax.default_device(dev):
+        out = jax.jit(_fresh())(x, w, ids)
+        out_rows = jax.jit(_fresh())(np.repeat(x[:, None], k, 1), w, ids)
+    valid = (ids >= 0) & (ids < e)
+    want = np.einsum("td,tkdf->tkf", x.astype(np.float64), w.astype(np.float64)[np.clip(ids, 0, e - 1)])
+    want[~valid] = 0
+    for got in (out, out_rows):
+        got = np.asarray(got, np.float64)
+        assert np.all(got[~valid] == 0)
+        assert np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30) < TOL[dtype]
