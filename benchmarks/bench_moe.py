@@ -7,7 +7,8 @@ Zipf-skewed and one-hot routing.
 pit_jax is timed from unsorted tokens (routing, gather and scatter included); the peers get
 rows already sorted by expert (their best case). Floor = max(FLOPs at the measured dense rate,
 bytes at the measured copy rate), bytes = tokens + the experts actually used + outputs.
-Until the m-gather/scatter kernels land, pit_jax runs its lax.ragged_dot reference.
+By default pit_jax runs its lax.ragged_dot reference; with PIT_EXPERIMENTAL_MOE_KERNELS=1 in the
+environment it runs the (not yet GPU-checked) grouped-GEMM kernels; the report says which.
 """
 from __future__ import annotations
 
@@ -105,7 +106,8 @@ def main():
     md = markdown_report(
         f"MoE expert projection — {meta['device']}, jax {meta['jax']}, {meta['date']}",
         "bf16; pit_jax from unsorted tokens (routing + gather + scatter included), peers from "
-        f"rows pre-sorted by expert; CUDA kernels built: {pit_jax.build_info().get('cuda')}",
+        f"rows pre-sorted by expert; CUDA kernels built: {pit_jax.build_info().get('cuda')}; pit_jax path: "
+        f"{'experimental kernels' if pit_jax.moe_cuda.enabled() else 'lax.ragged_dot reference'}",
         ["case", "routing", "pit ms", "dense same-FLOP ms", "ragged_dot ms", "ragged_dot_mgpu ms",
          "floor ms", "of floor", "rel err"],
         [[r["case"], r["routing"], fmt(r["t_pit_ms"]), fmt(r["t_dense_same_flops_ms"]),

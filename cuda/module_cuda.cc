@@ -11,6 +11,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(PitDetectCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitSparseDenseCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitSparseTnCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeMatmulCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeMatmulTnCuda);
 
 NB_MODULE(_pit_cuda, m) {
   m.def("registrations", []() {
@@ -19,6 +20,7 @@ NB_MODULE(_pit_cuda, m) {
     targets["pit_sparse_dense"] = nb::capsule(reinterpret_cast<void*>(PitSparseDenseCuda));
     targets["pit_sparse_tn"] = nb::capsule(reinterpret_cast<void*>(PitSparseTnCuda));
     targets["pit_moe_matmul"] = nb::capsule(reinterpret_cast<void*>(PitMoeMatmulCuda));
+    targets["pit_moe_matmul_tn"] = nb::capsule(reinterpret_cast<void*>(PitMoeMatmulTnCuda));
     return targets;
   });
   m.attr("ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);

@@ -8,7 +8,7 @@ Primitives (expert ids are an operand; routing happens inside, on device, no hos
     pit_moe_matmul_tn(x, dy, ids)  dw[e] = Σ_{ids[a] = e} x[a // r]ᵀ dy[a]   (dW of the above)
 Lowered to the jnp reference (lax.ragged_dot) on every platform until the PIT kernels are
 checked on a GPU; on GPU that is said once with a RuntimeWarning. The forward kernel exists
-(moe_cuda.py, opt-in with PIT_EXPERIMENTAL_MOE_KERNELS=1).
+and the dW kernel exist (moe_cuda.py, opt-in with PIT_EXPERIMENTAL_MOE_KERNELS=1).
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ moe_matmul_tn_p.def_abstract_eval(_tn_abstract)
 
 _primitive.register_reference_lowerings(moe_matmul_p, grouped_matmul_ref, "moe_matmul",
                                         experimental_kernel=(moe_cuda.enabled, moe_cuda.moe_matmul_cuda))
-_primitive.register_reference_lowerings(moe_matmul_tn_p, grouped_matmul_tn_ref, "moe_matmul_tn")
+_primitive.register_reference_lowerings(moe_matmul_tn_p, grouped_matmul_tn_ref, "moe_matmul_tn",
+                                        experimental_kernel=(moe_cuda.enabled, moe_cuda.moe_matmul_tn_cuda))
 
 
 def _sum_slots(rows, n_sources, dtype):

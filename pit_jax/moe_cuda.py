@@ -1,9 +1,9 @@
-"""CUDA lowering of `pit_moe_matmul` onto cuda/moe/moe_cuda.cu — EXPERIMENTAL.
+"""CUDA lowering of `pit_moe_matmul` and `pit_moe_matmul_tn` onto cuda/moe/moe_cuda.cu — EXPERIMENTAL.
 
-The kernel is built and registered, but it has not yet been checked on a GPU, so the default
+The kernels are built and registered, but they have not yet been checked on a GPU, so the default
 CUDA lowering stays the `lax.ragged_dot` reference (with its RuntimeWarning). Set
-PIT_EXPERIMENTAL_MOE_KERNELS=1 (read when a function is lowered) to use the kernel;
-tests/test_moe_kernels.py compares it with the reference on a GPU.
+PIT_EXPERIMENTAL_MOE_KERNELS=1 (read when a function is lowered) to use them;
+tests/test_moe_kernels.py compares them with the reference on a GPU.
 
 Routing is done here on device: a stable sort of the assignments by expert (invalid ids
 last, as pseudo-group E), group offsets, and the prefix sum of each group's row tiles, which
@@ -44,3 +44,11 @@ def moe_matmul_cuda(x, w, expert_ids, *, rows_per_source):
     return jax.ffi.ffi_call("pit_moe_matmul", out_type)(
         x, w, order, group_starts, tile_starts,
         rows_per_source=np.int64(rows_per_source), tile_rows=np.int64(TILE_ROWS))
+
+
+def moe_matmul_tn_cuda(x, dy, expert_ids, *, rows_per_source, num_experts, out_dtype):
+    order, group_starts, _ = routing_tables(expert_ids, num_experts)
+    out_type = jax.ShapeDtypeStruct((num_experts, x.shape[-1], dy.shape[-1]), x.dtype)
+    dw = jax.ffi.ffi_call("pit_moe_matmul_tn", out_type)(
+        x, dy.astype(x.dtype), order, group_starts, rows_per_source=np.int64(rows_per_source))
+    return dw.astype(out_dtype)

@@ -36,8 +36,11 @@ def test_opt_in_lowers_to_the_kernel(kernels_on):
     x = jax.ShapeDtypeStruct((40, 64), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((8, 64, 96), jnp.bfloat16)
     ids = jax.ShapeDtypeStruct((40, 2), jnp.int32)
-    text = jax.jit(_fresh()).trace(x, w, ids).lower(lowering_platforms=("cuda",)).as_text()
-    assert "pit_moe_matmul" in text
+    loss = lambda x, w, ids: jnp.sum(_fresh()(x, w, ids).astype(jnp.float32))
+    text = jax.jit(jax.value_and_grad(loss, (0, 1))).trace(x, w, ids).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "pit_moe_matmul_tn" in text  # dW
+    assert text.count("pit_moe_matmul") > text.count("pit_moe_matmul_tn")  # forward and dx too
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -73,4 +76,30 @@ def test_kernel_matches_float64(kernels_on, dtype, t, k, e, d, f, routing):
     for got in (out, out_rows):
         got = np.asarray(got, np.float64)
         assert np.all(got[~valid] == 0)
+        assert np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("t, k, e, d, f", [(300, 2, 8, 128, 256), (97, 4, 64, 45, 29), (5, 1, 16, 200, 136)])
+def test_kernel_gradients_match_float64(kernels_on, dtype, t, k, e, d, f):
+    """dx (forward kernel on wᵀ) and dw (dW kernel), empty experts included."""
+    dev = _gpu()
+    if dev is None or not pit_jax.cuda_available():
+        pytest.skip("needs a GPU and the CUDA kernels")
+    rng = np.random.default_rng(t + e)
+    x = (rng.standard_normal((t, d)) + 0.1).astype(DTYPES[dtype])
+    w = (rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES[dtype])
+    ids = rng.integers(0, e, (t, k)).astype(np.int32)
+    g = rng.standard_normal((t, k, f)).astype(np.float32)
+    fn = _fresh()
+    loss = lambda x, w: jnp.sum(fn(x, w, ids).astype(jnp.float32) * g)
+    with jax.default_device(dev):
+        gx, gw = jax.jit(jax.grad(loss, (0, 1)))(x, w)
+    x64, w64, g64 = x.astype(np.float64), w.astype(np.float64), g.astype(np.float64)
+    want_x = np.einsum("tkf,tkdf->td", g64, w64[ids])
+    want_w = np.zeros((e, d, f))
+    for s in range(k):
+        np.add.at(want_w, ids[:, s], x64[:, :, None] * g64[:, s, None, :])
+    for got, want in ((gx, want_x), (gw, want_w)):
+        got = np.asarray(got, np.float64)
         assert np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30) < TOL[dtype]

@@ -22,4 +22,25 @@ __device__ __forceinline__ void load_segment(T* dst, const T* src, int64_t valid
   }
 }
 
+// Runs compute(i, stage) for i in [0, n) over a kStages-deep cp.async ring that
+// load(i, stage) fills: loads run kStages - 1 steps ahead; one barrier per step makes stage i
+// visible and frees stage i - 1 for refill. All copies have landed on return.
+template <int kStages, typename Load, typename Compute>
+__device__ __forceinline__ void pipelined_mainloop(int n, Load&& load, Compute&& compute) {
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < n) load(st, st);
+    cp_async_commit();
+  }
+  for (int i = 0; i < n; ++i) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int next = i + kStages - 1;
+    if (next < n) load(next, next % kStages);
+    cp_async_commit();
+    compute(i, i % kStages);
+  }
+  cp_async_wait<0>();
+}
+
 }  // namespace pit

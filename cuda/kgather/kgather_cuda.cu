@@ -23,7 +23,10 @@
 #include "../common/ffi_common.h"
 #include "../common/mma_sm80.cuh"
 #include "../common/tile_copy.cuh"
+#include "../common/tn_tile_math.cuh"
 #include "kgather_layout.h"
+
+static_assert(pit::kTnRows == pit::kGroupRows, "dW stages reduce one 32-row group each");
 
 namespace pit {
 namespace {
@@ -41,23 +44,6 @@ struct ForwardConfig {
   static constexpr int kBStride = kBN + kVec;
   static constexpr int kStageElems = kBM * kAStride + kBK * kBStride;
   static constexpr int kSmemBytes = kStages * kStageElems * int(sizeof(T));
-};
-
-// dW tiles are 128 x 128: x and dy are re-read once per tile column / row, so the tile is as
-// large as two CTAs per SM allow. One 32-row group per stage.
-template <typename T>
-struct TnConfig {
-  static constexpr bool kTensorCores = sizeof(T) == 2;
-  static constexpr int kThreads = 256;  // 8 warps: 2 (dw rows) x 4 (dw columns), 64 x 32 each
-  static constexpr int kWords = 2;      // 64-bit column masks per tile (the code below assumes 2)
-  static constexpr int kBM = kWords * int(kMaskCols), kBN = 128, kBR = int(kGroupRows);
-  static constexpr int kStages = kTensorCores ? 4 : 2;
-  static constexpr int kVec = 16 / int(sizeof(T));
-  static constexpr int kXStride = kBM + kVec;
-  static constexpr int kDStride = kBN + kVec;
-  static constexpr int kStageElems = kBR * kXStride + kBR * kDStride;
-  static constexpr int kListCap = 512;  // row groups considered per pass
-  static constexpr int kSmemBytes = kStages * kStageElems * int(sizeof(T)) + kListCap * (kWords * 8 + 4);
 };
 
 __device__ __forceinline__ uint64_t bit_range(int lo, int hi) {  // bits [lo, hi), 0 <= lo < hi <= 64
@@ -293,92 +279,6 @@ __global__ void __launch_bounds__(256) pit_kgather_colmask_kernel(const int32_t*
 
 // ---- dW step 2: xᵀ dy over the row groups with nonzero columns ---------------------------------
 
-template <typename T>
-struct TnTensorCoreMath {  // warps 2 x 4, each 64 rows (columns of x) x 32 columns of dw
-  using C = TnConfig<T>;
-  float acc[4][4][4] = {};
-
-  // masks[i]: listed columns [64i, 64i + 64) of this tile in the stage's row group.
-  __device__ __forceinline__ void step(const T* xs, const T* ds, const uint64_t (&masks)[C::kWords], int warp,
-                                       int lane) {
-    const int wm = warp / 4, wn = warp % 4, gq = lane / 4;
-    const uint64_t mask = wm == 0 ? masks[0] : masks[1];  // a warp's 64 rows are one mask word (kWords == 2)
-#pragma unroll
-    for (int ks = 0; ks < C::kBR / 16; ++ks) {
-      uint32_t a[4][4];
-#pragma unroll
-      for (int mi = 0; mi < 4; ++mi) {
-        ldmatrix_x4_trans(a[mi], xs + (ks * 16 + lane % 8 + (lane / 16) * 8) * C::kXStride + wm * 64 + mi * 16 +
-                                     ((lane / 8) % 2) * 8);
-        const int m = mi * 16 + gq;  // this lane's fragment rows are m and m + 8
-        if (!((mask >> m) & 1)) a[mi][0] = a[mi][2] = 0;  // unlisted columns of x: never used
-        if (!((mask >> (m + 8)) & 1)) a[mi][1] = a[mi][3] = 0;
-      }
-#pragma unroll
-      for (int nj = 0; nj < 2; ++nj) {
-        uint32_t bq[4];
-        ldmatrix_x4_trans(bq, ds + (ks * 16 + lane % 8 + ((lane / 8) % 2) * 8) * C::kDStride + wn * 32 + nj * 16 +
-                                  (lane / 16) * 8);
-#pragma unroll
-        for (int mi = 0; mi < 4; ++mi) {
-          mma_16816<T>(acc[mi][2 * nj], a[mi], bq[0], bq[1]);
-          mma_16816<T>(acc[mi][2 * nj + 1], a[mi], bq[2], bq[3]);
-        }
-      }
-    }
-  }
-
-  __device__ __forceinline__ void store(T* out, int64_t ld, int64_t rows, int64_t cols, int warp, int lane) const {
-    const int wm = warp / 4, wn = warp % 4, gq = lane / 4, tq = lane % 4;
-#pragma unroll
-    for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-      for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int r = wm * 64 + mi * 16 + gq + half * 8, c = wn * 32 + ni * 8 + 2 * tq;
-          if (r >= rows) continue;
-          if (c < cols) out[r * ld + c] = from_float<T>(acc[mi][ni][2 * half]);
-          if (c + 1 < cols) out[r * ld + c + 1] = from_float<T>(acc[mi][ni][2 * half + 1]);
-        }
-  }
-};
-
-template <typename T>
-struct TnCudaCoreMath {  // fp32: each of 256 threads 8 rows x 8 columns of dw
-  using C = TnConfig<T>;
-  float acc[8][8] = {};
-
-  __device__ __forceinline__ void step(const T* xs, const T* ds, const uint64_t (&masks)[C::kWords], int, int) {
-    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
-    const unsigned bits = unsigned((tr < 8 ? masks[0] : masks[1]) >> ((tr % 8) * 8)) & 0xffu;
-#pragma unroll 4
-    for (int r = 0; r < C::kBR; ++r) {
-      float a[8], b[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) a[i] = ((bits >> i) & 1u) ? float(xs[r * C::kXStride + tr * 8 + i]) : 0.0f;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) b[j] = float(ds[r * C::kDStride + tc * 8 + j]);
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
-  }
-
-  __device__ __forceinline__ void store(T* out, int64_t ld, int64_t rows, int64_t cols, int, int) const {
-    const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-        if (tr * 8 + i < rows && tc * 8 + j < cols) out[(tr * 8 + i) * ld + tc * 8 + j] = from_float<T>(acc[i][j]);
-  }
-};
-
-template <typename T>
-using TnMath = std::conditional_t<TnConfig<T>::kTensorCores, TnTensorCoreMath<T>, TnCudaCoreMath<T>>;
-
 template <typename T, bool kVecX, bool kVecDy>
 __global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_kgather_tn_kernel(
     const T* __restrict__ x, const T* __restrict__ dy, const uint64_t* __restrict__ masks, T* __restrict__ dw,
@@ -446,24 +346,13 @@ __global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_kgather_tn_kernel(
       }
     };
 
-#pragma unroll
-    for (int st = 0; st < C::kStages - 1; ++st) {
-      if (st < active) load_stage(st, st);
-      cp_async_commit();
-    }
-    for (int e = 0; e < active; ++e) {
-      cp_async_wait<C::kStages - 2>();
-      __syncthreads();
-      const int next = e + C::kStages - 1;
-      if (next < active) load_stage(next, next % C::kStages);
-      cp_async_commit();
-      const T* xs = smem + (e % C::kStages) * C::kStageElems;
+    pipelined_mainloop<C::kStages>(active, load_stage, [&](int e, int stage) {
+      const T* xs = smem + stage * C::kStageElems;
       uint64_t masks_e[C::kWords];
 #pragma unroll
       for (int wd = 0; wd < C::kWords; ++wd) masks_e[wd] = list_mask[e * C::kWords + wd];
       math.step(xs, xs + C::kBR * C::kXStride, masks_e, warp, lane);
-    }
-    cp_async_wait<0>();
+    });
     __syncthreads();  // the list and the stages are rewritten by the next pass
   }
   math.store(dw + k0 * s.n + n0, s.n, s.k - k0, s.n - n0, warp, lane);

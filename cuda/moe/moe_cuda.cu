@@ -11,6 +11,11 @@
 // columns); a CTA finds its group by binary search in `tile_starts`, gathers its x rows
 // straight from the unpermuted x (cp.async), streams w[e] and scatters rows of out. Tiles of
 // the invalid pseudo-group write zero rows; CTAs past the last tile exit.
+//
+//   dw[e] = Σ_{a in group e} x[a / r]ᵀ dy[a]
+//
+// One CTA per (expert, 128 x 128 tile of dw) walks its group's rows 32 at a time, gathering
+// rows of x and dy by `order` (tile math shared with the k-gather dW); empty experts write zeros.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -19,6 +24,7 @@
 #include "../common/ffi_common.h"
 #include "../common/mma_sm80.cuh"
 #include "../common/tile_copy.cuh"
+#include "../common/tn_tile_math.cuh"
 
 namespace pit {
 namespace {
@@ -187,22 +193,10 @@ __global__ void __launch_bounds__(kMoeThreads) pit_moe_forward_kernel(const T* _
   };
 
   MoeMath<T> math;
-  const int n_chunks = int(ceil_div(s.d, C::kBK));
-#pragma unroll
-  for (int st = 0; st < C::kStages - 1; ++st) {
-    if (st < n_chunks) load_stage(st, st);
-    cp_async_commit();
-  }
-  for (int chunk = 0; chunk < n_chunks; ++chunk) {
-    cp_async_wait<C::kStages - 2>();
-    __syncthreads();
-    const int next = chunk + C::kStages - 1;
-    if (next < n_chunks) load_stage(next, next % C::kStages);
-    cp_async_commit();
-    const T* as = smem + (chunk % C::kStages) * C::kStageElems;
+  pipelined_mainloop<C::kStages>(int(ceil_div(s.d, C::kBK)), load_stage, [&](int, int stage) {
+    const T* as = smem + stage * C::kStageElems;
     math.step(as, as + C::kBM * C::kAStride, warp, lane);
-  }
-  cp_async_wait<0>();
+  });
   math.store(out + n0, s.f, dst_rows, rows_valid, cols, warp, lane);  // SWrite
 }
 
@@ -273,6 +267,117 @@ ffi::Error MoeMatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
   return ffi::Error::Success();
 }
 
+
+// ---- dW: per expert, xᵀ dy over its gathered rows ---------------------------------------------
+
+template <typename T, bool kVecX, bool kVecDy>
+__global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_moe_tn_kernel(const T* __restrict__ x,
+                                                                           const T* __restrict__ dy,
+                                                                           const int32_t* __restrict__ order,
+                                                                           const int32_t* __restrict__ group_starts,
+                                                                           T* __restrict__ dw, MoeShape s,
+                                                                           int64_t d_tiles, int64_t f_tiles) {
+  using C = TnConfig<T>;
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  T* smem = reinterpret_cast<T*>(smem_bytes);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t f_tile = blockIdx.x % f_tiles, d_tile = (blockIdx.x / f_tiles) % d_tiles;
+  const int64_t expert = blockIdx.x / (f_tiles * d_tiles);
+  const int64_t d0 = d_tile * C::kBM, f0 = f_tile * C::kBN;
+  const int64_t first = group_starts[expert], end = group_starts[expert + 1];
+  const int n_chunks = int(ceil_div(end - first, C::kBR));
+
+  auto load_stage = [&](int chunk, int stage) {
+    T* xs = smem + stage * C::kStageElems;
+    T* ds = xs + C::kBR * C::kXStride;
+    const int64_t p0 = first + int64_t(chunk) * C::kBR;
+    constexpr int kXVecsPerRow = C::kBM / C::kVec, kDVecsPerRow = C::kBN / C::kVec;
+    for (int i = threadIdx.x; i < C::kBR * kXVecsPerRow; i += C::kThreads) {
+      const int r = i / kXVecsPerRow, c = (i % kXVecsPerRow) * C::kVec;
+      const bool live = p0 + r < end;
+      const int64_t a = live ? order[p0 + r] : 0, col = d0 + c;
+      const int64_t valid = !live ? 0 : (s.d - col < C::kVec ? s.d - col : C::kVec);
+      load_segment<T, kVecX>(xs + r * C::kXStride + c, x + (a / s.rows_per_source) * s.d + col, valid, x);
+    }
+    for (int i = threadIdx.x; i < C::kBR * kDVecsPerRow; i += C::kThreads) {
+      const int r = i / kDVecsPerRow, c = (i % kDVecsPerRow) * C::kVec;
+      const bool live = p0 + r < end;
+      const int64_t a = live ? order[p0 + r] : 0, col = f0 + c;
+      const int64_t valid = !live ? 0 : (s.f - col < C::kVec ? s.f - col : C::kVec);
+      load_segment<T, kVecDy>(ds + r * C::kDStride + c, dy + a * s.f + col, valid, dy);
+    }
+  };
+
+  TnMath<T> math;
+  const uint64_t all_columns[C::kWords] = {~0ull, ~0ull};
+  pipelined_mainloop<C::kStages>(n_chunks, load_stage, [&](int, int stage) {
+    const T* xs = smem + stage * C::kStageElems;
+    math.step(xs, xs + C::kBR * C::kXStride, all_columns, warp, lane);
+  });
+  math.store(dw + (expert * s.d + d0) * s.f + f0, s.f, s.d - d0, s.f - f0, warp, lane);
+}
+
+template <typename T>
+cudaError_t launch_moe_tn(cudaStream_t stream, const MoeShape& s, const void* x, const void* dy,
+                          const int32_t* order, const int32_t* group_starts, void* dw) {
+  using C = TnConfig<T>;
+  if (s.experts == 0 || s.d == 0 || s.f == 0) return cudaSuccess;
+  const bool vec_x = s.d % C::kVec == 0 && aligned16(x), vec_dy = s.f % C::kVec == 0 && aligned16(dy);
+  auto kernel = vec_x ? (vec_dy ? pit_moe_tn_kernel<T, true, true> : pit_moe_tn_kernel<T, true, false>)
+                      : (vec_dy ? pit_moe_tn_kernel<T, false, true> : pit_moe_tn_kernel<T, false, false>);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int64_t d_tiles = ceil_div(s.d, C::kBM), f_tiles = ceil_div(s.f, C::kBN);
+  kernel<<<unsigned(s.experts * d_tiles * f_tiles), C::kThreads, C::kSmemBytes, stream>>>(
+      static_cast<const T*>(x), static_cast<const T*>(dy), order, group_starts, static_cast<T*>(dw), s, d_tiles,
+      f_tiles);
+  return cudaGetLastError();
+}
+
+ffi::Error MoeMatmulTnCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::S32> order,
+                           ffi::Buffer<ffi::S32> group_starts, ffi::Result<ffi::AnyBuffer> dw,
+                           int64_t rows_per_source) {
+  const auto xd = x.dimensions(), yd = dy.dimensions(), wd = dw->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || wd.size() != 3 || order.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument("pit_moe_matmul_tn: expected x [R, d], dy [A, f], order [A], dw [E, d, f]");
+  MoeShape s;
+  s.sources = xd[0];
+  s.d = xd[1];
+  s.f = yd[1];
+  s.experts = wd[0];
+  s.assignments = yd[0];
+  s.rows_per_source = rows_per_source;
+  if (order.dimensions()[0] != s.assignments || wd[1] != s.d || wd[2] != s.f || rows_per_source <= 0 ||
+      s.sources * rows_per_source != s.assignments)
+    return ffi::Error::InvalidArgument("pit_moe_matmul_tn: shapes of x, dy, order and dw do not agree");
+  if (group_starts.dimensions().size() != 1 || group_starts.dimensions()[0] != s.experts + 2)
+    return ffi::Error::InvalidArgument("pit_moe_matmul_tn: group_starts must be [E + 2]");
+  if (dy.element_type() != x.element_type() || dw->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("pit_moe_matmul_tn: x, dy and dw must share one dtype");
+  if (s.experts * ceil_div(s.d, 128) * ceil_div(s.f, 128) >= (int64_t(1) << 31))
+    return ffi::Error::InvalidArgument("pit_moe_matmul_tn: too many tiles for one launch");
+  if (debug_poison_outputs()) cudaMemsetAsync(dw->untyped_data(), kPoisonByte, dw->size_bytes(), stream);
+  cudaError_t err;
+  switch (x.element_type()) {
+    case ffi::DataType::BF16:
+      err = launch_moe_tn<__nv_bfloat16>(stream, s, x.untyped_data(), dy.untyped_data(), order.typed_data(),
+                                         group_starts.typed_data(), dw->untyped_data());
+      break;
+    case ffi::DataType::F16:
+      err = launch_moe_tn<__half>(stream, s, x.untyped_data(), dy.untyped_data(), order.typed_data(),
+                                  group_starts.typed_data(), dw->untyped_data());
+      break;
+    case ffi::DataType::F32:
+      err = launch_moe_tn<float>(stream, s, x.untyped_data(), dy.untyped_data(), order.typed_data(),
+                                 group_starts.typed_data(), dw->untyped_data());
+      break;
+    default:
+      return ffi::Error::InvalidArgument("pit_moe_matmul_tn: x must be bfloat16, float16 or float32");
+  }
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_moe_matmul_tn: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace pit
 
@@ -287,4 +392,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeMatmulCuda, pit::MoeMatmulCuda,
                                   .Ret<xla::ffi::AnyBuffer>()
                                   .Attr<int64_t>("rows_per_source")
                                   .Attr<int64_t>("tile_rows"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeMatmulTnCuda, pit::MoeMatmulTnCuda,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Attr<int64_t>("rows_per_source"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
