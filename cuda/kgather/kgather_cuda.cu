@@ -21,6 +21,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "../common/ffi_common.h"
+#include "../common/dtype_dispatch.cuh"
 #include "../common/mma_sm80.cuh"
 #include "../common/tile_copy.cuh"
 #include "../common/tn_tile_math.cuh"
@@ -448,16 +449,6 @@ bool fits_launch_limits(const KGatherShape& s, int64_t tile_n) {
          ceil_div(s.packed_k, kPackThreads) <= 65535 && s.all_groups() < (int64_t(1) << 31);
 }
 
-template <typename Launch>
-cudaError_t dispatch_dtype(ffi::DataType dtype, Launch&& launch, bool* known) {
-  *known = true;
-  switch (dtype) {
-    case ffi::DataType::BF16: return launch(__nv_bfloat16{});
-    case ffi::DataType::F16: return launch(__half{});
-    case ffi::DataType::F32: return launch(float{});
-    default: *known = false; return cudaSuccess;
-  }
-}
 
 ffi::Error SparseDenseCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> counts,
                            ffi::Buffer<ffi::S32> indices, ffi::Result<ffi::AnyBuffer> y,

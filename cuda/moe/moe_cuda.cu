@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <string>
 
+#include "../common/dtype_dispatch.cuh"
 #include "../common/ffi_common.h"
 #include "../common/mma_sm80.cuh"
 #include "../common/tile_copy.cuh"
@@ -246,23 +247,12 @@ ffi::Error MoeMatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
   if (s.max_row_tiles * ceil_div(s.f, MoeConfig<float>::kBN) >= (int64_t(1) << 31))
     return ffi::Error::InvalidArgument("pit_moe_matmul: too many tiles for one launch");
   if (debug_poison_outputs()) cudaMemsetAsync(out->untyped_data(), kPoisonByte, out->size_bytes(), stream);
-  cudaError_t err;
-  switch (x.element_type()) {
-    case ffi::DataType::BF16:
-      err = launch_moe_forward<__nv_bfloat16>(stream, s, x.untyped_data(), w.untyped_data(), order.typed_data(),
-                                              group_starts.typed_data(), tile_starts.typed_data(), out->untyped_data());
-      break;
-    case ffi::DataType::F16:
-      err = launch_moe_forward<__half>(stream, s, x.untyped_data(), w.untyped_data(), order.typed_data(),
-                                       group_starts.typed_data(), tile_starts.typed_data(), out->untyped_data());
-      break;
-    case ffi::DataType::F32:
-      err = launch_moe_forward<float>(stream, s, x.untyped_data(), w.untyped_data(), order.typed_data(),
-                                      group_starts.typed_data(), tile_starts.typed_data(), out->untyped_data());
-      break;
-    default:
-      return ffi::Error::InvalidArgument("pit_moe_matmul: x must be bfloat16, float16 or float32");
-  }
+  bool known;
+  const cudaError_t err = dispatch_dtype(x.element_type(), [&](auto tag) {
+    return launch_moe_forward<decltype(tag)>(stream, s, x.untyped_data(), w.untyped_data(), order.typed_data(),
+                                             group_starts.typed_data(), tile_starts.typed_data(), out->untyped_data());
+  }, &known);
+  if (!known) return ffi::Error::InvalidArgument("pit_moe_matmul: x must be bfloat16, float16 or float32");
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_moe_matmul: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
@@ -357,23 +347,12 @@ ffi::Error MoeMatmulTnCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer
   if (s.experts * ceil_div(s.d, 128) * ceil_div(s.f, 128) >= (int64_t(1) << 31))
     return ffi::Error::InvalidArgument("pit_moe_matmul_tn: too many tiles for one launch");
   if (debug_poison_outputs()) cudaMemsetAsync(dw->untyped_data(), kPoisonByte, dw->size_bytes(), stream);
-  cudaError_t err;
-  switch (x.element_type()) {
-    case ffi::DataType::BF16:
-      err = launch_moe_tn<__nv_bfloat16>(stream, s, x.untyped_data(), dy.untyped_data(), order.typed_data(),
-                                         group_starts.typed_data(), dw->untyped_data());
-      break;
-    case ffi::DataType::F16:
-      err = launch_moe_tn<__half>(stream, s, x.untyped_data(), dy.untyped_data(), order.typed_data(),
-                                  group_starts.typed_data(), dw->untyped_data());
-      break;
-    case ffi::DataType::F32:
-      err = launch_moe_tn<float>(stream, s, x.untyped_data(), dy.untyped_data(), order.typed_data(),
-                                 group_starts.typed_data(), dw->untyped_data());
-      break;
-    default:
-      return ffi::Error::InvalidArgument("pit_moe_matmul_tn: x must be bfloat16, float16 or float32");
-  }
+  bool known;
+  const cudaError_t err = dispatch_dtype(x.element_type(), [&](auto tag) {
+    return launch_moe_tn<decltype(tag)>(stream, s, x.untyped_data(), dy.untyped_data(), order.typed_data(),
+                                        group_starts.typed_data(), dw->untyped_data());
+  }, &known);
+  if (!known) return ffi::Error::InvalidArgument("pit_moe_matmul_tn: x must be bfloat16, float16 or float32");
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_moe_matmul_tn: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
