@@ -12,6 +12,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(PitSparseDenseCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitSparseTnCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeMatmulCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeMatmulTnCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeRouteCuda);
 
 NB_MODULE(_pit_cuda, m) {
   m.def("registrations", []() {
@@ -21,6 +22,7 @@ NB_MODULE(_pit_cuda, m) {
     targets["pit_sparse_tn"] = nb::capsule(reinterpret_cast<void*>(PitSparseTnCuda));
     targets["pit_moe_matmul"] = nb::capsule(reinterpret_cast<void*>(PitMoeMatmulCuda));
     targets["pit_moe_matmul_tn"] = nb::capsule(reinterpret_cast<void*>(PitMoeMatmulTnCuda));
+    targets["pit_moe_route"] = nb::capsule(reinterpret_cast<void*>(PitMoeRouteCuda));
     return targets;
   });
   m.attr("ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);

@@ -60,17 +60,19 @@ FILTER=()
 SAN_HELP=$(compute-sanitizer --help 2>&1 || true)  # no grep -q in a pipe: SIGPIPE under pipefail
 if [[ "$SAN_HELP" == *"--kernel-name"* ]]; then FILTER=(--kernel-name kns=pit_); fi
 DETECT_SAN=(tests/test_detect.py -k "gpu and (dtypes_and_sparsity or unaligned or special or deterministic or jnp_reference)")
+MOE_SAN=(tests/test_moe_kernels.py -k "bfloat16 or float32 or routing")
 KGATHER_SAN=(tests/test_kgather_kernels.py -k "gpu and (0.5 or 1.0 or garbage or many_row or dense_sparse)")
 for san in memcheck:97 racecheck:98 synccheck:96; do
   tool=${san%%:*}; code=${san##*:}
-  [[ "${SAN_SETS:-detect kgather}" == *detect* ]] && step "${tool}" timeout $SAN_TIMEOUT compute-sanitizer --tool $tool --error-exitcode $code "${FILTER[@]}" $PY -P -m pytest "${DETECT_SAN[@]}" -q -p no:cacheprovider -x
-  [[ "${SAN_SETS:-detect kgather}" == *kgather* ]] && step "${tool}_kgather" timeout $SAN_TIMEOUT compute-sanitizer --tool $tool --error-exitcode $code "${FILTER[@]}" $PY -P -m pytest "${KGATHER_SAN[@]}" -q -p no:cacheprovider -x
+  [[ "${SAN_SETS:-detect kgather moe}" == *detect* ]] && step "${tool}" timeout $SAN_TIMEOUT compute-sanitizer --tool $tool --error-exitcode $code "${FILTER[@]}" $PY -P -m pytest "${DETECT_SAN[@]}" -q -p no:cacheprovider -x
+  [[ "${SAN_SETS:-detect kgather moe}" == *moe* ]] && step "${tool}_moe" timeout $SAN_TIMEOUT compute-sanitizer --tool $tool --error-exitcode $code "${FILTER[@]}" $PY -P -m pytest "${MOE_SAN[@]}" -q -p no:cacheprovider -x
+  [[ "${SAN_SETS:-detect kgather moe}" == *kgather* ]] && step "${tool}_kgather" timeout $SAN_TIMEOUT compute-sanitizer --tool $tool --error-exitcode $code "${FILTER[@]}" $PY -P -m pytest "${KGATHER_SAN[@]}" -q -p no:cacheprovider -x
 done
 unset XLA_PYTHON_CLIENT_PREALLOCATE XLA_PYTHON_CLIENT_ALLOCATOR
 fi
 
 
 echo; echo "=== summary"
-for k in build tests $(for b in $BENCHES; do echo "bench_$b"; done) memcheck memcheck_kgather racecheck racecheck_kgather synccheck synccheck_kgather; do
+for k in build tests $(for b in $BENCHES; do echo "bench_$b"; done) memcheck memcheck_kgather memcheck_moe racecheck racecheck_kgather racecheck_moe synccheck synccheck_kgather synccheck_moe; do
   printf '%-12s %s\n' "$k" "${STATUS[$k]:-not run}"
 done

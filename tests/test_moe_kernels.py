@@ -39,7 +39,7 @@ def test_opt_in_lowers_to_the_kernel(kernels_on):
     loss = lambda x, w, ids: jnp.sum(_fresh()(x, w, ids).astype(jnp.float32))
     text = jax.jit(jax.value_and_grad(loss, (0, 1))).trace(x, w, ids).lower(
         lowering_platforms=("cuda",)).as_text()
-    assert "pit_moe_matmul_tn" in text  # dW
+    assert "pit_moe_route" in text and "pit_moe_matmul_tn" in text  # routing, dW
     assert text.count("pit_moe_matmul") > text.count("pit_moe_matmul_tn")  # forward and dx too
 
 
@@ -103,3 +103,21 @@ def test_kernel_gradients_match_float64(kernels_on, dtype, t, k, e, d, f):
     for got, want in ((gx, want_x), (gw, want_w)):
         got = np.asarray(got, np.float64)
         assert np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30) < TOL[dtype]
+
+
+@pytest.mark.parametrize("a, e", [(0, 4), (1, 1), (1000, 8), (4099, 256), (777, 3000)])
+def test_routing_kernel_equals_stable_sort(a, e):
+    """order, group_starts and tile_starts from the CUDA counting sort == the jnp argsort tables."""
+    dev = _gpu()
+    if dev is None or not pit_jax.cuda_available():
+        pytest.skip("needs a GPU and the CUDA kernels")
+    from pit_jax import moe_cuda
+    rng = np.random.default_rng(a + e)
+    ids = rng.integers(-2, e + 2, a).astype(np.int32)
+    if a > 1:
+        ids[: a // 3] = e // 2  # a crowded expert next to sparse ones
+    with jax.default_device(dev):
+        got = jax.jit(lambda i: moe_cuda.routing_tables(i, e))(ids)
+        want = jax.jit(lambda i: moe_cuda.routing_tables_reference(i, e))(ids)
+    for g, w_ in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w_))

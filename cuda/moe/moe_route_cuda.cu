@@ -1,0 +1,156 @@
+// MoE routing index on CUDA: a stable counting sort of assignments by expert.
+//
+// EXPERIMENTAL (opt-in with PIT_EXPERIMENTAL_MOE_KERNELS=1, like the grouped GEMM).
+//
+//   ids [A] int32 -> order [A]        assignment ids grouped by expert, token order kept inside
+//                    group_starts [E+2] offsets of groups 0..E (group E: ids outside [0, E))
+//                    tile_starts [E+2]  prefix sum of each group's row tiles (tile_rows each)
+//
+// count -> scan -> scatter, no atomics on global memory:
+//   1. one warp per chunk of kChunk assignments counts its bins in shared memory and writes
+//      them bin-major ([bin][chunk]), so that
+//   2. one exclusive scan (a single CTA, CUB) of that array gives each (bin, chunk) its first
+//      output position; the same CTA writes group_starts and tile_starts;
+//   3. each warp walks its chunk again, 32 assignments at a time in order, ranking equal bins
+//      with __match_any_sync: order[position] = assignment. Stable, hence deterministic.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include <cub/block/block_scan.cuh>
+
+#include "../common/ffi_common.h"
+
+namespace pit {
+namespace {
+
+constexpr int kChunk = 256;           // assignments per warp
+constexpr int kScanThreads = 1024;
+constexpr int64_t kMaxBins = 8192;    // experts + 1, held in shared memory per warp
+
+__device__ __forceinline__ int bin_of(int32_t id, int64_t experts) {
+  return (id >= 0 && id < experts) ? id : int(experts);
+}
+
+__global__ void __launch_bounds__(32) pit_moe_route_count_kernel(const int32_t* __restrict__ ids, int64_t n,
+                                                                 int64_t experts, int64_t n_chunks,
+                                                                 int32_t* __restrict__ counts) {
+  extern __shared__ int32_t bins[];
+  const int64_t chunk = blockIdx.x;
+  for (int64_t b = threadIdx.x; b <= experts; b += 32) bins[b] = 0;
+  __syncwarp();
+  const int64_t first = chunk * kChunk, last = min(n, first + kChunk);
+  for (int64_t a = first + threadIdx.x; a < last; a += 32) atomicAdd(&bins[bin_of(ids[a], experts)], 1);
+  __syncwarp();
+  for (int64_t b = threadIdx.x; b <= experts; b += 32) counts[b * n_chunks + chunk] = bins[b];
+}
+
+__global__ void __launch_bounds__(kScanThreads) pit_moe_route_scan_kernel(int32_t* __restrict__ counts,
+                                                                          int64_t n_chunks, int64_t experts,
+                                                                          int64_t tile_rows,
+                                                                          int32_t* __restrict__ group_starts,
+                                                                          int32_t* __restrict__ tile_starts) {
+  using Scan = cub::BlockScan<int32_t, kScanThreads>;
+  __shared__ typename Scan::TempStorage storage;
+  __shared__ int32_t carry;
+  const int64_t total = (experts + 1) * n_chunks;
+  if (threadIdx.x == 0) carry = 0;
+  __syncthreads();
+  for (int64_t base = 0; base < total; base += kScanThreads) {  // counts -> first positions, in place
+    const int64_t i = base + threadIdx.x;
+    const int32_t v = i < total ? counts[i] : 0;
+    int32_t excl, sum;
+    Scan(storage).ExclusiveSum(v, excl, sum);
+    if (i < total) counts[i] = carry + excl;
+    __syncthreads();
+    if (threadIdx.x == 0) carry += sum;
+    __syncthreads();
+  }
+  for (int64_t b = threadIdx.x; b <= experts; b += kScanThreads) group_starts[b] = n_chunks > 0 ? counts[b * n_chunks] : 0;
+  if (threadIdx.x == 0) group_starts[experts + 1] = carry;
+  __syncthreads();
+  if (threadIdx.x == 0) carry = 0;
+  __syncthreads();
+  for (int64_t base = 0; base <= experts; base += kScanThreads) {  // tiles per group -> tile_starts
+    const int64_t b = base + threadIdx.x;
+    const int32_t tiles = b <= experts ? int32_t((group_starts[b + 1] - group_starts[b] + tile_rows - 1) / tile_rows) : 0;
+    int32_t excl, sum;
+    Scan(storage).ExclusiveSum(tiles, excl, sum);
+    if (b <= experts) tile_starts[b] = carry + excl;
+    __syncthreads();
+    if (threadIdx.x == 0) carry += sum;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) tile_starts[experts + 1] = carry;
+}
+
+__global__ void __launch_bounds__(32) pit_moe_route_scatter_kernel(const int32_t* __restrict__ ids, int64_t n,
+                                                                   int64_t experts, int64_t n_chunks,
+                                                                   const int32_t* __restrict__ positions,
+                                                                   int32_t* __restrict__ order) {
+  extern __shared__ int32_t next_pos[];
+  const int64_t chunk = blockIdx.x;
+  const int lane = threadIdx.x;
+  for (int64_t b = lane; b <= experts; b += 32) next_pos[b] = positions[b * n_chunks + chunk];
+  __syncwarp();
+  const int64_t first = chunk * kChunk, last = min(n, first + kChunk);
+  for (int64_t a0 = first; a0 < last; a0 += 32) {
+    const int64_t a = a0 + lane;
+    const bool live = a < last;
+    const int bin = live ? bin_of(ids[a], experts) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, bin);
+    const int rank = __popc(peers & ((1u << lane) - 1));  // earlier lanes with the same bin
+    if (live) order[next_pos[bin] + rank] = int32_t(a);
+    __syncwarp();
+    if (live && rank == 0) next_pos[bin] += __popc(peers);  // the first peer advances the bin
+    __syncwarp();
+  }
+}
+
+ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Result<ffi::Buffer<ffi::S32>> order,
+                        ffi::Result<ffi::Buffer<ffi::S32>> group_starts, ffi::Result<ffi::Buffer<ffi::S32>> tile_starts,
+                        ffi::Result<ffi::Buffer<ffi::S32>> workspace, int64_t num_experts, int64_t tile_rows) {
+  const int64_t n = element_count(ids.dimensions());
+  const int64_t n_chunks = ceil_div(n, kChunk);
+  if (num_experts <= 0 || num_experts + 1 > kMaxBins || tile_rows <= 0)
+    return ffi::Error::InvalidArgument("pit_moe_route: num_experts must be in [1, 8191] and tile_rows positive");
+  if (element_count(order->dimensions()) != n || element_count(group_starts->dimensions()) != num_experts + 2 ||
+      element_count(tile_starts->dimensions()) != num_experts + 2 ||
+      element_count(workspace->dimensions()) != (num_experts + 1) * n_chunks)
+    return ffi::Error::InvalidArgument("pit_moe_route: output shapes do not match ids and num_experts");
+  if (n >= (int64_t(1) << 31)) return ffi::Error::InvalidArgument("pit_moe_route: more than 2^31 - 1 assignments");
+  if (debug_poison_outputs()) {
+    cudaMemsetAsync(order->untyped_data(), kPoisonByte, order->size_bytes(), stream);
+    cudaMemsetAsync(group_starts->untyped_data(), kPoisonByte, group_starts->size_bytes(), stream);
+    cudaMemsetAsync(tile_starts->untyped_data(), kPoisonByte, tile_starts->size_bytes(), stream);
+  }
+  const size_t bin_bytes = size_t(num_experts + 1) * sizeof(int32_t);
+  int32_t* counts = workspace->typed_data();
+  if (n_chunks > 0)
+    pit_moe_route_count_kernel<<<unsigned(n_chunks), 32, bin_bytes, stream>>>(ids.typed_data(), n, num_experts,
+                                                                               n_chunks, counts);
+  pit_moe_route_scan_kernel<<<1, kScanThreads, 0, stream>>>(counts, n_chunks, num_experts, tile_rows,
+                                                             group_starts->typed_data(), tile_starts->typed_data());
+  if (n_chunks > 0)
+    pit_moe_route_scatter_kernel<<<unsigned(n_chunks), 32, bin_bytes, stream>>>(ids.typed_data(), n, num_experts,
+                                                                                 n_chunks, counts, order->typed_data());
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_moe_route: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace pit
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeRouteCuda, pit::MoeRouteCuda,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Attr<int64_t>("num_experts")
+                                  .Attr<int64_t>("tile_rows"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
