@@ -1,12 +1,12 @@
 """k-gather benchmark (issue 3): pit_jax.sparse_dense against jnp.dot and jax.experimental.sparse.
 
-    python benchmarks/bench_sparse_dense.py [--out benchmarks/results] [--quick]
+    python benchmarks/bench_sparse_dense.py [--out benchmarks/results] [--quick] [--tiles 32x1 ...]
 
-For each point: dense `jnp.dot` on the same arrays, pit_jax with detection included, pit_jax
-with a precomputed index, BCOO (`jax.experimental.sparse`), and the backward dW = xᵀ dy.
-The roofline floor is max(useful FLOPs at the measured dense rate, bytes at the measured copy
-rate); "of floor" = floor / time. Until the k-gather CUDA kernel lands, pit_jax's GPU path is a
-dense masked matmul (see README), so these rows measure that fallback.
+For each (shape, micro-tile shape, sparsity): dense `jnp.dot` on the same arrays, pit_jax with
+detection included, pit_jax with a precomputed index, tile="auto" (32x1 only), BCOO
+(`jax.experimental.sparse`, 32x1 at >= 95%), and the backward dW = xᵀ dy. The roofline floor
+is max(useful FLOPs at the measured dense rate, bytes at the measured copy rate);
+"of floor" = floor / time.
 """
 from __future__ import annotations
 
@@ -32,22 +32,24 @@ def shapes(quick):
 def main():
     ap = bench_parser("one small shape")
     ap.add_argument("--no-bcoo", action="store_true")
+    ap.add_argument("--tiles", nargs="+", default=["32x1", "64x1", "32x32"],
+                    help="micro-tile shapes TMxTK (x is made sparse in that shape)")
     args = ap.parse_args()
+    tiles = [tuple(int(v) for v in t.split("x")) for t in args.tiles]
     warnings.filterwarnings("ignore", message="pit_jax: sparse_")
     meta = announce()
     key = jax.random.PRNGKey(0)
-    tile = (32, 1)
     rows = []
     for name, m, k, n in shapes(args.quick):
         w = jax.random.normal(jax.random.fold_in(key, 99), (k, n), jnp.bfloat16)
         n_inputs = 4
-        xs0 = tile_sparse_bf16(key, m, k, tile, 0.0, n_inputs, nonnegative=True)
+        xs0 = tile_sparse_bf16(key, m, k, (1, 1), 0.0, n_inputs, nonnegative=True)
         copy_t = time_per_call(jax.jit(lambda xs: [-x for x in xs]), xs0, n_inputs)
         copy_rate = 2 * m * k * 2 / copy_t
         dense = jax.jit(lambda xs, w: [x @ w for x in xs])
         t_dense = time_per_call(lambda xs: dense(xs, w), xs0, n_inputs)
         dense_rate = 2 * m * k * n / t_dense
-        for sp in SPARSITIES:
+        for tile, sp in [(t, sp) for t in tiles for sp in SPARSITIES]:
             xs = tile_sparse_bf16(key, m, k, tile, sp, n_inputs, nonnegative=True)
             ours = jax.jit(lambda xs, w: [pit_jax.sparse_dense(x, w, tile=tile) for x in xs])
             idxs = [pit_jax.detect(x, tile) for x in xs]
@@ -64,8 +66,12 @@ def main():
             t_idx = time_per_call(lambda xs: ours_idx(xs, w, idxs), xs, n_inputs)
             t_dw = time_per_call(lambda xs: dw_ours(xs, w), xs, n_inputs, steps=3)
             t_dw_dense = time_per_call(lambda xs: dw_dense(xs, w), xs, n_inputs, steps=3)
+            t_auto = float("nan")
+            if tile == (32, 1):  # tile="auto": kernel or dense matmul, chosen on device
+                auto = jax.jit(lambda xs, w: [pit_jax.sparse_dense(x, w, tile="auto") for x in xs])
+                t_auto = time_per_call(lambda xs: auto(xs, w), xs, n_inputs)
             t_bcoo = float("nan")
-            if not args.no_bcoo and sp >= 0.95 and k <= 4096:  # BCOO takes seconds per call
+            if not args.no_bcoo and tile == (32, 1) and sp >= 0.95 and k <= 4096:  # seconds per call
                 nse = int(jnp.count_nonzero(xs[0]))
                 sp_x = jsparse.BCOO.fromdense(xs[0], nse=nse)
                 bcoo = jax.jit(lambda a, w: a @ w)
@@ -76,7 +82,7 @@ def main():
             floor = max(flops / dense_rate, bytes_moved / copy_rate)
             row = dict(shape=name, m=m, k=k, n=n, tile=list(tile), sparsity=sp, density=density,
                        rel_err=err, t_dense_ms=t_dense * 1e3, t_pit_ms=t_ours * 1e3,
-                       t_pit_given_index_ms=t_idx * 1e3, t_bcoo_ms=t_bcoo * 1e3,
+                       t_pit_given_index_ms=t_idx * 1e3, t_auto_ms=t_auto * 1e3, t_bcoo_ms=t_bcoo * 1e3,
                        t_dw_pit_ms=t_dw * 1e3, t_dw_dense_ms=t_dw_dense * 1e3,
                        speedup=t_dense / t_ours, speedup_dw=t_dw_dense / t_dw,
                        floor_ms=floor * 1e3, of_floor=floor / t_ours,
@@ -85,12 +91,14 @@ def main():
             print({k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
     md = markdown_report(
         f"sparse_dense benchmark — {meta['device']}, jax {meta['jax']}, {meta['date']}",
-        f"bf16, tile {tile[0]}×{tile[1]}, detection included unless noted; CUDA kernels built: "
+        "bf16, x sparse in micro-tiles of the given shape at random, detection included unless "
+        "noted; auto = tile='auto' (32x1 kernel or dense, decided on device); CUDA kernels built: "
         f"{pit_jax.build_info().get('cuda')}",
-        ["shape", "sparsity", "dense ms", "pit ms", "speedup", "pit (given index) ms", "floor ms",
-         "of floor", "dW pit ms", "dW dense ms", "BCOO ms", "rel err"],
-        [[r["shape"], f"{r['sparsity']:.2f}", f"{r['t_dense_ms']:.3f}", f"{r['t_pit_ms']:.3f}",
-          f"{r['speedup']:.2f}×", f"{r['t_pit_given_index_ms']:.3f}", f"{r['floor_ms']:.3f}",
+        ["shape", "tile", "sparsity", "dense ms", "pit ms", "speedup", "pit (given index) ms", "auto ms",
+         "floor ms", "of floor", "dW pit ms", "dW dense ms", "BCOO ms", "rel err"],
+        [[r["shape"], "×".join(map(str, r["tile"])), f"{r['sparsity']:.2f}", f"{r['t_dense_ms']:.3f}",
+          f"{r['t_pit_ms']:.3f}", f"{r['speedup']:.2f}×", f"{r['t_pit_given_index_ms']:.3f}",
+          f"{r['t_auto_ms']:.3f}", f"{r['floor_ms']:.3f}",
           f"{r['of_floor']:.2f}", f"{r['t_dw_pit_ms']:.3f}", f"{r['t_dw_dense_ms']:.3f}",
           f"{r['t_bcoo_ms']:.3f}", f"{r['rel_err']:.1e}"] for r in rows])
     print(md)
@@ -99,12 +107,13 @@ def main():
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for shape in dict.fromkeys(r["shape"] for r in rows):
-            pts = [r for r in rows if r["shape"] == shape]
-            ax.plot([r["sparsity"] for r in pts], [r["speedup"] for r in pts], "o-", label=shape)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for shape, tile in dict.fromkeys((r["shape"], tuple(r["tile"])) for r in rows):
+            pts = [r for r in rows if r["shape"] == shape and tuple(r["tile"]) == tile]
+            ax.plot([r["sparsity"] for r in pts], [r["speedup"] for r in pts], "o-",
+                    label=f"{shape}, {tile[0]}×{tile[1]}")
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xlabel("micro-tile sparsity"); ax.set_ylabel("speedup vs jnp.dot"); ax.legend()
+        ax.set_xlabel("micro-tile sparsity"); ax.set_ylabel("speedup vs jnp.dot"); ax.legend(fontsize=7)
         fig.tight_layout(); fig.savefig(f"{args.out}/sparse_dense.png", dpi=120)
     except ImportError:
         print("matplotlib not installed: no plot")
