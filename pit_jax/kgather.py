@@ -197,24 +197,25 @@ def sparse_dense(x, w, *, tile=(32, 1), index: TileIndex | None = None):
             raise ValueError(f"pit_jax.sparse_dense: tile must be a pair of ints or 'auto', got {tile!r}")
         return _sparse_dense_auto(x, w, index)
     _check_operands("sparse_dense", x, w)
+    tile, index = _row_index_of_x(x, tile, index)
+    params = dict(shape=tuple(x.shape[-2:]), tile=tuple(tile), layout="row")
+    return sparse_dense_p.bind(x, w, index.counts, index.offsets, index.indices, **params)
+
+
+def _row_index_of_x(x, tile, index):
+    """(clamped tile, row-layout TileIndex of x): detected on device, or the caller's, checked."""
     m, k = x.shape[-2:]
     tile = _clamp_tile(tile, m, k)
     if index is None:
         index = detect(jax.lax.stop_gradient(x), tile, layout="row")
     else:
         _check_index("sparse_dense", "index", index, (m, k), tile, "row", x.shape[:-2])
-    params = dict(shape=(m, k), tile=tuple(tile), layout="row")
-    return sparse_dense_p.bind(x, w, index.counts, index.offsets, index.indices, **params)
+    return tile, index
 
 
 def _sparse_dense_auto(x, w, index):
     _check_operands("sparse_dense", x, w)
-    m, k = x.shape[-2:]
-    tile = _clamp_tile(AUTO_TILE, m, k)
-    if index is None:
-        index = detect(jax.lax.stop_gradient(x), tile, layout="row")
-    else:
-        _check_index("sparse_dense", "index", index, (m, k), tile, "row", x.shape[:-2])
+    tile, index = _row_index_of_x(x, AUTO_TILE, index)
     sparse_enough = jnp.max(index.density) <= AUTO_MAX_DENSITY
     return jax.lax.cond(sparse_enough,
                         lambda x, w: sparse_dense(x, w, tile=tile, index=index),

@@ -361,14 +361,6 @@ __global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_kgather_tn_kernel(
 
 // ---- launchers ---------------------------------------------------------------------------------
 
-template <typename Kernel>
-cudaError_t allow_dynamic_smem(Kernel kernel, int bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename T>
 cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const void* x, const void* w,
                            const int32_t* counts, const int32_t* indices, void* y, uint8_t* workspace) {
@@ -381,7 +373,7 @@ cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const voi
       static_cast<const T*>(x), counts, indices, packed, column_ids, s);
   const int64_t n_tiles = ceil_div(s.n, C::kBN);
   const unsigned grid = unsigned(s.all_groups() * n_tiles);
-  const bool vec_w = s.n % C::kVec == 0 && aligned16(w);
+  const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
   auto kernel = vec_w ? pit_kgather_forward_kernel<T, true> : pit_kgather_forward_kernel<T, false>;
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
@@ -400,7 +392,7 @@ cudaError_t launch_tn(cudaStream_t stream, const KGatherShape& s, const void* x,
   pit_kgather_colmask_kernel<<<unsigned(s.batch * s.nb_m), 256, 0, stream>>>(counts, indices, masks, s);
   const int64_t n_tiles = ceil_div(s.n, C::kBN);
   const unsigned grid = unsigned(ceil_div(s.k, C::kBM) * n_tiles);
-  const bool vec_x = s.k % C::kVec == 0 && aligned16(x), vec_dy = s.n % C::kVec == 0 && aligned16(dy);
+  const bool vec_x = rows_copy_by_16_bytes<T>(x, s.k), vec_dy = rows_copy_by_16_bytes<T>(dy, s.n);
   auto kernel = vec_x ? (vec_dy ? pit_kgather_tn_kernel<T, true, true> : pit_kgather_tn_kernel<T, true, false>)
                       : (vec_dy ? pit_kgather_tn_kernel<T, false, true> : pit_kgather_tn_kernel<T, false, false>);
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);

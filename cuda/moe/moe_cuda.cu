@@ -50,8 +50,21 @@ struct MoeShape {
   int64_t experts = 0;      // E
   int64_t assignments = 0;  // A rows of out
   int64_t rows_per_source = 1;
-  int64_t max_row_tiles = 0;  // grid bound: ceil(A / kBM) + E + 1
+  int64_t max_row_tiles = 0;  // grid bound of the forward: ceil(A / kBM) + E + 1
 };
+
+MoeShape make_moe_shape(int64_t sources, int64_t d, int64_t f, int64_t experts, int64_t assignments,
+                        int64_t rows_per_source) {
+  MoeShape s;
+  s.sources = sources;
+  s.d = d;
+  s.f = f;
+  s.experts = experts;
+  s.assignments = assignments;
+  s.rows_per_source = rows_per_source;
+  s.max_row_tiles = ceil_div(assignments, MoeConfig<float>::kBM) + experts + 1;
+  return s;
+}
 
 template <typename T>
 struct MoeTensorCoreMath {
@@ -201,18 +214,16 @@ __global__ void __launch_bounds__(kMoeThreads) pit_moe_forward_kernel(const T* _
   math.store(out + n0, s.f, dst_rows, rows_valid, cols, warp, lane);  // SWrite
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename T>
 cudaError_t launch_moe_forward(cudaStream_t stream, const MoeShape& s, const void* x, const void* w,
                                const int32_t* order, const int32_t* group_starts, const int32_t* tile_starts,
                                void* out) {
   using C = MoeConfig<T>;
   if (s.assignments == 0 || s.f == 0) return cudaSuccess;
-  const bool vec_x = s.d % C::kVec == 0 && aligned16(x), vec_w = s.f % C::kVec == 0 && aligned16(w);
+  const bool vec_x = rows_copy_by_16_bytes<T>(x, s.d), vec_w = rows_copy_by_16_bytes<T>(w, s.f);
   auto kernel = vec_x ? (vec_w ? pit_moe_forward_kernel<T, true, true> : pit_moe_forward_kernel<T, true, false>)
                       : (vec_w ? pit_moe_forward_kernel<T, false, true> : pit_moe_forward_kernel<T, false, false>);
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
   const unsigned grid = unsigned(s.max_row_tiles * ceil_div(s.f, C::kBN));
   kernel<<<grid, kMoeThreads, C::kSmemBytes, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w), order,
@@ -226,16 +237,9 @@ ffi::Error MoeMatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || od.size() != 2 || order.dimensions().size() != 1)
     return ffi::Error::InvalidArgument("pit_moe_matmul: expected x [R, d], w [E, d, f], order [A], out [A, f]");
-  MoeShape s;
-  s.sources = xd[0];
-  s.d = xd[1];
-  s.experts = wd[0];
-  s.f = wd[2];
-  s.assignments = order.dimensions()[0];
-  s.rows_per_source = rows_per_source;
+  const MoeShape s = make_moe_shape(xd[0], xd[1], wd[2], wd[0], order.dimensions()[0], rows_per_source);
   if (tile_rows != MoeConfig<float>::kBM)
     return ffi::Error::InvalidArgument("pit_moe_matmul: tile_rows does not match the kernel's row tile");
-  s.max_row_tiles = ceil_div(s.assignments, tile_rows) + s.experts + 1;
   if (wd[1] != s.d || od[0] != s.assignments || od[1] != s.f || rows_per_source <= 0 ||
       s.sources * rows_per_source != s.assignments)
     return ffi::Error::InvalidArgument("pit_moe_matmul: shapes of x, w, order and out do not agree");
@@ -312,10 +316,10 @@ cudaError_t launch_moe_tn(cudaStream_t stream, const MoeShape& s, const void* x,
                           const int32_t* order, const int32_t* group_starts, void* dw) {
   using C = TnConfig<T>;
   if (s.experts == 0 || s.d == 0 || s.f == 0) return cudaSuccess;
-  const bool vec_x = s.d % C::kVec == 0 && aligned16(x), vec_dy = s.f % C::kVec == 0 && aligned16(dy);
+  const bool vec_x = rows_copy_by_16_bytes<T>(x, s.d), vec_dy = rows_copy_by_16_bytes<T>(dy, s.f);
   auto kernel = vec_x ? (vec_dy ? pit_moe_tn_kernel<T, true, true> : pit_moe_tn_kernel<T, true, false>)
                       : (vec_dy ? pit_moe_tn_kernel<T, false, true> : pit_moe_tn_kernel<T, false, false>);
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
   const int64_t d_tiles = ceil_div(s.d, C::kBM), f_tiles = ceil_div(s.f, C::kBN);
   kernel<<<unsigned(s.experts * d_tiles * f_tiles), C::kThreads, C::kSmemBytes, stream>>>(
@@ -330,13 +334,7 @@ ffi::Error MoeMatmulTnCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer
   const auto xd = x.dimensions(), yd = dy.dimensions(), wd = dw->dimensions();
   if (xd.size() != 2 || yd.size() != 2 || wd.size() != 3 || order.dimensions().size() != 1)
     return ffi::Error::InvalidArgument("pit_moe_matmul_tn: expected x [R, d], dy [A, f], order [A], dw [E, d, f]");
-  MoeShape s;
-  s.sources = xd[0];
-  s.d = xd[1];
-  s.f = yd[1];
-  s.experts = wd[0];
-  s.assignments = yd[0];
-  s.rows_per_source = rows_per_source;
+  const MoeShape s = make_moe_shape(xd[0], xd[1], yd[1], wd[0], yd[0], rows_per_source);
   if (order.dimensions()[0] != s.assignments || wd[1] != s.d || wd[2] != s.f || rows_per_source <= 0 ||
       s.sources * rows_per_source != s.assignments)
     return ffi::Error::InvalidArgument("pit_moe_matmul_tn: shapes of x, dy, order and dw do not agree");
