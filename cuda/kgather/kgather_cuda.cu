@@ -170,13 +170,13 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
                                                                        const int32_t* __restrict__ column_ids,
                                                                        const int32_t* __restrict__ counts,
                                                                        const T* __restrict__ w, T* __restrict__ y,
-                                                                       KGatherShape s, int64_t n_tiles) {
+                                                                       KGatherShape s) {
   using C = ForwardConfig<T>;
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = reinterpret_cast<T*>(smem_bytes);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   // Row groups vary fastest: the CTAs resident at once share a few column tiles of w, so the
-  // rows that different groups gather from w stay in L2 (n_tiles is unused but kept for clarity).
+  // rows that different groups gather from w stay in L2.
   const int64_t group = blockIdx.x % s.all_groups();
   const int64_t n_tile = blockIdx.x / s.all_groups();
   const int64_t b = group / s.groups, g = group % s.groups;
@@ -378,7 +378,7 @@ cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const voi
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
   kernel<<<grid, kForwardThreads, C::kSmemBytes, stream>>>(packed, column_ids, counts, static_cast<const T*>(w),
-                                                     static_cast<T*>(y), s, n_tiles);
+                                                     static_cast<T*>(y), s);
   return cudaGetLastError();
 }
 
