@@ -78,9 +78,26 @@ def markdown_report(title: str, notes: str, header: list[str], cells: list[list[
     return "\n".join(lines) + "\n"
 
 
-def write_results(out_dir: str, name: str, rows: list[dict], markdown: str, meta: dict) -> None:
+def write_results(out_dir: str, name: str, rows: list[dict], markdown: str, meta: dict,
+                  extra: dict | None = None) -> None:
+    """`name`.json ({"meta", "rows"} plus the keys of `extra`, e.g. a second table) and `name`.md."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, **(extra or {})}, f, indent=1)
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(markdown)
+
+
+def grouped_bars(ax, groups: list[str], series: dict[str, list], ylabel: str, title: str) -> None:
+    """One cluster of bars per group, one bar per series; a None value leaves a gap. Series i
+    is always colour Ci, so a series with no values shifts no colours (and gets no legend)."""
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        shift = (i - (len(series) - 1) / 2) * width
+        pts = [(g, v) for g, v in enumerate(values) if v is not None]
+        if pts:
+            ax.bar([g + shift for g, _ in pts], [v for _, v in pts], width, label=label, color=f"C{i}")
+    ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)

@@ -6,8 +6,8 @@ Layers, each importing only those below: _ext (load + register FFI handlers) -> 
 from ._ext import build_info, cuda_available
 from .detect import detect
 from .kgather import dense_sparse, sparse_dense
-from .moe import drop_over_capacity, moe_matmul
+from .moe import MoeRouting, drop_over_capacity, moe_matmul, moe_routing
 from .tile_index import TileIndex
 
-__all__ = ["detect", "sparse_dense", "dense_sparse", "moe_matmul", "drop_over_capacity", "TileIndex", "build_info", "cuda_available"]
+__all__ = ["detect", "sparse_dense", "dense_sparse", "moe_matmul", "moe_routing", "MoeRouting", "drop_over_capacity", "TileIndex", "build_info", "cuda_available"]
 __version__ = "0.1.0"

@@ -1,7 +1,6 @@
 """Helpers shared by every pit_jax primitive: per-platform lowering, batching, AD of indices."""
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import jax
@@ -71,37 +70,11 @@ def integer_outputs_jvp(p: Primitive) -> None:
     ad.primitive_jvps[p] = jvp
 
 
-_warned_reference = set()
-
-
-def register_reference_lowerings(p: Primitive, ref: Callable, op: str,
-                                 experimental_kernel: tuple[Callable, Callable] | None = None) -> None:
-    """Lower `p` to a jnp reference on CPU and CUDA. On CUDA that stands in for a kernel not
-    checked yet, so the first lowering in a process says so with a RuntimeWarning.
-    experimental_kernel = (enabled, kernel_fn): when enabled() at lowering time, CUDA lowers to
-    kernel_fn instead (an opt-in for kernels awaiting their first GPU check)."""
-    lowered = mlir.lower_fun(ref, multiple_results=p.multiple_results)
-    kernel = (None if experimental_kernel is None
-              else mlir.lower_fun(experimental_kernel[1], multiple_results=p.multiple_results))
-
-    def cuda(ctx, *args, **params):
-        if kernel is not None and experimental_kernel[0]():
-            _ext.require_cuda(p.name)
-            return kernel(ctx, *args, **params)
-        if op not in _warned_reference:
-            _warned_reference.add(op)
-            warnings.warn(f"pit_jax: {op} has no CUDA kernel yet; on GPU it runs as its jnp "
-                          "reference (correct, not faster).", RuntimeWarning, stacklevel=2)
-        return lowered(ctx, *args, **params)
-
-    mlir.register_lowering(p, lowered, platform="cpu")
-    mlir.register_lowering(p, cuda, platform="cuda")
-
-
 def map_over_batch(p: Primitive, args, dims, params):
     """Batching by a loop: move each batched operand's axis to the front (broadcast the rest)
     and map the primitive over it. For rules whose leading dims already mean something else."""
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     moved = tuple(jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size, *a.shape))
                   for a, d in zip(args, dims))
-    return jax.lax.map(lambda xs: p.bind(*xs, **params), moved), 0
+    out = jax.lax.map(lambda xs: p.bind(*xs, **params), moved)
+    return out, ([0] * len(out) if p.multiple_results else 0)

@@ -1,43 +1,68 @@
 """MoE m-gather/scatter rule (PIT SRead rows by token, SWrite rows by assignment): primitives,
-AD and batching rules, public `moe_matmul`.
+AD and batching rules, public `moe_routing` and `moe_matmul`.
 
     moe_matmul(x, w, expert_ids) -> out [T, k, f],  out[t, s] = x[t] @ w[expert_ids[t, s]]
 
-Primitives (expert ids are an operand; routing happens inside, on device, no host sync):
-    pit_moe_matmul(x, w, ids)      out[a] = x[a // r] @ w[ids[a]]          (r rows per source row)
-    pit_moe_matmul_tn(x, dy, ids)  dw[e] = Σ_{ids[a] = e} x[a // r]ᵀ dy[a]   (dW of the above)
-Lowered to the jnp reference (lax.ragged_dot) on every platform until the PIT kernels are
-checked on a GPU; on GPU that is said once with a RuntimeWarning. The forward kernel exists
-and the dW kernel exist (moe_cuda.py, opt-in with PIT_EXPERIMENTAL_MOE_KERNELS=1).
+Primitives (no host sync anywhere; the routing tables stay on device):
+    pit_moe_route(ids)                     -> order, group_starts, tile_starts   (routing index)
+    pit_moe_matmul(x, w, order, gs, ts)    out[a] = x[a // r] @ w[e(a)]   (or @ w[e(a)]ᵀ)
+    pit_moe_matmul_tn(x, dy, order, gs)    dw[e] = Σ_{a in e} x[a // r]ᵀ dy[a]   (dW of the above)
+CPU lowers to the jnp references (moe_reference.py, lax.ragged_dot); CUDA to the kernels of
+cuda/moe/ (moe_cuda.py). The routing tables are operands, so a layer routes once and its
+forward, dx and dW passes all reuse them.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
-from jax.interpreters import ad, batching
+from jax.interpreters import ad, batching, mlir
 
 from . import _primitive, moe_cuda
-from .moe_reference import F32, grouped_matmul_ref, grouped_matmul_tn_ref, route
+from .moe_reference import F32, TILE_ROWS, grouped_matmul_ref, grouped_matmul_tn_ref, routing_tables_ref
 
+moe_route_p = _primitive.make_primitive("pit_moe_route", multiple_results=True)
 moe_matmul_p = _primitive.make_primitive("pit_moe_matmul", multiple_results=False)
 moe_matmul_tn_p = _primitive.make_primitive("pit_moe_matmul_tn", multiple_results=False)
 
 
-def _mm_abstract(x, w, ids, *, rows_per_source):
-    return jax.core.ShapedArray((ids.shape[0], w.shape[-1]), x.dtype)
+def _route_abstract(ids, *, num_experts):
+    i32 = jnp.int32
+    return (jax.core.ShapedArray(ids.shape, i32), jax.core.ShapedArray((num_experts + 2,), i32),
+            jax.core.ShapedArray((num_experts + 2,), i32))
 
 
-def _tn_abstract(x, dy, ids, *, rows_per_source, num_experts, out_dtype):
+def _mm_abstract(x, w, order, group_starts, tile_starts, *, rows_per_source, w_transposed):
+    f = w.shape[1] if w_transposed else w.shape[2]
+    return jax.core.ShapedArray((order.shape[0], f), x.dtype)
+
+
+def _tn_abstract(x, dy, order, group_starts, *, rows_per_source, num_experts, out_dtype):
     return jax.core.ShapedArray((num_experts, x.shape[-1], dy.shape[-1]), out_dtype)
 
 
+moe_route_p.def_abstract_eval(_route_abstract)
 moe_matmul_p.def_abstract_eval(_mm_abstract)
 moe_matmul_tn_p.def_abstract_eval(_tn_abstract)
 
-_primitive.register_reference_lowerings(moe_matmul_p, grouped_matmul_ref, "moe_matmul",
-                                        experimental_kernel=(moe_cuda.enabled, moe_cuda.moe_matmul_cuda))
-_primitive.register_reference_lowerings(moe_matmul_tn_p, grouped_matmul_tn_ref, "moe_matmul_tn",
-                                        experimental_kernel=(moe_cuda.enabled, moe_cuda.moe_matmul_tn_cuda))
+
+def _register(p, reference, kernel, check=None):
+    """CPU: the jnp reference; CUDA: the kernel (a clear error where none was built)."""
+    def cuda(*args, **params):
+        if check is not None:
+            check(params)
+        return kernel(*args, **params)
+    _primitive.register_lowerings(
+        p, cpu=mlir.lower_fun(reference, multiple_results=p.multiple_results),
+        cuda=mlir.lower_fun(cuda, multiple_results=p.multiple_results))
+
+
+_register(moe_route_p, routing_tables_ref, moe_cuda.routing_tables_cuda,
+          lambda params: moe_cuda.check_experts(params["num_experts"]))
+_register(moe_matmul_p, grouped_matmul_ref, moe_cuda.grouped_matmul_cuda)
+_register(moe_matmul_tn_p, grouped_matmul_tn_ref, moe_cuda.grouped_matmul_tn_cuda)
+_primitive.integer_outputs_jvp(moe_route_p)
 
 
 def _sum_slots(rows, n_sources, dtype):
@@ -45,57 +70,65 @@ def _sum_slots(rows, n_sources, dtype):
     return rows.astype(F32).reshape(n_sources, -1, rows.shape[-1]).sum(1).astype(dtype)
 
 
-def _mm_jvp(primals, tangents, *, rows_per_source):
-    x, w, ids = primals
-    dx, dw, _ = tangents
-    out = moe_matmul_p.bind(x, w, ids, rows_per_source=rows_per_source)
+def _mm_jvp(primals, tangents, **params):
+    x, w, *tables = primals
+    dx, dw = tangents[:2]
+    out = moe_matmul_p.bind(x, w, *tables, **params)
     t = None
     if type(dx) is not ad.Zero:
-        t = moe_matmul_p.bind(dx, w, ids, rows_per_source=rows_per_source)
+        t = moe_matmul_p.bind(dx, w, *tables, **params)
     if type(dw) is not ad.Zero:
-        u = moe_matmul_p.bind(x, dw, ids, rows_per_source=rows_per_source)
+        u = moe_matmul_p.bind(x, dw, *tables, **params)
         t = u if t is None else t + u
     return out, (_primitive.zero_tangent(out) if t is None else t)
 
 
-def _mm_transpose(ct, x, w, ids, *, rows_per_source):
+def _mm_transpose(ct, x, w, order, group_starts, tile_starts, *, rows_per_source, w_transposed):
     if type(ct) is ad.Zero:
-        return [None, None, None]
+        return [None] * 5
     x_bar = w_bar = None
-    if ad.is_undefined_primal(x):  # x̄[t] = Σ_s ct[t*r+s] @ w[ids]ᵀ
-        wt = jnp.swapaxes(w, -1, -2)
-        rows = moe_matmul_p.bind(ct, wt, ids, rows_per_source=1)
+    if ad.is_undefined_primal(x):  # x̄[t] = Σ_s ct[t*r+s] @ w[e]ᵀ: the same weights, transposed read
+        rows = moe_matmul_p.bind(ct, w, order, group_starts, tile_starts, rows_per_source=1,
+                                 w_transposed=not w_transposed)
         x_bar = _sum_slots(rows, x.aval.shape[0], x.aval.dtype)
     if ad.is_undefined_primal(w):
-        w_bar = moe_matmul_tn_p.bind(x, ct, ids, rows_per_source=rows_per_source,
-                                     num_experts=w.aval.shape[0], out_dtype=w.aval.dtype)
-    return [x_bar, w_bar, None]
+        e = w.aval.shape[0]
+        w_bar = moe_matmul_tn_p.bind(x, ct, order, group_starts, rows_per_source=rows_per_source,
+                                     num_experts=e, out_dtype=w.aval.dtype)
+        if w_transposed:  # w was [E, f, d]
+            w_bar = jnp.swapaxes(w_bar, -1, -2)
+    return [x_bar, w_bar, None, None, None]
 
 
 def _tn_jvp(primals, tangents, **params):
-    x, dy, ids = primals
-    dx, ddy, _ = tangents
-    out = moe_matmul_tn_p.bind(x, dy, ids, **params)
+    x, dy, *tables = primals
+    dx, ddy = tangents[:2]
+    out = moe_matmul_tn_p.bind(x, dy, *tables, **params)
     t = None
     if type(dx) is not ad.Zero:
-        t = moe_matmul_tn_p.bind(dx, dy, ids, **params)
+        t = moe_matmul_tn_p.bind(dx, dy, *tables, **params)
     if type(ddy) is not ad.Zero:
-        u = moe_matmul_tn_p.bind(x, ddy, ids, **params)
+        u = moe_matmul_tn_p.bind(x, ddy, *tables, **params)
         t = u if t is None else t + u
     return out, (_primitive.zero_tangent(out) if t is None else t)
 
 
-def _tn_transpose(ct, x, dy, ids, *, rows_per_source, num_experts, out_dtype):
+def _tn_transpose(ct, x, dy, order, group_starts, *, rows_per_source, num_experts, out_dtype):
     if type(ct) is ad.Zero:
-        return [None, None, None]
+        return [None] * 4
     x_bar = dy_bar = None
-    if ad.is_undefined_primal(dy):  # dȳ[a] = x[a // r] @ ct[ids[a]]
-        dy_bar = moe_matmul_p.bind(x, ct.astype(x.dtype), ids, rows_per_source=rows_per_source)
-        dy_bar = dy_bar.astype(dy.aval.dtype)
-    if ad.is_undefined_primal(x):  # x̄[t] = Σ_s dy[t*r+s] @ ct[ids]ᵀ
-        rows = moe_matmul_p.bind(dy, jnp.swapaxes(ct, -1, -2).astype(dy.dtype), ids, rows_per_source=1)
+    # the matmul primitive wants tile offsets too: rebuild them from the group offsets (small)
+    sizes = jnp.diff(group_starts)
+    tile_starts = jnp.concatenate([jnp.zeros(1, jnp.int32),
+                                   jnp.cumsum((sizes + TILE_ROWS - 1) // TILE_ROWS)]).astype(jnp.int32)
+    tables = (order, group_starts, tile_starts)
+    if ad.is_undefined_primal(dy):  # dȳ[a] = x[a // r] @ ct[e(a)]
+        dy_bar = moe_matmul_p.bind(x, ct.astype(x.dtype), *tables, rows_per_source=rows_per_source,
+                                   w_transposed=False).astype(dy.aval.dtype)
+    if ad.is_undefined_primal(x):  # x̄[t] = Σ_s dy[t*r+s] @ ct[e]ᵀ
+        rows = moe_matmul_p.bind(dy, ct.astype(dy.dtype), *tables, rows_per_source=1, w_transposed=True)
         x_bar = _sum_slots(rows, x.aval.shape[0], x.aval.dtype)
-    return [x_bar, dy_bar, None]
+    return [x_bar, dy_bar, None, None]
 
 
 ad.primitive_jvps[moe_matmul_p] = _mm_jvp
@@ -108,12 +141,47 @@ def _batch_rule(p):
     return lambda args, dims, **params: _primitive.map_over_batch(p, args, dims, params)
 
 
-# each batch element routes its own tokens: one grouped matmul each
-batching.primitive_batchers[moe_matmul_p] = _batch_rule(moe_matmul_p)
-batching.primitive_batchers[moe_matmul_tn_p] = _batch_rule(moe_matmul_tn_p)
+# each batch element routes its own tokens: one routing / grouped matmul each
+for _p in (moe_route_p, moe_matmul_p, moe_matmul_tn_p):
+    batching.primitive_batchers[_p] = _batch_rule(_p)
 
 
-def moe_matmul(x, w, expert_ids):
+class MoeRouting(NamedTuple):
+    """Routing index of T·k assignments over E experts, on device (a pytree: pass it through
+    jit, vmap and grad). order [A]: assignment ids grouped by expert, token order kept inside
+    a group; group_starts [E + 2]: offsets of groups 0..E, group E holding ids outside [0, E);
+    tile_starts [E + 2]: prefix sum of each group's 128-row tiles (the kernels' work list)."""
+    order: jax.Array
+    group_starts: jax.Array
+    tile_starts: jax.Array
+
+    @property
+    def num_experts(self) -> int:
+        return self.group_starts.shape[-1] - 2
+
+    def group_sizes(self) -> jax.Array:
+        """Assignments per expert, [E]."""
+        return jnp.diff(self.group_starts)[..., :self.num_experts]
+
+
+def _check_ids(fn, expert_ids):
+    if not hasattr(expert_ids, "ndim") or expert_ids.ndim != 2 or not jnp.issubdtype(expert_ids.dtype, jnp.integer):
+        raise TypeError(f"pit_jax.{fn}: expert_ids must be an integer [T, k] array, got "
+                        f"{getattr(expert_ids, 'dtype', type(expert_ids).__name__)} "
+                        f"{getattr(expert_ids, 'shape', '')}")
+
+
+def moe_routing(expert_ids, num_experts: int) -> MoeRouting:
+    """Routing index of top-k expert ids [T, k] (count -> scan -> scatter on GPU, a stable sort
+    on CPU), dropless: capacity is T·k. Build it once per layer and pass it to every
+    `moe_matmul` of the layer (`routing=`); ids outside [0, num_experts) are dropped."""
+    _check_ids("moe_routing", expert_ids)
+    if not (isinstance(num_experts, int) and num_experts >= 1):
+        raise ValueError(f"pit_jax.moe_routing: num_experts must be a positive int, got {num_experts!r}")
+    return MoeRouting(*moe_route_p.bind(expert_ids.reshape(-1).astype(jnp.int32), num_experts=num_experts))
+
+
+def moe_matmul(x, w, expert_ids, *, routing: MoeRouting | None = None):
     """Grouped expert matmul with on-device routing, dropless.
 
     x: [T, d] token rows (each is multiplied by each of its k experts) or [T, k, d] rows that
@@ -121,6 +189,8 @@ def moe_matmul(x, w, expert_ids):
     w: [E, d, f] expert weights, same dtype as x (bfloat16, float16 or float32).
     expert_ids: [T, k] integer expert of each (token, slot); ids outside [0, E) are dropped
       (their output rows are zero) — data-dependent, so not checked at trace time.
+    routing: `moe_routing(expert_ids, E)` when the caller already built it (a layer with
+      several matmuls over the same ids); built here otherwise.
     Returns [T, k, f], out[t, s] = x[t] @ w[expert_ids[t, s]] (or x[t, s] @ ...), fp32 accumulation.
     """
     _primitive.check_float_matrix("moe_matmul", "x", x)
@@ -128,10 +198,7 @@ def moe_matmul(x, w, expert_ids):
         raise ValueError(f"pit_jax.moe_matmul: w must be [E, d, f], got shape {getattr(w, 'shape', w)}")
     if w.dtype != x.dtype:
         raise TypeError(f"pit_jax.moe_matmul: x and w must have the same dtype, got {x.dtype} and {w.dtype}")
-    if not hasattr(expert_ids, "ndim") or expert_ids.ndim != 2 or not jnp.issubdtype(expert_ids.dtype, jnp.integer):
-        raise TypeError(f"pit_jax.moe_matmul: expert_ids must be an integer [T, k] array, got "
-                        f"{getattr(expert_ids, 'dtype', type(expert_ids).__name__)} "
-                        f"{getattr(expert_ids, 'shape', '')}")
+    _check_ids("moe_matmul", expert_ids)
     t, k = expert_ids.shape
     if x.ndim == 2 and x.shape[0] == t:
         rows, r = x, k
@@ -143,7 +210,16 @@ def moe_matmul(x, w, expert_ids):
     if rows.shape[-1] != w.shape[1]:
         raise ValueError(f"pit_jax.moe_matmul: x's last dim ({rows.shape[-1]}) must equal w's d "
                          f"({w.shape[1]}); w has shape {w.shape}")
-    out = moe_matmul_p.bind(rows, w, expert_ids.reshape(-1).astype(jnp.int32), rows_per_source=r)
+    if routing is None:
+        routing = moe_routing(expert_ids, w.shape[0])
+    elif not isinstance(routing, MoeRouting):
+        raise TypeError(f"pit_jax.moe_matmul: routing must be a MoeRouting from pit_jax.moe_routing, "
+                        f"got {type(routing).__name__}")
+    elif routing.num_experts != w.shape[0] or routing.order.shape != (t * k,):
+        raise ValueError(f"pit_jax.moe_matmul: routing was built for {routing.order.shape[0]} assignments "
+                         f"over {routing.num_experts} experts; these expert_ids have {t * k} and w has "
+                         f"{w.shape[0]} experts")
+    out = moe_matmul_p.bind(rows, w, *routing, rows_per_source=r, w_transposed=False)
     return out.reshape(t, k, w.shape[-1])
 
 
@@ -158,8 +234,7 @@ def drop_over_capacity(expert_ids, num_experts: int, capacity_factor: float):
     flat = expert_ids.reshape(-1).astype(jnp.int32)
     capacity = -(-int(capacity_factor * flat.size) // num_experts)  # ceil, static
     valid = (flat >= 0) & (flat < num_experts)
-    order, sizes = route(flat, num_experts)  # stable: token order kept within each expert
-    starts = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(sizes)]).astype(jnp.int32)
+    order, starts, _ = moe_route_p.bind(flat, num_experts=num_experts)  # stable: token order kept
     key = jnp.where(valid, flat, num_experts)[order]
     rank_sorted = jnp.arange(flat.size, dtype=jnp.int32) - starts[key]  # position within its expert
     rank = jnp.zeros(flat.size, jnp.int32).at[order].set(rank_sorted)

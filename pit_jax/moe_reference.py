@@ -1,7 +1,7 @@
 """jnp references of the MoE m-gather/scatter rule (the CPU path, and the check for kernels).
 
-Dropless routing by a stable sort, grouped matmuls through `jax.lax.ragged_dot`, scatter back
-to assignment order. Materialises the permuted rows, which the PIT kernels will avoid.
+Routing by a stable sort, grouped matmuls through `jax.lax.ragged_dot`, scatter back to
+assignment order. Materialises the permuted rows, which the PIT kernels avoid.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 F32 = jnp.float32
+TILE_ROWS = 128  # rows per routing tile (kMoeRouteTileRows in cuda/moe/moe_tiles.cuh)
 
 
 def route(expert_ids: jax.Array, num_experts: int):
@@ -25,24 +26,46 @@ def route(expert_ids: jax.Array, num_experts: int):
     return order, group_sizes
 
 
-def grouped_matmul_ref(x, w, expert_ids, *, rows_per_source):
-    """out[a] = x[a // rows_per_source] @ w[expert_ids[a]] for every assignment a, [A, f].
+def routing_tables_ref(expert_ids, *, num_experts):
+    """(order [A], group_starts [E + 2], tile_starts [E + 2]): assignments sorted by expert,
+    offsets of groups 0..E (group E: invalid ids) and the prefix sum of each group's
+    TILE_ROWS-row tiles — what the routing kernel builds."""
+    order, sizes = route(expert_ids, num_experts)
+    a = expert_ids.shape[0]
+    sizes = jnp.concatenate([sizes, (a - jnp.sum(sizes))[None]]).astype(jnp.int32)
+    zero = jnp.zeros(1, jnp.int32)
+    group_starts = jnp.concatenate([zero, jnp.cumsum(sizes)]).astype(jnp.int32)
+    tiles = (sizes + TILE_ROWS - 1) // TILE_ROWS
+    tile_starts = jnp.concatenate([zero, jnp.cumsum(tiles)]).astype(jnp.int32)
+    return order, group_starts, tile_starts
+
+
+def _expert_weights(w, w_transposed):
+    return jnp.swapaxes(w, -1, -2) if w_transposed else w
+
+
+def grouped_matmul_ref(x, w, order, group_starts, tile_starts, *, rows_per_source, w_transposed):
+    """out[a] = x[a // rows_per_source] @ w[e(a)] for every assignment a, [A, f].
 
     x [R, d] source rows (tokens when rows_per_source = top_k, assignment rows when 1);
-    w [E, d, f]; expert_ids [A] int. fp32 accumulation, output in x's dtype; rows of invalid
-    ids are zero."""
-    order, group_sizes = route(expert_ids, w.shape[0])
+    w [E, d, f] (or [E, f, d] with w_transposed); routing tables as routing_tables_ref.
+    fp32 accumulation, output in x's dtype; rows of invalid ids are zero."""
+    del tile_starts
+    w = _expert_weights(w, w_transposed)
+    e = w.shape[0]
+    group_sizes = jnp.diff(group_starts)[:e]
     rows = jnp.take(x, order // rows_per_source, axis=0)  # SRead
     out = jax.lax.ragged_dot(rows, w, group_sizes, preferred_element_type=F32)
-    out = jnp.where(jnp.arange(out.shape[0])[:, None] < jnp.sum(group_sizes), out, 0.0)
+    out = jnp.where(jnp.arange(out.shape[0])[:, None] < group_starts[e], out, 0.0)
     return jnp.zeros_like(out).at[order].set(out).astype(x.dtype)  # SWrite
 
 
-def grouped_matmul_tn_ref(x, dy, expert_ids, *, rows_per_source, num_experts, out_dtype):
-    """dw[e] = Σ_{a: expert_ids[a] = e} x[a // rows_per_source]ᵀ dy[a], [E, d, f] (fp32 sums)."""
+def grouped_matmul_tn_ref(x, dy, order, group_starts, *, rows_per_source, num_experts, out_dtype):
+    """dw[e] = Σ_{a in group e} x[a // rows_per_source]ᵀ dy[a], [E, d, f] (fp32 sums)."""
     d, f = x.shape[-1], dy.shape[-1]
-    w0 = jnp.zeros((num_experts, d, f), x.dtype)
-    _, vjp = jax.vjp(lambda w: grouped_matmul_ref(x.astype(F32), w.astype(F32), expert_ids,
-                                                  rows_per_source=rows_per_source), w0)
+    w0 = jnp.zeros((num_experts, d, f), F32)
+    tiles = jnp.zeros(num_experts + 2, jnp.int32)  # unused by the reference
+    _, vjp = jax.vjp(lambda w: grouped_matmul_ref(x.astype(F32), w, order, group_starts, tiles,
+                                                  rows_per_source=rows_per_source, w_transposed=False), w0)
     (dw,) = vjp(dy.astype(F32))
     return dw.astype(out_dtype)

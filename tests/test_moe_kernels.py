@@ -1,6 +1,6 @@
-"""The experimental MoE grouped-GEMM kernel (PIT_EXPERIMENTAL_MOE_KERNELS=1) against the
-lax.ragged_dot reference and float64: GPU only; lowering checked on any machine with the
-CUDA module built."""
+"""The MoE CUDA kernels (routing, forward grouped GEMM — wgmma on Hopper, mma.sync elsewhere —
+and dW) against float64 and the jnp routing tables: GPU only; the lowering is checked on any
+machine with the CUDA module built."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,27 +20,37 @@ def _gpu():
 
 
 def _fresh():
-    """A new function object, so jit's caches never hand back a lowering made with the
-    environment variable in another state."""
+    """A new function object per call, so each test compiles its own executable."""
     return lambda x, w, ids: pit_jax.moe_matmul(x, w, ids)
 
 
-@pytest.fixture
-def kernels_on(monkeypatch):
-    monkeypatch.setenv("PIT_EXPERIMENTAL_MOE_KERNELS", "1")
+@pytest.fixture(params=["default", "sm80"])
+def kernel(request, monkeypatch):
+    """Both forward kernels: the default (wgmma on Hopper where dtype and shapes allow) and the
+    mma.sync kernel (PIT_DISABLE_WGMMA=1 is read by the handler at every launch)."""
+    if request.param == "sm80":
+        monkeypatch.setenv("PIT_DISABLE_WGMMA", "1")
+    return request.param
 
 
-def test_opt_in_lowers_to_the_kernel(kernels_on):
+def test_layer_lowers_to_the_kernels_and_routes_once():
     if not pit_jax.cuda_available():
         pytest.skip("built without CUDA kernels")
-    x = jax.ShapeDtypeStruct((40, 64), jnp.bfloat16)
-    w = jax.ShapeDtypeStruct((8, 64, 96), jnp.bfloat16)
-    ids = jax.ShapeDtypeStruct((40, 2), jnp.int32)
-    loss = lambda x, w, ids: jnp.sum(_fresh()(x, w, ids).astype(jnp.float32))
-    text = jax.jit(jax.value_and_grad(loss, (0, 1))).trace(x, w, ids).lower(
+    from pit_jax.nn.moe import moe_ffn
+    t, k, e, d, f = 40, 2, 8, 64, 96
+    x = jax.ShapeDtypeStruct((t, d), jnp.bfloat16)
+    ws = tuple(jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((e, d, f), (e, d, f), (e, f, d)))
+    ids = jax.ShapeDtypeStruct((t, k), jnp.int32)
+    p = jax.ShapeDtypeStruct((t, k), jnp.float32)
+    loss = lambda x, p, ws, ids: jnp.sum(moe_ffn(x, ids, p, ws, "swiglu").astype(jnp.float32))
+    text = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(x, p, ws, ids).lower(
         lowering_platforms=("cuda",)).as_text()
-    assert "pit_moe_route" in text and "pit_moe_matmul_tn" in text  # routing, dW
-    assert text.count("pit_moe_matmul") > text.count("pit_moe_matmul_tn")  # forward and dx too
+    assert text.count("@pit_moe_route(") == 1  # one routing index for 3 forwards, 3 dx, 3 dW
+    assert text.count("@pit_moe_matmul_tn(") == 3
+    assert text.count("@pit_moe_matmul(") == 6
+    assert "ragged_dot" not in text
+    weight_transposes = [l for l in text.splitlines() if "stablehlo.transpose" in l and f"tensor<{e}x" in l]
+    assert not weight_transposes  # dx reads w transposed in place, no copy
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -50,8 +60,9 @@ def test_opt_in_lowers_to_the_kernel(kernels_on):
     (257, 4, 64, 72, 136, "zipf"),
     (200, 2, 16, 45, 29, "one_hot"),       # odd d, f: scalar loads
     (130, 8, 256, 64, 64, "invalid"),      # some ids out of range: zero rows
+    (1024, 2, 8, 512, 1032, "zipf"),       # many K steps and column tiles, a partial one
 ])
-def test_kernel_matches_float64(kernels_on, dtype, t, k, e, d, f, routing):
+def test_kernel_matches_float64(kernel, dtype, t, k, e, d, f, routing):
     dev = _gpu()
     if dev is None or not pit_jax.cuda_available():
         pytest.skip("needs a GPU and the CUDA kernels")
@@ -81,8 +92,8 @@ def test_kernel_matches_float64(kernels_on, dtype, t, k, e, d, f, routing):
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("t, k, e, d, f", [(300, 2, 8, 128, 256), (97, 4, 64, 45, 29), (5, 1, 16, 200, 136)])
-def test_kernel_gradients_match_float64(kernels_on, dtype, t, k, e, d, f):
-    """dx (forward kernel on wᵀ) and dw (dW kernel), empty experts included."""
+def test_kernel_gradients_match_float64(kernel, dtype, t, k, e, d, f):
+    """dx (forward kernel reading w transposed) and dw (dW kernel), empty experts included."""
     dev = _gpu()
     if dev is None or not pit_jax.cuda_available():
         pytest.skip("needs a GPU and the CUDA kernels")
@@ -111,13 +122,13 @@ def test_routing_kernel_equals_stable_sort(a, e):
     dev = _gpu()
     if dev is None or not pit_jax.cuda_available():
         pytest.skip("needs a GPU and the CUDA kernels")
-    from pit_jax import moe_cuda
+    from pit_jax import moe_cuda, moe_reference
     rng = np.random.default_rng(a + e)
     ids = rng.integers(-2, e + 2, a).astype(np.int32)
     if a > 1:
         ids[: a // 3] = e // 2  # a crowded expert next to sparse ones
     with jax.default_device(dev):
-        got = jax.jit(lambda i: moe_cuda.routing_tables(i, e))(ids)
-        want = jax.jit(lambda i: moe_cuda.routing_tables_reference(i, e))(ids)
+        got = jax.jit(lambda i: moe_cuda.routing_tables_cuda(i, num_experts=e))(ids)
+        want = jax.jit(lambda i: moe_reference.routing_tables_ref(i, num_experts=e))(ids)
     for g, w_ in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w_))

@@ -1,6 +1,4 @@
 """pit_jax.moe_matmul: values against float64, AD against a dense formulation, vmap, errors."""
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,13 +8,6 @@ import pit_jax
 from helpers import DTYPES
 
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def _quiet_gpu_reference_warning():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="pit_jax: moe_matmul")
-        yield
 
 
 def _data(rng, t, k, e, d, f, dtype, ids=None):
@@ -108,15 +99,25 @@ def test_dtype_mismatch():
         pit_jax.moe_matmul(jnp.ones((4, 6)), jnp.ones((3, 6, 5), jnp.bfloat16), np.zeros((4, 2), np.int32))
 
 
-def test_cuda_lowering_warns_reference_path():
-    from pit_jax import _primitive
-    _primitive._warned_reference.discard("moe_matmul")
-    args = (jax.ShapeDtypeStruct((32, 16), jnp.bfloat16), jax.ShapeDtypeStruct((4, 16, 8), jnp.bfloat16),
-            jax.ShapeDtypeStruct((32, 2), jnp.int32))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the autouse fixture's filter is overridden here
-        with pytest.raises(RuntimeWarning, match="has no CUDA kernel yet"):
-            jax.jit(pit_jax.moe_matmul).trace(*args).lower(lowering_platforms=("cuda",))
+def test_routing_reuse_and_errors():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((12, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((4, 6, 5)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 4, (12, 2)), jnp.int32)
+    routing = pit_jax.moe_routing(ids, 4)
+    np.testing.assert_array_equal(np.asarray(routing.group_sizes()), np.bincount(np.asarray(ids).ravel(), minlength=4))
+    np.testing.assert_allclose(pit_jax.moe_matmul(x, w, ids, routing=routing), pit_jax.moe_matmul(x, w, ids),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="routing was built"):
+        pit_jax.moe_matmul(x, w, ids, routing=pit_jax.moe_routing(ids, 3))
+    with pytest.raises(ValueError, match="routing was built"):
+        pit_jax.moe_matmul(x[:6], w, ids[:6], routing=routing)
+    with pytest.raises(TypeError, match="MoeRouting"):
+        pit_jax.moe_matmul(x, w, ids, routing=tuple(routing))
+    with pytest.raises(ValueError, match="num_experts"):
+        pit_jax.moe_routing(ids, 0)
+    with pytest.raises(TypeError, match="integer"):
+        pit_jax.moe_routing(ids.astype(jnp.float32), 4)
 
 
 def test_drop_over_capacity():

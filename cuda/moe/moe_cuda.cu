@@ -1,16 +1,16 @@
 // MoE m-gather/scatter grouped GEMM on CUDA (PIT SRead of token rows, SWrite of output rows).
 //
-// EXPERIMENTAL: compiled and registered, but pit_jax lowers to it only when
-// PIT_EXPERIMENTAL_MOE_KERNELS=1 (pit_jax/moe_cuda.py) until it has been checked on a GPU.
+//   out[a] = x[a / r] @ w[e(a)]   (or @ w[e(a)]ᵀ with w given as [E, f, d]: the dx pass)
 //
-//   out[a] = x[a / r] @ w[e(a)]  for every assignment a (r = rows per source row)
-//
-// Routing is done before the call (on device): `order` lists assignments grouped by expert
-// (invalid ids last, as pseudo-group E), `group_starts` [E+2] their offsets and `tile_starts`
-// [E+2] the prefix sum of each group's 64-row tiles. One CTA per (row tile, 128 output
-// columns); a CTA finds its group by binary search in `tile_starts`, gathers its x rows
-// straight from the unpermuted x (cp.async), streams w[e] and scatters rows of out. Tiles of
-// the invalid pseudo-group write zero rows; CTAs past the last tile exit.
+// for every assignment a (r = rows per source row). Routing is done before the call (on
+// device, moe_route_cuda.cu): `order` lists assignments grouped by expert (invalid ids last, as
+// pseudo-group E), `group_starts` [E+2] their offsets and `tile_starts` [E+2] the prefix sum of
+// each group's 128-row routing tiles. A CTA finds its group by binary search in `tile_starts`,
+// gathers its x rows straight from the unpermuted x (cp.async), streams w[e] and scatters rows
+// of out. Tiles of the invalid pseudo-group write zero rows; CTAs past the last tile exit.
+// Two forward kernels: on Hopper with bf16/fp16 and 16-byte rows, the wgmma kernel of
+// moe_forward_sm90.cuh; otherwise (fp32, odd d or f, other GPUs) the mma.sync kernel below,
+// one CTA per half (64 rows) of a routing tile x 128 columns.
 //
 //   dw[e] = Σ_{a in group e} x[a / r]ᵀ dy[a]
 //
@@ -26,49 +26,33 @@
 #include "../common/mma_sm80.cuh"
 #include "../common/tile_copy.cuh"
 #include "../common/tn_tile_math.cuh"
+#include "moe_forward_sm90.cuh"
+#include "moe_tiles.cuh"
 
 namespace pit {
 namespace {
 
 constexpr int kMoeThreads = 128;  // 4 warps: 2 (rows) x 2 (columns), 32 x 64 each
 
-template <typename T>
+template <typename T, bool kWTransposed>
 struct MoeConfig {
   static constexpr bool kTensorCores = sizeof(T) == 2;
   static constexpr int kBM = 64, kBN = 128, kBK = 32;
+  static constexpr int kHalves = kMoeRouteTileRows / kBM;  // CTAs per routing tile
   static constexpr int kStages = kTensorCores ? 4 : 2;
   static constexpr int kVec = 16 / int(sizeof(T));
   static constexpr int kAStride = kBK + kVec;
-  static constexpr int kBStride = kBN + kVec;
-  static constexpr int kStageElems = kBM * kAStride + kBK * kBStride;
+  // B tile: [kBK][kBN] rows of w[e] ([d, f]), or [kBN][kBK] rows of w[e]ᵀ's source ([f, d])
+  static constexpr int kBStride = kWTransposed ? kBK + kVec : kBN + kVec;
+  static constexpr int kBElems = kWTransposed ? kBN * kBStride : kBK * kBStride;
+  static constexpr int kStageElems = kBM * kAStride + kBElems;
   static constexpr int kSmemBytes = kStages * kStageElems * int(sizeof(T)) + kBM * 4;
 };
+static_assert(kMoeRouteTileRows % MoeConfig<float, false>::kBM == 0, "routing tile = whole halves");
 
-struct MoeShape {
-  int64_t sources = 0;      // R rows of x
-  int64_t d = 0, f = 0;     // x [R, d], w [E, d, f]
-  int64_t experts = 0;      // E
-  int64_t assignments = 0;  // A rows of out
-  int64_t rows_per_source = 1;
-  int64_t max_row_tiles = 0;  // grid bound of the forward: ceil(A / kBM) + E + 1
-};
-
-MoeShape make_moe_shape(int64_t sources, int64_t d, int64_t f, int64_t experts, int64_t assignments,
-                        int64_t rows_per_source) {
-  MoeShape s;
-  s.sources = sources;
-  s.d = d;
-  s.f = f;
-  s.experts = experts;
-  s.assignments = assignments;
-  s.rows_per_source = rows_per_source;
-  s.max_row_tiles = ceil_div(assignments, MoeConfig<float>::kBM) + experts + 1;
-  return s;
-}
-
-template <typename T>
+template <typename T, bool kWTransposed>
 struct MoeTensorCoreMath {
-  using C = MoeConfig<T>;
+  using C = MoeConfig<T, kWTransposed>;
   float acc[2][8][4] = {};
 
   __device__ __forceinline__ void step(const T* as, const T* bs, int warp, int lane) {
@@ -81,9 +65,13 @@ struct MoeTensorCoreMath {
         ldmatrix_x4(a[mi], as + (wm * 32 + mi * 16 + lane % 16) * C::kAStride + ks * 16 + (lane / 16) * 8);
 #pragma unroll
       for (int nj = 0; nj < 4; ++nj) {
-        uint32_t bq[4];
-        ldmatrix_x4_trans(bq, bs + (ks * 16 + lane % 8 + ((lane / 8) % 2) * 8) * C::kBStride + wn * 64 + nj * 16 +
-                                  (lane / 16) * 8);
+        uint32_t bq[4];  // k-pairs of columns 16nj..+7 (bq[0..1]) and +8..+15 (bq[2..3])
+        if constexpr (kWTransposed)
+          ldmatrix_x4(bq, bs + (wn * 64 + nj * 16 + (lane / 16) * 8 + lane % 8) * C::kBStride + ks * 16 +
+                              ((lane / 8) % 2) * 8);
+        else
+          ldmatrix_x4_trans(bq, bs + (ks * 16 + lane % 8 + ((lane / 8) % 2) * 8) * C::kBStride + wn * 64 +
+                                    nj * 16 + (lane / 16) * 8);
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) {
           mma_16816<T>(acc[mi][2 * nj], a[mi], bq[0], bq[1]);
@@ -114,9 +102,9 @@ struct MoeTensorCoreMath {
   }
 };
 
-template <typename T>
+template <typename T, bool kWTransposed>
 struct MoeCudaCoreMath {  // fp32: each thread 8 rows x 8 columns
-  using C = MoeConfig<T>;
+  using C = MoeConfig<T, kWTransposed>;
   float acc[8][8] = {};
 
   __device__ __forceinline__ void step(const T* as, const T* bs, int, int) {
@@ -127,7 +115,8 @@ struct MoeCudaCoreMath {  // fp32: each thread 8 rows x 8 columns
 #pragma unroll
       for (int i = 0; i < 8; ++i) a[i] = float(as[(tr * 8 + i) * C::kAStride + kk]);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) b[j] = float(bs[kk * C::kBStride + tc * 8 + j]);
+      for (int j = 0; j < 8; ++j)
+        b[j] = float(kWTransposed ? bs[(tc * 8 + j) * C::kBStride + kk] : bs[kk * C::kBStride + tc * 8 + j]);
 #pragma unroll
       for (int i = 0; i < 8; ++i)
 #pragma unroll
@@ -149,31 +138,29 @@ struct MoeCudaCoreMath {  // fp32: each thread 8 rows x 8 columns
   }
 };
 
-template <typename T>
-using MoeMath = std::conditional_t<MoeConfig<T>::kTensorCores, MoeTensorCoreMath<T>, MoeCudaCoreMath<T>>;
+template <typename T, bool kWTransposed>
+using MoeMath = std::conditional_t<MoeConfig<T, kWTransposed>::kTensorCores, MoeTensorCoreMath<T, kWTransposed>,
+                                   MoeCudaCoreMath<T, kWTransposed>>;
 
-template <typename T, bool kVecX, bool kVecW>
+template <typename T, bool kWTransposed, bool kVecX, bool kVecW>
 __global__ void __launch_bounds__(kMoeThreads) pit_moe_forward_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                                                       const int32_t* __restrict__ order,
                                                                       const int32_t* __restrict__ group_starts,
                                                                       const int32_t* __restrict__ tile_starts,
                                                                       T* __restrict__ out, MoeShape s) {
-  using C = MoeConfig<T>;
+  using C = MoeConfig<T, kWTransposed>;
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = reinterpret_cast<T*>(smem_bytes);
   int32_t* dst_rows = reinterpret_cast<int32_t*>(smem_bytes + C::kStages * C::kStageElems * sizeof(T));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row_tile = blockIdx.x % s.max_row_tiles;  // row tiles fastest: experts run side by side
-  const int64_t n0 = (blockIdx.x / s.max_row_tiles) * C::kBN;
-  if (row_tile >= tile_starts[s.experts + 1]) return;  // past the last tile of this routing
-  int lo = 0, hi = int(s.experts) + 1;  // largest group g with tile_starts[g] <= row_tile
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (tile_starts[mid] <= row_tile) lo = mid; else hi = mid;
-  }
-  const int group = lo;
-  const int64_t p0 = group_starts[group] + (row_tile - tile_starts[group]) * C::kBM;
-  const int rows_valid = int(min(int64_t(C::kBM), int64_t(group_starts[group + 1]) - p0));
+  const int64_t slot = blockIdx.x % (s.max_row_tiles * C::kHalves);  // row tiles fastest: experts side by side
+  const int64_t n0 = (blockIdx.x / (s.max_row_tiles * C::kHalves)) * C::kBN;
+  MoeRouteTile tile;
+  if (!find_route_tile(tile_starts, group_starts, s.experts, slot / C::kHalves, &tile)) return;
+  const int64_t p0 = tile.first + (slot % C::kHalves) * C::kBM;
+  const int rows_valid = min(tile.rows - int(slot % C::kHalves) * C::kBM, C::kBM);
+  if (rows_valid <= 0) return;  // the routing tile's second half is empty
+  const int group = tile.group;
   for (int r = threadIdx.x; r < C::kBM; r += kMoeThreads) dst_rows[r] = r < rows_valid ? order[p0 + r] : 0;
   __syncthreads();
   const int64_t cols = min(int64_t(C::kBN), s.f - n0);
@@ -191,22 +178,33 @@ __global__ void __launch_bounds__(kMoeThreads) pit_moe_forward_kernel(const T* _
     T* as = smem + stage * C::kStageElems;
     T* bs = as + C::kBM * C::kAStride;
     const int64_t k0 = int64_t(chunk) * C::kBK;
-    constexpr int kAVecsPerRow = C::kBK / C::kVec, kBVecsPerRow = C::kBN / C::kVec;
+    constexpr int kAVecsPerRow = C::kBK / C::kVec;
     for (int i = threadIdx.x; i < C::kBM * kAVecsPerRow; i += kMoeThreads) {  // SRead: token rows of x
       const int r = i / kAVecsPerRow, c = (i % kAVecsPerRow) * C::kVec;
       const int64_t src = int64_t(dst_rows[r]) / s.rows_per_source, k = k0 + c;
       const int64_t valid = r >= rows_valid ? 0 : (s.d - k < C::kVec ? s.d - k : C::kVec);
       load_segment<T, kVecX>(as + r * C::kAStride + c, x + src * s.d + k, valid, x);
     }
-    for (int i = threadIdx.x; i < C::kBK * kBVecsPerRow; i += kMoeThreads) {
-      const int r = i / kBVecsPerRow, c = (i % kBVecsPerRow) * C::kVec;
-      const int64_t k = k0 + r, n = n0 + c;
-      const int64_t valid = k >= s.d ? 0 : (s.f - n < C::kVec ? s.f - n : C::kVec);
-      load_segment<T, kVecW>(bs + r * C::kBStride + c, w_e + k * s.f + n, valid, w);
+    if constexpr (kWTransposed) {  // w[e] is [f, d]: kBN rows of n, kBK elements of k each
+      constexpr int kBVecsPerRow = C::kBK / C::kVec;
+      for (int i = threadIdx.x; i < C::kBN * kBVecsPerRow; i += kMoeThreads) {
+        const int r = i / kBVecsPerRow, c = (i % kBVecsPerRow) * C::kVec;
+        const int64_t n = n0 + r, k = k0 + c;
+        const int64_t valid = n >= s.f ? 0 : (s.d - k < C::kVec ? s.d - k : C::kVec);
+        load_segment<T, kVecW>(bs + r * C::kBStride + c, w_e + n * s.d + k, valid, w);
+      }
+    } else {  // w[e] is [d, f]: kBK rows of k, kBN elements of n each
+      constexpr int kBVecsPerRow = C::kBN / C::kVec;
+      for (int i = threadIdx.x; i < C::kBK * kBVecsPerRow; i += kMoeThreads) {
+        const int r = i / kBVecsPerRow, c = (i % kBVecsPerRow) * C::kVec;
+        const int64_t k = k0 + r, n = n0 + c;
+        const int64_t valid = k >= s.d ? 0 : (s.f - n < C::kVec ? s.f - n : C::kVec);
+        load_segment<T, kVecW>(bs + r * C::kBStride + c, w_e + k * s.f + n, valid, w);
+      }
     }
   };
 
-  MoeMath<T> math;
+  MoeMath<T, kWTransposed> math;
   pipelined_mainloop<C::kStages>(int(ceil_div(s.d, C::kBK)), load_stage, [&](int, int stage) {
     const T* as = smem + stage * C::kStageElems;
     math.step(as, as + C::kBM * C::kAStride, warp, lane);
@@ -214,33 +212,50 @@ __global__ void __launch_bounds__(kMoeThreads) pit_moe_forward_kernel(const T* _
   math.store(out + n0, s.f, dst_rows, rows_valid, cols, warp, lane);  // SWrite
 }
 
-template <typename T>
-cudaError_t launch_moe_forward(cudaStream_t stream, const MoeShape& s, const void* x, const void* w,
-                               const int32_t* order, const int32_t* group_starts, const int32_t* tile_starts,
-                               void* out) {
-  using C = MoeConfig<T>;
-  if (s.assignments == 0 || s.f == 0) return cudaSuccess;
-  const bool vec_x = rows_copy_by_16_bytes<T>(x, s.d), vec_w = rows_copy_by_16_bytes<T>(w, s.f);
-  auto kernel = vec_x ? (vec_w ? pit_moe_forward_kernel<T, true, true> : pit_moe_forward_kernel<T, true, false>)
-                      : (vec_w ? pit_moe_forward_kernel<T, false, true> : pit_moe_forward_kernel<T, false, false>);
+template <typename T, bool kWTransposed>
+cudaError_t launch_moe_forward_sm80(cudaStream_t stream, const MoeShape& s, const void* x, const void* w,
+                                    const int32_t* order, const int32_t* group_starts, const int32_t* tile_starts,
+                                    void* out) {
+  using C = MoeConfig<T, kWTransposed>;
+  const bool vec_x = rows_copy_by_16_bytes<T>(x, s.d), vec_w = rows_copy_by_16_bytes<T>(w, kWTransposed ? s.d : s.f);
+  auto kernel = vec_x ? (vec_w ? pit_moe_forward_kernel<T, kWTransposed, true, true>
+                               : pit_moe_forward_kernel<T, kWTransposed, true, false>)
+                      : (vec_w ? pit_moe_forward_kernel<T, kWTransposed, false, true>
+                               : pit_moe_forward_kernel<T, kWTransposed, false, false>);
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const unsigned grid = unsigned(s.max_row_tiles * ceil_div(s.f, C::kBN));
+  const unsigned grid = unsigned(s.max_row_tiles * C::kHalves * ceil_div(s.f, C::kBN));
   kernel<<<grid, kMoeThreads, C::kSmemBytes, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w), order,
                                                         group_starts, tile_starts, static_cast<T*>(out), s);
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t launch_moe_forward(cudaStream_t stream, const MoeShape& s, const void* x, const void* w,
+                               const int32_t* order, const int32_t* group_starts, const int32_t* tile_starts,
+                               void* out) {
+  if (s.assignments == 0 || s.f == 0) return cudaSuccess;
+  if constexpr (sizeof(T) == 2) {
+    if (moe_forward_sm90_applies<T>(s, x, w, out))
+      return launch_moe_forward_sm90<T>(stream, s, x, w, order, group_starts, tile_starts, out);
+  }
+  return s.w_transposed ? launch_moe_forward_sm80<T, true>(stream, s, x, w, order, group_starts, tile_starts, out)
+                        : launch_moe_forward_sm80<T, false>(stream, s, x, w, order, group_starts, tile_starts, out);
+}
+
 ffi::Error MoeMatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> order,
                          ffi::Buffer<ffi::S32> group_starts, ffi::Buffer<ffi::S32> tile_starts,
-                         ffi::Result<ffi::AnyBuffer> out, int64_t rows_per_source, int64_t tile_rows) {
+                         ffi::Result<ffi::AnyBuffer> out, int64_t rows_per_source, int64_t tile_rows,
+                         bool w_transposed) {
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || od.size() != 2 || order.dimensions().size() != 1)
-    return ffi::Error::InvalidArgument("pit_moe_matmul: expected x [R, d], w [E, d, f], order [A], out [A, f]");
-  const MoeShape s = make_moe_shape(xd[0], xd[1], wd[2], wd[0], order.dimensions()[0], rows_per_source);
-  if (tile_rows != MoeConfig<float>::kBM)
-    return ffi::Error::InvalidArgument("pit_moe_matmul: tile_rows does not match the kernel's row tile");
-  if (wd[1] != s.d || od[0] != s.assignments || od[1] != s.f || rows_per_source <= 0 ||
+    return ffi::Error::InvalidArgument(
+        "pit_moe_matmul: expected x [R, d], w [E, d, f] (or [E, f, d] transposed), order [A], out [A, f]");
+  const MoeShape s = make_moe_shape(xd[0], xd[1], w_transposed ? wd[1] : wd[2], wd[0], order.dimensions()[0],
+                                    rows_per_source, w_transposed);
+  if (tile_rows != kMoeRouteTileRows)
+    return ffi::Error::InvalidArgument("pit_moe_matmul: tile_rows does not match the kernels' routing tile");
+  if ((w_transposed ? wd[2] : wd[1]) != s.d || od[0] != s.assignments || od[1] != s.f || rows_per_source <= 0 ||
       s.sources * rows_per_source != s.assignments)
     return ffi::Error::InvalidArgument("pit_moe_matmul: shapes of x, w, order and out do not agree");
   if (group_starts.dimensions().size() != 1 || group_starts.dimensions()[0] != s.experts + 2 ||
@@ -248,7 +263,8 @@ ffi::Error MoeMatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
     return ffi::Error::InvalidArgument("pit_moe_matmul: group_starts and tile_starts must be [E + 2]");
   if (w.element_type() != x.element_type() || out->element_type() != x.element_type())
     return ffi::Error::InvalidArgument("pit_moe_matmul: x, w and out must share one dtype");
-  if (s.max_row_tiles * ceil_div(s.f, MoeConfig<float>::kBN) >= (int64_t(1) << 31))
+  if (s.max_row_tiles * MoeConfig<float, false>::kHalves * ceil_div(s.f, MoeConfig<float, false>::kBN) >=
+      (int64_t(1) << 31))
     return ffi::Error::InvalidArgument("pit_moe_matmul: too many tiles for one launch");
   if (debug_poison_outputs()) cudaMemsetAsync(out->untyped_data(), kPoisonByte, out->size_bytes(), stream);
   bool known;
@@ -334,7 +350,7 @@ ffi::Error MoeMatmulTnCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer
   const auto xd = x.dimensions(), yd = dy.dimensions(), wd = dw->dimensions();
   if (xd.size() != 2 || yd.size() != 2 || wd.size() != 3 || order.dimensions().size() != 1)
     return ffi::Error::InvalidArgument("pit_moe_matmul_tn: expected x [R, d], dy [A, f], order [A], dw [E, d, f]");
-  const MoeShape s = make_moe_shape(xd[0], xd[1], yd[1], wd[0], yd[0], rows_per_source);
+  const MoeShape s = make_moe_shape(xd[0], xd[1], yd[1], wd[0], yd[0], rows_per_source, false);
   if (order.dimensions()[0] != s.assignments || wd[1] != s.d || wd[2] != s.f || rows_per_source <= 0 ||
       s.sources * rows_per_source != s.assignments)
     return ffi::Error::InvalidArgument("pit_moe_matmul_tn: shapes of x, dy, order and dw do not agree");
@@ -368,7 +384,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeMatmulCuda, pit::MoeMatmulCuda,
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Ret<xla::ffi::AnyBuffer>()
                                   .Attr<int64_t>("rows_per_source")
-                                  .Attr<int64_t>("tile_rows"),
+                                  .Attr<int64_t>("tile_rows")
+                                  .Attr<bool>("w_transposed"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeMatmulTnCuda, pit::MoeMatmulTnCuda,

@@ -10,8 +10,8 @@ nnx.Intermediate)` or `nnx.state(model, nnx.Intermediate)` after a call):
   - `dropped_fraction` (only with `capacity_factor`): share of assignments dropped.
 Dropless by default; `capacity_factor=c` keeps at most ceil(c·T·k/E) assignments per expert
 (first come, first served in token order), as Switch/flaxformer do.
-Compute goes through `pit_jax.moe_matmul` (its reference path, lax.ragged_dot, until the PIT
-m-gather/scatter kernels land).
+Compute goes through `pit_jax.moe_matmul` (the PIT m-gather/scatter kernels on GPU, the
+lax.ragged_dot reference on CPU), with one routing index per call shared by all its matmuls.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..moe import drop_over_capacity, moe_matmul
+from ..moe import drop_over_capacity, moe_matmul, moe_routing
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 
@@ -82,12 +82,13 @@ class MoE(nnx.Module):
 def moe_ffn(tokens, expert_ids, combine_weights, weights, activation):
     """y[t] = Σ_s combine_weights[t, s] · FFN_{expert_ids[t, s]}(tokens[t]), fp32 combine."""
     w_in, w_gate, w_out = weights
-    h = moe_matmul(tokens, w_in, expert_ids)  # [T, k, f]
+    routing = moe_routing(expert_ids, w_in.shape[0])  # once for all matmuls, forward and backward
+    h = moe_matmul(tokens, w_in, expert_ids, routing=routing)  # [T, k, f]
     if activation == "swiglu":
-        h = jax.nn.silu(moe_matmul(tokens, w_gate, expert_ids)) * h
+        h = jax.nn.silu(moe_matmul(tokens, w_gate, expert_ids, routing=routing)) * h
     else:
         h = jax.nn.relu(h) if activation == "relu" else jax.nn.gelu(h)
-    out = moe_matmul(h, w_out, expert_ids)  # [T, k, d], rows already per assignment
+    out = moe_matmul(h, w_out, expert_ids, routing=routing)  # [T, k, d], rows already per assignment
     y = jnp.einsum("tkd,tk->td", out.astype(jnp.float32), combine_weights.astype(jnp.float32))
     return y.astype(tokens.dtype)
 

@@ -1,0 +1,64 @@
+// Problem shape and routing-tile lookup shared by the MoE grouped-GEMM kernels (moe_cuda.cu,
+// moe_forward_sm90.cuh).
+#pragma once
+
+#include <cstdint>
+
+#include "../common/ffi_common.h"
+
+namespace pit {
+
+// Rows per routing tile: tile_starts (from the routing kernel) counts each expert's rows in
+// tiles of this many; the Hopper forward computes one such tile per CTA, the sm_80 forward
+// two halves of 64.
+constexpr int kMoeRouteTileRows = 128;
+
+struct MoeShape {
+  int64_t sources = 0;      // R rows of x
+  int64_t d = 0, f = 0;     // x [R, d]; w [E, d, f], or [E, f, d] when w_transposed; out [A, f]
+  int64_t experts = 0;      // E
+  int64_t assignments = 0;  // A rows of out
+  int64_t rows_per_source = 1;
+  bool w_transposed = false;  // out[a] = x[a / r] @ w[e]ᵀ (w given as [E, f, d])
+  int64_t max_row_tiles = 0;  // grid bound of the forward: ceil(A / tile) + E + 1
+};
+
+inline MoeShape make_moe_shape(int64_t sources, int64_t d, int64_t f, int64_t experts, int64_t assignments,
+                               int64_t rows_per_source, bool w_transposed) {
+  MoeShape s;
+  s.sources = sources;
+  s.d = d;
+  s.f = f;
+  s.experts = experts;
+  s.assignments = assignments;
+  s.rows_per_source = rows_per_source;
+  s.w_transposed = w_transposed;
+  s.max_row_tiles = ceil_div(assignments, int64_t(kMoeRouteTileRows)) + experts + 1;
+  return s;
+}
+
+// The routing tile `tile` of a forward grid: its group (expert, or E for invalid ids) by binary
+// search in tile_starts, its first position in `order` and its row count (<= kMoeRouteTileRows).
+// Returns false past the last tile of this routing.
+struct MoeRouteTile {
+  int group;
+  int64_t first;
+  int rows;
+};
+
+__device__ __forceinline__ bool find_route_tile(const int32_t* tile_starts, const int32_t* group_starts,
+                                                int64_t experts, int64_t tile, MoeRouteTile* out) {
+  if (tile >= tile_starts[experts + 1]) return false;
+  int lo = 0, hi = int(experts) + 1;  // largest group g with tile_starts[g] <= tile
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (tile_starts[mid] <= tile) lo = mid; else hi = mid;
+  }
+  out->group = lo;
+  out->first = group_starts[lo] + (tile - tile_starts[lo]) * kMoeRouteTileRows;
+  const int64_t left = int64_t(group_starts[lo + 1]) - out->first;
+  out->rows = int(left < kMoeRouteTileRows ? left : kMoeRouteTileRows);
+  return true;
+}
+
+}  // namespace pit
