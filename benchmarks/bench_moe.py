@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 import importlib
 import math
 import warnings
@@ -264,8 +265,11 @@ def fwd_bwd(layer):
 
 def time_or_none(label, step, args):
     """ms per fwd+bwd call, or None (printed) where the contestant fails, e.g. out of memory."""
+    t0 = time.perf_counter()
     try:
-        return time_per_call(lambda a: step(*a), args, 1, steps=LAYER_STEPS) * 1e3
+        ms = time_per_call(lambda a: step(*a), args, 1, steps=LAYER_STEPS) * 1e3
+        print(f"layer {label}: {ms:.3f} ms (compile + timing {time.perf_counter() - t0:.0f} s)", flush=True)
+        return ms
     except Exception as err:
         print(f"layer {label}: {type(err).__name__}: {str(err)[:200]}", flush=True)
         return None
@@ -392,20 +396,25 @@ def main():
     ap.add_argument("--layer-cases", nargs="+", default=LAYER_CASES, metavar="NAME",
                     help=f"cases of the layer fwd+bwd table, from {list(CASES)}")
     ap.add_argument("--no-layer", action="store_true", help="skip the layer fwd+bwd table")
+    ap.add_argument("--cases", nargs="+", default=list(CASES), metavar="NAME",
+                    help=f"cases of the projection table, from {list(CASES)}")
+    ap.add_argument("--no-projection", action="store_true", help="skip the projection table")
     args = ap.parse_args()
-    unknown = [n for n in args.layer_cases if n not in CASES]
+    unknown = [n for n in args.layer_cases + args.cases if n not in CASES]
     if unknown and not args.quick:
-        ap.error(f"unknown --layer-cases {unknown}; known: {list(CASES)}")
+        ap.error(f"unknown case names {unknown}; known: {list(CASES)}")
     warnings.filterwarnings("ignore", message="pit_jax: moe_matmul")
     meta = announce()
     path = pit_path()
     on_gpu = jax.devices()[0].platform == "gpu"
     key = jax.random.PRNGKey(0)
-    cases = QUICK if args.quick else CASES
+    cases = QUICK if args.quick else {n: CASES[n] for n in args.cases}
+    if args.no_projection:
+        cases = {}
     proj = [r for name, shape in cases.items() for r in projection_rows(name, shape, key, on_gpu)]
     layer_cases = {} if args.no_layer else (QUICK if args.quick else {n: CASES[n] for n in args.layer_cases})
     layer = [r for name, shape in layer_cases.items() for r in layer_rows(name, shape, key, path)]
-    md = projection_report(proj, meta, path)
+    md = projection_report(proj, meta, path) if proj else ""
     if layer:
         md += "\n" + layer_report(layer, meta)
     print(md)

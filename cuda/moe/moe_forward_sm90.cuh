@@ -62,31 +62,41 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
   }
 
   const T* w_e = w + int64_t(tile.group) * s.d * s.f;
+  // Each thread copies the same chunk column of rows tid/8 + 32j (A) and of every 8th row (B)
+  // in every stage, so its swizzled positions are fixed and few registers stay live next to the
+  // 128 accumulators (more would make ptxas serialise the wgmmas).
+  const int a_row0 = tid / 8, a_chunk = tid % 8;
+  const int a_dst0 = a_row0 * C::kRowBytes + swizzle128(a_row0, a_chunk) * 16;
   auto load_stage = [&](int chunk, int stage) {
     unsigned char* a_s = smem + stage * C::kStageBytes;
     unsigned char* b_s = a_s + C::kABytes;
     const int64_t k0 = int64_t(chunk) * C::kBK;
-    for (int i = tid; i < C::kBM * 8; i += C::kThreads) {  // SRead: 128 token rows x 8 chunks
-      const int r = i / 8, c = i % 8;
-      const int64_t k = k0 + c * 8;
-      const bool ok = r < tile.rows && k < s.d;
-      const T* src = ok ? x + (int64_t(dst_rows[r]) / s.rows_per_source) * s.d + k : x;
-      cp_async_16(a_s + r * C::kRowBytes + swizzle128(r, c) * 16, src, ok ? 16 : 0);
+    const int64_t ka = k0 + a_chunk * 8;
+#pragma unroll
+    for (int j = 0; j < C::kBM / 32; ++j) {  // SRead: 128 token rows x 8 chunks
+      const int r = a_row0 + 32 * j;
+      const bool ok = r < tile.rows && ka < s.d;
+      const T* src = ok ? x + (int64_t(dst_rows[r]) / s.rows_per_source) * s.d + ka : x;
+      cp_async_16(a_s + a_dst0 + j * 32 * C::kRowBytes, src, ok ? 16 : 0);  // (r + 32j) % 8 = r % 8
     }
     if constexpr (kWTransposed) {  // w[e] is [f, d]: 256 rows of n, 8 chunks of k (K-major)
-      for (int i = tid; i < C::kBN * 8; i += C::kThreads) {
-        const int r = i / 8, c = i % 8;
-        const int64_t n = n0 + r, k = k0 + c * 8;
+      const int64_t k = ka;
+#pragma unroll
+      for (int j = 0; j < C::kBN / 32; ++j) {
+        const int r = a_row0 + 32 * j;
+        const int64_t n = n0 + r;
         const bool ok = n < s.f && k < s.d;
-        cp_async_16(b_s + r * C::kRowBytes + swizzle128(r, c) * 16, ok ? w_e + n * s.d + k : w, ok ? 16 : 0);
+        cp_async_16(b_s + a_dst0 + j * 32 * C::kRowBytes, ok ? w_e + n * s.d + k : w, ok ? 16 : 0);
       }
     } else {  // w[e] is [d, f]: 64 rows of k, 4 atoms of 64 columns (MN-major)
-      for (int i = tid; i < C::kBK * (C::kBN / 8); i += C::kThreads) {
-        const int r = i / (C::kBN / 8), cn = i % (C::kBN / 8);
-        const int64_t k = k0 + r, n = n0 + cn * 8;
-        const bool ok = k < s.d && n < s.f;
-        cp_async_16(b_s + (cn / 8) * C::kBAtomBytes + r * C::kRowBytes + swizzle128(r, cn % 8) * 16,
-                    ok ? w_e + k * s.f + n : w, ok ? 16 : 0);
+      const int b_row0 = tid / 32, b_col = tid % 32;  // column chunk b_col of rows b_row0 + 8j
+      const int64_t n = n0 + b_col * 8;
+      const T* src = w_e + (k0 + b_row0) * s.f + n;
+      unsigned char* dst = b_s + (b_col / 8) * C::kBAtomBytes + b_row0 * C::kRowBytes + swizzle128(b_row0, b_col % 8) * 16;
+#pragma unroll
+      for (int j = 0; j < C::kBK / 8; ++j) {
+        const bool ok = k0 + b_row0 + 8 * j < s.d && n < s.f;
+        cp_async_16(dst + j * 8 * C::kRowBytes, ok ? src + int64_t(8 * j) * s.f : w, ok ? 16 : 0);
       }
     }
   };
@@ -116,11 +126,13 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
       wgmma_m64n256k16<kWTransposed ? 0 : 1>(acc, desc_a0 + stage_offset + ((kk * 32) >> 4),
                                              desc_b0 + stage_offset + ((kk * kBStepBytes) >> 4), 1, T{});
     wgmma_commit();
-    wgmma_wait<1>();  // step i - 1 is done in this warpgroup ...
-    __syncthreads();  // ... and in the other: its stage can be refilled
+    // Refill the stage step i - 1 read while step i runs: every warpgroup finished step i - 1
+    // (waited below) before the barrier above. Waiting for step i before the next step keeps no
+    // wgmma in flight across the loop's back edge, which ptxas would serialise (C7514).
     const int next = i + C::kStages - 1;
     if (next < n_chunks) load_stage(next, next % C::kStages);
     cp_async_commit();
+    wgmma_wait<0>();
   }
   wgmma_wait<0>();
   pin_registers(acc);
