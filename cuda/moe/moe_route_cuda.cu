@@ -1,7 +1,5 @@
 // MoE routing index on CUDA: a stable counting sort of assignments by expert.
 //
-// EXPERIMENTAL (opt-in with PIT_EXPERIMENTAL_MOE_KERNELS=1, like the grouped GEMM).
-//
 //   ids [A] int32 -> order [A]        assignment ids grouped by expert, token order kept inside
 //                    group_starts [E+2] offsets of groups 0..E (group E: ids outside [0, E))
 //                    tile_starts [E+2]  prefix sum of each group's row tiles (tile_rows each)
