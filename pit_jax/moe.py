@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.interpreters import ad, batching, mlir
 
 from . import _primitive, moe_cuda
-from .moe_reference import F32, TILE_ROWS, grouped_matmul_ref, grouped_matmul_tn_ref, routing_tables_ref
+from .moe_reference import F32, grouped_matmul_ref, grouped_matmul_tn_ref, routing_tables_ref, tile_starts_of
 
 moe_route_p = _primitive.make_primitive("pit_moe_route", multiple_results=True)
 moe_matmul_p = _primitive.make_primitive("pit_moe_matmul", multiple_results=False)
@@ -118,10 +118,7 @@ def _tn_transpose(ct, x, dy, order, group_starts, *, rows_per_source, num_expert
         return [None] * 4
     x_bar = dy_bar = None
     # the matmul primitive wants tile offsets too: rebuild them from the group offsets (small)
-    sizes = jnp.diff(group_starts)
-    tile_starts = jnp.concatenate([jnp.zeros(1, jnp.int32),
-                                   jnp.cumsum((sizes + TILE_ROWS - 1) // TILE_ROWS)]).astype(jnp.int32)
-    tables = (order, group_starts, tile_starts)
+    tables = (order, group_starts, tile_starts_of(group_starts))
     if ad.is_undefined_primal(dy):  # dȳ[a] = x[a // r] @ ct[e(a)]
         dy_bar = moe_matmul_p.bind(x, ct.astype(x.dtype), *tables, rows_per_source=rows_per_source,
                                    w_transposed=False).astype(dy.aval.dtype)

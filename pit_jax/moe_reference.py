@@ -33,11 +33,14 @@ def routing_tables_ref(expert_ids, *, num_experts):
     order, sizes = route(expert_ids, num_experts)
     a = expert_ids.shape[0]
     sizes = jnp.concatenate([sizes, (a - jnp.sum(sizes))[None]]).astype(jnp.int32)
-    zero = jnp.zeros(1, jnp.int32)
-    group_starts = jnp.concatenate([zero, jnp.cumsum(sizes)]).astype(jnp.int32)
-    tiles = (sizes + TILE_ROWS - 1) // TILE_ROWS
-    tile_starts = jnp.concatenate([zero, jnp.cumsum(tiles)]).astype(jnp.int32)
-    return order, group_starts, tile_starts
+    group_starts = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(sizes)]).astype(jnp.int32)
+    return order, group_starts, tile_starts_of(group_starts)
+
+
+def tile_starts_of(group_starts):
+    """Prefix sum of each group's TILE_ROWS-row tiles, [E + 2], from the group offsets."""
+    tiles = (jnp.diff(group_starts) + TILE_ROWS - 1) // TILE_ROWS
+    return jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(tiles)]).astype(jnp.int32)
 
 
 def _expert_weights(w, w_transposed):

@@ -38,6 +38,20 @@ __device__ __forceinline__ void load_segment(T* dst, const T* src, int64_t valid
   }
 }
 
+// Copies a kRows x kCols tile of a row-major matrix (`ld` elements per row; `rows_left` and
+// `cols_left` elements exist from the tile's origin `src`) into shared rows of `stride`
+// elements, 16 bytes per copy, zeros outside the matrix. All kThreads threads take part.
+template <typename T, bool kVectorized, int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void load_tile(T* dst, int stride, const T* src, int64_t ld, int64_t rows_left,
+                                          int64_t cols_left, const T* any_valid_address) {
+  constexpr int kVec = 16 / int(sizeof(T)), kVecsPerRow = kCols / kVec;
+  for (int i = threadIdx.x; i < kRows * kVecsPerRow; i += kThreads) {
+    const int r = i / kVecsPerRow, c = (i % kVecsPerRow) * kVec;
+    const int64_t valid = r >= rows_left ? 0 : (cols_left - c < kVec ? cols_left - c : kVec);
+    load_segment<T, kVectorized>(dst + r * stride + c, src + r * ld + c, valid, any_valid_address);
+  }
+}
+
 // Runs compute(i, stage) for i in [0, n) over a kStages-deep cp.async ring that
 // load(i, stage) fills: loads run kStages - 1 steps ahead; one barrier per step makes stage i
 // visible and frees stage i - 1 for refill. All copies have landed on return.

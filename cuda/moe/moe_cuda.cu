@@ -185,23 +185,12 @@ __global__ void __launch_bounds__(kMoeThreads) pit_moe_forward_kernel(const T* _
       const int64_t valid = r >= rows_valid ? 0 : (s.d - k < C::kVec ? s.d - k : C::kVec);
       load_segment<T, kVecX>(as + r * C::kAStride + c, x + src * s.d + k, valid, x);
     }
-    if constexpr (kWTransposed) {  // w[e] is [f, d]: kBN rows of n, kBK elements of k each
-      constexpr int kBVecsPerRow = C::kBK / C::kVec;
-      for (int i = threadIdx.x; i < C::kBN * kBVecsPerRow; i += kMoeThreads) {
-        const int r = i / kBVecsPerRow, c = (i % kBVecsPerRow) * C::kVec;
-        const int64_t n = n0 + r, k = k0 + c;
-        const int64_t valid = n >= s.f ? 0 : (s.d - k < C::kVec ? s.d - k : C::kVec);
-        load_segment<T, kVecW>(bs + r * C::kBStride + c, w_e + n * s.d + k, valid, w);
-      }
-    } else {  // w[e] is [d, f]: kBK rows of k, kBN elements of n each
-      constexpr int kBVecsPerRow = C::kBN / C::kVec;
-      for (int i = threadIdx.x; i < C::kBK * kBVecsPerRow; i += kMoeThreads) {
-        const int r = i / kBVecsPerRow, c = (i % kBVecsPerRow) * C::kVec;
-        const int64_t k = k0 + r, n = n0 + c;
-        const int64_t valid = k >= s.d ? 0 : (s.f - n < C::kVec ? s.f - n : C::kVec);
-        load_segment<T, kVecW>(bs + r * C::kBStride + c, w_e + k * s.f + n, valid, w);
-      }
-    }
+    if constexpr (kWTransposed)  // w[e] is [f, d]: kBN rows of n, kBK elements of k each
+      load_tile<T, kVecW, C::kBN, C::kBK, kMoeThreads>(bs, C::kBStride, w_e + n0 * s.d + k0, s.d, s.f - n0,
+                                                       s.d - k0, w);
+    else  // w[e] is [d, f]: kBK rows of k, kBN elements of n each
+      load_tile<T, kVecW, C::kBK, C::kBN, kMoeThreads>(bs, C::kBStride, w_e + k0 * s.f + n0, s.f, s.d - k0,
+                                                       s.f - n0, w);
   };
 
   MoeMath<T, kWTransposed> math;
