@@ -91,9 +91,13 @@ def test_kernel_matches_float64(kernel, dtype, t, k, e, d, f, routing):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("t, k, e, d, f", [(300, 2, 8, 128, 256), (97, 4, 64, 45, 29), (5, 1, 16, 200, 136)])
-def test_kernel_gradients_match_float64(kernel, dtype, t, k, e, d, f):
-    """dx (forward kernel reading w transposed) and dw (dW kernel), empty experts included."""
+@pytest.mark.parametrize(
+    "t, k, e, d, f", [(300, 2, 8, 128, 256), (97, 4, 64, 45, 29), (5, 1, 16, 200, 136), (700, 2, 3, 136, 264)]
+)
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_kernel_gradients_match_float64(kernel, dtype, t, k, e, d, f, one_hot):
+    """dx (forward kernel reading w transposed) and dw (dW kernel), empty experts included; with
+    one_hot, every token's first choice is expert 0 (one long group: many dW pipeline stages)."""
     dev = _gpu()
     if dev is None or not pit_jax.cuda_available():
         pytest.skip("needs a GPU and the CUDA kernels")
@@ -101,6 +105,8 @@ def test_kernel_gradients_match_float64(kernel, dtype, t, k, e, d, f):
     x = (rng.standard_normal((t, d)) + 0.1).astype(DTYPES[dtype])
     w = (rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES[dtype])
     ids = rng.integers(0, e, (t, k)).astype(np.int32)
+    if one_hot:
+        ids[:, 0] = 0
     g = rng.standard_normal((t, k, f)).astype(np.float32)
     fn = _fresh()
     loss = lambda x, w: jnp.sum(fn(x, w, ids).astype(jnp.float32) * g)

@@ -54,7 +54,7 @@ __device__ __forceinline__ void pin_registers(float (&d)[N]) {
 
 // D[64 x 256] (+)= A[64 x 16] * B[16 x 256], fp32 accumulators in the m64nNk16 fragment layout
 // (warp w of the group holds rows 16w + lane/4 and +8; register 4j + {0,1} / {2,3} holds columns
-// 8j + 2(lane%4) + {0,1} of the low / high row). A is K-major; B is K-major (kTransposeB = 0) or
+// 8j + 2(lane%4) + {0,1} of the low / high row). A and B are each K-major (kTranspose = 0) or
 // MN-major (1). accumulate = 0 overwrites D.
 // One wgmma statement per input type (PTX_TYPE: "bf16" or "f16"); only the type differs.
 #define PIT_WGMMA_M64N256K16(PTX_TYPE) \
@@ -69,7 +69,7 @@ __device__ __forceinline__ void pin_registers(float (&d)[N]) {
       "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
       "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
       "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
-      "}, %128, %129, p, 1, 1, 0, %131;\n}\n" \
+      "}, %128, %129, p, 1, 1, %131, %132;\n}\n" \
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
@@ -86,15 +86,15 @@ __device__ __forceinline__ void pin_registers(float (&d)[N]) {
         "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
         "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
         "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransposeB));
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransposeA), "n"(kTransposeB));
 
-template <int kTransposeB>
+template <int kTransposeA, int kTransposeB>
 __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b, int accumulate,
                                                  __nv_bfloat16) {
   PIT_WGMMA_M64N256K16("bf16")
 }
 
-template <int kTransposeB>
+template <int kTransposeA, int kTransposeB>
 __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b, int accumulate,
                                                  __half) {
   PIT_WGMMA_M64N256K16("f16")

@@ -9,13 +9,15 @@
 // gathers its x rows straight from the unpermuted x (cp.async), streams w[e] and scatters rows
 // of out. Tiles of the invalid pseudo-group write zero rows; CTAs past the last tile exit.
 // Two forward kernels: on Hopper with bf16/fp16 and 16-byte rows, the wgmma kernel of
-// moe_forward_sm90.cuh; otherwise (fp32, odd d or f, other GPUs) the mma.sync kernel below,
+// moe_sm90.cuh; otherwise (fp32, odd d or f, other GPUs) the mma.sync kernel below,
 // one CTA per half (64 rows) of a routing tile x 128 columns.
 //
 //   dw[e] = Σ_{a in group e} x[a / r]ᵀ dy[a]
 //
-// One CTA per (expert, 128 x 128 tile of dw) walks its group's rows 32 at a time, gathering
-// rows of x and dy by `order` (tile math shared with the k-gather dW); empty experts write zeros.
+// On Hopper (bf16/fp16, 16-byte rows) the wgmma dW kernel of moe_sm90.cuh (128 x 256 tiles,
+// 64 gathered rows per stage); otherwise one CTA per (expert, 128 x 128 tile of dw) walks its
+// group's rows 32 at a time with mma.sync (tile math shared with the k-gather dW). Both gather
+// rows of x and dy by `order`; empty experts write zeros.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -26,7 +28,7 @@
 #include "../common/mma_sm80.cuh"
 #include "../common/tile_copy.cuh"
 #include "../common/tn_tile_math.cuh"
-#include "moe_forward_sm90.cuh"
+#include "moe_sm90.cuh"
 #include "moe_tiles.cuh"
 
 namespace pit {
@@ -225,7 +227,7 @@ cudaError_t launch_moe_forward(cudaStream_t stream, const MoeShape& s, const voi
                                void* out) {
   if (s.assignments == 0 || s.f == 0) return cudaSuccess;
   if constexpr (sizeof(T) == 2) {
-    if (moe_forward_sm90_applies<T>(s, x, w, out))
+    if (moe_sm90_applies<T>(s, x, w, out))
       return launch_moe_forward_sm90<T>(stream, s, x, w, order, group_starts, tile_starts, out);
   }
   return s.w_transposed ? launch_moe_forward_sm80<T, true>(stream, s, x, w, order, group_starts, tile_starts, out)
@@ -321,6 +323,9 @@ cudaError_t launch_moe_tn(cudaStream_t stream, const MoeShape& s, const void* x,
                           const int32_t* order, const int32_t* group_starts, void* dw) {
   using C = TnConfig<T>;
   if (s.experts == 0 || s.d == 0 || s.f == 0) return cudaSuccess;
+  if constexpr (sizeof(T) == 2) {
+    if (moe_sm90_applies<T>(s, x, dy, dw)) return launch_moe_tn_sm90<T>(stream, s, x, dy, order, group_starts, dw);
+  }
   const bool vec_x = rows_copy_by_16_bytes<T>(x, s.d), vec_dy = rows_copy_by_16_bytes<T>(dy, s.f);
   auto kernel = vec_x ? (vec_dy ? pit_moe_tn_kernel<T, true, true> : pit_moe_tn_kernel<T, true, false>)
                       : (vec_dy ? pit_moe_tn_kernel<T, false, true> : pit_moe_tn_kernel<T, false, false>);

@@ -1,5 +1,5 @@
 // Problem shape and routing-tile lookup shared by the MoE grouped-GEMM kernels (moe_cuda.cu,
-// moe_forward_sm90.cuh).
+// moe_sm90.cuh).
 #pragma once
 
 #include <cstdint>
