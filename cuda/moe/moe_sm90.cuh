@@ -5,12 +5,14 @@
 //            out[a] = x[a / r] @ w[e(a)]ᵀ     (w [E, f, d], the dx pass: B is K-major, no copy)
 //   dW       dw[e]  = Σ_{a in group e} x[a / r]ᵀ dy[a]   (A and B both MN-major gathered rows)
 //
-// Both kernels are one CTA of two warpgroups per 128 x 256 output tile. Every thread copies
-// its share of each stage with cp.async into a 4-stage ring of 128-byte swizzled tiles; each
-// warpgroup multiplies its 64 rows by the 256 columns with wgmma.m64n256k16 (fp32 accumulators
-// in registers). The forward gathers its A rows (SRead) by `order` and scatters output rows
-// (SWrite) to their assignment positions; the dW kernel gathers the K dimension — the expert's
-// rows of x and dy — by `order` and writes a dense tile of dw[e].
+// Both kernels are warp-specialised, one CTA of three warpgroups per 128 x 256 output tile:
+// a producer warpgroup gathers each stage's rows with cp.async into a 4-stage ring of 128-byte
+// swizzled tiles and releases it on a "full" mbarrier; two consumer warpgroups each multiply
+// 64 rows by the 256 columns with wgmma.m64n256k16 (fp32 accumulators in registers), keep one
+// step in flight while the next is issued, and hand stages back on an "empty" mbarrier. The
+// forward gathers its A rows (SRead) by `order` and scatters output rows (SWrite) to their
+// assignment positions; the dW kernel gathers the K dimension — the expert's rows of x and
+// dy — by `order` and writes a dense tile of dw[e].
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,64 +28,110 @@
 namespace pit {
 
 struct MoeSm90Config {
-  static constexpr int kBM = kMoeRouteTileRows, kBN = 256, kBK = 64, kStages = 4, kThreads = 256;
+  static constexpr int kBM = kMoeRouteTileRows, kBN = 256, kBK = 64, kStages = 4;
+  static constexpr int kProducers = 128, kConsumers = 256, kThreads = kProducers + kConsumers;
+  static constexpr int kProducerRegisters = 96, kConsumerRegisters = 200;  // within the 384 x 168 allotted at launch
+  static constexpr int kProducerLag = 2;  // a stage is released once the copies of 2 later ones are issued
   static constexpr int kRowBytes = kBK * 2;                   // one 128-byte swizzle row
   static constexpr int kABytes = kBM * kRowBytes, kBBytes = kBN * kRowBytes;
   static constexpr int kStageBytes = kABytes + kBBytes;
-  static constexpr int kBAtomBytes = kBK * 128;               // MN-major B: 64 columns x 64 K rows
+  static constexpr int kAtomBytes = kBK * 128;                // MN-major operand: 64 columns x 64 K rows
   static constexpr int kCStride = kBN + 8;                    // epilogue row, padded: no bank conflicts
-  static constexpr int kSmemBytes = kStages * kStageBytes + 1024 + kBM * 4;  // + alignment + row ids
-  static_assert(kBM * kCStride * 2 <= kStages * kStageBytes, "epilogue staging must fit the ring");
+  static constexpr int kRingBytes = kStages * kStageBytes;
+  // ring + alignment slack + barriers + the forward's destination and source row ids
+  static constexpr int kSmemBytes = kRingBytes + 1024 + 2 * kStages * 8 + 2 * kBM * 4;
+  static_assert(kBM * kCStride * 2 <= kRingBytes, "epilogue staging must fit the ring");
+  static_assert(kProducerRegisters * kProducers + kConsumerRegisters * kConsumers <= 65536, "register file");
 };
 
 #if PIT_HAS_WGMMA
-// The 1024-byte-aligned start of the dynamic shared memory (swizzle atoms must be aligned).
-__device__ __forceinline__ unsigned char* aligned_smem(unsigned char* raw) {
-  return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
+struct MoeSm90Smem {  // views into the dynamic shared memory
+  unsigned char* ring;
+  uint64_t* full;   // [kStages]: the producer's copies of the stage landed
+  uint64_t* empty;  // [kStages]: both consumers finished reading the stage
+  int32_t* rows;    // [2 * kBM], free for the kernel
+
+  // Lays out the 1024-byte-aligned ring (swizzle atoms must be aligned) and initialises the
+  // barriers; all threads call it, then __syncthreads.
+  __device__ __forceinline__ explicit MoeSm90Smem(unsigned char* raw) {
+    using C = MoeSm90Config;
+    ring = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
+    full = reinterpret_cast<uint64_t*>(ring + C::kRingBytes);
+    empty = full + C::kStages;
+    rows = reinterpret_cast<int32_t*>(empty + C::kStages);
+    if (threadIdx.x == 0) {
+      for (int st = 0; st < C::kStages; ++st) {
+        mbarrier_init(&full[st], C::kProducers);
+        mbarrier_init(&empty[st], C::kConsumers);
+      }
+      mbarrier_init_fence();
+    }
+  }
+};
+
+// Producer warpgroup: issues load_stage(chunk, stage) (this thread's cp.async copies) for each
+// chunk into the ring, waiting for the consumers to free a stage before refilling it, and
+// releases a stage once its copies completed (wait, async-proxy fence, then arrive: the
+// tensor cores read what the copies wrote).
+template <typename LoadStage>
+__device__ __forceinline__ void produce_stages(const MoeSm90Smem& sm, int n_chunks, LoadStage&& load_stage) {
+  using C = MoeSm90Config;
+  for (int i = 0; i < n_chunks; ++i) {
+    const int stage = i % C::kStages;
+    if (i >= C::kStages) mbarrier_wait(&sm.empty[stage], ((i / C::kStages) + 1) & 1);
+    load_stage(i, stage);
+    cp_async_commit();
+    if (i >= C::kProducerLag) {
+      cp_async_wait<C::kProducerLag>();
+      fence_proxy_async_shared();
+      mbarrier_arrive(&sm.full[(i - C::kProducerLag) % C::kStages]);
+    }
+  }
+  cp_async_wait<0>();
+  fence_proxy_async_shared();
+  for (int i = n_chunks > C::kProducerLag ? n_chunks - C::kProducerLag : 0; i < n_chunks; ++i)
+    mbarrier_arrive(&sm.full[i % C::kStages]);
 }
 
-// acc (+)= the tile's product over n_chunks stages of kBK. load_stage(chunk, stage) issues this
-// thread's cp.async copies of one chunk; desc_a0 / desc_b0 describe this warpgroup's operands in
-// stage 0, and a stage or a K step of 16 moves only their start addresses.
-template <int kTransposeA, int kTransposeB, int kAStepBytes, int kBStepBytes, typename T, typename LoadStage>
-__device__ __forceinline__ void wgmma_pipelined_mainloop(float (&acc)[128], int n_chunks, uint64_t desc_a0,
-                                                         uint64_t desc_b0, LoadStage&& load_stage) {
+// Consumer warpgroup: acc (+)= its 64 x 256 share of the tile over n_chunks stages. desc_a0 /
+// desc_b0 describe its operands in stage 0; a stage or a K step of 16 moves only their start
+// addresses. With kOverlap, step i - 1's wgmmas finish while step i's are issued, then its
+// stage is freed; without, each step is waited for (the dW kernel: ptxas serialises its
+// wgmmas when one is in flight across the loop's back edge, C7514).
+template <int kTransposeA, int kTransposeB, int kAStepBytes, int kBStepBytes, bool kOverlap, typename T>
+__device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90Smem& sm, int n_chunks,
+                                               uint64_t desc_a0, uint64_t desc_b0) {
   using C = MoeSm90Config;
-#pragma unroll
-  for (int st = 0; st < C::kStages - 1; ++st) {
-    if (st < n_chunks) load_stage(st, st);
-    cp_async_commit();
-  }
   for (int i = 0; i < n_chunks; ++i) {
-    cp_async_wait<C::kStages - 2>();
-    fence_proxy_async_shared();  // this thread's cp.async writes, visible to the tensor cores
-    __syncthreads();
-    const uint64_t stage_offset = uint64_t((i % C::kStages) * C::kStageBytes) >> 4;
+    const int stage = i % C::kStages;
+    mbarrier_wait(&sm.full[stage], (i / C::kStages) & 1);
+    const uint64_t stage_offset = uint64_t(stage * C::kStageBytes) >> 4;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < C::kBK / 16; ++kk)
       wgmma_m64n256k16<kTransposeA, kTransposeB>(acc, desc_a0 + stage_offset + ((kk * kAStepBytes) >> 4),
                                                  desc_b0 + stage_offset + ((kk * kBStepBytes) >> 4), 1, T{});
     wgmma_commit();
-    // Refill the stage step i - 1 read while step i runs: every warpgroup finished step i - 1
-    // (waited below) before the barrier above. Waiting for step i before the next step keeps no
-    // wgmma in flight across the loop's back edge, which ptxas would serialise (C7514).
-    const int next = i + C::kStages - 1;
-    if (next < n_chunks) load_stage(next, next % C::kStages);
-    cp_async_commit();
-    wgmma_wait<0>();
+    if constexpr (kOverlap) {
+      wgmma_wait<1>();
+      if (i > 0) mbarrier_arrive(&sm.empty[(i - 1) % C::kStages]);
+    } else {
+      wgmma_wait<0>();
+      mbarrier_arrive(&sm.empty[stage]);
+    }
   }
   wgmma_wait<0>();
   pin_registers(acc);
-  cp_async_wait<0>();
-  __syncthreads();  // the ring is free for the epilogue
 }
 
-// Writes the accumulators as T into the row-major staging tile cs [kBM][kCStride] (the ring).
+// Both consumers' accumulators as T into the row-major staging tile cs [kBM][kCStride], which
+// overlays the ring (ctid = consumer thread 0..255). Barriers: every consumer finished reading
+// the ring before, and the tile is complete after.
 template <typename T>
-__device__ __forceinline__ void stage_accumulators(const float (&acc)[128], T* cs, int tid) {
+__device__ __forceinline__ void stage_accumulators(const float (&acc)[128], T* cs, int ctid) {
   using C = MoeSm90Config;
-  const int lane = tid % 32, row = (tid / 128) * 64 + ((tid % 128) / 32) * 16 + lane / 4;
+  named_barrier_sync(1, C::kConsumers);
+  const int lane = ctid % 32, row = (ctid / 128) * 64 + ((ctid % 128) / 32) * 16 + lane / 4;
 #pragma unroll
   for (int j = 0; j < 32; ++j) {
     const int c = 8 * j + 2 * (lane % 4);
@@ -92,7 +140,7 @@ __device__ __forceinline__ void stage_accumulators(const float (&acc)[128], T* c
     cs[(row + 8) * C::kCStride + c] = from_float<T>(acc[4 * j + 2]);
     cs[(row + 8) * C::kCStride + c + 1] = from_float<T>(acc[4 * j + 3]);
   }
-  __syncthreads();
+  named_barrier_sync(1, C::kConsumers);
 }
 #endif  // PIT_HAS_WGMMA
 
@@ -104,14 +152,19 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
 #if PIT_HAS_WGMMA
   using C = MoeSm90Config;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* smem = aligned_smem(smem_raw);
-  int32_t* dst_rows = reinterpret_cast<int32_t*>(smem + C::kStages * C::kStageBytes);
-  const int tid = threadIdx.x, warpgroup = tid / 128;
+  const MoeSm90Smem sm(smem_raw);
+  int32_t* dst_rows = sm.rows;        // output row of each tile row
+  int32_t* src_rows = sm.rows + C::kBM;  // its row of x
+  const int tid = threadIdx.x;
   MoeRouteTile tile;  // row tiles vary fastest: CTAs in flight share w[e]'s column tile in L2
   if (!find_route_tile(tile_starts, group_starts, s.experts, blockIdx.x % s.max_row_tiles, &tile)) return;
   const int64_t n0 = (blockIdx.x / s.max_row_tiles) * C::kBN;
   const int64_t cols = s.f - n0 < C::kBN ? s.f - n0 : C::kBN;
-  for (int r = tid; r < C::kBM; r += C::kThreads) dst_rows[r] = r < tile.rows ? order[tile.first + r] : 0;
+  for (int r = tid; r < C::kBM; r += C::kThreads) {
+    const int32_t a = r < tile.rows ? order[tile.first + r] : 0;
+    dst_rows[r] = a;
+    src_rows[r] = int32_t(a / s.rows_per_source);
+  }
   __syncthreads();
 
   if (tile.group == s.experts) {  // assignments with an invalid expert id: zero rows
@@ -122,70 +175,70 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     }
     return;
   }
+  const int n_chunks = int(ceil_div(s.d, C::kBK));
 
-  const T* w_e = w + int64_t(tile.group) * s.d * s.f;
-  // Each thread copies the same chunk column of rows tid/8 + 32j (A) and of every 8th row (B)
-  // in every stage, so its swizzled positions are fixed and few registers stay live next to the
-  // 128 accumulators (more would make ptxas serialise the wgmmas).
-  const int a_row0 = tid / 8, a_chunk = tid % 8;
-  const int a_dst0 = a_row0 * C::kRowBytes + swizzle128(a_row0, a_chunk) * 16;
-  auto load_stage = [&](int chunk, int stage) {
-    unsigned char* a_s = smem + stage * C::kStageBytes;
-    unsigned char* b_s = a_s + C::kABytes;
-    const int64_t k0 = int64_t(chunk) * C::kBK;
-    const int64_t ka = k0 + a_chunk * 8;
+  if (tid < C::kProducers) {
+    setmaxnreg_dec<C::kProducerRegisters>();
+    const T* w_e = w + int64_t(tile.group) * s.d * s.f;
+    // K-major tiles (A; B when w is transposed): chunk column `chunk` of rows row0 + 16j, whose
+    // swizzled position is the same for every j. MN-major B: chunk column b_col of rows b_row0 + 4j.
+    const int row0 = tid / 8, chunk = tid % 8, b_row0 = tid / 32, b_col = tid % 32;
+    const int dst0 = row0 * C::kRowBytes + swizzle128(row0, chunk) * 16;
+    auto load_stage = [&](int i, int stage) {
+      unsigned char* a_s = sm.ring + stage * C::kStageBytes;
+      unsigned char* b_s = a_s + C::kABytes;
+      const int64_t k0 = int64_t(i) * C::kBK, ka = k0 + chunk * 8;
 #pragma unroll
-    for (int j = 0; j < C::kBM / 32; ++j) {  // SRead: 128 token rows x 8 chunks
-      const int r = a_row0 + 32 * j;
-      const bool ok = r < tile.rows && ka < s.d;
-      const T* src = ok ? x + (int64_t(dst_rows[r]) / s.rows_per_source) * s.d + ka : x;
-      cp_async_16(a_s + a_dst0 + j * 32 * C::kRowBytes, src, ok ? 16 : 0);  // (r + 32j) % 8 = r % 8
-    }
-    if constexpr (kWTransposed) {  // w[e] is [f, d]: 256 rows of n, 8 chunks of k (K-major)
-      const int64_t k = ka;
-#pragma unroll
-      for (int j = 0; j < C::kBN / 32; ++j) {
-        const int r = a_row0 + 32 * j;
-        const int64_t n = n0 + r;
-        const bool ok = n < s.f && k < s.d;
-        cp_async_16(b_s + a_dst0 + j * 32 * C::kRowBytes, ok ? w_e + n * s.d + k : w, ok ? 16 : 0);
+      for (int j = 0; j < C::kBM / 16; ++j) {  // SRead: 128 token rows x 8 chunks
+        const int r = row0 + 16 * j;
+        const bool ok = r < tile.rows && ka < s.d;
+        cp_async_16(a_s + dst0 + j * 16 * C::kRowBytes, ok ? x + int64_t(src_rows[r]) * s.d + ka : x, ok ? 16 : 0);
       }
-    } else {  // w[e] is [d, f]: 64 rows of k, 4 atoms of 64 columns (MN-major)
-      const int b_row0 = tid / 32, b_col = tid % 32;  // column chunk b_col of rows b_row0 + 8j
-      const int64_t n = n0 + b_col * 8;
-      const T* src = w_e + (k0 + b_row0) * s.f + n;
-      unsigned char* dst = b_s + (b_col / 8) * C::kBAtomBytes + b_row0 * C::kRowBytes + swizzle128(b_row0, b_col % 8) * 16;
+      if constexpr (kWTransposed) {  // w[e] is [f, d]: 256 rows of n, 8 chunks of k
 #pragma unroll
-      for (int j = 0; j < C::kBK / 8; ++j) {
-        const bool ok = k0 + b_row0 + 8 * j < s.d && n < s.f;
-        cp_async_16(dst + j * 8 * C::kRowBytes, ok ? src + int64_t(8 * j) * s.f : w, ok ? 16 : 0);
+        for (int j = 0; j < C::kBN / 16; ++j) {
+          const int64_t n = n0 + row0 + 16 * j;
+          const bool ok = n < s.f && ka < s.d;
+          cp_async_16(b_s + dst0 + j * 16 * C::kRowBytes, ok ? w_e + n * s.d + ka : w, ok ? 16 : 0);
+        }
+      } else {  // w[e] is [d, f]: 64 rows of k, 4 atoms of 64 columns
+        const int64_t n = n0 + b_col * 8;
+#pragma unroll
+        for (int j = 0; j < C::kBK / 4; ++j) {
+          const int kr = b_row0 + 4 * j;
+          const bool ok = k0 + kr < s.d && n < s.f;
+          cp_async_16(b_s + (b_col / 8) * C::kAtomBytes + kr * C::kRowBytes + swizzle128(kr, b_col % 8) * 16,
+                      ok ? w_e + (k0 + kr) * s.f + n : w, ok ? 16 : 0);
+        }
       }
-    }
-  };
-
-  float acc[128];
+    };
+    produce_stages(sm, n_chunks, load_stage);
+  } else {
+    setmaxnreg_inc<C::kConsumerRegisters>();
+    const int ctid = tid - C::kProducers, warpgroup = ctid / 128;
+    float acc[128];
 #pragma unroll
-  for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-  const uint64_t desc_a0 = smem_descriptor_sw128(smem + warpgroup * 64 * C::kRowBytes, 16, 1024);
-  const uint64_t desc_b0 = kWTransposed ? smem_descriptor_sw128(smem + C::kABytes, 16, 1024)
-                                        : smem_descriptor_sw128(smem + C::kABytes, C::kBAtomBytes, 1024);
-  wgmma_pipelined_mainloop<0, kWTransposed ? 0 : 1, 32, kWTransposed ? 32 : 16 * C::kRowBytes, T>(
-      acc, int(ceil_div(s.d, C::kBK)), desc_a0, desc_b0, load_stage);
-
-  T* cs = reinterpret_cast<T*>(smem);
-  stage_accumulators(acc, cs, tid);
-  for (int i = tid; i < tile.rows * (C::kBN / 8); i += C::kThreads) {  // SWrite: 16 bytes per store
-    const int r = i / (C::kBN / 8), c = (i % (C::kBN / 8)) * 8;
-    if (c < cols)
-      *reinterpret_cast<uint4*>(out + int64_t(dst_rows[r]) * s.f + n0 + c) =
-          *reinterpret_cast<const uint4*>(cs + r * C::kCStride + c);
+    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+    const uint64_t desc_a0 = smem_descriptor_sw128(sm.ring + warpgroup * 64 * C::kRowBytes, 16, 1024);
+    const uint64_t desc_b0 = kWTransposed ? smem_descriptor_sw128(sm.ring + C::kABytes, 16, 1024)
+                                          : smem_descriptor_sw128(sm.ring + C::kABytes, C::kAtomBytes, 1024);
+    consume_stages<0, kWTransposed ? 0 : 1, 32, kWTransposed ? 32 : 16 * C::kRowBytes, true, T>(acc, sm, n_chunks,
+                                                                                         desc_a0, desc_b0);
+    T* cs = reinterpret_cast<T*>(sm.ring);
+    stage_accumulators(acc, cs, ctid);
+    for (int i = ctid; i < tile.rows * (C::kBN / 8); i += C::kConsumers) {  // SWrite: 16 bytes per store
+      const int r = i / (C::kBN / 8), c = (i % (C::kBN / 8)) * 8;
+      if (c < cols)
+        *reinterpret_cast<uint4*>(out + int64_t(dst_rows[r]) * s.f + n0 + c) =
+            *reinterpret_cast<const uint4*>(cs + r * C::kCStride + c);
+    }
   }
 #endif  // PIT_HAS_WGMMA
 }
 
 // dw[e] tile (m0.., n0..) = Σ over the expert's rows p of x[order[p] / r][m0..]ᵀ dy[order[p]][n0..].
 // The K dimension is the expert's row list: a stage holds 64 gathered rows of x (A, MN-major:
-// 128 d columns as two 64-column atoms, one per warpgroup) and of dy (B, MN-major, 4 atoms).
+// 128 d columns as two 64-column atoms, one per consumer) and of dy (B, MN-major, 4 atoms).
 // Rows past the group's end are zero-filled; an empty expert writes a zero tile.
 template <typename T>
 __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
@@ -194,58 +247,67 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
                            int64_t f_tiles) {
 #if PIT_HAS_WGMMA
   using C = MoeSm90Config;
-  constexpr int kAAtomBytes = C::kBK * C::kRowBytes;  // 64 d columns x 64 rows
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  unsigned char* smem = aligned_smem(smem_raw);
-  const int tid = threadIdx.x, warpgroup = tid / 128;
+  const MoeSm90Smem sm(smem_raw);
+  const int tid = threadIdx.x;
   // f tiles vary fastest: CTAs in flight share the expert's x columns in L2
   const int64_t f_tile = blockIdx.x % f_tiles, d_tile = (blockIdx.x / f_tiles) % d_tiles;
   const int64_t expert = blockIdx.x / (f_tiles * d_tiles);
   const int64_t m0 = d_tile * C::kBM, n0 = f_tile * C::kBN;
   const int64_t first = group_starts[expert], end = group_starts[expert + 1];
+  const int n_chunks = int(ceil_div(end - first, int64_t(C::kBK)));
+  __syncthreads();  // barriers initialised
 
-  // Fixed per-thread positions (see the forward): chunk column a_col of rows a_row0 + 16j of x,
-  // chunk column b_col of rows b_row0 + 8j of dy.
-  const int a_row0 = tid / 16, a_col = tid % 16, b_row0 = tid / 32, b_col = tid % 32;
-  const int a_dst0 = (a_col / 8) * kAAtomBytes + a_row0 * C::kRowBytes + swizzle128(a_row0, a_col % 8) * 16;
-  const int b_dst0 = (b_col / 8) * C::kBAtomBytes + b_row0 * C::kRowBytes + swizzle128(b_row0, b_col % 8) * 16;
-  const int64_t m = m0 + a_col * 8, n = n0 + b_col * 8;
-  auto load_stage = [&](int chunk, int stage) {
-    unsigned char* a_s = smem + stage * C::kStageBytes;
-    unsigned char* b_s = a_s + C::kABytes;
-    const int64_t p0 = first + int64_t(chunk) * C::kBK;
+  if (tid < C::kProducers) {
+    setmaxnreg_dec<C::kProducerRegisters>();
+    // Each warp reads the stage's 64 row ids (two per lane) and passes them by shuffle: x gets
+    // chunk column a_col of rows a_row0 + 8j, dy chunk column `lane` of rows warp + 4j.
+    const int lane = tid % 32, warp = tid / 32, a_row0 = tid / 16, a_col = tid % 16;
+    const int a_dst0 = (a_col / 8) * C::kAtomBytes + a_row0 * C::kRowBytes + swizzle128(a_row0, a_col % 8) * 16;
+    const int64_t m = m0 + a_col * 8, n = n0 + lane * 8;
+    auto load_stage = [&](int i, int stage) {
+      unsigned char* a_s = sm.ring + stage * C::kStageBytes;
+      unsigned char* b_s = a_s + C::kABytes;
+      const int64_t p0 = first + int64_t(i) * C::kBK;
+      const int32_t id_lo = p0 + lane < end ? order[p0 + lane] : 0;
+      const int32_t id_hi = p0 + 32 + lane < end ? order[p0 + 32 + lane] : 0;
+      const int32_t src_lo = int32_t(id_lo / s.rows_per_source), src_hi = int32_t(id_hi / s.rows_per_source);
 #pragma unroll
-    for (int j = 0; j < C::kBK / 16; ++j) {  // SRead of x: 64 rows x 16 chunks
-      const int64_t p = p0 + a_row0 + 16 * j;
-      const bool ok = p < end && m < s.d;
-      const T* src = ok ? x + (int64_t(order[p]) / s.rows_per_source) * s.d + m : x;
-      cp_async_16(a_s + a_dst0 + j * 16 * C::kRowBytes, src, ok ? 16 : 0);
+      for (int j = 0; j < C::kBK / 8; ++j) {  // SRead of x: 64 rows x 16 chunks
+        const int r = a_row0 + 8 * j;         // < 32 exactly when j < 4
+        const int32_t src = __shfl_sync(0xffffffffu, j < 4 ? src_lo : src_hi, r % 32);
+        const bool ok = p0 + r < end && m < s.d;
+        cp_async_16(a_s + a_dst0 + j * 8 * C::kRowBytes, ok ? x + int64_t(src) * s.d + m : x, ok ? 16 : 0);
+      }
+#pragma unroll
+      for (int j = 0; j < C::kBK / 4; ++j) {  // SRead of dy: 64 rows x 32 chunks
+        const int r = warp + 4 * j;            // < 32 exactly when j < 8
+        const int32_t id = __shfl_sync(0xffffffffu, j < 8 ? id_lo : id_hi, r % 32);
+        const bool ok = p0 + r < end && n < s.f;
+        cp_async_16(b_s + lane / 8 * C::kAtomBytes + r * C::kRowBytes + swizzle128(r, lane % 8) * 16,
+                    ok ? dy + int64_t(id) * s.f + n : dy, ok ? 16 : 0);
+      }
+    };
+    produce_stages(sm, n_chunks, load_stage);
+  } else {
+    setmaxnreg_inc<C::kConsumerRegisters>();
+    const int ctid = tid - C::kProducers, warpgroup = ctid / 128;
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+    const uint64_t desc_a0 = smem_descriptor_sw128(sm.ring + warpgroup * C::kAtomBytes, C::kAtomBytes, 1024);
+    const uint64_t desc_b0 = smem_descriptor_sw128(sm.ring + C::kABytes, C::kAtomBytes, 1024);
+    consume_stages<1, 1, 16 * C::kRowBytes, 16 * C::kRowBytes, false, T>(acc, sm, n_chunks, desc_a0, desc_b0);
+    T* cs = reinterpret_cast<T*>(sm.ring);
+    stage_accumulators(acc, cs, ctid);
+    const int64_t rows = s.d - m0 < C::kBM ? s.d - m0 : C::kBM, cols = s.f - n0 < C::kBN ? s.f - n0 : C::kBN;
+    T* dw_tile = dw + (expert * s.d + m0) * s.f + n0;
+    for (int i = ctid; i < rows * (C::kBN / 8); i += C::kConsumers) {  // 16 bytes per store
+      const int r = i / (C::kBN / 8), c = (i % (C::kBN / 8)) * 8;
+      if (c < cols)
+        *reinterpret_cast<uint4*>(dw_tile + int64_t(r) * s.f + c) =
+            *reinterpret_cast<const uint4*>(cs + r * C::kCStride + c);
     }
-#pragma unroll
-    for (int j = 0; j < C::kBK / 8; ++j) {  // SRead of dy: 64 rows x 32 chunks
-      const int64_t p = p0 + b_row0 + 8 * j;
-      const bool ok = p < end && n < s.f;
-      const T* src = ok ? dy + int64_t(order[p]) * s.f + n : dy;
-      cp_async_16(b_s + b_dst0 + j * 8 * C::kRowBytes, src, ok ? 16 : 0);
-    }
-  };
-
-  float acc[128];
-#pragma unroll
-  for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-  const uint64_t desc_a0 = smem_descriptor_sw128(smem + warpgroup * kAAtomBytes, kAAtomBytes, 1024);
-  const uint64_t desc_b0 = smem_descriptor_sw128(smem + C::kABytes, C::kBAtomBytes, 1024);
-  wgmma_pipelined_mainloop<1, 1, 16 * C::kRowBytes, 16 * C::kRowBytes, T>(
-      acc, int(ceil_div(end - first, int64_t(C::kBK))), desc_a0, desc_b0, load_stage);
-
-  T* cs = reinterpret_cast<T*>(smem);
-  stage_accumulators(acc, cs, tid);
-  const int64_t rows = s.d - m0 < C::kBM ? s.d - m0 : C::kBM, cols = s.f - n0 < C::kBN ? s.f - n0 : C::kBN;
-  T* dw_tile = dw + (expert * s.d + m0) * s.f + n0;
-  for (int i = tid; i < rows * (C::kBN / 8); i += C::kThreads) {  // 16 bytes per store
-    const int r = i / (C::kBN / 8), c = (i % (C::kBN / 8)) * 8;
-    if (c < cols)
-      *reinterpret_cast<uint4*>(dw_tile + int64_t(r) * s.f + c) = *reinterpret_cast<const uint4*>(cs + r * C::kCStride + c);
   }
 #endif  // PIT_HAS_WGMMA
 }
