@@ -41,8 +41,13 @@ struct MoeSm90Config {
   // ring + alignment slack + barriers + the forward's destination and source row ids
   static constexpr int kSmemBytes = kRingBytes + 1024 + 2 * kStages * 8 + 2 * kBM * 4;
   static_assert(kBM * kCStride * 2 <= kRingBytes, "epilogue staging must fit the ring");
+  // The producer issues stage i only once stage i - kStages is free, which the consumers free
+  // after stage i - kStages + 1 is released: a larger lag would deadlock.
+  static_assert(kProducerLag <= kStages - 2, "producer lag");
   static_assert(kProducerRegisters * kProducers + kConsumerRegisters * kConsumers <= 65536, "register file");
 };
+
+constexpr int64_t kMoeSm90ColBand = 1;  // the forward raster's default band (moe_tiles.cuh)
 
 #if PIT_HAS_WGMMA
 struct MoeSm90Smem {  // views into the dynamic shared memory
@@ -148,7 +153,7 @@ template <typename T, bool kWTransposed>
 __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     pit_moe_forward_sm90_kernel(const T* __restrict__ x, const T* __restrict__ w, const int32_t* __restrict__ order,
                                 const int32_t* __restrict__ group_starts, const int32_t* __restrict__ tile_starts,
-                                T* __restrict__ out, MoeShape s) {
+                                T* __restrict__ out, MoeShape s, int64_t col_band) {
 #if PIT_HAS_WGMMA
   using C = MoeSm90Config;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -156,9 +161,10 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
   int32_t* dst_rows = sm.rows;        // output row of each tile row
   int32_t* src_rows = sm.rows + C::kBM;  // its row of x
   const int tid = threadIdx.x;
-  MoeRouteTile tile;  // row tiles vary fastest: CTAs in flight share w[e]'s column tile in L2
-  if (!find_route_tile(tile_starts, group_starts, s.experts, blockIdx.x % s.max_row_tiles, &tile)) return;
-  const int64_t n0 = (blockIdx.x / s.max_row_tiles) * C::kBN;
+  const MoeGridTile grid_tile = forward_grid_tile(blockIdx.x, s.max_row_tiles, ceil_div(s.f, int64_t(C::kBN)), col_band);
+  MoeRouteTile tile;
+  if (!find_route_tile(tile_starts, group_starts, s.experts, grid_tile.row_tile, &tile)) return;
+  const int64_t n0 = grid_tile.col_tile * C::kBN;
   const int64_t cols = s.f - n0 < C::kBN ? s.f - n0 : C::kBN;
   for (int r = tid; r < C::kBM; r += C::kThreads) {
     const int32_t a = r < tile.rows ? order[tile.first + r] : 0;
@@ -180,35 +186,47 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
   if (tid < C::kProducers) {
     setmaxnreg_dec<C::kProducerRegisters>();
     const T* w_e = w + int64_t(tile.group) * s.d * s.f;
-    // K-major tiles (A; B when w is transposed): chunk column `chunk` of rows row0 + 16j, whose
-    // swizzled position is the same for every j. MN-major B: chunk column b_col of rows b_row0 + 4j.
+    // The producer's issue rate bounds the kernel, so everything that is the same in every
+    // stage is computed once: K-major tiles (A; B when w is transposed) take chunk column
+    // `chunk` of rows row0 + 16j (one swizzled position for every j) from fixed row pointers;
+    // MN-major B takes chunk column b_col of rows b_row0 + 4j (two swizzled positions).
     const int row0 = tid / 8, chunk = tid % 8, b_row0 = tid / 32, b_col = tid % 32;
     const int dst0 = row0 * C::kRowBytes + swizzle128(row0, chunk) * 16;
+    const T* a_src[C::kBM / 16];
+    uint32_t a_live = 0;  // bit j: row row0 + 16j is in the tile
+#pragma unroll
+    for (int j = 0; j < C::kBM / 16; ++j) {
+      a_src[j] = x + int64_t(src_rows[row0 + 16 * j]) * s.d + chunk * 8;
+      a_live |= uint32_t(row0 + 16 * j < tile.rows) << j;
+    }
+    const bool n_live = n0 + b_col * 8 < s.f;  // MN-major B's column chunk
+    const T* b_src = kWTransposed ? w_e + (n0 + row0) * s.d + chunk * 8 : w_e + int64_t(b_row0) * s.f + n0 + b_col * 8;
+    const int b_dst0 = (b_col / 8) * C::kAtomBytes + b_row0 * C::kRowBytes, b_chunk = b_col % 8;
+    const int b_dst_even = b_dst0 + swizzle128(b_row0, b_chunk) * 16;  // rows b_row0 + 8m and b_row0 + 4 + 8m
+    const int b_dst_odd = b_dst0 + 4 * C::kRowBytes + swizzle128(b_row0 + 4, b_chunk) * 16;
     auto load_stage = [&](int i, int stage) {
       unsigned char* a_s = sm.ring + stage * C::kStageBytes;
       unsigned char* b_s = a_s + C::kABytes;
-      const int64_t k0 = int64_t(i) * C::kBK, ka = k0 + chunk * 8;
+      const int64_t k0 = int64_t(i) * C::kBK;
+      const bool k_live = k0 + chunk * 8 < s.d;  // K-major tiles' chunk
 #pragma unroll
       for (int j = 0; j < C::kBM / 16; ++j) {  // SRead: 128 token rows x 8 chunks
-        const int r = row0 + 16 * j;
-        const bool ok = r < tile.rows && ka < s.d;
-        cp_async_16(a_s + dst0 + j * 16 * C::kRowBytes, ok ? x + int64_t(src_rows[r]) * s.d + ka : x, ok ? 16 : 0);
+        const bool ok = ((a_live >> j) & 1) && k_live;
+        cp_async_16(a_s + dst0 + j * 16 * C::kRowBytes, ok ? a_src[j] + k0 : x, ok ? 16 : 0);
       }
       if constexpr (kWTransposed) {  // w[e] is [f, d]: 256 rows of n, 8 chunks of k
+        const T* src = b_src + k0;
 #pragma unroll
-        for (int j = 0; j < C::kBN / 16; ++j) {
-          const int64_t n = n0 + row0 + 16 * j;
-          const bool ok = n < s.f && ka < s.d;
-          cp_async_16(b_s + dst0 + j * 16 * C::kRowBytes, ok ? w_e + n * s.d + ka : w, ok ? 16 : 0);
+        for (int j = 0; j < C::kBN / 16; ++j, src += 16 * s.d) {
+          const bool ok = n0 + row0 + 16 * j < s.f && k_live;
+          cp_async_16(b_s + dst0 + j * 16 * C::kRowBytes, ok ? src : w, ok ? 16 : 0);
         }
       } else {  // w[e] is [d, f]: 64 rows of k, 4 atoms of 64 columns
-        const int64_t n = n0 + b_col * 8;
+        const T* src = b_src + k0 * s.f;
 #pragma unroll
-        for (int j = 0; j < C::kBK / 4; ++j) {
-          const int kr = b_row0 + 4 * j;
-          const bool ok = k0 + kr < s.d && n < s.f;
-          cp_async_16(b_s + (b_col / 8) * C::kAtomBytes + kr * C::kRowBytes + swizzle128(kr, b_col % 8) * 16,
-                      ok ? w_e + (k0 + kr) * s.f + n : w, ok ? 16 : 0);
+        for (int j = 0; j < C::kBK / 4; ++j, src += 4 * s.f) {
+          const bool ok = k0 + b_row0 + 4 * j < s.d && n_live;
+          cp_async_16(b_s + (j % 2 ? b_dst_odd : b_dst_even) + (j / 2) * 8 * C::kRowBytes, ok ? src : w, ok ? 16 : 0);
         }
       }
     };
@@ -264,28 +282,44 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     // chunk column a_col of rows a_row0 + 8j, dy chunk column `lane` of rows warp + 4j.
     const int lane = tid % 32, warp = tid / 32, a_row0 = tid / 16, a_col = tid % 16;
     const int a_dst0 = (a_col / 8) * C::kAtomBytes + a_row0 * C::kRowBytes + swizzle128(a_row0, a_col % 8) * 16;
-    const int64_t m = m0 + a_col * 8, n = n0 + lane * 8;
+    // dy's rows land at two swizzled positions: rows warp + 8m and warp + 4 + 8m
+    const int b_dst_even = (lane / 8) * C::kAtomBytes + warp * C::kRowBytes + swizzle128(warp, lane % 8) * 16;
+    const int b_dst_odd = (lane / 8) * C::kAtomBytes + (warp + 4) * C::kRowBytes + swizzle128(warp + 4, lane % 8) * 16;
+    const bool m_live = m0 + a_col * 8 < s.d, n_live = n0 + lane * 8 < s.f;
+    const T* x_col = x + m0 + a_col * 8;
+    const T* dy_col = dy + n0 + lane * 8;
+    const int32_t rows_per_source = int32_t(s.rows_per_source);
+    // The next stage's row ids are loaded one stage ahead, so their latency hides behind a stage.
+    int32_t next_lo = 0, next_hi = 0;
+    auto fetch_ids = [&](int i) {
+      const int64_t p0 = first + int64_t(i) * C::kBK;
+      next_lo = p0 + lane < end ? order[p0 + lane] : 0;
+      next_hi = p0 + 32 + lane < end ? order[p0 + 32 + lane] : 0;
+    };
+    if (n_chunks > 0) fetch_ids(0);
     auto load_stage = [&](int i, int stage) {
       unsigned char* a_s = sm.ring + stage * C::kStageBytes;
       unsigned char* b_s = a_s + C::kABytes;
-      const int64_t p0 = first + int64_t(i) * C::kBK;
-      const int32_t id_lo = p0 + lane < end ? order[p0 + lane] : 0;
-      const int32_t id_hi = p0 + 32 + lane < end ? order[p0 + 32 + lane] : 0;
-      const int32_t src_lo = int32_t(id_lo / s.rows_per_source), src_hi = int32_t(id_hi / s.rows_per_source);
+      const int64_t left = end - (first + int64_t(i) * C::kBK);
+      const int rows = int(left < C::kBK ? left : C::kBK);
+      const int32_t id_lo = next_lo, id_hi = next_hi;
+      if (i + 1 < n_chunks) fetch_ids(i + 1);
+      const int32_t src_lo = rows_per_source == 1 ? id_lo : id_lo / rows_per_source;
+      const int32_t src_hi = rows_per_source == 1 ? id_hi : id_hi / rows_per_source;
 #pragma unroll
       for (int j = 0; j < C::kBK / 8; ++j) {  // SRead of x: 64 rows x 16 chunks
         const int r = a_row0 + 8 * j;         // < 32 exactly when j < 4
         const int32_t src = __shfl_sync(0xffffffffu, j < 4 ? src_lo : src_hi, r % 32);
-        const bool ok = p0 + r < end && m < s.d;
-        cp_async_16(a_s + a_dst0 + j * 8 * C::kRowBytes, ok ? x + int64_t(src) * s.d + m : x, ok ? 16 : 0);
+        const bool ok = r < rows && m_live;
+        cp_async_16(a_s + a_dst0 + j * 8 * C::kRowBytes, ok ? x_col + int64_t(src) * s.d : x, ok ? 16 : 0);
       }
 #pragma unroll
       for (int j = 0; j < C::kBK / 4; ++j) {  // SRead of dy: 64 rows x 32 chunks
         const int r = warp + 4 * j;            // < 32 exactly when j < 8
         const int32_t id = __shfl_sync(0xffffffffu, j < 8 ? id_lo : id_hi, r % 32);
-        const bool ok = p0 + r < end && n < s.f;
-        cp_async_16(b_s + lane / 8 * C::kAtomBytes + r * C::kRowBytes + swizzle128(r, lane % 8) * 16,
-                    ok ? dy + int64_t(id) * s.f + n : dy, ok ? 16 : 0);
+        const bool ok = r < rows && n_live;
+        cp_async_16(b_s + (j % 2 ? b_dst_odd : b_dst_even) + (j / 2) * 8 * C::kRowBytes,
+                    ok ? dy_col + int64_t(id) * s.f : dy, ok ? 16 : 0);
       }
     };
     produce_stages(sm, n_chunks, load_stage);
@@ -337,9 +371,14 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   auto kernel = s.w_transposed ? pit_moe_forward_sm90_kernel<T, true> : pit_moe_forward_sm90_kernel<T, false>;
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const unsigned grid = unsigned(s.max_row_tiles * ceil_div(s.f, C::kBN));
+  const int64_t col_tiles = ceil_div(s.f, int64_t(C::kBN));
+  // PIT_MOE_COL_BAND=n overrides the raster's band of column tiles (tuning; read per launch).
+  int64_t band = kMoeSm90ColBand;
+  if (const char* env = std::getenv("PIT_MOE_COL_BAND")) band = std::atoll(env);
+  band = band < 1 ? 1 : (band > col_tiles ? col_tiles : band);
+  const unsigned grid = unsigned(s.max_row_tiles * col_tiles);
   kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w), order,
-                                                       group_starts, tile_starts, static_cast<T*>(out), s);
+                                                       group_starts, tile_starts, static_cast<T*>(out), s, band);
   return cudaGetLastError();
 }
 

@@ -61,4 +61,19 @@ __device__ __forceinline__ bool find_route_tile(const int32_t* tile_starts, cons
   return true;
 }
 
+// Raster of the forward grid (row tiles x column tiles): the column tiles come in bands of
+// `band`; inside a band, consecutive CTAs take the band's columns of one row tile, then of the
+// next row tile. band = 1 walks all row tiles of one column tile first (every expert's weight
+// column tile is read by neighbouring CTAs); a wider band keeps fewer experts' rows in flight.
+struct MoeGridTile {
+  int64_t row_tile, col_tile;
+};
+
+__device__ __forceinline__ MoeGridTile forward_grid_tile(int64_t block, int64_t row_tiles, int64_t col_tiles,
+                                                         int64_t band) {
+  const int64_t band_blocks = row_tiles * band, b = block / band_blocks, r = block % band_blocks;
+  const int64_t width = col_tiles - b * band < band ? col_tiles - b * band : band;
+  return {r / width, b * band + r % width};
+}
+
 }  // namespace pit
