@@ -332,6 +332,9 @@ def layer_rows(name, shape, key, path):
         ms = {label: None if step is None else time_or_none(label, step, (x, ids, cw, *ws))
               for label, step in steps.items()}
         ms["dense"] = t_dense
+        # the routing budget is a share of the layer's forward: pit's forward alone
+        t_fwd = time_or_none("pit forward", _pit_forward, (x, ids, cw, *ws)) if ms["pit"] is not None else None
+        t_route = routing_build_seconds(ids, e) if ms["pit"] is not None else None
         err = layer_error(x, ids, cw, ws) if ms["pit"] is not None else None
         r = dict(case=name, routing=routing, T=t, E=e, k=k, d=d, f=f, pit_path=path,
                  t_pit_ms=ms["pit"], t_ragged_dot_ms=ms["ragged_dot"], t_einsum_ms=ms["einsum"],
@@ -339,7 +342,9 @@ def layer_rows(name, shape, key, path):
                  einsum_dropped_fraction=float(dropped_of(ids)),
                  ragged_over_pit=ratio(ms["ragged_dot"], ms["pit"]),
                  einsum_over_pit=ratio(ms["einsum"], ms["pit"]),
-                 pit_over_dense=ratio(ms["pit"], ms["dense"]), rel_err_vs_ragged=err)
+                 pit_over_dense=ratio(ms["pit"], ms["dense"]), rel_err_vs_ragged=err,
+                 t_pit_forward_ms=t_fwd, t_routing_ms=None if t_route is None else t_route * 1e3,
+                 routing_pct_of_forward=None if t_route is None or t_fwd is None else 100 * t_route * 1e3 / t_fwd)
         rows_out.append(r)
         print({k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in r.items()}, flush=True)
     return rows_out
@@ -353,14 +358,16 @@ def layer_report(rows, meta):
         "ragged_dot = argsort + take + 3 lax.ragged_dot + scatter + combine; einsum = "
         f"capacity {CAPACITY_FACTOR} dispatch/combine einsums (drops over-capacity assignments); "
         "dense = SwiGLU on [T·k, d] rows with one expert's weights (same active FLOPs); "
-        "rel err = pit vs ragged_dot forward output",
+        "rel err = pit vs ragged_dot forward output; pit fwd = the pit layer's forward alone; "
+        "routing = jit(pit_jax.moe_routing) alone, as % of pit fwd",
         ["case", "routing", "pit path", "pit ms", "ragged_dot ms", "einsum c=1.25 ms",
          "dense same-FLOP ms", "ragged_dot / pit", "einsum / pit", "pit / dense",
-         "einsum dropped", "rel err"],
+         "einsum dropped", "rel err", "pit fwd ms", "routing % of pit fwd"],
         [[r["case"], r["routing"], r["pit_path"], fmt(r["t_pit_ms"]), fmt(r["t_ragged_dot_ms"]),
           fmt(r["t_einsum_ms"]), fmt(r["t_dense_same_flops_ms"]), fmt(r["ragged_over_pit"], ".2f"),
           fmt(r["einsum_over_pit"], ".2f"), fmt(r["pit_over_dense"], ".2f"),
-          f"{r['einsum_dropped_fraction']:.1%}", fmt(r["rel_err_vs_ragged"], ".1e")] for r in rows])
+          f"{r['einsum_dropped_fraction']:.1%}", fmt(r["rel_err_vs_ragged"], ".1e"),
+          fmt(r.get("t_pit_forward_ms")), fmt(r.get("routing_pct_of_forward"), ".1f")] for r in rows])
 
 
 # ---------------------------------------------------------------- plot and main
