@@ -6,8 +6,9 @@
 //   dW       dw[e]  = Σ_{a in group e} x[a / r]ᵀ dy[a]   (A and B both MN-major gathered rows)
 //
 // Both kernels are warp-specialised, one CTA of three warpgroups per 128 x 256 output tile:
-// a producer warpgroup gathers each stage's rows with cp.async into a 4-stage ring of 128-byte
-// swizzled tiles and releases it on a "full" mbarrier; two consumer warpgroups each multiply
+// a producer warpgroup gathers each stage's rows with cp.async (and, in the forward, has the
+// copy engine bring the weight tile: TMA) into a 4-stage ring of 128-byte swizzled tiles and
+// releases it on a "full" mbarrier; two consumer warpgroups each multiply
 // 64 rows by the 256 columns with wgmma.m64n256k16 (fp32 accumulators in registers), keep one
 // step in flight while the next is issued, and hand stages back on an "empty" mbarrier. The
 // forward gathers its A rows (SRead) by `order` and scatters output rows (SWrite) to their
@@ -16,9 +17,11 @@
 #pragma once
 
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 
 #include "../common/mma_sm80.cuh"
 #include "../common/tile_copy.cuh"
@@ -57,8 +60,8 @@ struct MoeSm90Smem {  // views into the dynamic shared memory
   int32_t* rows;    // [2 * kBM], free for the kernel
 
   // Lays out the 1024-byte-aligned ring (swizzle atoms must be aligned) and initialises the
-  // barriers; all threads call it, then __syncthreads.
-  __device__ __forceinline__ explicit MoeSm90Smem(unsigned char* raw) {
+  // barriers (full_arrivals per phase of a full barrier); all threads call it, then __syncthreads.
+  __device__ __forceinline__ MoeSm90Smem(unsigned char* raw, uint32_t full_arrivals) {
     using C = MoeSm90Config;
     ring = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
     full = reinterpret_cast<uint64_t*>(ring + C::kRingBytes);
@@ -66,7 +69,7 @@ struct MoeSm90Smem {  // views into the dynamic shared memory
     rows = reinterpret_cast<int32_t*>(empty + C::kStages);
     if (threadIdx.x == 0) {
       for (int st = 0; st < C::kStages; ++st) {
-        mbarrier_init(&full[st], C::kProducers);
+        mbarrier_init(&full[st], full_arrivals);
         mbarrier_init(&empty[st], C::kConsumers);
       }
       mbarrier_init_fence();
@@ -153,11 +156,12 @@ template <typename T, bool kWTransposed>
 __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     pit_moe_forward_sm90_kernel(const T* __restrict__ x, const T* __restrict__ w, const int32_t* __restrict__ order,
                                 const int32_t* __restrict__ group_starts, const int32_t* __restrict__ tile_starts,
-                                T* __restrict__ out, MoeShape s, int64_t col_band) {
+                                T* __restrict__ out, MoeShape s, int64_t col_band,
+                                const __grid_constant__ CUtensorMap w_map) {
 #if PIT_HAS_WGMMA
   using C = MoeSm90Config;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const MoeSm90Smem sm(smem_raw);
+  const MoeSm90Smem sm(smem_raw, C::kProducers + 1);  // + the weight tile's expect-tx arrival
   int32_t* dst_rows = sm.rows;        // output row of each tile row
   int32_t* src_rows = sm.rows + C::kBM;  // its row of x
   const int tid = threadIdx.x;
@@ -185,12 +189,11 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
 
   if (tid < C::kProducers) {
     setmaxnreg_dec<C::kProducerRegisters>();
-    const T* w_e = w + int64_t(tile.group) * s.d * s.f;
-    // The producer's issue rate bounds the kernel, so everything that is the same in every
-    // stage is computed once: K-major tiles (A; B when w is transposed) take chunk column
-    // `chunk` of rows row0 + 16j (one swizzled position for every j) from fixed row pointers;
-    // MN-major B takes chunk column b_col of rows b_row0 + 4j (two swizzled positions).
-    const int row0 = tid / 8, chunk = tid % 8, b_row0 = tid / 32, b_col = tid % 32;
+    // The producer's issue rate bounds the kernel: the weight tile is one bulk tensor copy
+    // (TMA, issued by thread 0, 128-byte swizzled by the copy engine), and the gathered rows
+    // of x take chunk column `chunk` of rows row0 + 16j (one swizzled position for every j)
+    // from row pointers computed once.
+    const int row0 = tid / 8, chunk = tid % 8;
     const int dst0 = row0 * C::kRowBytes + swizzle128(row0, chunk) * 16;
     const T* a_src[C::kBM / 16];
     uint32_t a_live = 0;  // bit j: row row0 + 16j is in the tile
@@ -199,35 +202,25 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
       a_src[j] = x + int64_t(src_rows[row0 + 16 * j]) * s.d + chunk * 8;
       a_live |= uint32_t(row0 + 16 * j < tile.rows) << j;
     }
-    const bool n_live = n0 + b_col * 8 < s.f;  // MN-major B's column chunk
-    const T* b_src = kWTransposed ? w_e + (n0 + row0) * s.d + chunk * 8 : w_e + int64_t(b_row0) * s.f + n0 + b_col * 8;
-    const int b_dst0 = (b_col / 8) * C::kAtomBytes + b_row0 * C::kRowBytes, b_chunk = b_col % 8;
-    const int b_dst_even = b_dst0 + swizzle128(b_row0, b_chunk) * 16;  // rows b_row0 + 8m and b_row0 + 4 + 8m
-    const int b_dst_odd = b_dst0 + 4 * C::kRowBytes + swizzle128(b_row0 + 4, b_chunk) * 16;
     auto load_stage = [&](int i, int stage) {
       unsigned char* a_s = sm.ring + stage * C::kStageBytes;
       unsigned char* b_s = a_s + C::kABytes;
       const int64_t k0 = int64_t(i) * C::kBK;
-      const bool k_live = k0 + chunk * 8 < s.d;  // K-major tiles' chunk
+      if (tid == 0) {  // w[e]'s tile; the copy engine zero-fills past d and f
+        mbarrier_arrive_expect_tx(&sm.full[stage], C::kBBytes);
+        if constexpr (kWTransposed) {  // w[e] is [f, d]: one box of 64 k x 256 n rows (K-major)
+          tma_load_3d(b_s, &w_map, int(k0), int(n0), tile.group, &sm.full[stage]);
+        } else {  // w[e] is [d, f]: 4 boxes of 64 n x 64 k rows (MN-major atoms)
+#pragma unroll
+          for (int atom = 0; atom < C::kBN / 64; ++atom)
+            tma_load_3d(b_s + atom * C::kAtomBytes, &w_map, int(n0) + 64 * atom, int(k0), tile.group, &sm.full[stage]);
+        }
+      }
+      const bool k_live = k0 + chunk * 8 < s.d;
 #pragma unroll
       for (int j = 0; j < C::kBM / 16; ++j) {  // SRead: 128 token rows x 8 chunks
         const bool ok = ((a_live >> j) & 1) && k_live;
         cp_async_16(a_s + dst0 + j * 16 * C::kRowBytes, ok ? a_src[j] + k0 : x, ok ? 16 : 0);
-      }
-      if constexpr (kWTransposed) {  // w[e] is [f, d]: 256 rows of n, 8 chunks of k
-        const T* src = b_src + k0;
-#pragma unroll
-        for (int j = 0; j < C::kBN / 16; ++j, src += 16 * s.d) {
-          const bool ok = n0 + row0 + 16 * j < s.f && k_live;
-          cp_async_16(b_s + dst0 + j * 16 * C::kRowBytes, ok ? src : w, ok ? 16 : 0);
-        }
-      } else {  // w[e] is [d, f]: 64 rows of k, 4 atoms of 64 columns
-        const T* src = b_src + k0 * s.f;
-#pragma unroll
-        for (int j = 0; j < C::kBK / 4; ++j, src += 4 * s.f) {
-          const bool ok = k0 + b_row0 + 4 * j < s.d && n_live;
-          cp_async_16(b_s + (j % 2 ? b_dst_odd : b_dst_even) + (j / 2) * 8 * C::kRowBytes, ok ? src : w, ok ? 16 : 0);
-        }
       }
     };
     produce_stages(sm, n_chunks, load_stage);
@@ -266,7 +259,7 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
 #if PIT_HAS_WGMMA
   using C = MoeSm90Config;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const MoeSm90Smem sm(smem_raw);
+  const MoeSm90Smem sm(smem_raw, C::kProducers);
   const int tid = threadIdx.x;
   // f tiles vary fastest: CTAs in flight share the expert's x columns in L2
   const int64_t f_tile = blockIdx.x % f_tiles, d_tile = (blockIdx.x / f_tiles) % d_tiles;
@@ -363,6 +356,33 @@ inline bool moe_sm90_applies(const MoeShape& s, const void* a, const void* b, co
   return major == 9;
 }
 
+// Tensor map of the expert weights for the forward's weight tiles: w [E, d, f] in boxes of
+// 64 f x 64 d (one MN-major swizzle atom), or w [E, f, d] (w_transposed) in boxes of 64 d x
+// 256 f (one K-major tile); 128-byte swizzle, zero fill past the edges. The encoder is a
+// driver function, reached through the runtime (no link against libcuda).
+template <typename T>
+inline cudaError_t encode_moe_weight_map(const MoeShape& s, const void* w, CUtensorMap* map) {
+  using Encode = PFN_cuTensorMapEncodeTiled_v12000;
+  static const Encode encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                                             &found);
+    return err == cudaSuccess && found == cudaDriverEntryPointSuccess ? reinterpret_cast<Encode>(fn) : nullptr;
+  }();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t inner = s.w_transposed ? s.d : s.f, outer = s.w_transposed ? s.f : s.d;
+  const cuuint64_t dims[3] = {inner, outer, cuuint64_t(s.experts)};
+  const cuuint64_t strides[2] = {inner * sizeof(T), inner * outer * sizeof(T)};  // bytes, dims 1 and 2
+  const cuuint32_t box[3] = {64, s.w_transposed ? 256u : 64u, 1}, unit[3] = {1, 1, 1};
+  const CUresult r = encode(map, std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                                 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                            3, const_cast<void*>(w), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 template <typename T>
 cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, const void* x, const void* w,
                                     const int32_t* order, const int32_t* group_starts, const int32_t* tile_starts,
@@ -376,9 +396,13 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   int64_t band = kMoeSm90ColBand;
   if (const char* env = std::getenv("PIT_MOE_COL_BAND")) band = std::atoll(env);
   band = band < 1 ? 1 : (band > col_tiles ? col_tiles : band);
+  CUtensorMap w_map;
+  err = encode_moe_weight_map<T>(s, w, &w_map);
+  if (err != cudaSuccess) return err;
   const unsigned grid = unsigned(s.max_row_tiles * col_tiles);
   kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w), order,
-                                                       group_starts, tile_starts, static_cast<T*>(out), s, band);
+                                                       group_starts, tile_starts, static_cast<T*>(out), s, band,
+                                                       w_map);
   return cudaGetLastError();
 }
 
