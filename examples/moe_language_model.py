@@ -7,9 +7,11 @@ and loss for three feed-forward blocks of equal active parameters:
   dense  a dense SwiGLU FFN of the active width (k experts' worth)
 
     pip install optax && python examples/moe_language_model.py [--steps 200] [--small]
+        [--dtype bfloat16]
 
-Until pit_jax's m-gather/scatter kernels land, `pit` computes through lax.ragged_dot too, so its
-numbers track `ragged` (the example is the harness the kernels will be measured with).
+Parameters stay float32; --dtype sets the feed-forward blocks' compute dtype (bfloat16 runs
+pit_jax's tensor-core kernels on a GPU; float32 its CUDA-core kernels). On a CPU, pit_jax's
+MoE computes through lax.ragged_dot references, so `pit` then tracks `ragged`.
 """
 from __future__ import annotations
 
@@ -44,9 +46,9 @@ def load_text(max_bytes):
 class RaggedMoE(nnx.Module):
     """The same routed SwiGLU FFN, written the usual way on lax.ragged_dot."""
 
-    def __init__(self, e, k, d, f, *, rngs):
+    def __init__(self, e, k, d, f, *, dtype, rngs):
         init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
-        self.k = k
+        self.k, self.dtype = k, dtype
         self.router = nnx.Linear(d, e, use_bias=False, rngs=rngs)
         self.w_in = nnx.Param(init(rngs.params(), (e, d, f)))
         self.w_gate = nnx.Param(init(rngs.params(), (e, d, f)))
@@ -58,22 +60,22 @@ class RaggedMoE(nnx.Module):
         p = p / p.sum(-1, keepdims=True)
         order = jnp.argsort(ids.reshape(-1), stable=True)
         sizes = jnp.bincount(ids.reshape(-1), length=self.w_in.shape[0]).astype(jnp.int32)
-        rows = tok[order // self.k]
-        h = jax.nn.silu(jax.lax.ragged_dot(rows, self.w_gate[...], sizes)) * \
-            jax.lax.ragged_dot(rows, self.w_in[...], sizes)
-        out = jax.lax.ragged_dot(h, self.w_out[...], sizes)
+        rows = tok[order // self.k].astype(self.dtype)
+        w_in, w_gate, w_out = (w[...].astype(self.dtype) for w in (self.w_in, self.w_gate, self.w_out))
+        h = jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, sizes)) * jax.lax.ragged_dot(rows, w_in, sizes)
+        out = jax.lax.ragged_dot(h, w_out, sizes).astype(x.dtype)
         out = jnp.zeros_like(out).at[order].set(out).reshape(tok.shape[0], self.k, -1)
         return jnp.einsum("tkd,tk->td", out, p).reshape(x.shape)
 
 
 class DenseFFN(nnx.Module):
-    def __init__(self, d, f, *, rngs):
-        self.w_in = nnx.Linear(d, f, use_bias=False, rngs=rngs)
-        self.w_gate = nnx.Linear(d, f, use_bias=False, rngs=rngs)
-        self.w_out = nnx.Linear(f, d, use_bias=False, rngs=rngs)
+    def __init__(self, d, f, *, dtype, rngs):
+        self.w_in = nnx.Linear(d, f, use_bias=False, dtype=dtype, rngs=rngs)
+        self.w_gate = nnx.Linear(d, f, use_bias=False, dtype=dtype, rngs=rngs)
+        self.w_out = nnx.Linear(f, d, use_bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
-        return self.w_out(jax.nn.silu(self.w_gate(x)) * self.w_in(x))
+        return self.w_out(jax.nn.silu(self.w_gate(x)) * self.w_in(x)).astype(x.dtype)
 
 
 class Block(nnx.Module):
@@ -88,11 +90,11 @@ class Block(nnx.Module):
 
 
 class LM(nnx.Module):
-    def __init__(self, kind, *, d, layers, heads, e, k, f, rngs):
+    def __init__(self, kind, *, d, layers, heads, e, k, f, dtype, rngs):
         self.embed = nnx.Embed(256, d, rngs=rngs)
-        make = {"pit": lambda: pit_jax.nn.MoE(e, k, d, f, rngs=rngs),
-                "ragged": lambda: RaggedMoE(e, k, d, f, rngs=rngs),
-                "dense": lambda: DenseFFN(d, k * f, rngs=rngs)}[kind]
+        make = {"pit": lambda: pit_jax.nn.MoE(e, k, d, f, dtype=dtype, rngs=rngs),
+                "ragged": lambda: RaggedMoE(e, k, d, f, dtype=dtype, rngs=rngs),
+                "dense": lambda: DenseFFN(d, k * f, dtype=dtype, rngs=rngs)}[kind]
         self.blocks = nnx.List([Block(d, heads, make(), rngs=rngs) for _ in range(layers)])
         self.norm = nnx.RMSNorm(d, rngs=rngs)
 
@@ -105,7 +107,8 @@ class LM(nnx.Module):
 
 
 def run(kind, data, args):
-    cfg = dict(d=args.d, layers=args.layers, heads=4, e=args.experts, k=args.top_k, f=args.d_ff)
+    cfg = dict(d=args.d, layers=args.layers, heads=4, e=args.experts, k=args.top_k, f=args.d_ff,
+               dtype=jnp.dtype(args.dtype))
     model = LM(kind, rngs=nnx.Rngs(0), **cfg)
     opt = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
 
@@ -148,12 +151,15 @@ def main():
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="compute dtype of the feed-forward blocks (parameters stay float32)")
     ap.add_argument("--small", action="store_true", help="a tiny configuration for a quick check")
     args = ap.parse_args()
     if args.small:
         args.steps, args.batch, args.seq, args.d, args.d_ff, args.layers = 30, 4, 32, 32, 32, 1
     data = load_text(2_000_000)
-    print(f"text: {len(data)} bytes of stdlib source; device {jax.devices()[0].device_kind}")
+    print(f"text: {len(data)} bytes of stdlib source; device {jax.devices()[0].device_kind}; "
+          f"FFN dtype {args.dtype}; {vars(args)}")
     results = {kind: run(kind, data, args) for kind in ("pit", "ragged", "dense")}
     print(f"\n{'FFN':<8}{'final loss':>12}{'tokens/s':>12}")
     for kind, (loss, tps) in results.items():
