@@ -305,7 +305,13 @@ def layer_inputs(key, shape):
     return x, ws, normal(14, (t * k, d), 1.0)
 
 
+def pit_layer_routed(x, ids, cw, routing, w_in, w_gate, w_out):
+    from pit_jax.nn.moe import moe_ffn
+    return moe_ffn(x, ids, cw, (w_in, w_gate, w_out), "swiglu", routing=routing)
+
+
 _ragged_forward, _pit_forward = jax.jit(ragged_layer), jax.jit(pit_layer)
+_pit_forward_routed = jax.jit(pit_layer_routed)
 
 
 def layer_error(x, ids, cw, ws):
@@ -335,6 +341,12 @@ def layer_rows(name, shape, key, path):
         # the routing budget is a share of the layer's forward: pit's forward alone
         t_fwd = time_or_none("pit forward", _pit_forward, (x, ids, cw, *ws)) if ms["pit"] is not None else None
         t_route = routing_build_seconds(ids, e) if ms["pit"] is not None else None
+        # routing's cost inside the layer: its forward minus the same forward given the tables
+        t_fwd_routed = None
+        if ms["pit"] is not None:
+            tables = pit_jax.moe_routing(ids, e)
+            t_fwd_routed = time_or_none("pit forward, routing given", _pit_forward_routed,
+                                        (x, ids, cw, tables, *ws))
         err = layer_error(x, ids, cw, ws) if ms["pit"] is not None else None
         r = dict(case=name, routing=routing, T=t, E=e, k=k, d=d, f=f, pit_path=path,
                  t_pit_ms=ms["pit"], t_ragged_dot_ms=ms["ragged_dot"], t_einsum_ms=ms["einsum"],
@@ -344,7 +356,10 @@ def layer_rows(name, shape, key, path):
                  einsum_over_pit=ratio(ms["einsum"], ms["pit"]),
                  pit_over_dense=ratio(ms["pit"], ms["dense"]), rel_err_vs_ragged=err,
                  t_pit_forward_ms=t_fwd, t_routing_ms=None if t_route is None else t_route * 1e3,
-                 routing_pct_of_forward=None if t_route is None or t_fwd is None else 100 * t_route * 1e3 / t_fwd)
+                 routing_pct_of_forward=None if t_route is None or t_fwd is None else 100 * t_route * 1e3 / t_fwd,
+                 t_pit_forward_routing_given_ms=t_fwd_routed,
+                 routing_in_layer_pct=None if t_fwd is None or t_fwd_routed is None
+                 else 100 * (t_fwd - t_fwd_routed) / t_fwd)
         rows_out.append(r)
         print({k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in r.items()}, flush=True)
     return rows_out
@@ -359,15 +374,17 @@ def layer_report(rows, meta):
         f"capacity {CAPACITY_FACTOR} dispatch/combine einsums (drops over-capacity assignments); "
         "dense = SwiGLU on [T·k, d] rows with one expert's weights (same active FLOPs); "
         "rel err = pit vs ragged_dot forward output; pit fwd = the pit layer's forward alone; "
-        "routing = jit(pit_jax.moe_routing) alone, as % of pit fwd",
+        "routing alone = jit(pit_jax.moe_routing) by itself, as % of pit fwd; routing in layer = "
+        "(pit fwd - pit fwd given the routing tables) / pit fwd",
         ["case", "routing", "pit path", "pit ms", "ragged_dot ms", "einsum c=1.25 ms",
          "dense same-FLOP ms", "ragged_dot / pit", "einsum / pit", "pit / dense",
-         "einsum dropped", "rel err", "pit fwd ms", "routing % of pit fwd"],
+         "einsum dropped", "rel err", "pit fwd ms", "routing alone % of pit fwd", "routing in layer %"],
         [[r["case"], r["routing"], r["pit_path"], fmt(r["t_pit_ms"]), fmt(r["t_ragged_dot_ms"]),
           fmt(r["t_einsum_ms"]), fmt(r["t_dense_same_flops_ms"]), fmt(r["ragged_over_pit"], ".2f"),
           fmt(r["einsum_over_pit"], ".2f"), fmt(r["pit_over_dense"], ".2f"),
           f"{r['einsum_dropped_fraction']:.1%}", fmt(r["rel_err_vs_ragged"], ".1e"),
-          fmt(r.get("t_pit_forward_ms")), fmt(r.get("routing_pct_of_forward"), ".1f")] for r in rows])
+          fmt(r.get("t_pit_forward_ms")), fmt(r.get("routing_pct_of_forward"), ".1f"),
+          fmt(r.get("routing_in_layer_pct"), ".1f")] for r in rows])
 
 
 # ---------------------------------------------------------------- plot and main

@@ -55,6 +55,22 @@ def test_moe_ffn_matches_loop(backend, activation, e, k, t):
                                rtol=2e-4, atol=2e-5)
 
 
+def test_moe_ffn_reuses_given_routing(backend):
+    """routing= (tables built once, e.g. outside a loop) gives the same layer, values and grads."""
+    rng = np.random.default_rng(11)
+    t, e, k, d, f = 19, 6, 2, 16, 24
+    x = rng.standard_normal((t, d)).astype(np.float32)
+    ids = rng.integers(0, e, (t, k)).astype(np.int32)
+    wts = rng.random((t, k)).astype(np.float32)
+    w_in, w_out, w_gate = _params(rng, e, d, f, True)
+    tables = pit_jax.moe_routing(jnp.asarray(ids), e)
+    loss = lambda x, routing: jnp.sum(moe_ffn(x, ids, wts, (w_in, w_gate, w_out), "swiglu", routing=routing) ** 2)
+    got = jax.jit(jax.value_and_grad(loss))(x, tables)
+    want = jax.jit(jax.value_and_grad(lambda x: loss(x, None)))(x)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", ["one_expert", "empty_experts", "invalid_ids"])
 def test_skewed_and_invalid_routing(backend, case):
     rng = np.random.default_rng(3)

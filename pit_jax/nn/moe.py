@@ -79,10 +79,12 @@ class MoE(nnx.Module):
         return cast(self.w_in), cast(self.w_gate), cast(self.w_out)
 
 
-def moe_ffn(tokens, expert_ids, combine_weights, weights, activation):
-    """y[t] = Σ_s combine_weights[t, s] · FFN_{expert_ids[t, s]}(tokens[t]), fp32 combine."""
+def moe_ffn(tokens, expert_ids, combine_weights, weights, activation, routing=None):
+    """y[t] = Σ_s combine_weights[t, s] · FFN_{expert_ids[t, s]}(tokens[t]), fp32 combine.
+    `routing` (pit_jax.moe_routing(expert_ids, E)) is built here when not given."""
     w_in, w_gate, w_out = weights
-    routing = moe_routing(expert_ids, w_in.shape[0])  # once for all matmuls, forward and backward
+    if routing is None:  # once for all matmuls, forward and backward
+        routing = moe_routing(expert_ids, w_in.shape[0])
     h = moe_matmul(tokens, w_in, expert_ids, routing=routing)  # [T, k, f]
     if activation == "swiglu":
         h = jax.nn.silu(moe_matmul(tokens, w_gate, expert_ids, routing=routing)) * h
