@@ -9,7 +9,7 @@
 // a producer warpgroup gathers each stage's rows with cp.async (and, in the forward, has the
 // copy engine bring the weight tile: TMA) into a 4-stage ring of 128-byte swizzled tiles and
 // releases it on a "full" mbarrier; two consumer warpgroups each multiply
-// 64 rows by the 256 columns with wgmma.m64n256k16 (fp32 accumulators in registers), keep one
+// 64 rows by the 256 columns with wgmma.m64n256k16 (fp32 accumulators in registers), keep a
 // step in flight while the next is issued, and hand stages back on an "empty" mbarrier. The
 // forward gathers its A rows (SRead) by `order` and scatters output rows (SWrite) to their
 // assignment positions; the dW kernel gathers the K dimension — the expert's rows of x and
@@ -104,13 +104,14 @@ __device__ __forceinline__ void produce_stages(const MoeSm90Smem& sm, int n_chun
 // Consumer warpgroup: acc (+)= its 64 x 256 share of the tile over n_chunks stages. desc_a0 /
 // desc_b0 describe its operands in stage 0; a stage or a K step of 16 moves only their start
 // addresses. With kOverlap, step i - 1's wgmmas finish while step i's are issued, then its
-// stage is freed; without, each step is waited for (the dW kernel: ptxas serialises its
-// wgmmas when one is in flight across the loop's back edge, C7514).
+// stage is freed. Without (the dW kernel: there ptxas serialises the wgmmas when a step stays
+// in flight across the loop's back edge, C7514), steps overlap within groups of kStages and
+// the last step of each group is waited for.
 template <int kTransposeA, int kTransposeB, int kAStepBytes, int kBStepBytes, bool kOverlap, typename T>
 __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90Smem& sm, int n_chunks,
                                                uint64_t desc_a0, uint64_t desc_b0) {
   using C = MoeSm90Config;
-  for (int i = 0; i < n_chunks; ++i) {
+  auto issue = [&](int i) {
     const int stage = i % C::kStages;
     mbarrier_wait(&sm.full[stage], (i / C::kStages) & 1);
     const uint64_t stage_offset = uint64_t(stage * C::kStageBytes) >> 4;
@@ -120,12 +121,30 @@ __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90S
       wgmma_m64n256k16<kTransposeA, kTransposeB>(acc, desc_a0 + stage_offset + ((kk * kAStepBytes) >> 4),
                                                  desc_b0 + stage_offset + ((kk * kBStepBytes) >> 4), 1, T{});
     wgmma_commit();
-    if constexpr (kOverlap) {
+  };
+  if constexpr (kOverlap) {
+    for (int i = 0; i < n_chunks; ++i) {
+      issue(i);
       wgmma_wait<1>();
       if (i > 0) mbarrier_arrive(&sm.empty[(i - 1) % C::kStages]);
-    } else {
+    }
+  } else {
+    int i = 0;
+    for (; i + C::kStages <= n_chunks; i += C::kStages) {
+      issue(i);
+#pragma unroll
+      for (int g = 1; g < C::kStages; ++g) {
+        issue(i + g);
+        wgmma_wait<1>();
+        mbarrier_arrive(&sm.empty[(i + g - 1) % C::kStages]);
+      }
       wgmma_wait<0>();
-      mbarrier_arrive(&sm.empty[stage]);
+      mbarrier_arrive(&sm.empty[(i + C::kStages - 1) % C::kStages]);
+    }
+    for (; i < n_chunks; ++i) {
+      issue(i);
+      wgmma_wait<0>();
+      mbarrier_arrive(&sm.empty[i % C::kStages]);
     }
   }
   wgmma_wait<0>();
