@@ -1,4 +1,4 @@
-# Quick device check of the MoE kernels: build, kernel tests, per-kernel ncu times of one
+# Quick device check of the MoE kernels (iteration loop): build, kernel tests, per-kernel ncu times of one
 # Mixtral layer step, forward projection times (raster sweep script, band 1), layer table.
 set -u
 export PYTHONUNBUFFERED=1
