@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
 
   if (tid < C::kProducers) {
     setmaxnreg_dec<C::kProducerRegisters>();
-    // The producer's issue rate bounds the kernel: the weight tile is one bulk tensor copy
+    // The producer's issue rate bounds the kernel: the weight tile comes by bulk tensor copies
     // (TMA, issued by thread 0, 128-byte swizzled by the copy engine), and the gathered rows
     // of x take chunk column `chunk` of rows row0 + 16j (one swizzled position for every j)
     // from row pointers computed once.
