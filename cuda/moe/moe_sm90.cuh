@@ -101,7 +101,7 @@ __device__ __forceinline__ void produce_stages(const MoeSm90Smem& sm, int n_chun
     mbarrier_arrive(&sm.full[i % C::kStages]);
 }
 
-// Consumer warpgroup: acc (+)= its 64 x 256 share of the tile over n_chunks stages. desc_a0 /
+// Consumer warpgroup: acc = its 64 x 256 share of the tile over n_chunks stages (zero if none). desc_a0 /
 // desc_b0 describe its operands in stage 0; a stage or a K step of 16 moves only their start
 // addresses. With kOverlap, step i - 1's wgmmas finish while step i's are issued, then its
 // stage is freed. Without (the dW kernel: there ptxas serialises the wgmmas when a step stays
@@ -111,6 +111,8 @@ template <int kTransposeA, int kTransposeB, int kAStepBytes, int kBStepBytes, bo
 __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90Smem& sm, int n_chunks,
                                                uint64_t desc_a0, uint64_t desc_b0) {
   using C = MoeSm90Config;
+#pragma unroll
+  for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
   auto issue = [&](int i) {
     const int stage = i % C::kStages;
     mbarrier_wait(&sm.full[stage], (i / C::kStages) & 1);
@@ -247,8 +249,6 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     setmaxnreg_inc<C::kConsumerRegisters>();
     const int ctid = tid - C::kProducers, warpgroup = ctid / 128;
     float acc[128];
-#pragma unroll
-    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
     const uint64_t desc_a0 = smem_descriptor_sw128(sm.ring + warpgroup * 64 * C::kRowBytes, 16, 1024);
     const uint64_t desc_b0 = kWTransposed ? smem_descriptor_sw128(sm.ring + C::kABytes, 16, 1024)
                                           : smem_descriptor_sw128(sm.ring + C::kABytes, C::kAtomBytes, 1024);
@@ -339,8 +339,6 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     setmaxnreg_inc<C::kConsumerRegisters>();
     const int ctid = tid - C::kProducers, warpgroup = ctid / 128;
     float acc[128];
-#pragma unroll
-    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
     const uint64_t desc_a0 = smem_descriptor_sw128(sm.ring + warpgroup * C::kAtomBytes, C::kAtomBytes, 1024);
     const uint64_t desc_b0 = smem_descriptor_sw128(sm.ring + C::kABytes, C::kAtomBytes, 1024);
     consume_stages<1, 1, 16 * C::kRowBytes, 16 * C::kRowBytes, false, T>(acc, sm, n_chunks, desc_a0, desc_b0);
