@@ -338,16 +338,15 @@ def layer_rows(name, shape, key, path):
         ms = {label: None if step is None else time_or_none(label, step, (x, ids, cw, *ws))
               for label, step in steps.items()}
         ms["dense"] = t_dense
-        # the routing budget is a share of the layer's forward: pit's forward alone
-        t_fwd = time_or_none("pit forward", _pit_forward, (x, ids, cw, *ws)) if ms["pit"] is not None else None
-        t_route = routing_build_seconds(ids, e) if ms["pit"] is not None else None
-        # routing's cost inside the layer: its forward minus the same forward given the tables
-        t_fwd_routed = None
+        t_fwd = t_route = t_fwd_routed = err = None
         if ms["pit"] is not None:
-            tables = pit_jax.moe_routing(ids, e)
+            # the routing budget is a share of the layer's forward: pit's forward alone,
+            # and routing's cost inside it (that forward minus the same forward given the tables)
+            t_fwd = time_or_none("pit forward", _pit_forward, (x, ids, cw, *ws))
+            t_route = routing_build_seconds(ids, e)
             t_fwd_routed = time_or_none("pit forward, routing given", _pit_forward_routed,
-                                        (x, ids, cw, tables, *ws))
-        err = layer_error(x, ids, cw, ws) if ms["pit"] is not None else None
+                                        (x, ids, cw, pit_jax.moe_routing(ids, e), *ws))
+            err = layer_error(x, ids, cw, ws)
         r = dict(case=name, routing=routing, T=t, E=e, k=k, d=d, f=f, pit_path=path,
                  t_pit_ms=ms["pit"], t_ragged_dot_ms=ms["ragged_dot"], t_einsum_ms=ms["einsum"],
                  t_dense_same_flops_ms=ms["dense"], capacity=c,

@@ -10,15 +10,11 @@ import os
 import jax
 import jax.numpy as jnp
 
+from bench_moe import CASES, QUICK  # the projection benchmark's shapes
 from common import announce, bench_parser, markdown_report, time_per_call, write_results
 
 import pit_jax
 
-SHAPES = {  # name: (T, E, k, d, f)
-    "Mixtral up T=4096": (4096, 8, 2, 4096, 14336),
-    "Mixtral up T=16384": (16384, 8, 2, 4096, 14336),
-    "Qwen3-30B-A3B-like": (2048, 128, 8, 2048, 768),
-}
 CALLS = 4  # distinct inputs per jitted step
 
 
@@ -27,7 +23,7 @@ def main():
     ap.add_argument("--bands", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     args = ap.parse_args()
     meta = announce()
-    shapes = {"tiny": (256, 8, 2, 128, 192)} if args.quick else SHAPES
+    shapes = QUICK if args.quick else CASES
     rows = []
     for name, (t, e, k, d, f) in shapes.items():
         key = jax.random.PRNGKey(0)
