@@ -7,6 +7,10 @@ Primitives (no host sync anywhere; the routing tables stay on device):
     pit_moe_route(ids)                     -> order, group_starts, tile_starts   (routing index)
     pit_moe_matmul(x, w, order, gs, ts)    out[a] = x[a // r] @ w[e(a)]   (or @ w[e(a)]ᵀ)
     pit_moe_matmul_tn(x, dy, order, gs)    dw[e] = Σ_{a in e} x[a // r]ᵀ dy[a]   (dW of the above)
+Both grouped matmuls take x_sorted / out_sorted: x's (and out's or dy's) rows may be in routing
+order instead (row p is assignment order[p]) — a layer keeps its intermediate activations that
+way, so only its two ends gather and scatter (SRead of the tokens, SWrite of the outputs) and
+the rows between them are contiguous per expert.
 CPU lowers to the jnp references (moe_reference.py, lax.ragged_dot); CUDA to the kernels of
 cuda/moe/ (moe_cuda.py). The routing tables are operands, so a layer routes once and its
 forward, dx and dW passes all reuse them.
@@ -33,12 +37,12 @@ def _route_abstract(ids, *, num_experts):
             jax.core.ShapedArray((num_experts + 2,), i32))
 
 
-def _mm_abstract(x, w, order, group_starts, tile_starts, *, rows_per_source, w_transposed):
+def _mm_abstract(x, w, order, group_starts, tile_starts, *, rows_per_source, w_transposed, x_sorted, out_sorted):
     f = w.shape[1] if w_transposed else w.shape[2]
     return jax.core.ShapedArray((order.shape[0], f), x.dtype)
 
 
-def _tn_abstract(x, dy, order, group_starts, *, rows_per_source, num_experts, out_dtype):
+def _tn_abstract(x, dy, order, group_starts, *, rows_per_source, num_experts, out_dtype, x_sorted, out_sorted):
     return jax.core.ShapedArray((num_experts, x.shape[-1], dy.shape[-1]), out_dtype)
 
 
@@ -83,18 +87,20 @@ def _mm_jvp(primals, tangents, **params):
     return out, (_primitive.zero_tangent(out) if t is None else t)
 
 
-def _mm_transpose(ct, x, w, order, group_starts, tile_starts, *, rows_per_source, w_transposed):
+def _mm_transpose(ct, x, w, order, group_starts, tile_starts, *, rows_per_source, w_transposed, x_sorted,
+                  out_sorted):
     if type(ct) is ad.Zero:
         return [None] * 5
     x_bar = w_bar = None
     if ad.is_undefined_primal(x):  # x̄[t] = Σ_s ct[t*r+s] @ w[e]ᵀ: the same weights, transposed read
         rows = moe_matmul_p.bind(ct, w, order, group_starts, tile_starts, rows_per_source=1,
-                                 w_transposed=not w_transposed)
-        x_bar = _sum_slots(rows, x.aval.shape[0], x.aval.dtype)
+                                 w_transposed=not w_transposed, x_sorted=out_sorted, out_sorted=x_sorted)
+        x_bar = rows if x_sorted else _sum_slots(rows, x.aval.shape[0], x.aval.dtype)
     if ad.is_undefined_primal(w):
         e = w.aval.shape[0]
         w_bar = moe_matmul_tn_p.bind(x, ct, order, group_starts, rows_per_source=rows_per_source,
-                                     num_experts=e, out_dtype=w.aval.dtype)
+                                     num_experts=e, out_dtype=w.aval.dtype, x_sorted=x_sorted,
+                                     out_sorted=out_sorted)
         if w_transposed:  # w was [E, f, d]
             w_bar = jnp.swapaxes(w_bar, -1, -2)
     return [x_bar, w_bar, None, None, None]
@@ -113,7 +119,8 @@ def _tn_jvp(primals, tangents, **params):
     return out, (_primitive.zero_tangent(out) if t is None else t)
 
 
-def _tn_transpose(ct, x, dy, order, group_starts, *, rows_per_source, num_experts, out_dtype):
+def _tn_transpose(ct, x, dy, order, group_starts, *, rows_per_source, num_experts, out_dtype, x_sorted,
+                  out_sorted):
     if type(ct) is ad.Zero:
         return [None] * 4
     x_bar = dy_bar = None
@@ -121,10 +128,12 @@ def _tn_transpose(ct, x, dy, order, group_starts, *, rows_per_source, num_expert
     tables = (order, group_starts, tile_starts_of(group_starts))
     if ad.is_undefined_primal(dy):  # dȳ[a] = x[a // r] @ ct[e(a)]
         dy_bar = moe_matmul_p.bind(x, ct.astype(x.dtype), *tables, rows_per_source=rows_per_source,
-                                   w_transposed=False).astype(dy.aval.dtype)
+                                   w_transposed=False, x_sorted=x_sorted,
+                                   out_sorted=out_sorted).astype(dy.aval.dtype)
     if ad.is_undefined_primal(x):  # x̄[t] = Σ_s dy[t*r+s] @ ct[e]ᵀ
-        rows = moe_matmul_p.bind(dy, ct.astype(dy.dtype), *tables, rows_per_source=1, w_transposed=True)
-        x_bar = _sum_slots(rows, x.aval.shape[0], x.aval.dtype)
+        rows = moe_matmul_p.bind(dy, ct.astype(dy.dtype), *tables, rows_per_source=1, w_transposed=True,
+                                 x_sorted=out_sorted, out_sorted=x_sorted)
+        x_bar = rows.astype(x.aval.dtype) if x_sorted else _sum_slots(rows, x.aval.shape[0], x.aval.dtype)
     return [x_bar, dy_bar, None, None]
 
 
@@ -190,6 +199,15 @@ def moe_matmul(x, w, expert_ids, *, routing: MoeRouting | None = None):
       several matmuls over the same ids); built here otherwise.
     Returns [T, k, f], out[t, s] = x[t] @ w[expert_ids[t, s]] (or x[t, s] @ ...), fp32 accumulation.
     """
+    rows, r, routing = checked_operands(x, w, expert_ids, routing)
+    out = moe_matmul_p.bind(rows, w, *routing, rows_per_source=r, w_transposed=False, x_sorted=False,
+                            out_sorted=False)
+    return out.reshape(*expert_ids.shape, w.shape[-1])
+
+
+def checked_operands(x, w, expert_ids, routing):
+    """moe_matmul's argument checks: (x as [R, d] rows, rows per source r, the routing index —
+    built when None); a clear error naming the argument otherwise."""
     _primitive.check_float_matrix("moe_matmul", "x", x)
     if not hasattr(w, "ndim") or w.ndim != 3:
         raise ValueError(f"pit_jax.moe_matmul: w must be [E, d, f], got shape {getattr(w, 'shape', w)}")
@@ -216,8 +234,16 @@ def moe_matmul(x, w, expert_ids, *, routing: MoeRouting | None = None):
         raise ValueError(f"pit_jax.moe_matmul: routing was built for {routing.order.shape[0]} assignments "
                          f"over {routing.num_experts} experts; these expert_ids have {t * k} and w has "
                          f"{w.shape[0]} experts")
-    out = moe_matmul_p.bind(rows, w, *routing, rows_per_source=r, w_transposed=False)
-    return out.reshape(t, k, w.shape[-1])
+    return rows, r, routing
+
+
+def grouped_matmul(x, w, routing: MoeRouting, *, rows_per_source: int, x_sorted: bool, out_sorted: bool):
+    """The grouped matmul primitive on rows laid out either way (no argument checks: for layers
+    built on `moe_matmul`'s checks). x: [A // rows_per_source, d] source rows in assignment
+    order, or [A, d] in routing order (x_sorted); returns [A, f] in assignment order, or in
+    routing order (out_sorted: row p belongs to assignment routing.order[p])."""
+    return moe_matmul_p.bind(x, w, *routing, rows_per_source=rows_per_source, w_transposed=False,
+                             x_sorted=x_sorted, out_sorted=out_sorted)
 
 
 def drop_over_capacity(expert_ids, num_experts: int, capacity_factor: float):

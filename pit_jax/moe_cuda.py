@@ -33,16 +33,20 @@ def routing_tables_cuda(expert_ids, *, num_experts):
     return order, group_starts, tile_starts
 
 
-def grouped_matmul_cuda(x, w, order, group_starts, tile_starts, *, rows_per_source, w_transposed):
+def grouped_matmul_cuda(x, w, order, group_starts, tile_starts, *, rows_per_source, w_transposed,
+                        x_sorted=False, out_sorted=False):
     f = w.shape[1] if w_transposed else w.shape[2]
     out_type = jax.ShapeDtypeStruct((order.shape[0], f), x.dtype)
     return jax.ffi.ffi_call("pit_moe_matmul", out_type)(
         x, w, order, group_starts, tile_starts, rows_per_source=np.int64(rows_per_source),
-        tile_rows=np.int64(TILE_ROWS), w_transposed=bool(w_transposed))
+        tile_rows=np.int64(TILE_ROWS), w_transposed=bool(w_transposed), x_sorted=bool(x_sorted),
+        out_sorted=bool(out_sorted))
 
 
-def grouped_matmul_tn_cuda(x, dy, order, group_starts, *, rows_per_source, num_experts, out_dtype):
+def grouped_matmul_tn_cuda(x, dy, order, group_starts, *, rows_per_source, num_experts, out_dtype,
+                           x_sorted=False, out_sorted=False):
     out_type = jax.ShapeDtypeStruct((num_experts, x.shape[-1], dy.shape[-1]), x.dtype)
     dw = jax.ffi.ffi_call("pit_moe_matmul_tn", out_type)(
-        x, dy.astype(x.dtype), order, group_starts, rows_per_source=np.int64(rows_per_source))
+        x, dy.astype(x.dtype), order, group_starts, rows_per_source=np.int64(rows_per_source),
+        x_sorted=bool(x_sorted), out_sorted=bool(out_sorted))
     return dw.astype(out_dtype)

@@ -47,28 +47,36 @@ def _expert_weights(w, w_transposed):
     return jnp.swapaxes(w, -1, -2) if w_transposed else w
 
 
-def grouped_matmul_ref(x, w, order, group_starts, tile_starts, *, rows_per_source, w_transposed):
+def grouped_matmul_ref(x, w, order, group_starts, tile_starts, *, rows_per_source, w_transposed,
+                       x_sorted=False, out_sorted=False):
     """out[a] = x[a // rows_per_source] @ w[e(a)] for every assignment a, [A, f].
 
     x [R, d] source rows (tokens when rows_per_source = top_k, assignment rows when 1);
     w [E, d, f] (or [E, f, d] with w_transposed); routing tables as routing_tables_ref.
+    x_sorted: x [A, d] holds the assignment rows in routing order (row p is assignment
+    order[p]; rows_per_source must be 1); out_sorted: out's row p is assignment order[p].
     fp32 accumulation, output in x's dtype; rows of invalid ids are zero."""
     del tile_starts
     w = _expert_weights(w, w_transposed)
     e = w.shape[0]
     group_sizes = jnp.diff(group_starts)[:e]
-    rows = jnp.take(x, order // rows_per_source, axis=0)  # SRead
+    rows = x if x_sorted else jnp.take(x, order // rows_per_source, axis=0)  # SRead
     out = jax.lax.ragged_dot(rows, w, group_sizes, preferred_element_type=F32)
     out = jnp.where(jnp.arange(out.shape[0])[:, None] < group_starts[e], out, 0.0)
+    if out_sorted:
+        return out.astype(x.dtype)
     return jnp.zeros_like(out).at[order].set(out).astype(x.dtype)  # SWrite
 
 
-def grouped_matmul_tn_ref(x, dy, order, group_starts, *, rows_per_source, num_experts, out_dtype):
-    """dw[e] = Σ_{a in group e} x[a // rows_per_source]ᵀ dy[a], [E, d, f] (fp32 sums)."""
+def grouped_matmul_tn_ref(x, dy, order, group_starts, *, rows_per_source, num_experts, out_dtype,
+                          x_sorted=False, out_sorted=False):
+    """dw[e] = Σ_{a in group e} x[a // rows_per_source]ᵀ dy[a], [E, d, f] (fp32 sums); x_sorted /
+    out_sorted: x's / dy's rows are in routing order (as grouped_matmul_ref)."""
     d, f = x.shape[-1], dy.shape[-1]
     w0 = jnp.zeros((num_experts, d, f), F32)
     tiles = jnp.zeros(num_experts + 2, jnp.int32)  # unused by the reference
     _, vjp = jax.vjp(lambda w: grouped_matmul_ref(x.astype(F32), w, order, group_starts, tiles,
-                                                  rows_per_source=rows_per_source, w_transposed=False), w0)
+                                                  rows_per_source=rows_per_source, w_transposed=False,
+                                                  x_sorted=x_sorted, out_sorted=out_sorted), w0)
     (dw,) = vjp(dy.astype(F32))
     return dw.astype(out_dtype)

@@ -41,3 +41,24 @@ def reference_detect(x, tile, layout="row"):
             indices[b, o, :len(ids)] = ids
     return (counts.reshape(*lead, n_outer), offsets.reshape(*lead, n_outer + 1),
             indices.reshape(*lead, n_outer, n_inner))
+
+
+def moe_layouts_want(x, w, ids, order, g, *, x_sorted, out_sorted):
+    """float64 (out, dx, dw) of the grouped matmul with rows laid out either way, loss Σ out·g.
+
+    Position p of the routing order holds assignment order[p] (expert ids.flat[order[p]], token
+    order[p] // k). x: [T, d] tokens, or [T·k, d] rows in routing order (x_sorted); out and g
+    are [T·k, f], row p in routing order (out_sorted) or row order[p] (assignment order)."""
+    t, k = ids.shape
+    e = w.shape[0]
+    x64, w64, g64 = (np.asarray(a, np.float64) for a in (x, w, g))
+    experts = ids.reshape(-1)[order]
+    valid = (experts >= 0) & (experts < e)
+    src = np.arange(order.size) if x_sorted else order // k
+    dst = np.arange(order.size) if out_sorted else order
+    out, dx, dw = np.zeros(g64.shape), np.zeros(x64.shape), np.zeros(w64.shape)
+    for p in np.flatnonzero(valid):
+        out[dst[p]] = x64[src[p]] @ w64[experts[p]]
+        dx[src[p]] += w64[experts[p]] @ g64[dst[p]]
+        dw[experts[p]] += np.outer(x64[src[p]], g64[dst[p]])
+    return out, dx, dw

@@ -19,6 +19,19 @@ def _gpu():
         return None
 
 
+def _route(rng, t, k, e, routing):
+    """[T, k] int32 expert ids: uniform, Zipf-skewed, all on one expert, or some out of range."""
+    if routing == "uniform":
+        ids = rng.integers(0, e, (t, k))
+    elif routing == "zipf":
+        ids = np.minimum(rng.zipf(1.5, (t, k)) - 1, e - 1)
+    elif routing == "one_hot":
+        ids = np.full((t, k), e // 2)
+    else:
+        ids = rng.integers(-3, e + 3, (t, k))
+    return ids.astype(np.int32)
+
+
 def _fresh():
     """A new function object per call, so each test compiles its own executable."""
     return lambda x, w, ids: pit_jax.moe_matmul(x, w, ids)
@@ -69,15 +82,7 @@ def test_kernel_matches_float64(kernel, dtype, t, k, e, d, f, routing):
     rng = np.random.default_rng(t * 31 + e)
     x = (rng.standard_normal((t, d)) + 0.1).astype(DTYPES[dtype])
     w = (rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES[dtype])
-    if routing == "uniform":
-        ids = rng.integers(0, e, (t, k))
-    elif routing == "zipf":
-        ids = np.minimum(rng.zipf(1.5, (t, k)) - 1, e - 1)
-    elif routing == "one_hot":
-        ids = np.full((t, k), e // 2)
-    else:
-        ids = rng.integers(-3, e + 3, (t, k))
-    ids = ids.astype(np.int32)
+    ids = _route(rng, t, k, e, routing)
     with jax.default_device(dev):
         out = jax.jit(_fresh())(x, w, ids)
         out_rows = jax.jit(_fresh())(np.repeat(x[:, None], k, 1), w, ids)
@@ -138,3 +143,37 @@ def test_routing_kernel_equals_stable_sort(a, e):
         want = jax.jit(lambda i: moe_reference.routing_tables_ref(i, num_experts=e))(ids)
     for g, w_ in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w_))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("t, k, e, d, f, routing", [
+    (300, 2, 8, 128, 256, "uniform"),
+    (97, 4, 64, 72, 136, "zipf"),
+    (200, 2, 16, 45, 29, "one_hot"),       # odd d, f: the sm_80 kernels
+    (130, 8, 256, 64, 64, "invalid"),
+    (700, 2, 3, 136, 264, "one_hot"),      # long groups: many full dW stages, then a partial one
+])
+@pytest.mark.parametrize("x_sorted, out_sorted", [(False, True), (True, False), (True, True)])
+def test_rows_in_routing_order_match_float64(kernel, dtype, t, k, e, d, f, routing, x_sorted, out_sorted):
+    """Forward, dx and dW kernels with rows in routing order (moe_ffn's intermediate layout:
+    contiguous per expert, the Hopper kernels read them by TMA) against float64."""
+    from helpers import moe_layouts_want
+    from pit_jax.moe import grouped_matmul
+    dev = _gpu()
+    if dev is None or not pit_jax.cuda_available():
+        pytest.skip("needs a GPU and the CUDA kernels")
+    rng = np.random.default_rng(t * 7 + e + 2 * x_sorted + out_sorted)
+    ids = _route(rng, t, k, e, routing)
+    x = (rng.standard_normal((t * k if x_sorted else t, d)) + 0.1).astype(DTYPES[dtype])
+    w = (rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES[dtype])
+    g = rng.standard_normal((t * k, f)).astype(DTYPES[dtype])
+    with jax.default_device(dev):
+        routing_index = pit_jax.moe_routing(ids, e)
+        fn = lambda x, w: grouped_matmul(x, w, routing_index, rows_per_source=1 if x_sorted else k,
+                                         x_sorted=x_sorted, out_sorted=out_sorted)
+        got = jax.jit(lambda x, w, g: (lambda o, vjp: (o, *vjp(g)))(*jax.vjp(fn, x, w)))(x, w, g)
+        order = np.asarray(routing_index.order)
+    want = moe_layouts_want(x, w, ids, order, g, x_sorted=x_sorted, out_sorted=out_sorted)
+    for got_i, want_i in zip(got, want):
+        got_i = np.asarray(got_i, np.float64)
+        assert np.linalg.norm(got_i - want_i) / max(np.linalg.norm(want_i), 1e-30) < TOL[dtype]

@@ -129,3 +129,25 @@ def test_drop_over_capacity():
     assert int(dropped) == 0
     with pytest.raises(ValueError, match="capacity_factor"):
         pit_jax.drop_over_capacity(ids, 4, 0.0)
+
+
+@pytest.mark.parametrize("x_sorted, out_sorted", [(False, True), (True, False), (True, True)])
+def test_rows_in_routing_order(backend, x_sorted, out_sorted):
+    """The grouped matmul with input and/or output rows in routing order (what moe_ffn keeps
+    between its projections): values and both gradients against float64, invalid ids included."""
+    from helpers import moe_layouts_want
+    from pit_jax.moe import grouped_matmul
+    rng = np.random.default_rng(4 + 2 * x_sorted + out_sorted)
+    t, k, e, d, f = 23, 3, 5, 9, 6
+    ids = rng.integers(-1, e + 1, (t, k)).astype(np.int32)
+    routing = pit_jax.moe_routing(ids, e)
+    x = rng.standard_normal((t * k if x_sorted else t, d)).astype(np.float32)
+    w = rng.standard_normal((e, d, f)).astype(np.float32)
+    g = rng.standard_normal((t * k, f)).astype(np.float32)
+    fn = lambda x, w: grouped_matmul(x, w, routing, rows_per_source=1 if x_sorted else k, x_sorted=x_sorted,
+                                     out_sorted=out_sorted)
+    out, vjp = jax.vjp(fn, x, w)
+    got = (out, *vjp(g))
+    want = moe_layouts_want(x, w, ids, np.asarray(routing.order), g, x_sorted=x_sorted, out_sorted=out_sorted)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-4, atol=1e-4)

@@ -2,7 +2,8 @@
 //
 //   out[a] = x[a / r] @ w[e(a)]   (or @ w[e(a)]ᵀ with w given as [E, f, d]: the dx pass)
 //
-// for every assignment a (r = rows per source row). Routing is done before the call (on
+// for every assignment a (r = rows per source row); x's and out's rows may instead be in
+// routing order (x_sorted / out_sorted: row p holds assignment order[p]). Routing is done before the call (on
 // device, moe_route_cuda.cu): `order` lists assignments grouped by expert (invalid ids last, as
 // pseudo-group E), `group_starts` [E+2] their offsets and `tile_starts` [E+2] the prefix sum of
 // each group's 128-row routing tiles. A CTA finds its group by binary search in `tile_starts`,
@@ -48,7 +49,7 @@ struct MoeConfig {
   static constexpr int kBStride = kWTransposed ? kBK + kVec : kBN + kVec;
   static constexpr int kBElems = kWTransposed ? kBN * kBStride : kBK * kBStride;
   static constexpr int kStageElems = kBM * kAStride + kBElems;
-  static constexpr int kSmemBytes = kStages * kStageElems * int(sizeof(T)) + kBM * 4;
+  static constexpr int kSmemBytes = kStages * kStageElems * int(sizeof(T)) + 2 * kBM * 4;
 };
 static_assert(kMoeRouteTileRows % MoeConfig<float, false>::kBM == 0, "routing tile = whole halves");
 
@@ -154,6 +155,7 @@ __global__ void __launch_bounds__(kMoeThreads) pit_moe_forward_kernel(const T* _
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = reinterpret_cast<T*>(smem_bytes);
   int32_t* dst_rows = reinterpret_cast<int32_t*>(smem_bytes + C::kStages * C::kStageElems * sizeof(T));
+  int32_t* src_rows = dst_rows + C::kBM;  // row of x of each tile row
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t slot = blockIdx.x % (s.max_row_tiles * C::kHalves);  // row tiles fastest: experts side by side
   const int64_t n0 = (blockIdx.x / (s.max_row_tiles * C::kHalves)) * C::kBN;
@@ -163,7 +165,11 @@ __global__ void __launch_bounds__(kMoeThreads) pit_moe_forward_kernel(const T* _
   const int rows_valid = min(tile.rows - int(slot % C::kHalves) * C::kBM, C::kBM);
   if (rows_valid <= 0) return;  // the routing tile's second half is empty
   const int group = tile.group;
-  for (int r = threadIdx.x; r < C::kBM; r += kMoeThreads) dst_rows[r] = r < rows_valid ? order[p0 + r] : 0;
+  for (int r = threadIdx.x; r < C::kBM; r += kMoeThreads) {
+    const int32_t a = r < rows_valid ? order[p0 + r] : 0, p = r < rows_valid ? int32_t(p0 + r) : 0;
+    dst_rows[r] = s.out_sorted ? p : a;
+    src_rows[r] = s.x_sorted ? p : int32_t(a / s.rows_per_source);
+  }
   __syncthreads();
   const int64_t cols = min(int64_t(C::kBN), s.f - n0);
 
@@ -183,7 +189,7 @@ __global__ void __launch_bounds__(kMoeThreads) pit_moe_forward_kernel(const T* _
     constexpr int kAVecsPerRow = C::kBK / C::kVec;
     for (int i = threadIdx.x; i < C::kBM * kAVecsPerRow; i += kMoeThreads) {  // SRead: token rows of x
       const int r = i / kAVecsPerRow, c = (i % kAVecsPerRow) * C::kVec;
-      const int64_t src = int64_t(dst_rows[r]) / s.rows_per_source, k = k0 + c;
+      const int64_t src = src_rows[r], k = k0 + c;
       const int64_t valid = r >= rows_valid ? 0 : (s.d - k < C::kVec ? s.d - k : C::kVec);
       load_segment<T, kVecX>(as + r * C::kAStride + c, x + src * s.d + k, valid, x);
     }
@@ -237,18 +243,20 @@ cudaError_t launch_moe_forward(cudaStream_t stream, const MoeShape& s, const voi
 ffi::Error MoeMatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> order,
                          ffi::Buffer<ffi::S32> group_starts, ffi::Buffer<ffi::S32> tile_starts,
                          ffi::Result<ffi::AnyBuffer> out, int64_t rows_per_source, int64_t tile_rows,
-                         bool w_transposed) {
+                         bool w_transposed, bool x_sorted, bool out_sorted) {
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || od.size() != 2 || order.dimensions().size() != 1)
     return ffi::Error::InvalidArgument(
         "pit_moe_matmul: expected x [R, d], w [E, d, f] (or [E, f, d] transposed), order [A], out [A, f]");
   const MoeShape s = make_moe_shape(xd[0], xd[1], w_transposed ? wd[1] : wd[2], wd[0], order.dimensions()[0],
-                                    rows_per_source, w_transposed);
+                                    rows_per_source, w_transposed, x_sorted, out_sorted);
   if (tile_rows != kMoeRouteTileRows)
     return ffi::Error::InvalidArgument("pit_moe_matmul: tile_rows does not match the kernels' routing tile");
   if ((w_transposed ? wd[2] : wd[1]) != s.d || od[0] != s.assignments || od[1] != s.f || rows_per_source <= 0 ||
       s.sources * rows_per_source != s.assignments)
     return ffi::Error::InvalidArgument("pit_moe_matmul: shapes of x, w, order and out do not agree");
+  if (x_sorted && rows_per_source != 1)
+    return ffi::Error::InvalidArgument("pit_moe_matmul: x in routing order needs one row per assignment");
   if (group_starts.dimensions().size() != 1 || group_starts.dimensions()[0] != s.experts + 2 ||
       tile_starts.dimensions().size() != 1 || tile_starts.dimensions()[0] != s.experts + 2)
     return ffi::Error::InvalidArgument("pit_moe_matmul: group_starts and tile_starts must be [E + 2]");
@@ -296,14 +304,14 @@ __global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_moe_tn_kernel(const
     for (int i = threadIdx.x; i < C::kBR * kXVecsPerRow; i += C::kThreads) {
       const int r = i / kXVecsPerRow, c = (i % kXVecsPerRow) * C::kVec;
       const bool live = p0 + r < end;
-      const int64_t a = live ? order[p0 + r] : 0, col = d0 + c;
+      const int64_t src = !live ? 0 : (s.x_sorted ? p0 + r : order[p0 + r] / s.rows_per_source), col = d0 + c;
       const int64_t valid = !live ? 0 : (s.d - col < C::kVec ? s.d - col : C::kVec);
-      load_segment<T, kVecX>(xs + r * C::kXStride + c, x + (a / s.rows_per_source) * s.d + col, valid, x);
+      load_segment<T, kVecX>(xs + r * C::kXStride + c, x + src * s.d + col, valid, x);
     }
     for (int i = threadIdx.x; i < C::kBR * kDVecsPerRow; i += C::kThreads) {
       const int r = i / kDVecsPerRow, c = (i % kDVecsPerRow) * C::kVec;
       const bool live = p0 + r < end;
-      const int64_t a = live ? order[p0 + r] : 0, col = f0 + c;
+      const int64_t a = !live ? 0 : (s.out_sorted ? p0 + r : order[p0 + r]), col = f0 + c;
       const int64_t valid = !live ? 0 : (s.f - col < C::kVec ? s.f - col : C::kVec);
       load_segment<T, kVecDy>(ds + r * C::kDStride + c, dy + a * s.f + col, valid, dy);
     }
@@ -340,14 +348,16 @@ cudaError_t launch_moe_tn(cudaStream_t stream, const MoeShape& s, const void* x,
 
 ffi::Error MoeMatmulTnCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::S32> order,
                            ffi::Buffer<ffi::S32> group_starts, ffi::Result<ffi::AnyBuffer> dw,
-                           int64_t rows_per_source) {
+                           int64_t rows_per_source, bool x_sorted, bool out_sorted) {
   const auto xd = x.dimensions(), yd = dy.dimensions(), wd = dw->dimensions();
   if (xd.size() != 2 || yd.size() != 2 || wd.size() != 3 || order.dimensions().size() != 1)
     return ffi::Error::InvalidArgument("pit_moe_matmul_tn: expected x [R, d], dy [A, f], order [A], dw [E, d, f]");
-  const MoeShape s = make_moe_shape(xd[0], xd[1], yd[1], wd[0], yd[0], rows_per_source, false);
+  const MoeShape s = make_moe_shape(xd[0], xd[1], yd[1], wd[0], yd[0], rows_per_source, false, x_sorted, out_sorted);
   if (order.dimensions()[0] != s.assignments || wd[1] != s.d || wd[2] != s.f || rows_per_source <= 0 ||
       s.sources * rows_per_source != s.assignments)
     return ffi::Error::InvalidArgument("pit_moe_matmul_tn: shapes of x, dy, order and dw do not agree");
+  if (x_sorted && rows_per_source != 1)
+    return ffi::Error::InvalidArgument("pit_moe_matmul_tn: x in routing order needs one row per assignment");
   if (group_starts.dimensions().size() != 1 || group_starts.dimensions()[0] != s.experts + 2)
     return ffi::Error::InvalidArgument("pit_moe_matmul_tn: group_starts must be [E + 2]");
   if (dy.element_type() != x.element_type() || dw->element_type() != x.element_type())
@@ -379,7 +389,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeMatmulCuda, pit::MoeMatmulCuda,
                                   .Ret<xla::ffi::AnyBuffer>()
                                   .Attr<int64_t>("rows_per_source")
                                   .Attr<int64_t>("tile_rows")
-                                  .Attr<bool>("w_transposed"),
+                                  .Attr<bool>("w_transposed")
+                                  .Attr<bool>("x_sorted")
+                                  .Attr<bool>("out_sorted"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeMatmulTnCuda, pit::MoeMatmulTnCuda,
@@ -390,5 +402,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeMatmulTnCuda, pit::MoeMatmulTnCuda,
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Ret<xla::ffi::AnyBuffer>()
-                                  .Attr<int64_t>("rows_per_source"),
+                                  .Attr<int64_t>("rows_per_source")
+                                  .Attr<bool>("x_sorted")
+                                  .Attr<bool>("out_sorted"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -173,12 +173,15 @@ __device__ __forceinline__ void stage_accumulators(const float (&acc)[128], T* c
 }
 #endif  // PIT_HAS_WGMMA
 
-template <typename T, bool kWTransposed>
+// kXTma: x's rows are in routing order (s.x_sorted), so a tile's 128 rows are contiguous and come
+// by TMA as one box (rows past the tile belong to the next group or lie past the end, where the
+// copy engine zero-fills: they only reach output rows that are not stored).
+template <typename T, bool kWTransposed, bool kXTma>
 __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     pit_moe_forward_sm90_kernel(const T* __restrict__ x, const T* __restrict__ w, const int32_t* __restrict__ order,
                                 const int32_t* __restrict__ group_starts, const int32_t* __restrict__ tile_starts,
                                 T* __restrict__ out, MoeShape s, int64_t col_band,
-                                const __grid_constant__ CUtensorMap w_map) {
+                                const __grid_constant__ CUtensorMap w_map, const __grid_constant__ CUtensorMap x_map) {
 #if PIT_HAS_WGMMA
   using C = MoeSm90Config;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -192,9 +195,9 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
   const int64_t n0 = grid_tile.col_tile * C::kBN;
   const int64_t cols = s.f - n0 < C::kBN ? s.f - n0 : C::kBN;
   for (int r = tid; r < C::kBM; r += C::kThreads) {
-    const int32_t a = r < tile.rows ? order[tile.first + r] : 0;
-    dst_rows[r] = a;
-    src_rows[r] = int32_t(a / s.rows_per_source);
+    const int32_t a = r < tile.rows ? order[tile.first + r] : 0, p = r < tile.rows ? int32_t(tile.first + r) : 0;
+    dst_rows[r] = s.out_sorted ? p : a;
+    src_rows[r] = s.x_sorted ? p : int32_t(a / s.rows_per_source);
   }
   __syncthreads();
 
@@ -228,7 +231,8 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
       unsigned char* b_s = a_s + C::kABytes;
       const int64_t k0 = int64_t(i) * C::kBK;
       if (tid == 0) {  // w[e]'s tile; the copy engine zero-fills past d and f
-        mbarrier_arrive_expect_tx(&sm.full[stage], C::kBBytes);
+        mbarrier_arrive_expect_tx(&sm.full[stage], kXTma ? C::kABytes + C::kBBytes : C::kBBytes);
+        if constexpr (kXTma) tma_load_3d(a_s, &x_map, int(k0), int(tile.first), 0, &sm.full[stage]);
         if constexpr (kWTransposed) {  // w[e] is [f, d]: one box of 64 k x 256 n rows (K-major)
           tma_load_3d(b_s, &w_map, int(k0), int(n0), tile.group, &sm.full[stage]);
         } else {  // w[e] is [d, f]: 4 boxes of 64 n x 64 k rows (MN-major atoms)
@@ -237,6 +241,7 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
             tma_load_3d(b_s + atom * C::kAtomBytes, &w_map, int(n0) + 64 * atom, int(k0), tile.group, &sm.full[stage]);
         }
       }
+      if constexpr (kXTma) return;
       const bool k_live = k0 + chunk * 8 < s.d;
 #pragma unroll
       for (int j = 0; j < C::kBM / 16; ++j) {  // SRead: 128 token rows x 8 chunks
@@ -270,15 +275,22 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
 // The K dimension is the expert's row list: a stage holds 64 gathered rows of x (A, MN-major:
 // 128 d columns as two 64-column atoms, one per consumer) and of dy (B, MN-major, 4 atoms).
 // Rows past the group's end are zero-filled; an empty expert writes a zero tile.
-template <typename T>
+// kXTma / kDyTma: that operand's rows are in routing order (s.x_sorted / s.out_sorted), so a
+// stage's 64 rows are contiguous: a full stage comes by TMA (boxes of one 64 x 64 MN-major atom);
+// the group's last, partial stage by cp.async like the gathered rows, because past the group's end
+// lie the next expert's rows, which must read as zero here.
+template <typename T, bool kXTma, bool kDyTma>
 __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     pit_moe_tn_sm90_kernel(const T* __restrict__ x, const T* __restrict__ dy, const int32_t* __restrict__ order,
                            const int32_t* __restrict__ group_starts, T* __restrict__ dw, MoeShape s, int64_t d_tiles,
-                           int64_t f_tiles) {
+                           int64_t f_tiles, const __grid_constant__ CUtensorMap x_map,
+                           const __grid_constant__ CUtensorMap dy_map) {
 #if PIT_HAS_WGMMA
   using C = MoeSm90Config;
+  constexpr bool kAnyTma = kXTma || kDyTma;
+  constexpr uint32_t kTmaBytes = (kXTma ? C::kABytes : 0) + (kDyTma ? C::kBBytes : 0);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const MoeSm90Smem sm(smem_raw, C::kProducers);
+  const MoeSm90Smem sm(smem_raw, C::kProducers + (kAnyTma ? 1 : 0));  // + thread 0's expect-tx arrival
   const int tid = threadIdx.x;
   // f tiles vary fastest: CTAs in flight share the expert's x columns in L2
   const int64_t f_tile = blockIdx.x % f_tiles, d_tile = (blockIdx.x / f_tiles) % d_tiles;
@@ -308,30 +320,48 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
       next_lo = p0 + lane < end ? order[p0 + lane] : 0;
       next_hi = p0 + 32 + lane < end ? order[p0 + 32 + lane] : 0;
     };
-    if (n_chunks > 0) fetch_ids(0);
+    if (n_chunks > 0 && !(kXTma && kDyTma)) fetch_ids(0);
     auto load_stage = [&](int i, int stage) {
       unsigned char* a_s = sm.ring + stage * C::kStageBytes;
       unsigned char* b_s = a_s + C::kABytes;
-      const int64_t left = end - (first + int64_t(i) * C::kBK);
+      const int64_t p0 = first + int64_t(i) * C::kBK, left = end - p0;
       const int rows = int(left < C::kBK ? left : C::kBK);
-      const int32_t id_lo = next_lo, id_hi = next_hi;
-      if (i + 1 < n_chunks) fetch_ids(i + 1);
-      const int32_t src_lo = rows_per_source == 1 ? id_lo : id_lo / rows_per_source;
-      const int32_t src_hi = rows_per_source == 1 ? id_hi : id_hi / rows_per_source;
-#pragma unroll
-      for (int j = 0; j < C::kBK / 8; ++j) {  // SRead of x: 64 rows x 16 chunks
-        const int r = a_row0 + 8 * j;         // < 32 exactly when j < 4
-        const int32_t src = __shfl_sync(0xffffffffu, j < 4 ? src_lo : src_hi, r % 32);
-        const bool ok = r < rows && m_live;
-        cp_async_16(a_s + a_dst0 + j * 8 * C::kRowBytes, ok ? x_col + int64_t(src) * s.d : x, ok ? 16 : 0);
+      const bool by_tma = rows == C::kBK;  // a full stage of a sorted operand
+      if (kAnyTma && tid == 0) {
+        if (by_tma) {
+          mbarrier_arrive_expect_tx(&sm.full[stage], kTmaBytes);
+          if constexpr (kXTma)
+            for (int atom = 0; atom < C::kBM / 64; ++atom)
+              tma_load_3d(a_s + atom * C::kAtomBytes, &x_map, int(m0) + 64 * atom, int(p0), 0, &sm.full[stage]);
+          if constexpr (kDyTma)
+            for (int atom = 0; atom < C::kBN / 64; ++atom)
+              tma_load_3d(b_s + atom * C::kAtomBytes, &dy_map, int(n0) + 64 * atom, int(p0), 0, &sm.full[stage]);
+        } else {
+          mbarrier_arrive(&sm.full[stage]);
+        }
       }
+      const int32_t id_lo = next_lo, id_hi = next_hi;
+      if (!(kXTma && kDyTma) && i + 1 < n_chunks) fetch_ids(i + 1);
+      if (!kXTma || !by_tma) {
+        const int32_t src_lo = rows_per_source == 1 ? id_lo : id_lo / rows_per_source;
+        const int32_t src_hi = rows_per_source == 1 ? id_hi : id_hi / rows_per_source;
 #pragma unroll
-      for (int j = 0; j < C::kBK / 4; ++j) {  // SRead of dy: 64 rows x 32 chunks
-        const int r = warp + 4 * j;            // < 32 exactly when j < 8
-        const int32_t id = __shfl_sync(0xffffffffu, j < 8 ? id_lo : id_hi, r % 32);
-        const bool ok = r < rows && n_live;
-        cp_async_16(b_s + (j % 2 ? b_dst_odd : b_dst_even) + (j / 2) * 8 * C::kRowBytes,
-                    ok ? dy_col + int64_t(id) * s.f : dy, ok ? 16 : 0);
+        for (int j = 0; j < C::kBK / 8; ++j) {  // SRead of x: 64 rows x 16 chunks
+          const int r = a_row0 + 8 * j;         // < 32 exactly when j < 4
+          const int64_t src = kXTma ? p0 + r : __shfl_sync(0xffffffffu, j < 4 ? src_lo : src_hi, r % 32);
+          const bool ok = r < rows && m_live;
+          cp_async_16(a_s + a_dst0 + j * 8 * C::kRowBytes, ok ? x_col + src * s.d : x, ok ? 16 : 0);
+        }
+      }
+      if (!kDyTma || !by_tma) {
+#pragma unroll
+        for (int j = 0; j < C::kBK / 4; ++j) {  // SRead of dy: 64 rows x 32 chunks
+          const int r = warp + 4 * j;            // < 32 exactly when j < 8
+          const int64_t id = kDyTma ? p0 + r : __shfl_sync(0xffffffffu, j < 8 ? id_lo : id_hi, r % 32);
+          const bool ok = r < rows && n_live;
+          cp_async_16(b_s + (j % 2 ? b_dst_odd : b_dst_even) + (j / 2) * 8 * C::kRowBytes,
+                      ok ? dy_col + id * s.f : dy, ok ? 16 : 0);
+        }
       }
     };
     produce_stages(sm, n_chunks, load_stage);
@@ -373,12 +403,12 @@ inline bool moe_sm90_applies(const MoeShape& s, const void* a, const void* b, co
   return major == 9;
 }
 
-// Tensor map of the expert weights for the forward's weight tiles: w [E, d, f] in boxes of
-// 64 f x 64 d (one MN-major swizzle atom), or w [E, f, d] (w_transposed) in boxes of 64 d x
-// 256 f (one K-major tile); 128-byte swizzle, zero fill past the edges. The encoder is a
-// driver function, reached through the runtime (no link against libcuda).
+// A tiled tensor map (128-byte swizzle, zero fill past the edges) over a row-major array of T:
+// dims and box innermost first, byte strides of dims 1 and 2. The encoder is a driver function,
+// reached through the runtime (no link against libcuda).
 template <typename T>
-inline cudaError_t encode_moe_weight_map(const MoeShape& s, const void* w, CUtensorMap* map) {
+inline cudaError_t encode_tensor_map_sw128(CUtensorMap* map, const void* base, const cuuint64_t (&dims)[3],
+                                           const cuuint64_t (&strides)[2], const cuuint32_t (&box)[3]) {
   using Encode = PFN_cuTensorMapEncodeTiled_v12000;
   static const Encode encode = [] {
     void* fn = nullptr;
@@ -388,16 +418,32 @@ inline cudaError_t encode_moe_weight_map(const MoeShape& s, const void* w, CUten
     return err == cudaSuccess && found == cudaDriverEntryPointSuccess ? reinterpret_cast<Encode>(fn) : nullptr;
   }();
   if (encode == nullptr) return cudaErrorNotSupported;
-  const cuuint64_t inner = s.w_transposed ? s.d : s.f, outer = s.w_transposed ? s.f : s.d;
-  const cuuint64_t dims[3] = {inner, outer, cuuint64_t(s.experts)};
-  const cuuint64_t strides[2] = {inner * sizeof(T), inner * outer * sizeof(T)};  // bytes, dims 1 and 2
-  const cuuint32_t box[3] = {64, s.w_transposed ? 256u : 64u, 1}, unit[3] = {1, 1, 1};
+  const cuuint32_t unit[3] = {1, 1, 1};
   const CUresult r = encode(map, std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
                                                                  : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                            3, const_cast<void*>(w), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            3, const_cast<void*>(base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
                             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// Tensor map of the expert weights for the forward's weight tiles: w [E, d, f] in boxes of
+// 64 f x 64 d (one MN-major swizzle atom), or w [E, f, d] (w_transposed) in boxes of 64 d x
+// 256 f (one K-major tile).
+template <typename T>
+inline cudaError_t encode_moe_weight_map(const MoeShape& s, const void* w, CUtensorMap* map) {
+  const cuuint64_t inner = s.w_transposed ? s.d : s.f, outer = s.w_transposed ? s.f : s.d;
+  return encode_tensor_map_sw128<T>(map, w, {inner, outer, cuuint64_t(s.experts)},
+                                    {inner * sizeof(T), inner * outer * sizeof(T)},
+                                    {64, s.w_transposed ? 256u : 64u, 1});
+}
+
+// Tensor map of rows in routing order, [A, cols], in boxes of 64 columns x box_rows rows.
+template <typename T>
+inline cudaError_t encode_moe_rows_map(int64_t rows, int64_t cols, const void* base, cuuint32_t box_rows,
+                                       CUtensorMap* map) {
+  return encode_tensor_map_sw128<T>(map, base, {cuuint64_t(cols), cuuint64_t(rows), 1},
+                                    {cols * sizeof(T), rows * cols * sizeof(T)}, {64, box_rows, 1});
 }
 
 template <typename T>
@@ -405,7 +451,10 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
                                     const int32_t* order, const int32_t* group_starts, const int32_t* tile_starts,
                                     void* out) {
   using C = MoeSm90Config;
-  auto kernel = s.w_transposed ? pit_moe_forward_sm90_kernel<T, true> : pit_moe_forward_sm90_kernel<T, false>;
+  auto kernel = s.w_transposed ? (s.x_sorted ? pit_moe_forward_sm90_kernel<T, true, true>
+                                             : pit_moe_forward_sm90_kernel<T, true, false>)
+                               : (s.x_sorted ? pit_moe_forward_sm90_kernel<T, false, true>
+                                             : pit_moe_forward_sm90_kernel<T, false, false>);
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
   const int64_t col_tiles = ceil_div(s.f, int64_t(C::kBN));
@@ -413,13 +462,14 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   int64_t band = kMoeSm90ColBand;
   if (const char* env = std::getenv("PIT_MOE_COL_BAND")) band = std::atoll(env);
   band = band < 1 ? 1 : (band > col_tiles ? col_tiles : band);
-  CUtensorMap w_map;
+  CUtensorMap w_map, x_map = {};
   err = encode_moe_weight_map<T>(s, w, &w_map);
+  if (err == cudaSuccess && s.x_sorted) err = encode_moe_rows_map<T>(s.assignments, s.d, x, C::kBM, &x_map);
   if (err != cudaSuccess) return err;
   const unsigned grid = unsigned(s.max_row_tiles * col_tiles);
   kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w), order,
                                                        group_starts, tile_starts, static_cast<T*>(out), s, band,
-                                                       w_map);
+                                                       w_map, x_map);
   return cudaGetLastError();
 }
 
@@ -427,12 +477,18 @@ template <typename T>
 cudaError_t launch_moe_tn_sm90(cudaStream_t stream, const MoeShape& s, const void* x, const void* dy,
                                const int32_t* order, const int32_t* group_starts, void* dw) {
   using C = MoeSm90Config;
-  cudaError_t err = allow_dynamic_smem(pit_moe_tn_sm90_kernel<T>, C::kSmemBytes);
+  auto kernel = s.x_sorted ? (s.out_sorted ? pit_moe_tn_sm90_kernel<T, true, true> : pit_moe_tn_sm90_kernel<T, true, false>)
+                           : (s.out_sorted ? pit_moe_tn_sm90_kernel<T, false, true> : pit_moe_tn_sm90_kernel<T, false, false>);
+  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  CUtensorMap x_map = {}, dy_map = {};
+  if (s.x_sorted) err = encode_moe_rows_map<T>(s.assignments, s.d, x, C::kBK, &x_map);
+  if (err == cudaSuccess && s.out_sorted) err = encode_moe_rows_map<T>(s.assignments, s.f, dy, C::kBK, &dy_map);
   if (err != cudaSuccess) return err;
   const int64_t d_tiles = ceil_div(s.d, C::kBM), f_tiles = ceil_div(s.f, C::kBN);
-  pit_moe_tn_sm90_kernel<T><<<unsigned(s.experts * d_tiles * f_tiles), C::kThreads, C::kSmemBytes, stream>>>(
+  kernel<<<unsigned(s.experts * d_tiles * f_tiles), C::kThreads, C::kSmemBytes, stream>>>(
       static_cast<const T*>(x), static_cast<const T*>(dy), order, group_starts, static_cast<T*>(dw), s, d_tiles,
-      f_tiles);
+      f_tiles, x_map, dy_map);
   return cudaGetLastError();
 }
 

@@ -20,11 +20,14 @@ struct MoeShape {
   int64_t assignments = 0;  // A rows of out
   int64_t rows_per_source = 1;
   bool w_transposed = false;  // out[a] = x[a / r] @ w[e]ᵀ (w given as [E, f, d])
+  // Row layouts: x's (x_sorted) and out's or, for dW, dy's (out_sorted) row p holds assignment
+  // order[p] — routing order, each expert's rows contiguous — instead of source / assignment order.
+  bool x_sorted = false, out_sorted = false;
   int64_t max_row_tiles = 0;  // grid bound of the forward: ceil(A / tile) + E + 1
 };
 
 inline MoeShape make_moe_shape(int64_t sources, int64_t d, int64_t f, int64_t experts, int64_t assignments,
-                               int64_t rows_per_source, bool w_transposed) {
+                               int64_t rows_per_source, bool w_transposed, bool x_sorted, bool out_sorted) {
   MoeShape s;
   s.sources = sources;
   s.d = d;
@@ -33,6 +36,8 @@ inline MoeShape make_moe_shape(int64_t sources, int64_t d, int64_t f, int64_t ex
   s.assignments = assignments;
   s.rows_per_source = rows_per_source;
   s.w_transposed = w_transposed;
+  s.x_sorted = x_sorted;
+  s.out_sorted = out_sorted;
   s.max_row_tiles = ceil_div(assignments, int64_t(kMoeRouteTileRows)) + experts + 1;
   return s;
 }

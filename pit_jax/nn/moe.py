@@ -10,8 +10,9 @@ nnx.Intermediate)` or `nnx.state(model, nnx.Intermediate)` after a call):
   - `dropped_fraction` (only with `capacity_factor`): share of assignments dropped.
 Dropless by default; `capacity_factor=c` keeps at most ceil(c·T·k/E) assignments per expert
 (first come, first served in token order), as Switch/flaxformer do.
-Compute goes through `pit_jax.moe_matmul` (the PIT m-gather/scatter kernels on GPU, the
-lax.ragged_dot reference on CPU), with one routing index per call shared by all its matmuls.
+Compute goes through the grouped matmul of `pit_jax.moe_matmul` (the PIT m-gather/scatter
+kernels on GPU, the lax.ragged_dot reference on CPU), with one routing index per call shared by
+all its matmuls.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..moe import drop_over_capacity, moe_matmul, moe_routing
+from ..moe import checked_operands, drop_over_capacity, grouped_matmul
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 
@@ -81,17 +82,24 @@ class MoE(nnx.Module):
 
 def moe_ffn(tokens, expert_ids, combine_weights, weights, activation, routing=None):
     """y[t] = Σ_s combine_weights[t, s] · FFN_{expert_ids[t, s]}(tokens[t]), fp32 combine.
-    `routing` (pit_jax.moe_routing(expert_ids, E)) is built here when not given."""
+    `routing` (pit_jax.moe_routing(expert_ids, E)) is built here when not given.
+
+    The hidden activations stay in routing order ([T·k, f], each expert's rows contiguous): the
+    up-projections gather token rows (SRead) and write contiguous rows, the down-projection
+    reads contiguous rows and scatters to (token, slot) rows (SWrite), and every backward
+    pass has one contiguous operand."""
     w_in, w_gate, w_out = weights
-    if routing is None:  # once for all matmuls, forward and backward
-        routing = moe_routing(expert_ids, w_in.shape[0])
-    h = moe_matmul(tokens, w_in, expert_ids, routing=routing)  # [T, k, f]
+    t, k = expert_ids.shape
+    # one routing index for all matmuls, forward and backward (built here when not given)
+    _, _, routing = checked_operands(tokens, w_in, expert_ids, routing)
+    up = lambda w: grouped_matmul(tokens, w, routing, rows_per_source=k, x_sorted=False, out_sorted=True)
+    h = up(w_in)  # [T·k, f], routing order
     if activation == "swiglu":
-        h = jax.nn.silu(moe_matmul(tokens, w_gate, expert_ids, routing=routing)) * h
+        h = jax.nn.silu(up(w_gate)) * h
     else:
         h = jax.nn.relu(h) if activation == "relu" else jax.nn.gelu(h)
-    out = moe_matmul(h, w_out, expert_ids, routing=routing)  # [T, k, d], rows already per assignment
-    y = jnp.einsum("tkd,tk->td", out.astype(jnp.float32), combine_weights.astype(jnp.float32))
+    out = grouped_matmul(h, w_out, routing, rows_per_source=1, x_sorted=True, out_sorted=False)  # [T·k, d]
+    y = jnp.einsum("tkd,tk->td", out.reshape(t, k, -1).astype(jnp.float32), combine_weights.astype(jnp.float32))
     return y.astype(tokens.dtype)
 
 
