@@ -42,7 +42,7 @@ def main():
     shape = sys.argv[1:6] or ["4096", "8", "2", "1024", "1024"]
     for kind, xs, os_ in itertools.product(("fwd", "fwdT", "tn"), "01", "01"):
         try:
-            p = subprocess.run([sys.executable, "-c", CHILD, *shape, kind, xs, os_], capture_output=True,
+            p = subprocess.run([sys.executable, "-P", "-c", CHILD, *shape, kind, xs, os_], capture_output=True,
                                text=True, timeout=40)
             res = p.stdout.strip() if p.returncode == 0 else "ERROR " + p.stderr.strip().splitlines()[-1][:150]
         except subprocess.TimeoutExpired:
