@@ -26,8 +26,10 @@ elif [[ "$PART" == sanitize ]]; then
   done
 else
   echo "== ncu: one SwiGLU layer step, Mixtral shape (T=4096, E=8, k=2, 4096->14336), bf16" >> $LOG
-  timeout 120 ncu --kernel-name regex:pit_moe --metrics gpu__time_duration.sum python3 -P benchmarks/profile_moe.py 2>&1 | grep -E "pit_moe|gpu__time" | sed 's/(long.*//; s/  */ /g' >> $LOG
-  grep -E "pit_moe|gpu__time" $LOG | tr -s ' ' | tr '\n' ' ' | cut -c1-3000; echo
+  # ncu writes to a file, not a pipe: a profiled process left behind by the timeout must not hold the pipe open
+  timeout -k 5 120 ncu --kernel-name regex:pit_moe --metrics gpu__time_duration.sum python3 -P benchmarks/profile_moe.py > /tmp/ncu.log 2>&1
+  grep -E "pit_moe|gpu__time" /tmp/ncu.log | sed 's/(const T1.*//; s/(long.*//; s/  */ /g' >> $LOG
+  grep -E "gpu__time" $LOG | tr -s ' ' | tr '\n' ' '; echo
   echo "ncu $((SECONDS-t0))s"
   timeout 260 python3 benchmarks/bench_moe.py --no-projection --out $OUT/layer 2>&1 | grep "^|"
   echo "bench $((SECONDS-t0))s"
