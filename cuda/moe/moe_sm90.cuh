@@ -7,8 +7,8 @@
 //
 // Both kernels are warp-specialised, one CTA of three warpgroups per 128 x 256 output tile:
 // a producer warpgroup gathers each stage's rows with cp.async (and, in the forward, has the
-// copy engine bring the weight tile: TMA) into a 4-stage ring of 128-byte swizzled tiles and
-// releases it on a "full" mbarrier; two consumer warpgroups each multiply
+// copy engine bring the weight tile: TMA) into a 4-stage ring of 128-byte swizzled tiles, whose
+// copies complete a "full" mbarrier; two consumer warpgroups each multiply
 // 64 rows by the 256 columns with wgmma.m64n256k16 (fp32 accumulators in registers), keep a
 // step in flight while the next is issued, and hand stages back on an "empty" mbarrier. The
 // forward gathers its A rows (SRead) by `order` and scatters output rows (SWrite) to their
@@ -34,7 +34,6 @@ struct MoeSm90Config {
   static constexpr int kBM = kMoeRouteTileRows, kBN = 256, kBK = 64, kStages = 4;
   static constexpr int kProducers = 128, kConsumers = 256, kThreads = kProducers + kConsumers;
   static constexpr int kProducerRegisters = 96, kConsumerRegisters = 200;  // within the 384 x 168 allotted at launch
-  static constexpr int kProducerLag = 2;  // a stage is released once the copies of 2 later ones are issued
   static constexpr int kRowBytes = kBK * 2;                   // one 128-byte swizzle row
   static constexpr int kABytes = kBM * kRowBytes, kBBytes = kBN * kRowBytes;
   static constexpr int kStageBytes = kABytes + kBBytes;
@@ -44,9 +43,6 @@ struct MoeSm90Config {
   // ring + alignment slack + barriers + the forward's destination and source row ids
   static constexpr int kSmemBytes = kRingBytes + 1024 + 2 * kStages * 8 + 2 * kBM * 4;
   static_assert(kBM * kCStride * 2 <= kRingBytes, "epilogue staging must fit the ring");
-  // The producer issues stage i only once stage i - kStages is free, which the consumers free
-  // after stage i - kStages + 1 is released: a larger lag would deadlock.
-  static_assert(kProducerLag <= kStages - 2, "producer lag");
   static_assert(kProducerRegisters * kProducers + kConsumerRegisters * kConsumers <= 65536, "register file");
 };
 
@@ -78,9 +74,10 @@ struct MoeSm90Smem {  // views into the dynamic shared memory
 };
 
 // Producer warpgroup: issues load_stage(chunk, stage) (this thread's cp.async copies) for each
-// chunk into the ring, waiting for the consumers to free a stage before refilling it, and
-// releases a stage once its copies completed (wait, async-proxy fence, then arrive: the
-// tensor cores read what the copies wrote).
+// chunk into the ring, waiting for the consumers to free a stage before refilling it. Each
+// thread's copies arrive on the stage's full barrier by themselves once they land
+// (cp.async.mbarrier.arrive.noinc), so the producer never waits for its copies: all stages of
+// the ring can be in flight, and a stage's release does not wait for later stages' issue.
 template <typename LoadStage>
 __device__ __forceinline__ void produce_stages(const MoeSm90Smem& sm, int n_chunks, LoadStage&& load_stage) {
   using C = MoeSm90Config;
@@ -88,17 +85,8 @@ __device__ __forceinline__ void produce_stages(const MoeSm90Smem& sm, int n_chun
     const int stage = i % C::kStages;
     if (i >= C::kStages) mbarrier_wait(&sm.empty[stage], ((i / C::kStages) + 1) & 1);
     load_stage(i, stage);
-    cp_async_commit();
-    if (i >= C::kProducerLag) {
-      cp_async_wait<C::kProducerLag>();
-      fence_proxy_async_shared();
-      mbarrier_arrive(&sm.full[(i - C::kProducerLag) % C::kStages]);
-    }
+    cp_async_mbarrier_arrive_noinc(&sm.full[stage]);
   }
-  cp_async_wait<0>();
-  fence_proxy_async_shared();
-  for (int i = n_chunks > C::kProducerLag ? n_chunks - C::kProducerLag : 0; i < n_chunks; ++i)
-    mbarrier_arrive(&sm.full[i % C::kStages]);
 }
 
 // Consumer warpgroup: acc = its 64 x 256 share of the tile over n_chunks stages (zero if none). desc_a0 /
@@ -116,6 +104,7 @@ __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90S
   auto issue = [&](int i) {
     const int stage = i % C::kStages;
     mbarrier_wait(&sm.full[stage], (i / C::kStages) & 1);
+    fence_proxy_async_shared();  // the stage's cp.async (generic proxy) writes, before wgmma reads them
     const uint64_t stage_offset = uint64_t(stage * C::kStageBytes) >> 4;
     wgmma_fence();
 #pragma unroll
