@@ -13,7 +13,8 @@
 // step in flight while the next is issued, and hand stages back on an "empty" mbarrier. The
 // forward gathers its A rows (SRead) by `order` and scatters output rows (SWrite) to their
 // assignment positions; the dW kernel gathers the K dimension — the expert's rows of x and
-// dy — by `order` and writes a dense tile of dw[e].
+// dy — by `order` and writes a dense tile of dw[e]. Rows already in routing order (MoeShape's
+// x_sorted / out_sorted: a layer's hidden activations) are contiguous per expert and come by TMA.
 #pragma once
 
 #include <cuda_runtime.h>
