@@ -7,6 +7,8 @@ Primitives (no host sync anywhere; the routing tables stay on device):
     pit_moe_route(ids)                     -> order, group_starts, tile_starts   (routing index)
     pit_moe_matmul(x, w, order, gs, ts)    out[a] = x[a // r] @ w[e(a)]   (or @ w[e(a)]ᵀ)
     pit_moe_matmul_tn(x, dy, order, gs)    dw[e] = Σ_{a in e} x[a // r]ᵀ dy[a]   (dW of the above)
+    pit_moe_swiglu(x, wg, wu, order, gs, ts)  silu(x[a // r] @ wg[e]) * (x[a // r] @ wu[e])  (fused
+                                           up-projection; its JVP is the unfused matmuls)
 Both grouped matmuls take x_sorted / out_sorted: x's (and out's or dy's) rows may be in routing
 order instead (row p is assignment order[p]) — a layer keeps its intermediate activations that
 way, so only its two ends gather and scatter (SRead of the tokens, SWrite of the outputs) and
@@ -24,11 +26,13 @@ import jax.numpy as jnp
 from jax.interpreters import ad, batching, mlir
 
 from . import _primitive, moe_cuda
-from .moe_reference import F32, grouped_matmul_ref, grouped_matmul_tn_ref, routing_tables_ref, tile_starts_of
+from .moe_reference import (F32, grouped_matmul_ref, grouped_matmul_tn_ref, routing_tables_ref, swiglu_matmul_ref,
+                            tile_starts_of)
 
 moe_route_p = _primitive.make_primitive("pit_moe_route", multiple_results=True)
 moe_matmul_p = _primitive.make_primitive("pit_moe_matmul", multiple_results=False)
 moe_matmul_tn_p = _primitive.make_primitive("pit_moe_matmul_tn", multiple_results=False)
+moe_swiglu_p = _primitive.make_primitive("pit_moe_swiglu", multiple_results=False)
 
 
 def _route_abstract(ids, *, num_experts):
@@ -49,6 +53,8 @@ def _tn_abstract(x, dy, order, group_starts, *, rows_per_source, num_experts, ou
 moe_route_p.def_abstract_eval(_route_abstract)
 moe_matmul_p.def_abstract_eval(_mm_abstract)
 moe_matmul_tn_p.def_abstract_eval(_tn_abstract)
+moe_swiglu_p.def_abstract_eval(
+    lambda x, wg, wu, order, *tables, **params: jax.core.ShapedArray((order.shape[0], wg.shape[2]), x.dtype))
 
 
 def _register(p, reference, kernel, check=None):
@@ -66,6 +72,7 @@ _register(moe_route_p, routing_tables_ref, moe_cuda.routing_tables_cuda,
           lambda params: moe_cuda.check_experts(params["num_experts"]))
 _register(moe_matmul_p, grouped_matmul_ref, moe_cuda.grouped_matmul_cuda)
 _register(moe_matmul_tn_p, grouped_matmul_tn_ref, moe_cuda.grouped_matmul_tn_cuda)
+_register(moe_swiglu_p, swiglu_matmul_ref, moe_cuda.swiglu_matmul_cuda)
 _primitive.integer_outputs_jvp(moe_route_p)
 
 
@@ -137,7 +144,33 @@ def _tn_transpose(ct, x, dy, order, group_starts, *, rows_per_source, num_expert
     return [x_bar, dy_bar, None, None]
 
 
+def _swiglu_jvp(primals, tangents, *, rows_per_source, x_sorted, out_sorted):
+    """The unfused computation (two grouped matmuls, silu, product) and its tangent: under
+    differentiation the layer keeps the products for the backward, so nothing is fused there."""
+    x, w_gate, w_up, *tables = primals
+    dx, dw_gate, dw_up = tangents[:3]
+    mm = lambda a, w: moe_matmul_p.bind(a, w, *tables, rows_per_source=rows_per_source, w_transposed=False,
+                                        x_sorted=x_sorted, out_sorted=out_sorted)
+
+    def product_tangent(w, dw):  # of mm(x, w)
+        parts = ([] if type(dx) is ad.Zero else [mm(dx, w)]) + ([] if type(dw) is ad.Zero else [mm(x, dw)])
+        return sum(parts[1:], parts[0]) if parts else None
+
+    gate, up = mm(x, w_gate), mm(x, w_up)
+    silu_gate = jax.nn.silu(gate)
+    out = silu_gate * up
+    d_gate, d_up = product_tangent(w_gate, dw_gate), product_tangent(w_up, dw_up)
+    parts = []
+    if d_gate is not None:
+        sig = jax.nn.sigmoid(gate)
+        parts.append(sig * (1 + gate * (1 - sig)) * d_gate * up)
+    if d_up is not None:
+        parts.append(silu_gate * d_up)
+    return out, (sum(parts[1:], parts[0]) if parts else _primitive.zero_tangent(out))
+
+
 ad.primitive_jvps[moe_matmul_p] = _mm_jvp
+ad.primitive_jvps[moe_swiglu_p] = _swiglu_jvp
 ad.primitive_transposes[moe_matmul_p] = _mm_transpose
 ad.primitive_jvps[moe_matmul_tn_p] = _tn_jvp
 ad.primitive_transposes[moe_matmul_tn_p] = _tn_transpose
@@ -148,7 +181,7 @@ def _batch_rule(p):
 
 
 # each batch element routes its own tokens: one routing / grouped matmul each
-for _p in (moe_route_p, moe_matmul_p, moe_matmul_tn_p):
+for _p in (moe_route_p, moe_matmul_p, moe_matmul_tn_p, moe_swiglu_p):
     batching.primitive_batchers[_p] = _batch_rule(_p)
 
 
@@ -244,6 +277,16 @@ def grouped_matmul(x, w, routing: MoeRouting, *, rows_per_source: int, x_sorted:
     routing order (out_sorted: row p belongs to assignment routing.order[p])."""
     return moe_matmul_p.bind(x, w, *routing, rows_per_source=rows_per_source, w_transposed=False,
                              x_sorted=x_sorted, out_sorted=out_sorted)
+
+
+def swiglu_matmul(x, w_gate, w_up, routing: MoeRouting, *, rows_per_source: int, x_sorted: bool,
+                  out_sorted: bool):
+    """silu(x @ w_gate[e]) * (x @ w_up[e]) per assignment, rows laid out as `grouped_matmul`:
+    the fused SwiGLU up-projection (one kernel, the activation in its epilogue, on the Hopper
+    path; two grouped matmuls and XLA's activation elsewhere). Differentiating it runs the
+    unfused matmuls, whose products the backward needs."""
+    return moe_swiglu_p.bind(x, w_gate, w_up, *routing, rows_per_source=rows_per_source, x_sorted=x_sorted,
+                             out_sorted=out_sorted)
 
 
 def drop_over_capacity(expert_ids, num_experts: int, capacity_factor: float):

@@ -4,6 +4,8 @@ as pseudo-group E) and the grouped GEMMs (moe_cuda.cu: forward, with a wgmma ker
 and dW). Checked against the jnp references by tests/test_moe_kernels.py on a GPU."""
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,3 +52,33 @@ def grouped_matmul_tn_cuda(x, dy, order, group_starts, *, rows_per_source, num_e
         x, dy.astype(x.dtype), order, group_starts, rows_per_source=np.int64(rows_per_source),
         x_sorted=bool(x_sorted), out_sorted=bool(out_sorted))
     return dw.astype(out_dtype)
+
+
+def fused_swiglu_applies(dtype, d, f) -> bool:
+    """Whether the fused SwiGLU kernel serves: the Hopper path (bf16/fp16, d and f multiples of
+    8, a compute capability 9.x GPU here, PIT_DISABLE_WGMMA unset). Decided when lowering."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or d % 8 or f % 8:
+        return False
+    if os.environ.get("PIT_DISABLE_WGMMA") == "1":
+        return False
+    try:
+        cc = str(getattr(jax.devices("gpu")[0], "compute_capability", ""))
+    except RuntimeError:  # lowering for CUDA on a machine without a GPU
+        return False
+    return cc.startswith("9.")
+
+
+def swiglu_matmul_cuda(x, w_gate, w_up, order, group_starts, tile_starts, *, rows_per_source, x_sorted,
+                       out_sorted):
+    """silu(x @ w_gate[e]) * (x @ w_up[e]): one fused kernel on Hopper; elsewhere the two
+    grouped matmuls and the activation in XLA (the same values up to the rounding of the
+    intermediate products to x's dtype)."""
+    f = w_gate.shape[2]
+    if fused_swiglu_applies(x.dtype, x.shape[1], f):
+        out_type = jax.ShapeDtypeStruct((order.shape[0], f), x.dtype)
+        return jax.ffi.ffi_call("pit_moe_swiglu", out_type)(
+            x, w_gate, w_up, order, group_starts, tile_starts, rows_per_source=np.int64(rows_per_source),
+            tile_rows=np.int64(TILE_ROWS), x_sorted=bool(x_sorted), out_sorted=bool(out_sorted))
+    mm = lambda w: grouped_matmul_cuda(x, w, order, group_starts, tile_starts, rows_per_source=rows_per_source,
+                                       w_transposed=False, x_sorted=x_sorted, out_sorted=out_sorted)
+    return jax.nn.silu(mm(w_gate)) * mm(w_up)

@@ -80,3 +80,13 @@ def grouped_matmul_tn_ref(x, dy, order, group_starts, *, rows_per_source, num_ex
                                                   x_sorted=x_sorted, out_sorted=out_sorted), w0)
     (dw,) = vjp(dy.astype(F32))
     return dw.astype(out_dtype)
+
+
+def swiglu_matmul_ref(x, w_gate, w_up, order, group_starts, tile_starts, *, rows_per_source, x_sorted,
+                      out_sorted):
+    """silu(x @ w_gate[e]) * (x @ w_up[e]) per assignment, laid out as grouped_matmul_ref; both
+    products and the activation in fp32, rounded once to x's dtype (as the fused kernel)."""
+    mm = lambda w: grouped_matmul_ref(x.astype(F32), w.astype(F32), order, group_starts, tile_starts,
+                                      rows_per_source=rows_per_source, w_transposed=False, x_sorted=x_sorted,
+                                      out_sorted=out_sorted)
+    return (jax.nn.silu(mm(w_gate)) * mm(w_up)).astype(x.dtype)

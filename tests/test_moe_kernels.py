@@ -177,3 +177,43 @@ def test_rows_in_routing_order_match_float64(kernel, dtype, t, k, e, d, f, routi
     for got_i, want_i in zip(got, want):
         got_i = np.asarray(got_i, np.float64)
         assert np.linalg.norm(got_i - want_i) / max(np.linalg.norm(want_i), 1e-30) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("t, k, e, d, f, routing", [
+    (300, 2, 8, 128, 256, "uniform"),
+    (97, 4, 64, 72, 136, "zipf"),          # a partial 128-column tile
+    (200, 2, 16, 48, 29, "one_hot"),       # f not a multiple of 8: the unfused path
+    (130, 8, 256, 64, 64, "invalid"),
+    (700, 2, 3, 520, 264, "one_hot"),      # many K steps, long groups
+])
+@pytest.mark.parametrize("x_sorted, out_sorted", [(False, True), (False, False), (True, True)])
+def test_fused_swiglu_matches_float64(dtype, t, k, e, d, f, routing, x_sorted, out_sorted):
+    """The fused SwiGLU up-projection (Hopper kernel where it applies, else two grouped matmuls)
+    against float64; on a compute capability 9 GPU the bf16/fp16 cases must lower to the fused
+    kernel."""
+    from helpers import moe_layouts_want
+    from pit_jax import moe_cuda
+    from pit_jax.moe import swiglu_matmul
+    dev = _gpu()
+    if dev is None or not pit_jax.cuda_available():
+        pytest.skip("needs a GPU and the CUDA kernels")
+    rng = np.random.default_rng(t * 5 + e + 2 * x_sorted + out_sorted)
+    ids = _route(rng, t, k, e, routing)
+    x = (rng.standard_normal((t * k if x_sorted else t, d)) + 0.1).astype(DTYPES[dtype])
+    wg, wu = ((rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES[dtype]) for _ in range(2))
+    with jax.default_device(dev):
+        routing_index = pit_jax.moe_routing(ids, e)
+        fn = jax.jit(lambda x, wg, wu: swiglu_matmul(x, wg, wu, routing_index, rows_per_source=1 if x_sorted else k,
+                                                    x_sorted=x_sorted, out_sorted=out_sorted))
+        fused = "@pit_moe_swiglu(" in fn.lower(x, wg, wu).as_text()
+        got = np.asarray(fn(x, wg, wu), np.float64)
+        order = np.asarray(routing_index.order)
+    assert fused == moe_cuda.fused_swiglu_applies(x.dtype, d, f)
+    if str(getattr(dev, "compute_capability", "")).startswith("9.") and dtype != "float32" and f % 8 == 0:
+        assert fused
+    zero_g = np.zeros((t * k, f))
+    gate = moe_layouts_want(x, wg, ids, order, zero_g, x_sorted=x_sorted, out_sorted=out_sorted)[0]
+    up = moe_layouts_want(x, wu, ids, order, zero_g, x_sorted=x_sorted, out_sorted=out_sorted)[0]
+    want = gate / (1 + np.exp(-gate)) * up
+    assert np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30) < TOL[dtype]

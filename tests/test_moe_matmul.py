@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import pit_jax
-from helpers import DTYPES
+from helpers import DTYPES, moe_layouts_want
 
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 
@@ -135,7 +135,6 @@ def test_drop_over_capacity():
 def test_rows_in_routing_order(backend, x_sorted, out_sorted):
     """The grouped matmul with input and/or output rows in routing order (what moe_ffn keeps
     between its projections): values and both gradients against float64, invalid ids included."""
-    from helpers import moe_layouts_want
     from pit_jax.moe import grouped_matmul
     rng = np.random.default_rng(4 + 2 * x_sorted + out_sorted)
     t, k, e, d, f = 23, 3, 5, 9, 6
@@ -151,3 +150,35 @@ def test_rows_in_routing_order(backend, x_sorted, out_sorted):
     want = moe_layouts_want(x, w, ids, np.asarray(routing.order), g, x_sorted=x_sorted, out_sorted=out_sorted)
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("x_sorted, out_sorted", [(False, False), (False, True), (True, True)])
+def test_swiglu_matmul_values_and_grad(backend, x_sorted, out_sorted):
+    """The fused SwiGLU up-projection: values against float64, gradients against the same
+    layer written with two grouped matmuls (its JVP rule), invalid ids included."""
+    from pit_jax.moe import grouped_matmul, swiglu_matmul
+    rng = np.random.default_rng(7 + 2 * x_sorted + out_sorted)
+    t, k, e, d, f = 19, 2, 4, 8, 16
+    ids = rng.integers(-1, e + 1, (t, k)).astype(np.int32)
+    routing = pit_jax.moe_routing(ids, e)
+    r = 1 if x_sorted else k
+    x = rng.standard_normal((t * k if x_sorted else t, d)).astype(np.float32)
+    wg, wu = (rng.standard_normal((e, d, f)).astype(np.float32) for _ in range(2))
+    kw = dict(rows_per_source=r, x_sorted=x_sorted, out_sorted=out_sorted)
+    fused = lambda x, wg, wu: swiglu_matmul(x, wg, wu, routing, **kw)
+    unfused = lambda x, wg, wu: jax.nn.silu(grouped_matmul(x, wg, routing, **kw)) * grouped_matmul(x, wu, routing, **kw)
+    order = np.asarray(routing.order)
+    zero_g = np.zeros((t * k, f))
+    gate = moe_layouts_want(x, wg, ids, order, zero_g, x_sorted=x_sorted, out_sorted=out_sorted)[0]
+    up = moe_layouts_want(x, wu, ids, order, zero_g, x_sorted=x_sorted, out_sorted=out_sorted)[0]
+    want = gate / (1 + np.exp(-gate)) * up
+    np.testing.assert_allclose(np.asarray(jax.jit(fused)(x, wg, wu), np.float64), want, rtol=1e-4, atol=1e-4)
+    g = rng.standard_normal((t * k, f)).astype(np.float32)
+    loss = lambda fn: lambda *a: jnp.sum(fn(*a) * g)
+    got = jax.jit(jax.grad(loss(fused), (0, 1, 2)))(x, wg, wu)
+    ref = jax.grad(loss(unfused), (0, 1, 2))(x, wg, wu)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    _, tan = jax.jvp(fused, (x, wg, wu), (x, wg, wu))
+    _, tan_ref = jax.jvp(unfused, (x, wg, wu), (x, wg, wu))
+    np.testing.assert_allclose(np.asarray(tan), np.asarray(tan_ref), rtol=1e-4, atol=1e-4)

@@ -276,6 +276,58 @@ ffi::Error MoeMatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
   return ffi::Error::Success();
 }
 
+// Fused SwiGLU up-projection, out[a] = silu(x[a / r] @ w_gate[e]) * (x[a / r] @ w_up[e]): the
+// Hopper kernel only (the Python lowering emits this call only where that kernel serves; it
+// lowers the unfused matmuls elsewhere), so anything else is a clear error.
+ffi::Error MoeSwigluCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up,
+                         ffi::Buffer<ffi::S32> order, ffi::Buffer<ffi::S32> group_starts,
+                         ffi::Buffer<ffi::S32> tile_starts, ffi::Result<ffi::AnyBuffer> out, int64_t rows_per_source,
+                         int64_t tile_rows, bool x_sorted, bool out_sorted) {
+  const auto xd = x.dimensions(), wd = w_gate.dimensions(), ud = w_up.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || ud.size() != 3 || od.size() != 2 || order.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument(
+        "pit_moe_swiglu: expected x [R, d], w_gate and w_up [E, d, f], order [A], out [A, f]");
+  const MoeShape s = make_moe_shape(xd[0], xd[1], wd[2], wd[0], order.dimensions()[0], rows_per_source, false,
+                                    x_sorted, out_sorted);
+  if (tile_rows != kMoeRouteTileRows)
+    return ffi::Error::InvalidArgument("pit_moe_swiglu: tile_rows does not match the kernels' routing tile");
+  if (wd[1] != s.d || ud[0] != wd[0] || ud[1] != wd[1] || ud[2] != wd[2] || od[0] != s.assignments ||
+      od[1] != s.f || rows_per_source <= 0 || s.sources * rows_per_source != s.assignments ||
+      (x_sorted && rows_per_source != 1))
+    return ffi::Error::InvalidArgument("pit_moe_swiglu: shapes of x, w_gate, w_up, order and out do not agree");
+  if (group_starts.dimensions().size() != 1 || group_starts.dimensions()[0] != s.experts + 2 ||
+      tile_starts.dimensions().size() != 1 || tile_starts.dimensions()[0] != s.experts + 2)
+    return ffi::Error::InvalidArgument("pit_moe_swiglu: group_starts and tile_starts must be [E + 2]");
+  if (w_gate.element_type() != x.element_type() || w_up.element_type() != x.element_type() ||
+      out->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("pit_moe_swiglu: x, w_gate, w_up and out must share one dtype");
+  if (s.assignments == 0 || s.f == 0) return ffi::Error::Success();
+  if (debug_poison_outputs()) cudaMemsetAsync(out->untyped_data(), kPoisonByte, out->size_bytes(), stream);
+  cudaError_t err = cudaErrorNotSupported;
+  bool served = false;
+  if (x.element_type() == ffi::DataType::BF16 || x.element_type() == ffi::DataType::F16) {
+    bool known;
+    err = dispatch_dtype(x.element_type(), [&](auto tag) {
+      using T = decltype(tag);
+      if constexpr (sizeof(T) == 2) {
+        if (moe_sm90_applies<T>(s, x.untyped_data(), w_gate.untyped_data(), out->untyped_data()) &&
+            reinterpret_cast<uintptr_t>(w_up.untyped_data()) % 16 == 0) {
+          served = true;
+          return launch_moe_forward_sm90<T>(stream, s, x.untyped_data(), w_gate.untyped_data(), order.typed_data(),
+                                            group_starts.typed_data(), tile_starts.typed_data(), out->untyped_data(),
+                                            w_up.untyped_data());
+        }
+      }
+      return cudaErrorNotSupported;
+    }, &known);
+  }
+  if (!served)
+    return ffi::Error::InvalidArgument(
+        "pit_moe_swiglu: the fused SwiGLU kernel needs bf16/fp16, d and f multiples of 8, 16-byte aligned "
+        "operands and a compute capability 9.0 GPU (PIT_DISABLE_WGMMA unset); use the unfused matmuls");
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_moe_swiglu: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
+}
 
 // ---- dW: per expert, xᵀ dy over its gathered rows ---------------------------------------------
 
@@ -390,6 +442,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeMatmulCuda, pit::MoeMatmulCuda,
                                   .Attr<int64_t>("rows_per_source")
                                   .Attr<int64_t>("tile_rows")
                                   .Attr<bool>("w_transposed")
+                                  .Attr<bool>("x_sorted")
+                                  .Attr<bool>("out_sorted"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeSwigluCuda, pit::MoeSwigluCuda,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Attr<int64_t>("rows_per_source")
+                                  .Attr<int64_t>("tile_rows")
                                   .Attr<bool>("x_sorted")
                                   .Attr<bool>("out_sorted"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -146,18 +146,33 @@ __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90S
 // Both consumers' accumulators as T into the row-major staging tile cs [kBM][kCStride], which
 // overlays the ring (ctid = consumer thread 0..255). Barriers: every consumer finished reading
 // the ring before, and the tile is complete after.
-template <typename T>
+// kSwiGLU: columns 0..127 of the accumulators are the gate, 128..255 the up projection of the
+// same 128 output columns (a thread holds both of a column: acc[4j + q] and acc[4(j + 16) + q]),
+// and the tile staged is silu(gate) * up, 128 columns, rounded once from fp32.
+template <typename T, bool kSwiGLU = false>
 __device__ __forceinline__ void stage_accumulators(const float (&acc)[128], T* cs, int ctid) {
   using C = MoeSm90Config;
   named_barrier_sync(1, C::kConsumers);
   const int lane = ctid % 32, row = (ctid / 128) * 64 + ((ctid % 128) / 32) * 16 + lane / 4;
+  if constexpr (kSwiGLU) {
+    auto swiglu = [&](int i) { return acc[i] / (1.0f + __expf(-acc[i])) * acc[i + 64]; };
 #pragma unroll
-  for (int j = 0; j < 32; ++j) {
-    const int c = 8 * j + 2 * (lane % 4);
-    cs[row * C::kCStride + c] = from_float<T>(acc[4 * j]);
-    cs[row * C::kCStride + c + 1] = from_float<T>(acc[4 * j + 1]);
-    cs[(row + 8) * C::kCStride + c] = from_float<T>(acc[4 * j + 2]);
-    cs[(row + 8) * C::kCStride + c + 1] = from_float<T>(acc[4 * j + 3]);
+    for (int j = 0; j < 16; ++j) {
+      const int c = 8 * j + 2 * (lane % 4);
+      cs[row * C::kCStride + c] = from_float<T>(swiglu(4 * j));
+      cs[row * C::kCStride + c + 1] = from_float<T>(swiglu(4 * j + 1));
+      cs[(row + 8) * C::kCStride + c] = from_float<T>(swiglu(4 * j + 2));
+      cs[(row + 8) * C::kCStride + c + 1] = from_float<T>(swiglu(4 * j + 3));
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const int c = 8 * j + 2 * (lane % 4);
+      cs[row * C::kCStride + c] = from_float<T>(acc[4 * j]);
+      cs[row * C::kCStride + c + 1] = from_float<T>(acc[4 * j + 1]);
+      cs[(row + 8) * C::kCStride + c] = from_float<T>(acc[4 * j + 2]);
+      cs[(row + 8) * C::kCStride + c + 1] = from_float<T>(acc[4 * j + 3]);
+    }
   }
   named_barrier_sync(1, C::kConsumers);
 }
@@ -166,24 +181,29 @@ __device__ __forceinline__ void stage_accumulators(const float (&acc)[128], T* c
 // kXTma: x's rows are in routing order (s.x_sorted), so a tile's 128 rows are contiguous and come
 // by TMA as one box (rows past the tile belong to the next group or lie past the end, where the
 // copy engine zero-fills: they only reach output rows that are not stored).
-template <typename T, bool kWTransposed, bool kXTma>
+// kSwiGLU (fused SwiGLU up-projection, w [E, d, f] only): out = silu(x @ w_gate) * (x @ w_up);
+// a CTA's 256 B columns are 128 columns of w_gate (w_map) and the same 128 of w_up (up_map).
+template <typename T, bool kWTransposed, bool kXTma, bool kSwiGLU>
 __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     pit_moe_forward_sm90_kernel(const T* __restrict__ x, const T* __restrict__ w, const int32_t* __restrict__ order,
                                 const int32_t* __restrict__ group_starts, const int32_t* __restrict__ tile_starts,
                                 T* __restrict__ out, MoeShape s, int64_t col_band,
-                                const __grid_constant__ CUtensorMap w_map, const __grid_constant__ CUtensorMap x_map) {
+                                const __grid_constant__ CUtensorMap w_map, const __grid_constant__ CUtensorMap x_map,
+                                const __grid_constant__ CUtensorMap up_map) {
 #if PIT_HAS_WGMMA
   using C = MoeSm90Config;
+  static_assert(!(kSwiGLU && kWTransposed), "the fused SwiGLU reads w as [E, d, f]");
+  constexpr int kOutCols = kSwiGLU ? C::kBN / 2 : C::kBN;  // output columns per CTA
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const MoeSm90Smem sm(smem_raw, C::kProducers + 1);  // + the weight tile's expect-tx arrival
   int32_t* dst_rows = sm.rows;        // output row of each tile row
   int32_t* src_rows = sm.rows + C::kBM;  // its row of x
   const int tid = threadIdx.x;
-  const MoeGridTile grid_tile = forward_grid_tile(blockIdx.x, s.max_row_tiles, ceil_div(s.f, int64_t(C::kBN)), col_band);
+  const MoeGridTile grid_tile = forward_grid_tile(blockIdx.x, s.max_row_tiles, ceil_div(s.f, int64_t(kOutCols)), col_band);
   MoeRouteTile tile;
   if (!find_route_tile(tile_starts, group_starts, s.experts, grid_tile.row_tile, &tile)) return;
-  const int64_t n0 = grid_tile.col_tile * C::kBN;
-  const int64_t cols = s.f - n0 < C::kBN ? s.f - n0 : C::kBN;
+  const int64_t n0 = grid_tile.col_tile * kOutCols;
+  const int64_t cols = s.f - n0 < kOutCols ? s.f - n0 : kOutCols;
   for (int r = tid; r < C::kBM; r += C::kThreads) {
     const int32_t a = r < tile.rows ? order[tile.first + r] : 0, p = r < tile.rows ? int32_t(tile.first + r) : 0;
     dst_rows[r] = s.out_sorted ? p : a;
@@ -193,8 +213,8 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
 
   if (tile.group == s.experts) {  // assignments with an invalid expert id: zero rows
     const uint4 zero = make_uint4(0, 0, 0, 0);
-    for (int i = tid; i < tile.rows * (C::kBN / 8); i += C::kThreads) {
-      const int r = i / (C::kBN / 8), c = (i % (C::kBN / 8)) * 8;
+    for (int i = tid; i < tile.rows * (kOutCols / 8); i += C::kThreads) {
+      const int r = i / (kOutCols / 8), c = (i % (kOutCols / 8)) * 8;
       if (c < cols) *reinterpret_cast<uint4*>(out + int64_t(dst_rows[r]) * s.f + n0 + c) = zero;
     }
     return;
@@ -227,8 +247,11 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
           tma_load_3d(b_s, &w_map, int(k0), int(n0), tile.group, &sm.full[stage]);
         } else {  // w[e] is [d, f]: 4 boxes of 64 n x 64 k rows (MN-major atoms)
 #pragma unroll
-          for (int atom = 0; atom < C::kBN / 64; ++atom)
-            tma_load_3d(b_s + atom * C::kAtomBytes, &w_map, int(n0) + 64 * atom, int(k0), tile.group, &sm.full[stage]);
+          for (int atom = 0; atom < C::kBN / 64; ++atom) {
+            const bool up = kSwiGLU && atom >= 2;  // SwiGLU: atoms 0, 1 of w_gate, then 2, 3 of w_up
+            tma_load_3d(b_s + atom * C::kAtomBytes, up ? &up_map : &w_map, int(n0) + 64 * (up ? atom - 2 : atom),
+                        int(k0), tile.group, &sm.full[stage]);
+          }
         }
       }
       if constexpr (kXTma) return;
@@ -250,9 +273,9 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     consume_stages<0, kWTransposed ? 0 : 1, 32, kWTransposed ? 32 : 16 * C::kRowBytes, true, T>(acc, sm, n_chunks,
                                                                                          desc_a0, desc_b0);
     T* cs = reinterpret_cast<T*>(sm.ring);
-    stage_accumulators(acc, cs, ctid);
-    for (int i = ctid; i < tile.rows * (C::kBN / 8); i += C::kConsumers) {  // SWrite: 16 bytes per store
-      const int r = i / (C::kBN / 8), c = (i % (C::kBN / 8)) * 8;
+    stage_accumulators<T, kSwiGLU>(acc, cs, ctid);
+    for (int i = ctid; i < tile.rows * (kOutCols / 8); i += C::kConsumers) {  // SWrite: 16 bytes per store
+      const int r = i / (kOutCols / 8), c = (i % (kOutCols / 8)) * 8;
       if (c < cols)
         *reinterpret_cast<uint4*>(out + int64_t(dst_rows[r]) * s.f + n0 + c) =
             *reinterpret_cast<const uint4*>(cs + r * C::kCStride + c);
@@ -436,30 +459,37 @@ inline cudaError_t encode_moe_rows_map(int64_t rows, int64_t cols, const void* b
                                     {cols * sizeof(T), rows * cols * sizeof(T)}, {64, box_rows, 1});
 }
 
+// The forward (w_up == nullptr) or the fused SwiGLU up-projection (w = w_gate, w_up; not
+// w_transposed).
 template <typename T>
 cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, const void* x, const void* w,
                                     const int32_t* order, const int32_t* group_starts, const int32_t* tile_starts,
-                                    void* out) {
+                                    void* out, const void* w_up = nullptr) {
   using C = MoeSm90Config;
-  auto kernel = s.w_transposed ? (s.x_sorted ? pit_moe_forward_sm90_kernel<T, true, true>
-                                             : pit_moe_forward_sm90_kernel<T, true, false>)
-                               : (s.x_sorted ? pit_moe_forward_sm90_kernel<T, false, true>
-                                             : pit_moe_forward_sm90_kernel<T, false, false>);
+  const bool swiglu = w_up != nullptr;
+  if (swiglu && s.w_transposed) return cudaErrorInvalidValue;
+  auto kernel = swiglu ? (s.x_sorted ? pit_moe_forward_sm90_kernel<T, false, true, true>
+                                     : pit_moe_forward_sm90_kernel<T, false, false, true>)
+                : s.w_transposed ? (s.x_sorted ? pit_moe_forward_sm90_kernel<T, true, true, false>
+                                               : pit_moe_forward_sm90_kernel<T, true, false, false>)
+                                 : (s.x_sorted ? pit_moe_forward_sm90_kernel<T, false, true, false>
+                                               : pit_moe_forward_sm90_kernel<T, false, false, false>);
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const int64_t col_tiles = ceil_div(s.f, int64_t(C::kBN));
+  const int64_t col_tiles = ceil_div(s.f, int64_t(swiglu ? C::kBN / 2 : C::kBN));
   // PIT_MOE_COL_BAND=n overrides the raster's band of column tiles (tuning; read per launch).
   int64_t band = kMoeSm90ColBand;
   if (const char* env = std::getenv("PIT_MOE_COL_BAND")) band = std::atoll(env);
   band = band < 1 ? 1 : (band > col_tiles ? col_tiles : band);
-  CUtensorMap w_map, x_map = {};
+  CUtensorMap w_map, x_map = {}, up_map = {};
   err = encode_moe_weight_map<T>(s, w, &w_map);
   if (err == cudaSuccess && s.x_sorted) err = encode_moe_rows_map<T>(s.assignments, s.d, x, C::kBM, &x_map);
+  if (err == cudaSuccess && swiglu) err = encode_moe_weight_map<T>(s, w_up, &up_map);
   if (err != cudaSuccess) return err;
   const unsigned grid = unsigned(s.max_row_tiles * col_tiles);
   kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w), order,
                                                        group_starts, tile_starts, static_cast<T*>(out), s, band,
-                                                       w_map, x_map);
+                                                       w_map, x_map, up_map);
   return cudaGetLastError();
 }
 
