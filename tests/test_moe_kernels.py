@@ -32,6 +32,21 @@ def _route(rng, t, k, e, routing):
     return ids.astype(np.int32)
 
 
+def _gpu_or_skip():
+    dev = _gpu()
+    if dev is None or not pit_jax.cuda_available():
+        pytest.skip("needs a GPU and the CUDA kernels")
+    return dev
+
+
+def _layout_inputs(seed, t, k, e, d, routing, x_sorted, dtype):
+    """(rng, ids [T, k], x): tokens [T, d], or [T·k, d] rows in routing order with x_sorted."""
+    rng = np.random.default_rng(seed)
+    ids = _route(rng, t, k, e, routing)
+    x = (rng.standard_normal((t * k if x_sorted else t, d)) + 0.1).astype(DTYPES[dtype])
+    return rng, ids, x
+
+
 def _fresh():
     """A new function object per call, so each test compiles its own executable."""
     return lambda x, w, ids: pit_jax.moe_matmul(x, w, ids)
@@ -159,12 +174,8 @@ def test_rows_in_routing_order_match_float64(kernel, dtype, t, k, e, d, f, routi
     contiguous per expert, the Hopper kernels read them by TMA) against float64."""
     from helpers import moe_layouts_want
     from pit_jax.moe import grouped_matmul
-    dev = _gpu()
-    if dev is None or not pit_jax.cuda_available():
-        pytest.skip("needs a GPU and the CUDA kernels")
-    rng = np.random.default_rng(t * 7 + e + 2 * x_sorted + out_sorted)
-    ids = _route(rng, t, k, e, routing)
-    x = (rng.standard_normal((t * k if x_sorted else t, d)) + 0.1).astype(DTYPES[dtype])
+    dev = _gpu_or_skip()
+    rng, ids, x = _layout_inputs(t * 7 + e + 2 * x_sorted + out_sorted, t, k, e, d, routing, x_sorted, dtype)
     w = (rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES[dtype])
     g = rng.standard_normal((t * k, f)).astype(DTYPES[dtype])
     with jax.default_device(dev):
@@ -195,12 +206,8 @@ def test_fused_swiglu_matches_float64(dtype, t, k, e, d, f, routing, x_sorted, o
     from helpers import moe_layouts_want
     from pit_jax import moe_cuda
     from pit_jax.moe import swiglu_matmul
-    dev = _gpu()
-    if dev is None or not pit_jax.cuda_available():
-        pytest.skip("needs a GPU and the CUDA kernels")
-    rng = np.random.default_rng(t * 5 + e + 2 * x_sorted + out_sorted)
-    ids = _route(rng, t, k, e, routing)
-    x = (rng.standard_normal((t * k if x_sorted else t, d)) + 0.1).astype(DTYPES[dtype])
+    dev = _gpu_or_skip()
+    rng, ids, x = _layout_inputs(t * 5 + e + 2 * x_sorted + out_sorted, t, k, e, d, routing, x_sorted, dtype)
     wg, wu = ((rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES[dtype]) for _ in range(2))
     with jax.default_device(dev):
         routing_index = pit_jax.moe_routing(ids, e)
