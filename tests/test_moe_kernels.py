@@ -167,6 +167,7 @@ def test_routing_kernel_equals_stable_sort(a, e):
     (200, 2, 16, 45, 29, "one_hot"),       # odd d, f: the sm_80 kernels
     (130, 8, 256, 64, 64, "invalid"),
     (700, 2, 3, 136, 264, "one_hot"),      # long groups: many full dW stages, then a partial one
+    (3, 2, 4, 64, 64, "uniform"),          # fewer rows (6) than one TMA box
 ])
 @pytest.mark.parametrize("x_sorted, out_sorted", [(False, True), (True, False), (True, True)])
 def test_rows_in_routing_order_match_float64(kernel, dtype, t, k, e, d, f, routing, x_sorted, out_sorted):

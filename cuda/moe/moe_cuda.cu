@@ -301,6 +301,8 @@ ffi::Error MoeSwigluCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
   if (w_gate.element_type() != x.element_type() || w_up.element_type() != x.element_type() ||
       out->element_type() != x.element_type())
     return ffi::Error::InvalidArgument("pit_moe_swiglu: x, w_gate, w_up and out must share one dtype");
+  if (s.max_row_tiles * ceil_div(s.f, int64_t(MoeSm90Config::kBN / 2)) >= (int64_t(1) << 31))
+    return ffi::Error::InvalidArgument("pit_moe_swiglu: too many tiles for one launch");
   if (s.assignments == 0 || s.f == 0) return ffi::Error::Success();
   if (debug_poison_outputs()) cudaMemsetAsync(out->untyped_data(), kPoisonByte, out->size_bytes(), stream);
   cudaError_t err = cudaErrorNotSupported;
