@@ -225,3 +225,26 @@ def test_fused_swiglu_matches_float64(dtype, t, k, e, d, f, routing, x_sorted, o
     up = moe_layouts_want(x, wu, ids, order, zero_g, x_sorted=x_sorted, out_sorted=out_sorted)[0]
     want = gate / (1 + np.exp(-gate)) * up
     assert np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30) < TOL[dtype]
+
+
+def test_swiglu_layer_lowers_fused_for_inference_only(monkeypatch):
+    """moe_ffn's SwiGLU up-projection lowers to one fused call where the fused kernel applies
+    (forced here, so any machine with the CUDA module checks the wiring), and to the unfused
+    matmuls under differentiation."""
+    if not pit_jax.cuda_available():
+        pytest.skip("built without CUDA kernels")
+    from pit_jax import moe_cuda
+    from pit_jax.nn.moe import moe_ffn
+    monkeypatch.setattr(moe_cuda, "fused_swiglu_applies", lambda dtype, d, f: True)
+    t, k, e, d, f = 40, 2, 8, 64, 96
+    x = jax.ShapeDtypeStruct((t, d), jnp.bfloat16)
+    ws = tuple(jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((e, d, f), (e, d, f), (e, f, d)))
+    ids = jax.ShapeDtypeStruct((t, k), jnp.int32)
+    p = jax.ShapeDtypeStruct((t, k), jnp.float32)
+    layer = lambda x, p, ws, ids: moe_ffn(x, ids, p, ws, "swiglu")
+    lower = lambda fn: jax.jit(fn).trace(x, p, ws, ids).lower(lowering_platforms=("cuda",)).as_text()
+    text = lower(layer)
+    assert text.count("@pit_moe_swiglu(") == 1 and text.count("@pit_moe_matmul(") == 1  # fused up, down
+    loss = lambda x, p, ws, ids: jnp.sum(layer(x, p, ws, ids).astype(jnp.float32))
+    text = lower(jax.value_and_grad(loss, (0, 1, 2)))
+    assert "@pit_moe_swiglu(" not in text and text.count("@pit_moe_matmul(") == 6
