@@ -87,7 +87,10 @@ def moe_ffn(tokens, expert_ids, combine_weights, weights, activation, routing=No
     The hidden activations stay in routing order ([T·k, f], each expert's rows contiguous): the
     up-projections gather token rows (SRead) and write contiguous rows, the down-projection
     reads contiguous rows and scatters to (token, slot) rows (SWrite), and every backward
-    pass has one contiguous operand."""
+    pass has one contiguous operand. With "swiglu" the gate and up projections are one fused
+    kernel on the Hopper path when not differentiated (silu(g)·u from fp32 accumulators,
+    rounded once); under grad/jvp they run unfused (g and u rounded to the input dtype first),
+    so the two forwards may differ in the last bit of a bf16 value."""
     w_in, w_gate, w_out = weights
     t, k = expert_ids.shape
     # one routing index for all matmuls, forward and backward (built here when not given)
