@@ -240,6 +240,29 @@ cudaError_t launch_moe_forward(cudaStream_t stream, const MoeShape& s, const voi
                         : launch_moe_forward_sm80<T, false>(stream, s, x, w, order, group_starts, tile_starts, out);
 }
 
+// The checks both forward handlers (`name`) share: x [R, d], w [E, d, f] (w_d: its d extent),
+// order [A], out [A, f] for the shape s, one x row per assignment when x is in routing order,
+// the [E + 2] tables, the kernels' routing tile and one dtype for x, w and out.
+ffi::Error check_forward_operands(const char* name, const MoeShape& s, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                                  int64_t w_d, ffi::Buffer<ffi::S32> group_starts, ffi::Buffer<ffi::S32> tile_starts,
+                                  ffi::Result<ffi::AnyBuffer>& out, int64_t tile_rows) {
+  const std::string prefix = std::string(name) + ": ";
+  const auto od = out->dimensions();
+  if (tile_rows != kMoeRouteTileRows)
+    return ffi::Error::InvalidArgument(prefix + "tile_rows does not match the kernels' routing tile");
+  if (w_d != s.d || od[0] != s.assignments || od[1] != s.f || s.rows_per_source <= 0 ||
+      s.sources * s.rows_per_source != s.assignments)
+    return ffi::Error::InvalidArgument(prefix + "shapes of x, w, order and out do not agree");
+  if (s.x_sorted && s.rows_per_source != 1)
+    return ffi::Error::InvalidArgument(prefix + "x in routing order needs one row per assignment");
+  if (group_starts.dimensions().size() != 1 || group_starts.dimensions()[0] != s.experts + 2 ||
+      tile_starts.dimensions().size() != 1 || tile_starts.dimensions()[0] != s.experts + 2)
+    return ffi::Error::InvalidArgument(prefix + "group_starts and tile_starts must be [E + 2]");
+  if (w.element_type() != x.element_type() || out->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument(prefix + "x, w and out must share one dtype");
+  return ffi::Error::Success();
+}
+
 ffi::Error MoeMatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> order,
                          ffi::Buffer<ffi::S32> group_starts, ffi::Buffer<ffi::S32> tile_starts,
                          ffi::Result<ffi::AnyBuffer> out, int64_t rows_per_source, int64_t tile_rows,
@@ -250,18 +273,9 @@ ffi::Error MoeMatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
         "pit_moe_matmul: expected x [R, d], w [E, d, f] (or [E, f, d] transposed), order [A], out [A, f]");
   const MoeShape s = make_moe_shape(xd[0], xd[1], w_transposed ? wd[1] : wd[2], wd[0], order.dimensions()[0],
                                     rows_per_source, w_transposed, x_sorted, out_sorted);
-  if (tile_rows != kMoeRouteTileRows)
-    return ffi::Error::InvalidArgument("pit_moe_matmul: tile_rows does not match the kernels' routing tile");
-  if ((w_transposed ? wd[2] : wd[1]) != s.d || od[0] != s.assignments || od[1] != s.f || rows_per_source <= 0 ||
-      s.sources * rows_per_source != s.assignments)
-    return ffi::Error::InvalidArgument("pit_moe_matmul: shapes of x, w, order and out do not agree");
-  if (x_sorted && rows_per_source != 1)
-    return ffi::Error::InvalidArgument("pit_moe_matmul: x in routing order needs one row per assignment");
-  if (group_starts.dimensions().size() != 1 || group_starts.dimensions()[0] != s.experts + 2 ||
-      tile_starts.dimensions().size() != 1 || tile_starts.dimensions()[0] != s.experts + 2)
-    return ffi::Error::InvalidArgument("pit_moe_matmul: group_starts and tile_starts must be [E + 2]");
-  if (w.element_type() != x.element_type() || out->element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("pit_moe_matmul: x, w and out must share one dtype");
+  ffi::Error bad = check_forward_operands("pit_moe_matmul", s, x, w, w_transposed ? wd[2] : wd[1],
+                                                group_starts, tile_starts, out, tile_rows);
+  if (bad.failure()) return bad;
   if (s.max_row_tiles * MoeConfig<float, false>::kHalves * ceil_div(s.f, MoeConfig<float, false>::kBN) >=
       (int64_t(1) << 31))
     return ffi::Error::InvalidArgument("pit_moe_matmul: too many tiles for one launch");
@@ -289,18 +303,13 @@ ffi::Error MoeSwigluCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
         "pit_moe_swiglu: expected x [R, d], w_gate and w_up [E, d, f], order [A], out [A, f]");
   const MoeShape s = make_moe_shape(xd[0], xd[1], wd[2], wd[0], order.dimensions()[0], rows_per_source, false,
                                     x_sorted, out_sorted);
-  if (tile_rows != kMoeRouteTileRows)
-    return ffi::Error::InvalidArgument("pit_moe_swiglu: tile_rows does not match the kernels' routing tile");
-  if (wd[1] != s.d || ud[0] != wd[0] || ud[1] != wd[1] || ud[2] != wd[2] || od[0] != s.assignments ||
-      od[1] != s.f || rows_per_source <= 0 || s.sources * rows_per_source != s.assignments ||
-      (x_sorted && rows_per_source != 1))
-    return ffi::Error::InvalidArgument("pit_moe_swiglu: shapes of x, w_gate, w_up, order and out do not agree");
-  if (group_starts.dimensions().size() != 1 || group_starts.dimensions()[0] != s.experts + 2 ||
-      tile_starts.dimensions().size() != 1 || tile_starts.dimensions()[0] != s.experts + 2)
-    return ffi::Error::InvalidArgument("pit_moe_swiglu: group_starts and tile_starts must be [E + 2]");
-  if (w_gate.element_type() != x.element_type() || w_up.element_type() != x.element_type() ||
-      out->element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("pit_moe_swiglu: x, w_gate, w_up and out must share one dtype");
+  ffi::Error bad =
+      check_forward_operands("pit_moe_swiglu", s, x, w_gate, wd[1], group_starts, tile_starts, out, tile_rows);
+  if (bad.failure()) return bad;
+  if (ud[0] != wd[0] || ud[1] != wd[1] || ud[2] != wd[2])
+    return ffi::Error::InvalidArgument("pit_moe_swiglu: w_up must have w_gate's shape [E, d, f]");
+  if (w_up.element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("pit_moe_swiglu: w_up must have x's dtype");
   if (s.max_row_tiles * ceil_div(s.f, int64_t(MoeSm90Config::kBN / 2)) >= (int64_t(1) << 31))
     return ffi::Error::InvalidArgument("pit_moe_swiglu: too many tiles for one launch");
   if (s.assignments == 0 || s.f == 0) return ffi::Error::Success();
