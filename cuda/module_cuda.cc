@@ -11,7 +11,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(PitDetectCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitSparseDenseCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitSparseTnCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeMatmulCuda);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeSwigluCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeFusedCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeMatmulTnCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeRouteCuda);
 
@@ -22,7 +22,7 @@ NB_MODULE(_pit_cuda, m) {
     targets["pit_sparse_dense"] = nb::capsule(reinterpret_cast<void*>(PitSparseDenseCuda));
     targets["pit_sparse_tn"] = nb::capsule(reinterpret_cast<void*>(PitSparseTnCuda));
     targets["pit_moe_matmul"] = nb::capsule(reinterpret_cast<void*>(PitMoeMatmulCuda));
-    targets["pit_moe_swiglu"] = nb::capsule(reinterpret_cast<void*>(PitMoeSwigluCuda));
+    targets["pit_moe_fused"] = nb::capsule(reinterpret_cast<void*>(PitMoeFusedCuda));
     targets["pit_moe_matmul_tn"] = nb::capsule(reinterpret_cast<void*>(PitMoeMatmulTnCuda));
     targets["pit_moe_route"] = nb::capsule(reinterpret_cast<void*>(PitMoeRouteCuda));
     return targets;

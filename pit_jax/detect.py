@@ -43,8 +43,9 @@ def cuda_workspace_words(lead, m, k, tile_m, tile_k, layout):
     batch = math.prod(lead) if lead else 1
     nb_m, _ = _grid(m, k, tile_m, tile_k)
     n_outer, n_inner = _outer_inner(m, k, tile_m, tile_k, layout)
-    chunk = 32 if tile_k > 256 else 4096
     n_slabs = (tile_m + 31) // 32
+    wide = n_slabs * ((tile_k - 1 + 31) // 32 + 1) >= 4  # a warp per tile (kWideWords)
+    chunk = 32 if wide else 4096
     return (batch * nb_m * n_slabs * ((k + 31) // 32)
             + batch * n_outer * ((n_inner + chunk - 1) // chunk) + batch)
 

@@ -7,8 +7,10 @@ Primitives (no host sync anywhere; the routing tables stay on device):
     pit_moe_route(ids)                     -> order, group_starts, tile_starts   (routing index)
     pit_moe_matmul(x, w, order, gs, ts)    out[a] = x[a // r] @ w[e(a)]   (or @ w[e(a)]ᵀ)
     pit_moe_matmul_tn(x, dy, order, gs)    dw[e] = Σ_{a in e} x[a // r]ᵀ dy[a]   (dW of the above)
-    pit_moe_swiglu(x, wg, wu, order, gs, ts)  silu(x[a // r] @ wg[e]) * (x[a // r] @ wu[e])  (fused
-                                           up-projection; its JVP is the unfused matmuls)
+    pit_moe_fused(x, w, *extra, order, gs, ts)  pit_moe_matmul with a fused epilogue: relu, gelu,
+                                           swiglu (extra = w_up: silu(x @ w) * (x @ w_up)) or scale
+                                           (extra = the combine weight of each assignment); its
+                                           JVP is the unfused matmuls and jnp epilogue
 Both grouped matmuls take x_sorted / out_sorted: x's (and out's or dy's) rows may be in routing
 order instead (row p is assignment order[p]) — a layer keeps its intermediate activations that
 way, so only its two ends gather and scatter (SRead of the tokens, SWrite of the outputs) and
@@ -26,13 +28,13 @@ import jax.numpy as jnp
 from jax.interpreters import ad, batching, mlir
 
 from . import _primitive, moe_cuda
-from .moe_reference import (F32, grouped_matmul_ref, grouped_matmul_tn_ref, routing_tables_ref, swiglu_matmul_ref,
-                            tile_starts_of)
+from .moe_reference import (EPILOGUES, F32, apply_epilogue, fused_matmul_ref, grouped_matmul_ref, grouped_matmul_tn_ref,
+                            routing_tables_ref, tile_starts_of)
 
 moe_route_p = _primitive.make_primitive("pit_moe_route", multiple_results=True)
 moe_matmul_p = _primitive.make_primitive("pit_moe_matmul", multiple_results=False)
 moe_matmul_tn_p = _primitive.make_primitive("pit_moe_matmul_tn", multiple_results=False)
-moe_swiglu_p = _primitive.make_primitive("pit_moe_swiglu", multiple_results=False)
+moe_fused_p = _primitive.make_primitive("pit_moe_fused", multiple_results=False)
 
 
 def _route_abstract(ids, *, num_experts):
@@ -53,8 +55,8 @@ def _tn_abstract(x, dy, order, group_starts, *, rows_per_source, num_experts, ou
 moe_route_p.def_abstract_eval(_route_abstract)
 moe_matmul_p.def_abstract_eval(_mm_abstract)
 moe_matmul_tn_p.def_abstract_eval(_tn_abstract)
-moe_swiglu_p.def_abstract_eval(
-    lambda x, wg, wu, order, *tables, **params: jax.core.ShapedArray((order.shape[0], wg.shape[2]), x.dtype))
+moe_fused_p.def_abstract_eval(
+    lambda x, w, *rest, **params: jax.core.ShapedArray((rest[-3].shape[0], w.shape[2]), x.dtype))
 
 
 def _register(p, reference, kernel, check=None):
@@ -72,7 +74,7 @@ _register(moe_route_p, routing_tables_ref, moe_cuda.routing_tables_cuda,
           lambda params: moe_cuda.check_experts(params["num_experts"]))
 _register(moe_matmul_p, grouped_matmul_ref, moe_cuda.grouped_matmul_cuda)
 _register(moe_matmul_tn_p, grouped_matmul_tn_ref, moe_cuda.grouped_matmul_tn_cuda)
-_register(moe_swiglu_p, swiglu_matmul_ref, moe_cuda.swiglu_matmul_cuda)
+_register(moe_fused_p, fused_matmul_ref, moe_cuda.fused_matmul_cuda)
 _primitive.integer_outputs_jvp(moe_route_p)
 
 
@@ -144,33 +146,22 @@ def _tn_transpose(ct, x, dy, order, group_starts, *, rows_per_source, num_expert
     return [x_bar, dy_bar, None, None]
 
 
-def _swiglu_jvp(primals, tangents, *, rows_per_source, x_sorted, out_sorted):
-    """The unfused computation (two grouped matmuls, silu, product) and its tangent: under
-    differentiation the layer keeps the products for the backward, so nothing is fused there."""
-    x, w_gate, w_up, *tables = primals
-    dx, dw_gate, dw_up = tangents[:3]
-    mm = lambda a, w: moe_matmul_p.bind(a, w, *tables, rows_per_source=rows_per_source, w_transposed=False,
-                                        x_sorted=x_sorted, out_sorted=out_sorted)
+def _fused_jvp(primals, tangents, *, epilogue, rows_per_source, x_sorted, out_sorted):
+    """The unfused computation (grouped matmuls, then the epilogue in jnp) and its tangent:
+    under differentiation the products are what the backward needs, so nothing is fused there."""
+    *operands, order, group_starts, tile_starts = primals
+    tables = (order, group_starts, tile_starts)
 
-    def product_tangent(w, dw):  # of mm(x, w)
-        parts = ([] if type(dx) is ad.Zero else [mm(dx, w)]) + ([] if type(dw) is ad.Zero else [mm(x, dw)])
-        return sum(parts[1:], parts[0]) if parts else None
+    def unfused(x, w, *extra):
+        mm = lambda w_: moe_matmul_p.bind(x, w_, *tables, rows_per_source=rows_per_source, w_transposed=False,
+                                          x_sorted=x_sorted, out_sorted=out_sorted)
+        return apply_epilogue(epilogue, mm, w, extra, order, out_sorted).astype(x.dtype)
 
-    gate, up = mm(x, w_gate), mm(x, w_up)
-    silu_gate = jax.nn.silu(gate)
-    out = silu_gate * up
-    d_gate, d_up = product_tangent(w_gate, dw_gate), product_tangent(w_up, dw_up)
-    parts = []
-    if d_gate is not None:
-        sig = jax.nn.sigmoid(gate)
-        parts.append(sig * (1 + gate * (1 - sig)) * d_gate * up)
-    if d_up is not None:
-        parts.append(silu_gate * d_up)
-    return out, (sum(parts[1:], parts[0]) if parts else _primitive.zero_tangent(out))
+    return jax.jvp(unfused, tuple(operands), tuple(ad.instantiate_zeros(t) for t in tangents[:len(operands)]))
 
 
 ad.primitive_jvps[moe_matmul_p] = _mm_jvp
-ad.primitive_jvps[moe_swiglu_p] = _swiglu_jvp
+ad.primitive_jvps[moe_fused_p] = _fused_jvp
 ad.primitive_transposes[moe_matmul_p] = _mm_transpose
 ad.primitive_jvps[moe_matmul_tn_p] = _tn_jvp
 ad.primitive_transposes[moe_matmul_tn_p] = _tn_transpose
@@ -181,7 +172,7 @@ def _batch_rule(p):
 
 
 # each batch element routes its own tokens: one routing / grouped matmul each
-for _p in (moe_route_p, moe_matmul_p, moe_matmul_tn_p, moe_swiglu_p):
+for _p in (moe_route_p, moe_matmul_p, moe_matmul_tn_p, moe_fused_p):
     batching.primitive_batchers[_p] = _batch_rule(_p)
 
 
@@ -279,14 +270,38 @@ def grouped_matmul(x, w, routing: MoeRouting, *, rows_per_source: int, x_sorted:
                              x_sorted=x_sorted, out_sorted=out_sorted)
 
 
+def fused_matmul(x, w, routing: MoeRouting, *, epilogue: str, rows_per_source: int, x_sorted: bool,
+                 out_sorted: bool, w_up=None, scale=None):
+    """`grouped_matmul` with a fused epilogue, applied to the fp32 products and rounded once:
+      "relu" / "gelu" (tanh approximation, jax.nn.gelu's default): the activation of x @ w[e];
+      "swiglu": silu(x @ w[e]) * (x @ w_up[e]) (w is the gate);
+      "scale": (x @ w[e]) * scale[a], scale [A] the top-k combine weight of each assignment a
+      (by assignment id, whatever the row layout).
+    One kernel on the Hopper path (bf16/fp16, d and f multiples of 8); elsewhere the grouped
+    matmuls and the epilogue in XLA (the products rounded to x's dtype first). Differentiating
+    it runs the unfused matmuls, whose products the backward needs."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"pit_jax.moe.fused_matmul: epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    extra = ()
+    if epilogue == "swiglu":
+        if w_up is None or w_up.shape != w.shape or w_up.dtype != w.dtype:
+            raise ValueError(f"pit_jax.moe.fused_matmul: swiglu needs w_up with w's shape {w.shape} and dtype "
+                             f"{w.dtype}, got {None if w_up is None else (w_up.shape, w_up.dtype)}")
+        extra = (w_up,)
+    elif epilogue == "scale":
+        if scale is None or scale.shape != routing.order.shape:
+            raise ValueError(f"pit_jax.moe.fused_matmul: scale must be [A] = {routing.order.shape}, one factor "
+                             f"per assignment, got {None if scale is None else scale.shape}")
+        extra = (scale.astype(F32),)
+    return moe_fused_p.bind(x, w, *extra, *routing, epilogue=epilogue, rows_per_source=rows_per_source,
+                            x_sorted=x_sorted, out_sorted=out_sorted)
+
+
 def swiglu_matmul(x, w_gate, w_up, routing: MoeRouting, *, rows_per_source: int, x_sorted: bool,
                   out_sorted: bool):
-    """silu(x @ w_gate[e]) * (x @ w_up[e]) per assignment, rows laid out as `grouped_matmul`:
-    the fused SwiGLU up-projection (one kernel, the activation in its epilogue, on the Hopper
-    path; two grouped matmuls and XLA's activation elsewhere). Differentiating it runs the
-    unfused matmuls, whose products the backward needs."""
-    return moe_swiglu_p.bind(x, w_gate, w_up, *routing, rows_per_source=rows_per_source, x_sorted=x_sorted,
-                             out_sorted=out_sorted)
+    """silu(x @ w_gate[e]) * (x @ w_up[e]) per assignment: `fused_matmul(epilogue="swiglu")`."""
+    return fused_matmul(x, w_gate, routing, epilogue="swiglu", rows_per_source=rows_per_source, x_sorted=x_sorted,
+                        out_sorted=out_sorted, w_up=w_up)
 
 
 def drop_over_capacity(expert_ids, num_experts: int, capacity_factor: float):

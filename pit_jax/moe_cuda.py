@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .moe_reference import TILE_ROWS
+from .moe_reference import EPILOGUES, TILE_ROWS, apply_epilogue
 
 ROUTE_CHUNK = 256  # kChunk in moe_route_cuda.cu
 MAX_EXPERTS = 8191  # kMaxBins - 1
@@ -54,9 +54,9 @@ def grouped_matmul_tn_cuda(x, dy, order, group_starts, *, rows_per_source, num_e
     return dw.astype(out_dtype)
 
 
-def fused_swiglu_applies(dtype, d, f) -> bool:
-    """Whether the fused SwiGLU kernel serves: the Hopper path (bf16/fp16, d and f multiples of
-    8, a compute capability 9.x GPU here, PIT_DISABLE_WGMMA unset). Decided when lowering."""
+def fused_epilogue_applies(dtype, d, f) -> bool:
+    """Whether the fused-epilogue kernel serves: the Hopper path (bf16/fp16, d and f multiples
+    of 8, a compute capability 9.x GPU here, PIT_DISABLE_WGMMA unset). Decided when lowering."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or d % 8 or f % 8:
         return False
     if os.environ.get("PIT_DISABLE_WGMMA") == "1":
@@ -68,17 +68,20 @@ def fused_swiglu_applies(dtype, d, f) -> bool:
     return cc.startswith("9.")
 
 
-def swiglu_matmul_cuda(x, w_gate, w_up, order, group_starts, tile_starts, *, rows_per_source, x_sorted,
-                       out_sorted):
-    """silu(x @ w_gate[e]) * (x @ w_up[e]): one fused kernel on Hopper; elsewhere the two
-    grouped matmuls and the activation in XLA (the same values up to the rounding of the
-    intermediate products to x's dtype)."""
-    f = w_gate.shape[2]
-    if fused_swiglu_applies(x.dtype, x.shape[1], f):
+def fused_matmul_cuda(x, w, *rest, epilogue, rows_per_source, x_sorted, out_sorted):
+    """grouped matmul + epilogue (moe_reference.apply_epilogue): one fused kernel on Hopper;
+    elsewhere the grouped matmuls and the epilogue in XLA (the same values up to the rounding
+    of the products to x's dtype)."""
+    *extra, order, group_starts, tile_starts = rest
+    f = w.shape[2]
+    if fused_epilogue_applies(x.dtype, x.shape[1], f):
         out_type = jax.ShapeDtypeStruct((order.shape[0], f), x.dtype)
-        return jax.ffi.ffi_call("pit_moe_swiglu", out_type)(
-            x, w_gate, w_up, order, group_starts, tile_starts, rows_per_source=np.int64(rows_per_source),
-            tile_rows=np.int64(TILE_ROWS), x_sorted=bool(x_sorted), out_sorted=bool(out_sorted))
-    mm = lambda w: grouped_matmul_cuda(x, w, order, group_starts, tile_starts, rows_per_source=rows_per_source,
-                                       w_transposed=False, x_sorted=x_sorted, out_sorted=out_sorted)
-    return jax.nn.silu(mm(w_gate)) * mm(w_up)
+        w_up = extra[0] if epilogue == "swiglu" else w  # placeholders where the epilogue has no such operand
+        scale = extra[0] if epilogue == "scale" else jnp.zeros((1,), jnp.float32)
+        return jax.ffi.ffi_call("pit_moe_fused", out_type)(
+            x, w, w_up, scale, order, group_starts, tile_starts, rows_per_source=np.int64(rows_per_source),
+            tile_rows=np.int64(TILE_ROWS), epilogue=np.int64(EPILOGUES.index(epilogue) + 1),
+            x_sorted=bool(x_sorted), out_sorted=bool(out_sorted))
+    mm = lambda w_: grouped_matmul_cuda(x, w_, order, group_starts, tile_starts, rows_per_source=rows_per_source,
+                                        w_transposed=False, x_sorted=x_sorted, out_sorted=out_sorted)
+    return apply_epilogue(epilogue, mm, w, extra, order, out_sorted).astype(x.dtype)

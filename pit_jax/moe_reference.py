@@ -82,11 +82,33 @@ def grouped_matmul_tn_ref(x, dy, order, group_starts, *, rows_per_source, num_ex
     return dw.astype(out_dtype)
 
 
-def swiglu_matmul_ref(x, w_gate, w_up, order, group_starts, tile_starts, *, rows_per_source, x_sorted,
-                      out_sorted):
-    """silu(x @ w_gate[e]) * (x @ w_up[e]) per assignment, laid out as grouped_matmul_ref; both
-    products and the activation in fp32, rounded once to x's dtype (as the fused kernel)."""
-    mm = lambda w: grouped_matmul_ref(x.astype(F32), w.astype(F32), order, group_starts, tile_starts,
-                                      rows_per_source=rows_per_source, w_transposed=False, x_sorted=x_sorted,
-                                      out_sorted=out_sorted)
-    return (jax.nn.silu(mm(w_gate)) * mm(w_up)).astype(x.dtype)
+EPILOGUES = ("relu", "gelu", "swiglu", "scale")  # codes 1.. of MoeEpilogue in cuda/moe/moe_tiles.cuh
+
+
+def apply_epilogue(epilogue, mm, w, extra, order, out_sorted):
+    """A fused epilogue on the products mm(w) (rows in the output's layout), in fp32: relu, gelu
+    (tanh approximation), swiglu (extra = (w_up,): silu(mm(w)) * mm(w_up)) or scale (extra =
+    (scale,), one factor per assignment id, gathered by `order` when the rows are in routing
+    order). The caller rounds to the output dtype."""
+    g = mm(w).astype(F32)
+    if epilogue == "relu":
+        return jax.nn.relu(g)
+    if epilogue == "gelu":
+        return jax.nn.gelu(g, approximate=True)
+    if epilogue == "swiglu":
+        return jax.nn.silu(g) * mm(extra[0]).astype(F32)
+    if epilogue == "scale":
+        scale = extra[0].astype(F32)
+        return g * (scale[order] if out_sorted else scale)[:, None]
+    raise ValueError(f"unknown epilogue {epilogue!r}")
+
+
+def fused_matmul_ref(x, w, *rest, epilogue, rows_per_source, x_sorted, out_sorted):
+    """grouped_matmul_ref (w [E, d, f]) with a fused epilogue (apply_epilogue; rest = the
+    epilogue's extra operand if any, then the routing tables): products and epilogue in fp32,
+    rounded once to x's dtype, as the fused kernel."""
+    *extra, order, group_starts, tile_starts = rest
+    mm = lambda w_: grouped_matmul_ref(x.astype(F32), w_.astype(F32), order, group_starts, tile_starts,
+                                       rows_per_source=rows_per_source, w_transposed=False, x_sorted=x_sorted,
+                                       out_sorted=out_sorted)
+    return apply_epilogue(epilogue, mm, w, extra, order, out_sorted).astype(x.dtype)

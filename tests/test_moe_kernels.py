@@ -160,91 +160,72 @@ def test_routing_kernel_equals_stable_sort(a, e):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w_))
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("t, k, e, d, f, routing", [
-    (300, 2, 8, 128, 256, "uniform"),
-    (97, 4, 64, 72, 136, "zipf"),
-    (200, 2, 16, 45, 29, "one_hot"),       # odd d, f: the sm_80 kernels
-    (130, 8, 256, 64, 64, "invalid"),
-    (700, 2, 3, 136, 264, "one_hot"),      # long groups: many full dW stages, then a partial one
-    (3, 2, 4, 64, 64, "uniform"),          # fewer rows (6) than one TMA box
-])
-@pytest.mark.parametrize("x_sorted, out_sorted", [(False, True), (True, False), (True, True)])
-def test_rows_in_routing_order_match_float64(kernel, dtype, t, k, e, d, f, routing, x_sorted, out_sorted):
-    """Forward, dx and dW kernels with rows in routing order (moe_ffn's intermediate layout:
-    contiguous per expert, the Hopper kernels read them by TMA) against float64."""
-    from helpers import moe_layouts_want
-    from pit_jax.moe import grouped_matmul
-    dev = _gpu_or_skip()
-    rng, ids, x = _layout_inputs(t * 7 + e + 2 * x_sorted + out_sorted, t, k, e, d, routing, x_sorted, dtype)
-    w = (rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES[dtype])
-    g = rng.standard_normal((t * k, f)).astype(DTYPES[dtype])
-    with jax.default_device(dev):
-        routing_index = pit_jax.moe_routing(ids, e)
-        fn = lambda x, w: grouped_matmul(x, w, routing_index, rows_per_source=1 if x_sorted else k,
-                                         x_sorted=x_sorted, out_sorted=out_sorted)
-        got = jax.jit(lambda x, w, g: (lambda o, vjp: (o, *vjp(g)))(*jax.vjp(fn, x, w)))(x, w, g)
-        order = np.asarray(routing_index.order)
-    want = moe_layouts_want(x, w, ids, order, g, x_sorted=x_sorted, out_sorted=out_sorted)
-    for got_i, want_i in zip(got, want):
-        got_i = np.asarray(got_i, np.float64)
-        assert np.linalg.norm(got_i - want_i) / max(np.linalg.norm(want_i), 1e-30) < TOL[dtype]
+_FUSED_LAYOUTS = [(False, True), (False, False), (True, True), (True, False)]
 
 
+@pytest.mark.parametrize("epilogue", ["relu", "gelu", "swiglu", "scale"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("t, k, e, d, f, routing", [
-    (300, 2, 8, 128, 256, "uniform"),
-    (97, 4, 64, 72, 136, "zipf"),          # a partial 128-column tile
-    (200, 2, 16, 48, 29, "one_hot"),       # f not a multiple of 8: the unfused path
-    (130, 8, 256, 64, 64, "invalid"),
-    (700, 2, 3, 520, 264, "one_hot"),      # many K steps, long groups
+@pytest.mark.parametrize("case, t, k, e, d, f, routing", [
+    (0, 300, 2, 8, 128, 256, "uniform"),
+    (1, 97, 4, 64, 72, 136, "zipf"),          # a partial 128-column tile
+    (2, 200, 2, 16, 48, 29, "one_hot"),       # f not a multiple of 8: the unfused path
+    (3, 130, 8, 256, 64, 64, "invalid"),
+    (4, 700, 2, 3, 520, 264, "one_hot"),      # many K steps, long groups
+    (5, 3, 2, 4, 64, 64, "uniform"),          # fewer rows than one TMA box
 ])
-@pytest.mark.parametrize("x_sorted, out_sorted", [(False, True), (False, False), (True, True)])
-def test_fused_swiglu_matches_float64(dtype, t, k, e, d, f, routing, x_sorted, out_sorted):
-    """The fused SwiGLU up-projection (Hopper kernel where it applies, else two grouped matmuls)
-    against float64; on a compute capability 9 GPU the bf16/fp16 cases must lower to the fused
-    kernel."""
+def test_fused_epilogue_matches_float64(epilogue, dtype, case, t, k, e, d, f, routing):
+    """Grouped matmul with a fused epilogue (the Hopper kernel where it applies, else grouped
+    matmuls and the epilogue in XLA) against float64, each shape in one of the four row
+    layouts (rotating, so every epilogue meets every layout); on a compute capability 9 GPU
+    the bf16/fp16 cases must lower to the fused kernel."""
     from helpers import moe_layouts_want
     from pit_jax import moe_cuda
-    from pit_jax.moe import swiglu_matmul
+    from pit_jax.moe import fused_matmul
+    from test_moe_matmul import _epilogue_want
     dev = _gpu_or_skip()
+    x_sorted, out_sorted = _FUSED_LAYOUTS[(case + ["relu", "gelu", "swiglu", "scale"].index(epilogue)) % 4]
     rng, ids, x = _layout_inputs(t * 5 + e + 2 * x_sorted + out_sorted, t, k, e, d, routing, x_sorted, dtype)
-    wg, wu = ((rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES[dtype]) for _ in range(2))
+    w, w_up = ((rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES[dtype]) for _ in range(2))
+    scale = rng.uniform(0.1, 1.0, t * k).astype(np.float32)
+    named = {"swiglu": dict(w_up=w_up), "scale": dict(scale=scale)}.get(epilogue, {})
     with jax.default_device(dev):
         routing_index = pit_jax.moe_routing(ids, e)
-        fn = jax.jit(lambda x, wg, wu: swiglu_matmul(x, wg, wu, routing_index, rows_per_source=1 if x_sorted else k,
-                                                    x_sorted=x_sorted, out_sorted=out_sorted))
-        fused = "@pit_moe_swiglu(" in fn.lower(x, wg, wu).as_text()
-        got = np.asarray(fn(x, wg, wu), np.float64)
+        fn = jax.jit(lambda x, w: fused_matmul(x, w, routing_index, epilogue=epilogue,
+                                               rows_per_source=1 if x_sorted else k, x_sorted=x_sorted,
+                                               out_sorted=out_sorted, **named))
+        fused = "@pit_moe_fused(" in fn.lower(x, w).as_text()
+        got = np.asarray(fn(x, w), np.float64)
         order = np.asarray(routing_index.order)
-    assert fused == moe_cuda.fused_swiglu_applies(x.dtype, d, f)
+    assert fused == moe_cuda.fused_epilogue_applies(x.dtype, d, f)
     if str(getattr(dev, "compute_capability", "")).startswith("9.") and dtype != "float32" and f % 8 == 0:
         assert fused
     zero_g = np.zeros((t * k, f))
-    gate = moe_layouts_want(x, wg, ids, order, zero_g, x_sorted=x_sorted, out_sorted=out_sorted)[0]
-    up = moe_layouts_want(x, wu, ids, order, zero_g, x_sorted=x_sorted, out_sorted=out_sorted)[0]
-    want = gate / (1 + np.exp(-gate)) * up
+    product, up = (moe_layouts_want(x, w_, ids, order, zero_g, x_sorted=x_sorted, out_sorted=out_sorted)[0]
+                   for w_ in (w, w_up))
+    want = _epilogue_want(epilogue, product, up, scale[order] if out_sorted else scale)
     assert np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30) < TOL[dtype]
 
 
-def test_swiglu_layer_lowers_fused_for_inference_only(monkeypatch):
-    """moe_ffn's SwiGLU up-projection lowers to one fused call where the fused kernel applies
-    (forced here, so any machine with the CUDA module checks the wiring), and to the unfused
-    matmuls under differentiation."""
+@pytest.mark.parametrize("activation, unfused_matmuls", [("swiglu", 6), ("relu", 4)])
+def test_layer_lowers_fused_for_inference_only(monkeypatch, activation, unfused_matmuls):
+    """moe_ffn's up-projection (with its activation) and down-projection (with the combine
+    weights) lower to one fused call each where the fused kernel applies (forced here, so any
+    machine with the CUDA module checks the wiring), and to the unfused matmuls under
+    differentiation."""
     if not pit_jax.cuda_available():
         pytest.skip("built without CUDA kernels")
     from pit_jax import moe_cuda
     from pit_jax.nn.moe import moe_ffn
-    monkeypatch.setattr(moe_cuda, "fused_swiglu_applies", lambda dtype, d, f: True)
+    monkeypatch.setattr(moe_cuda, "fused_epilogue_applies", lambda dtype, d, f: True)
     t, k, e, d, f = 40, 2, 8, 64, 96
     x = jax.ShapeDtypeStruct((t, d), jnp.bfloat16)
     ws = tuple(jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((e, d, f), (e, d, f), (e, f, d)))
     ids = jax.ShapeDtypeStruct((t, k), jnp.int32)
     p = jax.ShapeDtypeStruct((t, k), jnp.float32)
-    layer = lambda x, p, ws, ids: moe_ffn(x, ids, p, ws, "swiglu")
+    layer = lambda x, p, ws, ids: moe_ffn(x, ids, p, ws, activation)
     lower = lambda fn: jax.jit(fn).trace(x, p, ws, ids).lower(lowering_platforms=("cuda",)).as_text()
     text = lower(layer)
-    assert text.count("@pit_moe_swiglu(") == 1 and text.count("@pit_moe_matmul(") == 1  # fused up, down
+    assert text.count("@pit_moe_fused(") == 2 and "@pit_moe_matmul(" not in text  # fused up, fused down
     loss = lambda x, p, ws, ids: jnp.sum(layer(x, p, ws, ids).astype(jnp.float32))
     text = lower(jax.value_and_grad(loss, (0, 1, 2)))
-    assert "@pit_moe_swiglu(" not in text and text.count("@pit_moe_matmul(") == 6
+    assert "@pit_moe_fused(" not in text and text.count("@pit_moe_matmul(") == unfused_matmuls

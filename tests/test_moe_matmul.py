@@ -152,33 +152,75 @@ def test_rows_in_routing_order(backend, x_sorted, out_sorted):
         np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("x_sorted, out_sorted", [(False, False), (False, True), (True, True)])
-def test_swiglu_matmul_values_and_grad(backend, x_sorted, out_sorted):
-    """The fused SwiGLU up-projection: values against float64, gradients against the same
-    layer written with two grouped matmuls (its JVP rule), invalid ids included."""
-    from pit_jax.moe import grouped_matmul, swiglu_matmul
+def _epilogue_want(epilogue, product, up, scale_rows):
+    """The fused epilogues in float64 (numpy), on products laid out as the output."""
+    if epilogue == "relu":
+        return np.maximum(product, 0)
+    if epilogue == "gelu":
+        return 0.5 * product * (1 + np.tanh(np.sqrt(2 / np.pi) * (product + 0.044715 * product ** 3)))
+    if epilogue == "swiglu":
+        return product / (1 + np.exp(-product)) * up
+    return product * scale_rows[:, None]
+
+
+@pytest.mark.parametrize("epilogue", ["relu", "gelu", "swiglu", "scale"])
+@pytest.mark.parametrize("x_sorted, out_sorted", [(False, False), (False, True), (True, True), (True, False)])
+def test_fused_matmul_values_and_grad(backend, epilogue, x_sorted, out_sorted):
+    """Grouped matmul with a fused epilogue: values against float64, gradients (the combine
+    weights' too) and tangents against the same layer written with grouped matmuls and jnp
+    (its JVP rule), invalid ids included."""
+    from pit_jax.moe import fused_matmul, grouped_matmul
     rng = np.random.default_rng(7 + 2 * x_sorted + out_sorted)
     t, k, e, d, f = 19, 2, 4, 8, 16
     ids = rng.integers(-1, e + 1, (t, k)).astype(np.int32)
     routing = pit_jax.moe_routing(ids, e)
-    r = 1 if x_sorted else k
-    x = rng.standard_normal((t * k if x_sorted else t, d)).astype(np.float32)
-    wg, wu = (rng.standard_normal((e, d, f)).astype(np.float32) for _ in range(2))
-    kw = dict(rows_per_source=r, x_sorted=x_sorted, out_sorted=out_sorted)
-    fused = lambda x, wg, wu: swiglu_matmul(x, wg, wu, routing, **kw)
-    unfused = lambda x, wg, wu: jax.nn.silu(grouped_matmul(x, wg, routing, **kw)) * grouped_matmul(x, wu, routing, **kw)
     order = np.asarray(routing.order)
+    kw = dict(rows_per_source=1 if x_sorted else k, x_sorted=x_sorted, out_sorted=out_sorted)
+    x = rng.standard_normal((t * k if x_sorted else t, d)).astype(np.float32)
+    w, w_up = (rng.standard_normal((e, d, f)).astype(np.float32) for _ in range(2))
+    scale = rng.uniform(0.1, 1.0, t * k).astype(np.float32)
+    extra = {"swiglu": w_up, "scale": scale}.get(epilogue, w_up)  # the third argument (unused by relu/gelu)
+
+    def fused(x, w, extra):
+        named = {"swiglu": dict(w_up=extra), "scale": dict(scale=extra)}.get(epilogue, {})
+        return fused_matmul(x, w, routing, epilogue=epilogue, **kw, **named)
+
+    def unfused(x, w, extra):
+        p = grouped_matmul(x, w, routing, **kw)
+        if epilogue == "relu":
+            return jnp.where(p > 0, p, 0)
+        if epilogue == "gelu":
+            return 0.5 * p * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (p + 0.044715 * p ** 3)))
+        if epilogue == "swiglu":
+            return p * jax.nn.sigmoid(p) * grouped_matmul(x, extra, routing, **kw)
+        return p * (extra[routing.order] if out_sorted else extra)[:, None]
+
     zero_g = np.zeros((t * k, f))
-    gate = moe_layouts_want(x, wg, ids, order, zero_g, x_sorted=x_sorted, out_sorted=out_sorted)[0]
-    up = moe_layouts_want(x, wu, ids, order, zero_g, x_sorted=x_sorted, out_sorted=out_sorted)[0]
-    want = gate / (1 + np.exp(-gate)) * up
-    np.testing.assert_allclose(np.asarray(jax.jit(fused)(x, wg, wu), np.float64), want, rtol=1e-4, atol=1e-4)
+    product, up = (moe_layouts_want(x, w_, ids, order, zero_g, x_sorted=x_sorted, out_sorted=out_sorted)[0]
+                   for w_ in (w, w_up))
+    want = _epilogue_want(epilogue, product, up, scale[order] if out_sorted else scale)
+    np.testing.assert_allclose(np.asarray(jax.jit(fused)(x, w, extra), np.float64), want, rtol=1e-4, atol=1e-4)
     g = rng.standard_normal((t * k, f)).astype(np.float32)
     loss = lambda fn: lambda *a: jnp.sum(fn(*a) * g)
-    got = jax.jit(jax.grad(loss(fused), (0, 1, 2)))(x, wg, wu)
-    ref = jax.grad(loss(unfused), (0, 1, 2))(x, wg, wu)
+    argnums = (0, 1) if epilogue in ("relu", "gelu") else (0, 1, 2)
+    got = jax.jit(jax.grad(loss(fused), argnums))(x, w, extra)
+    ref = jax.grad(loss(unfused), argnums)(x, w, extra)
     for a, b in zip(got, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
-    _, tan = jax.jvp(fused, (x, wg, wu), (x, wg, wu))
-    _, tan_ref = jax.jvp(unfused, (x, wg, wu), (x, wg, wu))
+    _, tan = jax.jvp(fused, (x, w, extra), (x, w, extra))
+    _, tan_ref = jax.jvp(unfused, (x, w, extra), (x, w, extra))
     np.testing.assert_allclose(np.asarray(tan), np.asarray(tan_ref), rtol=1e-4, atol=1e-4)
+
+
+def test_fused_matmul_rejects_bad_extras():
+    from pit_jax.moe import fused_matmul
+    ids = np.zeros((4, 2), np.int32)
+    routing = pit_jax.moe_routing(ids, 3)
+    x, w = jnp.ones((4, 8)), jnp.ones((3, 8, 16))
+    kw = dict(rows_per_source=2, x_sorted=False, out_sorted=True)
+    with pytest.raises(ValueError, match="epilogue must be one of"):
+        fused_matmul(x, w, routing, epilogue="tanh", **kw)
+    with pytest.raises(ValueError, match="w_up"):
+        fused_matmul(x, w, routing, epilogue="swiglu", **kw)
+    with pytest.raises(ValueError, match="scale must be"):
+        fused_matmul(x, w, routing, epilogue="scale", scale=jnp.ones(7), **kw)

@@ -13,6 +13,8 @@
 //     pass stays parallel whatever the aspect ratio.
 #include <cuda_runtime.h>
 
+#include <utility>
+
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
@@ -33,7 +35,8 @@ constexpr int kThreads = 256;         // threads per CTA in the compaction passe
 constexpr int kItems = 16;            // narrow tiles per thread per chunk (4096 per chunk)
 constexpr int kWideItems = 4;         // wide tiles per warp per chunk (32 per chunk)
 constexpr int kScanThreads = 1024;    // threads of the per-batch chunk scan
-constexpr int64_t kWideTileK = 256;   // wider tiles are tested by a whole warp, lanes over words
+constexpr int64_t kWideWords = 4;     // tiles spanning this many mask words (slabs x words) are
+                                      // tested by a whole warp, lanes over the words
 
 // Scratch layout (32-bit words), shared with Python's workspace size (detect.py):
 //   slab_mask    [B, nb_m, n_slabs, n_words]  bit c of word w: column 32w+c of that slab of row
@@ -54,7 +57,8 @@ struct Plan {
     n_inner = s.n_inner(layout);
     n_words = ceil_div(cols, 32);
     n_slabs = ceil_div(tile_m, kMaskRows);
-    wide = tile_k > kWideTileK;
+    // mask words under one tile (slabs x the most 32-column words a tile_k span can touch)
+    wide = n_slabs * (ceil_div(tile_k - 1, 32) + 1) >= kWideWords;
     word_rows = layout == kRowMajor && 32 % tile_k == 0;
     tile_starts = 0;
     for (int64_t bit = 0; bit < 32; bit += tile_k) tile_starts |= 1u << bit;
@@ -91,6 +95,22 @@ __device__ __forceinline__ uint32_t nonzero_bits<uint32_t>(uint4 v) {
          (uint32_t((v.z & 0x7fffffffu) != 0) << 2) | (uint32_t((v.w & 0x7fffffffu) != 0) << 3);
 }
 
+// Programmatic dependent launch (Hopper): both passes are launched so that their CTAs may be
+// scheduled before the previous kernel on the stream ends (hiding the launch gap), and wait for
+// it to finish, its writes visible, before touching memory; the mask pass lets the compaction's
+// CTAs launch as soon as all of its own are running. Both are no-ops before sm_90.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // Pass 1, the only read of x. One warp per (batch, slab of up to 32 rows, 32*V columns); each
 // lane owns V columns and loads 16 bytes per row with 8 rows in flight; at the end of each row
 // block (tile_m < 32: a slab holds 32/tile_m whole row blocks) or slab (tile_m >= 32: a row block
@@ -108,6 +128,8 @@ __global__ void __launch_bounds__(kMaskWarps * 32)
   constexpr int kInFlight = PIT_DETECT_IN_FLIGHT;
   constexpr Bits kMag = static_cast<Bits>(~(Bits(1) << (sizeof(Bits) * 8 - 1)));
   const int lane = threadIdx.x & 31;
+  wait_for_previous_grid();  // whatever wrote x (and last used this workspace)
+  allow_dependent_launch();
   if (blockIdx.x == 0)
     for (int64_t t = threadIdx.x; t < batch; t += blockDim.x) done[t] = 0;
   const int64_t task = int64_t(blockIdx.x) * kMaskWarps + (threadIdx.x >> 5);
@@ -208,14 +230,18 @@ __device__ __forceinline__ bool tile_nonzero(const Plan& p, const uint32_t* __re
   return false;
 }
 
-// The same for a wide tile, by a whole warp (lanes over words); the result is warp-uniform.
+// The same for a wide tile, by a whole warp (lanes over its slabs x words, so a tall tile's
+// slabs are read in parallel too); the result is warp-uniform.
 __device__ __forceinline__ bool wide_tile_nonzero(const Plan& p, const uint32_t* __restrict__ slab_mask,
                                                   int64_t b, int64_t i, int64_t j, int lane) {
   const uint32_t* m = slab_mask + (b * p.nb_m + i) * p.n_slabs * p.n_words;
   const int64_t lo = j * p.tile_k, hi = min(p.cols, lo + p.tile_k);
+  const int64_t w_lo = lo >> 5, n_w = ((hi - 1) >> 5) - w_lo + 1;
   uint32_t any = 0;
-  for (int64_t s = 0; s < p.n_slabs; ++s, m += p.n_words)
-    for (int64_t w = (lo >> 5) + lane; w <= ((hi - 1) >> 5); w += 32) any |= m[w] & span_bits(w, lo, hi);
+  for (int64_t t = lane; t < p.n_slabs * n_w; t += 32) {
+    const int64_t s = t / n_w, w = w_lo + t % n_w;
+    any |= m[s * p.n_words + w] & span_bits(w, lo, hi);
+  }
   return __any_sync(0xffffffffu, any != 0);
 }
 
@@ -389,6 +415,7 @@ __global__ void __launch_bounds__(kThreads)
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage storage;
   __shared__ bool is_last;
+  wait_for_previous_grid();  // the mask pass (launched before this kernel, possibly overlapping)
   const int64_t bo = blockIdx.x;
   const int64_t b = bo / p.n_outer, o = bo % p.n_outer;
   int32_t* out = indices + bo * p.n_inner;
@@ -419,6 +446,29 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) off[p.n_outer] = carry;
 }
 
+// Launches kernel after the previous kernel on the stream with programmatic stream serialisation
+// on compute capability 9+ (the kernel must call wait_for_previous_grid before reading its
+// inputs); a plain launch elsewhere.
+template <typename... Params, typename... Args>
+cudaError_t launch_dependent(void (*kernel)(Params...), unsigned grid, unsigned block, cudaStream_t stream,
+                             Args&&... args) {
+  static const bool pdl = [] {
+    int device = 0, major = 0;
+    return cudaGetDevice(&device) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+  }();
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(block);
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
 template <typename Bits>
 cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uint32_t* workspace,
                           int32_t* counts, int32_t* offsets, int32_t* indices) {
@@ -431,18 +481,18 @@ cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uin
   const int64_t n_row_tasks = p.tile_m >= kMaskRows ? p.nb_m * p.n_slabs : ceil_div(p.nb_m, kMaskRows / p.tile_m);
   const int64_t n_tasks = p.batch * n_row_tasks * n_col_chunks;
   const bool vectorized = p.cols % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  pit_detect_mask_kernel<Bits><<<unsigned(ceil_div(n_tasks, kMaskWarps)), kMaskWarps * 32, 0, stream>>>(
-      static_cast<const Bits*>(x), slab_mask, done, p.batch, p.rows, p.cols, p.tile_m, p.nb_m,
-      p.n_slabs, p.n_words, n_row_tasks, n_col_chunks, vectorized);
+  cudaError_t err = launch_dependent(pit_detect_mask_kernel<Bits>, unsigned(ceil_div(n_tasks, kMaskWarps)),
+                                     kMaskWarps * 32, stream, static_cast<const Bits*>(x), slab_mask, done, p.batch,
+                                     p.rows, p.cols, p.tile_m, p.nb_m, p.n_slabs, p.n_words, n_row_tasks,
+                                     n_col_chunks, vectorized);
+  if (err != cudaSuccess) return err;
   if (p.word_rows || p.per_row()) {
     const unsigned grid = unsigned(p.batch * p.n_outer);
-    if (p.word_rows)
-      pit_detect_rows_kernel<kRowsWords><<<grid, kThreads, 0, stream>>>(p, slab_mask, done, counts, offsets, indices);
-    else if (p.wide)
-      pit_detect_rows_kernel<kRowsWide><<<grid, kThreads, 0, stream>>>(p, slab_mask, done, counts, offsets, indices);
-    else
-      pit_detect_rows_kernel<kRowsNarrow><<<grid, kThreads, 0, stream>>>(p, slab_mask, done, counts, offsets, indices);
-    return cudaGetLastError();
+    auto rows_kernel = p.word_rows ? pit_detect_rows_kernel<kRowsWords>
+                       : p.wide    ? pit_detect_rows_kernel<kRowsWide>
+                                   : pit_detect_rows_kernel<kRowsNarrow>;
+    err = launch_dependent(rows_kernel, grid, kThreads, stream, p, slab_mask, done, counts, offsets, indices);
+    return err != cudaSuccess ? err : cudaGetLastError();
   }
   const unsigned grid = unsigned(p.batch * p.n_outer * p.n_chunks);
   if (p.wide) pit_detect_count_kernel<true><<<grid, kThreads, 0, stream>>>(p, slab_mask, chunk_prefix);

@@ -290,28 +290,34 @@ ffi::Error MoeMatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
   return ffi::Error::Success();
 }
 
-// Fused SwiGLU up-projection, out[a] = silu(x[a / r] @ w_gate[e]) * (x[a / r] @ w_up[e]): the
-// Hopper kernel only (the Python lowering emits this call only where that kernel serves; it
-// lowers the unfused matmuls elsewhere), so anything else is a clear error.
-ffi::Error MoeSwigluCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w_gate, ffi::AnyBuffer w_up,
-                         ffi::Buffer<ffi::S32> order, ffi::Buffer<ffi::S32> group_starts,
-                         ffi::Buffer<ffi::S32> tile_starts, ffi::Result<ffi::AnyBuffer> out, int64_t rows_per_source,
-                         int64_t tile_rows, bool x_sorted, bool out_sorted) {
-  const auto xd = x.dimensions(), wd = w_gate.dimensions(), ud = w_up.dimensions(), od = out->dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || ud.size() != 3 || od.size() != 2 || order.dimensions().size() != 1)
-    return ffi::Error::InvalidArgument(
-        "pit_moe_swiglu: expected x [R, d], w_gate and w_up [E, d, f], order [A], out [A, f]");
+// Forward with a fused epilogue (moe_tiles.cuh's MoeEpilogue): ReLU or GELU of the product,
+// the per-assignment combine weight (scale [A], fp32) or SwiGLU with w_up (otherwise w_up and
+// scale are unused placeholders). The Hopper kernel only: the Python lowering emits this call
+// only where that kernel serves and lowers the unfused matmuls elsewhere, so anything else is
+// a clear error.
+ffi::Error MoeFusedCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer w_up,
+                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> order, ffi::Buffer<ffi::S32> group_starts,
+                        ffi::Buffer<ffi::S32> tile_starts, ffi::Result<ffi::AnyBuffer> out, int64_t rows_per_source,
+                        int64_t tile_rows, int64_t epilogue, bool x_sorted, bool out_sorted) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), ud = w_up.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || od.size() != 2 || order.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument("pit_moe_fused: expected x [R, d], w [E, d, f], order [A], out [A, f]");
+  if (epilogue < kEpiReLU || epilogue > kEpiScale)
+    return ffi::Error::InvalidArgument("pit_moe_fused: unknown epilogue");
   const MoeShape s = make_moe_shape(xd[0], xd[1], wd[2], wd[0], order.dimensions()[0], rows_per_source, false,
                                     x_sorted, out_sorted);
-  ffi::Error bad =
-      check_forward_operands("pit_moe_swiglu", s, x, w_gate, wd[1], group_starts, tile_starts, out, tile_rows);
+  ffi::Error bad = check_forward_operands("pit_moe_fused", s, x, w, wd[1], group_starts, tile_starts, out, tile_rows);
   if (bad.failure()) return bad;
-  if (ud[0] != wd[0] || ud[1] != wd[1] || ud[2] != wd[2])
-    return ffi::Error::InvalidArgument("pit_moe_swiglu: w_up must have w_gate's shape [E, d, f]");
-  if (w_up.element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("pit_moe_swiglu: w_up must have x's dtype");
-  if (s.max_row_tiles * ceil_div(s.f, int64_t(MoeSm90Config::kBN / 2)) >= (int64_t(1) << 31))
-    return ffi::Error::InvalidArgument("pit_moe_swiglu: too many tiles for one launch");
+  const bool swiglu = epilogue == kEpiSwiGLU;
+  if (swiglu && (ud.size() != 3 || ud[0] != wd[0] || ud[1] != wd[1] || ud[2] != wd[2]))
+    return ffi::Error::InvalidArgument("pit_moe_fused: w_up must have w's shape [E, d, f]");
+  if (swiglu && w_up.element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("pit_moe_fused: w_up must have x's dtype");
+  if (epilogue == kEpiScale && (scale.dimensions().size() != 1 || scale.dimensions()[0] != s.assignments))
+    return ffi::Error::InvalidArgument("pit_moe_fused: scale must be [A], one factor per assignment");
+  if (s.max_row_tiles * ceil_div(s.f, int64_t(swiglu ? MoeSm90Config::kBN / 2 : MoeSm90Config::kBN)) >=
+      (int64_t(1) << 31))
+    return ffi::Error::InvalidArgument("pit_moe_fused: too many tiles for one launch");
   if (s.assignments == 0 || s.f == 0) return ffi::Error::Success();
   if (debug_poison_outputs()) cudaMemsetAsync(out->untyped_data(), kPoisonByte, out->size_bytes(), stream);
   cudaError_t err = cudaErrorNotSupported;
@@ -321,12 +327,13 @@ ffi::Error MoeSwigluCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
     err = dispatch_dtype(x.element_type(), [&](auto tag) {
       using T = decltype(tag);
       if constexpr (sizeof(T) == 2) {
-        if (moe_sm90_applies<T>(s, x.untyped_data(), w_gate.untyped_data(), out->untyped_data()) &&
-            reinterpret_cast<uintptr_t>(w_up.untyped_data()) % 16 == 0) {
+        if (moe_sm90_applies<T>(s, x.untyped_data(), w.untyped_data(), out->untyped_data()) &&
+            (!swiglu || reinterpret_cast<uintptr_t>(w_up.untyped_data()) % 16 == 0)) {
           served = true;
-          return launch_moe_forward_sm90<T>(stream, s, x.untyped_data(), w_gate.untyped_data(), order.typed_data(),
+          return launch_moe_forward_sm90<T>(stream, s, x.untyped_data(), w.untyped_data(), order.typed_data(),
                                             group_starts.typed_data(), tile_starts.typed_data(), out->untyped_data(),
-                                            w_up.untyped_data());
+                                            int(epilogue), swiglu ? w_up.untyped_data() : nullptr,
+                                            epilogue == kEpiScale ? scale.typed_data() : nullptr);
         }
       }
       return cudaErrorNotSupported;
@@ -334,9 +341,9 @@ ffi::Error MoeSwigluCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
   }
   if (!served)
     return ffi::Error::InvalidArgument(
-        "pit_moe_swiglu: the fused SwiGLU kernel needs bf16/fp16, d and f multiples of 8, 16-byte aligned "
+        "pit_moe_fused: the fused-epilogue kernel needs bf16/fp16, d and f multiples of 8, 16-byte aligned "
         "operands and a compute capability 9.0 GPU (PIT_DISABLE_WGMMA unset); use the unfused matmuls");
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_moe_swiglu: ") + cudaGetErrorString(err));
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_moe_fused: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
 
@@ -457,18 +464,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeMatmulCuda, pit::MoeMatmulCuda,
                                   .Attr<bool>("out_sorted"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeSwigluCuda, pit::MoeSwigluCuda,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeFusedCuda, pit::MoeFusedCuda,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Ret<xla::ffi::AnyBuffer>()
                                   .Attr<int64_t>("rows_per_source")
                                   .Attr<int64_t>("tile_rows")
+                                  .Attr<int64_t>("epilogue")
                                   .Attr<bool>("x_sorted")
                                   .Attr<bool>("out_sorted"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -41,8 +41,8 @@ struct MoeSm90Config {
   static constexpr int kAtomBytes = kBK * 128;                // MN-major operand: 64 columns x 64 K rows
   static constexpr int kCStride = kBN + 8;                    // epilogue row, padded: no bank conflicts
   static constexpr int kRingBytes = kStages * kStageBytes;
-  // ring + alignment slack + barriers + the forward's destination and source row ids
-  static constexpr int kSmemBytes = kRingBytes + 1024 + 2 * kStages * 8 + 2 * kBM * 4;
+  // ring + alignment slack + barriers + the forward's destination and source row ids and row scales
+  static constexpr int kSmemBytes = kRingBytes + 1024 + 2 * kStages * 8 + 3 * kBM * 4;
   static_assert(kBM * kCStride * 2 <= kRingBytes, "epilogue staging must fit the ring");
   static_assert(kProducerRegisters * kProducers + kConsumerRegisters * kConsumers <= 65536, "register file");
 };
@@ -54,7 +54,7 @@ struct MoeSm90Smem {  // views into the dynamic shared memory
   unsigned char* ring;
   uint64_t* full;   // [kStages]: the producer's copies of the stage landed
   uint64_t* empty;  // [kStages]: both consumers finished reading the stage
-  int32_t* rows;    // [2 * kBM], free for the kernel
+  int32_t* rows;    // [3 * kBM], free for the kernel
 
   // Lays out the 1024-byte-aligned ring (swizzle atoms must be aligned) and initialises the
   // barriers (full_arrivals per phase of a full barrier); all threads call it, then __syncthreads.
@@ -144,35 +144,40 @@ __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90S
 }
 
 // Both consumers' accumulators as T into the row-major staging tile cs [kBM][kCStride], which
-// overlays the ring (ctid = consumer thread 0..255). Barriers: every consumer finished reading
-// the ring before, and the tile is complete after.
-// kSwiGLU: columns 0..127 of the accumulators are the gate, 128..255 the up projection of the
+// overlays the ring (ctid = consumer thread 0..255), through the epilogue kEpi (moe_tiles.cuh),
+// in fp32 and rounded once. Barriers: every consumer finished reading the ring before, and the
+// tile is complete after.
+// kEpiSwiGLU: columns 0..127 of the accumulators are the gate, 128..255 the up projection of the
 // same 128 output columns (a thread holds both of a column: acc[4j + q] and acc[4(j + 16) + q]),
-// and the tile staged is silu(gate) * up, 128 columns, rounded once from fp32.
-template <typename T, bool kSwiGLU = false>
-__device__ __forceinline__ void stage_accumulators(const float (&acc)[128], T* cs, int ctid) {
+// and the tile staged is silu(gate) * up, 128 columns. kEpiScale: row r is multiplied by
+// row_scale[r] (shared memory; the top-k combine weight of the row's assignment).
+template <typename T, int kEpi = kEpiNone>
+__device__ __forceinline__ void stage_accumulators(const float (&acc)[128], T* cs, int ctid,
+                                                   const float* row_scale = nullptr) {
   using C = MoeSm90Config;
   named_barrier_sync(1, C::kConsumers);
   const int lane = ctid % 32, row = (ctid / 128) * 64 + ((ctid % 128) / 32) * 16 + lane / 4;
-  if constexpr (kSwiGLU) {
-    auto swiglu = [&](int i) { return acc[i] / (1.0f + __expf(-acc[i])) * acc[i + 64]; };
+  constexpr int kCols = kEpi == kEpiSwiGLU ? 16 : 32;  // 8-column groups staged per thread
+  float scale[2] = {1.0f, 1.0f};
+  if constexpr (kEpi == kEpiScale) {
+    scale[0] = row_scale[row];
+    scale[1] = row_scale[row + 8];
+  }
+  auto value = [&](int i) {  // accumulator i after the epilogue; i / 2 % 2 picks the row
+    const float v = acc[i];
+    if constexpr (kEpi == kEpiSwiGLU) return v / (1.0f + __expf(-v)) * acc[i + 64];
+    if constexpr (kEpi == kEpiReLU) return fmaxf(v, 0.0f);
+    if constexpr (kEpi == kEpiGELU) return 0.5f * v * (1.0f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)));
+    if constexpr (kEpi == kEpiScale) return v * scale[(i / 2) % 2];
+    return v;
+  };
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const int c = 8 * j + 2 * (lane % 4);
-      cs[row * C::kCStride + c] = from_float<T>(swiglu(4 * j));
-      cs[row * C::kCStride + c + 1] = from_float<T>(swiglu(4 * j + 1));
-      cs[(row + 8) * C::kCStride + c] = from_float<T>(swiglu(4 * j + 2));
-      cs[(row + 8) * C::kCStride + c + 1] = from_float<T>(swiglu(4 * j + 3));
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const int c = 8 * j + 2 * (lane % 4);
-      cs[row * C::kCStride + c] = from_float<T>(acc[4 * j]);
-      cs[row * C::kCStride + c + 1] = from_float<T>(acc[4 * j + 1]);
-      cs[(row + 8) * C::kCStride + c] = from_float<T>(acc[4 * j + 2]);
-      cs[(row + 8) * C::kCStride + c + 1] = from_float<T>(acc[4 * j + 3]);
-    }
+  for (int j = 0; j < kCols; ++j) {
+    const int c = 8 * j + 2 * (lane % 4);
+    cs[row * C::kCStride + c] = from_float<T>(value(4 * j));
+    cs[row * C::kCStride + c + 1] = from_float<T>(value(4 * j + 1));
+    cs[(row + 8) * C::kCStride + c] = from_float<T>(value(4 * j + 2));
+    cs[(row + 8) * C::kCStride + c + 1] = from_float<T>(value(4 * j + 3));
   }
   named_barrier_sync(1, C::kConsumers);
 }
@@ -181,23 +186,27 @@ __device__ __forceinline__ void stage_accumulators(const float (&acc)[128], T* c
 // kXTma: x's rows are in routing order (s.x_sorted), so a tile's 128 rows are contiguous and come
 // by TMA as one box (rows past the tile belong to the next group or lie past the end, where the
 // copy engine zero-fills: they only reach output rows that are not stored).
-// kSwiGLU (fused SwiGLU up-projection, w [E, d, f] only): out = silu(x @ w_gate) * (x @ w_up);
-// a CTA's 256 B columns are 128 columns of w_gate (w_map) and the same 128 of w_up (up_map).
-template <typename T, bool kWTransposed, bool kXTma, bool kSwiGLU>
+// kEpi (fused epilogues, w [E, d, f] only): an activation of the product (ReLU, GELU), the
+// top-k combine weight of each row's assignment (kEpiScale: row_scale [A], by assignment id), or
+// SwiGLU, out = silu(x @ w_gate) * (x @ w_up), where a CTA's 256 B columns are 128 columns of
+// w_gate (w_map) and the same 128 of w_up (up_map).
+template <typename T, bool kWTransposed, bool kXTma, int kEpi>
 __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     pit_moe_forward_sm90_kernel(const T* __restrict__ x, const T* __restrict__ w, const int32_t* __restrict__ order,
                                 const int32_t* __restrict__ group_starts, const int32_t* __restrict__ tile_starts,
                                 T* __restrict__ out, MoeShape s, int64_t col_band,
                                 const __grid_constant__ CUtensorMap w_map, const __grid_constant__ CUtensorMap x_map,
-                                const __grid_constant__ CUtensorMap up_map) {
+                                const __grid_constant__ CUtensorMap up_map, const float* __restrict__ row_scale) {
 #if PIT_HAS_WGMMA
   using C = MoeSm90Config;
-  static_assert(!(kSwiGLU && kWTransposed), "the fused SwiGLU reads w as [E, d, f]");
+  constexpr bool kSwiGLU = kEpi == kEpiSwiGLU;
+  static_assert(kEpi == kEpiNone || !kWTransposed, "the fused epilogues read w as [E, d, f]");
   constexpr int kOutCols = kSwiGLU ? C::kBN / 2 : C::kBN;  // output columns per CTA
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const MoeSm90Smem sm(smem_raw, C::kProducers + 1);  // + the weight tile's expect-tx arrival
   int32_t* dst_rows = sm.rows;        // output row of each tile row
   int32_t* src_rows = sm.rows + C::kBM;  // its row of x
+  float* scale_rows = reinterpret_cast<float*>(sm.rows + 2 * C::kBM);  // kEpiScale: its combine weight
   const int tid = threadIdx.x;
   const MoeGridTile grid_tile = forward_grid_tile(blockIdx.x, s.max_row_tiles, ceil_div(s.f, int64_t(kOutCols)), col_band);
   MoeRouteTile tile;
@@ -208,6 +217,7 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     const int32_t a = r < tile.rows ? order[tile.first + r] : 0, p = r < tile.rows ? int32_t(tile.first + r) : 0;
     dst_rows[r] = s.out_sorted ? p : a;
     src_rows[r] = s.x_sorted ? p : int32_t(a / s.rows_per_source);
+    if constexpr (kEpi == kEpiScale) scale_rows[r] = r < tile.rows ? row_scale[a] : 0.0f;
   }
   __syncthreads();
 
@@ -273,7 +283,7 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     consume_stages<0, kWTransposed ? 0 : 1, 32, kWTransposed ? 32 : 16 * C::kRowBytes, true, T>(acc, sm, n_chunks,
                                                                                          desc_a0, desc_b0);
     T* cs = reinterpret_cast<T*>(sm.ring);
-    stage_accumulators<T, kSwiGLU>(acc, cs, ctid);
+    stage_accumulators<T, kEpi>(acc, cs, ctid, scale_rows);
     for (int i = ctid; i < tile.rows * (kOutCols / 8); i += C::kConsumers) {  // SWrite: 16 bytes per store
       const int r = i / (kOutCols / 8), c = (i % (kOutCols / 8)) * 8;
       if (c < cols)
@@ -459,21 +469,33 @@ inline cudaError_t encode_moe_rows_map(int64_t rows, int64_t cols, const void* b
                                     {cols * sizeof(T), rows * cols * sizeof(T)}, {64, box_rows, 1});
 }
 
-// The forward (w_up == nullptr) or the fused SwiGLU up-projection (w = w_gate, w_up; not
-// w_transposed).
+// The forward kernel for an epilogue and x's row layout (w_transposed: the dx pass, no epilogue).
+template <typename T, bool kXTma>
+inline auto moe_forward_sm90_kernel(int epilogue, bool w_transposed) {
+  if (w_transposed) return pit_moe_forward_sm90_kernel<T, true, kXTma, kEpiNone>;
+  switch (epilogue) {
+    case kEpiReLU: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiReLU>;
+    case kEpiGELU: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiGELU>;
+    case kEpiSwiGLU: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiSwiGLU>;
+    case kEpiScale: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiScale>;
+    default: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiNone>;
+  }
+}
+
+// The forward with an epilogue (moe_tiles.cuh): w_up is SwiGLU's up weights, row_scale
+// kEpiScale's per-assignment factors; the epilogues need w as [E, d, f] (not w_transposed).
 template <typename T>
 cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, const void* x, const void* w,
                                     const int32_t* order, const int32_t* group_starts, const int32_t* tile_starts,
-                                    void* out, const void* w_up = nullptr) {
+                                    void* out, int epilogue = kEpiNone, const void* w_up = nullptr,
+                                    const float* row_scale = nullptr) {
   using C = MoeSm90Config;
-  const bool swiglu = w_up != nullptr;
-  if (swiglu && s.w_transposed) return cudaErrorInvalidValue;
-  auto kernel = swiglu ? (s.x_sorted ? pit_moe_forward_sm90_kernel<T, false, true, true>
-                                     : pit_moe_forward_sm90_kernel<T, false, false, true>)
-                : s.w_transposed ? (s.x_sorted ? pit_moe_forward_sm90_kernel<T, true, true, false>
-                                               : pit_moe_forward_sm90_kernel<T, true, false, false>)
-                                 : (s.x_sorted ? pit_moe_forward_sm90_kernel<T, false, true, false>
-                                               : pit_moe_forward_sm90_kernel<T, false, false, false>);
+  const bool swiglu = epilogue == kEpiSwiGLU;
+  if ((epilogue != kEpiNone && s.w_transposed) || (swiglu && w_up == nullptr) ||
+      (epilogue == kEpiScale && row_scale == nullptr))
+    return cudaErrorInvalidValue;
+  auto kernel = s.x_sorted ? moe_forward_sm90_kernel<T, true>(epilogue, s.w_transposed)
+                           : moe_forward_sm90_kernel<T, false>(epilogue, s.w_transposed);
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
   const int64_t col_tiles = ceil_div(s.f, int64_t(swiglu ? C::kBN / 2 : C::kBN));
@@ -489,7 +511,7 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   const unsigned grid = unsigned(s.max_row_tiles * col_tiles);
   kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w), order,
                                                        group_starts, tile_starts, static_cast<T*>(out), s, band,
-                                                       w_map, x_map, up_map);
+                                                       w_map, x_map, up_map, row_scale);
   return cudaGetLastError();
 }
 

@@ -13,6 +13,16 @@ namespace pit {
 // two halves of 64.
 constexpr int kMoeRouteTileRows = 128;
 
+// Fused epilogues of the forward (the `epilogue` attribute of pit_moe_fused; the same numbers
+// as EPILOGUES in pit_jax/moe.py): applied to the fp32 accumulators before the single rounding.
+enum MoeEpilogue : int {
+  kEpiNone = 0,
+  kEpiReLU = 1,    // max(v, 0)
+  kEpiGELU = 2,    // tanh approximation (jax.nn.gelu's default)
+  kEpiSwiGLU = 3,  // silu(x @ w_gate) * (x @ w_up)
+  kEpiScale = 4,   // v * row_scale[assignment]: the top-k combine weight
+};
+
 struct MoeShape {
   int64_t sources = 0;      // R rows of x
   int64_t d = 0, f = 0;     // x [R, d]; w [E, d, f], or [E, f, d] when w_transposed; out [A, f]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..moe import checked_operands, drop_over_capacity, grouped_matmul, swiglu_matmul
+from ..moe import checked_operands, drop_over_capacity, fused_matmul
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 
@@ -81,28 +81,33 @@ class MoE(nnx.Module):
 
 
 def moe_ffn(tokens, expert_ids, combine_weights, weights, activation, routing=None):
-    """y[t] = Σ_s combine_weights[t, s] · FFN_{expert_ids[t, s]}(tokens[t]), fp32 combine.
+    """y[t] = Σ_s combine_weights[t, s] · FFN_{expert_ids[t, s]}(tokens[t]), the k-sum in fp32.
     `routing` (pit_jax.moe_routing(expert_ids, E)) is built here when not given.
 
     The hidden activations stay in routing order ([T·k, f], each expert's rows contiguous): the
     up-projections gather token rows (SRead) and write contiguous rows, the down-projection
     reads contiguous rows and scatters to (token, slot) rows (SWrite), and every backward
-    pass has one contiguous operand. With "swiglu" the gate and up projections are one fused
-    kernel on the Hopper path when not differentiated (silu(g)·u from fp32 accumulators,
-    rounded once); under grad/jvp they run unfused (g and u rounded to the input dtype first),
-    so the two forwards may differ in the last bit of a bf16 value."""
+    pass has one contiguous operand. Both projections carry fused epilogues
+    (`pit_jax.moe.fused_matmul`): the activation (relu, gelu, or swiglu's gate and up
+    projections as one GEMM) after the up-projection, each row's combine weight after the
+    down-projection, so the k rows of a token are only summed (no atomics: a reduction over
+    [T, k, d]). They run as single kernels on the Hopper path when not differentiated
+    (epilogue on the fp32 accumulators, rounded once); under grad/jvp the matmuls run unfused
+    (products rounded to the input dtype first), so the two forwards may differ in the last
+    bit of a bf16 value."""
     w_in, w_gate, w_out = weights
     t, k = expert_ids.shape
     # one routing index for all matmuls, forward and backward (built here when not given)
     _, _, routing = checked_operands(tokens, w_in, expert_ids, routing)
-    if activation == "swiglu":  # [T·k, f], routing order; fused on the Hopper path (not under AD)
-        h = swiglu_matmul(tokens, w_gate, w_in, routing, rows_per_source=k, x_sorted=False, out_sorted=True)
+    if activation == "swiglu":  # [T·k, f], routing order
+        h = fused_matmul(tokens, w_gate, routing, epilogue="swiglu", rows_per_source=k, x_sorted=False,
+                         out_sorted=True, w_up=w_in)
     else:
-        h = grouped_matmul(tokens, w_in, routing, rows_per_source=k, x_sorted=False, out_sorted=True)
-        h = jax.nn.relu(h) if activation == "relu" else jax.nn.gelu(h)
-    out = grouped_matmul(h, w_out, routing, rows_per_source=1, x_sorted=True, out_sorted=False)  # [T·k, d]
-    y = jnp.einsum("tkd,tk->td", out.reshape(t, k, -1).astype(jnp.float32), combine_weights.astype(jnp.float32))
-    return y.astype(tokens.dtype)
+        h = fused_matmul(tokens, w_in, routing, epilogue=activation, rows_per_source=k, x_sorted=False,
+                         out_sorted=True)
+    out = fused_matmul(h, w_out, routing, epilogue="scale", rows_per_source=1, x_sorted=True, out_sorted=False,
+                       scale=combine_weights.reshape(-1))  # [T·k, d], weighted rows in (token, slot) order
+    return out.reshape(t, k, -1).astype(jnp.float32).sum(axis=1).astype(tokens.dtype)
 
 
 def MoELinen(**kwargs):

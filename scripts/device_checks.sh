@@ -1,0 +1,58 @@
+# Device check of the MoE and detect kernels, in parts that each fit the 10-minute command
+# limit; each builds first unless SKIP_BUILD=1 (a warm machine that already has this tree
+# installed). Output goes to $OUT/checks.log.
+#   PART=tests:    the MoE suites and the detect suites on the GPU (GPU vs CPU / float64).
+#   PART=sanitize: compute-sanitizer memcheck and racecheck over the bf16 MoE kernel tests
+#                  (fused epilogues, row layouts) and the detect kernel tests.
+#   PART=bench:    bench_moe_epilogues ($OUT/epilogues), bench_detect ($OUT/detect) and
+#                  bench_moe's layer table ($OUT/layer).
+#   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
+#                  example in bf16.
+set -u
+export PYTHONUNBUFFERED=1
+LOG=$OUT/checks.log
+{ date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; python3 -c "import jax; print('jax', jax.__version__)"; } | tee -a $LOG
+t0=$SECONDS
+[[ "${SKIP_BUILD:-0}" == 1 ]] || PIT_ENABLE_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q . > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
+echo "build $((SECONDS-t0))s"
+case "${PART:-tests}" in
+tests)
+  for suite in "tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py" \
+               "tests/test_detect.py tests/test_detect_properties.py tests/test_detect_transforms.py tests/test_detect_errors.py"; do
+    echo "== pytest $suite" >> $LOG
+    timeout -k 5 ${TEST_TIMEOUT:-280} python3 -P -m pytest $suite -q -rs -p no:cacheprovider > /tmp/tests.log 2>&1
+    grep -E "FAILED|Error" /tmp/tests.log | head -20 | tee -a $LOG
+    tail -3 /tmp/tests.log | tee -a $LOG
+    echo "tests $((SECONDS-t0))s"
+  done ;;
+sanitize)
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform
+  run_tool() {  # tool, kernel-name filter, test file, -k selection
+    echo "== $1 ($3 -k '$4')" | tee -a $LOG
+    timeout -k 5 ${SAN_TIMEOUT:-200} compute-sanitizer --tool $1 --error-exitcode 97 --kernel-name kns=$2 python3 -P -m pytest $3 -k "$4" -q -p no:cacheprovider -x > /tmp/san.log 2>&1
+    echo "rc $?" >> /tmp/san.log
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|rc " /tmp/san.log | tail -4 | tee -a $LOG
+    echo "$1 $((SECONDS-t0))s"
+  }
+  run_tool memcheck pit_moe tests/test_moe_kernels.py "bfloat16 and fused_epilogue"
+  run_tool racecheck pit_moe tests/test_moe_kernels.py "bfloat16 and fused_epilogue and (uniform or one_hot)"
+  run_tool memcheck pit_detect tests/test_detect.py "gpu and (dtypes_and_sparsity or unaligned or special)"
+  run_tool racecheck pit_detect tests/test_detect.py "gpu and (dtypes_and_sparsity or unaligned)" ;;
+bench)
+  timeout -k 5 200 python3 benchmarks/bench_moe_epilogues.py --out $OUT/epilogues 2>&1 | grep "^|"
+  echo "epilogues $((SECONDS-t0))s"
+  timeout -k 5 150 python3 benchmarks/bench_detect.py --out $OUT/detect 2>&1 | grep "^|"
+  echo "detect $((SECONDS-t0))s"
+  timeout -k 5 200 python3 benchmarks/bench_moe.py --no-projection --out $OUT/layer 2>&1 | grep "^|"
+  echo "layer $((SECONDS-t0))s" ;;
+ncu)
+  echo "== ncu: one SwiGLU layer step, Mixtral shape (T=4096, E=8, k=2, 4096->14336), bf16" >> $LOG
+  # ncu writes to a file, not a pipe: a profiled process left behind by the timeout must not hold the pipe open
+  timeout -k 5 120 ncu --kernel-name regex:pit_moe --metrics gpu__time_duration.sum python3 -P benchmarks/profile_moe.py > /tmp/ncu.log 2>&1
+  grep -E "pit_moe|gpu__time" /tmp/ncu.log | sed 's/(const T1.*//; s/(long.*//; s/  */ /g' >> $LOG
+  grep -E "gpu__time" $LOG | tr -s ' ' | tr '\n' ' '; echo
+  echo "ncu $((SECONDS-t0))s"
+  timeout -k 5 150 python3 examples/moe_language_model.py --dtype bfloat16 --steps 60 --batch 32 --seq 256 --d 512 --d-ff 1024 --layers 4 --experts 8 --top-k 2 2>&1 | tr '\r' '\n' | grep -v "^  [a-z]* *\[.*\] [0-9]*/" > $OUT/lm_example.log
+  tail -6 $OUT/lm_example.log
+  echo "lm $((SECONDS-t0))s" ;;
+esac
