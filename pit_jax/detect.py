@@ -44,7 +44,8 @@ def cuda_workspace_words(lead, m, k, tile_m, tile_k, layout):
     nb_m, _ = _grid(m, k, tile_m, tile_k)
     n_outer, n_inner = _outer_inner(m, k, tile_m, tile_k, layout)
     n_slabs = (tile_m + 31) // 32
-    wide = n_slabs * ((tile_k - 1 + 31) // 32 + 1) >= 4  # a warp per tile (kWideWords)
+    tile_words = tile_k // 32 if tile_k % 32 == 0 else (tile_k - 1 + 31) // 32 + 1
+    wide = n_slabs * tile_words >= 8  # a warp per tile (kWideWords)
     chunk = 32 if wide else 4096
     return (batch * nb_m * n_slabs * ((k + 31) // 32)
             + batch * n_outer * ((n_inner + chunk - 1) // chunk) + batch)

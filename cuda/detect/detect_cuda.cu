@@ -13,6 +13,7 @@
 //     pass stays parallel whatever the aspect ratio.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <utility>
 
 #include <cub/block/block_reduce.cuh>
@@ -21,10 +22,8 @@
 #include "../common/ffi_common.h"
 #include "detect_layout.h"
 
-// Rows loaded per lane before the first is used in the mask pass (a tuning knob for experiments).
-#ifndef PIT_DETECT_IN_FLIGHT
-#define PIT_DETECT_IN_FLIGHT 8
-#endif
+// Rows loaded per lane before the first is used in the mask pass: 8 by default; the environment
+// variable PIT_DETECT_IN_FLIGHT=16 picks 16 (a tuning knob, read per launch).
 
 namespace pit {
 namespace {
@@ -35,8 +34,10 @@ constexpr int kThreads = 256;         // threads per CTA in the compaction passe
 constexpr int kItems = 16;            // narrow tiles per thread per chunk (4096 per chunk)
 constexpr int kWideItems = 4;         // wide tiles per warp per chunk (32 per chunk)
 constexpr int kScanThreads = 1024;    // threads of the per-batch chunk scan
-constexpr int64_t kWideWords = 4;     // tiles spanning this many mask words (slabs x words) are
+constexpr int64_t kWideWords = 8;     // tiles spanning this many mask words (slabs x words) are
                                       // tested by a whole warp, lanes over the words
+constexpr int64_t kWarpRowsNarrow = 32;  // rows of at most this many narrow tiles: a warp per row
+constexpr int64_t kWarpRowsWide = 4;     // ... or this many wide tiles
 
 // Scratch layout (32-bit words), shared with Python's workspace size (detect.py):
 //   slab_mask    [B, nb_m, n_slabs, n_words]  bit c of word w: column 32w+c of that slab of row
@@ -57,8 +58,9 @@ struct Plan {
     n_inner = s.n_inner(layout);
     n_words = ceil_div(cols, 32);
     n_slabs = ceil_div(tile_m, kMaskRows);
-    // mask words under one tile (slabs x the most 32-column words a tile_k span can touch)
-    wide = n_slabs * (ceil_div(tile_k - 1, 32) + 1) >= kWideWords;
+    // mask words under one tile: slabs x the 32-column words its span touches (at most)
+    const int64_t tile_words = tile_k % 32 == 0 ? tile_k / 32 : ceil_div(tile_k - 1, 32) + 1;
+    wide = n_slabs * tile_words >= kWideWords;
     word_rows = layout == kRowMajor && 32 % tile_k == 0;
     tile_starts = 0;
     for (int64_t bit = 0; bit < 32; bit += tile_k) tile_starts |= 1u << bit;
@@ -71,6 +73,8 @@ struct Plan {
   // One CTA per outer block (a loop over its chunks) when that gives enough CTAs or few steps;
   // otherwise count -> scan -> scatter over chunks, which stays parallel for one huge outer block.
   bool per_row() const { return n_chunks <= 8 || batch * n_outer >= 1024; }
+  // Short rows (a few tiles): one warp per outer block instead of one CTA.
+  bool warp_rows() const { return !word_rows && n_inner <= (wide ? kWarpRowsWide : kWarpRowsNarrow); }
 };
 
 // Bit e set when element e of the 16-byte vector is nonzero (any magnitude bit set).
@@ -117,7 +121,7 @@ __device__ __forceinline__ void wait_for_previous_grid() {
 // holds several slabs) the warp assembles 32-column words and stores them. Every mask word is
 // written, so no zeroing pass is needed. Block 0 also zeroes the per-batch `done` counters used
 // by the per-row compaction, which runs after this kernel.
-template <typename Bits>
+template <typename Bits, int kInFlight>
 __global__ void __launch_bounds__(kMaskWarps * 32)
     pit_detect_mask_kernel(const Bits* __restrict__ x, uint32_t* __restrict__ slab_mask,
                            uint32_t* __restrict__ done, int64_t batch, int64_t rows, int64_t cols,
@@ -125,7 +129,6 @@ __global__ void __launch_bounds__(kMaskWarps * 32)
                            int64_t n_row_tasks, int64_t n_col_chunks, bool vectorized) {
   constexpr int V = 16 / sizeof(Bits);
   constexpr int kLanesPerWord = 32 / V;
-  constexpr int kInFlight = PIT_DETECT_IN_FLIGHT;
   constexpr Bits kMag = static_cast<Bits>(~(Bits(1) << (sizeof(Bits) * 8 - 1)));
   const int lane = threadIdx.x & 31;
   wait_for_previous_grid();  // whatever wrote x (and last used this workspace)
@@ -172,7 +175,7 @@ __global__ void __launch_bounds__(kMaskWarps * 32)
   uint32_t bits = 0;
   for (int64_t r = r0; r < r1; r += kInFlight) {
     uint32_t row_bits[kInFlight];
-    if (vectorized && r + kInFlight <= r1) {  // fast path: 8 unconditional 16-byte loads in flight
+    if (vectorized && r + kInFlight <= r1) {  // fast path: kInFlight unconditional 16-byte loads in flight
       uint4 v[kInFlight];
       if (in_cols) {
 #pragma unroll
@@ -219,15 +222,21 @@ __device__ __forceinline__ uint32_t span_bits(int64_t w, int64_t lo, int64_t hi)
 // Flags of the tiles in one chunk of one outer block, in blocked order (thread t holds items
 // t*kItems..). Narrow tiles: one thread per tile. Wide tiles: one warp per tile, lanes over
 // words, results on lane 0 (other lanes hold 0, which keeps the scan order).
-// Whether tile (i, j) has a nonzero: OR of the slab-mask bits under it. One thread.
+// Whether tile (i, j) has a nonzero: OR of the slab-mask bits under it. One thread. kAll: read
+// every word (no early exit, so the loads overlap: a thread with one tile); otherwise stop at the
+// first nonzero word (fewer registers: a thread with many tiles).
+template <bool kAll = false>
 __device__ __forceinline__ bool tile_nonzero(const Plan& p, const uint32_t* __restrict__ slab_mask,
                                              int64_t b, int64_t i, int64_t j) {
   const uint32_t* m = slab_mask + (b * p.nb_m + i) * p.n_slabs * p.n_words;
   const int64_t lo = j * p.tile_k, hi = min(p.cols, lo + p.tile_k);
+  uint32_t any = 0;
   for (int64_t s = 0; s < p.n_slabs; ++s, m += p.n_words)
-    for (int64_t w = lo >> 5; w <= ((hi - 1) >> 5); ++w)
-      if (m[w] & span_bits(w, lo, hi)) return true;
-  return false;
+    for (int64_t w = lo >> 5; w <= ((hi - 1) >> 5); ++w) {
+      any |= m[w] & span_bits(w, lo, hi);
+      if (!kAll && any) return true;
+    }
+  return any != 0;
 }
 
 // The same for a wide tile, by a whole warp (lanes over its slabs x words, so a tall tile's
@@ -236,11 +245,12 @@ __device__ __forceinline__ bool wide_tile_nonzero(const Plan& p, const uint32_t*
                                                   int64_t b, int64_t i, int64_t j, int lane) {
   const uint32_t* m = slab_mask + (b * p.nb_m + i) * p.n_slabs * p.n_words;
   const int64_t lo = j * p.tile_k, hi = min(p.cols, lo + p.tile_k);
-  const int64_t w_lo = lo >> 5, n_w = ((hi - 1) >> 5) - w_lo + 1;
+  const int64_t w_lo = lo >> 5;
+  const int n_w = int(((hi - 1) >> 5) - w_lo + 1), n = int(p.n_slabs) * n_w;  // < 2^31: the mask's size
   uint32_t any = 0;
-  for (int64_t t = lane; t < p.n_slabs * n_w; t += 32) {
-    const int64_t s = t / n_w, w = w_lo + t % n_w;
-    any |= m[s * p.n_words + w] & span_bits(w, lo, hi);
+  for (int t = lane; t < n; t += 32) {
+    const int64_t w = w_lo + t % n_w;
+    any |= m[int64_t(t / n_w) * p.n_words + w] & span_bits(w, lo, hi);
   }
   return __any_sync(0xffffffffu, any != 0);
 }
@@ -388,6 +398,15 @@ __device__ __forceinline__ int compact_row_tiles(const Plan& p, const uint32_t* 
                                                  int64_t b, int64_t o, int32_t* __restrict__ out) {
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage storage;
+  if (!kWide && p.n_inner <= kThreads) {  // a short row: one tile per thread, all in parallel
+    const int64_t j = threadIdx.x;
+    const bool row_major = p.layout == kRowMajor;
+    const int flag = j < p.n_inner && tile_nonzero<true>(p, slab_mask, b, row_major ? o : j, row_major ? j : o);
+    int pos, total;
+    Scan(storage).ExclusiveSum(flag, pos, total);
+    if (flag) out[pos] = int32_t(j);
+    return total;
+  }
   int running = 0;
   for (int64_t c = 0; c < p.n_chunks; ++c) {
     int flags[kItems], pos[kItems], step_total;
@@ -403,6 +422,79 @@ __device__ __forceinline__ int compact_row_tiles(const Plan& p, const uint32_t* 
 }
 
 enum RowMode { kRowsNarrow = 0, kRowsWide = 1, kRowsWords = 2 };
+
+// CSR offsets of batch element b from its counts (all written and fenced by other CTAs), by one
+// whole CTA: each thread sums a contiguous run of counts (independent L2 loads, overlapping),
+// one block scan, then each thread writes its run's offsets.
+__device__ __forceinline__ void scan_counts_into_offsets(const Plan& p, const int32_t* __restrict__ counts,
+                                                         int32_t* __restrict__ offsets, int64_t b,
+                                                         typename cub::BlockScan<int, kThreads>::TempStorage& storage) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  const int32_t* cnt = counts + b * p.n_outer;
+  int32_t* off = offsets + b * (p.n_outer + 1);
+  const int64_t run = ceil_div(p.n_outer, int64_t(kThreads));
+  const int64_t lo = min(p.n_outer, int64_t(threadIdx.x) * run), hi = min(p.n_outer, lo + run);
+  int sum = 0;
+#pragma unroll 8
+  for (int64_t t = lo; t < hi; ++t) sum += __ldcg(cnt + t);  // L2 reads: other CTAs wrote these
+  int prefix, total;
+  Scan(storage).ExclusiveSum(sum, prefix, total);
+  for (int64_t t = lo; t < hi; ++t) {
+    off[t] = prefix;
+    prefix += __ldcg(cnt + t);
+  }
+  if (threadIdx.x == 0) off[p.n_outer] = total;
+  __syncthreads();  // storage may be reused
+}
+
+// Short rows (Plan::warp_rows), one warp per (batch, outer block), kThreads / 32 per CTA: narrow
+// tiles one per lane, wide tiles one after another by the whole warp; ids by ballot and
+// popcount, -1 padding and the count. The warp that finishes a batch element's last row (the
+// `done` counter) has its whole CTA scan that element's counts into offsets.
+template <bool kWide>
+__global__ void __launch_bounds__(kThreads)
+    pit_detect_warp_rows_kernel(Plan p, const uint32_t* __restrict__ slab_mask, uint32_t* __restrict__ done,
+                                int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
+                                int32_t* __restrict__ indices) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage storage;
+  __shared__ int64_t finished[kThreads / 32];  // batch element whose last row this warp finished, or -1
+  wait_for_previous_grid();  // the mask pass (launched before this kernel, possibly overlapping)
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t bo = int64_t(blockIdx.x) * (kThreads / 32) + warp;
+  int64_t last_of = -1;
+  if (bo < p.batch * p.n_outer) {  // uniform per warp
+    const int64_t b = bo / p.n_outer, o = bo % p.n_outer;
+    const bool row_major = p.layout == kRowMajor;
+    uint32_t bits = 0;
+    if (kWide) {
+      for (int64_t j = 0; j < p.n_inner; ++j)
+        bits |= uint32_t(wide_tile_nonzero(p, slab_mask, b, row_major ? o : j, row_major ? j : o, lane)) << j;
+    } else {
+      const bool nz = lane < p.n_inner &&
+                      tile_nonzero<true>(p, slab_mask, b, row_major ? o : int64_t(lane), row_major ? int64_t(lane) : o);
+      bits = __ballot_sync(0xffffffffu, nz);
+    }
+    const int count = __popc(bits);
+    int32_t* out = indices + bo * p.n_inner;
+    if (lane < p.n_inner) {
+      if ((bits >> lane) & 1u) out[__popc(bits & ((1u << lane) - 1u))] = lane;
+      if (lane >= count) out[lane] = -1;
+    }
+    if (lane == 0) {
+      counts[bo] = count;
+      __threadfence();  // publish the count before announcing this row is done
+      if (atomicAdd(done + b, 1u) == unsigned(p.n_outer - 1)) last_of = b;
+    }
+  }
+  if (lane == 0) finished[warp] = last_of;
+  __syncthreads();
+  for (int w = 0; w < kThreads / 32; ++w) {  // uniform per CTA
+    if (finished[w] < 0) continue;
+    __threadfence();
+    scan_counts_into_offsets(p, counts, offsets, finished[w], storage);
+  }
+}
 
 // Per-row path, one CTA per (batch, outer block): writes ids, -1 padding and the count. The
 // last CTA of a batch element to finish (a counter in scratch, zeroed by the mask pass) scans
@@ -431,19 +523,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  const int32_t* cnt = counts + b * p.n_outer;
-  int32_t* off = offsets + b * (p.n_outer + 1);
-  int carry = 0;
-  for (int64_t start = 0; start < p.n_outer; start += kThreads) {
-    const int64_t t = start + threadIdx.x;
-    const int v = t < p.n_outer ? __ldcg(cnt + t) : 0;  // L2 read: other CTAs wrote these
-    int prefix, step_total;
-    Scan(storage).ExclusiveSum(v, prefix, step_total);
-    if (t < p.n_outer) off[t] = carry + prefix;
-    carry += step_total;
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) off[p.n_outer] = carry;
+  scan_counts_into_offsets(p, counts, offsets, b, storage);
 }
 
 // Launches kernel after the previous kernel on the stream with programmatic stream serialisation
@@ -481,16 +561,21 @@ cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uin
   const int64_t n_row_tasks = p.tile_m >= kMaskRows ? p.nb_m * p.n_slabs : ceil_div(p.nb_m, kMaskRows / p.tile_m);
   const int64_t n_tasks = p.batch * n_row_tasks * n_col_chunks;
   const bool vectorized = p.cols % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  cudaError_t err = launch_dependent(pit_detect_mask_kernel<Bits>, unsigned(ceil_div(n_tasks, kMaskWarps)),
+  const char* in_flight = std::getenv("PIT_DETECT_IN_FLIGHT");
+  const bool sixteen = in_flight != nullptr && std::atoi(in_flight) == 16;
+  cudaError_t err = launch_dependent(sixteen ? pit_detect_mask_kernel<Bits, 16> : pit_detect_mask_kernel<Bits, 8>,
+                                     unsigned(ceil_div(n_tasks, kMaskWarps)),
                                      kMaskWarps * 32, stream, static_cast<const Bits*>(x), slab_mask, done, p.batch,
                                      p.rows, p.cols, p.tile_m, p.nb_m, p.n_slabs, p.n_words, n_row_tasks,
                                      n_col_chunks, vectorized);
   if (err != cudaSuccess) return err;
-  if (p.word_rows || p.per_row()) {
-    const unsigned grid = unsigned(p.batch * p.n_outer);
-    auto rows_kernel = p.word_rows ? pit_detect_rows_kernel<kRowsWords>
-                       : p.wide    ? pit_detect_rows_kernel<kRowsWide>
-                                   : pit_detect_rows_kernel<kRowsNarrow>;
+  if (p.word_rows || p.per_row() || p.warp_rows()) {
+    auto rows_kernel = p.word_rows   ? pit_detect_rows_kernel<kRowsWords>
+                       : p.warp_rows() ? (p.wide ? pit_detect_warp_rows_kernel<true> : pit_detect_warp_rows_kernel<false>)
+                       : p.wide        ? pit_detect_rows_kernel<kRowsWide>
+                                       : pit_detect_rows_kernel<kRowsNarrow>;
+    const int64_t rows_per_cta = p.warp_rows() ? kThreads / 32 : 1;
+    const unsigned grid = unsigned(ceil_div(p.batch * p.n_outer, rows_per_cta));
     err = launch_dependent(rows_kernel, grid, kThreads, stream, p, slab_mask, done, counts, offsets, indices);
     return err != cudaSuccess ? err : cudaGetLastError();
   }

@@ -41,8 +41,8 @@ struct MoeSm90Config {
   static constexpr int kAtomBytes = kBK * 128;                // MN-major operand: 64 columns x 64 K rows
   static constexpr int kCStride = kBN + 8;                    // epilogue row, padded: no bank conflicts
   static constexpr int kRingBytes = kStages * kStageBytes;
-  // ring + alignment slack + barriers + the forward's destination and source row ids and row scales
-  static constexpr int kSmemBytes = kRingBytes + 1024 + 2 * kStages * 8 + 3 * kBM * 4;
+  // ring + alignment slack + barriers + the forward's destination and source row ids
+  static constexpr int kSmemBytes = kRingBytes + 1024 + 2 * kStages * 8 + 2 * kBM * 4;
   static_assert(kBM * kCStride * 2 <= kRingBytes, "epilogue staging must fit the ring");
   static_assert(kProducerRegisters * kProducers + kConsumerRegisters * kConsumers <= 65536, "register file");
 };
@@ -54,7 +54,7 @@ struct MoeSm90Smem {  // views into the dynamic shared memory
   unsigned char* ring;
   uint64_t* full;   // [kStages]: the producer's copies of the stage landed
   uint64_t* empty;  // [kStages]: both consumers finished reading the stage
-  int32_t* rows;    // [3 * kBM], free for the kernel
+  int32_t* rows;    // [2 * kBM], free for the kernel
 
   // Lays out the 1024-byte-aligned ring (swizzle atoms must be aligned) and initialises the
   // barriers (full_arrivals per phase of a full barrier); all threads call it, then __syncthreads.
@@ -143,32 +143,34 @@ __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90S
   pin_registers(acc);
 }
 
+// The first of the two tile rows (row, row + 8) whose accumulators consumer thread ctid
+// (0..255) holds: wgmma's m64 fragment layout, 64 rows per consumer warpgroup.
+__device__ __forceinline__ int consumer_row(int ctid) {
+  return (ctid / 128) * 64 + ((ctid % 128) / 32) * 16 + (ctid % 32) / 4;
+}
+
 // Both consumers' accumulators as T into the row-major staging tile cs [kBM][kCStride], which
 // overlays the ring (ctid = consumer thread 0..255), through the epilogue kEpi (moe_tiles.cuh),
 // in fp32 and rounded once. Barriers: every consumer finished reading the ring before, and the
 // tile is complete after.
 // kEpiSwiGLU: columns 0..127 of the accumulators are the gate, 128..255 the up projection of the
 // same 128 output columns (a thread holds both of a column: acc[4j + q] and acc[4(j + 16) + q]),
-// and the tile staged is silu(gate) * up, 128 columns. kEpiScale: row r is multiplied by
-// row_scale[r] (shared memory; the top-k combine weight of the row's assignment).
+// and the tile staged is silu(gate) * up, 128 columns. kEpiScale: rows consumer_row(ctid) and
+// + 8 are multiplied by row_scale[0] and [1] (the top-k combine weights of their assignments).
 template <typename T, int kEpi = kEpiNone>
 __device__ __forceinline__ void stage_accumulators(const float (&acc)[128], T* cs, int ctid,
-                                                   const float* row_scale = nullptr) {
+                                                   const float (&row_scale)[2]) {
   using C = MoeSm90Config;
   named_barrier_sync(1, C::kConsumers);
-  const int lane = ctid % 32, row = (ctid / 128) * 64 + ((ctid % 128) / 32) * 16 + lane / 4;
+  const int lane = ctid % 32, row = consumer_row(ctid);
   constexpr int kCols = kEpi == kEpiSwiGLU ? 16 : 32;  // 8-column groups staged per thread
-  float scale[2] = {1.0f, 1.0f};
-  if constexpr (kEpi == kEpiScale) {
-    scale[0] = row_scale[row];
-    scale[1] = row_scale[row + 8];
-  }
   auto value = [&](int i) {  // accumulator i after the epilogue; i / 2 % 2 picks the row
     const float v = acc[i];
     if constexpr (kEpi == kEpiSwiGLU) return v / (1.0f + __expf(-v)) * acc[i + 64];
     if constexpr (kEpi == kEpiReLU) return fmaxf(v, 0.0f);
-    if constexpr (kEpi == kEpiGELU) return 0.5f * v * (1.0f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v)));
-    if constexpr (kEpi == kEpiScale) return v * scale[(i / 2) % 2];
+    // 0.5 v (1 + tanh(z)) = v sigmoid(2z), z = sqrt(2/pi) (v + 0.044715 v^3): one exp, as silu
+    if constexpr (kEpi == kEpiGELU) return v / (1.0f + __expf(-1.5957691216f * (v + 0.044715f * v * v * v)));
+    if constexpr (kEpi == kEpiScale) return v * row_scale[(i / 2) % 2];
     return v;
   };
 #pragma unroll
@@ -206,7 +208,6 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
   const MoeSm90Smem sm(smem_raw, C::kProducers + 1);  // + the weight tile's expect-tx arrival
   int32_t* dst_rows = sm.rows;        // output row of each tile row
   int32_t* src_rows = sm.rows + C::kBM;  // its row of x
-  float* scale_rows = reinterpret_cast<float*>(sm.rows + 2 * C::kBM);  // kEpiScale: its combine weight
   const int tid = threadIdx.x;
   const MoeGridTile grid_tile = forward_grid_tile(blockIdx.x, s.max_row_tiles, ceil_div(s.f, int64_t(kOutCols)), col_band);
   MoeRouteTile tile;
@@ -217,7 +218,6 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     const int32_t a = r < tile.rows ? order[tile.first + r] : 0, p = r < tile.rows ? int32_t(tile.first + r) : 0;
     dst_rows[r] = s.out_sorted ? p : a;
     src_rows[r] = s.x_sorted ? p : int32_t(a / s.rows_per_source);
-    if constexpr (kEpi == kEpiScale) scale_rows[r] = r < tile.rows ? row_scale[a] : 0.0f;
   }
   __syncthreads();
 
@@ -276,6 +276,14 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
   } else {
     setmaxnreg_inc<C::kConsumerRegisters>();
     const int ctid = tid - C::kProducers, warpgroup = ctid / 128;
+    float scale[2] = {1.0f, 1.0f};
+    if constexpr (kEpi == kEpiScale) {  // issued now, used after the main loop: the loads' latency hides
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = consumer_row(ctid) + 8 * h;
+        scale[h] = r < tile.rows ? row_scale[order[tile.first + r]] : 0.0f;
+      }
+    }
     float acc[128];
     const uint64_t desc_a0 = smem_descriptor_sw128(sm.ring + warpgroup * 64 * C::kRowBytes, 16, 1024);
     const uint64_t desc_b0 = kWTransposed ? smem_descriptor_sw128(sm.ring + C::kABytes, 16, 1024)
@@ -283,7 +291,7 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     consume_stages<0, kWTransposed ? 0 : 1, 32, kWTransposed ? 32 : 16 * C::kRowBytes, true, T>(acc, sm, n_chunks,
                                                                                          desc_a0, desc_b0);
     T* cs = reinterpret_cast<T*>(sm.ring);
-    stage_accumulators<T, kEpi>(acc, cs, ctid, scale_rows);
+    stage_accumulators<T, kEpi>(acc, cs, ctid, scale);
     for (int i = ctid; i < tile.rows * (kOutCols / 8); i += C::kConsumers) {  // SWrite: 16 bytes per store
       const int r = i / (kOutCols / 8), c = (i % (kOutCols / 8)) * 8;
       if (c < cols)
@@ -396,7 +404,8 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     const uint64_t desc_b0 = smem_descriptor_sw128(sm.ring + C::kABytes, C::kAtomBytes, 1024);
     consume_stages<1, 1, 16 * C::kRowBytes, 16 * C::kRowBytes, false, T>(acc, sm, n_chunks, desc_a0, desc_b0);
     T* cs = reinterpret_cast<T*>(sm.ring);
-    stage_accumulators(acc, cs, ctid);
+    const float unscaled[2] = {1.0f, 1.0f};
+    stage_accumulators(acc, cs, ctid, unscaled);
     const int64_t rows = s.d - m0 < C::kBM ? s.d - m0 : C::kBM, cols = s.f - n0 < C::kBN ? s.f - n0 : C::kBN;
     T* dw_tile = dw + (expert * s.d + m0) * s.f + n0;
     for (int i = ctid; i < rows * (C::kBN / 8); i += C::kConsumers) {  // 16 bytes per store
