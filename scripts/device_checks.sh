@@ -6,6 +6,9 @@
 #                  (fused epilogues, row layouts) and the detect kernel tests.
 #   PART=bench:    bench_moe_epilogues ($OUT/epilogues), bench_detect ($OUT/detect) and
 #                  bench_moe's layer table ($OUT/layer).
+#   PART=final:    one pass for a last build: fused-epilogue MoE tests, the detect suites (also
+#                  with PIT_DETECT_IN_FLIGHT=8), the sanitizers, bench_moe_epilogues, the 4096²
+#                  detect cases twice per in-flight setting, then the full detect and layer tables.
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -44,6 +47,23 @@ bench)
   timeout -k 5 150 python3 benchmarks/bench_detect.py --out $OUT/detect 2>&1 | grep "^|"
   echo "detect $((SECONDS-t0))s"
   timeout -k 5 200 python3 benchmarks/bench_moe.py --no-projection --out $OUT/layer 2>&1 | grep "^|"
+  echo "layer $((SECONDS-t0))s" ;;
+final)
+  echo "== pytest fused-epilogue MoE tests" >> $LOG
+  timeout -k 5 200 python3 -P -m pytest tests/test_moe_kernels.py tests/test_moe_matmul.py -k "fused or lowers" -q -p no:cacheprovider 2>&1 | tail -2 | tee -a $LOG
+  echo "== pytest detect suites (default), then tests/test_detect.py with PIT_DETECT_IN_FLIGHT=8" >> $LOG
+  timeout -k 5 120 python3 -P -m pytest tests/test_detect.py tests/test_detect_properties.py tests/test_detect_transforms.py tests/test_detect_errors.py -q -p no:cacheprovider 2>&1 | tail -2 | tee -a $LOG
+  PIT_DETECT_IN_FLIGHT=8 timeout -k 5 120 python3 -P -m pytest tests/test_detect.py -q -p no:cacheprovider 2>&1 | tail -1 | tee -a $LOG
+  echo "tests $((SECONDS-t0))s"
+  PART=sanitize SKIP_BUILD=1 SAN_TIMEOUT=100 bash $0 | grep -E "^==|SUMMARY|passed|rc "
+  timeout -k 5 100 python3 benchmarks/bench_moe_epilogues.py --out $OUT/epilogues 2>&1 | grep "^| [MQ]"
+  for rep in 1 2; do for f in 16 8; do
+    echo "== detect 4096² cases, PIT_DETECT_IN_FLIGHT=$f, repeat $rep" | tee -a $LOG
+    PIT_DETECT_IN_FLIGHT=$f timeout -k 5 60 python3 benchmarks/bench_detect.py --quick --out /tmp/dq 2>&1 | grep "^| 4096" | tee -a $LOG
+  done; done
+  timeout -k 5 100 python3 benchmarks/bench_detect.py --out $OUT/detect 2>&1 | grep "^| [14]"
+  echo "bench $((SECONDS-t0))s"
+  timeout -k 5 200 python3 benchmarks/bench_moe.py --no-projection --out $OUT/layer 2>&1 | grep "^| [MQ]"
   echo "layer $((SECONDS-t0))s" ;;
 ncu)
   echo "== ncu: one SwiGLU layer step, Mixtral shape (T=4096, E=8, k=2, 4096->14336), bf16" >> $LOG
