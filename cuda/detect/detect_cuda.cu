@@ -22,8 +22,10 @@
 #include "../common/ffi_common.h"
 #include "detect_layout.h"
 
-// Rows loaded per lane before the first is used in the mask pass: 16 by default (measured faster
-// than 8 at 4096² and 16384² on an H200); PIT_DETECT_IN_FLIGHT=8 picks 8 (read per launch).
+// Rows loaded per lane before the first is used in the mask pass: 16 when the pass has more warps
+// than an H100/H200 holds at once (16384² bf16 32x1: 184 vs 193 us on an H200), else 8 (4096²:
+// 8 as fast or faster in an A/B run); PIT_DETECT_IN_FLIGHT=8 or 16 forces one (read per launch).
+constexpr int64_t kManyMaskWarps = 132 * 64;
 
 namespace pit {
 namespace {
@@ -562,7 +564,7 @@ cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uin
   const int64_t n_tasks = p.batch * n_row_tasks * n_col_chunks;
   const bool vectorized = p.cols % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   const char* in_flight = std::getenv("PIT_DETECT_IN_FLIGHT");
-  const bool sixteen = in_flight == nullptr || std::atoi(in_flight) != 8;
+  const bool sixteen = in_flight != nullptr ? std::atoi(in_flight) == 16 : n_tasks > kManyMaskWarps;
   cudaError_t err = launch_dependent(sixteen ? pit_detect_mask_kernel<Bits, 16> : pit_detect_mask_kernel<Bits, 8>,
                                      unsigned(ceil_div(n_tasks, kMaskWarps)),
                                      kMaskWarps * 32, stream, static_cast<const Bits*>(x), slab_mask, done, p.batch,
