@@ -10,6 +10,7 @@ is max(useful FLOPs at the measured dense rate, bytes at the measured copy rate)
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 
 import pit_jax
+from pit_jax.kgather_cuda import block_occupancy
 from common import announce, bench_parser, markdown_report, tile_sparse_bf16, time_per_call, write_results
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.95, 0.99]  # of 32x1 micro-tiles, at random
@@ -66,6 +68,15 @@ def main():
             t_idx = time_per_call(lambda xs: ours_idx(xs, w, idxs), xs, n_inputs)
             t_dw = time_per_call(lambda xs: dw_ours(xs, w), xs, n_inputs, steps=3)
             t_dw_dense = time_per_call(lambda xs: dw_dense(xs, w), xs, n_inputs, steps=3)
+            # the dW kernel alone (PIT_KGATHER_DW is read when lowering: set around the compile)
+            os.environ["PIT_KGATHER_DW"] = "sparse"
+            dw_kernel = jax.jit(lambda xs, w: [jax.grad(lambda w: jnp.sum(
+                pit_jax.sparse_dense(x, w, tile=tile).astype(jnp.float32)))(w) for x in xs])
+            dw_kernel.lower(xs, w).compile()
+            del os.environ["PIT_KGATHER_DW"]
+            t_dw_kernel = time_per_call(lambda xs: dw_kernel(xs, w), xs, n_inputs, steps=3)
+            occupancy = float(block_occupancy(pit_jax.detect(xs[0], tile).indices, tile[1], k)) \
+                if tile[0] % 32 == 0 else float("nan")
             t_auto = float("nan")
             if tile == (32, 1):  # tile="auto": kernel or dense matmul, chosen on device
                 auto = jax.jit(lambda xs, w: [pit_jax.sparse_dense(x, w, tile="auto") for x in xs])
@@ -83,7 +94,8 @@ def main():
             row = dict(shape=name, m=m, k=k, n=n, tile=list(tile), sparsity=sp, density=density,
                        rel_err=err, t_dense_ms=t_dense * 1e3, t_pit_ms=t_ours * 1e3,
                        t_pit_given_index_ms=t_idx * 1e3, t_auto_ms=t_auto * 1e3, t_bcoo_ms=t_bcoo * 1e3,
-                       t_dw_pit_ms=t_dw * 1e3, t_dw_dense_ms=t_dw_dense * 1e3,
+                       t_dw_pit_ms=t_dw * 1e3, t_dw_dense_ms=t_dw_dense * 1e3, t_dw_kernel_ms=t_dw_kernel * 1e3,
+                       dw_block_occupancy=occupancy,
                        speedup=t_dense / t_ours, speedup_dw=t_dw_dense / t_dw,
                        floor_ms=floor * 1e3, of_floor=floor / t_ours,
                        dense_tflops=dense_rate / 1e12, copy_tbps=copy_rate / 1e12)
@@ -92,14 +104,18 @@ def main():
     md = markdown_report(
         f"sparse_dense benchmark — {meta['device']}, jax {meta['jax']}, {meta['date']}",
         "bf16, x sparse in micro-tiles of the given shape at random, detection included unless "
-        "noted; auto = tile='auto' (32x1 kernel or dense, decided on device); CUDA kernels built: "
+        "noted; auto = tile='auto' (32x1 kernel or dense, decided on device); dW pit = the on-device dW "
+        "rule (kernel when at most 20% of (32-row group, 64-column) blocks are occupied, else XLA's matmul "
+        "on the masked x), dW kernel = the dW kernel forced (PIT_KGATHER_DW=sparse); CUDA kernels built: "
         f"{pit_jax.build_info().get('cuda')}",
         ["shape", "tile", "sparsity", "dense ms", "pit ms", "speedup", "pit (given index) ms", "auto ms",
-         "floor ms", "of floor", "dW pit ms", "dW dense ms", "BCOO ms", "rel err"],
+         "floor ms", "of floor", "dW pit ms", "dW kernel ms", "dW block occupancy", "dW dense ms", "BCOO ms",
+         "rel err"],
         [[r["shape"], "×".join(map(str, r["tile"])), f"{r['sparsity']:.2f}", f"{r['t_dense_ms']:.3f}",
           f"{r['t_pit_ms']:.3f}", f"{r['speedup']:.2f}×", f"{r['t_pit_given_index_ms']:.3f}",
           f"{r['t_auto_ms']:.3f}", f"{r['floor_ms']:.3f}",
-          f"{r['of_floor']:.2f}", f"{r['t_dw_pit_ms']:.3f}", f"{r['t_dw_dense_ms']:.3f}",
+          f"{r['of_floor']:.2f}", f"{r['t_dw_pit_ms']:.3f}", f"{r['t_dw_kernel_ms']:.3f}",
+          f"{r['dw_block_occupancy']:.2f}", f"{r['t_dw_dense_ms']:.3f}",
           f"{r['t_bcoo_ms']:.3f}", f"{r['rel_err']:.1e}"] for r in rows])
     print(md)
     write_results(args.out, "sparse_dense", rows, md, meta)

@@ -9,6 +9,8 @@
 #   PART=final:    one pass for a last build: fused-epilogue MoE tests, the detect suites (also
 #                  with PIT_DETECT_IN_FLIGHT=8), the sanitizers, bench_moe_epilogues, the 4096²
 #                  detect cases twice per in-flight setting, then the full detect and layer tables.
+#   PART=kgather:  the k-gather suites on the GPU and bench_sparse_dense for 32x1 tiles without
+#                  BCOO ($OUT/sparse_dense): the dW rule against the forced dW kernel.
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -65,6 +67,14 @@ final)
   echo "bench $((SECONDS-t0))s"
   timeout -k 5 200 python3 benchmarks/bench_moe.py --no-projection --out $OUT/layer 2>&1 | grep "^| [MQ]"
   echo "layer $((SECONDS-t0))s" ;;
+kgather)
+  echo "== pytest tests/test_kgather.py tests/test_kgather_kernels.py" >> $LOG
+  timeout -k 5 ${TEST_TIMEOUT:-200} python3 -P -m pytest tests/test_kgather.py tests/test_kgather_kernels.py -q -p no:cacheprovider > /tmp/tests.log 2>&1
+  grep -E "FAILED|Error" /tmp/tests.log | head -20 | tee -a $LOG
+  tail -2 /tmp/tests.log | tee -a $LOG
+  echo "tests $((SECONDS-t0))s"
+  timeout -k 5 ${BENCH_TIMEOUT:-280} python3 benchmarks/bench_sparse_dense.py --no-bcoo --tiles 32x1 --out $OUT/sparse_dense 2>&1 | grep "^| [4O]"
+  echo "bench $((SECONDS-t0))s" ;;
 ncu)
   echo "== ncu: one SwiGLU layer step, Mixtral shape (T=4096, E=8, k=2, 4096->14336), bf16" >> $LOG
   # ncu writes to a file, not a pipe: a profiled process left behind by the timeout must not hold the pipe open

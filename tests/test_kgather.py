@@ -161,6 +161,42 @@ def test_cuda_lowering_calls_kernels():
         text = jax.jit(jax.value_and_grad(f, 1)).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
     for target in ("pit_detect", "pit_sparse_dense", "pit_sparse_tn"):
         assert target in text
+    assert "stablehlo.case" in text  # dW: the kernel or XLA's matmul, chosen on device
+
+
+@pytest.mark.parametrize("mode, kernel, cond", [("sparse", True, False), ("dense", False, False)])
+def test_dw_mode_forces_one_path(monkeypatch, mode, kernel, cond):
+    """PIT_KGATHER_DW=sparse|dense lowers dW to the kernel alone or to XLA's matmul alone."""
+    if not pit_jax.cuda_available():
+        pytest.skip("built without CUDA kernels")
+    monkeypatch.setenv("PIT_KGATHER_DW", mode)
+    x = jax.ShapeDtypeStruct((64, 32), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((32, 16), jnp.bfloat16)
+    f = lambda x, w: jnp.sum(pit_jax.sparse_dense(x, w).astype(jnp.float32))
+    text = jax.jit(jax.grad(f, 1)).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert ("pit_sparse_tn" in text) == kernel and ("stablehlo.case" in text) == cond
+    monkeypatch.setenv("PIT_KGATHER_DW", "sometimes")
+    with pytest.raises(ValueError, match="PIT_KGATHER_DW"):
+        jax.jit(jax.grad(f, 1)).trace(x, w).lower(lowering_platforms=("cuda",))
+
+
+def test_block_occupancy_counts_occupied_blocks():
+    """The dW rule's statistic: (row group, 64-column block) pairs holding a listed tile,
+    a tile marking the blocks of its first and last column."""
+    from pit_jax.kgather_cuda import block_occupancy
+    rng = np.random.default_rng(11)
+    groups, k, tk = 7, 300, 3
+    n_inner = -(-k // tk)
+    ids = np.full((2, groups, n_inner), -1, np.int32)
+    want = np.zeros((2, groups, -(-k // 64)), bool)
+    for b in range(2):
+        for g in range(groups):
+            chosen = np.sort(rng.choice(n_inner, rng.integers(0, 6), replace=False))
+            ids[b, g, :len(chosen)] = chosen
+            for j in chosen:
+                want[b, g, j * tk // 64] = want[b, g, min(j * tk + tk - 1, k - 1) // 64] = True
+    got = float(block_occupancy(jnp.asarray(ids), tk, k))
+    assert got == pytest.approx(want.mean())
 
 
 @pytest.mark.parametrize("fn", ["sparse_dense", "dense_sparse"])

@@ -1,7 +1,8 @@
 """k-gather kernels (forward and dW) against float64 on the shapes the kernels care about:
 row tiles that map straight onto 32-row groups and ones that are merged, vectorised and
 unaligned operands, several column tiles and k-chunks, more than one pass of row groups,
-skewed and empty row blocks, and garbage outside the index. Runs on every backend."""
+skewed and empty row blocks, and garbage outside the index. Runs on every backend. dW runs
+the kernel here (PIT_KGATHER_DW=sparse) except in the test of the dW rule itself."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +12,12 @@ import pit_jax
 from helpers import DTYPES, random_tile_sparse
 
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}  # relative Frobenius error
+
+
+@pytest.fixture(autouse=True)
+def _dw_kernel(monkeypatch):
+    """Force the dW kernel (the on-device rule would pick XLA's matmul for most of these)."""
+    monkeypatch.setenv("PIT_KGATHER_DW", "sparse")
 
 
 def _rel_err(got, want):
@@ -105,3 +112,24 @@ def test_dense_sparse_through_kernels(backend):
     np.testing.assert_allclose(np.asarray(gx), g @ w.T, rtol=1e-5, atol=1e-4)
     mask = np.asarray(pit_jax.detect(w, (1, 32)).element_mask())
     np.testing.assert_allclose(np.asarray(gw), np.einsum("bmk,bmn->kn", x, g) * mask, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", ["row_groups", "random"])
+def test_dw_rule_matches_float64(backend, monkeypatch, pattern):
+    """The on-device dW rule (PIT_KGATHER_DW=auto): row-structured sparsity (2 of 16 row groups
+    nonzero: the kernel) and random tiles (most column blocks occupied: XLA's matmul on the
+    masked x) both give xᵀ·dy over the listed tiles."""
+    monkeypatch.setenv("PIT_KGATHER_DW", "auto")
+    rng = np.random.default_rng(6)
+    if pattern == "row_groups":
+        x = np.zeros((512, 192), np.float32)
+        x[64:96] = rng.standard_normal((32, 192))
+        x[320:352] = rng.standard_normal((32, 192))
+        x = x.astype(np.float16)
+    else:
+        x = random_tile_sparse(rng, (512, 192), (32, 1), 0.7, "float16")
+    w = (rng.standard_normal((192, 72)) + 0.1).astype(np.float16)
+    g = rng.standard_normal((512, 72)).astype(np.float32)
+    y, dw = _forward_and_dw(x, w, g, (32, 1))
+    y_ref, dw_ref = _references(x, w, g, np.ones(x.shape, bool))
+    assert _rel_err(y, y_ref) < TOL["float16"] and _rel_err(dw, dw_ref) < TOL["float16"]
