@@ -20,16 +20,19 @@ LOG=$OUT/checks.log
 t0=$SECONDS
 [[ "${SKIP_BUILD:-0}" == 1 ]] || PIT_ENABLE_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q . > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
 echo "build $((SECONDS-t0))s"
+pytest_gpu() {  # seconds, then pytest's arguments: the installed package (-P), failures and summary to $LOG
+  local limit=$1; shift
+  echo "== pytest $*" >> $LOG
+  timeout -k 5 $limit python3 -P -m pytest "$@" -q -rs -p no:cacheprovider > /tmp/tests.log 2>&1
+  grep -E "FAILED|Error" /tmp/tests.log | head -20 | tee -a $LOG
+  tail -2 /tmp/tests.log | tee -a $LOG
+  echo "tests $((SECONDS-t0))s"
+}
+DETECT_SUITES="tests/test_detect.py tests/test_detect_properties.py tests/test_detect_transforms.py tests/test_detect_errors.py"
 case "${PART:-tests}" in
 tests)
-  for suite in "tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py" \
-               "tests/test_detect.py tests/test_detect_properties.py tests/test_detect_transforms.py tests/test_detect_errors.py"; do
-    echo "== pytest $suite" >> $LOG
-    timeout -k 5 ${TEST_TIMEOUT:-280} python3 -P -m pytest $suite -q -rs -p no:cacheprovider > /tmp/tests.log 2>&1
-    grep -E "FAILED|Error" /tmp/tests.log | head -20 | tee -a $LOG
-    tail -3 /tmp/tests.log | tee -a $LOG
-    echo "tests $((SECONDS-t0))s"
-  done ;;
+  pytest_gpu ${TEST_TIMEOUT:-280} tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py
+  pytest_gpu ${TEST_TIMEOUT:-280} $DETECT_SUITES ;;
 sanitize)
   export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform
   run_tool() {  # tool, kernel-name filter, test file, -k selection
@@ -51,12 +54,10 @@ bench)
   timeout -k 5 200 python3 benchmarks/bench_moe.py --no-projection --out $OUT/layer 2>&1 | grep "^|"
   echo "layer $((SECONDS-t0))s" ;;
 final)
-  echo "== pytest fused-epilogue MoE tests" >> $LOG
-  timeout -k 5 200 python3 -P -m pytest tests/test_moe_kernels.py tests/test_moe_matmul.py -k "fused or lowers" -q -p no:cacheprovider 2>&1 | tail -2 | tee -a $LOG
-  echo "== pytest detect suites (default), then tests/test_detect.py with PIT_DETECT_IN_FLIGHT=8" >> $LOG
-  timeout -k 5 120 python3 -P -m pytest tests/test_detect.py tests/test_detect_properties.py tests/test_detect_transforms.py tests/test_detect_errors.py -q -p no:cacheprovider 2>&1 | tail -2 | tee -a $LOG
-  PIT_DETECT_IN_FLIGHT=8 timeout -k 5 120 python3 -P -m pytest tests/test_detect.py -q -p no:cacheprovider 2>&1 | tail -1 | tee -a $LOG
-  echo "tests $((SECONDS-t0))s"
+  pytest_gpu 200 tests/test_moe_kernels.py tests/test_moe_matmul.py -k "fused or lowers"
+  pytest_gpu 120 $DETECT_SUITES
+  echo "   (with PIT_DETECT_IN_FLIGHT=8:)" >> $LOG
+  PIT_DETECT_IN_FLIGHT=8 pytest_gpu 120 tests/test_detect.py
   PART=sanitize SKIP_BUILD=1 SAN_TIMEOUT=100 bash $0 | grep -E "^==|SUMMARY|passed|rc "
   timeout -k 5 100 python3 benchmarks/bench_moe_epilogues.py --out $OUT/epilogues 2>&1 | grep "^| [MQ]"
   for rep in 1 2; do for f in 16 8; do
@@ -68,11 +69,7 @@ final)
   timeout -k 5 200 python3 benchmarks/bench_moe.py --no-projection --out $OUT/layer 2>&1 | grep "^| [MQ]"
   echo "layer $((SECONDS-t0))s" ;;
 kgather)
-  echo "== pytest tests/test_kgather.py tests/test_kgather_kernels.py" >> $LOG
-  timeout -k 5 ${TEST_TIMEOUT:-200} python3 -P -m pytest tests/test_kgather.py tests/test_kgather_kernels.py -q -p no:cacheprovider > /tmp/tests.log 2>&1
-  grep -E "FAILED|Error" /tmp/tests.log | head -20 | tee -a $LOG
-  tail -2 /tmp/tests.log | tee -a $LOG
-  echo "tests $((SECONDS-t0))s"
+  pytest_gpu ${TEST_TIMEOUT:-200} tests/test_kgather.py tests/test_kgather_kernels.py
   timeout -k 5 ${BENCH_TIMEOUT:-280} python3 benchmarks/bench_sparse_dense.py --no-bcoo --tiles 32x1 --out $OUT/sparse_dense 2>&1 | grep "^| [4O]"
   echo "bench $((SECONDS-t0))s" ;;
 ncu)
