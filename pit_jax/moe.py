@@ -261,11 +261,38 @@ def checked_operands(x, w, expert_ids, routing):
     return rows, r, routing
 
 
+def check_layout_operands(fn, x, w, routing, rows_per_source, x_sorted):
+    """Trace-time checks of grouped_matmul's / fused_matmul's operands, naming the argument."""
+    _primitive.check_float_matrix(fn, "x", x)
+    if x.ndim != 2:
+        raise ValueError(f"pit_jax.{fn}: x must be [rows, d], got shape {x.shape}")
+    if not hasattr(w, "ndim") or w.ndim != 3:
+        raise ValueError(f"pit_jax.{fn}: w must be [E, d, f], got shape {getattr(w, 'shape', w)}")
+    if w.dtype != x.dtype:
+        raise TypeError(f"pit_jax.{fn}: x and w must have the same dtype, got {x.dtype} and {w.dtype}")
+    if not isinstance(routing, MoeRouting):
+        raise TypeError(f"pit_jax.{fn}: routing must be a MoeRouting from pit_jax.moe_routing, "
+                        f"got {type(routing).__name__}")
+    a = routing.order.shape[0]
+    if w.shape[0] != routing.num_experts or w.shape[1] != x.shape[1]:
+        raise ValueError(f"pit_jax.{fn}: w must be [E={routing.num_experts}, d={x.shape[1]}, f] for this routing "
+                         f"and x, got shape {w.shape}")
+    if not (isinstance(rows_per_source, int) and rows_per_source >= 1):
+        raise ValueError(f"pit_jax.{fn}: rows_per_source must be a positive int, got {rows_per_source!r}")
+    if x_sorted and (rows_per_source != 1 or x.shape[0] != a):
+        raise ValueError(f"pit_jax.{fn}: x in routing order (x_sorted) must have one row per assignment "
+                         f"({a}) and rows_per_source=1, got {x.shape[0]} rows and {rows_per_source}")
+    if not x_sorted and x.shape[0] * rows_per_source != a:
+        raise ValueError(f"pit_jax.{fn}: x's {x.shape[0]} rows × rows_per_source={rows_per_source} must equal "
+                         f"the routing's {a} assignments")
+
+
 def grouped_matmul(x, w, routing: MoeRouting, *, rows_per_source: int, x_sorted: bool, out_sorted: bool):
-    """The grouped matmul primitive on rows laid out either way (no argument checks: for layers
-    built on `moe_matmul`'s checks). x: [A // rows_per_source, d] source rows in assignment
-    order, or [A, d] in routing order (x_sorted); returns [A, f] in assignment order, or in
-    routing order (out_sorted: row p belongs to assignment routing.order[p])."""
+    """The grouped matmul primitive on rows laid out either way. x: [A // rows_per_source, d]
+    source rows in assignment order, or [A, d] in routing order (x_sorted); returns [A, f] in
+    assignment order, or in routing order (out_sorted: row p belongs to assignment
+    routing.order[p])."""
+    check_layout_operands("moe.grouped_matmul", x, w, routing, rows_per_source, x_sorted)
     return moe_matmul_p.bind(x, w, *routing, rows_per_source=rows_per_source, w_transposed=False,
                              x_sorted=x_sorted, out_sorted=out_sorted)
 
@@ -282,6 +309,7 @@ def fused_matmul(x, w, routing: MoeRouting, *, epilogue: str, rows_per_source: i
     it runs the unfused matmuls, whose products the backward needs."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"pit_jax.moe.fused_matmul: epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    check_layout_operands("moe.fused_matmul", x, w, routing, rows_per_source, x_sorted)
     extra = ()
     if epilogue == "swiglu":
         if w_up is None or w_up.shape != w.shape or w_up.dtype != w.dtype:

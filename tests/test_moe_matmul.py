@@ -224,3 +224,29 @@ def test_fused_matmul_rejects_bad_extras():
         fused_matmul(x, w, routing, epilogue="swiglu", **kw)
     with pytest.raises(ValueError, match="scale must be"):
         fused_matmul(x, w, routing, epilogue="scale", scale=jnp.ones(7), **kw)
+
+
+@pytest.mark.parametrize("fn", ["grouped_matmul", "fused_matmul"])
+@pytest.mark.parametrize("x_shape, w_shape, w_dtype, kw, exc, words", [
+    ((4,), (3, 8, 16), "float32", {}, ValueError, "x must have rank"),
+    ((2, 4, 8), (3, 8, 16), "float32", {}, ValueError, r"x must be \[rows, d\]"),
+    ((4, 8), (8, 16), "float32", {}, ValueError, r"w must be \[E, d, f\]"),
+    ((4, 8), (3, 8, 16), "bfloat16", {}, TypeError, "same dtype"),
+    ((4, 8), (5, 8, 16), "float32", {}, ValueError, "E=3"),
+    ((4, 8), (3, 9, 16), "float32", {}, ValueError, "d=8"),
+    ((4, 8), (3, 8, 16), "float32", dict(rows_per_source=0), ValueError, "rows_per_source"),
+    ((4, 8), (3, 8, 16), "float32", dict(x_sorted=True, rows_per_source=1), ValueError, "one row per assignment"),
+    ((5, 8), (3, 8, 16), "float32", {}, ValueError, "must equal"),
+])
+def test_layout_functions_reject_bad_operands(fn, x_shape, w_shape, w_dtype, kw, exc, words):
+    from pit_jax import moe
+    routing = pit_jax.moe_routing(np.zeros((4, 2), np.int32), 3)
+    args = dict(rows_per_source=2, x_sorted=False, out_sorted=True)
+    args.update(kw)
+    if fn == "fused_matmul":
+        args["epilogue"] = "relu"
+    x, w = jnp.ones(x_shape, jnp.float32), jnp.ones(w_shape, w_dtype)
+    with pytest.raises(exc, match=words):
+        getattr(moe, fn)(x, w, routing, **args)
+    with pytest.raises(TypeError, match="MoeRouting"):
+        getattr(moe, fn)(jnp.ones((4, 8)), jnp.ones((3, 8, 16)), tuple(routing), **{**args, **dict(rows_per_source=2)})
