@@ -229,14 +229,25 @@ def moe_matmul(x, w, expert_ids, *, routing: MoeRouting | None = None):
     return out.reshape(*expert_ids.shape, w.shape[-1])
 
 
+def _check_x_and_w(fn, x, w):
+    """x a float array, w [E, d, f] of x's dtype (the checks every grouped-matmul entry shares)."""
+    _primitive.check_float_matrix(fn, "x", x)
+    if not hasattr(w, "ndim") or w.ndim != 3:
+        raise ValueError(f"pit_jax.{fn}: w must be [E, d, f], got shape {getattr(w, 'shape', w)}")
+    if w.dtype != x.dtype:
+        raise TypeError(f"pit_jax.{fn}: x and w must have the same dtype, got {x.dtype} and {w.dtype}")
+
+
+def _check_routing_type(fn, routing):
+    if not isinstance(routing, MoeRouting):
+        raise TypeError(f"pit_jax.{fn}: routing must be a MoeRouting from pit_jax.moe_routing, "
+                        f"got {type(routing).__name__}")
+
+
 def checked_operands(x, w, expert_ids, routing):
     """moe_matmul's argument checks: (x as [R, d] rows, rows per source r, the routing index —
     built when None); a clear error naming the argument otherwise."""
-    _primitive.check_float_matrix("moe_matmul", "x", x)
-    if not hasattr(w, "ndim") or w.ndim != 3:
-        raise ValueError(f"pit_jax.moe_matmul: w must be [E, d, f], got shape {getattr(w, 'shape', w)}")
-    if w.dtype != x.dtype:
-        raise TypeError(f"pit_jax.moe_matmul: x and w must have the same dtype, got {x.dtype} and {w.dtype}")
+    _check_x_and_w("moe_matmul", x, w)
     _check_ids("moe_matmul", expert_ids)
     t, k = expert_ids.shape
     if x.ndim == 2 and x.shape[0] == t:
@@ -250,11 +261,9 @@ def checked_operands(x, w, expert_ids, routing):
         raise ValueError(f"pit_jax.moe_matmul: x's last dim ({rows.shape[-1]}) must equal w's d "
                          f"({w.shape[1]}); w has shape {w.shape}")
     if routing is None:
-        routing = moe_routing(expert_ids, w.shape[0])
-    elif not isinstance(routing, MoeRouting):
-        raise TypeError(f"pit_jax.moe_matmul: routing must be a MoeRouting from pit_jax.moe_routing, "
-                        f"got {type(routing).__name__}")
-    elif routing.num_experts != w.shape[0] or routing.order.shape != (t * k,):
+        return rows, r, moe_routing(expert_ids, w.shape[0])
+    _check_routing_type("moe_matmul", routing)
+    if routing.num_experts != w.shape[0] or routing.order.shape != (t * k,):
         raise ValueError(f"pit_jax.moe_matmul: routing was built for {routing.order.shape[0]} assignments "
                          f"over {routing.num_experts} experts; these expert_ids have {t * k} and w has "
                          f"{w.shape[0]} experts")
@@ -263,16 +272,10 @@ def checked_operands(x, w, expert_ids, routing):
 
 def check_layout_operands(fn, x, w, routing, rows_per_source, x_sorted):
     """Trace-time checks of grouped_matmul's / fused_matmul's operands, naming the argument."""
-    _primitive.check_float_matrix(fn, "x", x)
+    _check_x_and_w(fn, x, w)
     if x.ndim != 2:
         raise ValueError(f"pit_jax.{fn}: x must be [rows, d], got shape {x.shape}")
-    if not hasattr(w, "ndim") or w.ndim != 3:
-        raise ValueError(f"pit_jax.{fn}: w must be [E, d, f], got shape {getattr(w, 'shape', w)}")
-    if w.dtype != x.dtype:
-        raise TypeError(f"pit_jax.{fn}: x and w must have the same dtype, got {x.dtype} and {w.dtype}")
-    if not isinstance(routing, MoeRouting):
-        raise TypeError(f"pit_jax.{fn}: routing must be a MoeRouting from pit_jax.moe_routing, "
-                        f"got {type(routing).__name__}")
+    _check_routing_type(fn, routing)
     a = routing.order.shape[0]
     if w.shape[0] != routing.num_experts or w.shape[1] != x.shape[1]:
         raise ValueError(f"pit_jax.{fn}: w must be [E={routing.num_experts}, d={x.shape[1]}, f] for this routing "
