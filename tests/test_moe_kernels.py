@@ -52,12 +52,15 @@ def _fresh():
     return lambda x, w, ids: pit_jax.moe_matmul(x, w, ids)
 
 
-@pytest.fixture(params=["default", "sm80"])
+@pytest.fixture(params=["default", "sm80", "persistent"])
 def kernel(request, monkeypatch):
-    """Both forward kernels: the default (wgmma on Hopper where dtype and shapes allow) and the
-    mma.sync kernel (PIT_DISABLE_WGMMA=1 is read by the handler at every launch)."""
+    """The forward kernels: the default (wgmma on Hopper where dtype and shapes allow), the
+    mma.sync kernel (PIT_DISABLE_WGMMA=1) and the persistent wgmma kernel (PIT_MOE_PERSISTENT=1;
+    work in progress); both variables are read by the handler at every launch."""
     if request.param == "sm80":
         monkeypatch.setenv("PIT_DISABLE_WGMMA", "1")
+    if request.param == "persistent":
+        monkeypatch.setenv("PIT_MOE_PERSISTENT", "1")
     return request.param
 
 
@@ -173,7 +176,8 @@ _FUSED_LAYOUTS = [(False, True), (False, False), (True, True), (True, False)]
     (4, 700, 2, 3, 520, 264, "one_hot"),      # many K steps, long groups
     (5, 3, 2, 4, 64, 64, "uniform"),          # fewer rows than one TMA box
 ])
-def test_fused_epilogue_matches_float64(epilogue, dtype, case, t, k, e, d, f, routing):
+@pytest.mark.parametrize("persistent", [False, True], ids=["tiled", "persistent"])
+def test_fused_epilogue_matches_float64(monkeypatch, persistent, epilogue, dtype, case, t, k, e, d, f, routing):
     """Grouped matmul with a fused epilogue (the Hopper kernel where it applies, else grouped
     matmuls and the epilogue in XLA) against float64, each shape in one of the four row
     layouts (rotating, so every epilogue meets every layout); on a compute capability 9 GPU
@@ -183,6 +187,8 @@ def test_fused_epilogue_matches_float64(epilogue, dtype, case, t, k, e, d, f, ro
     from pit_jax.moe import fused_matmul
     from test_moe_matmul import _epilogue_want
     dev = _gpu_or_skip()
+    if persistent:
+        monkeypatch.setenv("PIT_MOE_PERSISTENT", "1")
     x_sorted, out_sorted = _FUSED_LAYOUTS[(case + ["relu", "gelu", "swiglu", "scale"].index(epilogue)) % 4]
     rng, ids, x = _layout_inputs(t * 5 + e + 2 * x_sorted + out_sorted, t, k, e, d, routing, x_sorted, dtype)
     w, w_up = ((rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES[dtype]) for _ in range(2))

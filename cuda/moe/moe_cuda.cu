@@ -30,6 +30,7 @@
 #include "../common/tile_copy.cuh"
 #include "../common/tn_tile_math.cuh"
 #include "moe_sm90.cuh"
+#include "moe_sm90_persistent.cuh"
 #include "moe_tiles.cuh"
 
 namespace pit {
@@ -234,7 +235,9 @@ cudaError_t launch_moe_forward(cudaStream_t stream, const MoeShape& s, const voi
   if (s.assignments == 0 || s.f == 0) return cudaSuccess;
   if constexpr (sizeof(T) == 2) {
     if (moe_sm90_applies<T>(s, x, w, out))
-      return launch_moe_forward_sm90<T>(stream, s, x, w, order, group_starts, tile_starts, out);
+      return moe_persistent_requested()
+                 ? launch_moe_forward_persistent_sm90<T>(stream, s, x, w, order, group_starts, tile_starts, out)
+                 : launch_moe_forward_sm90<T>(stream, s, x, w, order, group_starts, tile_starts, out);
   }
   return s.w_transposed ? launch_moe_forward_sm80<T, true>(stream, s, x, w, order, group_starts, tile_starts, out)
                         : launch_moe_forward_sm80<T, false>(stream, s, x, w, order, group_starts, tile_starts, out);
@@ -330,7 +333,8 @@ ffi::Error MoeFusedCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w,
         if (moe_sm90_applies<T>(s, x.untyped_data(), w.untyped_data(), out->untyped_data()) &&
             (!swiglu || reinterpret_cast<uintptr_t>(w_up.untyped_data()) % 16 == 0)) {
           served = true;
-          return launch_moe_forward_sm90<T>(stream, s, x.untyped_data(), w.untyped_data(), order.typed_data(),
+          auto launch = moe_persistent_requested() ? launch_moe_forward_persistent_sm90<T> : launch_moe_forward_sm90<T>;
+          return launch(stream, s, x.untyped_data(), w.untyped_data(), order.typed_data(),
                                             group_starts.typed_data(), tile_starts.typed_data(), out->untyped_data(),
                                             int(epilogue), swiglu ? w_up.untyped_data() : nullptr,
                                             epilogue == kEpiScale ? scale.typed_data() : nullptr);

@@ -79,12 +79,16 @@ struct MoeSm90Smem {  // views into the dynamic shared memory
 // thread's copies arrive on the stage's full barrier by themselves once they land
 // (cp.async.mbarrier.arrive.noinc), so the producer never waits for its copies: all stages of
 // the ring can be in flight, and a stage's release does not wait for later stages' issue.
+// it0: ring steps already taken by earlier tiles of a persistent CTA (stages and barrier phases
+// continue from there).
 template <typename LoadStage>
-__device__ __forceinline__ void produce_stages(const MoeSm90Smem& sm, int n_chunks, LoadStage&& load_stage) {
+__device__ __forceinline__ void produce_stages(const MoeSm90Smem& sm, int n_chunks, LoadStage&& load_stage,
+                                               int64_t it0 = 0) {
   using C = MoeSm90Config;
   for (int i = 0; i < n_chunks; ++i) {
-    const int stage = i % C::kStages;
-    if (i >= C::kStages) mbarrier_wait(&sm.empty[stage], ((i / C::kStages) + 1) & 1);
+    const int64_t g = it0 + i;
+    const int stage = int(g % C::kStages);
+    if (g >= C::kStages) mbarrier_wait(&sm.empty[stage], uint32_t((g / C::kStages) + 1) & 1);
     load_stage(i, stage);
     cp_async_mbarrier_arrive_noinc(&sm.full[stage]);
   }
@@ -96,15 +100,18 @@ __device__ __forceinline__ void produce_stages(const MoeSm90Smem& sm, int n_chun
 // stage is freed. Without (the dW kernel: there ptxas serialises the wgmmas when a step stays
 // in flight across the loop's back edge, C7514), steps overlap within groups of kStages and
 // the last step of each group is waited for.
+// it0 (persistent CTAs): ring steps taken by earlier tiles; the last stage is then released too.
 template <int kTransposeA, int kTransposeB, int kAStepBytes, int kBStepBytes, bool kOverlap, typename T>
 __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90Smem& sm, int n_chunks,
-                                               uint64_t desc_a0, uint64_t desc_b0) {
+                                               uint64_t desc_a0, uint64_t desc_b0, int64_t it0 = -1) {
   using C = MoeSm90Config;
+  const bool persistent = it0 >= 0;
+  const int64_t base = persistent ? it0 : 0;
 #pragma unroll
   for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
   auto issue = [&](int i) {
-    const int stage = i % C::kStages;
-    mbarrier_wait(&sm.full[stage], (i / C::kStages) & 1);
+    const int stage = int((base + i) % C::kStages);
+    mbarrier_wait(&sm.full[stage], uint32_t((base + i) / C::kStages) & 1);
     fence_proxy_async_shared();  // the stage's cp.async (generic proxy) writes, before wgmma reads them
     const uint64_t stage_offset = uint64_t(stage * C::kStageBytes) >> 4;
     wgmma_fence();
@@ -118,7 +125,11 @@ __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90S
     for (int i = 0; i < n_chunks; ++i) {
       issue(i);
       wgmma_wait<1>();
-      if (i > 0) mbarrier_arrive(&sm.empty[(i - 1) % C::kStages]);
+      if (i > 0) mbarrier_arrive(&sm.empty[int((base + i - 1) % C::kStages)]);
+    }
+    if (persistent && n_chunks > 0) {  // the next tile's loads reuse the last stage
+      wgmma_wait<0>();
+      mbarrier_arrive(&sm.empty[int((base + n_chunks - 1) % C::kStages)]);
     }
   } else {
     int i = 0;
