@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 
 import pit_jax
-from pit_jax.kgather_cuda import block_occupancy
+from pit_jax.kgather_cuda import count_occupancy
 from common import announce, bench_parser, markdown_report, tile_sparse_bf16, time_per_call, write_results
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.95, 0.99]  # of 32x1 micro-tiles, at random
@@ -75,7 +75,8 @@ def main():
             dw_kernel.lower(xs, w).compile()
             del os.environ["PIT_KGATHER_DW"]
             t_dw_kernel = time_per_call(lambda xs: dw_kernel(xs, w), xs, n_inputs, steps=3)
-            occupancy = float(block_occupancy(pit_jax.detect(xs[0], tile).indices, tile[1], k)) \
+            index0 = pit_jax.detect(xs[0], tile)
+            occupancy = float(count_occupancy(index0.counts, index0.indices.shape[-1], tile[1])) \
                 if tile[0] % 32 == 0 else float("nan")
             t_auto = float("nan")
             if tile == (32, 1):  # tile="auto": kernel or dense matmul, chosen on device
@@ -105,8 +106,8 @@ def main():
         f"sparse_dense benchmark — {meta['device']}, jax {meta['jax']}, {meta['date']}",
         "bf16, x sparse in micro-tiles of the given shape at random, detection included unless "
         "noted; auto = tile='auto' (32x1 kernel or dense, decided on device); dW pit = the on-device dW "
-        "rule (kernel when at most 20% of (32-row group, 64-column) blocks are occupied, else XLA's matmul "
-        "on the masked x), dW kernel = the dW kernel forced (PIT_KGATHER_DW=sparse); CUDA kernels built: "
+        "rule (kernel when at most 20% of (32-row group, 64-column) blocks are occupied — estimated from the "
+        "per-group counts, the 'dW block occupancy' column — else XLA's matmul on x), dW kernel = the dW kernel forced (PIT_KGATHER_DW=sparse); CUDA kernels built: "
         f"{pit_jax.build_info().get('cuda')}",
         ["shape", "tile", "sparsity", "dense ms", "pit ms", "speedup", "pit (given index) ms", "auto ms",
          "floor ms", "of floor", "dW pit ms", "dW kernel ms", "dW block occupancy", "dW dense ms", "BCOO ms",

@@ -9,6 +9,8 @@ Primitives (the index arrays are operands, so one index can be reused across cal
 
 Gradients: sparse_dense is the function x @ w (the index only promises where x is zero), so
 dx = dy @ wᵀ is dense and dW = xᵀ dy is computed on x's nonzero tiles only (pit_sparse_tn).
+Parameter `exact`: the index was detected from this very x, so x is zero outside it and a dense
+fallback may use x as it is (no masking pass).
 """
 from __future__ import annotations
 
@@ -27,11 +29,11 @@ sparse_tn_p = _primitive.make_primitive("pit_sparse_tn", multiple_results=False)
 
 # ---- abstract evaluation ---------------------------------------------------------------------
 
-def _sparse_dense_abstract(x, w, counts, offsets, indices, *, shape, tile, layout):
+def _sparse_dense_abstract(x, w, counts, offsets, indices, *, shape, tile, layout, exact):
     return jax.core.ShapedArray((*x.shape[:-1], w.shape[-1]), x.dtype)
 
 
-def _sparse_tn_abstract(x, dy, counts, offsets, indices, *, shape, tile, layout, out_dtype):
+def _sparse_tn_abstract(x, dy, counts, offsets, indices, *, shape, tile, layout, exact, out_dtype):
     return jax.core.ShapedArray((x.shape[-1], dy.shape[-1]), out_dtype)
 
 
@@ -41,11 +43,11 @@ sparse_tn_p.def_abstract_eval(_sparse_tn_abstract)
 
 # ---- lowering: jnp reference on CPU, the k-gather kernels (kgather_cuda.py) on CUDA -----------
 
-def _ref_sparse_dense(x, w, counts, offsets, indices, **params):
+def _ref_sparse_dense(x, w, counts, offsets, indices, *, exact, **params):
     return sparse_dense_ref(x, w, indices, **params)
 
 
-def _ref_sparse_tn(x, dy, counts, offsets, indices, **params):
+def _ref_sparse_tn(x, dy, counts, offsets, indices, *, exact, **params):
     return sparse_tn_ref(x, dy, indices, **params)
 
 
@@ -197,8 +199,13 @@ def sparse_dense(x, w, *, tile=(32, 1), index: TileIndex | None = None):
             raise ValueError(f"pit_jax.sparse_dense: tile must be a pair of ints or 'auto', got {tile!r}")
         return _sparse_dense_auto(x, w, index)
     _check_operands("sparse_dense", x, w)
+    return _sparse_dense_indexed(x, w, tile, index, exact=index is None)
+
+
+def _sparse_dense_indexed(x, w, tile, index, exact):
+    """The primitive on x's row index (detected here when None); exact: x is zero outside it."""
     tile, index = _row_index_of_x(x, tile, index)
-    params = dict(shape=tuple(x.shape[-2:]), tile=tuple(tile), layout="row")
+    params = dict(shape=tuple(x.shape[-2:]), tile=tuple(tile), layout="row", exact=exact)
     return sparse_dense_p.bind(x, w, index.counts, index.offsets, index.indices, **params)
 
 
@@ -215,10 +222,11 @@ def _row_index_of_x(x, tile, index):
 
 def _sparse_dense_auto(x, w, index):
     _check_operands("sparse_dense", x, w)
+    exact = index is None
     tile, index = _row_index_of_x(x, AUTO_TILE, index)
     sparse_enough = jnp.max(index.density) <= AUTO_MAX_DENSITY
     return jax.lax.cond(sparse_enough,
-                        lambda x, w: sparse_dense(x, w, tile=tile, index=index),
+                        lambda x, w: _sparse_dense_indexed(x, w, tile, index, exact),
                         lambda x, w: _dense_matmul(x, w, x.dtype), x, w)
 
 
@@ -246,6 +254,7 @@ def dense_sparse(x, w, *, tile=(1, 32), index: TileIndex | None = None, grad: st
         raise ValueError(f"pit_jax.dense_sparse: grad must be 'masked' or 'dense', got {grad!r}")
     k, n = w.shape
     tile = _clamp_tile(tile, k, n)
+    exact = index is None
     if index is None:
         index = detect(jax.lax.stop_gradient(w), tile, layout="row")
     else:
@@ -257,7 +266,7 @@ def dense_sparse(x, w, *, tile=(1, 32), index: TileIndex | None = None, grad: st
     x2 = x.reshape(-1, k)
     wt = w.T
     idx_t = _transpose_index(index)
-    params = dict(shape=(n, k), tile=(tile[1], tile[0]), layout="row")
+    params = dict(shape=(n, k), tile=(tile[1], tile[0]), layout="row", exact=exact)
     yt = sparse_dense_p.bind(wt, x2.T, idx_t.counts, idx_t.offsets, idx_t.indices, **params)
     return yt.T.reshape(*lead, n)
 

@@ -60,8 +60,8 @@ def _attrs(tile_m, tile_k):
     return dict(tile_m=np.int64(tile_m), tile_k=np.int64(tile_k))
 
 
-def sparse_dense_cuda(x, w, counts, offsets, indices, *, shape, tile, layout):
-    del offsets, layout
+def sparse_dense_cuda(x, w, counts, offsets, indices, *, shape, tile, layout, exact):
+    del offsets, layout, exact
     xk, ck, ik, tm = _kernel_index(x, counts, indices, shape, tile)
     *lead, m, k = x.shape
     n = w.shape[-1]
@@ -77,22 +77,21 @@ def sparse_dense_cuda(x, w, counts, offsets, indices, *, shape, tile, layout):
 # (0.92 ms at 0–50% random 32x1 tile sparsity, 0.60 ms at 99%, where 72% of the blocks are
 # still occupied), while cuBLAS computes the whole (masked) xᵀ·dy in 0.21 ms. So the kernel
 # runs only when at most this fraction of the blocks is occupied (block- or row-structured
-# sparsity: dead neurons, pruned rows); otherwise x is masked to its listed tiles and XLA's
-# dense matmul computes the same sum. PIT_KGATHER_DW=sparse|dense forces one (at lowering).
+# sparsity: dead neurons, pruned rows), estimated from the per-group counts; otherwise XLA's
+# dense matmul computes the same sum — on x as it is when the index was detected from x
+# (`exact`), else on x masked to its listed tiles. PIT_KGATHER_DW=sparse|dense forces one.
 DW_SPARSE_MAX_OCCUPANCY = 0.2
 
 
-def block_occupancy(indices, tile_k, k):
-    """Fraction of (row group, MASK_COLS-column block) pairs with a listed column, from
-    group-level row-layout indices [..., groups, n_inner] (-1 padded); a tile marks the blocks
-    of its first and last column."""
-    n_blocks = _cdiv(k, MASK_COLS)
-    ids = indices.reshape(-1, indices.shape[-1])
-    first = jnp.where(ids >= 0, ids * tile_k // MASK_COLS, n_blocks)
-    last = jnp.where(ids >= 0, jnp.minimum(ids * tile_k + tile_k - 1, k - 1) // MASK_COLS, n_blocks)
-    mark = lambda f, l: jnp.zeros(n_blocks + 1, bool).at[f].set(True).at[l].set(True)
-    occupied = jax.vmap(mark)(first, last)[:, :n_blocks]
-    return jnp.mean(occupied.astype(jnp.float32))
+def count_occupancy(counts, n_inner, tile_k):
+    """Estimated fraction of (row group, MASK_COLS-column block) pairs with a listed tile, from
+    the per-group tile counts alone (no scatter): a group listing c of its n_inner tiles, spread
+    uniformly, leaves a block of b = MASK_COLS / tile_k tiles empty with probability
+    (1 - c / n_inner)^b. Exact for empty and full groups (row-structured sparsity); it
+    overestimates column-clustered patterns, which then take the dense path."""
+    per_block = max(1.0, MASK_COLS / tile_k)
+    empty = jnp.power(1.0 - counts.astype(jnp.float32) / n_inner, per_block)
+    return jnp.mean(1.0 - empty)
 
 
 def dw_mode():
@@ -103,10 +102,15 @@ def dw_mode():
     return mode
 
 
-def sparse_tn_cuda(x, dy, counts, offsets, indices, *, shape, tile, layout, out_dtype):
+def sparse_tn_cuda(x, dy, counts, offsets, indices, *, shape, tile, layout, exact, out_dtype):
     del offsets
     mode = dw_mode()
-    dense = lambda *_: sparse_tn_ref(x, dy, indices, shape=shape, tile=tile, layout=layout, out_dtype=out_dtype)
+    if exact:  # x is zero outside its index: no mask needed
+        dense = lambda *_: jnp.matmul(x.reshape(-1, x.shape[-1]).T, dy.reshape(-1, dy.shape[-1]),
+                                      preferred_element_type=jnp.float32).astype(out_dtype)
+    else:
+        dense = lambda *_: sparse_tn_ref(x, dy, indices, shape=shape, tile=tile, layout=layout,
+                                         out_dtype=out_dtype)
     if mode == "dense":
         return dense()
     xk, ck, ik, tm = _kernel_index(x, counts, indices, shape, tile)
@@ -122,5 +126,5 @@ def sparse_tn_cuda(x, dy, counts, offsets, indices, *, shape, tile, layout, out_
 
     if mode == "sparse":
         return kernel(xk, dy)
-    sparse_enough = block_occupancy(ik, tile[1], k) <= DW_SPARSE_MAX_OCCUPANCY
+    sparse_enough = count_occupancy(ck, ik.shape[-1], tile[1]) <= DW_SPARSE_MAX_OCCUPANCY
     return jax.lax.cond(sparse_enough, kernel, dense, xk, dy)
