@@ -11,6 +11,9 @@
 #                  detect cases twice per in-flight setting, then the full detect and layer tables.
 #   PART=kgather:  the k-gather suites on the GPU and bench_sparse_dense for 32x1 tiles without
 #                  BCOO ($OUT/sparse_dense): the dW rule against the forced dW kernel.
+#   PART=persistent: the persistent Hopper forward (PIT_MOE_PERSISTENT=1): its MoE kernel tests,
+#                  memcheck and racecheck on them, and the projection table with and without it
+#                  ($OUT/proj_p0, $OUT/proj_p1).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -72,6 +75,22 @@ kgather)
   pytest_gpu ${TEST_TIMEOUT:-200} tests/test_kgather.py tests/test_kgather_kernels.py
   timeout -k 5 ${BENCH_TIMEOUT:-280} python3 benchmarks/bench_sparse_dense.py --no-bcoo --tiles 32x1 --out $OUT/sparse_dense 2>&1 | grep "^| [4O]"
   echo "bench $((SECONDS-t0))s" ;;
+persistent)
+  pytest_gpu 250 tests/test_moe_kernels.py -k persistent
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform
+  for tool in memcheck racecheck; do
+    echo "== $tool persistent bf16" | tee -a $LOG
+    timeout -k 5 100 compute-sanitizer --tool $tool --error-exitcode 97 --kernel-name kns=pit_moe python3 -P -m pytest tests/test_moe_kernels.py -k "bfloat16 and persistent and (uniform or one_hot)" -q -p no:cacheprovider -x > /tmp/san.log 2>&1
+    echo "rc $?" >> /tmp/san.log
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|rc " /tmp/san.log | tail -4 | tee -a $LOG
+  done
+  unset XLA_PYTHON_CLIENT_PREALLOCATE XLA_PYTHON_CLIENT_ALLOCATOR
+  echo "sanitize $((SECONDS-t0))s"
+  for p in 0 1; do
+    echo "== projection, PIT_MOE_PERSISTENT=$p" | tee -a $LOG
+    PIT_MOE_PERSISTENT=$p timeout -k 5 ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_moe.py --no-layer --out $OUT/proj_p$p 2>&1 | grep "^| [MQ]" | tee -a $LOG
+    echo "bench $((SECONDS-t0))s"
+  done ;;
 ncu)
   echo "== ncu: one SwiGLU layer step, Mixtral shape (T=4096, E=8, k=2, 4096->14336), bf16" >> $LOG
   # ncu writes to a file, not a pipe: a profiled process left behind by the timeout must not hold the pipe open
