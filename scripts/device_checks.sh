@@ -12,8 +12,8 @@
 #   PART=kgather:  the k-gather suites on the GPU and bench_sparse_dense for 32x1 tiles without
 #                  BCOO ($OUT/sparse_dense): the dW rule against the forced dW kernel.
 #   PART=persistent: the persistent Hopper forward (PIT_MOE_PERSISTENT=1): its MoE kernel tests,
-#                  memcheck and racecheck on them, and the projection table with and without it
-#                  ($OUT/proj_p0, $OUT/proj_p1).
+#                  memcheck and racecheck on them, and bench_moe_persistent (tiled vs persistent in
+#                  one process, $OUT/persistent).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -86,11 +86,8 @@ persistent)
   done
   unset XLA_PYTHON_CLIENT_PREALLOCATE XLA_PYTHON_CLIENT_ALLOCATOR
   echo "sanitize $((SECONDS-t0))s"
-  for p in 0 1; do
-    echo "== projection, PIT_MOE_PERSISTENT=$p" | tee -a $LOG
-    PIT_MOE_PERSISTENT=$p timeout -k 5 ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_moe.py --no-layer --out $OUT/proj_p$p 2>&1 | grep "^| [MQ]" | tee -a $LOG
-    echo "bench $((SECONDS-t0))s"
-  done ;;
+  timeout -k 5 ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_moe_persistent.py --out $OUT/persistent 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "bench $((SECONDS-t0))s" ;;
 ncu)
   echo "== ncu: one SwiGLU layer step, Mixtral shape (T=4096, E=8, k=2, 4096->14336), bf16" >> $LOG
   # ncu writes to a file, not a pipe: a profiled process left behind by the timeout must not hold the pipe open

@@ -1,12 +1,13 @@
 // Persistent variant of the Hopper MoE forward (WORK IN PROGRESS, branch next/persistent-forward:
 // compiled, not yet run on a GPU). One CTA per SM walks the (row tile, column tile) list with a
 // grid stride; the producer warpgroup loads the next tile's stages while the consumers run the
-// previous tile's epilogue, so the epilogue, the per-tile prologue (row pointers, barrier
-// setup) and the CTA launch leave the tensor cores' critical path. The ring's stages and
-// barrier phases continue across tiles (it0). The epilogue stores straight from registers
-// (two bf16 per 4-byte store) because the ring, which the non-persistent kernel stages through,
-// is being refilled; each consumer thread looks its two rows' destinations up before the main
-// loop. Tiles are enumerated over the routing's actual tile count (tile_starts[E + 1]), column
+// previous tile's epilogue, so the epilogue's loads, the per-tile prologue (row pointers,
+// barrier setup) and the CTA launch leave the tensor cores' critical path. The ring's stages and
+// barrier phases continue across tiles (it0). The ring, which the non-persistent kernel stages
+// its epilogue through, is being refilled, so each consumer warp stages its rows in 18 KB of its
+// own (a first version stored straight from registers, 4 bytes per thread: 7% slower than the
+// tiled kernel on an H200). Each consumer thread looks its two rows' destinations up before
+// the main loop. Tiles are enumerated over the routing's actual tile count (tile_starts[E + 1]), column
 // tiles outermost (every CTA of a wave reads one expert's weight column tile).
 #pragma once
 
@@ -21,7 +22,20 @@ inline bool moe_persistent_requested() {
   return on != nullptr && on[0] == '1';
 }
 
+// Each consumer warp's epilogue staging: its 16 rows x 64 columns of 2-byte values, rows padded
+// by 16 bytes so the 8 rows a fragment store touches fall on different banks. It follows the
+// shared memory the tiled kernel uses (MoeSm90Smem's row ids, unused here).
+constexpr int kStagePitch = 64 * 2 + 16;
+constexpr int kPersistentStagingWarpBytes = 16 * kStagePitch;
+constexpr int kPersistentSmemBytes =
+    MoeSm90Config::kSmemBytes + (MoeSm90Config::kConsumers / 32) * kPersistentStagingWarpBytes;
+static_assert(kPersistentSmemBytes <= 227 * 1024, "persistent forward's shared memory");
+
 #if PIT_HAS_WGMMA
+__device__ __forceinline__ unsigned char* persistent_staging(const MoeSm90Smem& sm) {
+  return reinterpret_cast<unsigned char*>(sm.rows + 2 * MoeSm90Config::kBM);  // 16-byte aligned
+}
+
 // The epilogue value of accumulator i (as stage_accumulators).
 template <int kEpi>
 __device__ __forceinline__ float epilogue_value(const float (&acc)[128], int i, const float (&row_scale)[2]) {
@@ -115,6 +129,7 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     setmaxnreg_inc<C::kConsumerRegisters>();
     const int ctid = tid - C::kProducers, warpgroup = ctid / 128, lane = ctid % 32;
     const int row = consumer_row(ctid);
+    unsigned char* staging = persistent_staging(sm) + (ctid / 32) * kPersistentStagingWarpBytes;
     const uint64_t desc_a0 = smem_descriptor_sw128(sm.ring + warpgroup * 64 * C::kRowBytes, 16, 1024);
     const uint64_t desc_b0 = kWTransposed ? smem_descriptor_sw128(sm.ring + C::kABytes, 16, 1024)
                                           : smem_descriptor_sw128(sm.ring + C::kABytes, C::kAtomBytes, 1024);
@@ -144,19 +159,36 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
             acc, sm, n_chunks, desc_a0, desc_b0, it);
         it += n_chunks;
       }
+      // Epilogue through this warp's own staging rows (no CTA barrier: the ring is being
+      // refilled): 64 columns at a time, each thread writes its fragment, then each lane stores
+      // 16-byte chunks, so a warp's store covers four full 128-byte row segments.
       constexpr int kGroups = kSwiGLU ? 16 : 32;  // 8-column groups per thread
+      int64_t chunk_dst[4];  // output row of the staged row each lane stores in round q
 #pragma unroll
-      for (int j = 0; j < kGroups; ++j) {
-        const int c = 8 * j + 2 * (lane % 4);
-        if (c >= cols) continue;  // cols is even (f % 8 == 0): c + 1 < cols too
+      for (int q = 0; q < 4; ++q) chunk_dst[q] = __shfl_sync(0xffffffffu, dst[q / 2], ((4 * q + lane / 8) % 8) * 4);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (dst[h] < 0) continue;
-          const float v0 = epilogue_value<kEpi>(acc, 4 * j + 2 * h, scale);
-          const float v1 = epilogue_value<kEpi>(acc, 4 * j + 2 * h + 1, scale);
-          T pair[2] = {from_float<T>(v0), from_float<T>(v1)};
-          *reinterpret_cast<uint32_t*>(out + dst[h] * s.f + n0 + c) = *reinterpret_cast<const uint32_t*>(pair);
+      for (int p = 0; p < kGroups / 8; ++p) {
+        if (64 * p >= cols) break;  // the same for the whole CTA
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+          const int j = 8 * p + jj;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            T pair[2] = {from_float<T>(epilogue_value<kEpi>(acc, 4 * j + 2 * h, scale)),
+                         from_float<T>(epilogue_value<kEpi>(acc, 4 * j + 2 * h + 1, scale))};
+            *reinterpret_cast<uint32_t*>(staging + (lane / 4 + 8 * h) * kStagePitch + (8 * jj + 2 * (lane % 4)) * 2) =
+                *reinterpret_cast<const uint32_t*>(pair);
+          }
         }
+        __syncwarp();
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int r = 4 * q + lane / 8, c = 64 * p + 8 * (lane % 8);
+          if (chunk_dst[q] >= 0 && c < cols)
+            *reinterpret_cast<uint4*>(out + chunk_dst[q] * s.f + n0 + c) =
+                *reinterpret_cast<const uint4*>(staging + r * kStagePitch + 16 * (lane % 8));
+        }
+        __syncwarp();
       }
     }
   }
@@ -187,7 +219,7 @@ cudaError_t launch_moe_forward_persistent_sm90(cudaStream_t stream, const MoeSha
     }
   };
   auto kernel = s.x_sorted ? pick(std::true_type{}) : pick(std::false_type{});
-  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
+  cudaError_t err = allow_dynamic_smem(kernel, kPersistentSmemBytes);
   if (err != cudaSuccess) return err;
   int device = 0, sms = 0;
   err = cudaGetDevice(&device);
@@ -201,7 +233,7 @@ cudaError_t launch_moe_forward_persistent_sm90(cudaStream_t stream, const MoeSha
   const int64_t col_tiles = ceil_div(s.f, int64_t(swiglu ? C::kBN / 2 : C::kBN));
   const int64_t max_tiles = s.max_row_tiles * col_tiles;  // the tile count is known on device only
   const unsigned grid = unsigned(max_tiles < sms ? max_tiles : sms);
-  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w), order,
+  kernel<<<grid, C::kThreads, kPersistentSmemBytes, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w), order,
                                                        group_starts, tile_starts, static_cast<T*>(out), s, w_map,
                                                        x_map, up_map, row_scale);
   return cudaGetLastError();

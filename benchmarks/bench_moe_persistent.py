@@ -1,0 +1,97 @@
+"""A/B of the Hopper MoE forward kernels (issue 4): the tiled kernel (one CTA per output tile)
+against the persistent one (PIT_MOE_PERSISTENT=1: one CTA per SM walking the routing's tiles),
+in one process on the same compiled functions — the handler reads the variable at every launch,
+so the two kernels alternate rep by rep and share the machine's state. Forward only, bf16:
+the plain projection (tokens gathered, rows in routing order), the SwiGLU up-projection with its
+fused epilogue and the down-projection with the fused combine weights; the dense matmul of the
+same FLOPs is the reference. The outputs of both kernels are compared (they must agree exactly:
+same tiles, same K order).
+
+    python benchmarks/bench_moe_persistent.py [--out benchmarks/results] [--quick]
+Writes moe_persistent.json and moe_persistent.md into --out.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+
+import jax
+import jax.numpy as jnp
+
+import pit_jax
+from pit_jax.moe import fused_matmul, grouped_matmul
+from bench_moe import CASES, QUICK, expert_ids
+from common import announce, bench_parser, markdown_report, time_per_call, write_results
+
+ROUNDS = 3  # alternating tiled / persistent timings per point; the median of each is reported
+
+
+def timed(fn, operands, persistent: bool) -> float:
+    os.environ["PIT_MOE_PERSISTENT"] = "1" if persistent else "0"
+    return time_per_call(fn, operands, 1) * 1e3
+
+
+def main():
+    args = bench_parser("one tiny shape").parse_args()
+    meta = announce()
+    cases = QUICK if args.quick else {n: CASES[n] for n in ("Mixtral up T=4096", "Qwen3-30B-A3B-like")}
+    rows = []
+    for name, (t, e, k, d, f) in cases.items():
+        key = jax.random.PRNGKey(0)
+        normal = lambda i, s, sc: (jax.random.normal(jax.random.fold_in(key, i), s, jnp.float32) * sc).astype(jnp.bfloat16)
+        x = normal(1, (t, d), 1.0)
+        w_in, w_gate, w_out = normal(2, (e, d, f), d ** -0.5), normal(3, (e, d, f), d ** -0.5), normal(4, (e, f, d), f ** -0.5)
+        h = normal(7, (t * k, f), 1.0)
+        cw = jax.nn.softmax(jax.random.normal(jax.random.fold_in(key, 6), (t, k)), axis=-1)
+        a = normal(8, (t * k, d), 1.0)
+        dense = jax.jit(lambda ops: ops[0] @ ops[1])
+        dense_ms = time_per_call(dense, (a, w_in[0]), 1) * 1e3
+        for routing_name in ("uniform", "one-hot"):
+            routing = pit_jax.moe_routing(expert_ids(jax.random.fold_in(key, 5), t, e, k, routing_name), e)
+            parts = {
+                "projection": (lambda ops: grouped_matmul(ops[0], ops[1], routing, rows_per_source=k,
+                                                          x_sorted=False, out_sorted=True), (x, w_in)),
+                "up swiglu": (lambda ops: fused_matmul(ops[0], ops[1], routing, epilogue="swiglu", rows_per_source=k,
+                                                       x_sorted=False, out_sorted=True, w_up=ops[2]),
+                              (x, w_gate, w_in)),
+                "down scale": (lambda ops: fused_matmul(ops[0], ops[1], routing, epilogue="scale", rows_per_source=1,
+                                                        x_sorted=True, out_sorted=False, scale=ops[2].reshape(-1)),
+                               (h, w_out, cw)),
+            }
+            for part, (fn, operands) in parts.items():
+                fn = jax.jit(fn)
+                ran = any(s in fn.lower(operands).as_text() for s in ("@pit_moe_fused(", "@pit_moe_matmul("))
+                tiled, persistent = [], []
+                for _ in range(ROUNDS):
+                    tiled.append(timed(fn, operands, False))
+                    persistent.append(timed(fn, operands, True))
+                os.environ["PIT_MOE_PERSISTENT"] = "0"
+                ref = fn(operands)
+                os.environ["PIT_MOE_PERSISTENT"] = "1"
+                got = fn(operands)
+                os.environ["PIT_MOE_PERSISTENT"] = "0"
+                flops_scale = 2.0 if part == "up swiglu" else 1.0  # gate and up: twice the dense FLOPs
+                r = dict(case=name, routing=routing_name, part=part, kernel_call_lowered=ran,
+                         tiled_ms=statistics.median(tiled), persistent_ms=statistics.median(persistent),
+                         dense_same_flops_ms=dense_ms * flops_scale,
+                         max_abs_diff=float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32)))))
+                print(r, flush=True)
+                rows.append(r)
+    md = markdown_report(
+        f"MoE forward: tiled vs persistent Hopper kernel — {meta['device']}, jax {meta['jax']}, {meta['date']}",
+        f"bf16, forward only, same jitted function with PIT_MOE_PERSISTENT=0/1 alternated {ROUNDS} times "
+        "(median of each). projection: tokens gathered, rows in routing order (no epilogue); up swiglu: gate "
+        "and up weights in one GEMM, silu(gate)·up fused; down scale: routing-ordered rows scattered to "
+        "(token, slot) × the combine weight. dense = a [T·k, d] × [d, f] matmul (×2 for SwiGLU's two "
+        "weights). max |diff| = persistent vs tiled output",
+        ["case", "routing", "part", "tiled ms", "persistent ms", "tiled / persistent", "dense ms",
+         "persistent / dense", "max abs diff"],
+        [[r["case"], r["routing"], r["part"], f"{r['tiled_ms']:.3f}", f"{r['persistent_ms']:.3f}",
+          f"{r['tiled_ms'] / r['persistent_ms']:.3f}", f"{r['dense_same_flops_ms']:.3f}",
+          f"{r['persistent_ms'] / r['dense_same_flops_ms']:.2f}", f"{r['max_abs_diff']:.1e}"] for r in rows])
+    print(md)
+    write_results(args.out, "moe_persistent", rows, md, meta)
+
+
+if __name__ == "__main__":
+    main()
