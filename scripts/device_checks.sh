@@ -14,6 +14,8 @@
 #   PART=persistent: the persistent Hopper forward (PIT_MOE_PERSISTENT=1): its MoE kernel tests,
 #                  memcheck and racecheck on them, and bench_moe_persistent (tiled vs persistent in
 #                  one process, $OUT/persistent).
+#   PART=hostsync: probe_host_sync.py with XLA's default command buffers and with CONDITIONAL
+#                  added ($OUT/hostsync_default, $OUT/hostsync_conditional).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -88,6 +90,15 @@ persistent)
   echo "sanitize $((SECONDS-t0))s"
   timeout -k 5 ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_moe_persistent.py --out $OUT/persistent 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "bench $((SECONDS-t0))s" ;;
+hostsync)
+  CB=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN
+  for variant in "default|" "conditional|--xla_gpu_enable_command_buffer=$CB,CONDITIONAL" \
+                 "conditional_min1|--xla_gpu_enable_command_buffer=$CB,CONDITIONAL --xla_gpu_graph_min_graph_size=1"; do
+    name=${variant%%|*}; flags=${variant#*|}
+    echo "== host sync probe, $name: XLA_FLAGS='$flags'" | tee -a $LOG
+    XLA_FLAGS="$flags" timeout -k 5 ${BENCH_TIMEOUT:-150} python3 benchmarks/probe_host_sync.py --out $OUT/hostsync_$name 2>&1 | grep -E "^\| [ds]|Error" | tee -a $LOG
+    echo "probe $((SECONDS-t0))s"
+  done ;;
 ncu)
   echo "== ncu: one SwiGLU layer step, Mixtral shape (T=4096, E=8, k=2, 4096->14336), bf16" >> $LOG
   # ncu writes to a file, not a pipe: a profiled process left behind by the timeout must not hold the pipe open
