@@ -105,9 +105,10 @@ def main():
     md = markdown_report(
         f"sparse_dense benchmark — {meta['device']}, jax {meta['jax']}, {meta['date']}",
         "bf16, x sparse in micro-tiles of the given shape at random, detection included unless "
-        "noted; auto = tile='auto' (32x1 kernel or dense, decided on device); dW pit = the on-device dW "
-        "rule (kernel when at most 20% of (32-row group, 64-column) blocks are occupied — estimated from the "
-        "per-group counts, the 'dW block occupancy' column — else XLA's matmul on x), dW kernel = the dW kernel forced (PIT_KGATHER_DW=sparse); CUDA kernels built: "
+        "noted; auto = tile='auto' (32x1 kernel or dense, decided on device); dW pit = the default dW path "
+        "(PIT_KGATHER_DW unset: XLA's matmul on x, no conditional; before 2026-11-26 session 7 the on-device rule), "
+        "dW kernel = the dW kernel forced (PIT_KGATHER_DW=sparse), dW block occupancy = the opt-in rule's "
+        "statistic (PIT_KGATHER_DW=auto runs the kernel when it is at most 0.2); CUDA kernels built: "
         f"{pit_jax.build_info().get('cuda')}",
         ["shape", "tile", "sparsity", "dense ms", "pit ms", "speedup", "pit (given index) ms", "auto ms",
          "floor ms", "of floor", "dW pit ms", "dW kernel ms", "dW block occupancy", "dW dense ms", "BCOO ms",

@@ -191,8 +191,10 @@ def sparse_dense(x, w, *, tile=(32, 1), index: TileIndex | None = None):
     lists. Differentiable in x and w: dx = dy @ wᵀ (dense), dw = xᵀ dy on x's nonzero tiles.
 
     tile="auto": 32x1 micro-tiles; the kernel runs when at most AUTO_MAX_DENSITY of them are
-    nonzero (the largest density over x's batch), else the dense matmul — decided on device
-    with `lax.cond`, no host sync. Under `vmap` a cond becomes a select and both paths run.
+    nonzero (the largest density over x's batch), else the dense matmul — a `lax.cond` on a
+    device value (no transfer to Python; XLA's GPU runtime reads the predicate on its own
+    execution thread and waits for it there, unless XLA_FLAGS enables CONDITIONAL command
+    buffers: docs/kgather.md). Under `vmap` a cond becomes a select and both paths run.
     """
     if isinstance(tile, str):
         if tile != "auto":

@@ -72,14 +72,20 @@ def sparse_dense_cuda(x, w, counts, offsets, indices, *, shape, tile, layout, ex
     return y
 
 
-# dW rule, decided on device per call: the dW kernel streams every (32-row group, 64-column
+# dW path. Default (PIT_KGATHER_DW=dense): XLA's dense matmul computes Σ xᵀ·dy — on x as it is
+# when the index was detected from x (`exact`), else on x masked to its listed tiles — with no
+# control flow. PIT_KGATHER_DW=sparse: always the dW kernel. PIT_KGATHER_DW=auto: the rule
+# below, decided per call with lax.cond; XLA's GPU runtime reads a conditional's predicate on
+# the host (a stream wait on its execution thread) unless CONDITIONAL command buffers are
+# enabled, and on 4096³ the rule cost 0.23–0.24 ms against 0.16 ms for the dense path (H100,
+# benchmarks/results/2026-11-26_h200_session7/hostsync_h100/), so it is opt-in.
+# The rule: the dW kernel streams every (32-row group, 64-column
 # block) of x that holds a listed column, at about 0.92 ms per 4096³ of such blocks on an H100
 # (0.92 ms at 0–50% random 32x1 tile sparsity, 0.60 ms at 99%, where 72% of the blocks are
 # still occupied), while cuBLAS computes the whole (masked) xᵀ·dy in 0.21 ms. So the kernel
 # runs only when at most this fraction of the blocks is occupied (block- or row-structured
 # sparsity: dead neurons, pruned rows), estimated from the per-group counts; otherwise XLA's
-# dense matmul computes the same sum — on x as it is when the index was detected from x
-# (`exact`), else on x masked to its listed tiles. PIT_KGATHER_DW=sparse|dense forces one.
+# dense matmul computes the same sum.
 DW_SPARSE_MAX_OCCUPANCY = 0.2
 
 
@@ -95,8 +101,9 @@ def count_occupancy(counts, n_inner, tile_k):
 
 
 def dw_mode():
-    """PIT_KGATHER_DW: auto (the rule above), sparse (always the kernel) or dense (always XLA)."""
-    mode = os.environ.get("PIT_KGATHER_DW", "auto")
+    """PIT_KGATHER_DW: dense (default: always XLA's matmul), sparse (always the kernel) or auto
+    (the rule above, a lax.cond per call)."""
+    mode = os.environ.get("PIT_KGATHER_DW", "dense")
     if mode not in ("auto", "sparse", "dense"):
         raise ValueError(f"PIT_KGATHER_DW must be auto, sparse or dense, got {mode!r}")
     return mode
