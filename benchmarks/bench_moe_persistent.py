@@ -1,14 +1,16 @@
-"""A/B of the Hopper MoE forward kernels (issue 4): the tiled kernel (one CTA per output tile)
-against the persistent one (PIT_MOE_PERSISTENT=1: one CTA per SM walking the routing's tiles),
-in one process on the same compiled functions — the handler reads the variable at every launch,
-so the two kernels alternate rep by rep and share the machine's state. Forward only, bf16:
+"""A/B of the Hopper MoE forward kernels (issue 4): by default the tiled kernel (one CTA per
+output tile) against the persistent one (PIT_MOE_PERSISTENT=1: one CTA per SM walking the
+routing's tiles); `--switch NAME A B` compares two values of another per-launch variable instead
+(e.g. PIT_MOE_ROUTE_SEARCH binary warp). In one process on the same compiled functions — the
+handler reads the variable at every launch, so the two settings alternate rep by rep and share
+the machine's state. Forward only, bf16:
 the plain projection (tokens gathered, rows in routing order), the SwiGLU up-projection with its
 fused epilogue and the down-projection with the fused combine weights; the dense matmul of the
 same FLOPs is the reference. The outputs of both kernels are compared (they must agree exactly:
 same tiles, same K order).
 
-    python benchmarks/bench_moe_persistent.py [--out benchmarks/results] [--quick]
-Writes moe_persistent.json and moe_persistent.md into --out.
+    python benchmarks/bench_moe_persistent.py [--out benchmarks/results] [--quick] [--switch NAME A B]
+Writes moe_persistent.json and moe_persistent.md (or moe_ab_NAME.*) into --out.
 """
 from __future__ import annotations
 
@@ -23,16 +25,21 @@ from pit_jax.moe import fused_matmul, grouped_matmul
 from bench_moe import CASES, QUICK, expert_ids
 from common import announce, bench_parser, markdown_report, time_per_call, write_results
 
-ROUNDS = 3  # alternating tiled / persistent timings per point; the median of each is reported
+ROUNDS = 3  # alternating A / B timings per point; the median of each is reported
 
 
-def timed(fn, operands, persistent: bool) -> float:
-    os.environ["PIT_MOE_PERSISTENT"] = "1" if persistent else "0"
+def timed(fn, operands, name: str, value: str) -> float:
+    os.environ[name] = value
     return time_per_call(fn, operands, 1) * 1e3
 
 
 def main():
-    args = bench_parser("one tiny shape").parse_args()
+    ap = bench_parser("one tiny shape")
+    ap.add_argument("--switch", nargs=3, default=["PIT_MOE_PERSISTENT", "0", "1"], metavar=("NAME", "A", "B"),
+                    help="environment variable read per launch and its two values (default: tiled vs persistent)")
+    args = ap.parse_args()
+    var, val_a, val_b = args.switch
+    label_a, label_b = ("tiled", "persistent") if var == "PIT_MOE_PERSISTENT" else (f"{var}={val_a}", f"{var}={val_b}")
     meta = announce()
     cases = QUICK if args.quick else {n: CASES[n] for n in ("Mixtral up T=4096", "Qwen3-30B-A3B-like")}
     rows = []
@@ -61,36 +68,37 @@ def main():
             for part, (fn, operands) in parts.items():
                 fn = jax.jit(fn)
                 ran = any(s in fn.lower(operands).as_text() for s in ("@pit_moe_fused(", "@pit_moe_matmul("))
-                tiled, persistent = [], []
+                times_a, times_b = [], []
                 for _ in range(ROUNDS):
-                    tiled.append(timed(fn, operands, False))
-                    persistent.append(timed(fn, operands, True))
-                os.environ["PIT_MOE_PERSISTENT"] = "0"
+                    times_a.append(timed(fn, operands, var, val_a))
+                    times_b.append(timed(fn, operands, var, val_b))
+                os.environ[var] = val_a
                 ref = fn(operands)
-                os.environ["PIT_MOE_PERSISTENT"] = "1"
+                os.environ[var] = val_b
                 got = fn(operands)
-                os.environ["PIT_MOE_PERSISTENT"] = "0"
+                os.environ.pop(var)
                 flops_scale = 2.0 if part == "up swiglu" else 1.0  # gate and up: twice the dense FLOPs
-                r = dict(case=name, routing=routing_name, part=part, kernel_call_lowered=ran,
-                         tiled_ms=statistics.median(tiled), persistent_ms=statistics.median(persistent),
+                r = dict(case=name, routing=routing_name, part=part, kernel_call_lowered=ran, switch=var,
+                         a=val_a, b=val_b,
+                         a_ms=statistics.median(times_a), b_ms=statistics.median(times_b),
                          dense_same_flops_ms=dense_ms * flops_scale,
                          max_abs_diff=float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32)))))
                 print(r, flush=True)
                 rows.append(r)
     md = markdown_report(
-        f"MoE forward: tiled vs persistent Hopper kernel — {meta['device']}, jax {meta['jax']}, {meta['date']}",
-        f"bf16, forward only, same jitted function with PIT_MOE_PERSISTENT=0/1 alternated {ROUNDS} times "
+        f"MoE forward: {label_a} vs {label_b} — {meta['device']}, jax {meta['jax']}, {meta['date']}",
+        f"bf16, forward only, same jitted function with {var}={val_a} / {val_b} alternated {ROUNDS} times "
         "(median of each). projection: tokens gathered, rows in routing order (no epilogue); up swiglu: gate "
         "and up weights in one GEMM, silu(gate)·up fused; down scale: routing-ordered rows scattered to "
         "(token, slot) × the combine weight. dense = a [T·k, d] × [d, f] matmul (×2 for SwiGLU's two "
-        "weights). max |diff| = persistent vs tiled output",
-        ["case", "routing", "part", "tiled ms", "persistent ms", "tiled / persistent", "dense ms",
-         "persistent / dense", "max abs diff"],
-        [[r["case"], r["routing"], r["part"], f"{r['tiled_ms']:.3f}", f"{r['persistent_ms']:.3f}",
-          f"{r['tiled_ms'] / r['persistent_ms']:.3f}", f"{r['dense_same_flops_ms']:.3f}",
-          f"{r['persistent_ms'] / r['dense_same_flops_ms']:.2f}", f"{r['max_abs_diff']:.1e}"] for r in rows])
+        f"weights). max |diff| = {label_b} vs {label_a} output",
+        ["case", "routing", "part", f"{label_a} ms", f"{label_b} ms", f"{label_a} / {label_b}", "dense ms",
+         f"{label_b} / dense", "max abs diff"],
+        [[r["case"], r["routing"], r["part"], f"{r['a_ms']:.3f}", f"{r['b_ms']:.3f}",
+          f"{r['a_ms'] / r['b_ms']:.3f}", f"{r['dense_same_flops_ms']:.3f}",
+          f"{r['b_ms'] / r['dense_same_flops_ms']:.2f}", f"{r['max_abs_diff']:.1e}"] for r in rows])
     print(md)
-    write_results(args.out, "moe_persistent", rows, md, meta)
+    write_results(args.out, "moe_persistent" if var == "PIT_MOE_PERSISTENT" else f"moe_ab_{var}", rows, md, meta)
 
 
 if __name__ == "__main__":

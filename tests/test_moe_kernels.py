@@ -92,6 +92,7 @@ def test_layer_lowers_to_the_kernels_and_routes_once():
     (200, 2, 16, 45, 29, "one_hot"),       # odd d, f: scalar loads
     (130, 8, 256, 64, 64, "invalid"),      # some ids out of range: zero rows
     (1024, 2, 8, 512, 1032, "zipf"),       # many K steps and column tiles, a partial one
+    (600, 2, 300, 64, 64, "uniform"),      # more than 256 groups: the tile lookup's second pass
 ])
 def test_kernel_matches_float64(kernel, dtype, t, k, e, d, f, routing):
     dev = _gpu()
