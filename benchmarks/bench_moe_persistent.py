@@ -1,7 +1,7 @@
 """A/B of the Hopper MoE forward kernels (issue 4): by default the tiled kernel (one CTA per
 output tile) against the persistent one (PIT_MOE_PERSISTENT=1: one CTA per SM walking the
 routing's tiles); `--switch NAME A B` compares two values of another per-launch variable instead
-(e.g. PIT_MOE_ROUTE_SEARCH binary warp). In one process on the same compiled functions — the
+(any variable the handler reads per launch, e.g. PIT_MOE_COL_BAND 1 4). In one process on the same compiled functions — the
 handler reads the variable at every launch, so the two settings alternate rep by rep and share
 the machine's state. Forward only, bf16:
 the plain projection (tokens gathered, rows in routing order), the SwiGLU up-projection with its

@@ -16,9 +16,6 @@
 #                  one process, $OUT/persistent).
 #   PART=hostsync: probe_host_sync.py with XLA's default command buffers and with CONDITIONAL
 #                  added ($OUT/hostsync_default, $OUT/hostsync_conditional).
-#   PART=routesearch: the MoE kernel tests (warp-wide route-tile lookup, the default), memcheck
-#                  over bf16 cases, and the lookup A/B (PIT_MOE_ROUTE_SEARCH binary vs warp,
-#                  $OUT/routesearch).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -102,14 +99,6 @@ hostsync)
     XLA_FLAGS="$flags" timeout -k 5 ${BENCH_TIMEOUT:-150} python3 benchmarks/probe_host_sync.py --out $OUT/hostsync_$name 2>&1 | grep -E "^\| [ds]|Error" | tee -a $LOG
     echo "probe $((SECONDS-t0))s"
   done ;;
-routesearch)
-  pytest_gpu 250 tests/test_moe_kernels.py
-  echo "== memcheck bf16 forward kernels" | tee -a $LOG
-  XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout -k 5 100 compute-sanitizer --tool memcheck --error-exitcode 97 --kernel-name kns=pit_moe python3 -P -m pytest tests/test_moe_kernels.py -k "bfloat16 and (fused_epilogue or kernel_matches)" -q -p no:cacheprovider -x > /tmp/san.log 2>&1
-  echo "rc $?" >> /tmp/san.log
-  grep -E "ERROR SUMMARY|passed|failed|rc " /tmp/san.log | tail -4 | tee -a $LOG
-  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_ROUTE_SEARCH binary warp --out $OUT/routesearch 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  echo "bench $((SECONDS-t0))s" ;;
 ncu)
   echo "== ncu: one SwiGLU layer step, Mixtral shape (T=4096, E=8, k=2, 4096->14336), bf16" >> $LOG
   # ncu writes to a file, not a pipe: a profiled process left behind by the timeout must not hold the pipe open

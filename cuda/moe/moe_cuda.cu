@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kMoeThreads) pit_moe_forward_kernel(const T* _
   const int64_t slot = blockIdx.x % (s.max_row_tiles * C::kHalves);  // row tiles fastest: experts side by side
   const int64_t n0 = (blockIdx.x / (s.max_row_tiles * C::kHalves)) * C::kBN;
   MoeRouteTile tile;
-  if (!find_route_tile(tile_starts, group_starts, s.experts, slot / C::kHalves, &tile, s.binary_route_search)) return;
+  if (!find_route_tile(tile_starts, group_starts, s.experts, slot / C::kHalves, &tile)) return;
   const int64_t p0 = tile.first + (slot % C::kHalves) * C::kBM;
   const int rows_valid = min(tile.rows - int(slot % C::kHalves) * C::kBM, C::kBM);
   if (rows_valid <= 0) return;  // the routing tile's second half is empty

@@ -224,8 +224,7 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
   const int tid = threadIdx.x;
   const MoeGridTile grid_tile = forward_grid_tile(blockIdx.x, s.max_row_tiles, ceil_div(s.f, int64_t(kOutCols)), col_band);
   MoeRouteTile tile;
-  if (!find_route_tile(tile_starts, group_starts, s.experts, grid_tile.row_tile, &tile, s.binary_route_search))
-    return;
+  if (!find_route_tile(tile_starts, group_starts, s.experts, grid_tile.row_tile, &tile)) return;
   const int64_t n0 = grid_tile.col_tile * kOutCols;
   const int64_t cols = s.f - n0 < kOutCols ? s.f - n0 : kOutCols;
   for (int r = tid; r < C::kBM; r += C::kThreads) {

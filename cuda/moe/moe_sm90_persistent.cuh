@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
   const int64_t n_tiles = row_tiles * col_tiles;
   const int n_chunks = int(ceil_div(s.d, C::kBK));
   auto tile_of = [&](int64_t idx, MoeRouteTile* tile, int64_t* n0) {
-    find_route_tile(tile_starts, group_starts, s.experts, idx % row_tiles, tile, s.binary_route_search);
+    find_route_tile(tile_starts, group_starts, s.experts, idx % row_tiles, tile);
     *n0 = (idx / row_tiles) * kOutCols;
   };
 

@@ -3,8 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "../common/ffi_common.h"
 
@@ -36,9 +34,6 @@ struct MoeShape {
   // order[p] — routing order, each expert's rows contiguous — instead of source / assignment order.
   bool x_sorted = false, out_sorted = false;
   int64_t max_row_tiles = 0;  // grid bound of the forward: ceil(A / tile) + E + 1
-  // PIT_MOE_ROUTE_SEARCH=binary (read per launch, for A/B runs): find_route_tile's former
-  // binary search instead of the warp-wide count.
-  bool binary_route_search = false;
 };
 
 inline MoeShape make_moe_shape(int64_t sources, int64_t d, int64_t f, int64_t experts, int64_t assignments,
@@ -54,18 +49,12 @@ inline MoeShape make_moe_shape(int64_t sources, int64_t d, int64_t f, int64_t ex
   s.x_sorted = x_sorted;
   s.out_sorted = out_sorted;
   s.max_row_tiles = ceil_div(assignments, int64_t(kMoeRouteTileRows)) + experts + 1;
-  const char* search = std::getenv("PIT_MOE_ROUTE_SEARCH");
-  s.binary_route_search = search != nullptr && std::strcmp(search, "binary") == 0;
   return s;
 }
 
-// The routing tile `tile` of a forward grid: its group (expert, or E for invalid ids), its
-// first position in `order` and its row count (<= kMoeRouteTileRows). Returns false past the
-// last tile of this routing. Every lane of a warp must call it with the same tile: the group is
-// the number of groups g <= E with tile_starts[g] <= tile, minus one (tile_starts is
-// nondecreasing from 0), counted over the warp — each lane loads every 32nd entry, all loads
-// independent, so the lookup costs two dependent round trips instead of a binary search's
-// log2(E) + 2 (E = 128: 9 vs 2, each an L2 hit on a CTA's critical path).
+// The routing tile `tile` of a forward grid: its group (expert, or E for invalid ids) by binary
+// search in tile_starts, its first position in `order` and its row count (<= kMoeRouteTileRows).
+// Returns false past the last tile of this routing.
 struct MoeRouteTile {
   int group;
   int64_t first;
@@ -73,29 +62,12 @@ struct MoeRouteTile {
 };
 
 __device__ __forceinline__ bool find_route_tile(const int32_t* tile_starts, const int32_t* group_starts,
-                                                int64_t experts, int64_t tile, MoeRouteTile* out,
-                                                bool binary_search = false) {
-  const int64_t total = tile_starts[experts + 1];
-  int lo = 0;
-  if (binary_search) {
-    if (tile >= total) return false;
-    int hi = int(experts) + 1;  // largest group g with tile_starts[g] <= tile
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (tile_starts[mid] <= tile) lo = mid; else hi = mid;
-    }
-  } else {
-    const int lane = threadIdx.x % 32;
-    int count = 0;
-    for (int64_t base = 0; base <= experts; base += 256) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int64_t g = base + 32 * i + lane;
-        count += (g <= experts && tile_starts[g] <= tile) ? 1 : 0;
-      }
-    }
-    lo = __reduce_add_sync(0xffffffffu, count) - 1;
-    if (tile >= total) return false;
+                                                int64_t experts, int64_t tile, MoeRouteTile* out) {
+  if (tile >= tile_starts[experts + 1]) return false;
+  int lo = 0, hi = int(experts) + 1;  // largest group g with tile_starts[g] <= tile
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (tile_starts[mid] <= tile) lo = mid; else hi = mid;
   }
   out->group = lo;
   out->first = group_starts[lo] + (tile - tile_starts[lo]) * kMoeRouteTileRows;
