@@ -16,6 +16,8 @@
 #                  one process, $OUT/persistent).
 #   PART=hostsync: probe_host_sync.py with XLA's default command buffers and with CONDITIONAL
 #                  added ($OUT/hostsync_default, $OUT/hostsync_conditional).
+#   PART=ncu_persistent: Nsight Compute sections (speed of light, memory workload) of the tiled and
+#                  the persistent forward, Mixtral one-hot and Qwen-like uniform ($OUT/ncu_persistent.txt).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -99,6 +101,12 @@ hostsync)
     XLA_FLAGS="$flags" timeout -k 5 ${BENCH_TIMEOUT:-150} python3 benchmarks/probe_host_sync.py --out $OUT/hostsync_$name 2>&1 | grep -E "^\| [ds]|Error" | tee -a $LOG
     echo "probe $((SECONDS-t0))s"
   done ;;
+ncu_persistent)
+  timeout -k 5 300 ncu --kernel-name regex:pit_moe_forward --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section LaunchStats python3 -P benchmarks/profile_moe_persistent.py > $OUT/ncu_persistent.txt 2>&1
+  echo "rc $?" >> $OUT/ncu_persistent.txt
+  grep -E "PIT_MOE_PERSISTENT=|pit_moe_forward|Duration|DRAM Throughput|Compute \(SM\) Throughput|L2 Hit Rate|Mem Busy|Grid Size|rc " $OUT/ncu_persistent.txt | sed 's/(const T1.*//; s/  */ /g' | tee -a $LOG
+  echo "ncu $((SECONDS-t0))s" ;;
 ncu)
   echo "== ncu: one SwiGLU layer step, Mixtral shape (T=4096, E=8, k=2, 4096->14336), bf16" >> $LOG
   # ncu writes to a file, not a pipe: a profiled process left behind by the timeout must not hold the pipe open
