@@ -28,15 +28,24 @@ from common import announce, bench_parser, markdown_report, time_per_call, write
 ROUNDS = 3  # alternating A / B timings per point; the median of each is reported
 
 
+def set_switch(name: str, value: str) -> None:
+    """value "default": the variable unset (the handler's own choice)."""
+    if value == "default":
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def timed(fn, operands, name: str, value: str) -> float:
-    os.environ[name] = value
+    set_switch(name, value)
     return time_per_call(fn, operands, 1) * 1e3
 
 
 def main():
     ap = bench_parser("one tiny shape")
     ap.add_argument("--switch", nargs=3, default=["PIT_MOE_PERSISTENT", "0", "1"], metavar=("NAME", "A", "B"),
-                    help="environment variable read per launch and its two values (default: tiled vs persistent)")
+                    help="environment variable read per launch and its two values, 'default' = unset "
+                         "(default: tiled vs persistent)")
     args = ap.parse_args()
     var, val_a, val_b = args.switch
     label_a, label_b = ("tiled", "persistent") if var == "PIT_MOE_PERSISTENT" else (f"{var}={val_a}", f"{var}={val_b}")
@@ -72,9 +81,9 @@ def main():
                 for _ in range(ROUNDS):
                     times_a.append(timed(fn, operands, var, val_a))
                     times_b.append(timed(fn, operands, var, val_b))
-                os.environ[var] = val_a
+                set_switch(var, val_a)
                 ref = fn(operands)
-                os.environ[var] = val_b
+                set_switch(var, val_b)
                 got = fn(operands)
                 os.environ.pop(var)
                 flops_scale = 2.0 if part == "up swiglu" else 1.0  # gate and up: twice the dense FLOPs

@@ -18,6 +18,8 @@
 #                  added ($OUT/hostsync_default, $OUT/hostsync_conditional).
 #   PART=ncu_persistent: Nsight Compute sections (speed of light, memory workload) of the tiled and
 #                  the persistent forward, Mixtral one-hot and Qwen-like uniform ($OUT/ncu_persistent.txt).
+#   PART=colband: the MoE kernel tests, then the forward raster band A/B (PIT_MOE_COL_BAND=1 vs
+#                  the handler's shape rule, $OUT/colband) and the Qwen-like layer table ($OUT/layer).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -103,10 +105,16 @@ hostsync)
   done ;;
 ncu_persistent)
   timeout -k 5 300 ncu --kernel-name regex:pit_moe_forward --section SpeedOfLight --section MemoryWorkloadAnalysis \
-    --section LaunchStats python3 -P benchmarks/profile_moe_persistent.py > $OUT/ncu_persistent.txt 2>&1
+    --section LaunchStats python3 benchmarks/profile_moe_persistent.py > $OUT/ncu_persistent.txt 2>&1
   echo "rc $?" >> $OUT/ncu_persistent.txt
   grep -E "PIT_MOE_PERSISTENT=|pit_moe_forward|Duration|DRAM Throughput|Compute \(SM\) Throughput|L2 Hit Rate|Mem Busy|Grid Size|rc " $OUT/ncu_persistent.txt | sed 's/(const T1.*//; s/  */ /g' | tee -a $LOG
   echo "ncu $((SECONDS-t0))s" ;;
+colband)
+  pytest_gpu 250 tests/test_moe_kernels.py
+  timeout -k 5 150 python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_COL_BAND 1 default --out $OUT/colband 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "bench $((SECONDS-t0))s"
+  timeout -k 5 180 python3 benchmarks/bench_moe.py --no-projection --layer-cases Qwen3-30B-A3B-like --out $OUT/layer 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "layer $((SECONDS-t0))s" ;;
 ncu)
   echo "== ncu: one SwiGLU layer step, Mixtral shape (T=4096, E=8, k=2, 4096->14336), bf16" >> $LOG
   # ncu writes to a file, not a pipe: a profiled process left behind by the timeout must not hold the pipe open
