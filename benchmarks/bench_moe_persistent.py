@@ -85,7 +85,7 @@ def main():
                 ref = fn(operands)
                 set_switch(var, val_b)
                 got = fn(operands)
-                os.environ.pop(var)
+                os.environ.pop(var, None)
                 flops_scale = 2.0 if part == "up swiglu" else 1.0  # gate and up: twice the dense FLOPs
                 r = dict(case=name, routing=routing_name, part=part, kernel_call_lowered=ran, switch=var,
                          a=val_a, b=val_b,
