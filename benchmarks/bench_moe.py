@@ -61,6 +61,16 @@ def expert_ids(key, t, e, k, routing):
     return jax.lax.top_k(logits, k)[1].astype(jnp.int32)
 
 
+def layer_operands(key, t, e, k, d, f):
+    """bf16 operands of one SwiGLU MoE layer, the same for every forward benchmark: tokens x
+    [T, d], w_in / w_gate [E, d, f], w_out [E, f, d], hidden rows h [T·k, f] and softmax combine
+    weights cw [T, k] (fp32)."""
+    normal = lambda i, s, sc: (jax.random.normal(jax.random.fold_in(key, i), s, jnp.float32) * sc).astype(jnp.bfloat16)
+    return dict(x=normal(1, (t, d), 1.0), w_in=normal(2, (e, d, f), d ** -0.5), w_gate=normal(3, (e, d, f), d ** -0.5),
+                w_out=normal(4, (e, f, d), f ** -0.5), h=normal(7, (t * k, f), 1.0),
+                cw=jax.nn.softmax(jax.random.normal(jax.random.fold_in(key, 6), (t, k)), axis=-1))
+
+
 def pit_path() -> str:
     """Which MoE path pit_jax runs here: its CUDA kernels on a GPU (wgmma forward unless
     PIT_DISABLE_WGMMA=1), the lax.ragged_dot reference on CPU."""

@@ -17,7 +17,7 @@ import pit_jax
 from pit_jax.moe import fused_matmul, grouped_matmul
 from pit_jax.moe_reference import apply_epilogue
 from pit_jax.nn.moe import moe_ffn
-from bench_moe import CASES, QUICK, expert_ids
+from bench_moe import CASES, QUICK, expert_ids, layer_operands
 from common import announce, bench_parser, markdown_report, time_per_call, write_results
 
 
@@ -67,12 +67,9 @@ def main():
                              / jnp.linalg.norm(b.astype(jnp.float32)))
     for name, (t, e, k, d, f) in cases.items():
         key = jax.random.PRNGKey(0)
-        normal = lambda i, s, sc: (jax.random.normal(jax.random.fold_in(key, i), s, jnp.float32) * sc).astype(jnp.bfloat16)
-        x = normal(1, (t, d), 1.0)
-        w_in, w_gate, w_out = normal(2, (e, d, f), d ** -0.5), normal(3, (e, d, f), d ** -0.5), normal(4, (e, f, d), f ** -0.5)
-        h = normal(7, (t * k, f), 1.0)
+        ops = layer_operands(key, t, e, k, d, f)
+        x, w_in, w_gate, w_out, h, cw = (ops[n] for n in ("x", "w_in", "w_gate", "w_out", "h", "cw"))
         ids = expert_ids(jax.random.fold_in(key, 5), t, e, k, "uniform")
-        cw = jax.nn.softmax(jax.random.normal(jax.random.fold_in(key, 6), (t, k)), axis=-1)
         routing = pit_jax.moe_routing(ids, e)
 
         def record(part, epilogue, fused_fn, unfused_fn, operands):

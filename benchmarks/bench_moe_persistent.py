@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 import pit_jax
 from pit_jax.moe import fused_matmul, grouped_matmul
-from bench_moe import CASES, QUICK, expert_ids
+from bench_moe import CASES, QUICK, expert_ids, layer_operands
 from common import announce, bench_parser, markdown_report, time_per_call, write_results
 
 ROUNDS = 3  # alternating A / B timings per point; the median of each is reported
@@ -54,12 +54,9 @@ def main():
     rows = []
     for name, (t, e, k, d, f) in cases.items():
         key = jax.random.PRNGKey(0)
-        normal = lambda i, s, sc: (jax.random.normal(jax.random.fold_in(key, i), s, jnp.float32) * sc).astype(jnp.bfloat16)
-        x = normal(1, (t, d), 1.0)
-        w_in, w_gate, w_out = normal(2, (e, d, f), d ** -0.5), normal(3, (e, d, f), d ** -0.5), normal(4, (e, f, d), f ** -0.5)
-        h = normal(7, (t * k, f), 1.0)
-        cw = jax.nn.softmax(jax.random.normal(jax.random.fold_in(key, 6), (t, k)), axis=-1)
-        a = normal(8, (t * k, d), 1.0)
+        ops = layer_operands(key, t, e, k, d, f)
+        x, w_in, w_gate, w_out, h, cw = (ops[n] for n in ("x", "w_in", "w_gate", "w_out", "h", "cw"))
+        a = jax.random.normal(jax.random.fold_in(key, 8), (t * k, d), jnp.bfloat16)
         dense = jax.jit(lambda ops: ops[0] @ ops[1])
         dense_ms = time_per_call(dense, (a, w_in[0]), 1) * 1e3
         for routing_name in ("uniform", "one-hot"):
