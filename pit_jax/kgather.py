@@ -222,11 +222,17 @@ def _row_index_of_x(x, tile, index):
     return tile, index
 
 
+def auto_takes_kernel(index: TileIndex):
+    """tile="auto"'s choice, a device scalar: True (the kernel) when the densest member of the
+    batch lists at most AUTO_MAX_DENSITY of its micro-tiles, False (the dense matmul) otherwise."""
+    return jnp.max(index.density) <= AUTO_MAX_DENSITY
+
+
 def _sparse_dense_auto(x, w, index):
     _check_operands("sparse_dense", x, w)
     exact = index is None
     tile, index = _row_index_of_x(x, AUTO_TILE, index)
-    sparse_enough = jnp.max(index.density) <= AUTO_MAX_DENSITY
+    sparse_enough = auto_takes_kernel(index)
     return jax.lax.cond(sparse_enough,
                         lambda x, w: _sparse_dense_indexed(x, w, tile, index, exact),
                         lambda x, w: _dense_matmul(x, w, x.dtype), x, w)

@@ -38,6 +38,70 @@ def test_sparse_dense_matches_float64(backend, dtype, tile, sparsity):
         assert _rel_err(y, want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95, 1.0])
+def test_auto_matches_float64_with_gradients(backend, dtype, sparsity):
+    """tile="auto" (the kernel below the density threshold, the dense matmul above it): values
+    and both gradients against float64, batched, odd shapes."""
+    rng = np.random.default_rng(hash(("auto", dtype, sparsity)) % 2**32)
+    x = random_tile_sparse(rng, (2, 67, 45), (32, 1), sparsity, dtype)
+    w = _dense(rng, (45, 29), dtype)
+    g = rng.standard_normal((2, 67, 29))
+    f = lambda x, w: pit_jax.sparse_dense(x, w, tile="auto")
+    y, (dx, dw) = jax.jit(lambda x, w: (f(x, w), jax.grad(
+        lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * g), (0, 1))(x, w)))(x, w)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    assert y.shape == (2, 67, 29) and y.dtype == x.dtype
+    if sparsity == 1.0:
+        np.testing.assert_array_equal(np.asarray(y, np.float32), 0)
+    else:
+        assert _rel_err(y, x64 @ w64) < TOL[dtype]
+    assert _rel_err(dx, g @ w64.T) < TOL[dtype]
+    want_dw = np.einsum("bmk,bmn->kn", x64, g)
+    if sparsity == 1.0:
+        np.testing.assert_array_equal(np.asarray(dw, np.float32), 0)
+    else:
+        assert _rel_err(dw, want_dw) < TOL[dtype]
+
+
+def test_auto_choice_follows_the_densest_batch_member(backend):
+    """The kernel when every member lists at most AUTO_MAX_DENSITY of its 32x1 tiles; the dense
+    matmul as soon as one member is denser; the result is x @ w either way (also under vmap)."""
+    from pit_jax.kgather import AUTO_MAX_DENSITY, auto_takes_kernel
+    rng = np.random.default_rng(7)
+    sparse = random_tile_sparse(rng, (128, 300), (32, 1), 0.97, "float32")
+    dense = random_tile_sparse(rng, (128, 300), (32, 1), 0.5, "float32")
+    density = lambda x: float(pit_jax.detect(x, (32, 1)).density)
+    assert density(sparse) <= AUTO_MAX_DENSITY < density(dense)
+    assert bool(auto_takes_kernel(pit_jax.detect(sparse, (32, 1))))
+    assert not bool(auto_takes_kernel(pit_jax.detect(np.stack([sparse, dense]), (32, 1))))
+    w = _dense(rng, (300, 17), "float32")
+    for x in (sparse, dense, np.stack([sparse, dense])):
+        y = jax.jit(lambda x: pit_jax.sparse_dense(x, w, tile="auto"))(x)
+        assert _rel_err(y, x.astype(np.float64) @ w) < TOL["float32"]
+    both = np.stack([sparse, dense])
+    y = jax.vmap(lambda x: pit_jax.sparse_dense(x, w, tile="auto"))(both)
+    assert _rel_err(y, both.astype(np.float64) @ w) < TOL["float32"]
+
+
+def test_auto_lowers_to_a_conditional_over_kernel_and_dense_matmul():
+    """On CUDA, tile="auto" is detection, then a conditional between the k-gather kernel and
+    XLA's matmul (the lax.cond that docs/kgather.md describes)."""
+    if not pit_jax.cuda_available():
+        pytest.skip("built without CUDA kernels")
+    x = jax.ShapeDtypeStruct((64, 32), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((32, 16), jnp.bfloat16)
+    text = jax.jit(lambda x, w: pit_jax.sparse_dense(x, w, tile="auto")).trace(x, w).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "pit_detect" in text and "stablehlo.case" in text
+    assert "pit_sparse_dense" in text and "stablehlo.dot_general" in text
+
+
+def test_auto_rejects_other_strings():
+    with pytest.raises(ValueError, match="tile must be a pair of ints or 'auto'"):
+        pit_jax.sparse_dense(np.ones((4, 4), np.float32), np.ones((4, 4), np.float32), tile="fast")
+
+
 def test_values_outside_index_are_ignored(backend):
     """A caller's index is a promise; values outside it are never read (as in the kernels)."""
     rng = np.random.default_rng(1)
