@@ -20,7 +20,7 @@ from jax.interpreters import ad, batching, mlir
 
 from . import _primitive, kgather_cuda
 from .detect import detect
-from .kgather_reference import F32, sparse_dense_ref, sparse_tn_ref
+from .kgather_reference import F32, sparse_dense_ref, sparse_tn_ref, sum_tn
 from .tile_index import TileIndex
 
 sparse_dense_p = _primitive.make_primitive("pit_sparse_dense", multiple_results=False)
@@ -65,11 +65,6 @@ def _dense_matmul(a, b, out_dtype):
     return jnp.matmul(a, b, preferred_element_type=F32).astype(out_dtype)
 
 
-def _sum_tn(a, b, out_dtype):
-    """Σ over leading dims of aᵀ b, for a [..., M, K], b [..., M, N]."""
-    return _dense_matmul(a.reshape(-1, a.shape[-1]).T, b.reshape(-1, b.shape[-1]), out_dtype)
-
-
 def _sparse_dense_jvp(primals, tangents, **params):
     x, w, counts, offsets, indices = primals
     dx, dw = tangents[:2]
@@ -102,7 +97,7 @@ def _sparse_tn_jvp(primals, tangents, *, out_dtype, **params):
     if type(ddy) is not ad.Zero:
         t = sparse_tn_p.bind(x, ddy, counts, offsets, indices, out_dtype=out_dtype, **params)
     if type(dx) is not ad.Zero:
-        u = _sum_tn(dx, dy, out_dtype)
+        u = sum_tn(dx, dy, out_dtype)
         t = u if t is None else t + u
     return out, (_primitive.zero_tangent(out) if t is None else t)
 

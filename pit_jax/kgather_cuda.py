@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .kgather_reference import sparse_tn_ref
+from .kgather_reference import sparse_tn_ref, sum_tn
 from .tile_index import element_mask_from_indices, tile_mask_from_indices
 
 GROUP_ROWS = 32   # kGroupRows
@@ -113,8 +113,7 @@ def sparse_tn_cuda(x, dy, counts, offsets, indices, *, shape, tile, layout, exac
     del offsets
     mode = dw_mode()
     if exact:  # x is zero outside its index: no mask needed
-        dense = lambda *_: jnp.matmul(x.reshape(-1, x.shape[-1]).T, dy.reshape(-1, dy.shape[-1]),
-                                      preferred_element_type=jnp.float32).astype(out_dtype)
+        dense = lambda *_: sum_tn(x, dy, out_dtype)
     else:
         dense = lambda *_: sparse_tn_ref(x, dy, indices, shape=shape, tile=tile, layout=layout,
                                          out_dtype=out_dtype)

@@ -26,8 +26,10 @@ def sparse_dense_ref(x, w, indices, *, shape, tile, layout):
 
 def sparse_tn_ref(x, dy, indices, *, shape, tile, layout, out_dtype):
     """dw[K, N] = Σ_batch (x ⊙ M)ᵀ @ dy over every leading dim, fp32 accumulation."""
-    xm = _masked(x, indices, shape, tile, layout)
-    k, n = xm.shape[-1], dy.shape[-1]
-    xm2 = xm.reshape(-1, k)
-    dy2 = dy.reshape(-1, n)
-    return jnp.matmul(xm2.T, dy2, preferred_element_type=F32).astype(out_dtype)
+    return sum_tn(_masked(x, indices, shape, tile, layout), dy, out_dtype)
+
+
+def sum_tn(a, b, out_dtype):
+    """Σ over leading dims of aᵀ b, for a [..., M, K], b [..., M, N], fp32 accumulation."""
+    return jnp.matmul(a.reshape(-1, a.shape[-1]).T, b.reshape(-1, b.shape[-1]),
+                      preferred_element_type=F32).astype(out_dtype)
