@@ -37,20 +37,21 @@ pytest_gpu() {  # seconds, then pytest's arguments: the installed package (-P), 
   tail -2 /tmp/tests.log | tee -a $LOG
   echo "tests $((SECONDS-t0))s"
 }
+run_tool() {  # compute-sanitizer tool, kernel-name filter, test file, -k selection (device allocations
+              # without XLA's pool, so the tool sees each buffer)
+  echo "== $1 ($3 -k '$4')" | tee -a $LOG
+  XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout -k 5 ${SAN_TIMEOUT:-200} \
+    compute-sanitizer --tool $1 --error-exitcode 97 --kernel-name kns=$2 python3 -P -m pytest $3 -k "$4" -q -p no:cacheprovider -x > /tmp/san.log 2>&1
+  echo "rc $?" >> /tmp/san.log
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|rc " /tmp/san.log | tail -4 | tee -a $LOG
+  echo "$1 $((SECONDS-t0))s"
+}
 DETECT_SUITES="tests/test_detect.py tests/test_detect_properties.py tests/test_detect_transforms.py tests/test_detect_errors.py"
 case "${PART:-tests}" in
 tests)
   pytest_gpu ${TEST_TIMEOUT:-280} tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py
   pytest_gpu ${TEST_TIMEOUT:-280} $DETECT_SUITES ;;
 sanitize)
-  export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform
-  run_tool() {  # tool, kernel-name filter, test file, -k selection
-    echo "== $1 ($3 -k '$4')" | tee -a $LOG
-    timeout -k 5 ${SAN_TIMEOUT:-200} compute-sanitizer --tool $1 --error-exitcode 97 --kernel-name kns=$2 python3 -P -m pytest $3 -k "$4" -q -p no:cacheprovider -x > /tmp/san.log 2>&1
-    echo "rc $?" >> /tmp/san.log
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|rc " /tmp/san.log | tail -4 | tee -a $LOG
-    echo "$1 $((SECONDS-t0))s"
-  }
   run_tool memcheck pit_moe tests/test_moe_kernels.py "bfloat16 and fused_epilogue"
   run_tool racecheck pit_moe tests/test_moe_kernels.py "bfloat16 and fused_epilogue and (uniform or one_hot)"
   run_tool memcheck pit_detect tests/test_detect.py "gpu and (dtypes_and_sparsity or unaligned or special)"
@@ -83,15 +84,9 @@ kgather)
   echo "bench $((SECONDS-t0))s" ;;
 persistent)
   pytest_gpu 250 tests/test_moe_kernels.py -k persistent
-  export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform
   for tool in memcheck racecheck; do
-    echo "== $tool persistent bf16" | tee -a $LOG
-    timeout -k 5 100 compute-sanitizer --tool $tool --error-exitcode 97 --kernel-name kns=pit_moe python3 -P -m pytest tests/test_moe_kernels.py -k "bfloat16 and persistent and (uniform or one_hot)" -q -p no:cacheprovider -x > /tmp/san.log 2>&1
-    echo "rc $?" >> /tmp/san.log
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|rc " /tmp/san.log | tail -4 | tee -a $LOG
+    SAN_TIMEOUT=100 run_tool $tool pit_moe tests/test_moe_kernels.py "bfloat16 and persistent and (uniform or one_hot)"
   done
-  unset XLA_PYTHON_CLIENT_PREALLOCATE XLA_PYTHON_CLIENT_ALLOCATOR
-  echo "sanitize $((SECONDS-t0))s"
   timeout -k 5 ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_moe_persistent.py --out $OUT/persistent 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "bench $((SECONDS-t0))s" ;;
 hostsync)
