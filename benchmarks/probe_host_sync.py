@@ -38,13 +38,18 @@ def enqueue_share(fn, inputs) -> float:
     return (t1 - t0) / (t2 - t0)
 
 
-def lowered_with(env_value, make):
-    """jit(make()) compiled with PIT_KGATHER_DW=env_value (read at lowering)."""
-    if env_value is None:
-        os.environ.pop("PIT_KGATHER_DW", None)
-    else:
+def compiled_with(env_value, make, inputs):
+    """make()'s jitted function compiled for `inputs` with PIT_KGATHER_DW=env_value (read at
+    lowering; unset for None), the variable restored afterwards."""
+    saved = os.environ.pop("PIT_KGATHER_DW", None)
+    if env_value is not None:
         os.environ["PIT_KGATHER_DW"] = env_value
-    return make()
+    try:
+        return make().lower(inputs).compile()
+    finally:
+        os.environ.pop("PIT_KGATHER_DW", None)
+        if saved is not None:
+            os.environ["PIT_KGATHER_DW"] = saved
 
 
 def main():
@@ -65,15 +70,14 @@ def main():
                 lambda xs: [pit_jax.sparse_dense(x, w, tile="auto") for x in xs])),
             "dW dense reference": (None, lambda: jax.jit(
                 lambda xs: [jax.grad(loss(lambda x, w: x @ w))(w, x) for x in xs])),
-            "dW, rule on device (default)": (None, lambda: jax.jit(
+            "dW, rule on device (PIT_KGATHER_DW=auto)": ("auto", lambda: jax.jit(
                 lambda xs: [jax.grad(loss(pit_jax.sparse_dense))(w, x) for x in xs])),
             "dW, PIT_KGATHER_DW=dense": ("dense", lambda: jax.jit(
                 lambda xs: [jax.grad(loss(pit_jax.sparse_dense))(w, x) for x in xs])),
         }
         for name, (env_value, make) in variants.items():
-            fn = lowered_with(env_value, make)
-            text = fn.lower(xs).compile().as_text()
-            os.environ.pop("PIT_KGATHER_DW", None)
+            fn = compiled_with(env_value, make, xs)
+            text = fn.as_text()
             r = dict(variant=name, sparsity=sparsity, xla_flags=flags,
                      ms=time_per_call(fn, xs, len(xs)) * 1e3, enqueue_share=enqueue_share(fn, xs),
                      conditionals=text.count(" conditional("), command_buffers=text.count("command_buffer"))
