@@ -20,6 +20,11 @@
 #                  the persistent forward, Mixtral one-hot and Qwen-like uniform ($OUT/ncu_persistent.txt).
 #   PART=colband: the MoE kernel tests, then the forward raster band A/B (PIT_MOE_COL_BAND=1 vs
 #                  the handler's shape rule, $OUT/colband) and the Qwen-like layer table ($OUT/layer).
+#   PART=verify:   every GPU suite of a build: MoE, detect and k-gather (GPU vs CPU / float64).
+#   PART=projection: bench_moe's projection table alone ($OUT/projection).
+#   PART=auto:     bench_kgather_auto (tile="auto" as installed vs auto given a detected index, $OUT/auto).
+#   PART=candidates: a branch's MoE kernel tests (tiled and persistent), its k-gather auto tests,
+#                  bench_moe_persistent (tiled vs persistent, $OUT/persistent) and PART=auto.
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -110,6 +115,22 @@ colband)
   echo "bench $((SECONDS-t0))s"
   timeout -k 5 180 python3 benchmarks/bench_moe.py --no-projection --layer-cases Qwen3-30B-A3B-like --out $OUT/layer 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "layer $((SECONDS-t0))s" ;;
+verify)
+  pytest_gpu 280 tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py
+  pytest_gpu 60 $DETECT_SUITES
+  pytest_gpu 150 tests/test_kgather.py tests/test_kgather_kernels.py ;;
+projection)
+  timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe.py --no-layer --out $OUT/projection 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "projection $((SECONDS-t0))s" ;;
+auto)
+  timeout -k 5 ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_kgather_auto.py --out $OUT/auto 2>&1 | grep "^| [4O]" | tee -a $LOG
+  echo "auto $((SECONDS-t0))s" ;;
+candidates)
+  pytest_gpu 250 tests/test_moe_kernels.py
+  pytest_gpu 100 tests/test_kgather.py -k auto
+  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe_persistent.py --out $OUT/persistent 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "persistent bench $((SECONDS-t0))s"
+  PART=auto SKIP_BUILD=1 bash $0 | grep -v "^build" ;;
 ncu)
   echo "== ncu: one SwiGLU layer step, Mixtral shape (T=4096, E=8, k=2, 4096->14336), bf16" >> $LOG
   # ncu writes to a file, not a pipe: a profiled process left behind by the timeout must not hold the pipe open
