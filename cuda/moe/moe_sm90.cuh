@@ -160,6 +160,21 @@ __device__ __forceinline__ int consumer_row(int ctid) {
   return (ctid / 128) * 64 + ((ctid % 128) / 32) * 16 + (ctid % 32) / 4;
 }
 
+// Accumulator i of a consumer thread after the epilogue kEpi (moe_tiles.cuh); i / 2 % 2 picks
+// the thread's row (row_scale[0] or [1]). Fast exp and division: the epilogue runs after the
+// main loop, exposed (4 us per tile with IEEE division on Qwen-like shapes); their error
+// (~2 ulp) is far below bf16/fp16 rounding. GELU: 0.5 v (1 + tanh(z)) = v sigmoid(2z),
+// z = sqrt(2/pi) (v + 0.044715 v^3): one exp, as silu.
+template <int kEpi>
+__device__ __forceinline__ float epilogue_value(const float (&acc)[128], int i, const float (&row_scale)[2]) {
+  const float v = acc[i];
+  if constexpr (kEpi == kEpiSwiGLU) return __fdividef(v, 1.0f + __expf(-v)) * acc[i + 64];
+  if constexpr (kEpi == kEpiReLU) return fmaxf(v, 0.0f);
+  if constexpr (kEpi == kEpiGELU) return __fdividef(v, 1.0f + __expf(-1.5957691216f * (v + 0.044715f * v * v * v)));
+  if constexpr (kEpi == kEpiScale) return v * row_scale[(i / 2) % 2];
+  return v;
+}
+
 // Both consumers' accumulators as T into the row-major staging tile cs [kBM][kCStride], which
 // overlays the ring (ctid = consumer thread 0..255), through the epilogue kEpi (moe_tiles.cuh),
 // in fp32 and rounded once. Barriers: every consumer finished reading the ring before, and the
@@ -175,17 +190,7 @@ __device__ __forceinline__ void stage_accumulators(const float (&acc)[128], T* c
   named_barrier_sync(1, C::kConsumers);
   const int lane = ctid % 32, row = consumer_row(ctid);
   constexpr int kCols = kEpi == kEpiSwiGLU ? 16 : 32;  // 8-column groups staged per thread
-  auto value = [&](int i) {  // accumulator i after the epilogue; i / 2 % 2 picks the row
-    const float v = acc[i];
-    // fast exp and division: the epilogue runs after the main loop, exposed (4 us per tile with
-    // IEEE division on Qwen-like shapes); their error (~2 ulp) is far below bf16/fp16 rounding
-    if constexpr (kEpi == kEpiSwiGLU) return __fdividef(v, 1.0f + __expf(-v)) * acc[i + 64];
-    if constexpr (kEpi == kEpiReLU) return fmaxf(v, 0.0f);
-    // 0.5 v (1 + tanh(z)) = v sigmoid(2z), z = sqrt(2/pi) (v + 0.044715 v^3): one exp, as silu
-    if constexpr (kEpi == kEpiGELU) return __fdividef(v, 1.0f + __expf(-1.5957691216f * (v + 0.044715f * v * v * v)));
-    if constexpr (kEpi == kEpiScale) return v * row_scale[(i / 2) % 2];
-    return v;
-  };
+  auto value = [&](int i) { return epilogue_value<kEpi>(acc, i, row_scale); };
 #pragma unroll
   for (int j = 0; j < kCols; ++j) {
     const int c = 8 * j + 2 * (lane % 4);

@@ -36,16 +36,6 @@ __device__ __forceinline__ unsigned char* persistent_staging(const MoeSm90Smem& 
   return reinterpret_cast<unsigned char*>(sm.rows + 2 * MoeSm90Config::kBM);  // 16-byte aligned
 }
 
-// The epilogue value of accumulator i (as stage_accumulators).
-template <int kEpi>
-__device__ __forceinline__ float epilogue_value(const float (&acc)[128], int i, const float (&row_scale)[2]) {
-  const float v = acc[i];
-  if constexpr (kEpi == kEpiSwiGLU) return __fdividef(v, 1.0f + __expf(-v)) * acc[i + 64];
-  if constexpr (kEpi == kEpiReLU) return fmaxf(v, 0.0f);
-  if constexpr (kEpi == kEpiGELU) return __fdividef(v, 1.0f + __expf(-1.5957691216f * (v + 0.044715f * v * v * v)));
-  if constexpr (kEpi == kEpiScale) return v * row_scale[(i / 2) % 2];
-  return v;
-}
 #endif
 
 template <typename T, bool kWTransposed, bool kXTma, int kEpi>
