@@ -84,6 +84,21 @@ def test_auto_choice_follows_the_densest_batch_member(backend):
     assert _rel_err(y, both.astype(np.float64) @ w) < TOL["float32"]
 
 
+def test_auto_sampled_density_estimates_the_densest_member(backend):
+    """The sampled estimate: exact for all-zero and all-dense x, close to the detected density
+    for random tiles, and the max over a batch."""
+    from pit_jax.kgather import auto_sampled_density
+    rng = np.random.default_rng(9)
+    zeros = np.zeros((2, 300, 100), np.float32)
+    assert float(auto_sampled_density(zeros)) == 0.0
+    full = random_tile_sparse(rng, (300, 100), (32, 1), 0.0, "float32")
+    assert float(auto_sampled_density(full)) == 1.0
+    x = random_tile_sparse(rng, (2048, 512), (32, 1), 0.9, "float32")
+    assert abs(float(auto_sampled_density(x)) - float(pit_jax.detect(x, (32, 1)).density)) < 0.03
+    dense_member = random_tile_sparse(rng, (2048, 512), (32, 1), 0.0, "float32")
+    assert float(auto_sampled_density(np.stack([x, dense_member]))) == 1.0
+
+
 def test_auto_lowers_to_a_conditional_over_kernel_and_dense_matmul():
     """On CUDA, tile="auto" is detection, then a conditional between the k-gather kernel and
     XLA's matmul (the lax.cond that docs/kgather.md describes)."""
