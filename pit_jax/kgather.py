@@ -242,17 +242,24 @@ def auto_sampled_density(x):
     return jnp.max(per_member)
 
 
+def _auto_dense_branch(x, w):
+    # The plain matmul in x's dtype, exactly what a dense caller runs: XLA's GPU GEMM accumulates
+    # in fp32 anyway, and the fp32-output matmul rounded afterwards cost 9% more on OPT fc2
+    # (H200, benchmarks/results/2026-11-26_session8/auto_dense_branch_probe_h200/).
+    return jnp.matmul(x, w)
+
+
 def _sparse_dense_auto(x, w, index):
     _check_operands("sparse_dense", x, w)
     if index is not None:  # the caller's index gives the exact density
         tile, index = _row_index_of_x(x, AUTO_TILE, index)
         return jax.lax.cond(auto_takes_kernel(index),
                             lambda x, w: _sparse_dense_indexed(x, w, tile, index, False),
-                            lambda x, w: _dense_matmul(x, w, x.dtype), x, w)
+                            _auto_dense_branch, x, w)
     sparse_enough = auto_sampled_density(jax.lax.stop_gradient(x)) <= AUTO_MAX_DENSITY
     return jax.lax.cond(sparse_enough,
                         lambda x, w: _sparse_dense_indexed(x, w, AUTO_TILE, None, True),
-                        lambda x, w: _dense_matmul(x, w, x.dtype), x, w)
+                        _auto_dense_branch, x, w)
 
 
 @jax.custom_jvp
