@@ -2,7 +2,7 @@
 # limit; each builds first unless SKIP_BUILD=1 (a warm machine that already has this tree
 # installed). Output goes to $OUT/checks.log.
 #   PART=tests:    the MoE suites and the detect suites on the GPU (GPU vs CPU / float64).
-#   PART=sanitize: compute-sanitizer memcheck and racecheck over the bf16 MoE kernel tests
+#   PART=sanitize: compute-sanitizer memcheck and racecheck over the MoE routing kernel tests, the bf16 MoE kernel tests
 #                  (fused epilogues, row layouts) and the detect kernel tests.
 #   PART=bench:    bench_moe_epilogues ($OUT/epilogues), bench_detect ($OUT/detect) and
 #                  bench_moe's layer table ($OUT/layer).
@@ -25,6 +25,7 @@
 #   PART=auto:     bench_kgather_auto (tile="auto" as installed vs auto given a detected index, $OUT/auto).
 #   PART=candidates: a branch's MoE kernel tests (tiled and persistent), its k-gather auto tests,
 #                  bench_moe_persistent (tiled vs persistent, $OUT/persistent) and PART=auto.
+#   PART=route:    the MoE kernel tests, the k-gather auto tests, sanitizers over the routing tests.
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -59,6 +60,8 @@ tests)
 sanitize)
   run_tool memcheck pit_moe tests/test_moe_kernels.py "bfloat16 and fused_epilogue"
   run_tool racecheck pit_moe tests/test_moe_kernels.py "bfloat16 and fused_epilogue and (uniform or one_hot)"
+  run_tool memcheck pit_moe_route tests/test_moe_kernels.py "routing_kernel"
+  run_tool racecheck pit_moe_route tests/test_moe_kernels.py "routing_kernel"
   run_tool memcheck pit_detect tests/test_detect.py "gpu and (dtypes_and_sparsity or unaligned or special)"
   run_tool racecheck pit_detect tests/test_detect.py "gpu and (dtypes_and_sparsity or unaligned)" ;;
 bench)
@@ -131,6 +134,10 @@ candidates)
   timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe_persistent.py --out $OUT/persistent 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "persistent bench $((SECONDS-t0))s"
   PART=auto SKIP_BUILD=1 bash $0 | grep -v "^build" ;;
+route)
+  pytest_gpu 250 tests/test_moe_kernels.py
+  pytest_gpu 100 tests/test_kgather.py -k auto
+  for tool in memcheck racecheck; do SAN_TIMEOUT=100 run_tool $tool pit_moe_route tests/test_moe_kernels.py "routing_kernel"; done ;;
 ncu)
   echo "== ncu: one SwiGLU layer step, Mixtral shape (T=4096, E=8, k=2, 4096->14336), bf16" >> $LOG
   # ncu writes to a file, not a pipe: a profiled process left behind by the timeout must not hold the pipe open
