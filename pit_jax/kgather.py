@@ -243,10 +243,13 @@ def auto_sampled_density(x):
 
 
 def _auto_dense_branch(x, w):
-    # The plain matmul in x's dtype, exactly what a dense caller runs: XLA's GPU GEMM accumulates
-    # in fp32 anyway, and the fp32-output matmul rounded afterwards cost 9% more on OPT fc2
-    # (H200, benchmarks/results/2026-11-26_session8/auto_dense_branch_probe_h200/).
-    return jnp.matmul(x, w)
+    # On CUDA the plain matmul in x's dtype, exactly what a dense caller runs: XLA's GPU GEMM
+    # accumulates in fp32 anyway, and the fp32-output matmul rounded afterwards cost 9% more on
+    # OPT fc2 (H200, benchmarks/results/2026-11-26_session8/auto_dense_branch_probe_h200/).
+    # Elsewhere fp32 accumulation is asked for (XLA:CPU's bf16 dot in jax 0.11.2 missed the
+    # float64 tolerance on a gradient).
+    return jax.lax.platform_dependent(x, w, cuda=jnp.matmul,
+                                      default=lambda x, w: _dense_matmul(x, w, x.dtype))
 
 
 def _sparse_dense_auto(x, w, index):

@@ -115,12 +115,24 @@ constexpr int64_t kOneCtaMaxAssignments = 32768;
 constexpr int64_t kOneCtaMaxBins = 288;  // bins * 32 warps <= 9 scanned entries per thread, 36 KB
 constexpr int kOneCtaItems = int(kOneCtaMaxBins * kOneCtaWarps / kScanThreads);
 
-// Ranks a warp's 32 consecutive assignments among equal bins (earlier lanes first); returns the
-// lane mask of its peers. Lanes past `last` get bin -1 and are not live.
-__device__ __forceinline__ unsigned warp_bin_peers(const int32_t* __restrict__ ids, int64_t a, int64_t last,
-                                                   int64_t experts, int& bin) {
-  bin = a < last ? bin_of(ids[a], experts) : -1;
-  return __match_any_sync(0xffffffffu, bin);
+constexpr int kOneCtaBatch = 8;  // 32-assignment steps whose ids a warp loads before ranking any
+
+// Walks [first, last) 32 assignments per step, in order: body(first assignment of the step, this
+// lane's bin or -1 past `last`, lane mask of the lanes with the same bin). The ids of kOneCtaBatch
+// steps are loaded together, so one warp waits for memory once per batch, not once per step.
+template <typename Body>
+__device__ __forceinline__ void for_each_step(const int32_t* __restrict__ ids, int64_t first, int64_t last,
+                                              int64_t experts, int lane, Body body) {
+  for (int64_t a0 = first; a0 < last; a0 += 32 * kOneCtaBatch) {
+    int bins[kOneCtaBatch];
+#pragma unroll
+    for (int j = 0; j < kOneCtaBatch; ++j) {
+      const int64_t a = a0 + j * 32 + lane;
+      bins[j] = a < last ? bin_of(ids[a], experts) : -1;
+    }
+#pragma unroll
+    for (int j = 0; j < kOneCtaBatch; ++j) body(a0 + j * 32, bins[j], __match_any_sync(0xffffffffu, bins[j]));
+  }
 }
 
 __global__ void __launch_bounds__(kScanThreads) pit_moe_route_one_cta_kernel(
@@ -137,12 +149,12 @@ __global__ void __launch_bounds__(kScanThreads) pit_moe_route_one_cta_kernel(
   // Each warp owns one contiguous span (a multiple of 32), so bin-major slot order is token order.
   const int64_t span = ((n + kOneCtaWarps - 1) / kOneCtaWarps + 31) / 32 * 32;
   const int64_t first = warp * span, last = min(n, first + span);
-  for (int64_t a0 = first; a0 < last; a0 += 32) {  // 1. count: only this warp writes its column
-    int bin;
-    const unsigned peers = warp_bin_peers(ids, a0 + lane, last, experts, bin);
-    if (bin >= 0 && (peers & ((1u << lane) - 1)) == 0) slots[bin * kOneCtaWarps + warp] += __popc(peers);
+  const unsigned earlier_lanes = (1u << lane) - 1;
+  for_each_step(ids, first, last, experts, lane, [&](int64_t, int bin, unsigned peers) {
+    // 1. count: only this warp writes its column, the first lane of each bin adds its peers
+    if (bin >= 0 && (peers & earlier_lanes) == 0) slots[bin * kOneCtaWarps + warp] += __popc(peers);
     __syncwarp();
-  }
+  });
   __syncthreads();
   {  // 2. exclusive scan of the counts in (bin, warp) order: each thread scans kOneCtaItems in a row
     int32_t items[kOneCtaItems], run = 0;
@@ -178,15 +190,14 @@ __global__ void __launch_bounds__(kScanThreads) pit_moe_route_one_cta_kernel(
     }
   }
   __syncthreads();  // group_starts read warp 0's column, which the scatter advances
-  for (int64_t a0 = first; a0 < last; a0 += 32) {  // 3. scatter in order, ranks among equal bins
-    int bin;
-    const unsigned peers = warp_bin_peers(ids, a0 + lane, last, experts, bin);
-    const int rank = __popc(peers & ((1u << lane) - 1));
+  for_each_step(ids, first, last, experts, lane, [&](int64_t a0, int bin, unsigned peers) {
+    // 3. scatter in order, ranked among equal bins; the first lane of each bin advances it
+    const int rank = __popc(peers & earlier_lanes);
     if (bin >= 0) order[slots[bin * kOneCtaWarps + warp] + rank] = int32_t(a0 + lane);
     __syncwarp();
     if (bin >= 0 && rank == 0) slots[bin * kOneCtaWarps + warp] += __popc(peers);
     __syncwarp();
-  }
+  });
 }
 
 ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Result<ffi::Buffer<ffi::S32>> order,
