@@ -146,12 +146,12 @@ def test_kernel_gradients_match_float64(kernel, dtype, t, k, e, d, f, one_hot):
         assert np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30) < TOL[dtype]
 
 
-# The scan takes one pass up to 1024 * 9 (bin, 256-assignment chunk) pairs, several beyond.
+# Scans of one to several passes of 1024 (bin, 256-assignment chunk) pairs; the Qwen-like shape.
 @pytest.mark.parametrize("a, e", [(0, 4), (1, 1), (1000, 8), (4099, 256), (16384, 128), (32768, 287),
                                   (777, 3000), (32769, 8), (20000, 288)])
 def test_routing_kernel_equals_stable_sort(a, e):
     """order, group_starts and tile_starts from the CUDA counting sort == the jnp argsort tables
-    (scans of one and of several passes)."""
+    (the scan of (bin, chunk) counts in one and in many passes)."""
     dev = _gpu()
     if dev is None or not pit_jax.cuda_available():
         pytest.skip("needs a GPU and the CUDA kernels")

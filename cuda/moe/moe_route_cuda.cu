@@ -25,7 +25,6 @@ namespace {
 
 constexpr int kChunk = 256;           // assignments per warp
 constexpr int kScanThreads = 1024;
-constexpr int kScanItems = 9;
 constexpr int64_t kMaxBins = 8192;    // experts + 1, held in shared memory per warp
 
 __device__ __forceinline__ int bin_of(int32_t id, int64_t experts) {
@@ -56,25 +55,12 @@ __global__ void __launch_bounds__(kScanThreads) pit_moe_route_scan_kernel(int32_
   const int64_t total = (experts + 1) * n_chunks;
   if (threadIdx.x == 0) carry = 0;
   __syncthreads();
-  // counts -> first positions, in place; kScanItems consecutive counts per thread, so a routing of
-  // up to kScanThreads * kScanItems (bin, chunk) pairs (Qwen-like: 129 x 64) takes one pass with
-  // all its loads in flight, not one dependent pass per 1024 counts
-  for (int64_t base = 0; base < total; base += int64_t(kScanThreads) * kScanItems) {
-    const int64_t first = base + int64_t(threadIdx.x) * kScanItems;
-    int32_t items[kScanItems], run = 0;
-#pragma unroll
-    for (int j = 0; j < kScanItems; ++j) {
-      items[j] = first + j < total ? counts[first + j] : 0;
-      run += items[j];
-    }
+  for (int64_t base = 0; base < total; base += kScanThreads) {  // counts -> first positions, in place
+    const int64_t i = base + threadIdx.x;
+    const int32_t v = i < total ? counts[i] : 0;
     int32_t excl, sum;
-    Scan(storage).ExclusiveSum(run, excl, sum);
-    excl += carry;
-#pragma unroll
-    for (int j = 0; j < kScanItems; ++j) {
-      if (first + j < total) counts[first + j] = excl;
-      excl += items[j];
-    }
+    Scan(storage).ExclusiveSum(v, excl, sum);
+    if (i < total) counts[i] = carry + excl;
     __syncthreads();
     if (threadIdx.x == 0) carry += sum;
     __syncthreads();
