@@ -22,7 +22,8 @@ for name, m, k, nn in [("OPT fc2", 4096, 16384, 4096), ("4096^3", 4096, 4096, 40
     w = jax.random.normal(key, (k, nn), jnp.bfloat16)
     plain = lambda x, w: x @ w
     f32out = lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    pred = lambda x: kgather.auto_sampled_density(x) <= 0.0 if hasattr(kgather, "auto_sampled_density") else x[0, 0] > 1e30
+    # the sampled estimate against an unreachable threshold: its cost, and the dense branch taken
+    pred = lambda x: kgather.auto_sampled_density(x) < 0.0
     fns = {
         "x @ w": jax.jit(lambda xs, w: [plain(x, w) for x in xs]),
         "fp32-out matmul -> bf16": jax.jit(lambda xs, w: [f32out(x, w) for x in xs]),
