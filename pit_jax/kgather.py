@@ -256,13 +256,12 @@ def _sparse_dense_auto(x, w, index):
     _check_operands("sparse_dense", x, w)
     if index is not None:  # the caller's index gives the exact density
         tile, index = _row_index_of_x(x, AUTO_TILE, index)
-        return jax.lax.cond(auto_takes_kernel(index),
-                            lambda x, w: _sparse_dense_indexed(x, w, tile, index, False),
-                            _auto_dense_branch, x, w)
-    sparse_enough = auto_sampled_density(jax.lax.stop_gradient(x)) <= AUTO_MAX_DENSITY
-    return jax.lax.cond(sparse_enough,
-                        lambda x, w: _sparse_dense_indexed(x, w, AUTO_TILE, None, True),
-                        _auto_dense_branch, x, w)
+        takes_kernel = auto_takes_kernel(index)
+        kernel = lambda x, w: _sparse_dense_indexed(x, w, tile, index, False)
+    else:  # sampled estimate; the kernel branch detects
+        takes_kernel = auto_sampled_density(jax.lax.stop_gradient(x)) <= AUTO_MAX_DENSITY
+        kernel = lambda x, w: _sparse_dense_indexed(x, w, AUTO_TILE, None, True)
+    return jax.lax.cond(takes_kernel, kernel, _auto_dense_branch, x, w)
 
 
 @jax.custom_jvp
