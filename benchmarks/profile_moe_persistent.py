@@ -14,19 +14,18 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 
 import pit_jax
 from pit_jax.moe import grouped_matmul
-from bench_moe import CASES, expert_ids
+from bench_moe import CASES, expert_ids, layer_operands
 
 
 def main():
     key = jax.random.PRNGKey(0)
     for case, routing_name in (("Mixtral up T=4096", "one-hot"), ("Qwen3-30B-A3B-like", "uniform")):
         t, e, k, d, f = CASES[case]
-        x = jax.random.normal(jax.random.fold_in(key, 1), (t, d), jnp.bfloat16)
-        w = (jax.random.normal(jax.random.fold_in(key, 2), (e, d, f), jnp.float32) * d ** -0.5).astype(jnp.bfloat16)
+        ops = layer_operands(key, t, e, k, d, f)
+        x, w = ops["x"], ops["w_in"]
         routing = pit_jax.moe_routing(expert_ids(jax.random.fold_in(key, 5), t, e, k, routing_name), e)
         fn = jax.jit(lambda x, w: grouped_matmul(x, w, routing, rows_per_source=k, x_sorted=False, out_sorted=True))
         for persistent in ("0", "1"):
