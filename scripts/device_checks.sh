@@ -2,8 +2,8 @@
 # limit; each builds first unless SKIP_BUILD=1 (a warm machine that already has this tree
 # installed). Output goes to $OUT/checks.log.
 #   PART=tests:    the MoE suites and the detect suites on the GPU (GPU vs CPU / float64).
-#   PART=sanitize: compute-sanitizer memcheck and racecheck over the MoE routing kernel tests, the bf16 MoE kernel tests
-#                  (fused epilogues, row layouts) and the detect kernel tests.
+#   PART=sanitize: compute-sanitizer memcheck and racecheck over the bf16 MoE kernel tests (fused
+#                  epilogues, row layouts), the MoE routing tests and the detect kernel tests.
 #   PART=bench:    bench_moe_epilogues ($OUT/epilogues), bench_detect ($OUT/detect) and
 #                  bench_moe's layer table ($OUT/layer).
 #   PART=final:    one pass for a last build: fused-epilogue MoE tests, the detect suites (also
@@ -23,10 +23,6 @@
 #   PART=verify:   every GPU suite of a build: MoE, detect and k-gather (GPU vs CPU / float64).
 #   PART=projection: bench_moe's projection table, Qwen-like and Mixtral T=4096 ($OUT/projection).
 #   PART=auto:     bench_kgather_auto (tile="auto" as installed vs auto given a detected index, $OUT/auto).
-#   PART=candidates: a branch's MoE kernel tests (tiled and persistent), its k-gather auto tests,
-#                  bench_moe_persistent (tiled vs persistent, $OUT/persistent) and PART=auto.
-#   PART=route:    the MoE kernel tests, the k-gather auto tests, sanitizers over the routing tests
-#                  (not the 20000-assignment case: see the sanitize part).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -133,16 +129,6 @@ projection)
 auto)
   timeout -k 5 ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_kgather_auto.py --out $OUT/auto 2>&1 | grep "^| [4O]" | tee -a $LOG
   echo "auto $((SECONDS-t0))s" ;;
-candidates)
-  pytest_gpu 250 tests/test_moe_kernels.py
-  pytest_gpu 100 tests/test_kgather.py -k auto
-  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe_persistent.py --out $OUT/persistent 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  echo "persistent bench $((SECONDS-t0))s"
-  PART=auto SKIP_BUILD=1 bash $0 | grep -v "^build" ;;
-route)
-  pytest_gpu 250 tests/test_moe_kernels.py
-  pytest_gpu 100 tests/test_kgather.py -k auto
-  for tool in memcheck racecheck; do SAN_TIMEOUT=100 run_tool $tool pit_moe_route tests/test_moe_kernels.py "routing_kernel and not 20000"; done ;;
 ncu)
   echo "== ncu: one SwiGLU layer step, Mixtral shape (T=4096, E=8, k=2, 4096->14336), bf16" >> $LOG
   # ncu writes to a file, not a pipe: a profiled process left behind by the timeout must not hold the pipe open
