@@ -4,7 +4,8 @@ routing's tiles); `--switch NAME A B` compares two values of another per-launch 
 (any variable the handler reads per launch, e.g. PIT_MOE_COL_BAND 1 4). In one process on the same compiled functions — the
 handler reads the variable at every launch, so the two settings alternate rep by rep and share
 the machine's state. Forward only, bf16:
-the plain projection (tokens gathered, rows in routing order), the SwiGLU up-projection with its
+the plain projection (tokens gathered, rows in routing order; also with the routing index built
+in the timed call: "routed projection"), the SwiGLU up-projection with its
 fused epilogue and the down-projection with the fused combine weights; the dense matmul of the
 same FLOPs is the reference. The outputs of both kernels are compared (they must agree exactly:
 same tiles, same K order).
@@ -60,8 +61,13 @@ def main():
         dense = jax.jit(lambda ops: ops[0] @ ops[1])
         dense_ms = time_per_call(dense, (a, w_in[0]), 1) * 1e3
         for routing_name in ("uniform", "one-hot"):
-            routing = pit_jax.moe_routing(expert_ids(jax.random.fold_in(key, 5), t, e, k, routing_name), e)
+            ids = expert_ids(jax.random.fold_in(key, 5), t, e, k, routing_name)
+            routing = pit_jax.moe_routing(ids, e)
             parts = {
+                # the routing index built inside the timed call (its kernels and the gap to the GEMM)
+                "routed projection": (lambda ops: grouped_matmul(ops[1], ops[2], pit_jax.moe_routing(ops[0], e),
+                                                                 rows_per_source=k, x_sorted=False, out_sorted=True),
+                                      (ids, x, w_in)),
                 "projection": (lambda ops: grouped_matmul(ops[0], ops[1], routing, rows_per_source=k,
                                                           x_sorted=False, out_sorted=True), (x, w_in)),
                 "up swiglu": (lambda ops: fused_matmul(ops[0], ops[1], routing, epilogue="swiglu", rows_per_source=k,
@@ -94,7 +100,8 @@ def main():
     md = markdown_report(
         f"MoE forward: {label_a} vs {label_b} — {meta['device']}, jax {meta['jax']}, {meta['date']}",
         f"bf16, forward only, same jitted function with {var}={val_a} / {val_b} alternated {ROUNDS} times "
-        "(median of each). projection: tokens gathered, rows in routing order (no epilogue); up swiglu: gate "
+        "(median of each). projection: tokens gathered, rows in routing order (no epilogue); routed projection: "
+        "the same with the routing index built inside the timed call; up swiglu: gate "
         "and up weights in one GEMM, silu(gate)·up fused; down scale: routing-ordered rows scattered to "
         "(token, slot) × the combine weight. dense = a [T·k, d] × [d, f] matmul (×2 for SwiGLU's two "
         f"weights). max |diff| = {label_b} vs {label_a} output",

@@ -22,6 +22,8 @@
 #                  the handler's shape rule, $OUT/colband) and the Qwen-like layer table ($OUT/layer).
 #   PART=verify:   every GPU suite of a build: MoE, detect and k-gather (GPU vs CPU / float64).
 #   PART=projection: bench_moe's projection table, Qwen-like and Mixtral T=4096 ($OUT/projection).
+#   PART=pdl:      the MoE suites, the detect GPU tests, then the A/B of programmatic dependent
+#                  launch in the routing and the forward (PIT_MOE_PDL=0 vs default, $OUT/pdl).
 #   PART=auto:     bench_kgather_auto (tile="auto" as installed vs auto given a detected index, $OUT/auto).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
@@ -126,6 +128,11 @@ projection)
   timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe.py --no-layer --cases "Qwen3-30B-A3B-like" "Mixtral up T=4096" \
     --out $OUT/projection 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "projection $((SECONDS-t0))s" ;;
+pdl)
+  pytest_gpu 280 tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py
+  pytest_gpu 80 tests/test_detect.py -k gpu
+  timeout -k 5 ${BENCH_TIMEOUT:-120} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_PDL 0 default --out $OUT/pdl 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "pdl A/B $((SECONDS-t0))s" ;;
 auto)
   timeout -k 5 ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_kgather_auto.py --out $OUT/auto 2>&1 | grep "^| [4O]" | tee -a $LOG
   echo "auto $((SECONDS-t0))s" ;;

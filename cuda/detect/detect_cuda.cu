@@ -20,6 +20,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "../common/ffi_common.h"
+#include "../common/pdl.cuh"
 #include "detect_layout.h"
 
 // Rows loaded per lane before the first is used in the mask pass: 16 when the pass has more warps
@@ -101,21 +102,9 @@ __device__ __forceinline__ uint32_t nonzero_bits<uint32_t>(uint4 v) {
          (uint32_t((v.z & 0x7fffffffu) != 0) << 2) | (uint32_t((v.w & 0x7fffffffu) != 0) << 3);
 }
 
-// Programmatic dependent launch (Hopper): both passes are launched so that their CTAs may be
-// scheduled before the previous kernel on the stream ends (hiding the launch gap), and wait for
-// it to finish, its writes visible, before touching memory; the mask pass lets the compaction's
-// CTAs launch as soon as all of its own are running. Both are no-ops before sm_90.
-__device__ __forceinline__ void allow_dependent_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void wait_for_previous_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
+// Programmatic dependent launch (common/pdl.cuh): both passes may be scheduled before the
+// previous kernel on the stream ends; the mask pass lets the compaction's CTAs launch as soon as
+// all of its own are running.
 
 // Pass 1, the only read of x. One warp per (batch, slab of up to 32 rows, 32*V columns); each
 // lane owns V columns and loads 16 bytes per row with 8 rows in flight; at the end of each row
@@ -528,29 +517,6 @@ __global__ void __launch_bounds__(kThreads)
   scan_counts_into_offsets(p, counts, offsets, b, storage);
 }
 
-// Launches kernel after the previous kernel on the stream with programmatic stream serialisation
-// on compute capability 9+ (the kernel must call wait_for_previous_grid before reading its
-// inputs); a plain launch elsewhere.
-template <typename... Params, typename... Args>
-cudaError_t launch_dependent(void (*kernel)(Params...), unsigned grid, unsigned block, cudaStream_t stream,
-                             Args&&... args) {
-  static const bool pdl = [] {
-    int device = 0, major = 0;
-    return cudaGetDevice(&device) == cudaSuccess &&
-           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
-  }();
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(block);
-  config.stream = stream;
-  config.attrs = &attr;
-  config.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-}
-
 template <typename Bits>
 cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uint32_t* workspace,
                           int32_t* counts, int32_t* offsets, int32_t* indices) {
@@ -566,8 +532,8 @@ cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uin
   const char* in_flight = std::getenv("PIT_DETECT_IN_FLIGHT");
   const bool sixteen = in_flight != nullptr ? std::atoi(in_flight) == 16 : n_tasks > kManyMaskWarps;
   cudaError_t err = launch_dependent(sixteen ? pit_detect_mask_kernel<Bits, 16> : pit_detect_mask_kernel<Bits, 8>,
-                                     unsigned(ceil_div(n_tasks, kMaskWarps)),
-                                     kMaskWarps * 32, stream, static_cast<const Bits*>(x), slab_mask, done, p.batch,
+                                     unsigned(ceil_div(n_tasks, kMaskWarps)), kMaskWarps * 32, 0, stream, true,
+                                     static_cast<const Bits*>(x), slab_mask, done, p.batch,
                                      p.rows, p.cols, p.tile_m, p.nb_m, p.n_slabs, p.n_words, n_row_tasks,
                                      n_col_chunks, vectorized);
   if (err != cudaSuccess) return err;
@@ -578,7 +544,7 @@ cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uin
                                        : pit_detect_rows_kernel<kRowsNarrow>;
     const int64_t rows_per_cta = p.warp_rows() ? kThreads / 32 : 1;
     const unsigned grid = unsigned(ceil_div(p.batch * p.n_outer, rows_per_cta));
-    err = launch_dependent(rows_kernel, grid, kThreads, stream, p, slab_mask, done, counts, offsets, indices);
+    err = launch_dependent(rows_kernel, grid, kThreads, 0, stream, true, p, slab_mask, done, counts, offsets, indices);
     return err != cudaSuccess ? err : cudaGetLastError();
   }
   const unsigned grid = unsigned(p.batch * p.n_outer * p.n_chunks);

@@ -11,6 +11,10 @@
 //      output position; the same CTA writes group_starts and tile_starts;
 //   3. each warp walks its chunk again, 32 assignments at a time in order, ranking equal bins
 //      with __match_any_sync: order[position] = assignment. Stable, hence deterministic.
+// The three launches and the forward that follows are programmatic dependent launches on Hopper
+// (common/pdl.cuh): each kernel is scheduled while the previous one runs and waits for it before
+// touching memory, which hides the launch gaps of these small kernels. PIT_MOE_PDL=0 (read per
+// launch) turns that off.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -19,6 +23,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "../common/ffi_common.h"
+#include "../common/pdl.cuh"
 
 namespace pit {
 namespace {
@@ -35,6 +40,8 @@ __global__ void __launch_bounds__(32) pit_moe_route_count_kernel(const int32_t* 
                                                                  int64_t experts, int64_t n_chunks,
                                                                  int32_t* __restrict__ counts) {
   extern __shared__ int32_t bins[];
+  wait_for_previous_grid();  // whatever wrote ids (and last used counts)
+  allow_dependent_launch();
   const int64_t chunk = blockIdx.x;
   for (int64_t b = threadIdx.x; b <= experts; b += 32) bins[b] = 0;
   __syncwarp();
@@ -53,6 +60,8 @@ __global__ void __launch_bounds__(kScanThreads) pit_moe_route_scan_kernel(int32_
   __shared__ typename Scan::TempStorage storage;
   __shared__ int32_t carry;
   const int64_t total = (experts + 1) * n_chunks;
+  wait_for_previous_grid();  // the counts
+  allow_dependent_launch();
   if (threadIdx.x == 0) carry = 0;
   __syncthreads();
   for (int64_t base = 0; base < total; base += kScanThreads) {  // counts -> first positions, in place
@@ -88,6 +97,8 @@ __global__ void __launch_bounds__(32) pit_moe_route_scatter_kernel(const int32_t
                                                                    const int32_t* __restrict__ positions,
                                                                    int32_t* __restrict__ order) {
   extern __shared__ int32_t next_pos[];
+  wait_for_previous_grid();  // the scanned positions
+  allow_dependent_launch();
   const int64_t chunk = blockIdx.x;
   const int lane = threadIdx.x;
   for (int64_t b = lane; b <= experts; b += 32) next_pos[b] = positions[b * n_chunks + chunk];
@@ -125,15 +136,19 @@ ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Res
   }
   const size_t bin_bytes = size_t(num_experts + 1) * sizeof(int32_t);
   int32_t* counts = workspace->typed_data();
+  const bool pdl = dependent_launch_enabled("PIT_MOE_PDL");
+  cudaError_t err = cudaSuccess;
   if (n_chunks > 0)
-    pit_moe_route_count_kernel<<<unsigned(n_chunks), 32, bin_bytes, stream>>>(ids.typed_data(), n, num_experts,
-                                                                               n_chunks, counts);
-  pit_moe_route_scan_kernel<<<1, kScanThreads, 0, stream>>>(counts, n_chunks, num_experts, tile_rows,
-                                                             group_starts->typed_data(), tile_starts->typed_data());
-  if (n_chunks > 0)
-    pit_moe_route_scatter_kernel<<<unsigned(n_chunks), 32, bin_bytes, stream>>>(ids.typed_data(), n, num_experts,
-                                                                                 n_chunks, counts, order->typed_data());
-  const cudaError_t err = cudaGetLastError();
+    err = launch_dependent(pit_moe_route_count_kernel, unsigned(n_chunks), 32, bin_bytes, stream, pdl,
+                           ids.typed_data(), n, num_experts, n_chunks, counts);
+  if (err == cudaSuccess)
+    err = launch_dependent(pit_moe_route_scan_kernel, 1, kScanThreads, 0, stream, pdl, counts, n_chunks, num_experts,
+                           tile_rows, group_starts->typed_data(), tile_starts->typed_data());
+  if (err == cudaSuccess && n_chunks > 0)
+    err = launch_dependent(pit_moe_route_scatter_kernel, unsigned(n_chunks), 32, bin_bytes, stream, pdl,
+                           ids.typed_data(), n, num_experts, n_chunks, static_cast<const int32_t*>(counts),
+                           order->typed_data());
+  if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_moe_route: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }

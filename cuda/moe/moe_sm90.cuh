@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "../common/mma_sm80.cuh"
+#include "../common/pdl.cuh"
 #include "../common/tile_copy.cuh"
 #include "../common/wgmma_sm90.cuh"
 #include "moe_tiles.cuh"
@@ -227,6 +228,9 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
   int32_t* dst_rows = sm.rows;        // output row of each tile row
   int32_t* src_rows = sm.rows + C::kBM;  // its row of x
   const int tid = threadIdx.x;
+  // a dependent launch (common/pdl.cuh): the routing or whatever wrote x must have finished
+  wait_for_previous_grid();
+  allow_dependent_launch();
   const MoeGridTile grid_tile = forward_grid_tile(blockIdx.x, s.max_row_tiles, ceil_div(s.f, int64_t(kOutCols)), col_band);
   MoeRouteTile tile;
   if (!find_route_tile(tile_starts, group_starts, s.experts, grid_tile.row_tile, &tile)) return;
@@ -540,11 +544,12 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   if (err == cudaSuccess && s.x_sorted) err = encode_moe_rows_map<T>(s.assignments, s.d, x, C::kBM, &x_map);
   if (err == cudaSuccess && swiglu) err = encode_moe_weight_map<T>(s, w_up, &up_map);
   if (err != cudaSuccess) return err;
-  const unsigned grid = unsigned(s.max_row_tiles * col_tiles);
-  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w), order,
-                                                       group_starts, tile_starts, static_cast<T*>(out), s, band,
-                                                       w_map, x_map, up_map, row_scale);
-  return cudaGetLastError();
+  // a dependent launch: its CTAs may be scheduled while the routing (or the previous kernel) ends
+  err = launch_dependent(kernel, unsigned(s.max_row_tiles * col_tiles), C::kThreads, C::kSmemBytes, stream,
+                         dependent_launch_enabled("PIT_MOE_PDL"), static_cast<const T*>(x), static_cast<const T*>(w),
+                         order, group_starts, tile_starts, static_cast<T*>(out), s, band, w_map, x_map, up_map,
+                         row_scale);
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 template <typename T>
