@@ -26,7 +26,8 @@ from pit_jax.moe import fused_matmul, grouped_matmul
 from bench_moe import CASES, QUICK, expert_ids, layer_operands
 from common import announce, bench_parser, markdown_report, time_per_call, write_results
 
-ROUNDS = 3  # alternating A / B timings per point; the median of each is reported
+# alternating A / B timings per point; the median of each is reported
+ROUNDS = int(os.environ.get("PIT_BENCH_ROUNDS", "3"))
 
 
 def set_switch(name: str, value: str) -> None:

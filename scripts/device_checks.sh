@@ -24,6 +24,7 @@
 #   PART=projection: bench_moe's projection table, Qwen-like and Mixtral T=4096 ($OUT/projection).
 #   PART=pdl:      the MoE suites, the detect GPU tests, then the A/B of programmatic dependent
 #                  launch in the routing and the forward (PIT_MOE_PDL=0 vs default, $OUT/pdl).
+#   PART=pdl_modes: PIT_MOE_PDL=0 and =2 (routing only) each against the default, 5 rounds.
 #   PART=auto:     bench_kgather_auto (tile="auto" as installed vs auto given a detected index, $OUT/auto).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
@@ -133,6 +134,11 @@ pdl)
   pytest_gpu 80 tests/test_detect.py -k gpu
   timeout -k 5 ${BENCH_TIMEOUT:-120} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_PDL 0 default --out $OUT/pdl 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "pdl A/B $((SECONDS-t0))s" ;;
+pdl_modes)  # PIT_MOE_PDL 0 (off) and 2 (routing only) against the default (routing and forward), 5 rounds
+  for mode in 0 2; do
+    PIT_BENCH_ROUNDS=5 timeout -k 5 ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_PDL $mode default --out $OUT/pdl$mode 2>&1 | grep "^| [MQ]" | tee -a $LOG
+    echo "pdl $mode A/B $((SECONDS-t0))s"
+  done ;;
 auto)
   timeout -k 5 ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_kgather_auto.py --out $OUT/auto 2>&1 | grep "^| [4O]" | tee -a $LOG
   echo "auto $((SECONDS-t0))s" ;;

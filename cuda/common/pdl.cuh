@@ -36,10 +36,10 @@ inline bool dependent_launch_supported() {
   return supported;
 }
 
-// False when the environment variable `name` is "0" (read per launch: an A/B switch), else true.
-inline bool dependent_launch_enabled(const char* name) {
+// The environment variable `name` read per launch (an A/B switch): unset 1 (dependent launches on).
+inline int dependent_launch_setting(const char* name) {
   const char* env = std::getenv(name);
-  return env == nullptr || env[0] != '0';
+  return env == nullptr ? 1 : std::atoi(env);
 }
 
 // Launches kernel with programmatic stream serialisation where supported and `dependent` holds

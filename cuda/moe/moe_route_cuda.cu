@@ -13,8 +13,8 @@
 //      with __match_any_sync: order[position] = assignment. Stable, hence deterministic.
 // The three launches and the forward that follows are programmatic dependent launches on Hopper
 // (common/pdl.cuh): each kernel is scheduled while the previous one runs and waits for it before
-// touching memory, which hides the launch gaps of these small kernels. PIT_MOE_PDL=0 (read per
-// launch) turns that off.
+// touching memory, which hides the launch gaps of these small kernels. PIT_MOE_PDL (read per
+// launch): 0 off, 2 the routing only (the forward launched plainly), unset or 1 both.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -136,7 +136,7 @@ ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Res
   }
   const size_t bin_bytes = size_t(num_experts + 1) * sizeof(int32_t);
   int32_t* counts = workspace->typed_data();
-  const bool pdl = dependent_launch_enabled("PIT_MOE_PDL");
+  const bool pdl = dependent_launch_setting("PIT_MOE_PDL") != 0;
   cudaError_t err = cudaSuccess;
   if (n_chunks > 0)
     err = launch_dependent(pit_moe_route_count_kernel, unsigned(n_chunks), 32, bin_bytes, stream, pdl,
