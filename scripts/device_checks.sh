@@ -24,6 +24,8 @@
 #   PART=projection: bench_moe's projection table, Qwen-like and Mixtral T=4096 ($OUT/projection).
 #   PART=pdl:      the MoE suites, the detect GPU tests, then the A/B of programmatic dependent
 #                  launch in the routing and the forward (PIT_MOE_PDL=0 vs default, $OUT/pdl).
+#   PART=route_prefetch: the MoE kernel tests, the A/B of the routing kernels' id prefetch
+#                  (PIT_MOE_ROUTE_PREFETCH=0 vs default, $OUT/route_prefetch), then PART=sanitize.
 #   PART=pdl_modes: PIT_MOE_PDL=0 and =2 (routing only) each against the default, 5 rounds.
 #   PART=auto:     bench_kgather_auto (tile="auto" as installed vs auto given a detected index, $OUT/auto).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
@@ -134,6 +136,11 @@ pdl)
   pytest_gpu 80 tests/test_detect.py -k gpu
   timeout -k 5 ${BENCH_TIMEOUT:-120} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_PDL 0 default --out $OUT/pdl 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "pdl A/B $((SECONDS-t0))s" ;;
+route_prefetch)  # the MoE kernel tests, the routing's id prefetch A/B (5 rounds), then the sanitize part
+  pytest_gpu 200 tests/test_moe_kernels.py
+  PIT_BENCH_ROUNDS=5 timeout -k 5 ${BENCH_TIMEOUT:-120} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_ROUTE_PREFETCH 0 default --out $OUT/route_prefetch 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "prefetch A/B $((SECONDS-t0))s"
+  PART=sanitize SKIP_BUILD=1 bash $0 | grep -v "^build" ;;
 pdl_modes)  # PIT_MOE_PDL 0 (off) and 2 (routing only) against the default (routing and forward), 5 rounds
   for mode in 0 2; do
     PIT_BENCH_ROUNDS=5 timeout -k 5 ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_PDL $mode default --out $OUT/pdl$mode 2>&1 | grep "^| [MQ]" | tee -a $LOG

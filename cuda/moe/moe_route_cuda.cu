@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include <cub/block/block_scan.cuh>
@@ -36,6 +37,21 @@ __device__ __forceinline__ int bin_of(int32_t id, int64_t experts) {
   return (id >= 0 && id < experts) ? id : int(experts);
 }
 
+// kPrefetch: each lane loads all of its chunk's ids (kIdsPerLane) before the first use, so the
+// warp waits for one load latency instead of one per 32 assignments (these one-warp CTAs are
+// latency-bound). PIT_MOE_ROUTE_PREFETCH=0 (read per launch) selects the loop without it.
+constexpr int kIdsPerLane = kChunk / 32;
+
+__device__ __forceinline__ void load_chunk_bins(const int32_t* __restrict__ ids, int64_t first, int64_t last,
+                                                int64_t experts, int (&bins)[kIdsPerLane]) {
+#pragma unroll
+  for (int j = 0; j < kIdsPerLane; ++j) {
+    const int64_t a = first + j * 32 + threadIdx.x;
+    bins[j] = a < last ? bin_of(ids[a], experts) : -1;
+  }
+}
+
+template <bool kPrefetch>
 __global__ void __launch_bounds__(32) pit_moe_route_count_kernel(const int32_t* __restrict__ ids, int64_t n,
                                                                  int64_t experts, int64_t n_chunks,
                                                                  int32_t* __restrict__ counts) {
@@ -43,10 +59,18 @@ __global__ void __launch_bounds__(32) pit_moe_route_count_kernel(const int32_t* 
   wait_for_previous_grid();  // whatever wrote ids (and last used counts)
   allow_dependent_launch();
   const int64_t chunk = blockIdx.x;
+  const int64_t first = chunk * kChunk, last = min(n, first + kChunk);
+  int lane_bins[kIdsPerLane];
+  if constexpr (kPrefetch) load_chunk_bins(ids, first, last, experts, lane_bins);
   for (int64_t b = threadIdx.x; b <= experts; b += 32) bins[b] = 0;
   __syncwarp();
-  const int64_t first = chunk * kChunk, last = min(n, first + kChunk);
-  for (int64_t a = first + threadIdx.x; a < last; a += 32) atomicAdd(&bins[bin_of(ids[a], experts)], 1);
+  if constexpr (kPrefetch) {
+#pragma unroll
+    for (int j = 0; j < kIdsPerLane; ++j)
+      if (lane_bins[j] >= 0) atomicAdd(&bins[lane_bins[j]], 1);
+  } else {
+    for (int64_t a = first + threadIdx.x; a < last; a += 32) atomicAdd(&bins[bin_of(ids[a], experts)], 1);
+  }
   __syncwarp();
   for (int64_t b = threadIdx.x; b <= experts; b += 32) counts[b * n_chunks + chunk] = bins[b];
 }
@@ -92,6 +116,7 @@ __global__ void __launch_bounds__(kScanThreads) pit_moe_route_scan_kernel(int32_
   if (threadIdx.x == 0) tile_starts[experts + 1] = carry;
 }
 
+template <bool kPrefetch>
 __global__ void __launch_bounds__(32) pit_moe_route_scatter_kernel(const int32_t* __restrict__ ids, int64_t n,
                                                                    int64_t experts, int64_t n_chunks,
                                                                    const int32_t* __restrict__ positions,
@@ -101,13 +126,21 @@ __global__ void __launch_bounds__(32) pit_moe_route_scatter_kernel(const int32_t
   allow_dependent_launch();
   const int64_t chunk = blockIdx.x;
   const int lane = threadIdx.x;
+  const int64_t first = chunk * kChunk, last = min(n, first + kChunk);
+  int lane_bins[kIdsPerLane];
+  if constexpr (kPrefetch) load_chunk_bins(ids, first, last, experts, lane_bins);
+#pragma unroll 4
   for (int64_t b = lane; b <= experts; b += 32) next_pos[b] = positions[b * n_chunks + chunk];
   __syncwarp();
-  const int64_t first = chunk * kChunk, last = min(n, first + kChunk);
-  for (int64_t a0 = first; a0 < last; a0 += 32) {
+#pragma unroll
+  for (int j = 0; j < kIdsPerLane; ++j) {
+    const int64_t a0 = first + j * 32;
+    if (a0 >= last) break;
     const int64_t a = a0 + lane;
     const bool live = a < last;
-    const int bin = live ? bin_of(ids[a], experts) : -1;
+    int bin;
+    if constexpr (kPrefetch) bin = lane_bins[j];
+    else bin = live ? bin_of(ids[a], experts) : -1;
     const unsigned peers = __match_any_sync(0xffffffffu, bin);
     const int rank = __popc(peers & ((1u << lane) - 1));  // earlier lanes with the same bin
     if (live) order[next_pos[bin] + rank] = int32_t(a);
@@ -137,15 +170,18 @@ ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Res
   const size_t bin_bytes = size_t(num_experts + 1) * sizeof(int32_t);
   int32_t* counts = workspace->typed_data();
   const bool pdl = dependent_launch_setting("PIT_MOE_PDL") != 0;
+  const char* prefetch_env = std::getenv("PIT_MOE_ROUTE_PREFETCH");
+  const bool prefetch = prefetch_env == nullptr || prefetch_env[0] != '0';
   cudaError_t err = cudaSuccess;
   if (n_chunks > 0)
-    err = launch_dependent(pit_moe_route_count_kernel, unsigned(n_chunks), 32, bin_bytes, stream, pdl,
-                           ids.typed_data(), n, num_experts, n_chunks, counts);
+    err = launch_dependent(prefetch ? pit_moe_route_count_kernel<true> : pit_moe_route_count_kernel<false>,
+                           unsigned(n_chunks), 32, bin_bytes, stream, pdl, ids.typed_data(), n, num_experts, n_chunks, counts);
   if (err == cudaSuccess)
     err = launch_dependent(pit_moe_route_scan_kernel, 1, kScanThreads, 0, stream, pdl, counts, n_chunks, num_experts,
                            tile_rows, group_starts->typed_data(), tile_starts->typed_data());
   if (err == cudaSuccess && n_chunks > 0)
-    err = launch_dependent(pit_moe_route_scatter_kernel, unsigned(n_chunks), 32, bin_bytes, stream, pdl,
+    err = launch_dependent(prefetch ? pit_moe_route_scatter_kernel<true> : pit_moe_route_scatter_kernel<false>,
+                           unsigned(n_chunks), 32, bin_bytes, stream, pdl,
                            ids.typed_data(), n, num_experts, n_chunks, static_cast<const int32_t*>(counts),
                            order->typed_data());
   if (err == cudaSuccess) err = cudaGetLastError();
