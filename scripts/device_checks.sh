@@ -26,6 +26,8 @@
 #                  launch in the routing and the forward (PIT_MOE_PDL=0 vs default, $OUT/pdl).
 #   PART=route_prefetch: the MoE kernel tests, the A/B of the routing kernels' id prefetch
 #                  (PIT_MOE_ROUTE_PREFETCH=0 vs default, $OUT/route_prefetch), then PART=sanitize.
+#   PART=memcheck_pdl: memcheck over the fused-epilogue MoE tests (verbose, $OUT/memcheck_pdl*.log)
+#                  with PIT_MOE_PDL=0, then with dependent launches on.
 #   PART=pdl_modes: PIT_MOE_PDL=0 and =2 (routing only) each against the default, 5 rounds.
 #   PART=auto:     bench_kgather_auto (tile="auto" as installed vs auto given a detected index, $OUT/auto).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
@@ -141,6 +143,16 @@ route_prefetch)  # the MoE kernel tests, the routing's id prefetch A/B (5 rounds
   PIT_BENCH_ROUNDS=5 timeout -k 5 ${BENCH_TIMEOUT:-120} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_ROUTE_PREFETCH 0 default --out $OUT/route_prefetch 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "prefetch A/B $((SECONDS-t0))s"
   PART=sanitize SKIP_BUILD=1 bash $0 | grep -v "^build" ;;
+memcheck_pdl)  # memcheck over the fused-epilogue MoE tests, verbose, with PIT_MOE_PDL=0 and then default
+  for pdl in 0 1; do
+    echo "== memcheck fused_epilogue PIT_MOE_PDL=$pdl" | tee -a $LOG
+    PIT_MOE_PDL=$pdl XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout -k 5 150 \
+      compute-sanitizer --tool memcheck --error-exitcode 97 --kernel-name kns=pit_moe python3 -P -m pytest tests/test_moe_kernels.py \
+      -k "bfloat16 and fused_epilogue" -v -p no:cacheprovider -x > $OUT/memcheck_pdl$pdl.log 2>&1
+    echo "rc $?" | tee -a $LOG
+    grep -E "PASSED|FAILED" $OUT/memcheck_pdl$pdl.log | tail -2 | tee -a $LOG
+    grep -E "ERROR SUMMARY|passed|failed" $OUT/memcheck_pdl$pdl.log | tail -2 | tee -a $LOG
+  done ;;
 pdl_modes)  # PIT_MOE_PDL 0 (off) and 2 (routing only) against the default (routing and forward), 5 rounds
   for mode in 0 2; do
     PIT_BENCH_ROUNDS=5 timeout -k 5 ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_PDL $mode default --out $OUT/pdl$mode 2>&1 | grep "^| [MQ]" | tee -a $LOG
