@@ -28,8 +28,6 @@
 #                  (PIT_MOE_ROUTE_PREFETCH=0 vs default, $OUT/route_prefetch), then PART=sanitize.
 #   PART=memcheck_pdl: memcheck over the fused-epilogue MoE tests (verbose, $OUT/memcheck_pdl*.log)
 #                  with PIT_MOE_PDL=0, then with dependent launches on.
-#   PART=skip_idle: the MoE kernel tests, then the A/B of the forward's idle second warpgroup
-#                  (PIT_MOE_SKIP_IDLE=0 vs default, $OUT/skip_idle).
 #   PART=pdl_modes: PIT_MOE_PDL=0 and =2 (routing only) each against the default, 5 rounds.
 #   PART=auto:     bench_kgather_auto (tile="auto" as installed vs auto given a detected index, $OUT/auto).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
@@ -155,10 +153,6 @@ memcheck_pdl)  # memcheck over the fused-epilogue MoE tests, verbose, with PIT_M
     grep -E "PASSED|FAILED" $OUT/memcheck_pdl$pdl.log | tail -2 | tee -a $LOG
     grep -E "ERROR SUMMARY|passed|failed" $OUT/memcheck_pdl$pdl.log | tail -2 | tee -a $LOG
   done ;;
-skip_idle)  # the MoE kernel tests, then the A/B of skipping the idle consumer warpgroup (5 rounds)
-  pytest_gpu 200 tests/test_moe_kernels.py
-  PIT_BENCH_ROUNDS=5 timeout -k 5 ${BENCH_TIMEOUT:-120} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_SKIP_IDLE 0 default --out $OUT/skip_idle 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  echo "skip A/B $((SECONDS-t0))s" ;;
 pdl_modes)  # PIT_MOE_PDL 0 (off) and 2 (routing only) against the default (routing and forward), 5 rounds
   for mode in 0 2; do
     PIT_BENCH_ROUNDS=5 timeout -k 5 ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_PDL $mode default --out $OUT/pdl$mode 2>&1 | grep "^| [MQ]" | tee -a $LOG

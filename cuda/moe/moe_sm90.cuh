@@ -155,20 +155,6 @@ __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90S
   pin_registers(acc);
 }
 
-// A consumer warpgroup with no rows in the tile: it keeps the ring going — waits for each stage
-// to be filled (so its release cannot count toward an earlier phase) and frees it — without the
-// MMAs, leaving the tensor cores to the other warpgroup; its accumulators are zero.
-__device__ __forceinline__ void release_stages(float (&acc)[128], const MoeSm90Smem& sm, int n_chunks) {
-  using C = MoeSm90Config;
-#pragma unroll
-  for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-  for (int i = 0; i < n_chunks; ++i) {
-    const int stage = i % C::kStages;
-    mbarrier_wait(&sm.full[stage], uint32_t(i / C::kStages) & 1);
-    mbarrier_arrive(&sm.empty[stage]);
-  }
-}
-
 // The first of the two tile rows (row, row + 8) whose accumulators consumer thread ctid
 // (0..255) holds: wgmma's m64 fragment layout, 64 rows per consumer warpgroup.
 __device__ __forceinline__ int consumer_row(int ctid) {
@@ -324,15 +310,8 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     const uint64_t desc_a0 = smem_descriptor_sw128(sm.ring + warpgroup * 64 * C::kRowBytes, 16, 1024);
     const uint64_t desc_b0 = kWTransposed ? smem_descriptor_sw128(sm.ring + C::kABytes, 16, 1024)
                                           : smem_descriptor_sw128(sm.ring + C::kABytes, C::kAtomBytes, 1024);
-    // a routing tile of at most 64 rows (a group's last, partial tile): the second warpgroup has no
-    // rows. The vote makes the condition provably warp-uniform: without it ptxas moved the main
-    // loop's descriptors and index out of uniform registers (R2UR before each wgmma) — the SASS
-    // shape that the CTA-pair kernel (branch) had when it ran up to 21% slower.
-    if (__all_sync(0xffffffffu, s.skip_idle_warpgroup && warpgroup == 1 && tile.rows <= 64))
-      release_stages(acc, sm, n_chunks);
-    else
-      consume_stages<0, kWTransposed ? 0 : 1, 32, kWTransposed ? 32 : 16 * C::kRowBytes, true, T>(acc, sm, n_chunks,
-                                                                                           desc_a0, desc_b0);
+    consume_stages<0, kWTransposed ? 0 : 1, 32, kWTransposed ? 32 : 16 * C::kRowBytes, true, T>(acc, sm, n_chunks,
+                                                                                         desc_a0, desc_b0);
     T* cs = reinterpret_cast<T*>(sm.ring);
     stage_accumulators<T, kEpi>(acc, cs, ctid, scale);
     for (int i = ctid; i < tile.rows * (kOutCols / 8); i += C::kConsumers) {  // SWrite: 16 bytes per store
@@ -565,13 +544,10 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   if (err == cudaSuccess && s.x_sorted) err = encode_moe_rows_map<T>(s.assignments, s.d, x, C::kBM, &x_map);
   if (err == cudaSuccess && swiglu) err = encode_moe_weight_map<T>(s, w_up, &up_map);
   if (err != cudaSuccess) return err;
-  MoeShape shape = s;
-  const char* skip_env = std::getenv("PIT_MOE_SKIP_IDLE");
-  shape.skip_idle_warpgroup = skip_env == nullptr || skip_env[0] != '0';
   // a dependent launch: its CTAs may be scheduled while the routing (or the previous kernel) ends
   err = launch_dependent(kernel, unsigned(s.max_row_tiles * col_tiles), C::kThreads, C::kSmemBytes, stream,
                          dependent_launch_setting("PIT_MOE_PDL") == 1, static_cast<const T*>(x), static_cast<const T*>(w),
-                         order, group_starts, tile_starts, static_cast<T*>(out), shape, band, w_map, x_map, up_map,
+                         order, group_starts, tile_starts, static_cast<T*>(out), s, band, w_map, x_map, up_map,
                          row_scale);
   return err != cudaSuccess ? err : cudaGetLastError();
 }

@@ -34,9 +34,6 @@ struct MoeShape {
   // order[p] — routing order, each expert's rows contiguous — instead of source / assignment order.
   bool x_sorted = false, out_sorted = false;
   int64_t max_row_tiles = 0;  // grid bound of the forward: ceil(A / tile) + E + 1
-  // Hopper forward: a tile of at most 64 rows leaves its second consumer warpgroup idle
-  // (PIT_MOE_SKIP_IDLE=0, read per launch, keeps it multiplying zero rows: for A/B)
-  bool skip_idle_warpgroup = true;
 };
 
 inline MoeShape make_moe_shape(int64_t sources, int64_t d, int64_t f, int64_t experts, int64_t assignments,
