@@ -36,7 +36,7 @@ inline bool dependent_launch_supported() {
   return supported;
 }
 
-// The environment variable `name` read per launch (an A/B switch): unset 1 (dependent launches on).
+// The environment variable `name` read per launch (an A/B switch); 1 (dependent launches on) when unset.
 inline int dependent_launch_setting(const char* name) {
   const char* env = std::getenv(name);
   return env == nullptr ? 1 : std::atoi(env);

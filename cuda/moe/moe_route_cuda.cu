@@ -175,7 +175,8 @@ ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Res
   cudaError_t err = cudaSuccess;
   if (n_chunks > 0)
     err = launch_dependent(prefetch ? pit_moe_route_count_kernel<true> : pit_moe_route_count_kernel<false>,
-                           unsigned(n_chunks), 32, bin_bytes, stream, pdl, ids.typed_data(), n, num_experts, n_chunks, counts);
+                           unsigned(n_chunks), 32, bin_bytes, stream, pdl, ids.typed_data(), n, num_experts, n_chunks,
+                           counts);
   if (err == cudaSuccess)
     err = launch_dependent(pit_moe_route_scan_kernel, 1, kScanThreads, 0, stream, pdl, counts, n_chunks, num_experts,
                            tile_rows, group_starts->typed_data(), tile_starts->typed_data());

@@ -545,10 +545,10 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   if (err == cudaSuccess && swiglu) err = encode_moe_weight_map<T>(s, w_up, &up_map);
   if (err != cudaSuccess) return err;
   // a dependent launch: its CTAs may be scheduled while the routing (or the previous kernel) ends
-  err = launch_dependent(kernel, unsigned(s.max_row_tiles * col_tiles), C::kThreads, C::kSmemBytes, stream,
-                         dependent_launch_setting("PIT_MOE_PDL") == 1, static_cast<const T*>(x), static_cast<const T*>(w),
-                         order, group_starts, tile_starts, static_cast<T*>(out), s, band, w_map, x_map, up_map,
-                         row_scale);
+  const bool dependent = dependent_launch_setting("PIT_MOE_PDL") == 1;  // 2: the routing's launches only
+  err = launch_dependent(kernel, unsigned(s.max_row_tiles * col_tiles), C::kThreads, C::kSmemBytes, stream, dependent,
+                         static_cast<const T*>(x), static_cast<const T*>(w), order, group_starts, tile_starts,
+                         static_cast<T*>(out), s, band, w_map, x_map, up_map, row_scale);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
