@@ -22,8 +22,6 @@
 #                  the handler's shape rule, $OUT/colband) and the Qwen-like layer table ($OUT/layer).
 #   PART=verify:   every GPU suite of a build: MoE, detect and k-gather (GPU vs CPU / float64).
 #   PART=projection: bench_moe's projection table, Qwen-like and Mixtral T=4096 ($OUT/projection).
-#   PART=pdl:      the MoE suites, the detect GPU tests, then the A/B of programmatic dependent
-#                  launch in the routing and the forward (PIT_MOE_PDL=0 vs default, $OUT/pdl).
 #   PART=route_prefetch: the MoE kernel tests, the A/B of the routing kernels' id prefetch
 #                  (PIT_MOE_ROUTE_PREFETCH=0 vs default, $OUT/route_prefetch), then PART=sanitize.
 #   PART=memcheck_pdl: memcheck over the fused-epilogue MoE tests (verbose, $OUT/memcheck_pdl*.log)
@@ -133,11 +131,6 @@ projection)
   timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe.py --no-layer --cases "Qwen3-30B-A3B-like" "Mixtral up T=4096" \
     --out $OUT/projection 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "projection $((SECONDS-t0))s" ;;
-pdl)
-  pytest_gpu 280 tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py
-  pytest_gpu 80 tests/test_detect.py -k gpu
-  timeout -k 5 ${BENCH_TIMEOUT:-120} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_PDL 0 default --out $OUT/pdl 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  echo "pdl A/B $((SECONDS-t0))s" ;;
 route_prefetch)  # the MoE kernel tests, the routing's id prefetch A/B (5 rounds), then the sanitize part
   pytest_gpu 200 tests/test_moe_kernels.py
   PIT_BENCH_ROUNDS=5 timeout -k 5 ${BENCH_TIMEOUT:-120} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_ROUTE_PREFETCH 0 default --out $OUT/route_prefetch 2>&1 | grep "^| [MQ]" | tee -a $LOG
