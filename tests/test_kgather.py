@@ -100,8 +100,8 @@ def test_auto_sampled_density_estimates_the_densest_member(backend):
 
 
 def test_auto_lowers_to_a_conditional_over_kernel_and_dense_matmul():
-    """On CUDA, tile="auto" is detection, then a conditional between the k-gather kernel and
-    XLA's matmul (the lax.cond that docs/kgather.md describes)."""
+    """On CUDA, tile="auto" is a conditional between the k-gather kernel (which detects inside
+    its branch) and XLA's matmul (the lax.cond that docs/kgather.md describes)."""
     if not pit_jax.cuda_available():
         pytest.skip("built without CUDA kernels")
     x = jax.ShapeDtypeStruct((64, 32), jnp.bfloat16)
