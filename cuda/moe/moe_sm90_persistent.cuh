@@ -1,14 +1,15 @@
-// Persistent variant of the Hopper MoE forward (opt-in, PIT_MOE_PERSISTENT=1: correct on H100
-// and H200 GPUs, not faster than the tiled kernel — docs/moe.md). One CTA per SM walks the
-// (row tile, column tile) list with a grid stride; the producer warpgroup loads the next tile's stages while the consumers run the
-// previous tile's epilogue, so the epilogue's loads, the per-tile prologue (row pointers,
-// barrier setup) and the CTA launch leave the tensor cores' critical path. The ring's stages and
-// barrier phases continue across tiles (it0). The ring, which the non-persistent kernel stages
-// its epilogue through, is being refilled, so each consumer warp stages its rows in 2.3 KB of
-// its own, 18 KB for the 8 warps (a first version stored straight from registers, 4 bytes per
-// thread: 7% slower than the tiled kernel on an H200). Each consumer thread looks its two rows' destinations up before
-// the main loop. Tiles are enumerated over the routing's actual tile count (tile_starts[E + 1]), column
-// tiles outermost (every CTA of a wave reads one expert's weight column tile).
+// Persistent variant of the Hopper MoE forward (opt-in, PIT_MOE_PERSISTENT=1: correct on H100 and
+// H200 GPUs, not faster than the tiled kernel — docs/moe.md). One CTA per SM walks the (row tile,
+// column tile) list with a grid stride; the producer warpgroup loads the next tile's stages while
+// the consumers run the previous tile's epilogue, so the epilogue's loads, the per-tile prologue
+// (row pointers, barrier setup) and the CTA launch leave the tensor cores' critical path. The
+// ring's stages and barrier phases continue across tiles (it0). The ring, which the non-persistent
+// kernel stages its epilogue through, is being refilled, so each consumer warp stages its rows in
+// 2.3 KB of its own, 18 KB for the 8 warps (a first version stored straight from registers, 4 bytes
+// per thread: 7% slower than the tiled kernel on an H200). Each consumer thread looks its two rows'
+// destinations up before the main loop. Tiles are enumerated over the routing's actual tile count
+// (tile_starts[E + 1]), column tiles outermost (every CTA of a wave reads one expert's weight
+// column tile).
 #pragma once
 
 #include "moe_sm90.cuh"
