@@ -70,6 +70,22 @@ def time_per_call(fn, inputs, calls_per_step: int, steps: int = 10, reps: int = 
     return statistics.median(times) / calls_per_step
 
 
+def dispatch_fraction(fn, inputs, steps: int = 20) -> float:
+    """Host time to enqueue `steps` jitted steps over the wall time until they finish (printed and
+    returned): near 1 means the host, not the GPU, sets the pace of the timing loop, so a time
+    per call measures dispatch as much as kernels."""
+    jax.block_until_ready(fn(inputs))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = fn(inputs)
+    t1 = time.perf_counter()
+    jax.block_until_ready(out)
+    t2 = time.perf_counter()
+    print(f"dispatch {1e6 * (t1 - t0) / steps:.0f} us per step, wall {1e6 * (t2 - t0) / steps:.0f} us per step "
+          f"(fraction {(t1 - t0) / (t2 - t0):.2f})", flush=True)
+    return (t1 - t0) / (t2 - t0)
+
+
 def markdown_report(title: str, notes: str, header: list[str], cells: list[list[str]]) -> str:
     """A titled markdown table, one row of formatted cells per measured point."""
     lines = [f"# {title}", "", notes, "", "| " + " | ".join(header) + " |",

@@ -28,6 +28,10 @@
 #                  with PIT_MOE_PDL=0, then with dependent launches on.
 #   PART=pdl_modes: PIT_MOE_PDL=0 and =2 (routing only) each against the default, 5 rounds.
 #   PART=auto:     bench_kgather_auto (tile="auto" as installed vs auto given a detected index, $OUT/auto).
+#   PART=detect_probe: bench_detect_ab over CASES (default "0 2") and VARIANTS (default: the handler's
+#                  rule against PIT_DETECT_IN_FLIGHT=16), with XLA's column-OR probe and the host
+#                  dispatch fraction ($OUT/detect_ab); with CB_FLAGS set, again under XLA_FLAGS=$CB_FLAGS
+#                  ($OUT/detect_ab_cb).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -90,6 +94,14 @@ final)
   echo "bench $((SECONDS-t0))s"
   timeout -k 5 200 python3 benchmarks/bench_moe.py --no-projection --out $OUT/layer 2>&1 | grep "^| [MQ]"
   echo "layer $((SECONDS-t0))s" ;;
+detect_probe)
+  detect_ab() {  # XLA_FLAGS, output folder
+    (cd benchmarks && XLA_FLAGS="$1" timeout -k 5 ${BENCH_TIMEOUT:-200} python3 bench_detect_ab.py --out $OUT/$2 \
+       --cases ${CASES:-0 2} --variants ${VARIANTS:-default PIT_DETECT_IN_FLIGHT=16} 2>&1 | grep -E "^\||probe|dispatch" | tee -a $LOG)
+  }
+  detect_ab "" detect_ab
+  [[ -n "${CB_FLAGS:-}" ]] && { echo "== with XLA_FLAGS=$CB_FLAGS" | tee -a $LOG; detect_ab "$CB_FLAGS" detect_ab_cb; }
+  echo "probe $((SECONDS-t0))s" ;;
 kgather)
   pytest_gpu ${TEST_TIMEOUT:-200} tests/test_kgather.py tests/test_kgather_kernels.py
   timeout -k 5 ${BENCH_TIMEOUT:-280} python3 benchmarks/bench_sparse_dense.py --no-bcoo --tiles 32x1 --out $OUT/sparse_dense 2>&1 | grep "^| [4O]"

@@ -1,0 +1,109 @@
+"""A/B of detect kernel settings in one process (issue 2): each variant is a set of environment
+variables the CUDA handler reads when it launches (e.g. PIT_DETECT_IN_FLIGHT=16), given its own
+jitted function that is compiled and first run while the variant's variables are set, and set
+again before each of its timings — so the variant holds whether or not XLA captures the calls
+in a CUDA graph. Variants and the copy alternate round by round; medians are reported, with
+the fraction of copy computed as in bench_detect.py.
+
+    python benchmarks/bench_detect_ab.py --cases 0 2 4 --variants default PIT_DETECT_IN_FLIGHT=16
+Writes detect_ab.json and detect_ab.md into --out. Also prints, per case, XLA's own column-OR
+reduction of x (the mask pass's work written by XLA: how fast this card reads x) and the host
+dispatch fraction of the first variant (near 1: the timing loop is bound by the host).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+
+import jax
+import jax.numpy as jnp
+
+import pit_jax
+from pit_jax.detect_reference import detect_reference
+from bench_detect import CASES, index_bytes
+from common import (announce, bench_parser, dispatch_fraction, markdown_report, tile_sparse_bf16, time_per_call,
+                    write_results)
+
+ROUNDS = int(os.environ.get("PIT_BENCH_ROUNDS", "5"))
+
+
+def apply(variant: str, names: set[str]) -> None:
+    """Unset every variable any variant names, then set this variant's ("" = none: defaults)."""
+    for name in names:
+        os.environ.pop(name, None)
+    for item in filter(None, variant.split(",")):
+        name, value = item.split("=", 1)
+        os.environ[name] = value
+
+
+def main():
+    ap = bench_parser("unused")
+    ap.add_argument("--cases", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--variants", nargs="+", required=True,
+                    help="comma-separated NAME=VALUE lists; 'default' for none")
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    args = ap.parse_args()
+    variants = ["" if v == "default" else v for v in args.variants]
+    names = {item.split("=", 1)[0] for v in variants for item in filter(None, v.split(","))}
+    meta = announce()
+    rows = []
+    for case_id in args.cases:
+        m, k, tile, layout = CASES[case_id]
+        x_bytes = m * k * 2
+        n = max(2, min(16, (512 << 20) // x_bytes * 2))
+        xs = tile_sparse_bf16(jax.random.PRNGKey(0), m, k, tile, args.sparsity, n)
+        want = jax.jit(lambda xs: [detect_reference(x, tile, layout=layout) for x in xs[:1]])(xs)[0]
+        copy = jax.jit(lambda xs: [-x for x in xs])
+        # XLA's own column-OR over each row block (the mask pass's work, as a jnp reduction):
+        # how fast this card reads x when XLA writes the kernel
+        nb = m // tile[0] if layout == "row" and m % tile[0] == 0 else None
+        probe = None if nb is None else jax.jit(
+            lambda xs: [jnp.max(jnp.abs(x).reshape(nb, tile[0], k), axis=1) > 0 for x in xs])
+        fns = []
+        for v in variants:
+            apply(v, names)
+            fn = jax.jit(lambda xs: [pit_jax.detect(x, tile, layout=layout) for x in xs])
+            got = fn(xs)[0]  # compiled (and any graph captured) under this variant
+            same = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+            fns.append((v, fn, same))
+        t_copy, t_probe, t = [], [], {v: [] for v in variants}
+        for _ in range(ROUNDS):
+            apply("", names)
+            t_copy.append(time_per_call(copy, xs, n))
+            if probe is not None:
+                t_probe.append(time_per_call(probe, xs, n))
+            for v, fn, _ in fns:
+                apply(v, names)
+                t[v].append(time_per_call(fn, xs, n))
+        apply("", names)
+        t_xla_or = statistics.median(t_probe) * 1e6 if t_probe else None
+        if t_probe:
+            print(f"XLA column-OR probe {m}x{k} tile {tile}: {t_xla_or:.1f} us "
+                  f"(min {min(t_probe) * 1e6:.1f}), copy {statistics.median(t_copy) * 1e6:.1f} us", flush=True)
+        host_share = dispatch_fraction(fns[0][1], xs)
+        copy_bw = 2 * x_bytes / statistics.median(t_copy)
+        moved = x_bytes + index_bytes(m, k, tile, layout)
+        for v, _, same in fns:
+            med = statistics.median(t[v])
+            row = dict(m=m, k=k, tile=list(tile), layout=layout, variant=v or "default", matches_reference=same,
+                       t_detect_us=med * 1e6, t_detect_all_us=[x * 1e6 for x in t[v]],
+                       t_copy_us=statistics.median(t_copy) * 1e6, fraction_of_copy=moved / med / copy_bw,
+                       t_xla_column_or_us=t_xla_or, dispatch_fraction_first_variant=host_share)
+            rows.append(row)
+            print({k_: (round(x, 2) if isinstance(x, float) else x) for k_, x in row.items()
+                   if k_ != "t_detect_all_us"}, flush=True)
+        del xs
+    md = markdown_report(
+        f"detect A/B — {meta['device']}, jax {meta['jax']}, {meta['date']}",
+        f"bf16, random micro-tile sparsity {args.sparsity}; {ROUNDS} rounds, variants and copy alternated in "
+        "one process; median µs per call (min–max over rounds).",
+        ["M×K", "tile", "layout", "variant", "detect µs", "min–max", "copy µs", "fraction of copy", "matches jnp"],
+        [[f"{r['m']}×{r['k']}", f"{r['tile'][0]}×{r['tile'][1]}", r["layout"], r["variant"],
+          f"{r['t_detect_us']:.1f}", f"{min(r['t_detect_all_us']):.1f}–{max(r['t_detect_all_us']):.1f}",
+          f"{r['t_copy_us']:.1f}", f"{r['fraction_of_copy']:.2f}", str(r["matches_reference"])] for r in rows])
+    print(md)
+    write_results(args.out, "detect_ab", rows, md, meta)
+
+
+if __name__ == "__main__":
+    main()
