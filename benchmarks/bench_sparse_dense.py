@@ -20,7 +20,8 @@ from jax.experimental import sparse as jsparse
 
 import pit_jax
 from pit_jax.kgather_cuda import count_occupancy
-from common import announce, bench_parser, markdown_report, tile_sparse_bf16, time_per_call, write_results
+from common import (announce, bench_parser, dispatch_fraction, markdown_report, tile_sparse_bf16, time_per_call,
+                    write_results)
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.95, 0.99]  # of 32x1 micro-tiles, at random
 
@@ -65,6 +66,7 @@ def main():
             err = float(jnp.linalg.norm((y - want).astype(jnp.float32)) /
                         jnp.maximum(jnp.linalg.norm(want.astype(jnp.float32)), 1e-30))
             t_ours = time_per_call(lambda xs: ours(xs, w), xs, n_inputs)
+            host_share = dispatch_fraction(lambda xs: ours(xs, w), xs)
             t_idx = time_per_call(lambda xs: ours_idx(xs, w, idxs), xs, n_inputs)
             t_dw = time_per_call(lambda xs: dw_ours(xs, w), xs, n_inputs, steps=3)
             t_dw_dense = time_per_call(lambda xs: dw_dense(xs, w), xs, n_inputs, steps=3)
@@ -98,7 +100,7 @@ def main():
                        t_dw_pit_ms=t_dw * 1e3, t_dw_dense_ms=t_dw_dense * 1e3, t_dw_kernel_ms=t_dw_kernel * 1e3,
                        dw_block_occupancy=occupancy,
                        speedup=t_dense / t_ours, speedup_dw=t_dw_dense / t_dw,
-                       floor_ms=floor * 1e3, of_floor=floor / t_ours,
+                       floor_ms=floor * 1e3, of_floor=floor / t_ours, dispatch_fraction=host_share,
                        dense_tflops=dense_rate / 1e12, copy_tbps=copy_rate / 1e12)
             rows.append(row)
             print({k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
@@ -108,17 +110,19 @@ def main():
         "noted; auto = tile='auto' (32x1 kernel or dense, decided on device); dW pit = the default dW path "
         "(PIT_KGATHER_DW unset: XLA's matmul on x, no conditional; before 2026-11-26 session 7 the on-device rule), "
         "dW kernel = the dW kernel forced (PIT_KGATHER_DW=sparse), dW block occupancy = the opt-in rule's "
-        "statistic (PIT_KGATHER_DW=auto runs the kernel when it is at most 0.2); CUDA kernels built: "
+        "statistic (PIT_KGATHER_DW=auto runs the kernel when it is at most 0.2); host share = host time to "
+        "enqueue 20 steps of pit (detection included) over their wall time (near 1: the host sets the pace); "
+        "CUDA kernels built: "
         f"{pit_jax.build_info().get('cuda')}",
         ["shape", "tile", "sparsity", "dense ms", "pit ms", "speedup", "pit (given index) ms", "auto ms",
          "floor ms", "of floor", "dW pit ms", "dW kernel ms", "dW block occupancy", "dW dense ms", "BCOO ms",
-         "rel err"],
+         "rel err", "host share"],
         [[r["shape"], "×".join(map(str, r["tile"])), f"{r['sparsity']:.2f}", f"{r['t_dense_ms']:.3f}",
           f"{r['t_pit_ms']:.3f}", f"{r['speedup']:.2f}×", f"{r['t_pit_given_index_ms']:.3f}",
           f"{r['t_auto_ms']:.3f}", f"{r['floor_ms']:.3f}",
           f"{r['of_floor']:.2f}", f"{r['t_dw_pit_ms']:.3f}", f"{r['t_dw_kernel_ms']:.3f}",
           f"{r['dw_block_occupancy']:.2f}", f"{r['t_dw_dense_ms']:.3f}",
-          f"{r['t_bcoo_ms']:.3f}", f"{r['rel_err']:.1e}"] for r in rows])
+          f"{r['t_bcoo_ms']:.3f}", f"{r['rel_err']:.1e}", f"{r['dispatch_fraction']:.2f}"] for r in rows])
     print(md)
     write_results(args.out, "sparse_dense", rows, md, meta)
     try:
