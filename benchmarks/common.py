@@ -70,10 +70,9 @@ def time_per_call(fn, inputs, calls_per_step: int, steps: int = 10, reps: int = 
     return statistics.median(times) / calls_per_step
 
 
-def dispatch_fraction(fn, inputs, steps: int = 20) -> float:
-    """Host time to enqueue `steps` jitted steps over the wall time until they finish (printed and
-    returned): near 1 means the host, not the GPU, sets the pace of the timing loop, so a time
-    per call measures dispatch as much as kernels."""
+def enqueue_and_wall(fn, inputs, steps: int = 20) -> tuple[float, float]:
+    """(host seconds to enqueue one jitted step, wall seconds per step until all finish) over
+    `steps` steps launched back to back after a warm call."""
     jax.block_until_ready(fn(inputs))
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -81,9 +80,17 @@ def dispatch_fraction(fn, inputs, steps: int = 20) -> float:
     t1 = time.perf_counter()
     jax.block_until_ready(out)
     t2 = time.perf_counter()
-    print(f"dispatch {1e6 * (t1 - t0) / steps:.0f} us per step, wall {1e6 * (t2 - t0) / steps:.0f} us per step "
-          f"(fraction {(t1 - t0) / (t2 - t0):.2f})", flush=True)
-    return (t1 - t0) / (t2 - t0)
+    return (t1 - t0) / steps, (t2 - t0) / steps
+
+
+def dispatch_fraction(fn, inputs, steps: int = 20) -> float:
+    """Host time to enqueue `steps` jitted steps over the wall time until they finish (printed and
+    returned): near 1 means the host, not the GPU, sets the pace of the timing loop, so a time
+    per call measures dispatch as much as kernels."""
+    enqueue, wall = enqueue_and_wall(fn, inputs, steps)
+    print(f"dispatch {1e6 * enqueue:.0f} us per step, wall {1e6 * wall:.0f} us per step "
+          f"(fraction {enqueue / wall:.2f})", flush=True)
+    return enqueue / wall
 
 
 def markdown_report(title: str, notes: str, header: list[str], cells: list[list[str]]) -> str:

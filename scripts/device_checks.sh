@@ -32,6 +32,8 @@
 #                  rule against PIT_DETECT_IN_FLIGHT=16), with XLA's column-OR probe and the host
 #                  dispatch fraction ($OUT/detect_ab); with CB_FLAGS set, again under XLA_FLAGS=$CB_FLAGS
 #                  ($OUT/detect_ab_cb).
+#   PART=dispatch: probe_detect_dispatch.py (what the jitted step returns, calls per step; $OUT/dispatch),
+#                  then bench_detect.py ($OUT/detect).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -102,6 +104,12 @@ detect_probe)
   detect_ab "" detect_ab
   [[ -n "${CB_FLAGS:-}" ]] && { echo "== with XLA_FLAGS=$CB_FLAGS" | tee -a $LOG; detect_ab "$CB_FLAGS" detect_ab_cb; }
   echo "probe $((SECONDS-t0))s" ;;
+dispatch)
+  (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-300} python3 probe_detect_dispatch.py --out $OUT/dispatch \
+     --cases ${CASES:-0 1 2} 2>&1 | grep -E "^\|" | tee -a $LOG)
+  echo "probe $((SECONDS-t0))s"
+  (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-300} python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
+  echo "bench $((SECONDS-t0))s" ;;
 kgather)
   pytest_gpu ${TEST_TIMEOUT:-200} tests/test_kgather.py tests/test_kgather_kernels.py
   timeout -k 5 ${BENCH_TIMEOUT:-280} python3 benchmarks/bench_sparse_dense.py --no-bcoo --tiles 32x1 --out $OUT/sparse_dense 2>&1 | grep "^| [4O]"
