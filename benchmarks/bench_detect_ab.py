@@ -18,9 +18,8 @@ import statistics
 import jax
 import jax.numpy as jnp
 
-import pit_jax
 from pit_jax.detect_reference import detect_reference
-from bench_detect import CASES, index_bytes
+from bench_detect import CASES, detect_step, index_bytes
 from common import (announce, bench_parser, dispatch_fraction, markdown_report, tile_sparse_bf16, time_per_call,
                     write_results)
 
@@ -42,6 +41,9 @@ def main():
     ap.add_argument("--variants", nargs="+", required=True,
                     help="comma-separated NAME=VALUE lists; 'default' for none")
     ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--returns", choices=["index", "total"], default="index",
+                    help="what each jitted step returns (bench_detect.detect_step): the whole index, or "
+                         "one total so the index stays inside the jit")
     args = ap.parse_args()
     variants = ["" if v == "default" else v for v in args.variants]
     names = {item.split("=", 1)[0] for v in variants for item in filter(None, v.split(","))}
@@ -62,8 +64,9 @@ def main():
         fns = []
         for v in variants:
             apply(v, names)
-            fn = jax.jit(lambda xs: [pit_jax.detect(x, tile, layout=layout) for x in xs])
-            got = fn(xs)[0]  # compiled (and any graph captured) under this variant
+            fn = detect_step(tile, layout, args.returns)
+            fn(xs)  # compiled (and any graph captured) under this variant
+            got = detect_step(tile, layout, "index")(xs[:1])[0]
             same = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
             fns.append((v, fn, same))
         t_copy, t_probe, t = [], [], {v: [] for v in variants}
@@ -96,7 +99,8 @@ def main():
     md = markdown_report(
         f"detect A/B — {meta['device']}, jax {meta['jax']}, {meta['date']}",
         f"bf16, random micro-tile sparsity {args.sparsity}; {ROUNDS} rounds, variants and copy alternated in "
-        "one process; median µs per call (min–max over rounds).",
+        f"one process; median µs per call (min–max over rounds); each step returns {args.returns!r} "
+        "(bench_detect.detect_step).",
         ["M×K", "tile", "layout", "variant", "detect µs", "min–max", "copy µs", "fraction of copy", "matches jnp"],
         [[f"{r['m']}×{r['k']}", f"{r['tile'][0]}×{r['tile'][1]}", r["layout"], r["variant"],
           f"{r['t_detect_us']:.1f}", f"{min(r['t_detect_all_us']):.1f}–{max(r['t_detect_all_us']):.1f}",

@@ -34,6 +34,11 @@
 #                  ($OUT/detect_ab_cb).
 #   PART=dispatch: probe_detect_dispatch.py (what the jitted step returns, calls per step; $OUT/dispatch),
 #                  then bench_detect.py ($OUT/detect).
+#   PART=detect_gpu: the detect suites on the GPU, memcheck and racecheck over the detect kernel tests
+#                  (the chunked-path edges included).
+#   PART=detect_ab_jit: in-process A/Bs with the index kept in the jit (bench_detect_ab --returns total):
+#                  PIT_DETECT_CHUNKED_PDL=0 against the default on the chunked cases ($OUT/ab_chunked_pdl),
+#                  PIT_DETECT_IN_FLIGHT=16 against the rule at 4096² ($OUT/ab_inflight); then bench_detect.
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -104,6 +109,18 @@ detect_probe)
   detect_ab "" detect_ab
   [[ -n "${CB_FLAGS:-}" ]] && { echo "== with XLA_FLAGS=$CB_FLAGS" | tee -a $LOG; detect_ab "$CB_FLAGS" detect_ab_cb; }
   echo "probe $((SECONDS-t0))s" ;;
+detect_gpu)
+  pytest_gpu ${TEST_TIMEOUT:-200} $DETECT_SUITES
+  run_tool memcheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned or special)"
+  run_tool racecheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned)" ;;
+detect_ab_jit)
+  (cd benchmarks && timeout -k 5 150 python3 bench_detect_ab.py --returns total --out $OUT/ab_chunked_pdl \
+     --cases 1 5 --variants default PIT_DETECT_CHUNKED_PDL=0 2>&1 | grep -E "^\||dispatch" | tee -a $LOG)
+  (cd benchmarks && timeout -k 5 150 python3 bench_detect_ab.py --returns total --out $OUT/ab_inflight \
+     --cases 0 2 --variants default PIT_DETECT_IN_FLIGHT=16 2>&1 | grep -E "^\||dispatch" | tee -a $LOG)
+  echo "ab $((SECONDS-t0))s"
+  (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
+  echo "bench $((SECONDS-t0))s" ;;
 dispatch)
   (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-300} python3 probe_detect_dispatch.py --out $OUT/dispatch \
      --cases ${CASES:-0 1 2} 2>&1 | grep -E "^\|" | tee -a $LOG)
