@@ -36,9 +36,10 @@
 #                  then bench_detect.py ($OUT/detect).
 #   PART=detect_gpu: the detect suites on the GPU, memcheck and racecheck over the detect kernel tests
 #                  (the chunked-path edges included).
-#   PART=detect_ab_jit: in-process A/Bs with the index kept in the jit (bench_detect_ab --returns total):
-#                  PIT_DETECT_CHUNKED_PDL=0 against the default on the chunked cases ($OUT/ab_chunked_pdl),
+#   PART=detect_ab_jit: an in-process A/B with the index kept in the jit (bench_detect_ab --returns total):
 #                  PIT_DETECT_IN_FLIGHT=16 against the rule at 4096² ($OUT/ab_inflight); then bench_detect.
+#                  (Session 11 also A/B'd a dependent-launch chain for the chunked path here; that switch
+#                  was reverted with its patch, see benchmarks/results/2026-11-27_session11/.)
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -114,8 +115,6 @@ detect_gpu)
   run_tool memcheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned or special)"
   run_tool racecheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned)" ;;
 detect_ab_jit)
-  (cd benchmarks && timeout -k 5 150 python3 bench_detect_ab.py --returns total --out $OUT/ab_chunked_pdl \
-     --cases 1 5 --variants default PIT_DETECT_CHUNKED_PDL=0 2>&1 | grep -E "^\||dispatch" | tee -a $LOG)
   (cd benchmarks && timeout -k 5 150 python3 bench_detect_ab.py --returns total --out $OUT/ab_inflight \
      --cases 0 2 --variants default PIT_DETECT_IN_FLIGHT=16 2>&1 | grep -E "^\||dispatch" | tee -a $LOG)
   echo "ab $((SECONDS-t0))s"

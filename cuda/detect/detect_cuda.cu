@@ -284,8 +284,6 @@ __global__ void __launch_bounds__(kThreads)
     pit_detect_count_kernel(Plan p, const uint32_t* __restrict__ slab_mask, int32_t* __restrict__ chunk_counts) {
   using Reduce = cub::BlockReduce<int, kThreads>;
   __shared__ typename Reduce::TempStorage storage;
-  wait_for_previous_grid();  // the mask pass
-  allow_dependent_launch();
   const int64_t flat = blockIdx.x;  // (b * n_outer + o) * n_chunks + c
   const int64_t c = flat % p.n_chunks, bo = flat / p.n_chunks;
   int flags[kItems];
@@ -301,8 +299,6 @@ __global__ void __launch_bounds__(kScanThreads)
                            int32_t* __restrict__ offsets) {
   using Scan = cub::BlockScan<int, kScanThreads>;
   __shared__ typename Scan::TempStorage storage;
-  wait_for_previous_grid();  // the count pass
-  allow_dependent_launch();
   const int64_t b = blockIdx.x;
   const int64_t n = p.n_outer * p.n_chunks;
   int32_t* v = chunk_prefix + b * n;
@@ -339,7 +335,6 @@ __global__ void __launch_bounds__(kThreads)
                               const int32_t* __restrict__ offsets, int32_t* __restrict__ indices) {
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage storage;
-  wait_for_previous_grid();  // the scan pass (which waited for the count, which waited for the mask)
   const int64_t flat = blockIdx.x;
   const int64_t c = flat % p.n_chunks, bo = flat / p.n_chunks;
   const int64_t b = bo / p.n_outer, o = bo % p.n_outer;
@@ -552,19 +547,15 @@ cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uin
     err = launch_dependent(rows_kernel, grid, kThreads, 0, stream, true, p, slab_mask, done, counts, offsets, indices);
     return err != cudaSuccess ? err : cudaGetLastError();
   }
-  // Chunked path: count -> scan -> scatter, each launched dependent on the one before (each waits
-  // first, so the chain stays ordered); PIT_DETECT_CHUNKED_PDL=0 launches them plainly (A/B).
-  const bool chain = dependent_launch_setting("PIT_DETECT_CHUNKED_PDL") != 0;
   const unsigned grid = unsigned(p.batch * p.n_outer * p.n_chunks);
-  err = launch_dependent(p.wide ? pit_detect_count_kernel<true> : pit_detect_count_kernel<false>, grid, kThreads, 0,
-                         stream, chain, p, slab_mask, chunk_prefix);
-  if (err != cudaSuccess) return err;
-  err = launch_dependent(pit_detect_scan_kernel, unsigned(p.batch), kScanThreads, 0, stream, chain, p, chunk_prefix,
-                         counts, offsets);
-  if (err != cudaSuccess) return err;
-  err = launch_dependent(p.wide ? pit_detect_scatter_kernel<true> : pit_detect_scatter_kernel<false>, grid, kThreads,
-                         0, stream, chain, p, slab_mask, chunk_prefix, counts, offsets, indices);
-  return err != cudaSuccess ? err : cudaGetLastError();
+  if (p.wide) pit_detect_count_kernel<true><<<grid, kThreads, 0, stream>>>(p, slab_mask, chunk_prefix);
+  else pit_detect_count_kernel<false><<<grid, kThreads, 0, stream>>>(p, slab_mask, chunk_prefix);
+  pit_detect_scan_kernel<<<unsigned(p.batch), kScanThreads, 0, stream>>>(p, chunk_prefix, counts, offsets);
+  if (p.wide)
+    pit_detect_scatter_kernel<true><<<grid, kThreads, 0, stream>>>(p, slab_mask, chunk_prefix, counts, offsets, indices);
+  else
+    pit_detect_scatter_kernel<false><<<grid, kThreads, 0, stream>>>(p, slab_mask, chunk_prefix, counts, offsets, indices);
+  return cudaGetLastError();
 }
 
 ffi::Error DetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::S32>> counts,
