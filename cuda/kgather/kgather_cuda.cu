@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include <cub/block/block_scan.cuh>
@@ -129,6 +130,40 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
           if (c + 1 < cols) y_tile[r * ld + c + 1] = from_float<T>(acc[mi][ni][2 * half + 1]);
         }
   }
+
+  // The same through shared memory (`staging`: kBM rows of kCStride, free once the main loop is
+  // done), so that global stores are whole 16-byte row segments: the fragment layout alone
+  // stores 2 bytes at a time and touches every 32-byte sector twice. vec_y: y's rows allow
+  // 16-byte stores (aligned base, row length a multiple of 8 elements).
+  static constexpr int kCStride = C::kBN + C::kVec;  // padded row: conflict-free fragment writes
+  static_assert(C::kBM * kCStride <= C::kStages * C::kStageElems, "staging must fit the ring");
+  __device__ __forceinline__ void store_staged(T* y_tile, int64_t ld, int64_t rows, int64_t cols, T* staging,
+                                               bool vec_y, int warp, int lane) const {
+    const int gq = lane / 4, tq = lane % 4;
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = mi * 16 + gq + half * 8, c = warp * 32 + ni * 8 + 2 * tq;
+          staging[r * kCStride + c] = from_float<T>(acc[mi][ni][2 * half]);
+          staging[r * kCStride + c + 1] = from_float<T>(acc[mi][ni][2 * half + 1]);
+        }
+    __syncthreads();
+    constexpr int kVecsPerRow = C::kBN / C::kVec;
+    for (int i = threadIdx.x; i < C::kBM * kVecsPerRow; i += kForwardThreads) {
+      const int r = i / kVecsPerRow, c = (i % kVecsPerRow) * C::kVec;
+      if (r >= rows || c >= cols) continue;
+      const T* src = staging + r * kCStride + c;
+      T* dst = y_tile + r * ld + c;
+      if (vec_y && c + C::kVec <= cols) {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+      } else {
+        for (int e = 0; e < C::kVec && c + e < cols; ++e) dst[e] = src[e];
+      }
+    }
+  }
 };
 
 template <typename T>
@@ -170,7 +205,7 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
                                                                        const int32_t* __restrict__ column_ids,
                                                                        const int32_t* __restrict__ counts,
                                                                        const T* __restrict__ w, T* __restrict__ y,
-                                                                       KGatherShape s) {
+                                                                       KGatherShape s, bool vec_y, bool staged) {
   using C = ForwardConfig<T>;
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = reinterpret_cast<T*>(smem_bytes);
@@ -238,7 +273,16 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
     math.step(as, as + C::kBM * C::kAStride, warp, lane);
   }
   const int64_t row0 = g * kGroupRows;
-  math.store(y + (b * s.rows + row0) * s.n + n0, s.n, s.rows - row0, s.n - n0, warp, lane);
+  T* y_tile = y + (b * s.rows + row0) * s.n + n0;
+  if constexpr (C::kTensorCores) {
+    if (staged) {
+      cp_async_wait<0>();
+      __syncthreads();  // every warp is done with the ring: it becomes the output tile's staging
+      math.store_staged(y_tile, s.n, s.rows - row0, s.n - n0, smem, vec_y, warp, lane);
+      return;
+    }
+  }
+  math.store(y_tile, s.n, s.rows - row0, s.n - n0, warp, lane);
 }
 
 // ---- dW step 1: column masks per (row group, 64-column tile) -----------------------------------
@@ -377,8 +421,11 @@ cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const voi
   auto kernel = vec_w ? pit_kgather_forward_kernel<T, true> : pit_kgather_forward_kernel<T, false>;
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
+  // Staged output tile (16-byte stores) unless PIT_KGATHER_STAGED_STORE=0 (A/B switch, read per launch).
+  const char* staged_env = std::getenv("PIT_KGATHER_STAGED_STORE");
+  const bool staged = staged_env == nullptr || std::atoi(staged_env) != 0;
   kernel<<<grid, kForwardThreads, C::kSmemBytes, stream>>>(packed, column_ids, counts, static_cast<const T*>(w),
-                                                     static_cast<T*>(y), s);
+                                                     static_cast<T*>(y), s, rows_copy_by_16_bytes<T>(y, s.n), staged);
   return cudaGetLastError();
 }
 
