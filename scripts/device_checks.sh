@@ -40,8 +40,9 @@
 #                  PIT_DETECT_IN_FLIGHT=16 against the rule at 4096² ($OUT/ab_inflight); then bench_detect.
 #                  (Session 11 also A/B'd a dependent-launch chain for the chunked path here; that switch
 #                  was reverted with its patch, see benchmarks/results/2026-11-27_session11/.)
-#   PART=kgather_store_ab: bench_kgather_ab, the staged output tile against PIT_KGATHER_STAGED_STORE=0
-#                  ($OUT/kgather_store_ab).
+#   PART=kgather_ab: bench_kgather_ab over VARIANTS (environment switches the k-gather handler reads;
+#                  session 11 ran "default PIT_KGATHER_STAGED_STORE=0", a switch removed once the staged
+#                  output tile was kept), $OUT/kgather_ab.
 #   PART=kgather_gpu: the k-gather suites on the GPU, memcheck and racecheck over the k-gather kernel tests.
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
@@ -123,9 +124,9 @@ detect_ab_jit)
   echo "ab $((SECONDS-t0))s"
   (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "bench $((SECONDS-t0))s" ;;
-kgather_store_ab)
-  (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-400} python3 bench_kgather_ab.py --out $OUT/kgather_store_ab \
-     --variants default PIT_KGATHER_STAGED_STORE=0 2>&1 | grep -E "^\|" | tee -a $LOG)
+kgather_ab)
+  (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-400} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
+     --variants ${VARIANTS:-default} 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "ab $((SECONDS-t0))s" ;;
 kgather_gpu)
   pytest_gpu ${TEST_TIMEOUT:-200} tests/test_kgather.py tests/test_kgather_kernels.py
