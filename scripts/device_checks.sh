@@ -44,6 +44,9 @@
 #                  session 11 ran "default PIT_KGATHER_STAGED_STORE=0", a switch removed once the staged
 #                  output tile was kept), $OUT/kgather_ab.
 #   PART=kgather_gpu: the k-gather suites on the GPU, memcheck and racecheck over the k-gather kernel tests.
+#   PART=kgather_final: the k-gather suites, memcheck and racecheck in three chunks (the tool's own process
+#                  segfaulted at times over all 52 tests at once), bench_sparse_dense for 32x1 tiles with
+#                  BCOO ($OUT/sparse_dense) and bench_kgather_ab with the default only ($OUT/kgather_ab).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -132,6 +135,16 @@ kgather_gpu)
   pytest_gpu ${TEST_TIMEOUT:-200} tests/test_kgather.py tests/test_kgather_kernels.py
   run_tool memcheck pit_kgather tests/test_kgather_kernels.py "gpu and (0.5 or 1.0 or garbage or many_row or dense_sparse)"
   run_tool racecheck pit_kgather tests/test_kgather_kernels.py "gpu and (0.5 or 1.0 or garbage or many_row or dense_sparse)" ;;
+kgather_final)
+  pytest_gpu ${TEST_TIMEOUT:-200} tests/test_kgather.py tests/test_kgather_kernels.py
+  for tool in memcheck racecheck; do
+    for sel in "gpu and 0.5" "gpu and 1.0" "gpu and (garbage or many_row or dense_sparse)"; do
+      SAN_TIMEOUT=100 run_tool $tool pit_kgather tests/test_kgather_kernels.py "$sel"
+    done
+  done
+  timeout -k 5 200 python3 benchmarks/bench_sparse_dense.py --tiles 32x1 --out $OUT/sparse_dense 2>&1 | grep -E "^\| [4O]" | tee -a $LOG
+  (cd benchmarks && timeout -k 5 150 python3 bench_kgather_ab.py --out $OUT/kgather_ab --variants default 2>&1 | grep -E "^\|" | tee -a $LOG)
+  echo "bench $((SECONDS-t0))s" ;;
 dispatch)
   (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-300} python3 probe_detect_dispatch.py --out $OUT/dispatch \
      --cases ${CASES:-0 1 2} 2>&1 | grep -E "^\|" | tee -a $LOG)

@@ -17,7 +17,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include <cub/block/block_scan.cuh>
@@ -41,11 +40,14 @@ template <typename T>
 struct ForwardConfig {
   static constexpr bool kTensorCores = sizeof(T) == 2;
   static constexpr int kBM = int(kGroupRows), kBN = 128, kBK = 2 * int(kPackAlign);
-  static constexpr int kStages = kTensorCores ? 3 : 2;  // 66 KB (bf16/fp16): 3 CTAs per SM
+  // A 2-stage ring (44 KB for bf16/fp16) leaves room for 5 CTAs per SM; 3 stages (66 KB, 3 CTAs)
+  // were slower at every sparsity measured, most at 99% (4096³: 0.065 vs 0.056 ms, H200, 2026-11-27).
+  static constexpr int kStages = 2;
   static constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte copy
   static constexpr int kAStride = kBK + kVec;       // one vector of padding per row: no bank conflicts
   static constexpr int kBStride = kBN + kVec;
   static constexpr int kStageElems = kBM * kAStride + kBK * kBStride;
+  static constexpr int kSmemBytes = kStages * kStageElems * int(sizeof(T));
 };
 
 __device__ __forceinline__ uint64_t bit_range(int lo, int hi) {  // bits [lo, hi), 0 <= lo < hi <= 64
@@ -122,7 +124,7 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
   // call at 99% sparsity (H200, 2026-11-27). vec_y: y's rows allow 16-byte stores (aligned base,
   // row length a multiple of 8 elements).
   static constexpr int kCStride = C::kBN + C::kVec;  // padded row: conflict-free fragment writes
-  static_assert(C::kBM * kCStride <= C::kStageElems, "staging must fit one stage of the ring");
+  static_assert(C::kBM * kCStride <= C::kStages * C::kStageElems, "staging must fit the ring");
   __device__ __forceinline__ void store(T* y_tile, int64_t ld, int64_t rows, int64_t cols, T* staging,
                                         bool vec_y, int warp, int lane) const {
     const int gq = lane / 4, tq = lane % 4;
@@ -187,7 +189,7 @@ struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
 template <typename T>
 using ForwardMath = std::conditional_t<ForwardConfig<T>::kTensorCores, ForwardTensorCoreMath<T>, ForwardCudaCoreMath<T>>;
 
-template <typename T, bool kVecW, int kStages>
+template <typename T, bool kVecW>
 __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(const T* __restrict__ packed,
                                                                        const int32_t* __restrict__ column_ids,
                                                                        const int32_t* __restrict__ counts,
@@ -243,20 +245,20 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
   ForwardMath<T> math;
   int32_t k_ids[kIdsPerThread];
 #pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
+  for (int st = 0; st < C::kStages - 1; ++st) {
     fetch_ids(st, k_ids);
     if (st < n_chunks) load_stage(st, st, k_ids);
     cp_async_commit();
   }
-  fetch_ids(kStages - 1, k_ids);
+  fetch_ids(C::kStages - 1, k_ids);
   for (int chunk = 0; chunk < n_chunks; ++chunk) {
-    cp_async_wait<kStages - 2>();
+    cp_async_wait<C::kStages - 2>();
     __syncthreads();  // stage `chunk` is visible; stage `chunk - 1` is free for reuse
-    const int next = chunk + kStages - 1;
-    if (next < n_chunks) load_stage(next, next % kStages, k_ids);
+    const int next = chunk + C::kStages - 1;
+    if (next < n_chunks) load_stage(next, next % C::kStages, k_ids);
     cp_async_commit();
     fetch_ids(next + 1, k_ids);
-    const T* as = smem + (chunk % kStages) * C::kStageElems;
+    const T* as = smem + (chunk % C::kStages) * C::kStageElems;
     math.step(as, as + C::kBM * C::kAStride, warp, lane);
   }
   const int64_t row0 = g * kGroupRows;
@@ -398,18 +400,11 @@ cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const voi
   const int64_t n_tiles = ceil_div(s.n, C::kBN);
   const unsigned grid = unsigned(s.all_groups() * n_tiles);
   const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
-  // Ring depth: C::kStages (3 for bf16/fp16: 3 CTAs per SM); PIT_KGATHER_STAGES=2 (A/B switch,
-  // read per launch) takes 2, which leaves room for 5 CTAs per SM.
-  const char* stages_env = std::getenv("PIT_KGATHER_STAGES");
-  const bool two = C::kStages == 2 || (stages_env != nullptr && std::atoi(stages_env) == 2);
-  auto kernel = two ? (vec_w ? pit_kgather_forward_kernel<T, true, 2> : pit_kgather_forward_kernel<T, false, 2>)
-                    : (vec_w ? pit_kgather_forward_kernel<T, true, C::kStages>
-                             : pit_kgather_forward_kernel<T, false, C::kStages>);
-  const int smem_bytes = (two ? 2 : C::kStages) * C::kStageElems * int(sizeof(T));
-  cudaError_t err = allow_dynamic_smem(kernel, smem_bytes);
+  auto kernel = vec_w ? pit_kgather_forward_kernel<T, true> : pit_kgather_forward_kernel<T, false>;
+  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kForwardThreads, smem_bytes, stream>>>(packed, column_ids, counts, static_cast<const T*>(w),
-                                                        static_cast<T*>(y), s, rows_copy_by_16_bytes<T>(y, s.n));
+  kernel<<<grid, kForwardThreads, C::kSmemBytes, stream>>>(packed, column_ids, counts, static_cast<const T*>(w),
+                                                     static_cast<T*>(y), s, rows_copy_by_16_bytes<T>(y, s.n));
   return cudaGetLastError();
 }
 
