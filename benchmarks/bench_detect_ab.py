@@ -20,19 +20,10 @@ import jax.numpy as jnp
 
 from pit_jax.detect_reference import detect_reference
 from bench_detect import CASES, detect_step, index_bytes
-from common import (announce, bench_parser, dispatch_fraction, markdown_report, tile_sparse_bf16, time_per_call,
-                    write_results)
+from common import (announce, apply_variant, bench_parser, dispatch_fraction, markdown_report, parse_variants,
+                    tile_sparse_bf16, time_per_call, write_results)
 
 ROUNDS = int(os.environ.get("PIT_BENCH_ROUNDS", "5"))
-
-
-def apply(variant: str, names: set[str]) -> None:
-    """Unset every variable any variant names, then set this variant's ("" = none: defaults)."""
-    for name in names:
-        os.environ.pop(name, None)
-    for item in filter(None, variant.split(",")):
-        name, value = item.split("=", 1)
-        os.environ[name] = value
 
 
 def main():
@@ -45,8 +36,7 @@ def main():
                     help="what each jitted step returns (bench_detect.detect_step): the whole index, or "
                          "one total so the index stays inside the jit")
     args = ap.parse_args()
-    variants = ["" if v == "default" else v for v in args.variants]
-    names = {item.split("=", 1)[0] for v in variants for item in filter(None, v.split(","))}
+    variants, names = parse_variants(args.variants)
     meta = announce()
     rows = []
     for case_id in args.cases:
@@ -63,7 +53,7 @@ def main():
             lambda xs: [jnp.max(jnp.abs(x).reshape(nb, tile[0], k), axis=1) > 0 for x in xs])
         fns = []
         for v in variants:
-            apply(v, names)
+            apply_variant(v, names)
             fn = detect_step(tile, layout, args.returns)
             fn(xs)  # compiled (and any graph captured) under this variant
             got = detect_step(tile, layout, "index")(xs[:1])[0]
@@ -71,14 +61,14 @@ def main():
             fns.append((v, fn, same))
         t_copy, t_probe, t = [], [], {v: [] for v in variants}
         for _ in range(ROUNDS):
-            apply("", names)
+            apply_variant("", names)
             t_copy.append(time_per_call(copy, xs, n))
             if probe is not None:
                 t_probe.append(time_per_call(probe, xs, n))
             for v, fn, _ in fns:
-                apply(v, names)
+                apply_variant(v, names)
                 t[v].append(time_per_call(fn, xs, n))
-        apply("", names)
+        apply_variant("", names)
         t_xla_or = statistics.median(t_probe) * 1e6 if t_probe else None
         if t_probe:
             print(f"XLA column-OR probe {m}x{k} tile {tile}: {t_xla_or:.1f} us "

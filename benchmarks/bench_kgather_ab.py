@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 
 import pit_jax
-from bench_detect_ab import apply
 from bench_sparse_dense import shapes
-from common import announce, bench_parser, markdown_report, tile_sparse_bf16, time_per_call, write_results
+from common import (announce, apply_variant, bench_parser, markdown_report, parse_variants, tile_sparse_bf16,
+                    time_per_call, write_results)
 
 ROUNDS = int(os.environ.get("PIT_BENCH_ROUNDS", "3"))
 TILE = (32, 1)
@@ -30,8 +30,7 @@ def main():
                     help="comma-separated NAME=VALUE lists; 'default' for none")
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.9, 0.99])
     args = ap.parse_args()
-    variants = ["" if v == "default" else v for v in args.variants]
-    names = {item.split("=", 1)[0] for v in variants for item in filter(None, v.split(","))}
+    variants, names = parse_variants(args.variants)
     meta = announce()
     key = jax.random.PRNGKey(0)
     rows = []
@@ -45,7 +44,7 @@ def main():
             want = dense(xs[:1], w)[0].astype(jnp.float32)
             fns = []
             for v in variants:
-                apply(v, names)
+                apply_variant(v, names)
                 full = jax.jit(lambda xs, w: [pit_jax.sparse_dense(x, w, tile=TILE) for x in xs])
                 given = jax.jit(lambda xs, w, idxs: [pit_jax.sparse_dense(x, w, tile=TILE, index=i)
                                                      for x, i in zip(xs, idxs)])
@@ -55,13 +54,13 @@ def main():
                 fns.append((v, full, given, err))
             t_dense, t_full, t_given = [], {v: [] for v in variants}, {v: [] for v in variants}
             for _ in range(ROUNDS):
-                apply("", names)
+                apply_variant("", names)
                 t_dense.append(time_per_call(lambda xs: dense(xs, w), xs, n_inputs))
                 for v, full, given, _ in fns:
-                    apply(v, names)
+                    apply_variant(v, names)
                     t_full[v].append(time_per_call(lambda xs: full(xs, w), xs, n_inputs))
                     t_given[v].append(time_per_call(lambda xs: given(xs, w, idxs), xs, n_inputs))
-            apply("", names)
+            apply_variant("", names)
             dense_ms = statistics.median(t_dense) * 1e3
             for v, _, _, err in fns:
                 row = dict(shape=name, sparsity=sp, variant=v or "default", dense_ms=dense_ms,

@@ -70,6 +70,24 @@ def time_per_call(fn, inputs, calls_per_step: int, steps: int = 10, reps: int = 
     return statistics.median(times) / calls_per_step
 
 
+def parse_variants(specs: list[str]) -> tuple[list[str], set[str]]:
+    """A/B variants from the command line: each a comma-separated NAME=VALUE list of environment
+    variables the CUDA handlers read per launch ('default' = none). Returns the variants ("" for
+    default) and every variable name any of them sets."""
+    variants = ["" if v == "default" else v for v in specs]
+    names = {item.split("=", 1)[0] for v in variants for item in filter(None, v.split(","))}
+    return variants, names
+
+
+def apply_variant(variant: str, names: set[str]) -> None:
+    """Unset every variable any variant names, then set this variant's ("" = none: defaults)."""
+    for name in names:
+        os.environ.pop(name, None)
+    for item in filter(None, variant.split(",")):
+        name, value = item.split("=", 1)
+        os.environ[name] = value
+
+
 def enqueue_and_wall(fn, inputs, steps: int = 20) -> tuple[float, float]:
     """(host seconds to enqueue one jitted step, wall seconds per step until all finish) over
     `steps` steps launched back to back after a warm call."""
