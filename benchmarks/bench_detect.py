@@ -5,7 +5,8 @@
 Bytes counted for detection: x read once + every index element written (counts, offsets,
 indices) + the CUDA scratch mask written and read. "x GB/s" counts x's bytes alone (what
 a dense reader of x achieves). Copy: an elementwise negate of the same array (read + write),
-measured in the same run.
+measured in the same run. Each case is timed twice (detect_step): with every TileIndex handed
+back to Python, and with the index kept inside the jit (the GB/s columns use the first).
 """
 from __future__ import annotations
 
