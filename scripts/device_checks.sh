@@ -41,8 +41,8 @@
 #                  (Session 11 also A/B'd a dependent-launch chain for the chunked path here; that switch
 #                  was reverted with its patch, see benchmarks/results/2026-11-27_session11/.)
 #   PART=kgather_ab: bench_kgather_ab over VARIANTS (environment switches the k-gather handler reads;
-#                  session 11 ran "default PIT_KGATHER_STAGED_STORE=0", a switch removed once the staged
-#                  output tile was kept), $OUT/kgather_ab.
+#                  session 11 ran "default PIT_KGATHER_STAGED_STORE=0" and "default PIT_KGATHER_STAGES=2",
+#                  switches removed once the staged output tile and the 2-stage ring were kept), $OUT/kgather_ab.
 #   PART=kgather_gpu: the k-gather suites on the GPU, memcheck and racecheck over the k-gather kernel tests.
 #   PART=kgather_final: the k-gather suites, memcheck and racecheck in three chunks (the tool's own process
 #                  segfaulted at times over all 52 tests at once), bench_sparse_dense for 32x1 tiles with
