@@ -45,6 +45,14 @@ def detect_step(tile, layout, returns: str):
     return jax.jit(lambda xs: sum(jnp.sum(detect(x).counts) for x in xs))
 
 
+def xla_column_or(x, tile_m):
+    """XLA's own column-OR over each tile_m-row block of x (M a multiple of tile_m): the mask
+    pass's work written as a jnp reduction, i.e. how fast this card reads x when XLA writes the
+    kernel."""
+    m, k = x.shape
+    return jnp.max(jnp.abs(x).reshape(m // tile_m, tile_m, k), axis=1) > 0
+
+
 def index_bytes(m, k, tile, layout):
     """Index written + CUDA scratch written and read (its size from pit_jax itself)."""
     nb_m, nb_k = -(-m // tile[0]), -(-k // tile[1])

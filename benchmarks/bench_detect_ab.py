@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pit_jax.detect_reference import detect_reference
-from bench_detect import CASES, detect_step, index_bytes
+from bench_detect import CASES, detect_step, index_bytes, xla_column_or
 from common import (announce, apply_variant, bench_parser, dispatch_fraction, markdown_report, parse_variants,
                     tile_sparse_bf16, time_per_call, write_results)
 
@@ -46,11 +46,9 @@ def main():
         xs = tile_sparse_bf16(jax.random.PRNGKey(0), m, k, tile, args.sparsity, n)
         want = jax.jit(lambda xs: [detect_reference(x, tile, layout=layout) for x in xs[:1]])(xs)[0]
         copy = jax.jit(lambda xs: [-x for x in xs])
-        # XLA's own column-OR over each row block (the mask pass's work, as a jnp reduction):
-        # how fast this card reads x when XLA writes the kernel
-        nb = m // tile[0] if layout == "row" and m % tile[0] == 0 else None
-        probe = None if nb is None else jax.jit(
-            lambda xs: [jnp.max(jnp.abs(x).reshape(nb, tile[0], k), axis=1) > 0 for x in xs])
+        # XLA's own column-OR over each row block: how fast this card reads x
+        probe = None if layout != "row" or m % tile[0] else jax.jit(
+            lambda xs: [xla_column_or(x, tile[0]) for x in xs])
         fns = []
         for v in variants:
             apply_variant(v, names)

@@ -1,11 +1,12 @@
 """A/B of k-gather forward settings in one process (issue 3): each variant is a set of
-environment variables the CUDA handler reads when it launches (e.g. PIT_KGATHER_STAGED_STORE=0),
+environment variables the CUDA handler reads when it launches (NAME=VALUE; session 11 used it
+for switches since removed, see scripts/device_checks.sh PART=kgather_ab),
 given its own jitted functions, compiled and first run while the variant's variables are set and
 set again before each timing. Variants alternate round by round; medians are reported, for
 sparse_dense with detection included and with the index given (pack + forward only), against
 jnp.dot on the same arrays.
 
-    python benchmarks/bench_kgather_ab.py --variants default PIT_KGATHER_STAGED_STORE=0 --out DIR
+    python benchmarks/bench_kgather_ab.py --variants default NAME=VALUE --out DIR
 """
 from __future__ import annotations
 

@@ -23,30 +23,28 @@ import jax
 import jax.numpy as jnp
 
 import pit_jax
-from bench_detect import CASES, index_bytes
+from bench_detect import CASES, detect_step, index_bytes, xla_column_or
 from common import (announce, bench_parser, enqueue_and_wall, markdown_report, tile_sparse_bf16, time_per_call,
                     write_results)
 
 ROUNDS = int(os.environ.get("PIT_BENCH_ROUNDS", "5"))
 
 
-def step_functions(tile, layout, k, nb):
+def step_functions(tile, layout, with_column_or):
     """name -> jitted step over a list of arrays."""
-    detect = lambda x: pit_jax.detect(x, tile, layout=layout)
     fns = {
-        "detect, index returned": lambda xs: [detect(x) for x in xs],
-        "detect, counts returned": lambda xs: [detect(x).counts for x in xs],
-        "detect, one total returned": lambda xs: sum(jnp.sum(detect(x).counts) for x in xs),
-        "copy, arrays returned": lambda xs: [-x for x in xs],
-        "XLA sum of -x (reads x, writes nothing), one total": lambda xs: sum(
-            jnp.sum(-x, dtype=jnp.float32) for x in xs),
+        "detect, index returned": detect_step(tile, layout, "index"),
+        "detect, counts returned": jax.jit(lambda xs: [pit_jax.detect(x, tile, layout=layout).counts for x in xs]),
+        "detect, one total returned": detect_step(tile, layout, "total"),
+        "copy, arrays returned": jax.jit(lambda xs: [-x for x in xs]),
+        "XLA sum of -x (reads x, writes nothing), one total": jax.jit(lambda xs: sum(
+            jnp.sum(-x, dtype=jnp.float32) for x in xs)),
     }
-    if nb is not None:  # XLA's own read of x: the mask pass's work written by XLA
-        fns["XLA column-OR, masks returned"] = lambda xs: [
-            jnp.max(jnp.abs(x).reshape(nb, tile[0], k), axis=1) > 0 for x in xs]
-        fns["XLA column-OR, one total returned"] = lambda xs: sum(
-            jnp.sum(jnp.max(jnp.abs(x).reshape(nb, tile[0], k), axis=1) > 0) for x in xs)
-    return {name: jax.jit(f) for name, f in fns.items()}
+    if with_column_or:
+        fns["XLA column-OR, masks returned"] = jax.jit(lambda xs: [xla_column_or(x, tile[0]) for x in xs])
+        fns["XLA column-OR, one total returned"] = jax.jit(
+            lambda xs: sum(jnp.sum(xla_column_or(x, tile[0])) for x in xs))
+    return fns
 
 
 def main():
@@ -60,12 +58,12 @@ def main():
     for case_id in args.cases:
         m, k, tile, layout = CASES[case_id]
         x_bytes = m * k * 2
-        nb = m // tile[0] if layout == "row" and m % tile[0] == 0 else None
+        with_column_or = layout == "row" and m % tile[0] == 0  # whole row blocks: XLA's column-OR applies
         moved = x_bytes + index_bytes(m, k, tile, layout)
         all_xs = tile_sparse_bf16(jax.random.PRNGKey(0), m, k, tile, args.sparsity, max(args.calls))
         for calls in args.calls:
             xs = all_xs[:calls]
-            fns = step_functions(tile, layout, k, nb)
+            fns = step_functions(tile, layout, with_column_or)
             times = {name: [] for name in fns}
             for _ in range(ROUNDS):
                 for name, fn in fns.items():
