@@ -47,6 +47,9 @@
 #   PART=kgather_final: the k-gather suites, memcheck and racecheck in three chunks (the tool's own process
 #                  segfaulted at times over all 52 tests at once), bench_sparse_dense for 32x1 tiles with
 #                  BCOO ($OUT/sparse_dense) and bench_kgather_ab with the default only ($OUT/kgather_ab).
+#   PART=s12_tests_ncu: the k-gather kernel tests on the GPU with the default forward and with
+#                  PIT_KGATHER_FORWARD_PIPE=32x4 / 32x2, then Nsight Compute (speed of light, memory,
+#                  occupancy, warp stalls) of the forward GEMM at 4096³ 90/99% and fc2 99% ($OUT/ncu_forward.txt).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -145,6 +148,24 @@ kgather_final)
   timeout -k 5 200 python3 benchmarks/bench_sparse_dense.py --tiles 32x1 --out $OUT/sparse_dense 2>&1 | grep -E "^\| [4O]" | tee -a $LOG
   (cd benchmarks && timeout -k 5 150 python3 bench_kgather_ab.py --out $OUT/kgather_ab --variants default 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "bench $((SECONDS-t0))s" ;;
+s12_tests_ncu)
+  pytest_gpu 120 tests/test_kgather_kernels.py -k gpu
+  for pipe in 32x4 32x2; do
+    echo "   (with PIT_KGATHER_FORWARD_PIPE=$pipe:)" >> $LOG
+    PIT_KGATHER_FORWARD_PIPE=$pipe pytest_gpu 120 tests/test_kgather_kernels.py -k "gpu and not dense_sparse"
+  done
+  # Nsight Compute on the forward GEMM; without XLA's preallocation the replay has memory to save buffers
+  for args in "4096 4096 4096 --sparsity 0.9 0.99" "4096 16384 4096 --sparsity 0.99"; do
+    echo "== ncu forward, shape $args" >> $OUT/ncu_forward.txt
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 5 150 ncu --kernel-name regex:pit_kgather_forward \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+      --section WarpStateStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio \
+      python3 -P benchmarks/profile_kgather.py --shape $args >> $OUT/ncu_forward.txt 2>&1
+    echo "rc $?" >> $OUT/ncu_forward.txt
+  done
+  grep -E "^==|pit_kgather_forward|Duration|Throughput|Achieved Occupancy|Theoretical Occupancy|Registers|Warp Cycles Per Issued|rc |ERROR" $OUT/ncu_forward.txt | sed 's/(const T1.*//; s/  */ /g' | tee -a $LOG
+  grep -E "stalled" $OUT/ncu_forward.txt | awk '$NF+0 > 0.5' | sed 's/  */ /g' | tee -a $LOG
+  echo "ncu $((SECONDS-t0))s" ;;
 dispatch)
   (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-300} python3 probe_detect_dispatch.py --out $OUT/dispatch \
      --cases ${CASES:-0 1 2} 2>&1 | grep -E "^\|" | tee -a $LOG)

@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include <cub/block/block_scan.cuh>
@@ -24,6 +25,7 @@
 #include "../common/ffi_common.h"
 #include "../common/dtype_dispatch.cuh"
 #include "../common/mma_sm80.cuh"
+#include "../common/pdl.cuh"
 #include "../common/tile_copy.cuh"
 #include "../common/tn_tile_math.cuh"
 #include "kgather_layout.h"
@@ -36,13 +38,17 @@ namespace {
 constexpr int kForwardThreads = 128;  // 4 warps per forward GEMM CTA
 constexpr int kPackThreads = 256;     // one packed column per thread, blockIdx.y picks the columns
 
-template <typename T>
+// kBK: packed columns per pipeline stage; kStages: stages in the cp.async ring. The default is
+// 64 x 2; the launcher also builds 32 x 4 and 32 x 2 (PIT_KGATHER_FORWARD_PIPE, read per launch) so
+// that they can be compared in one process.
+template <typename T, int BK = 2 * int(kPackAlign), int Stages = 2>
 struct ForwardConfig {
   static constexpr bool kTensorCores = sizeof(T) == 2;
-  static constexpr int kBM = int(kGroupRows), kBN = 128, kBK = 2 * int(kPackAlign);
-  // A 2-stage ring (44 KB for bf16/fp16) leaves room for 5 CTAs per SM; 3 stages (66 KB, 3 CTAs)
+  static constexpr int kBM = int(kGroupRows), kBN = 128, kBK = BK;
+  // A 2-stage ring of 64 (44 KB for bf16/fp16) leaves room for 5 CTAs per SM; 3 stages (66 KB, 3 CTAs)
   // were slower at every sparsity measured, most at 99% (4096³: 0.065 vs 0.056 ms, H200, 2026-11-27).
-  static constexpr int kStages = 2;
+  static constexpr int kStages = Stages;
+  static_assert(kBK % int(kPackAlign) == 0 || int(kPackAlign) % kBK == 0, "stages must tile the packed rows");
   static constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte copy
   static constexpr int kAStride = kBK + kVec;       // one vector of padding per row: no bank conflicts
   static constexpr int kBStride = kBN + kVec;
@@ -63,6 +69,8 @@ __global__ void __launch_bounds__(kPackThreads) pit_kgather_pack_kernel(const T*
                                                                const int32_t* __restrict__ indices,
                                                                T* __restrict__ packed, int32_t* __restrict__ column_ids,
                                                                KGatherShape s) {
+  wait_for_previous_grid();  // whatever wrote x and the index (and last used this workspace)
+  allow_dependent_launch();  // the forward GEMM may be scheduled; it waits for this grid to finish
   const int64_t group = blockIdx.x;  // b * groups + g
   const int64_t b = group / s.groups, g = group % s.groups;
   const int64_t rb = b * s.nb_m + g * kGroupRows / s.tile_m;
@@ -91,9 +99,8 @@ __global__ void __launch_bounds__(kPackThreads) pit_kgather_pack_kernel(const T*
 
 // ---- forward step 2: gathered GEMM -------------------------------------------------------------
 
-template <typename T>
+template <typename T, typename C>
 struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
-  using C = ForwardConfig<T>;
   float acc[2][4][4] = {};
 
   __device__ __forceinline__ void step(const T* as, const T* bs, int warp, int lane) {
@@ -127,6 +134,8 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
   static_assert(C::kBM * kCStride <= C::kStages * C::kStageElems, "staging must fit the ring");
   __device__ __forceinline__ void store(T* y_tile, int64_t ld, int64_t rows, int64_t cols, T* staging,
                                         bool vec_y, int warp, int lane) const {
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is done with the ring: it may stage the output tile
     const int gq = lane / 4, tq = lane % 4;
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
@@ -154,9 +163,8 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
   }
 };
 
-template <typename T>
+template <typename T, typename C>
 struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
-  using C = ForwardConfig<T>;
   float acc[8][4] = {};
 
   __device__ __forceinline__ void step(const T* as, const T* bs, int, int) {
@@ -176,7 +184,7 @@ struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
   }
 
   __device__ __forceinline__ void store(T* y_tile, int64_t ld, int64_t rows, int64_t cols, T*, bool, int,
-                                        int) const {  // 4-byte elements: stored from registers
+                                        int) const {  // 4-byte elements: stored from registers, no barrier
     const int tr = threadIdx.x / 32, tc = threadIdx.x % 32;
 #pragma unroll
     for (int i = 0; i < 8; ++i)
@@ -186,16 +194,16 @@ struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
   }
 };
 
-template <typename T>
-using ForwardMath = std::conditional_t<ForwardConfig<T>::kTensorCores, ForwardTensorCoreMath<T>, ForwardCudaCoreMath<T>>;
+template <typename T, typename C>
+using ForwardMath = std::conditional_t<C::kTensorCores, ForwardTensorCoreMath<T, C>, ForwardCudaCoreMath<T, C>>;
 
-template <typename T, bool kVecW>
+template <typename T, typename C, bool kVecW>
 __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(const T* __restrict__ packed,
                                                                        const int32_t* __restrict__ column_ids,
                                                                        const int32_t* __restrict__ counts,
                                                                        const T* __restrict__ w, T* __restrict__ y,
                                                                        KGatherShape s, bool vec_y) {
-  using C = ForwardConfig<T>;
+  wait_for_previous_grid();  // the pack kernel
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = reinterpret_cast<T*>(smem_bytes);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -242,7 +250,7 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
     }
   };
 
-  ForwardMath<T> math;
+  ForwardMath<T, C> math;
   int32_t k_ids[kIdsPerThread];
 #pragma unroll
   for (int st = 0; st < C::kStages - 1; ++st) {
@@ -262,8 +270,6 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
     math.step(as, as + C::kBM * C::kAStride, warp, lane);
   }
   const int64_t row0 = g * kGroupRows;
-  cp_async_wait<0>();
-  __syncthreads();  // every warp is done with the ring: it may stage the output tile
   math.store(y + (b * s.rows + row0) * s.n + n0, s.n, s.rows - row0, s.n - n0, smem, vec_y, warp, lane);
 }
 
@@ -387,25 +393,52 @@ __global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_kgather_tn_kernel(
 
 // ---- launchers ---------------------------------------------------------------------------------
 
+// The forward GEMM of one ring shape: kBK packed columns per stage, kStages stages.
+template <typename T, typename C>
+cudaError_t launch_forward_gemm(cudaStream_t stream, bool dependent, const KGatherShape& s, const T* packed,
+                                const int32_t* column_ids, const int32_t* counts, const T* w, T* y) {
+  const int64_t n_tiles = ceil_div(s.n, C::kBN);
+  const unsigned grid = unsigned(s.all_groups() * n_tiles);
+  const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
+  auto kernel = vec_w ? pit_kgather_forward_kernel<T, C, true> : pit_kgather_forward_kernel<T, C, false>;
+  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  return launch_dependent(kernel, dim3(grid), dim3(kForwardThreads), C::kSmemBytes, stream, dependent, packed,
+                          column_ids, counts, w, y, s, rows_copy_by_16_bytes<T>(y, s.n));
+}
+
+// PIT_KGATHER_FORWARD_PIPE=32x4 | 32x2 (read per launch, for A/Bs in one process): another ring shape
+// for the bf16/fp16 forward; anything else, or unset, is the default 64 x 2.
+int forward_pipe_choice() {
+  const char* v = std::getenv("PIT_KGATHER_FORWARD_PIPE");
+  if (v == nullptr) return 0;
+  const std::string pipe(v);
+  return pipe == "32x4" ? 1 : pipe == "32x2" ? 2 : 0;
+}
+
 template <typename T>
 cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const void* x, const void* w,
                            const int32_t* counts, const int32_t* indices, void* y, uint8_t* workspace) {
-  using C = ForwardConfig<T>;
   if (s.all_groups() == 0 || s.n == 0) return cudaSuccess;
   T* packed = reinterpret_cast<T*>(workspace);
   int32_t* column_ids = reinterpret_cast<int32_t*>(workspace + s.packed_x_bytes(sizeof(T)));
   const dim3 pack_grid(unsigned(s.all_groups()), unsigned(ceil_div(s.packed_k, kPackThreads)));
-  pit_kgather_pack_kernel<T><<<pack_grid, kPackThreads, 0, stream>>>(
-      static_cast<const T*>(x), counts, indices, packed, column_ids, s);
-  const int64_t n_tiles = ceil_div(s.n, C::kBN);
-  const unsigned grid = unsigned(s.all_groups() * n_tiles);
-  const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
-  auto kernel = vec_w ? pit_kgather_forward_kernel<T, true> : pit_kgather_forward_kernel<T, false>;
-  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
+  // Dependent launches (common/pdl.cuh; PIT_KGATHER_PDL=0 turns them off, read per launch): pack and
+  // GEMM may be scheduled while the kernel before each is still running, hiding the launch gaps.
+  const bool dependent = dependent_launch_setting("PIT_KGATHER_PDL") != 0;
+  cudaError_t err = launch_dependent(pit_kgather_pack_kernel<T>, pack_grid, dim3(kPackThreads), 0, stream, dependent,
+                                     static_cast<const T*>(x), counts, indices, packed, column_ids, s);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kForwardThreads, C::kSmemBytes, stream>>>(packed, column_ids, counts, static_cast<const T*>(w),
-                                                     static_cast<T*>(y), s, rows_copy_by_16_bytes<T>(y, s.n));
-  return cudaGetLastError();
+  const T* wt = static_cast<const T*>(w);
+  T* yt = static_cast<T*>(y);
+  if constexpr (sizeof(T) == 2) {
+    switch (forward_pipe_choice()) {
+      case 1: return launch_forward_gemm<T, ForwardConfig<T, 32, 4>>(stream, dependent, s, packed, column_ids, counts, wt, yt);
+      case 2: return launch_forward_gemm<T, ForwardConfig<T, 32, 2>>(stream, dependent, s, packed, column_ids, counts, wt, yt);
+      default: break;
+    }
+  }
+  return launch_forward_gemm<T, ForwardConfig<T>>(stream, dependent, s, packed, column_ids, counts, wt, yt);
 }
 
 template <typename T>
