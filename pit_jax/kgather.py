@@ -173,9 +173,11 @@ def _check_index(fn, name, index, shape, tile, layout, lead):
 
 
 # tile="auto": 32x1 micro-tiles, and the dense matmul when more than this fraction of them is
-# nonzero. Crossover measured on the H100 (docs/kgather.md, benchmarks/results/sparse_dense.md).
+# nonzero. The forward (detection included) crossed the dense matmul between density 0.12 and
+# 0.15 on 4096³ and OPT fc2 (H200, 2026-11-27: 1.21-1.22x dense at 0.12, 0.93-1.03x at 0.15;
+# the H100 reads ~5-10% lower at 0.10), so the rule stops just above 0.12 (docs/kgather.md).
 AUTO_TILE = (32, 1)
-AUTO_MAX_DENSITY = 0.10
+AUTO_MAX_DENSITY = 0.125
 
 
 def sparse_dense(x, w, *, tile=(32, 1), index: TileIndex | None = None):

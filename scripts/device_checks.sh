@@ -149,15 +149,17 @@ kgather_final)
   (cd benchmarks && timeout -k 5 150 python3 bench_kgather_ab.py --out $OUT/kgather_ab --variants default 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "bench $((SECONDS-t0))s" ;;
 s12_tests_ncu)
-  pytest_gpu 120 tests/test_kgather_kernels.py -k gpu
-  for pipe in 32x4 32x2; do
-    echo "   (with PIT_KGATHER_FORWARD_PIPE=$pipe:)" >> $LOG
-    PIT_KGATHER_FORWARD_PIPE=$pipe pytest_gpu 120 tests/test_kgather_kernels.py -k "gpu and not dense_sparse"
-  done
+  if [[ "${NCU_ONLY:-0}" != 1 ]]; then
+    pytest_gpu 120 tests/test_kgather_kernels.py -k gpu
+    for pipe in 32x4 32x2; do
+      echo "   (with PIT_KGATHER_FORWARD_PIPE=$pipe:)" >> $LOG
+      PIT_KGATHER_FORWARD_PIPE=$pipe pytest_gpu 120 tests/test_kgather_kernels.py -k "gpu and not dense_sparse"
+    done
+  fi
   # Nsight Compute on the forward GEMM; without XLA's preallocation the replay has memory to save buffers
   for args in "4096 4096 4096 --sparsity 0.9 0.99" "4096 16384 4096 --sparsity 0.99"; do
     echo "== ncu forward, shape $args" >> $OUT/ncu_forward.txt
-    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 5 150 ncu --kernel-name regex:pit_kgather_forward \
+    XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=benchmarks timeout -k 5 150 ncu --kernel-name regex:pit_kgather_forward \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
       --section WarpStateStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio \
       python3 -P benchmarks/profile_kgather.py --shape $args >> $OUT/ncu_forward.txt 2>&1
