@@ -50,6 +50,9 @@
 #   PART=s12_tests_ncu: the k-gather kernel tests on the GPU with the default forward and with
 #                  PIT_KGATHER_FORWARD_PIPE=32x4 / 32x2, then Nsight Compute (speed of light, memory,
 #                  occupancy, warp stalls) of the forward GEMM at 4096³ 90/99% and fc2 99% ($OUT/ncu_forward.txt).
+#   PART=s12_bulk: the k-gather kernel tests with the bulk-copy forward (PIT_KGATHER_FORWARD_LOAD=bulk, also
+#                  with PIT_KGATHER_FORWARD_PIPE=32x2), then bench_kgather_ab over VARIANTS ($OUT/kgather_ab).
+#   PART=s12_bulk_sanitize: memcheck and racecheck over k-gather kernel tests with the bulk-copy forward.
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -168,6 +171,18 @@ s12_tests_ncu)
   grep -E "^==|pit_kgather_forward|Duration|Throughput|Achieved Occupancy|Theoretical Occupancy|Registers|Warp Cycles Per Issued|rc |ERROR" $OUT/ncu_forward.txt | sed 's/(const T1.*//; s/  */ /g' | tee -a $LOG
   grep -E "stalled" $OUT/ncu_forward.txt | awk '$NF+0 > 0.5' | sed 's/  */ /g' | tee -a $LOG
   echo "ncu $((SECONDS-t0))s" ;;
+s12_bulk)
+  for v in "PIT_KGATHER_FORWARD_LOAD=bulk" "PIT_KGATHER_FORWARD_LOAD=bulk PIT_KGATHER_FORWARD_PIPE=32x2"; do
+    echo "   (with $v:)" >> $LOG
+    ( export $v; pytest_gpu 120 tests/test_kgather_kernels.py -k "gpu and not dense_sparse" )
+  done
+  (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-300} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
+     --variants ${VARIANTS:-default} 2>&1 | grep -E "^\|" | tee -a $LOG)
+  echo "ab $((SECONDS-t0))s" ;;
+s12_bulk_sanitize)
+  for tool in memcheck racecheck; do
+    PIT_KGATHER_FORWARD_LOAD=bulk SAN_TIMEOUT=150 run_tool $tool pit_kgather tests/test_kgather_kernels.py "gpu and (0.5 or 1.0 or garbage)"
+  done ;;
 dispatch)
   (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-300} python3 probe_detect_dispatch.py --out $OUT/dispatch \
      --cases ${CASES:-0 1 2} 2>&1 | grep -E "^\|" | tee -a $LOG)

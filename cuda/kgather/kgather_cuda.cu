@@ -28,6 +28,7 @@
 #include "../common/pdl.cuh"
 #include "../common/tile_copy.cuh"
 #include "../common/tn_tile_math.cuh"
+#include "../common/wgmma_sm90.cuh"
 #include "kgather_layout.h"
 
 static_assert(pit::kTnRows == pit::kGroupRows, "dW stages reduce one 32-row group each");
@@ -273,6 +274,99 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
   math.store(y + (b * s.rows + row0) * s.n + n0, s.n, s.rows - row0, s.n - n0, smem, vec_y, warp, lane);
 }
 
+// The same GEMM with each stage's rows fetched by the TMA engine's bulk copies (Hopper, 16-byte
+// rows of w): one instruction per row of w (kBN elements) or of packed x, where the cp.async
+// kernel above issues one per 16 bytes with its address arithmetic — Nsight Compute read that
+// kernel as issue-bound (8.5 warp cycles per instruction at 5 warps per scheduler, H200,
+// 2026-11-27). Thread t < kBK copies the stage's w row t, threads kBK .. kBK + kBM - 1 the packed
+// x rows; padding rows are zeroed with plain stores. Every thread arrives once per stage on the
+// stage's mbarrier, announcing its bytes; waiting on it replaces cp.async.wait_group.
+template <typename T, typename C>
+__global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_bulk_kernel(const T* __restrict__ packed,
+                                                                            const int32_t* __restrict__ column_ids,
+                                                                            const int32_t* __restrict__ counts,
+                                                                            const T* __restrict__ w, T* __restrict__ y,
+                                                                            KGatherShape s, bool vec_y) {
+#if PIT_HAS_WGMMA
+  static_assert(C::kTensorCores && C::kBK + C::kBM <= kForwardThreads, "one copy per thread and stage");
+  wait_for_previous_grid();  // the pack kernel
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  T* smem = reinterpret_cast<T*>(smem_bytes);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem_bytes + C::kSmemBytes);  // one barrier per stage
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+  const int64_t group = blockIdx.x % s.all_groups();  // row groups vary fastest, as above
+  const int64_t n_tile = blockIdx.x / s.all_groups();
+  const int64_t b = group / s.groups, g = group % s.groups;
+  const int64_t n0 = n_tile * C::kBN;
+  const int64_t len = int64_t(counts[b * s.nb_m + g * kGroupRows / s.tile_m]) * s.tile_k;
+  const int n_chunks = int(ceil_div(len, C::kBK));
+  const int64_t padded = ceil_div(len, kPackAlign) * kPackAlign;  // packed columns written by pack
+  const T* a_src = packed + group * kGroupRows * s.packed_k;
+  const int32_t* ids = column_ids + group * s.packed_k;
+  const uint32_t w_row_bytes = uint32_t((s.n - n0 < C::kBN ? s.n - n0 : C::kBN) * int64_t(sizeof(T)));
+  if (t == 0) {
+#pragma unroll
+    for (int st = 0; st < C::kStages; ++st) mbarrier_init(&full[st], kForwardThreads);
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  auto fetch_id = [&](int chunk) -> int32_t {  // the w row this thread copies for `chunk`
+    const int64_t p = int64_t(chunk) * C::kBK + t;
+    return (t < C::kBK && chunk < n_chunks && p < padded) ? ids[p] : -1;
+  };
+  auto zero = [](T* dst, int elems) {  // elems: a multiple of kVec
+    for (int e = 0; e < elems; e += C::kVec) *reinterpret_cast<uint4*>(dst + e) = make_uint4(0, 0, 0, 0);
+  };
+  auto load_stage = [&](int chunk, int stage, int32_t k_id) {
+    T* as = smem + stage * C::kStageElems;
+    T* bs = as + C::kBM * C::kAStride;
+    const T* src = nullptr;
+    T* dst = nullptr;
+    uint32_t bytes = 0;
+    if (t < C::kBK) {  // SRead: row k_id of w, or zeros for padding
+      dst = bs + t * C::kBStride;
+      if (k_id >= 0) {
+        src = w + int64_t(k_id) * s.n + n0;
+        bytes = w_row_bytes;
+      } else {
+        zero(dst, C::kBN);
+      }
+    } else if (t < C::kBK + C::kBM) {  // packed x row; the part past `padded` was never written
+      const int r = t - C::kBK;
+      const int64_t p0 = int64_t(chunk) * C::kBK;
+      const int cols = int(padded - p0 < C::kBK ? padded - p0 : C::kBK);  // a multiple of kPackAlign
+      dst = as + r * C::kAStride;
+      src = a_src + r * s.packed_k + p0;
+      bytes = uint32_t(cols * int(sizeof(T)));
+      if (cols < C::kBK) zero(dst + cols, C::kBK - cols);
+    }
+    // This thread's plain stores and the other threads' reads of this stage (ordered by the
+    // barrier before this call) come before the bulk copy's writes through the async proxy.
+    fence_proxy_async_shared();
+    mbarrier_arrive_expect_tx(&full[stage], bytes);
+    if (bytes > 0) bulk_copy_to_shared(dst, src, bytes, &full[stage]);
+  };
+
+  ForwardMath<T, C> math;
+#pragma unroll
+  for (int st = 0; st < C::kStages - 1; ++st)
+    if (st < n_chunks) load_stage(st, st, fetch_id(st));
+  int32_t k_id = fetch_id(C::kStages - 1);  // fetched an iteration ahead, as above
+  for (int chunk = 0; chunk < n_chunks; ++chunk) {
+    mbarrier_wait(&full[chunk % C::kStages], uint32_t(chunk / C::kStages) & 1);
+    __syncthreads();  // stage `chunk - 1` is free for reuse
+    const int next = chunk + C::kStages - 1;
+    if (next < n_chunks) load_stage(next, next % C::kStages, k_id);
+    k_id = fetch_id(next + 1);
+    const T* as = smem + (chunk % C::kStages) * C::kStageElems;
+    math.step(as, as + C::kBM * C::kAStride, warp, lane);
+  }
+  const int64_t row0 = g * kGroupRows;
+  math.store(y + (b * s.rows + row0) * s.n + n0, s.n, s.rows - row0, s.n - n0, smem, vec_y, warp, lane);
+#endif
+}
+
 // ---- dW step 1: column masks per (row group, 64-column tile) -----------------------------------
 
 constexpr int kMaskWordsPerPass = 1024;
@@ -393,6 +487,20 @@ __global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_kgather_tn_kernel(
 
 // ---- launchers ---------------------------------------------------------------------------------
 
+// Whether the bf16/fp16 forward fetches its stages by bulk copies (pit_kgather_forward_bulk_kernel):
+// only on compute capability 9.x (the kernel is compiled for sm_90a) and with
+// PIT_KGATHER_FORWARD_LOAD=bulk (read per launch, for A/Bs in one process).
+bool forward_bulk_copies() {
+  const char* v = std::getenv("PIT_KGATHER_FORWARD_LOAD");
+  if (v == nullptr || std::string(v) != "bulk") return false;
+  static const bool hopper = [] {
+    int device = 0, major = 0;
+    return cudaGetDevice(&device) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major == 9;
+  }();
+  return hopper;
+}
+
 // The forward GEMM of one ring shape: kBK packed columns per stage, kStages stages.
 template <typename T, typename C>
 cudaError_t launch_forward_gemm(cudaStream_t stream, bool dependent, const KGatherShape& s, const T* packed,
@@ -400,11 +508,22 @@ cudaError_t launch_forward_gemm(cudaStream_t stream, bool dependent, const KGath
   const int64_t n_tiles = ceil_div(s.n, C::kBN);
   const unsigned grid = unsigned(s.all_groups() * n_tiles);
   const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
+  const bool vec_y = rows_copy_by_16_bytes<T>(y, s.n);
+  if constexpr (C::kTensorCores) {
+    if (vec_w && forward_bulk_copies()) {
+      constexpr int kBytes = C::kSmemBytes + C::kStages * int(sizeof(uint64_t));
+      auto kernel = pit_kgather_forward_bulk_kernel<T, C>;
+      cudaError_t err = allow_dynamic_smem(kernel, kBytes);
+      if (err != cudaSuccess) return err;
+      return launch_dependent(kernel, dim3(grid), dim3(kForwardThreads), kBytes, stream, dependent, packed,
+                              column_ids, counts, w, y, s, vec_y);
+    }
+  }
   auto kernel = vec_w ? pit_kgather_forward_kernel<T, C, true> : pit_kgather_forward_kernel<T, C, false>;
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
   return launch_dependent(kernel, dim3(grid), dim3(kForwardThreads), C::kSmemBytes, stream, dependent, packed,
-                          column_ids, counts, w, y, s, rows_copy_by_16_bytes<T>(y, s.n));
+                          column_ids, counts, w, y, s, vec_y);
 }
 
 // PIT_KGATHER_FORWARD_PIPE=32x4 | 32x2 (read per launch, for A/Bs in one process): another ring shape
