@@ -47,12 +47,10 @@
 #   PART=kgather_final: the k-gather suites, memcheck and racecheck in three chunks (the tool's own process
 #                  segfaulted at times over all 52 tests at once), bench_sparse_dense for 32x1 tiles with
 #                  BCOO ($OUT/sparse_dense) and bench_kgather_ab with the default only ($OUT/kgather_ab).
-#   PART=s12_tests_ncu: the k-gather kernel tests on the GPU with the default forward and with
-#                  PIT_KGATHER_FORWARD_PIPE=32x4 / 32x2, then Nsight Compute (speed of light, memory,
-#                  occupancy, warp stalls) of the forward GEMM at 4096³ 90/99% and fc2 99% ($OUT/ncu_forward.txt).
-#   PART=s12_bulk: the k-gather kernel tests with the bulk-copy forward (PIT_KGATHER_FORWARD_LOAD=bulk, also
-#                  with PIT_KGATHER_FORWARD_PIPE=32x2), then bench_kgather_ab over VARIANTS ($OUT/kgather_ab).
-#   PART=s12_bulk_sanitize: memcheck and racecheck over k-gather kernel tests with the bulk-copy forward.
+#   PART=ncu_kgather: Nsight Compute (speed of light, memory, occupancy, warp stalls) of the k-gather
+#                  forward GEMM at 4096³ 90/99% and fc2 99% ($OUT/ncu_forward.txt). Session 12 ran it
+#                  beside the kernel tests and A/Bs of ring shapes, dependent launches and bulk-copy loads
+#                  (switches removed with their code: benchmarks/results/2026-11-27_session12/).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -151,14 +149,7 @@ kgather_final)
   timeout -k 5 200 python3 benchmarks/bench_sparse_dense.py --tiles 32x1 --out $OUT/sparse_dense 2>&1 | grep -E "^\| [4O]" | tee -a $LOG
   (cd benchmarks && timeout -k 5 150 python3 bench_kgather_ab.py --out $OUT/kgather_ab --variants default 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "bench $((SECONDS-t0))s" ;;
-s12_tests_ncu)
-  if [[ "${NCU_ONLY:-0}" != 1 ]]; then
-    pytest_gpu 120 tests/test_kgather_kernels.py -k gpu
-    for pipe in 32x4 32x2; do
-      echo "   (with PIT_KGATHER_FORWARD_PIPE=$pipe:)" >> $LOG
-      PIT_KGATHER_FORWARD_PIPE=$pipe pytest_gpu 120 tests/test_kgather_kernels.py -k "gpu and not dense_sparse"
-    done
-  fi
+ncu_kgather)
   # Nsight Compute on the forward GEMM; without XLA's preallocation the replay has memory to save buffers
   for args in "4096 4096 4096 --sparsity 0.9 0.99" "4096 16384 4096 --sparsity 0.99"; do
     echo "== ncu forward, shape $args" >> $OUT/ncu_forward.txt
@@ -171,18 +162,6 @@ s12_tests_ncu)
   grep -E "^==|pit_kgather_forward|Duration|Throughput|Achieved Occupancy|Theoretical Occupancy|Registers|Warp Cycles Per Issued|rc |ERROR" $OUT/ncu_forward.txt | sed 's/(const T1.*//; s/  */ /g' | tee -a $LOG
   grep -E "stalled" $OUT/ncu_forward.txt | awk '$NF+0 > 0.5' | sed 's/  */ /g' | tee -a $LOG
   echo "ncu $((SECONDS-t0))s" ;;
-s12_bulk)
-  for v in "PIT_KGATHER_FORWARD_LOAD=bulk" "PIT_KGATHER_FORWARD_LOAD=bulk PIT_KGATHER_FORWARD_PIPE=32x2"; do
-    echo "   (with $v:)" >> $LOG
-    ( export $v; pytest_gpu 120 tests/test_kgather_kernels.py -k "gpu and not dense_sparse" )
-  done
-  (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-300} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
-     --variants ${VARIANTS:-default} 2>&1 | grep -E "^\|" | tee -a $LOG)
-  echo "ab $((SECONDS-t0))s" ;;
-s12_bulk_sanitize)
-  for tool in memcheck racecheck; do
-    PIT_KGATHER_FORWARD_LOAD=bulk SAN_TIMEOUT=150 run_tool $tool pit_kgather tests/test_kgather_kernels.py "gpu and (0.5 or 1.0 or garbage)"
-  done ;;
 dispatch)
   (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-300} python3 probe_detect_dispatch.py --out $OUT/dispatch \
      --cases ${CASES:-0 1 2} 2>&1 | grep -E "^\|" | tee -a $LOG)

@@ -17,7 +17,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include <cub/block/block_scan.cuh>
@@ -25,10 +24,8 @@
 #include "../common/ffi_common.h"
 #include "../common/dtype_dispatch.cuh"
 #include "../common/mma_sm80.cuh"
-#include "../common/pdl.cuh"
 #include "../common/tile_copy.cuh"
 #include "../common/tn_tile_math.cuh"
-#include "../common/wgmma_sm90.cuh"
 #include "kgather_layout.h"
 
 static_assert(pit::kTnRows == pit::kGroupRows, "dW stages reduce one 32-row group each");
@@ -39,17 +36,13 @@ namespace {
 constexpr int kForwardThreads = 128;  // 4 warps per forward GEMM CTA
 constexpr int kPackThreads = 256;     // one packed column per thread, blockIdx.y picks the columns
 
-// kBK: packed columns per pipeline stage; kStages: stages in the cp.async ring. The default is
-// 64 x 2; the launcher also builds 32 x 4 and 32 x 2 (PIT_KGATHER_FORWARD_PIPE, read per launch) so
-// that they can be compared in one process.
-template <typename T, int BK = 2 * int(kPackAlign), int Stages = 2>
+template <typename T>
 struct ForwardConfig {
   static constexpr bool kTensorCores = sizeof(T) == 2;
-  static constexpr int kBM = int(kGroupRows), kBN = 128, kBK = BK;
-  // A 2-stage ring of 64 (44 KB for bf16/fp16) leaves room for 5 CTAs per SM; 3 stages (66 KB, 3 CTAs)
+  static constexpr int kBM = int(kGroupRows), kBN = 128, kBK = 2 * int(kPackAlign);
+  // A 2-stage ring (44 KB for bf16/fp16) leaves room for 5 CTAs per SM; 3 stages (66 KB, 3 CTAs)
   // were slower at every sparsity measured, most at 99% (4096³: 0.065 vs 0.056 ms, H200, 2026-11-27).
-  static constexpr int kStages = Stages;
-  static_assert(kBK % int(kPackAlign) == 0 || int(kPackAlign) % kBK == 0, "stages must tile the packed rows");
+  static constexpr int kStages = 2;
   static constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte copy
   static constexpr int kAStride = kBK + kVec;       // one vector of padding per row: no bank conflicts
   static constexpr int kBStride = kBN + kVec;
@@ -70,8 +63,6 @@ __global__ void __launch_bounds__(kPackThreads) pit_kgather_pack_kernel(const T*
                                                                const int32_t* __restrict__ indices,
                                                                T* __restrict__ packed, int32_t* __restrict__ column_ids,
                                                                KGatherShape s) {
-  wait_for_previous_grid();  // whatever wrote x and the index (and last used this workspace)
-  allow_dependent_launch();  // the forward GEMM may be scheduled; it waits for this grid to finish
   const int64_t group = blockIdx.x;  // b * groups + g
   const int64_t b = group / s.groups, g = group % s.groups;
   const int64_t rb = b * s.nb_m + g * kGroupRows / s.tile_m;
@@ -100,8 +91,9 @@ __global__ void __launch_bounds__(kPackThreads) pit_kgather_pack_kernel(const T*
 
 // ---- forward step 2: gathered GEMM -------------------------------------------------------------
 
-template <typename T, typename C>
+template <typename T>
 struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
+  using C = ForwardConfig<T>;
   float acc[2][4][4] = {};
 
   __device__ __forceinline__ void step(const T* as, const T* bs, int warp, int lane) {
@@ -164,8 +156,9 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
   }
 };
 
-template <typename T, typename C>
+template <typename T>
 struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
+  using C = ForwardConfig<T>;
   float acc[8][4] = {};
 
   __device__ __forceinline__ void step(const T* as, const T* bs, int, int) {
@@ -195,16 +188,16 @@ struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
   }
 };
 
-template <typename T, typename C>
-using ForwardMath = std::conditional_t<C::kTensorCores, ForwardTensorCoreMath<T, C>, ForwardCudaCoreMath<T, C>>;
+template <typename T>
+using ForwardMath = std::conditional_t<ForwardConfig<T>::kTensorCores, ForwardTensorCoreMath<T>, ForwardCudaCoreMath<T>>;
 
-template <typename T, typename C, bool kVecW>
+template <typename T, bool kVecW>
 __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(const T* __restrict__ packed,
                                                                        const int32_t* __restrict__ column_ids,
                                                                        const int32_t* __restrict__ counts,
                                                                        const T* __restrict__ w, T* __restrict__ y,
                                                                        KGatherShape s, bool vec_y) {
-  wait_for_previous_grid();  // the pack kernel
+  using C = ForwardConfig<T>;
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = reinterpret_cast<T*>(smem_bytes);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -251,7 +244,7 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
     }
   };
 
-  ForwardMath<T, C> math;
+  ForwardMath<T> math;
   int32_t k_ids[kIdsPerThread];
 #pragma unroll
   for (int st = 0; st < C::kStages - 1; ++st) {
@@ -272,99 +265,6 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
   }
   const int64_t row0 = g * kGroupRows;
   math.store(y + (b * s.rows + row0) * s.n + n0, s.n, s.rows - row0, s.n - n0, smem, vec_y, warp, lane);
-}
-
-// The same GEMM with each stage's rows fetched by the TMA engine's bulk copies (Hopper, 16-byte
-// rows of w): one instruction per row of w (kBN elements) or of packed x, where the cp.async
-// kernel above issues one per 16 bytes with its address arithmetic — Nsight Compute read that
-// kernel as issue-bound (8.5 warp cycles per instruction at 5 warps per scheduler, H200,
-// 2026-11-27). Thread t < kBK copies the stage's w row t, threads kBK .. kBK + kBM - 1 the packed
-// x rows; padding rows are zeroed with plain stores. Every thread arrives once per stage on the
-// stage's mbarrier, announcing its bytes; waiting on it replaces cp.async.wait_group.
-template <typename T, typename C>
-__global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_bulk_kernel(const T* __restrict__ packed,
-                                                                            const int32_t* __restrict__ column_ids,
-                                                                            const int32_t* __restrict__ counts,
-                                                                            const T* __restrict__ w, T* __restrict__ y,
-                                                                            KGatherShape s, bool vec_y) {
-#if PIT_HAS_WGMMA
-  static_assert(C::kTensorCores && C::kBK + C::kBM <= kForwardThreads, "one copy per thread and stage");
-  wait_for_previous_grid();  // the pack kernel
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  T* smem = reinterpret_cast<T*>(smem_bytes);
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem_bytes + C::kSmemBytes);  // one barrier per stage
-  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
-  const int64_t group = blockIdx.x % s.all_groups();  // row groups vary fastest, as above
-  const int64_t n_tile = blockIdx.x / s.all_groups();
-  const int64_t b = group / s.groups, g = group % s.groups;
-  const int64_t n0 = n_tile * C::kBN;
-  const int64_t len = int64_t(counts[b * s.nb_m + g * kGroupRows / s.tile_m]) * s.tile_k;
-  const int n_chunks = int(ceil_div(len, C::kBK));
-  const int64_t padded = ceil_div(len, kPackAlign) * kPackAlign;  // packed columns written by pack
-  const T* a_src = packed + group * kGroupRows * s.packed_k;
-  const int32_t* ids = column_ids + group * s.packed_k;
-  const uint32_t w_row_bytes = uint32_t((s.n - n0 < C::kBN ? s.n - n0 : C::kBN) * int64_t(sizeof(T)));
-  if (t == 0) {
-#pragma unroll
-    for (int st = 0; st < C::kStages; ++st) mbarrier_init(&full[st], kForwardThreads);
-    mbarrier_init_fence();
-  }
-  __syncthreads();
-
-  auto fetch_id = [&](int chunk) -> int32_t {  // the w row this thread copies for `chunk`
-    const int64_t p = int64_t(chunk) * C::kBK + t;
-    return (t < C::kBK && chunk < n_chunks && p < padded) ? ids[p] : -1;
-  };
-  auto zero = [](T* dst, int elems) {  // elems: a multiple of kVec
-    for (int e = 0; e < elems; e += C::kVec) *reinterpret_cast<uint4*>(dst + e) = make_uint4(0, 0, 0, 0);
-  };
-  auto load_stage = [&](int chunk, int stage, int32_t k_id) {
-    T* as = smem + stage * C::kStageElems;
-    T* bs = as + C::kBM * C::kAStride;
-    const T* src = nullptr;
-    T* dst = nullptr;
-    uint32_t bytes = 0;
-    if (t < C::kBK) {  // SRead: row k_id of w, or zeros for padding
-      dst = bs + t * C::kBStride;
-      if (k_id >= 0) {
-        src = w + int64_t(k_id) * s.n + n0;
-        bytes = w_row_bytes;
-      } else {
-        zero(dst, C::kBN);
-      }
-    } else if (t < C::kBK + C::kBM) {  // packed x row; the part past `padded` was never written
-      const int r = t - C::kBK;
-      const int64_t p0 = int64_t(chunk) * C::kBK;
-      const int cols = int(padded - p0 < C::kBK ? padded - p0 : C::kBK);  // a multiple of kPackAlign
-      dst = as + r * C::kAStride;
-      src = a_src + r * s.packed_k + p0;
-      bytes = uint32_t(cols * int(sizeof(T)));
-      if (cols < C::kBK) zero(dst + cols, C::kBK - cols);
-    }
-    // This thread's plain stores and the other threads' reads of this stage (ordered by the
-    // barrier before this call) come before the bulk copy's writes through the async proxy.
-    fence_proxy_async_shared();
-    mbarrier_arrive_expect_tx(&full[stage], bytes);
-    if (bytes > 0) bulk_copy_to_shared(dst, src, bytes, &full[stage]);
-  };
-
-  ForwardMath<T, C> math;
-#pragma unroll
-  for (int st = 0; st < C::kStages - 1; ++st)
-    if (st < n_chunks) load_stage(st, st, fetch_id(st));
-  int32_t k_id = fetch_id(C::kStages - 1);  // fetched an iteration ahead, as above
-  for (int chunk = 0; chunk < n_chunks; ++chunk) {
-    mbarrier_wait(&full[chunk % C::kStages], uint32_t(chunk / C::kStages) & 1);
-    __syncthreads();  // stage `chunk - 1` is free for reuse
-    const int next = chunk + C::kStages - 1;
-    if (next < n_chunks) load_stage(next, next % C::kStages, k_id);
-    k_id = fetch_id(next + 1);
-    const T* as = smem + (chunk % C::kStages) * C::kStageElems;
-    math.step(as, as + C::kBM * C::kAStride, warp, lane);
-  }
-  const int64_t row0 = g * kGroupRows;
-  math.store(y + (b * s.rows + row0) * s.n + n0, s.n, s.rows - row0, s.n - n0, smem, vec_y, warp, lane);
-#endif
 }
 
 // ---- dW step 1: column masks per (row group, 64-column tile) -----------------------------------
@@ -487,77 +387,25 @@ __global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_kgather_tn_kernel(
 
 // ---- launchers ---------------------------------------------------------------------------------
 
-// Whether the bf16/fp16 forward fetches its stages by bulk copies (pit_kgather_forward_bulk_kernel):
-// only on compute capability 9.x (the kernel is compiled for sm_90a) and with
-// PIT_KGATHER_FORWARD_LOAD=bulk (read per launch, for A/Bs in one process).
-bool forward_bulk_copies() {
-  const char* v = std::getenv("PIT_KGATHER_FORWARD_LOAD");
-  if (v == nullptr || std::string(v) != "bulk") return false;
-  static const bool hopper = [] {
-    int device = 0, major = 0;
-    return cudaGetDevice(&device) == cudaSuccess &&
-           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major == 9;
-  }();
-  return hopper;
-}
-
-// The forward GEMM of one ring shape: kBK packed columns per stage, kStages stages.
-template <typename T, typename C>
-cudaError_t launch_forward_gemm(cudaStream_t stream, bool dependent, const KGatherShape& s, const T* packed,
-                                const int32_t* column_ids, const int32_t* counts, const T* w, T* y) {
-  const int64_t n_tiles = ceil_div(s.n, C::kBN);
-  const unsigned grid = unsigned(s.all_groups() * n_tiles);
-  const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
-  const bool vec_y = rows_copy_by_16_bytes<T>(y, s.n);
-  if constexpr (C::kTensorCores) {
-    if (vec_w && forward_bulk_copies()) {
-      constexpr int kBytes = C::kSmemBytes + C::kStages * int(sizeof(uint64_t));
-      auto kernel = pit_kgather_forward_bulk_kernel<T, C>;
-      cudaError_t err = allow_dynamic_smem(kernel, kBytes);
-      if (err != cudaSuccess) return err;
-      return launch_dependent(kernel, dim3(grid), dim3(kForwardThreads), kBytes, stream, dependent, packed,
-                              column_ids, counts, w, y, s, vec_y);
-    }
-  }
-  auto kernel = vec_w ? pit_kgather_forward_kernel<T, C, true> : pit_kgather_forward_kernel<T, C, false>;
-  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  return launch_dependent(kernel, dim3(grid), dim3(kForwardThreads), C::kSmemBytes, stream, dependent, packed,
-                          column_ids, counts, w, y, s, vec_y);
-}
-
-// PIT_KGATHER_FORWARD_PIPE=32x4 | 32x2 (read per launch, for A/Bs in one process): another ring shape
-// for the bf16/fp16 forward; anything else, or unset, is the default 64 x 2.
-int forward_pipe_choice() {
-  const char* v = std::getenv("PIT_KGATHER_FORWARD_PIPE");
-  if (v == nullptr) return 0;
-  const std::string pipe(v);
-  return pipe == "32x4" ? 1 : pipe == "32x2" ? 2 : 0;
-}
-
 template <typename T>
 cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const void* x, const void* w,
                            const int32_t* counts, const int32_t* indices, void* y, uint8_t* workspace) {
+  using C = ForwardConfig<T>;
   if (s.all_groups() == 0 || s.n == 0) return cudaSuccess;
   T* packed = reinterpret_cast<T*>(workspace);
   int32_t* column_ids = reinterpret_cast<int32_t*>(workspace + s.packed_x_bytes(sizeof(T)));
   const dim3 pack_grid(unsigned(s.all_groups()), unsigned(ceil_div(s.packed_k, kPackThreads)));
-  // Dependent launches (common/pdl.cuh; PIT_KGATHER_PDL=0 turns them off, read per launch): pack and
-  // GEMM may be scheduled while the kernel before each is still running, hiding the launch gaps.
-  const bool dependent = dependent_launch_setting("PIT_KGATHER_PDL") != 0;
-  cudaError_t err = launch_dependent(pit_kgather_pack_kernel<T>, pack_grid, dim3(kPackThreads), 0, stream, dependent,
-                                     static_cast<const T*>(x), counts, indices, packed, column_ids, s);
+  pit_kgather_pack_kernel<T><<<pack_grid, kPackThreads, 0, stream>>>(
+      static_cast<const T*>(x), counts, indices, packed, column_ids, s);
+  const int64_t n_tiles = ceil_div(s.n, C::kBN);
+  const unsigned grid = unsigned(s.all_groups() * n_tiles);
+  const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
+  auto kernel = vec_w ? pit_kgather_forward_kernel<T, true> : pit_kgather_forward_kernel<T, false>;
+  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const T* wt = static_cast<const T*>(w);
-  T* yt = static_cast<T*>(y);
-  if constexpr (sizeof(T) == 2) {
-    switch (forward_pipe_choice()) {
-      case 1: return launch_forward_gemm<T, ForwardConfig<T, 32, 4>>(stream, dependent, s, packed, column_ids, counts, wt, yt);
-      case 2: return launch_forward_gemm<T, ForwardConfig<T, 32, 2>>(stream, dependent, s, packed, column_ids, counts, wt, yt);
-      default: break;
-    }
-  }
-  return launch_forward_gemm<T, ForwardConfig<T>>(stream, dependent, s, packed, column_ids, counts, wt, yt);
+  kernel<<<grid, kForwardThreads, C::kSmemBytes, stream>>>(packed, column_ids, counts, static_cast<const T*>(w),
+                                                     static_cast<T*>(y), s, rows_copy_by_16_bytes<T>(y, s.n));
+  return cudaGetLastError();
 }
 
 template <typename T>
