@@ -1,4 +1,4 @@
-"""A/B of the Hopper MoE forward kernels (issue 4): by default the tiled kernel (one CTA per
+"""A/B of the Hopper MoE kernels (issue 4): by default the tiled kernel (one CTA per
 output tile) against the persistent one (PIT_MOE_PERSISTENT=1: one CTA per SM walking the
 routing's tiles); `--switch NAME A B` compares two values of another per-launch variable instead
 (any variable the handler reads per launch, e.g. PIT_MOE_COL_BAND 1 4). In one process on the same compiled functions — the
@@ -8,7 +8,8 @@ the plain projection (tokens gathered, rows in routing order; also with the rout
 in the timed call: "routed projection"), the SwiGLU up-projection with its
 fused epilogue and the down-projection with the fused combine weights; the dense matmul of the
 same FLOPs is the reference. The outputs of both kernels are compared (they must agree exactly:
-same tiles, same K order).
+same tiles, same K order). Also the projection's dW (the tn kernel), which the persistent switch
+leaves alone.
 
     python benchmarks/bench_moe_persistent.py [--out benchmarks/results] [--quick] [--switch NAME A B]
 Writes moe_persistent.json and moe_persistent.md (or moe_ab_NAME.*) into --out.
@@ -77,10 +78,15 @@ def main():
                 "down scale": (lambda ops: fused_matmul(ops[0], ops[1], routing, epilogue="scale", rows_per_source=1,
                                                         x_sorted=True, out_sorted=False, scale=ops[2].reshape(-1)),
                                (h, w_out, cw)),
+                # dW of the projection (pit_moe_matmul_tn: gathered x, dy in routing order)
+                "projection dW": (lambda ops: jax.grad(lambda w: jnp.sum(grouped_matmul(
+                    ops[0], w, routing, rows_per_source=k, x_sorted=False, out_sorted=True).astype(jnp.float32)))(ops[1]),
+                                  (x, w_in)),
             }
             for part, (fn, operands) in parts.items():
                 fn = jax.jit(fn)
-                ran = any(s in fn.lower(operands).as_text() for s in ("@pit_moe_fused(", "@pit_moe_matmul("))
+                ran = any(s in fn.lower(operands).as_text()
+                          for s in ("@pit_moe_fused(", "@pit_moe_matmul(", "@pit_moe_matmul_tn("))
                 times_a, times_b = [], []
                 for _ in range(ROUNDS):
                     times_a.append(timed(fn, operands, var, val_a))
@@ -99,12 +105,12 @@ def main():
                 print(r, flush=True)
                 rows.append(r)
     md = markdown_report(
-        f"MoE forward: {label_a} vs {label_b} — {meta['device']}, jax {meta['jax']}, {meta['date']}",
-        f"bf16, forward only, same jitted function with {var}={val_a} / {val_b} alternated {ROUNDS} times "
+        f"MoE kernels: {label_a} vs {label_b} — {meta['device']}, jax {meta['jax']}, {meta['date']}",
+        f"bf16, forward kernels and one dW, same jitted function with {var}={val_a} / {val_b} alternated {ROUNDS} times "
         "(median of each). projection: tokens gathered, rows in routing order (no epilogue); routed projection: "
         "the same with the routing index built inside the timed call; up swiglu: gate "
         "and up weights in one GEMM, silu(gate)·up fused; down scale: routing-ordered rows scattered to "
-        "(token, slot) × the combine weight. dense = a [T·k, d] × [d, f] matmul (×2 for SwiGLU's two "
+        "(token, slot) × the combine weight; projection dW: jax.grad of the projection w.r.t. w (the tn kernel). dense = a [T·k, d] × [d, f] matmul (×2 for SwiGLU's two "
         f"weights). max |diff| = {label_b} vs {label_a} output",
         ["case", "routing", "part", f"{label_a} ms", f"{label_b} ms", f"{label_a} / {label_b}", "dense ms",
          f"{label_b} / dense", "max abs diff"],
