@@ -51,8 +51,10 @@
 #                  forward GEMM at 4096³ 90/99% and fc2 99% ($OUT/ncu_forward.txt). Session 12 ran it
 #                  beside the kernel tests and A/Bs of ring shapes, dependent launches and bulk-copy loads
 #                  (switches removed with their code: benchmarks/results/2026-11-27_session12/).
-#   PART=moe_release_ab: the 16-bit MoE kernel tests with PIT_MOE_WARP_RELEASE=1 (ring stages freed by one
-#                  arrival per consumer warp), then bench_moe_persistent's A/B of that switch ($OUT/release_ab).
+#   PART=moe_ab:   bench_moe_persistent's A/B of SWITCH ("NAME A B", default tiled vs persistent forward),
+#                  forward kernels and the projection's dW ($OUT/moe_ab). Session 12 ran it (then named
+#                  moe_release_ab, after the MoE kernel tests) for PIT_MOE_WARP_RELEASE, a switch removed with
+#                  its code (benchmarks/results/2026-11-27_session12/).
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -164,10 +166,9 @@ ncu_kgather)
   grep -E "^==|pit_kgather_forward|Duration|Throughput|Achieved Occupancy|Theoretical Occupancy|Registers|Warp Cycles Per Issued|rc |ERROR" $OUT/ncu_forward.txt | sed 's/(const T1.*//; s/  */ /g' | tee -a $LOG
   grep -E "stalled" $OUT/ncu_forward.txt | awk '$NF+0 > 0.5' | sed 's/  */ /g' | tee -a $LOG
   echo "ncu $((SECONDS-t0))s" ;;
-moe_release_ab)
-  ( export PIT_MOE_WARP_RELEASE=1; pytest_gpu 250 tests/test_moe_kernels.py -k "bfloat16 or float16" )
-  timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_WARP_RELEASE 0 1 \
-    --out $OUT/release_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
+moe_ab)
+  timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe_persistent.py --switch ${SWITCH:-PIT_MOE_PERSISTENT 0 1} \
+    --out $OUT/moe_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "ab $((SECONDS-t0))s" ;;
 dispatch)
   (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-300} python3 probe_detect_dispatch.py --out $OUT/dispatch \

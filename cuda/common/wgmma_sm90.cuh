@@ -120,14 +120,6 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
   asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(smem_address(bar))
                : "memory");
 }
-// mbarrier_arrive where `pred` holds (a predicated instruction, no branch).
-__device__ __forceinline__ void mbarrier_arrive_if(uint64_t* bar, bool pred) {
-  asm volatile(
-      "{\n.reg .pred p;\n.reg .b64 state;\nsetp.ne.u32 p, %1, 0;\n@p mbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(
-          smem_address(bar)),
-      "r"(uint32_t(pred))
-      : "memory");
-}
 // One arrival on `bar` once every cp.async this thread issued so far has landed; the thread does
 // not wait. noinc: the arrival counts against the barrier's expected arrivals (init count).
 __device__ __forceinline__ void cp_async_mbarrier_arrive_noinc(uint64_t* bar) {

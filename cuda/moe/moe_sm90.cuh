@@ -56,12 +56,10 @@ struct MoeSm90Smem {  // views into the dynamic shared memory
   uint64_t* full;   // [kStages]: the producer's copies of the stage landed
   uint64_t* empty;  // [kStages]: both consumers finished reading the stage
   int32_t* rows;    // [2 * kBM], free for the kernel
-  bool warp_release;  // a stage is freed by one arrival per consumer warp (else per consumer thread)
 
   // Lays out the 1024-byte-aligned ring (swizzle atoms must be aligned) and initialises the
   // barriers (full_arrivals per phase of a full barrier); all threads call it, then __syncthreads.
-  __device__ __forceinline__ MoeSm90Smem(unsigned char* raw, uint32_t full_arrivals, bool per_warp_release)
-      : warp_release(per_warp_release) {
+  __device__ __forceinline__ MoeSm90Smem(unsigned char* raw, uint32_t full_arrivals) {
     using C = MoeSm90Config;
     ring = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
     full = reinterpret_cast<uint64_t*>(ring + C::kRingBytes);
@@ -70,7 +68,7 @@ struct MoeSm90Smem {  // views into the dynamic shared memory
     if (threadIdx.x == 0) {
       for (int st = 0; st < C::kStages; ++st) {
         mbarrier_init(&full[st], full_arrivals);
-        mbarrier_init(&empty[st], warp_release ? C::kConsumers / 32 : C::kConsumers);
+        mbarrier_init(&empty[st], C::kConsumers);
       }
       mbarrier_init_fence();
     }
@@ -95,16 +93,6 @@ __device__ __forceinline__ void produce_stages(const MoeSm90Smem& sm, int n_chun
     load_stage(i, stage);
     cp_async_mbarrier_arrive_noinc(&sm.full[stage]);
   }
-}
-
-// A consumer thread is done reading `stage` (its wgmmas on it completed): one arrival on the
-// stage's empty barrier, per thread or, with warp_release, by lane 0 for its warp (the warp's
-// wgmma waits are collective, so lane 0's wait covers the warp).
-__device__ __forceinline__ void release_stage(const MoeSm90Smem& sm, int stage) {
-  if (sm.warp_release)
-    mbarrier_arrive_if(&sm.empty[stage], (threadIdx.x & 31) == 0);
-  else
-    mbarrier_arrive(&sm.empty[stage]);
 }
 
 // Consumer warpgroup: acc = its 64 x 256 share of the tile over n_chunks stages (zero if none). desc_a0 /
@@ -138,11 +126,11 @@ __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90S
     for (int i = 0; i < n_chunks; ++i) {
       issue(i);
       wgmma_wait<1>();
-      if (i > 0) release_stage(sm, int((base + i - 1) % C::kStages));
+      if (i > 0) mbarrier_arrive(&sm.empty[int((base + i - 1) % C::kStages)]);
     }
     if (persistent && n_chunks > 0) {  // the next tile's loads reuse the last stage
       wgmma_wait<0>();
-      release_stage(sm, int((base + n_chunks - 1) % C::kStages));
+      mbarrier_arrive(&sm.empty[int((base + n_chunks - 1) % C::kStages)]);
     }
   } else {
     int i = 0;
@@ -152,15 +140,15 @@ __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90S
       for (int g = 1; g < C::kStages; ++g) {
         issue(i + g);
         wgmma_wait<1>();
-        release_stage(sm, (i + g - 1) % C::kStages);
+        mbarrier_arrive(&sm.empty[(i + g - 1) % C::kStages]);
       }
       wgmma_wait<0>();
-      release_stage(sm, (i + C::kStages - 1) % C::kStages);
+      mbarrier_arrive(&sm.empty[(i + C::kStages - 1) % C::kStages]);
     }
     for (; i < n_chunks; ++i) {
       issue(i);
       wgmma_wait<0>();
-      release_stage(sm, i % C::kStages);
+      mbarrier_arrive(&sm.empty[i % C::kStages]);
     }
   }
   wgmma_wait<0>();
@@ -236,7 +224,7 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
   static_assert(kEpi == kEpiNone || !kWTransposed, "the fused epilogues read w as [E, d, f]");
   constexpr int kOutCols = kSwiGLU ? C::kBN / 2 : C::kBN;  // output columns per CTA
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const MoeSm90Smem sm(smem_raw, C::kProducers + 1, s.warp_release);  // + the weight tile's expect-tx arrival
+  const MoeSm90Smem sm(smem_raw, C::kProducers + 1);  // + the weight tile's expect-tx arrival
   int32_t* dst_rows = sm.rows;        // output row of each tile row
   int32_t* src_rows = sm.rows + C::kBM;  // its row of x
   const int tid = threadIdx.x;
@@ -355,7 +343,7 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
   constexpr bool kAnyTma = kXTma || kDyTma;
   constexpr uint32_t kTmaBytes = (kXTma ? C::kABytes : 0) + (kDyTma ? C::kBBytes : 0);
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const MoeSm90Smem sm(smem_raw, C::kProducers + (kAnyTma ? 1 : 0), s.warp_release);  // + thread 0's expect-tx arrival
+  const MoeSm90Smem sm(smem_raw, C::kProducers + (kAnyTma ? 1 : 0));  // + thread 0's expect-tx arrival
   const int tid = threadIdx.x;
   // f tiles vary fastest: CTAs in flight share the expert's x columns in L2
   const int64_t f_tile = blockIdx.x % f_tiles, d_tile = (blockIdx.x / f_tiles) % d_tiles;

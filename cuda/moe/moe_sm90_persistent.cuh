@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
   static_assert(kEpi == kEpiNone || !kWTransposed, "the fused epilogues read w as [E, d, f]");
   constexpr int kOutCols = kSwiGLU ? C::kBN / 2 : C::kBN;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const MoeSm90Smem sm(smem_raw, C::kProducers + 1, s.warp_release);
+  const MoeSm90Smem sm(smem_raw, C::kProducers + 1);
   __syncthreads();
   const int tid = threadIdx.x;
   const int64_t row_tiles = tile_starts[s.experts + 1];  // this routing's tiles (all groups, E included)

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
 
 #include "../common/ffi_common.h"
 
@@ -35,9 +34,6 @@ struct MoeShape {
   // order[p] — routing order, each expert's rows contiguous — instead of source / assignment order.
   bool x_sorted = false, out_sorted = false;
   int64_t max_row_tiles = 0;  // grid bound of the forward: ceil(A / tile) + E + 1
-  // Hopper kernels: consumers free a ring stage with one arrival per warp instead of one per
-  // thread (PIT_MOE_WARP_RELEASE=1, read when the shape is made, i.e. per launch).
-  bool warp_release = false;
 };
 
 inline MoeShape make_moe_shape(int64_t sources, int64_t d, int64_t f, int64_t experts, int64_t assignments,
@@ -53,8 +49,6 @@ inline MoeShape make_moe_shape(int64_t sources, int64_t d, int64_t f, int64_t ex
   s.x_sorted = x_sorted;
   s.out_sorted = out_sorted;
   s.max_row_tiles = ceil_div(assignments, int64_t(kMoeRouteTileRows)) + experts + 1;
-  const char* release = std::getenv("PIT_MOE_WARP_RELEASE");
-  s.warp_release = release != nullptr && release[0] == '1';
   return s;
 }
 
