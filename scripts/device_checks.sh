@@ -55,6 +55,9 @@
 #                  forward kernels and the projection's dW ($OUT/moe_ab). Session 12 ran it (then named
 #                  moe_release_ab, after the MoE kernel tests) for PIT_MOE_WARP_RELEASE, a switch removed with
 #                  its code (benchmarks/results/2026-11-27_session12/).
+#   PART=detect_prefix: the detect suites, memcheck and racecheck over the detect kernel tests (word rows
+#                  included), the A/B of per-CTA prefix offsets (default vs PIT_DETECT_PREFIX=0, index kept in the
+#                  jit, $OUT/ab_prefix), then the tile="auto" tests and memcheck over the fp32 k-gather kernel tests.
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -170,6 +173,15 @@ moe_ab)
   timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe_persistent.py --switch ${SWITCH:-PIT_MOE_PERSISTENT 0 1} \
     --out $OUT/moe_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "ab $((SECONDS-t0))s" ;;
+detect_prefix)
+  pytest_gpu 200 $DETECT_SUITES
+  SAN_TIMEOUT=150 run_tool memcheck pit_detect tests/test_detect.py "gpu and (word_rows or dtypes_and_sparsity or unaligned)"
+  SAN_TIMEOUT=150 run_tool racecheck pit_detect tests/test_detect.py "gpu and (word_rows or dtypes_and_sparsity)"
+  (cd benchmarks && timeout -k 5 150 python3 bench_detect_ab.py --returns total --out $OUT/ab_prefix \
+     --cases 0 2 --variants default PIT_DETECT_PREFIX=0 2>&1 | grep -E "^\||dispatch" | tee -a $LOG)
+  echo "ab $((SECONDS-t0))s"
+  pytest_gpu 100 tests/test_kgather.py -k auto
+  SAN_TIMEOUT=100 run_tool memcheck pit_kgather tests/test_kgather_kernels.py "gpu and float32 and (0.5 or 1.0)" ;;
 dispatch)
   (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-300} python3 probe_detect_dispatch.py --out $OUT/dispatch \
      --cases ${CASES:-0 1 2} 2>&1 | grep -E "^\|" | tee -a $LOG)

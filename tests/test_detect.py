@@ -100,6 +100,24 @@ def test_chunking_edges(backend, shape, tile, layout):
         _check(_detect_jit(tile, layout)(x), x, tile, layout)
 
 
+# Word rows (row layout, tile_k dividing 32) with at most 16384 mask words per batch element and
+# rows of a multiple of 128 columns: the CUDA handler writes offsets from each CTA's own count of
+# the row blocks before it; above that size, from the last CTA's scan.
+@pytest.mark.parametrize("shape, tile", [
+    ((2, 3, 300, 256), (32, 1)),   # per-CTA prefixes over a batch
+    ((2, 300, 256), (1, 1)),       # 300 row blocks of one row
+    ((200, 512), (33, 2)),         # two slabs per row block, tiles of two columns
+    ((190, 384), (64, 16)),
+    ((512, 1024), (1, 1)),         # 16384 mask words: the largest with per-CTA prefixes
+    ((513, 1024), (1, 1)),         # 16416 words: the last-CTA scan
+], ids=str)
+def test_word_rows_offsets(backend, shape, tile):
+    rng = np.random.default_rng(23)
+    for sparsity in (0.0, 0.5, 0.99, 1.0):
+        x = random_tile_sparse(rng, shape, tile, sparsity, "bfloat16")
+        _check(_detect_jit(tile, "row")(x), x, tile, "row")
+
+
 def test_matches_jnp_reference(backend):
     rng = np.random.default_rng(11)
     x = random_tile_sparse(rng, (2, 64, 96), (8, 4), 0.8, "float32")

@@ -17,6 +17,7 @@
 #include <utility>
 
 #include <cub/block/block_reduce.cuh>
+#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include "../common/ffi_common.h"
@@ -41,6 +42,10 @@ constexpr int64_t kWideWords = 8;     // tiles spanning this many mask words (sl
                                       // tested by a whole warp, lanes over the words
 constexpr int64_t kWarpRowsNarrow = 32;  // rows of at most this many narrow tiles: a warp per row
 constexpr int64_t kWarpRowsWide = 4;     // ... or this many wide tiles
+// Word rows whose batch element has at most this many mask words (4096² bf16 at 32x1 or 64x64)
+// write their CSR offsets without a last-CTA scan: each CTA sums the counts of the row blocks
+// before it from their mask words (at most 64 KB of L2 reads per CTA).
+constexpr int64_t kPrefixMaxWords = 16384;
 
 // Scratch layout (32-bit words), shared with Python's workspace size (detect.py):
 //   slab_mask    [B, nb_m, n_slabs, n_words]  bit c of word w: column 32w+c of that slab of row
@@ -53,6 +58,7 @@ struct Plan {
   bool wide;
   bool word_rows;     // row layout with tile_k dividing 32: compact whole mask words at a time
   uint32_t tile_starts;  // bits 0, tile_k, 2*tile_k, ... (for word_rows)
+  bool prefix_offsets;   // word_rows, small mask: offsets from each CTA's own prefix count
   Plan(const DetectShape& s, int64_t layout_)
       : batch(s.batch), rows(s.rows), cols(s.cols), tile_m(s.tile_m), tile_k(s.tile_k), layout(layout_) {
     nb_m = s.nb_m();
@@ -67,6 +73,7 @@ struct Plan {
     word_rows = layout == kRowMajor && 32 % tile_k == 0;
     tile_starts = 0;
     for (int64_t bit = 0; bit < 32; bit += tile_k) tile_starts |= 1u << bit;
+    prefix_offsets = word_rows && n_words % 4 == 0 && n_outer * n_slabs * n_words <= kPrefixMaxWords;
     chunk = wide ? (kThreads / 32) * kWideItems : kThreads * kItems;
     n_chunks = ceil_div(n_inner, chunk);
   }
@@ -414,6 +421,33 @@ __device__ __forceinline__ int compact_row_tiles(const Plan& p, const uint32_t* 
 
 enum RowMode { kRowsNarrow = 0, kRowsWide = 1, kRowsWords = 2 };
 
+// Word rows (Plan::prefix_offsets): the nonzero tiles of row blocks 0 .. o-1 of one batch element
+// (its mask `m`), from their mask words read 16 bytes at a time (n_words % 4 == 0) and folded as
+// compact_row_words does; summed over the CTA, valid in thread 0.
+__device__ __forceinline__ int count_row_words_before(const Plan& p, const uint32_t* __restrict__ m, int64_t o) {
+  using Reduce = cub::BlockReduce<int, kThreads>;
+  __shared__ typename Reduce::TempStorage storage;
+  const int64_t quads = p.n_words / 4, items = o * quads;
+  int sum = 0;
+#pragma unroll 8
+  for (int64_t i = threadIdx.x; i < items; i += kThreads) {
+    const int64_t block = i / quads, q = i % quads;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    for (int64_t sl = 0; sl < p.n_slabs; ++sl) {
+      const uint4 u = __ldcg(reinterpret_cast<const uint4*>(m + (block * p.n_slabs + sl) * p.n_words) + q);
+      v.x |= u.x, v.y |= u.y, v.z |= u.z, v.w |= u.w;
+    }
+    uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t bits = words[j];
+      for (int sh = 1; sh < p.tile_k; sh <<= 1) bits |= bits >> sh;
+      sum += __popc(bits & p.tile_starts);
+    }
+  }
+  return Reduce(storage).Sum(sum);
+}
+
 // CSR offsets of batch element b from its counts (all written and fenced by other CTAs), by one
 // whole CTA: each thread sums a contiguous run of counts (independent L2 loads, overlapping),
 // one block scan, then each thread writes its run's offsets.
@@ -502,10 +536,22 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t bo = blockIdx.x;
   const int64_t b = bo / p.n_outer, o = bo % p.n_outer;
   int32_t* out = indices + bo * p.n_inner;
+  int before = 0;  // prefix_offsets: tiles in the row blocks before this one
+  if (kMode == kRowsWords && p.prefix_offsets)
+    before = count_row_words_before(p, slab_mask + b * p.n_outer * p.n_slabs * p.n_words, o);
   const int running =
       kMode == kRowsWords ? compact_row_words(p, slab_mask + bo * p.n_slabs * p.n_words, out)
                           : compact_row_tiles<kMode == kRowsWide>(p, slab_mask, b, o, out);
   for (int64_t s = running + threadIdx.x; s < p.n_inner; s += kThreads) out[s] = -1;
+  if (kMode == kRowsWords && p.prefix_offsets) {  // no counter, no last CTA
+    if (threadIdx.x == 0) {
+      counts[bo] = running;
+      int32_t* off = offsets + b * (p.n_outer + 1);
+      off[o] = before;
+      if (o == p.n_outer - 1) off[p.n_outer] = before + running;
+    }
+    return;
+  }
   if (threadIdx.x == 0) {
     counts[bo] = running;
     __threadfence();  // publish the count before announcing this CTA is done
@@ -567,7 +613,9 @@ ffi::Error DetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Bu
   ffi::Error arg_err = check_detect_args(x.dimensions(), tile_m, tile_k, layout, counts->dimensions(),
                                          offsets->dimensions(), indices->dimensions(), &shape);
   if (arg_err.failure()) return arg_err;
-  const Plan p(shape, layout);
+  Plan p(shape, layout);
+  if (const char* env = std::getenv("PIT_DETECT_PREFIX"))  // 0: always the last-CTA scan (A/Bs; read per launch)
+    if (env[0] == '0') p.prefix_offsets = false;
   if (element_count(workspace->dimensions()) != p.workspace_words())
     return ffi::Error::InvalidArgument("pit_detect: workspace size does not match x and tile");
   if (debug_poison_outputs()) {  // tests: prove every output element is written by the kernels
