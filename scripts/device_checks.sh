@@ -57,7 +57,8 @@
 #                  its code (benchmarks/results/2026-11-27_session12/).
 #   PART=detect_prefix: the detect suites, memcheck and racecheck over the detect kernel tests (word rows
 #                  included), the A/B of per-CTA prefix offsets (default vs PIT_DETECT_PREFIX=0, index kept in the
-#                  jit, $OUT/ab_prefix), then the tile="auto" tests and memcheck over the fp32 k-gather kernel tests.
+#                  jit, $OUT/ab_prefix), then (unless KGATHER=0) the tile="auto" tests and memcheck over the fp32
+#                  k-gather kernel tests.
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 set -u
@@ -180,6 +181,7 @@ detect_prefix)
   (cd benchmarks && timeout -k 5 150 python3 bench_detect_ab.py --returns total --out $OUT/ab_prefix \
      --cases 0 2 --variants default PIT_DETECT_PREFIX=0 2>&1 | grep -E "^\||dispatch" | tee -a $LOG)
   echo "ab $((SECONDS-t0))s"
+  [[ "${KGATHER:-1}" == 1 ]] || exit 0
   pytest_gpu 100 tests/test_kgather.py -k auto
   SAN_TIMEOUT=100 run_tool memcheck pit_kgather tests/test_kgather_kernels.py "gpu and float32 and (0.5 or 1.0)" ;;
 dispatch)

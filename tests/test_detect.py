@@ -100,14 +100,14 @@ def test_chunking_edges(backend, shape, tile, layout):
         _check(_detect_jit(tile, layout)(x), x, tile, layout)
 
 
-# Word rows (row layout, tile_k dividing 32) with at most 16384 mask words per batch element and
+# Word rows (row layout, tile_k dividing 32, tile_m <= 32) with at most 16384 mask words per batch element and
 # rows of a multiple of 128 columns: the CUDA handler writes offsets from each CTA's own count of
 # the row blocks before it; above that size, from the last CTA's scan.
 @pytest.mark.parametrize("shape, tile", [
     ((2, 3, 300, 256), (32, 1)),   # per-CTA prefixes over a batch
     ((2, 300, 256), (1, 1)),       # 300 row blocks of one row
-    ((200, 512), (33, 2)),         # two slabs per row block, tiles of two columns
-    ((190, 384), (64, 16)),
+    ((200, 512), (16, 2)),         # tiles of two columns
+    ((190, 384), (64, 16)),        # two slabs per row block: the last-CTA scan
     ((512, 1024), (1, 1)),         # 16384 mask words: the largest with per-CTA prefixes
     ((513, 1024), (1, 1)),         # 16416 words: the last-CTA scan
 ], ids=str)

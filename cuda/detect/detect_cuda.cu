@@ -42,9 +42,9 @@ constexpr int64_t kWideWords = 8;     // tiles spanning this many mask words (sl
                                       // tested by a whole warp, lanes over the words
 constexpr int64_t kWarpRowsNarrow = 32;  // rows of at most this many narrow tiles: a warp per row
 constexpr int64_t kWarpRowsWide = 4;     // ... or this many wide tiles
-// Word rows whose batch element has at most this many mask words (4096² bf16 at 32x1 or 64x64)
-// write their CSR offsets without a last-CTA scan: each CTA sums the counts of the row blocks
-// before it from their mask words (at most 64 KB of L2 reads per CTA).
+// Word rows of one slab (tile_m <= 32) whose batch element has at most this many mask words
+// (4096² bf16 at 32x1) write their CSR offsets without a last-CTA scan: each CTA sums the counts
+// of the row blocks before it from their mask words (at most 64 KB of L2 reads per CTA).
 constexpr int64_t kPrefixMaxWords = 16384;
 
 // Scratch layout (32-bit words), shared with Python's workspace size (detect.py):
@@ -73,7 +73,7 @@ struct Plan {
     word_rows = layout == kRowMajor && 32 % tile_k == 0;
     tile_starts = 0;
     for (int64_t bit = 0; bit < 32; bit += tile_k) tile_starts |= 1u << bit;
-    prefix_offsets = word_rows && n_words % 4 == 0 && n_outer * n_slabs * n_words <= kPrefixMaxWords;
+    prefix_offsets = word_rows && n_slabs == 1 && n_words % 4 == 0 && n_outer * n_words <= kPrefixMaxWords;
     chunk = wide ? (kThreads / 32) * kWideItems : kThreads * kItems;
     n_chunks = ceil_div(n_inner, chunk);
   }
@@ -421,26 +421,30 @@ __device__ __forceinline__ int compact_row_tiles(const Plan& p, const uint32_t* 
 
 enum RowMode { kRowsNarrow = 0, kRowsWide = 1, kRowsWords = 2 };
 
-// Word rows (Plan::prefix_offsets): the nonzero tiles of row blocks 0 .. o-1 of one batch element
-// (its mask `m`), from their mask words read 16 bytes at a time (n_words % 4 == 0) and folded as
-// compact_row_words does; summed over the CTA, valid in thread 0.
+// Word rows (Plan::prefix_offsets): the nonzero tiles of row blocks 0 .. o-1 of one batch element,
+// whose mask words are the first o * n_words of `m` (one slab per row block), folded as
+// compact_row_words does. Each thread issues all its 16-byte loads before using any (at most
+// kPrefixLoads: the mask is at most kPrefixMaxWords), so the sum costs one L2 round trip.
+// Summed over the CTA, valid in thread 0.
+constexpr int kPrefixLoads = int(kPrefixMaxWords / 4 / kThreads);
 __device__ __forceinline__ int count_row_words_before(const Plan& p, const uint32_t* __restrict__ m, int64_t o) {
   using Reduce = cub::BlockReduce<int, kThreads>;
   __shared__ typename Reduce::TempStorage storage;
-  const int64_t quads = p.n_words / 4, items = o * quads;
-  int sum = 0;
-#pragma unroll 8
-  for (int64_t i = threadIdx.x; i < items; i += kThreads) {
-    const int64_t block = i / quads, q = i % quads;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    for (int64_t sl = 0; sl < p.n_slabs; ++sl) {
-      const uint4 u = __ldcg(reinterpret_cast<const uint4*>(m + (block * p.n_slabs + sl) * p.n_words) + q);
-      v.x |= u.x, v.y |= u.y, v.z |= u.z, v.w |= u.w;
-    }
-    uint32_t words[4] = {v.x, v.y, v.z, v.w};
+  const int64_t quads = o * p.n_words / 4;
+  const uint4* q = reinterpret_cast<const uint4*>(m);
+  uint4 v[kPrefixLoads];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      uint32_t bits = words[j];
+  for (int j = 0; j < kPrefixLoads; ++j) {
+    const int64_t i = threadIdx.x + int64_t(j) * kThreads;
+    v[j] = i < quads ? __ldcg(q + i) : make_uint4(0, 0, 0, 0);
+  }
+  int sum = 0;
+#pragma unroll
+  for (int j = 0; j < kPrefixLoads; ++j) {
+    uint32_t words[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      uint32_t bits = words[e];
       for (int sh = 1; sh < p.tile_k; sh <<= 1) bits |= bits >> sh;
       sum += __popc(bits & p.tile_starts);
     }
@@ -538,7 +542,7 @@ __global__ void __launch_bounds__(kThreads)
   int32_t* out = indices + bo * p.n_inner;
   int before = 0;  // prefix_offsets: tiles in the row blocks before this one
   if (kMode == kRowsWords && p.prefix_offsets)
-    before = count_row_words_before(p, slab_mask + b * p.n_outer * p.n_slabs * p.n_words, o);
+    before = count_row_words_before(p, slab_mask + b * p.n_outer * p.n_words, o);
   const int running =
       kMode == kRowsWords ? compact_row_words(p, slab_mask + bo * p.n_slabs * p.n_words, out)
                           : compact_row_tiles<kMode == kRowsWide>(p, slab_mask, b, o, out);
