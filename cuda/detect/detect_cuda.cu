@@ -528,7 +528,10 @@ __global__ void __launch_bounds__(kThreads)
 // Per-row path, one CTA per (batch, outer block): writes ids, -1 padding and the count. The
 // last CTA of a batch element to finish (a counter in scratch, zeroed by the mask pass) scans
 // that element's counts into CSR offsets.
-template <int kMode>
+// kPrefix (Plan::prefix_offsets, word rows only): offsets from the CTA's own prefix count; a
+// separate instantiation, since its loads in flight take registers the other rows kernels need
+// for occupancy (1x1 at 4096²: 68 vs 56 us when one kernel held both).
+template <int kMode, bool kPrefix = false>
 __global__ void __launch_bounds__(kThreads)
     pit_detect_rows_kernel(Plan p, const uint32_t* __restrict__ slab_mask, uint32_t* __restrict__ done,
                            int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
@@ -541,13 +544,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = bo / p.n_outer, o = bo % p.n_outer;
   int32_t* out = indices + bo * p.n_inner;
   int before = 0;  // prefix_offsets: tiles in the row blocks before this one
-  if (kMode == kRowsWords && p.prefix_offsets)
+  static_assert(!kPrefix || kMode == kRowsWords, "prefix offsets are for word rows");
+  if constexpr (kPrefix)
     before = count_row_words_before(p, slab_mask + b * p.n_outer * p.n_words, o);
   const int running =
       kMode == kRowsWords ? compact_row_words(p, slab_mask + bo * p.n_slabs * p.n_words, out)
                           : compact_row_tiles<kMode == kRowsWide>(p, slab_mask, b, o, out);
   for (int64_t s = running + threadIdx.x; s < p.n_inner; s += kThreads) out[s] = -1;
-  if (kMode == kRowsWords && p.prefix_offsets) {  // no counter, no last CTA
+  if constexpr (kPrefix) {  // no counter, no last CTA
     if (threadIdx.x == 0) {
       counts[bo] = running;
       int32_t* off = offsets + b * (p.n_outer + 1);
@@ -588,7 +592,8 @@ cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uin
                                      n_col_chunks, vectorized);
   if (err != cudaSuccess) return err;
   if (p.word_rows || p.per_row() || p.warp_rows()) {
-    auto rows_kernel = p.word_rows   ? pit_detect_rows_kernel<kRowsWords>
+    auto rows_kernel = p.word_rows   ? (p.prefix_offsets ? pit_detect_rows_kernel<kRowsWords, true>
+                                                         : pit_detect_rows_kernel<kRowsWords>)
                        : p.warp_rows() ? (p.wide ? pit_detect_warp_rows_kernel<true> : pit_detect_warp_rows_kernel<false>)
                        : p.wide        ? pit_detect_rows_kernel<kRowsWide>
                                        : pit_detect_rows_kernel<kRowsNarrow>;
