@@ -17,7 +17,6 @@
 #include <utility>
 
 #include <cub/block/block_reduce.cuh>
-#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include "../common/ffi_common.h"
@@ -358,6 +357,13 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t s = slot_lo + threadIdx.x; s < slot_hi; s += kThreads) out[s] = -1;
 }
 
+// Word rows: a mask word folded to one bit per tile — bit g*tile_k set when any column of tile g
+// is nonzero, every other bit clear.
+__device__ __forceinline__ uint32_t tile_start_bits(const Plan& p, uint32_t bits) {
+  for (int sh = 1; sh < p.tile_k; sh <<= 1) bits |= bits >> sh;  // bit g*tk = OR of its group
+  return bits & p.tile_starts;
+}
+
 // Per-row path, one CTA per (batch, outer block): loops over its chunks with a running total,
 // writes ids, -1 padding and the count. The last CTA of a batch element to finish (a counter
 // in scratch, zeroed by the mask pass) scans that element's counts into CSR offsets.
@@ -374,8 +380,7 @@ __device__ __forceinline__ int compact_row_words(const Plan& p, const uint32_t* 
     uint32_t bits = 0;
     if (w < p.n_words)
       for (int64_t s = 0; s < p.n_slabs; ++s) bits |= m[s * p.n_words + w];
-    for (int sh = 1; sh < p.tile_k; sh <<= 1) bits |= bits >> sh;  // bit g*tk = OR of its group
-    bits &= p.tile_starts;
+    bits = tile_start_bits(p, bits);
     int pos, step_total;
     Scan(storage).ExclusiveSum(__popc(bits), pos, step_total);
     int32_t* dst = out + running + pos;
@@ -422,10 +427,10 @@ __device__ __forceinline__ int compact_row_tiles(const Plan& p, const uint32_t* 
 enum RowMode { kRowsNarrow = 0, kRowsWide = 1, kRowsWords = 2 };
 
 // Word rows (Plan::prefix_offsets): the nonzero tiles of row blocks 0 .. o-1 of one batch element,
-// whose mask words are the first o * n_words of `m` (one slab per row block), folded as
-// compact_row_words does. Each thread issues all its 16-byte loads before using any (at most
-// kPrefixLoads: the mask is at most kPrefixMaxWords), so the sum costs one L2 round trip.
-// Summed over the CTA, valid in thread 0.
+// whose mask words are the first o * n_words of `m` (one slab per row block), folded by
+// tile_start_bits as in compact_row_words. Each thread issues all its 16-byte loads before using
+// any (at most kPrefixLoads: the mask is at most kPrefixMaxWords), so the sum costs one L2 round
+// trip. Summed over the CTA, valid in thread 0.
 constexpr int kPrefixLoads = int(kPrefixMaxWords / 4 / kThreads);
 __device__ __forceinline__ int count_row_words_before(const Plan& p, const uint32_t* __restrict__ m, int64_t o) {
   using Reduce = cub::BlockReduce<int, kThreads>;
@@ -444,9 +449,7 @@ __device__ __forceinline__ int count_row_words_before(const Plan& p, const uint3
     uint32_t words[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      uint32_t bits = words[e];
-      for (int sh = 1; sh < p.tile_k; sh <<= 1) bits |= bits >> sh;
-      sum += __popc(bits & p.tile_starts);
+      sum += __popc(tile_start_bits(p, words[e]));
     }
   }
   return Reduce(storage).Sum(sum);
