@@ -9,6 +9,7 @@ namespace nb = nanobind;
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitDetectCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitSparseDenseCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(PitSparseDenseDetectCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitSparseTnCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeMatmulCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeFusedCuda);
@@ -20,6 +21,7 @@ NB_MODULE(_pit_cuda, m) {
     nb::dict targets;
     targets["pit_detect"] = nb::capsule(reinterpret_cast<void*>(PitDetectCuda));
     targets["pit_sparse_dense"] = nb::capsule(reinterpret_cast<void*>(PitSparseDenseCuda));
+    targets["pit_sparse_dense_detect"] = nb::capsule(reinterpret_cast<void*>(PitSparseDenseDetectCuda));
     targets["pit_sparse_tn"] = nb::capsule(reinterpret_cast<void*>(PitSparseTnCuda));
     targets["pit_moe_matmul"] = nb::capsule(reinterpret_cast<void*>(PitMoeMatmulCuda));
     targets["pit_moe_fused"] = nb::capsule(reinterpret_cast<void*>(PitMoeFusedCuda));

@@ -60,8 +60,37 @@ def _attrs(tile_m, tile_k):
     return dict(tile_m=np.int64(tile_m), tile_k=np.int64(tile_k))
 
 
+# Detection fused with pack. When sparse_dense detected the index from x itself (`exact`) with the
+# default 32x1 tiles, the lowering calls `pit_sparse_dense_detect` on x and w alone: one kernel
+# per 32-row group reads x once, counts and packs its nonzero columns, then the GEMM runs. The
+# detect call upstream then has no user in this computation and XLA removes it (it stays when the
+# index is used elsewhere, e.g. by the dW kernel). One CTA per group streams the group's rows, so
+# it needs enough groups to fill the GPU; with fewer (M·batch < FUSED_MIN_GROUPS·32 rows) and for
+# rows that are not whole 16-byte vectors, the separate detect and pack kernels run.
+# PIT_KGATHER_FUSED=0 turns it off; PIT_KGATHER_FUSED_MIN_GROUPS changes the threshold (both read
+# when lowering).
+FUSED_MIN_GROUPS = 64
+
+
+def fused_detect_applies(x_shape, itemsize, tile, exact) -> bool:
+    *lead, m, k = x_shape
+    if not exact or tuple(tile) != (GROUP_ROWS, 1) or os.environ.get("PIT_KGATHER_FUSED", "1") == "0":
+        return False
+    groups = math.prod(lead) * _cdiv(m, GROUP_ROWS)
+    min_groups = int(os.environ.get("PIT_KGATHER_FUSED_MIN_GROUPS", FUSED_MIN_GROUPS))
+    return (k * itemsize) % 16 == 0 and groups >= min_groups
+
+
 def sparse_dense_cuda(x, w, counts, offsets, indices, *, shape, tile, layout, exact):
-    del offsets, layout, exact
+    del offsets, layout
+    itemsize = np.dtype(x.dtype).itemsize
+    if fused_detect_applies(x.shape, itemsize, tile, exact):
+        *lead, m, k = x.shape
+        ws = forward_workspace_bytes(lead, m, k, 1, itemsize) + 4 * math.prod(lead) * _cdiv(m, GROUP_ROWS)
+        y, _ = jax.ffi.ffi_call("pit_sparse_dense_detect", (jax.ShapeDtypeStruct((*lead, m, w.shape[-1]), x.dtype),
+                                                            jax.ShapeDtypeStruct((ws,), jnp.uint8)))(
+            x, w.astype(x.dtype))
+        return y
     xk, ck, ik, tm = _kernel_index(x, counts, indices, shape, tile)
     *lead, m, k = x.shape
     n = w.shape[-1]

@@ -61,6 +61,13 @@
 #                  k-gather kernel tests.
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
+#   PART=kgather_fused: the fused detect+pack forward (session 13): the k-gather suites with its tests on the
+#                  GPU, memcheck and racecheck over its bf16/fp32 tests, the A/B against the separate kernels
+#                  (PIT_KGATHER_FUSED=0, read when lowering: each variant gets its own jit), $OUT/kgather_ab.
+#   PART=kgather_parts: the detect suites on the GPU, then where a sparse_dense call's time goes
+#                  (probe_kgather_parts.py: dense, copy, XLA's read of x, detection under VARIANTS, pack +
+#                  forward, the whole call) at SHAPES ("M K N@sparsities;..."), then ncu per-kernel times at
+#                  real clocks (--clock-control none, L2 not flushed) of one fc2 99% call ($OUT/ncu_parts.txt).
 set -u
 export PYTHONUNBUFFERED=1
 LOG=$OUT/checks.log
@@ -141,7 +148,7 @@ detect_ab_jit)
   echo "bench $((SECONDS-t0))s" ;;
 kgather_ab)
   (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-400} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
-     --variants ${VARIANTS:-default} 2>&1 | grep -E "^\|" | tee -a $LOG)
+     --variants ${VARIANTS:-default} --sparsity ${SPARSITY:-0.5 0.9 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "ab $((SECONDS-t0))s" ;;
 kgather_gpu)
   pytest_gpu ${TEST_TIMEOUT:-200} tests/test_kgather.py tests/test_kgather_kernels.py
@@ -169,6 +176,30 @@ ncu_kgather)
   done
   grep -E "^==|pit_kgather_forward|Duration|Throughput|Achieved Occupancy|Theoretical Occupancy|Registers|Warp Cycles Per Issued|rc |ERROR" $OUT/ncu_forward.txt | sed 's/(const T1.*//; s/  */ /g' | tee -a $LOG
   grep -E "stalled" $OUT/ncu_forward.txt | awk '$NF+0 > 0.5' | sed 's/  */ /g' | tee -a $LOG
+  echo "ncu $((SECONDS-t0))s" ;;
+kgather_fused)
+  [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 250 tests/test_kgather_fused.py tests/test_kgather.py tests/test_kgather_kernels.py
+  if [[ "${SAN:-1}" == 1 ]]; then
+    SAN_TIMEOUT=150 run_tool memcheck pit_kgather tests/test_kgather_fused.py "gpu and (bfloat16 or special or gradients)"
+    SAN_TIMEOUT=150 run_tool racecheck pit_kgather tests/test_kgather_fused.py "gpu and (bfloat16 or float32) and (0.5 or 0.99)"
+  fi
+  (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-300} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
+     --variants default PIT_KGATHER_FUSED=0 --sparsity ${SPARSITY:-0.5 0.9 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
+  echo "ab $((SECONDS-t0))s" ;;
+kgather_parts)
+  [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 120 tests/test_detect.py -k "gpu"
+  [[ "${PROBE:-1}" == 1 ]] || SHAPES=""
+  IFS=';' read -ra shape_list <<< "${SHAPES-4096 16384 4096@0.99 0.9;4096 4096 4096@0.99}"
+  for spec in "${shape_list[@]}"; do
+    (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-200} python3 probe_kgather_parts.py --shape ${spec%@*} \
+       --sparsity ${spec#*@} --variants ${VARIANTS:-default} 2>&1 | grep -E "^\||sparsity" | tee -a $LOG)
+  done
+  echo "probe $((SECONDS-t0))s"
+  XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=benchmarks timeout -k 5 120 ncu --clock-control none --cache-control none \
+    --kernel-name regex:pit_ --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+    python3 -P benchmarks/profile_kgather.py --forward-only --shape ${NCU_SHAPE:-4096 16384 4096} --sparsity 0.99 0.9 > $OUT/ncu_parts.txt 2>&1
+  echo "rc $?" >> $OUT/ncu_parts.txt
+  grep -E "^  pit_|gpu__time|dram__bytes|rc " $OUT/ncu_parts.txt | sed 's/(.*//; s/  */ /g' | tee -a $LOG
   echo "ncu $((SECONDS-t0))s" ;;
 moe_ab)
   timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe_persistent.py --switch ${SWITCH:-PIT_MOE_PERSISTENT 0 1} \
