@@ -62,8 +62,9 @@
 #   PART=ncu:      ncu per-kernel times of one Mixtral SwiGLU layer step and the language-model
 #                  example in bf16.
 #   PART=kgather_fused: the fused detect+pack forward (session 13): the k-gather suites with its tests on the
-#                  GPU, memcheck and racecheck over its bf16/fp32 tests, the A/B against the separate kernels
-#                  (PIT_KGATHER_FUSED=0, read when lowering: each variant gets its own jit), $OUT/kgather_ab.
+#                  GPU, memcheck and racecheck over its tests, bench_sparse_dense for 32x1 tiles with BCOO
+#                  ($OUT/sparse_dense), the A/B against the separate kernels (PIT_KGATHER_FUSED=0, read when
+#                  lowering: each variant gets its own jit), $OUT/kgather_ab.
 #   PART=kgather_parts: the detect suites on the GPU, then where a sparse_dense call's time goes
 #                  (probe_kgather_parts.py: dense, copy, XLA's read of x, detection under VARIANTS, pack +
 #                  forward, the whole call) at SHAPES ("M K N@sparsities;..."), then ncu per-kernel times at
@@ -180,9 +181,12 @@ ncu_kgather)
 kgather_fused)
   [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 250 tests/test_kgather_fused.py tests/test_kgather.py tests/test_kgather_kernels.py
   if [[ "${SAN:-1}" == 1 ]]; then
-    SAN_TIMEOUT=150 run_tool memcheck pit_kgather tests/test_kgather_fused.py "gpu and (bfloat16 or special or gradients)"
-    SAN_TIMEOUT=150 run_tool racecheck pit_kgather tests/test_kgather_fused.py "gpu and (bfloat16 or float32) and (0.5 or 0.99)"
+    SAN_TIMEOUT=150 run_tool memcheck pit_kgather tests/test_kgather_fused.py "gpu"
+    SAN_TIMEOUT=150 run_tool racecheck pit_kgather tests/test_kgather_fused.py "gpu and (0.5 or 0.99 or special)"
   fi
+  [[ "${SPARSE_DENSE:-1}" == 1 ]] && timeout -k 5 200 python3 benchmarks/bench_sparse_dense.py --tiles 32x1 \
+     --out $OUT/sparse_dense 2>&1 | grep -E "^\| [4O]" | tee -a $LOG
+  echo "bench $((SECONDS-t0))s"
   (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-300} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
      --variants default PIT_KGATHER_FUSED=0 --sparsity ${SPARSITY:-0.5 0.9 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "ab $((SECONDS-t0))s" ;;

@@ -84,9 +84,11 @@ def test_fused_gradients_match_float64(backend, monkeypatch):
     w = (rng.standard_normal((264, 40)) + 0.1).astype(np.float32)
     g = rng.standard_normal((2, 80, 40)).astype(np.float32)
     loss = lambda x, w: jnp.sum(pit_jax.sparse_dense(x, w, tile=TILE) * g)
-    assert "pit_sparse_dense_detect" in jax.jit(jax.grad(loss, (0, 1))).lower(x, w).as_text()
-    dx, dw = jax.jit(jax.grad(loss, (0, 1)))(x, w)
+    step = jax.jit(jax.value_and_grad(loss, (0, 1)))  # the value needs the forward (grad alone does not)
+    assert "pit_sparse_dense_detect" in step.lower(x, w).as_text()
+    value, (dx, dw) = step(x, w)
     g64 = g.astype(np.float64)
+    assert abs(float(value) - float(np.sum((np.asarray(x, np.float64) @ np.asarray(w, np.float64)) * g64))) < 1e-3
     want_dx = g64 @ np.asarray(w, np.float64).T
     want_dw = np.asarray(x, np.float64).reshape(-1, 264).T @ g64.reshape(-1, 40)
     assert _rel_err(dx, want_dx) < 1e-5 and _rel_err(dw, want_dw) < 1e-5

@@ -95,29 +95,31 @@ __global__ void __launch_bounds__(kPackThreads) pit_kgather_pack_kernel(const T*
 // only each group's tile count and its packed columns (the GEMM reads nothing else). One CTA per
 // 32-row group streams the group's rows through a cp.async ring, chunk by chunk from left to
 // right, so the packed offset of a chunk is a running sum inside the CTA: no cross-CTA scan, no
-// index in memory, and x is read once (the separate passes read it in detection and again, in
-// scattered 2-byte loads, in pack: OPT fc2 at 99% sparsity spent 35.6 + 9.0 + 19.5 µs in the three
-// kernels on an H200).
+// index in memory, and x is read once. The separate passes read x in detection and again, in
+// scattered 2-byte loads, in pack: OPT fc2 at 99% sparsity spent 35.6 + 9.0 + 19.5 µs in those three
+// kernels and 47.4 µs in this one (H200, Nsight Compute at unlocked clocks).
 
-template <typename T>
 struct DetectPackConfig {
-  static constexpr int kThreads = 256;
-  static constexpr int kRowBytes = 4 * kThreads;              // each thread tests one 32-bit word per row
-  static constexpr int kCols = kRowBytes / int(sizeof(T));   // columns per chunk: 512 (16-bit), 256 (fp32)
-  static constexpr int kElemsPerWord = 4 / int(sizeof(T));
+  // 512 threads, one 32-bit word of each row per thread per chunk: 256 threads (twice the chunks,
+  // each with its block scan and barriers) took 55 µs on OPT fc2's x, 512 take 47 µs (H200).
+  static constexpr int kThreads = 512;
+  static constexpr int kRowBytes = 4 * kThreads;
+  static constexpr int kStageBytes = int(kGroupRows) * kRowBytes;  // 64 KB
+  // One CTA per group and usually one per SM (4096 rows: 128 groups): the ring keeps two chunks
+  // of x in flight while one is compacted. 6 stages of 32 KB at 256 threads read as fast as 3.
   static constexpr int kStages = 3;
-  static constexpr int kStageBytes = int(kGroupRows) * kRowBytes;  // 32 KB
-  static constexpr int kVecsPerStage = kStageBytes / 16;
-  static constexpr int kSmemBytes = kStages * kStageBytes + kCols * int(sizeof(uint16_t));
-  // magnitude bits of one element: x != 0 counts NaN, inf and subnormals, not -0.0
-  static constexpr uint32_t kMagnitude = sizeof(T) == 4 ? 0x7fffffffu : 0x7fffu;
+  static constexpr int kSmemBytes = kStages * kStageBytes + kRowBytes;  // + `selected` (2 bytes per column)
 };
 
 template <typename T>
-__global__ void __launch_bounds__(DetectPackConfig<T>::kThreads) pit_kgather_detect_pack_kernel(
+__global__ void __launch_bounds__(DetectPackConfig::kThreads) pit_kgather_detect_pack_kernel(
     const T* __restrict__ x, int32_t* __restrict__ counts, T* __restrict__ packed, int32_t* __restrict__ column_ids,
     KGatherShape s) {
-  using C = DetectPackConfig<T>;
+  using C = DetectPackConfig;
+  constexpr int kCols = C::kRowBytes / int(sizeof(T));      // columns per chunk: 1024 (16-bit), 512 (fp32)
+  constexpr int kElemsPerWord = 4 / int(sizeof(T));
+  constexpr uint32_t kMagnitude = sizeof(T) == 4 ? 0x7fffffffu : 0x7fffu;  // x != 0: not -0.0, NaN counts
+  constexpr int kVec = 16 / int(sizeof(T));
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   uint16_t* selected = reinterpret_cast<uint16_t*>(smem_bytes + C::kStages * C::kStageBytes);
   using Scan = cub::BlockScan<int, C::kThreads>;
@@ -129,15 +131,14 @@ __global__ void __launch_bounds__(DetectPackConfig<T>::kThreads) pit_kgather_det
   const T* x_rows = x + (b * s.rows + row0) * s.k;
   T* out = packed + group * kGroupRows * s.packed_k;
   int32_t* ids = column_ids + group * s.packed_k;
-  const int n_chunks = int(ceil_div(s.k, int64_t(C::kCols)));
-  constexpr int kVec = 16 / int(sizeof(T));
+  const int n_chunks = int(ceil_div(s.k, int64_t(kCols)));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   auto load_chunk = [&](int chunk) {  // rows past M and columns past K read as zeros
     unsigned char* stage = smem_bytes + (chunk % C::kStages) * C::kStageBytes;
-    const int64_t c0 = int64_t(chunk) * C::kCols;
+    const int64_t c0 = int64_t(chunk) * kCols;
 #pragma unroll
-    for (int i = threadIdx.x; i < C::kVecsPerStage; i += C::kThreads) {
+    for (int i = threadIdx.x; i < C::kStageBytes / 16; i += C::kThreads) {
       const int r = i / (C::kRowBytes / 16), c = (i % (C::kRowBytes / 16)) * kVec;
       const bool ok = row0 + r < s.rows && c0 + c < s.k;
       cp_async_16(stage + r * C::kRowBytes + c * int(sizeof(T)), ok ? x_rows + r * s.k + c0 + c : x, ok ? 16 : 0);
@@ -160,19 +161,19 @@ __global__ void __launch_bounds__(DetectPackConfig<T>::kThreads) pit_kgather_det
     uint32_t any = 0;
 #pragma unroll
     for (int r = 0; r < kGroupRows; ++r) any |= words[r * C::kThreads + threadIdx.x];
-    int flags[C::kElemsPerWord], n_set = 0;
+    int flags[kElemsPerWord], n_set = 0;
 #pragma unroll
-    for (int e = 0; e < C::kElemsPerWord; ++e) {
-      flags[e] = ((any >> (16 * e)) & C::kMagnitude) != 0;
+    for (int e = 0; e < kElemsPerWord; ++e) {
+      flags[e] = ((any >> (16 * e)) & kMagnitude) != 0;
       n_set += flags[e];
     }
     int pos, chunk_total;
     Scan(scan_storage).ExclusiveSum(n_set, pos, chunk_total);
-    const int64_t c0 = int64_t(chunk) * C::kCols;
+    const int64_t c0 = int64_t(chunk) * kCols;
 #pragma unroll
-    for (int e = 0; e < C::kElemsPerWord; ++e) {
+    for (int e = 0; e < kElemsPerWord; ++e) {
       if (!flags[e]) continue;
-      const int col = threadIdx.x * C::kElemsPerWord + e;
+      const int col = threadIdx.x * kElemsPerWord + e;
       selected[pos] = uint16_t(col);
       ids[base + pos] = int32_t(c0 + col);
       ++pos;
@@ -180,7 +181,7 @@ __global__ void __launch_bounds__(DetectPackConfig<T>::kThreads) pit_kgather_det
     __syncthreads();  // `selected` complete
     const T* tile = reinterpret_cast<const T*>(stage);
     for (int r = warp; r < kGroupRows; r += C::kThreads / 32)  // a warp writes consecutive packed columns
-      for (int q = lane; q < chunk_total; q += 32) out[r * s.packed_k + base + q] = tile[r * C::kCols + selected[q]];
+      for (int q = lane; q < chunk_total; q += 32) out[r * s.packed_k + base + q] = tile[r * kCols + selected[q]];
     base += chunk_total;
   }
   cp_async_wait<0>();
@@ -525,15 +526,17 @@ cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const voi
 template <typename T>
 cudaError_t launch_forward_detecting(cudaStream_t stream, const KGatherShape& s, const void* x, const void* w,
                                      void* y, uint8_t* workspace) {
-  using C = DetectPackConfig<T>;
   if (s.all_groups() == 0 || s.n == 0) return cudaSuccess;
   T* packed = reinterpret_cast<T*>(workspace);
   int32_t* column_ids = reinterpret_cast<int32_t*>(workspace + s.packed_x_bytes(sizeof(T)));
   int32_t* counts = reinterpret_cast<int32_t*>(workspace + s.forward_workspace_bytes(sizeof(T)));
-  cudaError_t err = allow_dynamic_smem(pit_kgather_detect_pack_kernel<T>, C::kSmemBytes);
+  cudaError_t err = allow_dynamic_smem(pit_kgather_detect_pack_kernel<T>, DetectPackConfig::kSmemBytes);
   if (err != cudaSuccess) return err;
-  pit_kgather_detect_pack_kernel<T><<<unsigned(s.all_groups()), C::kThreads, C::kSmemBytes, stream>>>(
-      static_cast<const T*>(x), counts, packed, column_ids, s);
+  pit_kgather_detect_pack_kernel<T><<<unsigned(s.all_groups()), DetectPackConfig::kThreads,
+                                      DetectPackConfig::kSmemBytes, stream>>>(static_cast<const T*>(x), counts,
+                                                                              packed, column_ids, s);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
   return launch_gemm<T>(stream, s, packed, column_ids, counts, w, y);
 }
 
