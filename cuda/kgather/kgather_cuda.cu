@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include <cub/block/block_scan.cuh>
@@ -99,23 +100,26 @@ __global__ void __launch_bounds__(kPackThreads) pit_kgather_pack_kernel(const T*
 // scattered 2-byte loads, in pack: OPT fc2 at 99% sparsity spent 35.6 + 9.0 + 19.5 µs in those three
 // kernels and 47.4 µs in this one (H200, Nsight Compute at unlocked clocks).
 
+template <int kThreadsPerCta>
 struct DetectPackConfig {
   // 512 threads, one 32-bit word of each row per thread per chunk: 256 threads (twice the chunks,
-  // each with its block scan and barriers) took 55 µs on OPT fc2's x, 512 take 47 µs (H200).
-  static constexpr int kThreads = 512;
+  // each with its block scan and barriers) took 55 µs on OPT fc2's x, 512 take 47 µs (H200). The
+  // 512-thread ring needs 194 KB of shared memory; GPUs with less per block (sm_80: 163 KB,
+  // sm_86/89: 99 KB) get the 256-thread one (97 KB).
+  static constexpr int kThreads = kThreadsPerCta;
   static constexpr int kRowBytes = 4 * kThreads;
-  static constexpr int kStageBytes = int(kGroupRows) * kRowBytes;  // 64 KB
+  static constexpr int kStageBytes = int(kGroupRows) * kRowBytes;
   // One CTA per group and usually one per SM (4096 rows: 128 groups): the ring keeps two chunks
   // of x in flight while one is compacted. 6 stages of 32 KB at 256 threads read as fast as 3.
   static constexpr int kStages = 3;
   static constexpr int kSmemBytes = kStages * kStageBytes + kRowBytes;  // + `selected` (2 bytes per column)
 };
 
-template <typename T>
-__global__ void __launch_bounds__(DetectPackConfig::kThreads) pit_kgather_detect_pack_kernel(
+template <typename T, int kThreadsPerCta>
+__global__ void __launch_bounds__(kThreadsPerCta) pit_kgather_detect_pack_kernel(
     const T* __restrict__ x, int32_t* __restrict__ counts, T* __restrict__ packed, int32_t* __restrict__ column_ids,
     KGatherShape s) {
-  using C = DetectPackConfig;
+  using C = DetectPackConfig<kThreadsPerCta>;
   constexpr int kCols = C::kRowBytes / int(sizeof(T));      // columns per chunk: 1024 (16-bit), 512 (fp32)
   constexpr int kElemsPerWord = 4 / int(sizeof(T));
   constexpr uint32_t kMagnitude = sizeof(T) == 4 ? 0x7fffffffu : 0x7fffu;  // x != 0: not -0.0, NaN counts
@@ -523,6 +527,31 @@ cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const voi
 
 // Detection fused with pack (32x1 tiles, x's rows in 16-byte vectors), then the GEMM. Scratch:
 // the forward's (packed x, column ids) then one count per group.
+template <typename T, int kThreads>
+cudaError_t launch_detect_pack(cudaStream_t stream, const KGatherShape& s, const void* x, int32_t* counts, T* packed,
+                               int32_t* column_ids) {
+  using C = DetectPackConfig<kThreads>;
+  cudaError_t err = allow_dynamic_smem(pit_kgather_detect_pack_kernel<T, kThreads>, C::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  pit_kgather_detect_pack_kernel<T, kThreads><<<unsigned(s.all_groups()), kThreads, C::kSmemBytes, stream>>>(
+      static_cast<const T*>(x), counts, packed, column_ids, s);
+  return cudaGetLastError();
+}
+
+// Whether the current device gives a block the 512-thread ring's shared memory (a static device
+// property, read once per device; PIT_KGATHER_FUSED_THREADS=256 forces the smaller ring, for tests).
+inline bool large_detect_pack_ring_fits() {
+  if (const char* env = std::getenv("PIT_KGATHER_FUSED_THREADS")) return std::atoi(env) != 256;
+  constexpr int kMaxDevices = 64;
+  static int optin[kMaxDevices] = {};  // 0: not read yet
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return false;
+  if (optin[device] == 0 &&
+      cudaDeviceGetAttribute(&optin[device], cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+    return false;
+  return optin[device] >= DetectPackConfig<512>::kSmemBytes + 4096;  // + the kernel's static shared memory
+}
+
 template <typename T>
 cudaError_t launch_forward_detecting(cudaStream_t stream, const KGatherShape& s, const void* x, const void* w,
                                      void* y, uint8_t* workspace) {
@@ -530,12 +559,9 @@ cudaError_t launch_forward_detecting(cudaStream_t stream, const KGatherShape& s,
   T* packed = reinterpret_cast<T*>(workspace);
   int32_t* column_ids = reinterpret_cast<int32_t*>(workspace + s.packed_x_bytes(sizeof(T)));
   int32_t* counts = reinterpret_cast<int32_t*>(workspace + s.forward_workspace_bytes(sizeof(T)));
-  cudaError_t err = allow_dynamic_smem(pit_kgather_detect_pack_kernel<T>, DetectPackConfig::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  pit_kgather_detect_pack_kernel<T><<<unsigned(s.all_groups()), DetectPackConfig::kThreads,
-                                      DetectPackConfig::kSmemBytes, stream>>>(static_cast<const T*>(x), counts,
-                                                                              packed, column_ids, s);
-  err = cudaGetLastError();
+  const cudaError_t err = large_detect_pack_ring_fits()
+                              ? launch_detect_pack<T, 512>(stream, s, x, counts, packed, column_ids)
+                              : launch_detect_pack<T, 256>(stream, s, x, counts, packed, column_ids);
   if (err != cudaSuccess) return err;
   return launch_gemm<T>(stream, s, packed, column_ids, counts, w, y);
 }
