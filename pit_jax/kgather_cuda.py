@@ -78,7 +78,11 @@ def fused_detect_applies(x_shape, itemsize, tile, exact) -> bool:
         return False
     groups = math.prod(lead) * _cdiv(m, GROUP_ROWS)
     min_groups = int(os.environ.get("PIT_KGATHER_FUSED_MIN_GROUPS", FUSED_MIN_GROUPS))
-    return (k * itemsize) % 16 == 0 and groups >= min_groups
+    try:
+        return bool((k * itemsize) % 16 == 0) and bool(groups >= min_groups)
+    except jax.errors.InconclusiveDimensionOperation:
+        # a symbolic dim (jax.export) that decides neither way: the separate kernels serve any size
+        return False
 
 
 def sparse_dense_cuda(x, w, counts, offsets, indices, *, shape, tile, layout, exact):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
 import pit_jax
 from helpers import DTYPES, random_tile_sparse
@@ -132,3 +133,18 @@ def test_lowering_picks_the_fused_kernel(monkeypatch, case, fused):
     text = jax.jit(f).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
     assert ("pit_sparse_dense_detect" in text) == fused
     assert "pit_sparse_dense" in text
+
+
+def test_export_with_a_symbolic_batch_keeps_the_separate_kernels():
+    """Whether a symbolic batch reaches 64 groups is unknown when lowering: the export takes the
+    separate detect and pack kernels (any size), and 32x1 tiles export as before."""
+    if not pit_jax.cuda_available():
+        pytest.skip("built without CUDA kernels")
+    b, = export.symbolic_shape("b")
+    fn = jax.jit(lambda x, w: pit_jax.sparse_dense(x, w))
+    exp = export.export(fn, platforms=("cpu", "cuda"),
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in
+                                         ("pit_detect", "pit_sparse_dense")])(
+        jax.ShapeDtypeStruct((b, 64, 512), jnp.bfloat16), jax.ShapeDtypeStruct((512, 8), jnp.bfloat16))
+    text = exp.mlir_module()
+    assert "pit_sparse_dense" in text and "pit_sparse_dense_detect" not in text
