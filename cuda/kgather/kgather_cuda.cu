@@ -9,6 +9,8 @@
 //              cores (mma.sync m16n8k16, fp32 accumulate) or CUDA cores for fp32 do the product;
 //              bf16/fp16 tiles are staged in shared memory and written in 16-byte row segments.
 //              A group with no nonzero tile still writes its zeros.
+//   When sparse_dense detects its own 32x1 index (pit_sparse_dense_detect), detection and pack are
+//   one kernel (step 0+1 below) that reads x once and writes only what the GEMM reads.
 // dW       dw = Σ_batch (x ⊙ M)ᵀ dy, two steps:
 //   1. colmask: per (32-row group, 64-column tile), a 64-bit mask of the columns listed nonzero.
 //   2. tn gemm: one CTA per 64x128 tile of dw walks the row groups whose mask is nonzero (in a
