@@ -52,6 +52,11 @@ def forward_workspace_bytes(lead, m, k, tile_k, itemsize):
     return groups * GROUP_ROWS * packed_k * itemsize + groups * packed_k * 4
 
 
+def fused_workspace_bytes(lead, m, k, itemsize):
+    """pit_sparse_dense_detect's scratch: the forward's (32x1 tiles), then one count per group."""
+    return forward_workspace_bytes(lead, m, k, 1, itemsize) + 4 * math.prod(lead) * _cdiv(m, GROUP_ROWS)
+
+
 def tn_workspace_bytes(lead, m, k):
     return _cdiv(k, MASK_COLS) * math.prod(lead) * _cdiv(m, GROUP_ROWS) * 8
 
@@ -90,7 +95,7 @@ def sparse_dense_cuda(x, w, counts, offsets, indices, *, shape, tile, layout, ex
     itemsize = np.dtype(x.dtype).itemsize
     if fused_detect_applies(x.shape, itemsize, tile, exact):
         *lead, m, k = x.shape
-        ws = forward_workspace_bytes(lead, m, k, 1, itemsize) + 4 * math.prod(lead) * _cdiv(m, GROUP_ROWS)
+        ws = fused_workspace_bytes(lead, m, k, itemsize)
         y, _ = jax.ffi.ffi_call("pit_sparse_dense_detect", (jax.ShapeDtypeStruct((*lead, m, w.shape[-1]), x.dtype),
                                                             jax.ShapeDtypeStruct((ws,), jnp.uint8)))(
             x, w.astype(x.dtype))

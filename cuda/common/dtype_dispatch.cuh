@@ -5,6 +5,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <string>
+
 #include "ffi_common.h"
 
 namespace pit {
@@ -19,6 +21,13 @@ inline cudaError_t dispatch_dtype(ffi::DataType dtype, Launch&& launch, bool* kn
     case ffi::DataType::F32: return launch(float{});
     default: *known = false; return cudaSuccess;
   }
+}
+
+// A handler's answer after dispatch_dtype: the dtype error, the launch's CUDA error, or success.
+inline ffi::Error dispatch_outcome(const char* op, bool known, cudaError_t err) {
+  if (!known) return ffi::Error::InvalidArgument(std::string(op) + ": x must be bfloat16, float16 or float32");
+  if (err != cudaSuccess) return ffi::Error::Internal(std::string(op) + ": " + cudaGetErrorString(err));
+  return ffi::Error::Success();
 }
 
 }  // namespace pit

@@ -628,6 +628,17 @@ bool fits_launch_limits(const KGatherShape& s, int64_t tile_n) {
 }
 
 
+// The forward's operands beside x (whose shape made `s`): w [K, N], one dtype for x, w and y,
+// y [..., M, N]. Returns an error message or "".
+std::string check_forward_operands(const char* op, const KGatherShape& s, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                                   ffi::AnyBuffer y) {
+  if (w.dimensions()[0] != s.k) return std::string(op) + ": w's rows must equal x's columns";
+  if (w.element_type() != x.element_type() || y.element_type() != x.element_type())
+    return std::string(op) + ": x, w and y must share one dtype";
+  if (element_count(y.dimensions()) != s.batch * s.rows * s.n) return std::string(op) + ": y must be [..., M, N]";
+  return "";
+}
+
 ffi::Error SparseDenseCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> counts,
                            ffi::Buffer<ffi::S32> indices, ffi::Result<ffi::AnyBuffer> y,
                            ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t tile_m, int64_t tile_k) {
@@ -640,11 +651,8 @@ ffi::Error SparseDenseCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer
   if (!fits_launch_limits(s, ForwardConfig<float>::kBN))
     return ffi::Error::InvalidArgument("pit_sparse_dense: x and w are too large for one launch (more than 2^31 - 1 "
                                        "CTAs or 65535 * 256 packed columns); split the batch");
-  if (wd[0] != s.k) return ffi::Error::InvalidArgument("pit_sparse_dense: w's rows must equal x's columns");
-  if (w.element_type() != x.element_type() || y->element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("pit_sparse_dense: x, w and y must share one dtype");
-  if (element_count(y->dimensions()) != s.batch * s.rows * s.n)
-    return ffi::Error::InvalidArgument("pit_sparse_dense: y must be [..., M, N]");
+  const std::string operands = check_forward_operands("pit_sparse_dense", s, x, w, *y);
+  if (!operands.empty()) return ffi::Error::InvalidArgument(operands);
   if (element_count(workspace->dimensions()) != s.forward_workspace_bytes(ffi::ByteWidth(x.element_type())))
     return ffi::Error::InvalidArgument("pit_sparse_dense: workspace size does not match the shapes");
   if (debug_poison_outputs()) cudaMemsetAsync(y->untyped_data(), kPoisonByte, y->size_bytes(), stream);
@@ -653,9 +661,7 @@ ffi::Error SparseDenseCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer
     return launch_forward<decltype(tag)>(stream, s, x.untyped_data(), w.untyped_data(), counts.typed_data(),
                                          indices.typed_data(), y->untyped_data(), workspace->typed_data());
   }, &known);
-  if (!known) return ffi::Error::InvalidArgument("pit_sparse_dense: x must be bfloat16, float16 or float32");
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_sparse_dense: ") + cudaGetErrorString(err));
-  return ffi::Error::Success();
+  return dispatch_outcome("pit_sparse_dense", known, err);
 }
 
 // y = x @ w with x's 32x1 micro-tiles detected inside (no index operand): the lowering's choice
@@ -669,14 +675,11 @@ ffi::Error SparseDenseDetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Any
   const KGatherShape s = make_kgather_shape(xv.batch, xv.rows, xv.cols, wd[1], kGroupRows, 1);
   if (!fits_launch_limits(s, ForwardConfig<float>::kBN))
     return ffi::Error::InvalidArgument("pit_sparse_dense_detect: x and w are too large for one launch; split the batch");
-  if (wd[0] != s.k) return ffi::Error::InvalidArgument("pit_sparse_dense_detect: w's rows must equal x's columns");
-  if (w.element_type() != x.element_type() || y->element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("pit_sparse_dense_detect: x, w and y must share one dtype");
+  const std::string operands = check_forward_operands("pit_sparse_dense_detect", s, x, w, *y);
+  if (!operands.empty()) return ffi::Error::InvalidArgument(operands);
   const int64_t elem = ffi::ByteWidth(x.element_type());
   if (elem == 0 || (s.k * elem) % 16 != 0 || reinterpret_cast<uintptr_t>(x.untyped_data()) % 16 != 0)
     return ffi::Error::InvalidArgument("pit_sparse_dense_detect: x's rows must be whole 16-byte vectors");
-  if (element_count(y->dimensions()) != s.batch * s.rows * s.n)
-    return ffi::Error::InvalidArgument("pit_sparse_dense_detect: y must be [..., M, N]");
   if (element_count(workspace->dimensions()) != s.forward_workspace_bytes(elem) + s.all_groups() * 4)
     return ffi::Error::InvalidArgument("pit_sparse_dense_detect: workspace size does not match the shapes");
   if (debug_poison_outputs()) {
@@ -688,9 +691,7 @@ ffi::Error SparseDenseDetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Any
     return launch_forward_detecting<decltype(tag)>(stream, s, x.untyped_data(), w.untyped_data(), y->untyped_data(),
                                                    workspace->typed_data());
   }, &known);
-  if (!known) return ffi::Error::InvalidArgument("pit_sparse_dense_detect: x must be bfloat16, float16 or float32");
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_sparse_dense_detect: ") + cudaGetErrorString(err));
-  return ffi::Error::Success();
+  return dispatch_outcome("pit_sparse_dense_detect", known, err);
 }
 
 ffi::Error SparseTnCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::S32> counts,
@@ -721,9 +722,7 @@ ffi::Error SparseTnCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy
     return launch_tn<decltype(tag)>(stream, s, x.untyped_data(), dy.untyped_data(), counts.typed_data(),
                                     indices.typed_data(), dw->untyped_data(), workspace->typed_data());
   }, &known);
-  if (!known) return ffi::Error::InvalidArgument("pit_sparse_tn: x must be bfloat16, float16 or float32");
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_sparse_tn: ") + cudaGetErrorString(err));
-  return ffi::Error::Success();
+  return dispatch_outcome("pit_sparse_tn", known, err);
 }
 
 }  // namespace

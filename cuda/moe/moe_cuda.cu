@@ -288,9 +288,7 @@ ffi::Error MoeMatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
     return launch_moe_forward<decltype(tag)>(stream, s, x.untyped_data(), w.untyped_data(), order.typed_data(),
                                              group_starts.typed_data(), tile_starts.typed_data(), out->untyped_data());
   }, &known);
-  if (!known) return ffi::Error::InvalidArgument("pit_moe_matmul: x must be bfloat16, float16 or float32");
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_moe_matmul: ") + cudaGetErrorString(err));
-  return ffi::Error::Success();
+  return dispatch_outcome("pit_moe_matmul", known, err);
 }
 
 // Forward with a fused epilogue (moe_tiles.cuh's MoeEpilogue): ReLU or GELU of the product,
@@ -444,9 +442,7 @@ ffi::Error MoeMatmulTnCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer
     return launch_moe_tn<decltype(tag)>(stream, s, x.untyped_data(), dy.untyped_data(), order.typed_data(),
                                         group_starts.typed_data(), dw->untyped_data());
   }, &known);
-  if (!known) return ffi::Error::InvalidArgument("pit_moe_matmul_tn: x must be bfloat16, float16 or float32");
-  if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_moe_matmul_tn: ") + cudaGetErrorString(err));
-  return ffi::Error::Success();
+  return dispatch_outcome("pit_moe_matmul_tn", known, err);
 }
 
 }  // namespace
