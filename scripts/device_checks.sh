@@ -65,6 +65,9 @@
 #                  GPU, memcheck and racecheck over its tests, bench_sparse_dense for 32x1 tiles with BCOO
 #                  ($OUT/sparse_dense), the A/B against the separate kernels (PIT_KGATHER_FUSED=0, read when
 #                  lowering: each variant gets its own jit), $OUT/kgather_ab.
+#   PART=pairs:    the MoE forward in CTA pairs sharing the weight tile (PIT_MOE_PAIRS=1): its tests, the A/B
+#                  against one CTA per tile ($OUT/pairs_ab), memcheck and racecheck over its bit-for-bit tests,
+#                  the Mixtral projection table with pairs on (PROJECTION=0 skips), the fused k-gather tests (KGATHER=0 skips).
 #   PART=kgather_parts: the detect suites on the GPU, then where a sparse_dense call's time goes
 #                  (probe_kgather_parts.py: dense, copy, XLA's read of x, detection under VARIANTS, pack +
 #                  forward, the whole call) at SHAPES ("M K N@sparsities;..."), then ncu per-kernel times at
@@ -205,6 +208,20 @@ kgather_parts)
   echo "rc $?" >> $OUT/ncu_parts.txt
   grep -E "^  pit_|gpu__time|dram__bytes|rc " $OUT/ncu_parts.txt | sed 's/(.*//; s/  */ /g' | tee -a $LOG
   echo "ncu $((SECONDS-t0))s" ;;
+pairs)
+  # CTA pairs sharing the weight tile (PIT_MOE_PAIRS=1, session 14): their tests, the in-process A/B,
+  # the sanitizers over the bit-for-bit tests, the projection table with pairs on; then (KGATHER=1)
+  # the fused k-gather tests, whose 256-thread ring selection had not run on a GPU.
+  pytest_gpu ${TEST_TIMEOUT:-300} tests/test_moe_kernels.py -k "pairs"
+  timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_PAIRS 0 1 \
+    --out $OUT/pairs_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "ab $((SECONDS-t0))s"
+  SAN_TIMEOUT=200 run_tool memcheck pit_moe tests/test_moe_kernels.py "pairs_equal and bfloat16 and (none or swiglu)"
+  SAN_TIMEOUT=200 run_tool racecheck pit_moe tests/test_moe_kernels.py "pairs_equal and bfloat16 and (none or scale)"
+  [[ "${PROJECTION:-1}" == 1 ]] && { PIT_MOE_PAIRS=1 timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe.py --no-layer \
+    --cases "Mixtral up T=4096" --out $OUT/projection_pairs 2>&1 | grep "^| [MQ]" | tee -a $LOG; echo "projection $((SECONDS-t0))s"; }
+  [[ "${KGATHER:-1}" == 1 ]] && pytest_gpu 300 tests/test_kgather_fused.py
+  true ;;
 moe_ab)
   timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe_persistent.py --switch ${SWITCH:-PIT_MOE_PERSISTENT 0 1} \
     --out $OUT/moe_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
