@@ -68,6 +68,7 @@
 #   PART=pairs:    the MoE forward in CTA pairs sharing the weight tile (PIT_MOE_PAIRS=1): its tests, the A/B
 #                  against one CTA per tile ($OUT/pairs_ab), memcheck and racecheck over its bit-for-bit tests,
 #                  the Mixtral projection table with pairs on (PROJECTION=0 skips), the fused k-gather tests (KGATHER=0 skips).
+#   PART=ncu_dense: Nsight Compute of the dense matmul (cuBLAS) vs pit's forward, Mixtral projection ($OUT/ncu_dense.txt).
 #   PART=kgather_parts: the detect suites on the GPU, then where a sparse_dense call's time goes
 #                  (probe_kgather_parts.py: dense, copy, XLA's read of x, detection under VARIANTS, pack +
 #                  forward, the whole call) at SHAPES ("M K N@sparsities;..."), then ncu per-kernel times at
@@ -222,6 +223,14 @@ pairs)
     --cases "Mixtral up T=4096" --out $OUT/projection_pairs 2>&1 | grep "^| [MQ]" | tee -a $LOG; echo "projection $((SECONDS-t0))s"; }
   [[ "${KGATHER:-1}" == 1 ]] && pytest_gpu 300 tests/test_kgather_fused.py
   true ;;
+ncu_dense)
+  # Nsight Compute of the dense cuBLAS matmul vs pit's forward on the Mixtral projection (session 14)
+  XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=benchmarks timeout -k 5 400 ncu --kernel-name regex:"pit_moe_forward|nvjet|gemm|xmma|cutlass" \
+    --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis --section SchedulerStats python3 -P benchmarks/profile_moe_vs_dense.py > $OUT/ncu_dense.txt 2>&1
+  echo "rc $?" >> $OUT/ncu_dense.txt
+  grep -E "^== |^  [a-z_]|Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|L2 Hit Rate|DRAM Throughput|L1/TEX Hit|Cluster Size|Grid Size|Registers Per|Dynamic Shared|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc A|rc " $OUT/ncu_dense.txt | sed 's/(const T1.*//; s/  */ /g' | cut -c1-160 | tee -a $LOG
+  echo "ncu $((SECONDS-t0))s" ;;
 moe_ab)
   timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe_persistent.py --switch ${SWITCH:-PIT_MOE_PERSISTENT 0 1} \
     --out $OUT/moe_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
