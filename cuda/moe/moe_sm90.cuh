@@ -299,14 +299,19 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
       const int64_t k0 = int64_t(i) * C::kBK;
       if (tid == 0) {  // w[e]'s tile; the copy engine zero-fills past d and f
         if (kPairs && share && i >= C::kStages) {  // our consumers freed the stage: tell the other CTA, await its
-          mbarrier_arrive_cluster(&sm.pair_free[stage], rank ^ 1u);
-          mbarrier_wait_cluster(&sm.pair_free[stage], uint32_t(i / C::kStages + 1) & 1);
+          if (s.pair_mode == 2) {  // cluster-scope release / acquire
+            mbarrier_arrive_cluster<true>(&sm.pair_free[stage], rank ^ 1u);
+            mbarrier_wait_cluster(&sm.pair_free[stage], uint32_t(i / C::kStages + 1) & 1);
+          } else {
+            mbarrier_arrive_cluster<false>(&sm.pair_free[stage], rank ^ 1u);
+            mbarrier_wait(&sm.pair_free[stage], uint32_t(i / C::kStages + 1) & 1);
+          }
         }
         // (with share, the other CTA's half may land before this expect-tx: the barrier's
         // transaction count goes below zero until then, and the phase cannot end without this arrival)
         mbarrier_arrive_expect_tx(&sm.full[stage], kXTma ? C::kABytes + C::kBBytes : C::kBBytes);
         if constexpr (kXTma) tma_load_3d(a_s, &x_map, int(k0), int(tile.first), 0, &sm.full[stage]);
-        if (kPairs && share) {  // this CTA's two atoms, into both rings
+        if (kPairs && share && s.pair_mode != 3) {  // this CTA's two atoms, into both rings (3: each loads its own)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             const int atom = 2 * int(rank) + half;
@@ -554,11 +559,13 @@ inline auto moe_forward_sm90_kernel(int epilogue, bool w_transposed) {
   }
 }
 
-// PIT_MOE_PAIRS (read per launch): 1 launches the forward in CTA pairs that share the weight
-// tile (kPairs above), 0 one CTA per tile.
-inline bool moe_pairs_requested() {
+// PIT_MOE_PAIRS (read per launch): 0 one CTA per tile; 1 CTA pairs that share the weight tile
+// (kPairs above); 2 the same with cluster-scope release / acquire on the pair barrier; 3 pairs
+// that synchronise as 1 but each load the whole weight tile (what the handshake alone costs).
+inline int moe_pairs_requested() {
   const char* on = std::getenv("PIT_MOE_PAIRS");
-  return on != nullptr && on[0] == '1';
+  const int mode = on == nullptr ? 0 : std::atoi(on);
+  return mode >= 0 && mode <= 3 ? mode : 0;
 }
 
 // The forward with an epilogue (moe_tiles.cuh): w_up is SwiGLU's up weights, row_scale
@@ -586,8 +593,10 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   // Pairs share a weight tile between neighbouring row tiles, which the band-1 raster has in
   // neighbouring blocks; the grid's row tiles are then made even so a pair never spans two
   // column tiles (the extra row tile finds no routing tile and exits).
-  const bool pairs = band == 1 && !s.w_transposed && moe_pairs_requested();
+  const int pair_mode = band == 1 && !s.w_transposed ? moe_pairs_requested() : 0;
+  const bool pairs = pair_mode != 0;
   MoeShape launch_shape = s;
+  launch_shape.pair_mode = pair_mode;
   if (pairs) launch_shape.max_row_tiles += launch_shape.max_row_tiles % 2;
   auto kernel = s.x_sorted ? (pairs ? moe_forward_sm90_kernel<T, true, true>(epilogue, s.w_transposed)
                                     : moe_forward_sm90_kernel<T, true, false>(epilogue, s.w_transposed))
