@@ -161,36 +161,15 @@ __device__ __forceinline__ uint32_t cluster_cta_rank() {
 __device__ __forceinline__ void cluster_sync_all() {
   asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }
-// One arrival on the barrier at bar's offset in CTA `cta` of the cluster: release at cluster
-// scope (kClusterScope), or the default semantics (release, CTA scope), as CUTLASS's cluster
-// barriers arrive.
-template <bool kClusterScope>
-__device__ __forceinline__ void mbarrier_arrive_cluster(uint64_t* bar, uint32_t cta) {
-  if constexpr (kClusterScope) {
-    asm volatile(
-        "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-        "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_address(bar)),
-        "r"(cta)
-        : "memory");
-  } else {
-    asm volatile(
-        "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-        "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_address(bar)),
-        "r"(cta)
-        : "memory");
-  }
-}
-// Waits (acquire at cluster scope: the arrivals came from another CTA) for phase parity `parity`.
-__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, "
-        "p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_address(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
+// One arrival on the barrier at bar's offset in CTA `cta` of the cluster, with mbarrier.arrive's
+// default semantics (release, CTA scope), as CUTLASS's cluster barriers arrive. (Release at
+// cluster scope compiles to a MEMBAR.ALL.GPU before the arrival: session 9.)
+__device__ __forceinline__ void mbarrier_arrive_remote(uint64_t* bar, uint32_t cta) {
+  asm volatile(
+      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_address(bar)),
+      "r"(cta)
+      : "memory");
 }
 // Waits (acquire) until the phase of parity `parity` has completed.
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {

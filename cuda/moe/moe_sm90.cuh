@@ -42,8 +42,9 @@ struct MoeSm90Config {
   static constexpr int kAtomBytes = kBK * 128;                // MN-major operand: 64 columns x 64 K rows
   static constexpr int kCStride = kBN + 8;                    // epilogue row, padded: no bank conflicts
   static constexpr int kRingBytes = kStages * kStageBytes;
-  // ring + alignment slack + barriers (full, empty, pair_free) + the forward's destination and source row ids
-  static constexpr int kSmemBytes = kRingBytes + 1024 + 3 * kStages * 8 + 2 * kBM * 4;
+  // ring + alignment slack + barriers (full, empty, pair_free) + the pairs' flag (16 bytes, so the row ids
+  // stay 16-byte aligned) + the forward's destination and source row ids
+  static constexpr int kSmemBytes = kRingBytes + 1024 + 3 * kStages * 8 + 16 + 2 * kBM * 4;
   static_assert(kBM * kCStride * 2 <= kRingBytes, "epilogue staging must fit the ring");
   static_assert(kProducerRegisters * kProducers + kConsumerRegisters * kConsumers <= 65536, "register file");
 };
@@ -55,7 +56,8 @@ struct MoeSm90Smem {  // views into the dynamic shared memory
   unsigned char* ring;
   uint64_t* full;   // [kStages]: the producer's copies of the stage landed
   uint64_t* empty;  // [kStages]: both consumers finished reading the stage
-  uint64_t* pair_free;  // [kStages]: the other CTA of a pair freed its stage (one remote arrival)
+  uint64_t* pair_free;  // [kStages]: the other CTA of a pair freed its stage (one arrival per consumer warp)
+  int32_t* pair_share;  // the forward's CTA pairs: whether this pair shares its weight tiles
   int32_t* rows;    // [2 * kBM], free for the kernel
 
   // Lays out the 1024-byte-aligned ring (swizzle atoms must be aligned) and initialises the
@@ -66,12 +68,13 @@ struct MoeSm90Smem {  // views into the dynamic shared memory
     full = reinterpret_cast<uint64_t*>(ring + C::kRingBytes);
     empty = full + C::kStages;
     pair_free = empty + C::kStages;
-    rows = reinterpret_cast<int32_t*>(pair_free + C::kStages);
+    pair_share = reinterpret_cast<int32_t*>(pair_free + C::kStages);
+    rows = pair_share + 4;
     if (threadIdx.x == 0) {
       for (int st = 0; st < C::kStages; ++st) {
         mbarrier_init(&full[st], full_arrivals);
         mbarrier_init(&empty[st], C::kConsumers);
-        mbarrier_init(&pair_free[st], 1);
+        mbarrier_init(&pair_free[st], C::kConsumers / 32);
       }
       mbarrier_init_fence();
     }
@@ -105,9 +108,15 @@ __device__ __forceinline__ void produce_stages(const MoeSm90Smem& sm, int n_chun
 // in flight across the loop's back edge, C7514), steps overlap within groups of kStages and
 // the last step of each group is waited for.
 // it0 (persistent CTAs): ring steps taken by earlier tiles; the last stage is then released too.
+// share_with (the forward's CTA pairs, kOverlap only): the rank of the other CTA of a pair that
+// shares weight tiles, or -1. Each consumer warp then also tells that CTA's producer when it frees
+// a stage the other CTA will refill (one remote arrival on its pair_free barrier), so that
+// producer can multicast into this CTA's stage; stages that are not refilled get no arrival,
+// so none reaches a CTA that has finished.
 template <int kTransposeA, int kTransposeB, int kAStepBytes, int kBStepBytes, bool kOverlap, typename T>
 __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90Smem& sm, int n_chunks,
-                                               uint64_t desc_a0, uint64_t desc_b0, int64_t it0 = -1) {
+                                               uint64_t desc_a0, uint64_t desc_b0, int64_t it0 = -1,
+                                               int share_with = -1) {
   using C = MoeSm90Config;
   const bool persistent = it0 >= 0;
   const int64_t base = persistent ? it0 : 0;
@@ -129,7 +138,11 @@ __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90S
     for (int i = 0; i < n_chunks; ++i) {
       issue(i);
       wgmma_wait<1>();
-      if (i > 0) mbarrier_arrive(&sm.empty[int((base + i - 1) % C::kStages)]);
+      if (i > 0) {
+        mbarrier_arrive(&sm.empty[int((base + i - 1) % C::kStages)]);
+        if (share_with >= 0 && i - 1 + C::kStages < n_chunks && threadIdx.x % 32 == 0)
+          mbarrier_arrive_remote(&sm.pair_free[int((base + i - 1) % C::kStages)], uint32_t(share_with));
+      }
     }
     if (persistent && n_chunks > 0) {  // the next tile's loads reuse the last stage
       wgmma_wait<0>();
@@ -218,9 +231,11 @@ __device__ __forceinline__ void stage_accumulators(const float (&acc)[128], T* c
 // hold row tiles of the same expert and the same column tile, each brings two of the weight
 // tile's four atoms and the copy engine writes them into both CTAs' rings (TMA multicast), so
 // the pair reads its weight tile from L2 once, as a dense GEMM's 2-CTA clusters do. A stage is
-// refilled once both CTAs' consumers freed it: the producer's thread 0 tells the other CTA
-// (one remote arrival on its pair_free barrier) and waits for the same from it. Pairs that
-// straddle two experts, or whose other tile is past the routing's end, load alone.
+// refilled once both CTAs' consumers freed it: each consumer warp arrives on its own CTA's empty
+// barrier and on the other CTA's pair_free barrier, and the producer's thread 0 waits for both
+// (a relay through the producers, which waited for each other chunk by chunk, ran 0.7x of one
+// CTA per tile: session 14). Pairs that straddle two experts, or whose other tile is past the
+// routing's end, load alone.
 template <typename T, bool kWTransposed, bool kXTma, int kEpi, bool kPairs = false>
 __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     pit_moe_forward_sm90_kernel(const T* __restrict__ x, const T* __restrict__ w, const int32_t* __restrict__ order,
@@ -254,6 +269,14 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     dst_rows[r] = s.out_sorted ? p : a;
     src_rows[r] = s.x_sorted ? p : int32_t(a / s.rows_per_source);
   }
+  if (kPairs && tid == 0) {  // both CTAs of a pair compute this from the same values, so they agree on it
+    const MoeGridTile other_tile =
+        forward_grid_tile(blockIdx.x ^ 1u, s.max_row_tiles, ceil_div(s.f, int64_t(kOutCols)), col_band);
+    MoeRouteTile other;
+    *sm.pair_share = other_tile.col_tile == grid_tile.col_tile &&
+                     find_route_tile(tile_starts, group_starts, s.experts, other_tile.row_tile, &other) &&
+                     other.group == tile.group;
+  }
   __syncthreads();
 
   if (tile.group == s.experts) {  // assignments with an invalid expert id: zero rows
@@ -273,18 +296,8 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     // of x take chunk column `chunk` of rows row0 + 16j (one swizzled position for every j)
     // from row pointers computed once.
     const int row0 = tid / 8, chunk = tid % 8;
-    // Pairs: thread 0 of both CTAs computes `share` from the same values, so they agree on it.
-    bool share = false;
-    uint32_t rank = 0;
-    if (kPairs && tid == 0) {
-      rank = cluster_cta_rank();
-      const MoeGridTile other_tile =
-          forward_grid_tile(blockIdx.x ^ 1u, s.max_row_tiles, ceil_div(s.f, int64_t(kOutCols)), col_band);
-      MoeRouteTile other;
-      share = other_tile.col_tile == grid_tile.col_tile &&
-              find_route_tile(tile_starts, group_starts, s.experts, other_tile.row_tile, &other) &&
-              other.group == tile.group;
-    }
+    const bool share = kPairs && *sm.pair_share;
+    const uint32_t rank = kPairs ? cluster_cta_rank() : 0;
     const int dst0 = row0 * C::kRowBytes + swizzle128(row0, chunk) * 16;
     const T* a_src[C::kBM / 16];
     uint32_t a_live = 0;  // bit j: row row0 + 16j is in the tile
@@ -298,20 +311,13 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
       unsigned char* b_s = a_s + C::kABytes;
       const int64_t k0 = int64_t(i) * C::kBK;
       if (tid == 0) {  // w[e]'s tile; the copy engine zero-fills past d and f
-        if (kPairs && share && i >= C::kStages) {  // our consumers freed the stage: tell the other CTA, await its
-          if (s.pair_mode == 2) {  // cluster-scope release / acquire
-            mbarrier_arrive_cluster<true>(&sm.pair_free[stage], rank ^ 1u);
-            mbarrier_wait_cluster(&sm.pair_free[stage], uint32_t(i / C::kStages + 1) & 1);
-          } else {
-            mbarrier_arrive_cluster<false>(&sm.pair_free[stage], rank ^ 1u);
-            mbarrier_wait(&sm.pair_free[stage], uint32_t(i / C::kStages + 1) & 1);
-          }
-        }
+        if (share && i >= C::kStages)  // the other CTA's consumers freed their stage too
+          mbarrier_wait(&sm.pair_free[stage], uint32_t(i / C::kStages + 1) & 1);
         // (with share, the other CTA's half may land before this expect-tx: the barrier's
         // transaction count goes below zero until then, and the phase cannot end without this arrival)
         mbarrier_arrive_expect_tx(&sm.full[stage], kXTma ? C::kABytes + C::kBBytes : C::kBBytes);
         if constexpr (kXTma) tma_load_3d(a_s, &x_map, int(k0), int(tile.first), 0, &sm.full[stage]);
-        if (kPairs && share && s.pair_mode != 3) {  // this CTA's two atoms, into both rings (3: each loads its own)
+        if (share) {  // this CTA's two atoms, into both rings
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             const int atom = 2 * int(rank) + half;
@@ -355,8 +361,10 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     const uint64_t desc_a0 = smem_descriptor_sw128(sm.ring + warpgroup * 64 * C::kRowBytes, 16, 1024);
     const uint64_t desc_b0 = kWTransposed ? smem_descriptor_sw128(sm.ring + C::kABytes, 16, 1024)
                                           : smem_descriptor_sw128(sm.ring + C::kABytes, C::kAtomBytes, 1024);
-    consume_stages<0, kWTransposed ? 0 : 1, 32, kWTransposed ? 32 : 16 * C::kRowBytes, true, T>(acc, sm, n_chunks,
-                                                                                         desc_a0, desc_b0);
+    // pairs: the flag by warp vote (the same in every thread), so ptxas keeps the loop warp-uniform
+    const int share_with = kPairs && __all_sync(0xffffffffu, *sm.pair_share) ? int(cluster_cta_rank() ^ 1u) : -1;
+    consume_stages<0, kWTransposed ? 0 : 1, 32, kWTransposed ? 32 : 16 * C::kRowBytes, true, T>(
+        acc, sm, n_chunks, desc_a0, desc_b0, -1, share_with);
     T* cs = reinterpret_cast<T*>(sm.ring);
     stage_accumulators<T, kEpi>(acc, cs, ctid, scale);
     for (int i = ctid; i < tile.rows * (kOutCols / 8); i += C::kConsumers) {  // SWrite: 16 bytes per store
@@ -559,13 +567,11 @@ inline auto moe_forward_sm90_kernel(int epilogue, bool w_transposed) {
   }
 }
 
-// PIT_MOE_PAIRS (read per launch): 0 one CTA per tile; 1 CTA pairs that share the weight tile
-// (kPairs above); 2 the same with cluster-scope release / acquire on the pair barrier; 3 pairs
-// that synchronise as 1 but each load the whole weight tile (what the handshake alone costs).
-inline int moe_pairs_requested() {
+// PIT_MOE_PAIRS (read per launch): 1 launches the forward in CTA pairs that share the weight
+// tile (kPairs above), 0 one CTA per tile.
+inline bool moe_pairs_requested() {
   const char* on = std::getenv("PIT_MOE_PAIRS");
-  const int mode = on == nullptr ? 0 : std::atoi(on);
-  return mode >= 0 && mode <= 3 ? mode : 0;
+  return on != nullptr && on[0] == '1';
 }
 
 // The forward with an epilogue (moe_tiles.cuh): w_up is SwiGLU's up weights, row_scale
@@ -593,10 +599,8 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   // Pairs share a weight tile between neighbouring row tiles, which the band-1 raster has in
   // neighbouring blocks; the grid's row tiles are then made even so a pair never spans two
   // column tiles (the extra row tile finds no routing tile and exits).
-  const int pair_mode = band == 1 && !s.w_transposed ? moe_pairs_requested() : 0;
-  const bool pairs = pair_mode != 0;
+  const bool pairs = band == 1 && !s.w_transposed && moe_pairs_requested();
   MoeShape launch_shape = s;
-  launch_shape.pair_mode = pair_mode;
   if (pairs) launch_shape.max_row_tiles += launch_shape.max_row_tiles % 2;
   auto kernel = s.x_sorted ? (pairs ? moe_forward_sm90_kernel<T, true, true>(epilogue, s.w_transposed)
                                     : moe_forward_sm90_kernel<T, true, false>(epilogue, s.w_transposed))

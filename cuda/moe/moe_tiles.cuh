@@ -34,7 +34,6 @@ struct MoeShape {
   // order[p] — routing order, each expert's rows contiguous — instead of source / assignment order.
   bool x_sorted = false, out_sorted = false;
   int64_t max_row_tiles = 0;  // grid bound of the forward: ceil(A / tile) + E + 1
-  int pair_mode = 0;          // the Hopper forward's CTA pairs (PIT_MOE_PAIRS, moe_sm90.cuh)
 };
 
 inline MoeShape make_moe_shape(int64_t sources, int64_t d, int64_t f, int64_t experts, int64_t assignments,
