@@ -8,12 +8,12 @@ and pit's Hopper forward on the same problem, for Nsight Compute (issue 4: where
 Mixtral up-projection, T=4096, top-2 (8192 rows, 4096 -> 14336), bf16: the dense [8192, 4096] @
 [4096, 14336]; pit with one-hot routing (every row on experts 0 and 1: full 128-row tiles) with
 x gathered by the producer (SRead) and with x's rows already in routing order (TMA for both
-operands); then CTA pairs (PIT_MOE_PAIRS=1) gathering x. Each call is compiled and run once
-before the profiled launch is printed, so the profile holds each kernel twice.
+operands). Each is one jitted call; XLA's autotuner also launches several cuBLAS candidates for the
+dense matmul while compiling it (they appear in the profile too, with their tile shapes in their
+names). Session 14 also profiled CTA pairs sharing the weight tile here (a rejected variant:
+benchmarks/results/2026-11-27_session14/).
 """
 from __future__ import annotations
-
-import os
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +33,9 @@ def main():
     dense = jax.jit(lambda a, b: a @ b)
     gathered = jax.jit(lambda x, w: grouped_matmul(x, w, routing, rows_per_source=k, x_sorted=False, out_sorted=True))
     sorted_rows = jax.jit(lambda r, w: grouped_matmul(r, w, routing, rows_per_source=1, x_sorted=True, out_sorted=True))
-    runs = [("dense a @ b", dense, (rows, w[0]), "0"), ("pit x gathered", gathered, (x, w), "0"),
-            ("pit x in routing order", sorted_rows, (rows, w), "0"), ("pit pairs, x gathered", gathered, (x, w), "1")]
-    for name, fn, args, pairs in runs:
-        os.environ["PIT_MOE_PAIRS"] = pairs
+    runs = [("dense a @ b", dense, (rows, w[0])), ("pit x gathered", gathered, (x, w)),
+            ("pit x in routing order", sorted_rows, (rows, w))]
+    for name, fn, args in runs:
         print(f"== {name}", flush=True)
         jax.block_until_ready(fn(*args))
 

@@ -65,9 +65,8 @@
 #                  GPU, memcheck and racecheck over its tests, bench_sparse_dense for 32x1 tiles with BCOO
 #                  ($OUT/sparse_dense), the A/B against the separate kernels (PIT_KGATHER_FUSED=0, read when
 #                  lowering: each variant gets its own jit), $OUT/kgather_ab.
-#   PART=pairs:    the MoE forward in CTA pairs sharing the weight tile (PIT_MOE_PAIRS=1): its tests, the A/B
-#                  against one CTA per tile for each of PAIR_MODES ($OUT/pairs_ab_MODE; SAN=0 skips the sanitizers), memcheck and racecheck over its bit-for-bit tests,
-#                  the Mixtral projection table with pairs on (PROJECTION=0 skips), the fused k-gather tests (KGATHER=0 skips).
+#   (PART=pairs, session 14: the CTA-pair forward's tests, A/B and sanitizers; removed with that code,
+#                  benchmarks/results/2026-11-27_session14/.)
 #   PART=ncu_dense: Nsight Compute of the dense matmul (cuBLAS) vs pit's forward, Mixtral projection ($OUT/ncu_dense.txt).
 #   PART=kgather_parts: the detect suites on the GPU, then where a sparse_dense call's time goes
 #                  (probe_kgather_parts.py: dense, copy, XLA's read of x, detection under VARIANTS, pack +
@@ -209,23 +208,6 @@ kgather_parts)
   echo "rc $?" >> $OUT/ncu_parts.txt
   grep -E "^  pit_|gpu__time|dram__bytes|rc " $OUT/ncu_parts.txt | sed 's/(.*//; s/  */ /g' | tee -a $LOG
   echo "ncu $((SECONDS-t0))s" ;;
-pairs)
-  # CTA pairs sharing the weight tile (PIT_MOE_PAIRS=1, session 14): their tests, the in-process A/B,
-  # the sanitizers over the bit-for-bit tests, the projection table with pairs on; then (KGATHER=1)
-  # the fused k-gather tests, whose 256-thread ring selection had not run on a GPU.
-  pytest_gpu ${TEST_TIMEOUT:-300} tests/test_moe_kernels.py -k "pairs"
-  for mode in ${PAIR_MODES:-1}; do
-    echo "== A/B PIT_MOE_PAIRS 0 vs $mode" | tee -a $LOG
-    timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_PAIRS 0 $mode \
-      --out $OUT/pairs_ab_$mode 2>&1 | grep "^| [MQ]" | tee -a $LOG
-    echo "ab $((SECONDS-t0))s"
-  done
-  [[ "${SAN:-1}" == 1 ]] && SAN_TIMEOUT=200 run_tool memcheck pit_moe tests/test_moe_kernels.py "pairs_equal and bfloat16 and (none or swiglu)"
-  [[ "${SAN:-1}" == 1 ]] && SAN_TIMEOUT=200 run_tool racecheck pit_moe tests/test_moe_kernels.py "pairs_equal and bfloat16 and (none or scale)"
-  [[ "${PROJECTION:-1}" == 1 ]] && { PIT_MOE_PAIRS=1 timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe.py --no-layer \
-    --cases "Mixtral up T=4096" --out $OUT/projection_pairs 2>&1 | grep "^| [MQ]" | tee -a $LOG; echo "projection $((SECONDS-t0))s"; }
-  [[ "${KGATHER:-1}" == 1 ]] && pytest_gpu 300 tests/test_kgather_fused.py
-  true ;;
 ncu_dense)
   # Nsight Compute of the dense cuBLAS matmul vs pit's forward on the Mixtral projection (session 14)
   XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=benchmarks timeout -k 5 400 ncu --kernel-name regex:"pit_moe_forward|nvjet|gemm|xmma|cutlass" \

@@ -43,38 +43,21 @@ inline int dependent_launch_setting(const char* name) {
 }
 
 // Launches kernel with programmatic stream serialisation where supported and `dependent` holds
-// (the kernel must call wait_for_previous_grid first), in clusters of `cluster` CTAs along x
-// (grid.x a multiple of it; 1: no clusters); a plain stream-ordered launch otherwise.
+// (the kernel must call wait_for_previous_grid first); a plain stream-ordered launch otherwise.
 template <typename... Params, typename... Args>
-cudaError_t launch_dependent_in_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
-                                         cudaStream_t stream, bool dependent, unsigned cluster, Args&&... args) {
-  cudaLaunchAttribute attrs[2];
-  unsigned n = 0;
-  if (dependent && dependent_launch_supported()) {
-    attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attrs[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cluster > 1) {
-    attrs[n].id = cudaLaunchAttributeClusterDimension;
-    attrs[n].val.clusterDim.x = cluster;
-    attrs[n].val.clusterDim.y = 1;
-    attrs[n++].val.clusterDim.z = 1;
-  }
+cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
+                             cudaStream_t stream, bool dependent, Args&&... args) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem_bytes;
   config.stream = stream;
-  config.attrs = attrs;
-  config.numAttrs = n;
+  config.attrs = &attr;
+  config.numAttrs = dependent && dependent_launch_supported() ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-}
-
-template <typename... Params, typename... Args>
-cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
-                             cudaStream_t stream, bool dependent, Args&&... args) {
-  return launch_dependent_in_clusters(kernel, grid, block, smem_bytes, stream, dependent, 1u,
-                                      std::forward<Args>(args)...);
 }
 
 }  // namespace pit

@@ -42,9 +42,8 @@ struct MoeSm90Config {
   static constexpr int kAtomBytes = kBK * 128;                // MN-major operand: 64 columns x 64 K rows
   static constexpr int kCStride = kBN + 8;                    // epilogue row, padded: no bank conflicts
   static constexpr int kRingBytes = kStages * kStageBytes;
-  // ring + alignment slack + barriers (full, empty, pair_free) + the pairs' flag (16 bytes, so the row ids
-  // stay 16-byte aligned) + the forward's destination and source row ids
-  static constexpr int kSmemBytes = kRingBytes + 1024 + 3 * kStages * 8 + 16 + 2 * kBM * 4;
+  // ring + alignment slack + barriers + the forward's destination and source row ids
+  static constexpr int kSmemBytes = kRingBytes + 1024 + 2 * kStages * 8 + 2 * kBM * 4;
   static_assert(kBM * kCStride * 2 <= kRingBytes, "epilogue staging must fit the ring");
   static_assert(kProducerRegisters * kProducers + kConsumerRegisters * kConsumers <= 65536, "register file");
 };
@@ -56,8 +55,6 @@ struct MoeSm90Smem {  // views into the dynamic shared memory
   unsigned char* ring;
   uint64_t* full;   // [kStages]: the producer's copies of the stage landed
   uint64_t* empty;  // [kStages]: both consumers finished reading the stage
-  uint64_t* pair_free;  // [kStages]: the other CTA of a pair freed its stage (one arrival per consumer warp)
-  int32_t* pair_share;  // the forward's CTA pairs: whether this pair shares its weight tiles
   int32_t* rows;    // [2 * kBM], free for the kernel
 
   // Lays out the 1024-byte-aligned ring (swizzle atoms must be aligned) and initialises the
@@ -67,14 +64,11 @@ struct MoeSm90Smem {  // views into the dynamic shared memory
     ring = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
     full = reinterpret_cast<uint64_t*>(ring + C::kRingBytes);
     empty = full + C::kStages;
-    pair_free = empty + C::kStages;
-    pair_share = reinterpret_cast<int32_t*>(pair_free + C::kStages);
-    rows = pair_share + 4;
+    rows = reinterpret_cast<int32_t*>(empty + C::kStages);
     if (threadIdx.x == 0) {
       for (int st = 0; st < C::kStages; ++st) {
         mbarrier_init(&full[st], full_arrivals);
         mbarrier_init(&empty[st], C::kConsumers);
-        mbarrier_init(&pair_free[st], C::kConsumers / 32);
       }
       mbarrier_init_fence();
     }
@@ -108,15 +102,9 @@ __device__ __forceinline__ void produce_stages(const MoeSm90Smem& sm, int n_chun
 // in flight across the loop's back edge, C7514), steps overlap within groups of kStages and
 // the last step of each group is waited for.
 // it0 (persistent CTAs): ring steps taken by earlier tiles; the last stage is then released too.
-// share_with (the forward's CTA pairs, kOverlap only): the rank of the other CTA of a pair that
-// shares weight tiles, or -1. Each consumer warp then also tells that CTA's producer when it frees
-// a stage the other CTA will refill (one remote arrival on its pair_free barrier), so that
-// producer can multicast into this CTA's stage; stages that are not refilled get no arrival,
-// so none reaches a CTA that has finished.
 template <int kTransposeA, int kTransposeB, int kAStepBytes, int kBStepBytes, bool kOverlap, typename T>
 __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90Smem& sm, int n_chunks,
-                                               uint64_t desc_a0, uint64_t desc_b0, int64_t it0 = -1,
-                                               int share_with = -1) {
+                                               uint64_t desc_a0, uint64_t desc_b0, int64_t it0 = -1) {
   using C = MoeSm90Config;
   const bool persistent = it0 >= 0;
   const int64_t base = persistent ? it0 : 0;
@@ -138,11 +126,7 @@ __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90S
     for (int i = 0; i < n_chunks; ++i) {
       issue(i);
       wgmma_wait<1>();
-      if (i > 0) {
-        mbarrier_arrive(&sm.empty[int((base + i - 1) % C::kStages)]);
-        if (share_with >= 0 && i - 1 + C::kStages < n_chunks && threadIdx.x % 32 == 0)
-          mbarrier_arrive_remote(&sm.pair_free[int((base + i - 1) % C::kStages)], uint32_t(share_with));
-      }
+      if (i > 0) mbarrier_arrive(&sm.empty[int((base + i - 1) % C::kStages)]);
     }
     if (persistent && n_chunks > 0) {  // the next tile's loads reuse the last stage
       wgmma_wait<0>();
@@ -227,16 +211,7 @@ __device__ __forceinline__ void stage_accumulators(const float (&acc)[128], T* c
 // top-k combine weight of each row's assignment (kEpiScale: row_scale [A], by assignment id), or
 // SwiGLU, out = silu(x @ w_gate) * (x @ w_up), where a CTA's 256 B columns are 128 columns of
 // w_gate (w_map) and the same 128 of w_up (up_map).
-// kPairs (launched in clusters of 2 CTAs, blocks 2c and 2c + 1; w [E, d, f]): when the two CTAs
-// hold row tiles of the same expert and the same column tile, each brings two of the weight
-// tile's four atoms and the copy engine writes them into both CTAs' rings (TMA multicast), so
-// the pair reads its weight tile from L2 once, as a dense GEMM's 2-CTA clusters do. A stage is
-// refilled once both CTAs' consumers freed it: each consumer warp arrives on its own CTA's empty
-// barrier and on the other CTA's pair_free barrier, and the producer's thread 0 waits for both
-// (a relay through the producers, which waited for each other chunk by chunk, ran 0.7x of one
-// CTA per tile: session 14). Pairs that straddle two experts, or whose other tile is past the
-// routing's end, load alone.
-template <typename T, bool kWTransposed, bool kXTma, int kEpi, bool kPairs = false>
+template <typename T, bool kWTransposed, bool kXTma, int kEpi>
 __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     pit_moe_forward_sm90_kernel(const T* __restrict__ x, const T* __restrict__ w, const int32_t* __restrict__ order,
                                 const int32_t* __restrict__ group_starts, const int32_t* __restrict__ tile_starts,
@@ -247,12 +222,9 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
   using C = MoeSm90Config;
   constexpr bool kSwiGLU = kEpi == kEpiSwiGLU;
   static_assert(kEpi == kEpiNone || !kWTransposed, "the fused epilogues read w as [E, d, f]");
-  static_assert(!(kPairs && kWTransposed), "pairs share MN-major weight atoms");
   constexpr int kOutCols = kSwiGLU ? C::kBN / 2 : C::kBN;  // output columns per CTA
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const MoeSm90Smem sm(smem_raw, C::kProducers + 1);  // + the weight tile's expect-tx arrival
-  // pairs: both CTAs' barriers are initialised before either CTA's copies or arrivals reach them
-  if constexpr (kPairs) cluster_sync_all();
   int32_t* dst_rows = sm.rows;        // output row of each tile row
   int32_t* src_rows = sm.rows + C::kBM;  // its row of x
   const int tid = threadIdx.x;
@@ -268,14 +240,6 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     const int32_t a = r < tile.rows ? order[tile.first + r] : 0, p = r < tile.rows ? int32_t(tile.first + r) : 0;
     dst_rows[r] = s.out_sorted ? p : a;
     src_rows[r] = s.x_sorted ? p : int32_t(a / s.rows_per_source);
-  }
-  if (kPairs && tid == 0) {  // both CTAs of a pair compute this from the same values, so they agree on it
-    const MoeGridTile other_tile =
-        forward_grid_tile(blockIdx.x ^ 1u, s.max_row_tiles, ceil_div(s.f, int64_t(kOutCols)), col_band);
-    MoeRouteTile other;
-    *sm.pair_share = other_tile.col_tile == grid_tile.col_tile &&
-                     find_route_tile(tile_starts, group_starts, s.experts, other_tile.row_tile, &other) &&
-                     other.group == tile.group;
   }
   __syncthreads();
 
@@ -296,8 +260,6 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     // of x take chunk column `chunk` of rows row0 + 16j (one swizzled position for every j)
     // from row pointers computed once.
     const int row0 = tid / 8, chunk = tid % 8;
-    const bool share = kPairs && *sm.pair_share;
-    const uint32_t rank = kPairs ? cluster_cta_rank() : 0;
     const int dst0 = row0 * C::kRowBytes + swizzle128(row0, chunk) * 16;
     const T* a_src[C::kBM / 16];
     uint32_t a_live = 0;  // bit j: row row0 + 16j is in the tile
@@ -311,22 +273,9 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
       unsigned char* b_s = a_s + C::kABytes;
       const int64_t k0 = int64_t(i) * C::kBK;
       if (tid == 0) {  // w[e]'s tile; the copy engine zero-fills past d and f
-        if (share && i >= C::kStages)  // the other CTA's consumers freed their stage too
-          mbarrier_wait(&sm.pair_free[stage], uint32_t(i / C::kStages + 1) & 1);
-        // (with share, the other CTA's half may land before this expect-tx: the barrier's
-        // transaction count goes below zero until then, and the phase cannot end without this arrival)
         mbarrier_arrive_expect_tx(&sm.full[stage], kXTma ? C::kABytes + C::kBBytes : C::kBBytes);
         if constexpr (kXTma) tma_load_3d(a_s, &x_map, int(k0), int(tile.first), 0, &sm.full[stage]);
-        if (share) {  // this CTA's two atoms, into both rings
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int atom = 2 * int(rank) + half;
-            const bool up = kSwiGLU && atom >= 2;
-            tma_load_3d_multicast(b_s + atom * C::kAtomBytes, up ? &up_map : &w_map,
-                                  int(n0) + 64 * (up ? atom - 2 : atom), int(k0), tile.group, &sm.full[stage],
-                                  uint16_t(3));
-          }
-        } else if constexpr (kWTransposed) {  // w[e] is [f, d]: one box of 64 k x 256 n rows (K-major)
+        if constexpr (kWTransposed) {  // w[e] is [f, d]: one box of 64 k x 256 n rows (K-major)
           tma_load_3d(b_s, &w_map, int(k0), int(n0), tile.group, &sm.full[stage]);
         } else {  // w[e] is [d, f]: 4 boxes of 64 n x 64 k rows (MN-major atoms)
 #pragma unroll
@@ -361,10 +310,8 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     const uint64_t desc_a0 = smem_descriptor_sw128(sm.ring + warpgroup * 64 * C::kRowBytes, 16, 1024);
     const uint64_t desc_b0 = kWTransposed ? smem_descriptor_sw128(sm.ring + C::kABytes, 16, 1024)
                                           : smem_descriptor_sw128(sm.ring + C::kABytes, C::kAtomBytes, 1024);
-    // pairs: the flag by warp vote (the same in every thread), so ptxas keeps the loop warp-uniform
-    const int share_with = kPairs && __all_sync(0xffffffffu, *sm.pair_share) ? int(cluster_cta_rank() ^ 1u) : -1;
-    consume_stages<0, kWTransposed ? 0 : 1, 32, kWTransposed ? 32 : 16 * C::kRowBytes, true, T>(
-        acc, sm, n_chunks, desc_a0, desc_b0, -1, share_with);
+    consume_stages<0, kWTransposed ? 0 : 1, 32, kWTransposed ? 32 : 16 * C::kRowBytes, true, T>(acc, sm, n_chunks,
+                                                                                         desc_a0, desc_b0);
     T* cs = reinterpret_cast<T*>(sm.ring);
     stage_accumulators<T, kEpi>(acc, cs, ctid, scale);
     for (int i = ctid; i < tile.rows * (kOutCols / 8); i += C::kConsumers) {  // SWrite: 16 bytes per store
@@ -553,25 +500,17 @@ inline cudaError_t encode_moe_rows_map(int64_t rows, int64_t cols, const void* b
                                     {cols * sizeof(T), rows * cols * sizeof(T)}, {64, box_rows, 1});
 }
 
-// The forward kernel for an epilogue, x's row layout and pairing (w_transposed: the dx pass, no
-// epilogue, no pairs).
-template <typename T, bool kXTma, bool kPairs>
+// The forward kernel for an epilogue and x's row layout (w_transposed: the dx pass, no epilogue).
+template <typename T, bool kXTma>
 inline auto moe_forward_sm90_kernel(int epilogue, bool w_transposed) {
-  if (w_transposed) return pit_moe_forward_sm90_kernel<T, true, kXTma, kEpiNone, false>;
+  if (w_transposed) return pit_moe_forward_sm90_kernel<T, true, kXTma, kEpiNone>;
   switch (epilogue) {
-    case kEpiReLU: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiReLU, kPairs>;
-    case kEpiGELU: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiGELU, kPairs>;
-    case kEpiSwiGLU: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiSwiGLU, kPairs>;
-    case kEpiScale: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiScale, kPairs>;
-    default: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiNone, kPairs>;
+    case kEpiReLU: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiReLU>;
+    case kEpiGELU: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiGELU>;
+    case kEpiSwiGLU: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiSwiGLU>;
+    case kEpiScale: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiScale>;
+    default: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiNone>;
   }
-}
-
-// PIT_MOE_PAIRS (read per launch): 1 launches the forward in CTA pairs that share the weight
-// tile (kPairs above), 0 one CTA per tile.
-inline bool moe_pairs_requested() {
-  const char* on = std::getenv("PIT_MOE_PAIRS");
-  return on != nullptr && on[0] == '1';
 }
 
 // The forward with an epilogue (moe_tiles.cuh): w_up is SwiGLU's up weights, row_scale
@@ -586,6 +525,10 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   if ((epilogue != kEpiNone && s.w_transposed) || (swiglu && w_up == nullptr) ||
       (epilogue == kEpiScale && row_scale == nullptr))
     return cudaErrorInvalidValue;
+  auto kernel = s.x_sorted ? moe_forward_sm90_kernel<T, true>(epilogue, s.w_transposed)
+                           : moe_forward_sm90_kernel<T, false>(epilogue, s.w_transposed);
+  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
+  if (err != cudaSuccess) return err;
   const int64_t col_tiles = ceil_div(s.f, int64_t(swiglu ? C::kBN / 2 : C::kBN));
   // Raster band: with at most two routing tiles per expert on average (Qwen3-30B-A3B-like:
   // 128 rows per expert), each weight column tile serves one or two CTAs, so the weights are
@@ -596,18 +539,6 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   int64_t band = s.assignments <= 2 * int64_t(C::kBM) * s.experts ? col_tiles : kMoeSm90ColBand;
   if (const char* env = std::getenv("PIT_MOE_COL_BAND")) band = std::atoll(env);
   band = band < 1 ? 1 : (band > col_tiles ? col_tiles : band);
-  // Pairs share a weight tile between neighbouring row tiles, which the band-1 raster has in
-  // neighbouring blocks; the grid's row tiles are then made even so a pair never spans two
-  // column tiles (the extra row tile finds no routing tile and exits).
-  const bool pairs = band == 1 && !s.w_transposed && moe_pairs_requested();
-  MoeShape launch_shape = s;
-  if (pairs) launch_shape.max_row_tiles += launch_shape.max_row_tiles % 2;
-  auto kernel = s.x_sorted ? (pairs ? moe_forward_sm90_kernel<T, true, true>(epilogue, s.w_transposed)
-                                    : moe_forward_sm90_kernel<T, true, false>(epilogue, s.w_transposed))
-                           : (pairs ? moe_forward_sm90_kernel<T, false, true>(epilogue, s.w_transposed)
-                                    : moe_forward_sm90_kernel<T, false, false>(epilogue, s.w_transposed));
-  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
-  if (err != cudaSuccess) return err;
   CUtensorMap w_map, x_map = {}, up_map = {};
   err = encode_moe_weight_map<T>(s, w, &w_map);
   if (err == cudaSuccess && s.x_sorted) err = encode_moe_rows_map<T>(s.assignments, s.d, x, C::kBM, &x_map);
@@ -615,10 +546,9 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   if (err != cudaSuccess) return err;
   // a dependent launch: its CTAs may be scheduled while the routing (or the previous kernel) ends
   const bool dependent = dependent_launch_setting("PIT_MOE_PDL") == 1;  // 2: the routing's launches only
-  err = launch_dependent_in_clusters(kernel, unsigned(launch_shape.max_row_tiles * col_tiles), C::kThreads,
-                                     C::kSmemBytes, stream, dependent, pairs ? 2u : 1u, static_cast<const T*>(x),
-                                     static_cast<const T*>(w), order, group_starts, tile_starts, static_cast<T*>(out),
-                                     launch_shape, band, w_map, x_map, up_map, row_scale);
+  err = launch_dependent(kernel, unsigned(s.max_row_tiles * col_tiles), C::kThreads, C::kSmemBytes, stream, dependent,
+                         static_cast<const T*>(x), static_cast<const T*>(w), order, group_starts, tile_starts,
+                         static_cast<T*>(out), s, band, w_map, x_map, up_map, row_scale);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
