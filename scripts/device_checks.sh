@@ -68,6 +68,7 @@
 #   (PART=pairs, session 14: the CTA-pair forward's tests, A/B and sanitizers; removed with that code,
 #                  benchmarks/results/2026-11-27_session14/.)
 #   PART=ncu_dense: Nsight Compute of the dense matmul (cuBLAS) vs pit's forward, Mixtral projection ($OUT/ncu_dense.txt).
+#   PART=ncu_stalls: warp stall reasons per issued instruction, dense matmul vs pit's forward ($OUT/ncu_stalls.txt).
 #   PART=kgather_parts: the detect suites on the GPU, then where a sparse_dense call's time goes
 #                  (probe_kgather_parts.py: dense, copy, XLA's read of x, detection under VARIANTS, pack +
 #                  forward, the whole call) at SHAPES ("M K N@sparsities;..."), then ncu per-kernel times at
@@ -215,6 +216,14 @@ ncu_dense)
     --section MemoryWorkloadAnalysis --section SchedulerStats python3 -P benchmarks/profile_moe_vs_dense.py > $OUT/ncu_dense.txt 2>&1
   echo "rc $?" >> $OUT/ncu_dense.txt
   grep -E "^== |^  [a-z_]|Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|L2 Hit Rate|DRAM Throughput|L1/TEX Hit|Cluster Size|Grid Size|Registers Per|Dynamic Shared|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc A|rc " $OUT/ncu_dense.txt | sed 's/(const T1.*//; s/  */ /g' | cut -c1-160 | tee -a $LOG
+  echo "ncu $((SECONDS-t0))s" ;;
+ncu_stalls)
+  # per-reason warp stall cycles per issued instruction, dense matmul vs pit's forward (session 14)
+  XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=benchmarks timeout -k 5 400 ncu --kernel-name regex:"pit_moe_forward|nvjet" \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,gpu__time_duration.sum,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active" \
+    python3 -P benchmarks/profile_moe_vs_dense.py > $OUT/ncu_stalls.txt 2>&1
+  echo "rc $?" >> $OUT/ncu_stalls.txt
+  python3 scripts/ncu_stall_table.py $OUT/ncu_stalls.txt | tee -a $LOG
   echo "ncu $((SECONDS-t0))s" ;;
 moe_ab)
   timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe_persistent.py --switch ${SWITCH:-PIT_MOE_PERSISTENT 0 1} \
