@@ -69,6 +69,7 @@
 #                  benchmarks/results/2026-11-27_session14/.)
 #   PART=ncu_dense: Nsight Compute of the dense matmul (cuBLAS) vs pit's forward, Mixtral projection ($OUT/ncu_dense.txt).
 #   PART=ncu_stalls: warp stall reasons per issued instruction, dense matmul vs pit's forward ($OUT/ncu_stalls.txt).
+#   PART=kgather_scan: the fused detect+pack tests under each PIT_KGATHER_FUSED_SCAN, then the A/B ($OUT/kgather_ab).
 #   PART=kgather_parts: the detect suites on the GPU, then where a sparse_dense call's time goes
 #                  (probe_kgather_parts.py: dense, copy, XLA's read of x, detection under VARIANTS, pack +
 #                  forward, the whole call) at SHAPES ("M K N@sparsities;..."), then ncu per-kernel times at
@@ -225,6 +226,16 @@ ncu_stalls)
   echo "rc $?" >> $OUT/ncu_stalls.txt
   python3 scripts/ncu_stall_table.py $OUT/ncu_stalls.txt | tee -a $LOG
   echo "ncu $((SECONDS-t0))s" ;;
+kgather_scan)
+  # the fused detect+pack kernel's block-scan algorithm (PIT_KGATHER_FUSED_SCAN, read per launch, session 14):
+  # its GPU tests under each, then the A/B in one process
+  for scan in raking warp memoize; do
+    echo "== PIT_KGATHER_FUSED_SCAN=$scan" >> $LOG
+    PIT_KGATHER_FUSED_SCAN=$scan pytest_gpu 200 tests/test_kgather_fused.py
+  done
+  (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-250} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
+     --variants default PIT_KGATHER_FUSED_SCAN=warp PIT_KGATHER_FUSED_SCAN=memoize --sparsity ${SPARSITY:-0.5 0.9 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
+  echo "ab $((SECONDS-t0))s" ;;
 moe_ab)
   timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe_persistent.py --switch ${SWITCH:-PIT_MOE_PERSISTENT 0 1} \
     --out $OUT/moe_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG

@@ -117,7 +117,7 @@ struct DetectPackConfig {
   static constexpr int kSmemBytes = kStages * kStageBytes + kRowBytes;  // + `selected` (2 bytes per column)
 };
 
-template <typename T, int kThreadsPerCta>
+template <typename T, int kThreadsPerCta, cub::BlockScanAlgorithm kScanAlgorithm>
 __global__ void __launch_bounds__(kThreadsPerCta) pit_kgather_detect_pack_kernel(
     const T* __restrict__ x, int32_t* __restrict__ counts, T* __restrict__ packed, int32_t* __restrict__ column_ids,
     KGatherShape s) {
@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kThreadsPerCta) pit_kgather_detect_pack_kernel
   constexpr int kVec = 16 / int(sizeof(T));
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   uint16_t* selected = reinterpret_cast<uint16_t*>(smem_bytes + C::kStages * C::kStageBytes);
-  using Scan = cub::BlockScan<int, C::kThreads>;
+  using Scan = cub::BlockScan<int, C::kThreads, kScanAlgorithm>;
   __shared__ typename Scan::TempStorage scan_storage;
 
   const int64_t group = blockIdx.x;  // b * groups + g
@@ -529,15 +529,32 @@ cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const voi
 
 // Detection fused with pack (32x1 tiles, x's rows in 16-byte vectors), then the GEMM. Scratch:
 // the forward's (packed x, column ids) then one count per group.
+template <typename T, int kThreads, cub::BlockScanAlgorithm kScanAlgorithm>
+cudaError_t launch_detect_pack_with(cudaStream_t stream, const KGatherShape& s, const void* x, int32_t* counts,
+                                    T* packed, int32_t* column_ids) {
+  using C = DetectPackConfig<kThreads>;
+  auto kernel = pit_kgather_detect_pack_kernel<T, kThreads, kScanAlgorithm>;
+  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<unsigned(s.all_groups()), kThreads, C::kSmemBytes, stream>>>(static_cast<const T*>(x), counts, packed,
+                                                                         column_ids, s);
+  return cudaGetLastError();
+}
+
+// The block scan of each chunk's column counts: PIT_KGATHER_FUSED_SCAN (read per launch) picks
+// CUB's algorithm, raking (the default), memoize (raking with the partials kept in registers) or
+// warp (warp scans, then one pass over the warp totals) — an A/B switch (session 14).
 template <typename T, int kThreads>
 cudaError_t launch_detect_pack(cudaStream_t stream, const KGatherShape& s, const void* x, int32_t* counts, T* packed,
                                int32_t* column_ids) {
-  using C = DetectPackConfig<kThreads>;
-  cudaError_t err = allow_dynamic_smem(pit_kgather_detect_pack_kernel<T, kThreads>, C::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  pit_kgather_detect_pack_kernel<T, kThreads><<<unsigned(s.all_groups()), kThreads, C::kSmemBytes, stream>>>(
-      static_cast<const T*>(x), counts, packed, column_ids, s);
-  return cudaGetLastError();
+  const char* env = std::getenv("PIT_KGATHER_FUSED_SCAN");
+  const std::string scan = env == nullptr ? "raking" : env;
+  if (scan == "warp")
+    return launch_detect_pack_with<T, kThreads, cub::BLOCK_SCAN_WARP_SCANS>(stream, s, x, counts, packed, column_ids);
+  if (scan == "memoize")
+    return launch_detect_pack_with<T, kThreads, cub::BLOCK_SCAN_RAKING_MEMOIZE>(stream, s, x, counts, packed,
+                                                                                column_ids);
+  return launch_detect_pack_with<T, kThreads, cub::BLOCK_SCAN_RAKING>(stream, s, x, counts, packed, column_ids);
 }
 
 // Whether the current device gives a block the 512-thread ring's shared memory (a static device
