@@ -184,7 +184,7 @@ ncu_kgather)
   grep -E "stalled" $OUT/ncu_forward.txt | awk '$NF+0 > 0.5' | sed 's/  */ /g' | tee -a $LOG
   echo "ncu $((SECONDS-t0))s" ;;
 kgather_fused)
-  [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 250 tests/test_kgather_fused.py tests/test_kgather.py tests/test_kgather_kernels.py
+  [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 250 ${TEST_FILES:-tests/test_kgather_fused.py tests/test_kgather.py tests/test_kgather_kernels.py}
   if [[ "${SAN:-1}" == 1 ]]; then
     SAN_TIMEOUT=150 run_tool memcheck pit_kgather tests/test_kgather_fused.py "gpu"
     SAN_TIMEOUT=150 run_tool racecheck pit_kgather tests/test_kgather_fused.py "gpu and (0.5 or 0.99 or special)"
@@ -193,7 +193,7 @@ kgather_fused)
      --out $OUT/sparse_dense 2>&1 | grep -E "^\| [4O]" | tee -a $LOG
   echo "bench $((SECONDS-t0))s"
   (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-300} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
-     --variants default PIT_KGATHER_FUSED=0 --sparsity ${SPARSITY:-0.5 0.9 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
+     --variants ${VARIANTS:-default PIT_KGATHER_FUSED=0} --sparsity ${SPARSITY:-0.5 0.9 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "ab $((SECONDS-t0))s" ;;
 kgather_parts)
   [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 120 tests/test_detect.py -k "gpu"
@@ -229,12 +229,12 @@ ncu_stalls)
 kgather_scan)
   # the fused detect+pack kernel's block-scan algorithm (PIT_KGATHER_FUSED_SCAN, read per launch, session 14):
   # its GPU tests under each, then the A/B in one process
-  for scan in raking warp memoize; do
+  for scan in memoize raking warp; do
     echo "== PIT_KGATHER_FUSED_SCAN=$scan" >> $LOG
     PIT_KGATHER_FUSED_SCAN=$scan pytest_gpu 200 tests/test_kgather_fused.py
   done
   (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-250} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
-     --variants default PIT_KGATHER_FUSED_SCAN=warp PIT_KGATHER_FUSED_SCAN=memoize --sparsity ${SPARSITY:-0.5 0.9 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
+     --variants default PIT_KGATHER_FUSED_SCAN=raking PIT_KGATHER_FUSED_SCAN=warp --sparsity ${SPARSITY:-0.5 0.9 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "ab $((SECONDS-t0))s" ;;
 moe_ab)
   timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe_persistent.py --switch ${SWITCH:-PIT_MOE_PERSISTENT 0 1} \

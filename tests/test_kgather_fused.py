@@ -41,14 +41,20 @@ def _forward(monkeypatch, x, w, fused: bool):
 SHAPES = {"odd": (1, 70, 520, 29), "small_batched": (2, 33, 24, 130), "long_rows": (3, 64, 1544, 136)}
 
 
-@pytest.mark.parametrize("ring", ["default", "256"])  # 256: the ring of GPUs with < 198 KB per block
+# The fused kernel's launch variants (variables read per launch): the 256-thread ring of GPUs with
+# < 198 KB of shared memory per block, and the block-scan algorithms other than the default.
+VARIANTS = {"default": None, "ring256": ("PIT_KGATHER_FUSED_THREADS", "256"),
+            "scan_raking": ("PIT_KGATHER_FUSED_SCAN", "raking"), "scan_warp": ("PIT_KGATHER_FUSED_SCAN", "warp")}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99, 1.0])
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
-def test_fused_matches_float64_and_separate_kernels(backend, monkeypatch, ring, dtype, sparsity, shape):
+def test_fused_matches_float64_and_separate_kernels(backend, monkeypatch, variant, dtype, sparsity, shape):
     _gpu_only(backend)
-    if ring != "default":
-        monkeypatch.setenv("PIT_KGATHER_FUSED_THREADS", ring)  # read per launch
+    if VARIANTS[variant] is not None:
+        monkeypatch.setenv(*VARIANTS[variant])
     b, m, k, n = shape
     rng = np.random.default_rng(abs(hash((dtype, sparsity, shape))) % 2**32)
     x = random_tile_sparse(rng, (b, m, k), TILE, sparsity, dtype)
