@@ -42,11 +42,9 @@ SHAPES = {"odd": (1, 70, 520, 29), "small_batched": (2, 33, 24, 130), "long_rows
 
 
 # The fused kernel's launch variants (variables read per launch): the 256-thread ring of GPUs with
-# < 198 KB of shared memory per block, the block-scan algorithms other than the default, and
-# threads writing their own packed columns.
+# < 198 KB of shared memory per block, and the block-scan algorithms other than the default.
 VARIANTS = {"default": None, "ring256": ("PIT_KGATHER_FUSED_THREADS", "256"),
-            "scan_raking": ("PIT_KGATHER_FUSED_SCAN", "raking"), "scan_warp": ("PIT_KGATHER_FUSED_SCAN", "warp"),
-            "pack_own": ("PIT_KGATHER_FUSED_PACK", "own")}
+            "scan_raking": ("PIT_KGATHER_FUSED_SCAN", "raking"), "scan_warp": ("PIT_KGATHER_FUSED_SCAN", "warp")}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -117,11 +117,7 @@ struct DetectPackConfig {
   static constexpr int kSmemBytes = kStages * kStageBytes + kRowBytes;  // + `selected` (2 bytes per column)
 };
 
-// kOwnColumns: each thread writes the packed columns it found (its column of all 32 rows; a
-// warp's columns are contiguous in the packed row, so the stores stay coalesced), which saves
-// the list of selected columns in shared memory and the barrier before it is read; otherwise
-// the chunk's selected columns are listed first and each warp writes whole packed rows.
-template <typename T, int kThreadsPerCta, cub::BlockScanAlgorithm kScanAlgorithm, bool kOwnColumns>
+template <typename T, int kThreadsPerCta, cub::BlockScanAlgorithm kScanAlgorithm>
 __global__ void __launch_bounds__(kThreadsPerCta) pit_kgather_detect_pack_kernel(
     const T* __restrict__ x, int32_t* __restrict__ counts, T* __restrict__ packed, int32_t* __restrict__ column_ids,
     KGatherShape s) {
@@ -180,30 +176,18 @@ __global__ void __launch_bounds__(kThreadsPerCta) pit_kgather_detect_pack_kernel
     int pos, chunk_total;
     Scan(scan_storage).ExclusiveSum(n_set, pos, chunk_total);
     const int64_t c0 = int64_t(chunk) * kCols;
-    const T* tile = reinterpret_cast<const T*>(stage);
-    if constexpr (kOwnColumns) {
 #pragma unroll
-      for (int e = 0; e < kElemsPerWord; ++e) {
-        if (!flags[e]) continue;
-        const int col = threadIdx.x * kElemsPerWord + e;
-        ids[base + pos] = int32_t(c0 + col);
-#pragma unroll 8
-        for (int r = 0; r < kGroupRows; ++r) out[r * s.packed_k + base + pos] = tile[r * kCols + col];
-        ++pos;
-      }
-    } else {
-#pragma unroll
-      for (int e = 0; e < kElemsPerWord; ++e) {
-        if (!flags[e]) continue;
-        const int col = threadIdx.x * kElemsPerWord + e;
-        selected[pos] = uint16_t(col);
-        ids[base + pos] = int32_t(c0 + col);
-        ++pos;
-      }
-      __syncthreads();  // `selected` complete
-      for (int r = warp; r < kGroupRows; r += C::kThreads / 32)  // a warp writes consecutive packed columns
-        for (int q = lane; q < chunk_total; q += 32) out[r * s.packed_k + base + q] = tile[r * kCols + selected[q]];
+    for (int e = 0; e < kElemsPerWord; ++e) {
+      if (!flags[e]) continue;
+      const int col = threadIdx.x * kElemsPerWord + e;
+      selected[pos] = uint16_t(col);
+      ids[base + pos] = int32_t(c0 + col);
+      ++pos;
     }
+    __syncthreads();  // `selected` complete
+    const T* tile = reinterpret_cast<const T*>(stage);
+    for (int r = warp; r < kGroupRows; r += C::kThreads / 32)  // a warp writes consecutive packed columns
+      for (int q = lane; q < chunk_total; q += 32) out[r * s.packed_k + base + q] = tile[r * kCols + selected[q]];
     base += chunk_total;
   }
   cp_async_wait<0>();
@@ -549,11 +533,7 @@ template <typename T, int kThreads, cub::BlockScanAlgorithm kScanAlgorithm>
 cudaError_t launch_detect_pack_with(cudaStream_t stream, const KGatherShape& s, const void* x, int32_t* counts,
                                     T* packed, int32_t* column_ids) {
   using C = DetectPackConfig<kThreads>;
-  // PIT_KGATHER_FUSED_PACK=own (read per launch): each thread writes its own columns (an A/B switch)
-  const char* pack = std::getenv("PIT_KGATHER_FUSED_PACK");
-  const bool own = pack != nullptr && std::string(pack) == "own";
-  auto kernel = own ? pit_kgather_detect_pack_kernel<T, kThreads, kScanAlgorithm, true>
-                    : pit_kgather_detect_pack_kernel<T, kThreads, kScanAlgorithm, false>;
+  auto kernel = pit_kgather_detect_pack_kernel<T, kThreads, kScanAlgorithm>;
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
   kernel<<<unsigned(s.all_groups()), kThreads, C::kSmemBytes, stream>>>(static_cast<const T*>(x), counts, packed,
