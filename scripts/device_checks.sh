@@ -69,7 +69,9 @@
 #                  benchmarks/results/2026-11-27_session14/.)
 #   PART=ncu_dense: Nsight Compute of the dense matmul (cuBLAS) vs pit's forward, Mixtral projection ($OUT/ncu_dense.txt).
 #   PART=ncu_stalls: warp stall reasons per issued instruction, dense matmul vs pit's forward ($OUT/ncu_stalls.txt).
-#   PART=kgather_scan: the fused detect+pack tests under each PIT_KGATHER_FUSED_SCAN, then the A/B ($OUT/kgather_ab).
+#   (PART=kgather_scan, session 14's block-scan A/B: the fused tests now run every scan variant themselves, so
+#                  it is PART=kgather_fused TEST_FILES=tests/test_kgather_fused.py SAN=0 SPARSE_DENSE=0
+#                  VARIANTS="default PIT_KGATHER_FUSED_SCAN=raking PIT_KGATHER_FUSED_SCAN=warp".)
 #   PART=kgather_parts: the detect suites on the GPU, then where a sparse_dense call's time goes
 #                  (probe_kgather_parts.py: dense, copy, XLA's read of x, detection under VARIANTS, pack +
 #                  forward, the whole call) at SHAPES ("M K N@sparsities;..."), then ncu per-kernel times at
@@ -221,21 +223,11 @@ ncu_dense)
 ncu_stalls)
   # per-reason warp stall cycles per issued instruction, dense matmul vs pit's forward (session 14)
   XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=benchmarks timeout -k 5 400 ncu --kernel-name regex:"pit_moe_forward|nvjet" \
-    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,gpu__time_duration.sum,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active" \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,gpu__time_duration.sum" \
     python3 -P benchmarks/profile_moe_vs_dense.py > $OUT/ncu_stalls.txt 2>&1
   echo "rc $?" >> $OUT/ncu_stalls.txt
   python3 scripts/ncu_stall_table.py $OUT/ncu_stalls.txt | tee -a $LOG
   echo "ncu $((SECONDS-t0))s" ;;
-kgather_scan)
-  # the fused detect+pack kernel's block-scan algorithm (PIT_KGATHER_FUSED_SCAN, read per launch, session 14):
-  # its GPU tests under each, then the A/B in one process
-  for scan in memoize raking warp; do
-    echo "== PIT_KGATHER_FUSED_SCAN=$scan" >> $LOG
-    PIT_KGATHER_FUSED_SCAN=$scan pytest_gpu 200 tests/test_kgather_fused.py
-  done
-  (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-250} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
-     --variants default PIT_KGATHER_FUSED_SCAN=raking PIT_KGATHER_FUSED_SCAN=warp --sparsity ${SPARSITY:-0.5 0.9 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
-  echo "ab $((SECONDS-t0))s" ;;
 moe_ab)
   timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe_persistent.py --switch ${SWITCH:-PIT_MOE_PERSISTENT 0 1} \
     --out $OUT/moe_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG

@@ -1,6 +1,6 @@
 """Turns an `ncu --metrics regex:smsp__average_warps_issue_stalled_...` report into one markdown
 table: a column per profiled kernel launch, a row per stall reason (cycles per issued
-instruction, largest first), plus duration and tensor-pipe activity. Of the launches before the
+instruction, largest first), plus the duration. Of the launches before the
 first pit kernel only the last is kept (the matmul XLA chose after autotuning)."""
 import re
 import sys
