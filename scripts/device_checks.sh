@@ -72,6 +72,9 @@
 #   (PART=kgather_scan, session 14's block-scan A/B: the fused tests now run every scan variant themselves, so
 #                  it is PART=kgather_fused TEST_FILES=tests/test_kgather_fused.py SAN=0 SPARSE_DENSE=0
 #                  VARIANTS="default PIT_KGATHER_FUSED_SCAN=raking PIT_KGATHER_FUSED_SCAN=warp".)
+#   PART=detect_rowbits: the detect suites on the GPU, memcheck and racecheck over the row-bits and chunked
+#                  detect tests, the in-process A/B of the column layout's row-bits path
+#                  (PIT_DETECT_ROW_BITS=0 vs default, $OUT/ab_row_bits), then bench_detect ($OUT/detect).
 #   PART=kgather_parts: the detect suites on the GPU, then where a sparse_dense call's time goes
 #                  (probe_kgather_parts.py: dense, copy, XLA's read of x, detection under VARIANTS, pack +
 #                  forward, the whole call) at SHAPES ("M K N@sparsities;..."), then ncu per-kernel times at
@@ -280,6 +283,15 @@ colband)
   echo "bench $((SECONDS-t0))s"
   timeout -k 5 180 python3 benchmarks/bench_moe.py --no-projection --layer-cases Qwen3-30B-A3B-like --out $OUT/layer 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "layer $((SECONDS-t0))s" ;;
+detect_rowbits)
+  pytest_gpu 200 $DETECT_SUITES
+  SAN_TIMEOUT=150 run_tool memcheck pit_detect tests/test_detect.py "gpu and ((row_bits and default) or chunking_edges or unaligned)"
+  SAN_TIMEOUT=150 run_tool racecheck pit_detect tests/test_detect.py "gpu and ((row_bits and default and not 70000) or chunking_edges)"
+  (cd benchmarks && timeout -k 5 150 python3 bench_detect_ab.py --returns total --out $OUT/ab_row_bits \
+     --cases 1 5 0 --variants default PIT_DETECT_ROW_BITS=0 2>&1 | grep -E "^\||dispatch" | tee -a $LOG)
+  echo "ab $((SECONDS-t0))s"
+  (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
+  echo "bench $((SECONDS-t0))s" ;;
 verify)
   pytest_gpu 280 tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py
   pytest_gpu 60 $DETECT_SUITES

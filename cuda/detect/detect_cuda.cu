@@ -11,6 +11,9 @@
 //  chunked path (few outer blocks with very many inner blocks, e.g. rows of a long sequence):
 //     count per chunk -> scan of chunk counts per batch element -> scatter per chunk, so every
 //     pass stays parallel whatever the aspect ratio.
+//  row-bits path (column layout, tiles spanning whole warp column spans, e.g. 1 x K): the mask
+//     pass ORs each row block over its warp's columns into one bit, so the compaction reads
+//     1/4096 of x's bytes and one CTA per column block compacts it.
 #include <cuda_runtime.h>
 
 #include <cstdlib>
@@ -21,6 +24,7 @@
 
 #include "../common/ffi_common.h"
 #include "../common/pdl.cuh"
+#include "../common/poison_outputs.cuh"
 #include "detect_layout.h"
 
 // Rows loaded per lane before the first is used in the mask pass: 16 when the pass has more warps
@@ -45,20 +49,31 @@ constexpr int64_t kWarpRowsWide = 4;     // ... or this many wide tiles
 // (4096² bf16 at 32x1) write their CSR offsets without a last-CTA scan: each CTA sums the counts
 // of the row blocks before it from their mask words (at most 64 KB of L2 reads per CTA).
 constexpr int64_t kPrefixMaxWords = 16384;
+// Row-bits compaction: one CTA per (batch, column block) loops over its row blocks, kThreads *
+// kItems per step; at most this many steps, else the chunked path (which stays parallel).
+constexpr int64_t kRowBitsMaxSteps = 16;
 
 // Scratch layout (32-bit words), shared with Python's workspace size (detect.py):
 //   slab_mask    [B, nb_m, n_slabs, n_words]  bit c of word w: column 32w+c of that slab of row
 //                                             block i holds a nonzero (slab = 32 rows)
 //   chunk_prefix [B, n_outer, n_chunks]       chunked path: tiles per chunk, then their scan
 //   done         [B]                          per-row path: CTAs finished, for the offsets scan
+// or, on the row-bits path, in place of slab_mask (it is never larger):
+//   row_bits     [B, n_row_tasks, n_col_chunks] bit q: the q-th row block of that mask task
+//                                             (tile_m >= 32: its slab) has a nonzero in the
+//                                             task's 32*V columns
 struct Plan {
   int64_t batch, rows, cols, tile_m, tile_k, layout;
   int64_t nb_m, nb_k, n_outer, n_inner, n_words, n_slabs, chunk, n_chunks;
+  int64_t chunk_cols;    // columns one mask warp covers: 32 lanes x 16 bytes
+  int64_t n_row_tasks;   // mask tasks down the rows: slabs (tile_m >= 32) or groups of 32 // tile_m blocks
+  int64_t n_col_chunks;  // mask tasks across the columns
+  bool row_bits;         // column layout whose tiles cover whole mask tasks: the row-bits path
   bool wide;
   bool word_rows;     // row layout with tile_k dividing 32: compact whole mask words at a time
   uint32_t tile_starts;  // bits 0, tile_k, 2*tile_k, ... (for word_rows)
   bool prefix_offsets;   // word_rows, small mask: offsets from each CTA's own prefix count
-  Plan(const DetectShape& s, int64_t layout_)
+  Plan(const DetectShape& s, int64_t layout_, int64_t elem_bytes)
       : batch(s.batch), rows(s.rows), cols(s.cols), tile_m(s.tile_m), tile_k(s.tile_k), layout(layout_) {
     nb_m = s.nb_m();
     nb_k = s.nb_k();
@@ -75,6 +90,13 @@ struct Plan {
     prefix_offsets = word_rows && n_slabs == 1 && n_words % 4 == 0 && n_outer * n_words <= kPrefixMaxWords;
     chunk = wide ? (kThreads / 32) * kWideItems : kThreads * kItems;
     n_chunks = ceil_div(n_inner, chunk);
+    chunk_cols = 32 * (16 / elem_bytes);
+    n_row_tasks = tile_m >= kMaskRows ? nb_m * n_slabs : ceil_div(nb_m, kMaskRows / tile_m);
+    n_col_chunks = ceil_div(cols, chunk_cols);
+    // Each tile must cover whole mask tasks' columns (one tile column, or widths that are a
+    // multiple of a task's), and one CTA per column block must have few steps or many peers.
+    row_bits = layout == kColMajor && (nb_k == 1 || tile_k % chunk_cols == 0) &&
+               (ceil_div(nb_m, int64_t(kThreads) * kItems) <= kRowBitsMaxSteps || batch * nb_k >= 1024);
   }
   int64_t mask_words() const { return batch * nb_m * n_slabs * n_words; }
   int64_t chunk_words() const { return batch * n_outer * n_chunks; }
@@ -118,7 +140,9 @@ __device__ __forceinline__ uint32_t nonzero_bits<uint32_t>(uint4 v) {
 // holds several slabs) the warp assembles 32-column words and stores them. Every mask word is
 // written, so no zeroing pass is needed. Block 0 also zeroes the per-batch `done` counters used
 // by the per-row compaction, which runs after this kernel.
-template <typename Bits, int kInFlight>
+// kRowBits (Plan::row_bits): instead of 32-column words, the warp ORs each row block (or slab)
+// over all its columns into bit q of one word per task, written by lane 0 at the end.
+template <typename Bits, int kInFlight, bool kRowBits>
 __global__ void __launch_bounds__(kMaskWarps * 32)
     pit_detect_mask_kernel(const Bits* __restrict__ x, uint32_t* __restrict__ slab_mask,
                            uint32_t* __restrict__ done, int64_t batch, int64_t rows, int64_t cols,
@@ -155,16 +179,26 @@ __global__ void __launch_bounds__(kMaskWarps * 32)
   const int64_t w = (col_chunk * 32 * V + int64_t(lane) * V) >> 5;
   const bool writer = lane % kLanesPerWord == 0 && w < n_words;
 
+  uint32_t row_word = 0;  // kRowBits: bit q = the q-th emitted block has a nonzero
+  int q = 0;
   // Emit the word of the block (or slab) that ends at `end_row`, then move to the next one.
   auto emit = [&](uint32_t bits) {
-    uint32_t word = bits << ((lane * V) & 31);
+    if constexpr (kRowBits) {
+      row_word |= uint32_t(__any_sync(0xffffffffu, bits != 0)) << q++;
+    } else {
+      uint32_t word = bits << ((lane * V) & 31);
 #pragma unroll
-    for (int off = 1; off < kLanesPerWord; off <<= 1) word |= __shfl_xor_sync(0xffffffffu, word, off);
-    if (writer) slab_mask[out_row * n_words + w] = word;
-    ++out_row;
+      for (int off = 1; off < kLanesPerWord; off <<= 1) word |= __shfl_xor_sync(0xffffffffu, word, off);
+      if (writer) slab_mask[out_row * n_words + w] = word;
+      ++out_row;
+    }
+  };
+  auto store_row_word = [&] {
+    if (kRowBits && lane == 0) slab_mask[row_task * n_col_chunks + col_chunk] = row_word;
   };
   if (r0 >= r1) {  // a slab past the end of a short last row block: its word is still written
     emit(0);
+    store_row_word();
     return;
   }
   const int64_t step = tile_m >= kMaskRows ? r1 - r0 : tile_m;  // rows per emitted word
@@ -203,6 +237,7 @@ __global__ void __launch_bounds__(kMaskWarps * 32)
       }
     }
   }
+  store_row_word();
 }
 
 // Mask of the bits of word w that fall in columns [lo, hi).
@@ -424,7 +459,54 @@ __device__ __forceinline__ int compact_row_tiles(const Plan& p, const uint32_t* 
   return running;
 }
 
-enum RowMode { kRowsNarrow = 0, kRowsWide = 1, kRowsWords = 2 };
+// Row-bits path (Plan::row_bits), column block j of batch element b: a row block's flag is the
+// OR of its bit over the mask tasks under it (its 32-row group, or its slabs when tile_m >= 32)
+// and the column chunks of tile column j. Thread t holds row blocks t*kItems.. of each step
+// (blocked order, so the scan keeps ids sorted); consecutive row blocks of one task share its
+// OR'd word. Returns the column block's nonzero count.
+__device__ __forceinline__ int compact_row_bits(const Plan& p, const uint32_t* __restrict__ row_bits,
+                                                int64_t b, int64_t j, int32_t* __restrict__ out) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage storage;
+  const int64_t per_tile = p.nb_k == 1 ? p.n_col_chunks : p.tile_k / p.chunk_cols;
+  const int64_t cc_lo = j * per_tile, cc_hi = min(p.n_col_chunks, cc_lo + per_tile);
+  const uint32_t* base = row_bits + b * p.n_row_tasks * p.n_col_chunks;
+  const bool tall = p.tile_m >= kMaskRows;
+  const int64_t blocks_per_task = tall ? 1 : kMaskRows / p.tile_m;
+  const int64_t tasks_per_block = tall ? p.n_slabs : 1;
+  int running = 0;
+  for (int64_t i0 = 0; i0 < p.n_inner; i0 += int64_t(kThreads) * kItems) {
+    int flags[kItems], pos[kItems], step_total;
+    int64_t cached_task = -1;
+    uint32_t cached = 0;
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int64_t i = i0 + int64_t(threadIdx.x) * kItems + k;
+      flags[k] = 0;
+      if (i >= p.n_inner) continue;
+      const int64_t t0 = tall ? i * p.n_slabs : i / blocks_per_task;
+      if (t0 != cached_task) {
+        cached = 0;
+        for (int64_t t = t0; t < t0 + tasks_per_block; ++t) {
+          const uint32_t* words = base + t * p.n_col_chunks;
+#pragma unroll 8
+          for (int64_t cc = cc_lo; cc < cc_hi; ++cc) cached |= words[cc];  // independent loads in flight
+        }
+        cached_task = t0;
+      }
+      flags[k] = int((cached >> (tall ? 0 : i % blocks_per_task)) & 1u);
+    }
+    Scan(storage).ExclusiveSum(flags, pos, step_total);
+#pragma unroll
+    for (int k = 0; k < kItems; ++k)
+      if (flags[k]) out[running + pos[k]] = int32_t(i0 + int64_t(threadIdx.x) * kItems + k);
+    running += step_total;
+    __syncthreads();  // storage is reused by the next step
+  }
+  return running;
+}
+
+enum RowMode { kRowsNarrow = 0, kRowsWide = 1, kRowsWords = 2, kRowsBits = 3 };
 
 // Word rows (Plan::prefix_offsets): the nonzero tiles of row blocks 0 .. o-1 of one batch element,
 // whose mask words are the first o * n_words of `m` (one slab per row block), folded by
@@ -550,10 +632,19 @@ __global__ void __launch_bounds__(kThreads)
   static_assert(!kPrefix || kMode == kRowsWords, "prefix offsets are for word rows");
   if constexpr (kPrefix)
     before = count_row_words_before(p, slab_mask + b * p.n_outer * p.n_words, o);
-  const int running =
-      kMode == kRowsWords ? compact_row_words(p, slab_mask + bo * p.n_slabs * p.n_words, out)
-                          : compact_row_tiles<kMode == kRowsWide>(p, slab_mask, b, o, out);
+  int running;
+  if constexpr (kMode == kRowsWords) running = compact_row_words(p, slab_mask + bo * p.n_slabs * p.n_words, out);
+  else if constexpr (kMode == kRowsBits) running = compact_row_bits(p, slab_mask, b, o, out);
+  else running = compact_row_tiles<kMode == kRowsWide>(p, slab_mask, b, o, out);
   for (int64_t s = running + threadIdx.x; s < p.n_inner; s += kThreads) out[s] = -1;
+  if (p.n_outer == 1) {  // the offsets are [0, count]: no counter, no last CTA
+    if (threadIdx.x == 0) {
+      counts[bo] = running;
+      offsets[b * 2] = 0;
+      offsets[b * 2 + 1] = running;
+    }
+    return;
+  }
   if constexpr (kPrefix) {  // no counter, no last CTA
     if (threadIdx.x == 0) {
       counts[bo] = running;
@@ -582,18 +673,23 @@ cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uin
   uint32_t* slab_mask = workspace;
   int32_t* chunk_prefix = reinterpret_cast<int32_t*>(workspace + p.mask_words());
   uint32_t* done = workspace + p.mask_words() + p.chunk_words();
-  const int64_t n_col_chunks = ceil_div(p.cols, 32 * V);
-  const int64_t n_row_tasks = p.tile_m >= kMaskRows ? p.nb_m * p.n_slabs : ceil_div(p.nb_m, kMaskRows / p.tile_m);
-  const int64_t n_tasks = p.batch * n_row_tasks * n_col_chunks;
+  if (p.chunk_cols != 32 * V) return cudaErrorInvalidValue;  // the plan was made for another element size
+  const int64_t n_tasks = p.batch * p.n_row_tasks * p.n_col_chunks;
   const bool vectorized = p.cols % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   const char* in_flight = std::getenv("PIT_DETECT_IN_FLIGHT");
   const bool sixteen = in_flight != nullptr ? std::atoi(in_flight) == 16 : n_tasks > kManyMaskWarps;
-  cudaError_t err = launch_dependent(sixteen ? pit_detect_mask_kernel<Bits, 16> : pit_detect_mask_kernel<Bits, 8>,
-                                     unsigned(ceil_div(n_tasks, kMaskWarps)), kMaskWarps * 32, 0, stream, true,
-                                     static_cast<const Bits*>(x), slab_mask, done, p.batch,
-                                     p.rows, p.cols, p.tile_m, p.nb_m, p.n_slabs, p.n_words, n_row_tasks,
-                                     n_col_chunks, vectorized);
+  auto mask_kernel = p.row_bits ? (sixteen ? pit_detect_mask_kernel<Bits, 16, true> : pit_detect_mask_kernel<Bits, 8, true>)
+                                : (sixteen ? pit_detect_mask_kernel<Bits, 16, false> : pit_detect_mask_kernel<Bits, 8, false>);
+  cudaError_t err = launch_dependent(mask_kernel, unsigned(ceil_div(n_tasks, kMaskWarps)), kMaskWarps * 32, 0, stream,
+                                     true, static_cast<const Bits*>(x), slab_mask, done, p.batch,
+                                     p.rows, p.cols, p.tile_m, p.nb_m, p.n_slabs, p.n_words, p.n_row_tasks,
+                                     p.n_col_chunks, vectorized);
   if (err != cudaSuccess) return err;
+  if (p.row_bits) {
+    err = launch_dependent(pit_detect_rows_kernel<kRowsBits>, unsigned(p.batch * p.n_outer), kThreads, 0, stream,
+                           true, p, slab_mask, done, counts, offsets, indices);
+    return err != cudaSuccess ? err : cudaGetLastError();
+  }
   if (p.word_rows || p.per_row() || p.warp_rows()) {
     auto rows_kernel = p.word_rows   ? (p.prefix_offsets ? pit_detect_rows_kernel<kRowsWords, true>
                                                          : pit_detect_rows_kernel<kRowsWords>)
@@ -625,17 +721,15 @@ ffi::Error DetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Bu
   ffi::Error arg_err = check_detect_args(x.dimensions(), tile_m, tile_k, layout, counts->dimensions(),
                                          offsets->dimensions(), indices->dimensions(), &shape);
   if (arg_err.failure()) return arg_err;
-  Plan p(shape, layout);
+  const bool wide_elems = x.element_type() == ffi::DataType::F32;
+  Plan p(shape, layout, wide_elems ? 4 : 2);
   if (const char* env = std::getenv("PIT_DETECT_PREFIX"))  // 0: always the last-CTA scan (A/Bs; read per launch)
     if (env[0] == '0') p.prefix_offsets = false;
+  if (const char* env = std::getenv("PIT_DETECT_ROW_BITS"))  // 0: never the row-bits path (A/Bs; read per launch)
+    if (env[0] == '0') p.row_bits = false;
   if (element_count(workspace->dimensions()) != p.workspace_words())
     return ffi::Error::InvalidArgument("pit_detect: workspace size does not match x and tile");
-  if (debug_poison_outputs()) {  // tests: prove every output element is written by the kernels
-    cudaMemsetAsync(counts->untyped_data(), kPoisonByte, counts->size_bytes(), stream);
-    cudaMemsetAsync(offsets->untyped_data(), kPoisonByte, offsets->size_bytes(), stream);
-    cudaMemsetAsync(indices->untyped_data(), kPoisonByte, indices->size_bytes(), stream);
-    cudaMemsetAsync(workspace->untyped_data(), kPoisonByte, workspace->size_bytes(), stream);
-  }
+  poison_device_outputs(stream, counts, offsets, indices, workspace);
   cudaError_t err;
   switch (x.element_type()) {
     case ffi::DataType::BF16:

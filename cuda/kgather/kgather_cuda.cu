@@ -27,6 +27,7 @@
 #include "../common/ffi_common.h"
 #include "../common/dtype_dispatch.cuh"
 #include "../common/mma_sm80.cuh"
+#include "../common/poison_outputs.cuh"
 #include "../common/tile_copy.cuh"
 #include "../common/tn_tile_math.cuh"
 #include "kgather_layout.h"
@@ -674,7 +675,7 @@ ffi::Error SparseDenseCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer
   if (!operands.empty()) return ffi::Error::InvalidArgument(operands);
   if (element_count(workspace->dimensions()) != s.forward_workspace_bytes(ffi::ByteWidth(x.element_type())))
     return ffi::Error::InvalidArgument("pit_sparse_dense: workspace size does not match the shapes");
-  if (debug_poison_outputs()) cudaMemsetAsync(y->untyped_data(), kPoisonByte, y->size_bytes(), stream);
+  poison_device_outputs(stream, y);
   bool known;
   const cudaError_t err = dispatch_dtype(x.element_type(), [&](auto tag) {
     return launch_forward<decltype(tag)>(stream, s, x.untyped_data(), w.untyped_data(), counts.typed_data(),
@@ -701,10 +702,7 @@ ffi::Error SparseDenseDetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Any
     return ffi::Error::InvalidArgument("pit_sparse_dense_detect: x's rows must be whole 16-byte vectors");
   if (element_count(workspace->dimensions()) != s.forward_workspace_bytes(elem) + s.all_groups() * 4)
     return ffi::Error::InvalidArgument("pit_sparse_dense_detect: workspace size does not match the shapes");
-  if (debug_poison_outputs()) {
-    cudaMemsetAsync(y->untyped_data(), kPoisonByte, y->size_bytes(), stream);
-    cudaMemsetAsync(workspace->untyped_data(), kPoisonByte, workspace->size_bytes(), stream);
-  }
+  poison_device_outputs(stream, y, workspace);
   bool known;
   const cudaError_t err = dispatch_dtype(x.element_type(), [&](auto tag) {
     return launch_forward_detecting<decltype(tag)>(stream, s, x.untyped_data(), w.untyped_data(), y->untyped_data(),
@@ -732,10 +730,7 @@ ffi::Error SparseTnCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy
   if (!same_dims(dw->dimensions(), {s.k, s.n})) return ffi::Error::InvalidArgument("pit_sparse_tn: dw must be [K, N]");
   if (element_count(workspace->dimensions()) != s.tn_workspace_bytes())
     return ffi::Error::InvalidArgument("pit_sparse_tn: workspace size does not match the shapes");
-  if (debug_poison_outputs()) {
-    cudaMemsetAsync(dw->untyped_data(), kPoisonByte, dw->size_bytes(), stream);
-    cudaMemsetAsync(workspace->untyped_data(), kPoisonByte, workspace->size_bytes(), stream);
-  }
+  poison_device_outputs(stream, dw, workspace);
   bool known;
   const cudaError_t err = dispatch_dtype(x.element_type(), [&](auto tag) {
     return launch_tn<decltype(tag)>(stream, s, x.untyped_data(), dy.untyped_data(), counts.typed_data(),

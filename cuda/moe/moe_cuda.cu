@@ -27,6 +27,7 @@
 #include "../common/dtype_dispatch.cuh"
 #include "../common/ffi_common.h"
 #include "../common/mma_sm80.cuh"
+#include "../common/poison_outputs.cuh"
 #include "../common/tile_copy.cuh"
 #include "../common/tn_tile_math.cuh"
 #include "moe_sm90.cuh"
@@ -282,7 +283,7 @@ ffi::Error MoeMatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
   if (s.max_row_tiles * MoeConfig<float, false>::kHalves * ceil_div(s.f, MoeConfig<float, false>::kBN) >=
       (int64_t(1) << 31))
     return ffi::Error::InvalidArgument("pit_moe_matmul: too many tiles for one launch");
-  if (debug_poison_outputs()) cudaMemsetAsync(out->untyped_data(), kPoisonByte, out->size_bytes(), stream);
+  poison_device_outputs(stream, out);
   bool known;
   const cudaError_t err = dispatch_dtype(x.element_type(), [&](auto tag) {
     return launch_moe_forward<decltype(tag)>(stream, s, x.untyped_data(), w.untyped_data(), order.typed_data(),
@@ -320,7 +321,7 @@ ffi::Error MoeFusedCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w,
       (int64_t(1) << 31))
     return ffi::Error::InvalidArgument("pit_moe_fused: too many tiles for one launch");
   if (s.assignments == 0 || s.f == 0) return ffi::Error::Success();
-  if (debug_poison_outputs()) cudaMemsetAsync(out->untyped_data(), kPoisonByte, out->size_bytes(), stream);
+  poison_device_outputs(stream, out);
   cudaError_t err = cudaErrorNotSupported;
   bool served = false;
   if (x.element_type() == ffi::DataType::BF16 || x.element_type() == ffi::DataType::F16) {
@@ -436,7 +437,7 @@ ffi::Error MoeMatmulTnCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer
     return ffi::Error::InvalidArgument("pit_moe_matmul_tn: x, dy and dw must share one dtype");
   if (s.experts * ceil_div(s.d, 128) * ceil_div(s.f, 128) >= (int64_t(1) << 31))
     return ffi::Error::InvalidArgument("pit_moe_matmul_tn: too many tiles for one launch");
-  if (debug_poison_outputs()) cudaMemsetAsync(dw->untyped_data(), kPoisonByte, dw->size_bytes(), stream);
+  poison_device_outputs(stream, dw);
   bool known;
   const cudaError_t err = dispatch_dtype(x.element_type(), [&](auto tag) {
     return launch_moe_tn<decltype(tag)>(stream, s, x.untyped_data(), dy.untyped_data(), order.typed_data(),

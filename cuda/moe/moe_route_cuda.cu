@@ -25,6 +25,7 @@
 
 #include "../common/ffi_common.h"
 #include "../common/pdl.cuh"
+#include "../common/poison_outputs.cuh"
 
 namespace pit {
 namespace {
@@ -162,11 +163,7 @@ ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Res
       element_count(workspace->dimensions()) != (num_experts + 1) * n_chunks)
     return ffi::Error::InvalidArgument("pit_moe_route: output shapes do not match ids and num_experts");
   if (n >= (int64_t(1) << 31)) return ffi::Error::InvalidArgument("pit_moe_route: more than 2^31 - 1 assignments");
-  if (debug_poison_outputs()) {
-    cudaMemsetAsync(order->untyped_data(), kPoisonByte, order->size_bytes(), stream);
-    cudaMemsetAsync(group_starts->untyped_data(), kPoisonByte, group_starts->size_bytes(), stream);
-    cudaMemsetAsync(tile_starts->untyped_data(), kPoisonByte, tile_starts->size_bytes(), stream);
-  }
+  poison_device_outputs(stream, order, group_starts, tile_starts);
   const size_t bin_bytes = size_t(num_experts + 1) * sizeof(int32_t);
   int32_t* counts = workspace->typed_data();
   const bool pdl = dependent_launch_setting("PIT_MOE_PDL") != 0;
