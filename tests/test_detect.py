@@ -120,25 +120,31 @@ def test_word_rows_offsets(backend, shape, tile):
 
 # Row bits (column layout, tiles spanning whole 16-byte-per-lane warp column spans: one tile
 # column, or widths that are a multiple of 256 columns for 16-bit dtypes and of 128 for fp32):
-# the CUDA mask pass writes one bit per row block and task instead of 32-column words.
-# PIT_DETECT_ROW_BITS=0 forces the older paths, so both are compared with the reference.
-@pytest.mark.parametrize("row_bits", ["default", "off"])
+# the CUDA mask pass writes one bit per row block and task instead of 32-column words. With one
+# column block of row blocks of at most 32 rows and more than 256 of them, segments of 256 row
+# blocks are compacted by their own CTAs. PIT_DETECT_ROW_BITS=single forces one CTA per column
+# block, =0 the older paths, so every path is compared with the reference.
+ROW_BITS_VARIANTS = {"default": None, "single": "single", "off": "0"}
+
+
+@pytest.mark.parametrize("row_bits", list(ROW_BITS_VARIANTS))
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape, tile", [
     ((300, 512), (1, 512)),        # 32 row blocks per mask task
     ((2, 301, 700), (3, 700)),     # 10 row blocks per task, unaligned rows (scalar loads), batch
     ((2, 301, 704), (3, 704)),     # the same, 16-byte loads
+    ((2, 1000, 700), (3, 700)),    # two segments; the boundary (row block 256) splits a task of 10
     ((130, 704), (32, 704)),       # one slab per row block, a short last block
     ((230, 512), (100, 512)),      # four slabs per row block
     ((97, 700), (1, 256)),         # three column blocks (the last partial): row bits for every dtype
     ((97, 700), (1, 128)),         # row bits for fp32 only (128-column tasks)
-    ((9000, 64), (1, 64)),         # three compaction steps of 4096 row blocks
+    ((9000, 64), (1, 64)),         # 36 segments, or three steps of 4096 row blocks in one CTA
     ((3, 9000, 16), (2, 16)),      # a batch of narrow rows
     ((70000, 8), (1, 8)),          # 18 steps: the chunked path instead
 ], ids=str)
 def test_row_bits(backend, monkeypatch, row_bits, dtype, shape, tile):
-    if row_bits == "off":
-        monkeypatch.setenv("PIT_DETECT_ROW_BITS", "0")
+    if ROW_BITS_VARIANTS[row_bits] is not None:
+        monkeypatch.setenv("PIT_DETECT_ROW_BITS", ROW_BITS_VARIANTS[row_bits])
     rng = np.random.default_rng(abs(hash((shape, tile, dtype))) % 2**32)
     for sparsity in (0.0, 0.5, 0.99, 1.0):
         x = random_tile_sparse(rng, shape, tile, sparsity, dtype)

@@ -52,6 +52,10 @@ constexpr int64_t kPrefixMaxWords = 16384;
 // Row-bits compaction: one CTA per (batch, column block) loops over its row blocks, kThreads *
 // kItems per step; at most this many steps, else the chunked path (which stays parallel).
 constexpr int64_t kRowBitsMaxSteps = 16;
+// ... or, with one column block of row blocks of at most 32 rows whose row-bits words number at most
+// this many per batch element (4096² at 1 x 4096: 2048), kThreads row blocks per CTA: each CTA
+// counts the nonzero blocks before its segment from all the words (<= 64 KB of L2 reads).
+constexpr int64_t kSegmentMaxWords = 16384;
 
 // Scratch layout (32-bit words), shared with Python's workspace size (detect.py):
 //   slab_mask    [B, nb_m, n_slabs, n_words]  bit c of word w: column 32w+c of that slab of row
@@ -69,6 +73,7 @@ struct Plan {
   int64_t n_row_tasks;   // mask tasks down the rows: slabs (tile_m >= 32) or groups of 32 // tile_m blocks
   int64_t n_col_chunks;  // mask tasks across the columns
   bool row_bits;         // column layout whose tiles cover whole mask tasks: the row-bits path
+  bool row_bit_segments; // row_bits, compacted by segments of kThreads row blocks (many CTAs per column block)
   bool wide;
   bool word_rows;     // row layout with tile_k dividing 32: compact whole mask words at a time
   uint32_t tile_starts;  // bits 0, tile_k, 2*tile_k, ... (for word_rows)
@@ -97,7 +102,10 @@ struct Plan {
     // multiple of a task's), and one CTA per column block must have few steps or many peers.
     row_bits = layout == kColMajor && (nb_k == 1 || tile_k % chunk_cols == 0) &&
                (ceil_div(nb_m, int64_t(kThreads) * kItems) <= kRowBitsMaxSteps || batch * nb_k >= 1024);
+    row_bit_segments = row_bits && nb_k == 1 && n_slabs == 1 && nb_m > kThreads &&
+                       n_row_tasks * n_col_chunks <= kSegmentMaxWords;
   }
+  PIT_HOST_DEVICE int64_t n_segments() const { return ceil_div(nb_m, int64_t(kThreads)); }
   int64_t mask_words() const { return batch * nb_m * n_slabs * n_words; }
   int64_t chunk_words() const { return batch * n_outer * n_chunks; }
   int64_t workspace_words() const { return mask_words() + chunk_words() + batch; }
@@ -508,6 +516,64 @@ __device__ __forceinline__ int compact_row_bits(const Plan& p, const uint32_t* _
 
 enum RowMode { kRowsNarrow = 0, kRowsWide = 1, kRowsWords = 2, kRowsBits = 3 };
 
+// Row-bits path by segments (Plan::row_bit_segments: one column block, n_slabs == 1), one CTA per
+// (batch, segment of kThreads row blocks). Every CTA ORs each task's words over the columns and
+// counts the nonzero row blocks before its segment and in all (a few words per thread, loads in
+// flight), then places its own blocks (one per thread) by a block scan. Slots of its segment at or
+// past the total get -1, so each index element is written once without a cross-CTA scan; segment 0
+// writes the count and the offsets [0, total].
+__global__ void __launch_bounds__(kThreads)
+    pit_detect_row_bit_segments_kernel(Plan p, const uint32_t* __restrict__ row_bits, int32_t* __restrict__ counts,
+                                       int32_t* __restrict__ offsets, int32_t* __restrict__ indices) {
+  using Reduce = cub::BlockReduce<int, kThreads>;
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ union {
+    typename Reduce::TempStorage reduce;
+    typename Scan::TempStorage scan;
+  } storage;
+  wait_for_previous_grid();  // the mask pass
+  const int64_t b = blockIdx.x / p.n_segments(), seg = blockIdx.x % p.n_segments();
+  const int64_t lo = seg * kThreads, hi = min(p.nb_m, lo + kThreads);
+  const uint32_t* words = row_bits + b * p.n_row_tasks * p.n_col_chunks;
+  const int64_t per_task = p.tile_m >= kMaskRows ? 1 : kMaskRows / p.tile_m;  // row blocks per task
+  auto task_word = [&](int64_t t) {  // OR over the column chunks (the whole row: nb_k == 1)
+    uint32_t any = 0;
+#pragma unroll 8
+    for (int64_t cc = 0; cc < p.n_col_chunks; ++cc) any |= words[t * p.n_col_chunks + cc];
+    return any;
+  };
+  // Nonzero row blocks before the segment and in all, this thread's tasks.
+  int before_part = 0, total_part = 0;
+  for (int64_t t = threadIdx.x; t < p.n_row_tasks; t += kThreads) {
+    const uint32_t w = task_word(t);
+    const int64_t below = min(max(lo - t * per_task, int64_t(0)), int64_t(32));  // bit q: row block t*per_task + q
+    before_part += __popc(w & (below == 32 ? ~0u : ((1u << below) - 1u)));
+    total_part += __popc(w);
+  }
+  const int before = Reduce(storage.reduce).Sum(before_part);
+  __syncthreads();  // storage is reused
+  const int total = Reduce(storage.reduce).Sum(total_part);
+  __shared__ int shared_before, shared_total;
+  if (threadIdx.x == 0) {
+    shared_before = before;
+    shared_total = total;
+  }
+  __syncthreads();
+  const int64_t i = lo + threadIdx.x;
+  int flag = 0;
+  if (i < hi) flag = int((task_word(i / per_task) >> (i % per_task)) & 1u);
+  int pos;
+  Scan(storage.scan).ExclusiveSum(flag, pos);
+  int32_t* out = indices + b * p.nb_m;
+  if (flag) out[shared_before + pos] = int32_t(i);
+  if (i < hi && i >= shared_total) out[i] = -1;
+  if (seg == 0 && threadIdx.x == 0) {
+    counts[b] = shared_total;
+    offsets[b * 2] = 0;
+    offsets[b * 2 + 1] = shared_total;
+  }
+}
+
 // Word rows (Plan::prefix_offsets): the nonzero tiles of row blocks 0 .. o-1 of one batch element,
 // whose mask words are the first o * n_words of `m` (one slab per row block), folded by
 // tile_start_bits as in compact_row_words. Each thread issues all its 16-byte loads before using
@@ -685,6 +751,11 @@ cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uin
                                      p.rows, p.cols, p.tile_m, p.nb_m, p.n_slabs, p.n_words, p.n_row_tasks,
                                      p.n_col_chunks, vectorized);
   if (err != cudaSuccess) return err;
+  if (p.row_bit_segments) {
+    err = launch_dependent(pit_detect_row_bit_segments_kernel, unsigned(p.batch * p.n_segments()), kThreads, 0,
+                           stream, true, p, slab_mask, counts, offsets, indices);
+    return err != cudaSuccess ? err : cudaGetLastError();
+  }
   if (p.row_bits) {
     err = launch_dependent(pit_detect_rows_kernel<kRowsBits>, unsigned(p.batch * p.n_outer), kThreads, 0, stream,
                            true, p, slab_mask, done, counts, offsets, indices);
@@ -725,8 +796,10 @@ ffi::Error DetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Bu
   Plan p(shape, layout, wide_elems ? 4 : 2);
   if (const char* env = std::getenv("PIT_DETECT_PREFIX"))  // 0: always the last-CTA scan (A/Bs; read per launch)
     if (env[0] == '0') p.prefix_offsets = false;
-  if (const char* env = std::getenv("PIT_DETECT_ROW_BITS"))  // 0: never the row-bits path (A/Bs; read per launch)
-    if (env[0] == '0') p.row_bits = false;
+  if (const char* env = std::getenv("PIT_DETECT_ROW_BITS")) {  // A/Bs, read per launch: 0 never the row-bits
+    if (env[0] == '0') p.row_bits = false;                      // path, "single" never by segments
+    if (env[0] == '0' || std::string(env) == "single") p.row_bit_segments = false;
+  }
   if (element_count(workspace->dimensions()) != p.workspace_words())
     return ffi::Error::InvalidArgument("pit_detect: workspace size does not match x and tile");
   poison_device_outputs(stream, counts, offsets, indices, workspace);
