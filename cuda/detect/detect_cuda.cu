@@ -13,7 +13,9 @@
 //     pass stays parallel whatever the aspect ratio.
 //  row-bits path (column layout, tiles spanning whole warp column spans, e.g. 1 x K): the mask
 //     pass ORs each row block over its warp's columns into one bit, so the compaction reads
-//     1/4096 of x's bytes and one CTA per column block compacts it.
+//     1/4096 of x's bytes: segments of 256 row blocks, a CTA each, that count the blocks before
+//     them from all the words (one column block, short row blocks, small masks), else one CTA
+//     per column block.
 #include <cuda_runtime.h>
 
 #include <cstdlib>
