@@ -77,6 +77,15 @@
 #                  detect tests, the in-process A/B of the column layout's row-bits path (default: by
 #                  segments where they apply; PIT_DETECT_ROW_BITS=single, =0; $OUT/ab_row_bits), then
 #                  bench_detect ($OUT/detect).
+#   PART=detect_prefix_overlap: the detect suites, memcheck and racecheck over the word-rows and grouped-prefix
+#                  tests, and the A/B at 4096² 32x1, 64x64 and col of the prefix loads kept in flight during
+#                  the compaction (default) vs summed first (PIT_DETECT_PREFIX=serial) vs the last-CTA scan
+#                  (=0; for 64x64 the grouped prefix vs the last-CTA scan), $OUT/ab_prefix_overlap.
+#                  Then bench_detect ($OUT/detect).
+#   PART=moe_split: the MoE kernel tests of the split-ring forward (PIT_MOE_SPLIT_RING=1), memcheck and
+#                  racecheck over its bf16 tests, then the A/B against the default forward ($OUT/moe_split_ab).
+#   PART=moe_fast_rows: MoE forward tests (default and split rings), memcheck, then the A/B of the producer's
+#                  unpredicated copies for whole gathered rows (PIT_MOE_FAST_ROWS=0 vs 1, $OUT/moe_fast_rows_ab).
 #   PART=kgather_parts: the detect suites on the GPU, then where a sparse_dense call's time goes
 #                  (probe_kgather_parts.py: dense, copy, XLA's read of x, detection under VARIANTS, pack +
 #                  forward, the whole call) at SHAPES ("M K N@sparsities;..."), then ncu per-kernel times at
@@ -294,6 +303,28 @@ detect_rowbits)
   echo "ab $((SECONDS-t0))s"
   (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "bench $((SECONDS-t0))s" ;;
+detect_prefix_overlap)
+  pytest_gpu 200 $DETECT_SUITES
+  SAN_TIMEOUT=150 run_tool memcheck pit_detect tests/test_detect.py "gpu and (word_rows or grouped_prefix or (row_bits and not off) or dtypes_and_sparsity or unaligned)"
+  SAN_TIMEOUT=150 run_tool racecheck pit_detect tests/test_detect.py "gpu and (word_rows or grouped_prefix or dtypes_and_sparsity)"
+  (cd benchmarks && timeout -k 5 150 python3 bench_detect_ab.py --returns total --out $OUT/ab_prefix_overlap \
+     --cases 0 2 1 --variants default PIT_DETECT_PREFIX=serial PIT_DETECT_PREFIX=0 2>&1 | grep -E "^\||dispatch" | tee -a $LOG)
+  echo "ab $((SECONDS-t0))s"
+  (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
+  echo "bench $((SECONDS-t0))s" ;;
+moe_split)
+  pytest_gpu 300 tests/test_moe_kernels.py -k split
+  SAN_TIMEOUT=150 run_tool memcheck pit_moe_forward tests/test_moe_kernels.py "split and bfloat16"
+  SAN_TIMEOUT=150 run_tool racecheck pit_moe_forward tests/test_moe_kernels.py "split and bfloat16 and (uniform or one_hot)"
+  timeout -k 5 ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_SPLIT_RING 0 1 \
+    --out $OUT/moe_split_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "ab $((SECONDS-t0))s" ;;
+moe_fast_rows)
+  pytest_gpu 300 tests/test_moe_kernels.py -k "(default or split) and (kernel_matches or fused)"
+  SAN_TIMEOUT=150 run_tool memcheck pit_moe_forward tests/test_moe_kernels.py "default and bfloat16 and kernel_matches"
+  timeout -k 5 ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_FAST_ROWS 0 1 \
+    --out $OUT/moe_fast_rows_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "ab $((SECONDS-t0))s" ;;
 verify)
   # SUITES picks a subset: on an H100 (session 15) the three did not fit one 600 s call with the build
   # (MoE past 280 s, detect 50 s, k-gather 124 s), so run "moe" and "detect kgather" as two calls there.

@@ -111,7 +111,10 @@ def test_chunking_edges(backend, shape, tile, layout):
     ((512, 1024), (1, 1)),         # 16384 mask words: the largest with per-CTA prefixes
     ((513, 1024), (1, 1)),         # 16416 words: the last-CTA scan
 ], ids=str)
-def test_word_rows_offsets(backend, shape, tile):
+@pytest.mark.parametrize("prefix", ["default", "serial"])
+def test_word_rows_offsets(backend, monkeypatch, shape, tile, prefix):
+    if prefix == "serial":  # the prefix summed before the row's own compaction (session 12's order)
+        monkeypatch.setenv("PIT_DETECT_PREFIX", "serial")
     rng = np.random.default_rng(23)
     for sparsity in (0.0, 0.5, 0.99, 1.0):
         x = random_tile_sparse(rng, shape, tile, sparsity, "bfloat16")
@@ -149,6 +152,28 @@ def test_row_bits(backend, monkeypatch, row_bits, dtype, shape, tile):
     for sparsity in (0.0, 0.5, 0.99, 1.0):
         x = random_tile_sparse(rng, shape, tile, sparsity, dtype)
         _check(_detect_jit(tile, "col")(x), x, tile, "col")
+
+
+# Narrow tiles of two or four whole mask words (tile_k 64 or 128, at most 64 rows, at most 256
+# tiles per row, rows of a multiple of 128 columns, a small mask): the CUDA handler writes
+# offsets from each CTA's own count of the tiles before it (ORing a row block's two slabs);
+# PIT_DETECT_PREFIX=0 forces the last-CTA scan for the same shapes.
+@pytest.mark.parametrize("prefix", ["default", "off"])
+@pytest.mark.parametrize("shape, tile", [
+    ((2, 300, 512), (64, 64)),     # two slabs per row block, a batch
+    ((210, 512), (50, 64)),        # two slabs, a short last row block
+    ((300, 1024), (16, 128)),      # one slab, four words per tile
+    ((300, 1024), (32, 64)),       # one slab, two words per tile
+    ((1024, 4096), (64, 64)),      # 16 row blocks of 64 tiles
+    ((300, 600), (64, 64)),        # 19 words per row: the last-CTA scan either way
+], ids=str)
+def test_grouped_prefix_offsets(backend, monkeypatch, shape, tile, prefix):
+    if prefix == "off":
+        monkeypatch.setenv("PIT_DETECT_PREFIX", "0")
+    rng = np.random.default_rng(29)
+    for sparsity in (0.0, 0.5, 0.99, 1.0):
+        x = random_tile_sparse(rng, shape, tile, sparsity, "bfloat16")
+        _check(_detect_jit(tile, "row")(x), x, tile, "row")
 
 
 def test_matches_jnp_reference(backend):

@@ -71,15 +71,16 @@ constexpr int64_t kSegmentMaxWords = 16384;
 struct Plan {
   int64_t batch, rows, cols, tile_m, tile_k, layout;
   int64_t nb_m, nb_k, n_outer, n_inner, n_words, n_slabs, chunk, n_chunks;
-  int64_t chunk_cols;    // columns one mask warp covers: 32 lanes x 16 bytes
-  int64_t n_row_tasks;   // mask tasks down the rows: slabs (tile_m >= 32) or groups of 32 // tile_m blocks
-  int64_t n_col_chunks;  // mask tasks across the columns
   bool row_bits;         // column layout whose tiles cover whole mask tasks: the row-bits path
   bool row_bit_segments; // row_bits, compacted by segments of kThreads row blocks (many CTAs per column block)
   bool wide;
   bool word_rows;     // row layout with tile_k dividing 32: compact whole mask words at a time
   uint32_t tile_starts;  // bits 0, tile_k, 2*tile_k, ... (for word_rows)
   bool prefix_offsets;   // word_rows, small mask: offsets from each CTA's own prefix count
+  bool serial_prefix = false;  // prefix_offsets: sum the prefix before the compaction (A/Bs only)
+  // The row-bits fields are small and the task counts derived (below), so that the struct stays at
+  // 128 bytes: with three more 8-byte fields ptxas spilled 12 bytes in the narrow rows kernel.
+  uint16_t chunk_cols;   // columns one mask warp covers: 32 lanes x 16 bytes
   Plan(const DetectShape& s, int64_t layout_, int64_t elem_bytes)
       : batch(s.batch), rows(s.rows), cols(s.cols), tile_m(s.tile_m), tile_k(s.tile_k), layout(layout_) {
     nb_m = s.nb_m();
@@ -95,18 +96,28 @@ struct Plan {
     tile_starts = 0;
     for (int64_t bit = 0; bit < 32; bit += tile_k) tile_starts |= 1u << bit;
     prefix_offsets = word_rows && n_slabs == 1 && n_words % 4 == 0 && n_outer * n_words <= kPrefixMaxWords;
+    // Narrow tiles of 2 or 4 whole mask words (tile_k 64 or 128) of at most 64 rows (e.g. 64x64), in rows of one step:
+    // the same per-CTA prefix count, over the slab-ORed words of the row blocks before.
+    const int64_t group = tile_k / 32;
+    prefix_offsets = prefix_offsets ||
+                     (layout == kRowMajor && tile_k % 32 == 0 && (group == 2 || group == 4) && !wide &&
+                      n_slabs <= 2 && n_inner <= kThreads && n_words % 4 == 0 &&
+                      n_outer * n_slabs * n_words <= kPrefixMaxWords);
     chunk = wide ? (kThreads / 32) * kWideItems : kThreads * kItems;
     n_chunks = ceil_div(n_inner, chunk);
-    chunk_cols = 32 * (16 / elem_bytes);
-    n_row_tasks = tile_m >= kMaskRows ? nb_m * n_slabs : ceil_div(nb_m, kMaskRows / tile_m);
-    n_col_chunks = ceil_div(cols, chunk_cols);
+    chunk_cols = uint16_t(32 * (16 / elem_bytes));
     // Each tile must cover whole mask tasks' columns (one tile column, or widths that are a
     // multiple of a task's), and one CTA per column block must have few steps or many peers.
     row_bits = layout == kColMajor && (nb_k == 1 || tile_k % chunk_cols == 0) &&
                (ceil_div(nb_m, int64_t(kThreads) * kItems) <= kRowBitsMaxSteps || batch * nb_k >= 1024);
     row_bit_segments = row_bits && nb_k == 1 && n_slabs == 1 && nb_m > kThreads &&
-                       n_row_tasks * n_col_chunks <= kSegmentMaxWords;
+                       n_row_tasks() * n_col_chunks() <= kSegmentMaxWords;
   }
+  // A mask task covers 32 // tile_m row blocks (tile_m < 32), or one slab of a row block.
+  PIT_HOST_DEVICE int64_t blocks_per_task() const { return tile_m >= kMaskRows ? 1 : kMaskRows / tile_m; }
+  PIT_HOST_DEVICE int64_t tasks_per_block() const { return tile_m >= kMaskRows ? n_slabs : 1; }
+  PIT_HOST_DEVICE int64_t n_row_tasks() const { return ceil_div(nb_m, blocks_per_task()) * tasks_per_block(); }
+  PIT_HOST_DEVICE int64_t n_col_chunks() const { return ceil_div(cols, int64_t(chunk_cols)); }  // ... across the columns
   PIT_HOST_DEVICE int64_t n_segments() const { return ceil_div(nb_m, int64_t(kThreads)); }
   int64_t mask_words() const { return batch * nb_m * n_slabs * n_words; }
   int64_t chunk_words() const { return batch * n_outer * n_chunks; }
@@ -117,6 +128,8 @@ struct Plan {
   // Short rows (a few tiles): one warp per outer block instead of one CTA.
   bool warp_rows() const { return !word_rows && n_inner <= (wide ? kWarpRowsWide : kWarpRowsNarrow); }
 };
+
+static_assert(sizeof(Plan) <= 128, "see Plan's row-bits fields");
 
 // Bit e set when element e of the 16-byte vector is nonzero (any magnitude bit set).
 template <typename Bits>
@@ -469,6 +482,25 @@ __device__ __forceinline__ int compact_row_tiles(const Plan& p, const uint32_t* 
   return running;
 }
 
+// Row-bits path: task t's row bits ORed over column chunks [cc_lo, cc_hi) (one tile column) of one
+// batch element's words `base` [n_row_tasks][n_col_chunks]; the loads are independent, so several fly.
+__device__ __forceinline__ uint32_t row_bits_task_word(const Plan& p, const uint32_t* __restrict__ base, int64_t t,
+                                                       int64_t cc_lo, int64_t cc_hi) {
+  const uint32_t* words = base + t * p.n_col_chunks();
+  uint32_t any = 0;
+#pragma unroll 8
+  for (int64_t cc = cc_lo; cc < cc_hi; ++cc) any |= words[cc];
+  return any;
+}
+
+// One outer block per batch element: its count and the offsets [0, count], by one thread.
+__device__ __forceinline__ void write_single_block_offsets(int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
+                                                          int64_t b, int count) {
+  counts[b] = count;
+  offsets[b * 2] = 0;
+  offsets[b * 2 + 1] = count;
+}
+
 // Row-bits path (Plan::row_bits), column block j of batch element b: a row block's flag is the
 // OR of its bit over the mask tasks under it (its 32-row group, or its slabs when tile_m >= 32)
 // and the column chunks of tile column j. Thread t holds row blocks t*kItems.. of each step
@@ -478,12 +510,10 @@ __device__ __forceinline__ int compact_row_bits(const Plan& p, const uint32_t* _
                                                 int64_t b, int64_t j, int32_t* __restrict__ out) {
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage storage;
-  const int64_t per_tile = p.nb_k == 1 ? p.n_col_chunks : p.tile_k / p.chunk_cols;
-  const int64_t cc_lo = j * per_tile, cc_hi = min(p.n_col_chunks, cc_lo + per_tile);
-  const uint32_t* base = row_bits + b * p.n_row_tasks * p.n_col_chunks;
-  const bool tall = p.tile_m >= kMaskRows;
-  const int64_t blocks_per_task = tall ? 1 : kMaskRows / p.tile_m;
-  const int64_t tasks_per_block = tall ? p.n_slabs : 1;
+  const int64_t per_tile = p.nb_k == 1 ? p.n_col_chunks() : p.tile_k / p.chunk_cols;
+  const int64_t cc_lo = j * per_tile, cc_hi = min(p.n_col_chunks(), cc_lo + per_tile);
+  const uint32_t* base = row_bits + b * p.n_row_tasks() * p.n_col_chunks();
+  const int64_t blocks_per_task = p.blocks_per_task(), tasks_per_block = p.tasks_per_block();
   int running = 0;
   for (int64_t i0 = 0; i0 < p.n_inner; i0 += int64_t(kThreads) * kItems) {
     int flags[kItems], pos[kItems], step_total;
@@ -494,17 +524,13 @@ __device__ __forceinline__ int compact_row_bits(const Plan& p, const uint32_t* _
       const int64_t i = i0 + int64_t(threadIdx.x) * kItems + k;
       flags[k] = 0;
       if (i >= p.n_inner) continue;
-      const int64_t t0 = tall ? i * p.n_slabs : i / blocks_per_task;
+      const int64_t t0 = i / blocks_per_task * tasks_per_block;  // its first task; bit i % blocks_per_task
       if (t0 != cached_task) {
         cached = 0;
-        for (int64_t t = t0; t < t0 + tasks_per_block; ++t) {
-          const uint32_t* words = base + t * p.n_col_chunks;
-#pragma unroll 8
-          for (int64_t cc = cc_lo; cc < cc_hi; ++cc) cached |= words[cc];  // independent loads in flight
-        }
+        for (int64_t t = t0; t < t0 + tasks_per_block; ++t) cached |= row_bits_task_word(p, base, t, cc_lo, cc_hi);
         cached_task = t0;
       }
-      flags[k] = int((cached >> (tall ? 0 : i % blocks_per_task)) & 1u);
+      flags[k] = int((cached >> (i % blocks_per_task)) & 1u);
     }
     Scan(storage).ExclusiveSum(flags, pos, step_total);
 #pragma unroll
@@ -536,17 +562,12 @@ __global__ void __launch_bounds__(kThreads)
   wait_for_previous_grid();  // the mask pass
   const int64_t b = blockIdx.x / p.n_segments(), seg = blockIdx.x % p.n_segments();
   const int64_t lo = seg * kThreads, hi = min(p.nb_m, lo + kThreads);
-  const uint32_t* words = row_bits + b * p.n_row_tasks * p.n_col_chunks;
-  const int64_t per_task = p.tile_m >= kMaskRows ? 1 : kMaskRows / p.tile_m;  // row blocks per task
-  auto task_word = [&](int64_t t) {  // OR over the column chunks (the whole row: nb_k == 1)
-    uint32_t any = 0;
-#pragma unroll 8
-    for (int64_t cc = 0; cc < p.n_col_chunks; ++cc) any |= words[t * p.n_col_chunks + cc];
-    return any;
-  };
+  const uint32_t* words = row_bits + b * p.n_row_tasks() * p.n_col_chunks();
+  const int64_t per_task = p.blocks_per_task();  // n_slabs == 1: one task per group of row blocks
+  auto task_word = [&](int64_t t) { return row_bits_task_word(p, words, t, 0, p.n_col_chunks()); };  // nb_k == 1
   // Nonzero row blocks before the segment and in all, this thread's tasks.
   int before_part = 0, total_part = 0;
-  for (int64_t t = threadIdx.x; t < p.n_row_tasks; t += kThreads) {
+  for (int64_t t = threadIdx.x; t < p.n_row_tasks(); t += kThreads) {
     const uint32_t w = task_word(t);
     const int64_t below = min(max(lo - t * per_task, int64_t(0)), int64_t(32));  // bit q: row block t*per_task + q
     before_part += __popc(w & (below == 32 ? ~0u : ((1u << below) - 1u)));
@@ -569,11 +590,7 @@ __global__ void __launch_bounds__(kThreads)
   int32_t* out = indices + b * p.nb_m;
   if (flag) out[shared_before + pos] = int32_t(i);
   if (i < hi && i >= shared_total) out[i] = -1;
-  if (seg == 0 && threadIdx.x == 0) {
-    counts[b] = shared_total;
-    offsets[b * 2] = 0;
-    offsets[b * 2 + 1] = shared_total;
-  }
+  if (seg == 0 && threadIdx.x == 0) write_single_block_offsets(counts, offsets, b, shared_total);
 }
 
 // Word rows (Plan::prefix_offsets): the nonzero tiles of row blocks 0 .. o-1 of one batch element,
@@ -582,27 +599,77 @@ __global__ void __launch_bounds__(kThreads)
 // any (at most kPrefixLoads: the mask is at most kPrefixMaxWords), so the sum costs one L2 round
 // trip. Summed over the CTA, valid in thread 0.
 constexpr int kPrefixLoads = int(kPrefixMaxWords / 4 / kThreads);
-__device__ __forceinline__ int count_row_words_before(const Plan& p, const uint32_t* __restrict__ m, int64_t o) {
-  using Reduce = cub::BlockReduce<int, kThreads>;
-  __shared__ typename Reduce::TempStorage storage;
+__device__ __forceinline__ void load_row_words_before(const Plan& p, const uint32_t* __restrict__ m, int64_t o,
+                                                      uint4 (&v)[kPrefixLoads]) {
   const int64_t quads = o * p.n_words / 4;
   const uint4* q = reinterpret_cast<const uint4*>(m);
-  uint4 v[kPrefixLoads];
 #pragma unroll
   for (int j = 0; j < kPrefixLoads; ++j) {
     const int64_t i = threadIdx.x + int64_t(j) * kThreads;
     v[j] = i < quads ? __ldcg(q + i) : make_uint4(0, 0, 0, 0);
   }
+}
+__device__ __forceinline__ int sum_row_words_before(const Plan& p, const uint4 (&v)[kPrefixLoads]) {
+  using Reduce = cub::BlockReduce<int, kThreads>;
+  __shared__ typename Reduce::TempStorage storage;
   int sum = 0;
 #pragma unroll
   for (int j = 0; j < kPrefixLoads; ++j) {
-    uint32_t words[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+    const uint32_t words[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      sum += __popc(tile_start_bits(p, words[e]));
+    for (int e = 0; e < 4; ++e) sum += __popc(tile_start_bits(p, words[e]));
+  }
+  return Reduce(storage).Sum(sum);
+}
+
+// Narrow grouped tiles (Plan::prefix_offsets, not word rows; one or two slabs): the nonzero tiles
+// of row blocks 0 .. o-1 of one batch element (mask words m [nb_m][n_slabs][n_words]). Load slot k
+// of a thread holds slab k % n_slabs of the 4 words `unit` = threadIdx.x + (k / n_slabs) * kThreads
+// (row block unit / (n_words / 4), words 4 * (unit % (n_words / 4)) ..), so a thread ORs a unit's
+// slabs itself. The mask is at most kPrefixMaxWords, so kPrefixLoads slots cover it; 32-bit
+// offsets (at most 4096 quads).
+__device__ __forceinline__ void load_tile_words_before(const Plan& p, const uint32_t* __restrict__ m, int64_t o,
+                                                       uint4 (&v)[kPrefixLoads]) {
+  const int quads_per_row = int(p.n_words / 4), units = int(o) * quads_per_row;
+  const int slab_shift = p.n_slabs == 2 ? 1 : 0;
+  const uint4* q = reinterpret_cast<const uint4*>(m);
+#pragma unroll
+  for (int k = 0; k < kPrefixLoads; ++k) {
+    const int unit = int(threadIdx.x) + (k >> slab_shift) * kThreads, slab = k & slab_shift;
+    const int i = unit / quads_per_row, wq = unit - i * quads_per_row;
+    v[k] = unit < units ? __ldcg(q + ((i << slab_shift) + slab) * quads_per_row + wq) : make_uint4(0, 0, 0, 0);
+  }
+}
+__device__ __forceinline__ int sum_tile_words_before(const Plan& p, const uint4 (&v)[kPrefixLoads]) {
+  using Reduce = cub::BlockReduce<int, kThreads>;
+  __shared__ typename Reduce::TempStorage storage;
+  const bool four = p.tile_k == 128, two_slabs = p.n_slabs == 2;  // four words per tile, else two
+  int sum = 0;
+#pragma unroll
+  for (int k = 0; k < kPrefixLoads; k += 2) {  // slots k, k + 1: two units, or one unit's two slabs
+    const uint4 a = v[k], b = v[k + 1];
+    if (two_slabs) {
+      const uint4 u = make_uint4(a.x | b.x, a.y | b.y, a.z | b.z, a.w | b.w);
+      sum += four ? int((u.x | u.y | u.z | u.w) != 0) : int((u.x | u.y) != 0) + int((u.z | u.w) != 0);
+    } else {
+      sum += four ? int((a.x | a.y | a.z | a.w) != 0) + int((b.x | b.y | b.z | b.w) != 0)
+                  : int((a.x | a.y) != 0) + int((a.z | a.w) != 0) + int((b.x | b.y) != 0) + int((b.z | b.w) != 0);
     }
   }
   return Reduce(storage).Sum(sum);
+}
+
+// -1 into out[lo, hi) by the whole CTA: 16-byte stores over the aligned middle, scalars at the ends.
+__device__ __forceinline__ void fill_unused_slots(int32_t* __restrict__ out, int64_t lo, int64_t hi) {
+  if (lo >= hi) return;
+  const uintptr_t a_lo = reinterpret_cast<uintptr_t>(out + lo), a_hi = reinterpret_cast<uintptr_t>(out + hi);
+  const uintptr_t v_lo = min(a_hi, (a_lo + 15) & ~uintptr_t(15)), v_hi = max(v_lo, a_hi & ~uintptr_t(15));
+  int4* vec = reinterpret_cast<int4*>(v_lo);
+  const int64_t n_vec = int64_t(v_hi - v_lo) / 16;
+  for (int64_t i = threadIdx.x; i < n_vec; i += kThreads) vec[i] = make_int4(-1, -1, -1, -1);
+  const int64_t head = int64_t(v_lo - a_lo) / 4, tail = int64_t(a_hi - v_hi) / 4;  // each < 4
+  if (threadIdx.x < head) out[lo + threadIdx.x] = -1;
+  else if (threadIdx.x >= 4 && threadIdx.x < 4 + tail) out[hi - tail + (threadIdx.x - 4)] = -1;
 }
 
 // CSR offsets of batch element b from its counts (all written and fenced by other CTAs), by one
@@ -684,7 +751,10 @@ __global__ void __launch_bounds__(kThreads)
 // kPrefix (Plan::prefix_offsets, word rows only): offsets from the CTA's own prefix count; a
 // separate instantiation, since its loads in flight take registers the other rows kernels need
 // for occupancy (1x1 at 4096²: 68 vs 56 us when one kernel held both).
-template <int kMode, bool kPrefix = false>
+// kSerialPrefix: the session-12 order (prefix loads and sum, then the row's own compaction), kept
+// for A/Bs (PIT_DETECT_PREFIX=serial); by default the prefix loads stay in flight during the
+// compaction and are summed after it, since only the offsets need them.
+template <int kMode, bool kPrefix = false, bool kSerialPrefix = false>
 __global__ void __launch_bounds__(kThreads)
     pit_detect_rows_kernel(Plan p, const uint32_t* __restrict__ slab_mask, uint32_t* __restrict__ done,
                            int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
@@ -697,20 +767,28 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = bo / p.n_outer, o = bo % p.n_outer;
   int32_t* out = indices + bo * p.n_inner;
   int before = 0;  // prefix_offsets: tiles in the row blocks before this one
-  static_assert(!kPrefix || kMode == kRowsWords, "prefix offsets are for word rows");
-  if constexpr (kPrefix)
-    before = count_row_words_before(p, slab_mask + b * p.n_outer * p.n_words, o);
+  static_assert(!kPrefix || kMode == kRowsWords || kMode == kRowsNarrow, "prefix offsets: word or narrow rows");
+  constexpr bool kGroups = kMode == kRowsNarrow;  // tiles of 2 or 4 whole words, slabs ORed
+  uint4 prefix_words[kPrefix ? kPrefixLoads : 1];
+  auto sum_before = [&]() -> int {
+    if constexpr (!kPrefix) return 0;
+    else if constexpr (kGroups) return sum_tile_words_before(p, prefix_words);
+    else return sum_row_words_before(p, prefix_words);
+  };
+  if constexpr (kPrefix) {
+    const uint32_t* m = slab_mask + b * p.n_outer * p.n_slabs * p.n_words;
+    if constexpr (kGroups) load_tile_words_before(p, m, o, prefix_words);
+    else load_row_words_before(p, m, o, prefix_words);
+    if constexpr (kSerialPrefix) before = sum_before();
+  }
   int running;
   if constexpr (kMode == kRowsWords) running = compact_row_words(p, slab_mask + bo * p.n_slabs * p.n_words, out);
   else if constexpr (kMode == kRowsBits) running = compact_row_bits(p, slab_mask, b, o, out);
   else running = compact_row_tiles<kMode == kRowsWide>(p, slab_mask, b, o, out);
-  for (int64_t s = running + threadIdx.x; s < p.n_inner; s += kThreads) out[s] = -1;
+  fill_unused_slots(out, running, p.n_inner);
+  if constexpr (kPrefix && !kSerialPrefix) before = sum_before();
   if (p.n_outer == 1) {  // the offsets are [0, count]: no counter, no last CTA
-    if (threadIdx.x == 0) {
-      counts[bo] = running;
-      offsets[b * 2] = 0;
-      offsets[b * 2 + 1] = running;
-    }
+    if (threadIdx.x == 0) write_single_block_offsets(counts, offsets, b, running);
     return;
   }
   if constexpr (kPrefix) {  // no counter, no last CTA
@@ -742,7 +820,7 @@ cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uin
   int32_t* chunk_prefix = reinterpret_cast<int32_t*>(workspace + p.mask_words());
   uint32_t* done = workspace + p.mask_words() + p.chunk_words();
   if (p.chunk_cols != 32 * V) return cudaErrorInvalidValue;  // the plan was made for another element size
-  const int64_t n_tasks = p.batch * p.n_row_tasks * p.n_col_chunks;
+  const int64_t n_tasks = p.batch * p.n_row_tasks() * p.n_col_chunks();
   const bool vectorized = p.cols % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   const char* in_flight = std::getenv("PIT_DETECT_IN_FLIGHT");
   const bool sixteen = in_flight != nullptr ? std::atoi(in_flight) == 16 : n_tasks > kManyMaskWarps;
@@ -750,8 +828,8 @@ cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uin
                                 : (sixteen ? pit_detect_mask_kernel<Bits, 16, false> : pit_detect_mask_kernel<Bits, 8, false>);
   cudaError_t err = launch_dependent(mask_kernel, unsigned(ceil_div(n_tasks, kMaskWarps)), kMaskWarps * 32, 0, stream,
                                      true, static_cast<const Bits*>(x), slab_mask, done, p.batch,
-                                     p.rows, p.cols, p.tile_m, p.nb_m, p.n_slabs, p.n_words, p.n_row_tasks,
-                                     p.n_col_chunks, vectorized);
+                                     p.rows, p.cols, p.tile_m, p.nb_m, p.n_slabs, p.n_words, p.n_row_tasks(),
+                                     p.n_col_chunks(), vectorized);
   if (err != cudaSuccess) return err;
   if (p.row_bit_segments) {
     err = launch_dependent(pit_detect_row_bit_segments_kernel, unsigned(p.batch * p.n_segments()), kThreads, 0,
@@ -764,10 +842,12 @@ cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uin
     return err != cudaSuccess ? err : cudaGetLastError();
   }
   if (p.word_rows || p.per_row() || p.warp_rows()) {
-    auto rows_kernel = p.word_rows   ? (p.prefix_offsets ? pit_detect_rows_kernel<kRowsWords, true>
-                                                         : pit_detect_rows_kernel<kRowsWords>)
+    auto prefix_kernel = p.serial_prefix ? pit_detect_rows_kernel<kRowsWords, true, true>
+                                         : pit_detect_rows_kernel<kRowsWords, true>;
+    auto rows_kernel = p.word_rows   ? (p.prefix_offsets ? prefix_kernel : pit_detect_rows_kernel<kRowsWords>)
                        : p.warp_rows() ? (p.wide ? pit_detect_warp_rows_kernel<true> : pit_detect_warp_rows_kernel<false>)
                        : p.wide        ? pit_detect_rows_kernel<kRowsWide>
+                       : p.prefix_offsets ? pit_detect_rows_kernel<kRowsNarrow, true>
                                        : pit_detect_rows_kernel<kRowsNarrow>;
     const int64_t rows_per_cta = p.warp_rows() ? kThreads / 32 : 1;
     const unsigned grid = unsigned(ceil_div(p.batch * p.n_outer, rows_per_cta));
@@ -796,8 +876,10 @@ ffi::Error DetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Bu
   if (arg_err.failure()) return arg_err;
   const bool wide_elems = x.element_type() == ffi::DataType::F32;
   Plan p(shape, layout, wide_elems ? 4 : 2);
-  if (const char* env = std::getenv("PIT_DETECT_PREFIX"))  // 0: always the last-CTA scan (A/Bs; read per launch)
-    if (env[0] == '0') p.prefix_offsets = false;
+  if (const char* env = std::getenv("PIT_DETECT_PREFIX")) {  // A/Bs, read per launch: 0 always the last-CTA
+    if (env[0] == '0') p.prefix_offsets = false;               // scan, "serial" the prefix summed first
+    p.serial_prefix = std::string(env) == "serial";
+  }
   if (const char* env = std::getenv("PIT_DETECT_ROW_BITS")) {  // A/Bs, read per launch: 0 never the row-bits
     if (env[0] == '0') p.row_bits = false;                      // path, "single" never by segments
     if (env[0] == '0' || std::string(env) == "single") p.row_bit_segments = false;

@@ -34,6 +34,7 @@ struct MoeShape {
   // order[p] — routing order, each expert's rows contiguous — instead of source / assignment order.
   bool x_sorted = false, out_sorted = false;
   int64_t max_row_tiles = 0;  // grid bound of the forward: ceil(A / tile) + E + 1
+  bool fast_rows = true;      // Hopper forward: unpredicated copies for whole gathered rows (an A/B switch)
 };
 
 inline MoeShape make_moe_shape(int64_t sources, int64_t d, int64_t f, int64_t experts, int64_t assignments,
