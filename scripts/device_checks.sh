@@ -82,9 +82,7 @@
 #                  the compaction (default) vs summed first (PIT_DETECT_PREFIX=serial) vs the last-CTA scan
 #                  (=0; for 64x64 the grouped prefix vs the last-CTA scan), $OUT/ab_prefix_overlap.
 #                  Then bench_detect ($OUT/detect).
-#   PART=moe_split: the MoE kernel tests of the split-ring forward (PIT_MOE_SPLIT_RING=1), memcheck and
-#                  racecheck over its bf16 tests, then the A/B against the default forward ($OUT/moe_split_ab).
-#   PART=moe_fast_rows: MoE forward tests (default and split rings), memcheck, then the A/B of the producer's
+#   PART=moe_fast_rows: MoE forward tests, memcheck, then the A/B of the producer's
 #                  unpredicated copies for whole gathered rows (PIT_MOE_FAST_ROWS=0 vs 1, $OUT/moe_fast_rows_ab).
 #   PART=kgather_parts: the detect suites on the GPU, then where a sparse_dense call's time goes
 #                  (probe_kgather_parts.py: dense, copy, XLA's read of x, detection under VARIANTS, pack +
@@ -312,15 +310,8 @@ detect_prefix_overlap)
   echo "ab $((SECONDS-t0))s"
   (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "bench $((SECONDS-t0))s" ;;
-moe_split)
-  pytest_gpu 300 tests/test_moe_kernels.py -k split
-  SAN_TIMEOUT=150 run_tool memcheck pit_moe_forward tests/test_moe_kernels.py "split and bfloat16"
-  SAN_TIMEOUT=150 run_tool racecheck pit_moe_forward tests/test_moe_kernels.py "split and bfloat16 and (uniform or one_hot)"
-  timeout -k 5 ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_SPLIT_RING 0 1 \
-    --out $OUT/moe_split_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  echo "ab $((SECONDS-t0))s" ;;
 moe_fast_rows)
-  pytest_gpu 300 tests/test_moe_kernels.py -k "(default or split) and (kernel_matches or fused)"
+  pytest_gpu 300 tests/test_moe_kernels.py -k "kernel_matches or fused"
   SAN_TIMEOUT=150 run_tool memcheck pit_moe_forward tests/test_moe_kernels.py "default and bfloat16 and kernel_matches"
   timeout -k 5 ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_FAST_ROWS 0 1 \
     --out $OUT/moe_fast_rows_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG

@@ -52,18 +52,15 @@ def _fresh():
     return lambda x, w, ids: pit_jax.moe_matmul(x, w, ids)
 
 
-@pytest.fixture(params=["default", "sm80", "persistent", "split"])
+@pytest.fixture(params=["default", "sm80", "persistent"])
 def kernel(request, monkeypatch):
     """The forward kernels: the default (wgmma on Hopper where dtype and shapes allow), the
-    mma.sync kernel (PIT_DISABLE_WGMMA=1), the persistent wgmma kernel (PIT_MOE_PERSISTENT=1;
-    work in progress) and the tiled wgmma kernel with split rings for gathered rows
-    (PIT_MOE_SPLIT_RING=1; an experiment); the variables are read by the handler at every launch."""
+    mma.sync kernel (PIT_DISABLE_WGMMA=1) and the persistent wgmma kernel (PIT_MOE_PERSISTENT=1;
+    work in progress); both variables are read by the handler at every launch."""
     if request.param == "sm80":
         monkeypatch.setenv("PIT_DISABLE_WGMMA", "1")
     if request.param == "persistent":
         monkeypatch.setenv("PIT_MOE_PERSISTENT", "1")
-    if request.param == "split":
-        monkeypatch.setenv("PIT_MOE_SPLIT_RING", "1")
     return request.param
 
 
@@ -183,8 +180,8 @@ _FUSED_LAYOUTS = [(False, True), (False, False), (True, True), (True, False)]
     (4, 700, 2, 3, 520, 264, "one_hot"),      # many K steps, long groups
     (5, 3, 2, 4, 64, 64, "uniform"),          # fewer rows than one TMA box
 ])
-@pytest.mark.parametrize("variant", ["tiled", "persistent", "split"])
-def test_fused_epilogue_matches_float64(monkeypatch, variant, epilogue, dtype, case, t, k, e, d, f, routing):
+@pytest.mark.parametrize("persistent", [False, True], ids=["tiled", "persistent"])
+def test_fused_epilogue_matches_float64(monkeypatch, persistent, epilogue, dtype, case, t, k, e, d, f, routing):
     """Grouped matmul with a fused epilogue (the Hopper kernel where it applies, else grouped
     matmuls and the epilogue in XLA) against float64, each shape in one of the four row
     layouts (rotating, so every epilogue meets every layout); on a compute capability 9 GPU
@@ -194,10 +191,8 @@ def test_fused_epilogue_matches_float64(monkeypatch, variant, epilogue, dtype, c
     from pit_jax.moe import fused_matmul
     from test_moe_matmul import _epilogue_want
     dev = _gpu_or_skip()
-    if variant == "persistent":
+    if persistent:
         monkeypatch.setenv("PIT_MOE_PERSISTENT", "1")
-    if variant == "split":
-        monkeypatch.setenv("PIT_MOE_SPLIT_RING", "1")
     x_sorted, out_sorted = _FUSED_LAYOUTS[(case + ["relu", "gelu", "swiglu", "scale"].index(epilogue)) % 4]
     rng, ids, x = _layout_inputs(t * 5 + e + 2 * x_sorted + out_sorted, t, k, e, d, routing, x_sorted, dtype)
     w, w_up = ((rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES[dtype]) for _ in range(2))

@@ -50,22 +50,6 @@ struct MoeSm90Config {
 
 constexpr int64_t kMoeSm90ColBand = 1;  // the forward raster band with many tiles per expert (moe_tiles.cuh)
 
-// The gathered forward with separate rings (PIT_MOE_SPLIT_RING=1, an experiment of session 15,
-// not yet run on a GPU): the token rows (A, by cp.async from 128 scattered rows, whose stage
-// completes only when the slowest of its 1024 copies lands) get a 6-deep ring, the weight tile
-// (B, by TMA) stays 4 deep. The producer issues A(i) and B(i - kBLag) in iteration i, so both
-// wait for the release of chunk i - 6: A is issued five stages ahead of its use instead of three.
-struct MoeSm90SplitConfig {
-  using C = MoeSm90Config;
-  static constexpr int kAStages = 6, kBStages = 4, kBLag = kAStages - kBStages;
-  static constexpr int kARingBytes = kAStages * C::kABytes, kBRingBytes = kBStages * C::kBBytes;
-  static constexpr int kRingBytes = kARingBytes + kBRingBytes;
-  static constexpr int kSmemBytes = kRingBytes + 1024 + 2 * (kAStages + kBStages) * 8 + 2 * C::kBM * 4;
-  static_assert(kSmemBytes <= 227 * 1024, "dynamic shared memory per block (sm_90)");
-  static_assert(kARingBytes % 1024 == 0, "the B ring's swizzle atoms must stay 1024-byte aligned");
-  static_assert(C::kBM * C::kCStride * 2 <= kRingBytes, "epilogue staging must fit the rings");
-};
-
 #if PIT_HAS_WGMMA
 struct MoeSm90Smem {  // views into the dynamic shared memory
   unsigned char* ring;
@@ -90,61 +74,6 @@ struct MoeSm90Smem {  // views into the dynamic shared memory
     }
   }
 };
-
-struct MoeSm90SplitSmem {  // views into the dynamic shared memory
-  unsigned char* ring_a;  // [kAStages][kABytes]
-  unsigned char* ring_b;  // [kBStages][kBBytes]
-  uint64_t* full_a;       // [kAStages]: the producers' copies of the stage landed (kProducers arrivals)
-  uint64_t* empty_a;      // [kAStages]: both consumers finished reading it
-  uint64_t* full_b;       // [kBStages]: the weight tile landed (one expect-tx arrival)
-  uint64_t* empty_b;      // [kBStages]
-  int32_t* rows;          // [2 * kBM], free for the kernel
-
-  __device__ __forceinline__ explicit MoeSm90SplitSmem(unsigned char* raw) {
-    using C = MoeSm90Config;
-    using S = MoeSm90SplitConfig;
-    ring_a = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
-    ring_b = ring_a + S::kARingBytes;
-    full_a = reinterpret_cast<uint64_t*>(ring_b + S::kBRingBytes);
-    empty_a = full_a + S::kAStages;
-    full_b = empty_a + S::kAStages;
-    empty_b = full_b + S::kBStages;
-    rows = reinterpret_cast<int32_t*>(empty_b + S::kBStages);
-    if (threadIdx.x == 0) {
-      for (int st = 0; st < S::kAStages; ++st) {
-        mbarrier_init(&full_a[st], C::kProducers);
-        mbarrier_init(&empty_a[st], C::kConsumers);
-      }
-      for (int st = 0; st < S::kBStages; ++st) {
-        mbarrier_init(&full_b[st], 1);
-        mbarrier_init(&empty_b[st], C::kConsumers);
-      }
-      mbarrier_init_fence();
-    }
-  }
-};
-
-// Producer warpgroup of the split rings: load_a(chunk, slot) issues this thread's cp.async copies
-// of the token rows, load_b(chunk, slot) (thread 0 only) the weight tile's TMA with its expect-tx.
-template <typename LoadA, typename LoadB>
-__device__ __forceinline__ void produce_split_stages(const MoeSm90SplitSmem& sm, int n_chunks, LoadA&& load_a,
-                                                     LoadB&& load_b) {
-  using S = MoeSm90SplitConfig;
-  for (int i = 0; i < n_chunks + S::kBLag; ++i) {
-    if (i < n_chunks) {
-      const int sa = i % S::kAStages;
-      if (i >= S::kAStages) mbarrier_wait(&sm.empty_a[sa], uint32_t(i / S::kAStages + 1) & 1);
-      load_a(i, sa);
-      cp_async_mbarrier_arrive_noinc(&sm.full_a[sa]);
-    }
-    const int b = i - S::kBLag;
-    if (threadIdx.x == 0 && b >= 0) {  // waits for the release of chunk b - kBStages = i - kAStages, as A's
-      const int sb = b % S::kBStages;
-      if (b >= S::kBStages) mbarrier_wait(&sm.empty_b[sb], uint32_t(b / S::kBStages + 1) & 1);
-      load_b(b, sb);
-    }
-  }
-}
 
 // Producer warpgroup: issues load_stage(chunk, stage) (this thread's cp.async copies) for each
 // chunk into the ring, waiting for the consumers to free a stage before refilling it. Each
@@ -226,37 +155,6 @@ __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90S
   pin_registers(acc);
 }
 
-// Consumer warpgroup of the split rings (the forward's overlap schedule of consume_stages: step
-// i - 1's wgmmas finish while step i's are issued, then its A and B slots are freed).
-template <int kTransposeB, int kBStepBytes, typename T>
-__device__ __forceinline__ void consume_split_stages(float (&acc)[128], const MoeSm90SplitSmem& sm, int n_chunks,
-                                                     uint64_t desc_a0, uint64_t desc_b0) {
-  using C = MoeSm90Config;
-  using S = MoeSm90SplitConfig;
-#pragma unroll
-  for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
-  for (int i = 0; i < n_chunks; ++i) {
-    const int sa = i % S::kAStages, sb = i % S::kBStages;
-    mbarrier_wait(&sm.full_a[sa], uint32_t(i / S::kAStages) & 1);
-    mbarrier_wait(&sm.full_b[sb], uint32_t(i / S::kBStages) & 1);
-    fence_proxy_async_shared();  // the slot's cp.async (generic proxy) writes, before wgmma reads them
-    const uint64_t a_offset = uint64_t(sa * C::kABytes) >> 4, b_offset = uint64_t(sb * C::kBBytes) >> 4;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < C::kBK / 16; ++kk)
-      wgmma_m64n256k16<0, kTransposeB>(acc, desc_a0 + a_offset + ((kk * 32) >> 4),
-                                       desc_b0 + b_offset + ((kk * kBStepBytes) >> 4), 1, T{});
-    wgmma_commit();
-    wgmma_wait<1>();
-    if (i > 0) {
-      mbarrier_arrive(&sm.empty_a[(i - 1) % S::kAStages]);
-      mbarrier_arrive(&sm.empty_b[(i - 1) % S::kBStages]);
-    }
-  }
-  wgmma_wait<0>();
-  pin_registers(acc);
-}
-
 // The first of the two tile rows (row, row + 8) whose accumulators consumer thread ctid
 // (0..255) holds: wgmma's m64 fragment layout, 64 rows per consumer warpgroup.
 __device__ __forceinline__ int consumer_row(int ctid) {
@@ -306,15 +204,6 @@ __device__ __forceinline__ void stage_accumulators(const float (&acc)[128], T* c
 }
 #endif  // PIT_HAS_WGMMA
 
-#if PIT_HAS_WGMMA
-// The forward's shared-memory views: one ring of A+B stages, or the split rings.
-template <bool kSplitRing>
-__device__ __forceinline__ auto forward_smem(unsigned char* raw) {
-  if constexpr (kSplitRing) return MoeSm90SplitSmem(raw);
-  else return MoeSm90Smem(raw, MoeSm90Config::kProducers + 1);  // + the weight tile's expect-tx arrival
-}
-#endif  // PIT_HAS_WGMMA
-
 // kXTma: x's rows are in routing order (s.x_sorted), so a tile's 128 rows are contiguous and come
 // by TMA as one box (rows past the tile belong to the next group or lie past the end, where the
 // copy engine zero-fills: they only reach output rows that are not stored).
@@ -322,8 +211,7 @@ __device__ __forceinline__ auto forward_smem(unsigned char* raw) {
 // top-k combine weight of each row's assignment (kEpiScale: row_scale [A], by assignment id), or
 // SwiGLU, out = silu(x @ w_gate) * (x @ w_up), where a CTA's 256 B columns are 128 columns of
 // w_gate (w_map) and the same 128 of w_up (up_map).
-// kSplitRing (gathered rows only): separate, deeper ring for the rows (MoeSm90SplitConfig).
-template <typename T, bool kWTransposed, bool kXTma, int kEpi, bool kSplitRing = false>
+template <typename T, bool kWTransposed, bool kXTma, int kEpi>
 __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     pit_moe_forward_sm90_kernel(const T* __restrict__ x, const T* __restrict__ w, const int32_t* __restrict__ order,
                                 const int32_t* __restrict__ group_starts, const int32_t* __restrict__ tile_starts,
@@ -335,9 +223,8 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
   constexpr bool kSwiGLU = kEpi == kEpiSwiGLU;
   static_assert(kEpi == kEpiNone || !kWTransposed, "the fused epilogues read w as [E, d, f]");
   constexpr int kOutCols = kSwiGLU ? C::kBN / 2 : C::kBN;  // output columns per CTA
-  static_assert(!kSplitRing || !kXTma, "the split rings are for gathered rows");
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const auto sm = forward_smem<kSplitRing>(smem_raw);
+  const MoeSm90Smem sm(smem_raw, C::kProducers + 1);  // + the weight tile's expect-tx arrival
   int32_t* dst_rows = sm.rows;        // output row of each tile row
   int32_t* src_rows = sm.rows + C::kBM;  // its row of x
   const int tid = threadIdx.x;
@@ -381,26 +268,30 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
       a_src[j] = x + int64_t(src_rows[row0 + 16 * j]) * s.d + chunk * 8;
       a_live |= uint32_t(row0 + 16 * j < tile.rows) << j;
     }
-    // w[e]'s tile (thread 0; the copy engine zero-fills past d and f) into b_s, completing `bar`
-    auto load_weights = [&](int64_t k0, unsigned char* b_s, uint64_t* bar) {
-      if constexpr (kWTransposed) {  // w[e] is [f, d]: one box of 64 k x 256 n rows (K-major)
-        tma_load_3d(b_s, &w_map, int(k0), int(n0), tile.group, bar);
-      } else {  // w[e] is [d, f]: 4 boxes of 64 n x 64 k rows (MN-major atoms)
+    // A thread whose 8 rows are all in the tile, in a stage of whole K columns, issues plain
+    // copies (no predicate, pointer select or source size): about half the producer's
+    // instructions per stage, and the producer's issue rate bounds the gathered kernel.
+    // s.fast_rows = false (PIT_MOE_FAST_ROWS=0, an A/B switch) keeps every copy predicated.
+    const bool full_rows = s.fast_rows && a_live == (1u << (C::kBM / 16)) - 1;
+    auto load_stage = [&](int i, int stage) {
+      unsigned char* a_s = sm.ring + stage * C::kStageBytes;
+      unsigned char* b_s = a_s + C::kABytes;
+      const int64_t k0 = int64_t(i) * C::kBK;
+      if (tid == 0) {  // w[e]'s tile; the copy engine zero-fills past d and f
+        mbarrier_arrive_expect_tx(&sm.full[stage], kXTma ? C::kABytes + C::kBBytes : C::kBBytes);
+        if constexpr (kXTma) tma_load_3d(a_s, &x_map, int(k0), int(tile.first), 0, &sm.full[stage]);
+        if constexpr (kWTransposed) {  // w[e] is [f, d]: one box of 64 k x 256 n rows (K-major)
+          tma_load_3d(b_s, &w_map, int(k0), int(n0), tile.group, &sm.full[stage]);
+        } else {  // w[e] is [d, f]: 4 boxes of 64 n x 64 k rows (MN-major atoms)
 #pragma unroll
-        for (int atom = 0; atom < C::kBN / 64; ++atom) {
-          const bool up = kSwiGLU && atom >= 2;  // SwiGLU: atoms 0, 1 of w_gate, then 2, 3 of w_up
-          tma_load_3d(b_s + atom * C::kAtomBytes, up ? &up_map : &w_map, int(n0) + 64 * (up ? atom - 2 : atom),
-                      int(k0), tile.group, bar);
+          for (int atom = 0; atom < C::kBN / 64; ++atom) {
+            const bool up = kSwiGLU && atom >= 2;  // SwiGLU: atoms 0, 1 of w_gate, then 2, 3 of w_up
+            tma_load_3d(b_s + atom * C::kAtomBytes, up ? &up_map : &w_map, int(n0) + 64 * (up ? atom - 2 : atom),
+                        int(k0), tile.group, &sm.full[stage]);
+          }
         }
       }
-    };
-    // SRead: this thread's copies of 128 token rows x 8 chunks into a_s
-    // (s.fast_rows, PIT_MOE_FAST_ROWS=0 turns it off: an A/B switch) a thread whose 8 rows are all
-    // in the tile, in a stage of whole K columns, issues plain copies: no predicate, pointer
-    // select or source size per copy, half the producer's instructions per stage.
-    constexpr uint32_t kAllRows = (1u << (C::kBM / 16)) - 1;
-    const bool full_rows = s.fast_rows && a_live == kAllRows;
-    auto load_rows = [&](int64_t k0, unsigned char* a_s) {
+      if constexpr (kXTma) return;
       if (full_rows && k0 + C::kBK <= s.d) {
 #pragma unroll
         for (int j = 0; j < C::kBM / 16; ++j) cp_async_16_full(a_s + dst0 + j * 16 * C::kRowBytes, a_src[j] + k0);
@@ -408,32 +299,12 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
       }
       const bool k_live = k0 + chunk * 8 < s.d;
 #pragma unroll
-      for (int j = 0; j < C::kBM / 16; ++j) {
+      for (int j = 0; j < C::kBM / 16; ++j) {  // SRead: 128 token rows x 8 chunks
         const bool ok = ((a_live >> j) & 1) && k_live;
         cp_async_16(a_s + dst0 + j * 16 * C::kRowBytes, ok ? a_src[j] + k0 : x, ok ? 16 : 0);
       }
     };
-    if constexpr (kSplitRing) {
-      produce_split_stages(
-          sm, n_chunks, [&](int i, int slot) { load_rows(int64_t(i) * C::kBK, sm.ring_a + slot * C::kABytes); },
-          [&](int i, int slot) {
-            mbarrier_arrive_expect_tx(&sm.full_b[slot], C::kBBytes);
-            load_weights(int64_t(i) * C::kBK, sm.ring_b + slot * C::kBBytes, &sm.full_b[slot]);
-          });
-    } else {
-      auto load_stage = [&](int i, int stage) {
-        unsigned char* a_s = sm.ring + stage * C::kStageBytes;
-        unsigned char* b_s = a_s + C::kABytes;
-        const int64_t k0 = int64_t(i) * C::kBK;
-        if (tid == 0) {
-          mbarrier_arrive_expect_tx(&sm.full[stage], kXTma ? C::kABytes + C::kBBytes : C::kBBytes);
-          if constexpr (kXTma) tma_load_3d(a_s, &x_map, int(k0), int(tile.first), 0, &sm.full[stage]);
-          load_weights(k0, b_s, &sm.full[stage]);
-        }
-        if constexpr (!kXTma) load_rows(k0, a_s);
-      };
-      produce_stages(sm, n_chunks, load_stage);
-    }
+    produce_stages(sm, n_chunks, load_stage);
   } else {
     setmaxnreg_inc<C::kConsumerRegisters>();
     const int ctid = tid - C::kProducers, warpgroup = ctid / 128;
@@ -446,22 +317,12 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
       }
     }
     float acc[128];
-    constexpr int kBStep = kWTransposed ? 32 : 16 * C::kRowBytes;  // bytes per K step of 16 in B
-    unsigned char* ring;  // stage 0 of A; the epilogue's staging overlays the ring(s) from here
-    if constexpr (kSplitRing) {
-      ring = sm.ring_a;
-      const uint64_t desc_a0 = smem_descriptor_sw128(sm.ring_a + warpgroup * 64 * C::kRowBytes, 16, 1024);
-      const uint64_t desc_b0 = kWTransposed ? smem_descriptor_sw128(sm.ring_b, 16, 1024)
-                                            : smem_descriptor_sw128(sm.ring_b, C::kAtomBytes, 1024);
-      consume_split_stages<kWTransposed ? 0 : 1, kBStep, T>(acc, sm, n_chunks, desc_a0, desc_b0);
-    } else {
-      ring = sm.ring;
-      const uint64_t desc_a0 = smem_descriptor_sw128(sm.ring + warpgroup * 64 * C::kRowBytes, 16, 1024);
-      const uint64_t desc_b0 = kWTransposed ? smem_descriptor_sw128(sm.ring + C::kABytes, 16, 1024)
-                                            : smem_descriptor_sw128(sm.ring + C::kABytes, C::kAtomBytes, 1024);
-      consume_stages<0, kWTransposed ? 0 : 1, 32, kBStep, true, T>(acc, sm, n_chunks, desc_a0, desc_b0);
-    }
-    T* cs = reinterpret_cast<T*>(ring);
+    const uint64_t desc_a0 = smem_descriptor_sw128(sm.ring + warpgroup * 64 * C::kRowBytes, 16, 1024);
+    const uint64_t desc_b0 = kWTransposed ? smem_descriptor_sw128(sm.ring + C::kABytes, 16, 1024)
+                                          : smem_descriptor_sw128(sm.ring + C::kABytes, C::kAtomBytes, 1024);
+    consume_stages<0, kWTransposed ? 0 : 1, 32, kWTransposed ? 32 : 16 * C::kRowBytes, true, T>(acc, sm, n_chunks,
+                                                                                         desc_a0, desc_b0);
+    T* cs = reinterpret_cast<T*>(sm.ring);
     stage_accumulators<T, kEpi>(acc, cs, ctid, scale);
     for (int i = ctid; i < tile.rows * (kOutCols / 8); i += C::kConsumers) {  // SWrite: 16 bytes per store
       const int r = i / (kOutCols / 8), c = (i % (kOutCols / 8)) * 8;
@@ -650,22 +511,16 @@ inline cudaError_t encode_moe_rows_map(int64_t rows, int64_t cols, const void* b
 }
 
 // The forward kernel for an epilogue and x's row layout (w_transposed: the dx pass, no epilogue).
-template <typename T, bool kXTma, bool kSplitRing = false>
+template <typename T, bool kXTma>
 inline auto moe_forward_sm90_kernel(int epilogue, bool w_transposed) {
-  if (w_transposed) return pit_moe_forward_sm90_kernel<T, true, kXTma, kEpiNone, kSplitRing>;
+  if (w_transposed) return pit_moe_forward_sm90_kernel<T, true, kXTma, kEpiNone>;
   switch (epilogue) {
-    case kEpiReLU: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiReLU, kSplitRing>;
-    case kEpiGELU: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiGELU, kSplitRing>;
-    case kEpiSwiGLU: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiSwiGLU, kSplitRing>;
-    case kEpiScale: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiScale, kSplitRing>;
-    default: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiNone, kSplitRing>;
+    case kEpiReLU: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiReLU>;
+    case kEpiGELU: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiGELU>;
+    case kEpiSwiGLU: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiSwiGLU>;
+    case kEpiScale: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiScale>;
+    default: return pit_moe_forward_sm90_kernel<T, false, kXTma, kEpiNone>;
   }
-}
-
-// PIT_MOE_SPLIT_RING=1 (read per launch): the gathered forward with split rings (experiment).
-inline bool moe_split_ring_requested() {
-  const char* env = std::getenv("PIT_MOE_SPLIT_RING");
-  return env != nullptr && env[0] == '1';
 }
 
 // The forward with an epilogue (moe_tiles.cuh): w_up is SwiGLU's up weights, row_scale
@@ -680,14 +535,11 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   if ((epilogue != kEpiNone && s.w_transposed) || (swiglu && w_up == nullptr) ||
       (epilogue == kEpiScale && row_scale == nullptr))
     return cudaErrorInvalidValue;
-  const bool split = !s.x_sorted && moe_split_ring_requested();
   MoeShape shape = s;  // PIT_MOE_FAST_ROWS=0 (read per launch): the gathered rows' copies all predicated
   if (const char* env = std::getenv("PIT_MOE_FAST_ROWS")) shape.fast_rows = env[0] != '0';
   auto kernel = s.x_sorted ? moe_forward_sm90_kernel<T, true>(epilogue, s.w_transposed)
-                : split    ? moe_forward_sm90_kernel<T, false, true>(epilogue, s.w_transposed)
                            : moe_forward_sm90_kernel<T, false>(epilogue, s.w_transposed);
-  const int smem_bytes = split ? MoeSm90SplitConfig::kSmemBytes : C::kSmemBytes;
-  cudaError_t err = allow_dynamic_smem(kernel, smem_bytes);
+  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
   const int64_t col_tiles = ceil_div(s.f, int64_t(swiglu ? C::kBN / 2 : C::kBN));
   // Raster band: with at most two routing tiles per expert on average (Qwen3-30B-A3B-like:
@@ -706,7 +558,7 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   if (err != cudaSuccess) return err;
   // a dependent launch: its CTAs may be scheduled while the routing (or the previous kernel) ends
   const bool dependent = dependent_launch_setting("PIT_MOE_PDL") == 1;  // 2: the routing's launches only
-  err = launch_dependent(kernel, unsigned(s.max_row_tiles * col_tiles), C::kThreads, smem_bytes, stream, dependent,
+  err = launch_dependent(kernel, unsigned(s.max_row_tiles * col_tiles), C::kThreads, C::kSmemBytes, stream, dependent,
                          static_cast<const T*>(x), static_cast<const T*>(w), order, group_starts, tile_starts,
                          static_cast<T*>(out), shape, band, w_map, x_map, up_map, row_scale);
   return err != cudaSuccess ? err : cudaGetLastError();
