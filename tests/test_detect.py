@@ -176,6 +176,31 @@ def test_grouped_prefix_offsets(backend, monkeypatch, shape, tile, prefix):
         _check(_detect_jit(tile, "row")(x), x, tile, "row")
 
 
+# The CUDA rows kernels write -1 into a row's whole index span before the mask pass ends and the ids
+# over it after a barrier (default); PIT_DETECT_FILL_FIRST=0 pads after the ids. Both orders against
+# the reference, over each rows kernel: word rows (with and without per-CTA prefixes, rows of a
+# length that is not a multiple of 4 slots), narrow and wide tiles, and row bits (column layout).
+@pytest.mark.parametrize("fill_first", ["default", "off"])
+@pytest.mark.parametrize("shape, tile, layout", [
+    ((2, 300, 256), (1, 1), "row"),      # word rows, per-CTA prefixes
+    ((130, 257), (1, 1), "row"),         # word rows, 257 slots per row: unaligned fill ends
+    ((513, 1024), (32, 1), "row"),       # word rows, last-CTA scan
+    ((2, 300, 512), (64, 64), "row"),    # narrow tiles, per-CTA prefixes
+    ((97, 701), (3, 5), "row"),          # narrow tiles, last-CTA scan
+    ((130, 2000), (40, 257), "row"),     # wide tiles
+    ((300, 512), (1, 512), "col"),       # row bits, one CTA per column block
+], ids=str)
+def test_fill_order(backend, monkeypatch, shape, tile, layout, fill_first):
+    if fill_first == "off":
+        monkeypatch.setenv("PIT_DETECT_FILL_FIRST", "0")
+    if layout == "col":
+        monkeypatch.setenv("PIT_DETECT_ROW_BITS", "single")
+    rng = np.random.default_rng(31)
+    for sparsity in (0.0, 0.5, 0.99, 1.0):
+        x = random_tile_sparse(rng, shape, tile, sparsity, "bfloat16")
+        _check(_detect_jit(tile, layout)(x), x, tile, layout)
+
+
 def test_matches_jnp_reference(backend):
     rng = np.random.default_rng(11)
     x = random_tile_sparse(rng, (2, 64, 96), (8, 4), 0.8, "float32")
