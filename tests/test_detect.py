@@ -177,22 +177,29 @@ def test_grouped_prefix_offsets(backend, monkeypatch, shape, tile, prefix):
 
 
 # The CUDA rows kernels write -1 into a row's whole index span before the mask pass ends and the ids
-# over it after a barrier (default); PIT_DETECT_FILL_FIRST=0 pads after the ids. Both orders against
-# the reference, over each rows kernel: word rows (with and without per-CTA prefixes, rows of a
-# length that is not a multiple of 4 slots), narrow and wide tiles, and row bits (column layout).
-@pytest.mark.parametrize("fill_first", ["default", "off"])
+# over it after a barrier (default; PIT_DETECT_FILL_FIRST=0 pads after the ids), and word rows write
+# their ids one mask word per warp step (default; PIT_DETECT_WARP_IDS=0: each thread its own word's).
+# Every setting against the reference, over each rows kernel: word rows (with and without per-CTA
+# prefixes, rows of a length that is not a multiple of 4 slots), narrow and wide tiles, and row bits
+# (column layout).
+WRITE_ORDER_VARIANTS = {"default": None, "fill_after": ("PIT_DETECT_FILL_FIRST", "0"),
+                        "thread_ids": ("PIT_DETECT_WARP_IDS", "0")}
+
+
+@pytest.mark.parametrize("variant", list(WRITE_ORDER_VARIANTS))
 @pytest.mark.parametrize("shape, tile, layout", [
     ((2, 300, 256), (1, 1), "row"),      # word rows, per-CTA prefixes
     ((130, 257), (1, 1), "row"),         # word rows, 257 slots per row: unaligned fill ends
     ((513, 1024), (32, 1), "row"),       # word rows, last-CTA scan
+    ((70, 9000), (8, 4), "row"),         # word rows of 2250 tiles: two steps of 256 words
     ((2, 300, 512), (64, 64), "row"),    # narrow tiles, per-CTA prefixes
     ((97, 701), (3, 5), "row"),          # narrow tiles, last-CTA scan
     ((130, 2000), (40, 257), "row"),     # wide tiles
     ((300, 512), (1, 512), "col"),       # row bits, one CTA per column block
 ], ids=str)
-def test_fill_order(backend, monkeypatch, shape, tile, layout, fill_first):
-    if fill_first == "off":
-        monkeypatch.setenv("PIT_DETECT_FILL_FIRST", "0")
+def test_write_order(backend, monkeypatch, shape, tile, layout, variant):
+    if WRITE_ORDER_VARIANTS[variant] is not None:
+        monkeypatch.setenv(*WRITE_ORDER_VARIANTS[variant])
     if layout == "col":
         monkeypatch.setenv("PIT_DETECT_ROW_BITS", "single")
     rng = np.random.default_rng(31)

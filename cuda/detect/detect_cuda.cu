@@ -79,6 +79,7 @@ struct Plan {
   bool prefix_offsets;   // word_rows, small mask: offsets from each CTA's own prefix count
   bool serial_prefix = false;  // prefix_offsets: sum the prefix before the compaction (A/Bs only)
   bool fill_first = true;      // rows kernels: -1 into the whole row before the mask pass ends (0: after the ids)
+  bool warp_ids = true;        // word rows: ids written a word per warp step (0: each thread its own word's)
   // The row-bits fields are small and the task counts derived (below), so that the struct stays at
   // 128 bytes: with three more 8-byte fields ptxas spilled 12 bytes in the narrow rows kernel.
   uint16_t chunk_cols;   // columns one mask warp covers: 32 lanes x 16 bytes
@@ -442,11 +443,26 @@ __device__ __forceinline__ int compact_row_words(const Plan& p, const uint32_t* 
     bits = tile_start_bits(p, bits);
     int pos, step_total;
     Scan(storage).ExclusiveSum(__popc(bits), pos, step_total);
-    int32_t* dst = out + running + pos;
-    while (bits) {
-      const int bit = __ffs(bits) - 1;
-      *dst++ = int32_t((w * 32 + bit) / p.tile_k);
-      bits &= bits - 1;
+    if (p.warp_ids) {
+      // The warp's 32 words in turn (broadcast): lane l writes the id of the word's bit l, so one
+      // store covers consecutive slots. A thread writing its own word's ids strides the warp's
+      // stores by the lanes' counts (dense 1x1 tiles: 32 sectors per store, 5x slower).
+      const int lane = threadIdx.x & 31;
+      const uint32_t below = (1u << lane) - 1u;
+      int32_t* row_out = out + running;
+#pragma unroll 4
+      for (int i = 0; i < 32; ++i) {
+        const uint32_t word = __shfl_sync(0xffffffffu, bits, i);
+        const int at = __shfl_sync(0xffffffffu, pos, i);
+        if ((word >> lane) & 1u) row_out[at + __popc(word & below)] = int32_t(((w - lane + i) * 32 + lane) / p.tile_k);
+      }
+    } else {
+      int32_t* dst = out + running + pos;
+      while (bits) {
+        const int bit = __ffs(bits) - 1;
+        *dst++ = int32_t((w * 32 + bit) / p.tile_k);
+        bits &= bits - 1;
+      }
     }
     running += step_total;
     __syncthreads();  // storage is reused by the next step
@@ -889,6 +905,8 @@ ffi::Error DetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Bu
   }
   if (const char* env = std::getenv("PIT_DETECT_FILL_FIRST"))  // A/Bs, read per launch: 0 pads after the ids
     p.fill_first = env[0] != '0';
+  if (const char* env = std::getenv("PIT_DETECT_WARP_IDS"))  // A/Bs, read per launch: 0 per-thread id stores
+    p.warp_ids = env[0] != '0';
   if (const char* env = std::getenv("PIT_DETECT_ROW_BITS")) {  // A/Bs, read per launch: 0 never the row-bits
     if (env[0] == '0') p.row_bits = false;                      // path, "single" never by segments
     if (env[0] == '0' || std::string(env) == "single") p.row_bit_segments = false;
