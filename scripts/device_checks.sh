@@ -325,7 +325,8 @@ detect_fill_first)
   done
   echo "ab $((SECONDS-t0))s"
   (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
-  echo "bench $((SECONDS-t0))s" ;;moe_fast_rows)
+  echo "bench $((SECONDS-t0))s" ;;
+moe_fast_rows)
   pytest_gpu 300 tests/test_moe_kernels.py -k "kernel_matches or fused"
   SAN_TIMEOUT=150 run_tool memcheck pit_moe_forward tests/test_moe_kernels.py "default and bfloat16 and kernel_matches"
   timeout -k 5 ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_FAST_ROWS 0 1 \
