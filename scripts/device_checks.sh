@@ -82,11 +82,12 @@
 #                  the compaction (default) vs summed first (PIT_DETECT_PREFIX=serial) vs the last-CTA scan
 #                  (=0; for 64x64 the grouped prefix vs the last-CTA scan), $OUT/ab_prefix_overlap.
 #                  Then bench_detect ($OUT/detect).
-#   PART=detect_fill_first: the detect suites, memcheck and racecheck over the write-order, word-rows and
-#                  dtype tests, the A/B of the rows kernels' write order at 4096² (CASES, default 1x1 and 32x1) and
-#                  SPARSITIES (default 0.9 0.5 0.0): default vs each thread writing its own word's ids
-#                  (PIT_DETECT_WARP_IDS=0) vs the -1 fill after the ids (PIT_DETECT_FILL_FIRST=0),
-#                  $OUT/ab_write_order_*; then bench_detect ($OUT/detect).
+#   PART=detect_write_order: the detect suites, memcheck and racecheck over the write-order, word-rows and
+#                  dtype tests, the A/B of the word rows' id stores at 4096² (CASES, default 1x1 and 32x1) and
+#                  SPARSITIES (default 0.9 0.5 0.0): default (word by word for warps with a lane of > 16 ids)
+#                  vs each thread writing its own word's ids (PIT_DETECT_WARP_IDS=0), $OUT/ab_write_order_*;
+#                  then bench_detect ($OUT/detect). (Session 16 ran it as PART=detect_fill_first with a third
+#                  variant, PIT_DETECT_FILL_FIRST=0, a switch removed with its code.)
 #   PART=moe_fast_rows: MoE forward tests, memcheck, then the A/B of the producer's
 #                  unpredicated copies for whole gathered rows (PIT_MOE_FAST_ROWS=0 vs 1, $OUT/moe_fast_rows_ab).
 #   PART=kgather_parts: the detect suites on the GPU, then where a sparse_dense call's time goes
@@ -315,13 +316,13 @@ detect_prefix_overlap)
   echo "ab $((SECONDS-t0))s"
   (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "bench $((SECONDS-t0))s" ;;
-detect_fill_first)
+detect_write_order)
   pytest_gpu 200 $DETECT_SUITES
   SAN_TIMEOUT=150 run_tool memcheck pit_detect tests/test_detect.py "gpu and (write_order or word_rows or grouped_prefix or dtypes_and_sparsity)"
   SAN_TIMEOUT=150 run_tool racecheck pit_detect tests/test_detect.py "gpu and (write_order or word_rows or dtypes_and_sparsity)"
   for sp in ${SPARSITIES:-0.9 0.5 0.0}; do
     (cd benchmarks && timeout -k 5 100 python3 bench_detect_ab.py --returns total --out $OUT/ab_write_order_$sp \
-       --cases ${CASES:-3 0} --sparsity $sp --variants default PIT_DETECT_WARP_IDS=0 PIT_DETECT_FILL_FIRST=0 2>&1 | grep -E "^\| [0-9]" | sed "s/^/$sp /" | tee -a $LOG)
+       --cases ${CASES:-3 0} --sparsity $sp --variants default PIT_DETECT_WARP_IDS=0 2>&1 | grep -E "^\| [0-9]" | sed "s/^/$sp /" | tee -a $LOG)
   done
   echo "ab $((SECONDS-t0))s"
   (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)

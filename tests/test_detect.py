@@ -176,14 +176,12 @@ def test_grouped_prefix_offsets(backend, monkeypatch, shape, tile, prefix):
         _check(_detect_jit(tile, "row")(x), x, tile, "row")
 
 
-# The CUDA rows kernels write -1 into a row's whole index span before the mask pass ends and the ids
-# over it after a barrier (default; PIT_DETECT_FILL_FIRST=0 pads after the ids), and word rows write
-# their ids one mask word per warp step (default; PIT_DETECT_WARP_IDS=0: each thread its own word's).
-# Every setting against the reference, over each rows kernel: word rows (with and without per-CTA
-# prefixes, rows of a length that is not a multiple of 4 slots), narrow and wide tiles, and row bits
-# (column layout).
-WRITE_ORDER_VARIANTS = {"default": None, "fill_after": ("PIT_DETECT_FILL_FIRST", "0"),
-                        "thread_ids": ("PIT_DETECT_WARP_IDS", "0")}
+# Word rows write their ids one mask word per warp step when some lane of the warp has more than
+# 16 ids (default), each thread its own word's otherwise; PIT_DETECT_WARP_IDS=0 forces per-thread
+# stores everywhere. Both against the reference at every density, over each rows kernel: word rows
+# (with and without per-CTA prefixes, rows of a length that is not a multiple of 4 slots, two
+# steps of 256 words), narrow and wide tiles, and row bits (column layout).
+WRITE_ORDER_VARIANTS = {"default": None, "thread_ids": ("PIT_DETECT_WARP_IDS", "0")}
 
 
 @pytest.mark.parametrize("variant", list(WRITE_ORDER_VARIANTS))

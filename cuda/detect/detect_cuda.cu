@@ -81,7 +81,6 @@ struct Plan {
   uint32_t tile_starts;  // bits 0, tile_k, 2*tile_k, ... (for word_rows)
   bool prefix_offsets;   // word_rows, small mask: offsets from each CTA's own prefix count
   bool serial_prefix = false;  // prefix_offsets: sum the prefix before the compaction (A/Bs only)
-  bool fill_first = true;      // rows kernels: -1 into the whole row before the mask pass ends (0: after the ids)
   bool warp_ids = true;        // word rows: dense warps write ids a word per step (0: each thread its own word's)
   // The row-bits fields are small and the task counts derived (below), so that the struct stays at
   // 128 bytes: with three more 8-byte fields ptxas spilled 12 bytes in the narrow rows kernel.
@@ -787,13 +786,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t bo = blockIdx.x;
   const int64_t b = bo / p.n_outer, o = bo % p.n_outer;
   int32_t* out = indices + bo * p.n_inner;
-  // fill_first: -1 into the whole row before waiting, since it needs nothing from the mask pass:
-  // under the dependent launch these stores overlap the mask pass's reads (1x1 tiles at 4096²
-  // write 64 MB of index against 32 MB of x). The ids overwrite their slots after the barrier.
-  // Safe before the wait: only the mask pass can still run, and it never touches `indices`.
-  if (p.fill_first) fill_unused_slots(out, 0, p.n_inner);
   wait_for_previous_grid();  // the mask pass (launched before this kernel, possibly overlapping)
-  if (p.fill_first) __syncthreads();  // every -1 store before any id store to the same slot
   int before = 0;  // prefix_offsets: tiles in the row blocks before this one
   static_assert(!kPrefix || kMode == kRowsWords || kMode == kRowsNarrow, "prefix offsets: word or narrow rows");
   constexpr bool kGroups = kMode == kRowsNarrow;  // tiles of 2 or 4 whole words, slabs ORed
@@ -813,7 +806,7 @@ __global__ void __launch_bounds__(kThreads)
   if constexpr (kMode == kRowsWords) running = compact_row_words(p, slab_mask + bo * p.n_slabs * p.n_words, out);
   else if constexpr (kMode == kRowsBits) running = compact_row_bits(p, slab_mask, b, o, out);
   else running = compact_row_tiles<kMode == kRowsWide>(p, slab_mask, b, o, out);
-  if (!p.fill_first) fill_unused_slots(out, running, p.n_inner);
+  fill_unused_slots(out, running, p.n_inner);
   if constexpr (kPrefix && !kSerialPrefix) before = sum_before();
   if (p.n_outer == 1) {  // the offsets are [0, count]: no counter, no last CTA
     if (threadIdx.x == 0) write_single_block_offsets(counts, offsets, b, running);
@@ -908,8 +901,6 @@ ffi::Error DetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Bu
     if (env[0] == '0') p.prefix_offsets = false;               // scan, "serial" the prefix summed first
     p.serial_prefix = std::string(env) == "serial";
   }
-  if (const char* env = std::getenv("PIT_DETECT_FILL_FIRST"))  // A/Bs, read per launch: 0 pads after the ids
-    p.fill_first = env[0] != '0';
   if (const char* env = std::getenv("PIT_DETECT_WARP_IDS"))  // A/Bs, read per launch: 0 per-thread id stores
     p.warp_ids = env[0] != '0';
   if (const char* env = std::getenv("PIT_DETECT_ROW_BITS")) {  // A/Bs, read per launch: 0 never the row-bits
