@@ -448,8 +448,8 @@ __device__ __forceinline__ int compact_row_words(const Plan& p, const uint32_t* 
     // Dense words (some lane of the warp with more than kWarpIdsMinBits ids): the warp's nonzero
     // words in turn (broadcast), lane l writing the id of the word's bit l, so one store covers
     // consecutive slots. A thread writing its own word's ids strides the warp's stores by the lanes'
-    // counts (32 sectors per store when dense: 4096² 1x1 took 323 us dense, 158 at half, against 77
-    // and 78 this way), but sparse words are faster so (60 vs 78 us at 90% sparse): fewer steps.
+    // counts (32 sectors per store when dense: 4096² 1x1 took 383 us dense against 71 this way, 159
+    // against 80 at half), but sparse words are faster so (60 vs 78 us at 90% sparse): fewer steps.
     if (p.warp_ids && __reduce_max_sync(0xffffffffu, unsigned(__popc(bits))) > kWarpIdsMinBits) {
       const int lane = threadIdx.x & 31;
       const uint32_t below = (1u << lane) - 1u;
