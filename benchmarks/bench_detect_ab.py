@@ -58,12 +58,13 @@ def main():
             same = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
             fns.append((v, fn, same))
         t_copy, t_probe, t = [], [], {v: [] for v in variants}
-        for _ in range(ROUNDS):
+        for rnd in range(ROUNDS):
             apply_variant("", names)
             t_copy.append(time_per_call(copy, xs, n))
             if probe is not None:
                 t_probe.append(time_per_call(probe, xs, n))
-            for v, fn, _ in fns:
+            # the variants' order reversed every other round, so no variant always runs first
+            for v, fn, _ in (fns if rnd % 2 == 0 else fns[::-1]):
                 apply_variant(v, names)
                 t[v].append(time_per_call(fn, xs, n))
         apply_variant("", names)
@@ -86,7 +87,7 @@ def main():
         del xs
     md = markdown_report(
         f"detect A/B — {meta['device']}, jax {meta['jax']}, {meta['date']}",
-        f"bf16, random micro-tile sparsity {args.sparsity}; {ROUNDS} rounds, variants and copy alternated in "
+        f"bf16, random micro-tile sparsity {args.sparsity}; {ROUNDS} rounds, variants and copy alternated (variants in reverse order every other round) in "
         f"one process; median µs per call (min–max over rounds); each step returns {args.returns!r} "
         "(bench_detect.detect_step).",
         ["M×K", "tile", "layout", "variant", "detect µs", "min–max", "copy µs", "fraction of copy", "matches jnp"],

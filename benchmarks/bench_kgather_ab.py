@@ -54,10 +54,11 @@ def main():
                 err = float(jnp.max(jnp.abs(got - want)) / (jnp.max(jnp.abs(want)) + 1e-30))
                 fns.append((v, full, given, err))
             t_dense, t_full, t_given = [], {v: [] for v in variants}, {v: [] for v in variants}
-            for _ in range(ROUNDS):
+            for rnd in range(ROUNDS):
                 apply_variant("", names)
                 t_dense.append(time_per_call(lambda xs: dense(xs, w), xs, n_inputs))
-                for v, full, given, _ in fns:
+                # the variants' order reversed every other round, so no variant always runs first
+                for v, full, given, _ in (fns if rnd % 2 == 0 else fns[::-1]):
                     apply_variant(v, names)
                     t_full[v].append(time_per_call(lambda xs: full(xs, w), xs, n_inputs))
                     t_given[v].append(time_per_call(lambda xs: given(xs, w, idxs), xs, n_inputs))
@@ -74,7 +75,7 @@ def main():
             del xs, idxs
     md = markdown_report(
         f"k-gather A/B — {meta['device']}, jax {meta['jax']}, {meta['date']}",
-        f"bf16, random 32×1 tiles; {ROUNDS} rounds, variants alternated in one process; median ms per call "
+        f"bf16, random 32×1 tiles; {ROUNDS} rounds, variants alternated in one process (in reverse order every other round); median ms per call "
         "(min–max over rounds); pit = detection included, given = index passed in (pack + forward).",
         ["shape", "sparsity", "variant", "dense ms", "pit ms", "min–max", "speedup", "given ms", "min–max",
          "rel err"],
