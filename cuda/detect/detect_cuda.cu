@@ -783,10 +783,10 @@ __global__ void __launch_bounds__(kThreads)
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ typename Scan::TempStorage storage;
   __shared__ bool is_last;
+  wait_for_previous_grid();  // the mask pass (launched before this kernel, possibly overlapping)
   const int64_t bo = blockIdx.x;
   const int64_t b = bo / p.n_outer, o = bo % p.n_outer;
   int32_t* out = indices + bo * p.n_inner;
-  wait_for_previous_grid();  // the mask pass (launched before this kernel, possibly overlapping)
   int before = 0;  // prefix_offsets: tiles in the row blocks before this one
   static_assert(!kPrefix || kMode == kRowsWords || kMode == kRowsNarrow, "prefix offsets: word or narrow rows");
   constexpr bool kGroups = kMode == kRowsNarrow;  // tiles of 2 or 4 whole words, slabs ORed
