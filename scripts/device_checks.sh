@@ -73,21 +73,15 @@
 #   (PART=kgather_scan, session 14's block-scan A/B: the fused tests now run every scan variant themselves, so
 #                  it is PART=kgather_fused TEST_FILES=tests/test_kgather_fused.py SAN=0 SPARSE_DENSE=0
 #                  VARIANTS="default PIT_KGATHER_FUSED_SCAN=raking PIT_KGATHER_FUSED_SCAN=warp".)
-#   PART=detect_rowbits: the detect suites on the GPU, memcheck and racecheck over the row-bits and chunked
-#                  detect tests, the in-process A/B of the column layout's row-bits path (default: by
-#                  segments where they apply; PIT_DETECT_ROW_BITS=single, =0; $OUT/ab_row_bits), then
-#                  bench_detect ($OUT/detect).
-#   PART=detect_prefix_overlap: the detect suites, memcheck and racecheck over the word-rows and grouped-prefix
-#                  tests, and the A/B at 4096² 32x1, 64x64 and col of the prefix loads kept in flight during
-#                  the compaction (default) vs summed first (PIT_DETECT_PREFIX=serial) vs the last-CTA scan
-#                  (=0; for 64x64 the grouped prefix vs the last-CTA scan), $OUT/ab_prefix_overlap.
-#                  Then bench_detect ($OUT/detect).
-#   PART=detect_write_order: the detect suites, memcheck and racecheck over the write-order, word-rows and
-#                  dtype tests, the A/B of the word rows' id stores at 4096² (CASES, default 1x1 and 32x1) and
-#                  SPARSITIES (default 0.9 0.5 0.0): default (word by word for warps with a lane of > 16 ids)
-#                  vs each thread writing its own word's ids (PIT_DETECT_WARP_IDS=0), $OUT/ab_write_order_*;
-#                  then bench_detect ($OUT/detect). (Session 16 ran it as PART=detect_fill_first with a third
-#                  variant, PIT_DETECT_FILL_FIRST=0, a switch removed with its code.)
+#   PART=detect_write_order: the detect suites, memcheck and racecheck over the write-order, word-rows,
+#                  grouped-prefix, row-bits, chunked-edge and dtype tests, then in-process A/Bs (index kept in the jit) at
+#                  CASES (bench_detect's case numbers, default "3 0": 4096² 1x1 and 32x1) and SPARSITIES
+#                  (default 0.9 0.5 0.0) of default against VARIANTS (default PIT_DETECT_WARP_IDS=0: each
+#                  thread writing its own word's ids), $OUT/ab_write_order_*; then bench_detect ($OUT/detect).
+#                  Session 16 also ran it as PART=detect_fill_first with PIT_DETECT_FILL_FIRST=0 (removed with
+#                  its code), and as PART=detect_prefix_overlap, now CASES="0 2 1" SPARSITIES=0.9
+#                  VARIANTS="PIT_DETECT_PREFIX=serial PIT_DETECT_PREFIX=0"; session 15's PART=detect_rowbits is
+#                  CASES="1 5" SPARSITIES=0.9 VARIANTS="PIT_DETECT_ROW_BITS=single PIT_DETECT_ROW_BITS=0".
 #   PART=moe_fast_rows: MoE forward tests, memcheck, then the A/B of the producer's
 #                  unpredicated copies for whole gathered rows (PIT_MOE_FAST_ROWS=0 vs 1, $OUT/moe_fast_rows_ab).
 #   PART=kgather_parts: the detect suites on the GPU, then where a sparse_dense call's time goes
@@ -298,31 +292,13 @@ colband)
   echo "bench $((SECONDS-t0))s"
   timeout -k 5 180 python3 benchmarks/bench_moe.py --no-projection --layer-cases Qwen3-30B-A3B-like --out $OUT/layer 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "layer $((SECONDS-t0))s" ;;
-detect_rowbits)
-  pytest_gpu 200 $DETECT_SUITES
-  SAN_TIMEOUT=150 run_tool memcheck pit_detect tests/test_detect.py "gpu and ((row_bits and not off) or chunking_edges or unaligned)"
-  SAN_TIMEOUT=150 run_tool racecheck pit_detect tests/test_detect.py "gpu and ((row_bits and not off and not 70000) or chunking_edges)"
-  (cd benchmarks && timeout -k 5 150 python3 bench_detect_ab.py --returns total --out $OUT/ab_row_bits \
-     --cases 1 5 --variants default PIT_DETECT_ROW_BITS=single PIT_DETECT_ROW_BITS=0 2>&1 | grep -E "^\||dispatch" | tee -a $LOG)
-  echo "ab $((SECONDS-t0))s"
-  (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
-  echo "bench $((SECONDS-t0))s" ;;
-detect_prefix_overlap)
-  pytest_gpu 200 $DETECT_SUITES
-  SAN_TIMEOUT=150 run_tool memcheck pit_detect tests/test_detect.py "gpu and (word_rows or grouped_prefix or (row_bits and not off) or dtypes_and_sparsity or unaligned)"
-  SAN_TIMEOUT=150 run_tool racecheck pit_detect tests/test_detect.py "gpu and (word_rows or grouped_prefix or dtypes_and_sparsity)"
-  (cd benchmarks && timeout -k 5 150 python3 bench_detect_ab.py --returns total --out $OUT/ab_prefix_overlap \
-     --cases 0 2 1 --variants default PIT_DETECT_PREFIX=serial PIT_DETECT_PREFIX=0 2>&1 | grep -E "^\||dispatch" | tee -a $LOG)
-  echo "ab $((SECONDS-t0))s"
-  (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
-  echo "bench $((SECONDS-t0))s" ;;
 detect_write_order)
   pytest_gpu 200 $DETECT_SUITES
-  SAN_TIMEOUT=150 run_tool memcheck pit_detect tests/test_detect.py "gpu and (write_order or word_rows or grouped_prefix or dtypes_and_sparsity)"
-  SAN_TIMEOUT=150 run_tool racecheck pit_detect tests/test_detect.py "gpu and (write_order or word_rows or dtypes_and_sparsity)"
+  SAN_TIMEOUT=150 run_tool memcheck pit_detect tests/test_detect.py "gpu and (write_order or word_rows or grouped_prefix or (row_bits and not off) or chunking_edges or dtypes_and_sparsity or unaligned)"
+  SAN_TIMEOUT=150 run_tool racecheck pit_detect tests/test_detect.py "gpu and (write_order or word_rows or grouped_prefix or (row_bits and not off and not 70000) or chunking_edges or dtypes_and_sparsity)"
   for sp in ${SPARSITIES:-0.9 0.5 0.0}; do
     (cd benchmarks && timeout -k 5 100 python3 bench_detect_ab.py --returns total --out $OUT/ab_write_order_$sp \
-       --cases ${CASES:-3 0} --sparsity $sp --variants default PIT_DETECT_WARP_IDS=0 2>&1 | grep -E "^\| [0-9]" | sed "s/^/$sp /" | tee -a $LOG)
+       --cases ${CASES:-3 0} --sparsity $sp --variants default ${VARIANTS:-PIT_DETECT_WARP_IDS=0} 2>&1 | grep -E "^\| [0-9]" | sed "s/^/$sp /" | tee -a $LOG)
   done
   echo "ab $((SECONDS-t0))s"
   (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
