@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from pit_jax.detect_reference import detect_reference
 from bench_detect import CASES, detect_step, index_bytes, xla_column_or
 from common import (announce, apply_variant, bench_parser, dispatch_fraction, markdown_report, parse_variants,
-                    tile_sparse_bf16, time_per_call, write_results)
+                    round_order, tile_sparse_bf16, time_per_call, write_results)
 
 ROUNDS = int(os.environ.get("PIT_BENCH_ROUNDS", "5"))
 
@@ -63,8 +63,7 @@ def main():
             t_copy.append(time_per_call(copy, xs, n))
             if probe is not None:
                 t_probe.append(time_per_call(probe, xs, n))
-            # the variants' order reversed every other round, so no variant always runs first
-            for v, fn, _ in (fns if rnd % 2 == 0 else fns[::-1]):
+            for v, fn, _ in round_order(fns, rnd):
                 apply_variant(v, names)
                 t[v].append(time_per_call(fn, xs, n))
         apply_variant("", names)

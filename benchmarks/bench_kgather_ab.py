@@ -18,8 +18,8 @@ import jax.numpy as jnp
 
 import pit_jax
 from bench_sparse_dense import shapes
-from common import (announce, apply_variant, bench_parser, markdown_report, parse_variants, tile_sparse_bf16,
-                    time_per_call, write_results)
+from common import (announce, apply_variant, bench_parser, markdown_report, parse_variants, round_order,
+                    tile_sparse_bf16, time_per_call, write_results)
 
 ROUNDS = int(os.environ.get("PIT_BENCH_ROUNDS", "3"))
 TILE = (32, 1)
@@ -57,8 +57,7 @@ def main():
             for rnd in range(ROUNDS):
                 apply_variant("", names)
                 t_dense.append(time_per_call(lambda xs: dense(xs, w), xs, n_inputs))
-                # the variants' order reversed every other round, so no variant always runs first
-                for v, full, given, _ in (fns if rnd % 2 == 0 else fns[::-1]):
+                for v, full, given, _ in round_order(fns, rnd):
                     apply_variant(v, names)
                     t_full[v].append(time_per_call(lambda xs: full(xs, w), xs, n_inputs))
                     t_given[v].append(time_per_call(lambda xs: given(xs, w, idxs), xs, n_inputs))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import pit_jax
 from pit_jax.moe import fused_matmul, grouped_matmul
 from bench_moe import CASES, QUICK, expert_ids, layer_operands
-from common import announce, bench_parser, markdown_report, time_per_call, write_results
+from common import announce, bench_parser, markdown_report, round_order, time_per_call, write_results
 
 # alternating A / B timings per point; the median of each is reported
 ROUNDS = int(os.environ.get("PIT_BENCH_ROUNDS", "4"))
@@ -88,14 +88,9 @@ def main():
                 ran = any(s in fn.lower(operands).as_text()
                           for s in ("@pit_moe_fused(", "@pit_moe_matmul(", "@pit_moe_matmul_tn("))
                 times_a, times_b = [], []
-                for rnd in range(ROUNDS):  # A B, then B A: the slot order weighs on neither (session 16 saw
-                    # an untouched kernel read 4-7% slower in the second slot)
-                    if rnd % 2 == 0:
-                        times_a.append(timed(fn, operands, var, val_a))
-                        times_b.append(timed(fn, operands, var, val_b))
-                    else:
-                        times_b.append(timed(fn, operands, var, val_b))
-                        times_a.append(timed(fn, operands, var, val_a))
+                for rnd in range(ROUNDS):
+                    for value, times in round_order([(val_a, times_a), (val_b, times_b)], rnd):
+                        times.append(timed(fn, operands, var, value))
                 set_switch(var, val_a)
                 ref = fn(operands)
                 set_switch(var, val_b)

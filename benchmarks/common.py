@@ -70,6 +70,12 @@ def time_per_call(fn, inputs, calls_per_step: int, steps: int = 10, reps: int = 
     return statistics.median(times) / calls_per_step
 
 
+def round_order(items: list, rnd: int) -> list:
+    """A/B rounds: `items` as given in even rounds, reversed in odd ones, so no variant always runs
+    first (session 16 saw a kernel no switch touched read 4-7% slower in the second slot)."""
+    return items if rnd % 2 == 0 else items[::-1]
+
+
 def parse_variants(specs: list[str]) -> tuple[list[str], set[str]]:
     """A/B variants from the command line: each a comma-separated NAME=VALUE list of environment
     variables the CUDA handlers read per launch ('default' = none). Returns the variants ("" for
