@@ -49,6 +49,8 @@ def main():
     ap.add_argument("--switch", nargs=3, default=["PIT_MOE_PERSISTENT", "0", "1"], metavar=("NAME", "A", "B"),
                     help="environment variable read per launch and its two values, 'default' = unset "
                          "(default: tiled vs persistent)")
+    ap.add_argument("--parts", nargs="+", default=None, metavar="PART",
+                    help="time only these parts (e.g. 'routed projection'); default: all")
     args = ap.parse_args()
     var, val_a, val_b = args.switch
     label_a, label_b = ("tiled", "persistent") if var == "PIT_MOE_PERSISTENT" else (f"{var}={val_a}", f"{var}={val_b}")
@@ -72,6 +74,11 @@ def main():
                                       (ids, x, w_in)),
                 "projection": (lambda ops: grouped_matmul(ops[0], ops[1], routing, rows_per_source=k,
                                                           x_sorted=False, out_sorted=True), (x, w_in)),
+                # x copied into routing order by XLA first, then the kernel reads both operands by TMA
+                # (how a permute-then-GEMM MoE works; the copy's cost against the gather's)
+                "copied projection": (lambda ops: grouped_matmul(jnp.take(ops[0], ops[2].order // k, axis=0), ops[1],
+                                                                 ops[2], rows_per_source=1, x_sorted=True,
+                                                                 out_sorted=True), (x, w_in, routing)),
                 "up swiglu": (lambda ops: fused_matmul(ops[0], ops[1], routing, epilogue="swiglu", rows_per_source=k,
                                                        x_sorted=False, out_sorted=True, w_up=ops[2]),
                               (x, w_gate, w_in)),
@@ -84,6 +91,8 @@ def main():
                                   (x, w_in)),
             }
             for part, (fn, operands) in parts.items():
+                if args.parts is not None and part not in args.parts:
+                    continue
                 fn = jax.jit(fn)
                 ran = any(s in fn.lower(operands).as_text()
                           for s in ("@pit_moe_fused(", "@pit_moe_matmul(", "@pit_moe_matmul_tn("))
@@ -108,7 +117,8 @@ def main():
         f"MoE kernels: {label_a} vs {label_b} — {meta['device']}, jax {meta['jax']}, {meta['date']}",
         f"bf16, forward kernels and one dW, same jitted function with {var}={val_a} / {val_b} timed in {ROUNDS} rounds, "
         "A then B in even rounds and B then A in odd ones (median of each). projection: tokens gathered, rows in routing order (no epilogue); routed projection: "
-        "the same with the routing index built inside the timed call; up swiglu: gate "
+        "the same with the routing index built inside the timed call; copied projection: x copied into routing order by XLA (jnp.take) "
+        "in the timed call, then both operands by TMA; up swiglu: gate "
         "and up weights in one GEMM, silu(gate)·up fused; down scale: routing-ordered rows scattered to "
         "(token, slot) × the combine weight; projection dW: jax.grad of the projection w.r.t. w (the tn kernel). dense = a [T·k, d] × [d, f] matmul (×2 for SwiGLU's two "
         f"weights). max |diff| = {label_b} vs {label_a} output",
