@@ -82,6 +82,11 @@
 #                  its code), and as PART=detect_prefix_overlap, now CASES="0 2 1" SPARSITIES=0.9
 #                  VARIANTS="PIT_DETECT_PREFIX=serial PIT_DETECT_PREFIX=0"; session 15's PART=detect_rowbits is
 #                  CASES="1 5" SPARSITIES=0.9 VARIANTS="PIT_DETECT_ROW_BITS=single PIT_DETECT_ROW_BITS=0".
+#   PART=detect_chunked: the detect suites, memcheck and racecheck over the chunked-path edge tests.
+#   PART=route_ncu: the routing kernels' ncu device times alone.
+#   PART=route_profile: ncu device times of the routing kernels (Qwen-like uniform and one-hot, Mixtral
+#                  uniform), ncu sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt), and
+#                  bench_moe's Qwen-like layer table ($OUT/layer: routing % of the layer forward).
 #   PART=moe_fast_rows: MoE forward tests, memcheck, then the A/B of the producer's
 #                  unpredicated copies for whole gathered rows (PIT_MOE_FAST_ROWS=0 vs 1, $OUT/moe_fast_rows_ab).
 #   PART=kgather_parts: the detect suites on the GPU, then where a sparse_dense call's time goes
@@ -113,7 +118,8 @@ run_tool() {  # compute-sanitizer tool, kernel-name filter, test file, -k select
   echo "$1 $((SECONDS-t0))s"
 }
 DETECT_SUITES="tests/test_detect.py tests/test_detect_properties.py tests/test_detect_transforms.py tests/test_detect_errors.py"
-case "${PART:-tests}" in
+for part in ${PART:-tests}; do  # PART may name several parts, run in turn after one build
+case "$part" in
 tests)
   pytest_gpu ${TEST_TIMEOUT:-280} tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py
   pytest_gpu ${TEST_TIMEOUT:-280} $DETECT_SUITES ;;
@@ -347,6 +353,31 @@ pdl_modes)  # PIT_MOE_PDL 0 (off) and 2 (routing only) against the default (rout
 auto)
   timeout -k 5 ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_kgather_auto.py --out $OUT/auto 2>&1 | grep "^| [4O]" | tee -a $LOG
   echo "auto $((SECONDS-t0))s" ;;
+detect_chunked)  # the detect suites, memcheck and racecheck over the chunked-path and dtype tests
+  pytest_gpu ${TEST_TIMEOUT:-200} $DETECT_SUITES
+  run_tool memcheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity)"
+  run_tool racecheck pit_detect tests/test_detect.py "gpu and chunking_edges" ;;
+route_ncu)  # the routing kernels' device times only (the first loop of route_profile)
+  for args in "2048 128 8 --routing uniform" "2048 128 8 --routing one-hot" "4096 8 2 --routing uniform"; do
+    echo "== ncu routing $args" | tee -a $LOG
+    (cd benchmarks && timeout -k 5 90 ncu --kernel-name regex:pit_moe_route --metrics gpu__time_duration.sum,launch__grid_size \
+      python3 profile_moe_route.py --shape $args > /tmp/ncu_route.log 2>&1)
+    grep -E "pit_moe_route|gpu__time|launch__grid" /tmp/ncu_route.log | sed 's/(const.*//; s/(int.*//; s/  */ /g' | tee -a $LOG
+  done ;;
+route_profile)  # routing kernels' device times (ncu), the detect 1x1 rows kernel's sections, Qwen-like layer table
+  for args in "2048 128 8 --routing uniform" "2048 128 8 --routing one-hot" "4096 8 2 --routing uniform"; do
+    echo "== ncu routing $args" | tee -a $LOG
+    (cd benchmarks && timeout -k 5 90 ncu --kernel-name regex:pit_moe_route --metrics gpu__time_duration.sum,launch__grid_size \
+      python3 profile_moe_route.py --shape $args > /tmp/ncu_route.log 2>&1)
+    grep -E "pit_moe_route|gpu__time|launch__grid" /tmp/ncu_route.log | sed 's/(const.*//; s/(int.*//; s/  */ /g' | tee -a $LOG
+  done
+  echo "route ncu $((SECONDS-t0))s"
+  NCU_TIMEOUT=120 bash scripts/ncu_detect_sections.sh 1x1 pit_detect_rows_kernel 1 1 > $OUT/ncu_detect_1x1_rows.txt 2>&1
+  grep -E "Duration|DRAM Throughput|Memory Throughput|Registers|Achieved Occupancy|Block Limit" $OUT/ncu_detect_1x1_rows.txt | head -12 | tee -a $LOG
+  echo "detect ncu $((SECONDS-t0))s"
+  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe.py --no-projection --layer-cases "Qwen3-30B-A3B-like" \
+    --out $OUT/layer 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "layer $((SECONDS-t0))s" ;;
 ncu)
   echo "== ncu: one SwiGLU layer step, Mixtral shape (T=4096, E=8, k=2, 4096->14336), bf16" >> $LOG
   # ncu writes to a file, not a pipe: a profiled process left behind by the timeout must not hold the pipe open
@@ -358,3 +389,4 @@ ncu)
   tail -6 $OUT/lm_example.log
   echo "lm $((SECONDS-t0))s" ;;
 esac
+done

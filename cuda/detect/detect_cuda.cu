@@ -393,6 +393,19 @@ __global__ void __launch_bounds__(kScanThreads)
   if (threadIdx.x == 0) off[p.n_outer] = total;
 }
 
+// -1 into out[lo, hi) by the whole CTA: 16-byte stores over the aligned middle, scalars at the ends.
+__device__ __forceinline__ void fill_unused_slots(int32_t* __restrict__ out, int64_t lo, int64_t hi) {
+  if (lo >= hi) return;
+  const uintptr_t a_lo = reinterpret_cast<uintptr_t>(out + lo), a_hi = reinterpret_cast<uintptr_t>(out + hi);
+  const uintptr_t v_lo = min(a_hi, (a_lo + 15) & ~uintptr_t(15)), v_hi = max(v_lo, a_hi & ~uintptr_t(15));
+  int4* vec = reinterpret_cast<int4*>(v_lo);
+  const int64_t n_vec = int64_t(v_hi - v_lo) / 16;
+  for (int64_t i = threadIdx.x; i < n_vec; i += kThreads) vec[i] = make_int4(-1, -1, -1, -1);
+  const int64_t head = int64_t(v_lo - a_lo) / 4, tail = int64_t(a_hi - v_hi) / 4;  // each < 4
+  if (threadIdx.x < head) out[lo + threadIdx.x] = -1;
+  else if (threadIdx.x >= 4 && threadIdx.x < 4 + tail) out[hi - tail + (threadIdx.x - 4)] = -1;
+}
+
 // Pass 4: every chunk writes its nonzero tile ids in order at its scanned position, and -1 into
 // the padding slots [count, n_inner) that fall in its own slot range, so each index element is
 // written exactly once, by one CTA, without atomics.
@@ -416,7 +429,7 @@ __global__ void __launch_bounds__(kThreads)
     if (flags[k]) out[base + pos[k]] = int32_t(item_id<kWide>(p, c, k));
   const int64_t slot_lo = max(int64_t(counts[bo]), c * p.chunk);
   const int64_t slot_hi = min(p.n_inner, (c + 1) * p.chunk);
-  for (int64_t s = slot_lo + threadIdx.x; s < slot_hi; s += kThreads) out[s] = -1;
+  fill_unused_slots(out, slot_lo, slot_hi);
 }
 
 // Word rows: a mask word folded to one bit per tile — bit g*tile_k set when any column of tile g
@@ -678,19 +691,6 @@ __device__ __forceinline__ int sum_tile_words_before(const Plan& p, const uint4 
     }
   }
   return Reduce(storage).Sum(sum);
-}
-
-// -1 into out[lo, hi) by the whole CTA: 16-byte stores over the aligned middle, scalars at the ends.
-__device__ __forceinline__ void fill_unused_slots(int32_t* __restrict__ out, int64_t lo, int64_t hi) {
-  if (lo >= hi) return;
-  const uintptr_t a_lo = reinterpret_cast<uintptr_t>(out + lo), a_hi = reinterpret_cast<uintptr_t>(out + hi);
-  const uintptr_t v_lo = min(a_hi, (a_lo + 15) & ~uintptr_t(15)), v_hi = max(v_lo, a_hi & ~uintptr_t(15));
-  int4* vec = reinterpret_cast<int4*>(v_lo);
-  const int64_t n_vec = int64_t(v_hi - v_lo) / 16;
-  for (int64_t i = threadIdx.x; i < n_vec; i += kThreads) vec[i] = make_int4(-1, -1, -1, -1);
-  const int64_t head = int64_t(v_lo - a_lo) / 4, tail = int64_t(a_hi - v_hi) / 4;  // each < 4
-  if (threadIdx.x < head) out[lo + threadIdx.x] = -1;
-  else if (threadIdx.x >= 4 && threadIdx.x < 4 + tail) out[hi - tail + (threadIdx.x - 4)] = -1;
 }
 
 // CSR offsets of batch element b from its counts (all written and fenced by other CTAs), by one
