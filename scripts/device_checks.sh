@@ -85,6 +85,7 @@
 #   PART=detect_chunked: the detect suites, memcheck and racecheck over the chunked-path edge tests.
 #   PART=route_ncu: the routing kernels' ncu device times alone.
 #   PART=projection_qwen: bench_moe's projection table for the Qwen-like case alone.
+#   PART=layer_qwen: bench_moe's layer table for the Qwen-like case alone.
 #   PART=route_sanitize: memcheck and racecheck over the routing kernel tests.
 #   PART=route_profile: ncu device times of the routing kernels (Qwen-like uniform and one-hot, Mixtral
 #                  uniform), ncu sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt), and
@@ -359,20 +360,24 @@ detect_chunked)  # the detect suites, memcheck and racecheck over the chunked-pa
   pytest_gpu ${TEST_TIMEOUT:-200} $DETECT_SUITES
   run_tool memcheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity)"
   run_tool racecheck pit_detect tests/test_detect.py "gpu and chunking_edges" ;;
-route_ncu)  # the routing kernels' device times only (the first loop of projection_qwen)  # bench_moe's projection table, Qwen-like only ($OUT/projection_qwen)
-  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe.py --no-layer --cases "Qwen3-30B-A3B-like" \
-    --out $OUT/projection_qwen 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  echo "projection $((SECONDS-t0))s" ;;
-route_sanitize)  # memcheck and racecheck over the routing kernel tests (memcheck without the case its own process crashes on)
-  run_tool memcheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and not 20000"
-  run_tool racecheck pit_moe_route tests/test_moe_kernels.py "routing_kernel" ;;
-route_profile)
+route_ncu)  # the routing kernels' device times only (the first loop of route_profile)
   for args in "2048 128 8 --routing uniform" "2048 128 8 --routing one-hot" "4096 8 2 --routing uniform"; do
     echo "== ncu routing $args" | tee -a $LOG
     (cd benchmarks && timeout -k 5 90 ncu --kernel-name regex:pit_moe_route --metrics gpu__time_duration.sum,launch__grid_size \
       python3 profile_moe_route.py --shape $args > /tmp/ncu_route.log 2>&1)
     grep -E "pit_moe_route|gpu__time|launch__grid" /tmp/ncu_route.log | sed 's/(const.*//; s/(int.*//; s/  */ /g' | tee -a $LOG
   done ;;
+projection_qwen)  # bench_moe's projection table, Qwen-like only ($OUT/projection_qwen)
+  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe.py --no-layer --cases "Qwen3-30B-A3B-like" \
+    --out $OUT/projection_qwen 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "projection $((SECONDS-t0))s" ;;
+layer_qwen)  # bench_moe's layer table, Qwen-like only ($OUT/layer_qwen: routing % of the layer forward)
+  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe.py --no-projection --layer-cases "Qwen3-30B-A3B-like" \
+    --out $OUT/layer_qwen 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "layer $((SECONDS-t0))s" ;;
+route_sanitize)  # memcheck and racecheck over the routing kernel tests (memcheck without the case its own process crashes on)
+  run_tool memcheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and not 20000"
+  run_tool racecheck pit_moe_route tests/test_moe_kernels.py "routing_kernel" ;;
 route_profile)  # routing kernels' device times (ncu), the detect 1x1 rows kernel's sections, Qwen-like layer table
   for args in "2048 128 8 --routing uniform" "2048 128 8 --routing one-hot" "4096 8 2 --routing uniform"; do
     echo "== ncu routing $args" | tee -a $LOG
