@@ -86,6 +86,8 @@
 #   PART=route_ncu: the routing kernels' ncu device times alone.
 #   PART=projection_qwen: bench_moe's projection table for the Qwen-like case alone.
 #   PART=layer_qwen: bench_moe's layer table for the Qwen-like case alone.
+#   PART=ncu_projection_dram: ncu DRAM bytes, L2 hit rate, SM and DRAM throughput of the gathered forward
+#                  (bench_moe case CASE, default Qwen-like; ROUTINGS), tables given, caches flushed, real clocks.
 #   PART=route_sanitize: memcheck and racecheck over the routing kernel tests.
 #   PART=route_profile: ncu device times of the routing kernels (Qwen-like uniform and one-hot, Mixtral
 #                  uniform), ncu sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt), and
@@ -375,6 +377,15 @@ layer_qwen)  # bench_moe's layer table, Qwen-like only ($OUT/layer_qwen: routing
   timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe.py --no-projection --layer-cases "Qwen3-30B-A3B-like" \
     --out $OUT/layer_qwen 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "layer $((SECONDS-t0))s" ;;
+ncu_projection_dram)  # DRAM bytes, L2 hit rate and time of the gathered forward, Qwen-like (CASE), tables given
+  for routing in ${ROUTINGS:-uniform zipf one-hot}; do
+    echo "== ncu forward ${CASE:-Qwen3-30B-A3B-like} $routing" | tee -a $LOG
+    (cd benchmarks && timeout -k 5 120 ncu --kernel-name regex:pit_moe_forward --launch-skip 1 --launch-count 1 \
+      --clock-control none --cache-control all --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,sm__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size \
+      python3 profile_moe_projection.py --case "${CASE:-Qwen3-30B-A3B-like}" --routing $routing > /tmp/ncu_proj.log 2>&1)
+    grep -E "row tiles|gpu__time|dram__|lts__|sm__thr|launch__grid" /tmp/ncu_proj.log | sed 's/  */ /g' | tee -a $LOG
+  done
+  echo "ncu $((SECONDS-t0))s" ;;
 route_sanitize)  # memcheck and racecheck over the routing kernel tests (memcheck without the case its own process crashes on)
   run_tool memcheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and not 20000"
   run_tool racecheck pit_moe_route tests/test_moe_kernels.py "routing_kernel" ;;
