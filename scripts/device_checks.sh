@@ -102,6 +102,9 @@ set -u
 export PYTHONUNBUFFERED=1
 LOG=$OUT/checks.log
 { date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; python3 -c "import jax; print('jax', jax.__version__)"; } | tee -a $LOG
+for part in ${PART:-tests}; do  # every part named must exist before the build spends device time
+  grep -q "^$part)" "$0" || { echo "device_checks: no part named '$part'" | tee -a $LOG; exit 2; }
+done
 t0=$SECONDS
 [[ "${SKIP_BUILD:-0}" == 1 ]] || PIT_ENABLE_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q . > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
 echo "build $((SECONDS-t0))s"
@@ -413,5 +416,8 @@ ncu)
   timeout -k 5 150 python3 examples/moe_language_model.py --dtype bfloat16 --steps 60 --batch 32 --seq 256 --d 512 --d-ff 1024 --layers 4 --experts 8 --top-k 2 2>&1 | tr '\r' '\n' | grep -v "^  [a-z]* *\[.*\] [0-9]*/" > $OUT/lm_example.log
   tail -6 $OUT/lm_example.log
   echo "lm $((SECONDS-t0))s" ;;
+*)  # a misspelt or missing part must not pass silently (session 17 lost a run to one)
+  echo "device_checks: no part named '$part'" | tee -a $LOG
+  exit 2 ;;
 esac
 done
