@@ -89,9 +89,9 @@
 #   PART=ncu_projection_dram: ncu DRAM bytes, L2 hit rate, SM and DRAM throughput of the gathered forward
 #                  (bench_moe case CASE, default Qwen-like; ROUTINGS), tables given, caches flushed, real clocks.
 #   PART=route_sanitize: memcheck and racecheck over the routing kernel tests.
-#   PART=route_profile: ncu device times of the routing kernels (Qwen-like uniform and one-hot, Mixtral
-#                  uniform), ncu sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt), and
-#                  bench_moe's Qwen-like layer table ($OUT/layer: routing % of the layer forward).
+#   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
+#                  Session 17's part route_profile was PART="route_ncu ncu_detect_1x1 layer_qwen" (its layer
+#                  table went to $OUT/layer).
 #   PART=moe_fast_rows: MoE forward tests, memcheck, then the A/B of the producer's
 #                  unpredicated copies for whole gathered rows (PIT_MOE_FAST_ROWS=0 vs 1, $OUT/moe_fast_rows_ab).
 #   PART=kgather_parts: the detect suites on the GPU, then where a sparse_dense call's time goes
@@ -124,6 +124,12 @@ run_tool() {  # compute-sanitizer tool, kernel-name filter, test file, -k select
   echo "rc $?" >> /tmp/san.log
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|rc " /tmp/san.log | tail -4 | tee -a $LOG
   echo "$1 $((SECONDS-t0))s"
+}
+projection_table() {  # seconds, output folder under $OUT, then bench_moe case names: its projection table
+  local limit=$1 out=$2; shift 2
+  timeout -k 5 ${BENCH_TIMEOUT:-$limit} python3 benchmarks/bench_moe.py --no-layer --cases "$@" \
+    --out $OUT/$out 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "projection $((SECONDS-t0))s"
 }
 DETECT_SUITES="tests/test_detect.py tests/test_detect_properties.py tests/test_detect_transforms.py tests/test_detect_errors.py"
 for part in ${PART:-tests}; do  # PART may name several parts, run in turn after one build
@@ -335,9 +341,7 @@ verify)
   done ;;
 projection)
   # all three cases ran past 220 s on an H100 (session 8); these two took 157 s
-  timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe.py --no-layer --cases "Qwen3-30B-A3B-like" "Mixtral up T=4096" \
-    --out $OUT/projection 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  echo "projection $((SECONDS-t0))s" ;;
+  projection_table 300 projection "Qwen3-30B-A3B-like" "Mixtral up T=4096" ;;
 route_prefetch)  # the MoE kernel tests, the routing's id prefetch A/B (5 rounds), then the sanitize part
   pytest_gpu 200 tests/test_moe_kernels.py
   PIT_BENCH_ROUNDS=5 timeout -k 5 ${BENCH_TIMEOUT:-120} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_ROUTE_PREFETCH 0 default --out $OUT/route_prefetch 2>&1 | grep "^| [MQ]" | tee -a $LOG
@@ -365,7 +369,7 @@ detect_chunked)  # the detect suites, memcheck and racecheck over the chunked-pa
   pytest_gpu ${TEST_TIMEOUT:-200} $DETECT_SUITES
   run_tool memcheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity)"
   run_tool racecheck pit_detect tests/test_detect.py "gpu and chunking_edges" ;;
-route_ncu)  # the routing kernels' device times only (the first loop of route_profile)
+route_ncu)  # the routing kernels' device times (ncu) on the Qwen-like and Mixtral shapes
   for args in "2048 128 8 --routing uniform" "2048 128 8 --routing one-hot" "4096 8 2 --routing uniform"; do
     echo "== ncu routing $args" | tee -a $LOG
     (cd benchmarks && timeout -k 5 90 ncu --kernel-name regex:pit_moe_route --metrics gpu__time_duration.sum,launch__grid_size \
@@ -373,9 +377,7 @@ route_ncu)  # the routing kernels' device times only (the first loop of route_pr
     grep -E "pit_moe_route|gpu__time|launch__grid" /tmp/ncu_route.log | sed 's/(const.*//; s/(int.*//; s/  */ /g' | tee -a $LOG
   done ;;
 projection_qwen)  # bench_moe's projection table, Qwen-like only ($OUT/projection_qwen)
-  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe.py --no-layer --cases "Qwen3-30B-A3B-like" \
-    --out $OUT/projection_qwen 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  echo "projection $((SECONDS-t0))s" ;;
+  projection_table 200 projection_qwen "Qwen3-30B-A3B-like" ;;
 layer_qwen)  # bench_moe's layer table, Qwen-like only ($OUT/layer_qwen: routing % of the layer forward)
   timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe.py --no-projection --layer-cases "Qwen3-30B-A3B-like" \
     --out $OUT/layer_qwen 2>&1 | grep "^| [MQ]" | tee -a $LOG
@@ -392,20 +394,10 @@ ncu_projection_dram)  # DRAM bytes, L2 hit rate and time of the gathered forward
 route_sanitize)  # memcheck and racecheck over the routing kernel tests (memcheck without the case its own process crashes on)
   run_tool memcheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and not 20000"
   run_tool racecheck pit_moe_route tests/test_moe_kernels.py "routing_kernel" ;;
-route_profile)  # routing kernels' device times (ncu), the detect 1x1 rows kernel's sections, Qwen-like layer table
-  for args in "2048 128 8 --routing uniform" "2048 128 8 --routing one-hot" "4096 8 2 --routing uniform"; do
-    echo "== ncu routing $args" | tee -a $LOG
-    (cd benchmarks && timeout -k 5 90 ncu --kernel-name regex:pit_moe_route --metrics gpu__time_duration.sum,launch__grid_size \
-      python3 profile_moe_route.py --shape $args > /tmp/ncu_route.log 2>&1)
-    grep -E "pit_moe_route|gpu__time|launch__grid" /tmp/ncu_route.log | sed 's/(const.*//; s/(int.*//; s/  */ /g' | tee -a $LOG
-  done
-  echo "route ncu $((SECONDS-t0))s"
+ncu_detect_1x1)  # Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt)
   NCU_TIMEOUT=120 bash scripts/ncu_detect_sections.sh 1x1 pit_detect_rows_kernel 1 1 > $OUT/ncu_detect_1x1_rows.txt 2>&1
   grep -E "Duration|DRAM Throughput|Memory Throughput|Registers|Achieved Occupancy|Block Limit" $OUT/ncu_detect_1x1_rows.txt | head -12 | tee -a $LOG
-  echo "detect ncu $((SECONDS-t0))s"
-  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe.py --no-projection --layer-cases "Qwen3-30B-A3B-like" \
-    --out $OUT/layer 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  echo "layer $((SECONDS-t0))s" ;;
+  echo "detect ncu $((SECONDS-t0))s" ;;
 ncu)
   echo "== ncu: one SwiGLU layer step, Mixtral shape (T=4096, E=8, k=2, 4096->14336), bf16" >> $LOG
   # ncu writes to a file, not a pipe: a profiled process left behind by the timeout must not hold the pipe open

@@ -4,17 +4,17 @@
 # each kernel. Writes the report to stdout.
 #   bash scripts/ncu_detect_sections.sh TILE KERNEL_REGEX [LAUNCH_SKIP] [LAUNCH_COUNT]
 # Session 16 ran the mask pass against the reduction:  32x1 'pit_detect_mask|reduce|fusion' 2
-# Prepared, not yet run, the 1x1 rows kernel (4096 CTAs writing 64 MB of index in 43 us):
-#                                                      1x1 'pit_detect_rows_kernel' 1 1
+# Session 17 ran the 1x1 rows kernel (4096 CTAs writing 64 MB of index): 1x1 'pit_detect_rows_kernel' 1 1
+# (both sessions built x with numpy's generator inline; it now comes from benchmarks/common.py).
 set -u
 tile=$1 kernels=$2 skip=${3:-0} count=${4:-}
 cat > /tmp/ncu_detect_sections.py <<'PY'
 import sys
-import jax, jax.numpy as jnp, numpy as np, pit_jax
+sys.path.insert(0, "benchmarks")  # common.py; -P keeps the source tree's pit_jax off the path
+import jax, jax.numpy as jnp, pit_jax
+from common import tile_sparse_bf16
 tm, tk = (int(v) for v in sys.argv[1].split("x"))
-r = np.random.default_rng(0)
-keep = r.random((4096 // tm, 4096 // tk)) < 0.1
-x = jnp.asarray(np.repeat(np.repeat(keep, tm, 0), tk, 1) * r.standard_normal((4096, 4096)), jnp.bfloat16)
+x = tile_sparse_bf16(jax.random.PRNGKey(0), 4096, 4096, (tm, tk), 0.9, 1)[0]
 f = jax.jit(lambda x: pit_jax.detect(x, (tm, tk)).counts.sum())
 g = jax.jit(lambda x: jnp.max(jnp.abs(x)))
 for _ in range(2):
