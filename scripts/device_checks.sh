@@ -87,7 +87,10 @@
 #   PART=projection_qwen: bench_moe's projection table for the Qwen-like case alone.
 #   PART=layer_qwen: bench_moe's layer table for the Qwen-like case alone.
 #   PART=ncu_projection_dram: ncu DRAM bytes, L2 hit rate, SM and DRAM throughput of the gathered forward
-#                  (bench_moe case CASE, default Qwen-like; ROUTINGS), tables given, caches flushed, real clocks.
+#                  (bench_moe case CASE, default Qwen-like; ROUTINGS), tables given, caches flushed, real clocks;
+#                  with waves per SM and SM active cycles (mean and max over SMs against the elapsed cycles:
+#                  how much of the kernel's time its SMs sit idle in the last wave).
+#   PART=projection_16k: bench_moe's projection table for Mixtral T=16384 alone ($OUT/projection_16k).
 #   PART=route_sanitize: memcheck and racecheck over the routing kernel tests.
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
 #                  Session 17's part route_profile was PART="route_ncu ncu_detect_1x1 layer_qwen" (its layer
@@ -339,6 +342,8 @@ verify)
       kgather) pytest_gpu 200 tests/test_kgather.py tests/test_kgather_kernels.py ;;
     esac
   done ;;
+projection_16k)  # last run in session 6 (2026-11-26_h200_moe_final)
+  projection_table 420 projection_16k "Mixtral up T=16384" ;;
 projection)
   # all three cases ran past 220 s on an H100 (session 8); these two took 157 s
   projection_table 300 projection "Qwen3-30B-A3B-like" "Mixtral up T=4096" ;;
@@ -386,9 +391,9 @@ ncu_projection_dram)  # DRAM bytes, L2 hit rate and time of the gathered forward
   for routing in ${ROUTINGS:-uniform zipf one-hot}; do
     echo "== ncu forward ${CASE:-Qwen3-30B-A3B-like} $routing" | tee -a $LOG
     (cd benchmarks && timeout -k 5 120 ncu --kernel-name regex:pit_moe_forward --launch-skip 1 --launch-count 1 \
-      --clock-control none --cache-control all --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,sm__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size \
+      --clock-control none --cache-control all --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,sm__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size,launch__waves_per_multiprocessor,sm__cycles_active.avg,sm__cycles_active.max,sm__cycles_elapsed.max \
       python3 profile_moe_projection.py --case "${CASE:-Qwen3-30B-A3B-like}" --routing $routing > /tmp/ncu_proj.log 2>&1)
-    grep -E "row tiles|gpu__time|dram__|lts__|sm__thr|launch__grid" /tmp/ncu_proj.log | sed 's/  */ /g' | tee -a $LOG
+    grep -E "row tiles|gpu__time|dram__|lts__|sm__thr|sm__cycles|launch__" /tmp/ncu_proj.log | sed 's/  */ /g' | tee -a $LOG
   done
   echo "ncu $((SECONDS-t0))s" ;;
 route_sanitize)  # memcheck and racecheck over the routing kernel tests (memcheck without the case its own process crashes on)
