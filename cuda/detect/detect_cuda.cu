@@ -581,44 +581,46 @@ enum RowMode { kRowsNarrow = 0, kRowsWide = 1, kRowsWords = 2, kRowsBits = 3 };
 // Row-bits path by segments (Plan::row_bit_segments: one column block, n_slabs == 1), one CTA per
 // (batch, segment of kThreads row blocks). Every CTA ORs each task's words over the columns and
 // counts the nonzero row blocks before its segment and in all (a few words per thread, loads in
-// flight), then places its own blocks (one per thread) by a block scan. Slots of its segment at or
-// past the total get -1, so each index element is written once without a cross-CTA scan; segment 0
-// writes the count and the offsets [0, total].
+// flight; both sums in one block reduction of a 64-bit pair), keeping in shared memory the words of
+// the tasks under its own segment, then places its own blocks (one per thread) by a block scan from
+// those words, without reading them again. Slots of its segment at or past the total get -1, so
+// each index element is written once without a cross-CTA scan; segment 0 writes the count and the
+// offsets [0, total].
 __global__ void __launch_bounds__(kThreads)
     pit_detect_row_bit_segments_kernel(Plan p, const uint32_t* __restrict__ row_bits, int32_t* __restrict__ counts,
                                        int32_t* __restrict__ offsets, int32_t* __restrict__ indices) {
-  using Reduce = cub::BlockReduce<int, kThreads>;
+  using Reduce = cub::BlockReduce<unsigned long long, kThreads>;
   using Scan = cub::BlockScan<int, kThreads>;
   __shared__ union {
     typename Reduce::TempStorage reduce;
     typename Scan::TempStorage scan;
   } storage;
+  __shared__ uint32_t segment_words[kThreads + 1];  // the tasks under [lo, hi): at most kThreads + 1
+  __shared__ int shared_before, shared_total;
   wait_for_previous_grid();  // the mask pass
   const int64_t b = blockIdx.x / p.n_segments(), seg = blockIdx.x % p.n_segments();
   const int64_t lo = seg * kThreads, hi = min(p.nb_m, lo + kThreads);
   const uint32_t* words = row_bits + b * p.n_row_tasks() * p.n_col_chunks();
   const int64_t per_task = p.blocks_per_task();  // n_slabs == 1: one task per group of row blocks
-  auto task_word = [&](int64_t t) { return row_bits_task_word(p, words, t, 0, p.n_col_chunks()); };  // nb_k == 1
-  // Nonzero row blocks before the segment and in all, this thread's tasks.
-  int before_part = 0, total_part = 0;
+  const int64_t first_task = lo / per_task, last_task = (hi - 1) / per_task;
+  // Nonzero row blocks before the segment (low half) and in all (high half), this thread's tasks.
+  unsigned long long parts = 0;
   for (int64_t t = threadIdx.x; t < p.n_row_tasks(); t += kThreads) {
-    const uint32_t w = task_word(t);
+    const uint32_t w = row_bits_task_word(p, words, t, 0, p.n_col_chunks());  // nb_k == 1
+    if (t >= first_task && t <= last_task) segment_words[t - first_task] = w;
     const int64_t below = min(max(lo - t * per_task, int64_t(0)), int64_t(32));  // bit q: row block t*per_task + q
-    before_part += __popc(w & (below == 32 ? ~0u : ((1u << below) - 1u)));
-    total_part += __popc(w);
+    parts += (static_cast<unsigned long long>(__popc(w)) << 32) |
+             static_cast<unsigned>(__popc(w & (below == 32 ? ~0u : ((1u << below) - 1u))));
   }
-  const int before = Reduce(storage.reduce).Sum(before_part);
-  __syncthreads();  // storage is reused
-  const int total = Reduce(storage.reduce).Sum(total_part);
-  __shared__ int shared_before, shared_total;
+  const unsigned long long sums = Reduce(storage.reduce).Sum(parts);
   if (threadIdx.x == 0) {
-    shared_before = before;
-    shared_total = total;
+    shared_before = int(sums & 0xffffffffull);
+    shared_total = int(sums >> 32);
   }
-  __syncthreads();
+  __syncthreads();  // the sums, the segment's words; storage is reused by the scan
   const int64_t i = lo + threadIdx.x;
   int flag = 0;
-  if (i < hi) flag = int((task_word(i / per_task) >> (i % per_task)) & 1u);
+  if (i < hi) flag = int((segment_words[i / per_task - first_task] >> (i % per_task)) & 1u);
   int pos;
   Scan(storage.scan).ExclusiveSum(flag, pos);
   int32_t* out = indices + b * p.nb_m;
