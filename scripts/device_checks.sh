@@ -91,8 +91,9 @@
 #                  with waves per SM and SM active cycles (mean and max over SMs against the elapsed cycles:
 #                  how much of the kernel's time its SMs sit idle in the last wave).
 #   PART=detect_segments: the row-bits detect tests on the GPU, memcheck and racecheck over them (new
-#                  paths only), then the A/B of the segments kernel at 4096² 1×4096 col (VARIANTS, default
-#                  PIT_DETECT_SEGMENTS_OLD=1, a switch of session 18's trial tree only), 90% sparse and dense.
+#                  paths only), then an A/B at 4096² 1×4096 col, 90% sparse and dense: the segments kernel
+#                  against VARIANTS (default PIT_DETECT_ROW_BITS=single, one CTA per column block). Session 18
+#                  ran it with VARIANTS=PIT_DETECT_SEGMENTS_OLD=1, a switch of its trial tree only.
 #   PART=projection_16k: bench_moe's projection table for Mixtral T=16384 alone ($OUT/projection_16k).
 #   PART=route_sanitize: memcheck and racecheck over the routing kernel tests.
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
@@ -351,7 +352,7 @@ detect_segments)
   SAN_TIMEOUT=70 run_tool racecheck pit_detect tests/test_detect.py "gpu and row_bits and not off and not 70000"
   for sp in 0.9 0.0; do
     (cd benchmarks && timeout -k 5 60 python3 bench_detect_ab.py --returns total --out $OUT/ab_segments_$sp \
-       --cases 1 --sparsity $sp --variants default ${VARIANTS:-PIT_DETECT_SEGMENTS_OLD=1} 2>&1 | grep -E "^\| [0-9]" | sed "s/^/$sp /" | tee -a $LOG)
+       --cases 1 --sparsity $sp --variants default ${VARIANTS:-PIT_DETECT_ROW_BITS=single} 2>&1 | grep -E "^\| [0-9]" | sed "s/^/$sp /" | tee -a $LOG)
   done
   echo "ab $((SECONDS-t0))s" ;;
 projection_16k)  # last run in session 6 (2026-11-26_h200_moe_final)
