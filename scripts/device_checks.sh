@@ -138,6 +138,15 @@ projection_table() {  # seconds, output folder under $OUT, then bench_moe case n
     --out $OUT/$out 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "projection $((SECONDS-t0))s"
 }
+detect_ab_by_sparsity() {  # seconds per run, output prefix under $OUT, cases, variant, sparsities: bench_detect_ab
+                         # (index kept in the jit) of the default against the variant at each sparsity
+  local limit=$1 out=$2 cases=$3 variant=$4 sp; shift 4
+  for sp in "$@"; do
+    (cd benchmarks && timeout -k 5 $limit python3 bench_detect_ab.py --returns total --out $OUT/${out}_$sp \
+       --cases $cases --sparsity $sp --variants default $variant 2>&1 | grep -E "^\| [0-9]" | sed "s/^/$sp /" | tee -a $LOG)
+  done
+  echo "ab $((SECONDS-t0))s"
+}
 DETECT_SUITES="tests/test_detect.py tests/test_detect_properties.py tests/test_detect_transforms.py tests/test_detect_errors.py"
 for part in ${PART:-tests}; do  # PART may name several parts, run in turn after one build
 case "$part" in
@@ -323,11 +332,7 @@ detect_write_order)
   pytest_gpu 200 $DETECT_SUITES
   SAN_TIMEOUT=150 run_tool memcheck pit_detect tests/test_detect.py "gpu and (write_order or word_rows or grouped_prefix or (row_bits and not off) or chunking_edges or dtypes_and_sparsity or unaligned)"
   SAN_TIMEOUT=150 run_tool racecheck pit_detect tests/test_detect.py "gpu and (write_order or word_rows or grouped_prefix or (row_bits and not off and not 70000) or chunking_edges or dtypes_and_sparsity)"
-  for sp in ${SPARSITIES:-0.9 0.5 0.0}; do
-    (cd benchmarks && timeout -k 5 100 python3 bench_detect_ab.py --returns total --out $OUT/ab_write_order_$sp \
-       --cases ${CASES:-3 0} --sparsity $sp --variants default ${VARIANTS:-PIT_DETECT_WARP_IDS=0} 2>&1 | grep -E "^\| [0-9]" | sed "s/^/$sp /" | tee -a $LOG)
-  done
-  echo "ab $((SECONDS-t0))s"
+  detect_ab_by_sparsity 100 ab_write_order "${CASES:-3 0}" "${VARIANTS:-PIT_DETECT_WARP_IDS=0}" ${SPARSITIES:-0.9 0.5 0.0}
   (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "bench $((SECONDS-t0))s" ;;
 moe_fast_rows)
@@ -350,11 +355,7 @@ detect_segments)
   pytest_gpu 90 tests/test_detect.py -k "gpu and (row_bits or dtypes_and_sparsity)"
   SAN_TIMEOUT=70 run_tool memcheck pit_detect tests/test_detect.py "gpu and row_bits and not off"
   SAN_TIMEOUT=70 run_tool racecheck pit_detect tests/test_detect.py "gpu and row_bits and not off and not 70000"
-  for sp in 0.9 0.0; do
-    (cd benchmarks && timeout -k 5 60 python3 bench_detect_ab.py --returns total --out $OUT/ab_segments_$sp \
-       --cases 1 --sparsity $sp --variants default ${VARIANTS:-PIT_DETECT_ROW_BITS=single} 2>&1 | grep -E "^\| [0-9]" | sed "s/^/$sp /" | tee -a $LOG)
-  done
-  echo "ab $((SECONDS-t0))s" ;;
+  detect_ab_by_sparsity 60 ab_segments 1 "${VARIANTS:-PIT_DETECT_ROW_BITS=single}" 0.9 0.0 ;;
 projection_16k)  # last run in session 6 (2026-11-26_h200_moe_final)
   projection_table 420 projection_16k "Mixtral up T=16384" ;;
 projection)
