@@ -39,9 +39,22 @@ def set_switch(name: str, value: str) -> None:
         os.environ[name] = value
 
 
+# variables read when lowering, not per launch: each value gets its own compiled function
+LOWERING_SWITCHES = ("PIT_MOE_STAGED",)
+
+
 def timed(fn, operands, name: str, value: str) -> float:
     set_switch(name, value)
-    return time_per_call(fn, operands, 1) * 1e3
+    return time_per_call(fn[value] if isinstance(fn, dict) else fn, operands, 1) * 1e3
+
+
+def compiled_per_value(fn, operands, name: str, values) -> dict:
+    out = {}
+    for value in values:
+        set_switch(name, value)
+        out[value] = jax.jit(fn).lower(operands).compile()
+    os.environ.pop(name, None)
+    return out
 
 
 def main():
@@ -93,17 +106,24 @@ def main():
             for part, (fn, operands) in parts.items():
                 if args.parts is not None and part not in args.parts:
                     continue
-                fn = jax.jit(fn)
-                ran = any(s in fn.lower(operands).as_text()
-                          for s in ("@pit_moe_fused(", "@pit_moe_matmul(", "@pit_moe_matmul_tn("))
+                if var in LOWERING_SWITCHES:
+                    texts = [jax.jit(fn).lower(operands).as_text()]  # the default's choice
+                    fn = compiled_per_value(fn, operands, var, (val_a, val_b))
+                    call = lambda value: fn[value]
+                else:
+                    fn = jax.jit(fn)
+                    texts = [fn.lower(operands).as_text()]
+                    call = lambda value: fn
+                ran = any(s in texts[0] for s in ("@pit_moe_fused(", "@pit_moe_matmul(", "@pit_moe_matmul_tn(",
+                                                   "@pit_moe_matmul_staged("))
                 times_a, times_b = [], []
                 for rnd in range(ROUNDS):
                     for value, times in round_order([(val_a, times_a), (val_b, times_b)], rnd):
                         times.append(timed(fn, operands, var, value))
                 set_switch(var, val_a)
-                ref = fn(operands)
+                ref = call(val_a)(operands)
                 set_switch(var, val_b)
-                got = fn(operands)
+                got = call(val_b)(operands)
                 os.environ.pop(var, None)
                 flops_scale = 2.0 if part == "up swiglu" else 1.0  # gate and up: twice the dense FLOPs
                 r = dict(case=name, routing=routing_name, part=part, kernel_call_lowered=ran, switch=var,

@@ -15,6 +15,9 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeMatmulCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeFusedCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeMatmulTnCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeRouteCuda);
+#if PIT_HAVE_CUTLASS
+XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeMatmulStagedCuda);
+#endif
 
 NB_MODULE(_pit_cuda, m) {
   m.def("registrations", []() {
@@ -27,8 +30,12 @@ NB_MODULE(_pit_cuda, m) {
     targets["pit_moe_fused"] = nb::capsule(reinterpret_cast<void*>(PitMoeFusedCuda));
     targets["pit_moe_matmul_tn"] = nb::capsule(reinterpret_cast<void*>(PitMoeMatmulTnCuda));
     targets["pit_moe_route"] = nb::capsule(reinterpret_cast<void*>(PitMoeRouteCuda));
+#if PIT_HAVE_CUTLASS  // the staged MoE forward (CUTLASS grouped GEMM), built when CUTLASS was found
+    targets["pit_moe_matmul_staged"] = nb::capsule(reinterpret_cast<void*>(PitMoeMatmulStagedCuda));
+#endif
     return targets;
   });
   m.attr("ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
   m.attr("cuda_architectures") = PIT_CUDA_ARCHS;
+  m.attr("moe_staged") = bool(PIT_HAVE_CUTLASS);
 }

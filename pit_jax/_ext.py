@@ -54,6 +54,7 @@ def build_info() -> dict:
     if _cuda is not None:
         info["cuda_ffi_api"] = tuple(_cuda.ffi_api_version)
         info["cuda_architectures"] = _cuda.cuda_architectures
+        info["moe_staged"] = bool(getattr(_cuda, "moe_staged", False))  # CUTLASS grouped GEMM built
     else:
         info["cuda_missing_reason"] = _cuda_import_error
     return info

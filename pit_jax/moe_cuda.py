@@ -35,10 +35,52 @@ def routing_tables_cuda(expert_ids, *, num_experts):
     return order, group_starts, tile_starts
 
 
+# The staged forward's default: at least this many rows per expert on average (compute-bound
+# shapes; Mixtral has about 1024, the Qwen-like shape 128 — see docs/moe.md "Staged forward").
+STAGED_MIN_ROWS_PER_EXPERT = 512
+_STAGED_ARGS_BYTES_PER_EXPERT = 256  # kMoeStagedArgsBytesPerExpert, moe_staged_layout.h
+_STAGED_CUTLASS_BYTES = 1 << 20      # kMoeStagedCutlassBytes
+
+
+def _align256(n: int) -> int:
+    return -(-n // 256) * 256
+
+
+def staged_workspace_bytes(num_experts, assignments, d, f, itemsize, x_sorted, out_sorted) -> int:
+    """Bytes of the staged forward's workspace result (moe_staged_layout.h, the same sections)."""
+    total = _align256(num_experts * _STAGED_ARGS_BYTES_PER_EXPERT) + _STAGED_CUTLASS_BYTES
+    total += 0 if x_sorted else _align256(assignments * d * itemsize)
+    total += 0 if out_sorted else _align256(assignments * f * itemsize)
+    return total
+
+
+def staged_applies(dtype, d, f, assignments, num_experts) -> bool:
+    """Whether pit_moe_matmul lowers to the staged forward (x's rows gathered into routing order,
+    CUTLASS's Hopper grouped GEMM, product rows scattered): where it can serve — built with
+    CUTLASS, and where the Hopper kernels serve (fused_epilogue_applies) — and, by default, for
+    shapes with at least STAGED_MIN_ROWS_PER_EXPERT rows per expert on average. PIT_MOE_STAGED=1
+    takes it wherever it can serve, PIT_MOE_STAGED=0 never. Decided when lowering."""
+    mode = os.environ.get("PIT_MOE_STAGED", "auto")
+    if mode == "0":
+        return False
+    from . import _ext
+    if not _ext.build_info().get("moe_staged") or not fused_epilogue_applies(dtype, d, f):
+        return False
+    return mode == "1" or assignments >= STAGED_MIN_ROWS_PER_EXPERT * num_experts
+
+
 def grouped_matmul_cuda(x, w, order, group_starts, tile_starts, *, rows_per_source, w_transposed,
                         x_sorted=False, out_sorted=False):
     f = w.shape[1] if w_transposed else w.shape[2]
     out_type = jax.ShapeDtypeStruct((order.shape[0], f), x.dtype)
+    e, a, d = w.shape[0], order.shape[0], x.shape[1]
+    if staged_applies(x.dtype, d, f, a, e):
+        ws = jax.ShapeDtypeStruct(
+            (staged_workspace_bytes(e, a, d, f, jnp.dtype(x.dtype).itemsize, x_sorted, out_sorted),), jnp.uint8)
+        out, _ = jax.ffi.ffi_call("pit_moe_matmul_staged", (out_type, ws))(
+            x, w, order, group_starts, rows_per_source=np.int64(rows_per_source), w_transposed=bool(w_transposed),
+            x_sorted=bool(x_sorted), out_sorted=bool(out_sorted))
+        return out
     return jax.ffi.ffi_call("pit_moe_matmul", out_type)(
         x, w, order, group_starts, tile_starts, rows_per_source=np.int64(rows_per_source),
         tile_rows=np.int64(TILE_ROWS), w_transposed=bool(w_transposed), x_sorted=bool(x_sorted),
@@ -68,13 +110,20 @@ def fused_epilogue_applies(dtype, d, f) -> bool:
     return cc.startswith("9.")
 
 
+def fused_kernel_serves(dtype, d, f, assignments, num_experts) -> bool:
+    """Whether pit_moe_fused lowers to the fused kernel: where it applies and the staged forward
+    does not take the shape (there the staged grouped matmuls and the epilogue in XLA are faster
+    than the fused kernel: docs/moe.md, "Staged forward")."""
+    return fused_epilogue_applies(dtype, d, f) and not staged_applies(dtype, d, f, assignments, num_experts)
+
+
 def fused_matmul_cuda(x, w, *rest, epilogue, rows_per_source, x_sorted, out_sorted):
-    """grouped matmul + epilogue (moe_reference.apply_epilogue): one fused kernel on Hopper;
-    elsewhere the grouped matmuls and the epilogue in XLA (the same values up to the rounding
+    """grouped matmul + epilogue (moe_reference.apply_epilogue): one fused kernel on Hopper
+    (fused_kernel_serves); elsewhere the grouped matmuls and the epilogue in XLA (the same values up to the rounding
     of the products to x's dtype)."""
     *extra, order, group_starts, tile_starts = rest
     f = w.shape[2]
-    if fused_epilogue_applies(x.dtype, x.shape[1], f):
+    if fused_kernel_serves(x.dtype, x.shape[1], f, order.shape[0], w.shape[0]):
         out_type = jax.ShapeDtypeStruct((order.shape[0], f), x.dtype)
         w_up = extra[0] if epilogue == "swiglu" else w  # placeholders where the epilogue has no such operand
         scale = extra[0] if epilogue == "scale" else jnp.zeros((1,), jnp.float32)

@@ -94,6 +94,8 @@
 #                  paths only), then an A/B at 4096² 1×4096 col, 90% sparse and dense: the segments kernel
 #                  against VARIANTS (default PIT_DETECT_ROW_BITS=single, one CTA per column block). Session 18
 #                  ran it with VARIANTS=PIT_DETECT_SEGMENTS_OLD=1, a switch of its trial tree only.
+#   PART=staged:   the staged MoE forward's tests (with the MoE kernel and matmul suites), memcheck, racecheck.
+#   PART=staged_ab: PIT_MOE_STAGED=0 vs 1 on the forward projection parts ($OUT/staged_ab).
 #   PART=projection_16k: bench_moe's projection table for Mixtral T=16384 alone ($OUT/projection_16k).
 #   PART=route_sanitize: memcheck and racecheck over the routing kernel tests.
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
@@ -113,8 +115,15 @@ for part in ${PART:-tests}; do  # every part named must exist before the build s
   grep -q "^$part)" "$0" || { echo "device_checks: no part named '$part'" | tee -a $LOG; exit 2; }
 done
 t0=$SECONDS
+# CUTLASS headers (the staged MoE forward): the build requirement nvidia-cutlass, carried as a wheel
+# (.whl, see docs/gpu_checks.md) because the device has no network and this build skips isolation.
+if [[ -z "${PIT_CUTLASS_DIR:-}" ]] && ls .whl/nvidia_cutlass-*.whl > /dev/null 2>&1; then
+  [[ -d /tmp/cutlass_site/cutlass_library ]] || python3 -m pip install -q --no-index --no-deps --no-compile \
+    --target /tmp/cutlass_site .whl/nvidia_cutlass-*.whl > /dev/null 2>&1
+  export PIT_CUTLASS_DIR=/tmp/cutlass_site/cutlass_library/source
+fi
 [[ "${SKIP_BUILD:-0}" == 1 ]] || PIT_ENABLE_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q . > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
-echo "build $((SECONDS-t0))s"
+echo "build $((SECONDS-t0))s $(cd /tmp && python3 -c 'import pit_jax; i = pit_jax.build_info(); print("moe_staged", i.get("moe_staged"))')"
 pytest_gpu() {  # seconds, then pytest's arguments: the installed package (-P), failures and summary to $LOG
   local limit=$1; shift
   echo "== pytest $*" >> $LOG
@@ -127,7 +136,7 @@ run_tool() {  # compute-sanitizer tool, kernel-name filter, test file, -k select
               # without XLA's pool, so the tool sees each buffer)
   echo "== $1 ($3 -k '$4')" | tee -a $LOG
   XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout -k 5 ${SAN_TIMEOUT:-200} \
-    compute-sanitizer --tool $1 --error-exitcode 97 --kernel-name kns=$2 python3 -P -m pytest $3 -k "$4" -q -p no:cacheprovider -x > /tmp/san.log 2>&1
+    compute-sanitizer --tool $1 --error-exitcode 97 $([[ $2 == all ]] || echo --kernel-name kns=$2) python3 -P -m pytest $3 -k "$4" -q -p no:cacheprovider -x > /tmp/san.log 2>&1
   echo "rc $?" >> /tmp/san.log
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|rc " /tmp/san.log | tail -4 | tee -a $LOG
   echo "$1 $((SECONDS-t0))s"
@@ -356,6 +365,15 @@ detect_segments)
   SAN_TIMEOUT=70 run_tool memcheck pit_detect tests/test_detect.py "gpu and row_bits and not off"
   SAN_TIMEOUT=70 run_tool racecheck pit_detect tests/test_detect.py "gpu and row_bits and not off and not 70000"
   detect_ab_by_sparsity 60 ab_segments 1 "${VARIANTS:-PIT_DETECT_ROW_BITS=single}" 0.9 0.0 ;;
+staged)  # the staged MoE forward (gather, CUTLASS grouped GEMM, scatter): the MoE kernel and matmul tests
+         # (the kernel fixture's "staged" variant included), memcheck and racecheck over every kernel of its tests
+  pytest_gpu 420 tests/test_moe_kernels.py tests/test_moe_matmul.py
+  SAN_TIMEOUT=150 run_tool memcheck all tests/test_moe_kernels.py "staged_forward and bfloat16"
+  SAN_TIMEOUT=150 run_tool racecheck all tests/test_moe_kernels.py "staged_forward and bfloat16 and not one_hot" ;;
+staged_ab)  # A/B of the staged forward (PIT_MOE_STAGED=0 vs 1, chosen when lowering), forward parts
+  timeout -k 5 ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_STAGED 0 1 \
+    --parts "projection" "routed projection" "up swiglu" "down scale" --out $OUT/staged_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "ab $((SECONDS-t0))s" ;;
 projection_16k)  # last run in session 6 (2026-11-26_h200_moe_final)
   projection_table 420 projection_16k "Mixtral up T=16384" ;;
 projection)

@@ -52,16 +52,28 @@ def _fresh():
     return lambda x, w, ids: pit_jax.moe_matmul(x, w, ids)
 
 
-@pytest.fixture(params=["default", "sm80", "persistent"])
+@pytest.fixture(params=["default", "sm80", "persistent", "staged"])
 def kernel(request, monkeypatch):
-    """The forward kernels: the default (wgmma on Hopper where dtype and shapes allow), the
-    mma.sync kernel (PIT_DISABLE_WGMMA=1) and the persistent wgmma kernel (PIT_MOE_PERSISTENT=1;
-    work in progress); both variables are read by the handler at every launch."""
+    """The forward kernels: the fused wgmma kernel on Hopper where dtype and shapes allow
+    (PIT_MOE_STAGED=0), the mma.sync kernel (PIT_DISABLE_WGMMA=1), the persistent wgmma kernel
+    (PIT_MOE_PERSISTENT=1; work in progress) and the staged forward (PIT_MOE_STAGED=1: gather,
+    CUTLASS grouped GEMM, scatter). The first three are read by the handler at every launch,
+    PIT_MOE_STAGED when lowering (each test compiles its own function)."""
+    monkeypatch.setenv("PIT_MOE_STAGED", "1" if request.param == "staged" else "0")
     if request.param == "sm80":
         monkeypatch.setenv("PIT_DISABLE_WGMMA", "1")
     if request.param == "persistent":
         monkeypatch.setenv("PIT_MOE_PERSISTENT", "1")
     return request.param
+
+
+def _assert_staged_lowered(kernel, fn, *operands, dtype, d, f):
+    """Under the staged fixture, the cases the staged forward serves must lower to it (so these
+    tests check its kernels, not the fused one's)."""
+    from pit_jax import moe_cuda
+    staged = "@pit_moe_matmul_staged(" in jax.jit(fn).lower(*operands).as_text()
+    serves = kernel == "staged" and moe_cuda.staged_applies(DTYPES[dtype], d, f, 1, 1)
+    assert staged == serves
 
 
 def test_layer_lowers_to_the_kernels_and_routes_once():
@@ -103,6 +115,7 @@ def test_kernel_matches_float64(kernel, dtype, t, k, e, d, f, routing):
     w = (rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES[dtype])
     ids = _route(rng, t, k, e, routing)
     with jax.default_device(dev):
+        _assert_staged_lowered(kernel, _fresh(), x, w, ids, dtype=dtype, d=d, f=f)
         out = jax.jit(_fresh())(x, w, ids)
         out_rows = jax.jit(_fresh())(np.repeat(x[:, None], k, 1), w, ids)
     valid = (ids >= 0) & (ids < e)
@@ -135,6 +148,7 @@ def test_kernel_gradients_match_float64(kernel, dtype, t, k, e, d, f, one_hot):
     fn = _fresh()
     loss = lambda x, w: jnp.sum(fn(x, w, ids).astype(jnp.float32) * g)
     with jax.default_device(dev):
+        _assert_staged_lowered(kernel, jax.grad(loss, (0, 1)), x, w, dtype=dtype, d=d, f=f)
         gx, gw = jax.jit(jax.grad(loss, (0, 1)))(x, w)
     x64, w64, g64 = x.astype(np.float64), w.astype(np.float64), g.astype(np.float64)
     want_x = np.einsum("tkf,tkdf->td", g64, w64[ids])
@@ -206,9 +220,9 @@ def test_fused_epilogue_matches_float64(monkeypatch, persistent, epilogue, dtype
         fused = "@pit_moe_fused(" in fn.lower(x, w).as_text()
         got = np.asarray(fn(x, w), np.float64)
         order = np.asarray(routing_index.order)
-    assert fused == moe_cuda.fused_epilogue_applies(x.dtype, d, f)
+    assert fused == moe_cuda.fused_kernel_serves(x.dtype, d, f, t * k, e)
     if str(getattr(dev, "compute_capability", "")).startswith("9.") and dtype != "float32" and f % 8 == 0:
-        assert fused
+        assert fused  # these shapes are below the staged forward's rows-per-expert rule
     zero_g = np.zeros((t * k, f))
     product, up = (moe_layouts_want(x, w_, ids, order, zero_g, x_sorted=x_sorted, out_sorted=out_sorted)[0]
                    for w_ in (w, w_up))
@@ -239,3 +253,72 @@ def test_layer_lowers_fused_for_inference_only(monkeypatch, activation, unfused_
     loss = lambda x, p, ws, ids: jnp.sum(layer(x, p, ws, ids).astype(jnp.float32))
     text = lower(jax.value_and_grad(loss, (0, 1, 2)))
     assert "@pit_moe_fused(" not in text and text.count("@pit_moe_matmul(") == unfused_matmuls
+
+
+@pytest.mark.parametrize("x_sorted, out_sorted", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("w_transposed", [False, True])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("t, k, e, d, f, routing", [
+    (300, 2, 8, 136, 200, "uniform"),     # d, f not multiples of the 64 / 256 tile
+    (257, 4, 64, 72, 264, "zipf"),        # skewed: long and empty groups
+    (130, 8, 256, 64, 64, "invalid"),     # ids out of range: zero rows (group E)
+    (700, 2, 3, 520, 264, "one_hot"),     # one expert holds every row; K over 8 steps
+    (3, 2, 4, 64, 64, "uniform"),         # fewer rows than one tile
+])
+def test_staged_forward_matches_float64(monkeypatch, x_sorted, out_sorted, w_transposed, dtype, t, k, e, d, f,
+                                        routing):
+    """The staged forward (gather into routing order, CUTLASS grouped GEMM, scatter) in each row
+    layout, with w as [E, d, f] and as [E, f, d] (dx's layout), against float64; on a compute
+    capability 9 GPU it must be the path that lowered."""
+    from helpers import moe_layouts_want
+    from pit_jax import moe_cuda
+    from pit_jax.moe import moe_matmul_p
+    dev = _gpu_or_skip()
+    monkeypatch.setenv("PIT_MOE_STAGED", "1")
+    rng, ids, x = _layout_inputs(t * 7 + e + 2 * x_sorted + out_sorted, t, k, e, d, routing, x_sorted, dtype)
+    w = (rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES[dtype])
+    w_arg = np.ascontiguousarray(np.swapaxes(w, 1, 2)) if w_transposed else w
+    with jax.default_device(dev):
+        routing_index = pit_jax.moe_routing(ids, e)
+        # the primitive itself: w_transposed (dx's form) is not a public argument
+        fn = jax.jit(lambda x, w: moe_matmul_p.bind(x, w, *routing_index, rows_per_source=1 if x_sorted else k,
+                                                    w_transposed=w_transposed, x_sorted=x_sorted,
+                                                    out_sorted=out_sorted))
+        staged = "@pit_moe_matmul_staged(" in fn.lower(x, w_arg).as_text()
+        got = np.asarray(fn(x, w_arg), np.float64)
+        order = np.asarray(routing_index.order)
+    assert staged == moe_cuda.staged_applies(x.dtype, d, f, 1, 1)
+    if str(getattr(dev, "compute_capability", "")).startswith("9."):
+        assert staged or not pit_jax.build_info().get("moe_staged")
+    want = moe_layouts_want(x, w, ids, order, np.zeros((t * k, f)), x_sorted=x_sorted, out_sorted=out_sorted)[0]
+    assert np.all(np.isfinite(got))
+    assert np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30) < TOL[dtype]
+    if routing == "invalid":  # rows of out-of-range ids are exactly zero
+        flat = ids.reshape(-1)
+        bad_rows = np.nonzero((flat[order] < 0) | (flat[order] >= e))[0] if out_sorted else \
+            np.nonzero((flat < 0) | (flat >= e))[0]
+        assert bad_rows.size and np.all(got[bad_rows] == 0)
+
+
+def test_staged_forward_lowering_has_its_workspace(monkeypatch):
+    """Where the staged forward applies (forced here, so any machine with the CUDA module checks
+    the wiring) pit_moe_matmul lowers to pit_moe_matmul_staged with a u8 workspace of the layout's
+    size: the gathered x rows and the unscattered product only where the layouts need them."""
+    if not pit_jax.cuda_available():
+        pytest.skip("built without CUDA kernels")
+    from pit_jax import moe_cuda
+    from pit_jax.moe import grouped_matmul
+    monkeypatch.setattr(moe_cuda, "staged_applies", lambda *a: True)
+    t, k, e, d, f = 40, 2, 8, 64, 96
+    ids = np.random.default_rng(0).integers(0, e, (t, k)).astype(np.int32)
+    x = jax.ShapeDtypeStruct((t, d), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((e, d, f), jnp.bfloat16)
+    for out_sorted in (False, True):
+        fn = lambda x, w: grouped_matmul(x, w, pit_jax.moe_routing(ids, e), rows_per_source=k, x_sorted=False,
+                                         out_sorted=out_sorted)
+        text = jax.jit(fn).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+        size = moe_cuda.staged_workspace_bytes(e, t * k, d, f, 2, False, out_sorted)
+        assert text.count("@pit_moe_matmul_staged(") == 1 and "@pit_moe_matmul(" not in text
+        assert f"tensor<{size}xui8>" in text
+    assert moe_cuda.staged_workspace_bytes(e, t * k, d, f, 2, False, False) - \
+        moe_cuda.staged_workspace_bytes(e, t * k, d, f, 2, False, True) == -(-t * k * f * 2 // 256) * 256

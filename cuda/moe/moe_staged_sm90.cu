@@ -1,0 +1,278 @@
+// Staged Hopper forward of pit_moe_matmul (FFI target pit_moe_matmul_staged): SRead as a gather
+// of x's rows into routing order, CUTLASS's Hopper grouped GEMM over the experts' contiguous row
+// blocks (TMA for both operands, warp-specialised cooperative 128x256x64 tiles, persistent), and
+// SWrite as a scatter of the product rows to their assignments. Each step is skipped where the
+// operand is already in routing order. The per-expert problem sizes and pointers are written on
+// the device from group_starts, so nothing waits for the host.
+//
+// Why staged: on compute-bound shapes (Mixtral, about a thousand rows per expert) CUTLASS's
+// grouped GEMM runs at 1.06x the dense cuBLAS time where the fused gather kernel (moe_sm90.cuh)
+// stays near 1.3x, and the gather costs a few percent (benchmarks/results/2026-11-27_session19/).
+// On weight-bound shapes (Qwen-like, ~128 rows per expert) the fused kernel is faster; the
+// lowering chooses (pit_jax/moe_cuda.py: staged_applies).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "cutlass/cutlass.h"
+#include "cute/tensor.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+#include "../common/ffi_common.h"
+#include "../common/poison_outputs.cuh"
+#include "moe_staged_layout.h"
+
+namespace pit {
+namespace {
+
+using StagedProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M, N, K) per expert
+
+// out rows = x rows @ w[e] ([E, d, f], N-major B) or @ w[e]ᵀ (w given as [E, f, d], K-major B).
+template <typename Element, bool kWTransposed>
+struct StagedGemm {
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = std::conditional_t<kWTransposed, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  using LayoutD = cutlass::layout::RowMajor;
+  static constexpr int kAlign = 8;  // 16-byte rows: d and f multiples of 8
+  using Tile = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using Cluster = cute::Shape<cute::_1, cute::_1, cute::_1>;  // 2-CTA clusters measured slower on uniform routing
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kAlign, Element, LayoutD*,
+      kAlign, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+      cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element, LayoutB*, kAlign,
+      float, Tile, Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<StagedProblemShape, Mainloop, Epilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using StrideA = typename Kernel::InternalStrideA;
+  using StrideB = typename Kernel::InternalStrideB;
+  using StrideD = typename Kernel::InternalStrideD;
+};
+
+// The grouped GEMM's per-expert arguments inside the workspace's args section.
+template <typename G>
+struct StagedArgs {
+  using Element = typename G::Gemm::ElementA;
+  StagedProblemShape::UnderlyingProblemShape* shapes;
+  const Element** a;
+  const Element** b;
+  Element** d;
+  typename G::StrideA* stride_a;
+  typename G::StrideB* stride_b;
+  typename G::StrideD* stride_d;
+
+  StagedArgs(uint8_t* base, int64_t experts) {
+    auto take = [&](auto*& p, int64_t bytes_each) {
+      p = reinterpret_cast<std::remove_reference_t<decltype(p)>>(base);
+      base += experts * bytes_each;
+    };
+    take(shapes, 16);
+    take(a, 8);
+    take(b, 8);
+    take(d, 8);
+    take(stride_a, 32);
+    take(stride_b, 32);
+    take(stride_d, 32);
+  }
+  static_assert(sizeof(StagedProblemShape::UnderlyingProblemShape) <= 16 && sizeof(typename G::StrideA) <= 32 &&
+                    sizeof(typename G::StrideB) <= 32 && sizeof(typename G::StrideD) <= 32,
+                "per-expert arguments exceed their slots");
+  static_assert(16 + 3 * 8 + 3 * 32 <= kMoeStagedArgsBytesPerExpert, "args section too small");
+};
+
+// One thread per expert: its row block [group_starts[e], group_starts[e + 1]) of the sorted rows.
+template <typename G>
+__global__ void staged_write_args(StagedArgs<G> args, const int32_t* __restrict__ group_starts, int experts, int n,
+                                  int k, const typename StagedArgs<G>::Element* rows,
+                                  const typename StagedArgs<G>::Element* w, typename StagedArgs<G>::Element* out,
+                                  typename G::StrideA sa, typename G::StrideB sb, typename G::StrideD sd) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= experts) return;
+  const int start = group_starts[e];
+  args.shapes[e] = {group_starts[e + 1] - start, n, k};
+  args.a[e] = rows + int64_t(start) * k;
+  args.b[e] = w + int64_t(e) * k * n;
+  args.d[e] = out + int64_t(start) * n;
+  args.stride_a[e] = sa;
+  args.stride_b[e] = sb;
+  args.stride_d[e] = sd;
+}
+
+// SRead: sorted[p] = x[order[p] / rows_per_source], one warp per row, 16-byte vectors.
+__global__ void staged_gather_rows(const uint4* __restrict__ x, const int32_t* __restrict__ order, uint4* sorted,
+                                   int64_t rows, int64_t vecs_per_row, int64_t rows_per_source) {
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  for (int64_t p = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; p < rows; p += warps) {
+    const uint4* src = x + (order[p] / rows_per_source) * vecs_per_row;
+    uint4* dst = sorted + p * vecs_per_row;
+    for (int64_t v = threadIdx.x % 32; v < vecs_per_row; v += 32) dst[v] = src[v];
+  }
+}
+
+// SWrite and the rows of invalid ids (group E, rows from group_starts[E] on): with the output in
+// assignment order, out[order[p]] = product row p, or zero for invalid ids; with the output in
+// routing order the product is already in place and only the invalid rows are zeroed.
+__global__ void staged_write_rows(const uint4* __restrict__ sorted, const int32_t* __restrict__ order,
+                                  const int32_t* __restrict__ group_starts, int experts, uint4* out, int64_t rows,
+                                  int64_t vecs_per_row, bool out_sorted) {
+  const int64_t valid_rows = group_starts[experts];
+  const int64_t first = out_sorted ? valid_rows : 0;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  for (int64_t p = first + (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; p < rows; p += warps) {
+    uint4* dst = out + (out_sorted ? p : int64_t(order[p])) * vecs_per_row;
+    const uint4* src = sorted + p * vecs_per_row;
+    const bool valid = p < valid_rows;
+    for (int64_t v = threadIdx.x % 32; v < vecs_per_row; v += 32) dst[v] = valid ? src[v] : make_uint4(0, 0, 0, 0);
+  }
+}
+
+int sm_count_of_current_device() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return sms;
+}
+
+struct StagedCall {
+  int64_t experts, assignments, d, f, rows_per_source;
+  bool x_sorted, out_sorted;
+  const void *x, *w;
+  const int32_t *order, *group_starts;
+  void* out;
+  uint8_t* workspace;
+};
+
+template <typename Element, bool kWTransposed>
+std::string run_staged(cudaStream_t stream, const StagedCall& c) {
+  using G = StagedGemm<Element, kWTransposed>;
+  const MoeStagedLayout layout =
+      moe_staged_layout(c.experts, c.assignments, c.d, c.f, sizeof(Element), c.x_sorted, c.out_sorted);
+  const int64_t in_vecs = c.d / 8, out_vecs = c.f / 8;
+  const Element* rows = static_cast<const Element*>(c.x);
+  if (!c.x_sorted) {
+    uint4* sorted = reinterpret_cast<uint4*>(c.workspace + layout.x_rows);
+    staged_gather_rows<<<int(std::min<int64_t>(ceil_div(c.assignments, 8), 65535)), 256, 0, stream>>>(
+        static_cast<const uint4*>(c.x), c.order, sorted, c.assignments, in_vecs, c.rows_per_source);
+    rows = reinterpret_cast<const Element*>(sorted);
+  }
+  Element* product = c.out_sorted ? static_cast<Element*>(c.out)
+                                  : reinterpret_cast<Element*>(c.workspace + layout.out_rows);
+  StagedArgs<G> args(c.workspace + layout.args, c.experts);
+  const int n = int(c.f), k = int(c.d);
+  staged_write_args<G><<<int(ceil_div(c.experts, 128)), 128, 0, stream>>>(
+      args, c.group_starts, int(c.experts), n, k, rows, static_cast<const Element*>(c.w), product,
+      cutlass::make_cute_packed_stride(typename G::StrideA{}, {1, k, 1}),
+      cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k, 1}),
+      cutlass::make_cute_packed_stride(typename G::StrideD{}, {1, n, 1}));
+
+  cutlass::KernelHardwareInfo hw;
+  cudaGetDevice(&hw.device_id);
+  hw.sm_count = sm_count_of_current_device();
+  typename G::Gemm::Arguments gemm_args{cutlass::gemm::GemmUniversalMode::kGrouped,
+                                        {int(c.experts), args.shapes, nullptr},  // sizes on the device only
+                                        {args.a, args.stride_a, args.b, args.stride_b},
+                                        {{}, nullptr, args.stride_d, args.d, args.stride_d},
+                                        hw};
+  gemm_args.epilogue.thread.alpha = 1.0f;
+  gemm_args.epilogue.thread.beta = 0.0f;
+  typename G::Gemm gemm;
+  if (G::Gemm::get_workspace_size(gemm_args) > size_t(kMoeStagedCutlassBytes))
+    return "CUTLASS workspace exceeds its section";
+  if (gemm.can_implement(gemm_args) != cutlass::Status::kSuccess) return "CUTLASS cannot run this problem";
+  cutlass::Status st = gemm.initialize(gemm_args, c.workspace + layout.cutlass, stream);
+  if (st == cutlass::Status::kSuccess) st = gemm.run(stream);
+  if (st != cutlass::Status::kSuccess) return std::string("CUTLASS: ") + cutlassGetStatusString(st);
+
+  staged_write_rows<<<int(std::min<int64_t>(ceil_div(c.assignments, 8), 65535)), 256, 0, stream>>>(
+      reinterpret_cast<const uint4*>(product), c.order, c.group_starts, int(c.experts), static_cast<uint4*>(c.out),
+      c.assignments, out_vecs, c.out_sorted);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
+}
+
+ffi::Error MoeMatmulStagedCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> order,
+                               ffi::Buffer<ffi::S32> group_starts, ffi::Result<ffi::AnyBuffer> out,
+                               ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t rows_per_source,
+                               bool w_transposed, bool x_sorted, bool out_sorted) {
+  const std::string op = "pit_moe_matmul_staged: ";
+  const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || od.size() != 2 || order.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument(op + "expected x [R, d], w [E, d, f] (or [E, f, d] transposed), order [A]");
+  StagedCall c{};
+  c.experts = wd[0];
+  c.d = xd[1];
+  c.f = w_transposed ? wd[1] : wd[2];
+  c.assignments = order.dimensions()[0];
+  c.rows_per_source = rows_per_source;
+  c.x_sorted = x_sorted;
+  c.out_sorted = out_sorted;
+  if ((w_transposed ? wd[2] : wd[1]) != c.d || od[0] != c.assignments || od[1] != c.f || rows_per_source <= 0 ||
+      xd[0] * rows_per_source != c.assignments || (x_sorted && rows_per_source != 1))
+    return ffi::Error::InvalidArgument(op + "shapes of x, w, order and out do not agree");
+  if (group_starts.dimensions().size() != 1 || group_starts.dimensions()[0] != c.experts + 2)
+    return ffi::Error::InvalidArgument(op + "group_starts must be [E + 2]");
+  const auto dtype = x.element_type();
+  if ((dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16) || w.element_type() != dtype ||
+      out->element_type() != dtype)
+    return ffi::Error::InvalidArgument(op + "x, w and out must all be bfloat16 or all float16");
+  if (c.d % 8 || c.f % 8)
+    return ffi::Error::InvalidArgument(op + "d and f must be multiples of 8 (16-byte rows for TMA)");
+  if (c.assignments * std::max(c.d, c.f) >= (int64_t(1) << 31) || c.f >= (int64_t(1) << 31))
+    return ffi::Error::InvalidArgument(op + "too many rows for 32-bit problem sizes");
+  const MoeStagedLayout layout = moe_staged_layout(c.experts, c.assignments, c.d, c.f, 2, x_sorted, out_sorted);
+  if (int64_t(workspace->size_bytes()) < layout.total)
+    return ffi::Error::InvalidArgument(op + "workspace smaller than the layout needs");
+  int device = 0, major = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (major != 9)
+    return ffi::Error::InvalidArgument(op + "needs a compute capability 9.0 GPU (sm_90a CUTLASS kernels); "
+                                            "the lowering chose this path for one");
+  poison_device_outputs(stream, out);
+  if (c.assignments == 0 || c.f == 0) return ffi::Error::Success();
+  c.x = x.untyped_data();
+  c.w = w.untyped_data();
+  c.order = order.typed_data();
+  c.group_starts = group_starts.typed_data();
+  c.out = out->untyped_data();
+  c.workspace = workspace->typed_data();
+  std::string failure;
+  if (dtype == ffi::DataType::BF16)
+    failure = w_transposed ? run_staged<cutlass::bfloat16_t, true>(stream, c)
+                           : run_staged<cutlass::bfloat16_t, false>(stream, c);
+  else
+    failure = w_transposed ? run_staged<cutlass::half_t, true>(stream, c) : run_staged<cutlass::half_t, false>(stream, c);
+  if (!failure.empty()) return ffi::Error::Internal(op + failure);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace pit
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeMatmulStagedCuda, pit::MoeMatmulStagedCuda,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>()
+                                  .Attr<int64_t>("rows_per_source")
+                                  .Attr<bool>("w_transposed")
+                                  .Attr<bool>("x_sorted")
+                                  .Attr<bool>("out_sorted"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
