@@ -52,7 +52,8 @@ def compiled_per_value(fn, operands, name: str, values) -> dict:
     out = {}
     for value in values:
         set_switch(name, value)
-        out[value] = jax.jit(fn).lower(operands).compile()
+        jax.clear_caches()  # else the first value's lowering is reused from jax's caches
+        out[value] = jax.jit(lambda ops: fn(ops)).lower(operands).compile()
     os.environ.pop(name, None)
     return out
 

@@ -110,11 +110,15 @@ def fused_epilogue_applies(dtype, d, f) -> bool:
     return cc.startswith("9.")
 
 
-def fused_kernel_serves(dtype, d, f, assignments, num_experts) -> bool:
-    """Whether pit_moe_fused lowers to the fused kernel: where it applies and the staged forward
-    does not take the shape (there the staged grouped matmuls and the epilogue in XLA are faster
-    than the fused kernel: docs/moe.md, "Staged forward")."""
-    return fused_epilogue_applies(dtype, d, f) and not staged_applies(dtype, d, f, assignments, num_experts)
+def fused_kernel_serves(epilogue, dtype, d, f, assignments, num_experts) -> bool:
+    """Whether pit_moe_fused lowers to the fused kernel: where it applies, except for the
+    activations (relu, gelu, swiglu) on shapes the staged forward takes — there its grouped
+    matmuls and the activation in XLA are faster. The combine-weight epilogue ("scale") stays
+    fused: its product is scattered, and scatter plus scaling in XLA measured slower (docs/moe.md,
+    "Staged forward")."""
+    if not fused_epilogue_applies(dtype, d, f):
+        return False
+    return epilogue == "scale" or not staged_applies(dtype, d, f, assignments, num_experts)
 
 
 def fused_matmul_cuda(x, w, *rest, epilogue, rows_per_source, x_sorted, out_sorted):
@@ -123,7 +127,7 @@ def fused_matmul_cuda(x, w, *rest, epilogue, rows_per_source, x_sorted, out_sort
     of the products to x's dtype)."""
     *extra, order, group_starts, tile_starts = rest
     f = w.shape[2]
-    if fused_kernel_serves(x.dtype, x.shape[1], f, order.shape[0], w.shape[0]):
+    if fused_kernel_serves(epilogue, x.dtype, x.shape[1], f, order.shape[0], w.shape[0]):
         out_type = jax.ShapeDtypeStruct((order.shape[0], f), x.dtype)
         w_up = extra[0] if epilogue == "swiglu" else w  # placeholders where the epilogue has no such operand
         scale = extra[0] if epilogue == "scale" else jnp.zeros((1,), jnp.float32)

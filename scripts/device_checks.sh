@@ -94,7 +94,8 @@
 #                  paths only), then an A/B at 4096² 1×4096 col, 90% sparse and dense: the segments kernel
 #                  against VARIANTS (default PIT_DETECT_ROW_BITS=single, one CTA per column block). Session 18
 #                  ran it with VARIANTS=PIT_DETECT_SEGMENTS_OLD=1, a switch of its trial tree only.
-#   PART=staged:   the staged MoE forward's tests (with the MoE kernel and matmul suites), memcheck, racecheck.
+#   PART=staged:   the staged MoE forward's tests (kernel fixture variant, fused-epilogue and lowering tests
+#                  too; STAGED_TESTS another -k), memcheck, racecheck.
 #   PART=staged_ab: PIT_MOE_STAGED=0 vs 1 on the forward projection parts ($OUT/staged_ab).
 #   PART=projection_16k: bench_moe's projection table for Mixtral T=16384 alone ($OUT/projection_16k).
 #   PART=route_sanitize: memcheck and racecheck over the routing kernel tests.
@@ -365,9 +366,10 @@ detect_segments)
   SAN_TIMEOUT=70 run_tool memcheck pit_detect tests/test_detect.py "gpu and row_bits and not off"
   SAN_TIMEOUT=70 run_tool racecheck pit_detect tests/test_detect.py "gpu and row_bits and not off and not 70000"
   detect_ab_by_sparsity 60 ab_segments 1 "${VARIANTS:-PIT_DETECT_ROW_BITS=single}" 0.9 0.0 ;;
-staged)  # the staged MoE forward (gather, CUTLASS grouped GEMM, scatter): the MoE kernel and matmul tests
-         # (the kernel fixture's "staged" variant included), memcheck and racecheck over every kernel of its tests
-  pytest_gpu 420 tests/test_moe_kernels.py tests/test_moe_matmul.py
+staged)  # the staged MoE forward (gather, CUTLASS grouped GEMM, scatter): its tests, the kernel fixture's
+         # "staged" variant, the fused-epilogue and lowering tests (STAGED_TESTS: another -k), then memcheck
+         # and racecheck over every kernel of its bf16 tests
+  pytest_gpu ${TEST_TIMEOUT:-300} tests/test_moe_kernels.py -k "${STAGED_TESTS:-staged or fused_epilogue or lowers}"
   SAN_TIMEOUT=150 run_tool memcheck all tests/test_moe_kernels.py "staged_forward and bfloat16"
   SAN_TIMEOUT=150 run_tool racecheck all tests/test_moe_kernels.py "staged_forward and bfloat16 and not one_hot" ;;
 staged_ab)  # A/B of the staged forward (PIT_MOE_STAGED=0 vs 1, chosen when lowering), forward parts

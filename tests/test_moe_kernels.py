@@ -220,7 +220,7 @@ def test_fused_epilogue_matches_float64(monkeypatch, persistent, epilogue, dtype
         fused = "@pit_moe_fused(" in fn.lower(x, w).as_text()
         got = np.asarray(fn(x, w), np.float64)
         order = np.asarray(routing_index.order)
-    assert fused == moe_cuda.fused_kernel_serves(x.dtype, d, f, t * k, e)
+    assert fused == moe_cuda.fused_kernel_serves(epilogue, x.dtype, d, f, t * k, e)
     if str(getattr(dev, "compute_capability", "")).startswith("9.") and dtype != "float32" and f % 8 == 0:
         assert fused  # these shapes are below the staged forward's rows-per-expert rule
     zero_g = np.zeros((t * k, f))
