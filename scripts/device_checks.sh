@@ -97,6 +97,7 @@
 #   PART=staged:   the staged MoE forward's tests (kernel fixture variant, fused-epilogue and lowering tests
 #                  too; STAGED_TESTS another -k), memcheck, racecheck.
 #   PART=staged_ab: PIT_MOE_STAGED=0 vs 1 on the forward projection parts ($OUT/staged_ab).
+#   PART=layer_mixtral: bench_moe's layer table for Mixtral T=4096 alone ($OUT/layer_mixtral).
 #   PART=projection_16k: bench_moe's projection table for Mixtral T=16384 alone ($OUT/projection_16k).
 #   PART=route_sanitize: memcheck and racecheck over the routing kernel tests.
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
@@ -417,6 +418,10 @@ route_ncu)  # the routing kernels' device times (ncu) on the Qwen-like and Mixtr
   done ;;
 projection_qwen)  # bench_moe's projection table, Qwen-like only ($OUT/projection_qwen)
   projection_table 200 projection_qwen "Qwen3-30B-A3B-like" ;;
+layer_mixtral)  # bench_moe's layer table, Mixtral T=4096 only ($OUT/layer_mixtral)
+  timeout -k 5 ${BENCH_TIMEOUT:-220} python3 benchmarks/bench_moe.py --no-projection --layer-cases "Mixtral up T=4096" \
+    --out $OUT/layer_mixtral 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "layer $((SECONDS-t0))s" ;;
 layer_qwen)  # bench_moe's layer table, Qwen-like only ($OUT/layer_qwen: routing % of the layer forward)
   timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe.py --no-projection --layer-cases "Qwen3-30B-A3B-like" \
     --out $OUT/layer_qwen 2>&1 | grep "^| [MQ]" | tee -a $LOG
