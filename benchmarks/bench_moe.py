@@ -139,14 +139,17 @@ def routing_build_seconds(ids, e):
     return time_per_call(step, many, ROUTING_CALLS)
 
 
-def sm80_seconds(fn, arg):
-    """fn timed with the mma.sync forward kernel instead of wgmma (the handler reads
-    PIT_DISABLE_WGMMA at every launch, so the compiled function is reused)."""
+def sm80_seconds(make_fn, arg):
+    """The function make_fn() builds, timed with the mma.sync forward kernel instead of the Hopper
+    paths: PIT_DISABLE_WGMMA=1 both when lowering (so the staged forward, chosen then, is not
+    lowered) and at every launch (the fused kernel's handler reads it)."""
     os.environ["PIT_DISABLE_WGMMA"] = "1"
     try:
-        return time_per_call(fn, arg, 1)
+        jax.clear_caches()
+        return time_per_call(jax.jit(make_fn()), arg, 1)
     finally:
         del os.environ["PIT_DISABLE_WGMMA"]
+        jax.clear_caches()
 
 
 def projection_rows(name, shape, key, on_gpu):
@@ -176,7 +179,7 @@ def projection_rows(name, shape, key, on_gpu):
         # three forwards; the peers too are timed from pre-sorted rows): the GEMM's own time
         routing_tables = pit_jax.moe_routing(ids, e)
         t_given = time_per_call(lambda x: ours_given(x, w, ids, routing_tables), x, 1)
-        t_sm80 = sm80_seconds(lambda x: ours(x, w, ids), x) if on_gpu else None
+        t_sm80 = sm80_seconds(lambda: lambda x: pit_jax.moe_matmul(x, w, ids), x) if on_gpu else None
         t_ragged = time_per_call(jax.jit(lambda r: jax.lax.ragged_dot(r, w, sizes)), rows, 1)
         t_mgpu, cfg = mgpu_best(rows, w, sizes) if on_gpu else (None, None)
         t_route = routing_build_seconds(ids, e)

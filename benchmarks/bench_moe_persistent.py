@@ -88,6 +88,9 @@ def main():
                                       (ids, x, w_in)),
                 "projection": (lambda ops: grouped_matmul(ops[0], ops[1], routing, rows_per_source=k,
                                                           x_sorted=False, out_sorted=True), (x, w_in)),
+                # the same with the output in assignment order (moe_matmul's layout: SWrite of [T·k, f])
+                "scattered projection": (lambda ops: grouped_matmul(ops[0], ops[1], routing, rows_per_source=k,
+                                                                    x_sorted=False, out_sorted=False), (x, w_in)),
                 # x copied into routing order by XLA first, then the kernel reads both operands by TMA
                 # (how a permute-then-GEMM MoE works; the copy's cost against the gather's)
                 "copied projection": (lambda ops: grouped_matmul(jnp.take(ops[0], ops[2].order // k, axis=0), ops[1],
@@ -138,7 +141,7 @@ def main():
         f"MoE kernels: {label_a} vs {label_b} — {meta['device']}, jax {meta['jax']}, {meta['date']}",
         f"bf16, forward kernels and one dW, same jitted function with {var}={val_a} / {val_b} timed in {ROUNDS} rounds, "
         "A then B in even rounds and B then A in odd ones (median of each). projection: tokens gathered, rows in routing order (no epilogue); routed projection: "
-        "the same with the routing index built inside the timed call; copied projection: x copied into routing order by XLA (jnp.take) "
+        "the same with the routing index built inside the timed call; scattered projection: the output in assignment order; copied projection: x copied into routing order by XLA (jnp.take) "
         "in the timed call, then both operands by TMA; up swiglu: gate "
         "and up weights in one GEMM, silu(gate)·up fused; down scale: routing-ordered rows scattered to "
         "(token, slot) × the combine weight; projection dW: jax.grad of the projection w.r.t. w (the tn kernel). dense = a [T·k, d] × [d, f] matmul (×2 for SwiGLU's two "

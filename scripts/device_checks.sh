@@ -375,8 +375,10 @@ staged)  # the staged MoE forward (gather, CUTLASS grouped GEMM, scatter): its t
   SAN_TIMEOUT=150 run_tool racecheck all tests/test_moe_kernels.py "staged_forward and bfloat16 and not one_hot" ;;
 staged_ab)  # A/B of the staged forward (PIT_MOE_STAGED=0 vs 1, chosen when lowering), forward parts
   timeout -k 5 ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_STAGED 0 1 \
-    --parts "projection" "routed projection" "up swiglu" "down scale" --out $OUT/staged_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
+    --parts "projection" "scattered projection" "up swiglu" "down scale" --out $OUT/staged_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "ab $((SECONDS-t0))s" ;;
+projection_mixtral)  # bench_moe's projection table for Mixtral T=4096 alone ($OUT/projection_mixtral)
+  projection_table 200 projection_mixtral "Mixtral up T=4096" ;;
 projection_16k)  # last run in session 6 (2026-11-26_h200_moe_final)
   projection_table 420 projection_16k "Mixtral up T=16384" ;;
 projection)
