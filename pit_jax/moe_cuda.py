@@ -54,19 +54,22 @@ def staged_workspace_bytes(num_experts, assignments, d, f, itemsize, x_sorted, o
     return total
 
 
-def staged_applies(dtype, d, f, assignments, num_experts) -> bool:
+def staged_applies(dtype, d, f, assignments, num_experts, out_sorted) -> bool:
     """Whether pit_moe_matmul lowers to the staged forward (x's rows gathered into routing order,
-    CUTLASS's Hopper grouped GEMM, product rows scattered): where it can serve — built with
-    CUTLASS, and where the Hopper kernels serve (fused_epilogue_applies) — and, by default, for
-    shapes with at least STAGED_MIN_ROWS_PER_EXPERT rows per expert on average. PIT_MOE_STAGED=1
-    takes it wherever it can serve, PIT_MOE_STAGED=0 never. Decided when lowering."""
+    CUTLASS's Hopper grouped GEMM, product rows scattered where out is in assignment order): where
+    it can serve — built with CUTLASS, and where the Hopper kernels serve
+    (fused_epilogue_applies) — and, by default, for an output in routing order (out_sorted) with
+    at least STAGED_MIN_ROWS_PER_EXPERT rows per expert on average: there it beat the fused kernel
+    by 4-9% on H100s, while with the [A, f] scatter it lost 1-9% (docs/moe.md, "Staged forward").
+    PIT_MOE_STAGED=1 takes it wherever it can serve, PIT_MOE_STAGED=0 never. Decided when
+    lowering."""
     mode = os.environ.get("PIT_MOE_STAGED", "auto")
     if mode == "0":
         return False
     from . import _ext
     if not _ext.build_info().get("moe_staged") or not fused_epilogue_applies(dtype, d, f):
         return False
-    return mode == "1" or assignments >= STAGED_MIN_ROWS_PER_EXPERT * num_experts
+    return mode == "1" or (out_sorted and assignments >= STAGED_MIN_ROWS_PER_EXPERT * num_experts)
 
 
 def grouped_matmul_cuda(x, w, order, group_starts, tile_starts, *, rows_per_source, w_transposed,
@@ -74,7 +77,7 @@ def grouped_matmul_cuda(x, w, order, group_starts, tile_starts, *, rows_per_sour
     f = w.shape[1] if w_transposed else w.shape[2]
     out_type = jax.ShapeDtypeStruct((order.shape[0], f), x.dtype)
     e, a, d = w.shape[0], order.shape[0], x.shape[1]
-    if staged_applies(x.dtype, d, f, a, e):
+    if staged_applies(x.dtype, d, f, a, e, out_sorted):
         ws = jax.ShapeDtypeStruct(
             (staged_workspace_bytes(e, a, d, f, jnp.dtype(x.dtype).itemsize, x_sorted, out_sorted),), jnp.uint8)
         out, _ = jax.ffi.ffi_call("pit_moe_matmul_staged", (out_type, ws))(
@@ -110,24 +113,14 @@ def fused_epilogue_applies(dtype, d, f) -> bool:
     return cc.startswith("9.")
 
 
-def fused_kernel_serves(epilogue, dtype, d, f, assignments, num_experts) -> bool:
-    """Whether pit_moe_fused lowers to the fused kernel: where it applies, except for the
-    activations (relu, gelu, swiglu) on shapes the staged forward takes — there its grouped
-    matmuls and the activation in XLA are faster. The combine-weight epilogue ("scale") stays
-    fused: its product is scattered, and scatter plus scaling in XLA measured slower (docs/moe.md,
-    "Staged forward")."""
-    if not fused_epilogue_applies(dtype, d, f):
-        return False
-    return epilogue == "scale" or not staged_applies(dtype, d, f, assignments, num_experts)
-
-
 def fused_matmul_cuda(x, w, *rest, epilogue, rows_per_source, x_sorted, out_sorted):
-    """grouped matmul + epilogue (moe_reference.apply_epilogue): one fused kernel on Hopper
-    (fused_kernel_serves); elsewhere the grouped matmuls and the epilogue in XLA (the same values up to the rounding
+    """grouped matmul + epilogue (moe_reference.apply_epilogue): one fused kernel on Hopper (also
+    where the staged forward takes the plain matmul: its grouped matmuls plus the epilogue in XLA
+    measured no faster, docs/moe.md); elsewhere the grouped matmuls and the epilogue in XLA (the same values up to the rounding
     of the products to x's dtype)."""
     *extra, order, group_starts, tile_starts = rest
     f = w.shape[2]
-    if fused_kernel_serves(epilogue, x.dtype, x.shape[1], f, order.shape[0], w.shape[0]):
+    if fused_epilogue_applies(x.dtype, x.shape[1], f):
         out_type = jax.ShapeDtypeStruct((order.shape[0], f), x.dtype)
         w_up = extra[0] if epilogue == "swiglu" else w  # placeholders where the epilogue has no such operand
         scale = extra[0] if epilogue == "scale" else jnp.zeros((1,), jnp.float32)

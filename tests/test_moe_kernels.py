@@ -72,7 +72,7 @@ def _assert_staged_lowered(kernel, fn, *operands, dtype, d, f):
     tests check its kernels, not the fused one's)."""
     from pit_jax import moe_cuda
     staged = "@pit_moe_matmul_staged(" in jax.jit(fn).lower(*operands).as_text()
-    serves = kernel == "staged" and moe_cuda.staged_applies(DTYPES[dtype], d, f, 1, 1)
+    serves = kernel == "staged" and moe_cuda.staged_applies(DTYPES[dtype], d, f, 1, 1, False)
     assert staged == serves
 
 
@@ -220,9 +220,9 @@ def test_fused_epilogue_matches_float64(monkeypatch, persistent, epilogue, dtype
         fused = "@pit_moe_fused(" in fn.lower(x, w).as_text()
         got = np.asarray(fn(x, w), np.float64)
         order = np.asarray(routing_index.order)
-    assert fused == moe_cuda.fused_kernel_serves(epilogue, x.dtype, d, f, t * k, e)
+    assert fused == moe_cuda.fused_epilogue_applies(x.dtype, d, f)
     if str(getattr(dev, "compute_capability", "")).startswith("9.") and dtype != "float32" and f % 8 == 0:
-        assert fused  # these shapes are below the staged forward's rows-per-expert rule
+        assert fused
     zero_g = np.zeros((t * k, f))
     product, up = (moe_layouts_want(x, w_, ids, order, zero_g, x_sorted=x_sorted, out_sorted=out_sorted)[0]
                    for w_ in (w, w_up))
@@ -287,7 +287,7 @@ def test_staged_forward_matches_float64(monkeypatch, x_sorted, out_sorted, w_tra
         staged = "@pit_moe_matmul_staged(" in fn.lower(x, w_arg).as_text()
         got = np.asarray(fn(x, w_arg), np.float64)
         order = np.asarray(routing_index.order)
-    assert staged == moe_cuda.staged_applies(x.dtype, d, f, 1, 1)
+    assert staged == moe_cuda.staged_applies(x.dtype, d, f, 1, 1, out_sorted)
     if str(getattr(dev, "compute_capability", "")).startswith("9."):
         assert staged or not pit_jax.build_info().get("moe_staged")
     want = moe_layouts_want(x, w, ids, order, np.zeros((t * k, f)), x_sorted=x_sorted, out_sorted=out_sorted)[0]
@@ -322,3 +322,25 @@ def test_staged_forward_lowering_has_its_workspace(monkeypatch):
         assert f"tensor<{size}xui8>" in text
     assert moe_cuda.staged_workspace_bytes(e, t * k, d, f, 2, False, False) - \
         moe_cuda.staged_workspace_bytes(e, t * k, d, f, 2, False, True) == -(-t * k * f * 2 // 256) * 256
+
+
+def test_staged_rule_by_layout_rows_and_switch(monkeypatch):
+    """The lowering's choice of the staged forward where it can serve (forced here): by default
+    only for an output in routing order with >= STAGED_MIN_ROWS_PER_EXPERT rows per expert;
+    PIT_MOE_STAGED=1 everywhere, 0 nowhere; never where it cannot serve."""
+    from pit_jax import _ext, moe_cuda
+    monkeypatch.setattr(moe_cuda, "fused_epilogue_applies", lambda dtype, d, f: True)
+    monkeypatch.setattr(_ext, "build_info", lambda: {"moe_staged": True})
+    rows = moe_cuda.STAGED_MIN_ROWS_PER_EXPERT
+    bf16 = jnp.bfloat16
+    monkeypatch.delenv("PIT_MOE_STAGED", raising=False)
+    assert moe_cuda.staged_applies(bf16, 64, 64, rows * 8, 8, True)
+    assert not moe_cuda.staged_applies(bf16, 64, 64, rows * 8 - 1, 8, True)
+    assert not moe_cuda.staged_applies(bf16, 64, 64, rows * 8, 8, False)  # the [A, f] scatter: fused kernel
+    monkeypatch.setenv("PIT_MOE_STAGED", "1")
+    assert moe_cuda.staged_applies(bf16, 64, 64, 1, 8, False)
+    monkeypatch.setenv("PIT_MOE_STAGED", "0")
+    assert not moe_cuda.staged_applies(bf16, 64, 64, rows * 8, 8, True)
+    monkeypatch.setenv("PIT_MOE_STAGED", "1")
+    monkeypatch.setattr(_ext, "build_info", lambda: {"moe_staged": False})  # built without CUTLASS
+    assert not moe_cuda.staged_applies(bf16, 64, 64, rows * 8, 8, True)
