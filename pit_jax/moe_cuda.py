@@ -38,6 +38,11 @@ def routing_tables_cuda(expert_ids, *, num_experts):
 # The staged forward's default: at least this many rows per expert on average (compute-bound
 # shapes; Mixtral has about 1024, the Qwen-like shape 128 — see docs/moe.md "Staged forward").
 STAGED_MIN_ROWS_PER_EXPERT = 512
+# ... and, where the product is scattered (out in assignment order), a contraction of at least this
+# many: the [A, f] scatter costs about 500 / d of the GEMM's time on an H100 (bytes at ~3 TB/s
+# against FLOPs at ~750 TFLOP/s), 12% at d = 4096, where the staged forward measured 1-9% slower
+# than the fused kernel; 3.5% at d = 14336 (Mixtral's down-projection and up-projection dx).
+STAGED_MIN_D_SCATTERED = 8192
 _STAGED_ARGS_BYTES_PER_EXPERT = 256  # kMoeStagedArgsBytesPerExpert, moe_staged_layout.h
 _STAGED_CUTLASS_BYTES = 1 << 20      # kMoeStagedCutlassBytes
 
@@ -58,18 +63,20 @@ def staged_applies(dtype, d, f, assignments, num_experts, out_sorted) -> bool:
     """Whether pit_moe_matmul lowers to the staged forward (x's rows gathered into routing order,
     CUTLASS's Hopper grouped GEMM, product rows scattered where out is in assignment order): where
     it can serve — built with CUTLASS, and where the Hopper kernels serve
-    (fused_epilogue_applies) — and, by default, for an output in routing order (out_sorted) with
-    at least STAGED_MIN_ROWS_PER_EXPERT rows per expert on average: there it beat the fused kernel
-    by 4-9% on H100s, while with the [A, f] scatter it lost 1-9% (docs/moe.md, "Staged forward").
-    PIT_MOE_STAGED=1 takes it wherever it can serve, PIT_MOE_STAGED=0 never. Decided when
-    lowering."""
+    (fused_epilogue_applies) — and, by default, with at least STAGED_MIN_ROWS_PER_EXPERT rows per
+    expert on average and either the output in routing order (out_sorted: there it beat the fused
+    kernel by 4-9% on H100s) or a contraction d >= STAGED_MIN_D_SCATTERED (with the [A, f]
+    scatter at d = 4096 it lost 1-9%; docs/moe.md, "Staged forward"). PIT_MOE_STAGED=1 takes it
+    wherever it can serve, PIT_MOE_STAGED=0 never. Decided when lowering."""
     mode = os.environ.get("PIT_MOE_STAGED", "auto")
     if mode == "0":
         return False
     from . import _ext
     if not _ext.build_info().get("moe_staged") or not fused_epilogue_applies(dtype, d, f):
         return False
-    return mode == "1" or (out_sorted and assignments >= STAGED_MIN_ROWS_PER_EXPERT * num_experts)
+    if mode == "1":
+        return True
+    return assignments >= STAGED_MIN_ROWS_PER_EXPERT * num_experts and (out_sorted or d >= STAGED_MIN_D_SCATTERED)
 
 
 def grouped_matmul_cuda(x, w, order, group_starts, tile_starts, *, rows_per_source, w_transposed,

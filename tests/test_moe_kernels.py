@@ -326,7 +326,8 @@ def test_staged_forward_lowering_has_its_workspace(monkeypatch):
 
 def test_staged_rule_by_layout_rows_and_switch(monkeypatch):
     """The lowering's choice of the staged forward where it can serve (forced here): by default
-    only for an output in routing order with >= STAGED_MIN_ROWS_PER_EXPERT rows per expert;
+    for >= STAGED_MIN_ROWS_PER_EXPERT rows per expert with the output in routing order or a
+    contraction of >= STAGED_MIN_D_SCATTERED;
     PIT_MOE_STAGED=1 everywhere, 0 nowhere; never where it cannot serve."""
     from pit_jax import _ext, moe_cuda
     monkeypatch.setattr(moe_cuda, "fused_epilogue_applies", lambda dtype, d, f: True)
@@ -337,6 +338,9 @@ def test_staged_rule_by_layout_rows_and_switch(monkeypatch):
     assert moe_cuda.staged_applies(bf16, 64, 64, rows * 8, 8, True)
     assert not moe_cuda.staged_applies(bf16, 64, 64, rows * 8 - 1, 8, True)
     assert not moe_cuda.staged_applies(bf16, 64, 64, rows * 8, 8, False)  # the [A, f] scatter: fused kernel
+    long_d = moe_cuda.STAGED_MIN_D_SCATTERED
+    assert moe_cuda.staged_applies(bf16, long_d, 64, rows * 8, 8, False)  # ... unless the contraction is long
+    assert not moe_cuda.staged_applies(bf16, long_d, 64, rows * 8 - 1, 8, False)
     monkeypatch.setenv("PIT_MOE_STAGED", "1")
     assert moe_cuda.staged_applies(bf16, 64, 64, 1, 8, False)
     monkeypatch.setenv("PIT_MOE_STAGED", "0")
