@@ -117,13 +117,7 @@ for part in ${PART:-tests}; do  # every part named must exist before the build s
   grep -q "^$part)" "$0" || { echo "device_checks: no part named '$part'" | tee -a $LOG; exit 2; }
 done
 t0=$SECONDS
-# CUTLASS headers (the staged MoE forward): the build requirement nvidia-cutlass, carried as a wheel
-# (.whl, see docs/gpu_checks.md) because the device has no network and this build skips isolation.
-if [[ -z "${PIT_CUTLASS_DIR:-}" ]] && ls .whl/nvidia_cutlass-*.whl > /dev/null 2>&1; then
-  [[ -d /tmp/cutlass_site/cutlass_library ]] || python3 -m pip install -q --no-index --no-deps --no-compile \
-    --target /tmp/cutlass_site .whl/nvidia_cutlass-*.whl > /dev/null 2>&1
-  export PIT_CUTLASS_DIR=/tmp/cutlass_site/cutlass_library/source
-fi
+source scripts/cutlass_headers.sh  # CUTLASS for the staged MoE forward (a carried .whl on the device)
 [[ "${SKIP_BUILD:-0}" == 1 ]] || PIT_ENABLE_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q . > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
 echo "build $((SECONDS-t0))s $(cd /tmp && python3 -c 'import pit_jax; i = pit_jax.build_info(); print("moe_staged", i.get("moe_staged"))')"
 pytest_gpu() {  # seconds, then pytest's arguments: the installed package (-P), failures and summary to $LOG

@@ -3,7 +3,7 @@
 set -u
 export PYTHONUNBUFFERED=1
 t0=$SECONDS
-PIT_ENABLE_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q . > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
+source scripts/cutlass_headers.sh; PIT_ENABLE_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q . > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
 echo "build $((SECONDS-t0))s"
 timeout 240 python3 -P -m pytest tests/test_moe_kernels.py -q -x -p no:cacheprovider 2>&1 | tail -3
 echo "tests $((SECONDS-t0))s"

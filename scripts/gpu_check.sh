@@ -24,6 +24,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 $PY -c "import sys, jax, jaxlib; print('python', sys.version.split()[0], 'jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
 nvcc --version | tail -1
 
+source scripts/cutlass_headers.sh  # CUTLASS headers for the staged MoE forward
 step build env PIT_ENABLE_CUDA=ON $PY -m pip install --no-build-isolation --no-deps -q -v . 
 $PY -P -c "import pit_jax; print(pit_jax.build_info())"
 
