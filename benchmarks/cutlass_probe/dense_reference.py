@@ -1,3 +1,9 @@
+"""The dense references for grouped_probe.cu, run in the same device call: jnp.dot (cuBLAS) on
+[8192, 4096] x [4096, 14336] (Mixtral T=4096 up-projection's FLOPs) and [16384, 2048] x
+[2048, 768] (the Qwen-like projection's), bf16, 20 calls back to back after one warm-up.
+
+    python3 benchmarks/cutlass_probe/dense_reference.py
+"""
 import time, jax, jax.numpy as jnp
 def t(f, *a, n=20):
     f(*a).block_until_ready()
