@@ -3,7 +3,8 @@ output tile) against the persistent one (PIT_MOE_PERSISTENT=1: one CTA per SM wa
 routing's tiles); `--switch NAME A B` compares two values of another per-launch variable instead
 (any variable the handler reads per launch, e.g. PIT_MOE_COL_BAND 1 4). In one process on the same compiled functions — the
 handler reads the variable at every launch, so the two settings alternate rep by rep and share
-the machine's state. Forward only, bf16:
+the machine's state. A variable read when lowering (PIT_MOE_STAGED) gets one compiled function per
+value instead (jax's caches cleared between). Forward only, bf16:
 the plain projection (tokens gathered, rows in routing order; also with the routing index built
 in the timed call: "routed projection"), the SwiGLU up-projection with its
 fused epilogue and the down-projection with the fused combine weights; the dense matmul of the
@@ -61,15 +62,17 @@ def compiled_per_value(fn, operands, name: str, values) -> dict:
 def main():
     ap = bench_parser("one tiny shape")
     ap.add_argument("--switch", nargs=3, default=["PIT_MOE_PERSISTENT", "0", "1"], metavar=("NAME", "A", "B"),
-                    help="environment variable read per launch and its two values, 'default' = unset "
+                    help="environment variable read per launch (or at lowering: PIT_MOE_STAGED) and its two values, 'default' = unset "
                          "(default: tiled vs persistent)")
+    ap.add_argument("--cases", nargs="+", default=["Mixtral up T=4096", "Qwen3-30B-A3B-like"], metavar="CASE",
+                    help="bench_moe case names (default: Mixtral up T=4096 and the Qwen-like shape)")
     ap.add_argument("--parts", nargs="+", default=None, metavar="PART",
                     help="time only these parts (e.g. 'routed projection'); default: all")
     args = ap.parse_args()
     var, val_a, val_b = args.switch
     label_a, label_b = ("tiled", "persistent") if var == "PIT_MOE_PERSISTENT" else (f"{var}={val_a}", f"{var}={val_b}")
     meta = announce()
-    cases = QUICK if args.quick else {n: CASES[n] for n in ("Mixtral up T=4096", "Qwen3-30B-A3B-like")}
+    cases = QUICK if args.quick else {n: CASES[n] for n in args.cases}
     rows = []
     for name, (t, e, k, d, f) in cases.items():
         key = jax.random.PRNGKey(0)
