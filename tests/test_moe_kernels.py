@@ -348,3 +348,27 @@ def test_staged_rule_by_layout_rows_and_switch(monkeypatch):
     monkeypatch.setenv("PIT_MOE_STAGED", "1")
     monkeypatch.setattr(_ext, "build_info", lambda: {"moe_staged": False})  # built without CUTLASS
     assert not moe_cuda.staged_applies(bf16, 64, 64, rows * 8, 8, True)
+
+
+def test_mixtral_training_step_lowers_every_matmul_staged(monkeypatch):
+    """At Mixtral's shape (T=4096, E=8, top-2, 4096 -> 14336) the rule stages all six grouped
+    matmuls of a SwiGLU layer's training step — the configuration session 19's layer table
+    measured: the up-projections' forward and the down-projection's dx write routing-order
+    rows, the down-projection's forward and the up-projections' dx contract over 14336."""
+    if not pit_jax.cuda_available():
+        pytest.skip("built without CUDA kernels")
+    from pit_jax import _ext, moe_cuda
+    from pit_jax.nn.moe import moe_ffn
+    monkeypatch.setattr(moe_cuda, "fused_epilogue_applies", lambda dtype, d, f: True)
+    monkeypatch.setattr(_ext, "build_info", lambda: {"moe_staged": True})
+    monkeypatch.delenv("PIT_MOE_STAGED", raising=False)
+    t, k, e, d, f = 4096, 2, 8, 4096, 14336
+    x = jax.ShapeDtypeStruct((t, d), jnp.bfloat16)
+    ws = tuple(jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((e, d, f), (e, d, f), (e, f, d)))
+    ids = jax.ShapeDtypeStruct((t, k), jnp.int32)
+    p = jax.ShapeDtypeStruct((t, k), jnp.float32)
+    loss = lambda x, p, ws, ids: jnp.sum(moe_ffn(x, ids, p, ws, "swiglu").astype(jnp.float32))
+    text = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(x, p, ws, ids).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("@pit_moe_matmul_staged(") == 6 and "@pit_moe_matmul(" not in text
+    assert text.count("@pit_moe_matmul_tn(") == 3
