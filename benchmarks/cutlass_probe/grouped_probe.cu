@@ -7,53 +7,15 @@
 // Build (CPU box; headers from the nvidia-cutlass wheel):
 //   nvcc -O3 -DNDEBUG -std=c++17 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
 //     -I$CUTLASS/include -I$CUTLASS/tools/util/include grouped_probe.cu -o grouped_probe
-#include <cstdio>
-#include <cstdlib>
-#include <random>
-#include <vector>
 #include <algorithm>
-#include <cmath>
+#include <random>
 #include <string>
+#include <vector>
 
-#include "cutlass/cutlass.h"
-#include "cute/tensor.hpp"
-#include "cutlass/gemm/dispatch_policy.hpp"
-#include "cutlass/gemm/group_array_problem_shape.hpp"
-#include "cutlass/gemm/collective/collective_builder.hpp"
-#include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/gemm/device/gemm_universal_adapter.h"
-#include "cutlass/gemm/kernel/gemm_universal.hpp"
-#include "cutlass/util/packed_stride.hpp"
+#include "probe_common.cuh"
 
-using namespace cute;
-
-#define CHECK_CUDA(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { \
-  std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); std::exit(1); } } while (0)
-#define CHECK_CUTLASS(x) do { cutlass::Status s_ = (x); if (s_ != cutlass::Status::kSuccess) { \
-  std::printf("CUTLASS error %s at %s:%d\n", cutlassGetStatusString(s_), __FILE__, __LINE__); return -1.0; } } while (0)
-
-using Element = cutlass::bfloat16_t;
-using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (M, N, K) per expert
 using LayoutA = cutlass::layout::RowMajor;  // x rows in routing order, [rows, K]
 using LayoutB = cutlass::layout::RowMajor;  // w[e] is [K, N] with N contiguous (our [E, d, f])
-using LayoutD = cutlass::layout::RowMajor;  // out rows [rows, N]
-constexpr int kAlign = 8;
-
-template <class Tile, class Cluster, class Mainloop, class Epilogue>
-struct GroupedGemm {
-  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
-      void, LayoutD*, kAlign, Element, LayoutD*, kAlign, Epilogue,
-      cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element, LayoutB*, kAlign,
-      float, Tile, Cluster,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      Mainloop>::CollectiveOp;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-};
 
 // Device side of the routing: problem sizes and per-expert pointers from the group starts.
 template <class StrideA, class StrideB, class StrideD>
@@ -67,14 +29,6 @@ __global__ void write_group_args(const int* starts, int experts, int n, int k, c
   a_ptrs[e] = x + static_cast<int64_t>(starts[e]) * k;
   b_ptrs[e] = w + static_cast<int64_t>(e) * k * n;
   d_ptrs[e] = out + static_cast<int64_t>(starts[e]) * n;
-}
-
-__global__ void fill_random(Element* p, int64_t count, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
-    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
-    h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
-    p[i] = Element((int(h & 1023) - 512) / 512.0f);
-  }
 }
 
 struct Case { const char* name; int experts, rows, n, k; std::vector<int> counts; };
@@ -144,30 +98,17 @@ double run_case(const Case& c, const Element* x, const Element* w, Element* out,
     double err = std::abs(got - ref) / (1.0 + std::abs(ref));
     if (!(err <= worst)) worst = std::isnan(err) ? 1e9 : err;
   }
-  for (int i = 0; i < 3; ++i) CHECK_CUTLASS(call());
-  cudaEvent_t t0, t1;
-  cudaEventCreate(&t0); cudaEventCreate(&t1);
-  const int iters = 20;
-  cudaEventRecord(t0);
-  for (int i = 0; i < iters; ++i) CHECK_CUTLASS(call());
-  cudaEventRecord(t1);
-  CHECK_CUDA(cudaEventSynchronize(t1));
-  float ms = 0;
-  cudaEventElapsedTime(&ms, t0, t1);
+  const double ms = time_calls(call);
   std::printf("   max rel err (256 samples) %.2e%s\n", worst, worst > 2e-2 ? "  FAILED" : "");
   cudaFree(shapes); cudaFree(a_ptrs); cudaFree(b_ptrs); cudaFree(d_ptrs); cudaFree(sa); cudaFree(sb); cudaFree(sd);
   if (ws) cudaFree(ws);
-  return ms / iters;
+  return ms;
 }
 
-using CoopMain = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
-using CoopEpi = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-using PingMain = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
-using PingEpi = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
-using Coop256x128c21 = GroupedGemm<Shape<_256, _128, _64>, Shape<_2, _1, _1>, CoopMain, CoopEpi>;
-using Coop128x256c12 = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _2, _1>, CoopMain, CoopEpi>;
-using Coop128x256c11 = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>, CoopMain, CoopEpi>;
-using Ping128x128c12 = GroupedGemm<Shape<_128, _128, _64>, Shape<_1, _2, _1>, PingMain, PingEpi>;
+using Coop256x128c21 = GroupedGemm<Shape<_256, _128, _64>, Shape<_2, _1, _1>, CoopMain, CoopEpi, LayoutA, LayoutB>;
+using Coop128x256c12 = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _2, _1>, CoopMain, CoopEpi, LayoutA, LayoutB>;
+using Coop128x256c11 = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>, CoopMain, CoopEpi, LayoutA, LayoutB>;
+using Ping128x128c12 = GroupedGemm<Shape<_128, _128, _64>, Shape<_1, _2, _1>, PingMain, PingEpi, LayoutA, LayoutB>;
 
 int main(int argc, char** argv) {
   std::mt19937 rng(1234);
