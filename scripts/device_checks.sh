@@ -98,6 +98,7 @@
 #                  too; STAGED_TESTS another -k), memcheck, racecheck.
 #   PART=staged_ab: PIT_MOE_STAGED=0 vs 1 on the forward projection parts ($OUT/staged_ab).
 #   PART=staged_next: the three MoE suites, the Mixtral layer table and a staged A/B at T=16384 (next session).
+#   PART=projection_mixtral: bench_moe's projection table for Mixtral T=4096 alone ($OUT/projection_mixtral).
 #   PART=layer_mixtral: bench_moe's layer table for Mixtral T=4096 alone ($OUT/layer_mixtral).
 #   PART=projection_16k: bench_moe's projection table for Mixtral T=16384 alone ($OUT/projection_16k).
 #   PART=route_sanitize: memcheck and racecheck over the routing kernel tests.
