@@ -65,7 +65,7 @@ def staged_applies(dtype, d, f, assignments, num_experts, out_sorted) -> bool:
     it can serve — built with CUTLASS, and where the Hopper kernels serve
     (fused_epilogue_applies) — and, by default, with at least STAGED_MIN_ROWS_PER_EXPERT rows per
     expert on average and either the output in routing order (out_sorted: there it beat the fused
-    kernel by 4-9% on H100s) or a contraction d >= STAGED_MIN_D_SCATTERED (with the [A, f]
+    kernel by 3-9% on H100s) or a contraction d >= STAGED_MIN_D_SCATTERED (with the [A, f]
     scatter at d = 4096 it lost 1-9%; docs/moe.md, "Staged forward"). PIT_MOE_STAGED=1 takes it
     wherever it can serve, PIT_MOE_STAGED=0 never. Decided when lowering."""
     mode = os.environ.get("PIT_MOE_STAGED", "auto")
