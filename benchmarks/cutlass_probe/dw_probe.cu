@@ -18,7 +18,6 @@
 using LayoutA = cutlass::layout::ColumnMajor;  // x_eᵀ: (M = d, K = rows), element (m, k) at k * d + m
 using LayoutB = cutlass::layout::RowMajor;     // dy_e: (K = rows, N = f), element (k, n) at k * f + n
 
-template <class StrideA, class StrideB, class StrideD>
 __global__ void write_dw_args(const int* starts, int experts, int d, int f, const Element* x, const Element* dy,
                               Element* dw, ProblemShape::UnderlyingProblemShape* shapes, const Element** a_ptrs,
                               const Element** b_ptrs, Element** d_ptrs) {
@@ -36,68 +35,38 @@ struct DwCase { const char* name; int experts, rows, d, f; std::vector<int> coun
 template <class G>
 double run_dw(const DwCase& c, const Element* x, const Element* dy, Element* dw, const int* d_starts,
               const std::vector<int>& starts, const std::vector<Element>& hx, const std::vector<Element>& hdy) {
-  using Gemm = typename G::Gemm;
-  using StrideA = typename Gemm::GemmKernel::InternalStrideA;
-  using StrideB = typename Gemm::GemmKernel::InternalStrideB;
-  using StrideD = typename Gemm::GemmKernel::InternalStrideD;
-  int E = c.experts;
-  ProblemShape::UnderlyingProblemShape* shapes;
-  const Element **a_ptrs, **b_ptrs; Element** d_ptrs;
-  StrideA* sa; StrideB* sb; StrideD* sd;
-  CHECK_CUDA(cudaMalloc(&shapes, E * sizeof(*shapes)));
-  CHECK_CUDA(cudaMalloc(&a_ptrs, E * sizeof(void*))); CHECK_CUDA(cudaMalloc(&b_ptrs, E * sizeof(void*)));
-  CHECK_CUDA(cudaMalloc(&d_ptrs, E * sizeof(void*)));
-  CHECK_CUDA(cudaMalloc(&sa, E * sizeof(StrideA))); CHECK_CUDA(cudaMalloc(&sb, E * sizeof(StrideB)));
-  CHECK_CUDA(cudaMalloc(&sd, E * sizeof(StrideD)));
+  using Setup = GroupedSetup<typename G::Gemm>;
+  Setup g;
   // Leading dimensions d (A), f (B and D) whatever an expert's row count.
-  std::vector<StrideA> hsa(E, cutlass::make_cute_packed_stride(StrideA{}, {c.d, 1, 1}));
-  std::vector<StrideB> hsb(E, cutlass::make_cute_packed_stride(StrideB{}, {c.f, 1, 1}));
-  std::vector<StrideD> hsd(E, cutlass::make_cute_packed_stride(StrideD{}, {c.d, c.f, 1}));
-  CHECK_CUDA(cudaMemcpy(sa, hsa.data(), E * sizeof(StrideA), cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(sb, hsb.data(), E * sizeof(StrideB), cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(sd, hsd.data(), E * sizeof(StrideD), cudaMemcpyHostToDevice));
-  cutlass::KernelHardwareInfo hw_info;
-  hw_info.device_id = 0;
-  hw_info.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(0);
-  typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGrouped, {E, shapes, nullptr},
-                                {a_ptrs, sa, b_ptrs, sb}, {{}, nullptr, sd, d_ptrs, sd}, hw_info};
-  args.epilogue.thread.alpha = 1.0f;
-  args.epilogue.thread.beta = 0.0f;
-  Gemm gemm;
-  size_t ws_bytes = Gemm::get_workspace_size(args);
-  void* ws = nullptr;
-  if (ws_bytes) CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
-  CHECK_CUTLASS(gemm.can_implement(args));
-  CHECK_CUTLASS(gemm.initialize(args, ws));
+  if (!g.init(c.experts, cutlass::make_cute_packed_stride(typename Setup::StrideA{}, {c.d, 1, 1}),
+              cutlass::make_cute_packed_stride(typename Setup::StrideB{}, {c.f, 1, 1}),
+              cutlass::make_cute_packed_stride(typename Setup::StrideD{}, {c.d, c.f, 1})))
+    return -1.0;
   auto call = [&]() {
-    write_dw_args<StrideA, StrideB, StrideD><<<(E + 127) / 128, 128>>>(d_starts, E, c.d, c.f, x, dy, dw, shapes,
-                                                                    a_ptrs, b_ptrs, d_ptrs);
-    return gemm.run();
+    write_dw_args<<<(c.experts + 127) / 128, 128>>>(d_starts, c.experts, c.d, c.f, x, dy, dw, g.shapes, g.a, g.b,
+                                                     g.d);
+    return g.gemm.run();
   };
-  CHECK_CUDA(cudaMemset(dw, 0xff, size_t(E) * c.d * c.f * sizeof(Element)));  // poison: NaN in bf16
+  CHECK_CUDA(cudaMemset(dw, 0xff, size_t(c.experts) * c.d * c.f * sizeof(Element)));  // poison: NaN in bf16
   CHECK_CUTLASS(call());
   CHECK_CUDA(cudaDeviceSynchronize());
-  std::vector<Element> hdw(size_t(E) * c.d * c.f);
+  std::vector<Element> hdw(size_t(c.experts) * c.d * c.f);
   CHECK_CUDA(cudaMemcpy(hdw.data(), dw, hdw.size() * sizeof(Element), cudaMemcpyDeviceToHost));
   std::mt19937 rng(7);
   double worst = 0;
   int checked = 0;
   for (int s = 0; s < 256; ++s) {
-    int e = rng() % E, i = rng() % c.d, j = rng() % c.f;
+    int e = rng() % c.experts, i = rng() % c.d, j = rng() % c.f;
     if (c.counts[e] == 0) continue;  // not written by the GEMM (a separate zero fill in the real path)
     double ref = 0;
     for (int p = starts[e]; p < starts[e + 1]; ++p)
       ref += double(float(hx[size_t(p) * c.d + i])) * double(float(hdy[size_t(p) * c.f + j]));
-    double got = float(hdw[(size_t(e) * c.d + i) * c.f + j]);
-    double err = std::abs(got - ref) / (1.0 + std::abs(ref));
-    if (!(err <= worst)) worst = std::isnan(err) ? 1e9 : err;
+    track_error(float(hdw[(size_t(e) * c.d + i) * c.f + j]), ref, &worst);
     ++checked;
   }
   const double ms = time_calls(call);
   std::printf("   max rel err (%d samples) %.2e%s, workspace %zu B\n", checked, worst, worst > 2e-2 ? "  FAILED" : "",
-              ws_bytes);
-  cudaFree(shapes); cudaFree(a_ptrs); cudaFree(b_ptrs); cudaFree(d_ptrs); cudaFree(sa); cudaFree(sb); cudaFree(sd);
-  if (ws) cudaFree(ws);
+              g.workspace_bytes);
   return ms;
 }
 
@@ -119,17 +88,13 @@ int main() {
   add("Mixtral dW as ONE dense GEMM", 4096, 2, 1, 4096, 14336, "one-hot");
   add("Qwen3-like dW uniform", 2048, 8, 128, 2048, 768, "uniform");
   for (auto& c : cases) {
-    std::vector<int> starts(c.experts + 1, 0);
-    for (int e = 0; e < c.experts; ++e) starts[e + 1] = starts[e] + c.counts[e];
-    Element *x, *dy, *dw; int* d_starts;
-    size_t xs = size_t(c.rows) * c.d, ys = size_t(c.rows) * c.f, ws = size_t(c.experts) * c.d * c.f;
-    CHECK_CUDA(cudaMalloc(&x, xs * 2)); CHECK_CUDA(cudaMalloc(&dy, ys * 2)); CHECK_CUDA(cudaMalloc(&dw, ws * 2));
-    CHECK_CUDA(cudaMalloc(&d_starts, starts.size() * 4));
-    CHECK_CUDA(cudaMemcpy(d_starts, starts.data(), starts.size() * 4, cudaMemcpyHostToDevice));
-    fill_random<<<1024, 256>>>(x, xs, 11); fill_random<<<1024, 256>>>(dy, ys, 23);
-    std::vector<Element> hx(xs), hdy(ys);
-    CHECK_CUDA(cudaMemcpy(hx.data(), x, xs * 2, cudaMemcpyDeviceToHost));
-    CHECK_CUDA(cudaMemcpy(hdy.data(), dy, ys * 2, cudaMemcpyDeviceToHost));
+    std::vector<int> starts;
+    std::vector<Element> hx, hdy;
+    int* d_starts = device_starts(c.counts, &starts);
+    Element* x = device_random(size_t(c.rows) * c.d, 11, &hx);
+    Element* dy = device_random(size_t(c.rows) * c.f, 23, &hdy);
+    Element* dw;
+    CHECK_CUDA(cudaMalloc(&dw, size_t(c.experts) * c.d * c.f * sizeof(Element)));
     double flop = 2.0 * c.rows * double(c.d) * c.f;
     std::printf("== %s: rows %d, E %d, d %d, f %d, %.1f GFLOP\n", c.name, c.rows, c.experts, c.d, c.f, flop / 1e9);
     auto report = [&](const char* cfg, double ms) {

@@ -18,7 +18,6 @@ using LayoutA = cutlass::layout::RowMajor;  // x rows in routing order, [rows, K
 using LayoutB = cutlass::layout::RowMajor;  // w[e] is [K, N] with N contiguous (our [E, d, f])
 
 // Device side of the routing: problem sizes and per-expert pointers from the group starts.
-template <class StrideA, class StrideB, class StrideD>
 __global__ void write_group_args(const int* starts, int experts, int n, int k, const Element* x, const Element* w,
                                  Element* out, ProblemShape::UnderlyingProblemShape* shapes, const Element** a_ptrs,
                                  const Element** b_ptrs, Element** d_ptrs) {
@@ -37,48 +36,17 @@ struct Case { const char* name; int experts, rows, n, k; std::vector<int> counts
 template <class G>
 double run_case(const Case& c, const Element* x, const Element* w, Element* out, const int* d_starts,
                 const std::vector<int>& starts, const std::vector<Element>& hx, const std::vector<Element>& hw) {
-  using Gemm = typename G::Gemm;
-  using StrideA = typename Gemm::GemmKernel::InternalStrideA;
-  using StrideB = typename Gemm::GemmKernel::InternalStrideB;
-  using StrideD = typename Gemm::GemmKernel::InternalStrideD;
-  int E = c.experts;
-  ProblemShape::UnderlyingProblemShape* shapes;
-  const Element **a_ptrs, **b_ptrs; Element** d_ptrs;
-  StrideA* sa; StrideB* sb; StrideD* sd;
-  CHECK_CUDA(cudaMalloc(&shapes, E * sizeof(*shapes)));
-  CHECK_CUDA(cudaMalloc(&a_ptrs, E * sizeof(void*))); CHECK_CUDA(cudaMalloc(&b_ptrs, E * sizeof(void*)));
-  CHECK_CUDA(cudaMalloc(&d_ptrs, E * sizeof(void*)));
-  CHECK_CUDA(cudaMalloc(&sa, E * sizeof(StrideA))); CHECK_CUDA(cudaMalloc(&sb, E * sizeof(StrideB)));
-  CHECK_CUDA(cudaMalloc(&sd, E * sizeof(StrideD)));
+  using Setup = GroupedSetup<typename G::Gemm>;
+  Setup g;
   // Strides do not depend on the routing (row-major A and D of any height, fixed K and N).
-  std::vector<StrideA> hsa(E, cutlass::make_cute_packed_stride(StrideA{}, {1, c.k, 1}));
-  std::vector<StrideB> hsb(E, cutlass::make_cute_packed_stride(StrideB{}, {c.n, c.k, 1}));
-  std::vector<StrideD> hsd(E, cutlass::make_cute_packed_stride(StrideD{}, {1, c.n, 1}));
-  CHECK_CUDA(cudaMemcpy(sa, hsa.data(), E * sizeof(StrideA), cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(sb, hsb.data(), E * sizeof(StrideB), cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(sd, hsd.data(), E * sizeof(StrideD), cudaMemcpyHostToDevice));
-
-  cutlass::KernelHardwareInfo hw_info;
-  hw_info.device_id = 0;
-  hw_info.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(0);
-  typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGrouped,
-                                {E, shapes, nullptr},  // sizes on the device only
-                                {a_ptrs, sa, b_ptrs, sb},
-                                {{}, nullptr, sd, d_ptrs, sd},
-                                hw_info};
-  args.epilogue.thread.alpha = 1.0f;
-  args.epilogue.thread.beta = 0.0f;
-  Gemm gemm;
-  size_t ws_bytes = Gemm::get_workspace_size(args);
-  void* ws = nullptr;
-  if (ws_bytes) CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
-  CHECK_CUTLASS(gemm.can_implement(args));
-  CHECK_CUTLASS(gemm.initialize(args, ws));
-
+  if (!g.init(c.experts, cutlass::make_cute_packed_stride(typename Setup::StrideA{}, {1, c.k, 1}),
+              cutlass::make_cute_packed_stride(typename Setup::StrideB{}, {c.n, c.k, 1}),
+              cutlass::make_cute_packed_stride(typename Setup::StrideD{}, {1, c.n, 1})))
+    return -1.0;
   auto call = [&]() {
-    write_group_args<StrideA, StrideB, StrideD><<<(E + 127) / 128, 128>>>(d_starts, E, c.n, c.k, x, w, out, shapes,
-                                                                       a_ptrs, b_ptrs, d_ptrs);
-    return gemm.run();
+    write_group_args<<<(c.experts + 127) / 128, 128>>>(d_starts, c.experts, c.n, c.k, x, w, out, g.shapes, g.a,
+                                                        g.b, g.d);
+    return g.gemm.run();
   };
   CHECK_CUDA(cudaMemset(out, 0xff, size_t(c.rows) * c.n * sizeof(Element)));  // poison: NaN in bf16
   CHECK_CUTLASS(call());
@@ -94,14 +62,10 @@ double run_case(const Case& c, const Element* x, const Element* w, Element* out,
     double ref = 0;
     for (int kk = 0; kk < c.k; ++kk)
       ref += double(float(hx[size_t(row) * c.k + kk])) * double(float(hw[(size_t(e) * c.k + kk) * c.n + col]));
-    double got = float(hout[size_t(row) * c.n + col]);
-    double err = std::abs(got - ref) / (1.0 + std::abs(ref));
-    if (!(err <= worst)) worst = std::isnan(err) ? 1e9 : err;
+    track_error(float(hout[size_t(row) * c.n + col]), ref, &worst);
   }
   const double ms = time_calls(call);
   std::printf("   max rel err (256 samples) %.2e%s\n", worst, worst > 2e-2 ? "  FAILED" : "");
-  cudaFree(shapes); cudaFree(a_ptrs); cudaFree(b_ptrs); cudaFree(d_ptrs); cudaFree(sa); cudaFree(sb); cudaFree(sd);
-  if (ws) cudaFree(ws);
   return ms;
 }
 
@@ -131,17 +95,13 @@ int main(int argc, char** argv) {
   add("Qwen3-like one-hot", 2048, 8, 128, 768, 2048, "one-hot");
 
   for (auto& c : cases) {
-    std::vector<int> starts(c.experts + 1, 0);
-    for (int e = 0; e < c.experts; ++e) starts[e + 1] = starts[e] + c.counts[e];
-    Element *x, *w, *out; int* d_starts;
-    size_t xs = size_t(c.rows) * c.k, ws = size_t(c.experts) * c.k * c.n, os = size_t(c.rows) * c.n;
-    CHECK_CUDA(cudaMalloc(&x, xs * 2)); CHECK_CUDA(cudaMalloc(&w, ws * 2)); CHECK_CUDA(cudaMalloc(&out, os * 2));
-    CHECK_CUDA(cudaMalloc(&d_starts, starts.size() * 4));
-    CHECK_CUDA(cudaMemcpy(d_starts, starts.data(), starts.size() * 4, cudaMemcpyHostToDevice));
-    fill_random<<<1024, 256>>>(x, xs, 11); fill_random<<<1024, 256>>>(w, ws, 23);
-    std::vector<Element> hx(xs), hw(ws);
-    CHECK_CUDA(cudaMemcpy(hx.data(), x, xs * 2, cudaMemcpyDeviceToHost));
-    CHECK_CUDA(cudaMemcpy(hw.data(), w, ws * 2, cudaMemcpyDeviceToHost));
+    std::vector<int> starts;
+    std::vector<Element> hx, hw;
+    int* d_starts = device_starts(c.counts, &starts);
+    Element* x = device_random(size_t(c.rows) * c.k, 11, &hx);
+    Element* w = device_random(size_t(c.experts) * c.k * c.n, 23, &hw);
+    Element* out;
+    CHECK_CUDA(cudaMalloc(&out, size_t(c.rows) * c.n * sizeof(Element)));
     double flop = 2.0 * c.rows * double(c.n) * c.k;
     std::printf("== %s: rows %d, E %d, N %d, K %d, %.1f GFLOP\n", c.name, c.rows, c.experts, c.n, c.k, flop / 1e9);
     auto report = [&](const char* cfg, double ms) {

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <vector>
 
 #include "cutlass/cutlass.h"
 #include "cute/tensor.hpp"
@@ -72,4 +73,87 @@ double time_calls(Call call) {
   float ms = 0;
   cudaEventElapsedTime(&ms, t0, t1);
   return ms / iters;
+}
+
+// count random bf16 values on the device (seeded), with a host copy for the reference.
+inline Element* device_random(size_t count, uint32_t seed, std::vector<Element>* host) {
+  Element* p;
+  CHECK_CUDA(cudaMalloc(&p, count * sizeof(Element)));
+  fill_random<<<1024, 256>>>(p, int64_t(count), seed);
+  host->resize(count);
+  CHECK_CUDA(cudaMemcpy(host->data(), p, count * sizeof(Element), cudaMemcpyDeviceToHost));
+  return p;
+}
+
+// The group starts (prefix sums of counts) on the host and the device.
+inline int* device_starts(const std::vector<int>& counts, std::vector<int>* starts) {
+  starts->assign(counts.size() + 1, 0);
+  for (size_t e = 0; e < counts.size(); ++e) (*starts)[e + 1] = (*starts)[e] + counts[e];
+  int* d;
+  CHECK_CUDA(cudaMalloc(&d, starts->size() * sizeof(int)));
+  CHECK_CUDA(cudaMemcpy(d, starts->data(), starts->size() * sizeof(int), cudaMemcpyHostToDevice));
+  return d;
+}
+
+// A grouped GEMM over per-expert arrays in device memory: sizes and pointers (written by a kernel
+// before each call, sizes on the device only), strides (the same for every expert) and the
+// workspace; freed on destruction.
+template <class Gemm>
+struct GroupedSetup {
+  using StrideA = typename Gemm::GemmKernel::InternalStrideA;
+  using StrideB = typename Gemm::GemmKernel::InternalStrideB;
+  using StrideD = typename Gemm::GemmKernel::InternalStrideD;
+  ProblemShape::UnderlyingProblemShape* shapes = nullptr;
+  const Element** a = nullptr;
+  const Element** b = nullptr;
+  Element** d = nullptr;
+  StrideA* sa = nullptr;
+  StrideB* sb = nullptr;
+  StrideD* sd = nullptr;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  Gemm gemm;
+
+  // false, after saying why, where CUTLASS refuses the problem.
+  bool init(int experts, StrideA stride_a, StrideB stride_b, StrideD stride_d) {
+    CHECK_CUDA(cudaMalloc(&shapes, experts * sizeof(*shapes)));
+    CHECK_CUDA(cudaMalloc(&a, experts * sizeof(void*)));
+    CHECK_CUDA(cudaMalloc(&b, experts * sizeof(void*)));
+    CHECK_CUDA(cudaMalloc(&d, experts * sizeof(void*)));
+    copy_replicated(&sa, stride_a, experts);
+    copy_replicated(&sb, stride_b, experts);
+    copy_replicated(&sd, stride_d, experts);
+    cutlass::KernelHardwareInfo hw_info;
+    hw_info.device_id = 0;
+    hw_info.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(0);
+    typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGrouped, {experts, shapes, nullptr},
+                                  {a, sa, b, sb}, {{}, nullptr, sd, d, sd}, hw_info};
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;
+    workspace_bytes = Gemm::get_workspace_size(args);
+    if (workspace_bytes) CHECK_CUDA(cudaMalloc(&workspace, workspace_bytes));
+    cutlass::Status st = gemm.can_implement(args);
+    if (st == cutlass::Status::kSuccess) st = gemm.initialize(args, workspace);
+    if (st != cutlass::Status::kSuccess) std::printf("CUTLASS error %s\n", cutlassGetStatusString(st));
+    return st == cutlass::Status::kSuccess;
+  }
+
+  ~GroupedSetup() {
+    for (void* p : {(void*)shapes, (void*)a, (void*)b, (void*)d, (void*)sa, (void*)sb, (void*)sd, workspace})
+      if (p) cudaFree(p);
+  }
+
+ private:
+  template <class Stride>
+  static void copy_replicated(Stride** dst, Stride value, int experts) {
+    std::vector<Stride> host(experts, value);
+    CHECK_CUDA(cudaMalloc(dst, experts * sizeof(Stride)));
+    CHECK_CUDA(cudaMemcpy(*dst, host.data(), experts * sizeof(Stride), cudaMemcpyHostToDevice));
+  }
+};
+
+// The worst relative error so far, |got - want| / (1 + |want|), NaN counting as 1e9.
+inline void track_error(double got, double want, double* worst) {
+  const double err = std::abs(got - want) / (1.0 + std::abs(want));
+  if (!(err <= *worst)) *worst = std::isnan(err) ? 1e9 : err;
 }
