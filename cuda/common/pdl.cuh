@@ -12,6 +12,8 @@
 #include <cstdlib>
 #include <utility>
 
+#include "device_query.cuh"
+
 namespace pit {
 
 __device__ __forceinline__ void allow_dependent_launch() {
@@ -29,9 +31,8 @@ __device__ __forceinline__ void wait_for_previous_grid() {
 // Whether this process's device takes programmatic dependent launches (compute capability 9+).
 inline bool dependent_launch_supported() {
   static const bool supported = [] {
-    int device = 0, major = 0;
-    return cudaGetDevice(&device) == cudaSuccess &&
-           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+    int major = 0;
+    return current_device_attribute(cudaDevAttrComputeCapabilityMajor, &major) == cudaSuccess && major >= 9;
   }();
   return supported;
 }

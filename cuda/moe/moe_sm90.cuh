@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <type_traits>
 
+#include "../common/device_query.cuh"
 #include "../common/mma_sm80.cuh"
 #include "../common/pdl.cuh"
 #include "../common/tile_copy.cuh"
@@ -460,11 +461,8 @@ inline bool moe_sm90_applies(const MoeShape& s, const void* a, const void* b, co
     return false;
   const char* off = std::getenv("PIT_DISABLE_WGMMA");
   if (off != nullptr && off[0] == '1') return false;
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
-    return false;
-  return major == 9;
+  int major = 0;
+  return current_device_attribute(cudaDevAttrComputeCapabilityMajor, &major) == cudaSuccess && major == 9;
 }
 
 // A tiled tensor map (128-byte swizzle, zero fill past the edges) over a row-major array of T:

@@ -212,9 +212,8 @@ cudaError_t launch_moe_forward_persistent_sm90(cudaStream_t stream, const MoeSha
   auto kernel = s.x_sorted ? pick(std::true_type{}) : pick(std::false_type{});
   cudaError_t err = allow_dynamic_smem(kernel, kPersistentSmemBytes);
   if (err != cudaSuccess) return err;
-  int device = 0, sms = 0;
-  err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  int sms = 0;
+  err = current_device_attribute(cudaDevAttrMultiProcessorCount, &sms);
   if (err != cudaSuccess) return err;
   CUtensorMap w_map, x_map = {}, up_map = {};
   err = encode_moe_weight_map<T>(s, w, &w_map);

@@ -27,6 +27,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
+#include "../common/device_query.cuh"
 #include "../common/ffi_common.h"
 #include "../common/poison_outputs.cuh"
 #include "moe_staged_layout.h"
@@ -139,13 +140,6 @@ __global__ void staged_write_rows(const uint4* __restrict__ sorted, const int32_
   }
 }
 
-int sm_count_of_current_device() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  return sms;
-}
-
 struct StagedCall {
   int64_t experts, assignments, d, f, rows_per_source;
   bool x_sorted, out_sorted;
@@ -180,7 +174,7 @@ std::string run_staged(cudaStream_t stream, const StagedCall& c) {
 
   cutlass::KernelHardwareInfo hw;
   cudaGetDevice(&hw.device_id);
-  hw.sm_count = sm_count_of_current_device();
+  current_device_attribute(cudaDevAttrMultiProcessorCount, &hw.sm_count);  // stays 0 if unreadable
   typename G::Gemm::Arguments gemm_args{cutlass::gemm::GemmUniversalMode::kGrouped,
                                         {int(c.experts), args.shapes, nullptr},  // sizes on the device only
                                         {args.a, args.stride_a, args.b, args.stride_b},
@@ -235,9 +229,8 @@ ffi::Error MoeMatmulStagedCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBu
   const MoeStagedLayout layout = moe_staged_layout(c.experts, c.assignments, c.d, c.f, 2, x_sorted, out_sorted);
   if (int64_t(workspace->size_bytes()) < layout.total)
     return ffi::Error::InvalidArgument(op + "workspace smaller than the layout needs");
-  int device = 0, major = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  int major = 0;
+  current_device_attribute(cudaDevAttrComputeCapabilityMajor, &major);
   if (major != 9)
     return ffi::Error::InvalidArgument(op + "needs a compute capability 9.0 GPU (sm_90a CUTLASS kernels); "
                                             "the lowering chose this path for one");
