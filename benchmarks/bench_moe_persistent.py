@@ -44,9 +44,9 @@ def set_switch(name: str, value: str) -> None:
 LOWERING_SWITCHES = ("PIT_MOE_STAGED",)
 
 
-def timed(fn, operands, name: str, value: str) -> float:
+def timed(fns: dict, operands, name: str, value: str) -> float:
     set_switch(name, value)
-    return time_per_call(fn[value] if isinstance(fn, dict) else fn, operands, 1) * 1e3
+    return time_per_call(fns[value], operands, 1) * 1e3
 
 
 def compiled_per_value(fn, operands, name: str, values) -> dict:
@@ -113,24 +113,20 @@ def main():
             for part, (fn, operands) in parts.items():
                 if args.parts is not None and part not in args.parts:
                     continue
-                if var in LOWERING_SWITCHES:
-                    texts = [jax.jit(fn).lower(operands).as_text()]  # the default's choice
-                    fn = compiled_per_value(fn, operands, var, (val_a, val_b))
-                    call = lambda value: fn[value]
-                else:
-                    fn = jax.jit(fn)
-                    texts = [fn.lower(operands).as_text()]
-                    call = lambda value: fn
-                ran = any(s in texts[0] for s in ("@pit_moe_fused(", "@pit_moe_matmul(", "@pit_moe_matmul_tn(",
-                                                   "@pit_moe_matmul_staged("))
+                text = jax.jit(fn).lower(operands).as_text()  # the default's choice
+                ran = any(s in text for s in ("@pit_moe_fused(", "@pit_moe_matmul(", "@pit_moe_matmul_tn(",
+                                              "@pit_moe_matmul_staged("))
+                # one function per value where the switch is read when lowering, else one for both
+                fns = (compiled_per_value(fn, operands, var, (val_a, val_b)) if var in LOWERING_SWITCHES
+                       else dict.fromkeys((val_a, val_b), jax.jit(fn)))
                 times_a, times_b = [], []
                 for rnd in range(ROUNDS):
                     for value, times in round_order([(val_a, times_a), (val_b, times_b)], rnd):
-                        times.append(timed(fn, operands, var, value))
+                        times.append(timed(fns, operands, var, value))
                 set_switch(var, val_a)
-                ref = call(val_a)(operands)
+                ref = fns[val_a](operands)
                 set_switch(var, val_b)
-                got = call(val_b)(operands)
+                got = fns[val_b](operands)
                 os.environ.pop(var, None)
                 flops_scale = 2.0 if part == "up swiglu" else 1.0  # gate and up: twice the dense FLOPs
                 r = dict(case=name, routing=routing_name, part=part, kernel_call_lowered=ran, switch=var,

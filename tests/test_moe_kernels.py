@@ -76,18 +76,25 @@ def _assert_staged_lowered(kernel, fn, *operands, dtype, d, f):
     assert staged == serves
 
 
-def test_layer_lowers_to_the_kernels_and_routes_once():
-    if not pit_jax.cuda_available():
-        pytest.skip("built without CUDA kernels")
+def _lowered_layer(t, k, e, d, f, activation="swiglu", *, grad):
+    """CUDA lowering of moe_ffn on abstract bf16 operands: its forward, or (grad) jit(value_and_grad)
+    of the sum of its output w.r.t. tokens, combine weights and the three weights."""
     from pit_jax.nn.moe import moe_ffn
-    t, k, e, d, f = 40, 2, 8, 64, 96
     x = jax.ShapeDtypeStruct((t, d), jnp.bfloat16)
     ws = tuple(jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((e, d, f), (e, d, f), (e, f, d)))
     ids = jax.ShapeDtypeStruct((t, k), jnp.int32)
     p = jax.ShapeDtypeStruct((t, k), jnp.float32)
-    loss = lambda x, p, ws, ids: jnp.sum(moe_ffn(x, ids, p, ws, "swiglu").astype(jnp.float32))
-    text = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(x, p, ws, ids).lower(
-        lowering_platforms=("cuda",)).as_text()
+    layer = lambda x, p, ws, ids: moe_ffn(x, ids, p, ws, activation)
+    loss = lambda x, p, ws, ids: jnp.sum(layer(x, p, ws, ids).astype(jnp.float32))
+    fn = jax.value_and_grad(loss, (0, 1, 2)) if grad else layer
+    return jax.jit(fn).trace(x, p, ws, ids).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_layer_lowers_to_the_kernels_and_routes_once():
+    if not pit_jax.cuda_available():
+        pytest.skip("built without CUDA kernels")
+    e = 8
+    text = _lowered_layer(40, 2, e, 64, 96, grad=True)
     assert text.count("@pit_moe_route(") == 1  # one routing index for 3 forwards, 3 dx, 3 dW
     assert text.count("@pit_moe_matmul_tn(") == 3
     assert text.count("@pit_moe_matmul(") == 6
@@ -239,19 +246,10 @@ def test_layer_lowers_fused_for_inference_only(monkeypatch, activation, unfused_
     if not pit_jax.cuda_available():
         pytest.skip("built without CUDA kernels")
     from pit_jax import moe_cuda
-    from pit_jax.nn.moe import moe_ffn
     monkeypatch.setattr(moe_cuda, "fused_epilogue_applies", lambda dtype, d, f: True)
-    t, k, e, d, f = 40, 2, 8, 64, 96
-    x = jax.ShapeDtypeStruct((t, d), jnp.bfloat16)
-    ws = tuple(jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((e, d, f), (e, d, f), (e, f, d)))
-    ids = jax.ShapeDtypeStruct((t, k), jnp.int32)
-    p = jax.ShapeDtypeStruct((t, k), jnp.float32)
-    layer = lambda x, p, ws, ids: moe_ffn(x, ids, p, ws, activation)
-    lower = lambda fn: jax.jit(fn).trace(x, p, ws, ids).lower(lowering_platforms=("cuda",)).as_text()
-    text = lower(layer)
+    text = _lowered_layer(40, 2, 8, 64, 96, activation, grad=False)
     assert text.count("@pit_moe_fused(") == 2 and "@pit_moe_matmul(" not in text  # fused up, fused down
-    loss = lambda x, p, ws, ids: jnp.sum(layer(x, p, ws, ids).astype(jnp.float32))
-    text = lower(jax.value_and_grad(loss, (0, 1, 2)))
+    text = _lowered_layer(40, 2, 8, 64, 96, activation, grad=True)
     assert "@pit_moe_fused(" not in text and text.count("@pit_moe_matmul(") == unfused_matmuls
 
 
@@ -358,17 +356,9 @@ def test_mixtral_training_step_lowers_every_matmul_staged(monkeypatch):
     if not pit_jax.cuda_available():
         pytest.skip("built without CUDA kernels")
     from pit_jax import _ext, moe_cuda
-    from pit_jax.nn.moe import moe_ffn
     monkeypatch.setattr(moe_cuda, "fused_epilogue_applies", lambda dtype, d, f: True)
     monkeypatch.setattr(_ext, "build_info", lambda: {"moe_staged": True})
     monkeypatch.delenv("PIT_MOE_STAGED", raising=False)
-    t, k, e, d, f = 4096, 2, 8, 4096, 14336
-    x = jax.ShapeDtypeStruct((t, d), jnp.bfloat16)
-    ws = tuple(jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((e, d, f), (e, d, f), (e, f, d)))
-    ids = jax.ShapeDtypeStruct((t, k), jnp.int32)
-    p = jax.ShapeDtypeStruct((t, k), jnp.float32)
-    loss = lambda x, p, ws, ids: jnp.sum(moe_ffn(x, ids, p, ws, "swiglu").astype(jnp.float32))
-    text = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(x, p, ws, ids).lower(
-        lowering_platforms=("cuda",)).as_text()
+    text = _lowered_layer(4096, 2, 8, 4096, 14336, grad=True)
     assert text.count("@pit_moe_matmul_staged(") == 6 and "@pit_moe_matmul(" not in text
     assert text.count("@pit_moe_matmul_tn(") == 3
