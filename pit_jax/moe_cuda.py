@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _ext
 from .moe_reference import EPILOGUES, TILE_ROWS, apply_epilogue
 
 ROUTE_CHUNK = 256  # kChunk in moe_route_cuda.cu
@@ -71,7 +72,6 @@ def staged_applies(dtype, d, f, assignments, num_experts, out_sorted) -> bool:
     mode = os.environ.get("PIT_MOE_STAGED", "auto")
     if mode == "0":
         return False
-    from . import _ext
     if not _ext.build_info().get("moe_staged") or not fused_epilogue_applies(dtype, d, f):
         return False
     if mode == "1":

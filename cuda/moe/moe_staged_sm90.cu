@@ -147,13 +147,13 @@ struct StagedCall {
   const int32_t *order, *group_starts;
   void* out;
   uint8_t* workspace;
+  MoeStagedLayout layout;  // the workspace's sections (checked against its size by the handler)
 };
 
 template <typename Element, bool kWTransposed>
 std::string run_staged(cudaStream_t stream, const StagedCall& c) {
   using G = StagedGemm<Element, kWTransposed>;
-  const MoeStagedLayout layout =
-      moe_staged_layout(c.experts, c.assignments, c.d, c.f, sizeof(Element), c.x_sorted, c.out_sorted);
+  const MoeStagedLayout& layout = c.layout;
   const int64_t in_vecs = c.d / 8, out_vecs = c.f / 8;
   const Element* rows = static_cast<const Element*>(c.x);
   if (!c.x_sorted) {
@@ -226,8 +226,8 @@ ffi::Error MoeMatmulStagedCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBu
     return ffi::Error::InvalidArgument(op + "d and f must be multiples of 8 (16-byte rows for TMA)");
   if (c.assignments * std::max(c.d, c.f) >= (int64_t(1) << 31) || c.f >= (int64_t(1) << 31))
     return ffi::Error::InvalidArgument(op + "too many rows for 32-bit problem sizes");
-  const MoeStagedLayout layout = moe_staged_layout(c.experts, c.assignments, c.d, c.f, 2, x_sorted, out_sorted);
-  if (int64_t(workspace->size_bytes()) < layout.total)
+  c.layout = moe_staged_layout(c.experts, c.assignments, c.d, c.f, 2, x_sorted, out_sorted);  // 16-bit elements
+  if (int64_t(workspace->size_bytes()) < c.layout.total)
     return ffi::Error::InvalidArgument(op + "workspace smaller than the layout needs");
   int major = 0;
   current_device_attribute(cudaDevAttrComputeCapabilityMajor, &major);
