@@ -41,7 +41,7 @@ def set_switch(name: str, value: str) -> None:
 
 
 # variables read when lowering, not per launch: each value gets its own compiled function
-LOWERING_SWITCHES = ("PIT_MOE_STAGED",)
+LOWERING_SWITCHES = ("PIT_MOE_STAGED", "PIT_MOE_STAGED_DW")
 
 
 def timed(fns: dict, operands, name: str, value: str) -> float:

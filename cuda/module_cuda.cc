@@ -17,6 +17,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeMatmulTnCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeRouteCuda);
 #if PIT_HAVE_CUTLASS
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeMatmulStagedCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeMatmulTnStagedCuda);
 #endif
 
 NB_MODULE(_pit_cuda, m) {
@@ -32,6 +33,7 @@ NB_MODULE(_pit_cuda, m) {
     targets["pit_moe_route"] = nb::capsule(reinterpret_cast<void*>(PitMoeRouteCuda));
 #if PIT_HAVE_CUTLASS  // the staged MoE forward (CUTLASS grouped GEMM), built when CUTLASS was found
     targets["pit_moe_matmul_staged"] = nb::capsule(reinterpret_cast<void*>(PitMoeMatmulStagedCuda));
+    targets["pit_moe_matmul_tn_staged"] = nb::capsule(reinterpret_cast<void*>(PitMoeMatmulTnStagedCuda));
 #endif
     return targets;
   });

@@ -97,9 +97,32 @@ def grouped_matmul_cuda(x, w, order, group_starts, tile_starts, *, rows_per_sour
         out_sorted=bool(out_sorted))
 
 
+def staged_dw_applies(dtype, d, f, assignments, num_experts) -> bool:
+    """Whether pit_moe_matmul_tn (dW) lowers to the staged dW (x's and dy's rows gathered into
+    routing order where they are not, then CUTLASS's grouped GEMM dw[e] = x_eᵀ dy_e): where it can
+    serve (as staged_applies) and, by default, with at least STAGED_MIN_ROWS_PER_EXPERT rows per
+    expert. PIT_MOE_STAGED_DW=1 takes it wherever it can serve, 0 never. Decided when lowering."""
+    mode = os.environ.get("PIT_MOE_STAGED_DW", "auto")
+    if mode == "0":
+        return False
+    from . import _ext
+    if not _ext.build_info().get("moe_staged") or not fused_epilogue_applies(dtype, d, f):
+        return False
+    return mode == "1" or assignments >= STAGED_MIN_ROWS_PER_EXPERT * num_experts
+
+
 def grouped_matmul_tn_cuda(x, dy, order, group_starts, *, rows_per_source, num_experts, out_dtype,
                            x_sorted=False, out_sorted=False):
     out_type = jax.ShapeDtypeStruct((num_experts, x.shape[-1], dy.shape[-1]), x.dtype)
+    d, f, a = x.shape[-1], dy.shape[-1], order.shape[0]
+    if staged_dw_applies(x.dtype, d, f, a, num_experts):
+        ws = jax.ShapeDtypeStruct(
+            (staged_workspace_bytes(num_experts, a, d, f, jnp.dtype(x.dtype).itemsize, x_sorted, out_sorted),),
+            jnp.uint8)
+        dw, _ = jax.ffi.ffi_call("pit_moe_matmul_tn_staged", (out_type, ws))(
+            x, dy.astype(x.dtype), order, group_starts, rows_per_source=np.int64(rows_per_source),
+            x_sorted=bool(x_sorted), out_sorted=bool(out_sorted))
+        return dw.astype(out_dtype)
     dw = jax.ffi.ffi_call("pit_moe_matmul_tn", out_type)(
         x, dy.astype(x.dtype), order, group_starts, rows_per_source=np.int64(rows_per_source),
         x_sorted=bool(x_sorted), out_sorted=bool(out_sorted))

@@ -367,8 +367,12 @@ staged)  # the staged MoE forward (gather, CUTLASS grouped GEMM, scatter): its t
          # "staged" variant, the fused-epilogue and lowering tests (STAGED_TESTS: another -k), then memcheck
          # and racecheck over every kernel of its bf16 tests
   pytest_gpu ${TEST_TIMEOUT:-300} tests/test_moe_kernels.py -k "${STAGED_TESTS:-staged or fused_epilogue or lowers}"
-  SAN_TIMEOUT=150 run_tool memcheck all tests/test_moe_kernels.py "staged_forward and bfloat16"
-  SAN_TIMEOUT=150 run_tool racecheck all tests/test_moe_kernels.py "staged_forward and bfloat16 and not one_hot" ;;
+  SAN_TIMEOUT=150 run_tool memcheck all tests/test_moe_kernels.py "(staged_forward or staged_dw) and bfloat16"
+  SAN_TIMEOUT=150 run_tool racecheck all tests/test_moe_kernels.py "(staged_forward or staged_dw) and bfloat16 and not one_hot" ;;
+staged_dw_ab)  # A/B of the staged dW (PIT_MOE_STAGED_DW=0 vs 1, chosen when lowering): the projection's dW
+  timeout -k 5 ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_STAGED_DW 0 1 \
+    --parts "projection dW" --out $OUT/staged_dw_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "ab $((SECONDS-t0))s" ;;
 staged_ab)  # A/B of the staged forward (PIT_MOE_STAGED=0 vs 1, chosen when lowering), forward parts
   timeout -k 5 ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_STAGED 0 1 \
     --parts "projection" "scattered projection" "up swiglu" "down scale" --out $OUT/staged_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG

@@ -60,6 +60,7 @@ def kernel(request, monkeypatch):
     CUTLASS grouped GEMM, scatter). The first three are read by the handler at every launch,
     PIT_MOE_STAGED when lowering (each test compiles its own function)."""
     monkeypatch.setenv("PIT_MOE_STAGED", "1" if request.param == "staged" else "0")
+    monkeypatch.setenv("PIT_MOE_STAGED_DW", "1" if request.param == "staged" else "0")
     if request.param == "sm80":
         monkeypatch.setenv("PIT_DISABLE_WGMMA", "1")
     if request.param == "persistent":
@@ -142,6 +143,7 @@ def test_kernel_matches_float64(kernel, dtype, t, k, e, d, f, routing):
 def test_kernel_gradients_match_float64(kernel, dtype, t, k, e, d, f, one_hot):
     """dx (forward kernel reading w transposed) and dw (dW kernel), empty experts included; with
     one_hot, every token's first choice is expert 0 (one long group: many dW pipeline stages)."""
+    from pit_jax import moe_cuda
     dev = _gpu()
     if dev is None or not pit_jax.cuda_available():
         pytest.skip("needs a GPU and the CUDA kernels")
@@ -156,6 +158,8 @@ def test_kernel_gradients_match_float64(kernel, dtype, t, k, e, d, f, one_hot):
     loss = lambda x, w: jnp.sum(fn(x, w, ids).astype(jnp.float32) * g)
     with jax.default_device(dev):
         _assert_staged_lowered(kernel, jax.grad(loss, (0, 1)), x, w, dtype=dtype, d=d, f=f)
+        dw_staged = "@pit_moe_matmul_tn_staged(" in jax.jit(jax.grad(loss, (0, 1))).lower(x, w).as_text()
+        assert dw_staged == (kernel == "staged" and moe_cuda.staged_dw_applies(DTYPES[dtype], d, f, 1, 1))
         gx, gw = jax.jit(jax.grad(loss, (0, 1)))(x, w)
     x64, w64, g64 = x.astype(np.float64), w.astype(np.float64), g.astype(np.float64)
     want_x = np.einsum("tkf,tkdf->td", g64, w64[ids])
@@ -346,6 +350,13 @@ def test_staged_rule_by_layout_rows_and_switch(monkeypatch):
     monkeypatch.setenv("PIT_MOE_STAGED", "1")
     monkeypatch.setattr(_ext, "build_info", lambda: {"moe_staged": False})  # built without CUTLASS
     assert not moe_cuda.staged_applies(bf16, 64, 64, rows * 8, 8, True)
+    assert not moe_cuda.staged_dw_applies(bf16, 64, 64, rows * 8, 8)
+    monkeypatch.setattr(_ext, "build_info", lambda: {"moe_staged": True})
+    monkeypatch.delenv("PIT_MOE_STAGED_DW", raising=False)
+    assert moe_cuda.staged_dw_applies(bf16, 64, 64, rows * 8, 8)
+    assert not moe_cuda.staged_dw_applies(bf16, 64, 64, rows * 8 - 1, 8)
+    monkeypatch.setenv("PIT_MOE_STAGED_DW", "0")
+    assert not moe_cuda.staged_dw_applies(bf16, 64, 64, rows * 8, 8)
 
 
 def test_mixtral_training_step_lowers_every_matmul_staged(monkeypatch):
@@ -361,4 +372,46 @@ def test_mixtral_training_step_lowers_every_matmul_staged(monkeypatch):
     monkeypatch.delenv("PIT_MOE_STAGED", raising=False)
     text = _lowered_layer(4096, 2, 8, 4096, 14336, grad=True)
     assert text.count("@pit_moe_matmul_staged(") == 6 and "@pit_moe_matmul(" not in text
-    assert text.count("@pit_moe_matmul_tn(") == 3
+    assert text.count("@pit_moe_matmul_tn_staged(") == 3 and "@pit_moe_matmul_tn(" not in text
+
+
+@pytest.mark.parametrize("x_sorted, out_sorted", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("t, k, e, d, f, routing", [
+    (300, 2, 8, 136, 200, "uniform"),     # rows per expert not a multiple of the 64-row K step
+    (257, 4, 64, 72, 264, "zipf"),        # skewed: long and empty experts
+    (130, 8, 256, 64, 64, "invalid"),     # ids out of range: rows of no expert
+    (700, 2, 3, 520, 264, "one_hot"),     # one expert holds half the rows
+    (3, 2, 16, 64, 64, "uniform"),        # most experts empty: their dw zeroed apart
+])
+def test_staged_dw_matches_float64(monkeypatch, x_sorted, out_sorted, dtype, t, k, e, d, f, routing):
+    """The staged dW (x's and dy's rows gathered into routing order where they are not, CUTLASS's
+    grouped GEMM over each expert's rows) in each row layout against float64, empty experts
+    exactly zero; on a compute capability 9 GPU it must be the path that lowered."""
+    from helpers import moe_layouts_want
+    from pit_jax import moe_cuda
+    from pit_jax.moe import moe_matmul_tn_p
+    dev = _gpu_or_skip()
+    monkeypatch.setenv("PIT_MOE_STAGED_DW", "1")
+    rng, ids, x = _layout_inputs(t * 11 + e + 2 * x_sorted + out_sorted, t, k, e, d, routing, x_sorted, dtype)
+    g = rng.standard_normal((t * k, f)).astype(DTYPES[dtype])
+    w = np.zeros((e, d, f), DTYPES[dtype])
+    with jax.default_device(dev):
+        routing_index = pit_jax.moe_routing(ids, e)
+        order, group_starts = routing_index.order, routing_index.group_starts
+        fn = jax.jit(lambda x, g: moe_matmul_tn_p.bind(x, g, order, group_starts,
+                                                       rows_per_source=1 if x_sorted else k, num_experts=e,
+                                                       out_dtype=jnp.float32, x_sorted=x_sorted,
+                                                       out_sorted=out_sorted))
+        staged = "@pit_moe_matmul_tn_staged(" in fn.lower(x, g).as_text()
+        got = np.asarray(fn(x, g), np.float64)
+        order = np.asarray(order)
+    assert staged == moe_cuda.staged_dw_applies(x.dtype, d, f, 1, 1)
+    if str(getattr(dev, "compute_capability", "")).startswith("9."):
+        assert staged or not pit_jax.build_info().get("moe_staged")
+    want = moe_layouts_want(x, w, ids, order, g, x_sorted=x_sorted, out_sorted=out_sorted)[2]
+    assert np.all(np.isfinite(got))
+    assert np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30) < TOL[dtype]
+    flat = ids.reshape(-1)
+    empty = [i for i in range(e) if not np.any(flat == i)]
+    assert np.all(got[empty] == 0)

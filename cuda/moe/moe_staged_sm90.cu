@@ -37,11 +37,9 @@ namespace {
 
 using StagedProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M, N, K) per expert
 
-// out rows = x rows @ w[e] ([E, d, f], N-major B) or @ w[e]ᵀ (w given as [E, f, d], K-major B).
-template <typename Element, bool kWTransposed>
+// CUTLASS's Hopper grouped GEMM, D row-major, A and B in the given layouts (16-bit: either major).
+template <typename Element, typename LayoutA, typename LayoutB>
 struct StagedGemm {
-  using LayoutA = cutlass::layout::RowMajor;
-  using LayoutB = std::conditional_t<kWTransposed, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
   using LayoutD = cutlass::layout::RowMajor;
   static constexpr int kAlign = 8;  // 16-byte rows: d and f multiples of 8
   using Tile = cute::Shape<cute::_128, cute::_256, cute::_64>;
@@ -62,6 +60,14 @@ struct StagedGemm {
   using StrideB = typename Kernel::InternalStrideB;
   using StrideD = typename Kernel::InternalStrideD;
 };
+
+// Forward: out rows = x rows @ w[e] ([E, d, f], N-major B) or @ w[e]ᵀ (w given as [E, f, d], K-major B).
+template <typename Element, bool kWTransposed>
+using ForwardGemm = StagedGemm<Element, cutlass::layout::RowMajor,
+                               std::conditional_t<kWTransposed, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>>;
+// dW: dw[e] = x_eᵀ dy_e, (M = d, N = f, K = the expert's rows); x_eᵀ is M-major, dy_e N-major.
+template <typename Element>
+using DwGemm = StagedGemm<Element, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
 
 // The grouped GEMM's per-expert arguments inside the workspace's args section.
 template <typename G>
@@ -140,6 +146,65 @@ __global__ void staged_write_rows(const uint4* __restrict__ sorted, const int32_
   }
 }
 
+// dW's per-expert arguments: an expert without rows gets no tiles (M = K = 0; CUTLASS would leave
+// a K = 0 problem's accumulators unset) and is zeroed by staged_zero_empty_experts.
+template <typename G>
+__global__ void staged_write_dw_args(StagedArgs<G> args, const int32_t* __restrict__ group_starts, int experts, int d,
+                                     int f, const typename StagedArgs<G>::Element* x_rows,
+                                     const typename StagedArgs<G>::Element* dy_rows, typename StagedArgs<G>::Element* dw,
+                                     typename G::StrideA sa, typename G::StrideB sb, typename G::StrideD sd) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= experts) return;
+  const int start = group_starts[e], rows = group_starts[e + 1] - start;
+  args.shapes[e] = {rows > 0 ? d : 0, f, rows};
+  args.a[e] = x_rows + int64_t(start) * d;
+  args.b[e] = dy_rows + int64_t(start) * f;
+  args.d[e] = dw + int64_t(e) * d * f;
+  args.stride_a[e] = sa;
+  args.stride_b[e] = sb;
+  args.stride_d[e] = sd;
+}
+
+// dw[e] = 0 for experts without rows; blockIdx.y is the expert, x-blocks stride over its vectors.
+__global__ void staged_zero_empty_experts(const int32_t* __restrict__ group_starts, uint4* dw, int64_t vecs_per_expert) {
+  const int e = blockIdx.y;
+  if (group_starts[e + 1] != group_starts[e]) return;
+  uint4* dst = dw + int64_t(e) * vecs_per_expert;
+  for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < vecs_per_expert; v += int64_t(gridDim.x) * blockDim.x)
+    dst[v] = make_uint4(0, 0, 0, 0);
+}
+
+// The grouped GEMM over the per-expert arguments a device kernel wrote (sizes on the device only).
+template <typename G>
+std::string run_grouped_gemm(cudaStream_t stream, const StagedArgs<G>& args, int64_t experts, uint8_t* workspace) {
+  cutlass::KernelHardwareInfo hw;
+  cudaGetDevice(&hw.device_id);
+  current_device_attribute(cudaDevAttrMultiProcessorCount, &hw.sm_count);  // stays 0 if unreadable
+  typename G::Gemm::Arguments gemm_args{cutlass::gemm::GemmUniversalMode::kGrouped,
+                                        {int(experts), args.shapes, nullptr},  // sizes on the device only
+                                        {args.a, args.stride_a, args.b, args.stride_b},
+                                        {{}, nullptr, args.stride_d, args.d, args.stride_d},
+                                        hw};
+  gemm_args.epilogue.thread.alpha = 1.0f;
+  gemm_args.epilogue.thread.beta = 0.0f;
+  typename G::Gemm gemm;
+  if (G::Gemm::get_workspace_size(gemm_args) > size_t(kMoeStagedCutlassBytes))
+    return "CUTLASS workspace exceeds its section";
+  if (gemm.can_implement(gemm_args) != cutlass::Status::kSuccess) return "CUTLASS cannot run this problem";
+  cutlass::Status st = gemm.initialize(gemm_args, workspace, stream);
+  if (st == cutlass::Status::kSuccess) st = gemm.run(stream);
+  return st == cutlass::Status::kSuccess ? std::string() : std::string("CUTLASS: ") + cutlassGetStatusString(st);
+}
+
+// SRead into the workspace: rows[p] = src[order[p] / rows_per_source] (routing order).
+template <typename Element>
+const Element* gather_into(cudaStream_t stream, const void* src, const int32_t* order, uint8_t* dst,
+                           int64_t rows, int64_t width, int64_t rows_per_source) {
+  staged_gather_rows<<<int(std::min<int64_t>(ceil_div(rows, 8), 65535)), 256, 0, stream>>>(
+      static_cast<const uint4*>(src), order, reinterpret_cast<uint4*>(dst), rows, width / 8, rows_per_source);
+  return reinterpret_cast<const Element*>(dst);
+}
+
 struct StagedCall {
   int64_t experts, assignments, d, f, rows_per_source;
   bool x_sorted, out_sorted;
@@ -152,16 +217,12 @@ struct StagedCall {
 
 template <typename Element, bool kWTransposed>
 std::string run_staged(cudaStream_t stream, const StagedCall& c) {
-  using G = StagedGemm<Element, kWTransposed>;
+  using G = ForwardGemm<Element, kWTransposed>;
   const MoeStagedLayout& layout = c.layout;
-  const int64_t in_vecs = c.d / 8, out_vecs = c.f / 8;
-  const Element* rows = static_cast<const Element*>(c.x);
-  if (!c.x_sorted) {
-    uint4* sorted = reinterpret_cast<uint4*>(c.workspace + layout.x_rows);
-    staged_gather_rows<<<int(std::min<int64_t>(ceil_div(c.assignments, 8), 65535)), 256, 0, stream>>>(
-        static_cast<const uint4*>(c.x), c.order, sorted, c.assignments, in_vecs, c.rows_per_source);
-    rows = reinterpret_cast<const Element*>(sorted);
-  }
+  const int64_t out_vecs = c.f / 8;
+  const Element* rows = c.x_sorted ? static_cast<const Element*>(c.x)
+                                   : gather_into<Element>(stream, c.x, c.order, c.workspace + layout.x_rows,
+                                                          c.assignments, c.d, c.rows_per_source);
   Element* product = c.out_sorted ? static_cast<Element*>(c.out)
                                   : reinterpret_cast<Element*>(c.workspace + layout.out_rows);
   StagedArgs<G> args(c.workspace + layout.args, c.experts);
@@ -172,24 +233,8 @@ std::string run_staged(cudaStream_t stream, const StagedCall& c) {
       cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k, 1}),
       cutlass::make_cute_packed_stride(typename G::StrideD{}, {1, n, 1}));
 
-  cutlass::KernelHardwareInfo hw;
-  cudaGetDevice(&hw.device_id);
-  current_device_attribute(cudaDevAttrMultiProcessorCount, &hw.sm_count);  // stays 0 if unreadable
-  typename G::Gemm::Arguments gemm_args{cutlass::gemm::GemmUniversalMode::kGrouped,
-                                        {int(c.experts), args.shapes, nullptr},  // sizes on the device only
-                                        {args.a, args.stride_a, args.b, args.stride_b},
-                                        {{}, nullptr, args.stride_d, args.d, args.stride_d},
-                                        hw};
-  gemm_args.epilogue.thread.alpha = 1.0f;
-  gemm_args.epilogue.thread.beta = 0.0f;
-  typename G::Gemm gemm;
-  if (G::Gemm::get_workspace_size(gemm_args) > size_t(kMoeStagedCutlassBytes))
-    return "CUTLASS workspace exceeds its section";
-  if (gemm.can_implement(gemm_args) != cutlass::Status::kSuccess) return "CUTLASS cannot run this problem";
-  cutlass::Status st = gemm.initialize(gemm_args, c.workspace + layout.cutlass, stream);
-  if (st == cutlass::Status::kSuccess) st = gemm.run(stream);
-  if (st != cutlass::Status::kSuccess) return std::string("CUTLASS: ") + cutlassGetStatusString(st);
-
+  const std::string failure = run_grouped_gemm<G>(stream, args, c.experts, c.workspace + layout.cutlass);
+  if (!failure.empty()) return failure;
   staged_write_rows<<<int(std::min<int64_t>(ceil_div(c.assignments, 8), 65535)), 256, 0, stream>>>(
       reinterpret_cast<const uint4*>(product), c.order, c.group_starts, int(c.experts), static_cast<uint4*>(c.out),
       c.assignments, out_vecs, c.out_sorted);
@@ -252,8 +297,101 @@ ffi::Error MoeMatmulStagedCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBu
   return ffi::Error::Success();
 }
 
+// dW: x's and dy's rows gathered into routing order where they are not (the workspace's x_rows
+// and out_rows sections, [A, d] and [A, f]), then dw[e] = x_eᵀ dy_e by the grouped GEMM.
+template <typename Element>
+std::string run_staged_dw(cudaStream_t stream, const StagedCall& c, const void* dy, bool dy_sorted) {
+  using G = DwGemm<Element>;
+  const MoeStagedLayout& layout = c.layout;
+  const Element* x_rows = c.x_sorted ? static_cast<const Element*>(c.x)
+                                     : gather_into<Element>(stream, c.x, c.order, c.workspace + layout.x_rows,
+                                                            c.assignments, c.d, c.rows_per_source);
+  const Element* dy_rows = dy_sorted ? static_cast<const Element*>(dy)
+                                     : gather_into<Element>(stream, dy, c.order, c.workspace + layout.out_rows,
+                                                            c.assignments, c.f, 1);
+  StagedArgs<G> args(c.workspace + layout.args, c.experts);
+  const int d = int(c.d), f = int(c.f);
+  staged_write_dw_args<G><<<int(ceil_div(c.experts, 128)), 128, 0, stream>>>(
+      args, c.group_starts, int(c.experts), d, f, x_rows, dy_rows, static_cast<Element*>(c.out),
+      cutlass::make_cute_packed_stride(typename G::StrideA{}, {d, 1, 1}),
+      cutlass::make_cute_packed_stride(typename G::StrideB{}, {f, 1, 1}),
+      cutlass::make_cute_packed_stride(typename G::StrideD{}, {1, f, 1}));
+  staged_zero_empty_experts<<<dim3(unsigned(std::min<int64_t>(ceil_div(c.d * c.f / 8, 256), 1024)),
+                                   unsigned(c.experts)), 256, 0, stream>>>(c.group_starts, static_cast<uint4*>(c.out),
+                                                                          c.d * c.f / 8);
+  const std::string failure = run_grouped_gemm<G>(stream, args, c.experts, c.workspace + layout.cutlass);
+  if (!failure.empty()) return failure;
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
+}
+
+ffi::Error MoeMatmulTnStagedCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                                 ffi::Buffer<ffi::S32> order, ffi::Buffer<ffi::S32> group_starts,
+                                 ffi::Result<ffi::AnyBuffer> dw, ffi::Result<ffi::Buffer<ffi::U8>> workspace,
+                                 int64_t rows_per_source, bool x_sorted, bool out_sorted) {
+  const std::string op = "pit_moe_matmul_tn_staged: ";
+  const auto xd = x.dimensions(), yd = dy.dimensions(), wd = dw->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || wd.size() != 3 || order.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument(op + "expected x [R, d], dy [A, f], order [A], dw [E, d, f]");
+  StagedCall c{};
+  c.experts = wd[0];
+  c.d = xd[1];
+  c.f = yd[1];
+  c.assignments = yd[0];
+  c.rows_per_source = rows_per_source;
+  c.x_sorted = x_sorted;
+  if (order.dimensions()[0] != c.assignments || wd[1] != c.d || wd[2] != c.f || rows_per_source <= 0 ||
+      xd[0] * rows_per_source != c.assignments || (x_sorted && rows_per_source != 1))
+    return ffi::Error::InvalidArgument(op + "shapes of x, dy, order and dw do not agree");
+  if (group_starts.dimensions().size() != 1 || group_starts.dimensions()[0] != c.experts + 2)
+    return ffi::Error::InvalidArgument(op + "group_starts must be [E + 2]");
+  const auto dtype = x.element_type();
+  if ((dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F16) || dy.element_type() != dtype ||
+      dw->element_type() != dtype)
+    return ffi::Error::InvalidArgument(op + "x, dy and dw must all be bfloat16 or all float16");
+  if (c.d % 8 || c.f % 8)
+    return ffi::Error::InvalidArgument(op + "d and f must be multiples of 8 (16-byte rows for TMA)");
+  if (c.assignments * std::max(c.d, c.f) >= (int64_t(1) << 31) || c.d * c.f >= (int64_t(1) << 31))
+    return ffi::Error::InvalidArgument(op + "too many rows for 32-bit problem sizes");
+  if (c.experts > 65535) return ffi::Error::InvalidArgument(op + "at most 65535 experts");
+  c.layout = moe_staged_layout(c.experts, c.assignments, c.d, c.f, 2, x_sorted, out_sorted);  // dy rows: out_rows
+  if (int64_t(workspace->size_bytes()) < c.layout.total)
+    return ffi::Error::InvalidArgument(op + "workspace smaller than the layout needs");
+  int major = 0;
+  current_device_attribute(cudaDevAttrComputeCapabilityMajor, &major);
+  if (major != 9)
+    return ffi::Error::InvalidArgument(op + "needs a compute capability 9.0 GPU (sm_90a CUTLASS kernels); "
+                                            "the lowering chose this path for one");
+  poison_device_outputs(stream, dw);
+  if (c.experts == 0 || c.d == 0 || c.f == 0) return ffi::Error::Success();
+  c.x = x.untyped_data();
+  c.order = order.typed_data();
+  c.group_starts = group_starts.typed_data();
+  c.out = dw->untyped_data();
+  c.workspace = workspace->typed_data();
+  const std::string failure = dtype == ffi::DataType::BF16
+                                  ? run_staged_dw<cutlass::bfloat16_t>(stream, c, dy.untyped_data(), out_sorted)
+                                  : run_staged_dw<cutlass::half_t>(stream, c, dy.untyped_data(), out_sorted);
+  if (!failure.empty()) return ffi::Error::Internal(op + failure);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace pit
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeMatmulTnStagedCuda, pit::MoeMatmulTnStagedCuda,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>()
+                                  .Attr<int64_t>("rows_per_source")
+                                  .Attr<bool>("x_sorted")
+                                  .Attr<bool>("out_sorted"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeMatmulStagedCuda, pit::MoeMatmulStagedCuda,
                               xla::ffi::Ffi::Bind()
