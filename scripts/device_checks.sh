@@ -97,7 +97,8 @@
 #   PART=staged:   the staged MoE forward's tests (kernel fixture variant, fused-epilogue and lowering tests
 #                  too; STAGED_TESTS another -k), memcheck, racecheck.
 #   PART=staged_ab: PIT_MOE_STAGED=0 vs 1 on the forward projection parts ($OUT/staged_ab).
-#   PART=staged_next: the three MoE suites, the Mixtral layer table and a staged A/B at T=16384 (next session).
+#   PART=staged_layer: the Mixtral layer table on the landed rules, then the staged forward and dW A/Bs at T=16384.
+#   PART=moe_suites: the three MoE suites on the GPU.
 #   PART=projection_mixtral: bench_moe's projection table for Mixtral T=4096 alone ($OUT/projection_mixtral).
 #   PART=layer_mixtral: bench_moe's layer table for Mixtral T=4096 alone ($OUT/layer_mixtral).
 #   PART=projection_16k: bench_moe's projection table for Mixtral T=16384 alone ($OUT/projection_16k).
@@ -377,14 +378,18 @@ staged_ab)  # A/B of the staged forward (PIT_MOE_STAGED=0 vs 1, chosen when lowe
   timeout -k 5 ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_STAGED 0 1 \
     --parts "projection" "scattered projection" "up swiglu" "down scale" --out $OUT/staged_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "ab $((SECONDS-t0))s" ;;
-staged_next)  # next session's follow-up of the staged forward: the three MoE suites on the landed rule, the
-              # Mixtral layer table, then the staged A/B on Mixtral T=16384 (projection parts only)
-  pytest_gpu ${TEST_TIMEOUT:-330} tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py
+staged_layer)  # the Mixtral layer table on the landed rules (staged forward and staged dW), then the staged
+               # forward and staged dW A/Bs on Mixtral T=16384
   timeout -k 5 ${BENCH_TIMEOUT:-220} python3 benchmarks/bench_moe.py --no-projection --layer-cases "Mixtral up T=4096" \
     --out $OUT/layer_mixtral 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "layer $((SECONDS-t0))s"
   timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_STAGED 0 default \
     --cases "Mixtral up T=16384" --parts "projection" "scattered projection" --out $OUT/staged_ab_16k 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  echo "staged_next $((SECONDS-t0))s" ;;
+  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_STAGED_DW 0 default \
+    --cases "Mixtral up T=16384" --parts "projection dW" --out $OUT/staged_dw_ab_16k 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "staged_layer $((SECONDS-t0))s" ;;
+moe_suites)  # the three MoE suites on the GPU (GPU vs CPU / float64) on the landed rules
+  pytest_gpu ${TEST_TIMEOUT:-400} tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py ;;
 projection_mixtral)  # bench_moe's projection table for Mixtral T=4096 alone ($OUT/projection_mixtral)
   projection_table 200 projection_mixtral "Mixtral up T=4096" ;;
 projection_16k)  # last run in session 6 (2026-11-26_h200_moe_final)
