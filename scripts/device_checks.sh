@@ -99,6 +99,7 @@
 #   PART=staged_ab: PIT_MOE_STAGED=0 vs 1 on the forward projection parts ($OUT/staged_ab).
 #   PART=staged_layer: the Mixtral layer table on the landed rules, then the staged forward and dW A/Bs at T=16384.
 #   PART=moe_suites: the three MoE suites on the GPU.
+#   PART=layer_kernels: per-kernel device times of one Mixtral layer training step, pit and dense (JAX profiler).
 #   PART=projection_mixtral: bench_moe's projection table for Mixtral T=4096 alone ($OUT/projection_mixtral).
 #   PART=layer_mixtral: bench_moe's layer table for Mixtral T=4096 alone ($OUT/layer_mixtral).
 #   PART=projection_16k: bench_moe's projection table for Mixtral T=16384 alone ($OUT/projection_16k).
@@ -388,6 +389,9 @@ staged_layer)  # the Mixtral layer table on the landed rules (staged forward and
   timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_STAGED_DW 0 default \
     --cases "Mixtral up T=16384" --parts "projection dW" --out $OUT/staged_dw_ab_16k 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "staged_layer $((SECONDS-t0))s" ;;
+layer_kernels)  # per-kernel device time of one Mixtral layer step, pit and dense (JAX profiler; $OUT/layer_kernels)
+  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/profile_layer_kernels.py --out $OUT/layer_kernels 2>&1 | grep -E "^(###|\| )" | head -${ROWS:-60} | tee -a $LOG
+  echo "layer_kernels $((SECONDS-t0))s" ;;
 moe_suites)  # the three MoE suites on the GPU (GPU vs CPU / float64) on the landed rules
   pytest_gpu ${TEST_TIMEOUT:-400} tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py ;;
 projection_mixtral)  # bench_moe's projection table for Mixtral T=4096 alone ($OUT/projection_mixtral)
