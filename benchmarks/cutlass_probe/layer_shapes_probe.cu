@@ -1,0 +1,121 @@
+// Probe (not part of the package): which CUTLASS tile and cluster shape is fastest for each of the
+// six grouped GEMMs of a Mixtral SwiGLU layer step that are not dW (the layer's per-kernel profile,
+// session 20: its 9 grouped GEMMs take 1.14x cuBLAS's time for the same dense shapes, and cuBLAS
+// picks 256x128 tiles and 2-CTA clusters for half of them)? Rows already in routing order, uniform
+// routing, sizes on the device only (as the staged forward).
+//   up:   x[rows, 4096] · w[e] [4096, 14336]  (gate/up forward; B row-major)
+//   down: h[rows, 14336] · w[e] [14336, 4096] (down forward; B row-major)
+//   up, wᵀ:   dy[rows, 4096] · w_out[e]ᵀ      (dh; w_out[e] is [14336, 4096]: B column-major)
+//   down, wᵀ: dh[rows, 14336] · w[e]ᵀ         (dx; w[e] is [4096, 14336]: B column-major)
+// Reference for the dense times: layer_shapes_dense.py in the same device call.
+//
+// Build (CPU box; headers from the nvidia-cutlass wheel):
+//   nvcc -O3 -DNDEBUG -std=c++17 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
+//     -I$CUTLASS/include -I$CUTLASS/tools/util/include layer_shapes_probe.cu -o layer_shapes_probe
+#include <algorithm>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "probe_common.cuh"
+
+using RowA = cutlass::layout::RowMajor;
+
+template <class LayoutB>
+__global__ void write_args(const int* starts, int experts, int n, int k, const Element* x, const Element* w,
+                           Element* out, ProblemShape::UnderlyingProblemShape* shapes, const Element** a_ptrs,
+                           const Element** b_ptrs, Element** d_ptrs) {
+  int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= experts) return;
+  shapes[e] = {starts[e + 1] - starts[e], n, k};
+  a_ptrs[e] = x + static_cast<int64_t>(starts[e]) * k;
+  b_ptrs[e] = w + static_cast<int64_t>(e) * k * n;
+  d_ptrs[e] = out + static_cast<int64_t>(starts[e]) * n;
+}
+
+struct Case { const char* name; bool b_transposed; int experts, rows, n, k; std::vector<int> counts; };
+
+template <class G, class LayoutB>
+double run_case(const Case& c, const Element* x, const Element* w, Element* out, const int* d_starts,
+                const std::vector<int>& starts, const std::vector<Element>& hx, const std::vector<Element>& hw) {
+  using Setup = GroupedSetup<typename G::Gemm>;
+  constexpr bool kColB = std::is_same_v<LayoutB, cutlass::layout::ColumnMajor>;
+  Setup g;
+  if (!g.init(c.experts, cutlass::make_cute_packed_stride(typename Setup::StrideA{}, {1, c.k, 1}),
+              cutlass::make_cute_packed_stride(typename Setup::StrideB{}, {c.n, c.k, 1}),
+              cutlass::make_cute_packed_stride(typename Setup::StrideD{}, {1, c.n, 1})))
+    return -1.0;
+  auto call = [&]() {
+    write_args<LayoutB><<<(c.experts + 127) / 128, 128>>>(d_starts, c.experts, c.n, c.k, x, w, out, g.shapes, g.a,
+                                                          g.b, g.d);
+    return g.gemm.run();
+  };
+  CHECK_CUDA(cudaMemset(out, 0xff, size_t(c.rows) * c.n * sizeof(Element)));  // poison: NaN in bf16
+  CHECK_CUTLASS(call());
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<Element> hout(size_t(c.rows) * c.n);
+  CHECK_CUDA(cudaMemcpy(hout.data(), out, hout.size() * sizeof(Element), cudaMemcpyDeviceToHost));
+  std::mt19937 rng(7);
+  double worst = 0;
+  for (int s = 0; s < 128; ++s) {
+    int row = rng() % c.rows, col = rng() % c.n;
+    int e = int(std::upper_bound(starts.begin(), starts.end(), row) - starts.begin()) - 1;
+    const size_t base = size_t(e) * c.k * c.n;
+    double ref = 0;
+    for (int kk = 0; kk < c.k; ++kk) {
+      const size_t wi = kColB ? base + size_t(col) * c.k + kk : base + size_t(kk) * c.n + col;
+      ref += double(float(hx[size_t(row) * c.k + kk])) * double(float(hw[wi]));
+    }
+    track_error(float(hout[size_t(row) * c.n + col]), ref, &worst);
+  }
+  const double ms = time_calls(call);
+  std::printf("   max rel err (128 samples) %.2e%s\n", worst, worst > 2e-2 ? "  FAILED" : "");
+  return ms;
+}
+
+template <class LayoutB>
+void run_configs(const Case& c, const Element* x, const Element* w, Element* out, const int* d_starts,
+                 const std::vector<int>& starts, const std::vector<Element>& hx, const std::vector<Element>& hw) {
+  using C128x256c11 = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>, CoopMain, CoopEpi, RowA, LayoutB>;
+  using C256x128c11 = GroupedGemm<Shape<_256, _128, _64>, Shape<_1, _1, _1>, CoopMain, CoopEpi, RowA, LayoutB>;
+  using C128x256c21 = GroupedGemm<Shape<_128, _256, _64>, Shape<_2, _1, _1>, CoopMain, CoopEpi, RowA, LayoutB>;
+  using C256x128c12 = GroupedGemm<Shape<_256, _128, _64>, Shape<_1, _2, _1>, CoopMain, CoopEpi, RowA, LayoutB>;
+  const double flop = 2.0 * c.rows * double(c.n) * c.k;
+  auto report = [&](const char* cfg, double ms) {
+    std::printf("| %s | %s | %.3f ms | %.0f TFLOP/s |\n", c.name, cfg, ms, flop / ms / 1e9);
+  };
+  report("coop 128x256x64 cluster 1x1 (staged today)", run_case<C128x256c11, LayoutB>(c, x, w, out, d_starts, starts, hx, hw));
+  report("coop 256x128x64 cluster 1x1", run_case<C256x128c11, LayoutB>(c, x, w, out, d_starts, starts, hx, hw));
+  report("coop 128x256x64 cluster 2x1", run_case<C128x256c21, LayoutB>(c, x, w, out, d_starts, starts, hx, hw));
+  report("coop 256x128x64 cluster 1x2", run_case<C256x128c12, LayoutB>(c, x, w, out, d_starts, starts, hx, hw));
+}
+
+int main() {
+  std::mt19937 rng(1234);
+  std::vector<Case> cases;
+  auto add = [&](const char* name, bool bt, int E, int n, int k) {
+    Case c{name, bt, E, 8192, n, k, std::vector<int>(E, 0)};  // Mixtral T=4096, top-2
+    for (int a = 0; a < c.rows; ++a) c.counts[E == 1 ? 0 : rng() % E]++;
+    cases.push_back(c);
+  };
+  add("up (B row-major)", false, 8, 14336, 4096);
+  add("down (B row-major)", false, 8, 4096, 14336);
+  add("up, wT (B column-major)", true, 8, 14336, 4096);
+  add("down, wT (B column-major)", true, 8, 4096, 14336);
+  add("down as ONE dense GEMM", false, 1, 4096, 14336);
+  for (auto& c : cases) {
+    std::vector<int> starts;
+    std::vector<Element> hx, hw;
+    int* d_starts = device_starts(c.counts, &starts);
+    Element* x = device_random(size_t(c.rows) * c.k, 11, &hx);
+    Element* w = device_random(size_t(c.experts) * c.k * c.n, 23, &hw);
+    Element* out;
+    CHECK_CUDA(cudaMalloc(&out, size_t(c.rows) * c.n * sizeof(Element)));
+    std::printf("== %s: rows %d, E %d, N %d, K %d\n", c.name, c.rows, c.experts, c.n, c.k);
+    if (c.b_transposed) run_configs<cutlass::layout::ColumnMajor>(c, x, w, out, d_starts, starts, hx, hw);
+    else run_configs<cutlass::layout::RowMajor>(c, x, w, out, d_starts, starts, hx, hw);
+    cudaFree(x); cudaFree(w); cudaFree(out); cudaFree(d_starts);
+  }
+  return 0;
+}
