@@ -25,8 +25,9 @@ import jax.numpy as jnp
 from bench_moe import CASES, GRAD_ARGS, dense_layer, expert_ids, fwd_bwd, layer_inputs, pit_layer
 
 
-def kernel_events(trace_dir):
-    """[(kernel name, µs)] of the GPU stream tracks in the latest trace under trace_dir."""
+def kernel_events(trace_dir, with_start=False):
+    """[(kernel name, µs)] of the GPU stream tracks in the latest trace under trace_dir
+    ([(name, start µs, µs)] sorted by start with with_start)."""
     path = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")))[-1]
     events = json.load(gzip.open(path))["traceEvents"]
     gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
@@ -37,8 +38,10 @@ def kernel_events(trace_dir):
     if gpu_pids and not stream_tids:  # say what the tracks are called, so the filter can be fixed
         print("GPU tracks:", sorted({str(e["args"].get("name")) for e in events if e.get("ph") == "M"
                                      and e.get("name") == "thread_name" and e["pid"] in gpu_pids}))
-    return [(e["name"], float(e["dur"])) for e in events
-            if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in stream_tids and "dur" in e]
+    kernels = [e for e in events if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in stream_tids and "dur" in e]
+    if with_start:
+        return sorted(((e["name"], float(e["ts"]), float(e["dur"])) for e in kernels), key=lambda r: r[1])
+    return [(e["name"], float(e["dur"])) for e in kernels]
 
 
 def short(name):
