@@ -18,6 +18,7 @@ import json
 import os
 import re
 import tempfile
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,10 @@ def kernel_events(trace_dir, with_start=False):
 
 
 def short(name):
+    """A readable kernel name; a mangled one (CUTLASS's instantiations differ only deep in their
+    template arguments) keeps its prefix and gets a hash of the whole name."""
+    if name.startswith("_Z"):
+        return f"{name[:40]}…#{zlib.crc32(name.encode()) & 0xffff:04x}"
     name = re.sub(r"<.*", "", name)  # template arguments
     name = re.sub(r"\(.*", "", name)
     return name[:70]
