@@ -7,6 +7,8 @@
 //   down: h[rows, 14336] · w[e] [14336, 4096] (down forward; B row-major)
 //   up, wᵀ:   dy[rows, 4096] · w_out[e]ᵀ      (dh; w_out[e] is [14336, 4096]: B column-major)
 //   down, wᵀ: dh[rows, 14336] · w[e]ᵀ         (dx; w[e] is [4096, 14336]: B column-major)
+// Also: each expert's rows split into whole 128-row tiles and a tail run with 64-row tiles (does the
+// last, partial tile of each expert cost what the balanced cases suggest?), and balanced routing.
 // Reference for the dense times: layer_shapes_dense.py in the same device call.
 //
 // Build (CPU box; headers from the nvidia-cutlass wheel):
@@ -34,32 +36,49 @@ __global__ void write_args(const int* starts, int experts, int n, int k, const E
   d_ptrs[e] = out + static_cast<int64_t>(starts[e]) * n;
 }
 
+// Split: each expert's rows as a main problem (whole 128-row tiles) and a tail problem (the rest, under
+// 128 rows) for a second grouped GEMM with 64-row tiles, so a partial tile pays for 64 rows, not 128.
+__global__ void write_split_args(const int* starts, int experts, int n, int k, const Element* x, const Element* w,
+                                 Element* out, ProblemShape::UnderlyingProblemShape* main_shapes,
+                                 const Element** main_a, const Element** main_b, Element** main_d,
+                                 ProblemShape::UnderlyingProblemShape* tail_shapes, const Element** tail_a,
+                                 const Element** tail_b, Element** tail_d) {
+  int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= experts) return;
+  const int rows = starts[e + 1] - starts[e], main_rows = rows / 128 * 128;
+  const int64_t tail_start = int64_t(starts[e]) + main_rows;
+  main_shapes[e] = {main_rows, n, k};
+  main_a[e] = x + static_cast<int64_t>(starts[e]) * k;
+  main_b[e] = tail_b[e] = w + static_cast<int64_t>(e) * k * n;
+  main_d[e] = out + static_cast<int64_t>(starts[e]) * n;
+  tail_shapes[e] = {rows - main_rows, n, k};
+  tail_a[e] = x + tail_start * k;
+  tail_d[e] = out + tail_start * n;
+}
+
 struct Case { const char* name; bool b_transposed; int experts, rows, n, k; std::vector<int> counts; };
 
-template <class G, class LayoutB>
-double run_case(const Case& c, const Element* x, const Element* w, Element* out, const int* d_starts,
-                const std::vector<int>& starts, const std::vector<Element>& hx, const std::vector<Element>& hw) {
-  using Setup = GroupedSetup<typename G::Gemm>;
+// Poisons out, runs call once and checks sampled outputs against an fp64 host reference (128
+// random entries, and 16 in each expert's last, partial tile), then times call.
+template <class LayoutB, class Call>
+double check_and_time(const Case& c, Element* out, const std::vector<int>& starts, const std::vector<Element>& hx,
+                      const std::vector<Element>& hw, Call call) {
   constexpr bool kColB = std::is_same_v<LayoutB, cutlass::layout::ColumnMajor>;
-  Setup g;
-  if (!g.init(c.experts, cutlass::make_cute_packed_stride(typename Setup::StrideA{}, {1, c.k, 1}),
-              cutlass::make_cute_packed_stride(typename Setup::StrideB{}, {c.n, c.k, 1}),
-              cutlass::make_cute_packed_stride(typename Setup::StrideD{}, {1, c.n, 1})))
-    return -1.0;
-  auto call = [&]() {
-    write_args<LayoutB><<<(c.experts + 127) / 128, 128>>>(d_starts, c.experts, c.n, c.k, x, w, out, g.shapes, g.a,
-                                                          g.b, g.d);
-    return g.gemm.run();
-  };
   CHECK_CUDA(cudaMemset(out, 0xff, size_t(c.rows) * c.n * sizeof(Element)));  // poison: NaN in bf16
   CHECK_CUTLASS(call());
   CHECK_CUDA(cudaDeviceSynchronize());
   std::vector<Element> hout(size_t(c.rows) * c.n);
   CHECK_CUDA(cudaMemcpy(hout.data(), out, hout.size() * sizeof(Element), cudaMemcpyDeviceToHost));
   std::mt19937 rng(7);
+  std::vector<int> rows;
+  for (int s = 0; s < 128; ++s) rows.push_back(rng() % c.rows);
+  for (int e = 0; e < c.experts; ++e) {
+    const int first = starts[e] + (starts[e + 1] - starts[e]) / 128 * 128;
+    for (int s = 0; s < 16 && first < starts[e + 1]; ++s) rows.push_back(first + rng() % (starts[e + 1] - first));
+  }
   double worst = 0;
-  for (int s = 0; s < 128; ++s) {
-    int row = rng() % c.rows, col = rng() % c.n;
+  for (int row : rows) {
+    int col = rng() % c.n;
     int e = int(std::upper_bound(starts.begin(), starts.end(), row) - starts.begin()) - 1;
     const size_t base = size_t(e) * c.k * c.n;
     double ref = 0;
@@ -70,8 +89,42 @@ double run_case(const Case& c, const Element* x, const Element* w, Element* out,
     track_error(float(hout[size_t(row) * c.n + col]), ref, &worst);
   }
   const double ms = time_calls(call);
-  std::printf("   max rel err (128 samples) %.2e%s\n", worst, worst > 2e-2 ? "  FAILED" : "");
+  std::printf("   max rel err (%zu samples) %.2e%s\n", rows.size(), worst, worst > 2e-2 ? "  FAILED" : "");
   return ms;
+}
+
+template <class Setup>
+bool init_setup(Setup& g, const Case& c) {
+  return g.init(c.experts, cutlass::make_cute_packed_stride(typename Setup::StrideA{}, {1, c.k, 1}),
+                cutlass::make_cute_packed_stride(typename Setup::StrideB{}, {c.n, c.k, 1}),
+                cutlass::make_cute_packed_stride(typename Setup::StrideD{}, {1, c.n, 1}));
+}
+
+template <class G, class LayoutB>
+double run_case(const Case& c, const Element* x, const Element* w, Element* out, const int* d_starts,
+                const std::vector<int>& starts, const std::vector<Element>& hx, const std::vector<Element>& hw) {
+  GroupedSetup<typename G::Gemm> g;
+  if (!init_setup(g, c)) return -1.0;
+  return check_and_time<LayoutB>(c, out, starts, hx, hw, [&]() {
+    write_args<LayoutB><<<(c.experts + 127) / 128, 128>>>(d_starts, c.experts, c.n, c.k, x, w, out, g.shapes, g.a,
+                                                          g.b, g.d);
+    return g.gemm.run();
+  });
+}
+
+// The main problems with GMain's tiles, then the tails with GTail's, one after the other.
+template <class GMain, class GTail, class LayoutB>
+double run_split(const Case& c, const Element* x, const Element* w, Element* out, const int* d_starts,
+                 const std::vector<int>& starts, const std::vector<Element>& hx, const std::vector<Element>& hw) {
+  GroupedSetup<typename GMain::Gemm> gm;
+  GroupedSetup<typename GTail::Gemm> gt;
+  if (!init_setup(gm, c) || !init_setup(gt, c)) return -1.0;
+  return check_and_time<LayoutB>(c, out, starts, hx, hw, [&]() {
+    write_split_args<<<(c.experts + 127) / 128, 128>>>(d_starts, c.experts, c.n, c.k, x, w, out, gm.shapes, gm.a,
+                                                       gm.b, gm.d, gt.shapes, gt.a, gt.b, gt.d);
+    cutlass::Status st = gm.gemm.run();
+    return st == cutlass::Status::kSuccess ? gt.gemm.run() : st;
+  });
 }
 
 template <class LayoutB>
@@ -89,14 +142,19 @@ void run_configs(const Case& c, const Element* x, const Element* w, Element* out
   report("coop 256x128x64 cluster 1x1", run_case<C256x128c11, LayoutB>(c, x, w, out, d_starts, starts, hx, hw));
   report("coop 128x256x64 cluster 2x1", run_case<C128x256c21, LayoutB>(c, x, w, out, d_starts, starts, hx, hw));
   report("coop 256x128x64 cluster 1x2", run_case<C256x128c12, LayoutB>(c, x, w, out, d_starts, starts, hx, hw));
+  using P64x256c11 = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, PingMain, PingEpi, RowA, LayoutB>;
+  report("split: coop 128x256 whole tiles, then pingpong 64x256 tails",
+         run_split<C128x256c11, P64x256c11, LayoutB>(c, x, w, out, d_starts, starts, hx, hw));
 }
 
 int main() {
   std::mt19937 rng(1234);
   std::vector<Case> cases;
-  auto add = [&](const char* name, bool bt, int E, int n, int k) {
+  // balanced: every expert exactly rows / E rows (1024, a multiple of the 128-row tile), to tell the
+  // cost of each expert's last, partial tile under random routing from the rest of the grouping
+  auto add = [&](const char* name, bool bt, int E, int n, int k, bool balanced = false) {
     Case c{name, bt, E, 8192, n, k, std::vector<int>(E, 0)};  // Mixtral T=4096, top-2
-    for (int a = 0; a < c.rows; ++a) c.counts[E == 1 ? 0 : rng() % E]++;
+    for (int a = 0; a < c.rows; ++a) c.counts[E == 1 ? 0 : balanced ? a * E / c.rows : rng() % E]++;
     cases.push_back(c);
   };
   add("up (B row-major)", false, 8, 14336, 4096);
@@ -104,6 +162,8 @@ int main() {
   add("up, wT (B column-major)", true, 8, 14336, 4096);
   add("down, wT (B column-major)", true, 8, 4096, 14336);
   add("down as ONE dense GEMM", false, 1, 4096, 14336);
+  add("up, balanced (8 x 1024 rows)", false, 8, 14336, 4096, true);
+  add("down, balanced (8 x 1024 rows)", false, 8, 4096, 14336, true);
   for (auto& c : cases) {
     std::vector<int> starts;
     std::vector<Element> hx, hw;
