@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 import pit_jax
 from pit_jax.moe import fused_matmul, grouped_matmul
+from pit_jax.nn.moe import moe_ffn
 from bench_moe import CASES, QUICK, expert_ids, layer_operands
 from common import announce, bench_parser, markdown_report, round_order, time_per_call, write_results
 
@@ -109,6 +110,11 @@ def main():
                 "projection dW": (lambda ops: jax.grad(lambda w: jnp.sum(grouped_matmul(
                     ops[0], w, routing, rows_per_source=k, x_sorted=False, out_sorted=True).astype(jnp.float32)))(ops[1]),
                                   (x, w_in)),
+                # a SwiGLU layer's training step (moe_ffn fwd + bwd, routing given): every grouped matmul and dW
+                # as the lowering rules pick them; its gradients (tokens, combine weights, three weights)
+                "layer step": (lambda ops: jax.grad(lambda x, cw, *ws: jnp.mean(jnp.square(moe_ffn(
+                    x, ids, cw, ws, "swiglu", routing=routing).astype(jnp.float32))), argnums=(0, 1, 2, 3, 4))(*ops),
+                               (x, cw, w_in, w_gate, w_out)),
             }
             for part, (fn, operands) in parts.items():
                 if args.parts is not None and part not in args.parts:
@@ -128,12 +134,14 @@ def main():
                 set_switch(var, val_b)
                 got = fns[val_b](operands)
                 os.environ.pop(var, None)
-                flops_scale = 2.0 if part == "up swiglu" else 1.0  # gate and up: twice the dense FLOPs
+                # gate and up: twice the dense FLOPs; the layer step: 3 forward, 3 dx and 3 dW matmuls
+                flops_scale = {"up swiglu": 2.0, "layer step": 9.0}.get(part, 1.0)
                 r = dict(case=name, routing=routing_name, part=part, kernel_call_lowered=ran, switch=var,
                          a=val_a, b=val_b,
                          a_ms=statistics.median(times_a), b_ms=statistics.median(times_b),
                          dense_same_flops_ms=dense_ms * flops_scale,
-                         max_abs_diff=float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32)))))
+                         max_abs_diff=max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r_.astype(jnp.float32))))
+                                          for g, r_ in zip(jax.tree.leaves(got), jax.tree.leaves(ref))))
                 print(r, flush=True)
                 rows.append(r)
     md = markdown_report(
@@ -143,8 +151,10 @@ def main():
         "the same with the routing index built inside the timed call; scattered projection: the output in assignment order; copied projection: x copied into routing order by XLA (jnp.take) "
         "in the timed call, then both operands by TMA; up swiglu: gate "
         "and up weights in one GEMM, silu(gate)·up fused; down scale: routing-ordered rows scattered to "
-        "(token, slot) × the combine weight; projection dW: jax.grad of the projection w.r.t. w (the tn kernel). dense = a [T·k, d] × [d, f] matmul (×2 for SwiGLU's two "
-        f"weights). max |diff| = {label_b} vs {label_a} output",
+        "(token, slot) × the combine weight; projection dW: jax.grad of the projection w.r.t. w (the tn kernel); layer step: "
+        "jax.grad of a SwiGLU moe_ffn's mean square w.r.t. tokens, combine weights and its three weights, routing given. "
+        "dense = a [T·k, d] × [d, f] matmul (×2 for SwiGLU's two weights, ×9 for the layer step's matmuls: its "
+        f"elementwise work not counted). max |diff| = {label_b} vs {label_a} output",
         ["case", "routing", "part", f"{label_a} ms", f"{label_b} ms", f"{label_a} / {label_b}", "dense ms",
          f"{label_b} / dense", "max abs diff"],
         [[r["case"], r["routing"], r["part"], f"{r['a_ms']:.3f}", f"{r['b_ms']:.3f}",
