@@ -99,6 +99,7 @@
 #   PART=staged_ab: PIT_MOE_STAGED=0 vs 1 on the forward projection parts ($OUT/staged_ab).
 #   PART=staged_layer: the Mixtral layer table on the landed rules, then the staged forward and dW A/Bs at T=16384.
 #   PART=moe_suites: the three MoE suites on the GPU.
+#   PART=examples: the sparse-training MLP and the MoE language model on the GPU, timed.
 #   PART=layer_kernels: per-kernel device times of one Mixtral layer training step, pit and dense (JAX profiler).
 #   PART=projection_mixtral: bench_moe's projection table for Mixtral T=4096 alone ($OUT/projection_mixtral).
 #   PART=layer_mixtral: bench_moe's layer table for Mixtral T=4096 alone ($OUT/layer_mixtral).
@@ -392,6 +393,18 @@ staged_layer)  # the Mixtral layer table on the landed rules (staged forward and
 layer_kernels)  # per-kernel device time of one Mixtral layer step, pit and dense (JAX profiler; $OUT/layer_kernels)
   timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/profile_layer_kernels.py --out $OUT/layer_kernels 2>&1 | grep -E "^(###|\| )" | head -${ROWS:-60} | tee -a $LOG
   echo "layer_kernels $((SECONDS-t0))s" ;;
+examples)  # the issue examples on the GPU with their timings ($OUT/*.log): the sparse-training MLP (k-gather
+           # dense_sparse; scikit-learn installed offline from .whl/ when the box lacks it: put its wheels there
+           # first, pip download --no-deps --only-binary=:all: --python-version 3.12 --platform
+           # manylinux2014_x86_64 scikit-learn joblib threadpoolctl -d .whl) and the MoE language model in bf16
+  python3 -c "import sklearn" 2>/dev/null || pip install --no-index --no-deps -q .whl/scikit_learn-*.whl .whl/joblib-*.whl \
+    .whl/threadpoolctl-*.whl 2>&1 | tail -2 | tee -a $LOG
+  timeout -k 5 ${EX_TIMEOUT:-240} python3 examples/sparse_training_mlp.py 2>&1 | tr '\r' '\n' | grep -v "^  \[" > $OUT/sparse_training_mlp.log
+  echo "rc ${PIPESTATUS[0]}" >> $OUT/sparse_training_mlp.log
+  tail -10 $OUT/sparse_training_mlp.log | tee -a $LOG
+  timeout -k 5 150 python3 examples/moe_language_model.py --dtype bfloat16 --steps 60 --batch 32 --seq 256 --d 512 --d-ff 1024 --layers 4 --experts 8 --top-k 2 2>&1 | tr '\r' '\n' | grep -v "^  [a-z]* *\[.*\] [0-9]*/" > $OUT/lm_example.log
+  tail -6 $OUT/lm_example.log | tee -a $LOG
+  echo "examples $((SECONDS-t0))s" ;;
 moe_suites)  # the three MoE suites on the GPU (GPU vs CPU / float64) on the landed rules
   pytest_gpu ${TEST_TIMEOUT:-400} tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py ;;
 projection_mixtral)  # bench_moe's projection table for Mixtral T=4096 alone ($OUT/projection_mixtral)
