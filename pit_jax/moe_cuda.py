@@ -60,6 +60,16 @@ def staged_workspace_bytes(num_experts, assignments, d, f, itemsize, x_sorted, o
     return total
 
 
+def _staged_mode(switch, dtype, d, f) -> str:
+    """The staged switch's setting where the staged kernels can serve (built with CUTLASS, and where
+    the Hopper kernels serve: fused_epilogue_applies): "1" (forced) or "auto" (the caller's rule);
+    "0" where the switch turns them off or they cannot serve."""
+    mode = os.environ.get(switch, "auto")
+    if mode == "0" or not _ext.build_info().get("moe_staged") or not fused_epilogue_applies(dtype, d, f):
+        return "0"
+    return "1" if mode == "1" else "auto"
+
+
 def staged_applies(dtype, d, f, assignments, num_experts, out_sorted) -> bool:
     """Whether pit_moe_matmul lowers to the staged forward (x's rows gathered into routing order,
     CUTLASS's Hopper grouped GEMM, product rows scattered where out is in assignment order): where
@@ -69,13 +79,9 @@ def staged_applies(dtype, d, f, assignments, num_experts, out_sorted) -> bool:
     kernel by 3-9% on H100s) or a contraction d >= STAGED_MIN_D_SCATTERED (with the [A, f]
     scatter at d = 4096 it lost 1-9%; docs/moe.md, "Staged forward"). PIT_MOE_STAGED=1 takes it
     wherever it can serve, PIT_MOE_STAGED=0 never. Decided when lowering."""
-    mode = os.environ.get("PIT_MOE_STAGED", "auto")
-    if mode == "0":
-        return False
-    if not _ext.build_info().get("moe_staged") or not fused_epilogue_applies(dtype, d, f):
-        return False
-    if mode == "1":
-        return True
+    mode = _staged_mode("PIT_MOE_STAGED", dtype, d, f)
+    if mode != "auto":
+        return mode == "1"
     return assignments >= STAGED_MIN_ROWS_PER_EXPERT * num_experts and (out_sorted or d >= STAGED_MIN_D_SCATTERED)
 
 
@@ -102,13 +108,10 @@ def staged_dw_applies(dtype, d, f, assignments, num_experts) -> bool:
     routing order where they are not, then CUTLASS's grouped GEMM dw[e] = x_eᵀ dy_e): where it can
     serve (as staged_applies) and, by default, with at least STAGED_MIN_ROWS_PER_EXPERT rows per
     expert. PIT_MOE_STAGED_DW=1 takes it wherever it can serve, 0 never. Decided when lowering."""
-    mode = os.environ.get("PIT_MOE_STAGED_DW", "auto")
-    if mode == "0":
-        return False
-    from . import _ext
-    if not _ext.build_info().get("moe_staged") or not fused_epilogue_applies(dtype, d, f):
-        return False
-    return mode == "1" or assignments >= STAGED_MIN_ROWS_PER_EXPERT * num_experts
+    mode = _staged_mode("PIT_MOE_STAGED_DW", dtype, d, f)
+    if mode != "auto":
+        return mode == "1"
+    return assignments >= STAGED_MIN_ROWS_PER_EXPERT * num_experts
 
 
 def grouped_matmul_tn_cuda(x, dy, order, group_starts, *, rows_per_source, num_experts, out_dtype,

@@ -242,6 +242,19 @@ std::string run_staged(cudaStream_t stream, const StagedCall& c) {
   return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
 }
 
+// The checks both handlers end with: the workspace (workspace_bytes) holds the layout of the call's
+// sections (set into c->layout; 16-bit elements; rows_sorted: no out_rows section), and the
+// current GPU runs the sm_90a kernels. An empty string where both hold, else what is wrong.
+std::string set_layout_and_check_device(StagedCall* c, size_t workspace_bytes, bool rows_sorted) {
+  c->layout = moe_staged_layout(c->experts, c->assignments, c->d, c->f, 2, c->x_sorted, rows_sorted);
+  if (int64_t(workspace_bytes) < c->layout.total) return "workspace smaller than the layout needs";
+  int major = 0;
+  current_device_attribute(cudaDevAttrComputeCapabilityMajor, &major);
+  if (major != 9)
+    return "needs a compute capability 9.0 GPU (sm_90a CUTLASS kernels); the lowering chose this path for one";
+  return {};
+}
+
 ffi::Error MoeMatmulStagedCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> order,
                                ffi::Buffer<ffi::S32> group_starts, ffi::Result<ffi::AnyBuffer> out,
                                ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t rows_per_source,
@@ -271,14 +284,8 @@ ffi::Error MoeMatmulStagedCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBu
     return ffi::Error::InvalidArgument(op + "d and f must be multiples of 8 (16-byte rows for TMA)");
   if (c.assignments * std::max(c.d, c.f) >= (int64_t(1) << 31) || c.f >= (int64_t(1) << 31))
     return ffi::Error::InvalidArgument(op + "too many rows for 32-bit problem sizes");
-  c.layout = moe_staged_layout(c.experts, c.assignments, c.d, c.f, 2, x_sorted, out_sorted);  // 16-bit elements
-  if (int64_t(workspace->size_bytes()) < c.layout.total)
-    return ffi::Error::InvalidArgument(op + "workspace smaller than the layout needs");
-  int major = 0;
-  current_device_attribute(cudaDevAttrComputeCapabilityMajor, &major);
-  if (major != 9)
-    return ffi::Error::InvalidArgument(op + "needs a compute capability 9.0 GPU (sm_90a CUTLASS kernels); "
-                                            "the lowering chose this path for one");
+  if (const std::string bad = set_layout_and_check_device(&c, workspace->size_bytes(), out_sorted); !bad.empty())
+    return ffi::Error::InvalidArgument(op + bad);
   poison_device_outputs(stream, out);
   if (c.assignments == 0 || c.f == 0) return ffi::Error::Success();
   c.x = x.untyped_data();
@@ -354,14 +361,9 @@ ffi::Error MoeMatmulTnStagedCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Any
   if (c.assignments * std::max(c.d, c.f) >= (int64_t(1) << 31) || c.d * c.f >= (int64_t(1) << 31))
     return ffi::Error::InvalidArgument(op + "too many rows for 32-bit problem sizes");
   if (c.experts > 65535) return ffi::Error::InvalidArgument(op + "at most 65535 experts");
-  c.layout = moe_staged_layout(c.experts, c.assignments, c.d, c.f, 2, x_sorted, out_sorted);  // dy rows: out_rows
-  if (int64_t(workspace->size_bytes()) < c.layout.total)
-    return ffi::Error::InvalidArgument(op + "workspace smaller than the layout needs");
-  int major = 0;
-  current_device_attribute(cudaDevAttrComputeCapabilityMajor, &major);
-  if (major != 9)
-    return ffi::Error::InvalidArgument(op + "needs a compute capability 9.0 GPU (sm_90a CUTLASS kernels); "
-                                            "the lowering chose this path for one");
+  // dW: the out_rows section holds dy's rows gathered (absent where dy is sorted)
+  if (const std::string bad = set_layout_and_check_device(&c, workspace->size_bytes(), out_sorted); !bad.empty())
+    return ffi::Error::InvalidArgument(op + bad);
   poison_device_outputs(stream, dw);
   if (c.experts == 0 || c.d == 0 || c.f == 0) return ffi::Error::Success();
   c.x = x.untyped_data();
