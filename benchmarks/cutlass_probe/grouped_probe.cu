@@ -17,19 +17,6 @@
 using LayoutA = cutlass::layout::RowMajor;  // x rows in routing order, [rows, K]
 using LayoutB = cutlass::layout::RowMajor;  // w[e] is [K, N] with N contiguous (our [E, d, f])
 
-// Device side of the routing: problem sizes and per-expert pointers from the group starts.
-__global__ void write_group_args(const int* starts, int experts, int n, int k, const Element* x, const Element* w,
-                                 Element* out, ProblemShape::UnderlyingProblemShape* shapes, const Element** a_ptrs,
-                                 const Element** b_ptrs, Element** d_ptrs) {
-  int e = blockIdx.x * blockDim.x + threadIdx.x;
-  if (e >= experts) return;
-  int m = starts[e + 1] - starts[e];
-  shapes[e] = {m, n, k};
-  a_ptrs[e] = x + static_cast<int64_t>(starts[e]) * k;
-  b_ptrs[e] = w + static_cast<int64_t>(e) * k * n;
-  d_ptrs[e] = out + static_cast<int64_t>(starts[e]) * n;
-}
-
 struct Case { const char* name; int experts, rows, n, k; std::vector<int> counts; };
 
 // Runs one configuration on one case: checks 256 sampled outputs, returns ms per call (args kernel included).
@@ -39,10 +26,7 @@ double run_case(const Case& c, const Element* x, const Element* w, Element* out,
   using Setup = GroupedSetup<typename G::Gemm>;
   Setup g;
   // Strides do not depend on the routing (row-major A and D of any height, fixed K and N).
-  if (!g.init(c.experts, cutlass::make_cute_packed_stride(typename Setup::StrideA{}, {1, c.k, 1}),
-              cutlass::make_cute_packed_stride(typename Setup::StrideB{}, {c.n, c.k, 1}),
-              cutlass::make_cute_packed_stride(typename Setup::StrideD{}, {1, c.n, 1})))
-    return -1.0;
+  if (!init_forward(g, c.experts, c.n, c.k)) return -1.0;
   auto call = [&]() {
     write_group_args<<<(c.experts + 127) / 128, 128>>>(d_starts, c.experts, c.n, c.k, x, w, out, g.shapes, g.a,
                                                         g.b, g.d);

@@ -24,18 +24,6 @@
 
 using RowA = cutlass::layout::RowMajor;
 
-template <class LayoutB>
-__global__ void write_args(const int* starts, int experts, int n, int k, const Element* x, const Element* w,
-                           Element* out, ProblemShape::UnderlyingProblemShape* shapes, const Element** a_ptrs,
-                           const Element** b_ptrs, Element** d_ptrs) {
-  int e = blockIdx.x * blockDim.x + threadIdx.x;
-  if (e >= experts) return;
-  shapes[e] = {starts[e + 1] - starts[e], n, k};
-  a_ptrs[e] = x + static_cast<int64_t>(starts[e]) * k;
-  b_ptrs[e] = w + static_cast<int64_t>(e) * k * n;
-  d_ptrs[e] = out + static_cast<int64_t>(starts[e]) * n;
-}
-
 // Split: each expert's rows as a main problem (whole 128-row tiles) and a tail problem (the rest, under
 // 128 rows) for a second grouped GEMM with 64-row tiles, so a partial tile pays for 64 rows, not 128.
 __global__ void write_split_args(const int* starts, int experts, int n, int k, const Element* x, const Element* w,
@@ -93,20 +81,13 @@ double check_and_time(const Case& c, Element* out, const std::vector<int>& start
   return ms;
 }
 
-template <class Setup>
-bool init_setup(Setup& g, const Case& c) {
-  return g.init(c.experts, cutlass::make_cute_packed_stride(typename Setup::StrideA{}, {1, c.k, 1}),
-                cutlass::make_cute_packed_stride(typename Setup::StrideB{}, {c.n, c.k, 1}),
-                cutlass::make_cute_packed_stride(typename Setup::StrideD{}, {1, c.n, 1}));
-}
-
 template <class G, class LayoutB>
 double run_case(const Case& c, const Element* x, const Element* w, Element* out, const int* d_starts,
                 const std::vector<int>& starts, const std::vector<Element>& hx, const std::vector<Element>& hw) {
   GroupedSetup<typename G::Gemm> g;
-  if (!init_setup(g, c)) return -1.0;
+  if (!init_forward(g, c.experts, c.n, c.k)) return -1.0;
   return check_and_time<LayoutB>(c, out, starts, hx, hw, [&]() {
-    write_args<LayoutB><<<(c.experts + 127) / 128, 128>>>(d_starts, c.experts, c.n, c.k, x, w, out, g.shapes, g.a,
+    write_group_args<<<(c.experts + 127) / 128, 128>>>(d_starts, c.experts, c.n, c.k, x, w, out, g.shapes, g.a,
                                                           g.b, g.d);
     return g.gemm.run();
   });
@@ -118,7 +99,7 @@ double run_split(const Case& c, const Element* x, const Element* w, Element* out
                  const std::vector<int>& starts, const std::vector<Element>& hx, const std::vector<Element>& hw) {
   GroupedSetup<typename GMain::Gemm> gm;
   GroupedSetup<typename GTail::Gemm> gt;
-  if (!init_setup(gm, c) || !init_setup(gt, c)) return -1.0;
+  if (!init_forward(gm, c.experts, c.n, c.k) || !init_forward(gt, c.experts, c.n, c.k)) return -1.0;
   return check_and_time<LayoutB>(c, out, starts, hx, hw, [&]() {
     write_split_args<<<(c.experts + 127) / 128, 128>>>(d_starts, c.experts, c.n, c.k, x, w, out, gm.shapes, gm.a,
                                                        gm.b, gm.d, gt.shapes, gt.a, gt.b, gt.d);

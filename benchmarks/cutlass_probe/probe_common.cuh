@@ -1,5 +1,6 @@
-// Shared by the CUTLASS probes (grouped_probe.cu: the forward; dw_probe.cu: dW): the grouped GEMM
-// type over CUTLASS's Hopper ptr-array kernels, a device fill and an event timer.
+// Shared by the CUTLASS probes (grouped_probe.cu and layer_shapes_probe.cu: the forward; dw_probe.cu:
+// dW): the grouped GEMM type over CUTLASS's Hopper ptr-array kernels, a device fill, an event timer
+// and the forward's per-expert arguments.
 #pragma once
 
 #include <cmath>
@@ -151,6 +152,28 @@ struct GroupedSetup {
     CHECK_CUDA(cudaMemcpy(*dst, host.data(), experts * sizeof(Stride), cudaMemcpyHostToDevice));
   }
 };
+
+// Forward probes (grouped_probe.cu, layer_shapes_probe.cu), one thread per expert: problem sizes and
+// pointers from the group starts; x and out rows in routing order, w[e] of K·N elements in either major.
+__global__ void write_group_args(const int* starts, int experts, int n, int k, const Element* x, const Element* w,
+                                 Element* out, ProblemShape::UnderlyingProblemShape* shapes, const Element** a_ptrs,
+                                 const Element** b_ptrs, Element** d_ptrs) {
+  int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= experts) return;
+  shapes[e] = {starts[e + 1] - starts[e], n, k};
+  a_ptrs[e] = x + static_cast<int64_t>(starts[e]) * k;
+  b_ptrs[e] = w + static_cast<int64_t>(e) * k * n;
+  d_ptrs[e] = out + static_cast<int64_t>(starts[e]) * n;
+}
+
+// A forward grouped GEMM's setup: packed strides for row-major A and D ([rows, k], [rows, n]) and
+// B of n x k in the GEMM's own major; false (said why) where CUTLASS refuses the problem.
+template <class Setup>
+bool init_forward(Setup& g, int experts, int n, int k) {
+  return g.init(experts, cutlass::make_cute_packed_stride(typename Setup::StrideA{}, {1, k, 1}),
+                cutlass::make_cute_packed_stride(typename Setup::StrideB{}, {n, k, 1}),
+                cutlass::make_cute_packed_stride(typename Setup::StrideD{}, {1, n, 1}));
+}
 
 // The worst relative error so far, |got - want| / (1 + |want|), NaN counting as 1e9.
 inline void track_error(double got, double want, double* worst) {
