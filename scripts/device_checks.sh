@@ -142,6 +142,15 @@ run_tool() {  # compute-sanitizer tool, kernel-name filter, test file, -k select
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|rc " /tmp/san.log | tail -4 | tee -a $LOG
   echo "$1 $((SECONDS-t0))s"
 }
+layer_table() {  # seconds, output folder under $OUT, then bench_moe case names: its layer table
+  local limit=$1 out=$2; shift 2
+  timeout -k 5 ${BENCH_TIMEOUT:-$limit} python3 benchmarks/bench_moe.py --no-projection --layer-cases "$@" \
+    --out $OUT/$out 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "layer $((SECONDS-t0))s"
+}
+moe_suites() {  # the three MoE suites on the GPU (GPU vs CPU / float64); seconds
+  pytest_gpu $1 tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py
+}
 projection_table() {  # seconds, output folder under $OUT, then bench_moe case names: its projection table
   local limit=$1 out=$2; shift 2
   timeout -k 5 ${BENCH_TIMEOUT:-$limit} python3 benchmarks/bench_moe.py --no-layer --cases "$@" \
@@ -161,7 +170,7 @@ DETECT_SUITES="tests/test_detect.py tests/test_detect_properties.py tests/test_d
 for part in ${PART:-tests}; do  # PART may name several parts, run in turn after one build
 case "$part" in
 tests)
-  pytest_gpu ${TEST_TIMEOUT:-280} tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py
+  moe_suites ${TEST_TIMEOUT:-280}
   pytest_gpu ${TEST_TIMEOUT:-280} $DETECT_SUITES ;;
 sanitize)
   run_tool memcheck pit_moe tests/test_moe_kernels.py "bfloat16 and fused_epilogue"
@@ -356,7 +365,7 @@ verify)
   # (MoE past 280 s, detect 50 s, k-gather 124 s), so run "moe" and "detect kgather" as two calls there.
   for suite in ${SUITES:-moe detect kgather}; do
     case $suite in
-      moe) pytest_gpu 400 tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py ;;
+      moe) moe_suites 400 ;;
       detect) pytest_gpu 120 $DETECT_SUITES ;;
       kgather) pytest_gpu 200 tests/test_kgather.py tests/test_kgather_kernels.py ;;
     esac
@@ -382,9 +391,7 @@ staged_ab)  # A/B of the staged forward (PIT_MOE_STAGED=0 vs 1, chosen when lowe
   echo "ab $((SECONDS-t0))s" ;;
 staged_layer)  # the Mixtral layer table on the landed rules (staged forward and staged dW), then the staged
                # forward and staged dW A/Bs on Mixtral T=16384
-  timeout -k 5 ${BENCH_TIMEOUT:-220} python3 benchmarks/bench_moe.py --no-projection --layer-cases "Mixtral up T=4096" \
-    --out $OUT/layer_mixtral 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  echo "layer $((SECONDS-t0))s"
+  layer_table 220 layer_mixtral "Mixtral up T=4096"
   timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_STAGED 0 default \
     --cases "Mixtral up T=16384" --parts "projection" "scattered projection" --out $OUT/staged_ab_16k 2>&1 | grep "^| [MQ]" | tee -a $LOG
   timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_STAGED_DW 0 default \
@@ -405,8 +412,8 @@ examples)  # the issue examples on the GPU with their timings ($OUT/*.log): the 
   timeout -k 5 150 python3 examples/moe_language_model.py --dtype bfloat16 --steps 60 --batch 32 --seq 256 --d 512 --d-ff 1024 --layers 4 --experts 8 --top-k 2 2>&1 | tr '\r' '\n' | grep -v "^  [a-z]* *\[.*\] [0-9]*/" > $OUT/lm_example.log
   tail -6 $OUT/lm_example.log | tee -a $LOG
   echo "examples $((SECONDS-t0))s" ;;
-moe_suites)  # the three MoE suites on the GPU (GPU vs CPU / float64) on the landed rules
-  pytest_gpu ${TEST_TIMEOUT:-400} tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py ;;
+moe_suites)  # the three MoE suites on the GPU (GPU vs CPU / float64): PART=verify SUITES=moe
+  moe_suites ${TEST_TIMEOUT:-400} ;;
 projection_mixtral)  # bench_moe's projection table for Mixtral T=4096 alone ($OUT/projection_mixtral)
   projection_table 200 projection_mixtral "Mixtral up T=4096" ;;
 projection_16k)  # last run in session 6 (2026-11-26_h200_moe_final)
@@ -451,13 +458,9 @@ route_ncu)  # the routing kernels' device times (ncu) on the Qwen-like and Mixtr
 projection_qwen)  # bench_moe's projection table, Qwen-like only ($OUT/projection_qwen)
   projection_table 200 projection_qwen "Qwen3-30B-A3B-like" ;;
 layer_mixtral)  # bench_moe's layer table, Mixtral T=4096 only ($OUT/layer_mixtral)
-  timeout -k 5 ${BENCH_TIMEOUT:-220} python3 benchmarks/bench_moe.py --no-projection --layer-cases "Mixtral up T=4096" \
-    --out $OUT/layer_mixtral 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  echo "layer $((SECONDS-t0))s" ;;
+  layer_table 220 layer_mixtral "Mixtral up T=4096" ;;
 layer_qwen)  # bench_moe's layer table, Qwen-like only ($OUT/layer_qwen: routing % of the layer forward)
-  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe.py --no-projection --layer-cases "Qwen3-30B-A3B-like" \
-    --out $OUT/layer_qwen 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  echo "layer $((SECONDS-t0))s" ;;
+  layer_table 200 layer_qwen "Qwen3-30B-A3B-like" ;;
 ncu_projection_dram)  # DRAM bytes, L2 hit rate and time of the gathered forward, Qwen-like (CASE), tables given
   for routing in ${ROUTINGS:-uniform zipf one-hot}; do
     echo "== ncu forward ${CASE:-Qwen3-30B-A3B-like} $routing" | tee -a $LOG
