@@ -38,12 +38,8 @@ def routing_tables_cuda(expert_ids, *, num_experts):
 
 # The staged forward's default: at least this many rows per expert on average (compute-bound
 # shapes; Mixtral has about 1024, the Qwen-like shape 128 — see docs/moe.md "Staged forward").
+# Either output layout: since session 21 the GEMM's epilogue scatters the product rows itself.
 STAGED_MIN_ROWS_PER_EXPERT = 512
-# ... and, where the product is scattered (out in assignment order), a contraction of at least this
-# many: the [A, f] scatter costs about 500 / d of the GEMM's time on an H100 (bytes at ~3 TB/s
-# against FLOPs at ~750 TFLOP/s), 12% at d = 4096, where the staged forward measured 1-9% slower
-# than the fused kernel; 3.5% at d = 14336 (Mixtral's down-projection and up-projection dx).
-STAGED_MIN_D_SCATTERED = 8192
 _STAGED_ARGS_BYTES_PER_EXPERT = 256  # kMoeStagedArgsBytesPerExpert, moe_staged_layout.h
 _STAGED_CUTLASS_BYTES = 1 << 20      # kMoeStagedCutlassBytes
 
@@ -53,7 +49,9 @@ def _align256(n: int) -> int:
 
 
 def staged_workspace_bytes(num_experts, assignments, d, f, itemsize, x_sorted, out_sorted) -> int:
-    """Bytes of the staged forward's workspace result (moe_staged_layout.h, the same sections)."""
+    """Bytes of a staged call's workspace result (moe_staged_layout.h, the same sections); the
+    forward passes out_sorted=True (its epilogue writes the product in place), dW whether dy is
+    in routing order."""
     total = _align256(num_experts * _STAGED_ARGS_BYTES_PER_EXPERT) + _STAGED_CUTLASS_BYTES
     total += 0 if x_sorted else _align256(assignments * d * itemsize)
     total += 0 if out_sorted else _align256(assignments * f * itemsize)
@@ -72,17 +70,17 @@ def _staged_mode(switch, dtype, d, f) -> str:
 
 def staged_applies(dtype, d, f, assignments, num_experts, out_sorted) -> bool:
     """Whether pit_moe_matmul lowers to the staged forward (x's rows gathered into routing order,
-    CUTLASS's Hopper grouped GEMM, product rows scattered where out is in assignment order): where
-    it can serve — built with CUTLASS, and where the Hopper kernels serve
+    CUTLASS's Hopper grouped GEMM whose epilogue writes each product row to its place, in either
+    output layout): where it can serve — built with CUTLASS, and where the Hopper kernels serve
     (fused_epilogue_applies) — and, by default, with at least STAGED_MIN_ROWS_PER_EXPERT rows per
-    expert on average and either the output in routing order (out_sorted: there it beat the fused
-    kernel by 3-9% on H100s) or a contraction d >= STAGED_MIN_D_SCATTERED (with the [A, f]
-    scatter at d = 4096 it lost 1-9%; docs/moe.md, "Staged forward"). PIT_MOE_STAGED=1 takes it
-    wherever it can serve, PIT_MOE_STAGED=0 never. Decided when lowering."""
+    expert on average (docs/moe.md, "Staged forward", "Scatter epilogue"). PIT_MOE_STAGED=1 takes
+    it wherever it can serve, PIT_MOE_STAGED=0 never. Decided when lowering. out_sorted is kept
+    for callers; the rule no longer depends on it."""
+    del out_sorted
     mode = _staged_mode("PIT_MOE_STAGED", dtype, d, f)
     if mode != "auto":
         return mode == "1"
-    return assignments >= STAGED_MIN_ROWS_PER_EXPERT * num_experts and (out_sorted or d >= STAGED_MIN_D_SCATTERED)
+    return assignments >= STAGED_MIN_ROWS_PER_EXPERT * num_experts
 
 
 def grouped_matmul_cuda(x, w, order, group_starts, tile_starts, *, rows_per_source, w_transposed,
@@ -92,7 +90,7 @@ def grouped_matmul_cuda(x, w, order, group_starts, tile_starts, *, rows_per_sour
     e, a, d = w.shape[0], order.shape[0], x.shape[1]
     if staged_applies(x.dtype, d, f, a, e, out_sorted):
         ws = jax.ShapeDtypeStruct(
-            (staged_workspace_bytes(e, a, d, f, jnp.dtype(x.dtype).itemsize, x_sorted, out_sorted),), jnp.uint8)
+            (staged_workspace_bytes(e, a, d, f, jnp.dtype(x.dtype).itemsize, x_sorted, True),), jnp.uint8)
         out, _ = jax.ffi.ffi_call("pit_moe_matmul_staged", (out_type, ws))(
             x, w, order, group_starts, rows_per_source=np.int64(rows_per_source), w_transposed=bool(w_transposed),
             x_sorted=bool(x_sorted), out_sorted=bool(out_sorted))

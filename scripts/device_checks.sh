@@ -99,6 +99,8 @@
 #   PART=staged_ab: PIT_MOE_STAGED=0 vs 1 on the forward projection parts ($OUT/staged_ab).
 #   PART=staged_layer: the Mixtral layer table on the landed rules, then the staged forward and dW A/Bs at T=16384.
 #   PART=moe_suites: the three MoE suites on the GPU.
+#   PART=scatter_epilogue: the staged tests, then the scattered projection's A/B (fused vs staged with the
+#                  epilogue's SWrite) at Mixtral T=4096 and 16384; PART=scatter_epilogue_san: its sanitizers.
 #   PART=examples: the sparse-training MLP and the MoE language model on the GPU, timed.
 #   PART=layer_kernels: per-kernel device times of one Mixtral layer training step, pit and dense (JAX profiler).
 #   PART=projection_mixtral: bench_moe's projection table for Mixtral T=4096 alone ($OUT/projection_mixtral).
@@ -381,6 +383,17 @@ staged)  # the staged MoE forward (gather, CUTLASS grouped GEMM, scatter): its t
   pytest_gpu ${TEST_TIMEOUT:-300} tests/test_moe_kernels.py -k "${STAGED_TESTS:-staged or fused_epilogue or lowers}"
   SAN_TIMEOUT=150 run_tool memcheck all tests/test_moe_kernels.py "(staged_forward or staged_dw) and bfloat16"
   SAN_TIMEOUT=150 run_tool racecheck all tests/test_moe_kernels.py "(staged_forward or staged_dw) and bfloat16 and not one_hot" ;;
+scatter_epilogue)  # session 21: the staged forward's scatter epilogue — the staged tests (forward in four layouts,
+                  # the kernel fixture's staged variant, lowering), then the A/B of the scattered projection
+                  # (PIT_MOE_STAGED=0: fused kernel; default: staged, the epilogue's SWrite) at T=4096 and 16384
+  pytest_gpu ${TEST_TIMEOUT:-300} tests/test_moe_kernels.py -k "${STAGED_TESTS:-staged or lowers}"
+  PIT_BENCH_ROUNDS=${ROUNDS:-4} timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe_persistent.py \
+    --switch PIT_MOE_STAGED 0 default --cases "Mixtral up T=4096" "Mixtral up T=16384" \
+    --parts "projection" "scattered projection" --out $OUT/scatter_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "ab $((SECONDS-t0))s" ;;
+scatter_epilogue_san)  # memcheck and racecheck over every kernel of the bf16 staged-forward tests
+  SAN_TIMEOUT=150 run_tool memcheck all tests/test_moe_kernels.py "staged_forward and bfloat16"
+  SAN_TIMEOUT=150 run_tool racecheck all tests/test_moe_kernels.py "staged_forward and bfloat16 and not one_hot" ;;
 staged_dw_ab)  # A/B of the staged dW (PIT_MOE_STAGED_DW=0 vs 1, chosen when lowering): the projection's dW
   timeout -k 5 ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_STAGED_DW 0 1 \
     --parts "projection dW" --out $OUT/staged_dw_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG

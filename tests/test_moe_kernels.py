@@ -269,7 +269,7 @@ def test_layer_lowers_fused_for_inference_only(monkeypatch, activation, unfused_
 ])
 def test_staged_forward_matches_float64(monkeypatch, x_sorted, out_sorted, w_transposed, dtype, t, k, e, d, f,
                                         routing):
-    """The staged forward (gather into routing order, CUTLASS grouped GEMM, scatter) in each row
+    """The staged forward (gather into routing order, CUTLASS grouped GEMM, SWrite in its epilogue) in each row
     layout, with w as [E, d, f] and as [E, f, d] (dx's layout), against float64; on a compute
     capability 9 GPU it must be the path that lowered."""
     from helpers import moe_layouts_want
@@ -305,7 +305,8 @@ def test_staged_forward_matches_float64(monkeypatch, x_sorted, out_sorted, w_tra
 def test_staged_forward_lowering_has_its_workspace(monkeypatch):
     """Where the staged forward applies (forced here, so any machine with the CUDA module checks
     the wiring) pit_moe_matmul lowers to pit_moe_matmul_staged with a u8 workspace of the layout's
-    size: the gathered x rows and the unscattered product only where the layouts need them."""
+    size: the gathered x rows only where x is not in routing order, and no section for the product
+    in either output layout (the epilogue writes its rows in place)."""
     if not pit_jax.cuda_available():
         pytest.skip("built without CUDA kernels")
     from pit_jax import moe_cuda
@@ -319,7 +320,7 @@ def test_staged_forward_lowering_has_its_workspace(monkeypatch):
         fn = lambda x, w: grouped_matmul(x, w, pit_jax.moe_routing(ids, e), rows_per_source=k, x_sorted=False,
                                          out_sorted=out_sorted)
         text = jax.jit(fn).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
-        size = moe_cuda.staged_workspace_bytes(e, t * k, d, f, 2, False, out_sorted)
+        size = moe_cuda.staged_workspace_bytes(e, t * k, d, f, 2, False, True)
         assert text.count("@pit_moe_matmul_staged(") == 1 and "@pit_moe_matmul(" not in text
         assert f"tensor<{size}xui8>" in text
     assert moe_cuda.staged_workspace_bytes(e, t * k, d, f, 2, False, False) - \
@@ -328,8 +329,7 @@ def test_staged_forward_lowering_has_its_workspace(monkeypatch):
 
 def test_staged_rule_by_layout_rows_and_switch(monkeypatch):
     """The lowering's choice of the staged forward where it can serve (forced here): by default
-    for >= STAGED_MIN_ROWS_PER_EXPERT rows per expert with the output in routing order or a
-    contraction of >= STAGED_MIN_D_SCATTERED;
+    for >= STAGED_MIN_ROWS_PER_EXPERT rows per expert in either output layout;
     PIT_MOE_STAGED=1 everywhere, 0 nowhere; never where it cannot serve."""
     from pit_jax import _ext, moe_cuda
     monkeypatch.setattr(moe_cuda, "fused_epilogue_applies", lambda dtype, d, f: True)
@@ -339,10 +339,8 @@ def test_staged_rule_by_layout_rows_and_switch(monkeypatch):
     monkeypatch.delenv("PIT_MOE_STAGED", raising=False)
     assert moe_cuda.staged_applies(bf16, 64, 64, rows * 8, 8, True)
     assert not moe_cuda.staged_applies(bf16, 64, 64, rows * 8 - 1, 8, True)
-    assert not moe_cuda.staged_applies(bf16, 64, 64, rows * 8, 8, False)  # the [A, f] scatter: fused kernel
-    long_d = moe_cuda.STAGED_MIN_D_SCATTERED
-    assert moe_cuda.staged_applies(bf16, long_d, 64, rows * 8, 8, False)  # ... unless the contraction is long
-    assert not moe_cuda.staged_applies(bf16, long_d, 64, rows * 8 - 1, 8, False)
+    assert moe_cuda.staged_applies(bf16, 64, 64, rows * 8, 8, False)  # scattered: the epilogue's SWrite
+    assert not moe_cuda.staged_applies(bf16, 64, 64, rows * 8 - 1, 8, False)
     monkeypatch.setenv("PIT_MOE_STAGED", "1")
     assert moe_cuda.staged_applies(bf16, 64, 64, 1, 8, False)
     monkeypatch.setenv("PIT_MOE_STAGED", "0")

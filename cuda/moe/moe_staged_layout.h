@@ -4,7 +4,8 @@
 //   args      256 B per expert: the grouped GEMM's per-expert problem sizes, pointers and strides
 //   cutlass   kMoeStagedCutlassBytes: CUTLASS's own workspace (tensor maps per SM, scheduler)
 //   x_rows    [A, d] x's rows gathered into routing order (absent when x is already in it)
-//   out_rows  [A, f] the product in routing order before the scatter (absent when out is sorted)
+//   out_rows  dW: [A, f] dy's rows gathered into routing order (absent when dy is sorted; the forward
+//             never has it: its epilogue writes the product rows in place)
 #pragma once
 
 #include <cstddef>

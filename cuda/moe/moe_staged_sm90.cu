@@ -1,15 +1,17 @@
 // Staged Hopper forward of pit_moe_matmul (FFI target pit_moe_matmul_staged): SRead as a gather
 // of x's rows into routing order, CUTLASS's Hopper grouped GEMM over the experts' contiguous row
 // blocks (TMA for both operands, warp-specialised cooperative 128x256x64 tiles, persistent), and
-// SWrite as a scatter of the product rows to their assignments. Each step is skipped where the
-// operand is already in routing order. The per-expert problem sizes and pointers are written on
-// the device from group_starts, so nothing waits for the host.
+// SWrite in the GEMM's epilogue: with the output in assignment order, each product row is stored
+// straight to its assignment's row (moe_scatter_epilogue.cuh); in routing order, CUTLASS's TMA
+// epilogue stores the tile. The gather is skipped where x is already in routing order. The
+// per-expert problem sizes and pointers are written on the device from group_starts, so nothing
+// waits for the host.
 //
 // Why staged: on compute-bound shapes (Mixtral, about a thousand rows per expert) CUTLASS's
-// grouped GEMM runs at 1.06x the dense cuBLAS time where the fused gather kernel (moe_sm90.cuh)
-// stays near 1.3x, and the gather costs a few percent (benchmarks/results/2026-11-27_session19/).
-// On weight-bound shapes (Qwen-like, ~128 rows per expert) the fused kernel is faster; the
-// lowering chooses (pit_jax/moe_cuda.py: staged_applies).
+// grouped GEMM runs at 1.03-1.06x the dense cuBLAS time where the fused gather kernel
+// (moe_sm90.cuh) stays near 1.3x, and the gather costs a few percent (benchmarks/results/
+// 2026-11-27_session19/, _session21/). On weight-bound shapes (Qwen-like, ~128 rows per expert)
+// the fused kernel is faster; the lowering chooses (pit_jax/moe_cuda.py: staged_applies).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -30,6 +32,7 @@
 #include "../common/device_query.cuh"
 #include "../common/ffi_common.h"
 #include "../common/poison_outputs.cuh"
+#include "moe_scatter_epilogue.cuh"
 #include "moe_staged_layout.h"
 
 namespace pit {
@@ -37,21 +40,18 @@ namespace {
 
 using StagedProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M, N, K) per expert
 
-// CUTLASS's Hopper grouped GEMM, D row-major, A and B in the given layouts (16-bit: either major).
-template <typename Element, typename LayoutA, typename LayoutB>
-struct StagedGemm {
-  using LayoutD = cutlass::layout::RowMajor;
-  static constexpr int kAlign = 8;  // 16-byte rows: d and f multiples of 8
-  using Tile = cute::Shape<cute::_128, cute::_256, cute::_64>;
-  using Cluster = cute::Shape<cute::_1, cute::_1, cute::_1>;  // 2-CTA clusters measured slower on uniform routing
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, kAlign, Element, LayoutD*,
-      kAlign, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
-      cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
+using StagedTile = cute::Shape<cute::_128, cute::_256, cute::_64>;
+using StagedCluster = cute::Shape<cute::_1, cute::_1, cute::_1>;  // 2-CTA clusters measured slower on uniform routing
+constexpr int kAlign = 8;                                         // 16-byte rows: d and f multiples of 8
+
+// CUTLASS's Hopper grouped GEMM with the given epilogue collective, A and B in the given layouts
+// (16-bit: either major).
+template <typename Element, typename LayoutA, typename LayoutB, typename Epilogue_>
+struct GroupedGemmWith {
+  using Epilogue = Epilogue_;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element, LayoutB*, kAlign,
-      float, Tile, Cluster,
+      float, StagedTile, StagedCluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<StagedProblemShape, Mainloop, Epilogue>;
@@ -59,12 +59,30 @@ struct StagedGemm {
   using StrideA = typename Kernel::InternalStrideA;
   using StrideB = typename Kernel::InternalStrideB;
   using StrideD = typename Kernel::InternalStrideD;
+  using EpilogueArguments = typename Kernel::EpilogueArguments;
 };
 
+// D row-major through CUTLASS's TMA epilogue (per-expert D pointers).
+template <typename Element, typename LayoutA, typename LayoutB>
+using StagedGemm = GroupedGemmWith<
+    Element, LayoutA, LayoutB,
+    typename cutlass::epilogue::collective::CollectiveBuilder<
+        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, StagedTile, StagedCluster,
+        cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor*, kAlign,
+        Element, cutlass::layout::RowMajor*, kAlign, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+        cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp>;
+
 // Forward: out rows = x rows @ w[e] ([E, d, f], N-major B) or @ w[e]ᵀ (w given as [E, f, d], K-major B).
+template <bool kWTransposed>
+using ForwardLayoutB = std::conditional_t<kWTransposed, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
 template <typename Element, bool kWTransposed>
-using ForwardGemm = StagedGemm<Element, cutlass::layout::RowMajor,
-                               std::conditional_t<kWTransposed, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>>;
+using ForwardGemm = StagedGemm<Element, cutlass::layout::RowMajor, ForwardLayoutB<kWTransposed>>;
+// The same with the product rows scattered to their assignments by the epilogue (64-column chunks:
+// 2% slower than the TMA epilogue in routing order, 10% faster than it plus a scatter pass;
+// 128-column chunks were slower, benchmarks/results/2026-11-27_session21/scatter_probe_h100/).
+template <typename Element, bool kWTransposed>
+using ScatterForwardGemm = GroupedGemmWith<Element, cutlass::layout::RowMajor, ForwardLayoutB<kWTransposed>,
+                                           ScatterRowsCollectiveEpilogue<Element, 128, 64>>;
 // dW: dw[e] = x_eᵀ dy_e, (M = d, N = f, K = the expert's rows); x_eᵀ is M-major, dy_e N-major.
 template <typename Element>
 using DwGemm = StagedGemm<Element, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
@@ -129,20 +147,15 @@ __global__ void staged_gather_rows(const uint4* __restrict__ x, const int32_t* _
   }
 }
 
-// SWrite and the rows of invalid ids (group E, rows from group_starts[E] on): with the output in
-// assignment order, out[order[p]] = product row p, or zero for invalid ids; with the output in
-// routing order the product is already in place and only the invalid rows are zeroed.
-__global__ void staged_write_rows(const uint4* __restrict__ sorted, const int32_t* __restrict__ order,
-                                  const int32_t* __restrict__ group_starts, int experts, uint4* out, int64_t rows,
-                                  int64_t vecs_per_row, bool out_sorted) {
-  const int64_t valid_rows = group_starts[experts];
-  const int64_t first = out_sorted ? valid_rows : 0;
+// The rows of invalid ids (routing order from group_starts[E] on, no expert's problem) are zero:
+// out[p] with the output in routing order, else out[order[p]].
+__global__ void staged_zero_invalid_rows(const int32_t* __restrict__ order, const int32_t* __restrict__ group_starts,
+                                         int experts, uint4* out, int64_t rows, int64_t vecs_per_row, bool out_sorted) {
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
-  for (int64_t p = first + (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; p < rows; p += warps) {
+  for (int64_t p = group_starts[experts] + (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; p < rows;
+       p += warps) {
     uint4* dst = out + (out_sorted ? p : int64_t(order[p])) * vecs_per_row;
-    const uint4* src = sorted + p * vecs_per_row;
-    const bool valid = p < valid_rows;
-    for (int64_t v = threadIdx.x % 32; v < vecs_per_row; v += 32) dst[v] = valid ? src[v] : make_uint4(0, 0, 0, 0);
+    for (int64_t v = threadIdx.x % 32; v < vecs_per_row; v += 32) dst[v] = make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -174,19 +187,27 @@ __global__ void staged_zero_empty_experts(const int32_t* __restrict__ group_star
     dst[v] = make_uint4(0, 0, 0, 0);
 }
 
+// The epilogue arguments of a StagedGemm: D through the per-expert pointers and strides.
+template <typename G>
+typename G::EpilogueArguments tma_store_arguments(const StagedArgs<G>& args) {
+  typename G::EpilogueArguments epilogue{{}, nullptr, args.stride_d, args.d, args.stride_d};
+  epilogue.thread.alpha = 1.0f;
+  epilogue.thread.beta = 0.0f;
+  return epilogue;
+}
+
 // The grouped GEMM over the per-expert arguments a device kernel wrote (sizes on the device only).
 template <typename G>
-std::string run_grouped_gemm(cudaStream_t stream, const StagedArgs<G>& args, int64_t experts, uint8_t* workspace) {
+std::string run_grouped_gemm(cudaStream_t stream, const StagedArgs<G>& args, int64_t experts, uint8_t* workspace,
+                             const typename G::EpilogueArguments& epilogue) {
   cutlass::KernelHardwareInfo hw;
   cudaGetDevice(&hw.device_id);
   current_device_attribute(cudaDevAttrMultiProcessorCount, &hw.sm_count);  // stays 0 if unreadable
   typename G::Gemm::Arguments gemm_args{cutlass::gemm::GemmUniversalMode::kGrouped,
                                         {int(experts), args.shapes, nullptr},  // sizes on the device only
                                         {args.a, args.stride_a, args.b, args.stride_b},
-                                        {{}, nullptr, args.stride_d, args.d, args.stride_d},
+                                        epilogue,
                                         hw};
-  gemm_args.epilogue.thread.alpha = 1.0f;
-  gemm_args.epilogue.thread.beta = 0.0f;
   typename G::Gemm gemm;
   if (G::Gemm::get_workspace_size(gemm_args) > size_t(kMoeStagedCutlassBytes))
     return "CUTLASS workspace exceeds its section";
@@ -215,29 +236,41 @@ struct StagedCall {
   MoeStagedLayout layout;  // the workspace's sections (checked against its size by the handler)
 };
 
-template <typename Element, bool kWTransposed>
-std::string run_staged(cudaStream_t stream, const StagedCall& c) {
-  using G = ForwardGemm<Element, kWTransposed>;
-  const MoeStagedLayout& layout = c.layout;
-  const int64_t out_vecs = c.f / 8;
-  const Element* rows = c.x_sorted ? static_cast<const Element*>(c.x)
-                                   : gather_into<Element>(stream, c.x, c.order, c.workspace + layout.x_rows,
-                                                          c.assignments, c.d, c.rows_per_source);
-  Element* product = c.out_sorted ? static_cast<Element*>(c.out)
-                                  : reinterpret_cast<Element*>(c.workspace + layout.out_rows);
-  StagedArgs<G> args(c.workspace + layout.args, c.experts);
+// The forward's grouped GEMM G over rows (x's rows in routing order): per-expert arguments written
+// on the device (D pointers into out, in routing order, where G's epilogue uses them), then G with
+// the epilogue arguments epilogue_of(args) gives.
+template <typename G, typename EpilogueOf>
+std::string run_forward_gemm(cudaStream_t stream, const StagedCall& c, const typename StagedArgs<G>::Element* rows,
+                             EpilogueOf epilogue_of) {
+  using Element = typename StagedArgs<G>::Element;
+  StagedArgs<G> args(c.workspace + c.layout.args, c.experts);
   const int n = int(c.f), k = int(c.d);
   staged_write_args<G><<<int(ceil_div(c.experts, 128)), 128, 0, stream>>>(
-      args, c.group_starts, int(c.experts), n, k, rows, static_cast<const Element*>(c.w), product,
+      args, c.group_starts, int(c.experts), n, k, rows, static_cast<const Element*>(c.w), static_cast<Element*>(c.out),
       cutlass::make_cute_packed_stride(typename G::StrideA{}, {1, k, 1}),
       cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k, 1}),
       cutlass::make_cute_packed_stride(typename G::StrideD{}, {1, n, 1}));
+  return run_grouped_gemm<G>(stream, args, c.experts, c.workspace + c.layout.cutlass, epilogue_of(args));
+}
 
-  const std::string failure = run_grouped_gemm<G>(stream, args, c.experts, c.workspace + layout.cutlass);
+template <typename Element, bool kWTransposed>
+std::string run_staged(cudaStream_t stream, const StagedCall& c) {
+  const Element* rows = c.x_sorted ? static_cast<const Element*>(c.x)
+                                   : gather_into<Element>(stream, c.x, c.order, c.workspace + c.layout.x_rows,
+                                                          c.assignments, c.d, c.rows_per_source);
+  std::string failure;
+  if (c.out_sorted) {
+    using G = ForwardGemm<Element, kWTransposed>;
+    failure = run_forward_gemm<G>(stream, c, rows, [](const StagedArgs<G>& args) { return tma_store_arguments(args); });
+  } else {
+    using G = ScatterForwardGemm<Element, kWTransposed>;
+    failure = run_forward_gemm<G>(stream, c, rows, [&c](const StagedArgs<G>&) {
+      return typename G::EpilogueArguments{static_cast<Element*>(c.out), c.order, c.group_starts, c.f};
+    });
+  }
   if (!failure.empty()) return failure;
-  staged_write_rows<<<int(std::min<int64_t>(ceil_div(c.assignments, 8), 65535)), 256, 0, stream>>>(
-      reinterpret_cast<const uint4*>(product), c.order, c.group_starts, int(c.experts), static_cast<uint4*>(c.out),
-      c.assignments, out_vecs, c.out_sorted);
+  staged_zero_invalid_rows<<<int(std::min<int64_t>(ceil_div(c.assignments, 8), 1024)), 256, 0, stream>>>(
+      c.order, c.group_starts, int(c.experts), static_cast<uint4*>(c.out), c.assignments, c.f / 8, c.out_sorted);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
 }
@@ -284,7 +317,8 @@ ffi::Error MoeMatmulStagedCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBu
     return ffi::Error::InvalidArgument(op + "d and f must be multiples of 8 (16-byte rows for TMA)");
   if (c.assignments * std::max(c.d, c.f) >= (int64_t(1) << 31) || c.f >= (int64_t(1) << 31))
     return ffi::Error::InvalidArgument(op + "too many rows for 32-bit problem sizes");
-  if (const std::string bad = set_layout_and_check_device(&c, workspace->size_bytes(), out_sorted); !bad.empty())
+  // The forward's epilogue writes the product in place (rows_sorted: no out_rows section).
+  if (const std::string bad = set_layout_and_check_device(&c, workspace->size_bytes(), true); !bad.empty())
     return ffi::Error::InvalidArgument(op + bad);
   poison_device_outputs(stream, out);
   if (c.assignments == 0 || c.f == 0) return ffi::Error::Success();
@@ -326,7 +360,8 @@ std::string run_staged_dw(cudaStream_t stream, const StagedCall& c, const void* 
   staged_zero_empty_experts<<<dim3(unsigned(std::min<int64_t>(ceil_div(c.d * c.f / 8, 256), 1024)),
                                    unsigned(c.experts)), 256, 0, stream>>>(c.group_starts, static_cast<uint4*>(c.out),
                                                                           c.d * c.f / 8);
-  const std::string failure = run_grouped_gemm<G>(stream, args, c.experts, c.workspace + layout.cutlass);
+  const std::string failure =
+      run_grouped_gemm<G>(stream, args, c.experts, c.workspace + layout.cutlass, tma_store_arguments(args));
   if (!failure.empty()) return failure;
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
