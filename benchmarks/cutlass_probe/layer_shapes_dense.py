@@ -19,12 +19,13 @@ def per_call_ms(f, *a, n=20):
     return (time.perf_counter() - s) / n * 1e3
 
 
-key = jax.random.PRNGKey(0)
-for name, k, n, transposed in [("up (B row-major)", 4096, 14336, False), ("down (B row-major)", 14336, 4096, False),
-                               ("up, wT (B column-major)", 4096, 14336, True),
-                               ("down, wT (B column-major)", 14336, 4096, True)]:
-    a = jax.random.normal(key, (8192, k), jnp.bfloat16)
-    b = jax.random.normal(key, (n, k) if transposed else (k, n), jnp.bfloat16)
-    f = jax.jit((lambda a, b: a @ b.T) if transposed else (lambda a, b: a @ b))
-    ms = per_call_ms(f, a, b)
-    print(f"| {name} | dense jnp.dot (cuBLAS) | {ms:.3f} ms | {2 * 8192 * k * n / ms / 1e9:.0f} TFLOP/s |")
+if __name__ == "__main__":
+    key = jax.random.PRNGKey(0)
+    for name, k, n, transposed in [("up (B row-major)", 4096, 14336, False), ("down (B row-major)", 14336, 4096, False),
+                                   ("up, wT (B column-major)", 4096, 14336, True),
+                                   ("down, wT (B column-major)", 14336, 4096, True)]:
+        a = jax.random.normal(key, (8192, k), jnp.bfloat16)
+        b = jax.random.normal(key, (n, k) if transposed else (k, n), jnp.bfloat16)
+        f = jax.jit((lambda a, b: a @ b.T) if transposed else (lambda a, b: a @ b))
+        ms = per_call_ms(f, a, b)
+        print(f"| {name} | dense jnp.dot (cuBLAS) | {ms:.3f} ms | {2 * 8192 * k * n / ms / 1e9:.0f} TFLOP/s |")

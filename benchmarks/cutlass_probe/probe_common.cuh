@@ -113,6 +113,7 @@ struct GroupedSetup {
   StrideD* sd = nullptr;
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
+  int max_swizzle = 1;  // the tile scheduler's swizzle (CUTLASS's default 1), set before init
   Gemm gemm;
 
   // false, after saying why, where CUTLASS refuses the problem.
@@ -131,6 +132,7 @@ struct GroupedSetup {
                                   {a, sa, b, sb}, {{}, nullptr, sd, d, sd}, hw_info};
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
+    args.scheduler.max_swizzle_size = max_swizzle;
     workspace_bytes = Gemm::get_workspace_size(args);
     if (workspace_bytes) CHECK_CUDA(cudaMalloc(&workspace, workspace_bytes));
     cutlass::Status st = gemm.can_implement(args);
