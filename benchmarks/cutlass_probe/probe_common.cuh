@@ -3,6 +3,7 @@
 // and the forward's per-expert arguments.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -175,6 +176,27 @@ bool init_forward(Setup& g, int experts, int n, int k) {
   return g.init(experts, cutlass::make_cute_packed_stride(typename Setup::StrideA{}, {1, k, 1}),
                 cutlass::make_cute_packed_stride(typename Setup::StrideB{}, {n, k, 1}),
                 cutlass::make_cute_packed_stride(typename Setup::StrideD{}, {1, n, 1}));
+}
+
+// Poisons out's count elements (all bits set: NaN in bf16), runs call once and copies out back into
+// host; false, after saying so, where CUTLASS refuses the call.
+template <class Call>
+bool run_poisoned(Element* out, size_t count, Call call, std::vector<Element>* host) {
+  CHECK_CUDA(cudaMemset(out, 0xff, count * sizeof(Element)));
+  const cutlass::Status st = call();
+  if (st != cutlass::Status::kSuccess) {
+    std::printf("CUTLASS error %s\n", cutlassGetStatusString(st));
+    return false;
+  }
+  CHECK_CUDA(cudaDeviceSynchronize());
+  host->resize(count);
+  CHECK_CUDA(cudaMemcpy(host->data(), out, count * sizeof(Element), cudaMemcpyDeviceToHost));
+  return true;
+}
+
+// The expert whose routing-order rows [starts[e], starts[e + 1]) hold row.
+inline int expert_of(const std::vector<int>& starts, int row) {
+  return int(std::upper_bound(starts.begin(), starts.end(), row) - starts.begin()) - 1;
 }
 
 // The worst relative error so far, |got - want| / (1 + |want|), NaN counting as 1e9.
