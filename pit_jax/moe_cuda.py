@@ -40,8 +40,9 @@ def routing_tables_cuda(expert_ids, *, num_experts):
 # shapes; Mixtral has about 1024, the Qwen-like shape 128 — see docs/moe.md "Staged forward").
 # Either output layout: since session 21 the GEMM's epilogue scatters the product rows itself.
 STAGED_MIN_ROWS_PER_EXPERT = 512
-_STAGED_ARGS_BYTES_PER_EXPERT = 256  # kMoeStagedArgsBytesPerExpert, moe_staged_layout.h
+_STAGED_ARGS_BYTES_PER_EXPERT = 256  # kMoeStagedArgsBytesPerExpert, moe_staged_layout.h (per problem)
 _STAGED_CUTLASS_BYTES = 1 << 20      # kMoeStagedCutlassBytes
+_STAGED_SPLIT_ROWS = 4096            # kMoeStagedSplitRows: problems = E + (A - 1) // this
 
 
 def _align256(n: int) -> int:
@@ -52,7 +53,8 @@ def staged_workspace_bytes(num_experts, assignments, d, f, itemsize, x_sorted, o
     """Bytes of a staged call's workspace result (moe_staged_layout.h, the same sections); the
     forward passes out_sorted=True (its epilogue writes the product in place), dW whether dy is
     in routing order."""
-    total = _align256(num_experts * _STAGED_ARGS_BYTES_PER_EXPERT) + _STAGED_CUTLASS_BYTES
+    problems = num_experts + max(assignments - 1, 0) // _STAGED_SPLIT_ROWS
+    total = _align256(problems * _STAGED_ARGS_BYTES_PER_EXPERT) + _STAGED_CUTLASS_BYTES
     total += 0 if x_sorted else _align256(assignments * d * itemsize)
     total += 0 if out_sorted else _align256(assignments * f * itemsize)
     return total

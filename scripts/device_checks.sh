@@ -101,6 +101,7 @@
 #   PART=moe_suites: the three MoE suites on the GPU.
 #   PART=scatter_epilogue: the staged tests, then the scattered projection's A/B (fused vs staged with the
 #                  epilogue's SWrite) at Mixtral T=4096 and 16384; PART=scatter_epilogue_san: its sanitizers.
+#   PART=staged_split: the staged tests, then the A/B of the forward's row blocks (PIT_MOE_STAGED_SPLIT=0 vs default).
 #   PART=examples: the sparse-training MLP and the MoE language model on the GPU, timed.
 #   PART=layer_kernels: per-kernel device times of one Mixtral layer training step, pit and dense (JAX profiler).
 #   PART=projection_mixtral: bench_moe's projection table for Mixtral T=4096 alone ($OUT/projection_mixtral).
@@ -390,6 +391,13 @@ scatter_epilogue)  # session 21: the staged forward's scatter epilogue — the s
   PIT_BENCH_ROUNDS=${ROUNDS:-4} timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe_persistent.py \
     --switch PIT_MOE_STAGED 0 default --cases "Mixtral up T=4096" "Mixtral up T=16384" \
     --parts "projection" "scattered projection" --out $OUT/scatter_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "ab $((SECONDS-t0))s" ;;
+staged_split)  # session 21: the staged forward cut into row blocks of 4096 — the staged tests, then the A/B
+              # (PIT_MOE_STAGED_SPLIT=0 vs default, read per launch) of the projections at T=4096 and 16384
+  pytest_gpu ${TEST_TIMEOUT:-300} tests/test_moe_kernels.py -k "${STAGED_TESTS:-staged or lowers}"
+  PIT_BENCH_ROUNDS=${ROUNDS:-4} timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe_persistent.py \
+    --switch PIT_MOE_STAGED_SPLIT 0 default --cases "Mixtral up T=4096" "Mixtral up T=16384" \
+    --parts "projection" "scattered projection" --out $OUT/split_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "ab $((SECONDS-t0))s" ;;
 scatter_epilogue_san)  # memcheck and racecheck over every kernel of the bf16 staged-forward tests
   SAN_TIMEOUT=150 run_tool memcheck all tests/test_moe_kernels.py "staged_forward and bfloat16"

@@ -20,13 +20,16 @@ def _gpu():
 
 
 def _route(rng, t, k, e, routing):
-    """[T, k] int32 expert ids: uniform, Zipf-skewed, all on one expert, or some out of range."""
+    """[T, k] int32 expert ids: uniform, Zipf-skewed, all on one expert, in equal blocks of
+    assignments (expert sizes exactly T·k / E), or some out of range."""
     if routing == "uniform":
         ids = rng.integers(0, e, (t, k))
     elif routing == "zipf":
         ids = np.minimum(rng.zipf(1.5, (t, k)) - 1, e - 1)
     elif routing == "one_hot":
         ids = np.full((t, k), e // 2)
+    elif routing == "blocks":
+        ids = np.arange(t * k).reshape(t, k) * e // (t * k)
     else:
         ids = rng.integers(-3, e + 3, (t, k))
     return ids.astype(np.int32)
@@ -266,6 +269,11 @@ def test_layer_lowers_fused_for_inference_only(monkeypatch, activation, unfused_
     (130, 8, 256, 64, 64, "invalid"),     # ids out of range: zero rows (group E)
     (700, 2, 3, 520, 264, "one_hot"),     # one expert holds every row; K over 8 steps
     (3, 2, 4, 64, 64, "uniform"),         # fewer rows than one tile
+    # more than kMoeStagedSplitRows (4096) rows: experts cut into row blocks at multiples of 4096
+    (2600, 2, 3, 64, 72, "one_hot"),      # one expert of 5200 rows: a cut inside it
+    (5000, 2, 4, 72, 64, "uniform"),      # 10000 rows: cuts at 4096 and 8192 inside experts
+    (4096, 2, 2, 64, 64, "blocks"),       # two experts of 4096 rows: the cut on the second's first row
+    (4500, 2, 5, 64, 64, "invalid"),      # cuts among the rows of invalid ids
 ])
 def test_staged_forward_matches_float64(monkeypatch, x_sorted, out_sorted, w_transposed, dtype, t, k, e, d, f,
                                         routing):

@@ -1,5 +1,5 @@
-// SWrite inside CUTLASS's Hopper grouped GEMM: an epilogue that writes each product row of expert
-// e's problem straight to its assignment's row of the output, out[order[group_starts[e] + m]], so
+// SWrite inside CUTLASS's Hopper grouped GEMM: an epilogue that writes row m of problem l's product
+// straight to its assignment's row of the output, out[order[row_starts[l] + m]], so
 // the staged forward needs no separate scatter pass over the [A, f] product (about 500 / d of the
 // GEMM's time on an H100: 12% at d = 4096).
 //
@@ -56,7 +56,7 @@ class ScatterRowsEpilogue {
   struct Arguments {
     Element* out = nullptr;                   // [A, n]: one row per assignment
     const int32_t* order = nullptr;           // order[p]: the output row of routing-order row p
-    const int32_t* group_starts = nullptr;    // expert e's rows are [group_starts[e], group_starts[e + 1])
+    const int32_t* row_starts = nullptr;      // problem l's rows start at routing-order row row_starts[l]
     int64_t out_ld = 0;                       // elements between output rows (n)
   };
   using Params = Arguments;
@@ -76,7 +76,7 @@ class ScatterRowsEpilogue {
   }
   template <class ProblemShape>
   static bool can_implement(ProblemShape const&, Arguments const& args) {
-    return args.out != nullptr && args.order != nullptr && args.group_starts != nullptr && args.out_ld % 8 == 0;
+    return args.out != nullptr && args.order != nullptr && args.row_starts != nullptr && args.out_ld % 8 == 0;
   }
 
   CUTLASS_HOST_DEVICE explicit ScatterRowsEpilogue(Params const& params) : params_(params) {}
@@ -107,7 +107,7 @@ class ScatterRowsEpilogue {
     CUTE_STATIC_ASSERT_V(size(coords) == size(accumulators), "one coordinate per accumulator");
 
     // The output rows this thread stores: tile rows thread_idx / kVecsPerRow + pass * kRowsPerPass.
-    const int32_t* row_to = params_.order + params_.group_starts[l_coord] + int(m_coord) * kTileM;
+    const int32_t* row_to = params_.order + params_.row_starts[l_coord] + int(m_coord) * kTileM;
     const int vec = thread_idx % kVecsPerRow;
     Element* dst_row[kPasses];
     CUTLASS_PRAGMA_UNROLL

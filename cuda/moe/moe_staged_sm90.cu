@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "cutlass/cutlass.h"
@@ -98,6 +99,7 @@ struct StagedArgs {
   typename G::StrideA* stride_a;
   typename G::StrideB* stride_b;
   typename G::StrideD* stride_d;
+  int32_t* row_starts;  // each problem's first routing-order row (the scatter epilogue's)
 
   StagedArgs(uint8_t* base, int64_t experts) {
     auto take = [&](auto*& p, int64_t bytes_each) {
@@ -111,29 +113,53 @@ struct StagedArgs {
     take(stride_a, 32);
     take(stride_b, 32);
     take(stride_d, 32);
+    take(row_starts, 4);
   }
   static_assert(sizeof(StagedProblemShape::UnderlyingProblemShape) <= 16 && sizeof(typename G::StrideA) <= 32 &&
                     sizeof(typename G::StrideB) <= 32 && sizeof(typename G::StrideD) <= 32,
                 "per-expert arguments exceed their slots");
-  static_assert(16 + 3 * 8 + 3 * 32 <= kMoeStagedArgsBytesPerExpert, "args section too small");
+  static_assert(16 + 3 * 8 + 3 * 32 + 4 <= kMoeStagedArgsBytesPerExpert, "args section too small");
 };
 
-// One thread per expert: its row block [group_starts[e], group_starts[e + 1]) of the sorted rows.
+// The forward's problems, one thread each (moe_staged_problems: E + cuts): problem e < E is expert
+// e's first row block, [group_starts[e], the first multiple of split_rows after it or the
+// expert's end); problem E + j - 1 starts at the cut j * split_rows and runs to the next cut or
+// the end of the expert holding that row (empty where the cut falls on an expert's first row or
+// among the rows of invalid ids). split_rows = 0: one problem per expert, the cuts empty.
 template <typename G>
-__global__ void staged_write_args(StagedArgs<G> args, const int32_t* __restrict__ group_starts, int experts, int n,
-                                  int k, const typename StagedArgs<G>::Element* rows,
+__global__ void staged_write_args(StagedArgs<G> args, const int32_t* __restrict__ group_starts, int experts,
+                                  int problems, int split_rows, int n, int k,
+                                  const typename StagedArgs<G>::Element* rows,
                                   const typename StagedArgs<G>::Element* w, typename StagedArgs<G>::Element* out,
                                   typename G::StrideA sa, typename G::StrideB sb, typename G::StrideD sd) {
-  const int e = blockIdx.x * blockDim.x + threadIdx.x;
-  if (e >= experts) return;
-  const int start = group_starts[e];
-  args.shapes[e] = {group_starts[e + 1] - start, n, k};
-  args.a[e] = rows + int64_t(start) * k;
-  args.b[e] = w + int64_t(e) * k * n;
-  args.d[e] = out + int64_t(start) * n;
-  args.stride_a[e] = sa;
-  args.stride_b[e] = sb;
-  args.stride_d[e] = sd;
+  const int p = blockIdx.x * blockDim.x + threadIdx.x;
+  if (p >= problems) return;
+  int e, start, end;
+  if (p < experts) {
+    e = p;
+    start = group_starts[e];
+    end = group_starts[e + 1];
+    if (split_rows > 0) end = min(end, int((int64_t(start) / split_rows + 1) * split_rows));
+  } else {
+    start = int(int64_t(p - experts + 1) * split_rows);
+    int lo = 0, hi = experts;  // the last expert e with group_starts[e] <= start (group E: invalid ids)
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (group_starts[mid] <= start) lo = mid; else hi = mid - 1;
+    }
+    e = lo;
+    const bool empty = split_rows == 0 || e >= experts || group_starts[e] == start || start >= group_starts[e + 1];
+    end = empty ? start : min(group_starts[e + 1], int(int64_t(start) + split_rows));
+    if (empty) start = end = 0, e = 0;
+  }
+  args.shapes[p] = {end - start, n, k};
+  args.a[p] = rows + int64_t(start) * k;
+  args.b[p] = w + int64_t(e) * k * n;
+  args.d[p] = out + int64_t(start) * n;
+  args.stride_a[p] = sa;
+  args.stride_b[p] = sb;
+  args.stride_d[p] = sd;
+  args.row_starts[p] = start;
 }
 
 // SRead: sorted[p] = x[order[p] / rows_per_source], one warp per row, 16-byte vectors.
@@ -239,18 +265,27 @@ struct StagedCall {
 // The forward's grouped GEMM G over rows (x's rows in routing order): per-expert arguments written
 // on the device (D pointers into out, in routing order, where G's epilogue uses them), then G with
 // the epilogue arguments epilogue_of(args) gives.
+// Whether the forward cuts experts into row blocks (PIT_MOE_STAGED_SPLIT=0 turns it off; read per
+// call, so a benchmark can compare the two in one process).
+bool staged_split_enabled() {
+  const char* v = std::getenv("PIT_MOE_STAGED_SPLIT");
+  return !(v != nullptr && v[0] == '0' && v[1] == '\0');
+}
+
 template <typename G, typename EpilogueOf>
 std::string run_forward_gemm(cudaStream_t stream, const StagedCall& c, const typename StagedArgs<G>::Element* rows,
                              EpilogueOf epilogue_of) {
   using Element = typename StagedArgs<G>::Element;
-  StagedArgs<G> args(c.workspace + c.layout.args, c.experts);
+  const int64_t problems = moe_staged_problems(c.experts, c.assignments);
+  StagedArgs<G> args(c.workspace + c.layout.args, problems);
   const int n = int(c.f), k = int(c.d);
-  staged_write_args<G><<<int(ceil_div(c.experts, 128)), 128, 0, stream>>>(
-      args, c.group_starts, int(c.experts), n, k, rows, static_cast<const Element*>(c.w), static_cast<Element*>(c.out),
+  staged_write_args<G><<<int(ceil_div(problems, 128)), 128, 0, stream>>>(
+      args, c.group_starts, int(c.experts), int(problems), staged_split_enabled() ? int(kMoeStagedSplitRows) : 0, n,
+      k, rows, static_cast<const Element*>(c.w), static_cast<Element*>(c.out),
       cutlass::make_cute_packed_stride(typename G::StrideA{}, {1, k, 1}),
       cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k, 1}),
       cutlass::make_cute_packed_stride(typename G::StrideD{}, {1, n, 1}));
-  return run_grouped_gemm<G>(stream, args, c.experts, c.workspace + c.layout.cutlass, epilogue_of(args));
+  return run_grouped_gemm<G>(stream, args, problems, c.workspace + c.layout.cutlass, epilogue_of(args));
 }
 
 template <typename Element, bool kWTransposed>
@@ -264,8 +299,8 @@ std::string run_staged(cudaStream_t stream, const StagedCall& c) {
     failure = run_forward_gemm<G>(stream, c, rows, [](const StagedArgs<G>& args) { return tma_store_arguments(args); });
   } else {
     using G = ScatterForwardGemm<Element, kWTransposed>;
-    failure = run_forward_gemm<G>(stream, c, rows, [&c](const StagedArgs<G>&) {
-      return typename G::EpilogueArguments{static_cast<Element*>(c.out), c.order, c.group_starts, c.f};
+    failure = run_forward_gemm<G>(stream, c, rows, [&c](const StagedArgs<G>& args) {
+      return typename G::EpilogueArguments{static_cast<Element*>(c.out), c.order, args.row_starts, c.f};
     });
   }
   if (!failure.empty()) return failure;
