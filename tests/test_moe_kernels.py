@@ -21,7 +21,7 @@ def _gpu():
 
 def _route(rng, t, k, e, routing):
     """[T, k] int32 expert ids: uniform, Zipf-skewed, all on one expert, in equal blocks of
-    assignments (expert sizes exactly T·k / E), or some out of range."""
+    assignments (expert sizes exactly T·k / E), a fifth then four fifths, or some out of range."""
     if routing == "uniform":
         ids = rng.integers(0, e, (t, k))
     elif routing == "zipf":
@@ -30,6 +30,8 @@ def _route(rng, t, k, e, routing):
         ids = np.full((t, k), e // 2)
     elif routing == "blocks":
         ids = np.arange(t * k).reshape(t, k) * e // (t * k)
+    elif routing == "skewed_blocks":  # the first fifth of the assignments on expert 0, the rest on 1
+        ids = np.minimum(np.arange(t * k).reshape(t, k) * 5 // (t * k), 1)
     else:
         ids = rng.integers(-3, e + 3, (t, k))
     return ids.astype(np.int32)
@@ -269,11 +271,11 @@ def test_layer_lowers_fused_for_inference_only(monkeypatch, activation, unfused_
     (130, 8, 256, 64, 64, "invalid"),     # ids out of range: zero rows (group E)
     (700, 2, 3, 520, 264, "one_hot"),     # one expert holds every row; K over 8 steps
     (3, 2, 4, 64, 64, "uniform"),         # fewer rows than one tile
-    # more than kMoeStagedSplitRows (4096) rows: experts cut into row blocks at multiples of 4096
-    (2600, 2, 3, 64, 72, "one_hot"),      # one expert of 5200 rows: a cut inside it
-    (5000, 2, 4, 72, 64, "uniform"),      # 10000 rows: cuts at 4096 and 8192 inside experts
-    (4096, 2, 2, 64, 64, "blocks"),       # two experts of 4096 rows: the cut on the second's first row
-    (4500, 2, 5, 64, 64, "invalid"),      # cuts among the rows of invalid ids
+    # experts of >= 2 x kMoeStagedSplitRows (8192) rows: split into 8192-row blocks
+    (8600, 2, 3, 64, 72, "one_hot"),        # one expert of 17200 rows: 8192 + 8192 + 816
+    (8192, 2, 1, 64, 64, "blocks"),         # one expert of exactly 2 x 8192 rows: two whole blocks
+    (11000, 2, 2, 72, 64, "skewed_blocks"),  # 17600 rows from row 4400: blocks start inside a slot
+    (9000, 2, 2, 64, 64, "invalid"),        # slots among the rows of invalid ids
 ])
 def test_staged_forward_matches_float64(monkeypatch, x_sorted, out_sorted, w_transposed, dtype, t, k, e, d, f,
                                         routing):

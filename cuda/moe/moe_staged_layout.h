@@ -16,13 +16,17 @@ namespace pit {
 
 constexpr int64_t kMoeStagedArgsBytesPerExpert = 256;
 constexpr int64_t kMoeStagedCutlassBytes = int64_t(1) << 20;
-// The staged forward cuts each expert's rows at the multiples of this many routing-order rows, so
-// one expert holding most rows still gives the grouped GEMM several problems (CUTLASS's scheduler
-// walks a problem's 128-row tiles column by column: one expert of 32768 rows ran 1.19x slower than
-// eight of 4096, benchmarks/results/2026-11-27_session21/swizzle_probe_h100/).
-constexpr int64_t kMoeStagedSplitRows = 4096;
+// The staged forward splits each expert of at least 2 * kMoeStagedSplitRows routing-order rows into
+// blocks of this many (whole 128-row tiles; the last block takes the rest), so one expert holding
+// most rows still gives the grouped GEMM several problems: CUTLASS's scheduler walks a problem's
+// row tiles column by column, and one expert of 32768 rows ran 1.19x slower than eight of 4096
+// (benchmarks/results/2026-11-27_session21/swizzle_probe_h100/). Cutting every expert at global
+// multiples of 4096 rows cost 3-8% on uniform routing (split_global_cuts_h100/), so only large
+// experts are split, at their own tile grid, and one of 8192 rows stays whole (as fast as 8 x 1024).
+constexpr int64_t kMoeStagedSplitRows = 8192;
 
-// The grouped GEMM's problems for E experts and A routed rows: one per expert, one per cut.
+// The grouped GEMM's problems for E experts and A routed rows: one per expert and one slot for each
+// multiple of kMoeStagedSplitRows (a split expert's block starting in that slot's row range).
 inline int64_t moe_staged_problems(int64_t experts, int64_t assignments) {
   return experts + (assignments > 0 ? (assignments - 1) / kMoeStagedSplitRows : 0);
 }

@@ -121,11 +121,13 @@ struct StagedArgs {
   static_assert(16 + 3 * 8 + 3 * 32 + 4 <= kMoeStagedArgsBytesPerExpert, "args section too small");
 };
 
-// The forward's problems, one thread each (moe_staged_problems: E + cuts): problem e < E is expert
-// e's first row block, [group_starts[e], the first multiple of split_rows after it or the
-// expert's end); problem E + j - 1 starts at the cut j * split_rows and runs to the next cut or
-// the end of the expert holding that row (empty where the cut falls on an expert's first row or
-// among the rows of invalid ids). split_rows = 0: one problem per expert, the cuts empty.
+// The forward's problems, one thread each (moe_staged_problems: E + slots). An expert of at least
+// 2 * split_rows rows is split into blocks of split_rows rows from its first row (the last block
+// takes the rest): problem e < E is expert e's first block (or all of it), and problem E + j - 1
+// holds the block that starts in rows [j * split_rows, (j + 1) * split_rows) if any (a split
+// expert's blocks start split_rows apart and after its first row, so each slot holds at most one;
+// the expert is the one holding row j * split_rows). Empty problems get no tiles. split_rows = 0:
+// nothing is split.
 template <typename G>
 __global__ void staged_write_args(StagedArgs<G> args, const int32_t* __restrict__ group_starts, int experts,
                                   int problems, int split_rows, int n, int k,
@@ -134,23 +136,28 @@ __global__ void staged_write_args(StagedArgs<G> args, const int32_t* __restrict_
                                   typename G::StrideA sa, typename G::StrideB sb, typename G::StrideD sd) {
   const int p = blockIdx.x * blockDim.x + threadIdx.x;
   if (p >= problems) return;
-  int e, start, end;
+  auto split = [&](int e) { return split_rows > 0 && group_starts[e + 1] - group_starts[e] >= 2 * split_rows; };
+  int e = 0, start = 0, end = 0;
   if (p < experts) {
     e = p;
     start = group_starts[e];
-    end = group_starts[e + 1];
-    if (split_rows > 0) end = min(end, int((int64_t(start) / split_rows + 1) * split_rows));
-  } else {
-    start = int(int64_t(p - experts + 1) * split_rows);
-    int lo = 0, hi = experts;  // the last expert e with group_starts[e] <= start (group E: invalid ids)
+    end = split(e) ? start + split_rows : group_starts[e + 1];
+  } else if (split_rows > 0) {
+    const int64_t slot_start = int64_t(p - experts + 1) * split_rows;
+    int lo = 0, hi = experts;  // the last expert e with group_starts[e] <= slot_start (group E: invalid ids)
     while (lo < hi) {
       const int mid = (lo + hi + 1) / 2;
-      if (group_starts[mid] <= start) lo = mid; else hi = mid - 1;
+      if (group_starts[mid] <= slot_start) lo = mid; else hi = mid - 1;
     }
-    e = lo;
-    const bool empty = split_rows == 0 || e >= experts || group_starts[e] == start || start >= group_starts[e + 1];
-    end = empty ? start : min(group_starts[e + 1], int(int64_t(start) + split_rows));
-    if (empty) start = end = 0, e = 0;
+    if (lo < experts && split(lo) && group_starts[lo] < slot_start) {
+      const int64_t s0 = group_starts[lo];
+      const int64_t block = s0 + (slot_start - s0 + split_rows - 1) / split_rows * split_rows;
+      if (block < slot_start + split_rows && block < group_starts[lo + 1]) {
+        e = lo;
+        start = int(block);
+        end = int(std::min<int64_t>(block + split_rows, group_starts[lo + 1]));
+      }
+    }
   }
   args.shapes[p] = {end - start, n, k};
   args.a[p] = rows + int64_t(start) * k;
@@ -265,8 +272,8 @@ struct StagedCall {
 // The forward's grouped GEMM G over rows (x's rows in routing order): per-expert arguments written
 // on the device (D pointers into out, in routing order, where G's epilogue uses them), then G with
 // the epilogue arguments epilogue_of(args) gives.
-// Whether the forward cuts experts into row blocks (PIT_MOE_STAGED_SPLIT=0 turns it off; read per
-// call, so a benchmark can compare the two in one process).
+// Whether the forward splits large experts into row blocks (PIT_MOE_STAGED_SPLIT=0 turns it off;
+// read per call, so a benchmark can compare the two in one process).
 bool staged_split_enabled() {
   const char* v = std::getenv("PIT_MOE_STAGED_SPLIT");
   return !(v != nullptr && v[0] == '0' && v[1] == '\0');
