@@ -42,7 +42,7 @@ def routing_tables_cuda(expert_ids, *, num_experts):
 STAGED_MIN_ROWS_PER_EXPERT = 512
 _STAGED_ARGS_BYTES_PER_EXPERT = 256  # kMoeStagedArgsBytesPerExpert, moe_staged_layout.h (per problem)
 _STAGED_CUTLASS_BYTES = 1 << 20      # kMoeStagedCutlassBytes
-_STAGED_SPLIT_ROWS = 8192            # kMoeStagedSplitRows: problems = E + (A - 1) // this
+_STAGED_SPLIT_ROWS = 4096            # kMoeStagedSplitRows: problems = E + (A - 1) // this
 
 
 def _align256(n: int) -> int:

@@ -271,9 +271,10 @@ def test_layer_lowers_fused_for_inference_only(monkeypatch, activation, unfused_
     (130, 8, 256, 64, 64, "invalid"),     # ids out of range: zero rows (group E)
     (700, 2, 3, 520, 264, "one_hot"),     # one expert holds every row; K over 8 steps
     (3, 2, 4, 64, 64, "uniform"),         # fewer rows than one tile
-    # experts of >= 2 x kMoeStagedSplitRows (8192) rows: split into 8192-row blocks
-    (8600, 2, 3, 64, 72, "one_hot"),        # one expert of 17200 rows: 8192 + 8192 + 816
-    (8192, 2, 1, 64, 64, "blocks"),         # one expert of exactly 2 x 8192 rows: two whole blocks
+    # experts of >= kMoeStagedSplitMinRows (16384) rows: split into 4096-row blocks
+    (8600, 2, 3, 64, 72, "one_hot"),        # one expert of 17200 rows: 4 x 4096 + 816
+    (8192, 2, 1, 64, 64, "blocks"),         # one expert of exactly 16384 rows: four whole blocks
+    (8191, 2, 1, 64, 64, "blocks"),         # 16382 rows: not split
     (11000, 2, 2, 72, 64, "skewed_blocks"),  # 17600 rows from row 4400: blocks start inside a slot
     (9000, 2, 2, 64, 64, "invalid"),        # slots among the rows of invalid ids
 ])

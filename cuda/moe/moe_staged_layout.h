@@ -16,14 +16,17 @@ namespace pit {
 
 constexpr int64_t kMoeStagedArgsBytesPerExpert = 256;
 constexpr int64_t kMoeStagedCutlassBytes = int64_t(1) << 20;
-// The staged forward splits each expert of at least 2 * kMoeStagedSplitRows routing-order rows into
+// The staged forward splits each expert of at least 4 * kMoeStagedSplitRows routing-order rows into
 // blocks of this many (whole 128-row tiles; the last block takes the rest), so one expert holding
 // most rows still gives the grouped GEMM several problems: CUTLASS's scheduler walks a problem's
 // row tiles column by column, and one expert of 32768 rows ran 1.19x slower than eight of 4096
-// (benchmarks/results/2026-11-27_session21/swizzle_probe_h100/). Cutting every expert at global
-// multiples of 4096 rows cost 3-8% on uniform routing (split_global_cuts_h100/), so only large
-// experts are split, at their own tile grid, and one of 8192 rows stays whole (as fast as 8 x 1024).
-constexpr int64_t kMoeStagedSplitRows = 8192;
+// (benchmarks/results/2026-11-27_session21/swizzle_probe_h100/). Measured there: cutting every
+// expert at global multiples of 4096 rows (split_global_cuts_h100/) took Mixtral T=16384 one-hot
+// 1.09-1.14x faster but cost 3-8% on uniform routing and 2-3% on T=4096 one-hot (8192 rows cut in
+// two); blocks of 8192 (split_8192_h100/) gained less (1.02-1.11x). So only experts of 16384 rows
+// or more are split, at their own tile grid.
+constexpr int64_t kMoeStagedSplitRows = 4096;
+constexpr int64_t kMoeStagedSplitMinRows = 4 * kMoeStagedSplitRows;
 
 // The grouped GEMM's problems for E experts and A routed rows: one per expert and one slot for each
 // multiple of kMoeStagedSplitRows (a split expert's block starting in that slot's row range).

@@ -122,7 +122,7 @@ struct StagedArgs {
 };
 
 // The forward's problems, one thread each (moe_staged_problems: E + slots). An expert of at least
-// 2 * split_rows rows is split into blocks of split_rows rows from its first row (the last block
+// kMoeStagedSplitMinRows rows is split into blocks of split_rows rows from its first row (the last block
 // takes the rest): problem e < E is expert e's first block (or all of it), and problem E + j - 1
 // holds the block that starts in rows [j * split_rows, (j + 1) * split_rows) if any (a split
 // expert's blocks start split_rows apart and after its first row, so each slot holds at most one;
@@ -136,7 +136,7 @@ __global__ void staged_write_args(StagedArgs<G> args, const int32_t* __restrict_
                                   typename G::StrideA sa, typename G::StrideB sb, typename G::StrideD sd) {
   const int p = blockIdx.x * blockDim.x + threadIdx.x;
   if (p >= problems) return;
-  auto split = [&](int e) { return split_rows > 0 && group_starts[e + 1] - group_starts[e] >= 2 * split_rows; };
+  auto split = [&](int e) { return split_rows > 0 && group_starts[e + 1] - group_starts[e] >= kMoeStagedSplitMinRows; };
   int e = 0, start = 0, end = 0;
   if (p < experts) {
     e = p;
