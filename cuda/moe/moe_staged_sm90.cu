@@ -4,8 +4,8 @@
 // SWrite in the GEMM's epilogue: with the output in assignment order, each product row is stored
 // straight to its assignment's row (moe_scatter_epilogue.cuh); in routing order, CUTLASS's TMA
 // epilogue stores the tile. The gather is skipped where x is already in routing order. The
-// per-expert problem sizes and pointers are written on the device from group_starts, so nothing
-// waits for the host.
+// problem sizes and pointers (one problem per expert, experts of 16384 rows or more split into
+// 4096-row blocks) are written on the device from group_starts, so nothing waits for the host.
 //
 // Why staged: on compute-bound shapes (Mixtral, about a thousand rows per expert) CUTLASS's
 // grouped GEMM runs at 1.03-1.06x the dense cuBLAS time where the fused gather kernel
@@ -39,7 +39,7 @@
 namespace pit {
 namespace {
 
-using StagedProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M, N, K) per expert
+using StagedProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M, N, K) per problem
 
 using StagedTile = cute::Shape<cute::_128, cute::_256, cute::_64>;
 using StagedCluster = cute::Shape<cute::_1, cute::_1, cute::_1>;  // 2-CTA clusters measured slower on uniform routing
@@ -88,7 +88,7 @@ using ScatterForwardGemm = GroupedGemmWith<Element, cutlass::layout::RowMajor, F
 template <typename Element>
 using DwGemm = StagedGemm<Element, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
 
-// The grouped GEMM's per-expert arguments inside the workspace's args section.
+// The grouped GEMM's per-problem arguments inside the workspace's args section (dW: one problem per expert).
 template <typename G>
 struct StagedArgs {
   using Element = typename G::Gemm::ElementA;
@@ -101,10 +101,10 @@ struct StagedArgs {
   typename G::StrideD* stride_d;
   int32_t* row_starts;  // each problem's first routing-order row (the scatter epilogue's)
 
-  StagedArgs(uint8_t* base, int64_t experts) {
+  StagedArgs(uint8_t* base, int64_t problems) {
     auto take = [&](auto*& p, int64_t bytes_each) {
       p = reinterpret_cast<std::remove_reference_t<decltype(p)>>(base);
-      base += experts * bytes_each;
+      base += problems * bytes_each;
     };
     take(shapes, 16);
     take(a, 8);
@@ -117,7 +117,7 @@ struct StagedArgs {
   }
   static_assert(sizeof(StagedProblemShape::UnderlyingProblemShape) <= 16 && sizeof(typename G::StrideA) <= 32 &&
                     sizeof(typename G::StrideB) <= 32 && sizeof(typename G::StrideD) <= 32,
-                "per-expert arguments exceed their slots");
+                "per-problem arguments exceed their slots");
   static_assert(16 + 3 * 8 + 3 * 32 + 4 <= kMoeStagedArgsBytesPerExpert, "args section too small");
 };
 
@@ -231,13 +231,13 @@ typename G::EpilogueArguments tma_store_arguments(const StagedArgs<G>& args) {
 
 // The grouped GEMM over the per-expert arguments a device kernel wrote (sizes on the device only).
 template <typename G>
-std::string run_grouped_gemm(cudaStream_t stream, const StagedArgs<G>& args, int64_t experts, uint8_t* workspace,
+std::string run_grouped_gemm(cudaStream_t stream, const StagedArgs<G>& args, int64_t problems, uint8_t* workspace,
                              const typename G::EpilogueArguments& epilogue) {
   cutlass::KernelHardwareInfo hw;
   cudaGetDevice(&hw.device_id);
   current_device_attribute(cudaDevAttrMultiProcessorCount, &hw.sm_count);  // stays 0 if unreadable
   typename G::Gemm::Arguments gemm_args{cutlass::gemm::GemmUniversalMode::kGrouped,
-                                        {int(experts), args.shapes, nullptr},  // sizes on the device only
+                                        {int(problems), args.shapes, nullptr},  // sizes on the device only
                                         {args.a, args.stride_a, args.b, args.stride_b},
                                         epilogue,
                                         hw};
