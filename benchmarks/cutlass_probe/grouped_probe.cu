@@ -21,28 +21,27 @@ struct Case { const char* name; int experts, rows, n, k; std::vector<int> counts
 
 // Runs one configuration on one case: checks 256 sampled outputs, returns ms per call (args kernel included).
 template <class G>
-double run_case(const Case& c, const Element* x, const Element* w, Element* out, const int* d_starts,
-                const std::vector<int>& starts, const std::vector<Element>& hx, const std::vector<Element>& hw) {
+double run_case(const Case& c, const ForwardOperands& op) {
   using Setup = GroupedSetup<typename G::Gemm>;
   Setup g;
   // Strides do not depend on the routing (row-major A and D of any height, fixed K and N).
   if (!init_forward(g, c.experts, c.n, c.k)) return -1.0;
   auto call = [&]() {
-    write_group_args<<<(c.experts + 127) / 128, 128>>>(d_starts, c.experts, c.n, c.k, x, w, out, g.shapes, g.a,
-                                                        g.b, g.d);
+    write_group_args<<<(c.experts + 127) / 128, 128>>>(op.d_starts, c.experts, c.n, c.k, op.x, op.w, op.out,
+                                                        g.shapes, g.a, g.b, g.d);
     return g.gemm.run();
   };
   // Sampled check against an fp32 host reference.
   std::vector<Element> hout;
-  if (!run_poisoned(out, size_t(c.rows) * c.n, call, &hout)) return -1.0;
+  if (!run_poisoned(op.out, size_t(c.rows) * c.n, call, &hout)) return -1.0;
   std::mt19937 rng(7);
   double worst = 0;
   for (int s = 0; s < 256; ++s) {
     int row = rng() % c.rows, col = rng() % c.n;
-    int e = expert_of(starts, row);
+    int e = expert_of(op.starts, row);
     double ref = 0;
     for (int kk = 0; kk < c.k; ++kk)
-      ref += double(float(hx[size_t(row) * c.k + kk])) * double(float(hw[(size_t(e) * c.k + kk) * c.n + col]));
+      ref += double(float(op.hx[size_t(row) * c.k + kk])) * double(float(op.hw[(size_t(e) * c.k + kk) * c.n + col]));
     track_error(float(hout[size_t(row) * c.n + col]), ref, &worst);
   }
   const double ms = time_calls(call);
@@ -76,23 +75,16 @@ int main(int argc, char** argv) {
   add("Qwen3-like one-hot", 2048, 8, 128, 768, 2048, "one-hot");
 
   for (auto& c : cases) {
-    std::vector<int> starts;
-    std::vector<Element> hx, hw;
-    int* d_starts = device_starts(c.counts, &starts);
-    Element* x = device_random(size_t(c.rows) * c.k, 11, &hx);
-    Element* w = device_random(size_t(c.experts) * c.k * c.n, 23, &hw);
-    Element* out;
-    CHECK_CUDA(cudaMalloc(&out, size_t(c.rows) * c.n * sizeof(Element)));
+    const ForwardOperands op(c.counts, c.rows, c.k, c.n);
     double flop = 2.0 * c.rows * double(c.n) * c.k;
     std::printf("== %s: rows %d, E %d, N %d, K %d, %.1f GFLOP\n", c.name, c.rows, c.experts, c.n, c.k, flop / 1e9);
     auto report = [&](const char* cfg, double ms) {
       std::printf("| %s | %s | %.3f ms | %.0f TFLOP/s |\n", c.name, cfg, ms, flop / ms / 1e9);
     };
-    report("coop 256x128x64 cluster 2x1", run_case<Coop256x128c21>(c, x, w, out, d_starts, starts, hx, hw));
-    report("coop 128x256x64 cluster 1x2", run_case<Coop128x256c12>(c, x, w, out, d_starts, starts, hx, hw));
-    report("coop 128x256x64 cluster 1x1", run_case<Coop128x256c11>(c, x, w, out, d_starts, starts, hx, hw));
-    report("pingpong 128x128x64 cluster 1x2", run_case<Ping128x128c12>(c, x, w, out, d_starts, starts, hx, hw));
-    cudaFree(x); cudaFree(w); cudaFree(out); cudaFree(d_starts);
+    report("coop 256x128x64 cluster 2x1", run_case<Coop256x128c21>(c, op));
+    report("coop 128x256x64 cluster 1x2", run_case<Coop128x256c12>(c, op));
+    report("coop 128x256x64 cluster 1x1", run_case<Coop128x256c11>(c, op));
+    report("pingpong 128x128x64 cluster 1x2", run_case<Ping128x128c12>(c, op));
   }
   return 0;
 }

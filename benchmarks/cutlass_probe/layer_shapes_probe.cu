@@ -49,11 +49,11 @@ struct Case { const char* name; bool b_transposed; int experts, rows, n, k; std:
 // Poisons out, runs call once and checks sampled outputs against an fp64 host reference (128
 // random entries, and 16 in each expert's last, partial tile), then times call.
 template <class LayoutB, class Call>
-double check_and_time(const Case& c, Element* out, const std::vector<int>& starts, const std::vector<Element>& hx,
-                      const std::vector<Element>& hw, Call call) {
+double check_and_time(const Case& c, const ForwardOperands& op, Call call) {
   constexpr bool kColB = std::is_same_v<LayoutB, cutlass::layout::ColumnMajor>;
+  const std::vector<int>& starts = op.starts;
   std::vector<Element> hout;
-  if (!run_poisoned(out, size_t(c.rows) * c.n, call, &hout)) return -1.0;
+  if (!run_poisoned(op.out, size_t(c.rows) * c.n, call, &hout)) return -1.0;
   std::mt19937 rng(7);
   std::vector<int> rows;
   for (int s = 0; s < 128; ++s) rows.push_back(rng() % c.rows);
@@ -69,7 +69,7 @@ double check_and_time(const Case& c, Element* out, const std::vector<int>& start
     double ref = 0;
     for (int kk = 0; kk < c.k; ++kk) {
       const size_t wi = kColB ? base + size_t(col) * c.k + kk : base + size_t(kk) * c.n + col;
-      ref += double(float(hx[size_t(row) * c.k + kk])) * double(float(hw[wi]));
+      ref += double(float(op.hx[size_t(row) * c.k + kk])) * double(float(op.hw[wi]));
     }
     track_error(float(hout[size_t(row) * c.n + col]), ref, &worst);
   }
@@ -79,35 +79,32 @@ double check_and_time(const Case& c, Element* out, const std::vector<int>& start
 }
 
 template <class G, class LayoutB>
-double run_case(const Case& c, const Element* x, const Element* w, Element* out, const int* d_starts,
-                const std::vector<int>& starts, const std::vector<Element>& hx, const std::vector<Element>& hw) {
+double run_case(const Case& c, const ForwardOperands& op) {
   GroupedSetup<typename G::Gemm> g;
   if (!init_forward(g, c.experts, c.n, c.k)) return -1.0;
-  return check_and_time<LayoutB>(c, out, starts, hx, hw, [&]() {
-    write_group_args<<<(c.experts + 127) / 128, 128>>>(d_starts, c.experts, c.n, c.k, x, w, out, g.shapes, g.a,
-                                                          g.b, g.d);
+  return check_and_time<LayoutB>(c, op, [&]() {
+    write_group_args<<<(c.experts + 127) / 128, 128>>>(op.d_starts, c.experts, c.n, c.k, op.x, op.w, op.out, g.shapes,
+                                                          g.a, g.b, g.d);
     return g.gemm.run();
   });
 }
 
 // The main problems with GMain's tiles, then the tails with GTail's, one after the other.
 template <class GMain, class GTail, class LayoutB>
-double run_split(const Case& c, const Element* x, const Element* w, Element* out, const int* d_starts,
-                 const std::vector<int>& starts, const std::vector<Element>& hx, const std::vector<Element>& hw) {
+double run_split(const Case& c, const ForwardOperands& op) {
   GroupedSetup<typename GMain::Gemm> gm;
   GroupedSetup<typename GTail::Gemm> gt;
   if (!init_forward(gm, c.experts, c.n, c.k) || !init_forward(gt, c.experts, c.n, c.k)) return -1.0;
-  return check_and_time<LayoutB>(c, out, starts, hx, hw, [&]() {
-    write_split_args<<<(c.experts + 127) / 128, 128>>>(d_starts, c.experts, c.n, c.k, x, w, out, gm.shapes, gm.a,
-                                                       gm.b, gm.d, gt.shapes, gt.a, gt.b, gt.d);
+  return check_and_time<LayoutB>(c, op, [&]() {
+    write_split_args<<<(c.experts + 127) / 128, 128>>>(op.d_starts, c.experts, c.n, c.k, op.x, op.w, op.out,
+                                                       gm.shapes, gm.a, gm.b, gm.d, gt.shapes, gt.a, gt.b, gt.d);
     cutlass::Status st = gm.gemm.run();
     return st == cutlass::Status::kSuccess ? gt.gemm.run() : st;
   });
 }
 
 template <class LayoutB>
-void run_configs(const Case& c, const Element* x, const Element* w, Element* out, const int* d_starts,
-                 const std::vector<int>& starts, const std::vector<Element>& hx, const std::vector<Element>& hw) {
+void run_configs(const Case& c, const ForwardOperands& op) {
   using C128x256c11 = GroupedGemm<Shape<_128, _256, _64>, Shape<_1, _1, _1>, CoopMain, CoopEpi, RowA, LayoutB>;
   using C256x128c11 = GroupedGemm<Shape<_256, _128, _64>, Shape<_1, _1, _1>, CoopMain, CoopEpi, RowA, LayoutB>;
   using C128x256c21 = GroupedGemm<Shape<_128, _256, _64>, Shape<_2, _1, _1>, CoopMain, CoopEpi, RowA, LayoutB>;
@@ -116,13 +113,13 @@ void run_configs(const Case& c, const Element* x, const Element* w, Element* out
   auto report = [&](const char* cfg, double ms) {
     std::printf("| %s | %s | %.3f ms | %.0f TFLOP/s |\n", c.name, cfg, ms, flop / ms / 1e9);
   };
-  report("coop 128x256x64 cluster 1x1 (staged today)", run_case<C128x256c11, LayoutB>(c, x, w, out, d_starts, starts, hx, hw));
-  report("coop 256x128x64 cluster 1x1", run_case<C256x128c11, LayoutB>(c, x, w, out, d_starts, starts, hx, hw));
-  report("coop 128x256x64 cluster 2x1", run_case<C128x256c21, LayoutB>(c, x, w, out, d_starts, starts, hx, hw));
-  report("coop 256x128x64 cluster 1x2", run_case<C256x128c12, LayoutB>(c, x, w, out, d_starts, starts, hx, hw));
+  report("coop 128x256x64 cluster 1x1 (staged today)", run_case<C128x256c11, LayoutB>(c, op));
+  report("coop 256x128x64 cluster 1x1", run_case<C256x128c11, LayoutB>(c, op));
+  report("coop 128x256x64 cluster 2x1", run_case<C128x256c21, LayoutB>(c, op));
+  report("coop 256x128x64 cluster 1x2", run_case<C256x128c12, LayoutB>(c, op));
   using P64x256c11 = GroupedGemm<Shape<_64, _256, _64>, Shape<_1, _1, _1>, PingMain, PingEpi, RowA, LayoutB>;
   report("split: coop 128x256 whole tiles, then pingpong 64x256 tails",
-         run_split<C128x256c11, P64x256c11, LayoutB>(c, x, w, out, d_starts, starts, hx, hw));
+         run_split<C128x256c11, P64x256c11, LayoutB>(c, op));
 }
 
 int main() {
@@ -143,17 +140,10 @@ int main() {
   add("up, balanced (8 x 1024 rows)", false, 8, 14336, 4096, true);
   add("down, balanced (8 x 1024 rows)", false, 8, 4096, 14336, true);
   for (auto& c : cases) {
-    std::vector<int> starts;
-    std::vector<Element> hx, hw;
-    int* d_starts = device_starts(c.counts, &starts);
-    Element* x = device_random(size_t(c.rows) * c.k, 11, &hx);
-    Element* w = device_random(size_t(c.experts) * c.k * c.n, 23, &hw);
-    Element* out;
-    CHECK_CUDA(cudaMalloc(&out, size_t(c.rows) * c.n * sizeof(Element)));
+    const ForwardOperands op(c.counts, c.rows, c.k, c.n);
     std::printf("== %s: rows %d, E %d, N %d, K %d\n", c.name, c.rows, c.experts, c.n, c.k);
-    if (c.b_transposed) run_configs<cutlass::layout::ColumnMajor>(c, x, w, out, d_starts, starts, hx, hw);
-    else run_configs<cutlass::layout::RowMajor>(c, x, w, out, d_starts, starts, hx, hw);
-    cudaFree(x); cudaFree(w); cudaFree(out); cudaFree(d_starts);
+    if (c.b_transposed) run_configs<cutlass::layout::ColumnMajor>(c, op);
+    else run_configs<cutlass::layout::RowMajor>(c, op);
   }
   return 0;
 }

@@ -97,6 +97,28 @@ inline int* device_starts(const std::vector<int>& counts, std::vector<int>* star
   return d;
 }
 
+// A forward case's operands: the group starts of the per-expert counts (host and device), x [rows,
+// k] and w [experts, k·n] random on the device (seeds 11 and 23, host copies for the references)
+// and out [rows, n]; freed on destruction.
+struct ForwardOperands {
+  std::vector<int> starts;
+  std::vector<Element> hx, hw;
+  int* d_starts = nullptr;
+  Element *x = nullptr, *w = nullptr, *out = nullptr;
+
+  ForwardOperands(const std::vector<int>& counts, int rows, int k, int n) {
+    d_starts = device_starts(counts, &starts);
+    x = device_random(size_t(rows) * k, 11, &hx);
+    w = device_random(counts.size() * size_t(k) * n, 23, &hw);
+    CHECK_CUDA(cudaMalloc(&out, size_t(rows) * n * sizeof(Element)));
+  }
+  ForwardOperands(const ForwardOperands&) = delete;
+  ForwardOperands& operator=(const ForwardOperands&) = delete;
+  ~ForwardOperands() {
+    for (void* p : {(void*)x, (void*)w, (void*)out, (void*)d_starts}) cudaFree(p);
+  }
+};
+
 // A grouped GEMM over per-expert arrays in device memory: sizes and pointers (written by a kernel
 // before each call, sizes on the device only), strides (the same for every expert) and the
 // workspace; freed on destruction.

@@ -129,18 +129,17 @@ void run_scatter(const Case& c, const char* label, const Element* x, const Eleme
 }
 
 void run_case(const Case& c) {
-  std::vector<int> starts, horder(c.rows);
-  int* d_starts = device_starts(c.counts, &starts);
+  const ForwardOperands op(c.counts, c.rows, c.k, c.n);
+  const std::vector<int>& starts = op.starts;
+  std::vector<int> horder(c.rows);
   std::iota(horder.begin(), horder.end(), 0);
   std::shuffle(horder.begin(), horder.end(), std::mt19937(99));
   int* d_order;
   CHECK_CUDA(cudaMalloc(&d_order, c.rows * sizeof(int)));
   CHECK_CUDA(cudaMemcpy(d_order, horder.data(), c.rows * sizeof(int), cudaMemcpyHostToDevice));
-  std::vector<Element> hx, hw;
-  Element* x = device_random(size_t(c.rows) * c.k, 11, &hx);
-  Element* w = device_random(size_t(c.experts) * c.k * c.n, 23, &hw);
-  Element *out, *sorted;
-  CHECK_CUDA(cudaMalloc(&out, size_t(c.rows) * c.n * sizeof(Element)));
+  const std::vector<Element>& hx = op.hx, &hw = op.hw;
+  Element *x = op.x, *w = op.w, *out = op.out, *sorted;
+  const int* d_starts = op.d_starts;
   CHECK_CUDA(cudaMalloc(&sorted, size_t(c.rows) * c.n * sizeof(Element)));
   std::printf("== %s: rows %d, E %d, N %d, K %d\n", c.name, c.rows, c.experts, c.n, c.k);
   const double flop = 2.0 * c.rows * double(c.n) * c.k;
@@ -176,7 +175,8 @@ void run_case(const Case& c) {
                   horder);
   run_scatter<128>(c, "E: scatter epilogue, 128-column chunks", x, w, out, sorted, d_order, d_starts, starts, hx, hw,
                    horder);
-  cudaFree(x); cudaFree(w); cudaFree(out); cudaFree(sorted); cudaFree(d_starts); cudaFree(d_order);
+  cudaFree(sorted);
+  cudaFree(d_order);
 }
 
 int main() {

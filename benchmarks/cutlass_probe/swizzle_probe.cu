@@ -25,14 +25,9 @@ int main() {
                  Case{"up T=16384 one-hot", 32768, 14336, 4096, true},
                  Case{"down T=4096 uniform", 8192, 4096, 14336, false}}) {
     const int experts = 8;
-    std::vector<int> counts(experts, 0), starts;
+    std::vector<int> counts(experts, 0);
     for (int a = 0; a < c.rows; ++a) counts[c.one_hot ? 3 : rng() % experts]++;
-    int* d_starts = device_starts(counts, &starts);
-    std::vector<Element> hx, hw;
-    Element* x = device_random(size_t(c.rows) * c.k, 11, &hx);
-    Element* w = device_random(size_t(experts) * c.k * c.n, 23, &hw);
-    Element* out;
-    CHECK_CUDA(cudaMalloc(&out, size_t(c.rows) * c.n * sizeof(Element)));
+    const ForwardOperands op(counts, c.rows, c.k, c.n);
     for (int swizzle : {1, 2, 4, 8}) {
       GroupedSetup<Gemm::Gemm> g;
       g.max_swizzle = swizzle;
@@ -41,21 +36,20 @@ int main() {
       int e0 = 0;
       while (counts[e0] == 0) ++e0;
       const double ms = time_calls([&]() {
-        write_group_args<<<1, 128>>>(d_starts, experts, c.n, c.k, x, w, out, g.shapes, g.a, g.b, g.d);
+        write_group_args<<<1, 128>>>(op.d_starts, experts, c.n, c.k, op.x, op.w, op.out, g.shapes, g.a, g.b, g.d);
         return g.gemm.run();
       });
       Element got;
-      const int row = starts[e0] + 5, col = 7;
-      CHECK_CUDA(cudaMemcpy(&got, out + size_t(row) * c.n + col, sizeof(Element), cudaMemcpyDeviceToHost));
+      const int row = op.starts[e0] + 5, col = 7;
+      CHECK_CUDA(cudaMemcpy(&got, op.out + size_t(row) * c.n + col, sizeof(Element), cudaMemcpyDeviceToHost));
       double ref = 0;
       for (int kk = 0; kk < c.k; ++kk)
-        ref += double(float(hx[size_t(row) * c.k + kk])) * double(float(hw[size_t(e0) * c.k * c.n + size_t(kk) * c.n + col]));
+        ref += double(float(op.hx[size_t(row) * c.k + kk])) * double(float(op.hw[size_t(e0) * c.k * c.n + size_t(kk) * c.n + col]));
       double err = 0;
       track_error(float(got), ref, &err);
       std::printf("| %s | swizzle %d | %.3f ms | %.0f TFLOP/s | err %.1e%s |\n", c.name, swizzle, ms,
                   2.0 * c.rows * double(c.n) * c.k / ms / 1e9, err, err > 2e-2 ? " FAILED" : "");
     }
-    cudaFree(x); cudaFree(w); cudaFree(out); cudaFree(d_starts);
   }
   return 0;
 }
