@@ -458,31 +458,25 @@ ffi::Error MoeMatmulTnStagedCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Any
 }  // namespace
 }  // namespace pit
 
+// Both staged targets: x, then w (forward) or dy (dW), order, group_starts; the result and the u8
+// workspace; rows_per_source, then each target's flags.
+#define PIT_MOE_STAGED_BINDING                                              \
+  xla::ffi::Ffi::Bind()                                                     \
+      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()                        \
+      .Arg<xla::ffi::AnyBuffer>()                                           \
+      .Arg<xla::ffi::AnyBuffer>()                                           \
+      .Arg<xla::ffi::Buffer<xla::ffi::S32>>()                               \
+      .Arg<xla::ffi::Buffer<xla::ffi::S32>>()                               \
+      .Ret<xla::ffi::AnyBuffer>()                                           \
+      .Ret<xla::ffi::Buffer<xla::ffi::U8>>()                                \
+      .Attr<int64_t>("rows_per_source")
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeMatmulTnStagedCuda, pit::MoeMatmulTnStagedCuda,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>()
-                                  .Attr<int64_t>("rows_per_source")
-                                  .Attr<bool>("x_sorted")
-                                  .Attr<bool>("out_sorted"),
+                              PIT_MOE_STAGED_BINDING.Attr<bool>("x_sorted").Attr<bool>("out_sorted"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeMatmulStagedCuda, pit::MoeMatmulStagedCuda,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>()
-                                  .Attr<int64_t>("rows_per_source")
-                                  .Attr<bool>("w_transposed")
+                              PIT_MOE_STAGED_BINDING.Attr<bool>("w_transposed")
                                   .Attr<bool>("x_sorted")
                                   .Attr<bool>("out_sorted"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
