@@ -60,29 +60,25 @@ def staged_workspace_bytes(num_experts, assignments, d, f, itemsize, x_sorted, o
     return total
 
 
-def _staged_mode(switch, dtype, d, f) -> str:
-    """The staged switch's setting where the staged kernels can serve (built with CUTLASS, and where
-    the Hopper kernels serve: fused_epilogue_applies): "1" (forced) or "auto" (the caller's rule);
-    "0" where the switch turns them off or they cannot serve."""
+def _staged_chosen(switch, dtype, d, f, assignments, num_experts) -> bool:
+    """The staged kernels' rule, shared by the forward and dW: only where they can serve (built with
+    CUTLASS, and where the Hopper kernels serve: fused_epilogue_applies); there the switch's "1"
+    forces them, "0" turns them off, and by default they take problems with at least
+    STAGED_MIN_ROWS_PER_EXPERT rows per expert on average."""
     mode = os.environ.get(switch, "auto")
     if mode == "0" or not _ext.build_info().get("moe_staged") or not fused_epilogue_applies(dtype, d, f):
-        return "0"
-    return "1" if mode == "1" else "auto"
+        return False
+    return mode == "1" or assignments >= STAGED_MIN_ROWS_PER_EXPERT * num_experts
 
 
 def staged_applies(dtype, d, f, assignments, num_experts, out_sorted) -> bool:
     """Whether pit_moe_matmul lowers to the staged forward (x's rows gathered into routing order,
     CUTLASS's Hopper grouped GEMM whose epilogue writes each product row to its place, in either
-    output layout): where it can serve — built with CUTLASS, and where the Hopper kernels serve
-    (fused_epilogue_applies) — and, by default, with at least STAGED_MIN_ROWS_PER_EXPERT rows per
-    expert on average (docs/moe.md, "Staged forward", "Scatter epilogue"). PIT_MOE_STAGED=1 takes
-    it wherever it can serve, PIT_MOE_STAGED=0 never. Decided when lowering. out_sorted is kept
-    for callers; the rule no longer depends on it."""
+    output layout): _staged_chosen under PIT_MOE_STAGED (docs/moe.md, "Staged forward", "Scatter
+    epilogue"). Decided when lowering. out_sorted is kept for callers; the rule no longer depends
+    on it."""
     del out_sorted
-    mode = _staged_mode("PIT_MOE_STAGED", dtype, d, f)
-    if mode != "auto":
-        return mode == "1"
-    return assignments >= STAGED_MIN_ROWS_PER_EXPERT * num_experts
+    return _staged_chosen("PIT_MOE_STAGED", dtype, d, f, assignments, num_experts)
 
 
 def grouped_matmul_cuda(x, w, order, group_starts, tile_starts, *, rows_per_source, w_transposed,
@@ -105,13 +101,9 @@ def grouped_matmul_cuda(x, w, order, group_starts, tile_starts, *, rows_per_sour
 
 def staged_dw_applies(dtype, d, f, assignments, num_experts) -> bool:
     """Whether pit_moe_matmul_tn (dW) lowers to the staged dW (x's and dy's rows gathered into
-    routing order where they are not, then CUTLASS's grouped GEMM dw[e] = x_eᵀ dy_e): where it can
-    serve (as staged_applies) and, by default, with at least STAGED_MIN_ROWS_PER_EXPERT rows per
-    expert. PIT_MOE_STAGED_DW=1 takes it wherever it can serve, 0 never. Decided when lowering."""
-    mode = _staged_mode("PIT_MOE_STAGED_DW", dtype, d, f)
-    if mode != "auto":
-        return mode == "1"
-    return assignments >= STAGED_MIN_ROWS_PER_EXPERT * num_experts
+    routing order where they are not, then CUTLASS's grouped GEMM dw[e] = x_eᵀ dy_e):
+    _staged_chosen under PIT_MOE_STAGED_DW. Decided when lowering."""
+    return _staged_chosen("PIT_MOE_STAGED_DW", dtype, d, f, assignments, num_experts)
 
 
 def grouped_matmul_tn_cuda(x, dy, order, group_starts, *, rows_per_source, num_experts, out_dtype,
