@@ -160,6 +160,13 @@ projection_table() {  # seconds, output folder under $OUT, then bench_moe case n
     --out $OUT/$out 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "projection $((SECONDS-t0))s"
 }
+moe_ab() {  # seconds, output folder under $OUT, then bench_moe_persistent's arguments (--switch NAME A B,
+            # --cases, --parts): its A/B table, ROUNDS rounds (default 4, the bench's own default)
+  local limit=$1 out=$2; shift 2
+  PIT_BENCH_ROUNDS=${ROUNDS:-4} timeout -k 5 ${BENCH_TIMEOUT:-$limit} python3 benchmarks/bench_moe_persistent.py "$@" \
+    --out $OUT/$out 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  echo "ab $((SECONDS-t0))s"
+}
 detect_ab_by_sparsity() {  # seconds per run, output prefix under $OUT, cases, variant, sparsities: bench_detect_ab
                          # (index kept in the jit) of the default against the variant at each sparsity
   local limit=$1 out=$2 cases=$3 variant=$4 sp; shift 4
@@ -388,36 +395,27 @@ scatter_epilogue)  # session 21: the staged forward's scatter epilogue — the s
                   # the kernel fixture's staged variant, lowering), then the A/B of the scattered projection
                   # (PIT_MOE_STAGED=0: fused kernel; default: staged, the epilogue's SWrite) at T=4096 and 16384
   pytest_gpu ${TEST_TIMEOUT:-300} tests/test_moe_kernels.py -k "${STAGED_TESTS:-staged or lowers}"
-  PIT_BENCH_ROUNDS=${ROUNDS:-4} timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe_persistent.py \
-    --switch PIT_MOE_STAGED 0 default --cases "Mixtral up T=4096" "Mixtral up T=16384" \
-    --parts "projection" "scattered projection" --out $OUT/scatter_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  echo "ab $((SECONDS-t0))s" ;;
+  moe_ab 300 scatter_ab --switch PIT_MOE_STAGED 0 default --cases "Mixtral up T=4096" "Mixtral up T=16384" \
+    --parts "projection" "scattered projection" ;;
 staged_split)  # session 21: the staged forward's large experts split into row blocks — the staged tests, then the A/B
               # (PIT_MOE_STAGED_SPLIT=0 vs default, read per launch) of the projections at T=16384 (T=4096 has no
               # expert large enough to split)
   pytest_gpu ${TEST_TIMEOUT:-300} tests/test_moe_kernels.py -k "${STAGED_TESTS:-staged or lowers}"
-  PIT_BENCH_ROUNDS=${ROUNDS:-4} timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_moe_persistent.py \
-    --switch PIT_MOE_STAGED_SPLIT 0 default --cases "Mixtral up T=16384" \
-    --parts "projection" "scattered projection" --out $OUT/split_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  echo "ab $((SECONDS-t0))s" ;;
+  moe_ab 300 split_ab --switch PIT_MOE_STAGED_SPLIT 0 default --cases "Mixtral up T=16384" \
+    --parts "projection" "scattered projection" ;;
 scatter_epilogue_san)  # memcheck and racecheck over every kernel of the bf16 staged-forward tests
   SAN_TIMEOUT=150 run_tool memcheck all tests/test_moe_kernels.py "staged_forward and bfloat16"
   SAN_TIMEOUT=150 run_tool racecheck all tests/test_moe_kernels.py "staged_forward and bfloat16 and not one_hot" ;;
 staged_dw_ab)  # A/B of the staged dW (PIT_MOE_STAGED_DW=0 vs 1, chosen when lowering): the projection's dW
-  timeout -k 5 ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_STAGED_DW 0 1 \
-    --parts "projection dW" --out $OUT/staged_dw_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  echo "ab $((SECONDS-t0))s" ;;
+  moe_ab 250 staged_dw_ab --switch PIT_MOE_STAGED_DW 0 1 --parts "projection dW" ;;
 staged_ab)  # A/B of the staged forward (PIT_MOE_STAGED=0 vs 1, chosen when lowering), forward parts
-  timeout -k 5 ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_STAGED 0 1 \
-    --parts "projection" "scattered projection" "up swiglu" "down scale" --out $OUT/staged_ab 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  echo "ab $((SECONDS-t0))s" ;;
+  moe_ab 250 staged_ab --switch PIT_MOE_STAGED 0 1 --parts "projection" "scattered projection" "up swiglu" "down scale" ;;
 staged_layer)  # the Mixtral layer table on the landed rules (staged forward and staged dW), then the staged
                # forward and staged dW A/Bs on Mixtral T=16384
   layer_table 220 layer_mixtral "Mixtral up T=4096"
-  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_STAGED 0 default \
-    --cases "Mixtral up T=16384" --parts "projection" "scattered projection" --out $OUT/staged_ab_16k 2>&1 | grep "^| [MQ]" | tee -a $LOG
-  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_moe_persistent.py --switch PIT_MOE_STAGED_DW 0 default \
-    --cases "Mixtral up T=16384" --parts "projection dW" --out $OUT/staged_dw_ab_16k 2>&1 | grep "^| [MQ]" | tee -a $LOG
+  moe_ab 200 staged_ab_16k --switch PIT_MOE_STAGED 0 default --cases "Mixtral up T=16384" \
+    --parts "projection" "scattered projection"
+  moe_ab 200 staged_dw_ab_16k --switch PIT_MOE_STAGED_DW 0 default --cases "Mixtral up T=16384" --parts "projection dW"
   echo "staged_layer $((SECONDS-t0))s" ;;
 layer_kernels)  # per-kernel device time of one Mixtral layer step, pit and dense (JAX profiler; $OUT/layer_kernels)
   timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/profile_layer_kernels.py --out $OUT/layer_kernels 2>&1 | grep -E "^(###|\| )" | head -${ROWS:-60} | tee -a $LOG
