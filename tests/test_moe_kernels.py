@@ -176,19 +176,27 @@ def test_kernel_gradients_match_float64(kernel, dtype, t, k, e, d, f, one_hot):
         assert np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30) < TOL[dtype]
 
 
-# Scans of one to several passes of 1024 (bin, 256-assignment chunk) pairs; the Qwen-like shape.
+# Scans of one to several passes of 1024 (bin, 256-assignment chunk) pairs; the Qwen-like shape;
+# the one-launch routing's limits (32768 assignments, 1023 experts) and one past each.
 @pytest.mark.parametrize("a, e", [(0, 4), (1, 1), (1000, 8), (4099, 256), (16384, 128), (32768, 287),
-                                  (777, 3000), (32769, 8), (20000, 288)])
-def test_routing_kernel_equals_stable_sort(a, e):
+                                  (777, 3000), (32769, 8), (20000, 288), (32768, 1023), (5000, 1024)])
+@pytest.mark.parametrize("one_pass", ["default", "0"])
+@pytest.mark.parametrize("skew", ["crowded", "one_hot"])
+def test_routing_kernel_equals_stable_sort(monkeypatch, a, e, one_pass, skew):
     """order, group_starts and tile_starts from the CUDA counting sort == the jnp argsort tables
-    (the scan of (bin, chunk) counts in one and in many passes)."""
+    (the scan of (bin, chunk) counts in one and in many passes, and the one-launch routing of small
+    problems, PIT_MOE_ROUTE_ONE_PASS read per launch)."""
     dev = _gpu()
     if dev is None or not pit_jax.cuda_available():
         pytest.skip("needs a GPU and the CUDA kernels")
     from pit_jax import moe_cuda, moe_reference
+    if one_pass != "default":
+        monkeypatch.setenv("PIT_MOE_ROUTE_ONE_PASS", one_pass)
     rng = np.random.default_rng(a + e)
     ids = rng.integers(-2, e + 2, a).astype(np.int32)
-    if a > 1:
+    if skew == "one_hot":
+        ids[:] = e - 1  # every assignment on the last expert: one bin takes all of each warp's adds
+    elif a > 1:
         ids[: a // 3] = e // 2  # a crowded expert next to sparse ones
     with jax.default_device(dev):
         got = jax.jit(lambda i: moe_cuda.routing_tables_cuda(i, num_experts=e))(ids)
