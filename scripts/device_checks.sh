@@ -107,7 +107,8 @@
 #   PART=projection_mixtral: bench_moe's projection table for Mixtral T=4096 alone ($OUT/projection_mixtral).
 #   PART=layer_mixtral: bench_moe's layer table for Mixtral T=4096 alone ($OUT/layer_mixtral).
 #   PART=projection_16k: bench_moe's projection table for Mixtral T=16384 alone ($OUT/projection_16k).
-#   PART=route_one_pass: the one-launch routing's tests, sanitizers, ncu times and A/B (session 22).
+#   PART=route_two_launch: the two-launch routing's tests, ncu times, A/B and sanitizers (session 22; its
+#                  PART=route_one_pass, a one-launch routing, was rejected with its code).
 #   PART=route_sanitize: memcheck and racecheck over the routing kernel tests.
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
 #                  Session 17's part route_profile was PART="route_ncu ncu_detect_1x1 layer_qwen" (its layer
@@ -476,18 +477,18 @@ route_ncu)  # the routing kernels' device times (ncu) on the Qwen-like and Mixtr
       python3 profile_moe_route.py --shape $args > /tmp/ncu_route.log 2>&1)
     grep -E "pit_moe_route|gpu__time|launch__grid" /tmp/ncu_route.log | sed 's/(const.*//; s/(int.*//; s/  */ /g' | tee -a $LOG
   done ;;
-route_one_pass)  # session 22: the one-launch routing of small problems — the routing kernel tests (both paths),
-                 # the routing kernels' device times (ncu, base clocks) with it on and off, the A/B
-                 # (PIT_MOE_ROUTE_ONE_PASS=0 vs default, read per launch) of the projection with the routing built
+route_two_launch)  # session 22: the routing's scan and scatter in one launch for small problems — the routing
+                 # kernel tests (both paths), the routing kernels' device times (ncu, base clocks) with it on and off, the A/B
+                 # (PIT_MOE_ROUTE_TWO_LAUNCH=0 vs default, read per launch) of the projection with the routing built
                  # in the call ("projection", routing outside, is the A/A control), then memcheck and racecheck
   pytest_gpu 200 tests/test_moe_kernels.py -k "routing_kernel"
-  for one_pass in default 0; do
-    [[ $one_pass == default ]] && unset PIT_MOE_ROUTE_ONE_PASS || export PIT_MOE_ROUTE_ONE_PASS=$one_pass
-    echo "== PIT_MOE_ROUTE_ONE_PASS=$one_pass" | tee -a $LOG
+  for two_launch in default 0; do
+    [[ $two_launch == default ]] && unset PIT_MOE_ROUTE_TWO_LAUNCH || export PIT_MOE_ROUTE_TWO_LAUNCH=$two_launch
+    echo "== PIT_MOE_ROUTE_TWO_LAUNCH=$two_launch" | tee -a $LOG
     PART=route_ncu SKIP_BUILD=1 bash $0 > /dev/null
   done
-  unset PIT_MOE_ROUTE_ONE_PASS
-  moe_ab 250 route_one_pass_ab --switch PIT_MOE_ROUTE_ONE_PASS 0 default --cases "Qwen3-30B-A3B-like" \
+  unset PIT_MOE_ROUTE_TWO_LAUNCH
+  moe_ab 250 route_two_launch_ab --switch PIT_MOE_ROUTE_TWO_LAUNCH 0 default --cases "Qwen3-30B-A3B-like" \
     "Mixtral up T=4096" --parts "routed projection" "projection"
   SAN_TIMEOUT=120 run_tool memcheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and not 20000"
   SAN_TIMEOUT=120 run_tool racecheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and default" ;;

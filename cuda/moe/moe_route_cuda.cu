@@ -11,13 +11,12 @@
 //      output position; the same CTA writes group_starts and tile_starts;
 //   3. each warp walks its chunk again, 32 assignments at a time in order, ranking equal bins
 //      with __match_any_sync: order[position] = assignment. Stable, hence deterministic.
-// Small problems (at most kOnePassMaxAssignments assignments and kOnePassMaxBins bins) take one
-// launch instead (PIT_MOE_ROUTE_ONE_PASS=0, read per launch, turns it off): one CTA per chunk
-// counts *all* assignments itself — those before its chunk and those from it on, in shared
-// memory — scans the bins and ranks its own chunk as step 3 does. Each CTA re-reads every id
-// (64 KB at the Qwen-like 16384 assignments, from L2), which costs less than two kernel
-// boundaries and a one-CTA scan; the ranking stays spread over the CTAs (one-CTA routings that
-// also ranked every assignment on one SM were measured slower in sessions 8 and 16-17).
+// Small problems (at most kRankMaxCounts (bin, chunk) counts, at most 1023 experts) run steps 2
+// and 3 as one launch (pit_moe_route_rank_kernel): every CTA reads the whole count array
+// (36 KB at most, from L2) and does its own share of the scan instead of waiting for a one-CTA
+// scan kernel. PIT_MOE_ROUTE_TWO_LAUNCH=0 (read per launch) keeps the three launches. (Session 22
+// measured a one-launch variant, each CTA counting every id itself, slower: shared-memory
+// atomics; benchmarks/results/2026-11-27_session22/.)
 // The three launches and the forward that follows are programmatic dependent launches on Hopper
 // (common/pdl.cuh): each kernel is scheduled while the previous one runs and waits for it before
 // touching memory, which hides the launch gaps of these small kernels. PIT_MOE_PDL (read per
@@ -55,7 +54,7 @@ __device__ __forceinline__ void load_chunk_bins(const int32_t* __restrict__ ids,
                                                 int64_t experts, int (&bins)[kIdsPerLane]) {
 #pragma unroll
   for (int j = 0; j < kIdsPerLane; ++j) {
-    const int64_t a = first + j * 32 + threadIdx.x;
+    const int64_t a = first + j * 32 + (threadIdx.x & 31);
     bins[j] = a < last ? bin_of(ids[a], experts) : -1;
   }
 }
@@ -159,43 +158,50 @@ __global__ void __launch_bounds__(32) pit_moe_route_scatter_kernel(const int32_t
   }
 }
 
-constexpr int kOnePassThreads = 1024;
-constexpr int64_t kOnePassMaxAssignments = 32768;  // 128 CTAs, each reading 128 KB of ids
-constexpr int64_t kOnePassMaxBins = kOnePassThreads;  // experts + 1: one bin per thread in the scans
+constexpr int kRankThreads = 1024;
+constexpr int kRankWarps = kRankThreads / 32;
+constexpr int64_t kRankMaxBins = kRankThreads;  // experts + 1: one bin per thread in the scans
+constexpr int64_t kRankMaxCounts = 8960;        // (experts + 1) * chunks in shared memory (35 KB; 48 KB static in all)
 
-// counts the 32-lane step's bins into hist: one shared atomic per distinct bin (skew-proof).
-__device__ __forceinline__ void count_step(int bin, int32_t* hist) {
-  const unsigned peers = __match_any_sync(0xffffffffu, bin);
-  if (bin >= 0 && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
-}
-
-__global__ void __launch_bounds__(kOnePassThreads) pit_moe_route_one_pass_kernel(
-    const int32_t* __restrict__ ids, int64_t n, int64_t experts, int64_t tile_rows,
-    int32_t* __restrict__ group_starts, int32_t* __restrict__ tile_starts, int32_t* __restrict__ order) {
-  using Scan = cub::BlockScan<int32_t, kOnePassThreads>;
+// Steps 2 and 3 in one launch for small problems: each CTA loads the whole [bin][chunk] count
+// array into shared memory, sums each bin over all chunks and over the chunks before its own (a
+// warp per bin), scans the bins and ranks its own chunk. CTA 0 writes group_starts and tile_starts.
+__global__ void __launch_bounds__(kRankThreads) pit_moe_route_rank_kernel(
+    const int32_t* __restrict__ ids, int64_t n, int64_t experts, int64_t n_chunks, int64_t tile_rows,
+    const int32_t* __restrict__ counts, int32_t* __restrict__ group_starts, int32_t* __restrict__ tile_starts,
+    int32_t* __restrict__ order) {
+  using Scan = cub::BlockScan<int32_t, kRankThreads>;
   __shared__ typename Scan::TempStorage storage;
-  __shared__ int32_t before[kOnePassMaxBins];  // bins of the assignments before this CTA's chunk
-  __shared__ int32_t from[kOnePassMaxBins];    // bins of this chunk and the ones after it
+  __shared__ int32_t chunk_counts[kRankMaxCounts];
+  __shared__ int32_t in_bin_all[kRankMaxBins];
+  __shared__ int32_t next_pos[kRankMaxBins];  // in the chunks before this one, then this chunk's first position
   const int bins = int(experts + 1);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t n_chunks = ceil_div(n, int64_t(kChunk)), own = blockIdx.x;
-  wait_for_previous_grid();  // whatever wrote ids
+  const int64_t own = blockIdx.x;
+  const bool ranks = warp == own % kRankWarps;  // the warp that ranks this CTA's chunk
+  wait_for_previous_grid();  // the counts (and, before them, ids)
   allow_dependent_launch();
-  for (int b = threadIdx.x; b < bins; b += kOnePassThreads) before[b] = from[b] = 0;
+  for (int64_t i = threadIdx.x; i < bins * n_chunks; i += kRankThreads) chunk_counts[i] = counts[i];
+  int own_bins[kIdsPerLane];
+  if (ranks) load_chunk_bins(ids, own * kChunk, min(n, (own + 1) * kChunk), experts, own_bins);
   __syncthreads();
-  for (int64_t chunk = warp; chunk < n_chunks; chunk += kOnePassThreads / 32) {  // a warp per chunk
-    int chunk_bins[kIdsPerLane];
-    load_chunk_bins(ids, chunk * kChunk, min(n, (chunk + 1) * kChunk), experts, chunk_bins);
-    int32_t* hist = chunk < own ? before : from;
-#pragma unroll
-    for (int j = 0; j < kIdsPerLane; ++j) count_step(chunk_bins[j], hist);
+  for (int bin = warp; bin < bins; bin += kRankWarps) {
+    int32_t all = 0, before = 0;
+    for (int64_t c = lane; c < n_chunks; c += 32) {
+      const int32_t v = chunk_counts[bin * n_chunks + c];
+      all += v;
+      before += c < own ? v : 0;
+    }
+    all = __reduce_add_sync(0xffffffffu, all);
+    before = __reduce_add_sync(0xffffffffu, before);
+    if (lane == 0) in_bin_all[bin] = all, next_pos[bin] = before;
   }
   __syncthreads();
-  const int b = threadIdx.x;  // bins <= kOnePassThreads: one bin per thread
-  const int32_t in_bin = b < bins ? before[b] + from[b] : 0;
+  const int b = threadIdx.x;  // one bin per thread
+  const int32_t in_bin = b < bins ? in_bin_all[b] : 0;
   int32_t bin_start, total;
   Scan(storage).ExclusiveSum(in_bin, bin_start, total);
-  if (b < bins) before[b] += bin_start;  // now this chunk's first position per bin
+  if (b < bins) next_pos[b] += bin_start;
   if (blockIdx.x == 0) {
     if (b < bins) group_starts[b] = bin_start;
     if (b == 0) group_starts[bins] = total;
@@ -207,27 +213,24 @@ __global__ void __launch_bounds__(kOnePassThreads) pit_moe_route_one_pass_kernel
     if (b == 0) tile_starts[bins] = all_tiles;
   }
   __syncthreads();
-  if (warp != 0 || own * kChunk >= n) return;
-  const int64_t first = own * kChunk, last = min(n, first + kChunk);  // rank this chunk (step 3)
-  int chunk_bins[kIdsPerLane];
-  load_chunk_bins(ids, first, last, experts, chunk_bins);
+  if (!ranks) return;
+  const int64_t first = own * kChunk;  // step 3 on this chunk
 #pragma unroll
   for (int j = 0; j < kIdsPerLane; ++j) {
-    const int64_t a = first + j * 32 + lane;
-    const int bin = chunk_bins[j];
+    const int bin = own_bins[j];
     const unsigned peers = __match_any_sync(0xffffffffu, bin);
     const int rank = __popc(peers & ((1u << lane) - 1));
-    if (bin >= 0) order[before[bin] + rank] = int32_t(a);
+    if (bin >= 0) order[next_pos[bin] + rank] = int32_t(first + j * 32 + lane);
     __syncwarp();
-    if (bin >= 0 && rank == 0) before[bin] += __popc(peers);
+    if (bin >= 0 && rank == 0) next_pos[bin] += __popc(peers);
     __syncwarp();
   }
 }
 
-// Whether the one-launch routing serves n assignments over experts (and is not switched off).
-bool one_pass_routing(int64_t n, int64_t experts) {
-  const char* env = std::getenv("PIT_MOE_ROUTE_ONE_PASS");
-  return (env == nullptr || env[0] != '0') && n <= kOnePassMaxAssignments && experts + 1 <= kOnePassMaxBins;
+// Whether steps 2 and 3 run as the one rank launch (PIT_MOE_ROUTE_TWO_LAUNCH=0, read per launch, keeps three).
+bool route_in_two_launches(int64_t n_chunks, int64_t experts) {
+  const char* env = std::getenv("PIT_MOE_ROUTE_TWO_LAUNCH");
+  return (env == nullptr || env[0] != '0') && experts + 1 <= kRankMaxBins && (experts + 1) * n_chunks <= kRankMaxCounts;
 }
 
 ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Result<ffi::Buffer<ffi::S32>> order,
@@ -249,15 +252,16 @@ ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Res
   const char* prefetch_env = std::getenv("PIT_MOE_ROUTE_PREFETCH");
   const bool prefetch = prefetch_env == nullptr || prefetch_env[0] != '0';
   cudaError_t err = cudaSuccess;
-  if (one_pass_routing(n, num_experts)) {
-    err = launch_dependent(pit_moe_route_one_pass_kernel, unsigned(std::max<int64_t>(n_chunks, 1)), kOnePassThreads, 0,
-                           stream, pdl, ids.typed_data(), n, num_experts, tile_rows, group_starts->typed_data(),
-                           tile_starts->typed_data(), order->typed_data());
-  } else {  // count -> scan -> scatter (steps 1-3)
-    if (n_chunks > 0)
-      err = launch_dependent(prefetch ? pit_moe_route_count_kernel<true> : pit_moe_route_count_kernel<false>,
-                             unsigned(n_chunks), 32, bin_bytes, stream, pdl, ids.typed_data(), n, num_experts, n_chunks,
-                             counts);
+  if (n_chunks > 0)
+    err = launch_dependent(prefetch ? pit_moe_route_count_kernel<true> : pit_moe_route_count_kernel<false>,
+                           unsigned(n_chunks), 32, bin_bytes, stream, pdl, ids.typed_data(), n, num_experts, n_chunks,
+                           counts);
+  if (err == cudaSuccess && route_in_two_launches(n_chunks, num_experts)) {
+    err = launch_dependent(pit_moe_route_rank_kernel, unsigned(std::max<int64_t>(n_chunks, 1)), kRankThreads, 0, stream,
+                           pdl, ids.typed_data(), n, num_experts, n_chunks, tile_rows,
+                           static_cast<const int32_t*>(counts), group_starts->typed_data(), tile_starts->typed_data(),
+                           order->typed_data());
+  } else {
     if (err == cudaSuccess)
       err = launch_dependent(pit_moe_route_scan_kernel, 1, kScanThreads, 0, stream, pdl, counts, n_chunks, num_experts,
                              tile_rows, group_starts->typed_data(), tile_starts->typed_data());
