@@ -13,7 +13,7 @@
 //      with __match_any_sync: order[position] = assignment. Stable, hence deterministic.
 // Small problems (at most kRankMaxCounts (bin, chunk) counts, at most 1023 experts) run steps 2
 // and 3 as one launch (pit_moe_route_rank_kernel): every CTA reads the whole count array
-// (36 KB at most, from L2) and does its own share of the scan instead of waiting for a one-CTA
+// (35 KB at most, from L2) and does its own share of the scan instead of waiting for a one-CTA
 // scan kernel. PIT_MOE_ROUTE_TWO_LAUNCH=0 (read per launch) keeps the three launches. (Session 22
 // measured a one-launch variant, each CTA counting every id itself, slower: shared-memory
 // atomics; benchmarks/results/2026-11-27_session22/.)
@@ -23,8 +23,8 @@
 // launch): 0 off, 2 the routing only (the forward launched plainly), unset or 1 both.
 #include <cuda_runtime.h>
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 
@@ -57,6 +57,19 @@ __device__ __forceinline__ void load_chunk_bins(const int32_t* __restrict__ ids,
     const int64_t a = first + j * 32 + (threadIdx.x & 31);
     bins[j] = a < last ? bin_of(ids[a], experts) : -1;
   }
+}
+
+// One 32-assignment step of step 3: lane's assignment a (bin < 0: none) goes to its bin's next
+// position plus the number of earlier lanes with the same bin; the first of those lanes advances
+// the bin. Stable, hence deterministic.
+__device__ __forceinline__ void rank_step(int bin, int64_t a, int32_t* next_pos, int32_t* __restrict__ order) {
+  const int lane = threadIdx.x & 31;
+  const unsigned peers = __match_any_sync(0xffffffffu, bin);
+  const int rank = __popc(peers & ((1u << lane) - 1));  // earlier lanes with the same bin
+  if (bin >= 0) order[next_pos[bin] + rank] = int32_t(a);
+  __syncwarp();
+  if (bin >= 0 && rank == 0) next_pos[bin] += __popc(peers);
+  __syncwarp();
 }
 
 template <bool kPrefetch>
@@ -145,16 +158,10 @@ __global__ void __launch_bounds__(32) pit_moe_route_scatter_kernel(const int32_t
     const int64_t a0 = first + j * 32;
     if (a0 >= last) break;
     const int64_t a = a0 + lane;
-    const bool live = a < last;
-    int bin;
+    int bin;  // -1 past the chunk's end
     if constexpr (kPrefetch) bin = lane_bins[j];
-    else bin = live ? bin_of(ids[a], experts) : -1;
-    const unsigned peers = __match_any_sync(0xffffffffu, bin);
-    const int rank = __popc(peers & ((1u << lane) - 1));  // earlier lanes with the same bin
-    if (live) order[next_pos[bin] + rank] = int32_t(a);
-    __syncwarp();
-    if (live && rank == 0) next_pos[bin] += __popc(peers);  // the first peer advances the bin
-    __syncwarp();
+    else bin = a < last ? bin_of(ids[a], experts) : -1;
+    rank_step(bin, a, next_pos, order);
   }
 }
 
@@ -216,15 +223,7 @@ __global__ void __launch_bounds__(kRankThreads) pit_moe_route_rank_kernel(
   if (!ranks) return;
   const int64_t first = own * kChunk;  // step 3 on this chunk
 #pragma unroll
-  for (int j = 0; j < kIdsPerLane; ++j) {
-    const int bin = own_bins[j];
-    const unsigned peers = __match_any_sync(0xffffffffu, bin);
-    const int rank = __popc(peers & ((1u << lane) - 1));
-    if (bin >= 0) order[next_pos[bin] + rank] = int32_t(first + j * 32 + lane);
-    __syncwarp();
-    if (bin >= 0 && rank == 0) next_pos[bin] += __popc(peers);
-    __syncwarp();
-  }
+  for (int j = 0; j < kIdsPerLane; ++j) rank_step(own_bins[j], first + j * 32 + lane, next_pos, order);
 }
 
 // Whether steps 2 and 3 run as the one rank launch (PIT_MOE_ROUTE_TWO_LAUNCH=0, read per launch, keeps three).
