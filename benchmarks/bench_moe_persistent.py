@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import pit_jax
 from pit_jax.moe import fused_matmul, grouped_matmul
 from pit_jax.nn.moe import moe_ffn
-from bench_moe import CASES, QUICK, expert_ids, layer_operands
+from bench_moe import CASES, QUICK, ROUTINGS, expert_ids, layer_operands
 from common import announce, bench_parser, markdown_report, round_order, time_per_call, write_results
 
 # alternating A / B timings per point; the median of each is reported
@@ -67,6 +67,8 @@ def main():
                          "(default: tiled vs persistent)")
     ap.add_argument("--cases", nargs="+", default=["Mixtral up T=4096", "Qwen3-30B-A3B-like"], metavar="CASE",
                     help="bench_moe case names (default: Mixtral up T=4096 and the Qwen-like shape)")
+    ap.add_argument("--routings", nargs="+", default=["uniform", "one-hot"], choices=ROUTINGS,
+                    help="bench_moe routings (default: uniform and one-hot)")
     ap.add_argument("--parts", nargs="+", default=None, metavar="PART",
                     help="time only these parts (e.g. 'routed projection'); default: all")
     args = ap.parse_args()
@@ -82,7 +84,7 @@ def main():
         a = jax.random.normal(jax.random.fold_in(key, 8), (t * k, d), jnp.bfloat16)
         dense = jax.jit(lambda ops: ops[0] @ ops[1])
         dense_ms = time_per_call(dense, (a, w_in[0]), 1) * 1e3
-        for routing_name in ("uniform", "one-hot"):
+        for routing_name in args.routings:
             ids = expert_ids(jax.random.fold_in(key, 5), t, e, k, routing_name)
             routing = pit_jax.moe_routing(ids, e)
             parts = {

@@ -110,6 +110,10 @@
 #   PART=route_two_launch: the two-launch routing's tests, ncu times, A/B and sanitizers (session 22; its
 #                  PART=route_one_pass, a one-launch routing, was rejected with its code).
 #   PART=route_sanitize: memcheck and racecheck over the routing kernel tests.
+#   PART=skip_idle_half: session 23: the tiled forward's second warpgroup skipping its MMAs on a last tile of
+#                  <= 64 rows — its tests and the fused-kernel tests, the A/B (PIT_MOE_SKIP_IDLE_HALF=0 vs
+#                  default) on the Qwen-like shape for three routings; PART=skip_idle_half_san: memcheck and
+#                  racecheck over the new tests (then PART=projection_qwen for the table).
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
 #                  Session 17's part route_profile was PART="route_ncu ncu_detect_1x1 layer_qwen" (its layer
 #                  table went to $OUT/layer).
@@ -492,6 +496,14 @@ route_two_launch)  # session 22: the routing's scan and scatter in one launch fo
     "Mixtral up T=4096" --parts "routed projection" "projection"
   SAN_TIMEOUT=120 run_tool memcheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and not 20000"
   SAN_TIMEOUT=120 run_tool racecheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and default" ;;
+skip_idle_half)  # see the header
+  pytest_gpu 300 tests/test_moe_kernels.py -k "warpgroup_halves or (kernel_matches and default) or (gradients and default) or (fused_epilogue and tiled)"
+  moe_ab 300 skip_idle_half_ab --switch PIT_MOE_SKIP_IDLE_HALF 0 default --cases "Qwen3-30B-A3B-like" \
+    --routings uniform zipf one-hot --parts "projection" "scattered projection" "routed projection" "up swiglu" "down scale"
+  ;;
+skip_idle_half_san)  # memcheck and racecheck over skip_idle_half's new tests
+  SAN_TIMEOUT=150 run_tool memcheck pit_moe_forward tests/test_moe_kernels.py "warpgroup_halves and bfloat16"
+  SAN_TIMEOUT=150 run_tool racecheck pit_moe_forward tests/test_moe_kernels.py "warpgroup_halves and bfloat16 and default" ;;
 projection_qwen)  # bench_moe's projection table, Qwen-like only ($OUT/projection_qwen)
   projection_table 200 projection_qwen "Qwen3-30B-A3B-like" ;;
 layer_mixtral)  # bench_moe's layer table, Mixtral T=4096 only ($OUT/layer_mixtral)

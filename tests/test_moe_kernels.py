@@ -271,6 +271,47 @@ def test_layer_lowers_fused_for_inference_only(monkeypatch, activation, unfused_
     assert "@pit_moe_fused(" not in text and text.count("@pit_moe_matmul(") == unfused_matmuls
 
 
+# Expert sizes around the Hopper forward's 128-row tile and its two 64-row warpgroup halves: a
+# last tile of 1, 63, 64 rows leaves the second warpgroup idle, 65 and more do not; an empty expert.
+_HALF_TILE_SIZES = (1, 63, 64, 65, 0, 127, 128, 129, 191, 192, 193, 320)
+
+
+@pytest.mark.parametrize("x_sorted, out_sorted", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("w_transposed", [False, True])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("skip_idle_half", ["default", "0"])
+def test_tiled_forward_rows_around_warpgroup_halves(monkeypatch, skip_idle_half, dtype, w_transposed, x_sorted,
+                                                    out_sorted):
+    """The tiled Hopper forward (PIT_MOE_STAGED=0) on experts whose last tile ends just before,
+    at and after row 64, where the second consumer warpgroup skips its MMAs (and the producer
+    its rows) unless PIT_MOE_SKIP_IDLE_HALF=0: every output row against float64 on its own, so
+    one row left at zero or computed from padding fails."""
+    from helpers import moe_layouts_want
+    from pit_jax.moe import moe_matmul_p
+    dev = _gpu_or_skip()
+    monkeypatch.setenv("PIT_MOE_STAGED", "0")
+    if skip_idle_half != "default":
+        monkeypatch.setenv("PIT_MOE_SKIP_IDLE_HALF", skip_idle_half)
+    e, d, f = len(_HALF_TILE_SIZES), 200, 264  # a partial K step and a partial column tile
+    rng = np.random.default_rng(97 + 2 * x_sorted + out_sorted + 4 * w_transposed)
+    ids = rng.permutation(np.repeat(np.arange(e), _HALF_TILE_SIZES)).astype(np.int32)[:, None]
+    a = ids.shape[0]
+    x = (rng.standard_normal((a, d)) + 0.1).astype(DTYPES[dtype])
+    w = (rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES[dtype])
+    w_arg = np.ascontiguousarray(np.swapaxes(w, 1, 2)) if w_transposed else w
+    with jax.default_device(dev):
+        routing_index = pit_jax.moe_routing(ids, e)
+        fn = jax.jit(lambda x, w: moe_matmul_p.bind(x, w, *routing_index, rows_per_source=1,
+                                                    w_transposed=w_transposed, x_sorted=x_sorted,
+                                                    out_sorted=out_sorted))
+        assert "@pit_moe_matmul(" in fn.lower(x, w_arg).as_text()
+        got = np.asarray(fn(x, w_arg), np.float64)
+        order = np.asarray(routing_index.order)
+    want = moe_layouts_want(x, w, ids, order, np.zeros((a, f)), x_sorted=x_sorted, out_sorted=out_sorted)[0]
+    row_err = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+    assert np.all(np.isfinite(got)) and row_err.max() < 3 * TOL[dtype], np.argsort(row_err)[-5:]
+
+
 @pytest.mark.parametrize("x_sorted, out_sorted", [(False, False), (False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("w_transposed", [False, True])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -103,14 +103,27 @@ __device__ __forceinline__ void produce_stages(const MoeSm90Smem& sm, int n_chun
 // in flight across the loop's back edge, C7514), steps overlap within groups of kStages and
 // the last step of each group is waited for.
 // it0 (persistent CTAs): ring steps taken by earlier tiles; the last stage is then released too.
+// idle: this warpgroup's 64 rows all lie past the tile's rows (a group's last, partial tile), so
+// it issues no wgmma and only keeps the barriers' count; the other warpgroup has the tensor
+// cores to itself (acc stays zero).
 template <int kTransposeA, int kTransposeB, int kAStepBytes, int kBStepBytes, bool kOverlap, typename T>
 __device__ __forceinline__ void consume_stages(float (&acc)[128], const MoeSm90Smem& sm, int n_chunks,
-                                               uint64_t desc_a0, uint64_t desc_b0, int64_t it0 = -1) {
+                                               uint64_t desc_a0, uint64_t desc_b0, int64_t it0 = -1,
+                                               bool idle = false) {
   using C = MoeSm90Config;
   const bool persistent = it0 >= 0;
   const int64_t base = persistent ? it0 : 0;
 #pragma unroll
   for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+  if (idle) {  // the same waits and releases as below, without the MMAs
+    const bool release_last = persistent || !kOverlap;
+    for (int i = 0; i < n_chunks; ++i) {
+      const int stage = int((base + i) % C::kStages);
+      mbarrier_wait(&sm.full[stage], uint32_t((base + i) / C::kStages) & 1);
+      if (i + 1 < n_chunks || release_last) mbarrier_arrive(&sm.empty[stage]);
+    }
+    return;
+  }
   auto issue = [&](int i) {
     const int stage = int((base + i) % C::kStages);
     mbarrier_wait(&sm.full[stage], uint32_t((base + i) / C::kStages) & 1);
@@ -274,6 +287,8 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     // instructions per stage, and the producer's issue rate bounds the gathered kernel.
     // s.fast_rows = false (PIT_MOE_FAST_ROWS=0, an A/B switch) keeps every copy predicated.
     const bool full_rows = s.fast_rows && a_live == (1u << (C::kBM / 16)) - 1;
+    // rows 64..127 (j >= 4) feed only the second consumer warpgroup: not loaded when it is idle
+    const bool upper_idle = s.skip_idle_half && tile.rows <= C::kBM / 2;
     auto load_stage = [&](int i, int stage) {
       unsigned char* a_s = sm.ring + stage * C::kStageBytes;
       unsigned char* b_s = a_s + C::kABytes;
@@ -301,6 +316,7 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
       const bool k_live = k0 + chunk * 8 < s.d;
 #pragma unroll
       for (int j = 0; j < C::kBM / 16; ++j) {  // SRead: 128 token rows x 8 chunks
+        if (upper_idle && j >= C::kBM / 32) continue;
         const bool ok = ((a_live >> j) & 1) && k_live;
         cp_async_16(a_s + dst0 + j * 16 * C::kRowBytes, ok ? a_src[j] + k0 : x, ok ? 16 : 0);
       }
@@ -321,8 +337,11 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     const uint64_t desc_a0 = smem_descriptor_sw128(sm.ring + warpgroup * 64 * C::kRowBytes, 16, 1024);
     const uint64_t desc_b0 = kWTransposed ? smem_descriptor_sw128(sm.ring + C::kABytes, 16, 1024)
                                           : smem_descriptor_sw128(sm.ring + C::kABytes, C::kAtomBytes, 1024);
-    consume_stages<0, kWTransposed ? 0 : 1, 32, kWTransposed ? 32 : 16 * C::kRowBytes, true, T>(acc, sm, n_chunks,
-                                                                                         desc_a0, desc_b0);
+    // a partial tile of at most 64 rows leaves the second warpgroup without rows (Qwen-like
+    // shapes: 16-23% of the warpgroups' MMAs would multiply padding)
+    const bool idle = s.skip_idle_half && warpgroup * (C::kBM / 2) >= tile.rows;
+    consume_stages<0, kWTransposed ? 0 : 1, 32, kWTransposed ? 32 : 16 * C::kRowBytes, true, T>(
+        acc, sm, n_chunks, desc_a0, desc_b0, -1, idle);
     T* cs = reinterpret_cast<T*>(sm.ring);
     stage_accumulators<T, kEpi>(acc, cs, ctid, scale);
     for (int i = ctid; i < tile.rows * (kOutCols / 8); i += C::kConsumers) {  // SWrite: 16 bytes per store
@@ -535,6 +554,8 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
     return cudaErrorInvalidValue;
   MoeShape shape = s;  // PIT_MOE_FAST_ROWS=0 (read per launch): the gathered rows' copies all predicated
   if (const char* env = std::getenv("PIT_MOE_FAST_ROWS")) shape.fast_rows = env[0] != '0';
+  // PIT_MOE_SKIP_IDLE_HALF=0 (read per launch): both warpgroups multiply every tile (an A/B switch)
+  if (const char* env = std::getenv("PIT_MOE_SKIP_IDLE_HALF")) shape.skip_idle_half = env[0] != '0';
   auto kernel = s.x_sorted ? moe_forward_sm90_kernel<T, true>(epilogue, s.w_transposed)
                            : moe_forward_sm90_kernel<T, false>(epilogue, s.w_transposed);
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
