@@ -113,7 +113,8 @@
 #   PART=skip_idle_half: session 23: the tiled forward's second warpgroup skipping its MMAs on a last tile of
 #                  <= 64 rows — its tests and the fused-kernel tests, the A/B (PIT_MOE_SKIP_IDLE_HALF=0 vs
 #                  default) on the Qwen-like shape for three routings; PART=skip_idle_half_san: memcheck and
-#                  racecheck over the new tests (then PART=projection_qwen for the table).
+#                  racecheck over the new tests (then PART=projection_qwen for the table). PART=two_ended: the
+#                  forward's row tiles taken alternately from both ends of the routing (PIT_MOE_TWO_ENDED=0 vs 1).
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
 #                  Session 17's part route_profile was PART="route_ncu ncu_detect_1x1 layer_qwen" (its layer
 #                  table went to $OUT/layer).
@@ -501,6 +502,10 @@ skip_idle_half)  # see the header
   moe_ab 300 skip_idle_half_ab --switch PIT_MOE_SKIP_IDLE_HALF 0 default --cases "Qwen3-30B-A3B-like" \
     --routings uniform zipf one-hot --parts "projection" "scattered projection" "routed projection" "up swiglu" "down scale"
   ;;
+two_ended)  # session 23: row tiles alternately from both ends (PIT_MOE_TWO_ENDED=1 vs 0), Qwen-like A/B
+  pytest_gpu 200 tests/test_moe_kernels.py -k "warpgroup_halves"
+  moe_ab 300 two_ended_ab --switch PIT_MOE_TWO_ENDED 0 1 --cases "Qwen3-30B-A3B-like" \
+    --routings uniform zipf one-hot --parts "projection" "scattered projection" "up swiglu" "down scale" ;;
 skip_idle_half_san)  # memcheck and racecheck over skip_idle_half's new tests
   SAN_TIMEOUT=150 run_tool memcheck pit_moe_forward tests/test_moe_kernels.py "warpgroup_halves and bfloat16"
   SAN_TIMEOUT=150 run_tool racecheck pit_moe_forward tests/test_moe_kernels.py "warpgroup_halves and bfloat16 and default" ;;

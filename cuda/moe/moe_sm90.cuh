@@ -247,7 +247,9 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
   allow_dependent_launch();
   const MoeGridTile grid_tile = forward_grid_tile(blockIdx.x, s.max_row_tiles, ceil_div(s.f, int64_t(kOutCols)), col_band);
   MoeRouteTile tile;
-  if (!find_route_tile(tile_starts, group_starts, s.experts, grid_tile.row_tile, &tile)) return;
+  if (!find_route_tile(tile_starts, group_starts, s.experts, two_ended_row_tile(s, tile_starts, grid_tile.row_tile),
+                       &tile))
+    return;
   const int64_t n0 = grid_tile.col_tile * kOutCols;
   const int64_t cols = s.f - n0 < kOutCols ? s.f - n0 : kOutCols;
   for (int r = tid; r < C::kBM; r += C::kThreads) {
@@ -554,6 +556,7 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
     return cudaErrorInvalidValue;
   MoeShape shape = s;  // PIT_MOE_FAST_ROWS=0 (read per launch): the gathered rows' copies all predicated
   if (const char* env = std::getenv("PIT_MOE_FAST_ROWS")) shape.fast_rows = env[0] != '0';
+  if (const char* env = std::getenv("PIT_MOE_TWO_ENDED")) shape.two_ended_rows = env[0] == '1';
   // PIT_MOE_SKIP_IDLE_HALF=0 (read per launch): both warpgroups multiply every tile (an A/B switch)
   if (const char* env = std::getenv("PIT_MOE_SKIP_IDLE_HALF")) shape.skip_idle_half = env[0] != '0';
   auto kernel = s.x_sorted ? moe_forward_sm90_kernel<T, true>(epilogue, s.w_transposed)

@@ -36,6 +36,7 @@ struct MoeShape {
   int64_t max_row_tiles = 0;  // grid bound of the forward: ceil(A / tile) + E + 1
   bool fast_rows = true;      // Hopper forward: unpredicated copies for whole gathered rows (an A/B switch)
   bool skip_idle_half = true;  // Hopper forward: a warpgroup whose 64 rows are all padding skips its MMAs
+  bool two_ended_rows = false;  // Hopper forward: row tiles taken alternately from the front and the back
 };
 
 inline MoeShape make_moe_shape(int64_t sources, int64_t d, int64_t f, int64_t experts, int64_t assignments,
@@ -91,6 +92,16 @@ __device__ __forceinline__ MoeGridTile forward_grid_tile(int64_t block, int64_t 
   const int64_t band_blocks = row_tiles * band, b = block / band_blocks, r = block % band_blocks;
   const int64_t width = col_tiles - b * band < band ? col_tiles - b * band : band;
   return {r / width, b * band + r % width};
+}
+
+// Row tile of grid row `row` when the tiles are taken alternately from both ends of the routing
+// (0, n - 1, 1, n - 2, ...; PIT_MOE_TWO_ENDED=1): when the groups are sorted by size, each wave
+// then mixes tiles of large groups (weights shared by many tiles: MMA-bound) with tiles of small
+// ones (weights read for few rows: memory-bound), and each group's tiles stay neighbours.
+__device__ __forceinline__ int64_t two_ended_row_tile(const MoeShape& s, const int32_t* tile_starts, int64_t row) {
+  if (!s.two_ended_rows) return row;
+  const int64_t n = tile_starts[s.experts + 1];
+  return row >= n ? row : (row % 2 == 0 ? row / 2 : n - 1 - row / 2);
 }
 
 }  // namespace pit
