@@ -507,6 +507,7 @@ two_ended)  # session 23: row tiles alternately from both ends (PIT_MOE_TWO_ENDE
   moe_ab 300 two_ended_ab --switch PIT_MOE_TWO_ENDED 0 1 --cases "Qwen3-30B-A3B-like" \
     --routings uniform zipf one-hot --parts "projection" "scattered projection" "up swiglu" "down scale" ;;
 two_ended_default)  # the same switch's A/B once it is the default for few rows per expert (ROUNDS), then the table
+  pytest_gpu 300 tests/test_moe_kernels.py -k "warpgroup_halves or (kernel_matches and default) or (gradients and default) or (fused_epilogue and tiled)"
   moe_ab 300 two_ended_default_ab --switch PIT_MOE_TWO_ENDED 0 default --cases "Qwen3-30B-A3B-like" \
     --routings zipf one-hot uniform --parts "projection" "routed projection" "up swiglu" "down scale"
   projection_table 200 projection_qwen "Qwen3-30B-A3B-like" ;;
