@@ -91,7 +91,26 @@ def ratio(a, b):
 
 # ---------------------------------------------------------------- table 1: expert projection
 
-def mgpu_best(rows, w, sizes):
+# Calls per jitted step for cases whose calls are shorter than the host's dispatch of one jitted
+# call: on an H100 (session 23, probe_dispatch_bound.py) the Qwen-like projection read 0.114 ms per
+# call at one call per step and 0.091 at four (one-hot, tables given): one call per step timed the
+# host. Cases under SMALL_CASE_FLOPS get SMALL_CASE_CALLS calls per step, for every column alike.
+SMALL_CASE_FLOPS, SMALL_CASE_CALLS = 1e11, 4
+
+
+def projection_calls_per_step(shape) -> int:
+    t, e, k, d, f = shape
+    return SMALL_CASE_CALLS if 2 * t * k * d * f < SMALL_CASE_FLOPS else 1
+
+
+def per_call(fn, args: tuple, calls: int) -> float:
+    """Seconds per call of fn(*args), `calls` independent calls per jitted step (each call's
+    operands are separate parameters of the step, so XLA merges none of them)."""
+    step = jax.jit(lambda many: [fn(*a) for a in many])
+    return time_per_call(step, [args] * calls, calls)
+
+
+def mgpu_best(rows, w, sizes, calls=1):
     """Best of a few block configs of Pallas ragged_dot_mgpu, or None where it cannot run."""
     try:
         from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
@@ -104,7 +123,7 @@ def mgpu_best(rows, w, sizes):
         f = jax.jit(functools.partial(ragged_dot_mgpu.ragged_dot, group_sizes=sizes, block_m=bm,
                                       block_n=bn, block_k=64, max_concurrent_steps=steps, grid_block_n=1))
         try:
-            t = time_per_call(lambda r: f(r, w), rows, 1)
+            t = per_call(f, (rows, w), calls)
         except Exception as err:  # unsupported config or platform: try the next
             print("ragged_dot_mgpu", (bm, bn, steps), type(err).__name__, str(err)[:100])
             continue
@@ -139,14 +158,14 @@ def routing_build_seconds(ids, e):
     return time_per_call(step, many, ROUTING_CALLS)
 
 
-def sm80_seconds(make_fn, arg):
-    """The function make_fn() builds, timed with the mma.sync forward kernel instead of the Hopper
-    paths: PIT_DISABLE_WGMMA=1 both when lowering (so the staged forward, chosen then, is not
-    lowered) and at every launch (the fused kernel's handler reads it)."""
+def sm80_seconds(fn, args, calls):
+    """per_call(fn, args, calls) with the mma.sync forward kernel instead of the Hopper paths:
+    PIT_DISABLE_WGMMA=1 both when lowering (so the staged forward, chosen then, is not lowered)
+    and at every launch (the fused kernel's handler reads it)."""
     os.environ["PIT_DISABLE_WGMMA"] = "1"
     try:
         jax.clear_caches()
-        return time_per_call(jax.jit(make_fn()), arg, 1)
+        return per_call(fn, args, calls)
     finally:
         del os.environ["PIT_DISABLE_WGMMA"]
         jax.clear_caches()
@@ -159,19 +178,21 @@ def projection_rows(name, shape, key, on_gpu):
     w = (jax.random.normal(jax.random.fold_in(key, 1), (e, d, f), jnp.bfloat16) * d ** -0.5).astype(jnp.bfloat16)
     dense_a = jax.random.normal(key, (t * k, d), jnp.bfloat16)
     dense_b = w[0]
-    dense_fn, copy_fn = jax.jit(lambda a: a @ dense_b), jax.jit(lambda a: -a)
+    calls = projection_calls_per_step(shape)
+    dense_time = lambda: per_call(lambda a, b: a @ b, (dense_a, dense_b), calls)
+    copy_time = lambda: per_call(lambda v: -v, (w,), calls)
     # The dense matmul and the copy are timed before and after the case's other timings and the
     # faster of each sets the floor: a single timing at the start of a run once read 287 TFLOP/s
     # where other runs read 630-740 (H100, 2026-11-27), which made that floor too lenient.
-    t_dense_runs = [time_per_call(dense_fn, dense_a, 1)]
-    t_copy_runs = [time_per_call(copy_fn, w, 1)]
+    t_dense_runs = [dense_time()]
+    t_copy_runs = [copy_time()]
     ours = jax.jit(pit_jax.moe_matmul)
-    ours_given = jax.jit(lambda x, w, ids, routing: pit_jax.moe_matmul(x, w, ids, routing=routing))
+    ours_given = lambda x, w, ids, routing: pit_jax.moe_matmul(x, w, ids, routing=routing)
     # the layout a layer's up-projection uses: output rows left in routing order (no SWrite), which
     # is also what the peers produce; the staged path serves it on Hopper for the Mixtral shapes
     from pit_jax.moe import grouped_matmul
-    ours_routing_order = jax.jit(lambda x, w, routing: grouped_matmul(x, w, routing, rows_per_source=k,
-                                                                       x_sorted=False, out_sorted=True))
+    ours_routing_order = lambda x, w, routing: grouped_matmul(x, w, routing, rows_per_source=k,
+                                                              x_sorted=False, out_sorted=True)
     rows_out = []
     for routing in ROUTINGS:
         ids = expert_ids(jax.random.fold_in(key, 2), t, e, k, routing)
@@ -179,18 +200,18 @@ def projection_rows(name, shape, key, on_gpu):
         sizes = jnp.bincount(ids.reshape(-1), length=e).astype(jnp.int32)
         rows = jnp.take(x, order // k, axis=0)
         err = projection_error(ours(x, w, ids), x, w, ids)
-        t_ours = time_per_call(lambda x: ours(x, w, ids), x, 1)
+        t_ours = per_call(pit_jax.moe_matmul, (x, w, ids), calls)
         # the same projection given the routing tables, as a layer runs it (it routes once for its
         # three forwards; the peers too are timed from pre-sorted rows): the GEMM's own time
         routing_tables = pit_jax.moe_routing(ids, e)
-        t_given = time_per_call(lambda x: ours_given(x, w, ids, routing_tables), x, 1)
-        t_routing_order = time_per_call(lambda x: ours_routing_order(x, w, routing_tables), x, 1)
-        t_sm80 = sm80_seconds(lambda: lambda x: pit_jax.moe_matmul(x, w, ids), x) if on_gpu else None
-        t_ragged = time_per_call(jax.jit(lambda r: jax.lax.ragged_dot(r, w, sizes)), rows, 1)
-        t_mgpu, cfg = mgpu_best(rows, w, sizes) if on_gpu else (None, None)
+        t_given = per_call(ours_given, (x, w, ids, routing_tables), calls)
+        t_routing_order = per_call(ours_routing_order, (x, w, routing_tables), calls)
+        t_sm80 = sm80_seconds(pit_jax.moe_matmul, (x, w, ids), calls) if on_gpu else None
+        t_ragged = per_call(jax.lax.ragged_dot, (rows, w, sizes), calls)
+        t_mgpu, cfg = mgpu_best(rows, w, sizes, calls) if on_gpu else (None, None)
         t_route = routing_build_seconds(ids, e)
         used = int(jnp.sum(sizes > 0))
-        r = dict(case=name, routing=routing, T=t, E=e, k=k, d=d, f=f, rel_err=err,
+        r = dict(case=name, routing=routing, T=t, E=e, k=k, d=d, f=f, rel_err=err, calls_per_step=calls,
                  t_pit_ms=t_ours * 1e3, t_pit_index_given_ms=t_given * 1e3,
                  t_pit_routing_order_ms=t_routing_order * 1e3,
                  t_pit_sm80_ms=None if t_sm80 is None else t_sm80 * 1e3,
@@ -200,8 +221,8 @@ def projection_rows(name, shape, key, on_gpu):
                  routing_pct_of_pit=None if t_route is None else 100 * t_route / t_ours,
                  bytes_moved=2 * (t * d + used * d * f + t * k * f))
         rows_out.append(r)
-    t_dense_runs.append(time_per_call(dense_fn, dense_a, 1))
-    t_copy_runs.append(time_per_call(copy_fn, w, 1))
+    t_dense_runs.append(dense_time())
+    t_copy_runs.append(copy_time())
     t_dense = min(t_dense_runs)
     dense_rate = 2 * t * k * d * f / t_dense
     copy_rate = 2 * w.size * 2 / min(t_copy_runs)
@@ -223,7 +244,9 @@ def projection_report(rows, meta, path):
         f"rows pre-sorted by expert; CUDA kernels built: {pit_jax.build_info().get('cuda')}; "
         f"pit_jax path: {path}; routing = pit_jax.moe_routing alone, {ROUTING_CALLS} builds per jitted step (device time), % of pit's forward "
         f"(issue target ≤ 5%); index given = the same moe_matmul with the routing tables passed in "
-        f"(built once outside the timed call); routing-order out = the same, index given, with the output rows "
+        f"(built once outside the timed call); every column of a case with fewer than {SMALL_CASE_FLOPS:.0e} FLOPs "
+        f"(Qwen3-like) timed with {SMALL_CASE_CALLS} independent calls per jitted step, else one (one call per step timed "
+        f"the host's dispatch there); routing-order out = the same, index given, with the output rows "
         f"left in routing order (the layer's up-projection layout; no scatter); of floor = floor / time; rel err on "
         f"the first {ACCURACY_TOKENS} tokens × "
         f"{ACCURACY_COLS} columns",
