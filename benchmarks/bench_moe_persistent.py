@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import pit_jax
 from pit_jax.moe import fused_matmul, grouped_matmul
 from pit_jax.nn.moe import moe_ffn
-from bench_moe import CASES, QUICK, ROUTINGS, expert_ids, layer_operands
+from bench_moe import CASES, QUICK, ROUTINGS, expert_ids, layer_operands, projection_calls_per_step
 from common import announce, bench_parser, markdown_report, round_order, time_per_call, write_results
 
 # alternating A / B timings per point; the median of each is reported
@@ -45,9 +45,10 @@ def set_switch(name: str, value: str) -> None:
 LOWERING_SWITCHES = ("PIT_MOE_STAGED", "PIT_MOE_STAGED_DW")
 
 
-def timed(fns: dict, operands, name: str, value: str) -> float:
+def timed(fns: dict, operands, name: str, value: str, calls: int) -> float:
+    """ms per call; operands holds `calls` copies of one call's operands (bench_moe's calls per jitted step)."""
     set_switch(name, value)
-    return time_per_call(fns[value], operands, 1) * 1e3
+    return time_per_call(fns[value], operands, calls) * 1e3
 
 
 def compiled_per_value(fn, operands, name: str, values) -> dict:
@@ -83,7 +84,9 @@ def main():
         x, w_in, w_gate, w_out, h, cw = (ops[n] for n in ("x", "w_in", "w_gate", "w_out", "h", "cw"))
         a = jax.random.normal(jax.random.fold_in(key, 8), (t * k, d), jnp.bfloat16)
         dense = jax.jit(lambda ops: ops[0] @ ops[1])
-        dense_ms = time_per_call(dense, (a, w_in[0]), 1) * 1e3
+        # short calls (Qwen-like) several per jitted step, else one call per step timed the host's dispatch
+        calls = projection_calls_per_step((t, e, k, d, f))
+        dense_ms = time_per_call(jax.jit(lambda many: [dense(o) for o in many]), [(a, w_in[0])] * calls, calls) * 1e3
         for routing_name in args.routings:
             ids = expert_ids(jax.random.fold_in(key, 5), t, e, k, routing_name)
             routing = pit_jax.moe_routing(ids, e)
@@ -122,15 +125,16 @@ def main():
                 if args.parts is not None and part not in args.parts:
                     continue
                 text = jax.jit(fn).lower(operands).as_text()  # the default's choice
+                step, operands = (lambda f_: lambda many: [f_(o) for o in many])(fn), [operands] * calls
                 ran = any(s in text for s in ("@pit_moe_fused(", "@pit_moe_matmul(", "@pit_moe_matmul_tn(",
                                               "@pit_moe_matmul_staged("))
                 # one function per value where the switch is read when lowering, else one for both
-                fns = (compiled_per_value(fn, operands, var, (val_a, val_b)) if var in LOWERING_SWITCHES
-                       else dict.fromkeys((val_a, val_b), jax.jit(fn)))
+                fns = (compiled_per_value(step, operands, var, (val_a, val_b)) if var in LOWERING_SWITCHES
+                       else dict.fromkeys((val_a, val_b), jax.jit(step)))
                 times_a, times_b = [], []
                 for rnd in range(ROUNDS):
                     for value, times in round_order([(val_a, times_a), (val_b, times_b)], rnd):
-                        times.append(timed(fns, operands, var, value))
+                        times.append(timed(fns, operands, var, value, calls))
                 set_switch(var, val_a)
                 ref = fns[val_a](operands)
                 set_switch(var, val_b)
@@ -138,7 +142,7 @@ def main():
                 os.environ.pop(var, None)
                 # gate and up: twice the dense FLOPs; the layer step: 3 forward, 3 dx and 3 dW matmuls
                 flops_scale = {"up swiglu": 2.0, "layer step": 9.0}.get(part, 1.0)
-                r = dict(case=name, routing=routing_name, part=part, kernel_call_lowered=ran, switch=var,
+                r = dict(case=name, routing=routing_name, part=part, kernel_call_lowered=ran, switch=var, calls_per_step=calls,
                          a=val_a, b=val_b,
                          a_ms=statistics.median(times_a), b_ms=statistics.median(times_b),
                          dense_same_flops_ms=dense_ms * flops_scale,
@@ -148,7 +152,8 @@ def main():
                 rows.append(r)
     md = markdown_report(
         f"MoE kernels: {label_a} vs {label_b} — {meta['device']}, jax {meta['jax']}, {meta['date']}",
-        f"bf16, forward kernels and one dW, same jitted function with {var}={val_a} / {val_b} timed in {ROUNDS} rounds, "
+        f"bf16, forward kernels and one dW, same jitted function with {var}={val_a} / {val_b} timed in {ROUNDS} rounds "
+        "(Qwen-like: 4 calls per jitted step, as bench_moe), "
         "A then B in even rounds and B then A in odd ones (median of each). projection: tokens gathered, rows in routing order (no epilogue); routed projection: "
         "the same with the routing index built inside the timed call; scattered projection: the output in assignment order; copied projection: x copied into routing order by XLA (jnp.take) "
         "in the timed call, then both operands by TMA; up swiglu: gate "

@@ -439,6 +439,11 @@ examples)  # the issue examples on the GPU with their timings ($OUT/*.log): the 
   timeout -k 5 150 python3 examples/moe_language_model.py --dtype bfloat16 --steps 60 --batch 32 --seq 256 --d 512 --d-ff 1024 --layers 4 --experts 8 --top-k 2 2>&1 | tr '\r' '\n' | grep -v "^  [a-z]* *\[.*\] [0-9]*/" > $OUT/lm_example.log
   tail -6 $OUT/lm_example.log | tee -a $LOG
   echo "examples $((SECONDS-t0))s" ;;
+ab_4calls)  # session 23: the skip-idle-half and two-ended A/Bs again, Qwen-like calls now 4 per jitted step
+  for sw in "PIT_MOE_SKIP_IDLE_HALF 0 default" "PIT_MOE_TWO_ENDED 0 1"; do
+    moe_ab 220 ab_4calls_${sw%% *} --switch $sw --cases "Qwen3-30B-A3B-like" --routings uniform zipf one-hot \
+      --parts "projection" "scattered projection" "up swiglu"
+  done ;;
 dispatch_bound)  # session 23: the Qwen-like projection with 1 and 4 calls per jitted step (probe_dispatch_bound.py)
   (cd benchmarks && timeout -k 5 200 python3 probe_dispatch_bound.py --out $OUT/dispatch_bound 2>&1 | grep "^|" | tee -a $LOG) ;;
 nn_moe_suite)  # tests/test_nn_moe.py alone on the GPU (session 23: moe_suites ran past its 400 s in that suite)
