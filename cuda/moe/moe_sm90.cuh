@@ -569,12 +569,15 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   // expert's weights (contiguous DRAM) — measured on an H100: Qwen-like down-projection 0.258 →
   // 0.200 ms, up SwiGLU 0.364 → 0.344, projection ±2%. Many tiles per expert (Mixtral): band 1,
   // as before (wider bands 0.94–1.04×). PIT_MOE_COL_BAND=n overrides it (read per launch).
-  int64_t band = s.assignments <= 2 * int64_t(C::kBM) * s.experts ? col_tiles : kMoeSm90ColBand;
+  const bool few_rows_per_expert = s.assignments <= 2 * int64_t(C::kBM) * s.experts;
+  int64_t band = few_rows_per_expert ? col_tiles : kMoeSm90ColBand;
   if (const char* env = std::getenv("PIT_MOE_COL_BAND")) band = std::atoll(env);
   band = band < 1 ? 1 : (band > col_tiles ? col_tiles : band);
-  // Row tiles from both ends (moe_tiles.cuh), opt-in: PIT_MOE_TWO_ENDED=1 (read per launch). On an
-  // H100's Qwen-like projections it gained 1-7% with Zipf routing whose popular experts have the
-  // lowest ids, lost 2-5% with one-hot routing, +-1% uniform (docs/moe.md, session 23).
+  // Row tiles from both ends (moe_tiles.cuh) where the weights are the traffic. On an H100's
+  // Qwen-like projections (4 calls per timing step): 3-5% faster with Zipf routing whose popular
+  // experts have the lowest ids, within +-1% uniform and one-hot (docs/moe.md, session 23).
+  // PIT_MOE_TWO_ENDED=0 / 1 (read per launch) overrides it.
+  shape.two_ended_rows = few_rows_per_expert;
   if (const char* env = std::getenv("PIT_MOE_TWO_ENDED")) shape.two_ended_rows = env[0] == '1';
   CUtensorMap w_map, x_map = {}, up_map = {};
   err = encode_moe_weight_map<T>(s, w, &w_map);

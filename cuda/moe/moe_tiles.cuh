@@ -36,7 +36,7 @@ struct MoeShape {
   int64_t max_row_tiles = 0;  // grid bound of the forward: ceil(A / tile) + E + 1
   bool fast_rows = true;      // Hopper forward: unpredicated copies for whole gathered rows (an A/B switch)
   bool skip_idle_half = true;  // Hopper forward: a warpgroup whose 64 rows are all padding skips its MMAs
-  bool two_ended_rows = false;  // Hopper forward: row tiles alternately from the front and the back (opt-in)
+  bool two_ended_rows = false;  // Hopper forward: row tiles alternately from the front and the back (set per launch)
 };
 
 inline MoeShape make_moe_shape(int64_t sources, int64_t d, int64_t f, int64_t experts, int64_t assignments,
