@@ -3,7 +3,11 @@ one jitted dispatch (time_per_call with one call per step); a call of ~0.1 ms of
 take the host as long to launch. Here the same projection (routing built in the call, or the
 routing tables given) is timed with 1 and with CALLS independent calls per jitted step (distinct
 tokens, ids rolled so no two routings are equal and XLA cannot merge them): if the per-call time
-drops with more calls per step, the one-call number timed the host.
+drops with more calls per step, the one-call number timed the host. Also the host's own time per
+call: ENQUEUE_CALLS calls dispatched without waiting (µs per call until the loop returns), for the
+dense matmul of the same FLOPs, the routing alone, and the projection given the tables and with
+the routing in the call; a pit call whose enqueue time exceeds the dense one's points at the FFI
+handlers' host work rather than JAX's dispatch.
 
     python benchmarks/probe_dispatch_bound.py [--case "Qwen3-30B-A3B-like"] [--out DIR]
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +26,18 @@ from bench_moe import CASES, ROUTINGS, expert_ids
 from common import announce, time_per_call
 
 CALLS = 4
+ENQUEUE_CALLS = 200
+
+
+def enqueue_us(fn, *args) -> float:
+    """Host µs per call to dispatch ENQUEUE_CALLS calls back to back (no sync inside the loop)."""
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    for _ in range(ENQUEUE_CALLS):
+        out = fn(*args)
+    t1 = time.perf_counter()
+    jax.block_until_ready(out)
+    return (t1 - t0) / ENQUEUE_CALLS * 1e6
 
 
 def main():
@@ -35,6 +52,9 @@ def main():
     xs = [jax.random.normal(jax.random.fold_in(key, 10 + i), (t, d), jnp.bfloat16) for i in range(CALLS)]
     routed = lambda x, w, ids: pit_jax.moe_matmul(x, w, ids)
     given = lambda x, w, ids, tables: pit_jax.moe_matmul(x, w, ids, routing=tables)
+    route = jax.jit(lambda ids: pit_jax.moe_routing(ids, e))
+    dense = jax.jit(lambda a, b: a @ b)
+    dense_a = jax.random.normal(key, (t * k, d), jnp.bfloat16)
     rows = []
     for routing in ROUTINGS:
         ids = expert_ids(jax.random.fold_in(key, 2), t, e, k, routing)
@@ -48,7 +68,11 @@ def main():
                  routed_1=time_per_call(lambda a: one_routed(a, w, ids), xs[0], 1) * 1e3,
                  routed_n=time_per_call(lambda a: many_routed(a, w, idss), xs, CALLS) * 1e3,
                  given_1=time_per_call(lambda a: one_given(a, w, ids, tables[0]), xs[0], 1) * 1e3,
-                 given_n=time_per_call(lambda a: many_given(a, w, idss, tables), xs, CALLS) * 1e3)
+                 given_n=time_per_call(lambda a: many_given(a, w, idss, tables), xs, CALLS) * 1e3,
+                 enqueue_routed_us=enqueue_us(one_routed, xs[0], w, ids),
+                 enqueue_given_us=enqueue_us(one_given, xs[0], w, ids, tables[0]),
+                 enqueue_routing_us=enqueue_us(route, ids),
+                 enqueue_dense_us=enqueue_us(dense, dense_a, w[0]))
         print(r, flush=True)
         rows.append(r)
     lines = [f"# Dispatch-bound check, {args.case}, {meta['device']}, jax {meta['jax']}, {meta['date']}", "",
@@ -57,6 +81,11 @@ def main():
              "|---|---|---|---|---|"]
     lines += [f"| {r['routing']} | {r['routed_1']:.3f} | {r['routed_n']:.3f} | {r['given_1']:.3f} | {r['given_n']:.3f} |"
               for r in rows]
+    lines += ["", f"host µs per call, {ENQUEUE_CALLS} calls dispatched without a sync", "",
+              "| routing | projection, routing in the call | given the tables | routing alone | dense same-FLOP |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['routing']} | {r['enqueue_routed_us']:.1f} | {r['enqueue_given_us']:.1f} | "
+              f"{r['enqueue_routing_us']:.1f} | {r['enqueue_dense_us']:.1f} |" for r in rows]
     md = "\n".join(lines)
     print(md)
     if args.out:
