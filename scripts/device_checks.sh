@@ -115,6 +115,10 @@
 #                  default) on the Qwen-like shape for three routings; PART=skip_idle_half_san: memcheck and
 #                  racecheck over the new tests (then PART=projection_qwen for the table). PART=two_ended: the
 #                  forward's row tiles taken alternately from both ends of the routing (PIT_MOE_TWO_ENDED=0 vs 1).
+#                  PART=two_ended_default: its A/B once both ends became the default for few rows per expert,
+#                  then the Qwen-like table; PART=ab_4calls: both A/Bs with the Qwen-like calls 4 per jitted step.
+#   PART=dispatch_bound: probe_dispatch_bound.py (one vs four calls per jitted step; the host's µs per call).
+#   PART=nn_moe_suite: tests/test_nn_moe.py alone on the GPU.
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
 #                  Session 17's part route_profile was PART="route_ncu ncu_detect_1x1 layer_qwen" (its layer
 #                  table went to $OUT/layer).
