@@ -14,16 +14,13 @@ handlers' host work rather than JAX's dispatch.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import time
 
 import jax
 import jax.numpy as jnp
 
 import pit_jax
 from bench_moe import CASES, ROUTINGS, expert_ids
-from common import announce, time_per_call
+from common import announce, enqueue_and_wall, markdown_report, time_per_call, write_results
 
 CALLS = 4
 ENQUEUE_CALLS = 200
@@ -31,13 +28,7 @@ ENQUEUE_CALLS = 200
 
 def enqueue_us(fn, *args) -> float:
     """Host µs per call to dispatch ENQUEUE_CALLS calls back to back (no sync inside the loop)."""
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    for _ in range(ENQUEUE_CALLS):
-        out = fn(*args)
-    t1 = time.perf_counter()
-    jax.block_until_ready(out)
-    return (t1 - t0) / ENQUEUE_CALLS * 1e6
+    return enqueue_and_wall(lambda a: fn(*a), args, ENQUEUE_CALLS)[0] * 1e6
 
 
 def main():
@@ -75,26 +66,19 @@ def main():
                  enqueue_dense_us=enqueue_us(dense, dense_a, w[0]))
         print(r, flush=True)
         rows.append(r)
-    lines = [f"# Dispatch-bound check, {args.case}, {meta['device']}, jax {meta['jax']}, {meta['date']}", "",
-             f"ms per projection call: one call per jitted step vs {CALLS} independent calls per step", "",
-             f"| routing | routing in the call, 1 / step | {CALLS} / step | tables given, 1 / step | {CALLS} / step |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['routing']} | {r['routed_1']:.3f} | {r['routed_n']:.3f} | {r['given_1']:.3f} | {r['given_n']:.3f} |"
-              for r in rows]
-    lines += ["", f"host µs per call, {ENQUEUE_CALLS} calls dispatched without a sync", "",
-              "| routing | projection, routing in the call | given the tables | routing alone | dense same-FLOP |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {r['routing']} | {r['enqueue_routed_us']:.1f} | {r['enqueue_given_us']:.1f} | "
-              f"{r['enqueue_routing_us']:.1f} | {r['enqueue_dense_us']:.1f} |" for r in rows]
-    md = "\n".join(lines)
+    title = f"Dispatch-bound check, {args.case}, {meta['device']}, jax {meta['jax']}, {meta['date']}"
+    md = markdown_report(
+        title, f"ms per projection call: one call per jitted step vs {CALLS} independent calls per step",
+        ["routing", "routing in the call, 1 / step", f"{CALLS} / step", "tables given, 1 / step", f"{CALLS} / step"],
+        [[r["routing"]] + [f"{r[c]:.3f}" for c in ("routed_1", "routed_n", "given_1", "given_n")] for r in rows])
+    md += "\n" + markdown_report(
+        title, f"host µs per call, {ENQUEUE_CALLS} calls dispatched without a sync",
+        ["routing", "projection, routing in the call", "given the tables", "routing alone", "dense same-FLOP"],
+        [[r["routing"]] + [f"{r[c]:.1f}" for c in ("enqueue_routed_us", "enqueue_given_us", "enqueue_routing_us",
+                                                    "enqueue_dense_us")] for r in rows])
     print(md)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "dispatch_bound.md"), "w") as fh:
-            fh.write(md + "\n")
-        with open(os.path.join(args.out, "dispatch_bound.json"), "w") as fh:
-            json.dump(dict(meta=meta, rows=rows), fh, indent=1)
-
+        write_results(args.out, "dispatch_bound", rows, md, meta)
 
 if __name__ == "__main__":
     main()
