@@ -119,6 +119,8 @@
 #                  then the Qwen-like table; PART=ab_4calls: both A/Bs with the Qwen-like calls 4 per jitted step.
 #   PART=dispatch_bound: probe_dispatch_bound.py (one vs four calls per jitted step; the host's µs per call).
 #   PART=nn_moe_suite: tests/test_nn_moe.py alone on the GPU.
+#   PART=route_in_call: profile_route_in_call.py (the routing's exposed time inside the Qwen-like call, with and
+#                  without dependent launches) and ncu of the routing kernels at the card's clocks (session 24).
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
 #                  Session 17's part route_profile was PART="route_ncu ncu_detect_1x1 layer_qwen" (its layer
 #                  table went to $OUT/layer).
@@ -450,6 +452,17 @@ ab_4calls)  # session 23: the skip-idle-half and two-ended A/Bs again, Qwen-like
   done ;;
 dispatch_bound)  # session 23: the Qwen-like projection with 1 and 4 calls per jitted step (probe_dispatch_bound.py)
   (cd benchmarks && timeout -k 5 200 python3 probe_dispatch_bound.py --out $OUT/dispatch_bound 2>&1 | grep "^|" | tee -a $LOG) ;;
+route_in_call)  # session 24: the routing's exposed time inside the Qwen-like call (profiler trace, with
+                # dependent launches and with PIT_MOE_PDL=0), then the routing kernels under ncu at the card's clocks
+  (cd benchmarks && timeout -k 5 150 python3 profile_route_in_call.py --out $OUT/route_in_call 2>&1 | grep "^|" | tee -a $LOG)
+  (cd benchmarks && PIT_MOE_PDL=0 timeout -k 5 150 python3 profile_route_in_call.py --out $OUT/route_in_call_nopdl 2>&1 | grep "^|" | tee -a $LOG)
+  for routing in uniform one-hot; do
+    (cd benchmarks && timeout -k 5 120 ncu --clock-control none --kernel-name regex:pit_moe_route --launch-skip 2 --launch-count 2 \
+      --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
+      python3 profile_moe_route.py --shape 2048 128 8 --routing $routing > $OUT/ncu_route_$routing.txt 2>&1)
+    grep -E "pit_moe_route|Duration|Stall|Warp Cycles Per Issued" $OUT/ncu_route_$routing.txt | sed 's/(const.*//; s/  */ /g' | head -30 | tee -a $LOG
+  done
+  echo "route_in_call $((SECONDS-t0))s" ;;
 nn_moe_suite)  # tests/test_nn_moe.py alone on the GPU (session 23: moe_suites ran past its 400 s in that suite)
   pytest_gpu ${TEST_TIMEOUT:-400} tests/test_nn_moe.py ;;
 moe_suites)  # the three MoE suites on the GPU (GPU vs CPU / float64): PART=verify SUITES=moe

@@ -1,0 +1,106 @@
+"""Where does the routing built inside a memory-bound projection call spend its time? For the
+Qwen-like projection (issue 4: routing in the call 1.29-1.31x its floor, given the tables
+1.15-1.25x), a JAX profiler trace of STEPS jitted steps of CALLS independent calls each, with the
+routing built in the call and with the tables given: each kernel's mean duration on the stream,
+and per call the span from the routing's first kernel start to the forward's end against the
+forward's own duration given the tables. span - given forward = the routing's exposed time
+(dependent launches let the forward start before the routing ends, so durations overlap).
+
+    python benchmarks/profile_route_in_call.py [--case "Qwen3-30B-A3B-like"] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+import pit_jax
+from bench_moe import CASES, ROUTINGS, expert_ids
+from common import announce, markdown_report, write_results
+from profile_layer_kernels import kernel_events, short
+
+CALLS = 4
+STEPS = 10
+
+
+def traced_kernels(step, args):
+    """[(short name, start µs, µs)] of STEPS steps, after two warm steps."""
+    for _ in range(2):
+        jax.block_until_ready(step(*args))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(STEPS):
+                out = step(*args)
+            jax.block_until_ready(out)
+        return [(short(n), s, dur) for n, s, dur in kernel_events(d, with_start=True)]
+
+
+def mean_durations(events):
+    by_name = collections.defaultdict(list)
+    for name, _, dur in events:
+        by_name[name].append(dur)
+    return {n: (len(v), statistics.median(v)) for n, v in by_name.items()}
+
+
+def call_spans(events, first_kernel, last_kernel):
+    """µs from each `first_kernel` start to the end of the next `last_kernel` (one per call)."""
+    spans, start = [], None
+    for name, s, dur in events:
+        if first_kernel in name and start is None:
+            start = s
+        elif last_kernel in name and start is not None:
+            spans.append(s + dur - start)
+            start = None
+    return spans
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", default="Qwen3-30B-A3B-like", choices=list(CASES))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    meta = announce()
+    t, e, k, d, f = CASES[args.case]
+    key = jax.random.PRNGKey(0)
+    w = (jax.random.normal(jax.random.fold_in(key, 1), (e, d, f), jnp.bfloat16) * d ** -0.5).astype(jnp.bfloat16)
+    xs = [jax.random.normal(jax.random.fold_in(key, 10 + i), (t, d), jnp.bfloat16) for i in range(CALLS)]
+    routed = jax.jit(lambda xs, w, idss: [pit_jax.moe_matmul(x, w, i) for x, i in zip(xs, idss)])
+    given = jax.jit(lambda xs, w, idss, tabs: [pit_jax.moe_matmul(x, w, i, routing=tb)
+                                               for x, i, tb in zip(xs, idss, tabs)])
+    rows, cells = [], []
+    for routing in ROUTINGS:
+        ids = expert_ids(jax.random.fold_in(key, 2), t, e, k, routing)
+        idss = [jnp.roll(ids, i, axis=0) for i in range(CALLS)]
+        tables = [pit_jax.moe_routing(i, e) for i in idss]
+        ev_routed = traced_kernels(routed, (xs, w, idss))
+        ev_given = traced_kernels(given, (xs, w, idss, tables))
+        dur_routed, dur_given = mean_durations(ev_routed), mean_durations(ev_given)
+        fwd = next((n for n in dur_given if "forward" in n), None)
+        first = next((n for n, _, _ in ev_routed if "route" in n), None)
+        spans = call_spans(ev_routed, first, fwd) if fwd and first else []
+        span = statistics.median(spans) if spans else float("nan")
+        given_fwd = dur_given[fwd][1] if fwd else float("nan")
+        r = dict(case=args.case, routing=routing, span_us=span, given_forward_us=given_fwd,
+                 exposed_us=span - given_fwd, routed_kernels=dur_routed, given_kernels=dur_given)
+        print(r, flush=True)
+        rows.append(r)
+        kern = "; ".join(f"{n} ×{c // STEPS}: {m:.1f}" for n, (c, m) in dur_routed.items())
+        cells.append([routing, f"{span:.1f}", f"{given_fwd:.1f}", f"{span - given_fwd:.1f}", kern])
+    title = f"Routing inside the call, {args.case}, {meta['device']}, jax {meta['jax']}, {meta['date']}"
+    md = markdown_report(
+        title, f"JAX profiler trace, {STEPS} steps of {CALLS} calls; µs, medians. span = routing's first kernel "
+        "start to the forward's end, per call; exposed = span - the forward's duration given the tables",
+        ["routing", "span", "forward given tables", "exposed routing", "kernels in the routed step (count per step: median µs)"],
+        cells)
+    print(md)
+    if args.out:
+        write_results(args.out, "route_in_call", rows, md, meta)
+
+
+if __name__ == "__main__":
+    main()
