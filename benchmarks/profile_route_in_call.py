@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
+import re
 import statistics
 import tempfile
 
@@ -28,8 +28,14 @@ CALLS = 4
 STEPS = 10
 
 
+def kernel_name(name: str) -> str:
+    """pit's kernels by their function name (short() leaves 'void pit::' of an anonymous namespace)."""
+    m = re.search(r"pit_\w+", name)
+    return m.group(0) if m else short(name)
+
+
 def traced_kernels(step, args):
-    """[(short name, start µs, µs)] of STEPS steps, after two warm steps."""
+    """[(name, start µs, µs)] of STEPS steps, after two warm steps."""
     for _ in range(2):
         jax.block_until_ready(step(*args))
     with tempfile.TemporaryDirectory() as d:
@@ -37,7 +43,7 @@ def traced_kernels(step, args):
             for _ in range(STEPS):
                 out = step(*args)
             jax.block_until_ready(out)
-        return [(short(n), s, dur) for n, s, dur in kernel_events(d, with_start=True)]
+        return [(kernel_name(n), s, dur) for n, s, dur in kernel_events(d, with_start=True)]
 
 
 def mean_durations(events):
