@@ -5,9 +5,12 @@ routing tables given) is timed with 1 and with CALLS independent calls per jitte
 tokens, ids rolled so no two routings are equal and XLA cannot merge them): if the per-call time
 drops with more calls per step, the one-call number timed the host. Also the host's own time per
 call: ENQUEUE_CALLS calls dispatched without waiting (µs per call until the loop returns), for the
-dense matmul of the same FLOPs, the routing alone, and the projection given the tables and with
-the routing in the call; a pit call whose enqueue time exceeds the dense one's points at the FFI
-handlers' host work rather than JAX's dispatch.
+dense matmul of the same FLOPs, the routing alone, the projection given the tables and with the
+routing in the call, and a jitted `a + 1` on 8 floats (JAX's dispatch with almost no device work);
+a pit call whose enqueue time exceeds that baseline's points at the FFI handlers' host work rather
+than JAX's dispatch. Where a call's device work takes longer than its dispatch (the dense matmul,
+the projection) the loop is held back by the device and measures that instead (session 24's
+H100: 62-177 µs per call there).
 
     python benchmarks/probe_dispatch_bound.py [--case "Qwen3-30B-A3B-like"] [--out DIR]
 """
@@ -46,6 +49,8 @@ def main():
     route = jax.jit(lambda ids: pit_jax.moe_routing(ids, e))
     dense = jax.jit(lambda a, b: a @ b)
     dense_a = jax.random.normal(key, (t * k, d), jnp.bfloat16)
+    trivial = jax.jit(lambda a: a + 1)  # JAX's own dispatch cost: one tiny elementwise kernel
+    small = jnp.zeros((8,), jnp.float32)
     rows = []
     for routing in ROUTINGS:
         ids = expert_ids(jax.random.fold_in(key, 2), t, e, k, routing)
@@ -63,7 +68,8 @@ def main():
                  enqueue_routed_us=enqueue_us(one_routed, xs[0], w, ids),
                  enqueue_given_us=enqueue_us(one_given, xs[0], w, ids, tables[0]),
                  enqueue_routing_us=enqueue_us(route, ids),
-                 enqueue_dense_us=enqueue_us(dense, dense_a, w[0]))
+                 enqueue_dense_us=enqueue_us(dense, dense_a, w[0]),
+                 enqueue_trivial_us=enqueue_us(trivial, small))
         print(r, flush=True)
         rows.append(r)
     title = f"Dispatch-bound check, {args.case}, {meta['device']}, jax {meta['jax']}, {meta['date']}"
@@ -73,9 +79,10 @@ def main():
         [[r["routing"]] + [f"{r[c]:.3f}" for c in ("routed_1", "routed_n", "given_1", "given_n")] for r in rows])
     md += "\n" + markdown_report(
         title, f"host µs per call, {ENQUEUE_CALLS} calls dispatched without a sync",
-        ["routing", "projection, routing in the call", "given the tables", "routing alone", "dense same-FLOP"],
+        ["routing", "projection, routing in the call", "given the tables", "routing alone", "dense same-FLOP",
+         "a + 1 on 8 floats (JAX's dispatch alone)"],
         [[r["routing"]] + [f"{r[c]:.1f}" for c in ("enqueue_routed_us", "enqueue_given_us", "enqueue_routing_us",
-                                                    "enqueue_dense_us")] for r in rows])
+                                                    "enqueue_dense_us", "enqueue_trivial_us")] for r in rows])
     print(md)
     if args.out:
         write_results(args.out, "dispatch_bound", rows, md, meta)

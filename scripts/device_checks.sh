@@ -119,6 +119,8 @@
 #                  then the Qwen-like table; PART=ab_4calls: both A/Bs with the Qwen-like calls 4 per jitted step.
 #   PART=dispatch_bound: probe_dispatch_bound.py (one vs four calls per jitted step; the host's µs per call).
 #   PART=nn_moe_suite: tests/test_nn_moe.py alone on the GPU.
+#   PART=route_tool_crash: the 16384 x 139 routing tests one per process under memcheck and racecheck, rank path
+#                  and three launches (the tool crashed there in session 24's chunked run).
 #   PART=route_in_call: profile_route_in_call.py (the routing's exposed time inside the Qwen-like call, with and
 #                  without dependent launches) and ncu of the routing kernels at the card's clocks (session 24).
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
@@ -463,6 +465,17 @@ route_in_call)  # session 24: the routing's exposed time inside the Qwen-like ca
     grep -E "pit_moe_route|Duration|Stall|Warp Cycles Per Issued" $OUT/ncu_route_$routing.txt | sed 's/(const.*//; s/  */ /g' | head -30 | tee -a $LOG
   done
   echo "route_in_call $((SECONDS-t0))s" ;;
+route_tool_crash)  # session 24: the 16384-assignment, 139-expert routing tests (the rank path's largest count
+                   # array, 140 x 64 = 8960) alone under memcheck and racecheck, each of the 4 (crowded / one-hot
+                   # ids, rank path / three launches) in its own process; session 24's chunked sanitizers crashed
+                   # the tool there (memcheck on one-hot, racecheck on crowded), session 22's ran them clean
+  for tool in memcheck racecheck; do
+    for ids in crowded one_hot; do
+      for path in default 0; do
+        SAN_TIMEOUT=120 run_tool $tool pit_moe_route tests/test_moe_kernels.py "routing_kernel and $ids-$path-16384-139"
+      done
+    done
+  done ;;
 nn_moe_suite)  # tests/test_nn_moe.py alone on the GPU (session 23: moe_suites ran past its 400 s in that suite)
   pytest_gpu ${TEST_TIMEOUT:-400} tests/test_nn_moe.py ;;
 moe_suites)  # the three MoE suites on the GPU (GPU vs CPU / float64): PART=verify SUITES=moe
