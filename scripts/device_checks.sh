@@ -119,6 +119,7 @@
 #                  then the Qwen-like table; PART=ab_4calls: both A/Bs with the Qwen-like calls 4 per jitted step.
 #   PART=dispatch_bound: probe_dispatch_bound.py (one vs four calls per jitted step; the host's µs per call).
 #   PART=nn_moe_suite: tests/test_nn_moe.py alone on the GPU.
+#   PART=prefetch_next: tests, memcheck and the Qwen-like A/B of PIT_MOE_PREFETCH_NEXT=1 (session 24, prepared).
 #   PART=route_tool_crash: the 16384 x 139 routing tests one per process under memcheck and racecheck, rank path
 #                  and three launches (the tool crashed there in session 24's chunked run).
 #   PART=route_in_call: profile_route_in_call.py (the routing's exposed time inside the Qwen-like call, with and
@@ -465,6 +466,13 @@ route_in_call)  # session 24: the routing's exposed time inside the Qwen-like ca
     grep -E "pit_moe_route|Duration|Stall|Warp Cycles Per Issued" $OUT/ncu_route_$routing.txt | sed 's/(const.*//; s/  */ /g' | head -30 | tee -a $LOG
   done
   echo "route_in_call $((SECONDS-t0))s" ;;
+prefetch_next)  # session 24 (prepared, not yet run): the tiled forward with PIT_MOE_PREFETCH_NEXT (each CTA prefetching
+                # into L2 the first weight stages of the block one SM count ahead): the bit-for-bit hint test and the
+                # warpgroup-halves tests, memcheck over the hint test, then the A/B on the Qwen-like parts (4 calls per step)
+  pytest_gpu 200 tests/test_moe_kernels.py -k "prefetch_next or warpgroup_halves"
+  SAN_TIMEOUT=120 run_tool memcheck pit_ tests/test_moe_kernels.py "prefetch_next_is_only_a_hint"
+  moe_ab 220 prefetch_ab --switch PIT_MOE_PREFETCH_NEXT default 1 --cases "Qwen3-30B-A3B-like" \
+    --routings uniform zipf one-hot --parts "projection" "scattered projection" "up swiglu" ;;
 route_tool_crash)  # session 24: the 16384-assignment, 139-expert routing tests (the rank path's largest count
                    # array, 140 x 64 = 8960) alone under memcheck and racecheck, each of the 4 (crowded / one-hot
                    # ids, rank path / three launches) in its own process; session 24's chunked sanitizers crashed
