@@ -167,8 +167,10 @@ layer_table() {  # seconds, output folder under $OUT, then bench_moe case names:
     --out $OUT/$out 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "layer $((SECONDS-t0))s"
 }
-moe_suites() {  # the three MoE suites on the GPU (GPU vs CPU / float64); seconds
-  pytest_gpu $1 tests/test_moe_kernels.py tests/test_moe_matmul.py tests/test_nn_moe.py
+moe_suites() {  # the three MoE suites on the GPU (GPU vs CPU / float64); seconds for the first two, whose
+               # 731 tests took 305 s on an H100 in session 24 (test_nn_moe.py: 64 s, its own limit)
+  pytest_gpu $1 tests/test_moe_kernels.py tests/test_moe_matmul.py
+  pytest_gpu 150 tests/test_nn_moe.py
 }
 projection_table() {  # seconds, output folder under $OUT, then bench_moe case names: its projection table
   local limit=$1 out=$2; shift 2
@@ -465,6 +467,13 @@ route_in_call)  # session 24: the routing's exposed time inside the Qwen-like ca
       python3 profile_moe_route.py --shape 2048 128 8 --routing $routing > $OUT/ncu_route_$routing.txt 2>&1)
     grep -E "pit_moe_route|Duration|Stall|Warp Cycles Per Issued" $OUT/ncu_route_$routing.txt | sed 's/(const.*//; s/  */ /g' | head -30 | tee -a $LOG
   done
+  # session 24: ncu failed on the rank kernel above ("An error occurred while trying to profile"); again without
+  # dependent launches, replaying the application, with the warp stall samples per source line
+  (cd benchmarks && PIT_MOE_PDL=0 timeout -k 5 150 ncu --clock-control none --replay-mode application \
+    --kernel-name regex:pit_moe_route_rank --launch-skip 1 --launch-count 1 --section SpeedOfLight --section WarpStateStats \
+    --section SourceCounters python3 profile_moe_route.py --shape 2048 128 8 --routing uniform --calls 3 \
+    > $OUT/ncu_route_rank_uniform.txt 2>&1)
+  grep -E "pit_moe_route|Duration|==ERROR==|Stall" $OUT/ncu_route_rank_uniform.txt | sed 's/(const.*//; s/  */ /g' | head -20 | tee -a $LOG
   echo "route_in_call $((SECONDS-t0))s" ;;
 prefetch_next)  # session 24 (prepared, not yet run): the tiled forward with PIT_MOE_PREFETCH_NEXT (each CTA prefetching
                 # into L2 the first weight stages of the block one SM count ahead): the bit-for-bit hint test and the
