@@ -119,6 +119,7 @@
 #                  then the Qwen-like table; PART=ab_4calls: both A/Bs with the Qwen-like calls 4 per jitted step.
 #   PART=dispatch_bound: probe_dispatch_bound.py (one vs four calls per jitted step; the host's µs per call).
 #   PART=nn_moe_suite: tests/test_nn_moe.py alone on the GPU.
+#   PART=route_cluster: tests, sanitizers, ncu times and the A/B of PIT_MOE_ROUTE_CLUSTER=1 (session 24, prepared).
 #   PART=prefetch_next: tests, memcheck and the Qwen-like A/B of PIT_MOE_PREFETCH_NEXT=1 (session 24, prepared).
 #   PART=route_tool_crash: the 16384 x 139 routing tests one per process under memcheck and racecheck, rank path
 #                  and three launches (the tool crashed there in session 24's chunked run).
@@ -184,6 +185,15 @@ moe_ab() {  # seconds, output folder under $OUT, then bench_moe_persistent's arg
   PIT_BENCH_ROUNDS=${ROUNDS:-4} timeout -k 5 ${BENCH_TIMEOUT:-$limit} python3 benchmarks/bench_moe_persistent.py "$@" \
     --out $OUT/$out 2>&1 | grep "^| [MQ]" | tee -a $LOG
   echo "ab $((SECONDS-t0))s"
+}
+route_ncu_each() {  # a per-launch variable, then its values ("default": unset): PART=route_ncu with each
+  local var=$1 value; shift
+  for value in "$@"; do
+    [[ $value == default ]] && unset $var || export $var=$value
+    echo "== $var=$value" | tee -a $LOG
+    PART=route_ncu SKIP_BUILD=1 bash $0 > /dev/null
+  done
+  unset $var
 }
 detect_ab_by_sparsity() {  # seconds per run, output prefix under $OUT, cases, variant, sparsities: bench_detect_ab
                          # (index kept in the jit) of the default against the variant at each sparsity
@@ -475,6 +485,16 @@ route_in_call)  # session 24: the routing's exposed time inside the Qwen-like ca
     > $OUT/ncu_route_rank_uniform.txt 2>&1)
   grep -E "pit_moe_route|Duration|==ERROR==|Stall" $OUT/ncu_route_rank_uniform.txt | sed 's/(const.*//; s/  */ /g' | head -20 | tee -a $LOG
   echo "route_in_call $((SECONDS-t0))s" ;;
+route_cluster)  # session 24 (prepared, not yet run): the routing of small problems in one 8-CTA cluster
+                # (PIT_MOE_ROUTE_CLUSTER=1): the routing kernel tests (every path), memcheck and racecheck over the
+                # cluster path's tests, the routing kernels' times under ncu with and without it, then the A/B of the
+                # projection with the routing in the call ("projection", tables given, is the A/A control)
+  pytest_gpu 200 tests/test_moe_kernels.py -k "routing_kernel"
+  SAN_TIMEOUT=150 run_tool memcheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and cluster"
+  SAN_TIMEOUT=150 run_tool racecheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and cluster"
+  route_ncu_each PIT_MOE_ROUTE_CLUSTER default 1
+  moe_ab 250 route_cluster_ab --switch PIT_MOE_ROUTE_CLUSTER default 1 --cases "Qwen3-30B-A3B-like" \
+    "Mixtral up T=4096" --routings uniform zipf one-hot --parts "routed projection" "projection" ;;
 prefetch_next)  # session 24 (prepared, not yet run): the tiled forward with PIT_MOE_PREFETCH_NEXT (each CTA prefetching
                 # into L2 the first weight stages of the block one SM count ahead): the bit-for-bit hint test and the
                 # warpgroup-halves tests, memcheck over the hint test, then the A/B on the Qwen-like parts (4 calls per step)
@@ -543,12 +563,7 @@ route_two_launch)  # session 22: the routing's scan and scatter in one launch fo
                  # (PIT_MOE_ROUTE_TWO_LAUNCH=0 vs default, read per launch) of the projection with the routing built
                  # in the call ("projection", routing outside, is the A/A control), then memcheck and racecheck
   pytest_gpu 200 tests/test_moe_kernels.py -k "routing_kernel"
-  for two_launch in default 0; do
-    [[ $two_launch == default ]] && unset PIT_MOE_ROUTE_TWO_LAUNCH || export PIT_MOE_ROUTE_TWO_LAUNCH=$two_launch
-    echo "== PIT_MOE_ROUTE_TWO_LAUNCH=$two_launch" | tee -a $LOG
-    PART=route_ncu SKIP_BUILD=1 bash $0 > /dev/null
-  done
-  unset PIT_MOE_ROUTE_TWO_LAUNCH
+  route_ncu_each PIT_MOE_ROUTE_TWO_LAUNCH default 0
   moe_ab 250 route_two_launch_ab --switch PIT_MOE_ROUTE_TWO_LAUNCH 0 default --cases "Qwen3-30B-A3B-like" \
     "Mixtral up T=4096" --parts "routed projection" "projection"
   SAN_TIMEOUT=120 run_tool memcheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and not 20000"
