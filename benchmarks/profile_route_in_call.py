@@ -1,10 +1,11 @@
 """Where does the routing built inside a memory-bound projection call spend its time? For the
 Qwen-like projection (issue 4: routing in the call 1.29-1.31x its floor, given the tables
 1.15-1.25x), a JAX profiler trace of STEPS jitted steps of CALLS independent calls each, with the
-routing built in the call and with the tables given: each kernel's mean duration on the stream,
-and per call the span from the routing's first kernel start to the forward's end against the
-forward's own duration given the tables. span - given forward = the routing's exposed time
-(dependent launches let the forward start before the routing ends, so durations overlap).
+routing built in the call and with the tables given: each kernel's median duration on the stream,
+and the period between consecutive forwards' ends (one call's device time; medians). Routed period
+- given period = the routing's exposed time. (Dependent launches schedule a kernel before the one
+ahead of it ends, so its trace interval includes waiting: kernel durations overlap, while the
+period between forward ends does not depend on that.)
 
     python benchmarks/profile_route_in_call.py [--case "Qwen3-30B-A3B-like"] [--out DIR]
 """
@@ -53,16 +54,11 @@ def mean_durations(events):
     return {n: (len(v), statistics.median(v)) for n, v in by_name.items()}
 
 
-def call_spans(events, first_kernel, last_kernel):
-    """µs from each `first_kernel` start to the end of the next `last_kernel` (one per call)."""
-    spans, start = [], None
-    for name, s, dur in events:
-        if first_kernel in name and start is None:
-            start = s
-        elif last_kernel in name and start is not None:
-            spans.append(s + dur - start)
-            start = None
-    return spans
+def forward_period(events, forward_kernel):
+    """Median µs between consecutive ends of `forward_kernel` (one call's device time)."""
+    ends = sorted(s + dur for name, s, dur in events if name == forward_kernel)
+    gaps = [b - a for a, b in zip(ends, ends[1:])]
+    return statistics.median(gaps) if gaps else float("nan")
 
 
 def main():
@@ -87,21 +83,21 @@ def main():
         ev_given = traced_kernels(given, (xs, w, idss, tables))
         dur_routed, dur_given = mean_durations(ev_routed), mean_durations(ev_given)
         fwd = next((n for n in dur_given if "forward" in n), None)
-        first = next((n for n, _, _ in ev_routed if "route" in n), None)
-        spans = call_spans(ev_routed, first, fwd) if fwd and first else []
-        span = statistics.median(spans) if spans else float("nan")
-        given_fwd = dur_given[fwd][1] if fwd else float("nan")
-        r = dict(case=args.case, routing=routing, span_us=span, given_forward_us=given_fwd,
-                 exposed_us=span - given_fwd, routed_kernels=dur_routed, given_kernels=dur_given)
+        routed_period = forward_period(ev_routed, fwd) if fwd else float("nan")
+        given_period = forward_period(ev_given, fwd) if fwd else float("nan")
+        r = dict(case=args.case, routing=routing, routed_period_us=routed_period, given_period_us=given_period,
+                 exposed_us=routed_period - given_period, routed_kernels=dur_routed, given_kernels=dur_given)
         print(r, flush=True)
         rows.append(r)
         kern = "; ".join(f"{n} ×{c // STEPS}: {m:.1f}" for n, (c, m) in dur_routed.items())
-        cells.append([routing, f"{span:.1f}", f"{given_fwd:.1f}", f"{span - given_fwd:.1f}", kern])
+        cells.append([routing, f"{routed_period:.1f}", f"{given_period:.1f}", f"{routed_period - given_period:.1f}",
+                      kern])
     title = f"Routing inside the call, {args.case}, {meta['device']}, jax {meta['jax']}, {meta['date']}"
     md = markdown_report(
-        title, f"JAX profiler trace, {STEPS} steps of {CALLS} calls; µs, medians. span = routing's first kernel "
-        "start to the forward's end, per call; exposed = span - the forward's duration given the tables",
-        ["routing", "span", "forward given tables", "exposed routing", "kernels in the routed step (count per step: median µs)"],
+        title, f"JAX profiler trace, {STEPS} steps of {CALLS} calls; µs, medians. period = time between "
+        "consecutive forwards' ends (one call); exposed = routed period - given period",
+        ["routing", "period, routing in the call", "period, tables given", "exposed routing",
+         "kernels in the routed step (name ×count per step: median µs)"],
         cells)
     print(md)
     if args.out:

@@ -124,7 +124,7 @@
 #   PART=route_tool_crash: the 16384 x 139 routing tests one per process under memcheck and racecheck, rank path
 #                  and three launches (the tool crashed there in session 24's chunked run).
 #   PART=route_in_call: profile_route_in_call.py (the routing's exposed time inside the Qwen-like call, with and
-#                  without dependent launches) and ncu of the routing kernels at the card's clocks (session 24).
+#                  without dependent launches, and with PIT_MOE_ROUTE_CLUSTER=1) and ncu of the routing kernels at the card's clocks (session 24).
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
 #                  Session 17's part route_profile was PART="route_ncu ncu_detect_1x1 layer_qwen" (its layer
 #                  table went to $OUT/layer).
@@ -471,6 +471,7 @@ route_in_call)  # session 24: the routing's exposed time inside the Qwen-like ca
                 # dependent launches and with PIT_MOE_PDL=0), then the routing kernels under ncu at the card's clocks
   (cd benchmarks && timeout -k 5 150 python3 profile_route_in_call.py --out $OUT/route_in_call 2>&1 | grep "^|" | tee -a $LOG)
   (cd benchmarks && PIT_MOE_PDL=0 timeout -k 5 150 python3 profile_route_in_call.py --out $OUT/route_in_call_nopdl 2>&1 | grep "^|" | tee -a $LOG)
+  (cd benchmarks && PIT_MOE_ROUTE_CLUSTER=1 timeout -k 5 150 python3 profile_route_in_call.py --out $OUT/route_in_call_cluster 2>&1 | grep "^|" | tee -a $LOG)
   for routing in uniform one-hot; do
     (cd benchmarks && timeout -k 5 120 ncu --clock-control none --kernel-name regex:pit_moe_route --launch-skip 2 --launch-count 2 \
       --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
