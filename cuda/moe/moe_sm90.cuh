@@ -218,13 +218,6 @@ __device__ __forceinline__ void stage_accumulators(const float (&acc)[128], T* c
 }
 #endif  // PIT_HAS_WGMMA
 
-// kXTma: x's rows are in routing order (s.x_sorted), so a tile's 128 rows are contiguous and come
-// by TMA as one box (rows past the tile belong to the next group or lie past the end, where the
-// copy engine zero-fills: they only reach output rows that are not stored).
-// kEpi (fused epilogues, w [E, d, f] only): an activation of the product (ReLU, GELU), the
-// top-k combine weight of each row's assignment (kEpiScale: row_scale [A], by assignment id), or
-// SwiGLU, out = silu(x @ w_gate) * (x @ w_up), where a CTA's 256 B columns are 128 columns of
-// w_gate (w_map) and the same 128 of w_up (up_map).
 #if PIT_HAS_WGMMA
 // The block s.prefetch_ahead after this one (blocks are handed to SMs in order and each SM holds
 // one, so with CTAs of similar length it is about the one that takes this SM next): its first
@@ -261,6 +254,13 @@ __device__ __forceinline__ void prefetch_next_weights(const MoeShape& s, const i
 }
 #endif  // PIT_HAS_WGMMA
 
+// kXTma: x's rows are in routing order (s.x_sorted), so a tile's 128 rows are contiguous and come
+// by TMA as one box (rows past the tile belong to the next group or lie past the end, where the
+// copy engine zero-fills: they only reach output rows that are not stored).
+// kEpi (fused epilogues, w [E, d, f] only): an activation of the product (ReLU, GELU), the
+// top-k combine weight of each row's assignment (kEpiScale: row_scale [A], by assignment id), or
+// SwiGLU, out = silu(x @ w_gate) * (x @ w_up), where a CTA's 256 B columns are 128 columns of
+// w_gate (w_map) and the same 128 of w_up (up_map).
 template <typename T, bool kWTransposed, bool kXTma, int kEpi>
 __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     pit_moe_forward_sm90_kernel(const T* __restrict__ x, const T* __restrict__ w, const int32_t* __restrict__ order,
