@@ -34,6 +34,24 @@ def enqueue_us(fn, *args) -> float:
     return enqueue_and_wall(lambda a: fn(*a), args, ENQUEUE_CALLS)[0] * 1e6
 
 
+def projection_operands(case: str, calls: int):
+    """(key, w [E, d, f], `calls` token arrays [T, d]) of a bench_moe case, bf16: distinct tokens per call."""
+    t, e, k, d, f = CASES[case]
+    key = jax.random.PRNGKey(0)
+    w = (jax.random.normal(jax.random.fold_in(key, 1), (e, d, f), jnp.bfloat16) * d ** -0.5).astype(jnp.bfloat16)
+    xs = [jax.random.normal(jax.random.fold_in(key, 10 + i), (t, d), jnp.bfloat16) for i in range(calls)]
+    return key, w, xs
+
+
+def rolled_routings(key, case: str, routing: str, calls: int):
+    """`calls` expert-id arrays of a routing, rolled so no two are equal (XLA cannot merge the calls),
+    and their routing tables, built once."""
+    t, e, k, _, _ = CASES[case]
+    ids = expert_ids(jax.random.fold_in(key, 2), t, e, k, routing)
+    idss = [jnp.roll(ids, i, axis=0) for i in range(calls)]
+    return idss, [pit_jax.moe_routing(i, e) for i in idss]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", default="Qwen3-30B-A3B-like", choices=list(CASES))
@@ -41,9 +59,7 @@ def main():
     args = ap.parse_args()
     meta = announce()
     t, e, k, d, f = CASES[args.case]
-    key = jax.random.PRNGKey(0)
-    w = (jax.random.normal(jax.random.fold_in(key, 1), (e, d, f), jnp.bfloat16) * d ** -0.5).astype(jnp.bfloat16)
-    xs = [jax.random.normal(jax.random.fold_in(key, 10 + i), (t, d), jnp.bfloat16) for i in range(CALLS)]
+    key, w, xs = projection_operands(args.case, CALLS)
     routed = lambda x, w, ids: pit_jax.moe_matmul(x, w, ids)
     given = lambda x, w, ids, tables: pit_jax.moe_matmul(x, w, ids, routing=tables)
     route = jax.jit(lambda ids: pit_jax.moe_routing(ids, e))
@@ -53,9 +69,8 @@ def main():
     small = jnp.zeros((8,), jnp.float32)
     rows = []
     for routing in ROUTINGS:
-        ids = expert_ids(jax.random.fold_in(key, 2), t, e, k, routing)
-        idss = [jnp.roll(ids, i, axis=0) for i in range(CALLS)]
-        tables = [pit_jax.moe_routing(i, e) for i in idss]
+        idss, tables = rolled_routings(key, args.case, routing, CALLS)
+        ids = idss[0]
         one_routed = jax.jit(routed)
         many_routed = jax.jit(lambda xs, w, idss: [routed(x, w, i) for x, i in zip(xs, idss)])
         one_given = jax.jit(given)

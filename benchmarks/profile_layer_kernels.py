@@ -55,7 +55,8 @@ def short(name):
     return name[:70]
 
 
-def profile(step, args, steps):
+def profile(step, args, steps, with_start=False):
+    """kernel_events of `steps` calls of step(*args) in one trace, after two warm calls."""
     jax.block_until_ready(step(*args))  # compile and warm up outside the trace
     jax.block_until_ready(step(*args))
     with tempfile.TemporaryDirectory() as d:
@@ -63,7 +64,7 @@ def profile(step, args, steps):
             for _ in range(steps):
                 out = step(*args)
             jax.block_until_ready(out)
-        return kernel_events(d)
+        return kernel_events(d, with_start=with_start)
 
 
 def table(label, events, steps):

@@ -15,15 +15,14 @@ import argparse
 import collections
 import re
 import statistics
-import tempfile
 
 import jax
-import jax.numpy as jnp
 
 import pit_jax
-from bench_moe import CASES, ROUTINGS, expert_ids
+from bench_moe import CASES, ROUTINGS
 from common import announce, markdown_report, write_results
-from profile_layer_kernels import kernel_events, short
+from probe_dispatch_bound import projection_operands, rolled_routings
+from profile_layer_kernels import profile, short
 
 CALLS = 4
 STEPS = 10
@@ -37,14 +36,7 @@ def kernel_name(name: str) -> str:
 
 def traced_kernels(step, args):
     """[(name, start µs, µs)] of STEPS steps, after two warm steps."""
-    for _ in range(2):
-        jax.block_until_ready(step(*args))
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            for _ in range(STEPS):
-                out = step(*args)
-            jax.block_until_ready(out)
-        return [(kernel_name(n), s, dur) for n, s, dur in kernel_events(d, with_start=True)]
+    return [(kernel_name(n), s, dur) for n, s, dur in profile(step, args, STEPS, with_start=True)]
 
 
 def mean_durations(events):
@@ -67,18 +59,13 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     meta = announce()
-    t, e, k, d, f = CASES[args.case]
-    key = jax.random.PRNGKey(0)
-    w = (jax.random.normal(jax.random.fold_in(key, 1), (e, d, f), jnp.bfloat16) * d ** -0.5).astype(jnp.bfloat16)
-    xs = [jax.random.normal(jax.random.fold_in(key, 10 + i), (t, d), jnp.bfloat16) for i in range(CALLS)]
+    key, w, xs = projection_operands(args.case, CALLS)
     routed = jax.jit(lambda xs, w, idss: [pit_jax.moe_matmul(x, w, i) for x, i in zip(xs, idss)])
     given = jax.jit(lambda xs, w, idss, tabs: [pit_jax.moe_matmul(x, w, i, routing=tb)
                                                for x, i, tb in zip(xs, idss, tabs)])
     rows, cells = [], []
     for routing in ROUTINGS:
-        ids = expert_ids(jax.random.fold_in(key, 2), t, e, k, routing)
-        idss = [jnp.roll(ids, i, axis=0) for i in range(CALLS)]
-        tables = [pit_jax.moe_routing(i, e) for i in idss]
+        idss, tables = rolled_routings(key, args.case, routing, CALLS)
         ev_routed = traced_kernels(routed, (xs, w, idss))
         ev_given = traced_kernels(given, (xs, w, idss, tables))
         dur_routed, dur_given = mean_durations(ev_routed), mean_durations(ev_given)

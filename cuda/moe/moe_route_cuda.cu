@@ -348,21 +348,8 @@ cudaError_t launch_route_cluster(cudaStream_t stream, bool pdl, const int32_t* i
   const size_t smem = cluster_route_smem_bytes(experts + 1);
   cudaError_t err = allow_dynamic_smem(kernel, int(smem));
   if (err != cudaSuccess) return err;
-  cudaLaunchAttribute attrs[2];
-  attrs[0].id = cudaLaunchAttributeClusterDimension;
-  attrs[0].val.clusterDim.x = kClusterCtas;
-  attrs[0].val.clusterDim.y = 1;
-  attrs[0].val.clusterDim.z = 1;
-  attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attrs[1].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(kClusterCtas);
-  config.blockDim = dim3(kClusterThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = attrs;
-  config.numAttrs = pdl ? 2 : 1;
-  return cudaLaunchKernelEx(&config, kernel, ids, n, experts, tile_rows, group_starts, tile_starts, order);
+  return launch_dependent_in_clusters(kernel, kClusterCtas, dim3(kClusterCtas), dim3(kClusterThreads), smem, stream,
+                                      pdl, ids, n, experts, tile_rows, group_starts, tile_starts, order);
 }
 
 // Whether steps 2 and 3 run as the one rank launch (PIT_MOE_ROUTE_TWO_LAUNCH=0, read per launch, keeps three).
