@@ -183,7 +183,9 @@ moe_ab() {  # seconds, output folder under $OUT, then bench_moe_persistent's arg
             # --cases, --parts): its A/B table, ROUNDS rounds (default 4, the bench's own default)
   local limit=$1 out=$2; shift 2
   PIT_BENCH_ROUNDS=${ROUNDS:-4} timeout -k 5 ${BENCH_TIMEOUT:-$limit} python3 benchmarks/bench_moe_persistent.py "$@" \
-    --out $OUT/$out 2>&1 | grep "^| [MQ]" | tee -a $LOG
+    --out $OUT/$out > $OUT/$out.log 2>&1
+  grep "^| [MQ]" $OUT/$out.log | tee -a $LOG
+  grep -q "^| [MQ]" $OUT/$out.log || tail -15 $OUT/$out.log | tee -a $LOG  # no table: say why
   echo "ab $((SECONDS-t0))s"
 }
 route_ncu_each() {  # a per-launch variable, then its values ("default": unset): PART=route_ncu with each
@@ -486,6 +488,9 @@ route_in_call)  # session 24: the routing's exposed time inside the Qwen-like ca
     > $OUT/ncu_route_rank_uniform.txt 2>&1)
   grep -E "pit_moe_route|Duration|==ERROR==|Stall" $OUT/ncu_route_rank_uniform.txt | sed 's/(const.*//; s/  */ /g' | head -20 | tee -a $LOG
   echo "route_in_call $((SECONDS-t0))s" ;;
+route_cluster_ab)  # session 25: the A/B of route_cluster alone (its first run printed no table)
+  moe_ab 250 route_cluster_ab --switch PIT_MOE_ROUTE_CLUSTER default 1 --cases "Qwen3-30B-A3B-like" \
+    "Mixtral up T=4096" --routings uniform zipf one-hot --parts "routed projection" "projection" ;;
 route_cluster)  # session 24 (prepared, not yet run): the routing of small problems in one 8-CTA cluster
                 # (PIT_MOE_ROUTE_CLUSTER=1): the routing kernel tests (every path), memcheck and racecheck over the
                 # cluster path's tests, the routing kernels' times under ncu with and without it, then the A/B of the
