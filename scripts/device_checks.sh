@@ -120,7 +120,8 @@
 #   PART=dispatch_bound: probe_dispatch_bound.py (one vs four calls per jitted step; the host's µs per call).
 #   PART=nn_moe_suite: tests/test_nn_moe.py alone on the GPU.
 #   PART=route_cluster: tests, sanitizers, ncu times and the A/B of PIT_MOE_ROUTE_CLUSTER=1 (session 24, prepared).
-#   PART=prefetch_next: tests, memcheck and the Qwen-like A/B of PIT_MOE_PREFETCH_NEXT=1 (session 24, prepared).
+#   PART=prefetch_next (session 24, ran in session 25): PIT_MOE_PREFETCH_NEXT's tests, memcheck and Qwen-like A/B;
+#                  no gain, switch removed with its code (benchmarks/results/2026-11-28_session25/).
 #   PART=route_tool_crash: the 16384 x 139 routing tests one per process under memcheck and racecheck, rank path
 #                  and three launches (the tool crashed there in session 24's chunked run).
 #   PART=route_in_call: profile_route_in_call.py (the routing's exposed time inside the Qwen-like call, with and
@@ -501,13 +502,19 @@ route_cluster)  # session 24 (prepared, not yet run): the routing of small probl
   route_ncu_each PIT_MOE_ROUTE_CLUSTER default 1
   moe_ab 250 route_cluster_ab --switch PIT_MOE_ROUTE_CLUSTER default 1 --cases "Qwen3-30B-A3B-like" \
     "Mixtral up T=4096" --routings uniform zipf one-hot --parts "routed projection" "projection" ;;
-prefetch_next)  # session 24 (prepared, not yet run): the tiled forward with PIT_MOE_PREFETCH_NEXT (each CTA prefetching
-                # into L2 the first weight stages of the block one SM count ahead): the bit-for-bit hint test and the
-                # warpgroup-halves tests, memcheck over the hint test, then the A/B on the Qwen-like parts (4 calls per step)
-  pytest_gpu 200 tests/test_moe_kernels.py -k "prefetch_next or warpgroup_halves"
-  SAN_TIMEOUT=120 run_tool memcheck pit_ tests/test_moe_kernels.py "prefetch_next_is_only_a_hint"
-  moe_ab 220 prefetch_ab --switch PIT_MOE_PREFETCH_NEXT default 1 --cases "Qwen3-30B-A3B-like" \
-    --routings uniform zipf one-hot --parts "projection" "scattered projection" "up swiglu" ;;
+route_cluster_slices)  # session 25: the cluster routing writing order through per-CTA slices in distributed shared
+                        # memory: the routing kernel tests (every path), memcheck and racecheck over the cluster
+                        # path's tests in chunks by ids (session 25's first run crashed both tools' processes at the
+                        # 25th, one_hot 20000 x 288, which then runs alone), then the A/B with the routing in the call
+  pytest_gpu 200 tests/test_moe_kernels.py -k "routing_kernel"
+  for tool in memcheck racecheck; do
+    for sel in "crowded" "one_hot and not 20000" "one_hot and 20000"; do
+      SAN_TIMEOUT=100 run_tool $tool pit_moe_route tests/test_moe_kernels.py "routing_kernel and cluster and $sel"
+    done
+  done
+  route_ncu_each PIT_MOE_ROUTE_CLUSTER 1
+  moe_ab 250 route_cluster_ab --switch PIT_MOE_ROUTE_CLUSTER default 1 --cases "Qwen3-30B-A3B-like" \
+    "Mixtral up T=4096" --routings uniform zipf one-hot --parts "routed projection" "projection" ;;
 route_tool_crash)  # session 24: the 16384-assignment, 139-expert routing tests (the rank path's largest count
                    # array, 140 x 64 = 8960) alone under memcheck and racecheck, each of the 4 (crowded / one-hot
                    # ids, rank path / three launches) in its own process; session 24's chunked sanitizers crashed

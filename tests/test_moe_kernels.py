@@ -284,15 +284,12 @@ _HALF_TILE_SIZES = (1, 63, 64, 65, 0, 127, 128, 129, 191, 192, 193, 320)
 @pytest.mark.parametrize("x_sorted, out_sorted", [(False, False), (False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("w_transposed", [False, True])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("variant", ["default", "PIT_MOE_SKIP_IDLE_HALF=0", "PIT_MOE_TWO_ENDED=0",
-                                     "PIT_MOE_PREFETCH_NEXT=2"])
+@pytest.mark.parametrize("variant", ["default", "PIT_MOE_SKIP_IDLE_HALF=0", "PIT_MOE_TWO_ENDED=0"])
 def test_tiled_forward_rows_around_warpgroup_halves(monkeypatch, variant, dtype, w_transposed, x_sorted, out_sorted):
     """The tiled Hopper forward (PIT_MOE_STAGED=0) on experts whose last tile ends just before,
     at and after row 64, where the second consumer warpgroup skips its MMAs (and the producer
     its rows) unless PIT_MOE_SKIP_IDLE_HALF=0; row tiles from both ends of the routing (the default
-    for this few rows per expert) and in order (PIT_MOE_TWO_ENDED=0); each CTA prefetching the
-    weights of the block two ahead (PIT_MOE_PREFETCH_NEXT=2: this small grid never reaches an SM
-    count ahead): every output row against float64 on its own, so one row left at zero
+    for this few rows per expert) and in order (PIT_MOE_TWO_ENDED=0): every output row against float64 on its own, so one row left at zero
     or computed from padding fails."""
     from helpers import moe_layouts_want
     from pit_jax.moe import moe_matmul_p
@@ -318,46 +315,6 @@ def test_tiled_forward_rows_around_warpgroup_halves(monkeypatch, variant, dtype,
     want = moe_layouts_want(x, w, ids, order, np.zeros((a, f)), x_sorted=x_sorted, out_sorted=out_sorted)[0]
     row_err = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
     assert np.all(np.isfinite(got)) and row_err.max() < 3 * TOL[dtype], np.argsort(row_err)[-5:]
-
-
-@pytest.mark.parametrize("epilogue, w_transposed", [("none", False), ("none", True), ("swiglu", False),
-                                                    ("scale", False)])
-@pytest.mark.parametrize("x_sorted", [False, True])
-def test_forward_prefetch_next_is_only_a_hint(monkeypatch, epilogue, w_transposed, x_sorted):
-    """PIT_MOE_PREFETCH_NEXT=n has each tiled-forward CTA prefetch into L2 the weights of the
-    block n ahead once its own loads are issued: the outputs must equal the default's bit for bit
-    (w as [E, d, f] and [E, f, d], SwiGLU's two weight maps, the combine-weight epilogue; many
-    blocks, so most prefetches find a tile, and the grid's last blocks find none)."""
-    from pit_jax.moe import fused_matmul, moe_matmul_p
-    dev = _gpu_or_skip()
-    monkeypatch.setenv("PIT_MOE_STAGED", "0")
-    t, k, e, d, f = 300, 4, 32, 136, 264
-    rng, ids, x = _layout_inputs(11 + x_sorted + 2 * w_transposed, t, k, e, d, "zipf", x_sorted, "bfloat16")
-    w, w_up = ((rng.standard_normal((e, d, f)) / np.sqrt(d)).astype(DTYPES["bfloat16"]) for _ in range(2))
-    w_arg = np.ascontiguousarray(np.swapaxes(w, 1, 2)) if w_transposed else w
-    scale = rng.uniform(0.1, 1.0, t * k).astype(np.float32)
-    rows = 1 if x_sorted else k
-
-    def run():  # a new function object each time: its own executable, launched with the environment of now
-        if epilogue == "none":
-            fn = jax.jit(lambda x, w: moe_matmul_p.bind(x, w, *routing_index, rows_per_source=rows,
-                                                        w_transposed=w_transposed, x_sorted=x_sorted,
-                                                        out_sorted=False))
-        else:
-            named = dict(w_up=w_up) if epilogue == "swiglu" else dict(scale=scale)
-            fn = jax.jit(lambda x, w: fused_matmul(x, w, routing_index, epilogue=epilogue, rows_per_source=rows,
-                                                   x_sorted=x_sorted, out_sorted=False, **named))
-        return np.asarray(fn(x, w_arg))
-
-    with jax.default_device(dev):
-        routing_index = pit_jax.moe_routing(ids, e)
-        monkeypatch.delenv("PIT_MOE_PREFETCH_NEXT", raising=False)
-        want = run()
-        for ahead in ("1", "3"):
-            monkeypatch.setenv("PIT_MOE_PREFETCH_NEXT", ahead)
-            got = run()
-            assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), ahead
-    assert np.all(np.isfinite(want.astype(np.float64)))
 
 
 @pytest.mark.parametrize("x_sorted, out_sorted", [(False, False), (False, True), (True, False), (True, True)])

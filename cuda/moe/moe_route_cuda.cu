@@ -256,7 +256,11 @@ constexpr int kClusterMaxSteps = 4;
 constexpr int64_t kClusterMaxAssignments = int64_t(kClusterCtas) * kClusterThreads * kClusterMaxSteps;  // 32768
 constexpr int64_t kClusterMaxBins = 512;  // experts + 1; the per-warp rows take 64 KB of shared memory
 
-inline size_t cluster_route_smem_bytes(int64_t bins) { return size_t(kClusterWarps + 1) * bins * sizeof(int32_t); }
+constexpr int64_t kClusterSlice = kClusterMaxAssignments / kClusterCtas;  // order positions each CTA writes out
+
+inline size_t cluster_route_smem_bytes(int64_t bins) {
+  return (size_t(kClusterWarps + 1) * bins + kClusterSlice) * sizeof(int32_t);
+}
 
 template <int kSteps>
 __global__ void __launch_bounds__(kClusterThreads) pit_moe_route_cluster_kernel(
@@ -269,6 +273,11 @@ __global__ void __launch_bounds__(kClusterThreads) pit_moe_route_cluster_kernel(
   const int bins = int(experts + 1);
   int32_t* const warp_rows = cluster_route_smem;                  // [warp][bin]: counts, then prefixes
   int32_t* const cta_bins = cluster_route_smem + kClusterWarps * bins;  // [bin]: this CTA's count, then first position
+  // [position - cta * slice]: the order entries of this CTA's slice of positions, written by every CTA through
+  // distributed shared memory, so global memory gets whole coalesced rows instead of scattered 4-byte stores
+  // (uniform routing scatters each warp's 32 stores over 32 sectors, each sector shared with other SMs)
+  int32_t* const order_slice = cta_bins + bins;
+  const int64_t slice = n > 0 ? ceil_div(n, int64_t(kClusterCtas)) : 1;
   cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
   const int cta = int(cluster.block_rank());
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -311,7 +320,7 @@ __global__ void __launch_bounds__(kClusterThreads) pit_moe_route_cluster_kernel(
       before += r < cta ? v : 0;
     }
   }
-  cluster.sync();  // no CTA reads another's totals any more: each may overwrite its own, or exit
+  cluster.sync();  // no CTA reads another's totals any more: each may overwrite its own
   int32_t bin_start, total;
   Scan(storage).ExclusiveSum(in_bin, bin_start, total);
   if (b < bins) cta_bins[b] = bin_start + before;
@@ -323,11 +332,18 @@ __global__ void __launch_bounds__(kClusterThreads) pit_moe_route_cluster_kernel(
     const int bin = step_bins[j];
     const unsigned peers = __match_any_sync(0xffffffffu, bin);
     const int rank = __popc(peers & ((1u << lane) - 1));
-    if (bin >= 0) order[cta_bins[bin] + own_row[bin] + rank] = int32_t(first + 32 * j + lane);
+    if (bin >= 0) {
+      const int64_t pos = cta_bins[bin] + own_row[bin] + rank;
+      const int owner = int(pos / slice);
+      cluster.map_shared_rank(order_slice, owner)[pos - owner * slice] = int32_t(first + 32 * j + lane);
+    }
     __syncwarp();
     if (bin >= 0 && rank == 0) own_row[bin] += __popc(peers);
     __syncwarp();
   }
+  cluster.sync();  // every CTA's entries are in their owners' slices
+  const int64_t begin = int64_t(cta) * slice, end = min(n, begin + slice);
+  for (int64_t p = begin + threadIdx.x; p < end; p += kClusterThreads) order[p] = order_slice[p - begin];
 #endif
 }
 

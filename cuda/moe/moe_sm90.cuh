@@ -218,42 +218,6 @@ __device__ __forceinline__ void stage_accumulators(const float (&acc)[128], T* c
 }
 #endif  // PIT_HAS_WGMMA
 
-#if PIT_HAS_WGMMA
-// The block s.prefetch_ahead after this one (blocks are handed to SMs in order and each SM holds
-// one, so with CTAs of similar length it is about the one that takes this SM next): its first
-// kStages weight stages into L2, boxes as load_stage's. The weights are the traffic where tiles
-// hold few rows; a CTA's first loads then hit L2 instead of waiting out DRAM's latency while its
-// pipeline fills. Only a hint: results do not depend on it.
-template <bool kWTransposed, bool kSwiGLU, int kOutCols>
-__device__ __forceinline__ void prefetch_next_weights(const MoeShape& s, const int32_t* tile_starts,
-                                                      const int32_t* group_starts, int64_t col_band, int n_chunks,
-                                                      const CUtensorMap* w_map, const CUtensorMap* up_map) {
-  using C = MoeSm90Config;
-  const int64_t next = int64_t(blockIdx.x) + s.prefetch_ahead;
-  if (next >= int64_t(gridDim.x)) return;
-  const MoeGridTile grid_tile = forward_grid_tile(next, s.max_row_tiles, ceil_div(s.f, int64_t(kOutCols)), col_band);
-  MoeRouteTile tile;
-  if (!find_route_tile(tile_starts, group_starts, s.experts, two_ended_row_tile(s, tile_starts, grid_tile.row_tile),
-                       &tile) ||
-      tile.group == s.experts)
-    return;
-  const int n0 = int(grid_tile.col_tile * kOutCols);
-  const int stages = n_chunks < C::kStages ? n_chunks : C::kStages;
-  for (int i = 0; i < stages; ++i) {
-    const int k0 = i * C::kBK;
-    if constexpr (kWTransposed) {
-      tma_prefetch_l2_3d(w_map, k0, n0, tile.group);
-    } else {
-#pragma unroll
-      for (int atom = 0; atom < C::kBN / 64; ++atom) {
-        const bool up = kSwiGLU && atom >= 2;
-        tma_prefetch_l2_3d(up ? up_map : w_map, n0 + 64 * (up ? atom - 2 : atom), k0, tile.group);
-      }
-    }
-  }
-}
-#endif  // PIT_HAS_WGMMA
-
 // kXTma: x's rows are in routing order (s.x_sorted), so a tile's 128 rows are contiguous and come
 // by TMA as one box (rows past the tile belong to the next group or lie past the end, where the
 // copy engine zero-fills: they only reach output rows that are not stored).
@@ -360,9 +324,6 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
       }
     };
     produce_stages(sm, n_chunks, load_stage);
-    if (tid == 0 && s.prefetch_ahead > 0)  // our consumers still hold kStages stages: time enough
-      prefetch_next_weights<kWTransposed, kSwiGLU, kOutCols>(s, tile_starts, group_starts, col_band, n_chunks,
-                                                              &w_map, &up_map);
   } else {
     setmaxnreg_inc<C::kConsumerRegisters>();
     const int ctid = tid - C::kProducers, warpgroup = ctid / 128;
@@ -618,14 +579,6 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   // PIT_MOE_TWO_ENDED=0 / 1 (read per launch) overrides it.
   shape.two_ended_rows = few_rows_per_expert;
   if (const char* env = std::getenv("PIT_MOE_TWO_ENDED")) shape.two_ended_rows = env[0] == '1';
-  // PIT_MOE_PREFETCH_NEXT (read per launch; off by default, an A/B switch not yet measured):
-  // 1 prefetches the weights of the block one SM count ahead, n > 1 of the block n ahead.
-  if (const char* env = std::getenv("PIT_MOE_PREFETCH_NEXT")) {
-    const int64_t n = std::atoll(env);
-    int sms = 0;
-    if (n == 1) current_device_attribute(cudaDevAttrMultiProcessorCount, &sms);
-    shape.prefetch_ahead = n == 1 ? sms : (n > 1 ? n : 0);
-  }
   CUtensorMap w_map, x_map = {}, up_map = {};
   err = encode_moe_weight_map<T>(s, w, &w_map);
   if (err == cudaSuccess && s.x_sorted) err = encode_moe_rows_map<T>(s.assignments, s.d, x, C::kBM, &x_map);

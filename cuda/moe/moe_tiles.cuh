@@ -37,10 +37,6 @@ struct MoeShape {
   bool fast_rows = true;      // Hopper forward: unpredicated copies for whole gathered rows (an A/B switch)
   bool skip_idle_half = true;  // Hopper forward: a warpgroup whose 64 rows are all padding skips its MMAs
   bool two_ended_rows = false;  // Hopper forward: row tiles alternately from the front and the back (set per launch)
-  // Hopper forward: once a CTA has issued its last loads, it prefetches into L2 the first
-  // weight stages of the CTA this many blocks later (about the one that takes its SM next);
-  // 0: off (PIT_MOE_PREFETCH_NEXT, set per launch)
-  int64_t prefetch_ahead = 0;
 };
 
 inline MoeShape make_moe_shape(int64_t sources, int64_t d, int64_t f, int64_t experts, int64_t assignments,
