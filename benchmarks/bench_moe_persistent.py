@@ -41,10 +41,8 @@ def set_switch(name: str, value: str) -> None:
         os.environ[name] = value
 
 
-# variables read when lowering, not per launch: each value gets its own compiled function. The cluster
-# routing switch is read per launch but changes the launch's cluster attribute, which XLA's CUDA graph
-# cannot update in place (CUDA_ERROR_GRAPH_EXEC_UPDATE_FAILURE, session 25): one executable per value too
-LOWERING_SWITCHES = ("PIT_MOE_STAGED", "PIT_MOE_STAGED_DW", "PIT_MOE_ROUTE_CLUSTER")
+# variables read when lowering, not per launch: each value gets its own compiled function
+LOWERING_SWITCHES = ("PIT_MOE_STAGED", "PIT_MOE_STAGED_DW")
 
 
 def timed(fns: dict, operands, name: str, value: str, calls: int) -> float:

@@ -119,13 +119,14 @@
 #                  then the Qwen-like table; PART=ab_4calls: both A/Bs with the Qwen-like calls 4 per jitted step.
 #   PART=dispatch_bound: probe_dispatch_bound.py (one vs four calls per jitted step; the host's µs per call).
 #   PART=nn_moe_suite: tests/test_nn_moe.py alone on the GPU.
-#   PART=route_cluster: tests, sanitizers, ncu times and the A/B of PIT_MOE_ROUTE_CLUSTER=1 (session 24, prepared).
+#   PART=route_cluster (session 24, ran in session 25, also with order written through per-CTA slices): the
+#                  one-cluster routing's tests, sanitizers, ncu and A/B; no gain, removed with its code.
 #   PART=prefetch_next (session 24, ran in session 25): PIT_MOE_PREFETCH_NEXT's tests, memcheck and Qwen-like A/B;
 #                  no gain, switch removed with its code (benchmarks/results/2026-11-28_session25/).
 #   PART=route_tool_crash: the 16384 x 139 routing tests one per process under memcheck and racecheck, rank path
 #                  and three launches (the tool crashed there in session 24's chunked run).
 #   PART=route_in_call: profile_route_in_call.py (the routing's exposed time inside the Qwen-like call, with and
-#                  without dependent launches, and with PIT_MOE_ROUTE_CLUSTER=1) and ncu of the routing kernels at the card's clocks (session 24).
+#                  without dependent launches) and ncu of the routing kernels at the card's clocks (session 24).
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
 #                  Session 17's part route_profile was PART="route_ncu ncu_detect_1x1 layer_qwen" (its layer
 #                  table went to $OUT/layer).
@@ -162,6 +163,21 @@ run_tool() {  # compute-sanitizer tool, kernel-name filter, test file, -k select
   echo "rc $?" >> /tmp/san.log
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|rc " /tmp/san.log | tail -4 | tee -a $LOG
   echo "$1 $((SECONDS-t0))s"
+}
+run_tool_chunks() {  # tool, kernel-name filter, test file, -k selection, first test, chunk: run_tool over the
+                    # selection's tests from the first on, CHUNK at a time, one process each (the tool's own
+                    # process has crashed partway through long runs, at a different test each time)
+  local tool=$1 kernels=$2 file=$3 expr=$4 first=$5 chunk=$6 i ids
+  mapfile -t ids < <(python3 -P -m pytest "$file" -k "$expr" --collect-only -q -p no:cacheprovider 2>/dev/null | grep "::")
+  for ((i = first; i < ${#ids[@]}; i += chunk)); do
+    echo "== $tool $file -k '$expr' tests $i..$((i + chunk - 1)) of ${#ids[@]}" | tee -a $LOG
+    XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout -k 5 ${SAN_TIMEOUT:-120} \
+      compute-sanitizer --tool $tool --error-exitcode 97 $([[ -z $kernels ]] || echo --kernel-name kns=$kernels) python3 -P -m pytest \
+      "${ids[@]:i:chunk}" -q -p no:cacheprovider -x > /tmp/san.log 2>&1
+    echo "rc $?" >> /tmp/san.log
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|rc " /tmp/san.log | tail -3 | tee -a $LOG
+  done
+  echo "$tool $((SECONDS-t0))s"
 }
 layer_table() {  # seconds, output folder under $OUT, then bench_moe case names: its layer table
   local limit=$1 out=$2; shift 2
@@ -474,7 +490,6 @@ route_in_call)  # session 24: the routing's exposed time inside the Qwen-like ca
                 # dependent launches and with PIT_MOE_PDL=0), then the routing kernels under ncu at the card's clocks
   (cd benchmarks && timeout -k 5 150 python3 profile_route_in_call.py --out $OUT/route_in_call 2>&1 | grep "^|" | tee -a $LOG)
   (cd benchmarks && PIT_MOE_PDL=0 timeout -k 5 150 python3 profile_route_in_call.py --out $OUT/route_in_call_nopdl 2>&1 | grep "^|" | tee -a $LOG)
-  (cd benchmarks && PIT_MOE_ROUTE_CLUSTER=1 timeout -k 5 150 python3 profile_route_in_call.py --out $OUT/route_in_call_cluster 2>&1 | grep "^|" | tee -a $LOG)
   for routing in uniform one-hot; do
     (cd benchmarks && timeout -k 5 120 ncu --clock-control none --kernel-name regex:pit_moe_route --launch-skip 2 --launch-count 2 \
       --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
@@ -489,32 +504,6 @@ route_in_call)  # session 24: the routing's exposed time inside the Qwen-like ca
     > $OUT/ncu_route_rank_uniform.txt 2>&1)
   grep -E "pit_moe_route|Duration|==ERROR==|Stall" $OUT/ncu_route_rank_uniform.txt | sed 's/(const.*//; s/  */ /g' | head -20 | tee -a $LOG
   echo "route_in_call $((SECONDS-t0))s" ;;
-route_cluster_ab)  # session 25: the A/B of route_cluster alone (its first run printed no table)
-  moe_ab 250 route_cluster_ab --switch PIT_MOE_ROUTE_CLUSTER default 1 --cases "Qwen3-30B-A3B-like" \
-    "Mixtral up T=4096" --routings uniform zipf one-hot --parts "routed projection" "projection" ;;
-route_cluster)  # session 24 (prepared, not yet run): the routing of small problems in one 8-CTA cluster
-                # (PIT_MOE_ROUTE_CLUSTER=1): the routing kernel tests (every path), memcheck and racecheck over the
-                # cluster path's tests, the routing kernels' times under ncu with and without it, then the A/B of the
-                # projection with the routing in the call ("projection", tables given, is the A/A control)
-  pytest_gpu 200 tests/test_moe_kernels.py -k "routing_kernel"
-  SAN_TIMEOUT=150 run_tool memcheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and cluster"
-  SAN_TIMEOUT=150 run_tool racecheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and cluster"
-  route_ncu_each PIT_MOE_ROUTE_CLUSTER default 1
-  moe_ab 250 route_cluster_ab --switch PIT_MOE_ROUTE_CLUSTER default 1 --cases "Qwen3-30B-A3B-like" \
-    "Mixtral up T=4096" --routings uniform zipf one-hot --parts "routed projection" "projection" ;;
-route_cluster_slices)  # session 25: the cluster routing writing order through per-CTA slices in distributed shared
-                        # memory: the routing kernel tests (every path), memcheck and racecheck over the cluster
-                        # path's tests in chunks by ids (session 25's first run crashed both tools' processes at the
-                        # 25th, one_hot 20000 x 288, which then runs alone), then the A/B with the routing in the call
-  pytest_gpu 200 tests/test_moe_kernels.py -k "routing_kernel"
-  for tool in memcheck racecheck; do
-    for sel in "crowded" "one_hot and not 20000" "one_hot and 20000"; do
-      SAN_TIMEOUT=100 run_tool $tool pit_moe_route tests/test_moe_kernels.py "routing_kernel and cluster and $sel"
-    done
-  done
-  route_ncu_each PIT_MOE_ROUTE_CLUSTER 1
-  moe_ab 250 route_cluster_ab --switch PIT_MOE_ROUTE_CLUSTER default 1 --cases "Qwen3-30B-A3B-like" \
-    "Mixtral up T=4096" --routings uniform zipf one-hot --parts "routed projection" "projection" ;;
 route_tool_crash)  # session 24: the 16384-assignment, 139-expert routing tests (the rank path's largest count
                    # array, 140 x 64 = 8960) alone under memcheck and racecheck, each of the 4 (crowded / one-hot
                    # ids, rank path / three launches) in its own process; session 24's chunked sanitizers crashed
@@ -526,6 +515,13 @@ route_tool_crash)  # session 24: the 16384-assignment, 139-expert routing tests 
       done
     done
   done ;;
+san_moe_rest)  # session 25: the MoE sanitizer chunks session 24's run left (its tool crashed or the budget ended):
+              # racecheck over the routing tests and the bf16 kernel tests from the 61st, memcheck over the
+              # routing tests and the bf16 staged tests from the 31st (20000-assignment routing case left out)
+  run_tool_chunks racecheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and not 20000" 0 14
+  run_tool_chunks memcheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and not 20000" 0 14
+  run_tool_chunks racecheck pit_ tests/test_moe_kernels.py "bfloat16 and not staged" 60 15
+  run_tool_chunks memcheck "" tests/test_moe_kernels.py "(staged_forward or staged_dw) and bfloat16" 30 20 ;;  # CUTLASS's kernels too
 nn_moe_suite)  # tests/test_nn_moe.py alone on the GPU (session 23: moe_suites ran past its 400 s in that suite)
   pytest_gpu ${TEST_TIMEOUT:-400} tests/test_nn_moe.py ;;
 moe_suites)  # the three MoE suites on the GPU (GPU vs CPU / float64): PART=verify SUITES=moe

@@ -45,39 +45,20 @@ inline int dependent_launch_setting(const char* name) {
 
 // Launches kernel with programmatic stream serialisation where supported and `dependent` holds
 // (the kernel must call wait_for_previous_grid first); a plain stream-ordered launch otherwise.
-// cluster_x > 0: the grid runs in clusters of cluster_x CTAs along x (compute capability 9+).
 template <typename... Params, typename... Args>
-cudaError_t launch_dependent_in_clusters(void (*kernel)(Params...), unsigned cluster_x, dim3 grid, dim3 block,
-                                         size_t smem_bytes, cudaStream_t stream, bool dependent, Args&&... args) {
-  cudaLaunchAttribute attrs[2];
-  unsigned count = 0;
-  if (cluster_x > 0) {
-    attrs[count].id = cudaLaunchAttributeClusterDimension;
-    attrs[count].val.clusterDim.x = cluster_x;
-    attrs[count].val.clusterDim.y = 1;
-    attrs[count].val.clusterDim.z = 1;
-    ++count;
-  }
-  if (dependent && dependent_launch_supported()) {
-    attrs[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attrs[count].val.programmaticStreamSerializationAllowed = 1;
-    ++count;
-  }
+cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
+                             cudaStream_t stream, bool dependent, Args&&... args) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem_bytes;
   config.stream = stream;
-  config.attrs = attrs;
-  config.numAttrs = count;
+  config.attrs = &attr;
+  config.numAttrs = dependent && dependent_launch_supported() ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-}
-
-template <typename... Params, typename... Args>
-cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
-                             cudaStream_t stream, bool dependent, Args&&... args) {
-  return launch_dependent_in_clusters(kernel, 0, grid, block, smem_bytes, stream, dependent,
-                                      std::forward<Args>(args)...);
 }
 
 }  // namespace pit

@@ -17,8 +17,6 @@
 // scan kernel. PIT_MOE_ROUTE_TWO_LAUNCH=0 (read per launch) keeps the three launches. (Session 22
 // measured a one-launch variant, each CTA counting every id itself, slower: shared-memory
 // atomics; benchmarks/results/2026-11-27_session22/.)
-// On Hopper, PIT_MOE_ROUTE_CLUSTER=1 (opt-in, read per launch) runs small problems (at most 32768
-// assignments, 511 experts) as one launch of one 8-CTA cluster instead (pit_moe_route_cluster_kernel).
 // The three launches and the forward that follows are programmatic dependent launches on Hopper
 // (common/pdl.cuh): each kernel is scheduled while the previous one runs and waits for it before
 // touching memory, which hides the launch gaps of these small kernels. PIT_MOE_PDL (read per
@@ -30,13 +28,11 @@
 #include <cstdlib>
 #include <string>
 
-#include <cooperative_groups.h>
 #include <cub/block/block_scan.cuh>
 
 #include "../common/ffi_common.h"
 #include "../common/pdl.cuh"
 #include "../common/poison_outputs.cuh"
-#include "../common/tile_copy.cuh"  // allow_dynamic_smem
 
 namespace pit {
 namespace {
@@ -169,24 +165,6 @@ __global__ void __launch_bounds__(32) pit_moe_route_scatter_kernel(const int32_t
   }
 }
 
-// One CTA of the small-problem paths writes the tables: thread b holds bin b (in_bin rows, the first
-// at bin_start of the bins' exclusive scan, total over all bins); a second scan of each bin's row
-// tiles gives tile_starts. Every thread of the CTA calls it (it reuses the scan's storage).
-template <typename Scan>
-__device__ __forceinline__ void write_group_and_tile_starts(typename Scan::TempStorage& storage, int b, int bins,
-                                                            int32_t in_bin, int32_t bin_start, int32_t total,
-                                                            int64_t tile_rows, int32_t* __restrict__ group_starts,
-                                                            int32_t* __restrict__ tile_starts) {
-  if (b < bins) group_starts[b] = bin_start;
-  if (b == 0) group_starts[bins] = total;
-  const int32_t tiles = b < bins ? int32_t((in_bin + tile_rows - 1) / tile_rows) : 0;
-  int32_t tile_start, all_tiles;
-  __syncthreads();  // storage is reused
-  Scan(storage).ExclusiveSum(tiles, tile_start, all_tiles);
-  if (b < bins) tile_starts[b] = tile_start;
-  if (b == 0) tile_starts[bins] = all_tiles;
-}
-
 constexpr int kRankThreads = 1024;
 constexpr int kRankWarps = kRankThreads / 32;
 constexpr int64_t kRankMaxBins = kRankThreads;  // experts + 1: one bin per thread in the scans
@@ -231,141 +209,21 @@ __global__ void __launch_bounds__(kRankThreads) pit_moe_route_rank_kernel(
   int32_t bin_start, total;
   Scan(storage).ExclusiveSum(in_bin, bin_start, total);
   if (b < bins) next_pos[b] += bin_start;
-  if (blockIdx.x == 0)
-    write_group_and_tile_starts<Scan>(storage, b, bins, in_bin, bin_start, total, tile_rows, group_starts, tile_starts);
+  if (blockIdx.x == 0) {
+    if (b < bins) group_starts[b] = bin_start;
+    if (b == 0) group_starts[bins] = total;
+    const int32_t tiles = b < bins ? int32_t((in_bin + tile_rows - 1) / tile_rows) : 0;
+    int32_t tile_start, all_tiles;
+    __syncthreads();  // storage is reused
+    Scan(storage).ExclusiveSum(tiles, tile_start, all_tiles);
+    if (b < bins) tile_starts[b] = tile_start;
+    if (b == 0) tile_starts[bins] = all_tiles;
+  }
   __syncthreads();
   if (!ranks) return;
   const int64_t first = own * kChunk;  // step 3 on this chunk
 #pragma unroll
   for (int j = 0; j < kIdsPerLane; ++j) rank_step(own_bins[j], first + j * 32 + lane, next_pos, order);
-}
-
-// Small problems in one launch of one 8-CTA cluster (Hopper; opt-in PIT_MOE_ROUTE_CLUSTER=1, read per
-// launch, an A/B switch not yet run on a GPU). CTA c's warp w takes kSteps steps of 32 consecutive
-// assignments, CTAs and warps in assignment order, so only 2-4 steps per warp: each warp counts its
-// steps into its own row of bins (one add per distinct bin, __match_any_sync), a thread per bin turns
-// the CTA's rows into per-warp prefixes and the CTA's total, the cluster barrier publishes the totals,
-// each CTA reads the 8 totals of its bin through distributed shared memory (all, and the CTAs before
-// it), scans the bins and ranks its own steps. CTA 0 writes group_starts and tile_starts. The same
-// stable counting sort as the other paths, without the count kernel's launch or the rank kernel's
-// 35 KB count array per CTA (the routing was ~9 µs of a 0.19 ms Qwen-like call, docs/moe.md, session 24).
-constexpr int kClusterCtas = 8;
-constexpr int kClusterThreads = 1024;
-constexpr int kClusterWarps = kClusterThreads / 32;
-constexpr int kClusterMaxSteps = 4;
-constexpr int64_t kClusterMaxAssignments = int64_t(kClusterCtas) * kClusterThreads * kClusterMaxSteps;  // 32768
-constexpr int64_t kClusterMaxBins = 512;  // experts + 1; the per-warp rows take 64 KB of shared memory
-
-constexpr int64_t kClusterSlice = kClusterMaxAssignments / kClusterCtas;  // order positions each CTA writes out
-
-inline size_t cluster_route_smem_bytes(int64_t bins) {
-  return (size_t(kClusterWarps + 1) * bins + kClusterSlice) * sizeof(int32_t);
-}
-
-template <int kSteps>
-__global__ void __launch_bounds__(kClusterThreads) pit_moe_route_cluster_kernel(
-    const int32_t* __restrict__ ids, int64_t n, int64_t experts, int64_t tile_rows, int32_t* __restrict__ group_starts,
-    int32_t* __restrict__ tile_starts, int32_t* __restrict__ order) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using Scan = cub::BlockScan<int32_t, kClusterThreads>;
-  __shared__ typename Scan::TempStorage storage;
-  extern __shared__ int32_t cluster_route_smem[];
-  const int bins = int(experts + 1);
-  int32_t* const warp_rows = cluster_route_smem;                  // [warp][bin]: counts, then prefixes
-  int32_t* const cta_bins = cluster_route_smem + kClusterWarps * bins;  // [bin]: this CTA's count, then first position
-  // [position - cta * slice]: the order entries of this CTA's slice of positions, written by every CTA through
-  // distributed shared memory, so global memory gets whole coalesced rows instead of scattered 4-byte stores
-  // (uniform routing scatters each warp's 32 stores over 32 sectors, each sector shared with other SMs)
-  int32_t* const order_slice = cta_bins + bins;
-  const int64_t slice = n > 0 ? ceil_div(n, int64_t(kClusterCtas)) : 1;
-  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-  const int cta = int(cluster.block_rank());
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  wait_for_previous_grid();  // whatever wrote ids
-  allow_dependent_launch();
-  for (int i = threadIdx.x; i < kClusterWarps * bins; i += kClusterThreads) warp_rows[i] = 0;
-  const int64_t first = (int64_t(cta) * kClusterWarps + warp) * (32 * kSteps);  // this warp's first assignment
-  int step_bins[kSteps];  // -1 past n
-#pragma unroll
-  for (int j = 0; j < kSteps; ++j) {
-    const int64_t a = first + 32 * j + lane;
-    step_bins[j] = a < n ? bin_of(ids[a], experts) : -1;
-  }
-  __syncthreads();
-  int32_t* const own_row = warp_rows + warp * bins;
-#pragma unroll
-  for (int j = 0; j < kSteps; ++j) {  // only this warp writes its row: one add per distinct bin
-    const unsigned peers = __match_any_sync(0xffffffffu, step_bins[j]);
-    if (step_bins[j] >= 0 && lane == __ffs(peers) - 1) own_row[step_bins[j]] += __popc(peers);
-    __syncwarp();
-  }
-  __syncthreads();
-  const int b = threadIdx.x;  // bins <= kClusterMaxBins < threads: one bin per thread
-  if (b < bins) {
-    int32_t running = 0;
-    for (int w = 0; w < kClusterWarps; ++w) {
-      const int32_t v = warp_rows[w * bins + b];
-      warp_rows[w * bins + b] = running;
-      running += v;
-    }
-    cta_bins[b] = running;
-  }
-  cluster.sync();  // every CTA's totals are written
-  int32_t in_bin = 0, before = 0;
-  if (b < bins) {
-#pragma unroll
-    for (int r = 0; r < kClusterCtas; ++r) {
-      const int32_t v = cluster.map_shared_rank(cta_bins, r)[b];
-      in_bin += v;
-      before += r < cta ? v : 0;
-    }
-  }
-  cluster.sync();  // no CTA reads another's totals any more: each may overwrite its own
-  int32_t bin_start, total;
-  Scan(storage).ExclusiveSum(in_bin, bin_start, total);
-  if (b < bins) cta_bins[b] = bin_start + before;
-  if (cta == 0)
-    write_group_and_tile_starts<Scan>(storage, b, bins, in_bin, bin_start, total, tile_rows, group_starts, tile_starts);
-  __syncthreads();
-#pragma unroll
-  for (int j = 0; j < kSteps; ++j) {  // position: CTA's first + the warp's prefix in the CTA + earlier lanes
-    const int bin = step_bins[j];
-    const unsigned peers = __match_any_sync(0xffffffffu, bin);
-    const int rank = __popc(peers & ((1u << lane) - 1));
-    if (bin >= 0) {
-      const int64_t pos = cta_bins[bin] + own_row[bin] + rank;
-      const int owner = int(pos / slice);
-      cluster.map_shared_rank(order_slice, owner)[pos - owner * slice] = int32_t(first + 32 * j + lane);
-    }
-    __syncwarp();
-    if (bin >= 0 && rank == 0) own_row[bin] += __popc(peers);
-    __syncwarp();
-  }
-  cluster.sync();  // every CTA's entries are in their owners' slices
-  const int64_t begin = int64_t(cta) * slice, end = min(n, begin + slice);
-  for (int64_t p = begin + threadIdx.x; p < end; p += kClusterThreads) order[p] = order_slice[p - begin];
-#endif
-}
-
-// Whether the one-cluster routing serves n assignments over experts (opt-in, Hopper only).
-bool route_in_one_cluster(int64_t n, int64_t experts) {
-  const char* env = std::getenv("PIT_MOE_ROUTE_CLUSTER");
-  return env != nullptr && env[0] == '1' && dependent_launch_supported() && n <= kClusterMaxAssignments &&
-         experts + 1 <= kClusterMaxBins;
-}
-
-cudaError_t launch_route_cluster(cudaStream_t stream, bool pdl, const int32_t* ids, int64_t n, int64_t experts,
-                                 int64_t tile_rows, int32_t* group_starts, int32_t* tile_starts, int32_t* order) {
-  const int64_t steps = std::max<int64_t>(1, ceil_div(n, int64_t(kClusterCtas) * kClusterThreads));
-  auto kernel = steps == 1 ? pit_moe_route_cluster_kernel<1>
-                : steps == 2 ? pit_moe_route_cluster_kernel<2>
-                : steps == 3 ? pit_moe_route_cluster_kernel<3>
-                             : pit_moe_route_cluster_kernel<4>;
-  const size_t smem = cluster_route_smem_bytes(experts + 1);
-  cudaError_t err = allow_dynamic_smem(kernel, int(smem));
-  if (err != cudaSuccess) return err;
-  return launch_dependent_in_clusters(kernel, kClusterCtas, dim3(kClusterCtas), dim3(kClusterThreads), smem, stream,
-                                      pdl, ids, n, experts, tile_rows, group_starts, tile_starts, order);
 }
 
 // Whether steps 2 and 3 run as the one rank launch (PIT_MOE_ROUTE_TWO_LAUNCH=0, read per launch, keeps three).
@@ -393,13 +251,6 @@ ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Res
   const char* prefetch_env = std::getenv("PIT_MOE_ROUTE_PREFETCH");
   const bool prefetch = prefetch_env == nullptr || prefetch_env[0] != '0';
   cudaError_t err = cudaSuccess;
-  if (route_in_one_cluster(n, num_experts)) {
-    err = launch_route_cluster(stream, pdl, ids.typed_data(), n, num_experts, tile_rows, group_starts->typed_data(),
-                               tile_starts->typed_data(), order->typed_data());
-    if (err == cudaSuccess) err = cudaGetLastError();
-    if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_moe_route: ") + cudaGetErrorString(err));
-    return ffi::Error::Success();
-  }
   if (n_chunks > 0)
     err = launch_dependent(prefetch ? pit_moe_route_count_kernel<true> : pit_moe_route_count_kernel<false>,
                            unsigned(n_chunks), 32, bin_bytes, stream, pdl, ids.typed_data(), n, num_experts, n_chunks,
