@@ -52,11 +52,16 @@ def rolled_routings(key, case: str, routing: str, calls: int):
     return idss, [pit_jax.moe_routing(i, e) for i in idss]
 
 
-def main():
+def parse_case_args() -> argparse.Namespace:
+    """--case (a bench_moe case, default the Qwen-like one) and --out (no files unless given)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", default="Qwen3-30B-A3B-like", choices=list(CASES))
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main():
+    args = parse_case_args()
     meta = announce()
     t, e, k, d, f = CASES[args.case]
     key, w, xs = projection_operands(args.case, CALLS)

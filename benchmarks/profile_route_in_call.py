@@ -11,7 +11,6 @@ period between forward ends does not depend on that.)
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import re
 import statistics
@@ -19,9 +18,9 @@ import statistics
 import jax
 
 import pit_jax
-from bench_moe import CASES, ROUTINGS
+from bench_moe import ROUTINGS
 from common import announce, markdown_report, write_results
-from probe_dispatch_bound import projection_operands, rolled_routings
+from probe_dispatch_bound import parse_case_args, projection_operands, rolled_routings
 from profile_layer_kernels import profile, short
 
 CALLS = 4
@@ -39,7 +38,8 @@ def traced_kernels(step, args):
     return [(kernel_name(n), s, dur) for n, s, dur in profile(step, args, STEPS, with_start=True)]
 
 
-def mean_durations(events):
+def median_durations(events):
+    """{kernel: (count, median µs)}."""
     by_name = collections.defaultdict(list)
     for name, _, dur in events:
         by_name[name].append(dur)
@@ -54,10 +54,7 @@ def forward_period(events, forward_kernel):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--case", default="Qwen3-30B-A3B-like", choices=list(CASES))
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = parse_case_args()
     meta = announce()
     key, w, xs = projection_operands(args.case, CALLS)
     routed = jax.jit(lambda xs, w, idss: [pit_jax.moe_matmul(x, w, i) for x, i in zip(xs, idss)])
@@ -68,7 +65,7 @@ def main():
         idss, tables = rolled_routings(key, args.case, routing, CALLS)
         ev_routed = traced_kernels(routed, (xs, w, idss))
         ev_given = traced_kernels(given, (xs, w, idss, tables))
-        dur_routed, dur_given = mean_durations(ev_routed), mean_durations(ev_given)
+        dur_routed, dur_given = median_durations(ev_routed), median_durations(ev_given)
         fwd = next((n for n in dur_given if "forward" in n), None)
         routed_period = forward_period(ev_routed, fwd) if fwd else float("nan")
         given_period = forward_period(ev_given, fwd) if fwd else float("nan")
