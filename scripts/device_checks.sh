@@ -155,27 +155,29 @@ pytest_gpu() {  # seconds, then pytest's arguments: the installed package (-P), 
   tail -2 /tmp/tests.log | tee -a $LOG
   echo "tests $((SECONDS-t0))s"
 }
-run_tool() {  # compute-sanitizer tool, kernel-name filter, test file, -k selection (device allocations
-              # without XLA's pool, so the tool sees each buffer)
-  echo "== $1 ($3 -k '$4')" | tee -a $LOG
+sanitize_pytest() {  # compute-sanitizer tool, kernel-name filter ("all": none), then pytest's arguments: one
+                    # process under the tool (device allocations without XLA's pool, so the tool sees each
+                    # buffer), its summary, pass count and exit status to $LOG
+  local tool=$1 kernels=$2; shift 2
   XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout -k 5 ${SAN_TIMEOUT:-200} \
-    compute-sanitizer --tool $1 --error-exitcode 97 $([[ $2 == all ]] || echo --kernel-name kns=$2) python3 -P -m pytest $3 -k "$4" -q -p no:cacheprovider -x > /tmp/san.log 2>&1
+    compute-sanitizer --tool $tool --error-exitcode 97 $([[ $kernels == all ]] || echo --kernel-name kns=$kernels) \
+    python3 -P -m pytest "$@" -q -p no:cacheprovider -x > /tmp/san.log 2>&1
   echo "rc $?" >> /tmp/san.log
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|rc " /tmp/san.log | tail -4 | tee -a $LOG
+}
+run_tool() {  # compute-sanitizer tool, kernel-name filter, test file, -k selection
+  echo "== $1 ($3 -k '$4')" | tee -a $LOG
+  sanitize_pytest $1 $2 $3 -k "$4"
   echo "$1 $((SECONDS-t0))s"
 }
-run_tool_chunks() {  # tool, kernel-name filter, test file, -k selection, first test, chunk: run_tool over the
-                    # selection's tests from the first on, CHUNK at a time, one process each (the tool's own
-                    # process has crashed partway through long runs, at a different test each time)
+run_tool_chunks() {  # tool, kernel-name filter, test file, -k selection, first test, chunk: the selection's tests
+                    # from the first on, CHUNK at a time, one process each (the tool's own process has crashed
+                    # partway through long runs, at a different test each time)
   local tool=$1 kernels=$2 file=$3 expr=$4 first=$5 chunk=$6 i ids
   mapfile -t ids < <(python3 -P -m pytest "$file" -k "$expr" --collect-only -q -p no:cacheprovider 2>/dev/null | grep "::")
   for ((i = first; i < ${#ids[@]}; i += chunk)); do
     echo "== $tool $file -k '$expr' tests $i..$((i + chunk - 1)) of ${#ids[@]}" | tee -a $LOG
-    XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform timeout -k 5 ${SAN_TIMEOUT:-120} \
-      compute-sanitizer --tool $tool --error-exitcode 97 $([[ -z $kernels ]] || echo --kernel-name kns=$kernels) python3 -P -m pytest \
-      "${ids[@]:i:chunk}" -q -p no:cacheprovider -x > /tmp/san.log 2>&1
-    echo "rc $?" >> /tmp/san.log
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|rc " /tmp/san.log | tail -3 | tee -a $LOG
+    SAN_TIMEOUT=${SAN_TIMEOUT:-120} sanitize_pytest $tool $kernels "${ids[@]:i:chunk}"
   done
   echo "$tool $((SECONDS-t0))s"
 }
@@ -521,7 +523,7 @@ san_moe_rest)  # session 25: the MoE sanitizer chunks session 24's run left (its
   run_tool_chunks racecheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and not 20000" 0 14
   run_tool_chunks memcheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and not 20000" 0 14
   run_tool_chunks racecheck pit_ tests/test_moe_kernels.py "bfloat16 and not staged" 60 15
-  run_tool_chunks memcheck "" tests/test_moe_kernels.py "(staged_forward or staged_dw) and bfloat16" 30 20 ;;  # CUTLASS's kernels too
+  run_tool_chunks memcheck all tests/test_moe_kernels.py "(staged_forward or staged_dw) and bfloat16" 30 20 ;;  # CUTLASS's kernels too
 nn_moe_suite)  # tests/test_nn_moe.py alone on the GPU (session 23: moe_suites ran past its 400 s in that suite)
   pytest_gpu ${TEST_TIMEOUT:-400} tests/test_nn_moe.py ;;
 moe_suites)  # the three MoE suites on the GPU (GPU vs CPU / float64): PART=verify SUITES=moe
