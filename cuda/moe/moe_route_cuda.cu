@@ -175,6 +175,44 @@ constexpr int kRankWarps = kRankThreads / 32;
 constexpr int64_t kRankMaxBins = kRankThreads;  // experts + 1: one bin per thread in the scans
 constexpr int64_t kRankMaxCounts = 8960;        // (experts + 1) * chunks in shared memory (35 KB; 48 KB static in all)
 
+using RankScan = cub::BlockScan<int32_t, kRankThreads>;  // the rank kernels' scans over bins
+
+// A warp's sums of one bin's counts over all chunks and over the chunks before `own`.
+__device__ __forceinline__ void bin_sums(const int32_t* bin_counts, int64_t n_chunks, int64_t own, int32_t& all,
+                                         int32_t& before) {
+  all = 0, before = 0;
+  for (int64_t c = threadIdx.x & 31; c < n_chunks; c += 32) {
+    const int32_t v = bin_counts[c];
+    all += v;
+    before += c < own ? v : 0;
+  }
+  all = __reduce_add_sync(0xffffffffu, all);
+  before = __reduce_add_sync(0xffffffffu, before);
+}
+
+// One bin per thread: adds each bin's first position (the exclusive scan of in_bin_all) to
+// next_pos; CTA 0 also writes group_starts and tile_starts. Ends with a barrier.
+__device__ __forceinline__ void scan_bins(RankScan::TempStorage& storage, const int32_t* in_bin_all, int bins,
+                                          int64_t tile_rows, int32_t* next_pos, int32_t* __restrict__ group_starts,
+                                          int32_t* __restrict__ tile_starts) {
+  const int b = threadIdx.x;
+  const int32_t in_bin = b < bins ? in_bin_all[b] : 0;
+  int32_t bin_start, total;
+  RankScan(storage).ExclusiveSum(in_bin, bin_start, total);
+  if (b < bins) next_pos[b] += bin_start;
+  if (blockIdx.x == 0) {
+    if (b < bins) group_starts[b] = bin_start;
+    if (b == 0) group_starts[bins] = total;
+    const int32_t tiles = b < bins ? int32_t((in_bin + tile_rows - 1) / tile_rows) : 0;
+    int32_t tile_start, all_tiles;
+    __syncthreads();  // storage is reused
+    RankScan(storage).ExclusiveSum(tiles, tile_start, all_tiles);
+    if (b < bins) tile_starts[b] = tile_start;
+    if (b == 0) tile_starts[bins] = all_tiles;
+  }
+  __syncthreads();
+}
+
 // Steps 2 and 3 in one launch for small problems: each CTA loads the whole [bin][chunk] count
 // array into shared memory, sums each bin over all chunks and over the chunks before its own (a
 // warp per bin), scans the bins and ranks its own chunk. CTA 0 writes group_starts and tile_starts.
@@ -182,8 +220,7 @@ __global__ void __launch_bounds__(kRankThreads) pit_moe_route_rank_kernel(
     const int32_t* __restrict__ ids, int64_t n, int64_t experts, int64_t n_chunks, int64_t tile_rows,
     const int32_t* __restrict__ counts, int32_t* __restrict__ group_starts, int32_t* __restrict__ tile_starts,
     int32_t* __restrict__ order) {
-  using Scan = cub::BlockScan<int32_t, kRankThreads>;
-  __shared__ typename Scan::TempStorage storage;
+  __shared__ RankScan::TempStorage storage;
   __shared__ int32_t chunk_counts[kRankMaxCounts];
   __shared__ int32_t in_bin_all[kRankMaxBins];
   __shared__ int32_t next_pos[kRankMaxBins];  // in the chunks before this one, then this chunk's first position
@@ -198,33 +235,12 @@ __global__ void __launch_bounds__(kRankThreads) pit_moe_route_rank_kernel(
   if (ranks) load_chunk_bins(ids, own * kChunk, min(n, (own + 1) * kChunk), experts, own_bins);
   __syncthreads();
   for (int bin = warp; bin < bins; bin += kRankWarps) {
-    int32_t all = 0, before = 0;
-    for (int64_t c = lane; c < n_chunks; c += 32) {
-      const int32_t v = chunk_counts[bin * n_chunks + c];
-      all += v;
-      before += c < own ? v : 0;
-    }
-    all = __reduce_add_sync(0xffffffffu, all);
-    before = __reduce_add_sync(0xffffffffu, before);
+    int32_t all, before;
+    bin_sums(chunk_counts + bin * n_chunks, n_chunks, own, all, before);
     if (lane == 0) in_bin_all[bin] = all, next_pos[bin] = before;
   }
   __syncthreads();
-  const int b = threadIdx.x;  // one bin per thread
-  const int32_t in_bin = b < bins ? in_bin_all[b] : 0;
-  int32_t bin_start, total;
-  Scan(storage).ExclusiveSum(in_bin, bin_start, total);
-  if (b < bins) next_pos[b] += bin_start;
-  if (blockIdx.x == 0) {
-    if (b < bins) group_starts[b] = bin_start;
-    if (b == 0) group_starts[bins] = total;
-    const int32_t tiles = b < bins ? int32_t((in_bin + tile_rows - 1) / tile_rows) : 0;
-    int32_t tile_start, all_tiles;
-    __syncthreads();  // storage is reused
-    Scan(storage).ExclusiveSum(tiles, tile_start, all_tiles);
-    if (b < bins) tile_starts[b] = tile_start;
-    if (b == 0) tile_starts[bins] = all_tiles;
-  }
-  __syncthreads();
+  scan_bins(storage, in_bin_all, bins, tile_rows, next_pos, group_starts, tile_starts);
   if (!ranks) return;
   const int64_t first = own * kChunk;  // step 3 on this chunk
 #pragma unroll
@@ -290,8 +306,8 @@ __global__ void __launch_bounds__(kWideThreads) pit_moe_route_wide_rank_kernel(
     const int32_t* __restrict__ ids, int64_t n, int64_t experts, int64_t n_chunks, int64_t tile_rows,
     const int32_t* __restrict__ counts, int32_t* __restrict__ group_starts, int32_t* __restrict__ tile_starts,
     int32_t* __restrict__ order) {
-  using Scan = cub::BlockScan<int32_t, kWideThreads>;
-  __shared__ typename Scan::TempStorage storage;
+  static_assert(kWideThreads == kRankThreads, "one bin per thread in scan_bins");
+  __shared__ RankScan::TempStorage storage;
   __shared__ int32_t in_bin_all[kWideMaxBins];
   __shared__ int32_t next_pos[kWideMaxBins];  // in the chunks before this one, then this chunk's first position
   extern __shared__ int32_t wide_smem[];
@@ -320,14 +336,8 @@ __global__ void __launch_bounds__(kWideThreads) pit_moe_route_wide_rank_kernel(
   }
   __syncthreads();
   for (int b = warp; b < bins; b += kWideWarps) {  // a warp per bin
-    int32_t all = 0, before = 0;
-    for (int64_t c = lane; c < n_chunks; c += 32) {
-      const int32_t v = chunk_counts[b * n_chunks + c];
-      all += v;
-      before += c < own ? v : 0;
-    }
-    all = __reduce_add_sync(0xffffffffu, all);
-    before = __reduce_add_sync(0xffffffffu, before);
+    int32_t all, before;
+    bin_sums(chunk_counts + b * n_chunks, n_chunks, own, all, before);
     const int32_t mine = warp_first[b * kWideWarpStride + lane];  // lane = the warp counted
     int32_t inclusive = mine;
 #pragma unroll
@@ -339,22 +349,7 @@ __global__ void __launch_bounds__(kWideThreads) pit_moe_route_wide_rank_kernel(
     if (lane == 0) in_bin_all[b] = all, next_pos[b] = before;
   }
   __syncthreads();
-  const int b = threadIdx.x;  // one bin per thread
-  const int32_t in_bin = b < bins ? in_bin_all[b] : 0;
-  int32_t bin_start, total;
-  Scan(storage).ExclusiveSum(in_bin, bin_start, total);
-  if (b < bins) next_pos[b] += bin_start;
-  if (blockIdx.x == 0) {
-    if (b < bins) group_starts[b] = bin_start;
-    if (b == 0) group_starts[bins] = total;
-    const int32_t tiles = b < bins ? int32_t((in_bin + tile_rows - 1) / tile_rows) : 0;
-    int32_t tile_start, all_tiles;
-    __syncthreads();  // storage is reused
-    Scan(storage).ExclusiveSum(tiles, tile_start, all_tiles);
-    if (b < bins) tile_starts[b] = tile_start;
-    if (b == 0) tile_starts[bins] = all_tiles;
-  }
-  __syncthreads();
+  scan_bins(storage, in_bin_all, bins, tile_rows, next_pos, group_starts, tile_starts);
 #pragma unroll
   for (int s = 0; s < kWideSteps; ++s)
     if (bin[s] >= 0)
