@@ -125,7 +125,9 @@
 #                  no gain, switch removed with its code (benchmarks/results/2026-11-28_session25/).
 #   PART=route_tool_crash: the 16384 x 139 routing tests one per process under memcheck and racecheck, rank path
 #                  and three launches (the tool crashed there in session 24's chunked run).
-#   PART=route_wide: session 26's wide routing kernels: tests, ncu times, A/B against PIT_MOE_ROUTE_WIDE=0, sanitizers.
+#   (PART=route_wide, session 26: the wide routing kernels' tests, A/B and ncu times; removed with that code,
+#                  benchmarks/results/2026-11-28_session26/.)
+#   PART=route_batch_loads: session 26: the rank kernel's batched count loads, tests and A/B, then PART=route_in_call.
 #   PART=route_in_call: profile_route_in_call.py (the routing's exposed time inside the Qwen-like call, with and
 #                  without dependent launches) and ncu of the routing kernels at the card's clocks (session 24).
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
@@ -570,17 +572,14 @@ route_ncu)  # the routing kernels' device times (ncu) on the Qwen-like and Mixtr
       python3 profile_moe_route.py --shape $args > /tmp/ncu_route.log 2>&1)
     grep -E "pit_moe_route|gpu__time|launch__grid" /tmp/ncu_route.log | sed 's/(const.*//; s/(int.*//; s/  */ /g' | tee -a $LOG
   done ;;
-route_wide)  # session 26: the wide routing (2048-assignment chunks, all warps ranking) — the routing kernel tests
-            # (every path), the A/B against PIT_MOE_ROUTE_WIDE=0 of the projection with the routing in the call
-            # ("projection", tables given, is the control), ncu device times with and without, then memcheck and
-            # racecheck over the default path's tests, 13 per process
+route_batch_loads)  # session 26: the rank kernel's count loads batched (default) against its copy loop
+                   # (PIT_MOE_ROUTE_BATCH_LOADS=0): the routing kernel tests (every path), the A/B of the Qwen-like
+                   # projection with the routing in the call ("projection", tables given, is the control), then
+                   # PART=route_in_call (where the rank kernel's time goes)
   pytest_gpu 200 tests/test_moe_kernels.py -k "routing_kernel"
-  moe_ab 260 route_wide_ab --switch PIT_MOE_ROUTE_WIDE 0 default --cases "Qwen3-30B-A3B-like" \
-    "Mixtral up T=4096" --routings uniform zipf one-hot --parts "routed projection" "projection"
-  route_ncu_each PIT_MOE_ROUTE_WIDE default 0
-  [[ "${SAN:-1}" == 1 ]] || exit 0
-  run_tool_chunks memcheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and default" 0 14
-  run_tool_chunks racecheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and default" 0 14 ;;
+  moe_ab 200 route_batch_loads_ab --switch PIT_MOE_ROUTE_BATCH_LOADS 0 default --cases "Qwen3-30B-A3B-like" \
+    --routings uniform zipf one-hot --parts "routed projection" "projection"
+  PART=route_in_call SKIP_BUILD=1 bash $0 > /dev/null ;;
 route_two_launch)  # session 22: the routing's scan and scatter in one launch for small problems — the routing
                  # kernel tests (both paths), the routing kernels' device times (ncu, base clocks) with it on and off, the A/B
                  # (PIT_MOE_ROUTE_TWO_LAUNCH=0 vs default, read per launch) of the projection with the routing built

@@ -5,7 +5,6 @@
 
 #include <cstdint>
 
-#include "dynamic_smem.cuh"
 #include "mma_sm80.cuh"
 
 namespace pit {
@@ -15,6 +14,13 @@ namespace pit {
 template <typename T>
 inline bool rows_copy_by_16_bytes(const void* base, int64_t row_len) {
   return row_len % (16 / int64_t(sizeof(T))) == 0 && reinterpret_cast<uintptr_t>(base) % 16 == 0;
+}
+
+// Host side: lets `kernel` take `bytes` of dynamic shared memory (above 48 KB needs opting in).
+template <typename Kernel>
+inline cudaError_t allow_dynamic_smem(Kernel kernel, int bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
 // Copies one row segment of 16 bytes (kVec elements) into shared memory, zero past `valid`

@@ -11,10 +11,6 @@
 //      output position; the same CTA writes group_starts and tile_starts;
 //   3. each warp walks its chunk again, 32 assignments at a time in order, ranking equal bins
 //      with __match_any_sync: order[position] = assignment. Stable, hence deterministic.
-// The default (wide_route_fits: up to 1023 experts and a count array that fits shared memory) is
-// two launches of 1024-thread CTAs, 2048 assignments each, every warp ranking its own assignments
-// at once (pit_moe_route_wide_*_kernel, session 26); PIT_MOE_ROUTE_WIDE=0 (read per launch) selects
-// the narrow paths below.
 // Small problems (at most kRankMaxCounts (bin, chunk) counts, at most 1023 experts) run steps 2
 // and 3 as one launch (pit_moe_route_rank_kernel): every CTA reads the whole count array
 // (35 KB at most, from L2) and does its own share of the scan instead of waiting for a one-CTA
@@ -34,7 +30,6 @@
 
 #include <cub/block/block_scan.cuh>
 
-#include "../common/dynamic_smem.cuh"
 #include "../common/ffi_common.h"
 #include "../common/pdl.cuh"
 #include "../common/poison_outputs.cuh"
@@ -216,6 +211,12 @@ __device__ __forceinline__ void scan_bins(RankScan::TempStorage& storage, const 
 // Steps 2 and 3 in one launch for small problems: each CTA loads the whole [bin][chunk] count
 // array into shared memory, sums each bin over all chunks and over the chunks before its own (a
 // warp per bin), scans the bins and ranks its own chunk. CTA 0 writes group_starts and tile_starts.
+// kBatchedLoads: each thread issues all of its (at most kRankLoadsPerThread) count loads before its
+// first shared-memory store, so the CTA waits about one L2 latency for the count array instead of
+// one per kRankThreads counts (the loop the compiler made of the plain copy). PIT_MOE_ROUTE_BATCH_LOADS=0
+// (read per launch) selects that loop.
+constexpr int kRankLoadsPerThread = int((kRankMaxCounts + kRankThreads - 1) / kRankThreads);
+template <bool kBatchedLoads>
 __global__ void __launch_bounds__(kRankThreads) pit_moe_route_rank_kernel(
     const int32_t* __restrict__ ids, int64_t n, int64_t experts, int64_t n_chunks, int64_t tile_rows,
     const int32_t* __restrict__ counts, int32_t* __restrict__ group_starts, int32_t* __restrict__ tile_starts,
@@ -230,9 +231,24 @@ __global__ void __launch_bounds__(kRankThreads) pit_moe_route_rank_kernel(
   const bool ranks = warp == own % kRankWarps;  // the warp that ranks this CTA's chunk
   wait_for_previous_grid();  // the counts (and, before them, ids)
   allow_dependent_launch();
-  for (int64_t i = threadIdx.x; i < bins * n_chunks; i += kRankThreads) chunk_counts[i] = counts[i];
-  int own_bins[kIdsPerLane];
+  int own_bins[kIdsPerLane];  // loaded first: in flight with the counts
   if (ranks) load_chunk_bins(ids, own * kChunk, min(n, (own + 1) * kChunk), experts, own_bins);
+  const int64_t all_counts = bins * n_chunks;
+  if constexpr (kBatchedLoads) {
+    int32_t loaded[kRankLoadsPerThread];
+#pragma unroll
+    for (int j = 0; j < kRankLoadsPerThread; ++j) {
+      const int64_t i = threadIdx.x + int64_t(j) * kRankThreads;
+      loaded[j] = i < all_counts ? counts[i] : 0;
+    }
+#pragma unroll
+    for (int j = 0; j < kRankLoadsPerThread; ++j) {
+      const int64_t i = threadIdx.x + int64_t(j) * kRankThreads;
+      if (i < all_counts) chunk_counts[i] = loaded[j];
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < all_counts; i += kRankThreads) chunk_counts[i] = counts[i];
+  }
   __syncthreads();
   for (int bin = warp; bin < bins; bin += kRankWarps) {
     int32_t all, before;
@@ -245,125 +261,6 @@ __global__ void __launch_bounds__(kRankThreads) pit_moe_route_rank_kernel(
   const int64_t first = own * kChunk;  // step 3 on this chunk
 #pragma unroll
   for (int j = 0; j < kIdsPerLane; ++j) rank_step(own_bins[j], first + j * 32 + lane, next_pos, order);
-}
-
-// The wide routing (the default where it fits, wide_route_fits): CTAs of kWideThreads threads,
-// each counting and then ranking one chunk of kWideChunk assignments with all of its warps at once.
-// The narrow rank kernel above ranks a chunk with one warp in kIdsPerLane serial steps while its
-// other warps wait, and every CTA reads (bins x chunks of 256) counts; here a chunk is 8x larger, so
-// each CTA reads 8x fewer counts, and each warp ranks only its own kWideSteps x 32 assignments. A
-// warp's first position in a bin within the chunk is a scan of per-warp counts over the warps.
-constexpr int kWideThreads = 1024;
-constexpr int kWideWarps = kWideThreads / 32;
-constexpr int kWideSteps = 2;                           // assignments per thread
-constexpr int kWideChunk = kWideThreads * kWideSteps;   // assignments per CTA
-constexpr int kWideWarpStride = kWideWarps + 1;         // [bin][warp] rows padded: no bank conflicts
-constexpr int64_t kWideMaxBins = kWideThreads;          // one bin per thread in the scans
-constexpr int64_t kWideMaxSmemInts = 50 * 1024;         // [bin][warp] + [bin][chunk], 200 KB dynamic
-
-// Thread's kWideSteps assignments: warp w of CTA c owns the 32 * kWideSteps assignments from
-// c * kWideChunk + w * 32 * kWideSteps on, 32 per step, so chunk, warp, step and lane order is
-// assignment order (what keeps the sort stable). bin -1: past the end.
-__device__ __forceinline__ void load_wide_bins(const int32_t* __restrict__ ids, int64_t n, int64_t experts,
-                                               int64_t (&assignment)[kWideSteps], int (&bins)[kWideSteps]) {
-  const int64_t first = int64_t(blockIdx.x) * kWideChunk + (threadIdx.x >> 5) * (32 * kWideSteps) + (threadIdx.x & 31);
-#pragma unroll
-  for (int s = 0; s < kWideSteps; ++s) {
-    assignment[s] = first + s * 32;
-    bins[s] = assignment[s] < n ? bin_of(ids[assignment[s]], experts) : -1;
-  }
-}
-
-// Step 1, wide: the chunk's count per bin, each warp adding once per distinct bin of a step.
-__global__ void __launch_bounds__(kWideThreads) pit_moe_route_wide_count_kernel(const int32_t* __restrict__ ids,
-                                                                               int64_t n, int64_t experts,
-                                                                               int64_t n_chunks,
-                                                                               int32_t* __restrict__ counts) {
-  __shared__ int32_t chunk_bins[kWideMaxBins];
-  const int bins = int(experts + 1);
-  const int lane = threadIdx.x & 31;
-  wait_for_previous_grid();  // whatever wrote ids (and last used counts)
-  allow_dependent_launch();
-  int64_t assignment[kWideSteps];
-  int bin[kWideSteps];
-  load_wide_bins(ids, n, experts, assignment, bin);
-  if (threadIdx.x < bins) chunk_bins[threadIdx.x] = 0;
-  __syncthreads();
-#pragma unroll
-  for (int s = 0; s < kWideSteps; ++s) {
-    const unsigned peers = __match_any_sync(0xffffffffu, bin[s]);
-    if (bin[s] >= 0 && lane == __ffs(peers) - 1) atomicAdd(&chunk_bins[bin[s]], __popc(peers));
-  }
-  __syncthreads();
-  if (threadIdx.x < bins) counts[threadIdx.x * n_chunks + blockIdx.x] = chunk_bins[threadIdx.x];
-}
-
-// Steps 2 and 3, wide: every CTA reads the whole [bin][chunk] count array (the bins' totals and
-// the counts of the chunks before its own), each warp ranks its assignments among its own
-// (local), a scan over the warps gives each (bin, warp) its first position in the chunk, and a
-// scan over the bins the chunk's first position per bin. CTA 0 writes group_starts and tile_starts.
-__global__ void __launch_bounds__(kWideThreads) pit_moe_route_wide_rank_kernel(
-    const int32_t* __restrict__ ids, int64_t n, int64_t experts, int64_t n_chunks, int64_t tile_rows,
-    const int32_t* __restrict__ counts, int32_t* __restrict__ group_starts, int32_t* __restrict__ tile_starts,
-    int32_t* __restrict__ order) {
-  static_assert(kWideThreads == kRankThreads, "one bin per thread in scan_bins");
-  __shared__ RankScan::TempStorage storage;
-  __shared__ int32_t in_bin_all[kWideMaxBins];
-  __shared__ int32_t next_pos[kWideMaxBins];  // in the chunks before this one, then this chunk's first position
-  extern __shared__ int32_t wide_smem[];
-  const int bins = int(experts + 1);
-  int32_t* warp_first = wide_smem;  // [bin][warp]: the warp's count, then its first position within the chunk
-  int32_t* chunk_counts = wide_smem + bins * kWideWarpStride;  // [bin][chunk]
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t own = blockIdx.x;
-  wait_for_previous_grid();  // the counts (and, before them, ids)
-  allow_dependent_launch();
-  int64_t assignment[kWideSteps];
-  int bin[kWideSteps];
-  load_wide_bins(ids, n, experts, assignment, bin);
-  for (int64_t i = threadIdx.x; i < bins * n_chunks; i += kWideThreads) chunk_counts[i] = counts[i];
-  for (int i = threadIdx.x; i < bins * kWideWarpStride; i += kWideThreads) warp_first[i] = 0;
-  __syncthreads();
-  int32_t local[kWideSteps];  // earlier assignments of this warp in the same bin
-#pragma unroll
-  for (int s = 0; s < kWideSteps; ++s) {
-    const unsigned peers = __match_any_sync(0xffffffffu, bin[s]);
-    const int rank = __popc(peers & ((1u << lane) - 1));
-    local[s] = bin[s] >= 0 ? warp_first[bin[s] * kWideWarpStride + warp] + rank : 0;
-    __syncwarp();
-    if (bin[s] >= 0 && rank == 0) warp_first[bin[s] * kWideWarpStride + warp] += __popc(peers);
-    __syncwarp();
-  }
-  __syncthreads();
-  for (int b = warp; b < bins; b += kWideWarps) {  // a warp per bin
-    int32_t all, before;
-    bin_sums(chunk_counts + b * n_chunks, n_chunks, own, all, before);
-    const int32_t mine = warp_first[b * kWideWarpStride + lane];  // lane = the warp counted
-    int32_t inclusive = mine;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int32_t up = __shfl_up_sync(0xffffffffu, inclusive, d);
-      if (lane >= d) inclusive += up;
-    }
-    warp_first[b * kWideWarpStride + lane] = inclusive - mine;
-    if (lane == 0) in_bin_all[b] = all, next_pos[b] = before;
-  }
-  __syncthreads();
-  scan_bins(storage, in_bin_all, bins, tile_rows, next_pos, group_starts, tile_starts);
-#pragma unroll
-  for (int s = 0; s < kWideSteps; ++s)
-    if (bin[s] >= 0)
-      order[next_pos[bin[s]] + warp_first[bin[s] * kWideWarpStride + warp] + local[s]] = int32_t(assignment[s]);
-}
-
-// Dynamic shared memory of the wide rank kernel: [bin][warp] and [bin][chunk] rows.
-int64_t wide_rank_smem_ints(int64_t experts, int64_t n_chunks) { return (experts + 1) * (kWideWarpStride + n_chunks); }
-
-// Whether the wide routing runs (PIT_MOE_ROUTE_WIDE=0, read per launch, selects the narrow paths).
-bool wide_route_fits(int64_t n, int64_t experts) {
-  const char* env = std::getenv("PIT_MOE_ROUTE_WIDE");
-  return (env == nullptr || env[0] != '0') && experts + 1 <= kWideMaxBins &&
-         wide_rank_smem_ints(experts, ceil_div(n, kWideChunk)) <= kWideMaxSmemInts;
 }
 
 // Whether steps 2 and 3 run as the one rank launch (PIT_MOE_ROUTE_TWO_LAUNCH=0, read per launch, keeps three).
@@ -390,26 +287,16 @@ ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Res
   const bool pdl = dependent_launch_setting("PIT_MOE_PDL") != 0;
   const char* prefetch_env = std::getenv("PIT_MOE_ROUTE_PREFETCH");
   const bool prefetch = prefetch_env == nullptr || prefetch_env[0] != '0';
+  const char* batch_env = std::getenv("PIT_MOE_ROUTE_BATCH_LOADS");
+  const bool batched_loads = batch_env == nullptr || batch_env[0] != '0';
   cudaError_t err = cudaSuccess;
-  if (wide_route_fits(n, num_experts)) {  // count + wide rank
-    const int64_t wide_chunks = ceil_div(n, kWideChunk);
-    const int smem_bytes = int(wide_rank_smem_ints(num_experts, wide_chunks) * sizeof(int32_t));
-    if (wide_chunks > 0)
-      err = launch_dependent(pit_moe_route_wide_count_kernel, unsigned(wide_chunks), kWideThreads, 0, stream, pdl,
-                             ids.typed_data(), n, num_experts, wide_chunks, counts);
-    if (err == cudaSuccess) err = allow_dynamic_smem(pit_moe_route_wide_rank_kernel, smem_bytes);
-    if (err == cudaSuccess)
-      err = launch_dependent(pit_moe_route_wide_rank_kernel, unsigned(std::max<int64_t>(wide_chunks, 1)), kWideThreads,
-                             size_t(smem_bytes), stream, pdl, ids.typed_data(), n, num_experts, wide_chunks, tile_rows,
-                             static_cast<const int32_t*>(counts), group_starts->typed_data(),
-                             tile_starts->typed_data(), order->typed_data());
-  } else {
+  {  // count, then rank or scan + scatter
     if (n_chunks > 0)
       err = launch_dependent(prefetch ? pit_moe_route_count_kernel<true> : pit_moe_route_count_kernel<false>,
                              unsigned(n_chunks), 32, bin_bytes, stream, pdl, ids.typed_data(), n, num_experts,
                              n_chunks, counts);
     if (err == cudaSuccess && route_in_two_launches(n_chunks, num_experts)) {  // count + narrow rank
-      err = launch_dependent(pit_moe_route_rank_kernel, unsigned(std::max<int64_t>(n_chunks, 1)), kRankThreads, 0,
+      err = launch_dependent(batched_loads ? pit_moe_route_rank_kernel<true> : pit_moe_route_rank_kernel<false>, unsigned(std::max<int64_t>(n_chunks, 1)), kRankThreads, 0,
                              stream, pdl, ids.typed_data(), n, num_experts, n_chunks, tile_rows,
                              static_cast<const int32_t*>(counts), group_starts->typed_data(),
                              tile_starts->typed_data(), order->typed_data());
