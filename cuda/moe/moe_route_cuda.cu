@@ -10,7 +10,8 @@
 //   2. one exclusive scan (a single CTA, CUB) of that array gives each (bin, chunk) its first
 //      output position; the same CTA writes group_starts and tile_starts;
 //   3. each warp walks its chunk again, 32 assignments at a time in order, ranking equal bins
-//      with __match_any_sync: order[position] = assignment. Stable, hence deterministic.
+//      (lanes with the same bin found by ballots over the bin's bits; PIT_MOE_ROUTE_MATCH=1, read
+//      per launch, uses __match_any_sync): order[position] = assignment. Stable, hence deterministic.
 // Small problems (at most kRankMaxCounts (bin, chunk) counts, at most 1023 experts) run steps 2
 // and 3 as one launch (pit_moe_route_rank_kernel): every CTA reads the whole count array
 // (35 KB at most, from L2) and does its own share of the scan instead of waiting for a one-CTA
@@ -59,12 +60,41 @@ __device__ __forceinline__ void load_chunk_bins(const int32_t* __restrict__ ids,
   }
 }
 
+// The lanes of the warp whose bin equals this lane's (bin < 0: the lanes without an assignment).
+// kBallots: one ballot on validity and one per bit of the bin (bin_bits of them, the bits of the
+// largest bin), each lane keeping the lanes that agree with it on every bit, in place of
+// __match_any_sync (PIT_MOE_ROUTE_MATCH=1, read per launch, selects it).
+template <bool kBallots>
+__device__ __forceinline__ unsigned same_bin_lanes(int bin, int bin_bits) {
+  if constexpr (!kBallots) {
+    return __match_any_sync(0xffffffffu, bin);
+  } else {
+    const unsigned valid = __ballot_sync(0xffffffffu, bin >= 0);
+    unsigned peers = bin >= 0 ? valid : ~valid;
+    for (int b = 0; b < bin_bits; ++b) {
+      const bool bit = (bin >> b) & 1;
+      const unsigned set = __ballot_sync(0xffffffffu, bit);
+      peers &= bit ? set : ~set;
+    }
+    return peers;
+  }
+}
+
+// Bits of the largest bin (experts: the bin of ids outside [0, experts)).
+__host__ __device__ inline int bin_bits_of(int64_t experts) {
+  int bits = 0;
+  while ((int64_t(1) << bits) <= experts) ++bits;
+  return bits;
+}
+
 // One 32-assignment step of step 3: lane's assignment a (bin < 0: none) goes to its bin's next
 // position plus the number of earlier lanes with the same bin; the first of those lanes advances
 // the bin. Stable, hence deterministic.
-__device__ __forceinline__ void rank_step(int bin, int64_t a, int32_t* next_pos, int32_t* __restrict__ order) {
+template <bool kBallots>
+__device__ __forceinline__ void rank_step(int bin, int bin_bits, int64_t a, int32_t* next_pos,
+                                          int32_t* __restrict__ order) {
   const int lane = threadIdx.x & 31;
-  const unsigned peers = __match_any_sync(0xffffffffu, bin);
+  const unsigned peers = same_bin_lanes<kBallots>(bin, bin_bits);
   const int rank = __popc(peers & ((1u << lane) - 1));  // earlier lanes with the same bin
   if (bin >= 0) order[next_pos[bin] + rank] = int32_t(a);
   __syncwarp();
@@ -137,7 +167,7 @@ __global__ void __launch_bounds__(kScanThreads) pit_moe_route_scan_kernel(int32_
   if (threadIdx.x == 0) tile_starts[experts + 1] = carry;
 }
 
-template <bool kPrefetch>
+template <bool kPrefetch, bool kBallots>
 __global__ void __launch_bounds__(32) pit_moe_route_scatter_kernel(const int32_t* __restrict__ ids, int64_t n,
                                                                    int64_t experts, int64_t n_chunks,
                                                                    const int32_t* __restrict__ positions,
@@ -161,7 +191,7 @@ __global__ void __launch_bounds__(32) pit_moe_route_scatter_kernel(const int32_t
     int bin;  // -1 past the chunk's end
     if constexpr (kPrefetch) bin = lane_bins[j];
     else bin = a < last ? bin_of(ids[a], experts) : -1;
-    rank_step(bin, a, next_pos, order);
+    rank_step<kBallots>(bin, bin_bits_of(experts), a, next_pos, order);
   }
 }
 
@@ -170,58 +200,16 @@ constexpr int kRankWarps = kRankThreads / 32;
 constexpr int64_t kRankMaxBins = kRankThreads;  // experts + 1: one bin per thread in the scans
 constexpr int64_t kRankMaxCounts = 8960;        // (experts + 1) * chunks in shared memory (35 KB; 48 KB static in all)
 
-using RankScan = cub::BlockScan<int32_t, kRankThreads>;  // the rank kernels' scans over bins
-
-// A warp's sums of one bin's counts over all chunks and over the chunks before `own`.
-__device__ __forceinline__ void bin_sums(const int32_t* bin_counts, int64_t n_chunks, int64_t own, int32_t& all,
-                                         int32_t& before) {
-  all = 0, before = 0;
-  for (int64_t c = threadIdx.x & 31; c < n_chunks; c += 32) {
-    const int32_t v = bin_counts[c];
-    all += v;
-    before += c < own ? v : 0;
-  }
-  all = __reduce_add_sync(0xffffffffu, all);
-  before = __reduce_add_sync(0xffffffffu, before);
-}
-
-// One bin per thread: adds each bin's first position (the exclusive scan of in_bin_all) to
-// next_pos; CTA 0 also writes group_starts and tile_starts. Ends with a barrier.
-__device__ __forceinline__ void scan_bins(RankScan::TempStorage& storage, const int32_t* in_bin_all, int bins,
-                                          int64_t tile_rows, int32_t* next_pos, int32_t* __restrict__ group_starts,
-                                          int32_t* __restrict__ tile_starts) {
-  const int b = threadIdx.x;
-  const int32_t in_bin = b < bins ? in_bin_all[b] : 0;
-  int32_t bin_start, total;
-  RankScan(storage).ExclusiveSum(in_bin, bin_start, total);
-  if (b < bins) next_pos[b] += bin_start;
-  if (blockIdx.x == 0) {
-    if (b < bins) group_starts[b] = bin_start;
-    if (b == 0) group_starts[bins] = total;
-    const int32_t tiles = b < bins ? int32_t((in_bin + tile_rows - 1) / tile_rows) : 0;
-    int32_t tile_start, all_tiles;
-    __syncthreads();  // storage is reused
-    RankScan(storage).ExclusiveSum(tiles, tile_start, all_tiles);
-    if (b < bins) tile_starts[b] = tile_start;
-    if (b == 0) tile_starts[bins] = all_tiles;
-  }
-  __syncthreads();
-}
-
 // Steps 2 and 3 in one launch for small problems: each CTA loads the whole [bin][chunk] count
 // array into shared memory, sums each bin over all chunks and over the chunks before its own (a
 // warp per bin), scans the bins and ranks its own chunk. CTA 0 writes group_starts and tile_starts.
-// kBatchedLoads: each thread issues all of its (at most kRankLoadsPerThread) count loads before its
-// first shared-memory store, so the CTA waits about one L2 latency for the count array instead of
-// one per kRankThreads counts (the loop the compiler made of the plain copy). PIT_MOE_ROUTE_BATCH_LOADS=0
-// (read per launch) selects that loop.
-constexpr int kRankLoadsPerThread = int((kRankMaxCounts + kRankThreads - 1) / kRankThreads);
-template <bool kBatchedLoads>
+template <bool kBallots>
 __global__ void __launch_bounds__(kRankThreads) pit_moe_route_rank_kernel(
     const int32_t* __restrict__ ids, int64_t n, int64_t experts, int64_t n_chunks, int64_t tile_rows,
     const int32_t* __restrict__ counts, int32_t* __restrict__ group_starts, int32_t* __restrict__ tile_starts,
     int32_t* __restrict__ order) {
-  __shared__ RankScan::TempStorage storage;
+  using Scan = cub::BlockScan<int32_t, kRankThreads>;
+  __shared__ typename Scan::TempStorage storage;
   __shared__ int32_t chunk_counts[kRankMaxCounts];
   __shared__ int32_t in_bin_all[kRankMaxBins];
   __shared__ int32_t next_pos[kRankMaxBins];  // in the chunks before this one, then this chunk's first position
@@ -231,36 +219,43 @@ __global__ void __launch_bounds__(kRankThreads) pit_moe_route_rank_kernel(
   const bool ranks = warp == own % kRankWarps;  // the warp that ranks this CTA's chunk
   wait_for_previous_grid();  // the counts (and, before them, ids)
   allow_dependent_launch();
-  int own_bins[kIdsPerLane];  // loaded first: in flight with the counts
+  for (int64_t i = threadIdx.x; i < bins * n_chunks; i += kRankThreads) chunk_counts[i] = counts[i];
+  int own_bins[kIdsPerLane];
   if (ranks) load_chunk_bins(ids, own * kChunk, min(n, (own + 1) * kChunk), experts, own_bins);
-  const int64_t all_counts = bins * n_chunks;
-  if constexpr (kBatchedLoads) {
-    int32_t loaded[kRankLoadsPerThread];
-#pragma unroll
-    for (int j = 0; j < kRankLoadsPerThread; ++j) {
-      const int64_t i = threadIdx.x + int64_t(j) * kRankThreads;
-      loaded[j] = i < all_counts ? counts[i] : 0;
-    }
-#pragma unroll
-    for (int j = 0; j < kRankLoadsPerThread; ++j) {
-      const int64_t i = threadIdx.x + int64_t(j) * kRankThreads;
-      if (i < all_counts) chunk_counts[i] = loaded[j];
-    }
-  } else {
-    for (int64_t i = threadIdx.x; i < all_counts; i += kRankThreads) chunk_counts[i] = counts[i];
-  }
   __syncthreads();
   for (int bin = warp; bin < bins; bin += kRankWarps) {
-    int32_t all, before;
-    bin_sums(chunk_counts + bin * n_chunks, n_chunks, own, all, before);
+    int32_t all = 0, before = 0;
+    for (int64_t c = lane; c < n_chunks; c += 32) {
+      const int32_t v = chunk_counts[bin * n_chunks + c];
+      all += v;
+      before += c < own ? v : 0;
+    }
+    all = __reduce_add_sync(0xffffffffu, all);
+    before = __reduce_add_sync(0xffffffffu, before);
     if (lane == 0) in_bin_all[bin] = all, next_pos[bin] = before;
   }
   __syncthreads();
-  scan_bins(storage, in_bin_all, bins, tile_rows, next_pos, group_starts, tile_starts);
+  const int b = threadIdx.x;  // one bin per thread
+  const int32_t in_bin = b < bins ? in_bin_all[b] : 0;
+  int32_t bin_start, total;
+  Scan(storage).ExclusiveSum(in_bin, bin_start, total);
+  if (b < bins) next_pos[b] += bin_start;
+  if (blockIdx.x == 0) {
+    if (b < bins) group_starts[b] = bin_start;
+    if (b == 0) group_starts[bins] = total;
+    const int32_t tiles = b < bins ? int32_t((in_bin + tile_rows - 1) / tile_rows) : 0;
+    int32_t tile_start, all_tiles;
+    __syncthreads();  // storage is reused
+    Scan(storage).ExclusiveSum(tiles, tile_start, all_tiles);
+    if (b < bins) tile_starts[b] = tile_start;
+    if (b == 0) tile_starts[bins] = all_tiles;
+  }
+  __syncthreads();
   if (!ranks) return;
   const int64_t first = own * kChunk;  // step 3 on this chunk
 #pragma unroll
-  for (int j = 0; j < kIdsPerLane; ++j) rank_step(own_bins[j], first + j * 32 + lane, next_pos, order);
+  for (int j = 0; j < kIdsPerLane; ++j)
+    rank_step<kBallots>(own_bins[j], bin_bits_of(experts), first + j * 32 + lane, next_pos, order);
 }
 
 // Whether steps 2 and 3 run as the one rank launch (PIT_MOE_ROUTE_TWO_LAUNCH=0, read per launch, keeps three).
@@ -287,28 +282,31 @@ ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Res
   const bool pdl = dependent_launch_setting("PIT_MOE_PDL") != 0;
   const char* prefetch_env = std::getenv("PIT_MOE_ROUTE_PREFETCH");
   const bool prefetch = prefetch_env == nullptr || prefetch_env[0] != '0';
-  const char* batch_env = std::getenv("PIT_MOE_ROUTE_BATCH_LOADS");
-  const bool batched_loads = batch_env == nullptr || batch_env[0] != '0';
+  const char* match_env = std::getenv("PIT_MOE_ROUTE_MATCH");
+  const bool ballots = match_env == nullptr || match_env[0] != '1';
   cudaError_t err = cudaSuccess;
-  {  // count, then rank or scan + scatter
-    if (n_chunks > 0)
-      err = launch_dependent(prefetch ? pit_moe_route_count_kernel<true> : pit_moe_route_count_kernel<false>,
-                             unsigned(n_chunks), 32, bin_bytes, stream, pdl, ids.typed_data(), n, num_experts,
-                             n_chunks, counts);
-    if (err == cudaSuccess && route_in_two_launches(n_chunks, num_experts)) {  // count + narrow rank
-      err = launch_dependent(batched_loads ? pit_moe_route_rank_kernel<true> : pit_moe_route_rank_kernel<false>, unsigned(std::max<int64_t>(n_chunks, 1)), kRankThreads, 0,
-                             stream, pdl, ids.typed_data(), n, num_experts, n_chunks, tile_rows,
-                             static_cast<const int32_t*>(counts), group_starts->typed_data(),
-                             tile_starts->typed_data(), order->typed_data());
-    } else {  // count + scan + scatter
-      if (err == cudaSuccess)
-        err = launch_dependent(pit_moe_route_scan_kernel, 1, kScanThreads, 0, stream, pdl, counts, n_chunks,
-                               num_experts, tile_rows, group_starts->typed_data(), tile_starts->typed_data());
-      if (err == cudaSuccess && n_chunks > 0)
-        err = launch_dependent(prefetch ? pit_moe_route_scatter_kernel<true> : pit_moe_route_scatter_kernel<false>,
-                               unsigned(n_chunks), 32, bin_bytes, stream, pdl, ids.typed_data(), n, num_experts,
-                               n_chunks, static_cast<const int32_t*>(counts), order->typed_data());
-    }
+  if (n_chunks > 0)
+    err = launch_dependent(prefetch ? pit_moe_route_count_kernel<true> : pit_moe_route_count_kernel<false>,
+                           unsigned(n_chunks), 32, bin_bytes, stream, pdl, ids.typed_data(), n, num_experts, n_chunks,
+                           counts);
+  if (err == cudaSuccess && route_in_two_launches(n_chunks, num_experts)) {
+    err = launch_dependent(ballots ? pit_moe_route_rank_kernel<true> : pit_moe_route_rank_kernel<false>,
+                           unsigned(std::max<int64_t>(n_chunks, 1)), kRankThreads, 0, stream, pdl,
+                           ids.typed_data(), n, num_experts, n_chunks, tile_rows,
+                           static_cast<const int32_t*>(counts), group_starts->typed_data(), tile_starts->typed_data(),
+                           order->typed_data());
+  } else {
+    if (err == cudaSuccess)
+      err = launch_dependent(pit_moe_route_scan_kernel, 1, kScanThreads, 0, stream, pdl, counts, n_chunks, num_experts,
+                             tile_rows, group_starts->typed_data(), tile_starts->typed_data());
+    if (err == cudaSuccess && n_chunks > 0)
+      err = launch_dependent(prefetch ? (ballots ? pit_moe_route_scatter_kernel<true, true>
+                                                 : pit_moe_route_scatter_kernel<true, false>)
+                                      : (ballots ? pit_moe_route_scatter_kernel<false, true>
+                                                 : pit_moe_route_scatter_kernel<false, false>),
+                             unsigned(n_chunks), 32, bin_bytes, stream, pdl,
+                             ids.typed_data(), n, num_experts, n_chunks, static_cast<const int32_t*>(counts),
+                             order->typed_data());
   }
   if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_moe_route: ") + cudaGetErrorString(err));
