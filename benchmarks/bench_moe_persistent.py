@@ -41,10 +41,8 @@ def set_switch(name: str, value: str) -> None:
         os.environ[name] = value
 
 
-# variables read when lowering, not per launch: each value gets its own compiled function. So does
-# PIT_MOE_ROUTE_MATCH, read per launch but changing the rank kernel recorded in XLA's CUDA graph
-# (session 25 saw such a change fail the graph's in-place update)
-LOWERING_SWITCHES = ("PIT_MOE_STAGED", "PIT_MOE_STAGED_DW", "PIT_MOE_ROUTE_MATCH")
+# variables read when lowering, not per launch: each value gets its own compiled function
+LOWERING_SWITCHES = ("PIT_MOE_STAGED", "PIT_MOE_STAGED_DW")
 
 
 def timed(fns: dict, operands, name: str, value: str, calls: int) -> float:

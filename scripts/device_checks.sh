@@ -127,9 +127,9 @@
 #                  and three launches (the tool crashed there in session 24's chunked run).
 #   (PART=route_wide, session 26: the wide routing kernels' tests, A/B and ncu times; removed with that code,
 #                  benchmarks/results/2026-11-28_session26/.)
-#   (PART=route_batch_loads, session 26: the rank kernel's count loads batched, tests and A/B, then PART=route_in_call;
-#                  removed with that code, no gain.)
-#   PART=route_ballots: session 26: equal bins by ballots vs __match_any_sync — tests, A/B, ncu source stalls, sanitizers.
+#   (PART=route_batch_loads and PART=route_ballots, session 26: the rank kernel's count loads batched, then equal bins
+#                  found by ballots instead of __match_any_sync — tests, A/Bs, route_in_call, ncu; removed with
+#                  their code, no gain.)
 #   PART=route_in_call: profile_route_in_call.py (the routing's exposed time inside the Qwen-like call, with and
 #                  without dependent launches) and ncu of the routing kernels at the card's clocks (session 24).
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
@@ -574,23 +574,6 @@ route_ncu)  # the routing kernels' device times (ncu) on the Qwen-like and Mixtr
       python3 profile_moe_route.py --shape $args > /tmp/ncu_route.log 2>&1)
     grep -E "pit_moe_route|gpu__time|launch__grid" /tmp/ncu_route.log | sed 's/(const.*//; s/(int.*//; s/  */ /g' | tee -a $LOG
   done ;;
-route_ballots)  # session 26: equal bins found by ballots over the bin's bits (default) against __match_any_sync
-               # (PIT_MOE_ROUTE_MATCH=1): the routing kernel tests (every path), the A/B of the projection with
-               # the routing in the call ("projection", tables given, is the control), ncu per-instruction stall
-               # samples of the rank kernel both ways ($OUT/ncu_rank_source_*.txt), then (SAN=1) the sanitizers
-  pytest_gpu 200 tests/test_moe_kernels.py -k "routing_kernel"
-  moe_ab 200 route_ballots_ab --switch PIT_MOE_ROUTE_MATCH 1 default --cases "Qwen3-30B-A3B-like" \
-    --routings uniform zipf one-hot --parts "routed projection" "projection"
-  for value in 1 0; do
-    (cd benchmarks && PIT_MOE_PDL=0 PIT_MOE_ROUTE_MATCH=$value timeout -k 5 100 ncu --clock-control none \
-      --kernel-name regex:pit_moe_route_rank --launch-skip 1 --launch-count 1 --section SpeedOfLight \
-      --section WarpStateStats --page source --print-source sass python3 profile_moe_route.py --shape 2048 128 8 \
-      --routing uniform --calls 3 > $OUT/ncu_rank_source_match$value.txt 2>&1)
-    grep -E "Duration|Elapsed Cycles|==ERROR==" $OUT/ncu_rank_source_match$value.txt | head -4 | sed "s/^/match=$value /" | tee -a $LOG
-  done
-  [[ "${SAN:-0}" == 1 ]] || exit 0
-  run_tool_chunks memcheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and not 20000 and not match" 0 14
-  run_tool_chunks racecheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and not 20000 and not match" 0 14 ;;
 route_two_launch)  # session 22: the routing's scan and scatter in one launch for small problems — the routing
                  # kernel tests (both paths), the routing kernels' device times (ncu, base clocks) with it on and off, the A/B
                  # (PIT_MOE_ROUTE_TWO_LAUNCH=0 vs default, read per launch) of the projection with the routing built

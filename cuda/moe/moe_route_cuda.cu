@@ -10,8 +10,7 @@
 //   2. one exclusive scan (a single CTA, CUB) of that array gives each (bin, chunk) its first
 //      output position; the same CTA writes group_starts and tile_starts;
 //   3. each warp walks its chunk again, 32 assignments at a time in order, ranking equal bins
-//      (lanes with the same bin found by ballots over the bin's bits; PIT_MOE_ROUTE_MATCH=1, read
-//      per launch, uses __match_any_sync): order[position] = assignment. Stable, hence deterministic.
+//      with __match_any_sync: order[position] = assignment. Stable, hence deterministic.
 // Small problems (at most kRankMaxCounts (bin, chunk) counts, at most 1023 experts) run steps 2
 // and 3 as one launch (pit_moe_route_rank_kernel): every CTA reads the whole count array
 // (35 KB at most, from L2) and does its own share of the scan instead of waiting for a one-CTA
@@ -60,41 +59,12 @@ __device__ __forceinline__ void load_chunk_bins(const int32_t* __restrict__ ids,
   }
 }
 
-// The lanes of the warp whose bin equals this lane's (bin < 0: the lanes without an assignment).
-// kBallots: one ballot on validity and one per bit of the bin (bin_bits of them, the bits of the
-// largest bin), each lane keeping the lanes that agree with it on every bit, in place of
-// __match_any_sync (PIT_MOE_ROUTE_MATCH=1, read per launch, selects it).
-template <bool kBallots>
-__device__ __forceinline__ unsigned same_bin_lanes(int bin, int bin_bits) {
-  if constexpr (!kBallots) {
-    return __match_any_sync(0xffffffffu, bin);
-  } else {
-    const unsigned valid = __ballot_sync(0xffffffffu, bin >= 0);
-    unsigned peers = bin >= 0 ? valid : ~valid;
-    for (int b = 0; b < bin_bits; ++b) {
-      const bool bit = (bin >> b) & 1;
-      const unsigned set = __ballot_sync(0xffffffffu, bit);
-      peers &= bit ? set : ~set;
-    }
-    return peers;
-  }
-}
-
-// Bits of the largest bin (experts: the bin of ids outside [0, experts)).
-__host__ __device__ inline int bin_bits_of(int64_t experts) {
-  int bits = 0;
-  while ((int64_t(1) << bits) <= experts) ++bits;
-  return bits;
-}
-
 // One 32-assignment step of step 3: lane's assignment a (bin < 0: none) goes to its bin's next
 // position plus the number of earlier lanes with the same bin; the first of those lanes advances
 // the bin. Stable, hence deterministic.
-template <bool kBallots>
-__device__ __forceinline__ void rank_step(int bin, int bin_bits, int64_t a, int32_t* next_pos,
-                                          int32_t* __restrict__ order) {
+__device__ __forceinline__ void rank_step(int bin, int64_t a, int32_t* next_pos, int32_t* __restrict__ order) {
   const int lane = threadIdx.x & 31;
-  const unsigned peers = same_bin_lanes<kBallots>(bin, bin_bits);
+  const unsigned peers = __match_any_sync(0xffffffffu, bin);
   const int rank = __popc(peers & ((1u << lane) - 1));  // earlier lanes with the same bin
   if (bin >= 0) order[next_pos[bin] + rank] = int32_t(a);
   __syncwarp();
@@ -167,7 +137,7 @@ __global__ void __launch_bounds__(kScanThreads) pit_moe_route_scan_kernel(int32_
   if (threadIdx.x == 0) tile_starts[experts + 1] = carry;
 }
 
-template <bool kPrefetch, bool kBallots>
+template <bool kPrefetch>
 __global__ void __launch_bounds__(32) pit_moe_route_scatter_kernel(const int32_t* __restrict__ ids, int64_t n,
                                                                    int64_t experts, int64_t n_chunks,
                                                                    const int32_t* __restrict__ positions,
@@ -191,7 +161,7 @@ __global__ void __launch_bounds__(32) pit_moe_route_scatter_kernel(const int32_t
     int bin;  // -1 past the chunk's end
     if constexpr (kPrefetch) bin = lane_bins[j];
     else bin = a < last ? bin_of(ids[a], experts) : -1;
-    rank_step<kBallots>(bin, bin_bits_of(experts), a, next_pos, order);
+    rank_step(bin, a, next_pos, order);
   }
 }
 
@@ -203,7 +173,6 @@ constexpr int64_t kRankMaxCounts = 8960;        // (experts + 1) * chunks in sha
 // Steps 2 and 3 in one launch for small problems: each CTA loads the whole [bin][chunk] count
 // array into shared memory, sums each bin over all chunks and over the chunks before its own (a
 // warp per bin), scans the bins and ranks its own chunk. CTA 0 writes group_starts and tile_starts.
-template <bool kBallots>
 __global__ void __launch_bounds__(kRankThreads) pit_moe_route_rank_kernel(
     const int32_t* __restrict__ ids, int64_t n, int64_t experts, int64_t n_chunks, int64_t tile_rows,
     const int32_t* __restrict__ counts, int32_t* __restrict__ group_starts, int32_t* __restrict__ tile_starts,
@@ -254,8 +223,7 @@ __global__ void __launch_bounds__(kRankThreads) pit_moe_route_rank_kernel(
   if (!ranks) return;
   const int64_t first = own * kChunk;  // step 3 on this chunk
 #pragma unroll
-  for (int j = 0; j < kIdsPerLane; ++j)
-    rank_step<kBallots>(own_bins[j], bin_bits_of(experts), first + j * 32 + lane, next_pos, order);
+  for (int j = 0; j < kIdsPerLane; ++j) rank_step(own_bins[j], first + j * 32 + lane, next_pos, order);
 }
 
 // Whether steps 2 and 3 run as the one rank launch (PIT_MOE_ROUTE_TWO_LAUNCH=0, read per launch, keeps three).
@@ -282,17 +250,14 @@ ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Res
   const bool pdl = dependent_launch_setting("PIT_MOE_PDL") != 0;
   const char* prefetch_env = std::getenv("PIT_MOE_ROUTE_PREFETCH");
   const bool prefetch = prefetch_env == nullptr || prefetch_env[0] != '0';
-  const char* match_env = std::getenv("PIT_MOE_ROUTE_MATCH");
-  const bool ballots = match_env == nullptr || match_env[0] != '1';
   cudaError_t err = cudaSuccess;
   if (n_chunks > 0)
     err = launch_dependent(prefetch ? pit_moe_route_count_kernel<true> : pit_moe_route_count_kernel<false>,
                            unsigned(n_chunks), 32, bin_bytes, stream, pdl, ids.typed_data(), n, num_experts, n_chunks,
                            counts);
   if (err == cudaSuccess && route_in_two_launches(n_chunks, num_experts)) {
-    err = launch_dependent(ballots ? pit_moe_route_rank_kernel<true> : pit_moe_route_rank_kernel<false>,
-                           unsigned(std::max<int64_t>(n_chunks, 1)), kRankThreads, 0, stream, pdl,
-                           ids.typed_data(), n, num_experts, n_chunks, tile_rows,
+    err = launch_dependent(pit_moe_route_rank_kernel, unsigned(std::max<int64_t>(n_chunks, 1)), kRankThreads, 0, stream,
+                           pdl, ids.typed_data(), n, num_experts, n_chunks, tile_rows,
                            static_cast<const int32_t*>(counts), group_starts->typed_data(), tile_starts->typed_data(),
                            order->typed_data());
   } else {
@@ -300,10 +265,7 @@ ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Res
       err = launch_dependent(pit_moe_route_scan_kernel, 1, kScanThreads, 0, stream, pdl, counts, n_chunks, num_experts,
                              tile_rows, group_starts->typed_data(), tile_starts->typed_data());
     if (err == cudaSuccess && n_chunks > 0)
-      err = launch_dependent(prefetch ? (ballots ? pit_moe_route_scatter_kernel<true, true>
-                                                 : pit_moe_route_scatter_kernel<true, false>)
-                                      : (ballots ? pit_moe_route_scatter_kernel<false, true>
-                                                 : pit_moe_route_scatter_kernel<false, false>),
+      err = launch_dependent(prefetch ? pit_moe_route_scatter_kernel<true> : pit_moe_route_scatter_kernel<false>,
                              unsigned(n_chunks), 32, bin_bytes, stream, pdl,
                              ids.typed_data(), n, num_experts, n_chunks, static_cast<const int32_t*>(counts),
                              order->typed_data());
