@@ -127,10 +127,9 @@
 #                  and three launches (the tool crashed there in session 24's chunked run).
 #   (PART=route_wide, session 26: the wide routing kernels' tests, A/B and ncu times; removed with that code,
 #                  benchmarks/results/2026-11-28_session26/.)
-#   (PART=route_batch_loads and PART=route_ballots, session 26: the rank kernel's count loads batched, then equal bins
-#                  found by ballots instead of __match_any_sync — tests, A/Bs, route_in_call, ncu; removed with
-#                  their code, no gain.)
-#   PART=route_rank_scan: session 26: the rank kernel's bin scan by warp scans vs raking — tests, ncu times.
+#   (PART=route_batch_loads, PART=route_ballots and PART=route_rank_scan, session 26: the rank kernel's count loads
+#                  batched, equal bins found by ballots instead of __match_any_sync, the bin scan by CUB's warp
+#                  scans instead of raking — tests, A/Bs or ncu times, route_in_call; removed with their code, no gain.)
 #   PART=route_in_call: profile_route_in_call.py (the routing's exposed time inside the Qwen-like call, with and
 #                  without dependent launches) and ncu of the routing kernels at the card's clocks (session 24).
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
@@ -575,11 +574,6 @@ route_ncu)  # the routing kernels' device times (ncu) on the Qwen-like and Mixtr
       python3 profile_moe_route.py --shape $args > /tmp/ncu_route.log 2>&1)
     grep -E "pit_moe_route|gpu__time|launch__grid" /tmp/ncu_route.log | sed 's/(const.*//; s/(int.*//; s/  */ /g' | tee -a $LOG
   done ;;
-route_rank_scan)  # session 26: the rank kernel's bin scan by CUB's warp scans (default) against raking
-                 # (PIT_MOE_ROUTE_RANK_SCAN=raking): the routing kernel tests (every path), then the routing kernels'
-                 # ncu device times both ways
-  pytest_gpu 200 tests/test_moe_kernels.py -k "routing_kernel"
-  route_ncu_each PIT_MOE_ROUTE_RANK_SCAN default raking ;;
 route_two_launch)  # session 22: the routing's scan and scatter in one launch for small problems — the routing
                  # kernel tests (both paths), the routing kernels' device times (ncu, base clocks) with it on and off, the A/B
                  # (PIT_MOE_ROUTE_TWO_LAUNCH=0 vs default, read per launch) of the projection with the routing built

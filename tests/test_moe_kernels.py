@@ -181,20 +181,17 @@ def test_kernel_gradients_match_float64(kernel, dtype, t, k, e, d, f, one_hot):
 @pytest.mark.parametrize("a, e", [(0, 4), (1, 1), (1000, 8), (4099, 256), (16384, 128), (32768, 287),
                                   (777, 3000), (32769, 8), (20000, 288), (16384, 139), (16384, 140),
                                   (2048, 1023), (2048, 1024), (250000, 6)])
-@pytest.mark.parametrize("two_launch", ["default", "raking", "0"])
+@pytest.mark.parametrize("two_launch", ["default", "0"])
 @pytest.mark.parametrize("skew", ["crowded", "one_hot"])
 def test_routing_kernel_equals_stable_sort(monkeypatch, a, e, two_launch, skew):
     """order, group_starts and tile_starts from the CUDA counting sort == the jnp argsort tables
     (the scan of (bin, chunk) counts in one and in many passes, and the rank kernel that scans and
-    ranks in one launch for small problems, PIT_MOE_ROUTE_TWO_LAUNCH read per launch; raking: the
-    rank kernel with CUB's raking scan, PIT_MOE_ROUTE_RANK_SCAN, read per launch)."""
+    ranks in one launch for small problems, PIT_MOE_ROUTE_TWO_LAUNCH read per launch)."""
     dev = _gpu()
     if dev is None or not pit_jax.cuda_available():
         pytest.skip("needs a GPU and the CUDA kernels")
     from pit_jax import moe_cuda, moe_reference
-    if two_launch == "raking":
-        monkeypatch.setenv("PIT_MOE_ROUTE_RANK_SCAN", "raking")
-    elif two_launch != "default":
+    if two_launch != "default":
         monkeypatch.setenv("PIT_MOE_ROUTE_TWO_LAUNCH", two_launch)
     rng = np.random.default_rng(a + e)
     ids = rng.integers(-2, e + 2, a).astype(np.int32)

@@ -173,16 +173,11 @@ constexpr int64_t kRankMaxCounts = 8960;        // (experts + 1) * chunks in sha
 // Steps 2 and 3 in one launch for small problems: each CTA loads the whole [bin][chunk] count
 // array into shared memory, sums each bin over all chunks and over the chunks before its own (a
 // warp per bin), scans the bins and ranks its own chunk. CTA 0 writes group_starts and tile_starts.
-// kAlgorithm: CUB's scan over the bins. BLOCK_SCAN_WARP_SCANS (the default) scans each warp's 32
-// bins with shuffles and then the 32 warp totals; CUB's default, raking, has one warp walk 32 bins per
-// lane serially, up and down, on the path of every CTA. PIT_MOE_ROUTE_RANK_SCAN=raking (read per launch)
-// selects it.
-template <cub::BlockScanAlgorithm kAlgorithm>
 __global__ void __launch_bounds__(kRankThreads) pit_moe_route_rank_kernel(
     const int32_t* __restrict__ ids, int64_t n, int64_t experts, int64_t n_chunks, int64_t tile_rows,
     const int32_t* __restrict__ counts, int32_t* __restrict__ group_starts, int32_t* __restrict__ tile_starts,
     int32_t* __restrict__ order) {
-  using Scan = cub::BlockScan<int32_t, kRankThreads, kAlgorithm>;
+  using Scan = cub::BlockScan<int32_t, kRankThreads>;
   __shared__ typename Scan::TempStorage storage;
   __shared__ int32_t chunk_counts[kRankMaxCounts];
   __shared__ int32_t in_bin_all[kRankMaxBins];
@@ -255,18 +250,14 @@ ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Res
   const bool pdl = dependent_launch_setting("PIT_MOE_PDL") != 0;
   const char* prefetch_env = std::getenv("PIT_MOE_ROUTE_PREFETCH");
   const bool prefetch = prefetch_env == nullptr || prefetch_env[0] != '0';
-  const char* scan_env = std::getenv("PIT_MOE_ROUTE_RANK_SCAN");
-  const bool raking = scan_env != nullptr && std::string(scan_env) == "raking";
   cudaError_t err = cudaSuccess;
   if (n_chunks > 0)
     err = launch_dependent(prefetch ? pit_moe_route_count_kernel<true> : pit_moe_route_count_kernel<false>,
                            unsigned(n_chunks), 32, bin_bytes, stream, pdl, ids.typed_data(), n, num_experts, n_chunks,
                            counts);
   if (err == cudaSuccess && route_in_two_launches(n_chunks, num_experts)) {
-    err = launch_dependent(raking ? pit_moe_route_rank_kernel<cub::BLOCK_SCAN_RAKING>
-                                  : pit_moe_route_rank_kernel<cub::BLOCK_SCAN_WARP_SCANS>,
-                           unsigned(std::max<int64_t>(n_chunks, 1)), kRankThreads, 0, stream, pdl,
-                           ids.typed_data(), n, num_experts, n_chunks, tile_rows,
+    err = launch_dependent(pit_moe_route_rank_kernel, unsigned(std::max<int64_t>(n_chunks, 1)), kRankThreads, 0, stream,
+                           pdl, ids.typed_data(), n, num_experts, n_chunks, tile_rows,
                            static_cast<const int32_t*>(counts), group_starts->typed_data(), tile_starts->typed_data(),
                            order->typed_data());
   } else {
