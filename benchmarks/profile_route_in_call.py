@@ -4,15 +4,17 @@ Qwen-like projection (issue 4: routing in the call 1.29-1.31x its floor, given t
 routing built in the call and with the tables given: each kernel's median duration on the stream,
 and the period between consecutive forwards' ends (one call's device time; medians). Routed period
 - given period = the routing's exposed time between forwards; the same per call of whole steps, and
-the kernels' order in a step, say whether a step runs its routings ahead of its forwards. (Dependent launches schedule a kernel before the one
-ahead of it ends, so its trace interval includes waiting: kernel durations overlap, while the
-period between forward ends does not depend on that.)
+the kernels' order in a step, say whether a step runs its routings ahead of its forwards.
+(Dependent launches schedule a kernel before the one ahead of it ends, so its trace interval
+includes waiting: kernel durations overlap, while the period between forward ends does not depend
+on that.)
 
     python benchmarks/profile_route_in_call.py [--case "Qwen3-30B-A3B-like"] [--out DIR]
 """
 from __future__ import annotations
 
 import collections
+import itertools
 import re
 import statistics
 
@@ -47,9 +49,14 @@ def median_durations(events):
     return {n: (len(v), statistics.median(v)) for n, v in by_name.items()}
 
 
+def forward_ends(events, forward_kernel):
+    """The end times (µs) of `forward_kernel`'s launches, in order."""
+    return sorted(s + dur for name, s, dur in events if name == forward_kernel)
+
+
 def forward_period(events, forward_kernel):
     """Median µs between consecutive ends of `forward_kernel` (one call's device time)."""
-    ends = sorted(s + dur for name, s, dur in events if name == forward_kernel)
+    ends = forward_ends(events, forward_kernel)
     gaps = [b - a for a, b in zip(ends, ends[1:])]
     return statistics.median(gaps) if gaps else float("nan")
 
@@ -58,26 +65,20 @@ def step_period(events, forward_kernel, calls=CALLS):
     """Median over steps of (end of a step's last forward - end of the previous step's) / calls: one
     call's share of a whole step, which forward_period misses where a step runs its routings before
     its forwards (session 26: the median gap between forwards did not grow with the routing inside)."""
-    ends = sorted(s + dur for name, s, dur in events if name == forward_kernel)
-    step_ends = ends[calls - 1::calls]
+    step_ends = forward_ends(events, forward_kernel)[calls - 1::calls]
     spans = [(b - a) / calls for a, b in zip(step_ends, step_ends[1:])]
     return statistics.median(spans) if spans else float("nan")
 
 
 def step_order(events, forward_kernel, calls=CALLS):
     """The kernels of the second traced step in start order, runs of one name folded ("a ×2, b")."""
-    ordered = sorted(events, key=lambda e: e[1])
-    ends = sorted(s + dur for name, s, dur in events if name == forward_kernel)
+    ends = forward_ends(events, forward_kernel)
     if len(ends) < 2 * calls:
         return ""
     first, last = ends[calls - 1], ends[2 * calls - 1]  # after step 1's last forward, up to step 2's
-    names = [name.replace("pit_moe_", "") for name, s, dur in ordered if first < s + dur <= last]
-    runs = []
-    for name in names:
-        if runs and runs[-1][0] == name:
-            runs[-1][1] += 1
-        else:
-            runs.append([name, 1])
+    names = [name.replace("pit_moe_", "") for name, s, dur in sorted(events, key=lambda e: e[1])
+             if first < s + dur <= last]
+    runs = [(n, len(list(group))) for n, group in itertools.groupby(names)]
     return ", ".join(n if c == 1 else f"{n} ×{c}" for n, c in runs)
 
 
