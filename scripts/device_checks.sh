@@ -130,7 +130,9 @@
 #   (PART=route_batch_loads, PART=route_ballots and PART=route_rank_scan, session 26: the rank kernel's count loads
 #                  batched, equal bins found by ballots instead of __match_any_sync, the bin scan by CUB's warp
 #                  scans instead of raking — tests, A/Bs or ncu times, route_in_call; removed with their code, no gain.)
-#   PART=l2_prefetch: session 27: the forward's weights asked into L2 before the routing ends — tests and A/Bs.
+#   (PART=l2_prefetch, session 27: the forward's first CTAs asking their likely weights into L2 before the routing
+#                  ends, and the rank kernel scheduling its dependents before its wait — tests and A/Bs; removed with
+#                  their code: no gain with the routing in the call, 2-8% slower given the tables.)
 #   PART=route_in_call: profile_route_in_call.py (the routing's exposed time inside the Qwen-like call, with and
 #                  without dependent launches) and ncu of the routing kernels at the card's clocks (session 24).
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
@@ -494,17 +496,6 @@ ab_4calls)  # session 23: the skip-idle-half and two-ended A/Bs again, Qwen-like
   done ;;
 dispatch_bound)  # session 23: the Qwen-like projection with 1 and 4 calls per jitted step (probe_dispatch_bound.py)
   (cd benchmarks && timeout -k 5 200 python3 probe_dispatch_bound.py --out $OUT/dispatch_bound 2>&1 | grep "^|" | tee -a $LOG) ;;
-l2_prefetch)  # session 27: the forward's first CTAs ask their likely weights into L2 before the routing ends —
-             # the warpgroup-halves forward tests (prefetch default, off, over-asked) and the routing tests, the A/B
-             # of the prefetch (PIT_MOE_L2_PREFETCH=0 vs default), of the rank kernel scheduling its dependents
-             # before it waits (PIT_MOE_ROUTE_EARLY_DEPENDENTS=1), and of 16 K chunks against the default 8
-  pytest_gpu 300 tests/test_moe_kernels.py -k "warpgroup_halves or routing_kernel"
-  moe_ab 250 l2_prefetch_ab --switch PIT_MOE_L2_PREFETCH 0 default --cases "Qwen3-30B-A3B-like" \
-    --routings uniform zipf one-hot --parts "routed projection" "projection" "up swiglu" "down scale"
-  moe_ab 150 early_dependents_ab --switch PIT_MOE_ROUTE_EARLY_DEPENDENTS 0 1 --cases "Qwen3-30B-A3B-like" \
-    --routings uniform zipf one-hot --parts "routed projection" "projection"
-  moe_ab 150 l2_prefetch_chunks_ab --switch PIT_MOE_L2_PREFETCH default 16 --cases "Qwen3-30B-A3B-like" \
-    --routings uniform zipf one-hot --parts "routed projection" "projection" ;;
 route_in_call)  # session 24: the routing's exposed time inside the Qwen-like call (profiler trace, with
                 # dependent launches and with PIT_MOE_PDL=0), then the routing kernels under ncu at the card's clocks
   (cd benchmarks && timeout -k 5 150 python3 profile_route_in_call.py --out $OUT/route_in_call 2>&1 | grep "^|" | tee -a $LOG)

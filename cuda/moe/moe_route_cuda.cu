@@ -176,7 +176,7 @@ constexpr int64_t kRankMaxCounts = 8960;        // (experts + 1) * chunks in sha
 __global__ void __launch_bounds__(kRankThreads) pit_moe_route_rank_kernel(
     const int32_t* __restrict__ ids, int64_t n, int64_t experts, int64_t n_chunks, int64_t tile_rows,
     const int32_t* __restrict__ counts, int32_t* __restrict__ group_starts, int32_t* __restrict__ tile_starts,
-    int32_t* __restrict__ order, bool early_dependents) {
+    int32_t* __restrict__ order) {
   using Scan = cub::BlockScan<int32_t, kRankThreads>;
   __shared__ typename Scan::TempStorage storage;
   __shared__ int32_t chunk_counts[kRankMaxCounts];
@@ -186,11 +186,8 @@ __global__ void __launch_bounds__(kRankThreads) pit_moe_route_rank_kernel(
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t own = blockIdx.x;
   const bool ranks = warp == own % kRankWarps;  // the warp that ranks this CTA's chunk
-  // early_dependents: the forward's CTAs may be scheduled while the counts are still being made,
-  // so that they start their weights' L2 prefetch (moe_sm90.cuh) earlier; they wait for this grid.
-  if (early_dependents) allow_dependent_launch();
   wait_for_previous_grid();  // the counts (and, before them, ids)
-  if (!early_dependents) allow_dependent_launch();
+  allow_dependent_launch();
   for (int64_t i = threadIdx.x; i < bins * n_chunks; i += kRankThreads) chunk_counts[i] = counts[i];
   int own_bins[kIdsPerLane];
   if (ranks) load_chunk_bins(ids, own * kChunk, min(n, (own + 1) * kChunk), experts, own_bins);
@@ -253,10 +250,6 @@ ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Res
   const bool pdl = dependent_launch_setting("PIT_MOE_PDL") != 0;
   const char* prefetch_env = std::getenv("PIT_MOE_ROUTE_PREFETCH");
   const bool prefetch = prefetch_env == nullptr || prefetch_env[0] != '0';
-  // PIT_MOE_ROUTE_EARLY_DEPENDENTS=1 (read per launch): the rank kernel lets the next kernel be
-  // scheduled before it waits for the counts (an A/B switch)
-  const char* early_env = std::getenv("PIT_MOE_ROUTE_EARLY_DEPENDENTS");
-  const bool early_dependents = early_env != nullptr && early_env[0] == '1';
   cudaError_t err = cudaSuccess;
   if (n_chunks > 0)
     err = launch_dependent(prefetch ? pit_moe_route_count_kernel<true> : pit_moe_route_count_kernel<false>,
@@ -266,7 +259,7 @@ ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Res
     err = launch_dependent(pit_moe_route_rank_kernel, unsigned(std::max<int64_t>(n_chunks, 1)), kRankThreads, 0, stream,
                            pdl, ids.typed_data(), n, num_experts, n_chunks, tile_rows,
                            static_cast<const int32_t*>(counts), group_starts->typed_data(), tile_starts->typed_data(),
-                           order->typed_data(), early_dependents);
+                           order->typed_data());
   } else {
     if (err == cudaSuccess)
       err = launch_dependent(pit_moe_route_scan_kernel, 1, kScanThreads, 0, stream, pdl, counts, n_chunks, num_experts,

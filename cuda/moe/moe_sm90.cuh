@@ -50,7 +50,6 @@ struct MoeSm90Config {
 };
 
 constexpr int64_t kMoeSm90ColBand = 1;  // the forward raster band with many tiles per expert (moe_tiles.cuh)
-constexpr int64_t kMoeL2PrefetchChunks = 8;  // K chunks of weights each first-wave CTA asks into L2 before the routing ends
 
 #if PIT_HAS_WGMMA
 struct MoeSm90Smem {  // views into the dynamic shared memory
@@ -243,40 +242,15 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
   int32_t* dst_rows = sm.rows;        // output row of each tile row
   int32_t* src_rows = sm.rows + C::kBM;  // its row of x
   const int tid = threadIdx.x;
-  const MoeGridTile grid_tile = forward_grid_tile(blockIdx.x, s.max_row_tiles, ceil_div(s.f, int64_t(kOutCols)), col_band);
-  const int64_t n0 = grid_tile.col_tile * kOutCols;
-  // The weight boxes of K chunk k0 of a tile of expert `group` (the copy engine zero-fills past d
-  // and f): w[e] as [f, d], one box of 64 k x 256 n rows (K-major); as [d, f], 4 boxes of 64 n x
-  // 64 k rows (MN-major atoms); SwiGLU: atoms 0, 1 of w_gate, then 2, 3 of w_up.
-  auto for_each_weight_box = [&](int64_t k0, int group, auto&& box) {
-    if constexpr (kWTransposed) {
-      box(0, &w_map, int(k0), int(n0), group);
-    } else {
-#pragma unroll
-      for (int atom = 0; atom < C::kBN / 64; ++atom) {
-        const bool up = kSwiGLU && atom >= 2;
-        box(atom, up ? &up_map : &w_map, int(n0) + 64 * (up ? atom - 2 : atom), int(k0), group);
-      }
-    }
-  };
-  // Where the weights are the traffic, the first CTAs ask for the first K chunks of the weight
-  // tile they will most likely take (moe_tiles.cuh's guess) before the routing they depend on has
-  // finished: the weights do not depend on it, DRAM idles while it runs, and the copy lands in L2.
-  if (tid == 0 && int64_t(blockIdx.x) < s.l2_prefetch_ctas) {
-    const int guess = int(guessed_expert_of_row(s, grid_tile.row_tile));
-    const int64_t chunks = s.l2_prefetch_chunks < ceil_div(s.d, C::kBK) ? s.l2_prefetch_chunks : ceil_div(s.d, C::kBK);
-    for (int64_t i = 0; i < chunks; ++i)
-      for_each_weight_box(i * C::kBK, guess, [](int, const CUtensorMap* map, int c0, int c1, int c2) {
-        tma_prefetch_l2_3d(map, c0, c1, c2);
-      });
-  }
   // a dependent launch (common/pdl.cuh): the routing or whatever wrote x must have finished
   wait_for_previous_grid();
   allow_dependent_launch();
+  const MoeGridTile grid_tile = forward_grid_tile(blockIdx.x, s.max_row_tiles, ceil_div(s.f, int64_t(kOutCols)), col_band);
   MoeRouteTile tile;
   if (!find_route_tile(tile_starts, group_starts, s.experts, two_ended_row_tile(s, tile_starts, grid_tile.row_tile),
                        &tile))
     return;
+  const int64_t n0 = grid_tile.col_tile * kOutCols;
   const int64_t cols = s.f - n0 < kOutCols ? s.f - n0 : kOutCols;
   for (int r = tid; r < C::kBM; r += C::kThreads) {
     const int32_t a = r < tile.rows ? order[tile.first + r] : 0, p = r < tile.rows ? int32_t(tile.first + r) : 0;
@@ -321,12 +295,19 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
       unsigned char* a_s = sm.ring + stage * C::kStageBytes;
       unsigned char* b_s = a_s + C::kABytes;
       const int64_t k0 = int64_t(i) * C::kBK;
-      if (tid == 0) {  // w[e]'s tile
+      if (tid == 0) {  // w[e]'s tile; the copy engine zero-fills past d and f
         mbarrier_arrive_expect_tx(&sm.full[stage], kXTma ? C::kABytes + C::kBBytes : C::kBBytes);
         if constexpr (kXTma) tma_load_3d(a_s, &x_map, int(k0), int(tile.first), 0, &sm.full[stage]);
-        for_each_weight_box(k0, tile.group, [&](int atom, const CUtensorMap* map, int c0, int c1, int c2) {
-          tma_load_3d(b_s + atom * C::kAtomBytes, map, c0, c1, c2, &sm.full[stage]);
-        });
+        if constexpr (kWTransposed) {  // w[e] is [f, d]: one box of 64 k x 256 n rows (K-major)
+          tma_load_3d(b_s, &w_map, int(k0), int(n0), tile.group, &sm.full[stage]);
+        } else {  // w[e] is [d, f]: 4 boxes of 64 n x 64 k rows (MN-major atoms)
+#pragma unroll
+          for (int atom = 0; atom < C::kBN / 64; ++atom) {
+            const bool up = kSwiGLU && atom >= 2;  // SwiGLU: atoms 0, 1 of w_gate, then 2, 3 of w_up
+            tma_load_3d(b_s + atom * C::kAtomBytes, up ? &up_map : &w_map, int(n0) + 64 * (up ? atom - 2 : atom),
+                        int(k0), tile.group, &sm.full[stage]);
+          }
+        }
       }
       if constexpr (kXTma) return;
       if (full_rows && k0 + C::kBK <= s.d) {
@@ -598,16 +579,6 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   // PIT_MOE_TWO_ENDED=0 / 1 (read per launch) overrides it.
   shape.two_ended_rows = few_rows_per_expert;
   if (const char* env = std::getenv("PIT_MOE_TWO_ENDED")) shape.two_ended_rows = env[0] == '1';
-  // Weights into L2 before the routing ends (see the kernel), where the weights are the traffic:
-  // every CTA of the first wave (one per SM), 8 K chunks (256 KB of weights) each.
-  // PIT_MOE_L2_PREFETCH=chunks (0: off) and PIT_MOE_L2_PREFETCH_CTAS override them (read per launch).
-  int sms = 0;
-  if (few_rows_per_expert && current_device_attribute(cudaDevAttrMultiProcessorCount, &sms) == cudaSuccess) {
-    shape.l2_prefetch_ctas = sms;
-    shape.l2_prefetch_chunks = kMoeL2PrefetchChunks;
-  }
-  if (const char* env = std::getenv("PIT_MOE_L2_PREFETCH")) shape.l2_prefetch_chunks = std::atoll(env);
-  if (const char* env = std::getenv("PIT_MOE_L2_PREFETCH_CTAS")) shape.l2_prefetch_ctas = std::atoll(env);
   CUtensorMap w_map, x_map = {}, up_map = {};
   err = encode_moe_weight_map<T>(s, w, &w_map);
   if (err == cudaSuccess && s.x_sorted) err = encode_moe_rows_map<T>(s.assignments, s.d, x, C::kBM, &x_map);

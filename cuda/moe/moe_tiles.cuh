@@ -37,10 +37,6 @@ struct MoeShape {
   bool fast_rows = true;      // Hopper forward: unpredicated copies for whole gathered rows (an A/B switch)
   bool skip_idle_half = true;  // Hopper forward: a warpgroup whose 64 rows are all padding skips its MMAs
   bool two_ended_rows = false;  // Hopper forward: row tiles alternately from the front and the back (set per launch)
-  // Hopper forward: CTAs below l2_prefetch_ctas bring the first l2_prefetch_chunks K chunks of their
-  // likely weight tile into L2 before waiting for the routing (set per launch; 0: none)
-  int64_t l2_prefetch_ctas = 0;
-  int64_t l2_prefetch_chunks = 0;
 };
 
 inline MoeShape make_moe_shape(int64_t sources, int64_t d, int64_t f, int64_t experts, int64_t assignments,
@@ -106,15 +102,6 @@ __device__ __forceinline__ int64_t two_ended_row_tile(const MoeShape& s, const i
   if (!s.two_ended_rows) return row;
   const int64_t n = tile_starts[s.experts + 1];
   return row >= n ? row : (row % 2 == 0 ? row / 2 : n - 1 - row / 2);
-}
-
-// The expert whose weights grid row `row` would take if every expert had exactly one row tile
-// (with two_ended_rows: 0, E - 1, 1, E - 2, ...), clamped to [0, E): the forward's guess, before
-// the routing is known, of which weights its first wave reads (moe_sm90.cuh's L2 prefetch). Any
-// guess is safe; a wrong one only brings unused bytes into L2.
-__device__ __forceinline__ int64_t guessed_expert_of_row(const MoeShape& s, int64_t row) {
-  const int64_t e = s.two_ended_rows ? (row % 2 == 0 ? row / 2 : s.experts - 1 - row / 2) : row;
-  return e < 0 ? 0 : (e >= s.experts ? s.experts - 1 : e);
 }
 
 }  // namespace pit
