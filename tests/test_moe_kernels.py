@@ -177,27 +177,22 @@ def test_kernel_gradients_match_float64(kernel, dtype, t, k, e, d, f, one_hot):
 
 
 # Scans of one to several passes of 1024 (bin, 256-assignment chunk) pairs; the Qwen-like shape;
-# the two-launch routing's limits (8960 counts: 140 bins x 64 chunks; 1024 bins), the one-CTA
-# routing's (16384 assignments, 320 bins) and one past each.
+# the two-launch routing's limits (8960 counts: 140 bins x 64 chunks; 1024 bins) and one past each.
 @pytest.mark.parametrize("a, e", [(0, 4), (1, 1), (1000, 8), (4099, 256), (16384, 128), (32768, 287),
                                   (777, 3000), (32769, 8), (20000, 288), (16384, 139), (16384, 140),
-                                  (2048, 1023), (2048, 1024), (250000, 6), (16384, 319), (5000, 320),
-                                  (16385, 8), (33, 2)])
-@pytest.mark.parametrize("path", ["default", "PIT_MOE_ROUTE_ONE_CTA=0",
-                                  "PIT_MOE_ROUTE_ONE_CTA=0,PIT_MOE_ROUTE_TWO_LAUNCH=0"])
+                                  (2048, 1023), (2048, 1024), (250000, 6)])
+@pytest.mark.parametrize("two_launch", ["default", "0"])
 @pytest.mark.parametrize("skew", ["crowded", "one_hot"])
-def test_routing_kernel_equals_stable_sort(monkeypatch, a, e, path, skew):
+def test_routing_kernel_equals_stable_sort(monkeypatch, a, e, two_launch, skew):
     """order, group_starts and tile_starts from the CUDA counting sort == the jnp argsort tables
-    on each path (read per launch): one CTA for small problems (default), the count kernel and the
-    rank kernel that scans and ranks in one launch (PIT_MOE_ROUTE_ONE_CTA=0), the three launches
-    (and PIT_MOE_ROUTE_TWO_LAUNCH=0), whose scan of (bin, chunk) counts takes one or many passes."""
+    (the scan of (bin, chunk) counts in one and in many passes, and the rank kernel that scans and
+    ranks in one launch for small problems, PIT_MOE_ROUTE_TWO_LAUNCH read per launch)."""
     dev = _gpu()
     if dev is None or not pit_jax.cuda_available():
         pytest.skip("needs a GPU and the CUDA kernels")
     from pit_jax import moe_cuda, moe_reference
-    if path != "default":
-        for setting in path.split(","):
-            monkeypatch.setenv(*setting.split("="))
+    if two_launch != "default":
+        monkeypatch.setenv("PIT_MOE_ROUTE_TWO_LAUNCH", two_launch)
     rng = np.random.default_rng(a + e)
     ids = rng.integers(-2, e + 2, a).astype(np.int32)
     if skew == "one_hot":
@@ -284,12 +279,16 @@ _HALF_TILE_SIZES = (1, 63, 64, 65, 0, 127, 128, 129, 191, 192, 193, 320)
 @pytest.mark.parametrize("x_sorted, out_sorted", [(False, False), (False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("w_transposed", [False, True])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("variant", ["default", "PIT_MOE_SKIP_IDLE_HALF=0", "PIT_MOE_TWO_ENDED=0"])
+@pytest.mark.parametrize("variant", ["default", "PIT_MOE_SKIP_IDLE_HALF=0", "PIT_MOE_TWO_ENDED=0",
+                                     "PIT_MOE_TAIL_SPLIT=0", "PIT_MOE_TAIL_SPLIT_SMS=7", "PIT_MOE_TAIL_SPLIT_SMS=16"])
 def test_tiled_forward_rows_around_warpgroup_halves(monkeypatch, variant, dtype, w_transposed, x_sorted, out_sorted):
     """The tiled Hopper forward (PIT_MOE_STAGED=0) on experts whose last tile ends just before,
     at and after row 64, where the second consumer warpgroup skips its MMAs (and the producer
     its rows) unless PIT_MOE_SKIP_IDLE_HALF=0; row tiles from both ends of the routing (the default
-    for this few rows per expert) and in order (PIT_MOE_TWO_ENDED=0): every output row against float64 on its own, so one row left at zero
+    for this few rows per expert) and in order (PIT_MOE_TWO_ENDED=0); the last wave's tiles split
+    along K (on a GPU of more SMs than this grid's tiles: every tile, in up to 4 pieces of its 4 K
+    chunks), not split (PIT_MOE_TAIL_SPLIT=0), and planned for 7 or 16 SMs, where whole tiles
+    come before the pieces: every output row against float64 on its own, so one row left at zero
     or computed from padding fails."""
     from helpers import moe_layouts_want
     from pit_jax.moe import moe_matmul_p

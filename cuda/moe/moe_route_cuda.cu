@@ -226,83 +226,6 @@ __global__ void __launch_bounds__(kRankThreads) pit_moe_route_rank_kernel(
   for (int j = 0; j < kIdsPerLane; ++j) rank_step(own_bins[j], first + j * 32 + lane, next_pos, order);
 }
 
-// Small problems in one CTA (at most kOneCtaMaxAssignments assignments and kOneCtaMaxBins bins):
-// warp w takes the w-th of 32 contiguous runs of the ids (a chunk of the same stable counting
-// sort), counts its run's bins in its own row of shared memory, the CTA turns the rows into each
-// warp's first positions (a prefix over the warps per bin, then a block scan over the bins) and
-// each warp ranks its run from registers. One launch, no global counts and no wait between a count
-// and a rank kernel: on the Qwen-like shape those two kernels took about 9 us (docs/moe.md).
-// PIT_MOE_ROUTE_ONE_CTA=0 (read per launch) keeps the multi-CTA paths.
-constexpr int kOneCtaThreads = 1024;
-constexpr int kOneCtaWarps = kOneCtaThreads / 32;
-constexpr int kOneCtaSteps = 16;  // 32-assignment steps per warp, their bins held in registers
-constexpr int64_t kOneCtaMaxAssignments = int64_t(kOneCtaThreads) * kOneCtaSteps;  // 16384
-constexpr int64_t kOneCtaMaxBins = 320;  // experts + 1: 32 rows of 320 counts, 40 KB of shared memory
-
-__global__ void __launch_bounds__(kOneCtaThreads) pit_moe_route_one_cta_kernel(
-    const int32_t* __restrict__ ids, int64_t n, int64_t experts, int64_t tile_rows,
-    int32_t* __restrict__ group_starts, int32_t* __restrict__ tile_starts, int32_t* __restrict__ order) {
-  using Scan = cub::BlockScan<int32_t, kOneCtaThreads>;
-  __shared__ typename Scan::TempStorage storage;
-  __shared__ int32_t warp_counts[kOneCtaWarps * kOneCtaMaxBins];  // [warp][bin]: counts, then next positions
-  const int bins = int(experts + 1), b = threadIdx.x;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int steps = int((n + kOneCtaThreads - 1) / kOneCtaThreads);  // per warp, <= kOneCtaSteps
-  const int64_t first = int64_t(warp) * steps * 32;                   // this warp's run
-  int32_t* own = warp_counts + warp * bins;
-  wait_for_previous_grid();  // whatever wrote ids
-  allow_dependent_launch();
-  int lane_bins[kOneCtaSteps];  // -1: past the run or past n
-#pragma unroll
-  for (int j = 0; j < kOneCtaSteps; ++j) {
-    const int64_t a = first + j * 32 + lane;
-    lane_bins[j] = j < steps && a < n ? bin_of(ids[a], experts) : -1;
-  }
-  for (int i = threadIdx.x; i < kOneCtaWarps * bins; i += kOneCtaThreads) warp_counts[i] = 0;
-  __syncthreads();
-#pragma unroll
-  for (int j = 0; j < kOneCtaSteps; ++j) {  // each bin's lowest lane adds the step's lanes of that bin
-    if (j >= steps) break;
-    const unsigned peers = __match_any_sync(0xffffffffu, lane_bins[j]);
-    if (lane_bins[j] >= 0 && lane == __ffs(peers) - 1) own[lane_bins[j]] += __popc(peers);
-    __syncwarp();
-  }
-  __syncthreads();
-  int32_t in_bin = 0;  // one thread per bin: its count in the warps before each warp, then its total
-  if (b < bins) {
-#pragma unroll 8
-    for (int w = 0; w < kOneCtaWarps; ++w) {
-      const int32_t c = warp_counts[w * bins + b];
-      warp_counts[w * bins + b] = in_bin;
-      in_bin += c;
-    }
-  }
-  int32_t bin_start, total;
-  Scan(storage).ExclusiveSum(in_bin, bin_start, total);
-  if (b < bins) {
-    group_starts[b] = bin_start;
-#pragma unroll 8
-    for (int w = 0; w < kOneCtaWarps; ++w) warp_counts[w * bins + b] += bin_start;
-  }
-  if (b == 0) group_starts[bins] = total;
-  const int32_t tiles = b < bins ? int32_t((in_bin + tile_rows - 1) / tile_rows) : 0;
-  int32_t tile_start, all_tiles;
-  __syncthreads();  // storage is reused; every warp's next positions are in place
-  Scan(storage).ExclusiveSum(tiles, tile_start, all_tiles);
-  if (b < bins) tile_starts[b] = tile_start;
-  if (b == 0) tile_starts[bins] = all_tiles;
-#pragma unroll
-  for (int j = 0; j < kOneCtaSteps; ++j) {
-    if (j >= steps) break;
-    rank_step(lane_bins[j], first + j * 32 + lane, own, order);
-  }
-}
-
-bool route_in_one_cta(int64_t n, int64_t experts) {
-  const char* env = std::getenv("PIT_MOE_ROUTE_ONE_CTA");
-  return (env == nullptr || env[0] != '0') && n <= kOneCtaMaxAssignments && experts + 1 <= kOneCtaMaxBins;
-}
-
 // Whether steps 2 and 3 run as the one rank launch (PIT_MOE_ROUTE_TWO_LAUNCH=0, read per launch, keeps three).
 bool route_in_two_launches(int64_t n_chunks, int64_t experts) {
   const char* env = std::getenv("PIT_MOE_ROUTE_TWO_LAUNCH");
@@ -328,14 +251,6 @@ ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Res
   const char* prefetch_env = std::getenv("PIT_MOE_ROUTE_PREFETCH");
   const bool prefetch = prefetch_env == nullptr || prefetch_env[0] != '0';
   cudaError_t err = cudaSuccess;
-  if (route_in_one_cta(n, num_experts)) {
-    err = launch_dependent(pit_moe_route_one_cta_kernel, 1, kOneCtaThreads, 0, stream, pdl, ids.typed_data(), n,
-                           num_experts, tile_rows, group_starts->typed_data(), tile_starts->typed_data(),
-                           order->typed_data());
-    if (err == cudaSuccess) err = cudaGetLastError();
-    if (err != cudaSuccess) return ffi::Error::Internal(std::string("pit_moe_route: ") + cudaGetErrorString(err));
-    return ffi::Error::Success();
-  }
   if (n_chunks > 0)
     err = launch_dependent(prefetch ? pit_moe_route_count_kernel<true> : pit_moe_route_count_kernel<false>,
                            unsigned(n_chunks), 32, bin_bytes, stream, pdl, ids.typed_data(), n, num_experts, n_chunks,
