@@ -41,8 +41,10 @@ def set_switch(name: str, value: str) -> None:
         os.environ[name] = value
 
 
-# variables read when lowering, not per launch: each value gets its own compiled function
-LOWERING_SWITCHES = ("PIT_MOE_STAGED", "PIT_MOE_STAGED_DW")
+# variables read when lowering, not per launch, and per-launch ones that change how many kernels a
+# call launches (XLA's command buffer for a call cannot be updated to another count of kernels:
+# CUDA_ERROR_GRAPH_EXEC_UPDATE_FAILURE, session 27): each value gets its own compiled function
+LOWERING_SWITCHES = ("PIT_MOE_STAGED", "PIT_MOE_STAGED_DW", "PIT_MOE_TAIL_SPLIT")
 
 
 def timed(fns: dict, operands, name: str, value: str, calls: int) -> float:
