@@ -81,26 +81,6 @@ def staged_applies(dtype, d, f, assignments, num_experts, out_sorted) -> bool:
     return _staged_chosen("PIT_MOE_STAGED", dtype, d, f, assignments, num_experts)
 
 
-# The Hopper forward's tail split (moe_tiles.cuh, moe_sm90.cuh): its workspace holds a counter per
-# SM (up to TAIL_MAX_SMS, in the first TAIL_COUNTER_BYTES) and then one fp32 128 x 256 share per
-# piece, at most TAIL_MAX_WAVES x SMs pieces and TAIL_MAX_PIECES per tile.
-TAIL_MAX_SMS = 144
-TAIL_COUNTER_BYTES = 1024
-TAIL_MAX_WAVES = 2
-TAIL_MAX_PIECES = 4
-TAIL_SLOT_BYTES = TILE_ROWS * 256 * 4
-
-
-def tail_workspace_bytes(dtype, d, f, assignments, num_experts) -> int:
-    """Bytes of pit_moe_matmul's workspace result: 0 unless the Hopper forward can split its last
-    wave (fused_epilogue_applies, few rows per expert: at most two 128-row tiles each on average);
-    then the counters and as many shares as that problem's tiles can need."""
-    if assignments > 2 * TILE_ROWS * num_experts or not fused_epilogue_applies(dtype, d, f):
-        return 0
-    tiles = (-(-assignments // TILE_ROWS) + num_experts + 1) * -(-f // 256)
-    return TAIL_COUNTER_BYTES + min(TAIL_MAX_WAVES * TAIL_MAX_SMS, TAIL_MAX_PIECES * tiles) * TAIL_SLOT_BYTES
-
-
 def grouped_matmul_cuda(x, w, order, group_starts, tile_starts, *, rows_per_source, w_transposed,
                         x_sorted=False, out_sorted=False):
     f = w.shape[1] if w_transposed else w.shape[2]
@@ -113,12 +93,10 @@ def grouped_matmul_cuda(x, w, order, group_starts, tile_starts, *, rows_per_sour
             x, w, order, group_starts, rows_per_source=np.int64(rows_per_source), w_transposed=bool(w_transposed),
             x_sorted=bool(x_sorted), out_sorted=bool(out_sorted))
         return out
-    ws = jax.ShapeDtypeStruct((tail_workspace_bytes(x.dtype, d, f, a, e),), jnp.uint8)
-    out, _ = jax.ffi.ffi_call("pit_moe_matmul", (out_type, ws))(
+    return jax.ffi.ffi_call("pit_moe_matmul", out_type)(
         x, w, order, group_starts, tile_starts, rows_per_source=np.int64(rows_per_source),
         tile_rows=np.int64(TILE_ROWS), w_transposed=bool(w_transposed), x_sorted=bool(x_sorted),
         out_sorted=bool(out_sorted))
-    return out
 
 
 def staged_dw_applies(dtype, d, f, assignments, num_experts) -> bool:

@@ -135,7 +135,8 @@
 #                  their code: no gain with the routing in the call, 2-8% slower given the tables.)
 #   (PART=route_one_cta, session 27: the routing of up to 16384 assignments in one CTA — tests, A/B, ncu; removed
 #                  with its code: 49-50 us under ncu on the Qwen-like uniform routing against ~15 for count + rank.)
-#   PART=tail_split: session 27: the forward's last wave split along K — tests, A/B, sanitizers.
+#   (PART=tail_split, session 27: the gathered forward's ragged last wave split along K — tests, A/B, memcheck,
+#                  racecheck; removed with its code: 6-11% slower, benchmarks/results/2026-11-28_session27/.)
 #   PART=route_in_call: profile_route_in_call.py (the routing's exposed time inside the Qwen-like call, with and
 #                  without dependent launches) and ncu of the routing kernels at the card's clocks (session 24).
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
@@ -499,15 +500,6 @@ ab_4calls)  # session 23: the skip-idle-half and two-ended A/Bs again, Qwen-like
   done ;;
 dispatch_bound)  # session 23: the Qwen-like projection with 1 and 4 calls per jitted step (probe_dispatch_bound.py)
   (cd benchmarks && timeout -k 5 200 python3 probe_dispatch_bound.py --out $OUT/dispatch_bound 2>&1 | grep "^|" | tee -a $LOG) ;;
-tail_split)  # session 27: the gathered forward's ragged last wave split along K (default where the weights are the
-            # traffic) — the forward tests with it on, off and planned for 7 / 16 SMs, kernel tests and gradients, the A/B
-            # (PIT_MOE_TAIL_SPLIT=0 vs default) of the Qwen-like projections, then (unless SAN=0) memcheck and racecheck
-  pytest_gpu 300 tests/test_moe_kernels.py -k "warpgroup_halves or (kernel_matches and default) or (gradients and default)"
-  moe_ab 250 tail_split_ab --switch PIT_MOE_TAIL_SPLIT 0 default --cases "Qwen3-30B-A3B-like" \
-    --routings uniform zipf one-hot --parts "projection" "routed projection" "scattered projection"
-  [[ ${SAN:-1} == 1 ]] || exit 0
-  SAN_TIMEOUT=120 run_tool memcheck pit_moe_forward tests/test_moe_kernels.py "warpgroup_halves and bfloat16 and TAIL"
-  SAN_TIMEOUT=120 run_tool racecheck pit_moe_forward tests/test_moe_kernels.py "warpgroup_halves and bfloat16 and TAIL_SPLIT_SMS" ;;
 route_in_call)  # session 24: the routing's exposed time inside the Qwen-like call (profiler trace, with
                 # dependent launches and with PIT_MOE_PDL=0), then the routing kernels under ncu at the card's clocks
   (cd benchmarks && timeout -k 5 150 python3 profile_route_in_call.py --out $OUT/route_in_call 2>&1 | grep "^|" | tee -a $LOG)

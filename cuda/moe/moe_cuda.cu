@@ -232,14 +232,13 @@ cudaError_t launch_moe_forward_sm80(cudaStream_t stream, const MoeShape& s, cons
 template <typename T>
 cudaError_t launch_moe_forward(cudaStream_t stream, const MoeShape& s, const void* x, const void* w,
                                const int32_t* order, const int32_t* group_starts, const int32_t* tile_starts,
-                               void* out, const MoeTailWorkspace& tail) {
+                               void* out) {
   if (s.assignments == 0 || s.f == 0) return cudaSuccess;
   if constexpr (sizeof(T) == 2) {
     if (moe_sm90_applies<T>(s, x, w, out))
       return moe_persistent_requested()
                  ? launch_moe_forward_persistent_sm90<T>(stream, s, x, w, order, group_starts, tile_starts, out)
-                 : launch_moe_forward_sm90<T>(stream, s, x, w, order, group_starts, tile_starts, out, kEpiNone,
-                                              nullptr, nullptr, tail);
+                 : launch_moe_forward_sm90<T>(stream, s, x, w, order, group_starts, tile_starts, out);
   }
   return s.w_transposed ? launch_moe_forward_sm80<T, true>(stream, s, x, w, order, group_starts, tile_starts, out)
                         : launch_moe_forward_sm80<T, false>(stream, s, x, w, order, group_starts, tile_starts, out);
@@ -268,23 +267,10 @@ ffi::Error check_forward_operands(const char* name, const MoeShape& s, ffi::AnyB
   return ffi::Error::Success();
 }
 
-// The tail split's workspace (pit_jax/moe_cuda.py's tail_workspace_bytes): counters in the first
-// kMoeTailCounterBytes, then the fp32 shares; none (partials null) when it has no share.
-constexpr int64_t kMoeTailCounterBytes = 1024;
-
-MoeTailWorkspace tail_workspace(ffi::Result<ffi::AnyBuffer>& workspace) {
-  const int64_t bytes = int64_t(workspace->size_bytes());
-  if (bytes < kMoeTailCounterBytes + kMoeTailSlotBytes) return {};
-  auto* base = static_cast<unsigned char*>(workspace->untyped_data());
-  return {reinterpret_cast<float*>(base + kMoeTailCounterBytes), reinterpret_cast<int32_t*>(base),
-          (bytes - kMoeTailCounterBytes) / kMoeTailSlotBytes, kMoeTailCounterBytes / int64_t(sizeof(int32_t))};
-}
-
 ffi::Error MoeMatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> order,
                          ffi::Buffer<ffi::S32> group_starts, ffi::Buffer<ffi::S32> tile_starts,
-                         ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> workspace,
-                         int64_t rows_per_source, int64_t tile_rows, bool w_transposed, bool x_sorted,
-                         bool out_sorted) {
+                         ffi::Result<ffi::AnyBuffer> out, int64_t rows_per_source, int64_t tile_rows,
+                         bool w_transposed, bool x_sorted, bool out_sorted) {
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || od.size() != 2 || order.dimensions().size() != 1)
     return ffi::Error::InvalidArgument(
@@ -298,12 +284,10 @@ ffi::Error MoeMatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w
       (int64_t(1) << 31))
     return ffi::Error::InvalidArgument("pit_moe_matmul: too many tiles for one launch");
   poison_device_outputs(stream, out);
-  const MoeTailWorkspace tail = tail_workspace(workspace);
   bool known;
   const cudaError_t err = dispatch_dtype(x.element_type(), [&](auto tag) {
     return launch_moe_forward<decltype(tag)>(stream, s, x.untyped_data(), w.untyped_data(), order.typed_data(),
-                                             group_starts.typed_data(), tile_starts.typed_data(), out->untyped_data(),
-                                             tail);
+                                             group_starts.typed_data(), tile_starts.typed_data(), out->untyped_data());
   }, &known);
   return dispatch_outcome("pit_moe_matmul", known, err);
 }
@@ -348,16 +332,11 @@ ffi::Error MoeFusedCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w,
         if (moe_sm90_applies<T>(s, x.untyped_data(), w.untyped_data(), out->untyped_data()) &&
             (!swiglu || reinterpret_cast<uintptr_t>(w_up.untyped_data()) % 16 == 0)) {
           served = true;
-          const void* up = swiglu ? w_up.untyped_data() : nullptr;
-          const float* row_scale = epilogue == kEpiScale ? scale.typed_data() : nullptr;
-          if (moe_persistent_requested())
-            return launch_moe_forward_persistent_sm90<T>(stream, s, x.untyped_data(), w.untyped_data(),
-                                                         order.typed_data(), group_starts.typed_data(),
-                                                         tile_starts.typed_data(), out->untyped_data(), int(epilogue),
-                                                         up, row_scale);
-          return launch_moe_forward_sm90<T>(stream, s, x.untyped_data(), w.untyped_data(), order.typed_data(),
+          auto launch = moe_persistent_requested() ? launch_moe_forward_persistent_sm90<T> : launch_moe_forward_sm90<T>;
+          return launch(stream, s, x.untyped_data(), w.untyped_data(), order.typed_data(),
                                             group_starts.typed_data(), tile_starts.typed_data(), out->untyped_data(),
-                                            int(epilogue), up, row_scale);
+                                            int(epilogue), swiglu ? w_up.untyped_data() : nullptr,
+                                            epilogue == kEpiScale ? scale.typed_data() : nullptr);
         }
       }
       return cudaErrorNotSupported;
@@ -479,7 +458,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PitMoeMatmulCuda, pit::MoeMatmulCuda,
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()  // workspace: the tail split's (may be empty)
                                   .Attr<int64_t>("rows_per_source")
                                   .Attr<int64_t>("tile_rows")
                                   .Attr<bool>("w_transposed")

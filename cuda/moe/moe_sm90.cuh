@@ -20,7 +20,6 @@
 #include <cuda_runtime.h>
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
-#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <type_traits>
@@ -49,16 +48,6 @@ struct MoeSm90Config {
   static_assert(kBM * kCStride * 2 <= kRingBytes, "epilogue staging must fit the ring");
   static_assert(kProducerRegisters * kProducers + kConsumerRegisters * kConsumers <= 65536, "register file");
 };
-
-// The tail split's workspace (moe_tiles.cuh): `slots` fp32 shares (a 128 x 256 tile each), one
-// per piece, and `counters` counters, one per split tile (fewer than the SMs planned for); no
-// split without it (partials null).
-struct MoeTailWorkspace {
-  float* partials = nullptr;
-  int32_t* counters = nullptr;
-  int64_t slots = 0, max_counters = 0;
-};
-constexpr int64_t kMoeTailSlotBytes = int64_t(kMoeRouteTileRows) * 256 * 4;
 
 constexpr int64_t kMoeSm90ColBand = 1;  // the forward raster band with many tiles per expert (moe_tiles.cuh)
 
@@ -227,36 +216,6 @@ __device__ __forceinline__ void stage_accumulators(const float (&acc)[128], T* c
   }
   named_barrier_sync(1, C::kConsumers);
 }
-
-// A tail-split piece's accumulators (moe_tiles.cuh): each piece of a tile stores its fp32 share
-// in slot `slot` (= its block's index past the split's first, so a tile's pieces are neighbours)
-// and counts itself in; the last to arrive sums every piece's share in piece order — the same
-// bits whichever arrives last — into acc and returns true; the others return false. No CTA waits
-// for another. Consumer threads only (ctid 0..255); counters are zeroed before the launch.
-__device__ __forceinline__ bool sum_tail_pieces(float (&acc)[128], float* __restrict__ partials,
-                                                int32_t* __restrict__ counters, int64_t slot, int piece, int pieces,
-                                                int ctid) {
-  using C = MoeSm90Config;
-  __shared__ int last;
-  constexpr int64_t kSlotFloats = 128 * C::kConsumers;
-  float* mine = partials + slot * kSlotFloats;
-#pragma unroll
-  for (int i = 0; i < 128; ++i) __stcg(mine + i * C::kConsumers + ctid, acc[i]);  // coalesced over the threads
-  __threadfence();
-  named_barrier_sync(1, C::kConsumers);
-  if (ctid == 0) last = atomicAdd(counters + (slot - piece) / pieces, 1) == pieces - 1;
-  named_barrier_sync(1, C::kConsumers);
-  if (!last) return false;
-  __threadfence();  // the other pieces' shares, published before their counts
-  const float* first = partials + (slot - piece) * kSlotFloats;  // its own share included: one order
-#pragma unroll
-  for (int i = 0; i < 128; ++i) acc[i] = __ldcg(first + i * C::kConsumers + ctid);
-  for (int q = 1; q < pieces; ++q) {
-#pragma unroll
-    for (int i = 0; i < 128; ++i) acc[i] += __ldcg(first + q * kSlotFloats + i * C::kConsumers + ctid);
-  }
-  return true;
-}
 #endif  // PIT_HAS_WGMMA
 
 // kXTma: x's rows are in routing order (s.x_sorted), so a tile's 128 rows are contiguous and come
@@ -272,8 +231,7 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
                                 const int32_t* __restrict__ group_starts, const int32_t* __restrict__ tile_starts,
                                 T* __restrict__ out, MoeShape s, int64_t col_band,
                                 const __grid_constant__ CUtensorMap w_map, const __grid_constant__ CUtensorMap x_map,
-                                const __grid_constant__ CUtensorMap up_map, const float* __restrict__ row_scale,
-                                float* __restrict__ tail_partials, int32_t* __restrict__ tail_counters) {
+                                const __grid_constant__ CUtensorMap up_map, const float* __restrict__ row_scale) {
 #if PIT_HAS_WGMMA
   using C = MoeSm90Config;
   constexpr bool kSwiGLU = kEpi == kEpiSwiGLU;
@@ -287,25 +245,7 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
   // a dependent launch (common/pdl.cuh): the routing or whatever wrote x must have finished
   wait_for_previous_grid();
   allow_dependent_launch();
-  const int64_t col_tiles = ceil_div(s.f, int64_t(kOutCols));
-  const int all_chunks = int(ceil_div(s.d, C::kBK));
-  // Tail split (moe_tiles.cuh; the host sets s.tail_sms only with a band of all column tiles, so
-  // the raster is row tile x column tiles + column tile): this CTA's tile, and its K chunks.
-  MoeGridTile grid_tile;
-  MoeTailSplit split = {0, 1};
-  int piece = 0;
-  if (s.tail_sms > 0) {
-    const int64_t tiles = int64_t(tile_starts[s.experts + 1]) * col_tiles;
-    split = moe_tail_split(tiles, s.tail_sms, all_chunks);
-    int64_t t;
-    if (!moe_tail_piece(blockIdx.x, split, tiles, &t, &piece)) return;
-    if (t < split.first_split) split.pieces = 1;
-    grid_tile = {t / col_tiles, t % col_tiles};
-  } else {
-    grid_tile = forward_grid_tile(blockIdx.x, s.max_row_tiles, col_tiles, col_band);
-  }
-  const int first_chunk = piece * all_chunks / split.pieces;
-  const int n_chunks = (piece + 1) * all_chunks / split.pieces - first_chunk;
+  const MoeGridTile grid_tile = forward_grid_tile(blockIdx.x, s.max_row_tiles, ceil_div(s.f, int64_t(kOutCols)), col_band);
   MoeRouteTile tile;
   if (!find_route_tile(tile_starts, group_starts, s.experts, two_ended_row_tile(s, tile_starts, grid_tile.row_tile),
                        &tile))
@@ -327,6 +267,7 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     }
     return;
   }
+  const int n_chunks = int(ceil_div(s.d, C::kBK));
 
   if (tid < C::kProducers) {
     setmaxnreg_dec<C::kProducerRegisters>();
@@ -353,7 +294,7 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     auto load_stage = [&](int i, int stage) {
       unsigned char* a_s = sm.ring + stage * C::kStageBytes;
       unsigned char* b_s = a_s + C::kABytes;
-      const int64_t k0 = int64_t(first_chunk + i) * C::kBK;
+      const int64_t k0 = int64_t(i) * C::kBK;
       if (tid == 0) {  // w[e]'s tile; the copy engine zero-fills past d and f
         mbarrier_arrive_expect_tx(&sm.full[stage], kXTma ? C::kABytes + C::kBBytes : C::kBBytes);
         if constexpr (kXTma) tma_load_3d(a_s, &x_map, int(k0), int(tile.first), 0, &sm.full[stage]);
@@ -403,9 +344,6 @@ __global__ void __launch_bounds__(MoeSm90Config::kThreads, 1)
     const bool idle = s.skip_idle_half && warpgroup * (C::kBM / 2) >= tile.rows;
     consume_stages<0, kWTransposed ? 0 : 1, 32, kWTransposed ? 32 : 16 * C::kRowBytes, true, T>(
         acc, sm, n_chunks, desc_a0, desc_b0, -1, idle);
-    if (split.pieces > 1 &&
-        !sum_tail_pieces(acc, tail_partials, tail_counters, blockIdx.x - split.first_split, piece, split.pieces, ctid))
-      return;  // another piece of this tile finishes it
     T* cs = reinterpret_cast<T*>(sm.ring);
     stage_accumulators<T, kEpi>(acc, cs, ctid, scale);
     for (int i = ctid; i < tile.rows * (kOutCols / 8); i += C::kConsumers) {  // SWrite: 16 bytes per store
@@ -610,7 +548,7 @@ template <typename T>
 cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, const void* x, const void* w,
                                     const int32_t* order, const int32_t* group_starts, const int32_t* tile_starts,
                                     void* out, int epilogue = kEpiNone, const void* w_up = nullptr,
-                                    const float* row_scale = nullptr, const MoeTailWorkspace& tail = {}) {
+                                    const float* row_scale = nullptr) {
   using C = MoeSm90Config;
   const bool swiglu = epilogue == kEpiSwiGLU;
   if ((epilogue != kEpiNone && s.w_transposed) || (swiglu && w_up == nullptr) ||
@@ -646,29 +584,11 @@ cudaError_t launch_moe_forward_sm90(cudaStream_t stream, const MoeShape& s, cons
   if (err == cudaSuccess && s.x_sorted) err = encode_moe_rows_map<T>(s.assignments, s.d, x, C::kBM, &x_map);
   if (err == cudaSuccess && swiglu) err = encode_moe_weight_map<T>(s, w_up, &up_map);
   if (err != cudaSuccess) return err;
-  // Tail split (moe_tiles.cuh) where the weights are the traffic and the band spans all column
-  // tiles, given a workspace for one CTA per SM (PIT_MOE_TAIL_SPLIT=0, read per launch: off;
-  // PIT_MOE_TAIL_SPLIT_SMS=n: plan for n CTAs in flight instead of the SM count, for the tests).
-  int sms = 0;
-  if (tail.partials != nullptr && few_rows_per_expert && band == col_tiles &&
-      current_device_attribute(cudaDevAttrMultiProcessorCount, &sms) == cudaSuccess) {
-    if (const char* env = std::getenv("PIT_MOE_TAIL_SPLIT_SMS")) sms = std::atoi(env);
-    if (const char* env = std::getenv("PIT_MOE_TAIL_SPLIT")) sms = env[0] == '0' ? 0 : sms;
-    // pieces: one per block past the split's first, fewer than kMoeTailMaxWaves x sms and than kMoeTailMaxPieces x tiles
-    const int64_t slots = std::min<int64_t>(kMoeTailMaxWaves * int64_t(sms), kMoeTailMaxPieces * s.max_row_tiles * col_tiles);
-    shape.tail_sms = sms > 0 && sms <= tail.max_counters && slots <= tail.slots ? sms : 0;
-  }
-  if (shape.tail_sms > 0) {  // the pieces count themselves in from zero
-    err = cudaMemsetAsync(tail.counters, 0, size_t(shape.tail_sms) * sizeof(int32_t), stream);
-    if (err != cudaSuccess) return err;
-  }
-  const int64_t grid = s.max_row_tiles * col_tiles + kMoeTailMaxWaves * shape.tail_sms;  // tail pieces past the tiles
   // a dependent launch: its CTAs may be scheduled while the routing (or the previous kernel) ends
   const bool dependent = dependent_launch_setting("PIT_MOE_PDL") == 1;  // 2: the routing's launches only
-  err = launch_dependent(kernel, unsigned(grid), C::kThreads, C::kSmemBytes, stream, dependent,
+  err = launch_dependent(kernel, unsigned(s.max_row_tiles * col_tiles), C::kThreads, C::kSmemBytes, stream, dependent,
                          static_cast<const T*>(x), static_cast<const T*>(w), order, group_starts, tile_starts,
-                         static_cast<T*>(out), shape, band, w_map, x_map, up_map, row_scale, tail.partials,
-                         tail.counters);
+                         static_cast<T*>(out), shape, band, w_map, x_map, up_map, row_scale);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 

@@ -37,7 +37,6 @@ struct MoeShape {
   bool fast_rows = true;      // Hopper forward: unpredicated copies for whole gathered rows (an A/B switch)
   bool skip_idle_half = true;  // Hopper forward: a warpgroup whose 64 rows are all padding skips its MMAs
   bool two_ended_rows = false;  // Hopper forward: row tiles alternately from the front and the back (set per launch)
-  int64_t tail_sms = 0;  // Hopper forward: split the ragged last wave's tiles along K over this many CTAs (0: off)
 };
 
 inline MoeShape make_moe_shape(int64_t sources, int64_t d, int64_t f, int64_t experts, int64_t assignments,
@@ -103,43 +102,6 @@ __device__ __forceinline__ int64_t two_ended_row_tile(const MoeShape& s, const i
   if (!s.two_ended_rows) return row;
   const int64_t n = tile_starts[s.experts + 1];
   return row >= n ? row : (row % 2 == 0 ? row / 2 : n - 1 - row / 2);
-}
-
-// The tail split of the Hopper forward: a grid of whole tiles ends in a ragged last wave
-// (`tiles` % `sms` tiles, on few SMs) when each SM holds one CTA. Those last tiles can run as
-// `pieces` CTAs each, piece j taking K chunks [j n / pieces, (j + 1) n / pieces): the most pieces
-// (up to kMoeTailMaxPieces, at most one per K chunk) that still shortens the tail, pieces ×
-// tail tiles within kMoeTailMaxWaves waves of `sms`. Tiles are numbered in raster order (row
-// tile × column tiles + column tile); tiles below first_split run whole.
-constexpr int kMoeTailMaxPieces = 4;
-constexpr int kMoeTailMaxWaves = 2;
-
-struct MoeTailSplit {
-  int64_t first_split;  // first tile that runs in pieces
-  int pieces;           // 1: no split
-};
-
-__host__ __device__ __forceinline__ MoeTailSplit moe_tail_split(int64_t tiles, int64_t sms, int64_t k_chunks) {
-  const int64_t left = sms > 0 ? tiles % sms : 0;
-  int best = 1;
-  int64_t best_waves = 1;  // waves of pieces the tail takes: time ~ best_waves / best tiles
-  for (int p = 2; p <= kMoeTailMaxPieces && p <= k_chunks && left > 0; ++p) {
-    const int64_t waves = (left * p + sms - 1) / sms;
-    if (waves <= kMoeTailMaxWaves && waves * best < best_waves * p) best = p, best_waves = waves;
-  }
-  return {tiles - (best > 1 ? left : 0), best};
-}
-
-// Block `block` of a tail-split grid: its tile (raster order) and piece, false past the last.
-__device__ __forceinline__ bool moe_tail_piece(int64_t block, const MoeTailSplit& split, int64_t tiles,
-                                               int64_t* tile, int* piece) {
-  if (block < split.first_split) {
-    *tile = block, *piece = 0;
-  } else {
-    *tile = split.first_split + (block - split.first_split) / split.pieces;
-    *piece = int((block - split.first_split) % split.pieces);
-  }
-  return *tile < tiles;
 }
 
 }  // namespace pit
