@@ -137,6 +137,7 @@
 #                  with its code: 49-50 us under ncu on the Qwen-like uniform routing against ~15 for count + rank.)
 #   (PART=tail_split, session 27: the gathered forward's ragged last wave split along K — tests, A/B, memcheck,
 #                  racecheck; removed with its code: 6-11% slower, benchmarks/results/2026-11-28_session27/.)
+#   PART=route_order: session 27: profile_route_in_call.py alone (its step period and kernel order).
 #   PART=route_in_call: profile_route_in_call.py (the routing's exposed time inside the Qwen-like call, with and
 #                  without dependent launches) and ncu of the routing kernels at the card's clocks (session 24).
 #   PART=ncu_detect_1x1: Nsight Compute sections of the detect 1x1 rows kernel ($OUT/ncu_detect_1x1_rows.txt).
@@ -500,6 +501,10 @@ ab_4calls)  # session 23: the skip-idle-half and two-ended A/Bs again, Qwen-like
   done ;;
 dispatch_bound)  # session 23: the Qwen-like projection with 1 and 4 calls per jitted step (probe_dispatch_bound.py)
   (cd benchmarks && timeout -k 5 200 python3 probe_dispatch_bound.py --out $OUT/dispatch_bound 2>&1 | grep "^|" | tee -a $LOG) ;;
+route_order)  # session 27: profile_route_in_call.py alone (dependent launches on): per call of a whole step and one
+             # routed step's kernel order, first run on a GPU ($OUT/route_in_call)
+  (cd benchmarks && timeout -k 5 150 python3 profile_route_in_call.py --out $OUT/route_in_call 2>&1 | grep "^|" | tee -a $LOG)
+  echo "route_order $((SECONDS-t0))s" ;;
 route_in_call)  # session 24: the routing's exposed time inside the Qwen-like call (profiler trace, with
                 # dependent launches and with PIT_MOE_PDL=0), then the routing kernels under ncu at the card's clocks
   (cd benchmarks && timeout -k 5 150 python3 profile_route_in_call.py --out $OUT/route_in_call 2>&1 | grep "^|" | tee -a $LOG)
