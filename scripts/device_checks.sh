@@ -158,6 +158,7 @@ for part in ${PART:-tests}; do  # every part named must exist before the build s
 done
 t0=$SECONDS
 source scripts/cutlass_headers.sh  # CUTLASS for the staged MoE forward (a carried .whl on the device)
+source scripts/pytest_ids.sh
 [[ "${SKIP_BUILD:-0}" == 1 ]] || PIT_ENABLE_CUDA=ON python3 -m pip install --no-build-isolation --no-deps -q . > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
 echo "build $((SECONDS-t0))s $(cd /tmp && python3 -c 'import pit_jax; i = pit_jax.build_info(); print("moe_staged", i.get("moe_staged"))')"
 pytest_gpu() {  # seconds, then pytest's arguments: the installed package (-P), failures and summary to $LOG
@@ -187,7 +188,7 @@ run_tool_chunks() {  # tool, kernel-name filter, test file, -k selection, first 
                     # from the first on, CHUNK at a time, one process each (the tool's own process has crashed
                     # partway through long runs, at a different test each time)
   local tool=$1 kernels=$2 file=$3 expr=$4 first=$5 chunk=$6 i ids
-  mapfile -t ids < <(python3 -P -m pytest "$file" -k "$expr" --collect-only -q -p no:cacheprovider 2>/dev/null | grep "::")
+  mapfile -t ids < <(pytest_ids python3 "$file" "$expr")
   for ((i = first; i < ${#ids[@]}; i += chunk)); do
     echo "== $tool $file -k '$expr' tests $i..$((i + chunk - 1)) of ${#ids[@]}" | tee -a $LOG
     SAN_TIMEOUT=${SAN_TIMEOUT:-120} sanitize_pytest $tool $kernels "${ids[@]:i:chunk}"

@@ -25,6 +25,7 @@ $PY -c "import sys, jax, jaxlib; print('python', sys.version.split()[0], 'jax', 
 nvcc --version | tail -1
 
 source scripts/cutlass_headers.sh  # CUTLASS headers for the staged MoE forward
+source scripts/pytest_ids.sh
 # SKIP_BUILD=1: test the installed build (a warm machine that already built this tree)
 if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
   step build env PIT_ENABLE_CUDA=ON $PY -m pip install --no-build-isolation --no-deps -q -v .
@@ -89,7 +90,7 @@ for tool in ${SAN_TOOLS:-memcheck racecheck synccheck}; do  # SAN_TOOLS picks th
     filter=(); [[ -n "$kernels" && "$SAN_HELP" == *"--kernel-name"* ]] && filter=(--kernel-name kns=$kernels)
     # The set's tests in chunks of SAN_CHUNK, one process each (the tool's own crashes grew with the
     # process's length; session 24: 5 of 6 whole MoE sets crashed, each at a different test).
-    mapfile -t ids < <($PY -P -m pytest "$file" -k "$expr" --collect-only -q -p no:cacheprovider 2>/dev/null | grep "::")
+    mapfile -t ids < <(pytest_ids $PY "$file" "$expr")
     chunk=${SAN_CHUNK:-20}
     for ((i = 0; i < ${#ids[@]}; i += chunk)); do
       part="${tool}_${name}_$((i / chunk + 1))"
