@@ -42,8 +42,8 @@ def set_switch(name: str, value: str) -> None:
 
 
 # variables read when lowering, not per launch, and per-launch ones that change how many kernels a
-# call launches (XLA's command buffer for a call cannot be updated to another count of kernels:
-# CUDA_ERROR_GRAPH_EXEC_UPDATE_FAILURE, session 27): each value gets its own compiled function
+# call launches (session 27: XLA's command-buffer update failed when a switch made a call launch one
+# kernel instead of two, CUDA_ERROR_GRAPH_EXEC_UPDATE_FAILURE): each value gets its own compiled function
 LOWERING_SWITCHES = ("PIT_MOE_STAGED", "PIT_MOE_STAGED_DW")
 
 
