@@ -137,7 +137,8 @@
 #                  with its code: 49-50 us under ncu on the Qwen-like uniform routing against ~15 for count + rank.)
 #   (PART=tail_split, session 27: the gathered forward's ragged last wave split along K — tests, A/B, memcheck,
 #                  racecheck; removed with its code: 6-11% slower, benchmarks/results/2026-11-28_session27/.)
-#   PART=route_rank_threads: session 27: the rank kernel with 256 threads (one per bin) — tests, A/B, ncu, sanitizers.
+#   (PART=route_rank_threads, session 27: the rank kernel with 256 threads, one per bin — tests, A/B, ncu, memcheck,
+#                  racecheck; removed with its code: A/B 0.997-1.002, ncu 1.3 us slower on the Qwen-like routing.)
 #   PART=route_order: session 27: profile_route_in_call.py alone (its step period and kernel order).
 #   PART=route_in_call: profile_route_in_call.py (the routing's exposed time inside the Qwen-like call, with and
 #                  without dependent launches) and ncu of the routing kernels at the card's clocks (session 24).
@@ -503,17 +504,6 @@ ab_4calls)  # session 23: the skip-idle-half and two-ended A/Bs again, Qwen-like
   done ;;
 dispatch_bound)  # session 23: the Qwen-like projection with 1 and 4 calls per jitted step (probe_dispatch_bound.py)
   (cd benchmarks && timeout -k 5 200 python3 probe_dispatch_bound.py --out $OUT/dispatch_bound 2>&1 | grep "^|" | tee -a $LOG) ;;
-route_rank_threads)  # session 27: the rank kernel with 256 threads, one per bin, for up to 255 experts (default)
-                    # against 1024 (PIT_MOE_ROUTE_RANK_THREADS=1024): routing tests (every path), the A/B of the
-                    # Qwen-like projection with the routing in the call ("projection", tables given, is the control),
-                    # ncu (base clocks) both ways, then (unless SAN=0) memcheck and racecheck over the default path
-  pytest_gpu 200 tests/test_moe_kernels.py -k "routing_kernel"
-  moe_ab 200 rank_threads_ab --switch PIT_MOE_ROUTE_RANK_THREADS 1024 default --cases "Qwen3-30B-A3B-like" \
-    --routings uniform zipf one-hot --parts "routed projection" "projection"
-  route_ncu_each PIT_MOE_ROUTE_RANK_THREADS default 1024
-  [[ ${SAN:-1} == 1 ]] || exit 0
-  SAN_TIMEOUT=100 run_tool memcheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and default and not 20000 and not 250000"
-  SAN_TIMEOUT=100 run_tool racecheck pit_moe_route tests/test_moe_kernels.py "routing_kernel and default and not 20000 and not 250000" ;;
 route_order)  # session 27: profile_route_in_call.py alone (dependent launches on): per call of a whole step and one
              # routed step's kernel order, first run on a GPU ($OUT/route_in_call)
   (cd benchmarks && timeout -k 5 150 python3 profile_route_in_call.py --out $OUT/route_in_call 2>&1 | grep "^|" | tee -a $LOG)

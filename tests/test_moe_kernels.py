@@ -177,24 +177,22 @@ def test_kernel_gradients_match_float64(kernel, dtype, t, k, e, d, f, one_hot):
 
 
 # Scans of one to several passes of 1024 (bin, 256-assignment chunk) pairs; the Qwen-like shape;
-# the two-launch routing's limits (8960 counts: 140 bins x 64 chunks; 1024 bins) and one past each;
-# 256 bins, the 256-thread rank kernel's limit (255 experts), and one past it (256 experts).
+# the two-launch routing's limits (8960 counts: 140 bins x 64 chunks; 1024 bins) and one past each.
 @pytest.mark.parametrize("a, e", [(0, 4), (1, 1), (1000, 8), (4099, 256), (16384, 128), (32768, 287),
                                   (777, 3000), (32769, 8), (20000, 288), (16384, 139), (16384, 140),
-                                  (2048, 1023), (2048, 1024), (250000, 6), (3000, 255)])
-@pytest.mark.parametrize("path", ["default", "PIT_MOE_ROUTE_RANK_THREADS=1024", "PIT_MOE_ROUTE_TWO_LAUNCH=0"])
+                                  (2048, 1023), (2048, 1024), (250000, 6)])
+@pytest.mark.parametrize("two_launch", ["default", "0"])
 @pytest.mark.parametrize("skew", ["crowded", "one_hot"])
-def test_routing_kernel_equals_stable_sort(monkeypatch, a, e, path, skew):
+def test_routing_kernel_equals_stable_sort(monkeypatch, a, e, two_launch, skew):
     """order, group_starts and tile_starts from the CUDA counting sort == the jnp argsort tables
-    on each path (read per launch): the rank kernel that scans and ranks in one launch for small
-    problems, with 256 threads up to 255 experts (default) or 1024, and the three launches
-    (PIT_MOE_ROUTE_TWO_LAUNCH=0), whose scan of (bin, chunk) counts takes one or many passes."""
+    (the scan of (bin, chunk) counts in one and in many passes, and the rank kernel that scans and
+    ranks in one launch for small problems, PIT_MOE_ROUTE_TWO_LAUNCH read per launch)."""
     dev = _gpu()
     if dev is None or not pit_jax.cuda_available():
         pytest.skip("needs a GPU and the CUDA kernels")
     from pit_jax import moe_cuda, moe_reference
-    if path != "default":
-        monkeypatch.setenv(*path.split("="))
+    if two_launch != "default":
+        monkeypatch.setenv("PIT_MOE_ROUTE_TWO_LAUNCH", two_launch)
     rng = np.random.default_rng(a + e)
     ids = rng.integers(-2, e + 2, a).astype(np.int32)
     if skew == "one_hot":

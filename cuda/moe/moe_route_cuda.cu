@@ -166,69 +166,46 @@ __global__ void __launch_bounds__(32) pit_moe_route_scatter_kernel(const int32_t
 }
 
 constexpr int kRankThreads = 1024;
+constexpr int kRankWarps = kRankThreads / 32;
 constexpr int64_t kRankMaxBins = kRankThreads;  // experts + 1: one bin per thread in the scans
-// Up to this many bins the rank kernel runs kRankSmallThreads threads per CTA, one per bin, each
-// summing its bin's counts itself (PIT_MOE_ROUTE_RANK_THREADS=1024, read per launch, keeps the
-// 1024-thread kernel): fewer warps to launch and to meet at each barrier (an A/B, session 27).
-constexpr int kRankSmallThreads = 256;
 constexpr int64_t kRankMaxCounts = 8960;        // (experts + 1) * chunks in shared memory (35 KB; 48 KB static in all)
 
 // Steps 2 and 3 in one launch for small problems: each CTA loads the whole [bin][chunk] count
 // array into shared memory, sums each bin over all chunks and over the chunks before its own (a
 // warp per bin), scans the bins and ranks its own chunk. CTA 0 writes group_starts and tile_starts.
-template <int kThreads>
-__global__ void __launch_bounds__(kThreads) pit_moe_route_rank_kernel(
+__global__ void __launch_bounds__(kRankThreads) pit_moe_route_rank_kernel(
     const int32_t* __restrict__ ids, int64_t n, int64_t experts, int64_t n_chunks, int64_t tile_rows,
     const int32_t* __restrict__ counts, int32_t* __restrict__ group_starts, int32_t* __restrict__ tile_starts,
     int32_t* __restrict__ order) {
-  constexpr int kWarps = kThreads / 32;
-  using Scan = cub::BlockScan<int32_t, kThreads>;
+  using Scan = cub::BlockScan<int32_t, kRankThreads>;
   __shared__ typename Scan::TempStorage storage;
   __shared__ int32_t chunk_counts[kRankMaxCounts];
-  __shared__ int32_t in_bin_all[kThreads];
-  __shared__ int32_t next_pos[kThreads];  // in the chunks before this one, then this chunk's first position
+  __shared__ int32_t in_bin_all[kRankMaxBins];
+  __shared__ int32_t next_pos[kRankMaxBins];  // in the chunks before this one, then this chunk's first position
   const int bins = int(experts + 1);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t own = blockIdx.x;
-  const bool ranks = warp == own % kWarps;  // the warp that ranks this CTA's chunk
-  const int b = threadIdx.x;  // one bin per thread in the scans
+  const bool ranks = warp == own % kRankWarps;  // the warp that ranks this CTA's chunk
   wait_for_previous_grid();  // the counts (and, before them, ids)
   allow_dependent_launch();
+  for (int64_t i = threadIdx.x; i < bins * n_chunks; i += kRankThreads) chunk_counts[i] = counts[i];
   int own_bins[kIdsPerLane];
-  int32_t in_bin = 0;
-  if constexpr (kThreads == kRankSmallThreads) {
-    // one thread per bin sums its row of counts straight from memory (L1 serves a row's
-    // neighbouring chunks): no shared copy and no warp reductions
-    if (ranks) load_chunk_bins(ids, own * kChunk, min(n, (own + 1) * kChunk), experts, own_bins);
-    if (b < bins) {
-      const int32_t* row = counts + int64_t(b) * n_chunks;
-      int32_t before = 0;
-#pragma unroll 8
-      for (int64_t c = 0; c < n_chunks; ++c) {
-        const int32_t v = row[c];
-        in_bin += v;
-        before += c < own ? v : 0;
-      }
-      next_pos[b] = before;
+  if (ranks) load_chunk_bins(ids, own * kChunk, min(n, (own + 1) * kChunk), experts, own_bins);
+  __syncthreads();
+  for (int bin = warp; bin < bins; bin += kRankWarps) {
+    int32_t all = 0, before = 0;
+    for (int64_t c = lane; c < n_chunks; c += 32) {
+      const int32_t v = chunk_counts[bin * n_chunks + c];
+      all += v;
+      before += c < own ? v : 0;
     }
-  } else {
-    for (int64_t i = threadIdx.x; i < bins * n_chunks; i += kThreads) chunk_counts[i] = counts[i];
-    if (ranks) load_chunk_bins(ids, own * kChunk, min(n, (own + 1) * kChunk), experts, own_bins);
-    __syncthreads();
-    for (int bin = warp; bin < bins; bin += kWarps) {
-      int32_t all = 0, before = 0;
-      for (int64_t c = lane; c < n_chunks; c += 32) {
-        const int32_t v = chunk_counts[bin * n_chunks + c];
-        all += v;
-        before += c < own ? v : 0;
-      }
-      all = __reduce_add_sync(0xffffffffu, all);
-      before = __reduce_add_sync(0xffffffffu, before);
-      if (lane == 0) in_bin_all[bin] = all, next_pos[bin] = before;
-    }
-    __syncthreads();
-    in_bin = b < bins ? in_bin_all[b] : 0;
+    all = __reduce_add_sync(0xffffffffu, all);
+    before = __reduce_add_sync(0xffffffffu, before);
+    if (lane == 0) in_bin_all[bin] = all, next_pos[bin] = before;
   }
+  __syncthreads();
+  const int b = threadIdx.x;  // one bin per thread
+  const int32_t in_bin = b < bins ? in_bin_all[b] : 0;
   int32_t bin_start, total;
   Scan(storage).ExclusiveSum(in_bin, bin_start, total);
   if (b < bins) next_pos[b] += bin_start;
@@ -279,10 +256,7 @@ ffi::Error MoeRouteCuda(cudaStream_t stream, ffi::Buffer<ffi::S32> ids, ffi::Res
                            unsigned(n_chunks), 32, bin_bytes, stream, pdl, ids.typed_data(), n, num_experts, n_chunks,
                            counts);
   if (err == cudaSuccess && route_in_two_launches(n_chunks, num_experts)) {
-    const char* threads_env = std::getenv("PIT_MOE_ROUTE_RANK_THREADS");
-    const bool small = num_experts + 1 <= kRankSmallThreads && (threads_env == nullptr || std::atoi(threads_env) != 1024);
-    err = launch_dependent(small ? pit_moe_route_rank_kernel<kRankSmallThreads> : pit_moe_route_rank_kernel<kRankThreads>,
-                           unsigned(std::max<int64_t>(n_chunks, 1)), small ? kRankSmallThreads : kRankThreads, 0, stream,
+    err = launch_dependent(pit_moe_route_rank_kernel, unsigned(std::max<int64_t>(n_chunks, 1)), kRankThreads, 0, stream,
                            pdl, ids.typed_data(), n, num_experts, n_chunks, tile_rows,
                            static_cast<const int32_t*>(counts), group_starts->typed_data(), tile_starts->typed_data(),
                            order->typed_data());
