@@ -223,6 +223,9 @@ moe_ab() {  # seconds, output folder under $OUT, then bench_moe_persistent's arg
   grep -q "^| [MQ]" $OUT/$out.log || tail -15 $OUT/$out.log | tee -a $LOG  # no table: say why
   echo "ab $((SECONDS-t0))s"
 }
+route_in_call_profile() {  # output folder under $OUT: profile_route_in_call.py's table (the caller's environment)
+  (cd benchmarks && timeout -k 5 150 python3 profile_route_in_call.py --out $OUT/$1 2>&1 | grep "^|" | tee -a $LOG)
+}
 route_ncu_each() {  # a per-launch variable, then its values ("default": unset): PART=route_ncu with each
   local var=$1 value; shift
   for value in "$@"; do
@@ -506,12 +509,12 @@ dispatch_bound)  # session 23: the Qwen-like projection with 1 and 4 calls per j
   (cd benchmarks && timeout -k 5 200 python3 probe_dispatch_bound.py --out $OUT/dispatch_bound 2>&1 | grep "^|" | tee -a $LOG) ;;
 route_order)  # session 27: profile_route_in_call.py alone (dependent launches on): per call of a whole step and one
              # routed step's kernel order, first run on a GPU ($OUT/route_in_call)
-  (cd benchmarks && timeout -k 5 150 python3 profile_route_in_call.py --out $OUT/route_in_call 2>&1 | grep "^|" | tee -a $LOG)
+  route_in_call_profile route_in_call
   echo "route_order $((SECONDS-t0))s" ;;
 route_in_call)  # session 24: the routing's exposed time inside the Qwen-like call (profiler trace, with
                 # dependent launches and with PIT_MOE_PDL=0), then the routing kernels under ncu at the card's clocks
-  (cd benchmarks && timeout -k 5 150 python3 profile_route_in_call.py --out $OUT/route_in_call 2>&1 | grep "^|" | tee -a $LOG)
-  (cd benchmarks && PIT_MOE_PDL=0 timeout -k 5 150 python3 profile_route_in_call.py --out $OUT/route_in_call_nopdl 2>&1 | grep "^|" | tee -a $LOG)
+  route_in_call_profile route_in_call
+  PIT_MOE_PDL=0 route_in_call_profile route_in_call_nopdl
   for routing in uniform one-hot; do
     (cd benchmarks && timeout -k 5 120 ncu --clock-control none --kernel-name regex:pit_moe_route --launch-skip 2 --launch-count 2 \
       --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
