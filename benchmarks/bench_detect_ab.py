@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pit_jax.detect_reference import detect_reference
-from bench_detect import CASES, detect_step, index_bytes, xla_column_or
+from bench_detect import BATCHED_CASES, CASES, detect_step, index_bytes, xla_column_or
 from common import (announce, apply_variant, bench_parser, dispatch_fraction, markdown_report, parse_variants,
                     round_order, tile_sparse_bf16, time_per_call, write_results)
 
@@ -28,7 +28,8 @@ ROUNDS = int(os.environ.get("PIT_BENCH_ROUNDS", "5"))
 
 def main():
     ap = bench_parser("unused")
-    ap.add_argument("--cases", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--cases", type=int, nargs="+", default=[0, 2],
+                    help="bench_detect's CASES by number, then its BATCHED_CASES numbered on after them")
     ap.add_argument("--variants", nargs="+", required=True,
                     help="comma-separated NAME=VALUE lists; 'default' for none")
     ap.add_argument("--sparsity", type=float, default=0.9)
@@ -39,15 +40,18 @@ def main():
     variants, names = parse_variants(args.variants)
     meta = announce()
     rows = []
+    all_cases = [(1, *c) for c in CASES] + BATCHED_CASES
     for case_id in args.cases:
-        m, k, tile, layout = CASES[case_id]
-        x_bytes = m * k * 2
+        batch, m, k, tile, layout = all_cases[case_id]
+        x_bytes = batch * m * k * 2
         n = max(2, min(16, (512 << 20) // x_bytes * 2))
-        xs = tile_sparse_bf16(jax.random.PRNGKey(0), m, k, tile, args.sparsity, n)
+        # a batch of row blocks stacked along M keeps every micro-tile whole (as in bench_detect)
+        xs = [x.reshape(batch, m, k) if batch > 1 else x
+              for x in tile_sparse_bf16(jax.random.PRNGKey(0), batch * m, k, tile, args.sparsity, n)]
         want = jax.jit(lambda xs: [detect_reference(x, tile, layout=layout) for x in xs[:1]])(xs)[0]
         copy = jax.jit(lambda xs: [-x for x in xs])
         # XLA's own column-OR over each row block: how fast this card reads x
-        probe = None if layout != "row" or m % tile[0] else jax.jit(
+        probe = None if layout != "row" or m % tile[0] or batch > 1 else jax.jit(
             lambda xs: [xla_column_or(x, tile[0]) for x in xs])
         fns = []
         for v in variants:
@@ -73,12 +77,13 @@ def main():
                   f"(min {min(t_probe) * 1e6:.1f}), copy {statistics.median(t_copy) * 1e6:.1f} us", flush=True)
         host_share = dispatch_fraction(fns[0][1], xs)
         copy_bw = 2 * x_bytes / statistics.median(t_copy)
-        moved = x_bytes + index_bytes(m, k, tile, layout)
-        for v, _, same in fns:
+        moved = x_bytes + batch * index_bytes(m, k, tile, layout)
+        for v, _, same in fns:  # times per array of a batch, as in bench_detect
             med = statistics.median(t[v])
-            row = dict(m=m, k=k, tile=list(tile), layout=layout, variant=v or "default", matches_reference=same,
-                       t_detect_us=med * 1e6, t_detect_all_us=[x * 1e6 for x in t[v]],
-                       t_copy_us=statistics.median(t_copy) * 1e6, fraction_of_copy=moved / med / copy_bw,
+            row = dict(batch=batch, m=m, k=k, tile=list(tile), layout=layout, variant=v or "default",
+                       matches_reference=same, t_detect_us=med / batch * 1e6,
+                       t_detect_all_us=[x / batch * 1e6 for x in t[v]],
+                       t_copy_us=statistics.median(t_copy) / batch * 1e6, fraction_of_copy=moved / med / copy_bw,
                        t_xla_column_or_us=t_xla_or, dispatch_fraction_first_variant=host_share)
             rows.append(row)
             print({k_: (round(x, 2) if isinstance(x, float) else x) for k_, x in row.items()
@@ -88,9 +93,9 @@ def main():
         f"detect A/B — {meta['device']}, jax {meta['jax']}, {meta['date']}",
         f"bf16, random micro-tile sparsity {args.sparsity}; {ROUNDS} rounds, variants and copy alternated (variants in reverse order every other round) in "
         f"one process; median µs per call (min–max over rounds); each step returns {args.returns!r} "
-        "(bench_detect.detect_step).",
+        "(bench_detect.detect_step); rows 16×M×K: 16 arrays in one batched call, µs per array.",
         ["M×K", "tile", "layout", "variant", "detect µs", "min–max", "copy µs", "fraction of copy", "matches jnp"],
-        [[f"{r['m']}×{r['k']}", f"{r['tile'][0]}×{r['tile'][1]}", r["layout"], r["variant"],
+        [[(f"{r['batch']}×" if r["batch"] > 1 else "") + f"{r['m']}×{r['k']}", f"{r['tile'][0]}×{r['tile'][1]}", r["layout"], r["variant"],
           f"{r['t_detect_us']:.1f}", f"{min(r['t_detect_all_us']):.1f}–{max(r['t_detect_all_us']):.1f}",
           f"{r['t_copy_us']:.1f}", f"{r['fraction_of_copy']:.2f}", str(r["matches_reference"])] for r in rows])
     print(md)

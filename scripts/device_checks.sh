@@ -151,6 +151,11 @@
 #                  (probe_kgather_parts.py: dense, copy, XLA's read of x, detection under VARIANTS, pack +
 #                  forward, the whole call) at SHAPES ("M K N@sparsities;..."), then ncu per-kernel times at
 #                  real clocks (--clock-control none, L2 not flushed) of one fc2 99% call ($OUT/ncu_parts.txt).
+#   PART=detect_one_pass: session 28: the one-pass word-rows detect kernel — the detect suites, then the A/B
+#                  (index kept in the jit) of the default against PIT_DETECT_ONE_PASS=0 and =1 over CASES
+#                  (default "0 3 4": 4096² 32x1 and 1x1, 16384² 32x1) at SPARSITIES (default 0.9 0.0).
+#   PART=detect_one_pass_san: memcheck over the one-pass tests (default and forced), racecheck over the forced ones.
+#   PART=detect_bench: bench_detect alone ($OUT/detect).
 set -u
 export PYTHONUNBUFFERED=1
 LOG=$OUT/checks.log
@@ -448,6 +453,17 @@ verify)
       kgather) pytest_gpu 200 tests/test_kgather.py tests/test_kgather_kernels.py ;;
     esac
   done ;;
+detect_one_pass)
+  [[ "${TESTS:-all}" == all ]] && pytest_gpu 200 $DETECT_SUITES
+  [[ "${TESTS:-all}" == one_pass ]] && pytest_gpu 100 tests/test_detect.py -k "gpu and one_pass" -rf
+  detect_ab_by_sparsity 150 ab_one_pass "${CASES:-0 3 4}" "${VARIANTS:-PIT_DETECT_ONE_PASS=0 PIT_DETECT_ONE_PASS=1}" \
+    ${SPARSITIES:-0.9 0.0} ;;
+detect_one_pass_san)
+  SAN_TIMEOUT=200 run_tool memcheck pit_detect tests/test_detect.py "gpu and one_pass and not never and (bfloat16 or float32)"
+  SAN_TIMEOUT=150 run_tool racecheck pit_detect tests/test_detect.py "gpu and one_pass and forced and (bfloat16 or float32)" ;;
+detect_bench)
+  (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
+  echo "bench $((SECONDS-t0))s" ;;
 detect_segments)
   pytest_gpu 90 tests/test_detect.py -k "gpu and (row_bits or dtypes_and_sparsity)"
   SAN_TIMEOUT=70 run_tool memcheck pit_detect tests/test_detect.py "gpu and row_bits and not off"

@@ -206,6 +206,38 @@ def test_write_order(backend, monkeypatch, shape, tile, layout, variant):
         _check(_detect_jit(tile, layout)(x), x, tile, layout)
 
 
+# One-pass word rows (row layout, tile_k dividing 32, tile_m <= 32, a 32-row slab's mask words at
+# most 11264): one CUDA kernel reads each slab and compacts its row blocks from shared memory,
+# then a second scans the counts into offsets. By default only 32-row blocks on at least 512 CTAs
+# take it; PIT_DETECT_ONE_PASS=1 forces it wherever it fits, =0 never, so both are compared with
+# the reference on the same shapes (PIT_DETECT_IN_FLIGHT=32 forces 32 rows in flight, for A/Bs).
+ONE_PASS_VARIANTS = {"default": None, "forced": "1", "never": "0"}
+
+
+@pytest.mark.parametrize("one_pass", list(ONE_PASS_VARIANTS))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape, tile", [
+    ((300, 4096), (32, 1)),        # 10 slabs, a short last row block
+    ((2, 3, 64, 520), (32, 1)),    # a batch; 520 columns: a partial last column chunk
+    ((97, 701), (32, 1)),          # unaligned rows: scalar loads
+    ((130, 257), (1, 1)),          # 32 row blocks per slab, 257 slots per row
+    ((100, 512), (8, 4)),          # 4 row blocks per slab, 4-column tiles
+    ((45, 96), (24, 2)),           # 24-row blocks: one per slab
+    ((33, 12288), (32, 1)),        # 384 words per row block
+    ((16400, 72), (32, 1)),        # 513 row blocks: the default takes the one-pass kernel
+    ((40, 3000), (16, 16)),        # 2 row blocks per slab
+    ((40, 11264), (1, 1)),         # 32 x 352 words: the most that fits
+    ((40, 11296), (1, 1)),         # 32 x 353 words: the two-pass path even when forced
+], ids=str)
+def test_one_pass_word_rows(backend, monkeypatch, one_pass, dtype, shape, tile):
+    if ONE_PASS_VARIANTS[one_pass] is not None:
+        monkeypatch.setenv("PIT_DETECT_ONE_PASS", ONE_PASS_VARIANTS[one_pass])
+    rng = np.random.default_rng(abs(hash((shape, tile, dtype))) % 2**32)
+    for sparsity in (0.0, 0.5, 0.99, 1.0):
+        x = random_tile_sparse(rng, shape, tile, sparsity, dtype)
+        _check(_detect_jit(tile, "row")(x), x, tile, "row")
+
+
 def test_matches_jnp_reference(backend):
     rng = np.random.default_rng(11)
     x = random_tile_sparse(rng, (2, 64, 96), (8, 4), 0.8, "float32")

@@ -68,6 +68,14 @@ constexpr int64_t kSegmentMaxWords = 16384;
 //   row_bits     [B, n_row_tasks, n_col_chunks] bit q: the q-th row block of that mask task
 //                                             (tile_m >= 32: its slab) has a nonzero in the
 //                                             task's 32*V columns
+// One-pass word rows (Plan::one_pass): a CTA's mask words, in shared memory, at most this many
+// (44 KB: with the static shared memory, under the 48 KB a launch may take without opting in);
+// by default only for 32-row blocks and at least this many CTAs (one per row block). In an A/B on
+// an H200 (session 28) 16384² at 32x1 (512 CTAs) took 166 / 181 us against the two passes' 171 /
+// 188 (90% sparse / dense), but 4096² (128 CTAs: one per SM reads slower than the mask pass's 256)
+// 18.2 against 17.7, and 1x1 tiles (32 row blocks compacted in turn per CTA) 90 against 55.
+constexpr int64_t kOnePassMaxWords = 11264;
+constexpr int64_t kOnePassMinCtas = 512;
 // Word rows: a warp writes its ids word by word (coalesced) when some lane has more ids than this.
 constexpr unsigned kWarpIdsMinBits = 16;
 
@@ -85,6 +93,7 @@ struct Plan {
   // The row-bits fields are small and the task counts derived (below), so that the struct stays at
   // 128 bytes: with three more 8-byte fields ptxas spilled 12 bytes in the narrow rows kernel.
   uint16_t chunk_cols;   // columns one mask warp covers: 32 lanes x 16 bytes
+  bool one_pass;         // word rows of one slab: read and compacted by one kernel (see below)
   Plan(const DetectShape& s, int64_t layout_, int64_t elem_bytes)
       : batch(s.batch), rows(s.rows), cols(s.cols), tile_m(s.tile_m), tile_k(s.tile_k), layout(layout_) {
     nb_m = s.nb_m();
@@ -116,6 +125,11 @@ struct Plan {
                (ceil_div(nb_m, int64_t(kThreads) * kItems) <= kRowBitsMaxSteps || batch * nb_k >= 1024);
     row_bit_segments = row_bits && nb_k == 1 && n_slabs == 1 && nb_m > kThreads &&
                        n_row_tasks() * n_col_chunks() <= kSegmentMaxWords;
+    one_pass = one_pass_fits() && tile_m == kMaskRows && batch * n_row_tasks() >= kOnePassMinCtas;
+  }
+  // The one-pass kernel applies to word rows of one slab whose mask words fit in shared memory.
+  bool one_pass_fits() const {
+    return word_rows && n_slabs == 1 && blocks_per_task() * n_words <= kOnePassMaxWords;
   }
   // A mask task covers 32 // tile_m row blocks (tile_m < 32), or one slab of a row block.
   PIT_HOST_DEVICE int64_t blocks_per_task() const { return tile_m >= kMaskRows ? 1 : kMaskRows / tile_m; }
@@ -157,78 +171,15 @@ __device__ __forceinline__ uint32_t nonzero_bits<uint32_t>(uint4 v) {
          (uint32_t((v.z & 0x7fffffffu) != 0) << 2) | (uint32_t((v.w & 0x7fffffffu) != 0) << 3);
 }
 
-// Programmatic dependent launch (common/pdl.cuh): both passes may be scheduled before the
-// previous kernel on the stream ends; the mask pass lets the compaction's CTAs launch as soon as
-// all of its own are running.
-
-// Pass 1, the only read of x. One warp per (batch, slab of up to 32 rows, 32*V columns); each
-// lane owns V columns and loads 16 bytes per row with 8 rows in flight; at the end of each row
-// block (tile_m < 32: a slab holds 32/tile_m whole row blocks) or slab (tile_m >= 32: a row block
-// holds several slabs) the warp assembles 32-column words and stores them. Every mask word is
-// written, so no zeroing pass is needed. Block 0 also zeroes the per-batch `done` counters used
-// by the per-row compaction, which runs after this kernel.
-// kRowBits (Plan::row_bits): instead of 32-column words, the warp ORs each row block (or slab)
-// over all its columns into bit q of one word per task, written by lane 0 at the end.
-template <typename Bits, int kInFlight, bool kRowBits>
-__global__ void __launch_bounds__(kMaskWarps * 32)
-    pit_detect_mask_kernel(const Bits* __restrict__ x, uint32_t* __restrict__ slab_mask,
-                           uint32_t* __restrict__ done, int64_t batch, int64_t rows, int64_t cols,
-                           int64_t tile_m, int64_t nb_m, int64_t n_slabs, int64_t n_words,
-                           int64_t n_row_tasks, int64_t n_col_chunks, bool vectorized) {
+// One lane's 16 bytes at column c0 of rows [r0, r1) of `base`, folded into one bit per element:
+// every `step` rows (the last group may be shorter) emit(bits) gets the OR of the group's rows.
+// kInFlight rows are loaded before the first is used (streaming loads); rows that are not 16-byte
+// aligned, and tail rows, take scalar loads. Shared by the mask pass and the one-pass kernel.
+template <typename Bits, int kInFlight, typename Emit>
+__device__ __forceinline__ void fold_rows(const Bits* __restrict__ base, int64_t cols, int64_t c0, bool in_cols,
+                                          bool vectorized, int64_t r0, int64_t r1, int64_t step, Emit&& emit) {
   constexpr int V = 16 / sizeof(Bits);
-  constexpr int kLanesPerWord = 32 / V;
   constexpr Bits kMag = static_cast<Bits>(~(Bits(1) << (sizeof(Bits) * 8 - 1)));
-  const int lane = threadIdx.x & 31;
-  wait_for_previous_grid();  // whatever wrote x (and last used this workspace)
-  allow_dependent_launch();
-  if (blockIdx.x == 0)
-    for (int64_t t = threadIdx.x; t < batch; t += blockDim.x) done[t] = 0;
-  const int64_t task = int64_t(blockIdx.x) * kMaskWarps + (threadIdx.x >> 5);
-  if (task >= batch * n_row_tasks * n_col_chunks) return;  // uniform per warp
-  const int64_t col_chunk = task % n_col_chunks;
-  const int64_t row_task = task / n_col_chunks;
-  const int64_t b = row_task / n_row_tasks, rt = row_task % n_row_tasks;
-  int64_t r0, r1, out_row;  // rows [r0, r1); out_row: slab-mask row of the first output
-  if (tile_m >= kMaskRows) {
-    const int64_t i = rt / n_slabs, sl = rt % n_slabs;
-    r0 = i * tile_m + sl * kMaskRows;
-    r1 = min(min(rows, (i + 1) * tile_m), r0 + kMaskRows);
-    out_row = (b * nb_m + i) * n_slabs + sl;
-  } else {
-    const int64_t blocks_per_task = kMaskRows / tile_m;
-    r0 = rt * blocks_per_task * tile_m;
-    r1 = min(rows, r0 + blocks_per_task * tile_m);
-    out_row = b * nb_m + rt * blocks_per_task;  // n_slabs == 1
-  }
-  const int64_t c0 = col_chunk * 32 * V + int64_t(lane) * V;
-  const bool in_cols = c0 < cols;
-  const Bits* base = x + b * rows * cols;
-  const int64_t w = (col_chunk * 32 * V + int64_t(lane) * V) >> 5;
-  const bool writer = lane % kLanesPerWord == 0 && w < n_words;
-
-  uint32_t row_word = 0;  // kRowBits: bit q = the q-th emitted block has a nonzero
-  int q = 0;
-  // Emit the word of the block (or slab) that ends at `end_row`, then move to the next one.
-  auto emit = [&](uint32_t bits) {
-    if constexpr (kRowBits) {
-      row_word |= uint32_t(__any_sync(0xffffffffu, bits != 0)) << q++;
-    } else {
-      uint32_t word = bits << ((lane * V) & 31);
-#pragma unroll
-      for (int off = 1; off < kLanesPerWord; off <<= 1) word |= __shfl_xor_sync(0xffffffffu, word, off);
-      if (writer) slab_mask[out_row * n_words + w] = word;
-      ++out_row;
-    }
-  };
-  auto store_row_word = [&] {
-    if (kRowBits && lane == 0) slab_mask[row_task * n_col_chunks + col_chunk] = row_word;
-  };
-  if (r0 >= r1) {  // a slab past the end of a short last row block: its word is still written
-    emit(0);
-    store_row_word();
-    return;
-  }
-  const int64_t step = tile_m >= kMaskRows ? r1 - r0 : tile_m;  // rows per emitted word
   int64_t end_row = min(r1, r0 + step);
   uint32_t bits = 0;
   for (int64_t r = r0; r < r1; r += kInFlight) {
@@ -264,6 +215,88 @@ __global__ void __launch_bounds__(kMaskWarps * 32)
       }
     }
   }
+}
+
+// The 32-column mask word holding this lane's V element bits, assembled over the 32 / V lanes
+// that share it (every one of them gets the word; the first of them stores it).
+template <typename Bits>
+__device__ __forceinline__ uint32_t lane_word(uint32_t bits, int lane) {
+  constexpr int V = 16 / sizeof(Bits);
+  uint32_t word = bits << ((lane * V) & 31);
+#pragma unroll
+  for (int off = 1; off < 32 / V; off <<= 1) word |= __shfl_xor_sync(0xffffffffu, word, off);
+  return word;
+}
+
+// Programmatic dependent launch (common/pdl.cuh): both passes may be scheduled before the
+// previous kernel on the stream ends; the mask pass lets the compaction's CTAs launch as soon as
+// all of its own are running.
+
+// Pass 1, the only read of x. One warp per (batch, slab of up to 32 rows, 32*V columns); each
+// lane owns V columns and loads 16 bytes per row with 8 rows in flight; at the end of each row
+// block (tile_m < 32: a slab holds 32/tile_m whole row blocks) or slab (tile_m >= 32: a row block
+// holds several slabs) the warp assembles 32-column words and stores them. Every mask word is
+// written, so no zeroing pass is needed. Block 0 also zeroes the per-batch `done` counters used
+// by the per-row compaction, which runs after this kernel.
+// kRowBits (Plan::row_bits): instead of 32-column words, the warp ORs each row block (or slab)
+// over all its columns into bit q of one word per task, written by lane 0 at the end.
+template <typename Bits, int kInFlight, bool kRowBits>
+__global__ void __launch_bounds__(kMaskWarps * 32)
+    pit_detect_mask_kernel(const Bits* __restrict__ x, uint32_t* __restrict__ slab_mask,
+                           uint32_t* __restrict__ done, int64_t batch, int64_t rows, int64_t cols,
+                           int64_t tile_m, int64_t nb_m, int64_t n_slabs, int64_t n_words,
+                           int64_t n_row_tasks, int64_t n_col_chunks, bool vectorized) {
+  constexpr int V = 16 / sizeof(Bits);
+  const int lane = threadIdx.x & 31;
+  wait_for_previous_grid();  // whatever wrote x (and last used this workspace)
+  allow_dependent_launch();
+  if (blockIdx.x == 0)
+    for (int64_t t = threadIdx.x; t < batch; t += blockDim.x) done[t] = 0;
+  const int64_t task = int64_t(blockIdx.x) * kMaskWarps + (threadIdx.x >> 5);
+  if (task >= batch * n_row_tasks * n_col_chunks) return;  // uniform per warp
+  const int64_t col_chunk = task % n_col_chunks;
+  const int64_t row_task = task / n_col_chunks;
+  const int64_t b = row_task / n_row_tasks, rt = row_task % n_row_tasks;
+  int64_t r0, r1, out_row;  // rows [r0, r1); out_row: slab-mask row of the first output
+  if (tile_m >= kMaskRows) {
+    const int64_t i = rt / n_slabs, sl = rt % n_slabs;
+    r0 = i * tile_m + sl * kMaskRows;
+    r1 = min(min(rows, (i + 1) * tile_m), r0 + kMaskRows);
+    out_row = (b * nb_m + i) * n_slabs + sl;
+  } else {
+    const int64_t blocks_per_task = kMaskRows / tile_m;
+    r0 = rt * blocks_per_task * tile_m;
+    r1 = min(rows, r0 + blocks_per_task * tile_m);
+    out_row = b * nb_m + rt * blocks_per_task;  // n_slabs == 1
+  }
+  const int64_t c0 = col_chunk * 32 * V + int64_t(lane) * V;
+  const bool in_cols = c0 < cols;
+  const Bits* base = x + b * rows * cols;
+  const int64_t w = (col_chunk * 32 * V + int64_t(lane) * V) >> 5;
+  const bool writer = lane % (32 / V) == 0 && w < n_words;
+
+  uint32_t row_word = 0;  // kRowBits: bit q = the q-th emitted block has a nonzero
+  int q = 0;
+  // Emit the word of the block (or slab) that ends at `end_row`, then move to the next one.
+  auto emit = [&](uint32_t bits) {
+    if constexpr (kRowBits) {
+      row_word |= uint32_t(__any_sync(0xffffffffu, bits != 0)) << q++;
+    } else {
+      const uint32_t word = lane_word<Bits>(bits, lane);
+      if (writer) slab_mask[out_row * n_words + w] = word;
+      ++out_row;
+    }
+  };
+  auto store_row_word = [&] {
+    if (kRowBits && lane == 0) slab_mask[row_task * n_col_chunks + col_chunk] = row_word;
+  };
+  if (r0 >= r1) {  // a slab past the end of a short last row block: its word is still written
+    emit(0);
+    store_row_word();
+    return;
+  }
+  const int64_t step = tile_m >= kMaskRows ? r1 - r0 : tile_m;  // rows per emitted word
+  fold_rows<Bits, kInFlight>(base, cols, c0, in_cols, vectorized, r0, r1, step, emit);
   store_row_word();
 }
 
@@ -834,6 +867,57 @@ __global__ void __launch_bounds__(kThreads)
   scan_counts_into_offsets(p, counts, offsets, b, storage);
 }
 
+// One-pass word rows (Plan::one_pass: row layout, tile_k dividing 32, tile_m <= 32, a slab's mask
+// words fit in shared memory), one CTA per (batch, mask task: a 32-row slab holding
+// blocks_per_task whole row blocks). The warps read the slab's column chunks in turn (16 rows in
+// flight per lane), keep its mask words in shared memory, and after one barrier the CTA compacts
+// its row blocks from there, writing ids, -1 padding and counts. So a row block is compacted as
+// soon as its own rows are read, while other CTAs still read, instead of after the whole mask
+// pass; no mask word goes to memory. The offsets follow in pit_detect_offsets_kernel.
+template <typename Bits, int kInFlight>
+__global__ void __launch_bounds__(kThreads)
+    pit_detect_one_pass_kernel(Plan p, const Bits* __restrict__ x, int32_t* __restrict__ counts,
+                               int32_t* __restrict__ indices, bool vectorized) {
+  constexpr int V = 16 / sizeof(Bits);
+  extern __shared__ uint32_t task_words[];  // [blocks_per_task][n_words]
+  wait_for_previous_grid();  // whatever wrote x (and last used these outputs)
+  allow_dependent_launch();  // the offsets kernel may be scheduled; it waits for this grid to end
+  const int64_t n_tasks = p.n_row_tasks();
+  const int64_t b = blockIdx.x / n_tasks, rt = blockIdx.x % n_tasks;
+  const int64_t i0 = rt * p.blocks_per_task();                  // its first row block
+  const int64_t n_blocks = min(p.blocks_per_task(), p.nb_m - i0);  // >= 1
+  const int64_t r0 = i0 * p.tile_m, r1 = min(p.rows, r0 + n_blocks * p.tile_m);
+  const Bits* base = x + b * p.rows * p.cols;
+  const int lane = threadIdx.x & 31;
+  for (int64_t cc = threadIdx.x >> 5; cc < p.n_col_chunks(); cc += kThreads / 32) {  // uniform per warp
+    const int64_t c0 = cc * 32 * V + int64_t(lane) * V;
+    const int64_t w = c0 >> 5;
+    const bool writer = lane % (32 / V) == 0 && w < p.n_words;
+    uint32_t* out_word = task_words + w;
+    fold_rows<Bits, kInFlight>(base, p.cols, c0, c0 < p.cols, vectorized, r0, r1, p.tile_m, [&](uint32_t bits) {
+      const uint32_t word = lane_word<Bits>(bits, lane);
+      if (writer) *out_word = word;
+      out_word += p.n_words;
+    });
+  }
+  __syncthreads();  // every mask word of the slab is in shared memory
+  for (int64_t k = 0; k < n_blocks; ++k) {
+    const int64_t bo = b * p.nb_m + i0 + k;
+    int32_t* out = indices + bo * p.n_inner;
+    const int running = compact_row_words(p, task_words + k * p.n_words, out);
+    fill_unused_slots(out, running, p.n_inner);
+    if (threadIdx.x == 0) counts[bo] = running;
+  }
+}
+
+// After the one-pass kernel, one CTA per batch element: its counts scanned into CSR offsets.
+__global__ void __launch_bounds__(kThreads)
+    pit_detect_offsets_kernel(Plan p, const int32_t* __restrict__ counts, int32_t* __restrict__ offsets) {
+  __shared__ typename cub::BlockScan<int, kThreads>::TempStorage storage;
+  wait_for_previous_grid();  // the one-pass kernel's counts
+  scan_counts_into_offsets(p, counts, offsets, blockIdx.x, storage);
+}
+
 template <typename Bits>
 cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uint32_t* workspace,
                           int32_t* counts, int32_t* offsets, int32_t* indices) {
@@ -843,8 +927,19 @@ cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uin
   int32_t* chunk_prefix = reinterpret_cast<int32_t*>(workspace + p.mask_words());
   uint32_t* done = workspace + p.mask_words() + p.chunk_words();
   if (p.chunk_cols != 32 * V) return cudaErrorInvalidValue;  // the plan was made for another element size
-  const int64_t n_tasks = p.batch * p.n_row_tasks() * p.n_col_chunks();
   const bool vectorized = p.cols % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  if (p.one_pass) {
+    const size_t smem = size_t(p.blocks_per_task() * p.n_words) * sizeof(uint32_t);
+    const char* in_flight = std::getenv("PIT_DETECT_IN_FLIGHT");  // 32: every row of a slab's chunk at once
+    auto one_pass_kernel = in_flight != nullptr && std::atoi(in_flight) == 32 ? pit_detect_one_pass_kernel<Bits, 32>
+                                                                              : pit_detect_one_pass_kernel<Bits, 16>;
+    cudaError_t err = launch_dependent(one_pass_kernel, unsigned(p.batch * p.n_row_tasks()), kThreads,
+                                       smem, stream, true, p, static_cast<const Bits*>(x), counts, indices, vectorized);
+    if (err != cudaSuccess) return err;
+    err = launch_dependent(pit_detect_offsets_kernel, unsigned(p.batch), kThreads, 0, stream, true, p, counts, offsets);
+    return err != cudaSuccess ? err : cudaGetLastError();
+  }
+  const int64_t n_tasks = p.batch * p.n_row_tasks() * p.n_col_chunks();
   const char* in_flight = std::getenv("PIT_DETECT_IN_FLIGHT");
   const bool sixteen = in_flight != nullptr ? std::atoi(in_flight) == 16 : n_tasks > kManyMaskWarps;
   auto mask_kernel = p.row_bits ? (sixteen ? pit_detect_mask_kernel<Bits, 16, true> : pit_detect_mask_kernel<Bits, 8, true>)
@@ -909,6 +1004,8 @@ ffi::Error DetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Bu
     if (env[0] == '0') p.row_bits = false;                      // path, "single" never by segments
     if (env[0] == '0' || std::string(env) == "single") p.row_bit_segments = false;
   }
+  if (const char* env = std::getenv("PIT_DETECT_ONE_PASS"))  // A/Bs and tests, read per launch: 0 never the
+    p.one_pass = env[0] != '0' && p.one_pass_fits();          // one-pass kernel, 1 wherever it fits
   if (element_count(workspace->dimensions()) != p.workspace_words())
     return ffi::Error::InvalidArgument("pit_detect: workspace size does not match x and tile");
   poison_device_outputs(stream, counts, offsets, indices, workspace);
