@@ -16,6 +16,9 @@
 //     1/4096 of x's bytes: segments of 256 row blocks, a CTA each, that count the blocks before
 //     them from all the words (one column block, short row blocks, small masks), else one CTA
 //     per column block.
+//  one-pass path (row layout, 32-row blocks, tile_k dividing 32, at least 512 row blocks): one CTA
+//     per row block reads it (the same folding as the mask pass), keeps its mask words in shared
+//     memory and compacts them at once; a dependent kernel scans the counts into offsets.
 #include <cuda_runtime.h>
 
 #include <cstdlib>
