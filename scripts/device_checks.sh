@@ -154,8 +154,7 @@
 #   PART=detect_one_pass: session 28: the one-pass word-rows detect kernel — the detect suites, then the A/B
 #                  (index kept in the jit) of the default against PIT_DETECT_ONE_PASS=0 and =1 over CASES
 #                  (default "0 3 4": 4096² 32x1 and 1x1, 16384² 32x1) at SPARSITIES (default 0.9 0.0).
-#   PART=detect_one_pass_san: memcheck over the one-pass tests (default, one CTA and clusters of 4 per slab; bf16 and
-#                  fp32), racecheck over the bf16 ones.
+#   PART=detect_one_pass_san: memcheck over the one-pass tests (default and forced), racecheck over the forced ones.
 #   PART=detect_bench: bench_detect alone ($OUT/detect).
 set -u
 export PYTHONUNBUFFERED=1
@@ -461,7 +460,7 @@ detect_one_pass)
     ${SPARSITIES:-0.9 0.0} ;;
 detect_one_pass_san)
   SAN_TIMEOUT=200 run_tool memcheck pit_detect tests/test_detect.py "gpu and one_pass and not never and (bfloat16 or float32)"
-  SAN_TIMEOUT=150 run_tool racecheck pit_detect tests/test_detect.py "gpu and one_pass and not never and bfloat16" ;;
+  SAN_TIMEOUT=150 run_tool racecheck pit_detect tests/test_detect.py "gpu and one_pass and forced and (bfloat16 or float32)" ;;
 detect_bench)
   (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "bench $((SECONDS-t0))s" ;;

@@ -208,17 +208,10 @@ def test_write_order(backend, monkeypatch, shape, tile, layout, variant):
 
 # One-pass word rows (row layout, tile_k dividing 32, tile_m <= 32, a 32-row slab's mask words at
 # most 11264): one CUDA kernel reads each slab and compacts its row blocks from shared memory,
-# then a second scans the counts into offsets. By default only 32-row blocks take it: one CTA per
-# block from 512 blocks on, below that a cluster of 2 CTAs per block (Hopper), each reading half
-# the columns. PIT_DETECT_ONE_PASS=0 never takes it, =1 wherever it fits, and
-# PIT_DETECT_ONE_PASS_CLUSTER sets the CTAs per slab (1, 2 or 4), so every form is compared with
-# the reference on the same shapes (on the CPU the variables change nothing).
-ONE_PASS_VARIANTS = {
-    "default": {},
-    "never": {"PIT_DETECT_ONE_PASS": "0"},
-    "single": {"PIT_DETECT_ONE_PASS": "1", "PIT_DETECT_ONE_PASS_CLUSTER": "1"},
-    "cluster4": {"PIT_DETECT_ONE_PASS": "1", "PIT_DETECT_ONE_PASS_CLUSTER": "4"},
-}
+# then a second scans the counts into offsets. By default only 32-row blocks on at least 512 CTAs
+# take it; PIT_DETECT_ONE_PASS=1 forces it wherever it fits, =0 never, so both are compared with
+# the reference on the same shapes (PIT_DETECT_IN_FLIGHT=32 forces 32 rows in flight, for A/Bs).
+ONE_PASS_VARIANTS = {"default": None, "forced": "1", "never": "0"}
 
 
 @pytest.mark.parametrize("one_pass", list(ONE_PASS_VARIANTS))
@@ -231,15 +224,14 @@ ONE_PASS_VARIANTS = {
     ((100, 512), (8, 4)),          # 4 row blocks per slab, 4-column tiles
     ((45, 96), (24, 2)),           # 24-row blocks: one per slab
     ((33, 12288), (32, 1)),        # 384 words per row block
-    ((16400, 72), (32, 1)),        # 513 row blocks: one CTA per block by default
-    ((64, 300), (32, 1)),          # two column chunks: a cluster of 4 has ranks with none
+    ((16400, 72), (32, 1)),        # 513 row blocks: the default takes the one-pass kernel
     ((40, 3000), (16, 16)),        # 2 row blocks per slab
     ((40, 11264), (1, 1)),         # 32 x 352 words: the most that fits
     ((40, 11296), (1, 1)),         # 32 x 353 words: the two-pass path even when forced
 ], ids=str)
 def test_one_pass_word_rows(backend, monkeypatch, one_pass, dtype, shape, tile):
-    for name, value in ONE_PASS_VARIANTS[one_pass].items():
-        monkeypatch.setenv(name, value)
+    if ONE_PASS_VARIANTS[one_pass] is not None:
+        monkeypatch.setenv("PIT_DETECT_ONE_PASS", ONE_PASS_VARIANTS[one_pass])
     rng = np.random.default_rng(abs(hash((shape, tile, dtype))) % 2**32)
     for sparsity in (0.0, 0.5, 0.99, 1.0):
         x = random_tile_sparse(rng, shape, tile, sparsity, dtype)

@@ -43,37 +43,22 @@ inline int dependent_launch_setting(const char* name) {
   return env == nullptr ? 1 : std::atoi(env);
 }
 
-// The same, in thread block clusters of `cluster` CTAs along x when cluster > 1 (Hopper; the
-// grid's x must be a multiple of it; the caller checks that the device has clusters).
-template <typename... Params, typename... Args>
-cudaError_t launch_dependent_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
-                                     cudaStream_t stream, bool dependent, unsigned cluster, Args&&... args) {
-  cudaLaunchAttribute attrs[2];
-  unsigned n = 0;
-  if (dependent && dependent_launch_supported()) {
-    attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attrs[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cluster > 1) {
-    attrs[n].id = cudaLaunchAttributeClusterDimension;
-    attrs[n++].val.clusterDim = {cluster, 1, 1};
-  }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem_bytes;
-  config.stream = stream;
-  config.attrs = attrs;
-  config.numAttrs = n;
-  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-}
-
 // Launches kernel with programmatic stream serialisation where supported and `dependent` holds
 // (the kernel must call wait_for_previous_grid first); a plain stream-ordered launch otherwise.
 template <typename... Params, typename... Args>
 cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
                              cudaStream_t stream, bool dependent, Args&&... args) {
-  return launch_dependent_cluster(kernel, grid, block, smem_bytes, stream, dependent, 1, std::forward<Args>(args)...);
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = dependent && dependent_launch_supported() ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 }  // namespace pit

@@ -24,7 +24,6 @@
 #include <cstdlib>
 #include <utility>
 
-#include <cooperative_groups.h>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
@@ -73,17 +72,13 @@ constexpr int64_t kSegmentMaxWords = 16384;
 //                                             (tile_m >= 32: its slab) has a nonzero in the
 //                                             task's 32*V columns
 // One-pass word rows (Plan::one_pass): a CTA's mask words, in shared memory, at most this many
-// (44 KB: with the static shared memory, under the 48 KB a launch may take without opting in).
-// By default only for 32-row blocks: from this many row blocks on, one CTA per block (in an A/B
-// on an H200, session 28, 16384² at 32x1, 512 CTAs, took 166 / 181 us against the two passes'
-// 171 / 188 at 90% sparse / dense); below it, where one CTA per block reads slower than the mask
-// pass (4096²: 128 CTAs, 18.2 against 17.7 us), a cluster of kOnePassCluster CTAs per block, each
-// reading its share of the columns (Hopper only: without clusters such shapes keep two passes).
-// 1x1 tiles (32 row blocks compacted in turn per CTA) took 90 against 55 us at 4096², so tiles of
-// fewer rows keep two passes.
+// (44 KB: with the static shared memory, under the 48 KB a launch may take without opting in);
+// by default only for 32-row blocks and at least this many CTAs (one per row block). In an A/B on
+// an H200 (session 28) 16384² at 32x1 (512 CTAs) took 166 / 181 us against the two passes' 171 /
+// 188 (90% sparse / dense), but 4096² (128 CTAs: one per SM reads slower than the mask pass's 256)
+// 18.2 against 17.7, and 1x1 tiles (32 row blocks compacted in turn per CTA) 90 against 55.
 constexpr int64_t kOnePassMaxWords = 11264;
 constexpr int64_t kOnePassMinCtas = 512;
-constexpr int kOnePassCluster = 2;
 // Word rows: a warp writes its ids word by word (coalesced) when some lane has more ids than this.
 constexpr unsigned kWarpIdsMinBits = 16;
 
@@ -102,7 +97,6 @@ struct Plan {
   // 128 bytes: with three more 8-byte fields ptxas spilled 12 bytes in the narrow rows kernel.
   uint16_t chunk_cols;   // columns one mask warp covers: 32 lanes x 16 bytes
   bool one_pass;         // word rows of one slab: read and compacted by one kernel (see below)
-  uint8_t one_pass_cluster;  // ... by this many CTAs per slab (a thread block cluster when > 1)
   Plan(const DetectShape& s, int64_t layout_, int64_t elem_bytes)
       : batch(s.batch), rows(s.rows), cols(s.cols), tile_m(s.tile_m), tile_k(s.tile_k), layout(layout_) {
     nb_m = s.nb_m();
@@ -134,8 +128,7 @@ struct Plan {
                (ceil_div(nb_m, int64_t(kThreads) * kItems) <= kRowBitsMaxSteps || batch * nb_k >= 1024);
     row_bit_segments = row_bits && nb_k == 1 && n_slabs == 1 && nb_m > kThreads &&
                        n_row_tasks() * n_col_chunks() <= kSegmentMaxWords;
-    one_pass = one_pass_fits() && tile_m == kMaskRows;
-    one_pass_cluster = batch * n_row_tasks() >= kOnePassMinCtas ? 1 : kOnePassCluster;
+    one_pass = one_pass_fits() && tile_m == kMaskRows && batch * n_row_tasks() >= kOnePassMinCtas;
   }
   // The one-pass kernel applies to word rows of one slab whose mask words fit in shared memory.
   bool one_pass_fits() const {
@@ -877,39 +870,14 @@ __global__ void __launch_bounds__(kThreads)
   scan_counts_into_offsets(p, counts, offsets, b, storage);
 }
 
-// Thread block clusters (Hopper): this CTA's rank, a barrier of the whole cluster (also a CTA
-// barrier, with acquire/release ordering of shared memory across it), and a peer's shared memory.
-__device__ __forceinline__ int cluster_rank() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return int(cooperative_groups::this_cluster().block_rank());
-#else
-  return 0;
-#endif
-}
-__device__ __forceinline__ void cluster_barrier() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cooperative_groups::this_cluster().sync();
-#else
-  __syncthreads();
-#endif
-}
-__device__ __forceinline__ const uint32_t* peer_shared(uint32_t* local, int rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return cooperative_groups::this_cluster().map_shared_rank(local, rank);
-#else
-  return local;
-#endif
-}
-
 // One-pass word rows (Plan::one_pass: row layout, tile_k dividing 32, tile_m <= 32, a slab's mask
-// words fit in shared memory), Plan::one_pass_cluster CTAs per (batch, mask task: a 32-row slab
-// holding blocks_per_task whole row blocks), rank r reading the r-th share of the column chunks.
-// The warps read their chunks in turn (16 rows in flight per lane) and keep the mask words in
-// shared memory; rank 0 copies the other ranks' words from theirs (distributed shared memory),
-// then compacts the slab's row blocks, writing ids, -1 padding and counts. So a row block is
-// compacted as soon as its own rows are read, while other CTAs still read, instead of after the
-// whole mask pass; no mask word goes to memory. The offsets follow in pit_detect_offsets_kernel.
-template <typename Bits>
+// words fit in shared memory), one CTA per (batch, mask task: a 32-row slab holding
+// blocks_per_task whole row blocks). The warps read the slab's column chunks in turn (16 rows in
+// flight per lane), keep its mask words in shared memory, and after one barrier the CTA compacts
+// its row blocks from there, writing ids, -1 padding and counts. So a row block is compacted as
+// soon as its own rows are read, while other CTAs still read, instead of after the whole mask
+// pass; no mask word goes to memory. The offsets follow in pit_detect_offsets_kernel.
+template <typename Bits, int kInFlight>
 __global__ void __launch_bounds__(kThreads)
     pit_detect_one_pass_kernel(Plan p, const Bits* __restrict__ x, int32_t* __restrict__ counts,
                                int32_t* __restrict__ indices, bool vectorized) {
@@ -917,43 +885,25 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ uint32_t task_words[];  // [blocks_per_task][n_words]
   wait_for_previous_grid();  // whatever wrote x (and last used these outputs)
   allow_dependent_launch();  // the offsets kernel may be scheduled; it waits for this grid to end
-  const int n_ranks = p.one_pass_cluster;
-  const int rank = n_ranks > 1 ? cluster_rank() : 0;
   const int64_t n_tasks = p.n_row_tasks();
-  const int64_t slab = blockIdx.x / n_ranks;
-  const int64_t b = slab / n_tasks, rt = slab % n_tasks;
-  const int64_t i0 = rt * p.blocks_per_task();                     // its first row block
+  const int64_t b = blockIdx.x / n_tasks, rt = blockIdx.x % n_tasks;
+  const int64_t i0 = rt * p.blocks_per_task();                  // its first row block
   const int64_t n_blocks = min(p.blocks_per_task(), p.nb_m - i0);  // >= 1
   const int64_t r0 = i0 * p.tile_m, r1 = min(p.rows, r0 + n_blocks * p.tile_m);
   const Bits* base = x + b * p.rows * p.cols;
   const int lane = threadIdx.x & 31;
-  const int64_t per_rank = ceil_div(p.n_col_chunks(), int64_t(n_ranks));  // chunk cc covers words [cc*V, cc*V + V)
-  const int64_t cc_end = min(p.n_col_chunks(), (rank + 1) * per_rank);
-  for (int64_t cc = rank * per_rank + (threadIdx.x >> 5); cc < cc_end; cc += kThreads / 32) {  // uniform per warp
+  for (int64_t cc = threadIdx.x >> 5; cc < p.n_col_chunks(); cc += kThreads / 32) {  // uniform per warp
     const int64_t c0 = cc * 32 * V + int64_t(lane) * V;
     const int64_t w = c0 >> 5;
     const bool writer = lane % (32 / V) == 0 && w < p.n_words;
     uint32_t* out_word = task_words + w;
-    fold_rows<Bits, 16>(base, p.cols, c0, c0 < p.cols, vectorized, r0, r1, p.tile_m, [&](uint32_t bits) {
+    fold_rows<Bits, kInFlight>(base, p.cols, c0, c0 < p.cols, vectorized, r0, r1, p.tile_m, [&](uint32_t bits) {
       const uint32_t word = lane_word<Bits>(bits, lane);
       if (writer) *out_word = word;
       out_word += p.n_words;
     });
   }
-  if (n_ranks > 1) {  // uniform per cluster
-    cluster_barrier();  // every rank's words are in its shared memory
-    if (rank == 0)
-      for (int r = 1; r < n_ranks; ++r) {
-        const uint32_t* peer = peer_shared(task_words, r);
-        const int64_t w_lo = min(p.n_words, r * per_rank * V), w_hi = min(p.n_words, (r + 1) * per_rank * V);
-        for (int64_t k = 0; k < n_blocks; ++k)
-          for (int64_t w = w_lo + threadIdx.x; w < w_hi; w += kThreads) task_words[k * p.n_words + w] = peer[k * p.n_words + w];
-      }
-    cluster_barrier();  // the peers stay resident until rank 0 has read their words
-    if (rank != 0) return;
-  } else {
-    __syncthreads();  // every mask word of the slab is in shared memory
-  }
+  __syncthreads();  // every mask word of the slab is in shared memory
   for (int64_t k = 0; k < n_blocks; ++k) {
     const int64_t bo = b * p.nb_m + i0 + k;
     int32_t* out = indices + bo * p.n_inner;
@@ -983,10 +933,11 @@ cudaError_t launch_detect(cudaStream_t stream, const void* x, const Plan& p, uin
   const bool vectorized = p.cols % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   if (p.one_pass) {
     const size_t smem = size_t(p.blocks_per_task() * p.n_words) * sizeof(uint32_t);
-    cudaError_t err = launch_dependent_cluster(pit_detect_one_pass_kernel<Bits>,
-                                       unsigned(p.batch * p.n_row_tasks() * p.one_pass_cluster), kThreads, smem,
-                                       stream, true, p.one_pass_cluster, p, static_cast<const Bits*>(x), counts,
-                                       indices, vectorized);
+    const char* in_flight = std::getenv("PIT_DETECT_IN_FLIGHT");  // 32: every row of a slab's chunk at once
+    auto one_pass_kernel = in_flight != nullptr && std::atoi(in_flight) == 32 ? pit_detect_one_pass_kernel<Bits, 32>
+                                                                              : pit_detect_one_pass_kernel<Bits, 16>;
+    cudaError_t err = launch_dependent(one_pass_kernel, unsigned(p.batch * p.n_row_tasks()), kThreads,
+                                       smem, stream, true, p, static_cast<const Bits*>(x), counts, indices, vectorized);
     if (err != cudaSuccess) return err;
     err = launch_dependent(pit_detect_offsets_kernel, unsigned(p.batch), kThreads, 0, stream, true, p, counts, offsets);
     return err != cudaSuccess ? err : cudaGetLastError();
@@ -1058,10 +1009,6 @@ ffi::Error DetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Bu
   }
   if (const char* env = std::getenv("PIT_DETECT_ONE_PASS"))  // A/Bs and tests, read per launch: 0 never the
     p.one_pass = env[0] != '0' && p.one_pass_fits();          // one-pass kernel, 1 wherever it fits
-  if (const char* env = std::getenv("PIT_DETECT_ONE_PASS_CLUSTER"))  // A/Bs and tests, read per launch: CTAs
-    p.one_pass_cluster = uint8_t(std::atoi(env) == 4 ? 4 : std::atoi(env) == 2 ? 2 : 1);  // per slab, 1, 2 or 4
-  if (p.one_pass && p.one_pass_cluster > 1 && !dependent_launch_supported())  // no clusters before Hopper: the
-    p.one_pass = false;                                                         // two passes instead
   if (element_count(workspace->dimensions()) != p.workspace_words())
     return ffi::Error::InvalidArgument("pit_detect: workspace size does not match x and tile");
   poison_device_outputs(stream, counts, offsets, indices, workspace);
