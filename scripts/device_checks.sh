@@ -153,7 +153,9 @@
 #                  real clocks (--clock-control none, L2 not flushed) of one fc2 99% call ($OUT/ncu_parts.txt).
 #   PART=detect_one_pass: session 28: the one-pass word-rows detect kernel — the detect suites, then the A/B
 #                  (index kept in the jit) of the default against PIT_DETECT_ONE_PASS=0 and =1 over CASES
-#                  (default "0 3 4": 4096² 32x1 and 1x1, 16384² 32x1) at SPARSITIES (default 0.9 0.0).
+#                  (default "0 3 4": 4096² 32x1 and 1x1, 16384² 32x1; 7 is 16 x 4096² 32x1) at SPARSITIES
+#                  (default 0.9 0.0); TESTS=one_pass runs only the one-pass tests. Session 28 also ran it on a
+#                  tree with clusters of CTAs per row block (rejected; benchmarks/results/2026-11-28_session28/).
 #   PART=detect_one_pass_san: memcheck over the one-pass tests (default and forced), racecheck over the forced ones.
 #   PART=detect_bench: bench_detect alone ($OUT/detect).
 set -u
