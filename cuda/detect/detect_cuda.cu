@@ -97,7 +97,6 @@ struct Plan {
   // 128 bytes: with three more 8-byte fields ptxas spilled 12 bytes in the narrow rows kernel.
   uint16_t chunk_cols;   // columns one mask warp covers: 32 lanes x 16 bytes
   bool one_pass;         // word rows of one slab: read and compacted by one kernel (see below)
-  bool early_dependents = true;  // the compaction lets the next dependent kernel launch early
   Plan(const DetectShape& s, int64_t layout_, int64_t elem_bytes)
       : batch(s.batch), rows(s.rows), cols(s.cols), tile_m(s.tile_m), tile_k(s.tile_k), layout(layout_) {
     nb_m = s.nb_m();
@@ -302,14 +301,6 @@ __global__ void __launch_bounds__(kMaskWarps * 32)
   const int64_t step = tile_m >= kMaskRows ? r1 - r0 : tile_m;  // rows per emitted word
   fold_rows<Bits, kInFlight>(base, cols, c0, in_cols, vectorized, r0, r1, step, emit);
   store_row_word();
-}
-
-// The last kernel of a detection lets the next dependent kernel on the stream (the next call's
-// mask pass, say) be scheduled once its own CTAs run: that kernel still waits for this grid to
-// finish before it touches memory, so only its launch overlaps. PIT_DETECT_EARLY_DEPENDENTS=0
-// (Plan::early_dependents, read per launch) keeps the launch at this grid's end, for A/Bs.
-__device__ __forceinline__ void allow_next_detection(const Plan& p) {
-  if (p.early_dependents) allow_dependent_launch();
 }
 
 // Mask of the bits of word w that fall in columns [lo, hi).
@@ -643,7 +634,6 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ uint32_t segment_words[kThreads + 1];  // the tasks under [lo, hi): at most kThreads + 1
   __shared__ int shared_before, shared_total;
   wait_for_previous_grid();  // the mask pass
-  allow_next_detection(p);
   const int64_t b = blockIdx.x / p.n_segments(), seg = blockIdx.x % p.n_segments();
   const int64_t lo = seg * kThreads, hi = min(p.nb_m, lo + kThreads);
   const uint32_t* words = row_bits + b * p.n_row_tasks() * p.n_col_chunks();
@@ -778,7 +768,6 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ typename Scan::TempStorage storage;
   __shared__ int64_t finished[kThreads / 32];  // batch element whose last row this warp finished, or -1
   wait_for_previous_grid();  // the mask pass (launched before this kernel, possibly overlapping)
-  allow_next_detection(p);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t bo = int64_t(blockIdx.x) * (kThreads / 32) + warp;
   int64_t last_of = -1;
@@ -833,7 +822,6 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ typename Scan::TempStorage storage;
   __shared__ bool is_last;
   wait_for_previous_grid();  // the mask pass (launched before this kernel, possibly overlapping)
-  allow_next_detection(p);
   const int64_t bo = blockIdx.x;
   const int64_t b = bo / p.n_outer, o = bo % p.n_outer;
   int32_t* out = indices + bo * p.n_inner;
@@ -930,7 +918,6 @@ __global__ void __launch_bounds__(kThreads)
     pit_detect_offsets_kernel(Plan p, const int32_t* __restrict__ counts, int32_t* __restrict__ offsets) {
   __shared__ typename cub::BlockScan<int, kThreads>::TempStorage storage;
   wait_for_previous_grid();  // the one-pass kernel's counts
-  allow_next_detection(p);
   scan_counts_into_offsets(p, counts, offsets, blockIdx.x, storage);
 }
 
@@ -1020,8 +1007,6 @@ ffi::Error DetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Result<ffi::Bu
     if (env[0] == '0') p.row_bits = false;                      // path, "single" never by segments
     if (env[0] == '0' || std::string(env) == "single") p.row_bit_segments = false;
   }
-  if (const char* env = std::getenv("PIT_DETECT_EARLY_DEPENDENTS"))  // A/Bs, read per launch: 0 the next
-    p.early_dependents = env[0] != '0';                              // kernel launches at the compaction's end
   if (const char* env = std::getenv("PIT_DETECT_ONE_PASS"))  // A/Bs and tests, read per launch: 0 never the
     p.one_pass = env[0] != '0' && p.one_pass_fits();          // one-pass kernel, 1 wherever it fits
   if (element_count(workspace->dimensions()) != p.workspace_words())
