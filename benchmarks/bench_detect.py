@@ -35,14 +35,27 @@ BATCHED_CASES = [(16, 4096, 4096, (32, 1), "row"), (16, 4096, 4096, (64, 64), "r
 
 
 def detect_step(tile, layout, returns: str):
-    """Jitted step over a list of arrays, detecting each. returns="index": every TileIndex goes
-    back to Python (3 arrays per call, as a caller that inspects the index); "total": one int32,
-    the sum of every call's counts, so the index stays inside the jit as in a model that feeds it
-    to a kernel (the kernels still write the whole index: a custom call's results are not pruned)."""
+    """Jitted step over a list of arrays, detecting each. What the step returns:
+    - "index": every TileIndex goes back to Python (3 arrays per call, as a caller that inspects
+      the index);
+    - "counts": every call's counts stacked into one array, so the index stays on the device as in
+      a model that feeds it to a kernel (the kernels still write the whole index: a custom call's
+      results are not pruned), with one small XLA kernel per step (bench_detect's "kept in jit"
+      since session 29);
+    - "total_per_call": one int32, the sum of each call's count sum — the "kept in jit" form before
+      session 29: XLA runs a ~1 µs reduction kernel after every detection (profile_detect_kernels.py),
+      which the copy it is compared with does not have;
+    - "total": the same sum over the concatenated counts (XLA still splits it into one reduction per call);
+    - "first_counts": the sum of each call's first count."""
     detect = lambda x: pit_jax.detect(x, tile, layout=layout)
-    if returns == "index":
-        return jax.jit(lambda xs: [detect(x) for x in xs])
-    return jax.jit(lambda xs: sum(jnp.sum(detect(x).counts) for x in xs))
+    forms = {
+        "index": lambda xs: [detect(x) for x in xs],
+        "counts": lambda xs: jnp.stack([detect(x).counts for x in xs]),
+        "total_per_call": lambda xs: sum(jnp.sum(detect(x).counts) for x in xs),
+        "total": lambda xs: jnp.sum(jnp.concatenate([detect(x).counts.reshape(-1) for x in xs])),
+        "first_counts": lambda xs: sum(detect(x).counts.reshape(-1)[0] for x in xs),
+    }
+    return jax.jit(forms[returns])
 
 
 def xla_column_or(x, tile_m):
@@ -80,19 +93,22 @@ def main():
               for x in tile_sparse_bf16(key, batch * m, k, tile, args.sparsity, n)]
         copy = jax.jit(lambda xs: [-x for x in xs])
         ours = detect_step(tile, layout, "index")
-        ours_in_jit = detect_step(tile, layout, "total")
+        ours_in_jit = detect_step(tile, layout, "counts")
+        ours_per_call_sum = detect_step(tile, layout, "total_per_call")
         ref = jax.jit(lambda xs: [detect_reference(x, tile, layout=layout) for x in xs])
         got, want = ours(xs[:1])[0], ref(xs[:1])[0]
         same = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
         t_copy = time_per_call(copy, xs, n)
         t_ours = time_per_call(ours, xs, n)
         t_in_jit = time_per_call(ours_in_jit, xs, n)
+        t_per_call_sum = time_per_call(ours_per_call_sum, xs, n)
         t_ref = time_per_call(ref, xs, n, steps=3)
         host_share = dispatch_fraction(ours, xs)
         host_share_in_jit = dispatch_fraction(ours_in_jit, xs)
         moved = x_bytes + batch * index_bytes(m, k, tile, layout)
         copy_bw = 2 * x_bytes / t_copy
         t_ours, t_in_jit, t_ref, t_copy = t_ours / batch, t_in_jit / batch, t_ref / batch, t_copy / batch
+        t_per_call_sum /= batch
         x_bytes, moved = x_bytes / batch, moved / batch
         row = dict(batch=batch, m=m, k=k, tile=list(tile), layout=layout, sparsity=args.sparsity,
                    density=float(jnp.mean(got.density)), matches_reference=same,
@@ -101,7 +117,9 @@ def main():
                    copy_GBps=copy_bw / 1e9, fraction_of_copy=moved / t_ours / copy_bw,
                    jnp_nonzero_x_GBps=x_bytes / t_ref / 1e9, speedup_vs_jnp=t_ref / t_ours,
                    dispatch_fraction=host_share, t_detect_in_jit_us=t_in_jit * 1e6,
-                   fraction_of_copy_in_jit=moved / t_in_jit / copy_bw, dispatch_fraction_in_jit=host_share_in_jit)
+                   fraction_of_copy_in_jit=moved / t_in_jit / copy_bw, dispatch_fraction_in_jit=host_share_in_jit,
+                   t_detect_per_call_sum_us=t_per_call_sum * 1e6,
+                   fraction_of_copy_per_call_sum=moved / t_per_call_sum / copy_bw)
         rows.append(row)
         print({k_: (round(v, 3) if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
         del xs
@@ -111,16 +129,19 @@ def main():
         "calls per jitted step; copy = elementwise negate (read+write) in the same run. Host dispatch "
         "share: host time to enqueue 20 steps of detection over their wall time (near 1: the timing "
         "is bound by the host, not the kernels). Index returned: each call's TileIndex goes back to "
-        "Python; kept in jit: the step returns one sum of all counts, so the index stays on the device "
-        "as when a kernel consumes it (the kernels write all of it either way). Rows 16×M×K: 16 arrays "
+        "Python; kept in jit: the step returns every call's counts stacked in one array, so the index "
+        "stays on the device as when a kernel consumes it (the kernels write all of it either way); "
+        "per-call sums: the step returns the sum of each call's count sum, the kept-in-jit form before "
+        "2026-11-29 (XLA then runs a ~1 µs reduction kernel between consecutive detections). Rows 16×M×K: 16 arrays "
         "in one batched call, µs per array.",
         ["M×K", "tile", "layout", "detect µs", "detect GB/s (all bytes)", "x-only GB/s", "copy GB/s",
          "fraction of copy", "host dispatch share", "µs, index kept in jit", "fraction of copy, kept in jit",
-         "host share, kept in jit", "jnp nonzero µs", "speedup vs jnp", "matches jnp"],
+         "host share, kept in jit", "µs, per-call sums", "fraction, per-call sums", "jnp nonzero µs", "speedup vs jnp", "matches jnp"],
         [[(f"{r['batch']}×" if r["batch"] > 1 else "") + f"{r['m']}×{r['k']}", f"{r['tile'][0]}×{r['tile'][1]}", r["layout"], f"{r['t_detect_us']:.1f}",
           f"{r['detect_total_GBps']:.0f}", f"{r['detect_x_GBps']:.0f}", f"{r['copy_GBps']:.0f}",
           f"{r['fraction_of_copy']:.2f}", f"{r['dispatch_fraction']:.2f}", f"{r['t_detect_in_jit_us']:.1f}",
           f"{r['fraction_of_copy_in_jit']:.2f}", f"{r['dispatch_fraction_in_jit']:.2f}",
+          f"{r['t_detect_per_call_sum_us']:.1f}", f"{r['fraction_of_copy_per_call_sum']:.2f}",
           f"{r['t_jnp_nonzero_us']:.1f}", f"{r['speedup_vs_jnp']:.1f}×", str(r["matches_reference"])] for r in rows])
     print(md)
     write_results(args.out, "detect", rows, md, meta)

@@ -33,9 +33,9 @@ def main():
     ap.add_argument("--variants", nargs="+", required=True,
                     help="comma-separated NAME=VALUE lists; 'default' for none")
     ap.add_argument("--sparsity", type=float, default=0.9)
-    ap.add_argument("--returns", choices=["index", "total"], default="index",
+    ap.add_argument("--returns", choices=["index", "counts", "total", "total_per_call", "first_counts"], default="index",
                     help="what each jitted step returns (bench_detect.detect_step): the whole index, or "
-                         "one total so the index stays inside the jit")
+                         "a form that keeps the index inside the jit (bench_detect.detect_step)")
     args = ap.parse_args()
     variants, names = parse_variants(args.variants)
     meta = announce()

@@ -135,6 +135,15 @@ def write_results(out_dir: str, name: str, rows: list[dict], markdown: str, meta
         f.write(markdown)
 
 
+def print_and_save(text: str, out_dir: str | None, filename: str) -> None:
+    """Print a report and, when out_dir is given, write it there as `filename`."""
+    print(text)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, filename), "w") as f:
+            f.write(text + "\n")
+
+
 def grouped_bars(ax, groups: list[str], series: dict[str, list], ylabel: str, title: str) -> None:
     """One cluster of bars per group, one bar per series; a None value leaves a gap. Series i
     is always colour Ci, so a series with no values shifts no colours (and gets no legend)."""

@@ -9,7 +9,6 @@ JAX profiler trace of the same 10 calls.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import pit_jax
 from pit_jax.moe import grouped_matmul
 from bench_moe import CASES, expert_ids, layer_operands
+from common import print_and_save
 from profile_layer_kernels import kernel_events, short
 
 CALLS = 10
@@ -70,12 +70,7 @@ def main():
             fn = jax.jit(lambda x, w, r, s=out_sorted: grouped_matmul(x, w, r, rows_per_source=k, x_sorted=False,
                                                                      out_sorted=s))
             rows.append(measure(f"projection {routing_name}, out_sorted={out_sorted}", fn, (x, w, routing)))
-    text = "\n".join(rows)
-    print(text)
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "call_gaps.md"), "w") as fp:
-            fp.write(text + "\n")
+    print_and_save("\n".join(rows), a.out, "call_gaps.md")
 
 
 if __name__ == "__main__":

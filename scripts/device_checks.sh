@@ -37,7 +37,7 @@
 #                  then bench_detect.py ($OUT/detect).
 #   PART=detect_gpu: the detect suites on the GPU, memcheck and racecheck over the detect kernel tests
 #                  (the chunked-path edges included).
-#   PART=detect_ab_jit: an in-process A/B with the index kept in the jit (bench_detect_ab --returns total):
+#   PART=detect_ab_jit: an in-process A/B with the index kept in the jit (bench_detect_ab --returns counts; "total_per_call" before session 29):
 #                  PIT_DETECT_IN_FLIGHT=16 against the rule at 4096² ($OUT/ab_inflight); then bench_detect.
 #                  (Session 11 also A/B'd a dependent-launch chain for the chunked path here; that switch
 #                  was reverted with its patch, see benchmarks/results/2026-11-27_session11/.)
@@ -246,7 +246,7 @@ detect_ab_by_sparsity() {  # seconds per run, output prefix under $OUT, cases, v
                          # (index kept in the jit) of the default against the variant at each sparsity
   local limit=$1 out=$2 cases=$3 variant=$4 sp; shift 4
   for sp in "$@"; do
-    (cd benchmarks && timeout -k 5 $limit python3 bench_detect_ab.py --returns total --out $OUT/${out}_$sp \
+    (cd benchmarks && timeout -k 5 $limit python3 bench_detect_ab.py --returns ${RETURNS:-counts} --out $OUT/${out}_$sp \
        --cases $cases --sparsity $sp --variants default $variant 2>&1 | grep -E "^\| [0-9]" | sed "s/^/$sp /" | tee -a $LOG)
   done
   echo "ab $((SECONDS-t0))s"
@@ -301,7 +301,7 @@ detect_gpu)
   run_tool memcheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned or special)"
   run_tool racecheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned)" ;;
 detect_ab_jit)
-  (cd benchmarks && timeout -k 5 150 python3 bench_detect_ab.py --returns total --out $OUT/ab_inflight \
+  (cd benchmarks && timeout -k 5 150 python3 bench_detect_ab.py --returns ${RETURNS:-counts} --out $OUT/ab_inflight \
      --cases 0 2 --variants default PIT_DETECT_IN_FLIGHT=16 2>&1 | grep -E "^\||dispatch" | tee -a $LOG)
   echo "ab $((SECONDS-t0))s"
   (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
@@ -388,7 +388,7 @@ detect_prefix)
   pytest_gpu 200 $DETECT_SUITES
   SAN_TIMEOUT=150 run_tool memcheck pit_detect tests/test_detect.py "gpu and (word_rows or dtypes_and_sparsity or unaligned)"
   SAN_TIMEOUT=150 run_tool racecheck pit_detect tests/test_detect.py "gpu and (word_rows or dtypes_and_sparsity)"
-  (cd benchmarks && timeout -k 5 150 python3 bench_detect_ab.py --returns total --out $OUT/ab_prefix \
+  (cd benchmarks && timeout -k 5 150 python3 bench_detect_ab.py --returns ${RETURNS:-counts} --out $OUT/ab_prefix \
      --cases 0 2 --variants default PIT_DETECT_PREFIX=0 2>&1 | grep -E "^\||dispatch" | tee -a $LOG)
   echo "ab $((SECONDS-t0))s"
   [[ "${KGATHER:-1}" == 1 ]] || exit 0
@@ -466,6 +466,11 @@ detect_one_pass_san)
 detect_bench)
   (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "bench $((SECONDS-t0))s" ;;
+detect_profile)  # session 29: per-kernel durations and gaps of the 4096² detections inside the jitted loop, next to
+                 # XLA's copy, column-OR and flat sum (profile_detect_kernels.py, $OUT/detect_profile)
+  (cd benchmarks && timeout -k 5 ${PROFILE_TIMEOUT:-200} python3 profile_detect_kernels.py --case ${CASES:-0 2} \
+    --variants ${VARIANTS:-default} --forms ${FORMS:-total_per_call} --out $OUT/detect_profile 2>&1 | grep -v "^{" | tee -a $LOG)
+  echo "profile $((SECONDS-t0))s" ;;
 detect_segments)
   pytest_gpu 90 tests/test_detect.py -k "gpu and (row_bits or dtypes_and_sparsity)"
   SAN_TIMEOUT=70 run_tool memcheck pit_detect tests/test_detect.py "gpu and row_bits and not off"
