@@ -24,12 +24,15 @@ from common import (announce, apply_variant, bench_parser, dispatch_fraction, ma
                     round_order, tile_sparse_bf16, time_per_call, write_results)
 
 ROUNDS = int(os.environ.get("PIT_BENCH_ROUNDS", "5"))
+# Numbered after BATCHED_CASES: batches of narrow rows that take the one-pass kernel by default
+# (>= 512 row blocks of 32 rows) while some of its 8 warps have no 256-column chunk to read.
+NARROW_CASES = [(16, 1024, 256, (32, 1), "row"), (4, 4096, 1024, (32, 1), "row"), (16, 1024, 2048, (32, 1), "row")]
 
 
 def main():
     ap = bench_parser("unused")
     ap.add_argument("--cases", type=int, nargs="+", default=[0, 2],
-                    help="bench_detect's CASES by number, then its BATCHED_CASES numbered on after them")
+                    help="bench_detect's CASES by number, then its BATCHED_CASES and NARROW_CASES numbered on after them")
     ap.add_argument("--variants", nargs="+", required=True,
                     help="comma-separated NAME=VALUE lists; 'default' for none")
     ap.add_argument("--sparsity", type=float, default=0.9)
@@ -40,7 +43,7 @@ def main():
     variants, names = parse_variants(args.variants)
     meta = announce()
     rows = []
-    all_cases = [(1, *c) for c in CASES] + BATCHED_CASES
+    all_cases = [(1, *c) for c in CASES] + BATCHED_CASES + NARROW_CASES
     for case_id in args.cases:
         batch, m, k, tile, layout = all_cases[case_id]
         x_bytes = batch * m * k * 2

@@ -1,8 +1,16 @@
 """NumPy references and random sparse inputs shared by the tests."""
+import zlib
+
 import numpy as np
 import ml_dtypes
 
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+
+
+def stable_seed(*parts) -> int:
+    """A seed from test parameters that is the same in every process (Python's hash() of a
+    string is salted per process, so a failing case could not be rerun with the same data)."""
+    return zlib.crc32(repr(parts).encode())
 
 
 def random_tile_sparse(rng, shape, tile, sparsity, dtype):
