@@ -157,7 +157,7 @@
 #                  (default 0.9 0.0); TESTS=one_pass runs only the one-pass tests. Session 28 also ran it on a
 #                  tree with clusters of CTAs per row block (rejected; benchmarks/results/2026-11-28_session28/).
 #   PART=detect_one_pass_san: memcheck over the one-pass tests (default and forced), racecheck over the forced ones.
-#   PART=detect_bench: bench_detect alone ($OUT/detect).
+#   PART=detect_bench: bench_detect alone ($OUT/detect, or $OUT/$BENCH_OUT).
 set -u
 export PYTHONUNBUFFERED=1
 LOG=$OUT/checks.log
@@ -304,7 +304,7 @@ detect_ab_jit)
   (cd benchmarks && timeout -k 5 150 python3 bench_detect_ab.py --returns ${RETURNS:-counts} --out $OUT/ab_inflight \
      --cases 0 2 --variants default PIT_DETECT_IN_FLIGHT=16 2>&1 | grep -E "^\||dispatch" | tee -a $LOG)
   echo "ab $((SECONDS-t0))s"
-  (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
+  (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/${BENCH_OUT:-detect} 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "bench $((SECONDS-t0))s" ;;
 kgather_ab)
   (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-400} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
@@ -437,7 +437,7 @@ detect_write_order)
   SAN_TIMEOUT=150 run_tool memcheck pit_detect tests/test_detect.py "gpu and (write_order or word_rows or grouped_prefix or (row_bits and not off) or chunking_edges or dtypes_and_sparsity or unaligned)"
   SAN_TIMEOUT=150 run_tool racecheck pit_detect tests/test_detect.py "gpu and (write_order or word_rows or grouped_prefix or (row_bits and not off and not 70000) or chunking_edges or dtypes_and_sparsity)"
   detect_ab_by_sparsity 100 ab_write_order "${CASES:-3 0}" "${VARIANTS:-PIT_DETECT_WARP_IDS=0}" ${SPARSITIES:-0.9 0.5 0.0}
-  (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
+  (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/${BENCH_OUT:-detect} 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "bench $((SECONDS-t0))s" ;;
 moe_fast_rows)
   pytest_gpu 300 tests/test_moe_kernels.py -k "kernel_matches or fused"
@@ -451,7 +451,7 @@ verify)
   for suite in ${SUITES:-moe detect kgather}; do
     case $suite in
       moe) moe_suites 400 ;;
-      detect) pytest_gpu 120 $DETECT_SUITES ;;
+      detect) pytest_gpu 200 $DETECT_SUITES ;;  # 85-110 s on an H200 (sessions 28, 29)
       kgather) pytest_gpu 200 tests/test_kgather.py tests/test_kgather_kernels.py ;;
     esac
   done ;;
@@ -464,7 +464,7 @@ detect_one_pass_san)
   SAN_TIMEOUT=200 run_tool memcheck pit_detect tests/test_detect.py "gpu and one_pass and not never and (bfloat16 or float32)"
   SAN_TIMEOUT=150 run_tool racecheck pit_detect tests/test_detect.py "gpu and one_pass and forced and (bfloat16 or float32)" ;;
 detect_bench)
-  (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
+  (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/${BENCH_OUT:-detect} 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "bench $((SECONDS-t0))s" ;;
 detect_profile)  # session 29: per-kernel durations and gaps of the 4096² detections inside the jitted loop, next to
                  # XLA's copy, column-OR and flat sum (profile_detect_kernels.py, $OUT/detect_profile)

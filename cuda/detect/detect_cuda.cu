@@ -1,9 +1,10 @@
 // Micro-tile detection, CUDA kernels and FFI handler.
 //
 // No host synchronisation and no atomics on any output, so the index order is fixed
-// (ascending). Two paths, chosen from the shape alone:
-//  1. mask (both paths): the only read of x, 16-byte coalesced loads with 8 in flight per lane;
-//     per 32-row slab of each row block, a bitmask of the columns holding a nonzero
+// (ascending). Every path but the one-pass path runs two passes, the compaction chosen from the
+// shape alone:
+//  mask (the first pass): the only read of x, 16-byte coalesced loads with 8 or 16 in flight per
+//     lane; per 32-row slab of each row block, a bitmask of the columns holding a nonzero
 //     (1/(16*32) of x's bytes for bf16 with tile_m >= 32).
 //  per-row path (enough outer blocks, or few chunks each): one CTA per outer block ORs the
 //     mask bits under each micro-tile, block-scans the flags chunk by chunk, writes ids, -1
@@ -16,9 +17,11 @@
 //     1/4096 of x's bytes: segments of 256 row blocks, a CTA each, that count the blocks before
 //     them from all the words (one column block, short row blocks, small masks), else one CTA
 //     per column block.
-//  one-pass path (row layout, 32-row blocks, tile_k dividing 32, at least 512 row blocks): one CTA
-//     per row block reads it (the same folding as the mask pass), keeps its mask words in shared
-//     memory and compacts them at once; a dependent kernel scans the counts into offsets.
+//  one-pass path, instead of the mask pass and a compaction (row layout, 32-row blocks, tile_k
+//     dividing 32, at least 512 row blocks over the batch, a block's mask words at most
+//     kOnePassMaxWords = 11264): one CTA per row block reads it (the same folding as the mask
+//     pass), keeps its mask words in shared memory and compacts them at once; a dependent kernel
+//     scans the counts into offsets.
 #include <cuda_runtime.h>
 
 #include <cstdlib>
