@@ -300,6 +300,9 @@ detect_gpu)
   pytest_gpu ${TEST_TIMEOUT:-200} $DETECT_SUITES
   run_tool memcheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned or special)"
   run_tool racecheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned)" ;;
+detect_san)  # detect_gpu's sanitizer sets alone (the suites ran in another part of the same tree)
+  run_tool memcheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned or special)"
+  run_tool racecheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned)" ;;
 detect_ab_jit)
   (cd benchmarks && timeout -k 5 150 python3 bench_detect_ab.py --returns ${RETURNS:-counts} --out $OUT/ab_inflight \
      --cases 0 2 --variants default PIT_DETECT_IN_FLIGHT=16 2>&1 | grep -E "^\||dispatch" | tee -a $LOG)
