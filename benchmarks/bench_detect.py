@@ -136,7 +136,8 @@ def main():
         "stays on the device as when a kernel consumes it (the kernels write all of it either way); "
         "per-call sums: the step returns the sum of each call's count sum, the kept-in-jit form before "
         "2026-11-29 (XLA then runs a ~1 µs reduction kernel between consecutive detections). Rows 16×M×K: 16 arrays "
-        "in one batched call, µs per array.",
+        "in one batched call, µs per array. Bytes: x read and the index written; the CUDA scratch is not "
+        "counted (bench_detect.index_bytes).",
         ["M×K", "tile", "layout", "detect µs", "detect GB/s (all bytes)", "x-only GB/s", "copy GB/s",
          "fraction of copy", "host dispatch share", "µs, index kept in jit", "fraction of copy, kept in jit",
          "host share, kept in jit", "µs, per-call sums", "fraction, per-call sums", "jnp nonzero µs", "speedup vs jnp", "matches jnp"],
