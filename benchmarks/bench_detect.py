@@ -43,17 +43,18 @@ def detect_step(tile, layout, returns: str):
       a model that feeds it to a kernel (the kernels still write the whole index: a custom call's
       results are not pruned), with one small XLA kernel per step (bench_detect's "kept in jit"
       since session 29);
-    - "total_per_call": one int32, the sum of each call's count sum — the "kept in jit" form before
-      session 29: XLA runs a ~1 µs reduction kernel after every detection (profile_detect_kernels.py),
-      which the copy it is compared with does not have;
-    - "total": the same sum over the concatenated counts (XLA still splits it into one reduction per call);
+    - "total": one int32, the sum of each call's count sum — the "kept in jit" form before session
+      29 (and what A/B records of `--returns total` ran): XLA runs a ~1 µs reduction kernel after
+      every detection (profile_detect_kernels.py), which the copy it is compared with does not have;
+    - "total_concat": the same sum over the concatenated counts (XLA still splits it into one
+      reduction per call; named "total" in session 29's first runs);
     - "first_counts": the sum of each call's first count."""
     detect = lambda x: pit_jax.detect(x, tile, layout=layout)
     forms = {
         "index": lambda xs: [detect(x) for x in xs],
         "counts": lambda xs: jnp.stack([detect(x).counts for x in xs]),
-        "total_per_call": lambda xs: sum(jnp.sum(detect(x).counts) for x in xs),
-        "total": lambda xs: jnp.sum(jnp.concatenate([detect(x).counts.reshape(-1) for x in xs])),
+        "total": lambda xs: sum(jnp.sum(detect(x).counts) for x in xs),
+        "total_concat": lambda xs: jnp.sum(jnp.concatenate([detect(x).counts.reshape(-1) for x in xs])),
         "first_counts": lambda xs: sum(detect(x).counts.reshape(-1)[0] for x in xs),
     }
     return jax.jit(forms[returns])
@@ -68,10 +69,11 @@ def xla_column_or(x, tile_m):
 
 
 def index_bytes(m, k, tile, layout):
-    """Index elements written (counts, offsets, indices). The CUDA scratch is not counted: the
-    two-pass paths write and read it (at most ~0.4% of the bytes at 4096² 32x1), the one-pass
-    path never touches it, so leaving it out never overstates a rate (until session 29 it was
-    counted for every case)."""
+    """Index elements written (counts, offsets, indices). The CUDA scratch is not counted. Until
+    session 29 its whole allocation was counted as written and read: 0.4% of the bytes at 4096²
+    32x1 and 64x64, 4.2% at 1x1 (which does write and read its 2.1 MB of mask words) and 12.5%
+    for the 1xK column layout (whose row-bits path writes 1/4096 of x, not the allocation), while
+    the one-pass path touches none of it. Leaving it out never overstates a rate."""
     nb_m, nb_k = -(-m // tile[0]), -(-k // tile[1])
     n_outer, n_inner = (nb_m, nb_k) if layout == "row" else (nb_k, nb_m)
     return 4 * (n_outer + n_outer + 1 + n_outer * n_inner)
@@ -97,7 +99,7 @@ def main():
         copy = jax.jit(lambda xs: [-x for x in xs])
         ours = detect_step(tile, layout, "index")
         ours_in_jit = detect_step(tile, layout, "counts")
-        ours_per_call_sum = detect_step(tile, layout, "total_per_call")
+        ours_per_call_sum = detect_step(tile, layout, "total")
         ref = jax.jit(lambda xs: [detect_reference(x, tile, layout=layout) for x in xs])
         got, want = ours(xs[:1])[0], ref(xs[:1])[0]
         same = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))

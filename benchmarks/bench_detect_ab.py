@@ -24,8 +24,9 @@ from common import (announce, apply_variant, bench_parser, dispatch_fraction, ma
                     round_order, tile_sparse_bf16, time_per_call, write_results)
 
 ROUNDS = int(os.environ.get("PIT_BENCH_ROUNDS", "5"))
-# Numbered after BATCHED_CASES: batches of narrow rows that take the one-pass kernel by default
-# (>= 512 row blocks of 32 rows) while some of its 8 warps have no 256-column chunk to read.
+# Numbered after BATCHED_CASES: batches that take the one-pass kernel by default (>= 512 row
+# blocks of 32 rows) with rows of 1 or 4 chunks of 256 bf16 columns, so that some of its 8 warps
+# have nothing to read, and a full-width control of 8 chunks.
 NARROW_CASES = [(16, 1024, 256, (32, 1), "row"), (4, 4096, 1024, (32, 1), "row"), (16, 1024, 2048, (32, 1), "row")]
 
 
@@ -36,9 +37,9 @@ def main():
     ap.add_argument("--variants", nargs="+", required=True,
                     help="comma-separated NAME=VALUE lists; 'default' for none")
     ap.add_argument("--sparsity", type=float, default=0.9)
-    ap.add_argument("--returns", choices=["index", "counts", "total", "total_per_call", "first_counts"], default="index",
+    ap.add_argument("--returns", choices=["index", "counts", "total", "total_concat", "first_counts"], default="index",
                     help="what each jitted step returns (bench_detect.detect_step): the whole index, or "
-                         "a form that keeps the index inside the jit (bench_detect.detect_step)")
+                         "a form that keeps the index inside the jit")
     args = ap.parse_args()
     variants, names = parse_variants(args.variants)
     meta = announce()
@@ -96,7 +97,7 @@ def main():
         f"detect A/B — {meta['device']}, jax {meta['jax']}, {meta['date']}",
         f"bf16, random micro-tile sparsity {args.sparsity}; {ROUNDS} rounds, variants and copy alternated (variants in reverse order every other round) in "
         f"one process; median µs per call (min–max over rounds); each step returns {args.returns!r} "
-        "(bench_detect.detect_step); rows 16×M×K: 16 arrays in one batched call, µs per array.",
+        "(bench_detect.detect_step); rows B×M×K: B arrays in one batched call, µs per array.",
         ["M×K", "tile", "layout", "variant", "detect µs", "min–max", "copy µs", "fraction of copy", "matches jnp"],
         [[(f"{r['batch']}×" if r["batch"] > 1 else "") + f"{r['m']}×{r['k']}", f"{r['tile'][0]}×{r['tile'][1]}", r["layout"], r["variant"],
           f"{r['t_detect_us']:.1f}", f"{min(r['t_detect_all_us']):.1f}–{max(r['t_detect_all_us']):.1f}",

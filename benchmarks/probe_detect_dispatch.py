@@ -35,7 +35,7 @@ def step_functions(tile, layout, with_column_or):
     fns = {
         "detect, index returned": detect_step(tile, layout, "index"),
         "detect, counts returned": jax.jit(lambda xs: [pit_jax.detect(x, tile, layout=layout).counts for x in xs]),
-        "detect, one total returned": detect_step(tile, layout, "total_per_call"),
+        "detect, one total returned": detect_step(tile, layout, "total"),
         "copy, arrays returned": jax.jit(lambda xs: [-x for x in xs]),
         "XLA sum of -x (reads x, writes nothing), one total": jax.jit(lambda xs: sum(
             jnp.sum(-x, dtype=jnp.float32) for x in xs)),

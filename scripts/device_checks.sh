@@ -37,7 +37,7 @@
 #                  then bench_detect.py ($OUT/detect).
 #   PART=detect_gpu: the detect suites on the GPU, memcheck and racecheck over the detect kernel tests
 #                  (the chunked-path edges included).
-#   PART=detect_ab_jit: an in-process A/B with the index kept in the jit (bench_detect_ab --returns counts; "total_per_call" before session 29):
+#   PART=detect_ab_jit: an in-process A/B with the index kept in the jit (bench_detect_ab --returns counts; "total" before session 29):
 #                  PIT_DETECT_IN_FLIGHT=16 against the rule at 4096² ($OUT/ab_inflight); then bench_detect.
 #                  (Session 11 also A/B'd a dependent-launch chain for the chunked path here; that switch
 #                  was reverted with its patch, see benchmarks/results/2026-11-27_session11/.)
@@ -157,7 +157,14 @@
 #                  (default 0.9 0.0); TESTS=one_pass runs only the one-pass tests. Session 28 also ran it on a
 #                  tree with clusters of CTAs per row block (rejected; benchmarks/results/2026-11-28_session28/).
 #   PART=detect_one_pass_san: memcheck over the one-pass tests (default and forced), racecheck over the forced ones.
-#   PART=detect_bench: bench_detect alone ($OUT/detect, or $OUT/$BENCH_OUT).
+#   PART=detect_bench: bench_detect alone ($OUT/detect, or $OUT/$BENCH_OUT; BENCH_OUT also names the
+#                  bench_detect folder of detect_ab_jit and detect_write_order). About 35 s on an H200.
+#   PART=detect_profile: session 29: profile_detect_kernels.py over PROFILE_CASES (bench_detect's CASES,
+#                  0-6; default "0 2"), VARIANTS (default "default") and extra step forms FORMS (default
+#                  "total"): per-kernel durations and gaps inside the jitted loop ($OUT/detect_profile).
+#   PART=detect_san: detect_gpu's memcheck and racecheck sets without the suites.
+#   The detect A/B parts run bench_detect_ab.py with --returns $RETURNS (default "counts": the stacked
+#   counts; "total", one count sum per call, was the form before session 29).
 set -u
 export PYTHONUNBUFFERED=1
 LOG=$OUT/checks.log
@@ -471,8 +478,8 @@ detect_bench)
   echo "bench $((SECONDS-t0))s" ;;
 detect_profile)  # session 29: per-kernel durations and gaps of the 4096² detections inside the jitted loop, next to
                  # XLA's copy, column-OR and flat sum (profile_detect_kernels.py, $OUT/detect_profile)
-  (cd benchmarks && timeout -k 5 ${PROFILE_TIMEOUT:-200} python3 profile_detect_kernels.py --case ${CASES:-0 2} \
-    --variants ${VARIANTS:-default} --forms ${FORMS:-total_per_call} --out $OUT/detect_profile 2>&1 | grep -v "^{" | tee -a $LOG)
+  (cd benchmarks && timeout -k 5 ${PROFILE_TIMEOUT:-200} python3 profile_detect_kernels.py --case ${PROFILE_CASES:-0 2} \
+    --variants ${VARIANTS:-default} --forms ${FORMS:-total} --out $OUT/detect_profile 2>&1 | grep -v "^{" | tee -a $LOG)
   echo "profile $((SECONDS-t0))s" ;;
 detect_segments)
   pytest_gpu 90 tests/test_detect.py -k "gpu and (row_bits or dtypes_and_sparsity)"

@@ -211,7 +211,8 @@ def test_write_order(backend, monkeypatch, shape, tile, layout, variant):
 # then a second scans the counts into offsets. By default only 32-row blocks on at least 512 CTAs
 # take it; PIT_DETECT_ONE_PASS=1 forces it wherever it fits, =0 never, so both are compared with
 # the reference on the same shapes; PIT_DETECT_IN_FLIGHT=32 picks the instantiation with 32 rows in
-# flight (kept for A/Bs). The default variant clears the switches, whatever the caller's environment.
+# flight (kept for A/Bs). The default variant clears both switches, whatever the caller's environment;
+# the others set their own and leave an inherited PIT_DETECT_IN_FLIGHT (e.g. =8) in force.
 ONE_PASS_SWITCHES = ("PIT_DETECT_ONE_PASS", "PIT_DETECT_IN_FLIGHT")
 ONE_PASS_VARIANTS = {"default": {}, "forced": {"PIT_DETECT_ONE_PASS": "1"}, "never": {"PIT_DETECT_ONE_PASS": "0"},
                      "forced_32_in_flight": {"PIT_DETECT_ONE_PASS": "1", "PIT_DETECT_IN_FLIGHT": "32"}}
@@ -236,8 +237,9 @@ ONE_PASS_VARIANTS = {"default": {}, "forced": {"PIT_DETECT_ONE_PASS": "1"}, "nev
 def test_one_pass_word_rows(backend, monkeypatch, one_pass, dtype, shape, tile):
     if one_pass == "forced_32_in_flight" and dtype == "float16":
         pytest.skip("the 32-in-flight instantiation is shared by the 2-byte types: bf16 covers it")
-    for name in ONE_PASS_SWITCHES:
-        monkeypatch.delenv(name, raising=False)
+    if one_pass == "default":
+        for name in ONE_PASS_SWITCHES:
+            monkeypatch.delenv(name, raising=False)
     for name, value in ONE_PASS_VARIANTS[one_pass].items():
         monkeypatch.setenv(name, value)
     rng = np.random.default_rng(stable_seed(shape, tile, dtype))

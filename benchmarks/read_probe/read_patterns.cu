@@ -182,14 +182,14 @@ __global__ void __launch_bounds__(256) tma_slab(const uint16_t* __restrict__ x, 
   out[size_t(slab) * 512 + threadIdx.x + 256] = uint8_t(bits1);
 }
 
-__global__ void fill(uint16_t* x, size_t n, uint32_t seed) {
+__global__ void fill(uint16_t* x, size_t n, size_t cols, uint32_t seed) {
   for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
     uint32_t h = uint32_t(i) * 2654435761u ^ seed;
     h ^= h >> 13;
     h *= 0x5bd1e995u;
     h ^= h >> 15;
     // 90% of 32x1 tiles zero: the tile's nonzero-ness from (row block, column) alone
-    const size_t cols = 4096, r = i / cols, c = i % cols;
+    const size_t r = i / cols, c = i % cols;
     uint32_t t = uint32_t(r / 32) * 40503u + uint32_t(c) * 2246822519u + seed;
     t ^= t >> 16;
     t *= 0x7feb352du;
@@ -227,7 +227,7 @@ int main(int argc, char** argv) {
   std::vector<uint16_t*> xs(kArrays);
   for (auto& p : xs) {
     CHECK(cudaMalloc(&p, bytes));
-    fill<<<1024, 256>>>(p, n, uint32_t(&p - xs.data()) * 7919u + 1);
+    fill<<<1024, 256>>>(p, n, size_t(cols), uint32_t(&p - xs.data()) * 7919u + 1);
   }
   uint16_t* y[2];
   for (auto& p : y) CHECK(cudaMalloc(&p, bytes));
