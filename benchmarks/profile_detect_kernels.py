@@ -9,7 +9,6 @@ same for XLA's copy (the benchmark's denominator), its column-OR of x and a flat
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 
 import jax
@@ -17,16 +16,14 @@ import jax.numpy as jnp
 
 from bench_detect import CASES, detect_step, xla_column_or
 from common import announce, apply_variant, parse_variants, print_and_save, tile_sparse_bf16, time_per_call
-from profile_layer_kernels import profile, short as short_name
+from profile_layer_kernels import profile, short
 
 STEPS = 10
 
 
-def short(name):
-    """Our kernels by their own names (the generic shortener cuts demangled names at the first
-    '(', which for pit's kernels is its anonymous namespace)."""
-    ours = re.search(r"pit_\w+", name)
-    return ours.group(0) if ours else short_name(name)
+def stats_row(label, values):
+    """A markdown row: label, count, median, min, max (µs)."""
+    return f"| {label} | {len(values)} | {statistics.median(values):.2f} | {min(values):.2f} | {max(values):.2f} |"
 
 
 def summarize(label, seconds_per_call, events, calls, lines):
@@ -44,7 +41,7 @@ def summarize(label, seconds_per_call, events, calls, lines):
                  f"busy (sum of kernel durations) {busy / n_calls:.2f} µs per call\n")
     lines.append("| kernel | count | median µs | min µs | max µs |\n|---|---|---|---|---|")
     for name, durs in sorted(by_name.items(), key=lambda kv: -sum(kv[1])):
-        lines.append(f"| {name} | {len(durs)} | {statistics.median(durs):.2f} | {min(durs):.2f} | {max(durs):.2f} |")
+        lines.append(stats_row(name, durs))
     # gaps between consecutive kernels (negative: they overlapped, e.g. a dependent launch)
     gaps = [events[i + 1][1] - (events[i][1] + events[i][2]) for i in range(len(events) - 1)]
     pairs = {}
@@ -52,7 +49,7 @@ def summarize(label, seconds_per_call, events, calls, lines):
         pairs.setdefault((short(events[i][0])[:40], short(events[i + 1][0])[:40]), []).append(g)
     lines.append("\n| gap after → before | count | median µs | min µs | max µs |\n|---|---|---|---|---|")
     for (a, b), gs in sorted(pairs.items(), key=lambda kv: -len(kv[1])):
-        lines.append(f"| {a} → {b} | {len(gs)} | {statistics.median(gs):.2f} | {min(gs):.2f} | {max(gs):.2f} |")
+        lines.append(stats_row(f"{a} → {b}", gs))
     lines.append("")
 
 

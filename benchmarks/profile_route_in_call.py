@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import re
 import statistics
 
 import jax
@@ -30,15 +29,9 @@ CALLS = 4
 STEPS = 10
 
 
-def kernel_name(name: str) -> str:
-    """pit's kernels by their function name (short() leaves 'void pit::' of an anonymous namespace)."""
-    m = re.search(r"pit_\w+", name)
-    return m.group(0) if m else short(name)
-
-
 def traced_kernels(step, args):
     """[(name, start µs, µs)] of STEPS steps, after two warm steps."""
-    return [(kernel_name(n), s, dur) for n, s, dur in profile(step, args, STEPS, with_start=True)]
+    return [(short(n), s, dur) for n, s, dur in profile(step, args, STEPS, with_start=True)]
 
 
 def median_durations(events):

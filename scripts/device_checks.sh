@@ -258,6 +258,14 @@ detect_ab_by_sparsity() {  # seconds per run, output prefix under $OUT, cases, v
   done
   echo "ab $((SECONDS-t0))s"
 }
+bench_detect_table() {  # bench_detect.py's full table into $OUT/${BENCH_OUT:-detect}, its rows into $LOG
+  (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/${BENCH_OUT:-detect} 2>&1 | grep -E "^\|" | tee -a $LOG)
+  echo "bench $((SECONDS-t0))s"
+}
+detect_sanitizer_sets() {  # memcheck and racecheck over the detect kernel tests (chunked-path edges included)
+  run_tool memcheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned or special)"
+  run_tool racecheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned)"
+}
 DETECT_SUITES="tests/test_detect.py tests/test_detect_properties.py tests/test_detect_transforms.py tests/test_detect_errors.py"
 for part in ${PART:-tests}; do  # PART may name several parts, run in turn after one build
 case "$part" in
@@ -305,17 +313,14 @@ detect_probe)
   echo "probe $((SECONDS-t0))s" ;;
 detect_gpu)
   pytest_gpu ${TEST_TIMEOUT:-200} $DETECT_SUITES
-  run_tool memcheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned or special)"
-  run_tool racecheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned)" ;;
+  detect_sanitizer_sets ;;
 detect_san)  # detect_gpu's sanitizer sets alone (the suites ran in another part of the same tree)
-  run_tool memcheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned or special)"
-  run_tool racecheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned)" ;;
+  detect_sanitizer_sets ;;
 detect_ab_jit)
   (cd benchmarks && timeout -k 5 150 python3 bench_detect_ab.py --returns ${RETURNS:-counts} --out $OUT/ab_inflight \
      --cases 0 2 --variants default PIT_DETECT_IN_FLIGHT=16 2>&1 | grep -E "^\||dispatch" | tee -a $LOG)
   echo "ab $((SECONDS-t0))s"
-  (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/${BENCH_OUT:-detect} 2>&1 | grep -E "^\|" | tee -a $LOG)
-  echo "bench $((SECONDS-t0))s" ;;
+  bench_detect_table ;;
 kgather_ab)
   (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-400} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
      --variants ${VARIANTS:-default} --sparsity ${SPARSITY:-0.5 0.9 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
@@ -447,8 +452,7 @@ detect_write_order)
   SAN_TIMEOUT=150 run_tool memcheck pit_detect tests/test_detect.py "gpu and (write_order or word_rows or grouped_prefix or (row_bits and not off) or chunking_edges or dtypes_and_sparsity or unaligned)"
   SAN_TIMEOUT=150 run_tool racecheck pit_detect tests/test_detect.py "gpu and (write_order or word_rows or grouped_prefix or (row_bits and not off and not 70000) or chunking_edges or dtypes_and_sparsity)"
   detect_ab_by_sparsity 100 ab_write_order "${CASES:-3 0}" "${VARIANTS:-PIT_DETECT_WARP_IDS=0}" ${SPARSITIES:-0.9 0.5 0.0}
-  (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/${BENCH_OUT:-detect} 2>&1 | grep -E "^\|" | tee -a $LOG)
-  echo "bench $((SECONDS-t0))s" ;;
+  bench_detect_table ;;
 moe_fast_rows)
   pytest_gpu 300 tests/test_moe_kernels.py -k "kernel_matches or fused"
   SAN_TIMEOUT=150 run_tool memcheck pit_moe_forward tests/test_moe_kernels.py "default and bfloat16 and kernel_matches"
@@ -474,8 +478,7 @@ detect_one_pass_san)
   SAN_TIMEOUT=200 run_tool memcheck pit_detect tests/test_detect.py "gpu and one_pass and not never and (bfloat16 or float32)"
   SAN_TIMEOUT=150 run_tool racecheck pit_detect tests/test_detect.py "gpu and one_pass and forced and (bfloat16 or float32)" ;;
 detect_bench)
-  (cd benchmarks && timeout -k 5 250 python3 bench_detect.py --out $OUT/${BENCH_OUT:-detect} 2>&1 | grep -E "^\|" | tee -a $LOG)
-  echo "bench $((SECONDS-t0))s" ;;
+  bench_detect_table ;;
 detect_profile)  # session 29: per-kernel durations and gaps of the 4096² detections inside the jitted loop, next to
                  # XLA's copy, column-OR and flat sum (profile_detect_kernels.py, $OUT/detect_profile)
   (cd benchmarks && timeout -k 5 ${PROFILE_TIMEOUT:-200} python3 profile_detect_kernels.py --case ${PROFILE_CASES:-0 2} \

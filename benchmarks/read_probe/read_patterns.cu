@@ -255,11 +255,34 @@ int main(int argc, char** argv) {
   const unsigned mask_ctas16 = unsigned((rows / 16) * (cols / 256) / 8);
   const unsigned row_ctas8 = unsigned((rows / 8) * (cols / 2048) / 8);
   const unsigned row_ctas4 = unsigned((rows / 4) * (cols / 2048) / 8);
-  auto set_smem = [](auto kernel, int b) { CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, b)); };
-  set_smem(tma_slab<32, 4, 32768>, 4 * 32768);
-  set_smem(tma_slab<32, 6, 16384>, 6 * 16384);
-  set_smem(tma_slab<16, 4, 16384>, 4 * 16384);
-  set_smem(tma_slab<8, 4, 16384>, 4 * 16384);
+  // Every x-reading pattern has the same signature: one table, one launch line.
+  struct Pattern {
+    const char* name;
+    void (*kernel)(const uint16_t*, uint8_t*, int, int);
+    unsigned ctas;
+    int smem;  // dynamic shared memory bytes (the TMA rings)
+  };
+  std::vector<Pattern> patterns = {
+      {"mask pattern 32 rows, 8 in flight, .cs (main)", mask_pattern<8, kStreaming, 32>, mask_ctas32, 0},
+      {"mask pattern 32 rows, 16 in flight, .cs", mask_pattern<16, kStreaming, 32>, mask_ctas32, 0},
+      {"mask pattern 32 rows, 8 in flight, .nc", mask_pattern<8, kReadOnly, 32>, mask_ctas32, 0},
+      {"mask pattern 32 rows, 8 in flight, .nc L2::256B", mask_pattern<8, kPrefetch256, 32>, mask_ctas32, 0},
+      {"mask pattern 32 rows, 8 in flight, plain", mask_pattern<8, kPlain, 32>, mask_ctas32, 0},
+      {"mask pattern 16 rows, 8 in flight, .cs", mask_pattern<8, kStreaming, 16>, mask_ctas16, 0},
+      {"mask pattern 16 rows, 16 in flight, .cs", mask_pattern<16, kStreaming, 16>, mask_ctas16, 0},
+      {"mask pattern 16 rows, 8 in flight, L2::256B", mask_pattern<8, kPrefetch256, 16>, mask_ctas16, 0},
+      {"row pattern 8 rows x 4 KB, .cs", row_pattern<8, kStreaming>, row_ctas8, 0},
+      {"row pattern 4 rows x 4 KB, .cs", row_pattern<4, kStreaming>, row_ctas4, 0},
+      {"row pattern 4 rows x 4 KB, L2::256B", row_pattern<4, kPrefetch256>, row_ctas4, 0},
+  };
+  if (cols == 4096) {  // the TMA consumer assumes 8 KB rows
+    patterns.push_back({"TMA slab 32 rows, 4 x 32 KB ring", tma_slab<32, 4, 32768>, unsigned(rows / 32), 4 * 32768});
+    patterns.push_back({"TMA slab 32 rows, 6 x 16 KB ring", tma_slab<32, 6, 16384>, unsigned(rows / 32), 6 * 16384});
+    patterns.push_back({"TMA slab 16 rows, 4 x 16 KB ring", tma_slab<16, 4, 16384>, unsigned(rows / 16), 4 * 16384});
+    patterns.push_back({"TMA slab 8 rows, 4 x 16 KB ring", tma_slab<8, 4, 16384>, unsigned(rows / 8), 4 * 16384});
+  }
+  for (const Pattern& pt : patterns)
+    if (pt.smem > 0) CHECK(cudaFuncSetAttribute(pt.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, pt.smem));
   for (int round = 0; round < rounds; ++round) {
     add("copy (read + write), grid 4 waves of 8 CTAs/SM", true, [&](int i) {
       copy_kernel<<<sms * 8 * 4, 256>>>(reinterpret_cast<const uint4*>(xs[i]), reinterpret_cast<uint4*>(y[i & 1]), nv);
@@ -275,42 +298,8 @@ int main(int argc, char** argv) {
       flat_read<4><<<unsigned((nv + 1023) / 1024), 256>>>(reinterpret_cast<const uint4*>(xs[i]),
                                                           reinterpret_cast<uint32_t*>(out), nv);
     });
-    add("mask pattern 32 rows, 8 in flight, .cs (main)", false,
-        [&](int i) { mask_pattern<8, kStreaming, 32><<<mask_ctas32, 256>>>(xs[i], out, rows, cols); });
-    add("mask pattern 32 rows, 16 in flight, .cs", false,
-        [&](int i) { mask_pattern<16, kStreaming, 32><<<mask_ctas32, 256>>>(xs[i], out, rows, cols); });
-    add("mask pattern 32 rows, 8 in flight, .nc", false,
-        [&](int i) { mask_pattern<8, kReadOnly, 32><<<mask_ctas32, 256>>>(xs[i], out, rows, cols); });
-    add("mask pattern 32 rows, 8 in flight, .nc L2::256B", false,
-        [&](int i) { mask_pattern<8, kPrefetch256, 32><<<mask_ctas32, 256>>>(xs[i], out, rows, cols); });
-    add("mask pattern 32 rows, 8 in flight, plain", false,
-        [&](int i) { mask_pattern<8, kPlain, 32><<<mask_ctas32, 256>>>(xs[i], out, rows, cols); });
-    add("mask pattern 16 rows, 8 in flight, .cs", false,
-        [&](int i) { mask_pattern<8, kStreaming, 16><<<mask_ctas16, 256>>>(xs[i], out, rows, cols); });
-    add("mask pattern 16 rows, 16 in flight, .cs", false,
-        [&](int i) { mask_pattern<16, kStreaming, 16><<<mask_ctas16, 256>>>(xs[i], out, rows, cols); });
-    add("mask pattern 16 rows, 8 in flight, L2::256B", false,
-        [&](int i) { mask_pattern<8, kPrefetch256, 16><<<mask_ctas16, 256>>>(xs[i], out, rows, cols); });
-    add("row pattern 8 rows x 4 KB, .cs", false,
-        [&](int i) { row_pattern<8, kStreaming><<<row_ctas8, 256>>>(xs[i], out, rows, cols); });
-    add("row pattern 4 rows x 4 KB, .cs", false,
-        [&](int i) { row_pattern<4, kStreaming><<<row_ctas4, 256>>>(xs[i], out, rows, cols); });
-    add("row pattern 4 rows x 4 KB, L2::256B", false,
-        [&](int i) { row_pattern<4, kPrefetch256><<<row_ctas4, 256>>>(xs[i], out, rows, cols); });
-    if (cols == 4096) {
-      add("TMA slab 32 rows, 4 x 32 KB ring", false, [&](int i) {
-        tma_slab<32, 4, 32768><<<unsigned(rows / 32), 256, 4 * 32768>>>(xs[i], out, rows, cols);
-      });
-      add("TMA slab 32 rows, 6 x 16 KB ring", false, [&](int i) {
-        tma_slab<32, 6, 16384><<<unsigned(rows / 32), 256, 6 * 16384>>>(xs[i], out, rows, cols);
-      });
-      add("TMA slab 16 rows, 4 x 16 KB ring", false, [&](int i) {
-        tma_slab<16, 4, 16384><<<unsigned(rows / 16), 256, 4 * 16384>>>(xs[i], out, rows, cols);
-      });
-      add("TMA slab 8 rows, 4 x 16 KB ring", false, [&](int i) {
-        tma_slab<8, 4, 16384><<<unsigned(rows / 8), 256, 4 * 16384>>>(xs[i], out, rows, cols);
-      });
-    }
+    for (const Pattern& pt : patterns)
+      add(pt.name, false, [&](int i) { pt.kernel<<<pt.ctas, 256, pt.smem>>>(xs[i], out, rows, cols); });
   }
   float copy_best = 1e30f;
   for (auto& r : table) {
