@@ -86,6 +86,7 @@ __global__ void __launch_bounds__(256) dsmem_read(const uint4* __restrict__ src,
   for (int round = 0; round < rounds; ++round) {
     for (int p = 1; p < (kLocal ? 2 : size); ++p) {
       const uint4* peer = kLocal ? buf : cluster.map_shared_rank(buf, (rank + p) % size);
+#pragma unroll 8  // several loads in flight per thread: the rate, not one load's latency
       for (int i = threadIdx.x; i < kBufBytes / 16; i += blockDim.x) {
         const uint4 v = peer[i];
         acc ^= v.x ^ v.y ^ v.z ^ v.w;

@@ -1,0 +1,277 @@
+// Where the k-gather forward GEMM's time goes (issue 3). gather_dsmem.cu measured its w-row gather
+// alone at 8.2 TB/s from L2 at density 0.1 (H200, session 30), about twice what the forward draws
+// at 90% sparsity. This probe runs the package's forward kernel (the .cu is included, so it is the
+// same code) next to a ladder of copies of its structure with parts switched off, on identical
+// synthetic inputs (4096³ and OPT fc2, random sorted column ids per 32-row group), so the part
+// that costs the time shows as a step in the ladder:
+//   full      packed-x loads + w-row gather + ldmatrix/mma.sync + staged store (= the forward)
+//   no_mma    the same with the math replaced by a read-back of every staged byte
+//   no_x      full without the packed-x loads (x stage left as it was)
+//   no_loads  math and store only: the tensor-core time over the same k-steps
+//   gather    w rows only, read back (gather_dsmem's gather inside this kernel's skeleton)
+// plus the full ladder at other ring depths / k-steps (occupancy changes with them).
+//
+//   J=$(python3 -c "import jax.ffi; print(jax.ffi.include_dir())")
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -isystem=$J forward_ladder.cu -o forward_ladder
+//   ./forward_ladder
+#include "../../cuda/kgather/kgather_cuda.cu"
+
+#include <algorithm>
+#include <random>
+#include <vector>
+
+#include "probe_check.cuh"
+
+namespace pit {
+
+enum Part : int { kFull = 0, kNoMma = 1, kNoX = 2, kNoLoads = 3, kGather = 4 };
+
+template <int kStages, int kBK>
+struct LadderConfig {
+  static constexpr int kBM = 32, kBN = 128, kVec = 8;
+  static constexpr int kAStride = kBK + kVec, kBStride = kBN + kVec;
+  static constexpr int kStageElems = kBM * kAStride + kBK * kBStride;
+  static constexpr int kSmemBytes = kStages * kStageElems * 2;
+};
+
+// One CTA per (32-row group, 128 columns), as pit_kgather_forward_kernel (bf16, 16-byte rows).
+template <int kPart, int kStages, int kBK>
+__global__ void __launch_bounds__(128) ladder_kernel(const __nv_bfloat16* __restrict__ packed,
+                                                     const int32_t* __restrict__ column_ids,
+                                                     const int32_t* __restrict__ counts,
+                                                     const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y,
+                                                     int groups, int packed_k, int n, uint32_t* sink) {
+  using C = LadderConfig<kStages, kBK>;
+  using T = __nv_bfloat16;
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  T* smem = reinterpret_cast<T*>(smem_bytes);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = blockIdx.x % groups, n_tile = blockIdx.x / groups;
+  const int n0 = n_tile * C::kBN;
+  const int len = counts[group];
+  const int n_chunks = (len + kBK - 1) / kBK;
+  const int padded = (len + 31) / 32 * 32;
+  const T* a_src = packed + size_t(group) * 32 * packed_k;
+  const int32_t* ids = column_ids + size_t(group) * packed_k;
+  constexpr int kAVecsPerRow = kBK / 8, kBVecsPerRow = C::kBN / 8;
+  constexpr int kRowsPerPass = 128 / kBVecsPerRow, kIdsPerThread = kBK / kRowsPerPass;
+  const int my_row = threadIdx.x / kBVecsPerRow, my_col = (threadIdx.x % kBVecsPerRow) * 8;
+  constexpr bool kLoadX = kPart == kFull || kPart == kNoMma;
+  constexpr bool kLoadW = kPart != kNoLoads;
+  constexpr bool kMath = kPart == kFull || kPart == kNoX || kPart == kNoLoads;
+
+  auto fetch_ids = [&](int chunk, int32_t (&out)[kIdsPerThread]) {
+#pragma unroll
+    for (int j = 0; j < kIdsPerThread; ++j) {
+      const int p = chunk * kBK + my_row + j * kRowsPerPass;
+      out[j] = (kLoadW && chunk < n_chunks && p < padded) ? ids[p] : -1;
+    }
+  };
+  auto load_stage = [&](int chunk, int stage, const int32_t (&k_ids)[kIdsPerThread]) {
+    T* as = smem + stage * C::kStageElems;
+    T* bs = as + C::kBM * C::kAStride;
+    const int p0 = chunk * kBK;
+    if constexpr (kLoadX) {
+      for (int i = threadIdx.x; i < C::kBM * kAVecsPerRow; i += 128) {
+        const int r = i / kAVecsPerRow, c = (i % kAVecsPerRow) * 8;
+        const bool ok = p0 + c < padded;
+        cp_async_16(as + r * C::kAStride + c, ok ? a_src + size_t(r) * packed_k + p0 + c : a_src, ok ? 16 : 0);
+      }
+    }
+    if constexpr (kLoadW) {
+#pragma unroll
+      for (int j = 0; j < kIdsPerThread; ++j) {
+        const int64_t k = k_ids[j];
+        cp_async_16(bs + (my_row + j * kRowsPerPass) * C::kBStride + my_col, k < 0 ? w : w + k * n + n0 + my_col,
+                    k < 0 ? 0 : 16);
+      }
+    }
+  };
+
+  float acc[2][4][4] = {};
+  uint32_t readback = 0;
+  auto math = [&](const T* as, const T* bs) {
+    if constexpr (kMath) {
+#pragma unroll
+      for (int ks = 0; ks < kBK / 16; ++ks) {
+        uint32_t a[2][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+          ldmatrix_x4(a[mi], as + (mi * 16 + lane % 16) * C::kAStride + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+        for (int nj = 0; nj < 2; ++nj) {
+          uint32_t bq[4];
+          ldmatrix_x4_trans(bq, bs + (ks * 16 + lane % 8 + ((lane / 8) % 2) * 8) * C::kBStride + warp * 32 +
+                                    nj * 16 + (lane / 16) * 8);
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) {
+            mma_16816<T>(acc[mi][2 * nj], a[mi], bq[0], bq[1]);
+            mma_16816<T>(acc[mi][2 * nj + 1], a[mi], bq[2], bq[3]);
+          }
+        }
+      }
+    } else {  // every staged byte of w (and x where loaded) read once, as the ldmatrix would
+      const uint4* stage = reinterpret_cast<const uint4*>(kLoadX ? as : bs);
+      const int vecs = (kLoadX ? C::kStageElems : kBK * C::kBStride) / 8;
+      for (int i = threadIdx.x; i < vecs; i += 128) {
+        const uint4 v = stage[i];
+        readback ^= v.x ^ v.y ^ v.z ^ v.w;
+      }
+    }
+  };
+
+  int32_t k_ids[kIdsPerThread];
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    fetch_ids(st, k_ids);
+    if (st < n_chunks) load_stage(st, st, k_ids);
+    cp_async_commit();
+  }
+  fetch_ids(kStages - 1, k_ids);
+  for (int chunk = 0; chunk < n_chunks; ++chunk) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int next = chunk + kStages - 1;
+    if (next < n_chunks) load_stage(next, next % kStages, k_ids);
+    cp_async_commit();
+    fetch_ids(next + 1, k_ids);
+    const T* as = smem + (chunk % kStages) * C::kStageElems;
+    math(as, as + C::kBM * C::kAStride);
+  }
+  // staged store, as the forward's
+  cp_async_wait<0>();
+  __syncthreads();
+  constexpr int kCStride = C::kBN + 8;
+  const int gq = lane / 4, tq = lane % 4;
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = mi * 16 + gq + half * 8, c = warp * 32 + ni * 8 + 2 * tq;
+        smem[r * kCStride + c] = __float2bfloat16(acc[mi][ni][2 * half]);
+        smem[r * kCStride + c + 1] = __float2bfloat16(acc[mi][ni][2 * half + 1]);
+      }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 32 * 16; i += 128) {
+    const int r = i / 16, c = (i % 16) * 8;
+    *reinterpret_cast<uint4*>(y + size_t(group * 32 + r) * n + n0 + c) =
+        *reinterpret_cast<const uint4*>(smem + r * kCStride + c);
+  }
+  if (readback == 0x9e3779b9u) sink[threadIdx.x] = readback;
+}
+
+}  // namespace pit
+
+using bf16 = __nv_bfloat16;
+
+template <typename F>
+float time_ms(F&& launch, int reps) {
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  launch();
+  CHECK(cudaEventRecord(a));
+  for (int r = 0; r < reps; ++r) launch();
+  CHECK(cudaEventRecord(b));
+  CHECK(cudaEventSynchronize(b));
+  CHECK(cudaGetLastError());
+  float ms = 0;
+  CHECK(cudaEventElapsedTime(&ms, a, b));
+  return ms / reps;
+}
+
+template <int kPart, int kStages, int kBK>
+float run_ladder(const bf16* packed, const int32_t* ids, const int32_t* counts, const bf16* w, bf16* y, int groups,
+                 int packed_k, int n, uint32_t* sink, int* ctas_per_sm) {
+  using C = pit::LadderConfig<kStages, kBK>;
+  auto kernel = pit::ladder_kernel<kPart, kStages, kBK>;
+  CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+  CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, kernel, 128, C::kSmemBytes));
+  const unsigned grid = unsigned(groups * (n / 128));
+  return time_ms([&] { kernel<<<grid, 128, C::kSmemBytes>>>(packed, ids, counts, w, y, groups, packed_k, n, sink); },
+                 20);
+}
+
+int main() {
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("card %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+  uint32_t* sink;
+  CHECK(cudaMalloc(&sink, 4096));
+  struct Shape { const char* name; int m, k, n; };
+  std::printf("\n| shape | density | part | stages x k-step | CTAs/SM | ms | w+x GB gathered | TB/s |\n"
+              "|---|---|---|---|---|---|---|---|\n");
+  for (Shape sh : {Shape{"4096³", 4096, 4096, 4096}, Shape{"fc2", 4096, 16384, 4096}}) {
+    const int groups = sh.m / 32, packed_k = sh.k;
+    bf16 *w, *y, *packed;
+    CHECK(cudaMalloc(&w, size_t(sh.k) * sh.n * 2));
+    CHECK(cudaMalloc(&y, size_t(sh.m) * sh.n * 2));
+    CHECK(cudaMalloc(&packed, size_t(sh.m) * packed_k * 2));
+    CHECK(cudaMemset(w, 0x3c, size_t(sh.k) * sh.n * 2));
+    CHECK(cudaMemset(packed, 0x3c, size_t(sh.m) * packed_k * 2));
+    int32_t *d_ids, *d_counts;
+    CHECK(cudaMalloc(&d_ids, size_t(groups) * packed_k * 4));
+    CHECK(cudaMalloc(&d_counts, groups * 4));
+    std::mt19937 rng(11);
+    for (double density : {0.01, 0.05, 0.1, 0.5}) {
+      std::vector<int32_t> ids(size_t(groups) * packed_k, -1), counts(groups);
+      size_t listed = 0;
+      for (int g = 0; g < groups; ++g) {
+        int c = 0;
+        for (int k = 0; k < sh.k; ++k)
+          if (std::uniform_real_distribution<double>(0, 1)(rng) < density) ids[size_t(g) * packed_k + c++] = k;
+        counts[g] = c;
+        listed += c;
+      }
+      CHECK(cudaMemcpy(d_ids, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
+      CHECK(cudaMemcpy(d_counts, counts.data(), groups * 4, cudaMemcpyHostToDevice));
+      const double w_bytes = double(listed) * sh.n * 2, x_bytes = double(listed) * 32 * 2 * (sh.n / 128);
+      // the package's kernel itself
+      {
+        using Cf = pit::ForwardConfig<bf16>;
+        auto kernel = pit::pit_kgather_forward_kernel<bf16, true>;
+        CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cf::kSmemBytes));
+        int occ = 0;
+        CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, 128, Cf::kSmemBytes));
+        const pit::KGatherShape s = pit::make_kgather_shape(1, sh.m, sh.k, sh.n, 32, 1);
+        const float ms = time_ms([&] {
+          kernel<<<unsigned(groups * (sh.n / 128)), 128, Cf::kSmemBytes>>>(packed, d_ids, d_counts, w, y, s, true);
+        }, 20);
+        std::printf("| %s | %.2f | package forward | 2 x 64 | %d | %.4f | %.3f | %.2f |\n", sh.name, density, occ, ms,
+                    (w_bytes + x_bytes) / 1e9, (w_bytes + x_bytes) / (ms * 1e-3) / 1e12);
+      }
+      auto row = [&](const char* part, const char* ring, int occ, float ms, double bytes) {
+        std::printf("| %s | %.2f | %s | %s | %d | %.4f | %.3f | %.2f |\n", sh.name, density, part, ring, occ, ms,
+                    bytes / 1e9, bytes / (ms * 1e-3) / 1e12);
+      };
+      int occ = 0;
+      float ms;
+      ms = run_ladder<pit::kFull, 2, 64>(packed, d_ids, d_counts, w, y, groups, packed_k, sh.n, sink, &occ);
+      row("full", "2 x 64", occ, ms, w_bytes + x_bytes);
+      ms = run_ladder<pit::kNoMma, 2, 64>(packed, d_ids, d_counts, w, y, groups, packed_k, sh.n, sink, &occ);
+      row("no_mma", "2 x 64", occ, ms, w_bytes + x_bytes);
+      ms = run_ladder<pit::kNoX, 2, 64>(packed, d_ids, d_counts, w, y, groups, packed_k, sh.n, sink, &occ);
+      row("no_x", "2 x 64", occ, ms, w_bytes);
+      ms = run_ladder<pit::kNoLoads, 2, 64>(packed, d_ids, d_counts, w, y, groups, packed_k, sh.n, sink, &occ);
+      row("no_loads", "2 x 64", occ, ms, w_bytes + x_bytes);
+      ms = run_ladder<pit::kGather, 2, 64>(packed, d_ids, d_counts, w, y, groups, packed_k, sh.n, sink, &occ);
+      row("gather", "2 x 64", occ, ms, w_bytes);
+      ms = run_ladder<pit::kFull, 3, 64>(packed, d_ids, d_counts, w, y, groups, packed_k, sh.n, sink, &occ);
+      row("full", "3 x 64", occ, ms, w_bytes + x_bytes);
+      ms = run_ladder<pit::kFull, 4, 32>(packed, d_ids, d_counts, w, y, groups, packed_k, sh.n, sink, &occ);
+      row("full", "4 x 32", occ, ms, w_bytes + x_bytes);
+      ms = run_ladder<pit::kFull, 3, 32>(packed, d_ids, d_counts, w, y, groups, packed_k, sh.n, sink, &occ);
+      row("full", "3 x 32", occ, ms, w_bytes + x_bytes);
+      ms = run_ladder<pit::kNoLoads, 2, 32>(packed, d_ids, d_counts, w, y, groups, packed_k, sh.n, sink, &occ);
+      row("no_loads", "2 x 32", occ, ms, w_bytes + x_bytes);
+    }
+    CHECK(cudaFree(w));
+    CHECK(cudaFree(y));
+    CHECK(cudaFree(packed));
+    CHECK(cudaFree(d_ids));
+    CHECK(cudaFree(d_counts));
+  }
+  return 0;
+}
