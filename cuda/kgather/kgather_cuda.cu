@@ -48,10 +48,25 @@ struct ForwardConfig {
   // were slower at every sparsity measured, most at 99% (4096³: 0.065 vs 0.056 ms, H200, 2026-11-27).
   static constexpr int kStages = 2;
   static constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte copy
-  static constexpr int kAStride = kBK + kVec;       // one vector of padding per row: no bank conflicts
-  static constexpr int kBStride = kBN + kVec;
+  // Tensor-core path: rows unpadded (128-byte x rows, 256-byte w rows) with each row's 16-byte
+  // chunks XOR-swizzled by the row's low 3 bits, so ldmatrix's 8 rows hit 8 bank groups. A padded
+  // row (one extra vector) leaves every row but the first off 128-byte alignment, and cp.async into
+  // such rows halved the gather: w rows at density 0.1 arrived at 5.1 TB/s padded, 8.4 unpadded
+  // (H200, benchmarks/read_probe/forward_ladder.cu, session 30). The fp32 path keeps the padding.
+  static constexpr bool kSwizzle = kTensorCores;
+  static constexpr int kAStride = kSwizzle ? kBK : kBK + kVec;
+  static constexpr int kBStride = kSwizzle ? kBN : kBN + kVec;
   static constexpr int kStageElems = kBM * kAStride + kBK * kBStride;
   static constexpr int kSmemBytes = kStages * kStageElems * int(sizeof(T));
+  static_assert(!kSwizzle || ((kBK / kVec) % 8 == 0 && (kBN / kVec) % 8 == 0),
+                "swizzled rows hold whole groups of 8 chunks");
+
+  // Offset of element (row, col) in a stage region of `stride` elements per row; col's 16-byte
+  // chunk is permuted within its aligned group of 8 chunks (a 128-byte span) by row % 8.
+  __device__ __forceinline__ static int at(int row, int col, int stride) {
+    if constexpr (kSwizzle) return row * stride + (((col / kVec) ^ (row & 7)) * kVec) + col % kVec;
+    else return row * stride + col;
+  }
 };
 
 __device__ __forceinline__ uint64_t bit_range(int lo, int hi) {  // bits [lo, hi), 0 <= lo < hi <= 64
@@ -215,12 +230,12 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
       uint32_t a[2][4];
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi)
-        ldmatrix_x4(a[mi], as + (mi * 16 + lane % 16) * C::kAStride + ks * 16 + (lane / 16) * 8);
+        ldmatrix_x4(a[mi], as + C::at(mi * 16 + lane % 16, ks * 16 + (lane / 16) * 8, C::kAStride));
 #pragma unroll
       for (int nj = 0; nj < 2; ++nj) {
         uint32_t bq[4];
-        ldmatrix_x4_trans(bq, bs + (ks * 16 + lane % 8 + ((lane / 8) % 2) * 8) * C::kBStride + warp * 32 +
-                                  nj * 16 + (lane / 16) * 8);
+        ldmatrix_x4_trans(bq, bs + C::at(ks * 16 + lane % 8 + ((lane / 8) % 2) * 8,
+                                         warp * 32 + nj * 16 + (lane / 16) * 8, C::kBStride));
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) {
           mma_16816<T>(acc[mi][2 * nj], a[mi], bq[0], bq[1]);
@@ -346,14 +361,14 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
     for (int i = threadIdx.x; i < C::kBM * kAVecsPerRow; i += kForwardThreads) {  // packed rows: always aligned
       const int r = i / kAVecsPerRow, c = (i % kAVecsPerRow) * C::kVec;
       const bool ok = p0 + c < padded;
-      cp_async_16(as + r * C::kAStride + c, ok ? a_src + r * s.packed_k + p0 + c : a_src, ok ? 16 : 0);
+      cp_async_16(as + C::at(r, c, C::kAStride), ok ? a_src + r * s.packed_k + p0 + c : a_src, ok ? 16 : 0);
     }
     const int64_t n = n0 + my_col;
 #pragma unroll
     for (int j = 0; j < kIdsPerThread; ++j) {  // SRead: the w rows named by the ids
       const int64_t k = k_ids[j];
       const int64_t valid = k < 0 ? 0 : (s.n - n < C::kVec ? s.n - n : C::kVec);
-      load_segment<T, kVecW>(bs + (my_row + j * kRowsPerPass) * C::kBStride + my_col, w + k * s.n + n, valid, w);
+      load_segment<T, kVecW>(bs + C::at(my_row + j * kRowsPerPass, my_col, C::kBStride), w + k * s.n + n, valid, w);
     }
   };
 
