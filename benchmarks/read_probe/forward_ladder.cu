@@ -9,7 +9,9 @@
 //   no_x      full without the packed-x loads (x stage left as it was)
 //   no_loads  math and store only: the tensor-core time over the same k-steps
 //   gather    w rows only, read back (gather_dsmem's gather inside this kernel's skeleton)
-// plus the full ladder at other ring depths / k-steps (occupancy changes with them).
+// plus the full ladder at other ring depths / k-steps (occupancy changes with them). Session 30's
+// runs: the first table found the padded shared-memory rows; the rows prefixed "swz" repeat the ladder
+// on the swizzled layout the package took from it.
 //
 //   J=$(python3 -c "import jax.ffi; print(jax.ffi.include_dir())")
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -isystem=$J forward_ladder.cu -o forward_ladder
@@ -26,10 +28,15 @@ namespace pit {
 
 enum Part : int { kFull = 0, kNoMma = 1, kNoX = 2, kNoLoads = 3, kGather = 4 };
 
-template <int kStages, int kBK, bool kHasA = true, bool kPadB = true>
+// kSwz: rows unpadded, 16-byte chunks XOR-swizzled by row % 8 (the package's layout since session 30).
+template <int kStages, int kBK, bool kHasA = true, bool kPadB = true, bool kSwz = false>
 struct LadderConfig {
   static constexpr int kBM = 32, kBN = 128, kVec = 8;
-  static constexpr int kAStride = kBK + kVec, kBStride = kBN + (kPadB ? kVec : 0);
+  static constexpr int kAStride = kBK + (kSwz ? 0 : kVec), kBStride = kBN + (kPadB && !kSwz ? kVec : 0);
+  __device__ __forceinline__ static int at(int row, int col, int stride) {
+    if constexpr (kSwz) return row * stride + (((col / kVec) ^ (row & 7)) * kVec) + col % kVec;
+    else return row * stride + col;
+  }
   static constexpr int kAElems = kHasA ? kBM * kAStride : 0;
   static constexpr int kStageElems = kAElems + kBK * kBStride;
   static constexpr int kSmemBytes = kStages * kStageElems * 2 > 32 * (128 + 8) * 2 ? kStages * kStageElems * 2
@@ -39,13 +46,14 @@ struct LadderConfig {
 // One CTA per (32-row group, 128 columns), as pit_kgather_forward_kernel (bf16, 16-byte rows).
 // kIssueFirst: each step issues the next stage's copies before waiting for its own (two barriers
 // per step, as gather_dsmem's gather), instead of after (one barrier, the forward's order).
-template <int kPart, int kStages, int kBK, bool kIssueFirst = false, bool kPadB = true, bool kStore = true>
+template <int kPart, int kStages, int kBK, bool kIssueFirst = false, bool kPadB = true, bool kStore = true,
+          bool kSwz = false>
 __global__ void __launch_bounds__(128) ladder_kernel(const __nv_bfloat16* __restrict__ packed,
                                                      const int32_t* __restrict__ column_ids,
                                                      const int32_t* __restrict__ counts,
                                                      const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ y,
                                                      int groups, int packed_k, int n, uint32_t* sink) {
-  using C = LadderConfig<kStages, kBK, kPart != kGather, kPadB>;
+  using C = LadderConfig<kStages, kBK, kPart != kGather, kPadB, kSwz>;
   using T = __nv_bfloat16;
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = reinterpret_cast<T*>(smem_bytes);
@@ -79,14 +87,14 @@ __global__ void __launch_bounds__(128) ladder_kernel(const __nv_bfloat16* __rest
       for (int i = threadIdx.x; i < C::kBM * kAVecsPerRow; i += 128) {
         const int r = i / kAVecsPerRow, c = (i % kAVecsPerRow) * 8;
         const bool ok = p0 + c < padded;
-        cp_async_16(as + r * C::kAStride + c, ok ? a_src + size_t(r) * packed_k + p0 + c : a_src, ok ? 16 : 0);
+        cp_async_16(as + C::at(r, c, C::kAStride), ok ? a_src + size_t(r) * packed_k + p0 + c : a_src, ok ? 16 : 0);
       }
     }
     if constexpr (kLoadW) {
 #pragma unroll
       for (int j = 0; j < kIdsPerThread; ++j) {
         const int64_t k = k_ids[j];
-        cp_async_16(bs + (my_row + j * kRowsPerPass) * C::kBStride + my_col, k < 0 ? w : w + k * n + n0 + my_col,
+        cp_async_16(bs + C::at(my_row + j * kRowsPerPass, my_col, C::kBStride), k < 0 ? w : w + k * n + n0 + my_col,
                     k < 0 ? 0 : 16);
       }
     }
@@ -101,12 +109,12 @@ __global__ void __launch_bounds__(128) ladder_kernel(const __nv_bfloat16* __rest
         uint32_t a[2][4];
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi)
-          ldmatrix_x4(a[mi], as + (mi * 16 + lane % 16) * C::kAStride + ks * 16 + (lane / 16) * 8);
+          ldmatrix_x4(a[mi], as + C::at(mi * 16 + lane % 16, ks * 16 + (lane / 16) * 8, C::kAStride));
 #pragma unroll
         for (int nj = 0; nj < 2; ++nj) {
           uint32_t bq[4];
-          ldmatrix_x4_trans(bq, bs + (ks * 16 + lane % 8 + ((lane / 8) % 2) * 8) * C::kBStride + warp * 32 +
-                                    nj * 16 + (lane / 16) * 8);
+          ldmatrix_x4_trans(bq, bs + C::at(ks * 16 + lane % 8 + ((lane / 8) % 2) * 8,
+                                           warp * 32 + nj * 16 + (lane / 16) * 8, C::kBStride));
 #pragma unroll
           for (int mi = 0; mi < 2; ++mi) {
             mma_16816<T>(acc[mi][2 * nj], a[mi], bq[0], bq[1]);
@@ -200,11 +208,12 @@ float time_ms(F&& launch, int reps) {
 }
 
 // smem_bytes > 0: launched with that much dynamic shared memory (caps the CTAs per SM)
-template <int kPart, int kStages, int kBK, bool kIssueFirst = false, bool kPadB = true, bool kStore = true>
+template <int kPart, int kStages, int kBK, bool kIssueFirst = false, bool kPadB = true, bool kStore = true,
+          bool kSwz = false>
 float run_ladder(const bf16* packed, const int32_t* ids, const int32_t* counts, const bf16* w, bf16* y, int groups,
                  int packed_k, int n, uint32_t* sink, int* ctas_per_sm, int smem_bytes = 0) {
-  using C = pit::LadderConfig<kStages, kBK, kPart != pit::kGather, kPadB>;
-  auto kernel = pit::ladder_kernel<kPart, kStages, kBK, kIssueFirst, kPadB, kStore>;
+  using C = pit::LadderConfig<kStages, kBK, kPart != pit::kGather, kPadB, kSwz>;
+  auto kernel = pit::ladder_kernel<kPart, kStages, kBK, kIssueFirst, kPadB, kStore, kSwz>;
   const int smem = std::max(smem_bytes, C::kSmemBytes);
   CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, kernel, 128, smem));
@@ -266,29 +275,24 @@ int main() {
       };
       int occ = 0;
       float ms;
-      const int k44 = 44 * 1024;  // the forward's ring: 5 CTAs per SM
 #define ROW(label, ring, bytes, ...)                                                                     \
   ms = run_ladder<__VA_ARGS__>(packed, d_ids, d_counts, w, y, groups, packed_k, sh.n, sink, &occ);      \
   row(label, ring, occ, ms, bytes);
-#define ROW_SMEM(label, ring, bytes, smem, ...)                                                          \
-  ms = run_ladder<__VA_ARGS__>(packed, d_ids, d_counts, w, y, groups, packed_k, sh.n, sink, &occ, smem); \
-  row(label, ring, occ, ms, bytes);
       const double wx = w_bytes + x_bytes;
-      ROW("full", "2 x 64", wx, pit::kFull, 2, 64)
-      ROW("full, issue first", "2 x 64", wx, pit::kFull, 2, 64, true)
-      ROW("full, issue first", "3 x 32", wx, pit::kFull, 3, 32, true)
-      ROW("full, issue first", "4 x 32", wx, pit::kFull, 4, 32, true)
-      ROW("full, issue first, no store", "2 x 64", wx, pit::kFull, 2, 64, true, true, false)
-      ROW("no_mma, issue first", "2 x 64", wx, pit::kNoMma, 2, 64, true)
-      ROW("gather", "2 x 64", w_bytes, pit::kGather, 2, 64)
-      ROW("gather, issue first", "2 x 64", w_bytes, pit::kGather, 2, 64, true)
-      ROW("gather, issue first, rows unpadded", "2 x 64", w_bytes, pit::kGather, 2, 64, true, false)
-      ROW("gather, issue first, unpadded, no store", "2 x 64", w_bytes, pit::kGather, 2, 64, true, false, false)
-      ROW_SMEM("gather, issue first, unpadded, no store, 44 KB", "2 x 64", w_bytes, k44, pit::kGather, 2, 64, true,
-               false, false)
-      ROW("gather, unpadded, no store", "2 x 64", w_bytes, pit::kGather, 2, 64, false, false, false)
+      // session 30, second table: the swizzled layout (the package's since then), part by part
+      ROW("full, padded rows (before session 30)", "2 x 64", wx, pit::kFull, 2, 64)
+      ROW("swz full", "2 x 64", wx, pit::kFull, 2, 64, false, true, true, true)
+      ROW("swz full, no store", "2 x 64", wx, pit::kFull, 2, 64, false, true, false, true)
+      ROW("swz no_mma", "2 x 64", wx, pit::kNoMma, 2, 64, false, true, true, true)
+      ROW("swz no_x", "2 x 64", w_bytes, pit::kNoX, 2, 64, false, true, true, true)
+      ROW("swz no_loads", "2 x 64", wx, pit::kNoLoads, 2, 64, false, true, true, true)
+      ROW("swz gather", "2 x 64", w_bytes, pit::kGather, 2, 64, false, true, true, true)
+      ROW("swz full, issue first", "2 x 64", wx, pit::kFull, 2, 64, true, true, true, true)
+      ROW("swz full", "3 x 64", wx, pit::kFull, 3, 64, false, true, true, true)
+      ROW("swz full", "3 x 32", wx, pit::kFull, 3, 32, false, true, true, true)
+      ROW("swz full", "4 x 32", wx, pit::kFull, 4, 32, false, true, true, true)
+      ROW("swz full, issue first", "3 x 32", wx, pit::kFull, 3, 32, true, true, true, true)
 #undef ROW
-#undef ROW_SMEM
     }
     CHECK(cudaFree(w));
     CHECK(cudaFree(y));
