@@ -331,16 +331,11 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   // Row groups vary fastest: the CTAs resident at once share a few column tiles of w, so the
   // rows that different groups gather from w stay in L2.
-  // 32-bit index math: the launcher keeps the grid, the group count and batch * nb_m below 2^31.
-  // (64-bit divisions here put a few hundred instructions before each CTA's first load; the forward
-  // ran 8-9% behind forward_ladder.cu's 32-bit copy of it at density 0.1-0.5, H200, session 30.)
-  const uint32_t all_groups = uint32_t(s.all_groups()), groups = uint32_t(s.groups);
-  const uint32_t group32 = blockIdx.x % all_groups, n_tile = blockIdx.x / all_groups;
-  const uint32_t b = group32 / groups, g = group32 % groups;
-  const uint32_t groups_per_row_tile = uint32_t(s.tile_m / kGroupRows);  // tile_m is a multiple of 32
-  const int64_t group = group32;
-  const int64_t n0 = int64_t(n_tile) * C::kBN;
-  const int64_t len = int64_t(counts[int64_t(b) * s.nb_m + g / groups_per_row_tile]) * s.tile_k;
+  const int64_t group = blockIdx.x % s.all_groups();
+  const int64_t n_tile = blockIdx.x / s.all_groups();
+  const int64_t b = group / s.groups, g = group % s.groups;
+  const int64_t n0 = n_tile * C::kBN;
+  const int64_t len = int64_t(counts[b * s.nb_m + g * kGroupRows / s.tile_m]) * s.tile_k;
   const int n_chunks = int(ceil_div(len, C::kBK));
   const T* a_src = packed + group * kGroupRows * s.packed_k;
   const int32_t* ids = column_ids + group * s.packed_k;
