@@ -165,6 +165,8 @@
 #   PART=detect_san: detect_gpu's memcheck and racecheck sets without the suites.
 #   The detect A/B parts run bench_detect_ab.py with --returns $RETURNS (default "counts": the stacked
 #   counts; "total", one count sum per call, was the form before session 29).
+#   PART=kgather_loads: session 30: forward_ladder.cu first, then the k-gather kernel and fused suites,
+#                  memcheck and racecheck, then tests/test_kgather.py (ordered for a short device budget).
 #   PART=kgather_swizzle: session 30: the k-gather suites (TESTS=0 skips), forward_ladder.cu (the package's
 #                  forward next to the padded-row skeleton it replaced), bench_sparse_dense 32x1 without BCOO
 #                  (SPARSE_DENSE=0 skips), then with SAN=1 memcheck and racecheck over the k-gather kernel tests.
@@ -418,6 +420,18 @@ dispatch)
   echo "probe $((SECONDS-t0))s"
   (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-300} python3 bench_detect.py --out $OUT/detect 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "bench $((SECONDS-t0))s" ;;
+kgather_loads)  # session 30: the forward's load loops with per-thread copy slots — the ladder first (package
+               # forward vs its skeleton), then the k-gather kernel and fused tests, memcheck, racecheck
+  (cd benchmarks/read_probe && nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
+     -isystem=$(python3 -c "import jax.ffi; print(jax.ffi.include_dir())") forward_ladder.cu -o /tmp/forward_ladder \
+     && timeout -k 5 120 /tmp/forward_ladder > $OUT/forward_ladder.txt 2>&1)
+  grep -E "package forward|swz full \| 2 x 64" $OUT/forward_ladder.txt | tee -a $LOG
+  echo "ladder $((SECONDS-t0))s"
+  pytest_gpu 200 tests/test_kgather_kernels.py tests/test_kgather_fused.py
+  SAN_TIMEOUT=100 run_tool memcheck pit_kgather tests/test_kgather_kernels.py "gpu and (0.5 or 1.0 or garbage or many_row or dense_sparse)"
+  SAN_TIMEOUT=100 run_tool memcheck pit_kgather tests/test_kgather_fused.py "gpu and (0.5 or 0.99 or special)"
+  SAN_TIMEOUT=100 run_tool racecheck pit_kgather tests/test_kgather_kernels.py "gpu and (0.5 or 1.0 or garbage or many_row or dense_sparse)"
+  pytest_gpu 120 tests/test_kgather.py ;;
 kgather_swizzle)  # session 30: the forward's swizzled (unpadded) stage rows — the k-gather suites, the
                  # forward_ladder probe (the package's kernel next to the padded skeleton it replaced, same
                  # process), bench_sparse_dense's 32x1 table (no BCOO), then memcheck and racecheck (SAN=1)

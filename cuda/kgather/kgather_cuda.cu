@@ -340,35 +340,55 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
   const T* a_src = packed + group * kGroupRows * s.packed_k;
   const int32_t* ids = column_ids + group * s.packed_k;
 
-  const int64_t padded = ceil_div(len, kPackAlign) * kPackAlign;  // packed columns written by pack
+  // Per-thread copy slots, fixed for the whole k loop, so that a stage's loads are a few adds per
+  // copy (32-bit positions: packed_k < 2^24, the pack grid's limit). A thread's shared-memory rows
+  // step by multiples of 8, so their swizzle (row % 8) is that of its first row.
+  const int padded = int(ceil_div(len, kPackAlign) * kPackAlign);  // packed columns written by pack
   constexpr int kAVecsPerRow = C::kBK / C::kVec, kBVecsPerRow = C::kBN / C::kVec;
+  constexpr int kALoadsPerThread = C::kBM * kAVecsPerRow / kForwardThreads;
+  constexpr int kARowsPerPass = kForwardThreads / kAVecsPerRow;
   constexpr int kRowsPerPass = kForwardThreads / kBVecsPerRow, kIdsPerThread = C::kBK / kRowsPerPass;
+  static_assert(C::kBM * kAVecsPerRow % kForwardThreads == 0, "whole copies per thread");
+  static_assert(!C::kSwizzle || (kARowsPerPass % 8 == 0 && kRowsPerPass % 8 == 0),
+                "each thread's copy rows share one swizzle");
+  const int a_row = threadIdx.x / kAVecsPerRow, a_col = (threadIdx.x % kAVecsPerRow) * C::kVec;
+  const T* a_thread_src = a_src + a_row * s.packed_k + a_col;
+  const int a_thread_dst = C::at(a_row, a_col, C::kAStride);
   const int my_row = threadIdx.x / kBVecsPerRow, my_col = (threadIdx.x % kBVecsPerRow) * C::kVec;
+  const int b_thread_dst = C::at(my_row, my_col, C::kBStride);
+  const int64_t n = n0 + my_col;
+  const T* w_col = w + n;
+  const bool col_in_w = n < s.n;  // kVecW: a segment is all in w or all past its last column
 
   // Column ids of this thread's w rows for one chunk; fetched an iteration ahead so that the
   // SRead's dependent loads never wait on them.
   auto fetch_ids = [&](int chunk, int32_t (&out)[kIdsPerThread]) {
 #pragma unroll
     for (int j = 0; j < kIdsPerThread; ++j) {
-      const int64_t p = int64_t(chunk) * C::kBK + my_row + j * kRowsPerPass;
+      const int p = chunk * C::kBK + my_row + j * kRowsPerPass;
       out[j] = (chunk < n_chunks && p < padded) ? ids[p] : -1;
     }
   };
   auto load_stage = [&](int chunk, int stage, const int32_t (&k_ids)[kIdsPerThread]) {
     T* as = smem + stage * C::kStageElems;
     T* bs = as + C::kBM * C::kAStride;
-    const int64_t p0 = int64_t(chunk) * C::kBK;
-    for (int i = threadIdx.x; i < C::kBM * kAVecsPerRow; i += kForwardThreads) {  // packed rows: always aligned
-      const int r = i / kAVecsPerRow, c = (i % kAVecsPerRow) * C::kVec;
-      const bool ok = p0 + c < padded;
-      cp_async_16(as + C::at(r, c, C::kAStride), ok ? a_src + r * s.packed_k + p0 + c : a_src, ok ? 16 : 0);
-    }
-    const int64_t n = n0 + my_col;
+    const int p0 = chunk * C::kBK;
+    const bool a_ok = p0 + a_col < padded;  // packed rows: always aligned
+#pragma unroll
+    for (int it = 0; it < kALoadsPerThread; ++it)
+      cp_async_16(as + a_thread_dst + it * kARowsPerPass * C::kAStride,
+                  a_ok ? a_thread_src + it * kARowsPerPass * s.packed_k + p0 : a_src, a_ok ? 16 : 0);
 #pragma unroll
     for (int j = 0; j < kIdsPerThread; ++j) {  // SRead: the w rows named by the ids
       const int64_t k = k_ids[j];
-      const int64_t valid = k < 0 ? 0 : (s.n - n < C::kVec ? s.n - n : C::kVec);
-      load_segment<T, kVecW>(bs + C::at(my_row + j * kRowsPerPass, my_col, C::kBStride), w + k * s.n + n, valid, w);
+      T* dst = bs + b_thread_dst + j * kRowsPerPass * C::kBStride;
+      if constexpr (kVecW) {
+        const bool ok = k >= 0 && col_in_w;
+        cp_async_16(dst, ok ? w_col + k * s.n : w, ok ? 16 : 0);
+      } else {
+        const int64_t valid = k < 0 ? 0 : (s.n - n < C::kVec ? s.n - n : C::kVec);
+        load_segment<T, kVecW>(dst, w_col + k * s.n, valid, w);
+      }
     }
   };
 
