@@ -175,7 +175,7 @@ def _check_index(fn, name, index, shape, tile, layout, lead):
 # tile="auto": 32x1 micro-tiles, and the dense matmul when more than this fraction of them is
 # nonzero. Since the forward's swizzled shared-memory rows (session 30) it crosses the dense
 # matmul between density 0.25 and 0.20 on 4096³ and OPT fc2 (H200, 2026-11-29, detection
-# included: 0.86-0.88x dense at 0.25, 1.06-1.09x at 0.20, 1.34-1.36x at 0.15), so the rule
+# included: 0.86-0.88x dense at 0.25, 1.04-1.09x at 0.20 in two runs, 1.34-1.36x at 0.15), so the rule
 # stops at 0.20 (docs/kgather.md; 0.125 before, the crossover of the older forward).
 AUTO_TILE = (32, 1)
 AUTO_MAX_DENSITY = 0.2

@@ -44,7 +44,8 @@ template <typename T>
 struct ForwardConfig {
   static constexpr bool kTensorCores = sizeof(T) == 2;
   static constexpr int kBM = int(kGroupRows), kBN = 128, kBK = 2 * int(kPackAlign);
-  // A 2-stage ring (44 KB for bf16/fp16) leaves room for 5 CTAs per SM; 3 stages (66 KB, 3 CTAs)
+  // A 2-stage ring (40 KB for bf16/fp16; 44 KB with the padded rows used before session 30) leaves room
+  // for 5 CTAs per SM; 3 stages (66 KB then, 3 CTAs)
   // were slower at every sparsity measured, most at 99% (4096³: 0.065 vs 0.056 ms, H200, 2026-11-27).
   static constexpr int kStages = 2;
   static constexpr int kVec = 16 / int(sizeof(T));  // elements per 16-byte copy
