@@ -271,6 +271,14 @@ detect_sanitizer_sets() {  # memcheck and racecheck over the detect kernel tests
   run_tool memcheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned or special)"
   run_tool racecheck pit_detect tests/test_detect.py "gpu and (chunking_edges or dtypes_and_sparsity or unaligned)"
 }
+forward_ladder() {  # rows to show (an extended regex): builds and runs benchmarks/read_probe/forward_ladder.cu
+                   # (it includes the package's kernel source; no package build needed), $OUT/forward_ladder.txt
+  (cd benchmarks/read_probe && nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
+     -isystem=$(python3 -c "import jax.ffi; print(jax.ffi.include_dir())") forward_ladder.cu -o /tmp/forward_ladder \
+     && timeout -k 5 120 /tmp/forward_ladder > $OUT/forward_ladder.txt 2>&1)
+  grep -E "$1" $OUT/forward_ladder.txt | tee -a $LOG
+  echo "ladder $((SECONDS-t0))s"
+}
 DETECT_SUITES="tests/test_detect.py tests/test_detect_properties.py tests/test_detect_transforms.py tests/test_detect_errors.py"
 for part in ${PART:-tests}; do  # PART may name several parts, run in turn after one build
 case "$part" in
@@ -422,11 +430,7 @@ dispatch)
   echo "bench $((SECONDS-t0))s" ;;
 kgather_loads)  # session 30: the forward's load loops with per-thread copy slots — the ladder first (package
                # forward vs its skeleton), then the k-gather kernel and fused tests, memcheck, racecheck
-  (cd benchmarks/read_probe && nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
-     -isystem=$(python3 -c "import jax.ffi; print(jax.ffi.include_dir())") forward_ladder.cu -o /tmp/forward_ladder \
-     && timeout -k 5 120 /tmp/forward_ladder > $OUT/forward_ladder.txt 2>&1)
-  grep -E "package forward|swz full \| 2 x 64" $OUT/forward_ladder.txt | tee -a $LOG
-  echo "ladder $((SECONDS-t0))s"
+  forward_ladder "package forward|swz full \\| 2 x 64"
   pytest_gpu 200 tests/test_kgather_kernels.py tests/test_kgather_fused.py
   SAN_TIMEOUT=100 run_tool memcheck pit_kgather tests/test_kgather_kernels.py "gpu and (0.5 or 1.0 or garbage or many_row or dense_sparse)"
   SAN_TIMEOUT=100 run_tool memcheck pit_kgather tests/test_kgather_fused.py "gpu and (0.5 or 0.99 or special)"
@@ -436,11 +440,7 @@ kgather_swizzle)  # session 30: the forward's swizzled (unpadded) stage rows —
                  # forward_ladder probe (the package's kernel next to the padded skeleton it replaced, same
                  # process), bench_sparse_dense's 32x1 table (no BCOO), then memcheck and racecheck (SAN=1)
   [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 250 tests/test_kgather.py tests/test_kgather_kernels.py tests/test_kgather_fused.py
-  (cd benchmarks/read_probe && nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
-     -isystem=$(python3 -c "import jax.ffi; print(jax.ffi.include_dir())") forward_ladder.cu -o /tmp/forward_ladder \
-     && timeout -k 5 120 /tmp/forward_ladder > $OUT/forward_ladder.txt 2>&1)
-  grep -E "package forward|\| full \| 2 x 64" $OUT/forward_ladder.txt | tee -a $LOG
-  echo "ladder $((SECONDS-t0))s"
+  forward_ladder "package forward|\\| full \\| 2 x 64"
   [[ "${SPARSE_DENSE:-1}" == 1 ]] && timeout -k 5 ${BENCH_TIMEOUT:-250} python3 benchmarks/bench_sparse_dense.py --no-bcoo \
      --tiles 32x1 --out $OUT/sparse_dense 2>&1 | grep -E "^\| [4O]" | tee -a $LOG
   echo "bench $((SECONDS-t0))s"

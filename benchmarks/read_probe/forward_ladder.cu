@@ -191,22 +191,6 @@ __global__ void __launch_bounds__(128) ladder_kernel(const __nv_bfloat16* __rest
 
 using bf16 = __nv_bfloat16;
 
-template <typename F>
-float time_ms(F&& launch, int reps) {
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  launch();
-  CHECK(cudaEventRecord(a));
-  for (int r = 0; r < reps; ++r) launch();
-  CHECK(cudaEventRecord(b));
-  CHECK(cudaEventSynchronize(b));
-  CHECK(cudaGetLastError());
-  float ms = 0;
-  CHECK(cudaEventElapsedTime(&ms, a, b));
-  return ms / reps;
-}
-
 // smem_bytes > 0: launched with that much dynamic shared memory (caps the CTAs per SM)
 template <int kPart, int kStages, int kBK, bool kIssueFirst = false, bool kPadB = true, bool kStore = true,
           bool kSwz = false>

@@ -97,22 +97,6 @@ __global__ void __launch_bounds__(256) dsmem_read(const uint4* __restrict__ src,
   if (acc == 0x9e3779b9u) sink[threadIdx.x] = acc;
 }
 
-template <typename F>
-float time_ms(F&& launch, int reps) {
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  launch();  // warm (and w into L2)
-  CHECK(cudaEventRecord(a));
-  for (int r = 0; r < reps; ++r) launch();
-  CHECK(cudaEventRecord(b));
-  CHECK(cudaEventSynchronize(b));
-  CHECK(cudaGetLastError());
-  float ms = 0;
-  CHECK(cudaEventElapsedTime(&ms, a, b));
-  return ms / reps;
-}
-
 int main() {
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
