@@ -170,6 +170,8 @@
 #   PART=kgather_swizzle: session 30: the k-gather suites (TESTS=0 skips), forward_ladder.cu (the package's
 #                  forward next to the padded-row skeleton it replaced), bench_sparse_dense 32x1 without BCOO
 #                  (SPARSE_DENSE=0 skips), then with SAN=1 memcheck and racecheck over the k-gather kernel tests.
+#   PART=kgather_e2e: session 31: bench_sparse_dense 32x1 with BCOO ($OUT/sparse_dense), then ncu's per-kernel
+#                  device times of one forward call per sparsity on 4096³ and fc2 ($OUT/ncu_parts.txt).
 set -u
 export PYTHONUNBUFFERED=1
 LOG=$OUT/checks.log
@@ -436,6 +438,20 @@ kgather_loads)  # session 30: the forward's load loops with per-thread copy slot
   SAN_TIMEOUT=100 run_tool memcheck pit_kgather tests/test_kgather_fused.py "gpu and (0.5 or 0.99 or special)"
   SAN_TIMEOUT=100 run_tool racecheck pit_kgather tests/test_kgather_kernels.py "gpu and (0.5 or 1.0 or garbage or many_row or dense_sparse)"
   pytest_gpu 120 tests/test_kgather.py ;;
+kgather_e2e)  # session 31: the final forward end to end — bench_sparse_dense's 32x1 table with BCOO at >= 95%
+             # ($OUT/sparse_dense), then per-kernel device times of one call (ncu, unlocked clocks) on 4096³ and fc2
+  timeout -k 5 ${BENCH_TIMEOUT:-280} python3 benchmarks/bench_sparse_dense.py --tiles 32x1 --out $OUT/sparse_dense 2>&1 \
+     | grep -E "^\| [4O]" | tee -a $LOG
+  echo "bench $((SECONDS-t0))s"
+  for shape in "4096 4096 4096" "4096 16384 4096"; do
+    echo "== ncu, shape $shape" >> $OUT/ncu_parts.txt
+    XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=benchmarks timeout -k 5 120 ncu --clock-control none --kernel-name regex:pit_ \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum python3 -P benchmarks/profile_kgather.py \
+      --forward-only --shape $shape --sparsity ${SPARSITY:-0.9 0.95 0.99} >> $OUT/ncu_parts.txt 2>&1
+    echo "rc $?" >> $OUT/ncu_parts.txt
+  done
+  grep -E "^==|^  pit_|gpu__time|dram__bytes|rc " $OUT/ncu_parts.txt | sed 's/(.*//; s/  */ /g' | tee -a $LOG
+  echo "ncu $((SECONDS-t0))s" ;;
 kgather_swizzle)  # session 30: the forward's swizzled (unpadded) stage rows — the k-gather suites, the
                  # forward_ladder probe (the package's kernel next to the padded skeleton it replaced, same
                  # process), bench_sparse_dense's 32x1 table (no BCOO), then memcheck and racecheck (SAN=1)
