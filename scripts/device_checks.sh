@@ -170,6 +170,8 @@
 #   PART=kgather_swizzle: session 30: the k-gather suites (TESTS=0 skips), forward_ladder.cu (the package's
 #                  forward next to the padded-row skeleton it replaced), bench_sparse_dense 32x1 without BCOO
 #                  (SPARSE_DENSE=0 skips), then with SAN=1 memcheck and racecheck over the k-gather kernel tests.
+#   PART=kgather_split: session 31: the fused and kernel suites, bench_kgather_ab over PIT_KGATHER_PDL=0 and
+#                  PIT_KGATHER_DETECT_SPLIT=2/4 against the default (VARIANTS, SPARSITY), then (SAN=1) memcheck, racecheck.
 #   PART=kgather_e2e: session 31: bench_sparse_dense 32x1 with BCOO ($OUT/sparse_dense), then ncu's per-kernel
 #                  device times of one forward call per sparsity on 4096³ and fc2 ($OUT/ncu_parts.txt).
 set -u
@@ -452,6 +454,17 @@ kgather_e2e)  # session 31: the final forward end to end — bench_sparse_dense'
   done
   grep -E "^==|^  pit_|gpu__time|dram__bytes|rc " $OUT/ncu_parts.txt | sed 's/(.*//; s/  */ /g' | tee -a $LOG
   echo "ncu $((SECONDS-t0))s" ;;
+kgather_split)  # session 31: dependent launches (PIT_KGATHER_PDL) and the cluster-split detect+pack
+               # (PIT_KGATHER_DETECT_SPLIT) — fused and kernel suites, the A/B, then memcheck/racecheck
+  [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 250 tests/test_kgather_fused.py tests/test_kgather_kernels.py
+  (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-250} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
+     --variants ${VARIANTS:-default PIT_KGATHER_PDL=0 PIT_KGATHER_DETECT_SPLIT=2 PIT_KGATHER_DETECT_SPLIT=4} \
+     --sparsity ${SPARSITY:-0.9 0.95 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
+  echo "ab $((SECONDS-t0))s"
+  if [[ "${SAN:-1}" == 1 ]]; then
+    SAN_TIMEOUT=100 run_tool memcheck pit_kgather tests/test_kgather_fused.py "gpu and (split or pdl) and (0.5 or many or special)"
+    SAN_TIMEOUT=100 run_tool racecheck pit_kgather tests/test_kgather_fused.py "gpu and split4 and (0.5 or special)"
+  fi ;;
 kgather_swizzle)  # session 30: the forward's swizzled (unpadded) stage rows — the k-gather suites, the
                  # forward_ladder probe (the package's kernel next to the padded skeleton it replaced, same
                  # process), bench_sparse_dense's 32x1 table (no BCOO), then memcheck and racecheck (SAN=1)

@@ -42,9 +42,13 @@ SHAPES = {"odd": (1, 70, 520, 29), "small_batched": (2, 33, 24, 130), "long_rows
 
 
 # The fused kernel's launch variants (variables read per launch): the 256-thread ring of GPUs with
-# < 198 KB of shared memory per block, and the block-scan algorithms other than the default.
+# < 198 KB of shared memory per block, the block-scan algorithms other than the default, each
+# group's rows split over a cluster of 2 or 4 CTAs (Hopper), and dependent launches off (that one
+# applies to the separate kernels of the comparison too).
 VARIANTS = {"default": None, "ring256": ("PIT_KGATHER_FUSED_THREADS", "256"),
-            "scan_raking": ("PIT_KGATHER_FUSED_SCAN", "raking"), "scan_warp": ("PIT_KGATHER_FUSED_SCAN", "warp")}
+            "scan_raking": ("PIT_KGATHER_FUSED_SCAN", "raking"), "scan_warp": ("PIT_KGATHER_FUSED_SCAN", "warp"),
+            "split2": ("PIT_KGATHER_DETECT_SPLIT", "2"), "split4": ("PIT_KGATHER_DETECT_SPLIT", "4"),
+            "no_pdl": ("PIT_KGATHER_PDL", "0")}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -70,9 +74,29 @@ def test_fused_matches_float64_and_separate_kernels(backend, monkeypatch, varian
         assert _rel_err(y, want) < TOL[dtype]
 
 
-def test_fused_special_values(backend, monkeypatch):
+@pytest.mark.parametrize("variant", ["default", "split2", "split4", "no_pdl"])
+def test_fused_many_groups_and_chunks(backend, monkeypatch, variant):
+    """Many clusters resident at once (126 groups of a 4000-row batch pair) and rows of 9 chunks
+    with a partial last one: bit for bit the separate kernels, and within bf16 tolerance of float64."""
+    _gpu_only(backend)
+    if VARIANTS[variant] is not None:
+        monkeypatch.setenv(*VARIANTS[variant])
+    rng = np.random.default_rng(stable_seed("many", variant))
+    x = random_tile_sparse(rng, (2, 2000, 9000), TILE, 0.9, "bfloat16")
+    w = (rng.standard_normal((9000, 72)) + 0.1).astype(DTYPES["bfloat16"])
+    y = _forward(monkeypatch, x, w, fused=True)
+    y_separate = _forward(monkeypatch, x, w, fused=False)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_separate, np.float32))
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    assert _rel_err(y, want) < TOL["bfloat16"]
+
+
+@pytest.mark.parametrize("variant", ["default", "split4"])
+def test_fused_special_values(backend, monkeypatch, variant):
     """-0.0 is zero (its column is skipped), inf and subnormals are nonzero: as in detect."""
     _gpu_only(backend)
+    if VARIANTS[variant] is not None:
+        monkeypatch.setenv(*VARIANTS[variant])
     rng = np.random.default_rng(7)
     x = random_tile_sparse(rng, (96, 1040), TILE, 0.9, "float32")
     x[5, 3] = -0.0            # a column holding only -0.0 in its group
