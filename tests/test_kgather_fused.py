@@ -42,12 +42,10 @@ SHAPES = {"odd": (1, 70, 520, 29), "small_batched": (2, 33, 24, 130), "long_rows
 
 
 # The fused kernel's launch variants (variables read per launch): the 256-thread ring of GPUs with
-# < 198 KB of shared memory per block, the block-scan algorithms other than the default, each
-# group's rows split over a cluster of 2 or 4 CTAs (Hopper), and dependent launches off (that one
-# applies to the separate kernels of the comparison too).
+# < 198 KB of shared memory per block, the block-scan algorithms other than the default, and
+# dependent launches off (on by default for the fused path's two kernels).
 VARIANTS = {"default": None, "ring256": ("PIT_KGATHER_FUSED_THREADS", "256"),
             "scan_raking": ("PIT_KGATHER_FUSED_SCAN", "raking"), "scan_warp": ("PIT_KGATHER_FUSED_SCAN", "warp"),
-            "split2": ("PIT_KGATHER_DETECT_SPLIT", "2"), "split4": ("PIT_KGATHER_DETECT_SPLIT", "4"),
             "no_pdl": ("PIT_KGATHER_PDL", "0")}
 
 
@@ -74,10 +72,10 @@ def test_fused_matches_float64_and_separate_kernels(backend, monkeypatch, varian
         assert _rel_err(y, want) < TOL[dtype]
 
 
-@pytest.mark.parametrize("variant", ["default", "split2", "split4", "no_pdl"])
+@pytest.mark.parametrize("variant", ["default", "no_pdl"])
 def test_fused_many_groups_and_chunks(backend, monkeypatch, variant):
-    """Many clusters resident at once (126 groups of a 4000-row batch pair) and rows of 9 chunks
-    with a partial last one: bit for bit the separate kernels, and within bf16 tolerance of float64."""
+    """Many groups (126, over a batch of two 2000-row matrices) and rows of 9
+    chunks with a partial last one: bit for bit the separate kernels, and within bf16 tolerance of float64."""
     _gpu_only(backend)
     if VARIANTS[variant] is not None:
         monkeypatch.setenv(*VARIANTS[variant])
@@ -91,12 +89,9 @@ def test_fused_many_groups_and_chunks(backend, monkeypatch, variant):
     assert _rel_err(y, want) < TOL["bfloat16"]
 
 
-@pytest.mark.parametrize("variant", ["default", "split4"])
-def test_fused_special_values(backend, monkeypatch, variant):
+def test_fused_special_values(backend, monkeypatch):
     """-0.0 is zero (its column is skipped), inf and subnormals are nonzero: as in detect."""
     _gpu_only(backend)
-    if VARIANTS[variant] is not None:
-        monkeypatch.setenv(*VARIANTS[variant])
     rng = np.random.default_rng(7)
     x = random_tile_sparse(rng, (96, 1040), TILE, 0.9, "float32")
     x[5, 3] = -0.0            # a column holding only -0.0 in its group

@@ -11,10 +11,12 @@
 //              A group with no nonzero tile still writes its zeros.
 //   When sparse_dense detects its own 32x1 index (pit_sparse_dense_detect), detection and pack are
 //   one kernel (step 0+1 below) that reads x once and writes only what the GEMM reads.
-//   Both forward steps take programmatic dependent launches (common/pdl.cuh; PIT_KGATHER_PDL=0 turns
-//   them off, read per launch): the GEMM's CTAs are scheduled while pack runs and wait for it before
-//   touching memory, which hides the launch gap between the two kernels (and the one after the
-//   previous kernel on the stream).
+//   The fused path's two kernels take programmatic dependent launches (common/pdl.cuh;
+//   PIT_KGATHER_PDL=0 turns them off, read per launch): the GEMM's CTAs are scheduled while
+//   detect+pack runs and wait for it before touching memory, hiding the launch gap between them
+//   (4096³ bf16 at 90/95/99% sparsity: 0.100/0.070/0.047 -> 0.098/0.068/0.044 ms, H200, session
+//   31). The separate pack and GEMM launch plainly: with dependent launches the index-given call
+//   on OPT fc2 at 99% went from 0.076 to 0.088 ms in the same A/B.
 // dW       dw = Σ_batch (x ⊙ M)ᵀ dy, two steps:
 //   1. colmask: per (32-row group, 64-column tile), a 64-bit mask of the columns listed nonzero.
 //   2. tn gemm: one CTA per 64x128 tile of dw walks the row groups whose mask is nonzero (in a
@@ -26,7 +28,6 @@
 #include <cstdlib>
 #include <string>
 
-#include <cooperative_groups.h>
 #include <cub/block/block_scan.cuh>
 
 #include "../common/ffi_common.h"
@@ -89,8 +90,6 @@ __global__ void __launch_bounds__(kPackThreads) pit_kgather_pack_kernel(const T*
                                                                const int32_t* __restrict__ indices,
                                                                T* __restrict__ packed, int32_t* __restrict__ column_ids,
                                                                KGatherShape s) {
-  wait_for_previous_grid();  // whatever wrote x and the index (and last read this workspace)
-  allow_dependent_launch();
   const int64_t group = blockIdx.x;  // b * groups + g
   const int64_t b = group / s.groups, g = group % s.groups;
   const int64_t rb = b * s.nb_m + g * kGroupRows / s.tile_m;
@@ -226,133 +225,6 @@ __global__ void __launch_bounds__(kThreadsPerCta) pit_kgather_detect_pack_kernel
     if (r == 0) ids[p] = -1;
   }
   if (threadIdx.x == 0) counts[group] = int32_t(base);
-}
-
-// ---- forward step 0+1, the group's rows split over a cluster (Hopper) ------------------------------
-//
-// The kernel above gives each 32-row group one CTA, so a 4096-row x runs 128 CTAs, one per SM,
-// each streaming 256 KB (4096³) to 1 MB (OPT fc2) through a ring of two chunks in flight:
-// 14 / 43 µs for 34 / 134 MB, 2.4 / 3.1 TB/s (H200, Nsight Compute, session 31). Here a cluster of
-// kSplit CTAs shares a group: each streams and packs 32 / kSplit of its rows, and the chunk's
-// column flags are the OR of the kSplit partial ORs, read from the peers' shared memory (DSMEM)
-// after one cluster barrier per chunk. Every CTA runs the same scan on the same flags, so all
-// agree on the packed positions with no global traffic. Rank 0 writes the column ids and the count.
-
-template <int kThreadsPerCta, int kSplit>
-struct DetectPackSplitConfig {
-  static constexpr int kThreads = kThreadsPerCta;
-  static constexpr int kRows = int(kGroupRows) / kSplit;  // this CTA's rows of the group
-  static constexpr int kRowBytes = 4 * kThreads;          // one 32-bit word per thread per row and chunk
-  static constexpr int kStageBytes = kRows * kRowBytes;
-  static constexpr int kStages = kSplit >= 4 ? 4 : 3;      // 8-row stages are small: three in flight
-  static constexpr int kPartialBytes = 2 * 4 * kThreads;   // this CTA's OR words, for two chunks in turn
-  static constexpr int kSmemBytes = kStages * kStageBytes + kPartialBytes + kRowBytes;  // + `selected`
-  static_assert(int(kGroupRows) % kSplit == 0 && kSplit <= 8, "whole rows per CTA, a portable cluster");
-};
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void cluster_barrier() {  // every thread of every CTA of the cluster
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-#endif
-
-template <typename T, int kThreadsPerCta, int kSplit>
-__global__ void __launch_bounds__(kThreadsPerCta) pit_kgather_detect_pack_split_kernel(
-    const T* __restrict__ x, int32_t* __restrict__ counts, T* __restrict__ packed, int32_t* __restrict__ column_ids,
-    KGatherShape s) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using C = DetectPackSplitConfig<kThreadsPerCta, kSplit>;
-  constexpr int kCols = C::kRowBytes / int(sizeof(T));
-  constexpr int kElemsPerWord = 4 / int(sizeof(T));
-  constexpr uint32_t kMagnitude = sizeof(T) == 4 ? 0x7fffffffu : 0x7fffu;  // x != 0: not -0.0, NaN counts
-  constexpr int kVec = 16 / int(sizeof(T));
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  uint32_t* partial = reinterpret_cast<uint32_t*>(smem_bytes + C::kStages * C::kStageBytes);
-  uint16_t* selected = reinterpret_cast<uint16_t*>(smem_bytes + C::kStages * C::kStageBytes + C::kPartialBytes);
-  using Scan = cub::BlockScan<int, C::kThreads, cub::BLOCK_SCAN_RAKING_MEMOIZE>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-  const int rank = int(cluster.block_rank());
-
-  const int64_t group = blockIdx.x / kSplit;  // b * groups + g; a cluster is kSplit consecutive CTAs
-  const int64_t b = group / s.groups, g = group % s.groups;
-  const int64_t row0 = g * kGroupRows + rank * C::kRows;  // this CTA's first row in x's batch b
-  const T* x_rows = x + (b * s.rows + row0) * s.k;
-  T* out = packed + (group * kGroupRows + rank * C::kRows) * s.packed_k;
-  int32_t* ids = column_ids + group * s.packed_k;
-  const int n_chunks = int(ceil_div(s.k, int64_t(kCols)));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  wait_for_previous_grid();  // whatever wrote x (and last read this workspace)
-  allow_dependent_launch();
-
-  auto load_chunk = [&](int chunk) {  // rows past M and columns past K read as zeros
-    unsigned char* stage = smem_bytes + (chunk % C::kStages) * C::kStageBytes;
-    const int64_t c0 = int64_t(chunk) * kCols;
-#pragma unroll
-    for (int i = threadIdx.x; i < C::kStageBytes / 16; i += C::kThreads) {
-      const int r = i / (C::kRowBytes / 16), c = (i % (C::kRowBytes / 16)) * kVec;
-      const bool ok = row0 + r < s.rows && c0 + c < s.k;
-      cp_async_16(stage + r * C::kRowBytes + c * int(sizeof(T)), ok ? x_rows + r * s.k + c0 + c : x, ok ? 16 : 0);
-    }
-  };
-
-#pragma unroll
-  for (int st = 0; st < C::kStages - 1; ++st) {
-    if (st < n_chunks) load_chunk(st);
-    cp_async_commit();
-  }
-  int64_t base = 0;  // packed columns so far (the same in every CTA of the cluster)
-  for (int chunk = 0; chunk < n_chunks; ++chunk) {
-    cp_async_wait<C::kStages - 2>();
-    __syncthreads();  // chunk's stage is visible; the previous chunk's stage and `selected` are free
-    if (chunk + C::kStages - 1 < n_chunks) load_chunk(chunk + C::kStages - 1);
-    cp_async_commit();
-    const unsigned char* stage = smem_bytes + (chunk % C::kStages) * C::kStageBytes;
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(stage);
-    uint32_t any = 0;
-#pragma unroll
-    for (int r = 0; r < C::kRows; ++r) any |= words[r * C::kThreads + threadIdx.x];
-    // Partial ORs alternate between two slots: a peer reads slot (chunk & 1) before it arrives at
-    // the next chunk's barrier, and this CTA writes that slot again only after that barrier.
-    uint32_t* slot = partial + (chunk & 1) * C::kThreads + threadIdx.x;
-    *slot = any;
-    cluster_barrier();  // every CTA's partial OR for this chunk is written
-#pragma unroll
-    for (int q = 1; q < kSplit; ++q) any |= *cluster.map_shared_rank(slot, (rank + q) % kSplit);
-    int flags[kElemsPerWord], n_set = 0;
-#pragma unroll
-    for (int e = 0; e < kElemsPerWord; ++e) {
-      flags[e] = ((any >> (16 * e)) & kMagnitude) != 0;
-      n_set += flags[e];
-    }
-    int pos, chunk_total;
-    Scan(scan_storage).ExclusiveSum(n_set, pos, chunk_total);
-    const int64_t c0 = int64_t(chunk) * kCols;
-#pragma unroll
-    for (int e = 0; e < kElemsPerWord; ++e) {
-      if (!flags[e]) continue;
-      const int col = threadIdx.x * kElemsPerWord + e;
-      selected[pos] = uint16_t(col);
-      if (rank == 0) ids[base + pos] = int32_t(c0 + col);
-      ++pos;
-    }
-    __syncthreads();  // `selected` complete
-    const T* tile = reinterpret_cast<const T*>(stage);
-    for (int r = warp; r < C::kRows; r += C::kThreads / 32)  // a warp writes consecutive packed columns
-      for (int q = lane; q < chunk_total; q += 32) out[r * s.packed_k + base + q] = tile[r * kCols + selected[q]];
-    base += chunk_total;
-  }
-  cp_async_wait<0>();
-  // pad to the GEMM's k-step: zero columns with id -1
-  const int64_t padded = ceil_div(base, kPackAlign) * kPackAlign;
-  for (int64_t i = threadIdx.x; i < (padded - base) * C::kRows; i += C::kThreads) {
-    const int64_t r = i / (padded - base), p = base + i % (padded - base);
-    out[r * s.packed_k + p] = zero_value<T>();
-    if (rank == 0 && r == 0) ids[p] = -1;
-  }
-  if (rank == 0 && threadIdx.x == 0) counts[group] = int32_t(base);
-  cluster_barrier();  // no CTA leaves while a peer may still read its partial ORs
-#endif
 }
 
 // ---- forward step 2: gathered GEMM -------------------------------------------------------------
@@ -675,14 +547,14 @@ __global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_kgather_tn_kernel(
 
 // ---- launchers ---------------------------------------------------------------------------------
 
-// Whether the forward's kernels (pack or detect+pack, then the GEMM) take dependent launches:
+// Whether the fused path's kernels (detect+pack, then the GEMM) take dependent launches:
 // PIT_KGATHER_PDL=0 turns them off (an A/B switch, read per launch).
 inline bool forward_dependent_launch() { return dependent_launch_setting("PIT_KGATHER_PDL") != 0; }
 
 // The gathered GEMM over a packed x (step 2); `counts` per 32-row group's tile row block.
 template <typename T>
 cudaError_t launch_gemm(cudaStream_t stream, const KGatherShape& s, const T* packed, const int32_t* column_ids,
-                        const int32_t* counts, const void* w, void* y) {
+                        const int32_t* counts, const void* w, void* y, bool dependent) {
   using C = ForwardConfig<T>;
   const int64_t n_tiles = ceil_div(s.n, C::kBN);
   const unsigned grid = unsigned(s.all_groups() * n_tiles);
@@ -690,7 +562,7 @@ cudaError_t launch_gemm(cudaStream_t stream, const KGatherShape& s, const T* pac
   auto kernel = vec_w ? pit_kgather_forward_kernel<T, true> : pit_kgather_forward_kernel<T, false>;
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  err = launch_dependent(kernel, dim3(grid), dim3(kForwardThreads), C::kSmemBytes, stream, forward_dependent_launch(),
+  err = launch_dependent(kernel, dim3(grid), dim3(kForwardThreads), C::kSmemBytes, stream, dependent,
                          packed, column_ids, counts, static_cast<const T*>(w), static_cast<T*>(y), s,
                          rows_copy_by_16_bytes<T>(y, s.n));
   return err != cudaSuccess ? err : cudaGetLastError();
@@ -703,11 +575,9 @@ cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const voi
   T* packed = reinterpret_cast<T*>(workspace);
   int32_t* column_ids = reinterpret_cast<int32_t*>(workspace + s.packed_x_bytes(sizeof(T)));
   const dim3 pack_grid(unsigned(s.all_groups()), unsigned(ceil_div(s.packed_k, kPackThreads)));
-  const cudaError_t err = launch_dependent(pit_kgather_pack_kernel<T>, pack_grid, dim3(kPackThreads), 0, stream,
-                                           forward_dependent_launch(), static_cast<const T*>(x), counts, indices,
-                                           packed, column_ids, s);
-  if (err != cudaSuccess) return err;
-  return launch_gemm<T>(stream, s, packed, column_ids, counts, w, y);
+  pit_kgather_pack_kernel<T><<<pack_grid, kPackThreads, 0, stream>>>(
+      static_cast<const T*>(x), counts, indices, packed, column_ids, s);
+  return launch_gemm<T>(stream, s, packed, column_ids, counts, w, y, /*dependent=*/false);
 }
 
 // Detection fused with pack (32x1 tiles, x's rows in 16-byte vectors), then the GEMM. Scratch:
@@ -742,41 +612,6 @@ cudaError_t launch_detect_pack(cudaStream_t stream, const KGatherShape& s, const
                                                                               column_ids);
 }
 
-// The cluster-split detect+pack (Hopper): kSplit CTAs per group, launched as clusters of kSplit.
-template <typename T, int kThreads, int kSplit>
-cudaError_t launch_detect_pack_split(cudaStream_t stream, const KGatherShape& s, const void* x, int32_t* counts,
-                                     T* packed, int32_t* column_ids) {
-  using C = DetectPackSplitConfig<kThreads, kSplit>;
-  auto kernel = pit_kgather_detect_pack_split_kernel<T, kThreads, kSplit>;
-  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  cudaLaunchAttribute attrs[2];
-  attrs[0].id = cudaLaunchAttributeClusterDimension;
-  attrs[0].val.clusterDim.x = kSplit;
-  attrs[0].val.clusterDim.y = 1;
-  attrs[0].val.clusterDim.z = 1;
-  attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attrs[1].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(unsigned(s.all_groups() * kSplit));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = C::kSmemBytes;
-  config.stream = stream;
-  config.attrs = attrs;
-  config.numAttrs = forward_dependent_launch() ? 2 : 1;
-  err = cudaLaunchKernelEx(&config, kernel, static_cast<const T*>(x), counts, packed, column_ids, s);
-  return err != cudaSuccess ? err : cudaGetLastError();
-}
-
-// How many CTAs share a group in detect+pack: PIT_KGATHER_DETECT_SPLIT = 1 (one CTA per group, the
-// default), 2 or 4 (a cluster per group; Hopper only, compute capability 9+, else 1). Read per launch.
-inline int detect_pack_split(const KGatherShape& s) {
-  const char* env = std::getenv("PIT_KGATHER_DETECT_SPLIT");
-  const int split = env == nullptr ? 1 : std::atoi(env);
-  if ((split != 2 && split != 4) || !dependent_launch_supported()) return 1;
-  return s.all_groups() * split < (int64_t(1) << 31) ? split : 1;
-}
-
 // Whether the current device gives a block the 512-thread ring's shared memory (a static device
 // property, read once per device; PIT_KGATHER_FUSED_THREADS=256 forces the smaller ring, for tests).
 inline bool large_detect_pack_ring_fits() {
@@ -798,13 +633,11 @@ cudaError_t launch_forward_detecting(cudaStream_t stream, const KGatherShape& s,
   T* packed = reinterpret_cast<T*>(workspace);
   int32_t* column_ids = reinterpret_cast<int32_t*>(workspace + s.packed_x_bytes(sizeof(T)));
   int32_t* counts = reinterpret_cast<int32_t*>(workspace + s.forward_workspace_bytes(sizeof(T)));
-  const int split = detect_pack_split(s);
-  const cudaError_t err = split == 4 ? launch_detect_pack_split<T, 512, 4>(stream, s, x, counts, packed, column_ids)
-                          : split == 2 ? launch_detect_pack_split<T, 512, 2>(stream, s, x, counts, packed, column_ids)
-                          : large_detect_pack_ring_fits() ? launch_detect_pack<T, 512>(stream, s, x, counts, packed, column_ids)
-                                                          : launch_detect_pack<T, 256>(stream, s, x, counts, packed, column_ids);
+  const cudaError_t err = large_detect_pack_ring_fits()
+                              ? launch_detect_pack<T, 512>(stream, s, x, counts, packed, column_ids)
+                              : launch_detect_pack<T, 256>(stream, s, x, counts, packed, column_ids);
   if (err != cudaSuccess) return err;
-  return launch_gemm<T>(stream, s, packed, column_ids, counts, w, y);
+  return launch_gemm<T>(stream, s, packed, column_ids, counts, w, y, forward_dependent_launch());
 }
 
 template <typename T>
