@@ -172,8 +172,6 @@
 #                  (SPARSE_DENSE=0 skips), then with SAN=1 memcheck and racecheck over the k-gather kernel tests.
 #   PART=kgather_split: session 31: the fused and kernel suites, bench_kgather_ab over PIT_KGATHER_PDL=0 and
 #                  PIT_KGATHER_DETECT_SPLIT=2/4 against the default (VARIANTS, SPARSITY), then (SAN=1) memcheck, racecheck.
-#   PART=kgather_warps: session 31: the suites (the kernel suite again with PIT_KGATHER_FORWARD_WARPS=8), the A/B of
-#                  8 against 4 warps per forward CTA (VARIANTS, SPARSITY), then (SAN=1) memcheck and racecheck.
 #   PART=kgather_e2e: session 31: bench_sparse_dense 32x1 with BCOO ($OUT/sparse_dense), then ncu's per-kernel
 #                  device times of one forward call per sparsity on 4096³ and fc2 ($OUT/ncu_parts.txt).
 set -u
@@ -466,19 +464,6 @@ kgather_split)  # session 31: dependent launches (PIT_KGATHER_PDL) and the clust
   if [[ "${SAN:-1}" == 1 ]]; then
     SAN_TIMEOUT=100 run_tool memcheck pit_kgather tests/test_kgather_fused.py "gpu and (split or pdl) and (0.5 or many or special)"
     SAN_TIMEOUT=100 run_tool racecheck pit_kgather tests/test_kgather_fused.py "gpu and split4 and (0.5 or special)"
-  fi ;;
-kgather_warps)  # session 31: the forward GEMM with 8 warps and 256-column tiles (PIT_KGATHER_FORWARD_WARPS=8)
-               # against 4 warps — suites (the kernel suite again with 8 warps), the A/B, memcheck and racecheck
-  [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 250 tests/test_kgather_fused.py tests/test_kgather_kernels.py
-  [[ "${TESTS:-1}" == 1 ]] && (export PIT_KGATHER_FORWARD_WARPS=8; echo "== PIT_KGATHER_FORWARD_WARPS=8" | tee -a $LOG; \
-     pytest_gpu 150 tests/test_kgather_kernels.py)
-  (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-250} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
-     --variants ${VARIANTS:-default PIT_KGATHER_FORWARD_WARPS=8} --sparsity ${SPARSITY:-0.5 0.9 0.95 0.99} 2>&1 \
-     | grep -E "^\|" | tee -a $LOG)
-  echo "ab $((SECONDS-t0))s"
-  if [[ "${SAN:-1}" == 1 ]]; then
-    SAN_TIMEOUT=100 run_tool memcheck pit_kgather tests/test_kgather_fused.py "gpu and (warps8 or pdl) and (0.5 or many)"
-    SAN_TIMEOUT=100 run_tool racecheck pit_kgather tests/test_kgather_fused.py "gpu and warps8 and (0.5 or many)"
   fi ;;
 kgather_swizzle)  # session 30: the forward's swizzled (unpadded) stage rows — the k-gather suites, the
                  # forward_ladder probe (the package's kernel next to the padded skeleton it replaced, same

@@ -44,17 +44,13 @@ static_assert(pit::kTnRows == pit::kGroupRows, "dW stages reduce one 32-row grou
 namespace pit {
 namespace {
 
+constexpr int kForwardThreads = 128;  // 4 warps per forward GEMM CTA
 constexpr int kPackThreads = 256;     // one packed column per thread, blockIdx.y picks the columns
 
-// kWarps: warps per CTA, each on 32 columns of the output tile (bf16/fp16; fp32 takes 4).
-// PIT_KGATHER_FORWARD_WARPS picks 4 (128-column tiles, the default) or 8 (256 columns: packed x
-// read once per 256 columns of y, twice the work per CTA for the same counts and ids).
-template <typename T, int kWarps = 4>
+template <typename T>
 struct ForwardConfig {
   static constexpr bool kTensorCores = sizeof(T) == 2;
-  static_assert(kWarps == 4 || (kTensorCores && kWarps == 8), "fp32 runs 4 warps");
-  static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBM = int(kGroupRows), kBN = 32 * kWarps, kBK = 2 * int(kPackAlign);
+  static constexpr int kBM = int(kGroupRows), kBN = 128, kBK = 2 * int(kPackAlign);
   // A 2-stage ring (40 KB for bf16/fp16; 44 KB with the padded rows used before session 30) leaves room
   // for 5 CTAs per SM; 3 stages (66 KB then, 3 CTAs)
   // were slower at every sparsity measured, most at 99% (4096³: 0.065 vs 0.056 ms, H200, 2026-11-27).
@@ -233,9 +229,9 @@ __global__ void __launch_bounds__(kThreadsPerCta) pit_kgather_detect_pack_kernel
 
 // ---- forward step 2: gathered GEMM -------------------------------------------------------------
 
-template <typename T, int kWarps>
+template <typename T>
 struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
-  using C = ForwardConfig<T, kWarps>;
+  using C = ForwardConfig<T>;
   float acc[2][4][4] = {};
 
   __device__ __forceinline__ void step(const T* as, const T* bs, int warp, int lane) {
@@ -284,7 +280,7 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
         }
     __syncthreads();
     constexpr int kVecsPerRow = C::kBN / C::kVec;
-    for (int i = threadIdx.x; i < C::kBM * kVecsPerRow; i += C::kThreads) {
+    for (int i = threadIdx.x; i < C::kBM * kVecsPerRow; i += kForwardThreads) {
       const int r = i / kVecsPerRow, c = (i % kVecsPerRow) * C::kVec;
       if (r >= rows || c >= cols) continue;
       const T* src = staging + r * kCStride + c;
@@ -330,17 +326,16 @@ struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
   }
 };
 
-template <typename T, int kWarps>
-using ForwardMath = std::conditional_t<ForwardConfig<T>::kTensorCores, ForwardTensorCoreMath<T, kWarps>,
-                                       ForwardCudaCoreMath<T>>;
+template <typename T>
+using ForwardMath = std::conditional_t<ForwardConfig<T>::kTensorCores, ForwardTensorCoreMath<T>, ForwardCudaCoreMath<T>>;
 
-template <typename T, bool kVecW, int kWarps = 4>
-__global__ void __launch_bounds__(32 * kWarps) pit_kgather_forward_kernel(const T* __restrict__ packed,
+template <typename T, bool kVecW>
+__global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(const T* __restrict__ packed,
                                                                        const int32_t* __restrict__ column_ids,
                                                                        const int32_t* __restrict__ counts,
                                                                        const T* __restrict__ w, T* __restrict__ y,
                                                                        KGatherShape s, bool vec_y) {
-  using C = ForwardConfig<T, kWarps>;
+  using C = ForwardConfig<T>;
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = reinterpret_cast<T*>(smem_bytes);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -362,10 +357,10 @@ __global__ void __launch_bounds__(32 * kWarps) pit_kgather_forward_kernel(const 
   // step by multiples of 8, so their swizzle (row % 8) is that of its first row.
   const int padded = int(ceil_div(len, kPackAlign) * kPackAlign);  // packed columns written by pack
   constexpr int kAVecsPerRow = C::kBK / C::kVec, kBVecsPerRow = C::kBN / C::kVec;
-  constexpr int kALoadsPerThread = C::kBM * kAVecsPerRow / C::kThreads;
-  constexpr int kARowsPerPass = C::kThreads / kAVecsPerRow;
-  constexpr int kRowsPerPass = C::kThreads / kBVecsPerRow, kIdsPerThread = C::kBK / kRowsPerPass;
-  static_assert(C::kBM * kAVecsPerRow % C::kThreads == 0, "whole copies per thread");
+  constexpr int kALoadsPerThread = C::kBM * kAVecsPerRow / kForwardThreads;
+  constexpr int kARowsPerPass = kForwardThreads / kAVecsPerRow;
+  constexpr int kRowsPerPass = kForwardThreads / kBVecsPerRow, kIdsPerThread = C::kBK / kRowsPerPass;
+  static_assert(C::kBM * kAVecsPerRow % kForwardThreads == 0, "whole copies per thread");
   static_assert(!C::kSwizzle || (kARowsPerPass % 8 == 0 && kRowsPerPass % 8 == 0),
                 "each thread's copy rows share one swizzle");
   const int a_row = threadIdx.x / kAVecsPerRow, a_col = (threadIdx.x % kAVecsPerRow) * C::kVec;
@@ -409,7 +404,7 @@ __global__ void __launch_bounds__(32 * kWarps) pit_kgather_forward_kernel(const 
     }
   };
 
-  ForwardMath<T, kWarps> math;
+  ForwardMath<T> math;
   int32_t k_ids[kIdsPerThread];
 #pragma unroll
   for (int st = 0; st < C::kStages - 1; ++st) {
@@ -556,33 +551,21 @@ __global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_kgather_tn_kernel(
 // PIT_KGATHER_PDL=0 turns them off (an A/B switch, read per launch).
 inline bool forward_dependent_launch() { return dependent_launch_setting("PIT_KGATHER_PDL") != 0; }
 
-template <typename T, int kWarps>
-cudaError_t launch_gemm_with(cudaStream_t stream, const KGatherShape& s, const T* packed, const int32_t* column_ids,
-                             const int32_t* counts, const void* w, void* y, bool dependent) {
-  using C = ForwardConfig<T, kWarps>;
-  const int64_t n_tiles = ceil_div(s.n, C::kBN);
-  const unsigned grid = unsigned(s.all_groups() * n_tiles);
-  const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
-  auto kernel = vec_w ? pit_kgather_forward_kernel<T, true, kWarps> : pit_kgather_forward_kernel<T, false, kWarps>;
-  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  err = launch_dependent(kernel, dim3(grid), dim3(C::kThreads), C::kSmemBytes, stream, dependent,
-                         packed, column_ids, counts, static_cast<const T*>(w), static_cast<T*>(y), s,
-                         rows_copy_by_16_bytes<T>(y, s.n));
-  return err != cudaSuccess ? err : cudaGetLastError();
-}
-
-// The gathered GEMM over a packed x (step 2); `counts` per 32-row group's tile row block. Warps per
-// CTA from PIT_KGATHER_FORWARD_WARPS (read per launch; 8 applies to bf16/fp16 only).
+// The gathered GEMM over a packed x (step 2); `counts` per 32-row group's tile row block.
 template <typename T>
 cudaError_t launch_gemm(cudaStream_t stream, const KGatherShape& s, const T* packed, const int32_t* column_ids,
                         const int32_t* counts, const void* w, void* y, bool dependent) {
-  if constexpr (ForwardConfig<T>::kTensorCores) {
-    const char* env = std::getenv("PIT_KGATHER_FORWARD_WARPS");
-    if (env != nullptr && std::atoi(env) == 8)
-      return launch_gemm_with<T, 8>(stream, s, packed, column_ids, counts, w, y, dependent);
-  }
-  return launch_gemm_with<T, 4>(stream, s, packed, column_ids, counts, w, y, dependent);
+  using C = ForwardConfig<T>;
+  const int64_t n_tiles = ceil_div(s.n, C::kBN);
+  const unsigned grid = unsigned(s.all_groups() * n_tiles);
+  const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
+  auto kernel = vec_w ? pit_kgather_forward_kernel<T, true> : pit_kgather_forward_kernel<T, false>;
+  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  err = launch_dependent(kernel, dim3(grid), dim3(kForwardThreads), C::kSmemBytes, stream, dependent,
+                         packed, column_ids, counts, static_cast<const T*>(w), static_cast<T*>(y), s,
+                         rows_copy_by_16_bytes<T>(y, s.n));
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 template <typename T>
