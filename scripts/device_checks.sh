@@ -172,8 +172,6 @@
 #                  (SPARSE_DENSE=0 skips), then with SAN=1 memcheck and racecheck over the k-gather kernel tests.
 #   PART=kgather_split: session 31: the fused and kernel suites, bench_kgather_ab over PIT_KGATHER_PDL=0 and
 #                  PIT_KGATHER_DETECT_SPLIT=2/4 against the default (VARIANTS, SPARSITY), then (SAN=1) memcheck, racecheck.
-#   PART=kgather_l2: session 31: the fused suite, the kernel suite with PIT_KGATHER_L2_HINTS=3, the A/B of the
-#                  forward's L2 hints (1 w evict-last, 2 y evict-first, 3 both; ROUNDS, default 5), memcheck, racecheck.
 #   PART=kgather_e2e: session 31: bench_sparse_dense 32x1 with BCOO ($OUT/sparse_dense), then ncu's per-kernel
 #                  device times of one forward call per sparsity on 4096³ and fc2 ($OUT/ncu_parts.txt).
 set -u
@@ -466,19 +464,6 @@ kgather_split)  # session 31: dependent launches (PIT_KGATHER_PDL) and the clust
   if [[ "${SAN:-1}" == 1 ]]; then
     SAN_TIMEOUT=100 run_tool memcheck pit_kgather tests/test_kgather_fused.py "gpu and (split or pdl) and (0.5 or many or special)"
     SAN_TIMEOUT=100 run_tool racecheck pit_kgather tests/test_kgather_fused.py "gpu and split4 and (0.5 or special)"
-  fi ;;
-kgather_l2)  # session 31: L2 cache hints in the forward GEMM (PIT_KGATHER_L2_HINTS: 1 w evict-last, 2 y evict-first,
-            # 3 both) — the fused suite, the kernel suite with both hints, the A/B, memcheck and racecheck
-  [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 250 tests/test_kgather_fused.py
-  [[ "${TESTS:-1}" == 1 ]] && (export PIT_KGATHER_L2_HINTS=3; echo "== PIT_KGATHER_L2_HINTS=3" | tee -a $LOG; \
-     pytest_gpu 150 tests/test_kgather_kernels.py)
-  (cd benchmarks && PIT_BENCH_ROUNDS=${ROUNDS:-5} timeout -k 5 ${BENCH_TIMEOUT:-250} python3 bench_kgather_ab.py \
-     --out $OUT/kgather_ab --variants ${VARIANTS:-default PIT_KGATHER_L2_HINTS=1 PIT_KGATHER_L2_HINTS=2 PIT_KGATHER_L2_HINTS=3} \
-     --sparsity ${SPARSITY:-0.5 0.9 0.95 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
-  echo "ab $((SECONDS-t0))s"
-  if [[ "${SAN:-1}" == 1 ]]; then
-    SAN_TIMEOUT=100 run_tool memcheck pit_kgather tests/test_kgather_fused.py "gpu and (l2_hints or pdl) and (0.5 or many)"
-    SAN_TIMEOUT=100 run_tool racecheck pit_kgather tests/test_kgather_fused.py "gpu and l2_hints and (0.5 or many)"
   fi ;;
 kgather_swizzle)  # session 30: the forward's swizzled (unpadded) stage rows — the k-gather suites, the
                  # forward_ladder probe (the package's kernel next to the padded skeleton it replaced, same

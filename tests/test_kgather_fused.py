@@ -42,12 +42,11 @@ SHAPES = {"odd": (1, 70, 520, 29), "small_batched": (2, 33, 24, 130), "long_rows
 
 
 # The fused kernel's launch variants (variables read per launch): the 256-thread ring of GPUs with
-# < 198 KB of shared memory per block, the block-scan algorithms other than the default,
-# dependent launches off (on by default for the fused path's two kernels), and the GEMM's L2
-# cache hints (both bits; the separate kernels of the comparison take them too).
+# < 198 KB of shared memory per block, the block-scan algorithms other than the default, and
+# dependent launches off (on by default for the fused path's two kernels).
 VARIANTS = {"default": None, "ring256": ("PIT_KGATHER_FUSED_THREADS", "256"),
             "scan_raking": ("PIT_KGATHER_FUSED_SCAN", "raking"), "scan_warp": ("PIT_KGATHER_FUSED_SCAN", "warp"),
-            "no_pdl": ("PIT_KGATHER_PDL", "0"), "l2_hints": ("PIT_KGATHER_L2_HINTS", "3")}
+            "no_pdl": ("PIT_KGATHER_PDL", "0")}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -73,7 +72,7 @@ def test_fused_matches_float64_and_separate_kernels(backend, monkeypatch, varian
         assert _rel_err(y, want) < TOL[dtype]
 
 
-@pytest.mark.parametrize("variant", ["default", "no_pdl", "l2_hints"])
+@pytest.mark.parametrize("variant", ["default", "no_pdl"])
 def test_fused_many_groups_and_chunks(backend, monkeypatch, variant):
     """Many groups (126, over a batch of two 2000-row matrices) and rows of 9
     chunks with a partial last one: bit for bit the separate kernels, and within bf16 tolerance of float64."""

@@ -263,7 +263,6 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
   // row length a multiple of 8 elements).
   static constexpr int kCStride = C::kBN + C::kVec;  // padded row: conflict-free fragment writes
   static_assert(C::kBM * kCStride <= C::kStages * C::kStageElems, "staging must fit the ring");
-  template <bool kStreamY>
   __device__ __forceinline__ void store(T* y_tile, int64_t ld, int64_t rows, int64_t cols, T* staging,
                                         bool vec_y, int warp, int lane) const {
     cp_async_wait<0>();
@@ -287,9 +286,7 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
       const T* src = staging + r * kCStride + c;
       T* dst = y_tile + r * ld + c;
       if (vec_y && c + C::kVec <= cols) {
-        const uint4 v = *reinterpret_cast<const uint4*>(src);
-        if constexpr (kStreamY) __stcs(reinterpret_cast<uint4*>(dst), v);  // evict-first: y is not read back
-        else *reinterpret_cast<uint4*>(dst) = v;
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
       } else {
         for (int e = 0; e < C::kVec && c + e < cols; ++e) dst[e] = src[e];
       }
@@ -318,7 +315,6 @@ struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
     }
   }
 
-  template <bool kStreamY>
   __device__ __forceinline__ void store(T* y_tile, int64_t ld, int64_t rows, int64_t cols, T*, bool, int,
                                         int) const {  // 4-byte elements: stored from registers, no barrier
     const int tr = threadIdx.x / 32, tc = threadIdx.x % 32;
@@ -333,10 +329,7 @@ struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
 template <typename T>
 using ForwardMath = std::conditional_t<ForwardConfig<T>::kTensorCores, ForwardTensorCoreMath<T>, ForwardCudaCoreMath<T>>;
 
-// kHints (16-bit dtypes; PIT_KGATHER_L2_HINTS, an A/B switch): bit 0 gathers w's rows with an L2
-// evict-last policy, bit 1 stores y evict-first (st.global.cs), so that y's lines do not push w's
-// out of L2 while other CTAs still gather them.
-template <typename T, bool kVecW, int kHints = 0>
+template <typename T, bool kVecW>
 __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(const T* __restrict__ packed,
                                                                        const int32_t* __restrict__ column_ids,
                                                                        const int32_t* __restrict__ counts,
@@ -378,8 +371,6 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
   const int64_t n = n0 + my_col;
   const T* w_col = w + n;
   const bool col_in_w = n < s.n;  // kVecW: a segment is all in w or all past its last column
-  uint64_t w_policy = 0;
-  if constexpr ((kHints & 1) != 0) w_policy = l2_evict_last_policy();
 
   // Column ids of this thread's w rows for one chunk; fetched an iteration ahead so that the
   // SRead's dependent loads never wait on them.
@@ -405,8 +396,7 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
       T* dst = bs + b_thread_dst + j * kRowsPerPass * C::kBStride;
       if constexpr (kVecW) {
         const bool ok = k >= 0 && col_in_w;
-        if constexpr ((kHints & 1) != 0) cp_async_16_hint(dst, ok ? w_col + k * s.n : w, ok ? 16 : 0, w_policy);
-        else cp_async_16(dst, ok ? w_col + k * s.n : w, ok ? 16 : 0);
+        cp_async_16(dst, ok ? w_col + k * s.n : w, ok ? 16 : 0);
       } else {
         const int64_t valid = k < 0 ? 0 : (s.n - n < C::kVec ? s.n - n : C::kVec);
         load_segment<T, kVecW>(dst, w_col + k * s.n, valid, w);
@@ -434,7 +424,7 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
     math.step(as, as + C::kBM * C::kAStride, warp, lane);
   }
   const int64_t row0 = g * kGroupRows;
-  math.template store<(kHints & 2) != 0>(y + (b * s.rows + row0) * s.n + n0, s.n, s.rows - row0, s.n - n0, smem, vec_y, warp, lane);
+  math.store(y + (b * s.rows + row0) * s.n + n0, s.n, s.rows - row0, s.n - n0, smem, vec_y, warp, lane);
 }
 
 // ---- dW step 1: column masks per (row group, 64-column tile) -----------------------------------
@@ -570,13 +560,6 @@ cudaError_t launch_gemm(cudaStream_t stream, const KGatherShape& s, const T* pac
   const unsigned grid = unsigned(s.all_groups() * n_tiles);
   const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
   auto kernel = vec_w ? pit_kgather_forward_kernel<T, true> : pit_kgather_forward_kernel<T, false>;
-  if constexpr (C::kTensorCores) {
-    const char* env = std::getenv("PIT_KGATHER_L2_HINTS");
-    const int hints = env == nullptr ? 0 : std::atoi(env);
-    if (hints == 1) kernel = vec_w ? pit_kgather_forward_kernel<T, true, 1> : pit_kgather_forward_kernel<T, false, 1>;
-    if (hints == 2) kernel = vec_w ? pit_kgather_forward_kernel<T, true, 2> : pit_kgather_forward_kernel<T, false, 2>;
-    if (hints == 3) kernel = vec_w ? pit_kgather_forward_kernel<T, true, 3> : pit_kgather_forward_kernel<T, false, 3>;
-  }
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
   err = launch_dependent(kernel, dim3(grid), dim3(kForwardThreads), C::kSmemBytes, stream, dependent,
