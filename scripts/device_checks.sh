@@ -172,8 +172,8 @@
 #                  (SPARSE_DENSE=0 skips), then with SAN=1 memcheck and racecheck over the k-gather kernel tests.
 #   PART=kgather_split: session 31: the fused and kernel suites, bench_kgather_ab over PIT_KGATHER_PDL=0 and
 #                  PIT_KGATHER_DETECT_SPLIT=2/4 against the default (VARIANTS, SPARSITY), then (SAN=1) memcheck, racecheck.
-#   PART=kgather_e2e: session 31: bench_sparse_dense 32x1 with BCOO ($OUT/sparse_dense), then ncu's per-kernel
-#                  device times of one forward call per sparsity on 4096³ and fc2 ($OUT/ncu_parts.txt).
+#   PART=kgather_e2e: session 31: (TESTS=1: the k-gather suites), bench_sparse_dense 32x1 with BCOO ($OUT/sparse_dense),
+#                  then (NCU=0 skips) ncu's per-kernel device times of one forward call per sparsity on 4096³ and fc2.
 set -u
 export PYTHONUNBUFFERED=1
 LOG=$OUT/checks.log
@@ -441,10 +441,13 @@ kgather_loads)  # session 30: the forward's load loops with per-thread copy slot
   SAN_TIMEOUT=100 run_tool racecheck pit_kgather tests/test_kgather_kernels.py "gpu and (0.5 or 1.0 or garbage or many_row or dense_sparse)"
   pytest_gpu 120 tests/test_kgather.py ;;
 kgather_e2e)  # session 31: the final forward end to end — bench_sparse_dense's 32x1 table with BCOO at >= 95%
-             # ($OUT/sparse_dense), then per-kernel device times of one call (ncu, unlocked clocks) on 4096³ and fc2
+             # ($OUT/sparse_dense), then per-kernel device times of one call (ncu, unlocked clocks) on 4096³ and fc2;
+             # TESTS=1 runs the three k-gather suites first, NCU=0 skips ncu
+  [[ "${TESTS:-0}" == 1 ]] && pytest_gpu 250 tests/test_kgather.py tests/test_kgather_kernels.py tests/test_kgather_fused.py
   timeout -k 5 ${BENCH_TIMEOUT:-280} python3 benchmarks/bench_sparse_dense.py --tiles 32x1 --out $OUT/sparse_dense 2>&1 \
      | grep -E "^\| [4O]" | tee -a $LOG
   echo "bench $((SECONDS-t0))s"
+  [[ "${NCU:-1}" == 1 ]] || continue
   for shape in "4096 4096 4096" "4096 16384 4096"; do
     echo "== ncu, shape $shape" >> $OUT/ncu_parts.txt
     XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=benchmarks timeout -k 5 120 ncu --clock-control none --kernel-name regex:pit_ \
