@@ -172,6 +172,8 @@
 #                  (SPARSE_DENSE=0 skips), then with SAN=1 memcheck and racecheck over the k-gather kernel tests.
 #   PART=kgather_split: session 31: the fused and kernel suites, bench_kgather_ab over PIT_KGATHER_PDL=0 and
 #                  PIT_KGATHER_DETECT_SPLIT=2/4 against the default (VARIANTS, SPARSITY), then (SAN=1) memcheck, racecheck.
+#   PART=kgather_persistent: session 31, not yet run: the fused suite, the kernel suite with PIT_KGATHER_PERSISTENT=1,
+#                  the A/B of the persistent forward against the one-tile kernel (ROUNDS, default 5), memcheck, racecheck.
 #   PART=kgather_e2e: session 31: (TESTS=1: the k-gather suites), bench_sparse_dense 32x1 with BCOO ($OUT/sparse_dense),
 #                  then (NCU=0 skips) ncu's per-kernel device times of one forward call per sparsity on 4096³ and fc2.
 set -u
@@ -467,6 +469,20 @@ kgather_split)  # session 31: dependent launches (PIT_KGATHER_PDL) and the clust
   if [[ "${SAN:-1}" == 1 ]]; then
     SAN_TIMEOUT=100 run_tool memcheck pit_kgather tests/test_kgather_fused.py "gpu and (split or pdl) and (0.5 or many or special)"
     SAN_TIMEOUT=100 run_tool racecheck pit_kgather tests/test_kgather_fused.py "gpu and split4 and (0.5 or special)"
+  fi ;;
+kgather_persistent)  # session 31 (prepared, first run in a later session): the persistent forward GEMM
+                    # (PIT_KGATHER_PERSISTENT=1) — fused suite (its variant and many-tile test), the kernel suite
+                    # with it on, the A/B against the one-tile kernel, then memcheck and racecheck (SAN=1)
+  [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 250 tests/test_kgather_fused.py
+  [[ "${TESTS:-1}" == 1 ]] && (export PIT_KGATHER_PERSISTENT=1; echo "== PIT_KGATHER_PERSISTENT=1" | tee -a $LOG; \
+     pytest_gpu 150 tests/test_kgather_kernels.py)
+  (cd benchmarks && PIT_BENCH_ROUNDS=${ROUNDS:-5} timeout -k 5 ${BENCH_TIMEOUT:-250} python3 bench_kgather_ab.py \
+     --out $OUT/kgather_ab --variants ${VARIANTS:-default PIT_KGATHER_PERSISTENT=1} \
+     --sparsity ${SPARSITY:-0.5 0.9 0.95 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
+  echo "ab $((SECONDS-t0))s"
+  if [[ "${SAN:-1}" == 1 ]]; then
+    SAN_TIMEOUT=120 run_tool memcheck pit_kgather tests/test_kgather_fused.py "gpu and persistent and (0.5 or 1.0 or many)"
+    SAN_TIMEOUT=120 run_tool racecheck pit_kgather tests/test_kgather_fused.py "gpu and persistent and (0.5 or 1.0 or many)"
   fi ;;
 kgather_swizzle)  # session 30: the forward's swizzled (unpadded) stage rows — the k-gather suites, the
                  # forward_ladder probe (the package's kernel next to the padded skeleton it replaced, same

@@ -265,8 +265,7 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
   static_assert(C::kBM * kCStride <= C::kStages * C::kStageElems, "staging must fit the ring");
   __device__ __forceinline__ void store(T* y_tile, int64_t ld, int64_t rows, int64_t cols, T* staging,
                                         bool vec_y, int warp, int lane) const {
-    cp_async_wait<0>();
-    __syncthreads();  // every warp is done with the ring: it may stage the output tile
+    // The caller has waited for the ring's copies and synchronised: `staging` is free.
     const int gq = lane / 4, tq = lane % 4;
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
@@ -329,60 +328,103 @@ struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
 template <typename T>
 using ForwardMath = std::conditional_t<ForwardConfig<T>::kTensorCores, ForwardTensorCoreMath<T>, ForwardCudaCoreMath<T>>;
 
+// One (32-row group, 128-column) tile of y for the forward GEMM: where its packed x and column ids
+// are, how many k-steps it takes, and this thread's copy slots, fixed for the whole k loop so that a
+// stage's loads are a few adds per copy (32-bit positions: packed_k < 2^24, the pack grid's
+// limit). A thread's shared-memory rows step by multiples of 8, so their swizzle (row % 8) is that
+// of its first row. Tiles are numbered with the row groups varying fastest: the CTAs resident at
+// once share a few column tiles of w, so the rows that different groups gather from w stay in L2.
 template <typename T, bool kVecW>
-__global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(const T* __restrict__ packed,
-                                                                       const int32_t* __restrict__ column_ids,
-                                                                       const int32_t* __restrict__ counts,
-                                                                       const T* __restrict__ w, T* __restrict__ y,
-                                                                       KGatherShape s, bool vec_y) {
+struct ForwardTile {
   using C = ForwardConfig<T>;
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  T* smem = reinterpret_cast<T*>(smem_bytes);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  // Row groups vary fastest: the CTAs resident at once share a few column tiles of w, so the
-  // rows that different groups gather from w stay in L2.
-  const int64_t group = blockIdx.x % s.all_groups();
-  const int64_t n_tile = blockIdx.x / s.all_groups();
-  const int64_t b = group / s.groups, g = group % s.groups;
-  const int64_t n0 = n_tile * C::kBN;
-  wait_for_previous_grid();  // pack's output (and whatever wrote w, which pack waited for)
-  allow_dependent_launch();
-  const int64_t len = int64_t(counts[b * s.nb_m + g * kGroupRows / s.tile_m]) * s.tile_k;
-  const int n_chunks = int(ceil_div(len, C::kBK));
-  const T* a_src = packed + group * kGroupRows * s.packed_k;
-  const int32_t* ids = column_ids + group * s.packed_k;
-
-  // Per-thread copy slots, fixed for the whole k loop, so that a stage's loads are a few adds per
-  // copy (32-bit positions: packed_k < 2^24, the pack grid's limit). A thread's shared-memory rows
-  // step by multiples of 8, so their swizzle (row % 8) is that of its first row.
-  const int padded = int(ceil_div(len, kPackAlign) * kPackAlign);  // packed columns written by pack
-  constexpr int kAVecsPerRow = C::kBK / C::kVec, kBVecsPerRow = C::kBN / C::kVec;
-  constexpr int kALoadsPerThread = C::kBM * kAVecsPerRow / kForwardThreads;
-  constexpr int kARowsPerPass = kForwardThreads / kAVecsPerRow;
-  constexpr int kRowsPerPass = kForwardThreads / kBVecsPerRow, kIdsPerThread = C::kBK / kRowsPerPass;
+  static constexpr int kAVecsPerRow = C::kBK / C::kVec, kBVecsPerRow = C::kBN / C::kVec;
+  static constexpr int kALoadsPerThread = C::kBM * kAVecsPerRow / kForwardThreads;
+  static constexpr int kARowsPerPass = kForwardThreads / kAVecsPerRow;
+  static constexpr int kRowsPerPass = kForwardThreads / kBVecsPerRow, kIdsPerThread = C::kBK / kRowsPerPass;
   static_assert(C::kBM * kAVecsPerRow % kForwardThreads == 0, "whole copies per thread");
   static_assert(!C::kSwizzle || (kARowsPerPass % 8 == 0 && kRowsPerPass % 8 == 0),
                 "each thread's copy rows share one swizzle");
-  const int a_row = threadIdx.x / kAVecsPerRow, a_col = (threadIdx.x % kAVecsPerRow) * C::kVec;
-  const T* a_thread_src = a_src + a_row * s.packed_k + a_col;
-  const int a_thread_dst = C::at(a_row, a_col, C::kAStride);
-  const int my_row = threadIdx.x / kBVecsPerRow, my_col = (threadIdx.x % kBVecsPerRow) * C::kVec;
-  const int b_thread_dst = C::at(my_row, my_col, C::kBStride);
-  const int64_t n = n0 + my_col;
-  const T* w_col = w + n;
-  const bool col_in_w = n < s.n;  // kVecW: a segment is all in w or all past its last column
+
+  int64_t b, g, n0;
+  int n_chunks, padded;  // k-steps; packed columns written by pack
+  const T* a_src;
+  const int32_t* ids;
+  const T* a_thread_src;
+  int a_thread_dst, b_thread_dst, my_row, a_col;
+  int64_t n;  // this thread's first column of w
+  const T* w_col;
+  bool col_in_w;  // kVecW: a segment is all in w or all past its last column
+
+  // The packed length (tile_k · the count) of tile's group, as pack wrote it.
+  __device__ __forceinline__ static int64_t packed_length(int64_t tile, const int32_t* counts, const KGatherShape& s) {
+    const int64_t group = tile % s.all_groups();
+    return int64_t(counts[group / s.groups * s.nb_m + group % s.groups * kGroupRows / s.tile_m]) * s.tile_k;
+  }
+
+  __device__ __forceinline__ ForwardTile(int64_t tile, const T* packed, const int32_t* column_ids,
+                                         const int32_t* counts, const T* w, const KGatherShape& s) {
+    const int64_t group = locate(tile, s);
+    set_up(group, int64_t(counts[b * s.nb_m + g * kGroupRows / s.tile_m]) * s.tile_k, packed, column_ids, w, s);
+  }
+
+  __device__ __forceinline__ ForwardTile(int64_t tile, int64_t len, const T* packed, const int32_t* column_ids,
+                                         const T* w, const KGatherShape& s) {
+    set_up(locate(tile, s), len, packed, column_ids, w, s);
+  }
+
+  // Sets b, g and n0; returns the tile's group over the batch.
+  __device__ __forceinline__ int64_t locate(int64_t tile, const KGatherShape& s) {
+    const int64_t group = tile % s.all_groups();
+    b = group / s.groups;
+    g = group % s.groups;
+    n0 = (tile / s.all_groups()) * C::kBN;
+    return group;
+  }
+
+  __device__ __forceinline__ void set_up(int64_t group, int64_t len, const T* packed, const int32_t* column_ids,
+                                         const T* w, const KGatherShape& s) {
+    n_chunks = int(ceil_div(len, C::kBK));
+    padded = int(ceil_div(len, kPackAlign) * kPackAlign);
+    a_src = packed + group * kGroupRows * s.packed_k;
+    ids = column_ids + group * s.packed_k;
+    const int a_row = threadIdx.x / kAVecsPerRow;
+    a_col = (threadIdx.x % kAVecsPerRow) * C::kVec;
+    a_thread_src = a_src + a_row * s.packed_k + a_col;
+    a_thread_dst = C::at(a_row, a_col, C::kAStride);
+    my_row = threadIdx.x / kBVecsPerRow;
+    const int my_col = (threadIdx.x % kBVecsPerRow) * C::kVec;
+    b_thread_dst = C::at(my_row, my_col, C::kBStride);
+    n = n0 + my_col;
+    w_col = w + n;
+    col_in_w = n < s.n;
+  }
 
   // Column ids of this thread's w rows for one chunk; fetched an iteration ahead so that the
   // SRead's dependent loads never wait on them.
-  auto fetch_ids = [&](int chunk, int32_t (&out)[kIdsPerThread]) {
+  __device__ __forceinline__ void fetch_ids(int chunk, int32_t (&out)[kIdsPerThread]) const {
 #pragma unroll
     for (int j = 0; j < kIdsPerThread; ++j) {
       const int p = chunk * C::kBK + my_row + j * kRowsPerPass;
       out[j] = (chunk < n_chunks && p < padded) ? ids[p] : -1;
     }
-  };
-  auto load_stage = [&](int chunk, int stage, const int32_t (&k_ids)[kIdsPerThread]) {
-    T* as = smem + stage * C::kStageElems;
+  }
+
+  // The same for a group known only by its ids and packed length (the persistent kernel's next
+  // tile). Loads within the group's packed_k columns do not wait for the length; it masks them.
+  __device__ __forceinline__ static void fetch_group_ids(const int32_t* group_ids, int64_t len, int64_t packed_k,
+                                                         int chunk, int32_t (&out)[kIdsPerThread]) {
+    const int64_t padded_len = ceil_div(len, kPackAlign) * kPackAlign;
+#pragma unroll
+    for (int j = 0; j < kIdsPerThread; ++j) {
+      const int p = chunk * C::kBK + int(threadIdx.x) / kBVecsPerRow + j * kRowsPerPass;
+      const int32_t id = p < packed_k ? group_ids[p] : -1;
+      out[j] = p < padded_len ? id : -1;
+    }
+  }
+
+  // Chunk `chunk` of packed x and the w rows named by `k_ids` into the ring slot at `as`.
+  __device__ __forceinline__ void load_stage(T* as, int chunk, const int32_t (&k_ids)[kIdsPerThread], const T* w,
+                                             const KGatherShape& s) const {
     T* bs = as + C::kBM * C::kAStride;
     const int p0 = chunk * C::kBK;
     const bool a_ok = p0 + a_col < padded;  // packed rows: always aligned
@@ -402,29 +444,138 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
         load_segment<T, kVecW>(dst, w_col + k * s.n, valid, w);
       }
     }
-  };
+  }
+
+  __device__ __forceinline__ void store(const ForwardMath<T>& math, T* y, const KGatherShape& s, T* staging,
+                                        bool vec_y, int warp, int lane) const {
+    const int64_t row0 = g * kGroupRows;
+    math.store(y + (b * s.rows + row0) * s.n + n0, s.n, s.rows - row0, s.n - n0, staging, vec_y, warp, lane);
+  }
+};
+
+// One CTA per tile.
+template <typename T, bool kVecW>
+__global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(const T* __restrict__ packed,
+                                                                       const int32_t* __restrict__ column_ids,
+                                                                       const int32_t* __restrict__ counts,
+                                                                       const T* __restrict__ w, T* __restrict__ y,
+                                                                       KGatherShape s, bool vec_y) {
+  using C = ForwardConfig<T>;
+  using Tile = ForwardTile<T, kVecW>;
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  T* smem = reinterpret_cast<T*>(smem_bytes);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  wait_for_previous_grid();  // pack's output (and whatever wrote w, which pack waited for)
+  allow_dependent_launch();
+  const Tile tile(blockIdx.x, packed, column_ids, counts, w, s);
 
   ForwardMath<T> math;
-  int32_t k_ids[kIdsPerThread];
+  int32_t k_ids[Tile::kIdsPerThread];
 #pragma unroll
   for (int st = 0; st < C::kStages - 1; ++st) {
-    fetch_ids(st, k_ids);
-    if (st < n_chunks) load_stage(st, st, k_ids);
+    tile.fetch_ids(st, k_ids);
+    if (st < tile.n_chunks) tile.load_stage(smem + st * C::kStageElems, st, k_ids, w, s);
     cp_async_commit();
   }
-  fetch_ids(C::kStages - 1, k_ids);
-  for (int chunk = 0; chunk < n_chunks; ++chunk) {
+  tile.fetch_ids(C::kStages - 1, k_ids);
+  for (int chunk = 0; chunk < tile.n_chunks; ++chunk) {
     cp_async_wait<C::kStages - 2>();
     __syncthreads();  // stage `chunk` is visible; stage `chunk - 1` is free for reuse
     const int next = chunk + C::kStages - 1;
-    if (next < n_chunks) load_stage(next, next % C::kStages, k_ids);
+    if (next < tile.n_chunks) tile.load_stage(smem + (next % C::kStages) * C::kStageElems, next, k_ids, w, s);
     cp_async_commit();
-    fetch_ids(next + 1, k_ids);
+    tile.fetch_ids(next + 1, k_ids);
     const T* as = smem + (chunk % C::kStages) * C::kStageElems;
     math.step(as, as + C::kBM * C::kAStride, warp, lane);
   }
-  const int64_t row0 = g * kGroupRows;
-  math.store(y + (b * s.rows + row0) * s.n + n0, s.n, s.rows - row0, s.n - n0, smem, vec_y, warp, lane);
+  if constexpr (C::kTensorCores) {  // (fp32 stores from registers)
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is done with the ring: it may stage the output tile
+  }
+  tile.store(math, y, s, smem, vec_y, warp, lane);
+}
+
+// Persistent (bf16/fp16; PIT_KGATHER_PERSISTENT=1, an A/B switch): as many CTAs as fit on the GPU
+// at once, each walking tiles blockIdx.x, + gridDim.x, ... as one stream of k-steps. The next
+// tile's counts are read when a tile starts, and its first chunk is issued during the tile's last
+// k-step, so the ring does not drain between tiles and the output tile is stored (staged in the
+// ring slot the last k-step used) while that chunk is in flight. At 95% sparsity a 4096³ tile is
+// four k-steps, and each CTA of the one-tile kernel pays its launch, counts and ids latency and
+// the drain before its store (the forward drew 5.6 TB/s against the gather's 7.1 at density 0.05;
+// session 31). Not yet run on a GPU.
+template <typename T, bool kVecW>
+__global__ void __launch_bounds__(kForwardThreads, 5) pit_kgather_forward_persistent_kernel(
+    const T* __restrict__ packed, const int32_t* __restrict__ column_ids, const int32_t* __restrict__ counts,
+    const T* __restrict__ w, T* __restrict__ y, KGatherShape s, bool vec_y, int64_t n_tiles) {
+  using C = ForwardConfig<T>;
+  using Tile = ForwardTile<T, kVecW>;
+  static_assert(C::kTensorCores && C::kStages == 2, "two ring slots: one computing, one loading");
+  static_assert(C::kBM * ForwardTensorCoreMath<T>::kCStride <= C::kStageElems, "staging fits one slot");
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  T* smem = reinterpret_cast<T*>(smem_bytes);
+  auto slot = [&](int i) { return smem + (i & 1) * C::kStageElems; };
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  wait_for_previous_grid();  // pack's output (and whatever wrote w, which pack waited for)
+  allow_dependent_launch();
+  if (int64_t(blockIdx.x) >= n_tiles) return;
+
+  // Invariant at the top of each tile: its chunk 0 (if any) is in flight into slot `base`, the
+  // other slot is free, and k_ids holds the ids of its chunk 1.
+  Tile tile(blockIdx.x, packed, column_ids, counts, w, s);
+  int base = 0;
+  int32_t k_ids[Tile::kIdsPerThread];
+  tile.fetch_ids(0, k_ids);
+  if (tile.n_chunks > 0) tile.load_stage(slot(base), 0, k_ids, w, s);
+  cp_async_commit();
+  tile.fetch_ids(1, k_ids);
+  ForwardMath<T> math;
+  for (int64_t t = blockIdx.x; t < n_tiles; t += gridDim.x) {
+    // The next tile: its length and the ids of its first two chunks, read now so that their
+    // latency passes during this tile's k-steps; the rest of it is set up when its chunk 0 is issued.
+    const int64_t t_next = t + gridDim.x;
+    const bool has_next = t_next < n_tiles;
+    int64_t next_len = 0;
+    int32_t next_ids[Tile::kIdsPerThread], next_ids1[Tile::kIdsPerThread];
+#pragma unroll
+    for (int j = 0; j < Tile::kIdsPerThread; ++j) next_ids[j] = next_ids1[j] = -1;
+    if (has_next) {
+      next_len = Tile::packed_length(t_next, counts, s);
+      const int32_t* group_ids = column_ids + (t_next % s.all_groups()) * s.packed_k;
+      Tile::fetch_group_ids(group_ids, next_len, s.packed_k, 0, next_ids);
+      Tile::fetch_group_ids(group_ids, next_len, s.packed_k, 1, next_ids1);
+    }
+    const bool load_next = next_len > 0;
+    const int next_base = base + tile.n_chunks;  // slot of the next tile's chunk 0
+    if (tile.n_chunks == 0 && load_next) {       // an empty tile: issue the next one's chunk 0 now
+      Tile(t_next, next_len, packed, column_ids, w, s).load_stage(slot(next_base), 0, next_ids, w, s);
+      cp_async_commit();
+    }
+    for (int chunk = 0; chunk < tile.n_chunks; ++chunk) {
+      cp_async_wait<0>();
+      __syncthreads();  // this chunk's slot is visible; the other slot's last readers are done
+      if (chunk + 1 < tile.n_chunks) {
+        tile.load_stage(slot(base + chunk + 1), chunk + 1, k_ids, w, s);
+        tile.fetch_ids(chunk + 2, k_ids);
+      } else if (load_next) {
+        Tile(t_next, next_len, packed, column_ids, w, s).load_stage(slot(next_base), 0, next_ids, w, s);
+      }
+      cp_async_commit();
+      const T* as = slot(base + chunk);
+      math.step(as, as + C::kBM * C::kAStride, warp, lane);
+    }
+    // Stage the output in the slot the last k-step read (the other one may be loading the next
+    // tile's chunk 0); an empty tile stages in its free slot.
+    __syncthreads();  // every warp is done reading that slot
+    tile.store(math, y, s, slot(next_base + 1), vec_y, warp, lane);
+    __syncthreads();  // the staging slot's readers are done before anything is loaded into it
+    if (!has_next) break;
+    math = ForwardMath<T>();
+    tile = Tile(t_next, next_len, packed, column_ids, w, s);
+    base = next_base;
+#pragma unroll
+    for (int j = 0; j < Tile::kIdsPerThread; ++j) k_ids[j] = next_ids1[j];
+  }
+  cp_async_wait<0>();
 }
 
 // ---- dW step 1: column masks per (row group, 64-column tile) -----------------------------------
@@ -551,11 +702,39 @@ __global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_kgather_tn_kernel(
 // PIT_KGATHER_PDL=0 turns them off (an A/B switch, read per launch).
 inline bool forward_dependent_launch() { return dependent_launch_setting("PIT_KGATHER_PDL") != 0; }
 
+// The persistent GEMM (PIT_KGATHER_PERSISTENT=1, bf16/fp16): one CTA per slot the GPU holds at once.
+template <typename T>
+cudaError_t launch_gemm_persistent(cudaStream_t stream, const KGatherShape& s, const T* packed,
+                                   const int32_t* column_ids, const int32_t* counts, const void* w, void* y,
+                                   bool dependent) {
+  using C = ForwardConfig<T>;
+  const int64_t n_tiles = s.all_groups() * ceil_div(s.n, C::kBN);
+  const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
+  auto kernel = vec_w ? pit_kgather_forward_persistent_kernel<T, true> : pit_kgather_forward_persistent_kernel<T, false>;
+  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  int per_sm = 0, sms = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kForwardThreads, C::kSmemBytes);
+  if (err == cudaSuccess) err = current_device_attribute(cudaDevAttrMultiProcessorCount, &sms);
+  if (err != cudaSuccess) return err;
+  const int64_t resident = int64_t(per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 1);
+  const unsigned grid = unsigned(n_tiles < resident ? n_tiles : resident);
+  err = launch_dependent(kernel, dim3(grid), dim3(kForwardThreads), C::kSmemBytes, stream, dependent, packed,
+                         column_ids, counts, static_cast<const T*>(w), static_cast<T*>(y), s,
+                         rows_copy_by_16_bytes<T>(y, s.n), n_tiles);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
 // The gathered GEMM over a packed x (step 2); `counts` per 32-row group's tile row block.
 template <typename T>
 cudaError_t launch_gemm(cudaStream_t stream, const KGatherShape& s, const T* packed, const int32_t* column_ids,
                         const int32_t* counts, const void* w, void* y, bool dependent) {
   using C = ForwardConfig<T>;
+  if constexpr (C::kTensorCores) {
+    const char* env = std::getenv("PIT_KGATHER_PERSISTENT");
+    if (env != nullptr && std::atoi(env) == 1)
+      return launch_gemm_persistent<T>(stream, s, packed, column_ids, counts, w, y, dependent);
+  }
   const int64_t n_tiles = ceil_div(s.n, C::kBN);
   const unsigned grid = unsigned(s.all_groups() * n_tiles);
   const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
