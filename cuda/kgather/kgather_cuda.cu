@@ -545,8 +545,8 @@ __global__ void __launch_bounds__(kForwardThreads, 5) pit_kgather_forward_persis
       Tile::fetch_group_ids(group_ids, next_len, s.packed_k, 1, next_ids1);
     }
     const bool load_next = next_len > 0;
-    const int next_base = base + tile.n_chunks;  // slot of the next tile's chunk 0
-    if (tile.n_chunks == 0 && load_next) {       // an empty tile: issue the next one's chunk 0 now
+    const int next_base = (base + tile.n_chunks) & 1;  // slot of the next tile's chunk 0
+    if (tile.n_chunks == 0 && load_next) {             // an empty tile: issue the next one's chunk 0 now
       Tile(t_next, next_len, packed, column_ids, w, s).load_stage(slot(next_base), 0, next_ids, w, s);
       cp_async_commit();
     }
@@ -713,11 +713,21 @@ cudaError_t launch_gemm_persistent(cudaStream_t stream, const KGatherShape& s, c
   auto kernel = vec_w ? pit_kgather_forward_persistent_kernel<T, true> : pit_kgather_forward_persistent_kernel<T, false>;
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  int per_sm = 0, sms = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kForwardThreads, C::kSmemBytes);
-  if (err == cudaSuccess) err = current_device_attribute(cudaDevAttrMultiProcessorCount, &sms);
+  // CTAs the device holds at once, per device and kernel (a static property, read once)
+  constexpr int kMaxDevices = 64;
+  static int64_t resident_by_device[2][kMaxDevices] = {};  // 0: not read yet
+  int device = 0;
+  err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  const int64_t resident = int64_t(per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 1);
+  int64_t resident = device < kMaxDevices ? resident_by_device[vec_w][device] : 0;
+  if (resident == 0) {
+    int per_sm = 0, sms = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kForwardThreads, C::kSmemBytes);
+    if (err == cudaSuccess) err = current_device_attribute(cudaDevAttrMultiProcessorCount, &sms);
+    if (err != cudaSuccess) return err;
+    resident = int64_t(per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 1);
+    if (device < kMaxDevices) resident_by_device[vec_w][device] = resident;
+  }
   const unsigned grid = unsigned(n_tiles < resident ? n_tiles : resident);
   err = launch_dependent(kernel, dim3(grid), dim3(kForwardThreads), C::kSmemBytes, stream, dependent, packed,
                          column_ids, counts, static_cast<const T*>(w), static_cast<T*>(y), s,
