@@ -170,8 +170,6 @@
 #   PART=kgather_swizzle: session 30: the k-gather suites (TESTS=0 skips), forward_ladder.cu (the package's
 #                  forward next to the padded-row skeleton it replaced), bench_sparse_dense 32x1 without BCOO
 #                  (SPARSE_DENSE=0 skips), then with SAN=1 memcheck and racecheck over the k-gather kernel tests.
-#   PART=kgather_split: session 31: the fused and kernel suites, bench_kgather_ab over PIT_KGATHER_PDL=0 and
-#                  PIT_KGATHER_DETECT_SPLIT=2/4 against the default (VARIANTS, SPARSITY), then (SAN=1) memcheck, racecheck.
 #   PART=kgather_persistent: session 31, not yet run: the fused suite, the kernel suite with PIT_KGATHER_PERSISTENT=1,
 #                  the A/B of the persistent forward against the one-tile kernel (ROUNDS, default 5), memcheck, racecheck.
 #   PART=kgather_e2e: session 31: (TESTS=1: the k-gather suites), bench_sparse_dense 32x1 with BCOO ($OUT/sparse_dense),
@@ -459,17 +457,6 @@ kgather_e2e)  # session 31: the final forward end to end — bench_sparse_dense'
   done
   grep -E "^==|^  pit_|gpu__time|dram__bytes|rc " $OUT/ncu_parts.txt | sed 's/(.*//; s/  */ /g' | tee -a $LOG
   echo "ncu $((SECONDS-t0))s" ;;
-kgather_split)  # session 31: dependent launches (PIT_KGATHER_PDL) and the cluster-split detect+pack
-               # (PIT_KGATHER_DETECT_SPLIT) — fused and kernel suites, the A/B, then memcheck/racecheck
-  [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 250 tests/test_kgather_fused.py tests/test_kgather_kernels.py
-  (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-250} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
-     --variants ${VARIANTS:-default PIT_KGATHER_PDL=0 PIT_KGATHER_DETECT_SPLIT=2 PIT_KGATHER_DETECT_SPLIT=4} \
-     --sparsity ${SPARSITY:-0.9 0.95 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
-  echo "ab $((SECONDS-t0))s"
-  if [[ "${SAN:-1}" == 1 ]]; then
-    SAN_TIMEOUT=100 run_tool memcheck pit_kgather tests/test_kgather_fused.py "gpu and (split or pdl) and (0.5 or many or special)"
-    SAN_TIMEOUT=100 run_tool racecheck pit_kgather tests/test_kgather_fused.py "gpu and split4 and (0.5 or special)"
-  fi ;;
 kgather_persistent)  # session 31 (prepared, first run in a later session): the persistent forward GEMM
                     # (PIT_KGATHER_PERSISTENT=1) — fused suite (its variant and many-tile test), the kernel suite
                     # with it on, the A/B against the one-tile kernel, then memcheck and racecheck (SAN=1)
