@@ -170,8 +170,6 @@
 #   PART=kgather_swizzle: session 30: the k-gather suites (TESTS=0 skips), forward_ladder.cu (the package's
 #                  forward next to the padded-row skeleton it replaced), bench_sparse_dense 32x1 without BCOO
 #                  (SPARSE_DENSE=0 skips), then with SAN=1 memcheck and racecheck over the k-gather kernel tests.
-#   PART=kgather_persistent: session 31, not yet run: the fused suite, the kernel suite with PIT_KGATHER_PERSISTENT=1,
-#                  the A/B of the persistent forward against the one-tile kernel (ROUNDS, default 5), memcheck, racecheck.
 #   PART=kgather_e2e: session 31: (TESTS=1: the k-gather suites), bench_sparse_dense 32x1 with BCOO ($OUT/sparse_dense),
 #                  then (NCU=0 skips) ncu's per-kernel device times of one forward call per sparsity on 4096³ and fc2.
 set -u
@@ -209,12 +207,12 @@ run_tool() {  # compute-sanitizer tool, kernel-name filter, test file, -k select
   sanitize_pytest $1 $2 $3 -k "$4"
   echo "$1 $((SECONDS-t0))s"
 }
-run_tool_chunks() {  # tool, kernel-name filter, test file, -k selection, first test, chunk: the selection's tests
+run_tool_chunks() {  # tool, kernel-name filter, test file, -k selection, first test, chunk[, last]: the selection's tests
                     # from the first on, CHUNK at a time, one process each (the tool's own process has crashed
                     # partway through long runs, at a different test each time)
-  local tool=$1 kernels=$2 file=$3 expr=$4 first=$5 chunk=$6 i ids
+  local tool=$1 kernels=$2 file=$3 expr=$4 first=$5 chunk=$6 last=${7:-} i ids  # last: stop before this test
   mapfile -t ids < <(pytest_ids python3 "$file" "$expr")
-  for ((i = first; i < ${#ids[@]}; i += chunk)); do
+  for ((i = first; i < ${last:-${#ids[@]}}; i += chunk)); do
     echo "== $tool $file -k '$expr' tests $i..$((i + chunk - 1)) of ${#ids[@]}" | tee -a $LOG
     SAN_TIMEOUT=${SAN_TIMEOUT:-120} sanitize_pytest $tool $kernels "${ids[@]:i:chunk}"
   done
@@ -457,20 +455,6 @@ kgather_e2e)  # session 31: the final forward end to end — bench_sparse_dense'
   done
   grep -E "^==|^  pit_|gpu__time|dram__bytes|rc " $OUT/ncu_parts.txt | sed 's/(.*//; s/  */ /g' | tee -a $LOG
   echo "ncu $((SECONDS-t0))s" ;;
-kgather_persistent)  # session 31 (prepared, first run in a later session): the persistent forward GEMM
-                    # (PIT_KGATHER_PERSISTENT=1) — fused suite (its variant and many-tile test), the kernel suite
-                    # with it on, the A/B against the one-tile kernel, then memcheck and racecheck (SAN=1)
-  [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 250 tests/test_kgather_fused.py
-  [[ "${TESTS:-1}" == 1 ]] && (export PIT_KGATHER_PERSISTENT=1; echo "== PIT_KGATHER_PERSISTENT=1" | tee -a $LOG; \
-     pytest_gpu 150 tests/test_kgather_kernels.py)
-  (cd benchmarks && PIT_BENCH_ROUNDS=${ROUNDS:-5} timeout -k 5 ${BENCH_TIMEOUT:-250} python3 bench_kgather_ab.py \
-     --out $OUT/kgather_ab --variants ${VARIANTS:-default PIT_KGATHER_PERSISTENT=1} \
-     --sparsity ${SPARSITY:-0.5 0.9 0.95 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
-  echo "ab $((SECONDS-t0))s"
-  if [[ "${SAN:-1}" == 1 ]]; then
-    SAN_TIMEOUT=120 run_tool memcheck pit_kgather tests/test_kgather_fused.py "gpu and persistent and (0.5 or 1.0 or many)"
-    SAN_TIMEOUT=120 run_tool racecheck pit_kgather tests/test_kgather_fused.py "gpu and persistent and (0.5 or 1.0 or many)"
-  fi ;;
 kgather_swizzle)  # session 30: the forward's swizzled (unpadded) stage rows — the k-gather suites, the
                  # forward_ladder probe (the package's kernel next to the padded skeleton it replaced, same
                  # process), bench_sparse_dense's 32x1 table (no BCOO), then memcheck and racecheck (SAN=1)

@@ -360,21 +360,10 @@ struct ForwardTile {
                                                          const KGatherShape& s) {
     return int64_t(counts[b * s.nb_m + g * kGroupRows / s.tile_m]) * s.tile_k;
   }
-  // The same for the group of a tile.
-  __device__ __forceinline__ static int64_t packed_length(int64_t tile, const int32_t* counts, const KGatherShape& s) {
-    const int64_t group = tile % s.all_groups();
-    return group_length(counts, group / s.groups, group % s.groups, s);
-  }
-
   __device__ __forceinline__ ForwardTile(int64_t tile, const T* packed, const int32_t* column_ids,
                                          const int32_t* counts, const T* w, const KGatherShape& s) {
     const int64_t group = locate(tile, s);
     set_up(group, group_length(counts, b, g, s), packed, column_ids, w, s);
-  }
-
-  __device__ __forceinline__ ForwardTile(int64_t tile, int64_t len, const T* packed, const int32_t* column_ids,
-                                         const T* w, const KGatherShape& s) {
-    set_up(locate(tile, s), len, packed, column_ids, w, s);
   }
 
   // Sets b, g and n0; returns the tile's group over the batch.
@@ -411,21 +400,6 @@ struct ForwardTile {
     for (int j = 0; j < kIdsPerThread; ++j) {
       const int p = chunk * C::kBK + my_row + j * kRowsPerPass;
       out[j] = (chunk < n_chunks && p < padded) ? ids[p] : -1;
-    }
-  }
-
-  // The same for a group known only by its ids and packed length (the persistent kernel's next
-  // tile). Loads within the group's packed_k columns do not wait for the length; it masks them.
-  // (One helper serving both computed the one-tile kernel's ids differently: 9388 against 9276
-  // instructions over its six instantiations, 80 registers against 78; so the two stay apart.)
-  __device__ __forceinline__ static void fetch_group_ids(const int32_t* group_ids, int64_t len, int64_t packed_k,
-                                                         int chunk, int32_t (&out)[kIdsPerThread]) {
-    const int64_t padded_len = ceil_div(len, kPackAlign) * kPackAlign;
-#pragma unroll
-    for (int j = 0; j < kIdsPerThread; ++j) {
-      const int p = chunk * C::kBK + int(threadIdx.x) / kBVecsPerRow + j * kRowsPerPass;
-      const int32_t id = p < packed_k ? group_ids[p] : -1;
-      out[j] = p < padded_len ? id : -1;
     }
   }
 
@@ -500,89 +474,6 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
     __syncthreads();  // every warp is done with the ring: it may stage the output tile
   }
   tile.store(math, y, s, smem, vec_y, warp, lane);
-}
-
-// Persistent (bf16/fp16; PIT_KGATHER_PERSISTENT=1, an A/B switch): as many CTAs as fit on the GPU
-// at once, each walking tiles blockIdx.x, + gridDim.x, ... as one stream of k-steps. The next
-// tile's counts are read when a tile starts, and its first chunk is issued during the tile's last
-// k-step, so the ring does not drain between tiles and the output tile is stored (staged in the
-// ring slot the last k-step used) while that chunk is in flight. At 95% sparsity a 4096³ tile is
-// four k-steps, and each CTA of the one-tile kernel pays its launch, counts and ids latency and
-// the drain before its store (the forward drew 5.6 TB/s against the gather's 7.1 at density 0.05;
-// session 31). Not yet run on a GPU.
-template <typename T, bool kVecW>
-__global__ void __launch_bounds__(kForwardThreads, 5) pit_kgather_forward_persistent_kernel(
-    const T* __restrict__ packed, const int32_t* __restrict__ column_ids, const int32_t* __restrict__ counts,
-    const T* __restrict__ w, T* __restrict__ y, KGatherShape s, bool vec_y, int64_t n_tiles) {
-  using C = ForwardConfig<T>;
-  using Tile = ForwardTile<T, kVecW>;
-  static_assert(C::kTensorCores && C::kStages == 2, "two ring slots: one computing, one loading");
-  static_assert(C::kBM * ForwardTensorCoreMath<T>::kCStride <= C::kStageElems, "staging fits one slot");
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  T* smem = reinterpret_cast<T*>(smem_bytes);
-  auto slot = [&](int i) { return smem + (i & 1) * C::kStageElems; };
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  wait_for_previous_grid();  // pack's output (and whatever wrote w, which pack waited for)
-  allow_dependent_launch();
-  if (int64_t(blockIdx.x) >= n_tiles) return;
-
-  // Invariant at the top of each tile: its chunk 0 (if any) is in flight into slot `base`, the
-  // other slot is free, and k_ids holds the ids of its chunk 1.
-  Tile tile(blockIdx.x, packed, column_ids, counts, w, s);
-  int base = 0;
-  int32_t k_ids[Tile::kIdsPerThread];
-  tile.fetch_ids(0, k_ids);
-  if (tile.n_chunks > 0) tile.load_stage(slot(base), 0, k_ids, w, s);
-  cp_async_commit();
-  tile.fetch_ids(1, k_ids);
-  ForwardMath<T> math;
-  for (int64_t t = blockIdx.x; t < n_tiles; t += gridDim.x) {
-    // The next tile: its length and the ids of its first two chunks, read now so that their
-    // latency passes during this tile's k-steps; the rest of it is set up when its chunk 0 is issued.
-    const int64_t t_next = t + gridDim.x;
-    const bool has_next = t_next < n_tiles;
-    int64_t next_len = 0;
-    int32_t next_ids[Tile::kIdsPerThread], next_ids1[Tile::kIdsPerThread];
-#pragma unroll
-    for (int j = 0; j < Tile::kIdsPerThread; ++j) next_ids[j] = next_ids1[j] = -1;
-    if (has_next) {
-      next_len = Tile::packed_length(t_next, counts, s);
-      const int32_t* group_ids = column_ids + (t_next % s.all_groups()) * s.packed_k;
-      Tile::fetch_group_ids(group_ids, next_len, s.packed_k, 0, next_ids);
-      Tile::fetch_group_ids(group_ids, next_len, s.packed_k, 1, next_ids1);
-    }
-    const bool load_next = next_len > 0;
-    const int next_base = (base + tile.n_chunks) & 1;  // slot of the next tile's chunk 0
-    if (tile.n_chunks == 0 && load_next) {             // an empty tile: issue the next one's chunk 0 now
-      Tile(t_next, next_len, packed, column_ids, w, s).load_stage(slot(next_base), 0, next_ids, w, s);
-      cp_async_commit();
-    }
-    for (int chunk = 0; chunk < tile.n_chunks; ++chunk) {
-      cp_async_wait<0>();
-      __syncthreads();  // this chunk's slot is visible; the other slot's last readers are done
-      if (chunk + 1 < tile.n_chunks) {
-        tile.load_stage(slot(base + chunk + 1), chunk + 1, k_ids, w, s);
-        tile.fetch_ids(chunk + 2, k_ids);
-      } else if (load_next) {
-        Tile(t_next, next_len, packed, column_ids, w, s).load_stage(slot(next_base), 0, next_ids, w, s);
-      }
-      cp_async_commit();
-      const T* as = slot(base + chunk);
-      math.step(as, as + C::kBM * C::kAStride, warp, lane);
-    }
-    // Stage the output in the slot the last k-step read (the other one may be loading the next
-    // tile's chunk 0); an empty tile stages in its free slot.
-    __syncthreads();  // every warp is done reading that slot
-    tile.store(math, y, s, slot(next_base + 1), vec_y, warp, lane);
-    __syncthreads();  // the staging slot's readers are done before anything is loaded into it
-    if (!has_next) break;
-    math = ForwardMath<T>();
-    tile = Tile(t_next, next_len, packed, column_ids, w, s);
-    base = next_base;
-#pragma unroll
-    for (int j = 0; j < Tile::kIdsPerThread; ++j) k_ids[j] = next_ids1[j];
-  }
-  cp_async_wait<0>();
 }
 
 // ---- dW step 1: column masks per (row group, 64-column tile) -----------------------------------
@@ -709,49 +600,11 @@ __global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_kgather_tn_kernel(
 // PIT_KGATHER_PDL=0 turns them off (an A/B switch, read per launch).
 inline bool forward_dependent_launch() { return dependent_launch_setting("PIT_KGATHER_PDL") != 0; }
 
-// The persistent GEMM (PIT_KGATHER_PERSISTENT=1, bf16/fp16): one CTA per slot the GPU holds at once.
-template <typename T>
-cudaError_t launch_gemm_persistent(cudaStream_t stream, const KGatherShape& s, const T* packed,
-                                   const int32_t* column_ids, const int32_t* counts, const void* w, void* y,
-                                   bool dependent) {
-  using C = ForwardConfig<T>;
-  const int64_t n_tiles = s.all_groups() * ceil_div(s.n, C::kBN);
-  const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
-  auto kernel = vec_w ? pit_kgather_forward_persistent_kernel<T, true> : pit_kgather_forward_persistent_kernel<T, false>;
-  cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  // CTAs the device holds at once, per device and kernel (a static property, read once)
-  constexpr int kMaxDevices = 64;
-  static int64_t resident_by_device[2][kMaxDevices] = {};  // 0: not read yet
-  int device = 0;
-  err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  int64_t resident = device < kMaxDevices ? resident_by_device[vec_w][device] : 0;
-  if (resident == 0) {
-    int per_sm = 0, sms = 0;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kForwardThreads, C::kSmemBytes);
-    if (err == cudaSuccess) err = current_device_attribute(cudaDevAttrMultiProcessorCount, &sms);
-    if (err != cudaSuccess) return err;
-    resident = int64_t(per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 1);
-    if (device < kMaxDevices) resident_by_device[vec_w][device] = resident;
-  }
-  const unsigned grid = unsigned(n_tiles < resident ? n_tiles : resident);
-  err = launch_dependent(kernel, dim3(grid), dim3(kForwardThreads), C::kSmemBytes, stream, dependent, packed,
-                         column_ids, counts, static_cast<const T*>(w), static_cast<T*>(y), s,
-                         rows_copy_by_16_bytes<T>(y, s.n), n_tiles);
-  return err != cudaSuccess ? err : cudaGetLastError();
-}
-
 // The gathered GEMM over a packed x (step 2); `counts` per 32-row group's tile row block.
 template <typename T>
 cudaError_t launch_gemm(cudaStream_t stream, const KGatherShape& s, const T* packed, const int32_t* column_ids,
                         const int32_t* counts, const void* w, void* y, bool dependent) {
   using C = ForwardConfig<T>;
-  if constexpr (C::kTensorCores) {
-    const char* env = std::getenv("PIT_KGATHER_PERSISTENT");
-    if (env != nullptr && std::atoi(env) == 1)
-      return launch_gemm_persistent<T>(stream, s, packed, column_ids, counts, w, y, dependent);
-  }
   const int64_t n_tiles = ceil_div(s.n, C::kBN);
   const unsigned grid = unsigned(s.all_groups() * n_tiles);
   const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
