@@ -640,6 +640,10 @@ nn_moe_suite)  # tests/test_nn_moe.py alone on the GPU (session 23: moe_suites r
   pytest_gpu ${TEST_TIMEOUT:-400} tests/test_nn_moe.py ;;
 moe_suites)  # the three MoE suites on the GPU (GPU vs CPU / float64): PART=verify SUITES=moe
   moe_suites ${TEST_TIMEOUT:-400} ;;
+moe_refresh)  # session 32: bench_moe's projection table (Qwen-like and Mixtral T=4096) and layer table (both) on
+             # main's MoE kernels, for the canonical benchmarks/results/moe.md ($OUT/projection, $OUT/layer)
+  projection_table 260 projection "Qwen3-30B-A3B-like" "Mixtral up T=4096"
+  layer_table 230 layer "Mixtral up T=4096" "Qwen3-30B-A3B-like" ;;
 projection_mixtral)  # bench_moe's projection table for Mixtral T=4096 alone ($OUT/projection_mixtral)
   projection_table 200 projection_mixtral "Mixtral up T=4096" ;;
 projection_16k)  # last run in session 6 (2026-11-26_h200_moe_final)
