@@ -170,8 +170,6 @@
 #   PART=kgather_swizzle: session 30: the k-gather suites (TESTS=0 skips), forward_ladder.cu (the package's
 #                  forward next to the padded-row skeleton it replaced), bench_sparse_dense 32x1 without BCOO
 #                  (SPARSE_DENSE=0 skips), then with SAN=1 memcheck and racecheck over the k-gather kernel tests.
-#   PART=kgather_overlap: session 32: the fused suite, the A/B of PIT_KGATHER_OVERLAP=128/64/32 (and 128 with the
-#                  256-thread ring) against the default, then memcheck over the overlap tests.
 #   PART=kgather_san: session 32: memcheck and racecheck over the default k-gather configuration's kernel and
 #                  fused tests (SKIP_BUILD=1 on a warm machine reuses the installed build).
 #   PART=kgather_race_chunks: racecheck over kgather_san's kernel selection, CHUNK tests per process from FIRST
@@ -461,15 +459,6 @@ kgather_e2e)  # session 31: the final forward end to end — bench_sparse_dense'
   done
   grep -E "^==|^  pit_|gpu__time|dram__bytes|rc " $OUT/ncu_parts.txt | sed 's/(.*//; s/  */ /g' | tee -a $LOG
   echo "ncu $((SECONDS-t0))s" ;;
-kgather_overlap)  # session 32: detect+pack publishing each group as it is packed while the forward runs
-                 # (PIT_KGATHER_OVERLAP=n) — the fused suite (its overlap variants), the A/B against the
-                 # default (ROUNDS, default 3) over VARIANTS, then memcheck over the overlap tests (SAN=1)
-  [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 200 tests/test_kgather_fused.py
-  (cd benchmarks && PIT_BENCH_ROUNDS=${ROUNDS:-3} timeout -k 5 ${BENCH_TIMEOUT:-200} python3 bench_kgather_ab.py \
-     --out $OUT/kgather_ab --variants ${VARIANTS:-default PIT_KGATHER_OVERLAP=128 PIT_KGATHER_OVERLAP=64 PIT_KGATHER_OVERLAP=32 PIT_KGATHER_OVERLAP=128,PIT_KGATHER_FUSED_THREADS=256} \
-     --sparsity ${SPARSITY:-0.9 0.95 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
-  echo "ab $((SECONDS-t0))s"
-  [[ "${SAN:-1}" == 1 ]] && SAN_TIMEOUT=100 run_tool memcheck pit_kgather tests/test_kgather_fused.py "gpu and overlap and (0.5 or many)" ;;
 kgather_san)  # session 32: memcheck and racecheck over the default k-gather configuration (dependent launches on
              # the fused path, the one-tile forward; session 32 ran it on 152b4ad, with "not persistent"): kernel-suite and fused-suite selections, one process each
   SAN_TIMEOUT=150 run_tool memcheck pit_kgather tests/test_kgather_kernels.py "gpu and (0.5 or 1.0 or garbage or many_row or dense_sparse)"

@@ -43,21 +43,10 @@ SHAPES = {"odd": (1, 70, 520, 29), "small_batched": (2, 33, 24, 130), "long_rows
 
 # The fused kernel's launch variants (variables read per launch): the 256-thread ring of GPUs with
 # < 198 KB of shared memory per block, the block-scan algorithms other than the default,
-# dependent launches off (on by default for the fused path's two kernels), and detect+pack
-# publishing each group as it is packed while the forward runs (PIT_KGATHER_OVERLAP=n: n CTAs; 2
-# walks several groups per CTA in rounds with a partial last one, also with the small ring and
-# with dependent launches off, where the forward starts after detect+pack ends).
-VARIANTS = {"default": [], "ring256": [("PIT_KGATHER_FUSED_THREADS", "256")],
-            "scan_raking": [("PIT_KGATHER_FUSED_SCAN", "raking")], "scan_warp": [("PIT_KGATHER_FUSED_SCAN", "warp")],
-            "no_pdl": [("PIT_KGATHER_PDL", "0")], "overlap2": [("PIT_KGATHER_OVERLAP", "2")],
-            "overlap64": [("PIT_KGATHER_OVERLAP", "64")],
-            "overlap2_ring256": [("PIT_KGATHER_OVERLAP", "2"), ("PIT_KGATHER_FUSED_THREADS", "256")],
-            "overlap2_no_pdl": [("PIT_KGATHER_OVERLAP", "2"), ("PIT_KGATHER_PDL", "0")]}
-
-
-def _set_variant(monkeypatch, variant):
-    for name, value in VARIANTS[variant]:
-        monkeypatch.setenv(name, value)
+# and dependent launches off (on by default for the fused path's two kernels).
+VARIANTS = {"default": None, "ring256": ("PIT_KGATHER_FUSED_THREADS", "256"),
+            "scan_raking": ("PIT_KGATHER_FUSED_SCAN", "raking"), "scan_warp": ("PIT_KGATHER_FUSED_SCAN", "warp"),
+            "no_pdl": ("PIT_KGATHER_PDL", "0")}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -66,7 +55,8 @@ def _set_variant(monkeypatch, variant):
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 def test_fused_matches_float64_and_separate_kernels(backend, monkeypatch, variant, dtype, sparsity, shape):
     _gpu_only(backend)
-    _set_variant(monkeypatch, variant)
+    if VARIANTS[variant] is not None:
+        monkeypatch.setenv(*VARIANTS[variant])
     b, m, k, n = shape
     rng = np.random.default_rng(stable_seed(dtype, sparsity, shape))
     x = random_tile_sparse(rng, (b, m, k), TILE, sparsity, dtype)
@@ -82,12 +72,13 @@ def test_fused_matches_float64_and_separate_kernels(backend, monkeypatch, varian
         assert _rel_err(y, want) < TOL[dtype]
 
 
-@pytest.mark.parametrize("variant", ["default", "no_pdl", "overlap2", "overlap64"])
+@pytest.mark.parametrize("variant", ["default", "no_pdl"])
 def test_fused_many_groups_and_chunks(backend, monkeypatch, variant):
     """Many groups (126, over a batch of two 2000-row matrices) and rows of 9
     chunks with a partial last one: bit for bit the separate kernels, and within bf16 tolerance of float64."""
     _gpu_only(backend)
-    _set_variant(monkeypatch, variant)
+    if VARIANTS[variant] is not None:
+        monkeypatch.setenv(*VARIANTS[variant])
     rng = np.random.default_rng(stable_seed("many", variant))
     x = random_tile_sparse(rng, (2, 2000, 9000), TILE, 0.9, "bfloat16")
     w = (rng.standard_normal((9000, 72)) + 0.1).astype(DTYPES["bfloat16"])
@@ -100,14 +91,11 @@ def test_fused_many_groups_and_chunks(backend, monkeypatch, variant):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("sparsity", [0.5, 0.95, 1.0])
-@pytest.mark.parametrize("variant", ["default", "overlap32"])
-def test_empty_groups_among_many_tiles(backend, monkeypatch, dtype, sparsity, variant):
+def test_empty_groups_among_many_tiles(backend, monkeypatch, dtype, sparsity):
     """A grid of 4096 forward tiles (128 groups x 32 column tiles of a ragged 4000 columns) with a
     quarter of the groups empty, between nonempty ones and last: empty groups write zeros, the
     fused path matches the separate kernels bit for bit and float64 within tolerance."""
     _gpu_only(backend)
-    if variant == "overlap32":  # 4 rounds of 32 groups, empty ones among them
-        monkeypatch.setenv("PIT_KGATHER_OVERLAP", "32")
     rng = np.random.default_rng(stable_seed("many_tiles", dtype, sparsity))
     x = random_tile_sparse(rng, (4, 1024, 1000), TILE, sparsity, dtype)
     x[:, 32:64] = 0                      # empty groups among nonempty ones

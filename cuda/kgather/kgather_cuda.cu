@@ -141,22 +141,10 @@ struct DetectPackConfig {
   static constexpr int kSmemBytes = kStages * kStageBytes + kRowBytes;  // + `selected` (2 bytes per column)
 };
 
-// A flag protocol between two kernels running at once (PIT_KGATHER_OVERLAP): release and acquire at
-// GPU scope, through L2 (no stale L1 or read-only-cache line can satisfy the acquire).
-__device__ __forceinline__ void store_release_gpu(int32_t* p, int32_t v) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ int32_t load_acquire_gpu(const int32_t* p) {
-  int32_t v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-// One group's detection and pack (the whole CTA); returns its packed column count.
 template <typename T, int kThreadsPerCta, cub::BlockScanAlgorithm kScanAlgorithm>
-__device__ __forceinline__ int64_t detect_pack_group(
-    const T* __restrict__ x, T* __restrict__ packed, int32_t* __restrict__ column_ids, const KGatherShape& s,
-    int64_t group, typename cub::BlockScan<int, kThreadsPerCta, kScanAlgorithm>::TempStorage& scan_storage) {
+__global__ void __launch_bounds__(kThreadsPerCta) pit_kgather_detect_pack_kernel(
+    const T* __restrict__ x, int32_t* __restrict__ counts, T* __restrict__ packed, int32_t* __restrict__ column_ids,
+    KGatherShape s) {
   using C = DetectPackConfig<kThreadsPerCta>;
   constexpr int kCols = C::kRowBytes / int(sizeof(T));      // columns per chunk: 1024 (16-bit), 512 (fp32)
   constexpr int kElemsPerWord = 4 / int(sizeof(T));
@@ -165,7 +153,9 @@ __device__ __forceinline__ int64_t detect_pack_group(
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   uint16_t* selected = reinterpret_cast<uint16_t*>(smem_bytes + C::kStages * C::kStageBytes);
   using Scan = cub::BlockScan<int, C::kThreads, kScanAlgorithm>;
+  __shared__ typename Scan::TempStorage scan_storage;
 
+  const int64_t group = blockIdx.x;  // b * groups + g
   const int64_t b = group / s.groups, g = group % s.groups;
   const int64_t row0 = g * kGroupRows;
   const T* x_rows = x + (b * s.rows + row0) * s.k;
@@ -173,6 +163,8 @@ __device__ __forceinline__ int64_t detect_pack_group(
   int32_t* ids = column_ids + group * s.packed_k;
   const int n_chunks = int(ceil_div(s.k, int64_t(kCols)));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  wait_for_previous_grid();  // whatever wrote x (and last read this workspace)
+  allow_dependent_launch();
 
   auto load_chunk = [&](int chunk) {  // rows past M and columns past K read as zeros
     unsigned char* stage = smem_bytes + (chunk % C::kStages) * C::kStageBytes;
@@ -232,44 +224,7 @@ __device__ __forceinline__ int64_t detect_pack_group(
     out[r * s.packed_k + p] = zero_value<T>();
     if (r == 0) ids[p] = -1;
   }
-  return base;
-}
-
-// kPublish (PIT_KGATHER_OVERLAP, an A/B switch): fewer CTAs than groups, each walking groups
-// blockIdx.x, + gridDim.x, ..., and each group's count is published (release) as soon as the group
-// is packed, so that the forward's CTAs of a packed group start while later groups are still
-// being detected (the forward is bound by L2 gathers of w, detection by HBM reads of x). The
-// counts are first set to -1 ("not yet"), before this kernel lets the forward be scheduled.
-template <typename T, int kThreadsPerCta, cub::BlockScanAlgorithm kScanAlgorithm, bool kPublish>
-__global__ void __launch_bounds__(kThreadsPerCta) pit_kgather_detect_pack_kernel(
-    const T* __restrict__ x, int32_t* __restrict__ counts, T* __restrict__ packed, int32_t* __restrict__ column_ids,
-    KGatherShape s) {
-  __shared__ typename cub::BlockScan<int, kThreadsPerCta, kScanAlgorithm>::TempStorage scan_storage;
-  wait_for_previous_grid();  // whatever wrote x (and last read this workspace)
-  if constexpr (kPublish) {
-    for (int64_t group = blockIdx.x + int64_t(threadIdx.x) * gridDim.x; group < s.all_groups();
-         group += int64_t(kThreadsPerCta) * gridDim.x)
-      counts[group] = -1;
-    __threadfence();  // the resets are in L2 before any forward CTA can be scheduled
-    __syncthreads();
-  }
-  allow_dependent_launch();
-  if constexpr (!kPublish) {
-    const int64_t group = blockIdx.x;  // b * groups + g
-    const int64_t base = detect_pack_group<T, kThreadsPerCta, kScanAlgorithm>(x, packed, column_ids, s, group,
-                                                                             scan_storage);
-    if (threadIdx.x == 0) counts[group] = int32_t(base);
-  } else {
-    for (int64_t group = blockIdx.x; group < s.all_groups(); group += gridDim.x) {
-      const int64_t base = detect_pack_group<T, kThreadsPerCta, kScanAlgorithm>(x, packed, column_ids, s, group,
-                                                                               scan_storage);
-      __syncthreads();  // every thread's packed columns and ids of the group are written; the ring is free
-      if (threadIdx.x == 0) {
-        __threadfence();
-        store_release_gpu(counts + group, int32_t(base));
-      }
-    }
-  }
+  if (threadIdx.x == 0) counts[group] = int32_t(base);
 }
 
 // ---- forward step 2: gathered GEMM -------------------------------------------------------------
@@ -379,9 +334,7 @@ using ForwardMath = std::conditional_t<ForwardConfig<T>::kTensorCores, ForwardTe
 // limit). A thread's shared-memory rows step by multiples of 8, so their swizzle (row % 8) is that
 // of its first row. Tiles are numbered with the row groups varying fastest: the CTAs resident at
 // once share a few column tiles of w, so the rows that different groups gather from w stay in L2.
-// kCoherent: the packed x and ids may be written while this kernel runs (PIT_KGATHER_OVERLAP), so
-// ids are read through L2 (ld.global.cg), never from a read-only or L1 line cached before they were.
-template <typename T, bool kVecW, bool kCoherent = false>
+template <typename T, bool kVecW>
 struct ForwardTile {
   using C = ForwardConfig<T>;
   static constexpr int kAVecsPerRow = C::kBK / C::kVec, kBVecsPerRow = C::kBN / C::kVec;
@@ -411,15 +364,6 @@ struct ForwardTile {
                                          const int32_t* counts, const T* w, const KGatherShape& s) {
     const int64_t group = locate(tile, s);
     set_up(group, group_length(counts, b, g, s), packed, column_ids, w, s);
-  }
-
-  // A tile given by its group over the batch, its column tile and its packed length.
-  __device__ __forceinline__ ForwardTile(int64_t group, int64_t n_tile, int64_t len, const T* packed,
-                                         const int32_t* column_ids, const T* w, const KGatherShape& s) {
-    b = group / s.groups;
-    g = group % s.groups;
-    n0 = n_tile * C::kBN;
-    set_up(group, len, packed, column_ids, w, s);
   }
 
   // Sets b, g and n0; returns the tile's group over the batch.
@@ -455,10 +399,7 @@ struct ForwardTile {
 #pragma unroll
     for (int j = 0; j < kIdsPerThread; ++j) {
       const int p = chunk * C::kBK + my_row + j * kRowsPerPass;
-      if constexpr (kCoherent)
-        out[j] = (chunk < n_chunks && p < padded) ? __ldcg(ids + p) : -1;
-      else
-        out[j] = (chunk < n_chunks && p < padded) ? ids[p] : -1;
+      out[j] = (chunk < n_chunks && p < padded) ? ids[p] : -1;
     }
   }
 
@@ -493,53 +434,21 @@ struct ForwardTile {
   }
 };
 
-// The tile of CTA `cta` when detect+pack publishes groups in rounds of `round_groups` (its grid):
-// round-major, groups fastest inside a round, so that the CTAs scheduled first need the groups
-// packed first. Returns the group over the batch; sets the column tile.
-__device__ __forceinline__ int64_t overlap_tile_group(int64_t cta, int64_t round_groups, int64_t column_tiles,
-                                                      const KGatherShape& s, int64_t* n_tile) {
-  const int64_t round = cta / (round_groups * column_tiles);
-  const int64_t local = cta - round * round_groups * column_tiles;
-  const int64_t in_round = min(round_groups, s.all_groups() - round * round_groups);
-  *n_tile = local / in_round;
-  return round * round_groups + local % in_round;
-}
-
-// One CTA per tile. kOverlap (PIT_KGATHER_OVERLAP): detect+pack runs beside this kernel and
-// publishes each group's count (-1 until then); a CTA waits for its group's count alone instead of
-// for the whole detect+pack grid (so it skips wait_for_previous_grid: detect+pack waited for the
-// kernels before it, and lets this one be scheduled only after that).
-template <typename T, bool kVecW, bool kOverlap>
+// One CTA per tile.
+template <typename T, bool kVecW>
 __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(const T* __restrict__ packed,
                                                                        const int32_t* __restrict__ column_ids,
                                                                        const int32_t* __restrict__ counts,
                                                                        const T* __restrict__ w, T* __restrict__ y,
-                                                                       KGatherShape s, bool vec_y,
-                                                                       int64_t round_groups) {
+                                                                       KGatherShape s, bool vec_y) {
   using C = ForwardConfig<T>;
-  using Tile = ForwardTile<T, kVecW, kOverlap>;
+  using Tile = ForwardTile<T, kVecW>;
   extern __shared__ __align__(16) unsigned char smem_bytes[];
   T* smem = reinterpret_cast<T*>(smem_bytes);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const Tile tile = [&] {
-    if constexpr (kOverlap) {
-      __shared__ int32_t published;
-      int64_t n_tile;
-      const int64_t group = overlap_tile_group(blockIdx.x, round_groups, ceil_div(s.n, C::kBN), s, &n_tile);
-      allow_dependent_launch();
-      if (threadIdx.x == 0) {
-        int32_t count;
-        while ((count = load_acquire_gpu(counts + group)) < 0) __nanosleep(256);
-        published = count;
-      }
-      __syncthreads();  // the group's packed x and ids are visible to the whole CTA
-      return Tile(group, n_tile, int64_t(published), packed, column_ids, w, s);
-    } else {
-      wait_for_previous_grid();  // pack's output (and whatever wrote w, which pack waited for)
-      allow_dependent_launch();
-      return Tile(blockIdx.x, packed, column_ids, counts, w, s);
-    }
-  }();
+  wait_for_previous_grid();  // pack's output (and whatever wrote w, which pack waited for)
+  allow_dependent_launch();
+  const Tile tile(blockIdx.x, packed, column_ids, counts, w, s);
 
   ForwardMath<T> math;
   int32_t k_ids[Tile::kIdsPerThread];
@@ -692,23 +601,19 @@ __global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_kgather_tn_kernel(
 inline bool forward_dependent_launch() { return dependent_launch_setting("PIT_KGATHER_PDL") != 0; }
 
 // The gathered GEMM over a packed x (step 2); `counts` per 32-row group's tile row block.
-// round_groups > 0: detect+pack publishes the counts in rounds of that many groups while this
-// kernel runs (PIT_KGATHER_OVERLAP); 0: they are complete before it reads them.
 template <typename T>
 cudaError_t launch_gemm(cudaStream_t stream, const KGatherShape& s, const T* packed, const int32_t* column_ids,
-                        const int32_t* counts, const void* w, void* y, bool dependent, int64_t round_groups = 0) {
+                        const int32_t* counts, const void* w, void* y, bool dependent) {
   using C = ForwardConfig<T>;
   const int64_t n_tiles = ceil_div(s.n, C::kBN);
   const unsigned grid = unsigned(s.all_groups() * n_tiles);
   const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
-  auto kernel = round_groups > 0
-                    ? (vec_w ? pit_kgather_forward_kernel<T, true, true> : pit_kgather_forward_kernel<T, false, true>)
-                    : (vec_w ? pit_kgather_forward_kernel<T, true, false> : pit_kgather_forward_kernel<T, false, false>);
+  auto kernel = vec_w ? pit_kgather_forward_kernel<T, true> : pit_kgather_forward_kernel<T, false>;
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
   err = launch_dependent(kernel, dim3(grid), dim3(kForwardThreads), C::kSmemBytes, stream, dependent,
                          packed, column_ids, counts, static_cast<const T*>(w), static_cast<T*>(y), s,
-                         rows_copy_by_16_bytes<T>(y, s.n), round_groups);
+                         rows_copy_by_16_bytes<T>(y, s.n));
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
@@ -726,18 +631,15 @@ cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const voi
 
 // Detection fused with pack (32x1 tiles, x's rows in 16-byte vectors), then the GEMM. Scratch:
 // the forward's (packed x, column ids) then one count per group.
-// round_groups > 0: that many CTAs, publishing each group's count as it is packed (PIT_KGATHER_OVERLAP).
 template <typename T, int kThreads, cub::BlockScanAlgorithm kScanAlgorithm>
 cudaError_t launch_detect_pack_with(cudaStream_t stream, const KGatherShape& s, const void* x, int32_t* counts,
-                                    T* packed, int32_t* column_ids, int64_t round_groups = 0) {
+                                    T* packed, int32_t* column_ids) {
   using C = DetectPackConfig<kThreads>;
-  auto kernel = round_groups > 0 ? pit_kgather_detect_pack_kernel<T, kThreads, kScanAlgorithm, true>
-                                 : pit_kgather_detect_pack_kernel<T, kThreads, kScanAlgorithm, false>;
+  auto kernel = pit_kgather_detect_pack_kernel<T, kThreads, kScanAlgorithm>;
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const unsigned grid = unsigned(round_groups > 0 ? round_groups : s.all_groups());
-  err = launch_dependent(kernel, dim3(grid), dim3(kThreads), C::kSmemBytes, stream, forward_dependent_launch(),
-                         static_cast<const T*>(x), counts, packed, column_ids, s);
+  err = launch_dependent(kernel, dim3(unsigned(s.all_groups())), dim3(kThreads), C::kSmemBytes, stream,
+                         forward_dependent_launch(), static_cast<const T*>(x), counts, packed, column_ids, s);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
@@ -773,15 +675,6 @@ inline bool large_detect_pack_ring_fits() {
   return optin[device] >= DetectPackConfig<512>::kSmemBytes + 4096;  // + the kernel's static shared memory
 }
 
-// PIT_KGATHER_OVERLAP=n (an A/B switch, read per launch): detect+pack on n CTAs (at most one per
-// group) publishing each group's count as it is packed, and the forward's CTAs starting on the
-// groups already packed. Unset or 0: detect+pack on one CTA per group, then the forward.
-inline int64_t overlap_round_groups(const KGatherShape& s) {
-  const char* env = std::getenv("PIT_KGATHER_OVERLAP");
-  const int64_t n = env == nullptr ? 0 : std::atoll(env);
-  return n <= 0 ? 0 : (n < s.all_groups() ? n : s.all_groups());
-}
-
 template <typename T>
 cudaError_t launch_forward_detecting(cudaStream_t stream, const KGatherShape& s, const void* x, const void* w,
                                      void* y, uint8_t* workspace) {
@@ -789,17 +682,6 @@ cudaError_t launch_forward_detecting(cudaStream_t stream, const KGatherShape& s,
   T* packed = reinterpret_cast<T*>(workspace);
   int32_t* column_ids = reinterpret_cast<int32_t*>(workspace + s.packed_x_bytes(sizeof(T)));
   int32_t* counts = reinterpret_cast<int32_t*>(workspace + s.forward_workspace_bytes(sizeof(T)));
-  const int64_t round_groups = overlap_round_groups(s);
-  if (round_groups > 0) {  // (the default block scan only)
-    const cudaError_t err =
-        large_detect_pack_ring_fits()
-            ? launch_detect_pack_with<T, 512, cub::BLOCK_SCAN_RAKING_MEMOIZE>(stream, s, x, counts, packed,
-                                                                               column_ids, round_groups)
-            : launch_detect_pack_with<T, 256, cub::BLOCK_SCAN_RAKING_MEMOIZE>(stream, s, x, counts, packed,
-                                                                               column_ids, round_groups);
-    if (err != cudaSuccess) return err;
-    return launch_gemm<T>(stream, s, packed, column_ids, counts, w, y, forward_dependent_launch(), round_groups);
-  }
   const cudaError_t err = large_detect_pack_ring_fits()
                               ? launch_detect_pack<T, 512>(stream, s, x, counts, packed, column_ids)
                               : launch_detect_pack<T, 256>(stream, s, x, counts, packed, column_ids);
