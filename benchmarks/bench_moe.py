@@ -242,8 +242,8 @@ def projection_report(rows, meta, path):
         f"MoE expert projection — {meta['device']}, jax {meta['jax']}, {meta['date']}",
         "bf16; pit_jax from unsorted tokens (routing + gather + scatter included), peers from "
         f"rows pre-sorted by expert; CUDA kernels built: {pit_jax.build_info().get('cuda')}; "
-        f"pit_jax path: {path}; routing = pit_jax.moe_routing alone, {ROUTING_CALLS} builds per jitted step (device time), % of pit's forward "
-        f"(issue target ≤ 5%); index given = the same moe_matmul with the routing tables passed in "
+        f"pit_jax path: {path}; routing = pit_jax.moe_routing alone, {ROUTING_CALLS} builds per jitted step (device time), % of this projection's "
+        f"forward (the issue's ≤ 5% target is of the layer's forward: the layer table); index given = the same moe_matmul with the routing tables passed in "
         f"(built once outside the timed call); every column of a case with fewer than {SMALL_CASE_FLOPS:.0e} FLOPs "
         f"(Qwen3-like) timed with {SMALL_CASE_CALLS} independent calls per jitted step, else one (one call per step timed "
         f"the host's dispatch there); routing-order out = the same, index given, with the output rows "
