@@ -114,6 +114,28 @@ def test_empty_groups_among_many_tiles(backend, monkeypatch, dtype, sparsity):
         assert _rel_err(y, want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("variant", ["default", "no_pdl"])
+def test_fused_reused_workspace_alternating_patterns(backend, monkeypatch, variant):
+    """One compiled function called on inputs with different patterns, alternately, several times:
+    each call's counts, ids and packed x replace the previous call's in the reused scratch (a count
+    or id left from another call would show as a wrong product)."""
+    _gpu_only(backend)
+    if VARIANTS[variant] is not None:
+        monkeypatch.setenv(*VARIANTS[variant])
+    monkeypatch.setenv("PIT_KGATHER_FUSED", "1")
+    monkeypatch.setenv("PIT_KGATHER_FUSED_MIN_GROUPS", "1")
+    rng = np.random.default_rng(stable_seed("reused", variant))
+    xs = [random_tile_sparse(rng, (2, 1000, 1544), TILE, sp, "bfloat16") for sp in (0.5, 0.99, 0.9)]
+    xs[1][:, 64:512] = 0  # empty groups where the others have columns
+    w = (rng.standard_normal((1544, 136)) + 0.1).astype(DTYPES["bfloat16"])
+    f = jax.jit(lambda x, w: pit_jax.sparse_dense(x, w, tile=TILE))
+    assert "pit_sparse_dense_detect" in f.lower(xs[0], w).as_text()
+    wants = [np.asarray(x, np.float64) @ np.asarray(w, np.float64) for x in xs]
+    for i in [0, 1, 2, 1, 0, 2]:
+        y = f(xs[i], w)
+        assert _rel_err(y, wants[i]) < TOL["bfloat16"], i
+
+
 def test_fused_special_values(backend, monkeypatch):
     """-0.0 is zero (its column is skipped), inf and subnormals are nonzero: as in detect."""
     _gpu_only(backend)
