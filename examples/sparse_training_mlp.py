@@ -36,7 +36,11 @@ def progress(i, n, msg):
 
 
 def load_digits():
-    from sklearn.datasets import load_digits as sk_digits
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError:
+        sys.exit('this example trains on scikit-learn\'s bundled digits: pip install ".[examples]" '
+                 "(or scikit-learn)")
     d = sk_digits()
     x = (d.data / 16.0).astype(np.float32)
     y = d.target.astype(np.int32)
