@@ -360,23 +360,14 @@ struct ForwardTile {
                                                          const KGatherShape& s) {
     return int64_t(counts[b * s.nb_m + g * kGroupRows / s.tile_m]) * s.tile_k;
   }
+  // Tile `tile`: row groups vary fastest, then column tiles.
   __device__ __forceinline__ ForwardTile(int64_t tile, const T* packed, const int32_t* column_ids,
                                          const int32_t* counts, const T* w, const KGatherShape& s) {
-    const int64_t group = locate(tile, s);
-    set_up(group, group_length(counts, b, g, s), packed, column_ids, w, s);
-  }
-
-  // Sets b, g and n0; returns the tile's group over the batch.
-  __device__ __forceinline__ int64_t locate(int64_t tile, const KGatherShape& s) {
     const int64_t group = tile % s.all_groups();
     b = group / s.groups;
     g = group % s.groups;
     n0 = (tile / s.all_groups()) * C::kBN;
-    return group;
-  }
-
-  __device__ __forceinline__ void set_up(int64_t group, int64_t len, const T* packed, const int32_t* column_ids,
-                                         const T* w, const KGatherShape& s) {
+    const int64_t len = group_length(counts, b, g, s);
     n_chunks = int(ceil_div(len, C::kBK));
     padded = int(ceil_div(len, kPackAlign) * kPackAlign);
     a_src = packed + group * kGroupRows * s.packed_k;
