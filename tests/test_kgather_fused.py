@@ -27,10 +27,15 @@ def _gpu_only(backend):
         pytest.skip("the fused kernel is a CUDA lowering (the CPU path is the reference)")
 
 
-def _forward(monkeypatch, x, w, fused: bool):
-    """sparse_dense(x, w) lowered with the fused path forced on (every shape) or turned off."""
+def _force_fused(monkeypatch, fused: bool):
+    """The lowering's fused path forced on (every shape) or turned off."""
     monkeypatch.setenv("PIT_KGATHER_FUSED", "1" if fused else "0")
     monkeypatch.setenv("PIT_KGATHER_FUSED_MIN_GROUPS", "1")
+
+
+def _forward(monkeypatch, x, w, fused: bool):
+    """sparse_dense(x, w) lowered with the fused path forced on (every shape) or turned off."""
+    _force_fused(monkeypatch, fused)
     f = jax.jit(lambda x, w: pit_jax.sparse_dense(x, w, tile=TILE))  # a new function: lowered anew
     text = f.lower(x, w).as_text()
     assert ("pit_sparse_dense_detect" in text) == fused
@@ -49,14 +54,18 @@ VARIANTS = {"default": None, "ring256": ("PIT_KGATHER_FUSED_THREADS", "256"),
             "no_pdl": ("PIT_KGATHER_PDL", "0")}
 
 
+def _set_variant(monkeypatch, variant):
+    if VARIANTS[variant] is not None:
+        monkeypatch.setenv(*VARIANTS[variant])
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99, 1.0])
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 def test_fused_matches_float64_and_separate_kernels(backend, monkeypatch, variant, dtype, sparsity, shape):
     _gpu_only(backend)
-    if VARIANTS[variant] is not None:
-        monkeypatch.setenv(*VARIANTS[variant])
+    _set_variant(monkeypatch, variant)
     b, m, k, n = shape
     rng = np.random.default_rng(stable_seed(dtype, sparsity, shape))
     x = random_tile_sparse(rng, (b, m, k), TILE, sparsity, dtype)
@@ -77,8 +86,7 @@ def test_fused_many_groups_and_chunks(backend, monkeypatch, variant):
     """Many groups (126, over a batch of two 2000-row matrices) and rows of 9
     chunks with a partial last one: bit for bit the separate kernels, and within bf16 tolerance of float64."""
     _gpu_only(backend)
-    if VARIANTS[variant] is not None:
-        monkeypatch.setenv(*VARIANTS[variant])
+    _set_variant(monkeypatch, variant)
     rng = np.random.default_rng(stable_seed("many", variant))
     x = random_tile_sparse(rng, (2, 2000, 9000), TILE, 0.9, "bfloat16")
     w = (rng.standard_normal((9000, 72)) + 0.1).astype(DTYPES["bfloat16"])
@@ -120,10 +128,8 @@ def test_fused_reused_workspace_alternating_patterns(backend, monkeypatch, varia
     each call's counts, ids and packed x replace the previous call's in the reused scratch (a count
     or id left from another call would show as a wrong product)."""
     _gpu_only(backend)
-    if VARIANTS[variant] is not None:
-        monkeypatch.setenv(*VARIANTS[variant])
-    monkeypatch.setenv("PIT_KGATHER_FUSED", "1")
-    monkeypatch.setenv("PIT_KGATHER_FUSED_MIN_GROUPS", "1")
+    _set_variant(monkeypatch, variant)
+    _force_fused(monkeypatch, True)
     rng = np.random.default_rng(stable_seed("reused", variant))
     xs = [random_tile_sparse(rng, (2, 1000, 1544), TILE, sp, "bfloat16") for sp in (0.5, 0.99, 0.9)]
     xs[1][:, 64:512] = 0  # empty groups where the others have columns
