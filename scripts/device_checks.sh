@@ -176,6 +176,9 @@
 #                  (to LAST): the tool's own process crashes partway through at times.
 #   PART=kgather_e2e: session 31: (TESTS=1: the k-gather suites), bench_sparse_dense 32x1 with BCOO ($OUT/sparse_dense),
 #                  then (NCU=0 skips) ncu's per-kernel device times of one forward call per sparsity on 4096³ and fc2.
+#   PART=kgather_dw: session 33: (TESTS=1: the k-gather suites), bench_kgather_dw (dW kernel vs dense dW, index given,
+#                  $OUT/kgather_dw), then (SAN=1) memcheck and racecheck over the dW tests.
+#   PART=ncu_kgather_dw: session 33: Nsight Compute of the dW path's kernels at 4096³ ($OUT/ncu_dw.txt).
 set -u
 export PYTHONUNBUFFERED=1
 LOG=$OUT/checks.log
@@ -458,6 +461,28 @@ kgather_e2e)  # session 31: the final forward end to end — bench_sparse_dense'
     echo "rc $?" >> $OUT/ncu_parts.txt
   done
   grep -E "^==|^  pit_|gpu__time|dram__bytes|rc " $OUT/ncu_parts.txt | sed 's/(.*//; s/  */ /g' | tee -a $LOG
+  echo "ncu $((SECONDS-t0))s" ;;
+kgather_dw)  # session 33 (there with a packed dW kernel, not kept: benchmarks/results/2026-11-29_session33/) — the
+            # k-gather suites on the GPU (TESTS=1), bench_kgather_dw (dW kernel vs dense dW, index given, over VARIANTS,
+            # $OUT/kgather_dw), then memcheck and racecheck over the dW tests (SAN=1)
+  [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 250 tests/test_kgather.py tests/test_kgather_kernels.py tests/test_kgather_fused.py
+  (cd benchmarks && PIT_BENCH_ROUNDS=${ROUNDS:-3} timeout -k 5 ${BENCH_TIMEOUT:-200} python3 bench_kgather_dw.py \
+     --out $OUT/kgather_dw --variants ${VARIANTS:-default} \
+     --sparsity ${SPARSITY:-0.5 0.9 0.95 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
+  echo "dw bench $((SECONDS-t0))s"
+  if [[ "${SAN:-1}" == 1 ]]; then
+    SAN_TIMEOUT=150 run_tool memcheck pit_kgather tests/test_kgather_kernels.py "gpu and (many_column_blocks or many_row or garbage or (match_float64 and 0.95))"
+    SAN_TIMEOUT=150 run_tool racecheck pit_kgather_tn tests/test_kgather_kernels.py "gpu and many_column_blocks"
+  fi ;;
+ncu_kgather_dw)  # session 33: Nsight Compute on the dW path's kernels at 4096³, SPARSITY (default 0.99 0.9), $OUT/ncu_dw.txt
+  XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=benchmarks timeout -k 5 200 ncu \
+    --kernel-name regex:'pit_kgather_(tn|pack|colmask)' \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section SchedulerStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio \
+    python3 -P benchmarks/profile_kgather_dw.py --sparsity ${SPARSITY:-0.99 0.9} >> $OUT/ncu_dw.txt 2>&1
+  echo "rc $?" >> $OUT/ncu_dw.txt
+  grep -E "^==|pit_kgather|Duration|Throughput|Achieved Occupancy|Registers|Warp Cycles Per Issued|Issued Warp|No Eligible|rc |ERROR|sparsity" $OUT/ncu_dw.txt | sed 's/(const T1.*//; s/  */ /g' | tee -a $LOG
+  grep -E "stalled" $OUT/ncu_dw.txt | awk '$NF+0 > 0.3' | sed 's/  */ /g' | tee -a $LOG
   echo "ncu $((SECONDS-t0))s" ;;
 kgather_san)  # session 32: memcheck and racecheck over the default k-gather configuration (dependent launches on
              # the fused path, the one-tile forward; session 32 ran it on 152b4ad, with "not persistent"): kernel-suite and fused-suite selections, one process each
