@@ -137,8 +137,9 @@ def run(kind, data, args):
         losses.append(loss)
         done = int(30 * (i + 1) / args.steps)
         sys.stdout.write(f"\r  {kind:<6} [{'#' * done}{'.' * (30 - done)}] {i + 1}/{args.steps} loss {loss:.3f}")
+        sys.stdout.flush()  # a terminal shows the bar only at a newline otherwise
     sys.stdout.write("\n")
-    return float(np.mean(losses[-10:])), n_tok / max(t_run, 1e-9)
+    return float(np.mean(losses[-10:])), (n_tok / t_run if n_tok else float("nan"))  # nan: no step after the first 3
 
 
 def main():
@@ -153,10 +154,13 @@ def main():
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="compute dtype of the feed-forward blocks (parameters stay float32)")
-    ap.add_argument("--small", action="store_true", help="a tiny configuration for a quick check")
+    ap.add_argument("--small", action="store_true",
+                    help="a tiny configuration for a quick check (30 steps unless --steps is given)")
     args = ap.parse_args()
     if args.small:
-        args.steps, args.batch, args.seq, args.d, args.d_ff, args.layers = 30, 4, 32, 32, 32, 1
+        steps_given = any(a == "--steps" or a.startswith("--steps=") for a in sys.argv[1:])
+        args.batch, args.seq, args.d, args.d_ff, args.layers = 4, 32, 32, 32, 1
+        args.steps = args.steps if steps_given else 30
     data = load_text(2_000_000)
     print(f"text: {len(data)} bytes of stdlib source; device {jax.devices()[0].device_kind}; "
           f"FFN dtype {args.dtype}; {vars(args)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.interpreters import ad, batching, mlir
 
 from . import _primitive, kgather_cuda
@@ -155,6 +156,19 @@ def _check_operands(fn, x, w):
                          f"({w.shape[0]}); shapes {x.shape} and {w.shape}")
 
 
+def _resolve_tile(fn, tile, index, default):
+    """`tile` as a checked pair of positive ints; None: the index's tile, else `default`."""
+    if tile is None:
+        return tuple(index.tile) if isinstance(index, TileIndex) else default
+    if isinstance(tile, str) or not hasattr(tile, "__len__") or len(tile) != 2 or \
+            not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in tile):
+        choices = "a pair of ints or 'auto'" if fn == "sparse_dense" else "a pair of ints"
+        raise TypeError(f"pit_jax.{fn}: tile must be {choices}, got {tile!r}")
+    if min(tile) <= 0:
+        raise ValueError(f"pit_jax.{fn}: tile sizes must be positive, got tile={tuple(tile)!r}")
+    return (int(tile[0]), int(tile[1]))
+
+
 def _clamp_tile(tile, m, k):
     """A tile larger than the matrix covers it in one block (detect itself rejects that)."""
     return (min(int(tile[0]), m), min(int(tile[1]), k))
@@ -181,12 +195,13 @@ AUTO_TILE = (32, 1)
 AUTO_MAX_DENSITY = 0.2
 
 
-def sparse_dense(x, w, *, tile=(32, 1), index: TileIndex | None = None):
+def sparse_dense(x, w, *, tile=None, index: TileIndex | None = None):
     """y = x @ w where x [..., M, K] is dynamically sparse in micro-tiles of `tile` = (tm, tk).
 
     The nonzero micro-tiles of x are detected on device (`pit_jax.detect(x, tile)`) unless a
     `TileIndex` for x (row layout) is passed as `index`; x must then be zero outside the tiles it
     lists. Differentiable in x and w: dx = dy @ wᵀ (dense), dw = xᵀ dy on x's nonzero tiles.
+    tile=None (the default): 32x1 micro-tiles, or the tile `index` was made with.
 
     tile="auto": 32x1 micro-tiles; the kernel runs when at most AUTO_MAX_DENSITY of them are
     nonzero (the largest density over x's batch), else the dense matmul — a `lax.cond` on a
@@ -198,6 +213,7 @@ def sparse_dense(x, w, *, tile=(32, 1), index: TileIndex | None = None):
         if tile != "auto":
             raise ValueError(f"pit_jax.sparse_dense: tile must be a pair of ints or 'auto', got {tile!r}")
         return _sparse_dense_auto(x, w, index)
+    tile = _resolve_tile("sparse_dense", tile, index, (32, 1))
     _check_operands("sparse_dense", x, w)
     return _sparse_dense_indexed(x, w, tile, index, exact=index is None)
 
@@ -279,13 +295,18 @@ def _mask_tangent_jvp(primals, tangents):
     return w, jnp.where(mask, dw, jnp.zeros((), dw.dtype))
 
 
-def dense_sparse(x, w, *, tile=(1, 32), index: TileIndex | None = None, grad: str = "masked"):
+def dense_sparse(x, w, *, tile=None, index: TileIndex | None = None, grad: str = "masked"):
     """y = x @ w where the weight w [K, N] is dynamically sparse in micro-tiles `tile` = (tk, tn).
 
     grad="masked" (PIT sparse training): pruned weights (outside w's nonzero tiles) get zero
     gradient, as if y = x @ (w ⊙ M) with the mask M held constant. grad="dense": the exact
-    gradient of x @ w. dx = dy @ (w ⊙ M)ᵀ either way.
+    gradient of x @ w. dx = dy @ (w ⊙ M)ᵀ either way. tile=None (the default): 1x32 micro-tiles,
+    or the tile `index` was made with. (tile="auto" is sparse_dense's only.)
     """
+    if isinstance(tile, str):
+        raise ValueError(f"pit_jax.dense_sparse: tile must be a pair of ints (tile='auto' is sparse_dense's "
+                         f"only), got {tile!r}")
+    tile = _resolve_tile("dense_sparse", tile, index, (1, 32))
     _check_operands("dense_sparse", x, w)
     if grad not in ("masked", "dense"):
         raise ValueError(f"pit_jax.dense_sparse: grad must be 'masked' or 'dense', got {grad!r}")

@@ -193,6 +193,11 @@ class MoeRouting(NamedTuple):
         """Assignments per expert, [E]."""
         return jnp.diff(self.group_starts)[..., :self.num_experts]
 
+    def dropped_count(self) -> jax.Array:
+        """Assignments whose expert id lies outside [0, E): `moe_matmul` drops them (zero output
+        rows, no gradient). A device scalar (per batch element under vmap); no host sync."""
+        return jnp.diff(self.group_starts)[..., self.num_experts]
+
 
 def _check_ids(fn, expert_ids):
     if not hasattr(expert_ids, "ndim") or expert_ids.ndim != 2 or not jnp.issubdtype(expert_ids.dtype, jnp.integer):
@@ -337,19 +342,25 @@ def swiglu_matmul(x, w_gate, w_up, routing: MoeRouting, *, rows_per_source: int,
 
 def drop_over_capacity(expert_ids, num_experts: int, capacity_factor: float):
     """Switch/flaxformer-style capacity: each expert keeps at most
-    C = ceil(capacity_factor · T·k / E) assignments, first come (token order, then slot) first
-    served; the rest get id -1, which `moe_matmul` drops (zero rows).
+    C = ceil(capacity_factor · T·k / E) assignments of `expert_ids` [..., k]. Priority goes slot
+    by slot, as in flaxformer: every token's first choice before any token's second choice, and
+    within a slot, token order. The rest get id -1, which `moe_matmul` drops (zero rows).
 
-    Returns (expert_ids with drops, number of dropped assignments) — all on device."""
+    Returns (expert_ids with drops, number of dropped assignments) — all on device. Ids outside
+    [0, E) are dropped by `moe_matmul` too but are not counted here."""
+    if not (isinstance(num_experts, int) and num_experts > 0):
+        raise ValueError(f"pit_jax.drop_over_capacity: num_experts must be a positive int, got {num_experts!r}")
     if not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
         raise ValueError(f"pit_jax.drop_over_capacity: capacity_factor must be > 0, got {capacity_factor!r}")
-    flat = expert_ids.reshape(-1).astype(jnp.int32)
-    capacity = -(-int(capacity_factor * flat.size) // num_experts)  # ceil, static
-    valid = (flat >= 0) & (flat < num_experts)
-    order, starts, _ = moe_route_p.bind(flat, num_experts=num_experts)  # stable: token order kept
-    key = jnp.where(valid, flat, num_experts)[order]
-    rank_sorted = jnp.arange(flat.size, dtype=jnp.int32) - starts[key]  # position within its expert
-    rank = jnp.zeros(flat.size, jnp.int32).at[order].set(rank_sorted)
+    k = expert_ids.shape[-1] if expert_ids.ndim >= 2 else 1
+    by_slot = expert_ids.reshape(-1, k).T.reshape(-1).astype(jnp.int32)  # slot-major priority order
+    capacity = -(-int(capacity_factor * by_slot.size) // num_experts)  # ceil, static
+    valid = (by_slot >= 0) & (by_slot < num_experts)
+    order, starts, _ = moe_route_p.bind(by_slot, num_experts=num_experts)  # stable: priority order kept
+    key = jnp.where(valid, by_slot, num_experts)[order]
+    rank_sorted = jnp.arange(by_slot.size, dtype=jnp.int32) - starts[key]  # position within its expert
+    rank = jnp.zeros(by_slot.size, jnp.int32).at[order].set(rank_sorted)
     keep = valid & (rank < capacity)
     dropped = jnp.sum(valid & ~keep)
-    return jnp.where(keep, flat, -1).reshape(expert_ids.shape), dropped
+    kept = jnp.where(keep, by_slot, -1).reshape(k, -1).T
+    return kept.reshape(expert_ids.shape), dropped

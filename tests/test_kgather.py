@@ -117,6 +117,50 @@ def test_auto_rejects_other_strings():
         pit_jax.sparse_dense(np.ones((4, 4), np.float32), np.ones((4, 4), np.float32), tile="fast")
 
 
+def test_bad_input_names_the_argument():
+    """Trace-time errors for each kind of bad input, naming the argument (jit: nothing runs)."""
+    x = np.ones((2, 8, 16), np.float32)
+    w = np.ones((16, 4), np.float32)
+    cases = [
+        (lambda: pit_jax.sparse_dense(np.ones(16, np.float32), w), ValueError, "x must have rank >= 2"),
+        (lambda: pit_jax.sparse_dense(x, np.ones(16, np.float32)), ValueError, "w must have rank >= 2"),
+        (lambda: pit_jax.sparse_dense(x, np.ones((2, 16, 4), np.float32)), ValueError, "w must be a matrix"),
+        (lambda: pit_jax.sparse_dense(x, w.astype(np.float16)), TypeError, "x and w must have the same dtype"),
+        (lambda: pit_jax.sparse_dense(x.astype(np.int32), w), TypeError, "x must be bfloat16, float16 or float32"),
+        (lambda: pit_jax.sparse_dense(x, np.ones((15, 4), np.float32)), ValueError, "x's last dim \\(16\\)"),
+        (lambda: pit_jax.sparse_dense(x, w, tile=(32,)), TypeError, "tile must be a pair of ints or 'auto'"),
+        (lambda: pit_jax.sparse_dense(x, w, tile=(0, 1)), ValueError, "tile sizes must be positive"),
+        (lambda: pit_jax.sparse_dense(x, w, tile=(8.0, 1)), TypeError, "tile must be a pair of ints"),
+        (lambda: pit_jax.sparse_dense(x, w, index=(1, 2, 3)), TypeError, "index must be a pit_jax.TileIndex"),
+        (lambda: pit_jax.sparse_dense(x, w, tile=(8, 1), index=pit_jax.detect(x, (4, 1))), ValueError,
+         "index was made for shape \\(8, 16\\), tile \\(4, 1\\)"),
+        (lambda: pit_jax.sparse_dense(x, w, index=pit_jax.detect(x[0], (4, 1))), ValueError, "index has batch dims"),
+        (lambda: pit_jax.sparse_dense(x, w, index=pit_jax.detect(x[:, :4], (4, 1))), ValueError,
+         "index was made for shape \\(4, 16\\)"),
+        (lambda: pit_jax.dense_sparse(x, w, tile="auto"), ValueError, "tile='auto' is sparse_dense's only"),
+        (lambda: pit_jax.dense_sparse(x, w, tile=(1, -2)), ValueError, "tile sizes must be positive"),
+        (lambda: pit_jax.dense_sparse(x, w, grad="exact"), ValueError, "grad must be 'masked' or 'dense'"),
+        (lambda: pit_jax.dense_sparse(x, w.astype(np.float16)), TypeError, "x and w must have the same dtype"),
+        (lambda: pit_jax.dense_sparse(x, w, index=pit_jax.detect(w.T.copy(), (1, 4))), ValueError,
+         "index was made for shape \\(4, 16\\)"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_tile_defaults_to_the_index_tile(backend):
+    """With `index` given and no `tile`, both functions take the index's tile."""
+    rng = np.random.default_rng(7)
+    x = random_tile_sparse(rng, (40, 24), (8, 4), 0.5, "float32")
+    w = (rng.standard_normal((24, 16)) + 0.1).astype(np.float32)
+    got = pit_jax.sparse_dense(x, w, index=pit_jax.detect(x, (8, 4)))
+    np.testing.assert_allclose(np.asarray(got), x @ w, rtol=1e-5, atol=1e-4)
+    ws = random_tile_sparse(rng, (24, 16), (2, 8), 0.5, "float32")
+    got = pit_jax.dense_sparse(x, ws, index=pit_jax.detect(ws, (2, 8)))
+    np.testing.assert_allclose(np.asarray(got), x @ ws, rtol=1e-5, atol=1e-4)
+
+
 def test_values_outside_index_are_ignored(backend):
     """A caller's index is a promise; values outside it are never read (as in the kernels)."""
     rng = np.random.default_rng(1)

@@ -120,6 +120,21 @@ def test_routing_reuse_and_errors():
         pit_jax.moe_routing(ids.astype(jnp.float32), 4)
 
 
+def test_routing_counts_invalid_ids(backend):
+    """Ids outside [0, E) are dropped (zero rows) and counted on device by the routing."""
+    rng = np.random.default_rng(11)
+    ids = rng.integers(-3, 7, (37, 3)).astype(np.int32)  # E = 5: about 40% out of range
+    x = jnp.asarray(rng.standard_normal((37, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((5, 8, 4)), jnp.float32)
+    routing = jax.jit(pit_jax.moe_routing, static_argnums=1)(jnp.asarray(ids), 5)
+    invalid = (ids < 0) | (ids >= 5)
+    assert int(routing.dropped_count()) == int(invalid.sum()) > 0
+    out = np.asarray(pit_jax.moe_matmul(x, w, jnp.asarray(ids), routing=routing))
+    np.testing.assert_array_equal(out[invalid], 0)
+    batched = jax.vmap(lambda i: pit_jax.moe_routing(i, 5).dropped_count())(jnp.asarray(ids.reshape(1, 37, 3)))
+    np.testing.assert_array_equal(np.asarray(batched), [invalid.sum()])
+
+
 def test_drop_over_capacity():
     ids = jnp.asarray([[0, 1], [0, 2], [0, 1], [0, 3], [5, -1]], jnp.int32)  # E = 4
     kept, dropped = pit_jax.drop_over_capacity(ids, 4, 1.0)  # capacity ceil(10/4) = 3
@@ -129,6 +144,21 @@ def test_drop_over_capacity():
     assert int(dropped) == 0
     with pytest.raises(ValueError, match="capacity_factor"):
         pit_jax.drop_over_capacity(ids, 4, 0.0)
+    with pytest.raises(ValueError, match="num_experts"):
+        pit_jax.drop_over_capacity(ids, 0, 1.0)
+
+
+def test_drop_over_capacity_prefers_first_choices():
+    """flaxformer's priority: every token's first choice before any second choice. With one slot
+    per expert, both first choices stay and both second choices go, whatever the token order."""
+    ids = jnp.asarray([[0, 1], [1, 0]], jnp.int32)
+    kept, dropped = pit_jax.drop_over_capacity(ids, 2, 0.5)  # capacity ceil(0.5 * 4 / 2) = 1
+    np.testing.assert_array_equal(np.asarray(kept), [[0, -1], [1, -1]])
+    assert int(dropped) == 2
+    ids3 = jnp.asarray([[[2, 0, 1], [2, 1, 0]], [[0, 2, 1], [1, 2, 0]]], jnp.int32)  # leading dims kept
+    kept, dropped = pit_jax.drop_over_capacity(ids3, 3, 0.25)  # capacity ceil(0.25 * 12 / 3) = 1
+    np.testing.assert_array_equal(np.asarray(kept), [[[2, -1, -1], [-1, -1, -1]], [[0, -1, -1], [1, -1, -1]]])
+    assert int(dropped) == 9
 
 
 @pytest.mark.parametrize("x_sorted, out_sorted", [(False, True), (True, False), (True, True)])

@@ -9,7 +9,7 @@ nnx.Intermediate)` or `nnx.state(model, nnx.Intermediate)` after a call):
   - `router_z_loss`: mean over tokens of logsumexp(logits)² (ST-MoE);
   - `dropped_fraction` (only with `capacity_factor`): share of assignments dropped.
 Dropless by default; `capacity_factor=c` keeps at most ceil(c·T·k/E) assignments per expert
-(first come, first served in token order), as Switch/flaxformer do.
+(every token's first choice before any second choice, then token order), as Switch/flaxformer do.
 Compute goes through the grouped matmul of `pit_jax.moe_matmul` (the PIT m-gather/scatter
 kernels on GPU, the lax.ragged_dot reference on CPU), with one routing index per call shared by
 all its matmuls.
