@@ -272,6 +272,39 @@ def test_dense_sparse(backend, grad):
         assert np.all(np.asarray(gw)[~mask] == 0)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dense_sparse_half_precision_transforms(backend, dtype):
+    """dense_sparse (sparse training) in bf16/fp16 against float64: value, both masked gradients,
+    vmap over a batch of x, jvp in w, and an exported round trip."""
+    rng = np.random.default_rng(stable_seed("dense_sparse_half", dtype))
+    tol = {"bfloat16": 2e-2, "float16": 3e-3}[dtype]
+    x = _dense(rng, (3, 21, 48), dtype)
+    w = random_tile_sparse(rng, (48, 40), (1, 8), 0.7, dtype)
+    mask = np.asarray(pit_jax.detect(w, (1, 8)).element_mask())
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    f = lambda x, w: pit_jax.dense_sparse(x, w, tile=(1, 8))
+
+    def close(got, want):
+        got = np.asarray(got, np.float64)
+        assert np.linalg.norm(got - want) <= tol * max(np.linalg.norm(want), 1e-30)
+
+    close(jax.jit(f)(x, w), x64 @ w64)
+    g = rng.standard_normal((3, 21, 40)).astype(np.float32)
+    gx, gw = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * g), (0, 1)))(x, w)
+    assert gx.dtype == x.dtype and gw.dtype == w.dtype
+    close(gx, g @ w64.T)
+    close(gw, np.einsum("bmk,bmn->kn", x64, g) * mask)
+    assert np.all(np.asarray(gw, np.float32)[~mask] == 0)
+    close(jax.jit(jax.vmap(f, in_axes=(0, None)))(x, w), x64 @ w64)
+    dw = _dense(rng, (48, 40), dtype)
+    _, tangent = jax.jvp(lambda w: f(x, w), (w,), (dw,))
+    close(tangent, x64 @ (np.asarray(dw, np.float64) * mask))  # masked: pruned weights do not move y
+    exp = export.export(jax.jit(f), platforms=("cpu", "cuda"),
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in
+                                         ("pit_detect", "pit_sparse_dense")])(x, w)
+    close(export.deserialize(exp.serialize()).call(x, w), x64 @ w64)
+
+
 def test_cuda_lowering_calls_kernels():
     """On CUDA the forward lowers to the detect and k-gather kernels, not to the jnp reference;
     dW by default to XLA's matmul, with no conditional (no predicate read on the host)."""

@@ -159,6 +159,22 @@ def test_vmap_over_sequences(backend):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_nnx_vmap_keeps_aux_losses_per_sequence(backend):
+    """nnx.vmap over sequences, parameters shared, the sown losses batched (StateAxes: a plain
+    in_axes=None for the module fails, since the sown values come out batched): outputs and each
+    sequence's losses equal the module's on that sequence alone."""
+    m = _model()
+    xs = jnp.asarray(np.random.default_rng(6).standard_normal((3, 7, 16)), jnp.float32)
+    axes = nnx.StateAxes({nnx.Intermediate: 0, ...: None})
+    ys = nnx.vmap(lambda m, x: m(x), in_axes=(axes, 0), out_axes=0)(m, xs)
+    aux = nnx.pop(m, nnx.Intermediate)
+    for i in range(3):
+        np.testing.assert_allclose(np.asarray(ys[i]), np.asarray(m(xs[i])), rtol=1e-5, atol=1e-6)
+        one = nnx.pop(m, nnx.Intermediate)
+        for name in ("load_balancing_loss", "router_z_loss"):
+            np.testing.assert_allclose(float(aux[name][0][i]), float(one[name][0]), rtol=1e-5)
+
+
 def test_trains_with_optax():
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((64, 16)), jnp.float32)
