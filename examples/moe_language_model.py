@@ -144,7 +144,7 @@ def run(kind, data, args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 200; 30 with --small)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--d", type=int, default=128)
@@ -157,10 +157,10 @@ def main():
     ap.add_argument("--small", action="store_true",
                     help="a tiny configuration for a quick check (30 steps unless --steps is given)")
     args = ap.parse_args()
+    if args.steps is None:
+        args.steps = 30 if args.small else 200
     if args.small:
-        steps_given = any(a == "--steps" or a.startswith("--steps=") for a in sys.argv[1:])
         args.batch, args.seq, args.d, args.d_ff, args.layers = 4, 32, 32, 32, 1
-        args.steps = args.steps if steps_given else 30
     data = load_text(2_000_000)
     print(f"text: {len(data)} bytes of stdlib source; device {jax.devices()[0].device_kind}; "
           f"FFN dtype {args.dtype}; {vars(args)}")

@@ -160,7 +160,7 @@ def _resolve_tile(fn, tile, index, default):
     """`tile` as a checked pair of positive ints; None: the index's tile, else `default`."""
     if tile is None:
         return tuple(index.tile) if isinstance(index, TileIndex) else default
-    if isinstance(tile, str) or not hasattr(tile, "__len__") or len(tile) != 2 or \
+    if not hasattr(tile, "__len__") or len(tile) != 2 or \
             not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in tile):
         choices = "a pair of ints or 'auto'" if fn == "sparse_dense" else "a pair of ints"
         raise TypeError(f"pit_jax.{fn}: tile must be {choices}, got {tile!r}")
