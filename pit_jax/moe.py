@@ -21,6 +21,7 @@ forward, dx and dW passes all reuse them.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -340,21 +341,36 @@ def swiglu_matmul(x, w_gate, w_up, routing: MoeRouting, *, rows_per_source: int,
                         out_sorted=out_sorted, w_up=w_up)
 
 
-def drop_over_capacity(expert_ids, num_experts: int, capacity_factor: float):
+def drop_over_capacity(expert_ids, num_experts: int, capacity_factor: float, *, priority=None):
     """Switch/flaxformer-style capacity: each expert keeps at most
-    C = ceil(capacity_factor · T·k / E) assignments of `expert_ids` [..., k]. Priority goes slot
-    by slot, as in flaxformer: every token's first choice before any token's second choice, and
-    within a slot, token order. The rest get id -1, which `moe_matmul` drops (zero rows).
+    C = ceil(capacity_factor · T·k / E) assignments of `expert_ids` [..., k] (T = the product of
+    the leading dims). Priority goes slot by slot, as in flaxformer: every token's first choice
+    before any token's second choice. Within a slot, tokens go in token order, or, with
+    `priority` (one score per token, shape expert_ids.shape[:-1], e.g. its top router
+    probability), highest score first with ties in token order: V-MoE's batch-prioritised
+    routing (flaxformer's `batch_prioritized_routing`). The rest get id -1, which `moe_matmul`
+    drops (zero rows).
 
     Returns (expert_ids with drops, number of dropped assignments) — all on device. Ids outside
-    [0, E) are dropped by `moe_matmul` too but are not counted here."""
+    [0, E) are dropped by `moe_matmul` too but are not counted here (see
+    `MoeRouting.dropped_count`)."""
     if not (isinstance(num_experts, int) and num_experts > 0):
         raise ValueError(f"pit_jax.drop_over_capacity: num_experts must be a positive int, got {num_experts!r}")
     if not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
         raise ValueError(f"pit_jax.drop_over_capacity: capacity_factor must be > 0, got {capacity_factor!r}")
     k = expert_ids.shape[-1] if expert_ids.ndim >= 2 else 1
-    by_slot = expert_ids.reshape(-1, k).T.reshape(-1).astype(jnp.int32)  # slot-major priority order
-    capacity = -(-int(capacity_factor * by_slot.size) // num_experts)  # ceil, static
+    token_shape = expert_ids.shape[:-1] if expert_ids.ndim >= 2 else expert_ids.shape
+    by_token = expert_ids.reshape(-1, k).astype(jnp.int32)  # [T, k]
+    if priority is not None:
+        priority = jnp.asarray(priority)
+        if priority.shape != token_shape or not jnp.issubdtype(priority.dtype, jnp.number):
+            raise ValueError(f"pit_jax.drop_over_capacity: priority must be numbers of shape {token_shape} (one score "
+                             f"per token of expert_ids {expert_ids.shape}), got {priority.dtype}{priority.shape}")
+        # tokens by descending score; a stable sort keeps token order among equal scores
+        token_order = jnp.argsort(-priority.reshape(-1).astype(jnp.float32), stable=True)
+        by_token = by_token[token_order]
+    by_slot = by_token.T.reshape(-1)  # slot-major priority order
+    capacity = math.ceil(round(capacity_factor * by_slot.size / num_experts, 9))  # static; 1.1 * 10 is 11, not 12
     valid = (by_slot >= 0) & (by_slot < num_experts)
     order, starts, _ = moe_route_p.bind(by_slot, num_experts=num_experts)  # stable: priority order kept
     key = jnp.where(valid, by_slot, num_experts)[order]
@@ -363,4 +379,6 @@ def drop_over_capacity(expert_ids, num_experts: int, capacity_factor: float):
     keep = valid & (rank < capacity)
     dropped = jnp.sum(valid & ~keep)
     kept = jnp.where(keep, by_slot, -1).reshape(k, -1).T
+    if priority is not None:
+        kept = jnp.zeros_like(kept).at[token_order].set(kept)  # back to token order
     return kept.reshape(expert_ids.shape), dropped

@@ -187,6 +187,46 @@ def test_drop_over_capacity_prefers_first_choices():
     assert int(dropped) == 9
 
 
+def test_drop_over_capacity_batch_prioritized():
+    """priority= reorders tokens within each slot (highest score first, ties in token order);
+    first choices still come before second choices, and the result is in token order."""
+    ids = jnp.asarray([[0, 1], [0, 1], [0, 1], [1, 0]], jnp.int32)  # E = 2, capacity ceil(0.5 * 8 / 2) = 2
+    score = jnp.asarray([0.1, 0.9, 0.5, 0.5], jnp.float32)
+    kept, dropped = pit_jax.drop_over_capacity(ids, 2, 0.5, priority=score)
+    # slot 0 in score order: token 1 (e0), token 2 (e0), token 3 (e1), token 0 (e0: full)
+    # slot 1: token 1 (e1: second on e1), then every other second choice is over capacity
+    np.testing.assert_array_equal(np.asarray(kept), [[-1, -1], [0, 1], [0, -1], [1, -1]])
+    assert int(dropped) == 4
+    plain, _ = pit_jax.drop_over_capacity(ids, 2, 0.5)
+    np.testing.assert_array_equal(np.asarray(plain), [[0, 1], [0, -1], [-1, -1], [1, -1]])  # token order
+    # equal scores: token order, the same as no priority
+    same, _ = pit_jax.drop_over_capacity(ids, 2, 0.5, priority=jnp.ones(4))
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(plain))
+    # leading dims: one score per token; under jit and vmap (per sequence)
+    ids3 = jnp.stack([ids, ids[::-1]])
+    score3 = jnp.stack([score, score[::-1]])
+    fn = jax.jit(jax.vmap(lambda i, p: pit_jax.drop_over_capacity(i, 2, 0.5, priority=p)))
+    kept3, dropped3 = fn(ids3, score3)
+    np.testing.assert_array_equal(np.asarray(kept3[0]), np.asarray(kept))
+    np.testing.assert_array_equal(np.asarray(kept3[1]), np.asarray(kept)[::-1])
+    np.testing.assert_array_equal(np.asarray(dropped3), [4, 4])
+    with pytest.raises(ValueError, match="priority"):
+        pit_jax.drop_over_capacity(ids, 2, 0.5, priority=jnp.ones((4, 2)))
+
+
+def test_drop_over_capacity_rounds_the_capacity_up():
+    """C = ceil(c · T·k / E) on the product, not on a truncated T·k: c = 0.5, T·k = 5, E = 2 keeps 2
+    per expert; and 1.1 · 50 / 5 is 11, not 12 (floating-point)."""
+    ids = jnp.asarray([[0], [0], [0], [1], [1]], jnp.int32)
+    kept, dropped = pit_jax.drop_over_capacity(ids, 2, 0.5)
+    np.testing.assert_array_equal(np.asarray(kept)[:, 0], [0, 0, -1, 1, 1])
+    assert int(dropped) == 1
+    assert 1.1 * 50 / 5 > 11  # 11.000000000000002: a plain ceil would give 12
+    ids = jnp.asarray([0] * 13 + [1, 2, 3, 4] * 9 + [1], jnp.int32)[:, None]
+    _, dropped = pit_jax.drop_over_capacity(ids, 5, 1.1)  # capacity 11: 2 of expert 0's 13 dropped
+    assert int(dropped) == 2
+
+
 @pytest.mark.parametrize("x_sorted, out_sorted", [(False, True), (True, False), (True, True)])
 def test_rows_in_routing_order(backend, x_sorted, out_sorted):
     """The grouped matmul with input and/or output rows in routing order (what moe_ffn keeps

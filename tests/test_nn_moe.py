@@ -234,3 +234,20 @@ def test_capacity_factor_drops_and_reports():
     assert np.all(np.asarray(y)[2:] == 0) and np.any(np.asarray(y)[:2] != 0)
     with pytest.raises(ValueError, match="capacity_factor"):
         pit_jax.nn.MoE(4, 1, 8, 8, capacity_factor=-1.0, rngs=nnx.Rngs(0))
+
+
+def test_batch_prioritized_routing_keeps_confident_tokens():
+    """With batch-prioritised routing the capacity goes to the tokens whose top router
+    probability is highest, not to the first tokens."""
+    m = pit_jax.nn.MoE(4, 1, 8, 8, capacity_factor=0.5, batch_prioritized_routing=True, rngs=nnx.Rngs(0))
+    m.router.kernel[...] = jnp.zeros_like(m.router.kernel[...]).at[0, 2].set(1.0)  # logit of expert 2 = x[:, 0]
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(np.abs(rng.standard_normal((16, 8))) + 0.1, jnp.float32)
+    x = x.at[:, 0].set(jnp.arange(1, 17, dtype=jnp.float32) / 4)  # all on expert 2, later ones more confident
+    y = m(x)
+    aux = nnx.pop(m, nnx.Intermediate)
+    np.testing.assert_allclose(float(aux["dropped_fraction"][0]), 14 / 16)  # capacity ceil(0.5 * 16 / 4) = 2
+    nonzero = np.flatnonzero(np.any(np.asarray(y) != 0, axis=1))
+    np.testing.assert_array_equal(nonzero, [14, 15])
+    with pytest.raises(ValueError, match="batch_prioritized_routing"):
+        pit_jax.nn.MoE(4, 1, 8, 8, batch_prioritized_routing=True, rngs=nnx.Rngs(0))

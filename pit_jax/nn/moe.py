@@ -9,7 +9,9 @@ nnx.Intermediate)` or `nnx.state(model, nnx.Intermediate)` after a call):
   - `router_z_loss`: mean over tokens of logsumexp(logits)² (ST-MoE);
   - `dropped_fraction` (only with `capacity_factor`): share of assignments dropped.
 Dropless by default; `capacity_factor=c` keeps at most ceil(c·T·k/E) assignments per expert
-(every token's first choice before any second choice, then token order), as Switch/flaxformer do.
+(every token's first choice before any second choice, then token order), as Switch/flaxformer do;
+with `batch_prioritized_routing=True`, tokens with a higher top router probability go first within
+each choice (V-MoE's batch-prioritised routing).
 Compute goes through the grouped matmul of `pit_jax.moe_matmul` (the PIT m-gather/scatter
 kernels on GPU, the lax.ragged_dot reference on CPU), with one routing index per call shared by
 all its matmuls.
@@ -28,7 +30,7 @@ ACTIVATIONS = ("relu", "gelu", "swiglu")
 class MoE(nnx.Module):
     def __init__(self, num_experts: int, top_k: int, d_model: int, d_ff: int, *,
                  activation: str = "swiglu", renormalize: bool = True,
-                 capacity_factor: float | None = None,
+                 capacity_factor: float | None = None, batch_prioritized_routing: bool = False,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if not (isinstance(num_experts, int) and num_experts >= 1):
             raise ValueError(f"pit_jax.nn.MoE: num_experts must be a positive int, got {num_experts!r}")
@@ -44,6 +46,10 @@ class MoE(nnx.Module):
             raise ValueError(f"pit_jax.nn.MoE: capacity_factor must be None (dropless) or > 0, got {capacity_factor!r}")
         self.activation, self.renormalize, self.dtype = activation, renormalize, dtype
         self.capacity_factor = capacity_factor
+        if batch_prioritized_routing and capacity_factor is None:
+            raise ValueError("pit_jax.nn.MoE: batch_prioritized_routing orders tokens for capacity dropping; "
+                             "it needs a capacity_factor (the layer is dropless without one)")
+        self.batch_prioritized_routing = batch_prioritized_routing
         init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
         self.router = nnx.Linear(d_model, num_experts, use_bias=False, dtype=jnp.float32,
                                  param_dtype=param_dtype, rngs=rngs)
@@ -59,11 +65,13 @@ class MoE(nnx.Module):
         logits = self.router(tokens.astype(jnp.float32))
         probs = jax.nn.softmax(logits, axis=-1)
         top_p, top_e = jax.lax.top_k(probs, self.top_k)
+        top_prob = top_p[:, 0]  # each token's highest router probability (before renormalising)
         if self.renormalize:
             top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
         routed = top_e
         if self.capacity_factor is not None:  # drop over-capacity assignments, Switch-style
-            routed, dropped = drop_over_capacity(top_e, self.num_experts, self.capacity_factor)
+            routed, dropped = drop_over_capacity(top_e, self.num_experts, self.capacity_factor,
+                                                 priority=top_prob if self.batch_prioritized_routing else None)
             self.sow(nnx.Intermediate, "dropped_fraction", dropped / top_e.size)
         y = moe_ffn(tokens.astype(self.dtype), routed, top_p, self._weights(), self.activation)
         assigned = jnp.zeros(self.num_experts, jnp.float32).at[top_e.reshape(-1)].add(1.0)
