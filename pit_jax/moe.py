@@ -342,10 +342,11 @@ def swiglu_matmul(x, w_gate, w_up, routing: MoeRouting, *, rows_per_source: int,
 
 
 def drop_over_capacity(expert_ids, num_experts: int, capacity_factor: float, *, priority=None):
-    """Switch/flaxformer-style capacity: each expert keeps at most
-    C = ceil(capacity_factor · T·k / E) assignments of `expert_ids` [..., k] (T = the product of
-    the leading dims). Priority goes slot by slot, as in flaxformer: every token's first choice
-    before any token's second choice. Within a slot, tokens go in token order, or, with
+    """Capacity dropping: each expert keeps at most C = ceil(capacity_factor · T·k / E)
+    assignments of `expert_ids` [..., k] (T = the product of the leading dims; flaxformer's
+    capacity differs: round(c·T/E) per group of tokens, at least its min_expert_capacity). All of
+    the call's tokens form one group (one per sequence under vmap). Priority goes slot by slot, as
+    in flaxformer: every token's first choice before any token's second choice. Within a slot, tokens go in token order, or, with
     `priority` (one score per token, shape expert_ids.shape[:-1], e.g. its top router
     probability), highest score first with ties in token order: V-MoE's batch-prioritised
     routing (flaxformer's `batch_prioritized_routing`). The rest get id -1, which `moe_matmul`

@@ -9,7 +9,8 @@ nnx.Intermediate)` or `nnx.state(model, nnx.Intermediate)` after a call):
   - `router_z_loss`: mean over tokens of logsumexp(logits)² (ST-MoE);
   - `dropped_fraction` (only with `capacity_factor`): share of assignments dropped.
 Dropless by default; `capacity_factor=c` keeps at most ceil(c·T·k/E) assignments per expert
-(every token's first choice before any second choice, then token order), as Switch/flaxformer do;
+(every token's first choice before any second choice, then token order), with flaxformer's
+priority (its capacity formula differs: see `pit_jax.drop_over_capacity`);
 with `batch_prioritized_routing=True`, tokens with a higher top router probability go first within
 each choice (V-MoE's batch-prioritised routing).
 Compute goes through the grouped matmul of `pit_jax.moe_matmul` (the PIT m-gather/scatter
