@@ -1,8 +1,8 @@
 """dW of sparse_dense (issue 3): Σ xᵀ·dy over x's listed micro-tiles, with the index given (as in a
 training step, which reuses the forward's index), against the dense dW on the same arrays in the
-same run. Variants are environment variables the dW handler reads per launch (session 33 compared
-PIT_KGATHER_TN=packed | masked, a switch of a kernel not kept); every column with the kernel is one
-compiled function lowered with PIT_KGATHER_DW=sparse.
+same run. Variants are environment variables read per launch or when lowering (each variant has
+its own compiled function, lowered with PIT_KGATHER_DW=sparse under that variant); session 34
+compared the products path (PIT_KGATHER_DW_PRODUCTS_DENSITY) with the masked kernel.
 
     python benchmarks/bench_kgather_dw.py --out DIR [--variants default NAME=VALUE ...]
 """
@@ -45,17 +45,21 @@ def main():
         dense = jax.jit(lambda xs, dys: [jnp.matmul(x.T, dy, preferred_element_type=jnp.float32).astype(x.dtype)
                                          for x, dy in zip(xs, dys)])
         os.environ["PIT_KGATHER_DW"] = "sparse"  # read when lowering
-        ours = jax.jit(lambda xs, idxs, dys: [dw_sparse(x, i, w, dy) for x, i, dy in zip(xs, idxs, dys)])
+        # one jitted function per variant: a variable read when lowering (e.g.
+        # PIT_KGATHER_DW_PRODUCTS_DENSITY) takes effect at each function's first call, under its variant
+        ours = {v: jax.jit(lambda xs, idxs, dys: [dw_sparse(x, i, w, dy) for x, i, dy in zip(xs, idxs, dys)])
+                for v in variants}
         for sp in args.sparsity:
             xs = tile_sparse_bf16(key, m, k, TILE, sp, n_inputs, nonnegative=True)
             idxs = [pit_jax.detect(x, TILE) for x in xs]
-            hlo = ours.lower(xs, idxs, dys).compile().as_text()
-            kernels = {c: hlo.count(f'custom_call_target="{c}"') for c in ("pit_sparse_tn", "pit_sparse_dense")}
             want = dense(xs[:1], dys[:1])[0].astype(jnp.float32)
-            errs = {}
+            errs, kernels = {}, {}
             for v in variants:
                 apply_variant(v, names)
-                got = ours(xs, idxs, dys)[0].astype(jnp.float32)
+                hlo = ours[v].lower(xs, idxs, dys).compile().as_text()
+                kernels[v] = {c: hlo.count(f'custom_call_target="{c}"')
+                              for c in ("pit_sparse_tn", "pit_sparse_tn_products", "pit_sparse_dense")}
+                got = ours[v](xs, idxs, dys)[0].astype(jnp.float32)
                 errs[v] = float(jnp.linalg.norm(got - want) / (jnp.linalg.norm(want) + 1e-30))
             t_dense, t_ours = [], {v: [] for v in variants}
             for rnd in range(ROUNDS):
@@ -63,13 +67,13 @@ def main():
                 t_dense.append(time_per_call(lambda a: dense(a, dys), xs, n_inputs))
                 for v in round_order(variants, rnd):
                     apply_variant(v, names)
-                    t_ours[v].append(time_per_call(lambda a: ours(a, idxs, dys), xs, n_inputs))
+                    t_ours[v].append(time_per_call(lambda a: ours[v](a, idxs, dys), xs, n_inputs))
             apply_variant("", names)
             dense_ms = statistics.median(t_dense) * 1e3
             for v in variants:
                 row = dict(shape=name, sparsity=sp, variant=v or "default", dense_ms=dense_ms,
                            dw_ms=statistics.median(t_ours[v]) * 1e3, dw_all_ms=[t * 1e3 for t in t_ours[v]],
-                           rel_err=errs[v], kernels=kernels)
+                           rel_err=errs[v], kernels=kernels[v])
                 rows.append(row)
                 print({k_: (round(x, 4) if isinstance(x, float) else x) for k_, x in row.items()
                        if k_ != "dw_all_ms"}, flush=True)

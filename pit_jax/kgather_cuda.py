@@ -61,6 +61,18 @@ def tn_workspace_bytes(lead, m, k):
     return _cdiv(k, MASK_COLS) * math.prod(lead) * _cdiv(m, GROUP_ROWS) * 8
 
 
+def _pad256(nbytes):
+    return _cdiv(nbytes, 256) * 256
+
+
+def products_workspace_bytes(lead, m, k, tile_k, itemsize, cap_rows, n_slab):
+    """pit_sparse_tn_products' scratch (kgather_dw_products.cuh): the masked kernel's masks, the
+    packed x and its column ids, the groups' offsets, then cap_rows fp32 rows of n_slab columns."""
+    groups = math.prod(lead) * _cdiv(m, GROUP_ROWS)
+    return (_pad256(tn_workspace_bytes(lead, m, k)) + _pad256(forward_workspace_bytes(lead, m, k, tile_k, itemsize))
+            + _pad256((groups + 1) * 4) + cap_rows * n_slab * 4)
+
+
 def _attrs(tile_m, tile_k):
     return dict(tile_m=np.int64(tile_m), tile_k=np.int64(tile_k))
 
@@ -138,6 +150,46 @@ def count_occupancy(counts, n_inner, tile_k):
     return jnp.mean(1.0 - empty)
 
 
+# The products path of PIT_KGATHER_DW=sparse (bf16/fp16; cuda/kgather/kgather_dw_products.cuh):
+# each group's products P_gᵀ·dy_g go to an fp32 scratch buffer, then each dW row sums the rows of
+# the groups that list it. It moves about 8·N bytes per listed (group, column) pair, so it pays
+# only for very sparse x; it runs when the index lists at most DW_PRODUCTS_MAX_DENSITY of all
+# (group, column) pairs, and the masked kernel runs otherwise; the device decides, per call.
+# Its scratch is capped at DW_PRODUCTS_SCRATCH_BYTES or the size of an fp32 dW, whichever is
+# larger; wider dy runs in slabs of columns. Both are read when lowering:
+# PIT_KGATHER_DW_PRODUCTS_DENSITY (0 turns the path off) and PIT_KGATHER_DW_SLAB (columns per
+# slab, a multiple of 128; for tests).
+DW_PRODUCTS_MAX_DENSITY = 0.02
+DW_PRODUCTS_SCRATCH_BYTES = 64 << 20
+PRODUCTS_MAX_GROUPS = 1024  # kProductsMaxGroups
+PRODUCTS_SLAB_ALIGN = 128   # kProductsN
+
+
+def products_plan(x_shape, n, tile_k, dtype):
+    """(cap_rows, n_slab) for pit_sparse_tn_products, or None where the path does not apply (fp32,
+    more than PRODUCTS_MAX_GROUPS row groups, a symbolic shape, or turned off)."""
+    density = float(os.environ.get("PIT_KGATHER_DW_PRODUCTS_DENSITY", DW_PRODUCTS_MAX_DENSITY))
+    *lead, m, k = x_shape
+    if density <= 0 or np.dtype(dtype).itemsize != 2:
+        return None
+    try:
+        groups = int(math.prod(lead) * _cdiv(m, GROUP_ROWS))
+        k, n = int(k), int(n)
+    except (TypeError, jax.errors.InconclusiveDimensionOperation):
+        return None
+    if groups > PRODUCTS_MAX_GROUPS or groups == 0 or k == 0 or n == 0:
+        return None
+    cap_rows = max(1, math.ceil(density * groups * _cdiv(k, tile_k) * tile_k))
+    budget = max(DW_PRODUCTS_SCRATCH_BYTES, 4 * k * n)
+    n_slab = max(PRODUCTS_SLAB_ALIGN, budget // (4 * cap_rows) // PRODUCTS_SLAB_ALIGN * PRODUCTS_SLAB_ALIGN)
+    n_slab = min(n_slab, _cdiv(n, PRODUCTS_SLAB_ALIGN) * PRODUCTS_SLAB_ALIGN)
+    if "PIT_KGATHER_DW_SLAB" in os.environ:
+        n_slab = int(os.environ["PIT_KGATHER_DW_SLAB"])
+        if n_slab <= 0 or n_slab % PRODUCTS_SLAB_ALIGN:
+            raise ValueError(f"PIT_KGATHER_DW_SLAB must be a positive multiple of 128, got {n_slab}")
+    return cap_rows, n_slab
+
+
 def dw_mode():
     """PIT_KGATHER_DW: dense (default: always XLA's matmul), sparse (always the kernel) or auto
     (the rule above, a lax.cond per call)."""
@@ -162,10 +214,20 @@ def sparse_tn_cuda(x, dy, counts, offsets, indices, *, shape, tile, layout, exac
     n = dy.shape[-1]
     ws = tn_workspace_bytes(lead, m, k)
 
+    plan = products_plan(x.shape, n, tile[1], x.dtype)
+
     def kernel(xk, dy):
-        dw, _ = jax.ffi.ffi_call("pit_sparse_tn", (jax.ShapeDtypeStruct((k, n), x.dtype),
-                                                   jax.ShapeDtypeStruct((ws,), jnp.uint8)))(
-            xk, dy.astype(x.dtype), ck, ik, **_attrs(tm, tile[1]))
+        if plan is None:
+            dw, _ = jax.ffi.ffi_call("pit_sparse_tn", (jax.ShapeDtypeStruct((k, n), x.dtype),
+                                                       jax.ShapeDtypeStruct((ws,), jnp.uint8)))(
+                xk, dy.astype(x.dtype), ck, ik, **_attrs(tm, tile[1]))
+        else:
+            cap_rows, n_slab = plan
+            pws = products_workspace_bytes(lead, m, k, tile[1], np.dtype(x.dtype).itemsize, cap_rows, n_slab)
+            dw, _ = jax.ffi.ffi_call("pit_sparse_tn_products", (jax.ShapeDtypeStruct((k, n), x.dtype),
+                                                                jax.ShapeDtypeStruct((pws,), jnp.uint8)))(
+                xk, dy.astype(x.dtype), ck, ik, **_attrs(tm, tile[1]), cap_rows=np.int64(cap_rows),
+                n_slab=np.int64(n_slab))
         return dw.astype(out_dtype)
 
     if mode == "sparse":

@@ -178,6 +178,7 @@
 #                  then (NCU=0 skips) ncu's per-kernel device times of one forward call per sparsity on 4096³ and fc2.
 #   PART=kgather_dw: session 33: (TESTS=1: the k-gather suites), bench_kgather_dw (dW kernel vs dense dW, index given,
 #                  $OUT/kgather_dw), then (SAN=1) memcheck and racecheck over the dW tests.
+#   PART=kgather_products: session 34: the dW products path's tests, bench_kgather_dw over VARIANTS, sanitizers.
 #   PART=ncu_kgather_dw: session 33: Nsight Compute of the dW path's kernels at 4096³ ($OUT/ncu_dw.txt).
 set -u
 export PYTHONUNBUFFERED=1
@@ -473,6 +474,19 @@ kgather_dw)  # session 33 (there with a packed dW kernel, not kept: benchmarks/r
   if [[ "${SAN:-1}" == 1 ]]; then
     SAN_TIMEOUT=150 run_tool memcheck pit_kgather tests/test_kgather_kernels.py "gpu and (many_column_blocks or many_row or garbage or (match_float64 and 0.95))"
     SAN_TIMEOUT=150 run_tool racecheck pit_kgather_tn tests/test_kgather_kernels.py "gpu and many_column_blocks"
+  fi ;;
+kgather_products)  # session 34: the dW products path (PIT_KGATHER_DW=sparse, kgather_dw_products.cuh): the dW tests
+                  # of the kernel suite, bench_kgather_dw over VARIANTS ($OUT/kgather_dw), memcheck and racecheck
+                  # over the bf16 products tests
+  pytest_gpu ${TEST_TIMEOUT:-150} tests/test_kgather_kernels.py -k "gpu and (products or dw or many_row or garbage)"
+  (cd benchmarks && PIT_BENCH_ROUNDS=${ROUNDS:-3} timeout -k 5 ${BENCH_TIMEOUT:-200} python3 bench_kgather_dw.py \
+     --out $OUT/kgather_dw --variants ${VARIANTS:-default} \
+     --sparsity ${SPARSITY:-0.95 0.98 0.99 0.995} 2>&1 | grep -E "^\|" | tee -a $LOG)
+  echo "dw bench $((SECONDS-t0))s"
+  if [[ "${SAN:-1}" == 1 ]]; then
+    SAN_TIMEOUT=120 run_tool memcheck pit_kgather tests/test_kgather_kernels.py "gpu and products and bfloat16 and not 0.97"
+    [[ "${RACE:-1}" == 1 ]] && SAN_TIMEOUT=100 run_tool racecheck pit_kgather_tn_products tests/test_kgather_kernels.py \
+      "gpu and products and bfloat16 and 0.5"
   fi ;;
 ncu_kgather_dw)  # session 33: Nsight Compute on the dW path's kernels at 4096³, SPARSITY (default 0.99 0.9), $OUT/ncu_dw.txt
   XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=benchmarks timeout -k 5 200 ncu \

@@ -134,6 +134,57 @@ def test_dw_over_many_column_blocks(backend, dtype, tile, sparsity):
     assert (np.asarray(dw, np.float32)[~listed] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("tile", [(32, 1), (64, 8), (16, 1), (32, 32)], ids=str)
+@pytest.mark.parametrize("sparsity", [0.5, 0.97, 1.0])
+@pytest.mark.parametrize("shape", [(2, 96, 256, 300), (1, 64, 512, 256), (1, 70, 45, 29)],
+                         ids=["slabs", "aligned", "odd"])
+def test_dw_products_path_matches_float64(backend, monkeypatch, dtype, tile, sparsity, shape):
+    """The products path of the dW kernel (kgather_dw_products.cuh), forced for every density and
+    cut into 128-column slabs (300 columns: three slabs, the last partial; 256: two, in 16-byte
+    vectors): against float64,
+    unlisted rows of dW exactly zero, dW poisoned before the call by the handler."""
+    if backend == "cpu":
+        pytest.skip("the products path is a CUDA kernel (the CPU path is the reference)")
+    monkeypatch.setenv("PIT_KGATHER_DW_PRODUCTS_DENSITY", "1.0")
+    monkeypatch.setenv("PIT_KGATHER_DW_SLAB", "128")
+    b, m, k, n = shape
+    rng = np.random.default_rng(stable_seed("products", dtype, tile, sparsity, shape))
+    x = random_tile_sparse(rng, (b, m, k), tile, sparsity, dtype)
+    w = (rng.standard_normal((k, n)) + 0.1).astype(DTYPES[dtype])
+    g = rng.standard_normal((b, m, n)).astype(np.float32)
+    y, dw = _forward_and_dw(x, w, g, tile)
+    _, dw_ref = _references(x, w, g, np.ones(x.shape, bool))
+    if sparsity == 1.0:
+        np.testing.assert_array_equal(np.asarray(dw, np.float32), 0)
+    else:
+        assert _rel_err(dw, dw_ref) < TOL[dtype]
+    listed = np.abs(dw_ref) > 0
+    assert (np.asarray(dw, np.float32)[~listed] == 0).all()
+
+
+@pytest.mark.parametrize("density_cap", ["0.02", "1.0"])
+def test_dw_products_path_cap_and_garbage(backend, monkeypatch, density_cap):
+    """With a cap below the index's density the masked kernel computes dW (the device picks);
+    with the cap above it the products path does. Either way NaN outside the index never reaches
+    dW, and both give the same float64-checked result."""
+    if backend == "cpu":
+        pytest.skip("the products path is a CUDA kernel (the CPU path is the reference)")
+    monkeypatch.setenv("PIT_KGATHER_DW_PRODUCTS_DENSITY", density_cap)
+    rng = np.random.default_rng(11)
+    tile = (32, 4)
+    x = random_tile_sparse(rng, (2, 80, 200), tile, 0.6, "bfloat16")
+    idx = pit_jax.detect(x, tile)
+    mask = np.asarray(idx.element_mask())
+    x_garbage = np.where(mask, x, np.nan).astype(x.dtype)
+    w = (rng.standard_normal((200, 136)) + 0.1).astype(DTYPES["bfloat16"])
+    g = rng.standard_normal((2, 80, 136)).astype(np.float32)
+    _, dw = _forward_and_dw(x_garbage, w, g, tile, index=idx)
+    _, dw_ref = _references(x, w, g, mask)
+    assert np.isfinite(np.asarray(dw, np.float32)).all()
+    assert _rel_err(dw, dw_ref) < TOL["bfloat16"]
+
+
 @pytest.mark.parametrize("pattern", ["row_groups", "random"])
 def test_dw_rule_matches_float64(backend, monkeypatch, pattern):
     """The on-device dW rule (PIT_KGATHER_DW=auto): row-structured sparsity (2 of 16 row groups

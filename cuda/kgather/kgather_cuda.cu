@@ -24,6 +24,7 @@
 //              unlisted columns in registers before the MMA. No atomics.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -38,6 +39,7 @@
 #include "../common/tile_copy.cuh"
 #include "../common/tn_tile_math.cuh"
 #include "kgather_layout.h"
+#include "kgather_dw_products.cuh"
 
 static_assert(pit::kTnRows == pit::kGroupRows, "dW stages reduce one 32-row group each");
 
@@ -509,8 +511,10 @@ __global__ void __launch_bounds__(256) pit_kgather_colmask_kernel(const int32_t*
 template <typename T, bool kVecX, bool kVecDy>
 __global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_kgather_tn_kernel(
     const T* __restrict__ x, const T* __restrict__ dy, const uint64_t* __restrict__ masks, T* __restrict__ dw,
-    KGatherShape s, int64_t n_tiles) {
+    KGatherShape s, int64_t n_tiles, const int32_t* __restrict__ products_total, int64_t products_cap) {
   using C = TnConfig<T>;
+  // the products path (kgather_dw_products.cuh) wrote dw when the index's total fits its scratch
+  if (products_total != nullptr && *products_total <= products_cap) return;
   using Scan = cub::BlockScan<int, C::kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   extern __shared__ __align__(16) unsigned char smem_bytes[];
@@ -680,9 +684,12 @@ cudaError_t launch_forward_detecting(cudaStream_t stream, const KGatherShape& s,
   return launch_gemm<T>(stream, s, packed, column_ids, counts, w, y, forward_dependent_launch());
 }
 
+// The masked dW kernel; with `products_total`, it returns at once when *products_total <= products_cap
+// (the products path ran).
 template <typename T>
 cudaError_t launch_tn(cudaStream_t stream, const KGatherShape& s, const void* x, const void* dy,
-                      const int32_t* counts, const int32_t* indices, void* dw, uint8_t* workspace) {
+                      const int32_t* counts, const int32_t* indices, void* dw, uint8_t* workspace,
+                      const int32_t* products_total = nullptr, int64_t products_cap = 0) {
   using C = TnConfig<T>;
   if (s.k == 0 || s.n == 0) return cudaSuccess;
   if (s.all_groups() == 0) return cudaMemsetAsync(dw, 0, s.k * s.n * sizeof(T), stream);
@@ -696,8 +703,42 @@ cudaError_t launch_tn(cudaStream_t stream, const KGatherShape& s, const void* x,
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
   kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(static_cast<const T*>(x), static_cast<const T*>(dy), masks,
-                                                     static_cast<T*>(dw), s, n_tiles);
+                                                     static_cast<T*>(dw), s, n_tiles, products_total, products_cap);
   return cudaGetLastError();
+}
+
+// dW through the products path (kgather_dw_products.cuh) when the index's listed columns fit
+// `cap_rows`, else through the masked kernel; both are launched and the device picks (bf16/fp16).
+template <typename T>
+cudaError_t launch_tn_products(cudaStream_t stream, const KGatherShape& s, const void* x, const void* dy,
+                               const int32_t* counts, const int32_t* indices, void* dw, uint8_t* workspace,
+                               int64_t cap_rows, int64_t n_slab) {
+  if (s.k == 0 || s.n == 0) return cudaSuccess;
+  if (s.all_groups() == 0) return cudaMemsetAsync(dw, 0, s.k * s.n * sizeof(T), stream);
+  uint8_t* ws = workspace + pad256(s.tn_workspace_bytes());  // the masked kernel's masks come first
+  T* packed = reinterpret_cast<T*>(ws);
+  int32_t* column_ids = reinterpret_cast<int32_t*>(ws + s.packed_x_bytes(sizeof(T)));
+  int32_t* offsets = reinterpret_cast<int32_t*>(ws + pad256(s.forward_workspace_bytes(sizeof(T))));
+  float* scratch = reinterpret_cast<float*>(ws + pad256(s.forward_workspace_bytes(sizeof(T))) +
+                                            products_offsets_bytes(s));
+  const dim3 pack_grid(unsigned(s.all_groups()), unsigned(ceil_div(s.packed_k, kPackThreads)));
+  pit_kgather_pack_kernel<T><<<pack_grid, kPackThreads, 0, stream>>>(static_cast<const T*>(x), counts, indices,
+                                                                    packed, column_ids, s);
+  pit_kgather_group_offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(counts, offsets, s);
+  const bool vec_dy = rows_copy_by_16_bytes<T>(dy, s.n);
+  const bool vec_dw = s.n % 4 == 0 && reinterpret_cast<uintptr_t>(dw) % 8 == 0;
+  for (int64_t n0 = 0; n0 < s.n; n0 += n_slab) {
+    const int64_t width = std::min(n_slab, s.n - n0);
+    pit_kgather_tn_products_kernel<T><<<dim3(unsigned(s.all_groups()), unsigned(ceil_div(width, int64_t(kProductsN)))),
+                                        kProductsThreads, 0, stream>>>(
+        packed, offsets, static_cast<const T*>(dy), scratch, s, n0, n_slab, width, cap_rows, vec_dy);
+    pit_kgather_tn_reduce_kernel<T><<<unsigned(ceil_div(s.k, int64_t(kReduceRowsPerCta))), 32 * kReduceRowsPerCta, 0,
+                                      stream>>>(column_ids, offsets, scratch, static_cast<T*>(dw), s, n0, n_slab, width,
+                                                cap_rows, vec_dw);
+  }
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch_tn<T>(stream, s, x, dy, counts, indices, dw, workspace, offsets + s.all_groups(), cap_rows);
 }
 
 // ---- FFI handlers ------------------------------------------------------------------------------
@@ -831,6 +872,48 @@ ffi::Error SparseTnCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy
   return dispatch_outcome("pit_sparse_tn", known, err);
 }
 
+// dW with the products path for very sparse x (bf16/fp16): pit_sparse_tn's operands, and the
+// scratch's row cap and slab width (pit_jax/kgather_cuda.py picks both from the shapes).
+ffi::Error SparseTnProductsCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                                ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::S32> indices,
+                                ffi::Result<ffi::AnyBuffer> dw, ffi::Result<ffi::Buffer<ffi::U8>> workspace,
+                                int64_t tile_m, int64_t tile_k, int64_t cap_rows, int64_t n_slab) {
+  constexpr const char* op = "pit_sparse_tn_products";
+  const auto dyd = dy.dimensions();
+  if (dyd.size() != x.dimensions().size() || dyd.size() < 2)
+    return ffi::Error::InvalidArgument(std::string(op) + ": dy must be [..., M, N] with x's leading dims");
+  KGatherShape s;
+  const std::string msg = check_kgather(op, x, counts.dimensions(), indices.dimensions(), dyd[dyd.size() - 1],
+                                        tile_m, tile_k, &s);
+  if (!msg.empty()) return ffi::Error::InvalidArgument(msg);
+  if (!fits_launch_limits(s, TnConfig<float>::kBN) || s.all_groups() > kProductsMaxGroups)
+    return ffi::Error::InvalidArgument(std::string(op) + ": more row groups than the products path takes; "
+                                       "use pit_sparse_tn");
+  for (size_t i = 0; i + 1 < dyd.size(); ++i)
+    if (dyd[i] != x.dimensions()[i])
+      return ffi::Error::InvalidArgument(std::string(op) + ": dy's leading dims and M must match x's");
+  if (dy.element_type() != x.element_type() || dw->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument(std::string(op) + ": x, dy and dw must share one dtype");
+  if (!same_dims(dw->dimensions(), {s.k, s.n})) return ffi::Error::InvalidArgument(std::string(op) + ": dw must be [K, N]");
+  if (cap_rows < 0 || n_slab <= 0 || n_slab % kProductsN != 0 || cap_rows * n_slab > (int64_t(1) << 40))
+    return ffi::Error::InvalidArgument(std::string(op) + ": cap_rows must be >= 0 and n_slab a positive multiple of 128");
+  const int64_t elem = ffi::ByteWidth(x.element_type());
+  if (element_count(workspace->dimensions()) != products_workspace_bytes(s, elem, cap_rows, n_slab))
+    return ffi::Error::InvalidArgument(std::string(op) + ": workspace size does not match the shapes");
+  poison_device_outputs(stream, dw, workspace);
+  bool known;
+  const cudaError_t err = dispatch_dtype(x.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (TnConfig<T>::kTensorCores) {
+      return launch_tn_products<T>(stream, s, x.untyped_data(), dy.untyped_data(), counts.typed_data(),
+                                   indices.typed_data(), dw->untyped_data(), workspace->typed_data(), cap_rows, n_slab);
+    } else {
+      return cudaErrorNotSupported;  // fp32: the lowering calls pit_sparse_tn
+    }
+  }, &known);
+  return dispatch_outcome(op, known, err);
+}
+
 }  // namespace
 }  // namespace pit
 
@@ -850,6 +933,9 @@ ffi::Error SparseTnCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseDenseCuda, pit::SparseDenseCuda, PIT_KGATHER_BINDING,
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnCuda, pit::SparseTnCuda, PIT_KGATHER_BINDING,
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnProductsCuda, pit::SparseTnProductsCuda,
+                              PIT_KGATHER_BINDING.Attr<int64_t>("cap_rows").Attr<int64_t>("n_slab"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseDenseDetectCuda, pit::SparseDenseDetectCuda,
                               xla::ffi::Ffi::Bind()

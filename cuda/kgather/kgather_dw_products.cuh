@@ -1,0 +1,190 @@
+// dW on the packed x in two passes, for very sparse x (bf16/fp16; the "products" path of
+// PIT_KGATHER_DW=sparse). Included by kgather_cuda.cu.
+//
+// dW = Σ_g P_gᵀ dy_g, with P_g the packed x of 32-row group g (pack's output: its listed columns,
+// ascending) and dy_g its 32 rows of dy.
+//   1. offsets: an exclusive scan of the groups' packed lengths gives each (group, listed column)
+//      a row of an fp32 scratch buffer.
+//   2. products: one CTA per (group, 128 columns of dy) holds dy_g's tile in shared memory and
+//      writes P_gᵀ dy_g (tensor cores, fp32) into the group's scratch rows. dy is read once.
+//   3. reduce: one warp per dW row k finds, by binary search in each group's ascending column ids,
+//      the groups that list k, and sums their scratch rows in group order (deterministic, no
+//      atomics); rows no group lists are written as zeros.
+// The scratch holds at most `cap_rows` rows of `n_slab` columns; wider dy runs as several slabs.
+// When the index lists more than cap_rows columns over all groups, passes 2 and 3 return at once
+// and the masked dW kernel (which reads the same total) computes dW instead: the choice is made
+// on the device, with no host synchronisation.
+#pragma once
+
+namespace pit {
+namespace {
+
+constexpr int kProductsCols = 64;        // packed columns per chunk: 4 warps x 16
+constexpr int kProductsN = 128;          // dy / scratch columns per products CTA
+constexpr int kProductsThreads = 128;
+constexpr int kReduceRowsPerCta = 8;     // one warp per dW row
+constexpr int kReduceMaxRounds = 32;     // a reduce warp keeps 32 groups' hits per round in registers
+constexpr int64_t kProductsMaxGroups = 32 * kReduceMaxRounds;
+constexpr int kOffsetsThreads = 1024;
+
+// Scratch layout after the masked kernel's masks: packed x | column ids | offsets | products.
+inline int64_t pad256(int64_t bytes) { return ceil_div(bytes, int64_t(256)) * 256; }
+inline int64_t products_offsets_bytes(const KGatherShape& s) { return pad256((s.all_groups() + 1) * 4); }
+inline int64_t products_workspace_bytes(const KGatherShape& s, int64_t elem, int64_t cap_rows, int64_t n_slab) {
+  return pad256(s.tn_workspace_bytes()) + pad256(s.forward_workspace_bytes(elem)) + products_offsets_bytes(s) +
+         cap_rows * n_slab * 4;
+}
+
+// offsets[g] = Σ_{g' < g} packed length of g' (counts × tile_k), offsets[G] = the total. One CTA.
+__global__ void __launch_bounds__(kOffsetsThreads) pit_kgather_group_offsets_kernel(
+    const int32_t* __restrict__ counts, int32_t* __restrict__ offsets, KGatherShape s) {
+  using Scan = cub::BlockScan<int, kOffsetsThreads>;
+  __shared__ typename Scan::TempStorage storage;
+  const int64_t groups = s.all_groups();
+  int carry = 0;
+  for (int64_t base = 0; base < groups; base += kOffsetsThreads) {
+    const int64_t grp = base + threadIdx.x;
+    int len = 0;
+    if (grp < groups) {
+      const int64_t b = grp / s.groups, g = grp % s.groups;
+      len = counts[b * s.nb_m + g * kGroupRows / s.tile_m] * int(s.tile_k);
+    }
+    int pos, total;
+    Scan(storage).ExclusiveSum(len, pos, total);
+    if (grp < groups) offsets[grp] = carry + pos;
+    carry += total;
+    __syncthreads();  // the scan's storage is reused
+  }
+  if (threadIdx.x == 0) offsets[groups] = carry;
+}
+
+// Pass 2: scratch[offsets[g] + p][c] = Σ_r P_g[r][p] · dy_g[r][n0 + c] for p < the group's length,
+// c in this CTA's 128 columns of the slab [n0, n0 + width).
+template <typename T>
+__global__ void __launch_bounds__(kProductsThreads) pit_kgather_tn_products_kernel(
+    const T* __restrict__ packed, const int32_t* __restrict__ offsets, const T* __restrict__ dy,
+    float* __restrict__ scratch, KGatherShape s, int64_t n0, int64_t n_slab, int64_t width, int64_t cap_rows,
+    bool vec_dy) {
+  constexpr int kDStride = kProductsN + 8, kPStride = kProductsCols + 8;  // 16-byte padding: ldmatrix rows
+  __shared__ __align__(16) T dys[kGroupRows * kDStride];
+  __shared__ __align__(16) T ps[kGroupRows * kPStride];
+  if (offsets[s.all_groups()] > cap_rows) return;  // the masked kernel computes dW
+  const int64_t group = blockIdx.x;
+  const int64_t first_row = offsets[group];
+  const int len = offsets[group + 1] - int(first_row);
+  if (len == 0) return;
+  const int64_t b = group / s.groups, row0 = (group % s.groups) * kGroupRows;
+  const int64_t c0 = int64_t(blockIdx.y) * kProductsN;  // within the slab
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
+
+  for (int i = threadIdx.x; i < kGroupRows * (kProductsN / 8); i += kProductsThreads) {
+    const int r = i / (kProductsN / 8), c = (i % (kProductsN / 8)) * 8;
+    const int64_t row = row0 + r, col = c0 + c;  // col within the slab
+    T* dst = dys + r * kDStride + c;
+    if (row < s.rows && vec_dy && col + 8 <= width) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(dy + (b * s.rows + row) * s.n + n0 + col);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        dst[e] = (row < s.rows && col + e < width) ? dy[(b * s.rows + row) * s.n + n0 + col + e] : zero_value<T>();
+    }
+  }
+  for (int p0 = 0; p0 < len; p0 += kProductsCols) {
+    __syncthreads();  // dy's tile is written (first chunk); the previous chunk is read (later ones)
+    for (int i = threadIdx.x; i < kGroupRows * (kProductsCols / 8); i += kProductsThreads) {
+      const int r = i / (kProductsCols / 8), c = (i % (kProductsCols / 8)) * 8;
+      uint4 v = make_uint4(0, 0, 0, 0);  // columns past packed_k; those past len are not stored
+      if (p0 + c < s.packed_k)
+        v = *reinterpret_cast<const uint4*>(packed + (group * kGroupRows + r) * s.packed_k + p0 + c);
+      *reinterpret_cast<uint4*>(ps + r * kPStride + c) = v;
+    }
+    __syncthreads();
+    const int m0 = p0 + warp * 16;  // this warp's 16 packed columns (MMA rows)
+    if (m0 >= len) continue;
+    uint32_t a[2][4];  // Pᵀ: rows = packed columns, reduction = the group's 32 rows
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks)
+      ldmatrix_x4_trans(a[ks], ps + (ks * 16 + lane % 8 + (lane / 16) * 8) * kPStride + warp * 16 + ((lane / 8) % 2) * 8);
+    const int p_lo = m0 + gq, p_hi = p_lo + 8;
+    float* out_lo = scratch + (first_row + p_lo) * n_slab + c0 + 2 * tq;
+    float* out_hi = out_lo + 8 * n_slab;
+#pragma unroll 4
+    for (int nt = 0; nt < kProductsN / 8; ++nt) {
+      uint32_t bq[4];  // dy rows 0-7, 8-15, 16-23, 24-31 of columns nt*8 .. nt*8+7
+      ldmatrix_x4_trans(bq, dys + lane * kDStride + nt * 8);
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+      mma_16816<T>(d, a[0], bq[0], bq[1]);
+      mma_16816<T>(d, a[1], bq[2], bq[3]);
+      if (c0 + nt * 8 + 2 * tq < width) {  // (a pair never crosses a scratch row: n_slab % 128 == 0)
+        if (p_lo < len) *reinterpret_cast<float2*>(out_lo + nt * 8) = make_float2(d[0], d[1]);
+        if (p_hi < len) *reinterpret_cast<float2*>(out_hi + nt * 8) = make_float2(d[2], d[3]);
+      }
+    }
+  }
+}
+
+// Pass 3: dw[k][n0 + c] = Σ over the groups g listing column k, in order of g, of
+// scratch[offsets[g] + position of k in g's ids][c]; zero where no group lists k.
+template <typename T>
+__global__ void __launch_bounds__(32 * kReduceRowsPerCta) pit_kgather_tn_reduce_kernel(
+    const int32_t* __restrict__ column_ids, const int32_t* __restrict__ offsets, const float* __restrict__ scratch,
+    T* __restrict__ dw, KGatherShape s, int64_t n0, int64_t n_slab, int64_t width, int64_t cap_rows, bool vec_dw) {
+  const int64_t groups = s.all_groups();
+  if (offsets[groups] > cap_rows) return;  // the masked kernel computes dW
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t k = int64_t(blockIdx.x) * kReduceRowsPerCta + warp;
+  if (k >= s.k) return;  // the whole warp
+  const int rounds = int(ceil_div(groups, int64_t(32)));
+  int hit[kReduceMaxRounds];
+  unsigned mask[kReduceMaxRounds];
+#pragma unroll
+  for (int j = 0; j < kReduceMaxRounds; ++j) {
+    hit[j] = -1;
+    mask[j] = 0;
+    if (j < rounds) {
+      const int64_t g = int64_t(j) * 32 + lane;
+      if (g < groups) {
+        const int first = offsets[g], len = offsets[g + 1] - first;
+        const int32_t* ids = column_ids + g * s.packed_k;
+        int lo = 0, hi = len;  // the first position whose id is >= k (ascending; -1 compares as largest)
+        while (lo < hi) {
+          const int mid = (lo + hi) >> 1;
+          if (unsigned(ids[mid]) < unsigned(k)) lo = mid + 1; else hi = mid;
+        }
+        if (lo < len && ids[lo] == int32_t(k)) hit[j] = first + lo;
+      }
+      mask[j] = __ballot_sync(0xffffffffu, hit[j] >= 0);
+    }
+  }
+  T* out = dw + k * s.n + n0;
+  for (int64_t base = 0; base < width; base += 128) {  // the same trip count in every lane (shuffles)
+    const int64_t c = base + lane * 4;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int j = 0; j < kReduceMaxRounds; ++j) {
+      unsigned m = mask[j];
+      while (m != 0) {
+        const int l = __ffs(m) - 1;
+        m &= m - 1;
+        const int row = __shfl_sync(0xffffffffu, hit[j], l);
+        // in the row even past `width` (n_slab % 128 == 0); those lanes store nothing
+        const float4 v = *reinterpret_cast<const float4*>(scratch + int64_t(row) * n_slab + c);
+        acc.x += v.x;
+        acc.y += v.y;
+        acc.z += v.z;
+        acc.w += v.w;
+      }
+    }
+    if (c >= width) continue;
+    if (vec_dw && c + 4 <= width) {
+      alignas(8) T v[4] = {from_float<T>(acc.x), from_float<T>(acc.y), from_float<T>(acc.z), from_float<T>(acc.w)};
+      *reinterpret_cast<uint2*>(out + c) = *reinterpret_cast<const uint2*>(v);
+    } else {
+      const float a[4] = {acc.x, acc.y, acc.z, acc.w};
+      for (int e = 0; e < 4 && c + e < width; ++e) out[c + e] = from_float<T>(a[e]);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace pit
