@@ -67,10 +67,11 @@ def _pad256(nbytes):
 
 def products_workspace_bytes(lead, m, k, tile_k, itemsize, cap_rows, n_slab):
     """pit_sparse_tn_products' scratch (kgather_dw_products.cuh): the masked kernel's masks, the
-    packed x and its column ids, the groups' offsets, then cap_rows fp32 rows of n_slab columns."""
+    packed x and its column ids, the groups' offsets, the [K, groups] table of scratch rows, then
+    cap_rows fp32 rows of n_slab columns."""
     groups = math.prod(lead) * _cdiv(m, GROUP_ROWS)
     return (_pad256(tn_workspace_bytes(lead, m, k)) + _pad256(forward_workspace_bytes(lead, m, k, tile_k, itemsize))
-            + _pad256((groups + 1) * 4) + cap_rows * n_slab * 4)
+            + _pad256((groups + 1) * 4) + _pad256(k * groups * 4) + cap_rows * n_slab * 4)
 
 
 def _attrs(tile_m, tile_k):
@@ -156,7 +157,8 @@ def count_occupancy(counts, n_inner, tile_k):
 # only for very sparse x; it runs when the index lists at most DW_PRODUCTS_MAX_DENSITY of all
 # (group, column) pairs, and the masked kernel runs otherwise; the device decides, per call.
 # Its scratch is capped at DW_PRODUCTS_SCRATCH_BYTES or the size of an fp32 dW, whichever is
-# larger; wider dy runs in slabs of columns. Both are read when lowering:
+# larger (wider dy runs in slabs of columns), plus a [K, groups] int32 table that must fit the same
+# cap. Both are read when lowering:
 # PIT_KGATHER_DW_PRODUCTS_DENSITY (0 turns the path off) and PIT_KGATHER_DW_SLAB (columns per
 # slab, a multiple of 128; for tests).
 DW_PRODUCTS_MAX_DENSITY = 0.02
@@ -181,6 +183,8 @@ def products_plan(x_shape, n, tile_k, dtype):
         return None
     cap_rows = max(1, math.ceil(density * groups * _cdiv(k, tile_k) * tile_k))
     budget = max(DW_PRODUCTS_SCRATCH_BYTES, 4 * k * n)
+    if 4 * k * groups > budget:  # the [K, groups] table of scratch rows
+        return None
     n_slab = max(PRODUCTS_SLAB_ALIGN, budget // (4 * cap_rows) // PRODUCTS_SLAB_ALIGN * PRODUCTS_SLAB_ALIGN)
     n_slab = min(n_slab, _cdiv(n, PRODUCTS_SLAB_ALIGN) * PRODUCTS_SLAB_ALIGN)
     if "PIT_KGATHER_DW_SLAB" in os.environ:

@@ -719,12 +719,17 @@ cudaError_t launch_tn_products(cudaStream_t stream, const KGatherShape& s, const
   T* packed = reinterpret_cast<T*>(ws);
   int32_t* column_ids = reinterpret_cast<int32_t*>(ws + s.packed_x_bytes(sizeof(T)));
   int32_t* offsets = reinterpret_cast<int32_t*>(ws + pad256(s.forward_workspace_bytes(sizeof(T))));
-  float* scratch = reinterpret_cast<float*>(ws + pad256(s.forward_workspace_bytes(sizeof(T))) +
-                                            products_offsets_bytes(s));
+  int32_t* table = reinterpret_cast<int32_t*>(ws + pad256(s.forward_workspace_bytes(sizeof(T))) +
+                                              products_offsets_bytes(s));
+  float* scratch = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(table) + products_table_bytes(s));
   const dim3 pack_grid(unsigned(s.all_groups()), unsigned(ceil_div(s.packed_k, kPackThreads)));
   pit_kgather_pack_kernel<T><<<pack_grid, kPackThreads, 0, stream>>>(static_cast<const T*>(x), counts, indices,
                                                                     packed, column_ids, s);
   pit_kgather_group_offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(counts, offsets, s);
+  cudaError_t err = cudaMemsetAsync(table, 0xff, s.k * s.all_groups() * 4, stream);  // -1: not listed
+  if (err != cudaSuccess) return err;
+  pit_kgather_products_table_kernel<<<unsigned(s.all_groups()), 256, 0, stream>>>(column_ids, offsets, table, s,
+                                                                                cap_rows);
   const bool vec_dy = rows_copy_by_16_bytes<T>(dy, s.n);
   const bool vec_dw = s.n % 4 == 0 && reinterpret_cast<uintptr_t>(dw) % 8 == 0;
   for (int64_t n0 = 0; n0 < s.n; n0 += n_slab) {
@@ -733,10 +738,10 @@ cudaError_t launch_tn_products(cudaStream_t stream, const KGatherShape& s, const
                                         kProductsThreads, 0, stream>>>(
         packed, offsets, static_cast<const T*>(dy), scratch, s, n0, n_slab, width, cap_rows, vec_dy);
     pit_kgather_tn_reduce_kernel<T><<<unsigned(ceil_div(s.k, int64_t(kReduceRowsPerCta))), 32 * kReduceRowsPerCta, 0,
-                                      stream>>>(column_ids, offsets, scratch, static_cast<T*>(dw), s, n0, n_slab, width,
+                                      stream>>>(table, offsets, scratch, static_cast<T*>(dw), s, n0, n_slab, width,
                                                 cap_rows, vec_dw);
   }
-  const cudaError_t err = cudaGetLastError();
+  err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   return launch_tn<T>(stream, s, x, dy, counts, indices, dw, workspace, offsets + s.all_groups(), cap_rows);
 }

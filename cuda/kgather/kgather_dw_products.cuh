@@ -7,9 +7,10 @@
 //      a row of an fp32 scratch buffer.
 //   2. products: one CTA per (group, 128 columns of dy) holds dy_g's tile in shared memory and
 //      writes P_gᵀ dy_g (tensor cores, fp32) into the group's scratch rows. dy is read once.
-//   3. reduce: one warp per dW row k finds, by binary search in each group's ascending column ids,
-//      the groups that list k, and sums their scratch rows in group order (deterministic, no
-//      atomics); rows no group lists are written as zeros.
+//   3. table: a [K, groups] table names, for each column k of x and each group, the scratch row
+//      of (group, k), or -1 (a memset, then one write per listed pair; no atomics).
+//   4. reduce: one warp per dW row k reads its table row, and sums the scratch rows it names in
+//      group order (deterministic, no atomics); rows no group lists are written as zeros.
 // The scratch holds at most `cap_rows` rows of `n_slab` columns; wider dy runs as several slabs.
 // When the index lists more than cap_rows columns over all groups, passes 2 and 3 return at once
 // and the masked dW kernel (which reads the same total) computes dW instead: the choice is made
@@ -27,12 +28,28 @@ constexpr int kReduceMaxRounds = 32;     // a reduce warp keeps 32 groups' hits 
 constexpr int64_t kProductsMaxGroups = 32 * kReduceMaxRounds;
 constexpr int kOffsetsThreads = 1024;
 
-// Scratch layout after the masked kernel's masks: packed x | column ids | offsets | products.
+// Scratch layout after the masked kernel's masks: packed x | column ids | offsets | table | products.
 inline int64_t pad256(int64_t bytes) { return ceil_div(bytes, int64_t(256)) * 256; }
 inline int64_t products_offsets_bytes(const KGatherShape& s) { return pad256((s.all_groups() + 1) * 4); }
+inline int64_t products_table_bytes(const KGatherShape& s) { return pad256(s.k * s.all_groups() * 4); }
 inline int64_t products_workspace_bytes(const KGatherShape& s, int64_t elem, int64_t cap_rows, int64_t n_slab) {
   return pad256(s.tn_workspace_bytes()) + pad256(s.forward_workspace_bytes(elem)) + products_offsets_bytes(s) +
-         cap_rows * n_slab * 4;
+         products_table_bytes(s) + cap_rows * n_slab * 4;
+}
+
+// Pass 3: table[k][g] = the scratch row of (group g, column k) for each listed pair (the table
+// was set to -1 before). One CTA per group.
+__global__ void __launch_bounds__(256) pit_kgather_products_table_kernel(
+    const int32_t* __restrict__ column_ids, const int32_t* __restrict__ offsets, int32_t* __restrict__ table,
+    KGatherShape s, int64_t cap_rows) {
+  const int64_t groups = s.all_groups();
+  if (offsets[groups] > cap_rows) return;  // the masked kernel computes dW
+  const int64_t g = blockIdx.x;
+  const int first = offsets[g], len = offsets[g + 1] - first;
+  for (int p = threadIdx.x; p < len; p += blockDim.x) {
+    const int32_t k = column_ids[g * s.packed_k + p];
+    if (k >= 0) table[int64_t(k) * groups + g] = first + p;
+  }
 }
 
 // offsets[g] = Σ_{g' < g} packed length of g' (counts × tile_k), offsets[G] = the total. One CTA.
@@ -123,11 +140,13 @@ __global__ void __launch_bounds__(kProductsThreads) pit_kgather_tn_products_kern
   }
 }
 
-// Pass 3: dw[k][n0 + c] = Σ over the groups g listing column k, in order of g, of
-// scratch[offsets[g] + position of k in g's ids][c]; zero where no group lists k.
+// Pass 4: dw[k][n0 + c] = Σ over the groups g listing column k, in order of g, of the scratch row
+// table[k][g]; zero where no group lists k. One warp per row; each lane keeps kReduceVecs float4
+// sums, so a listed row's loads are all in flight at once.
+constexpr int kReduceVecs = 8;  // 1024 columns per pass over a row
 template <typename T>
 __global__ void __launch_bounds__(32 * kReduceRowsPerCta) pit_kgather_tn_reduce_kernel(
-    const int32_t* __restrict__ column_ids, const int32_t* __restrict__ offsets, const float* __restrict__ scratch,
+    const int32_t* __restrict__ table, const int32_t* __restrict__ offsets, const float* __restrict__ scratch,
     T* __restrict__ dw, KGatherShape s, int64_t n0, int64_t n_slab, int64_t width, int64_t cap_rows, bool vec_dw) {
   const int64_t groups = s.all_groups();
   if (offsets[groups] > cap_rows) return;  // the masked kernel computes dW
@@ -135,53 +154,52 @@ __global__ void __launch_bounds__(32 * kReduceRowsPerCta) pit_kgather_tn_reduce_
   const int64_t k = int64_t(blockIdx.x) * kReduceRowsPerCta + warp;
   if (k >= s.k) return;  // the whole warp
   const int rounds = int(ceil_div(groups, int64_t(32)));
+  const int32_t* table_row = table + k * groups;
   int hit[kReduceMaxRounds];
-  unsigned mask[kReduceMaxRounds];
 #pragma unroll
-  for (int j = 0; j < kReduceMaxRounds; ++j) {
-    hit[j] = -1;
-    mask[j] = 0;
-    if (j < rounds) {
-      const int64_t g = int64_t(j) * 32 + lane;
-      if (g < groups) {
-        const int first = offsets[g], len = offsets[g + 1] - first;
-        const int32_t* ids = column_ids + g * s.packed_k;
-        int lo = 0, hi = len;  // the first position whose id is >= k (ascending; -1 compares as largest)
-        while (lo < hi) {
-          const int mid = (lo + hi) >> 1;
-          if (unsigned(ids[mid]) < unsigned(k)) lo = mid + 1; else hi = mid;
-        }
-        if (lo < len && ids[lo] == int32_t(k)) hit[j] = first + lo;
-      }
-      mask[j] = __ballot_sync(0xffffffffu, hit[j] >= 0);
-    }
+  for (int j = 0; j < kReduceMaxRounds; ++j) {  // the loads of every round first
+    const int64_t g = int64_t(j) * 32 + lane;
+    hit[j] = j < rounds && g < groups ? table_row[g] : -1;
   }
   T* out = dw + k * s.n + n0;
-  for (int64_t base = 0; base < width; base += 128) {  // the same trip count in every lane (shuffles)
-    const int64_t c = base + lane * 4;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int64_t base = 0; base < width; base += 128 * kReduceVecs) {  // the same trip count in every lane
+    float4 acc[kReduceVecs];
+#pragma unroll
+    for (int q = 0; q < kReduceVecs; ++q) acc[q] = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int j = 0; j < kReduceMaxRounds; ++j) {
-      unsigned m = mask[j];
+      unsigned m = __ballot_sync(0xffffffffu, hit[j] >= 0);  // (-1 in every lane past `rounds`)
       while (m != 0) {
         const int l = __ffs(m) - 1;
         m &= m - 1;
         const int row = __shfl_sync(0xffffffffu, hit[j], l);
-        // in the row even past `width` (n_slab % 128 == 0); those lanes store nothing
-        const float4 v = *reinterpret_cast<const float4*>(scratch + int64_t(row) * n_slab + c);
-        acc.x += v.x;
-        acc.y += v.y;
-        acc.z += v.z;
-        acc.w += v.w;
+        const float* src = scratch + int64_t(row) * n_slab + base + lane * 4;
+        float4 v[kReduceVecs];
+#pragma unroll
+        for (int q = 0; q < kReduceVecs; ++q)  // whole 128-column blocks of the row (n_slab % 128 == 0)
+          if (base + q * 128 < width) v[q] = *reinterpret_cast<const float4*>(src + q * 128);
+#pragma unroll
+        for (int q = 0; q < kReduceVecs; ++q)
+          if (base + q * 128 < width) {
+            acc[q].x += v[q].x;
+            acc[q].y += v[q].y;
+            acc[q].z += v[q].z;
+            acc[q].w += v[q].w;
+          }
       }
     }
-    if (c >= width) continue;
-    if (vec_dw && c + 4 <= width) {
-      alignas(8) T v[4] = {from_float<T>(acc.x), from_float<T>(acc.y), from_float<T>(acc.z), from_float<T>(acc.w)};
-      *reinterpret_cast<uint2*>(out + c) = *reinterpret_cast<const uint2*>(v);
-    } else {
-      const float a[4] = {acc.x, acc.y, acc.z, acc.w};
-      for (int e = 0; e < 4 && c + e < width; ++e) out[c + e] = from_float<T>(a[e]);
+#pragma unroll
+    for (int q = 0; q < kReduceVecs; ++q) {
+      const int64_t c = base + q * 128 + lane * 4;
+      if (c >= width) continue;
+      if (vec_dw && c + 4 <= width) {
+        alignas(8) T v[4] = {from_float<T>(acc[q].x), from_float<T>(acc[q].y), from_float<T>(acc[q].z),
+                             from_float<T>(acc[q].w)};
+        *reinterpret_cast<uint2*>(out + c) = *reinterpret_cast<const uint2*>(v);
+      } else {
+        const float a[4] = {acc[q].x, acc[q].y, acc[q].z, acc[q].w};
+        for (int e = 0; e < 4 && c + e < width; ++e) out[c + e] = from_float<T>(a[e]);
+      }
     }
   }
 }
