@@ -183,7 +183,7 @@ def products_plan(x_shape, n, tile_k, dtype):
         return None
     cap_rows = max(1, math.ceil(density * groups * _cdiv(k, tile_k) * tile_k))
     budget = max(DW_PRODUCTS_SCRATCH_BYTES, 4 * k * n)
-    if 4 * k * groups > budget:  # the [K, groups] table of scratch rows
+    if 4 * k * groups > budget or 4 * cap_rows * PRODUCTS_SLAB_ALIGN > budget:  # the table; the narrowest slab
         return None
     n_slab = max(PRODUCTS_SLAB_ALIGN, budget // (4 * cap_rows) // PRODUCTS_SLAB_ALIGN * PRODUCTS_SLAB_ALIGN)
     n_slab = min(n_slab, _cdiv(n, PRODUCTS_SLAB_ALIGN) * PRODUCTS_SLAB_ALIGN)
