@@ -1,4 +1,5 @@
 """sparse_dense / dense_sparse: values against a float64 reference, autodiff, vmap, export, errors."""
+import math
 import warnings
 
 import jax
@@ -337,6 +338,32 @@ def test_dw_mode_forces_one_path(monkeypatch, mode, kernel, cond):
     monkeypatch.setenv("PIT_KGATHER_DW", "sometimes")
     with pytest.raises(ValueError, match="PIT_KGATHER_DW"):
         jax.jit(jax.grad(f, 1)).trace(x, w).lower(lowering_platforms=("cuda",))
+
+
+def test_products_plan_sizes_the_scratch(monkeypatch):
+    """The dW products path's plan (read when lowering): cap_rows = 2% of the (group, column)
+    pairs, slabs of 128-column multiples that keep cap_rows·n_slab fp32 within max(64 MB, an fp32
+    dW), and no plan where the path does not apply (fp32, > 1024 row groups, a table or a
+    128-column slab over the cap, density 0) or for symbolic shapes."""
+    from pit_jax.kgather_cuda import products_plan
+    bf16 = jnp.bfloat16
+    assert products_plan((4096, 4096), 4096, 1, bf16) == (10486, 1536)  # 3 slabs: 1536, 1536, 1024
+    cap, slab = products_plan((4096, 16384), 4096, 1, bf16)
+    assert cap == 41944 and slab % 128 == 0 and cap * slab * 4 <= 4 * 16384 * 4096
+    assert products_plan((2, 150, 1100), 104, 8, jnp.float16) == (math.ceil(0.02 * 10 * 1104), 128)
+    assert products_plan((4096, 4096), 4096, 1, jnp.float32) is None
+    assert products_plan((32768 + 32, 64), 64, 1, bf16) is None  # 1025 row groups
+    assert products_plan((32768, 16384), 256, 1, bf16) is None   # 128-column slabs over the cap
+    (m,) = jax.export.symbolic_shape("m")
+    assert products_plan((m, 4096), 4096, 1, bf16) is None
+    monkeypatch.setenv("PIT_KGATHER_DW_PRODUCTS_DENSITY", "0")
+    assert products_plan((4096, 4096), 4096, 1, bf16) is None
+    monkeypatch.setenv("PIT_KGATHER_DW_PRODUCTS_DENSITY", "1.0")
+    monkeypatch.setenv("PIT_KGATHER_DW_SLAB", "256")
+    assert products_plan((2, 96, 256), 300, 1, bf16) == (6 * 256, 256)
+    monkeypatch.setenv("PIT_KGATHER_DW_SLAB", "100")
+    with pytest.raises(ValueError, match="PIT_KGATHER_DW_SLAB"):
+        products_plan((2, 96, 256), 300, 1, bf16)
 
 
 def test_count_occupancy_estimates_occupied_blocks():
