@@ -237,6 +237,12 @@ moe_suites() {  # the three MoE suites on the GPU (GPU vs CPU / float64); second
   pytest_gpu $1 tests/test_moe_kernels.py tests/test_moe_matmul.py
   pytest_gpu 150 tests/test_nn_moe.py
 }
+dw_bench() {  # default sparsities: bench_kgather_dw (index given; ROUNDS, VARIANTS, SPARSITY) to $OUT/kgather_dw
+  (cd benchmarks && PIT_BENCH_ROUNDS=${ROUNDS:-3} timeout -k 5 ${BENCH_TIMEOUT:-200} python3 bench_kgather_dw.py \
+     --out $OUT/kgather_dw --variants ${VARIANTS:-default} \
+     --sparsity ${SPARSITY:-$1} 2>&1 | grep -E "^\|" | tee -a $LOG)
+  echo "dw bench $((SECONDS-t0))s"
+}
 projection_table() {  # seconds, output folder under $OUT, then bench_moe case names: its projection table
   local limit=$1 out=$2; shift 2
   timeout -k 5 ${BENCH_TIMEOUT:-$limit} python3 benchmarks/bench_moe.py --no-layer --cases "$@" \
@@ -467,10 +473,7 @@ kgather_dw)  # session 33 (there with a packed dW kernel, not kept: benchmarks/r
             # k-gather suites on the GPU (TESTS=1), bench_kgather_dw (dW kernel vs dense dW, index given, over VARIANTS,
             # $OUT/kgather_dw), then memcheck and racecheck over the dW tests (SAN=1)
   [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 250 tests/test_kgather.py tests/test_kgather_kernels.py tests/test_kgather_fused.py
-  (cd benchmarks && PIT_BENCH_ROUNDS=${ROUNDS:-3} timeout -k 5 ${BENCH_TIMEOUT:-200} python3 bench_kgather_dw.py \
-     --out $OUT/kgather_dw --variants ${VARIANTS:-default} \
-     --sparsity ${SPARSITY:-0.5 0.9 0.95 0.99} 2>&1 | grep -E "^\|" | tee -a $LOG)
-  echo "dw bench $((SECONDS-t0))s"
+  dw_bench "0.5 0.9 0.95 0.99"
   if [[ "${SAN:-1}" == 1 ]]; then
     SAN_TIMEOUT=150 run_tool memcheck pit_kgather tests/test_kgather_kernels.py "gpu and (many_column_blocks or many_row or garbage or (match_float64 and 0.95))"
     SAN_TIMEOUT=150 run_tool racecheck pit_kgather_tn tests/test_kgather_kernels.py "gpu and many_column_blocks"
@@ -479,10 +482,7 @@ kgather_products)  # session 34: the dW products path (PIT_KGATHER_DW=sparse, kg
                   # of the kernel suite, bench_kgather_dw over VARIANTS ($OUT/kgather_dw), memcheck and racecheck
                   # over the bf16 products tests
   pytest_gpu ${TEST_TIMEOUT:-150} tests/test_kgather_kernels.py -k "gpu and (products or dw or many_row or garbage)"
-  (cd benchmarks && PIT_BENCH_ROUNDS=${ROUNDS:-3} timeout -k 5 ${BENCH_TIMEOUT:-200} python3 bench_kgather_dw.py \
-     --out $OUT/kgather_dw --variants ${VARIANTS:-default} \
-     --sparsity ${SPARSITY:-0.95 0.98 0.99 0.995} 2>&1 | grep -E "^\|" | tee -a $LOG)
-  echo "dw bench $((SECONDS-t0))s"
+  dw_bench "0.95 0.98 0.99 0.995"
   if [[ "${SAN:-1}" == 1 ]]; then
     SAN_TIMEOUT=120 run_tool memcheck pit_kgather tests/test_kgather_kernels.py "gpu and products and bfloat16 and not 0.97"
     [[ "${RACE:-1}" == 1 ]] && SAN_TIMEOUT=100 run_tool racecheck pit_kgather_tn_products tests/test_kgather_kernels.py \

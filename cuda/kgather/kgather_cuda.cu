@@ -357,11 +357,6 @@ struct ForwardTile {
   const T* w_col;
   bool col_in_w;  // kVecW: a segment is all in w or all past its last column
 
-  // The packed length (tile_k · the count) of group g of batch b, as pack wrote it.
-  __device__ __forceinline__ static int64_t group_length(const int32_t* counts, int64_t b, int64_t g,
-                                                         const KGatherShape& s) {
-    return int64_t(counts[b * s.nb_m + g * kGroupRows / s.tile_m]) * s.tile_k;
-  }
   // Tile `tile`: row groups vary fastest, then column tiles.
   __device__ __forceinline__ ForwardTile(int64_t tile, const T* packed, const int32_t* column_ids,
                                          const int32_t* counts, const T* w, const KGatherShape& s) {
@@ -369,7 +364,7 @@ struct ForwardTile {
     b = group / s.groups;
     g = group % s.groups;
     n0 = (tile / s.all_groups()) * C::kBN;
-    const int64_t len = group_length(counts, b, g, s);
+    const int64_t len = s.group_length(counts, b, g);
     n_chunks = int(ceil_div(len, C::kBK));
     padded = int(ceil_div(len, kPackAlign) * kPackAlign);
     a_src = packed + group * kGroupRows * s.packed_k;
@@ -612,15 +607,22 @@ cudaError_t launch_gemm(cudaStream_t stream, const KGatherShape& s, const T* pac
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
+// Pack (step 1): each 32-row group's listed columns of x, densely, with their column ids.
+template <typename T>
+void launch_pack(cudaStream_t stream, const KGatherShape& s, const void* x, const int32_t* counts,
+                 const int32_t* indices, T* packed, int32_t* column_ids) {
+  const dim3 grid(unsigned(s.all_groups()), unsigned(ceil_div(s.packed_k, kPackThreads)));
+  pit_kgather_pack_kernel<T><<<grid, kPackThreads, 0, stream>>>(static_cast<const T*>(x), counts, indices, packed,
+                                                               column_ids, s);
+}
+
 template <typename T>
 cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const void* x, const void* w,
                            const int32_t* counts, const int32_t* indices, void* y, uint8_t* workspace) {
   if (s.all_groups() == 0 || s.n == 0) return cudaSuccess;
   T* packed = reinterpret_cast<T*>(workspace);
   int32_t* column_ids = reinterpret_cast<int32_t*>(workspace + s.packed_x_bytes(sizeof(T)));
-  const dim3 pack_grid(unsigned(s.all_groups()), unsigned(ceil_div(s.packed_k, kPackThreads)));
-  pit_kgather_pack_kernel<T><<<pack_grid, kPackThreads, 0, stream>>>(
-      static_cast<const T*>(x), counts, indices, packed, column_ids, s);
+  launch_pack<T>(stream, s, x, counts, indices, packed, column_ids);
   return launch_gemm<T>(stream, s, packed, column_ids, counts, w, y, /*dependent=*/false);
 }
 
@@ -719,12 +721,9 @@ cudaError_t launch_tn_products(cudaStream_t stream, const KGatherShape& s, const
   T* packed = reinterpret_cast<T*>(ws);
   int32_t* column_ids = reinterpret_cast<int32_t*>(ws + s.packed_x_bytes(sizeof(T)));
   int32_t* offsets = reinterpret_cast<int32_t*>(ws + pad256(s.forward_workspace_bytes(sizeof(T))));
-  int32_t* table = reinterpret_cast<int32_t*>(ws + pad256(s.forward_workspace_bytes(sizeof(T))) +
-                                              products_offsets_bytes(s));
+  int32_t* table = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(offsets) + products_offsets_bytes(s));
   float* scratch = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(table) + products_table_bytes(s));
-  const dim3 pack_grid(unsigned(s.all_groups()), unsigned(ceil_div(s.packed_k, kPackThreads)));
-  pit_kgather_pack_kernel<T><<<pack_grid, kPackThreads, 0, stream>>>(static_cast<const T*>(x), counts, indices,
-                                                                    packed, column_ids, s);
+  launch_pack<T>(stream, s, x, counts, indices, packed, column_ids);
   pit_kgather_group_offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(counts, offsets, s);
   cudaError_t err = cudaMemsetAsync(table, 0xff, s.k * s.all_groups() * 4, stream);  // -1: not listed
   if (err != cudaSuccess) return err;
@@ -849,23 +848,33 @@ ffi::Error SparseDenseDetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Any
   return dispatch_outcome("pit_sparse_dense_detect", known, err);
 }
 
+// dW's operands: x [..., M, K] with its index, dy [..., M, N] with x's leading dims, dw [K, N],
+// one dtype. Fills the shape; returns an error message or "".
+std::string check_tn_operands(const char* op, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer::Dimensions counts,
+                              ffi::AnyBuffer::Dimensions indices, ffi::AnyBuffer dw, int64_t tile_m, int64_t tile_k,
+                              KGatherShape* s) {
+  const auto dyd = dy.dimensions();
+  if (dyd.size() != x.dimensions().size() || dyd.size() < 2)
+    return std::string(op) + ": dy must be [..., M, N] with x's leading dims";
+  const std::string msg = check_kgather(op, x, counts, indices, dyd[dyd.size() - 1], tile_m, tile_k, s);
+  if (!msg.empty()) return msg;
+  if (!fits_launch_limits(*s, TnConfig<float>::kBN))
+    return std::string(op) + ": x and dy are too large for one launch; split the batch";
+  for (size_t i = 0; i + 1 < dyd.size(); ++i)
+    if (dyd[i] != x.dimensions()[i]) return std::string(op) + ": dy's leading dims and M must match x's";
+  if (dy.element_type() != x.element_type() || dw.element_type() != x.element_type())
+    return std::string(op) + ": x, dy and dw must share one dtype";
+  if (!same_dims(dw.dimensions(), {s->k, s->n})) return std::string(op) + ": dw must be [K, N]";
+  return "";
+}
+
 ffi::Error SparseTnCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Buffer<ffi::S32> counts,
                         ffi::Buffer<ffi::S32> indices, ffi::Result<ffi::AnyBuffer> dw,
                         ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t tile_m, int64_t tile_k) {
-  const auto dyd = dy.dimensions();
-  if (dyd.size() != x.dimensions().size() || dyd.size() < 2)
-    return ffi::Error::InvalidArgument("pit_sparse_tn: dy must be [..., M, N] with x's leading dims");
   KGatherShape s;
-  const std::string msg = check_kgather("pit_sparse_tn", x, counts.dimensions(), indices.dimensions(),
-                                        dyd[dyd.size() - 1], tile_m, tile_k, &s);
+  const std::string msg = check_tn_operands("pit_sparse_tn", x, dy, counts.dimensions(), indices.dimensions(), *dw,
+                                            tile_m, tile_k, &s);
   if (!msg.empty()) return ffi::Error::InvalidArgument(msg);
-  if (!fits_launch_limits(s, TnConfig<float>::kBN))
-    return ffi::Error::InvalidArgument("pit_sparse_tn: x and dy are too large for one launch; split the batch");
-  for (size_t i = 0; i + 1 < dyd.size(); ++i)
-    if (dyd[i] != x.dimensions()[i]) return ffi::Error::InvalidArgument("pit_sparse_tn: dy's leading dims and M must match x's");
-  if (dy.element_type() != x.element_type() || dw->element_type() != x.element_type())
-    return ffi::Error::InvalidArgument("pit_sparse_tn: x, dy and dw must share one dtype");
-  if (!same_dims(dw->dimensions(), {s.k, s.n})) return ffi::Error::InvalidArgument("pit_sparse_tn: dw must be [K, N]");
   if (element_count(workspace->dimensions()) != s.tn_workspace_bytes())
     return ffi::Error::InvalidArgument("pit_sparse_tn: workspace size does not match the shapes");
   poison_device_outputs(stream, dw, workspace);
@@ -884,22 +893,13 @@ ffi::Error SparseTnProductsCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyB
                                 ffi::Result<ffi::AnyBuffer> dw, ffi::Result<ffi::Buffer<ffi::U8>> workspace,
                                 int64_t tile_m, int64_t tile_k, int64_t cap_rows, int64_t n_slab) {
   constexpr const char* op = "pit_sparse_tn_products";
-  const auto dyd = dy.dimensions();
-  if (dyd.size() != x.dimensions().size() || dyd.size() < 2)
-    return ffi::Error::InvalidArgument(std::string(op) + ": dy must be [..., M, N] with x's leading dims");
   KGatherShape s;
-  const std::string msg = check_kgather(op, x, counts.dimensions(), indices.dimensions(), dyd[dyd.size() - 1],
-                                        tile_m, tile_k, &s);
+  const std::string msg = check_tn_operands(op, x, dy, counts.dimensions(), indices.dimensions(), *dw, tile_m, tile_k,
+                                            &s);
   if (!msg.empty()) return ffi::Error::InvalidArgument(msg);
-  if (!fits_launch_limits(s, TnConfig<float>::kBN) || s.all_groups() > kProductsMaxGroups)
+  if (s.all_groups() > kProductsMaxGroups)
     return ffi::Error::InvalidArgument(std::string(op) + ": more row groups than the products path takes; "
                                        "use pit_sparse_tn");
-  for (size_t i = 0; i + 1 < dyd.size(); ++i)
-    if (dyd[i] != x.dimensions()[i])
-      return ffi::Error::InvalidArgument(std::string(op) + ": dy's leading dims and M must match x's");
-  if (dy.element_type() != x.element_type() || dw->element_type() != x.element_type())
-    return ffi::Error::InvalidArgument(std::string(op) + ": x, dy and dw must share one dtype");
-  if (!same_dims(dw->dimensions(), {s.k, s.n})) return ffi::Error::InvalidArgument(std::string(op) + ": dw must be [K, N]");
   if (cap_rows < 0 || n_slab <= 0 || n_slab % kProductsN != 0 || cap_rows * n_slab > (int64_t(1) << 40))
     return ffi::Error::InvalidArgument(std::string(op) + ": cap_rows must be >= 0 and n_slab a positive multiple of 128");
   const int64_t elem = ffi::ByteWidth(x.element_type());

@@ -61,11 +61,7 @@ __global__ void __launch_bounds__(kOffsetsThreads) pit_kgather_group_offsets_ker
   int carry = 0;
   for (int64_t base = 0; base < groups; base += kOffsetsThreads) {
     const int64_t grp = base + threadIdx.x;
-    int len = 0;
-    if (grp < groups) {
-      const int64_t b = grp / s.groups, g = grp % s.groups;
-      len = counts[b * s.nb_m + g * kGroupRows / s.tile_m] * int(s.tile_k);
-    }
+    const int len = grp < groups ? int(s.group_length(counts, grp / s.groups, grp % s.groups)) : 0;
     int pos, total;
     Scan(storage).ExclusiveSum(len, pos, total);
     if (grp < groups) offsets[grp] = carry + pos;

@@ -30,6 +30,10 @@ struct KGatherShape {
 
   PIT_HOST_DEVICE int64_t all_groups() const { return batch * groups; }
   PIT_HOST_DEVICE int64_t mask_tiles() const { return ceil_div(k, kMaskCols); }
+  // The packed length (tile_k · its row block's count) of group g of batch element b, as pack writes it.
+  PIT_HOST_DEVICE int64_t group_length(const int32_t* counts, int64_t b, int64_t g) const {
+    return int64_t(counts[b * nb_m + g * kGroupRows / tile_m]) * tile_k;
+  }
 
   // Forward scratch: packed x [batch*groups*32, packed_k] then its column ids [batch*groups, packed_k].
   int64_t packed_x_bytes(int64_t elem_bytes) const { return all_groups() * kGroupRows * packed_k * elem_bytes; }
