@@ -19,6 +19,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeRouteCuda);
 #if PIT_HAVE_CUTLASS
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeMatmulStagedCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeMatmulTnStagedCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(PitDenseTnGatedCuda);
 #endif
 
 NB_MODULE(_pit_cuda, m) {
@@ -36,6 +37,7 @@ NB_MODULE(_pit_cuda, m) {
 #if PIT_HAVE_CUTLASS  // the staged MoE forward (CUTLASS grouped GEMM), built when CUTLASS was found
     targets["pit_moe_matmul_staged"] = nb::capsule(reinterpret_cast<void*>(PitMoeMatmulStagedCuda));
     targets["pit_moe_matmul_tn_staged"] = nb::capsule(reinterpret_cast<void*>(PitMoeMatmulTnStagedCuda));
+    targets["pit_dense_tn_gated"] = nb::capsule(reinterpret_cast<void*>(PitDenseTnGatedCuda));  // k-gather dW
 #endif
     return targets;
   });

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -194,13 +195,48 @@ def products_plan(x_shape, n, tile_k, dtype):
     return cap_rows, n_slab
 
 
+DW_MODES = ("dense", "sparse", "auto", "device")
+
+
 def dw_mode():
-    """PIT_KGATHER_DW: dense (default: always XLA's matmul), sparse (always the kernel) or auto
-    (the rule above, a lax.cond per call)."""
+    """PIT_KGATHER_DW: dense (default: always XLA's matmul), sparse (always the kernel), auto
+    (the rule above, a lax.cond per call) or device (the products path or a dense GEMM, chosen on
+    the device: below)."""
     mode = os.environ.get("PIT_KGATHER_DW", "dense")
-    if mode not in ("auto", "sparse", "dense"):
-        raise ValueError(f"PIT_KGATHER_DW must be auto, sparse or dense, got {mode!r}")
+    if mode not in DW_MODES:
+        raise ValueError(f"PIT_KGATHER_DW must be one of {', '.join(DW_MODES)}, got {mode!r}")
     return mode
+
+
+# PIT_KGATHER_DW=device: the products path's call, then `pit_dense_tn_gated`
+# (cuda/kgather/kgather_dw_dense_sm90.cu), CUTLASS's Hopper GEMM for the dense dW, which reads the
+# products call's index total from its scratch and runs no tiles when the products path wrote dW.
+# dW goes from the first call to the second as an aliased operand. No lax.cond, no host sync: the
+# device picks between the products path (very sparse x) and the dense dW (everything else).
+# Where the pair cannot serve (no products plan, a CUTLASS-less build, no compute capability 9
+# GPU at lowering, K or N not a multiple of 8) the dense dW runs, with a warning.
+def gated_dense_dw_applies(dtype, k, n) -> bool:
+    """Whether pit_dense_tn_gated serves these shapes here (decided when lowering)."""
+    from . import _ext
+    from .moe_cuda import fused_epilogue_applies  # bf16/fp16, 16-byte rows, a Hopper GPU here
+    return bool(_ext.build_info().get("moe_staged")) and fused_epilogue_applies(dtype, k, n)
+
+
+GATED_DW_WORKSPACE_BYTES = 256 + (1 << 20)  # kGatedWorkspaceBytes
+
+
+def _is_empty(lead, m, k, n) -> bool:
+    try:
+        return bool(math.prod(lead) * m * k * n == 0)
+    except (TypeError, jax.errors.InconclusiveDimensionOperation):  # symbolic dims (jax.export)
+        return False
+
+
+def products_total_offset(lead, m, k, tile_k, itemsize):
+    """Byte offset of the index total (offsets[groups]) in pit_sparse_tn_products' scratch."""
+    groups = math.prod(lead) * _cdiv(m, GROUP_ROWS)
+    return (_pad256(tn_workspace_bytes(lead, m, k)) + _pad256(forward_workspace_bytes(lead, m, k, tile_k, itemsize))
+            + 4 * groups)
 
 
 def sparse_tn_cuda(x, dy, counts, offsets, indices, *, shape, tile, layout, exact, out_dtype):
@@ -219,6 +255,36 @@ def sparse_tn_cuda(x, dy, counts, offsets, indices, *, shape, tile, layout, exac
     ws = tn_workspace_bytes(lead, m, k)
 
     plan = products_plan(x.shape, n, tile[1], x.dtype)
+    itemsize = np.dtype(x.dtype).itemsize
+
+    def products_call(xk, dy, masked_fallback):
+        cap_rows, n_slab = plan
+        pws = products_workspace_bytes(lead, m, k, tile[1], itemsize, cap_rows, n_slab)
+        return jax.ffi.ffi_call("pit_sparse_tn_products", (jax.ShapeDtypeStruct((k, n), x.dtype),
+                                                           jax.ShapeDtypeStruct((pws,), jnp.uint8)))(
+            xk, dy.astype(x.dtype), ck, ik, **_attrs(tm, tile[1]), cap_rows=np.int64(cap_rows),
+            n_slab=np.int64(n_slab), masked_fallback=bool(masked_fallback))
+
+    if mode == "device":
+        why = ("no products plan for these shapes or this dtype" if plan is None else
+               None if gated_dense_dw_applies(x.dtype, k, n) else
+               "the gated dense GEMM needs a CUTLASS build, a compute capability 9 GPU, bf16/fp16 and K, N "
+               "multiples of 8")
+        if why is not None:
+            if not _is_empty(lead, m, k, n):
+                warnings.warn(f"PIT_KGATHER_DW=device: {why}; dW is XLA's dense matmul here", stacklevel=2)
+            return dense()
+        dw, pws = products_call(xk, dy, masked_fallback=False)
+        # The dense GEMM's x: as it is when the index came from x (or _kernel_index masked it),
+        # else masked to the index's tiles, as the default dense path does.
+        x_dense = xk if (exact or xk is not x) else jnp.where(
+            element_mask_from_indices(indices, shape, tile, layout), x, jnp.zeros((), x.dtype))
+        dw, _ = jax.ffi.ffi_call("pit_dense_tn_gated", (jax.ShapeDtypeStruct((k, n), x.dtype),
+                                                        jax.ShapeDtypeStruct((GATED_DW_WORKSPACE_BYTES,), jnp.uint8)),
+                                 input_output_aliases={3: 0})(
+            x_dense, dy.astype(x.dtype), pws, dw,
+            gate_offset=np.int64(products_total_offset(lead, m, k, tile[1], itemsize)), cap=np.int64(plan[0]))
+        return dw.astype(out_dtype)
 
     def kernel(xk, dy):
         if plan is None:
@@ -226,12 +292,7 @@ def sparse_tn_cuda(x, dy, counts, offsets, indices, *, shape, tile, layout, exac
                                                        jax.ShapeDtypeStruct((ws,), jnp.uint8)))(
                 xk, dy.astype(x.dtype), ck, ik, **_attrs(tm, tile[1]))
         else:
-            cap_rows, n_slab = plan
-            pws = products_workspace_bytes(lead, m, k, tile[1], np.dtype(x.dtype).itemsize, cap_rows, n_slab)
-            dw, _ = jax.ffi.ffi_call("pit_sparse_tn_products", (jax.ShapeDtypeStruct((k, n), x.dtype),
-                                                                jax.ShapeDtypeStruct((pws,), jnp.uint8)))(
-                xk, dy.astype(x.dtype), ck, ik, **_attrs(tm, tile[1]), cap_rows=np.int64(cap_rows),
-                n_slab=np.int64(n_slab))
+            dw, _ = products_call(xk, dy, masked_fallback=True)
         return dw.astype(out_dtype)
 
     if mode == "sparse":

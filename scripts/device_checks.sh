@@ -179,6 +179,8 @@
 #   PART=kgather_dw: session 33: (TESTS=1: the k-gather suites), bench_kgather_dw (dW kernel vs dense dW, index given,
 #                  $OUT/kgather_dw), then (SAN=1) memcheck and racecheck over the dW tests.
 #   PART=kgather_products: session 34: the dW products path's tests, bench_kgather_dw over VARIANTS, sanitizers.
+#   PART=kgather_device: session 35: PIT_KGATHER_DW=device's tests, the staged MoE dW tests, bench_kgather_dw
+#                  over VARIANTS at 50-99%, memcheck over the bf16 device-mode tests (SAN=0 skips).
 #   PART=ncu_kgather_dw: session 33: Nsight Compute of the dW path's kernels at 4096³ ($OUT/ncu_dw.txt).
 set -u
 export PYTHONUNBUFFERED=1
@@ -488,6 +490,14 @@ kgather_products)  # session 34: the dW products path (PIT_KGATHER_DW=sparse, kg
     [[ "${RACE:-1}" == 1 ]] && SAN_TIMEOUT=100 run_tool racecheck pit_kgather_tn_products tests/test_kgather_kernels.py \
       "gpu and products and bfloat16 and 0.5"
   fi ;;
+kgather_device)  # session 35: PIT_KGATHER_DW=device (the products path or the gated dense GEMM,
+                # kgather_dw_dense_sm90.cu): the device-mode and dW tests, the staged MoE dW tests (the
+                # shared CUTLASS header), bench_kgather_dw over VARIANTS, memcheck over the bf16 device-mode tests
+  pytest_gpu ${TEST_TIMEOUT:-200} tests/test_kgather_kernels.py -k "gpu and (device_mode or products or dw)"
+  [[ "${MOE:-1}" == 1 ]] && pytest_gpu 150 tests/test_moe_kernels.py -k "staged and (tn or dw)"
+  dw_bench "0.5 0.9 0.95 0.98 0.99"
+  [[ "${SAN:-1}" == 1 ]] && SAN_TIMEOUT=150 run_tool memcheck all tests/test_kgather_kernels.py \
+    "gpu and device_mode and (bfloat16 or garbage) and not 0.97" ;;
 ncu_kgather_dw)  # session 33: Nsight Compute on the dW path's kernels at 4096³, SPARSITY (default 0.99 0.9), $OUT/ncu_dw.txt
   XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=benchmarks timeout -k 5 200 ncu \
     --kernel-name regex:'pit_kgather_(tn|pack|colmask)' \

@@ -323,7 +323,7 @@ def test_cuda_lowering_calls_kernels():
 
 
 @pytest.mark.parametrize("mode, kernel, cond", [("sparse", True, False), ("dense", False, False),
-                                               ("auto", True, True)])
+                                               ("auto", True, True)])  # device: the test below
 def test_dw_mode_forces_one_path(monkeypatch, mode, kernel, cond):
     """PIT_KGATHER_DW=sparse|dense lowers dW to the kernel alone or to XLA's matmul alone; auto
     to both behind a conditional (the rule, decided on device)."""
@@ -338,6 +338,32 @@ def test_dw_mode_forces_one_path(monkeypatch, mode, kernel, cond):
     monkeypatch.setenv("PIT_KGATHER_DW", "sometimes")
     with pytest.raises(ValueError, match="PIT_KGATHER_DW"):
         jax.jit(jax.grad(f, 1)).trace(x, w).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["detected", "given"])
+def test_dw_device_mode_lowers_to_the_gated_pair(monkeypatch, exact):
+    """PIT_KGATHER_DW=device lowers dW to the products call without its masked fallback, then the
+    gated dense GEMM on dW aliased in place, with the total's offset in the products scratch; no
+    conditional, no XLA matmul for dW. With the index given, the GEMM's x is masked to it."""
+    if not pit_jax.cuda_available():
+        pytest.skip("built without CUDA kernels")
+    from pit_jax import kgather_cuda
+    monkeypatch.setenv("PIT_KGATHER_DW", "device")
+    monkeypatch.setattr(kgather_cuda, "gated_dense_dw_applies", lambda *a: True)  # no Hopper GPU needed to lower
+    x = jax.ShapeDtypeStruct((2, 96, 256), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((256, 136), jnp.bfloat16)
+    if exact:
+        f, args = (lambda x, w: jnp.sum(pit_jax.sparse_dense(x, w).astype(jnp.float32))), (x, w)
+    else:
+        f = lambda x, w, i: jnp.sum(pit_jax.sparse_dense(x, w, index=i).astype(jnp.float32))
+        args = (x, w, jax.eval_shape(lambda x: pit_jax.detect(x, (32, 1)), x))
+    text = jax.jit(jax.grad(f, 1)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "pit_sparse_tn_products" in text and "masked_fallback = false" in text
+    assert "pit_dense_tn_gated" in text and "output_operand_aliases" in text
+    offset = kgather_cuda.products_total_offset([2], 96, 256, 1, 2)
+    assert f"gate_offset = {offset} : i64" in text
+    assert "stablehlo.case" not in text and "stablehlo.dot_general" not in text.split("pit_sparse_tn_products")[1]
+    assert ("stablehlo.scatter" in text) == (not exact)  # the element mask of a given index
 
 
 def test_products_plan_sizes_the_scratch(monkeypatch):

@@ -185,6 +185,80 @@ def test_dw_products_path_cap_and_garbage(backend, monkeypatch, density_cap):
     assert _rel_err(dw, dw_ref) < TOL["bfloat16"]
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("tile", [(32, 1), (64, 8), (16, 1)], ids=str)
+@pytest.mark.parametrize("sparsity", [0.5, 0.97, 1.0])
+@pytest.mark.parametrize("branch", ["products", "dense"])
+@pytest.mark.parametrize("shape", [(2, 96, 256, 392), (1, 70, 48, 24)], ids=["slabs", "odd_m"])
+def test_dw_device_mode_matches_float64(backend, monkeypatch, dtype, tile, sparsity, branch, shape):
+    """PIT_KGATHER_DW=device: the products path, or the gated dense GEMM when the index lists more
+    than the products cap (the device picks; the cap forces each branch here). Against float64,
+    unlisted rows of dW exactly zero; the products call poisons dW first, so the dense branch
+    must overwrite all of it."""
+    if backend == "cpu":
+        pytest.skip("PIT_KGATHER_DW=device pairs two CUDA kernels (the CPU path is the reference)")
+    if not pit_jax.kgather_cuda.gated_dense_dw_applies(DTYPES[dtype], shape[2], shape[3]):
+        pytest.skip("the gated dense dW needs a CUTLASS build and a compute capability 9 GPU")
+    monkeypatch.setenv("PIT_KGATHER_DW", "device")
+    monkeypatch.setenv("PIT_KGATHER_DW_PRODUCTS_DENSITY", "1.0" if branch == "products" else "1e-9")
+    monkeypatch.setenv("PIT_KGATHER_DW_SLAB", "128")
+    b, m, k, n = shape
+    rng = np.random.default_rng(stable_seed("device", dtype, tile, sparsity, branch, shape))
+    x = random_tile_sparse(rng, (b, m, k), tile, sparsity, dtype)
+    w = (rng.standard_normal((k, n)) + 0.1).astype(DTYPES[dtype])
+    g = rng.standard_normal((b, m, n)).astype(np.float32)
+    _, dw = _forward_and_dw(x, w, g, tile)
+    _, dw_ref = _references(x, w, g, np.ones(x.shape, bool))
+    if sparsity == 1.0:
+        np.testing.assert_array_equal(np.asarray(dw, np.float32), 0)
+    else:
+        assert _rel_err(dw, dw_ref) < TOL[dtype]
+    listed = np.abs(dw_ref) > 0
+    assert (np.asarray(dw, np.float32)[~listed] == 0).all()
+
+
+@pytest.mark.parametrize("branch", ["products", "dense"])
+def test_dw_device_mode_given_index_with_garbage(backend, monkeypatch, branch):
+    """With the index passed in (x not zero outside it: NaN there), both branches of
+    PIT_KGATHER_DW=device keep to the listed tiles: the dense GEMM runs on x masked to them."""
+    if backend == "cpu":
+        pytest.skip("PIT_KGATHER_DW=device pairs two CUDA kernels (the CPU path is the reference)")
+    if not pit_jax.kgather_cuda.gated_dense_dw_applies(np.dtype(jnp.bfloat16), 200, 136):
+        pytest.skip("the gated dense dW needs a CUTLASS build and a compute capability 9 GPU")
+    monkeypatch.setenv("PIT_KGATHER_DW", "device")
+    monkeypatch.setenv("PIT_KGATHER_DW_PRODUCTS_DENSITY", "1.0" if branch == "products" else "1e-9")
+    rng = np.random.default_rng(12)
+    tile = (32, 4)
+    x = random_tile_sparse(rng, (2, 80, 200), tile, 0.6, "bfloat16")
+    idx = pit_jax.detect(x, tile)
+    mask = np.asarray(idx.element_mask())
+    x_garbage = np.where(mask, x, np.nan).astype(x.dtype)
+    w = (rng.standard_normal((200, 136)) + 0.1).astype(DTYPES["bfloat16"])
+    g = rng.standard_normal((2, 80, 136)).astype(np.float32)
+    _, dw = _forward_and_dw(x_garbage, w, g, tile, index=idx)
+    _, dw_ref = _references(x, w, g, mask)
+    assert np.isfinite(np.asarray(dw, np.float32)).all()
+    assert _rel_err(dw, dw_ref) < TOL["bfloat16"]
+
+
+def test_dw_device_mode_warns_where_it_cannot_serve(backend, monkeypatch):
+    """PIT_KGATHER_DW=device on shapes the gated GEMM does not take (N = 29, not a multiple of 8)
+    or on fp32 (no products plan) says so and computes the dense dW."""
+    monkeypatch.setenv("PIT_KGATHER_DW", "device")
+    rng = np.random.default_rng(13)
+    for dtype, n in (("bfloat16", 29), ("float32", 32)):
+        x = random_tile_sparse(rng, (64, 48), (32, 1), 0.9, dtype)
+        w = (rng.standard_normal((48, n)) + 0.1).astype(DTYPES[dtype])
+        g = rng.standard_normal((64, n)).astype(np.float32)
+        if backend == "gpu":
+            with pytest.warns(UserWarning, match="PIT_KGATHER_DW=device"):
+                _, dw = _forward_and_dw(x, w, g, (32, 1))
+        else:  # the CPU lowering is the reference: no device mode to speak of
+            _, dw = _forward_and_dw(x, w, g, (32, 1))
+        _, dw_ref = _references(x, w, g, np.ones(x.shape, bool))
+        assert _rel_err(dw, dw_ref) < TOL[dtype]
+
+
 @pytest.mark.parametrize("pattern", ["row_groups", "random"])
 def test_dw_rule_matches_float64(backend, monkeypatch, pattern):
     """The on-device dW rule (PIT_KGATHER_DW=auto): row-structured sparsity (2 of 16 row groups

@@ -91,7 +91,10 @@ __global__ void __launch_bounds__(kPackThreads) pit_kgather_pack_kernel(const T*
                                                                const int32_t* __restrict__ counts,
                                                                const int32_t* __restrict__ indices,
                                                                T* __restrict__ packed, int32_t* __restrict__ column_ids,
-                                                               KGatherShape s) {
+                                                               KGatherShape s, const int32_t* __restrict__ gate_total,
+                                                               int64_t gate_cap) {
+  // the dW products path's pack (kgather_dw_products.cuh) is not needed when its index is over its cap
+  if (gate_total != nullptr && *gate_total > gate_cap) return;
   const int64_t group = blockIdx.x;  // b * groups + g
   const int64_t b = group / s.groups, g = group % s.groups;
   const int64_t rb = b * s.nb_m + g * kGroupRows / s.tile_m;
@@ -607,13 +610,15 @@ cudaError_t launch_gemm(cudaStream_t stream, const KGatherShape& s, const T* pac
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
-// Pack (step 1): each 32-row group's listed columns of x, densely, with their column ids.
+// Pack (step 1): each 32-row group's listed columns of x, densely, with their column ids. With
+// `gate_total`, it returns at once when *gate_total > gate_cap.
 template <typename T>
 void launch_pack(cudaStream_t stream, const KGatherShape& s, const void* x, const int32_t* counts,
-                 const int32_t* indices, T* packed, int32_t* column_ids) {
+                 const int32_t* indices, T* packed, int32_t* column_ids, const int32_t* gate_total = nullptr,
+                 int64_t gate_cap = 0) {
   const dim3 grid(unsigned(s.all_groups()), unsigned(ceil_div(s.packed_k, kPackThreads)));
   pit_kgather_pack_kernel<T><<<grid, kPackThreads, 0, stream>>>(static_cast<const T*>(x), counts, indices, packed,
-                                                               column_ids, s);
+                                                               column_ids, s, gate_total, gate_cap);
 }
 
 template <typename T>
@@ -710,11 +715,13 @@ cudaError_t launch_tn(cudaStream_t stream, const KGatherShape& s, const void* x,
 }
 
 // dW through the products path (kgather_dw_products.cuh) when the index's listed columns fit
-// `cap_rows`, else through the masked kernel; both are launched and the device picks (bf16/fp16).
+// `cap_rows`, else through the masked kernel (masked_fallback) or through nothing: dw is then left
+// for pit_dense_tn_gated (kgather_dw_dense_sm90.cu), which reads the same total. The kernels of
+// both paths are launched and the device picks (bf16/fp16).
 template <typename T>
 cudaError_t launch_tn_products(cudaStream_t stream, const KGatherShape& s, const void* x, const void* dy,
                                const int32_t* counts, const int32_t* indices, void* dw, uint8_t* workspace,
-                               int64_t cap_rows, int64_t n_slab) {
+                               int64_t cap_rows, int64_t n_slab, bool masked_fallback) {
   if (s.k == 0 || s.n == 0) return cudaSuccess;
   if (s.all_groups() == 0) return cudaMemsetAsync(dw, 0, s.k * s.n * sizeof(T), stream);
   uint8_t* ws = workspace + pad256(s.tn_workspace_bytes());  // the masked kernel's masks come first
@@ -723,10 +730,13 @@ cudaError_t launch_tn_products(cudaStream_t stream, const KGatherShape& s, const
   int32_t* offsets = reinterpret_cast<int32_t*>(ws + pad256(s.forward_workspace_bytes(sizeof(T))));
   int32_t* table = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(offsets) + products_offsets_bytes(s));
   float* scratch = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(table) + products_table_bytes(s));
-  launch_pack<T>(stream, s, x, counts, indices, packed, column_ids);
+  const int32_t* total = offsets + s.all_groups();
+  // the total first: every later kernel of the path returns at once when it is over the cap
   pit_kgather_group_offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(counts, offsets, s);
-  cudaError_t err = cudaMemsetAsync(table, 0xff, s.k * s.all_groups() * 4, stream);  // -1: not listed
-  if (err != cudaSuccess) return err;
+  launch_pack<T>(stream, s, x, counts, indices, packed, column_ids, total, cap_rows);
+  const int64_t table_vecs = s.k * s.all_groups() / 4;  // int4 stores of -1 (not listed); the rest below
+  pit_kgather_products_table_clear_kernel<<<unsigned(std::min<int64_t>(std::max<int64_t>(ceil_div(table_vecs, 256), 1), 4096)),
+                                            256, 0, stream>>>(offsets, table, s, cap_rows);
   pit_kgather_products_table_kernel<<<unsigned(s.all_groups()), 256, 0, stream>>>(column_ids, offsets, table, s,
                                                                                 cap_rows);
   const bool vec_dy = rows_copy_by_16_bytes<T>(dy, s.n);
@@ -740,9 +750,9 @@ cudaError_t launch_tn_products(cudaStream_t stream, const KGatherShape& s, const
                                       stream>>>(table, offsets, scratch, static_cast<T*>(dw), s, n0, n_slab, width,
                                                 cap_rows, vec_dw);
   }
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  return launch_tn<T>(stream, s, x, dy, counts, indices, dw, workspace, offsets + s.all_groups(), cap_rows);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || !masked_fallback) return err;
+  return launch_tn<T>(stream, s, x, dy, counts, indices, dw, workspace, total, cap_rows);
 }
 
 // ---- FFI handlers ------------------------------------------------------------------------------
@@ -891,7 +901,8 @@ ffi::Error SparseTnCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy
 ffi::Error SparseTnProductsCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy,
                                 ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::S32> indices,
                                 ffi::Result<ffi::AnyBuffer> dw, ffi::Result<ffi::Buffer<ffi::U8>> workspace,
-                                int64_t tile_m, int64_t tile_k, int64_t cap_rows, int64_t n_slab) {
+                                int64_t tile_m, int64_t tile_k, int64_t cap_rows, int64_t n_slab,
+                                bool masked_fallback) {
   constexpr const char* op = "pit_sparse_tn_products";
   KGatherShape s;
   const std::string msg = check_tn_operands(op, x, dy, counts.dimensions(), indices.dimensions(), *dw, tile_m, tile_k,
@@ -911,7 +922,8 @@ ffi::Error SparseTnProductsCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyB
     using T = decltype(tag);
     if constexpr (TnConfig<T>::kTensorCores) {
       return launch_tn_products<T>(stream, s, x.untyped_data(), dy.untyped_data(), counts.typed_data(),
-                                   indices.typed_data(), dw->untyped_data(), workspace->typed_data(), cap_rows, n_slab);
+                                   indices.typed_data(), dw->untyped_data(), workspace->typed_data(), cap_rows, n_slab,
+                                   masked_fallback);
     } else {
       return cudaErrorNotSupported;  // fp32: the lowering calls pit_sparse_tn
     }
@@ -940,7 +952,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseDenseCuda, pit::SparseDenseCuda, PIT_KGAT
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnCuda, pit::SparseTnCuda, PIT_KGATHER_BINDING,
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnProductsCuda, pit::SparseTnProductsCuda,
-                              PIT_KGATHER_BINDING.Attr<int64_t>("cap_rows").Attr<int64_t>("n_slab"),
+                              PIT_KGATHER_BINDING.Attr<int64_t>("cap_rows").Attr<int64_t>("n_slab").Attr<bool>("masked_fallback"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseDenseDetectCuda, pit::SparseDenseDetectCuda,
                               xla::ffi::Ffi::Bind()

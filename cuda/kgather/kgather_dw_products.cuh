@@ -8,13 +8,14 @@
 //   2. products: one CTA per (group, 128 columns of dy) holds dy_g's tile in shared memory and
 //      writes P_gᵀ dy_g (tensor cores, fp32) into the group's scratch rows. dy is read once.
 //   3. table: a [K, groups] table names, for each column k of x and each group, the scratch row
-//      of (group, k), or -1 (a memset, then one write per listed pair; no atomics).
+//      of (group, k), or -1 (cleared first, then one write per listed pair; no atomics).
 //   4. reduce: one warp per dW row k reads its table row, and sums the scratch rows it names in
 //      group order (deterministic, no atomics); rows no group lists are written as zeros.
 // The scratch holds at most `cap_rows` rows of `n_slab` columns; wider dy runs as several slabs.
-// When the index lists more than cap_rows columns over all groups, passes 2 and 3 return at once
-// and the masked dW kernel (which reads the same total) computes dW instead: the choice is made
-// on the device, with no host synchronisation.
+// When the index lists more than cap_rows columns over all groups, every kernel after the offsets
+// (pack included) returns at once and the masked dW kernel, or pit_dense_tn_gated's dense GEMM,
+// which read the same total, computes dW instead: the choice is made on the device, with no host
+// synchronisation.
 #pragma once
 
 namespace pit {
@@ -35,6 +36,19 @@ inline int64_t products_table_bytes(const KGatherShape& s) { return pad256(s.k *
 inline int64_t products_workspace_bytes(const KGatherShape& s, int64_t elem, int64_t cap_rows, int64_t n_slab) {
   return pad256(s.tn_workspace_bytes()) + pad256(s.forward_workspace_bytes(elem)) + products_offsets_bytes(s) +
          products_table_bytes(s) + cap_rows * n_slab * 4;
+}
+
+// Before pass 3: every table entry -1 (not listed), in 16-byte stores (the table's section is
+// 256-byte aligned) and the last k·groups % 4 entries one by one. Grid-stride.
+__global__ void __launch_bounds__(256) pit_kgather_products_table_clear_kernel(
+    const int32_t* __restrict__ offsets, int32_t* __restrict__ table, KGatherShape s, int64_t cap_rows) {
+  const int64_t entries = s.k * s.all_groups();
+  if (offsets[s.all_groups()] > cap_rows) return;  // the path does not run
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  int4* vecs = reinterpret_cast<int4*>(table);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < entries / 4; i += stride)
+    vecs[i] = make_int4(-1, -1, -1, -1);
+  if (blockIdx.x == 0 && threadIdx.x < entries % 4) table[entries / 4 * 4 + threadIdx.x] = -1;
 }
 
 // Pass 3: table[k][g] = the scratch row of (group g, column k) for each listed pair (the table
@@ -106,8 +120,10 @@ __global__ void __launch_bounds__(kProductsThreads) pit_kgather_tn_products_kern
     __syncthreads();  // dy's tile is written (first chunk); the previous chunk is read (later ones)
     for (int i = threadIdx.x; i < kGroupRows * (kProductsCols / 8); i += kProductsThreads) {
       const int r = i / (kProductsCols / 8), c = (i % (kProductsCols / 8)) * 8;
-      uint4 v = make_uint4(0, 0, 0, 0);  // columns past packed_k; those past len are not stored
-      if (p0 + c < s.packed_k)
+      // Columns from len on are multiplied but never stored. Pack wrote zeros up to len's multiple
+      // of 32 and nothing after it, so vectors starting at or past len are not read.
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (p0 + c < len)
         v = *reinterpret_cast<const uint4*>(packed + (group * kGroupRows + r) * s.packed_k + p0 + c);
       *reinterpret_cast<uint4*>(ps + r * kPStride + c) = v;
     }

@@ -20,16 +20,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "cutlass/cutlass.h"
-#include "cute/tensor.hpp"
-#include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/gemm/collective/collective_builder.hpp"
-#include "cutlass/gemm/device/gemm_universal_adapter.h"
-#include "cutlass/gemm/dispatch_policy.hpp"
-#include "cutlass/gemm/group_array_problem_shape.hpp"
-#include "cutlass/gemm/kernel/gemm_universal.hpp"
-#include "cutlass/util/packed_stride.hpp"
-
+#include "../common/cutlass_grouped_gemm_sm90.cuh"
 #include "../common/device_query.cuh"
 #include "../common/ffi_common.h"
 #include "../common/poison_outputs.cuh"
@@ -39,39 +30,7 @@
 namespace pit {
 namespace {
 
-using StagedProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M, N, K) per problem
-
-using StagedTile = cute::Shape<cute::_128, cute::_256, cute::_64>;
-using StagedCluster = cute::Shape<cute::_1, cute::_1, cute::_1>;  // 2-CTA clusters measured slower on uniform routing
-constexpr int kAlign = 8;                                         // 16-byte rows: d and f multiples of 8
-
-// CUTLASS's Hopper grouped GEMM with the given epilogue collective, A and B in the given layouts
-// (16-bit: either major).
-template <typename Element, typename LayoutA, typename LayoutB, typename Epilogue_>
-struct GroupedGemmWith {
-  using Epilogue = Epilogue_;
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element, LayoutB*, kAlign,
-      float, StagedTile, StagedCluster,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<StagedProblemShape, Mainloop, Epilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-  using StrideA = typename Kernel::InternalStrideA;
-  using StrideB = typename Kernel::InternalStrideB;
-  using StrideD = typename Kernel::InternalStrideD;
-  using EpilogueArguments = typename Kernel::EpilogueArguments;
-};
-
-// D row-major through CUTLASS's TMA epilogue (per-expert D pointers).
-template <typename Element, typename LayoutA, typename LayoutB>
-using StagedGemm = GroupedGemmWith<
-    Element, LayoutA, LayoutB,
-    typename cutlass::epilogue::collective::CollectiveBuilder<
-        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, StagedTile, StagedCluster,
-        cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::RowMajor*, kAlign,
-        Element, cutlass::layout::RowMajor*, kAlign, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
-        cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp>;
+static_assert(kMoeStagedArgsBytesPerExpert == kGroupedGemmArgsBytesPerProblem, "one args layout per problem");
 
 // Forward: out rows = x rows @ w[e] ([E, d, f], N-major B) or @ w[e]ᵀ (w given as [E, f, d], K-major B).
 template <bool kWTransposed>
@@ -84,42 +43,6 @@ using ForwardGemm = StagedGemm<Element, cutlass::layout::RowMajor, ForwardLayout
 template <typename Element, bool kWTransposed>
 using ScatterForwardGemm = GroupedGemmWith<Element, cutlass::layout::RowMajor, ForwardLayoutB<kWTransposed>,
                                            ScatterRowsCollectiveEpilogue<Element, 128, 64>>;
-// dW: dw[e] = x_eᵀ dy_e, (M = d, N = f, K = the expert's rows); x_eᵀ is M-major, dy_e N-major.
-template <typename Element>
-using DwGemm = StagedGemm<Element, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
-
-// The grouped GEMM's per-problem arguments inside the workspace's args section (dW: one problem per expert).
-template <typename G>
-struct StagedArgs {
-  using Element = typename G::Gemm::ElementA;
-  StagedProblemShape::UnderlyingProblemShape* shapes;
-  const Element** a;
-  const Element** b;
-  Element** d;
-  typename G::StrideA* stride_a;
-  typename G::StrideB* stride_b;
-  typename G::StrideD* stride_d;
-  int32_t* row_starts;  // each problem's first routing-order row (the scatter epilogue's)
-
-  StagedArgs(uint8_t* base, int64_t problems) {
-    auto take = [&](auto*& p, int64_t bytes_each) {
-      p = reinterpret_cast<std::remove_reference_t<decltype(p)>>(base);
-      base += problems * bytes_each;
-    };
-    take(shapes, 16);
-    take(a, 8);
-    take(b, 8);
-    take(d, 8);
-    take(stride_a, 32);
-    take(stride_b, 32);
-    take(stride_d, 32);
-    take(row_starts, 4);
-  }
-  static_assert(sizeof(StagedProblemShape::UnderlyingProblemShape) <= 16 && sizeof(typename G::StrideA) <= 32 &&
-                    sizeof(typename G::StrideB) <= 32 && sizeof(typename G::StrideD) <= 32,
-                "per-problem arguments exceed their slots");
-  static_assert(16 + 3 * 8 + 3 * 32 + 4 <= kMoeStagedArgsBytesPerExpert, "args section too small");
-};
 
 // The forward's problems, one thread each (moe_staged_problems: E + slots). An expert of at least
 // kMoeStagedSplitMinRows rows is split into blocks of split_rows rows from its first row (the last block
@@ -220,36 +143,6 @@ __global__ void staged_zero_empty_experts(const int32_t* __restrict__ group_star
     dst[v] = make_uint4(0, 0, 0, 0);
 }
 
-// The epilogue arguments of a StagedGemm: D through the per-expert pointers and strides.
-template <typename G>
-typename G::EpilogueArguments tma_store_arguments(const StagedArgs<G>& args) {
-  typename G::EpilogueArguments epilogue{{}, nullptr, args.stride_d, args.d, args.stride_d};
-  epilogue.thread.alpha = 1.0f;
-  epilogue.thread.beta = 0.0f;
-  return epilogue;
-}
-
-// The grouped GEMM over the per-expert arguments a device kernel wrote (sizes on the device only).
-template <typename G>
-std::string run_grouped_gemm(cudaStream_t stream, const StagedArgs<G>& args, int64_t problems, uint8_t* workspace,
-                             const typename G::EpilogueArguments& epilogue) {
-  cutlass::KernelHardwareInfo hw;
-  cudaGetDevice(&hw.device_id);
-  current_device_attribute(cudaDevAttrMultiProcessorCount, &hw.sm_count);  // stays 0 if unreadable
-  typename G::Gemm::Arguments gemm_args{cutlass::gemm::GemmUniversalMode::kGrouped,
-                                        {int(problems), args.shapes, nullptr},  // sizes on the device only
-                                        {args.a, args.stride_a, args.b, args.stride_b},
-                                        epilogue,
-                                        hw};
-  typename G::Gemm gemm;
-  if (G::Gemm::get_workspace_size(gemm_args) > size_t(kMoeStagedCutlassBytes))
-    return "CUTLASS workspace exceeds its section";
-  if (gemm.can_implement(gemm_args) != cutlass::Status::kSuccess) return "CUTLASS cannot run this problem";
-  cutlass::Status st = gemm.initialize(gemm_args, workspace, stream);
-  if (st == cutlass::Status::kSuccess) st = gemm.run(stream);
-  return st == cutlass::Status::kSuccess ? std::string() : std::string("CUTLASS: ") + cutlassGetStatusString(st);
-}
-
 // SRead into the workspace: rows[p] = src[order[p] / rows_per_source] (routing order).
 template <typename Element>
 const Element* gather_into(cudaStream_t stream, const void* src, const int32_t* order, uint8_t* dst,
@@ -292,7 +185,8 @@ std::string run_forward_gemm(cudaStream_t stream, const StagedCall& c, const typ
       cutlass::make_cute_packed_stride(typename G::StrideA{}, {1, k, 1}),
       cutlass::make_cute_packed_stride(typename G::StrideB{}, {n, k, 1}),
       cutlass::make_cute_packed_stride(typename G::StrideD{}, {1, n, 1}));
-  return run_grouped_gemm<G>(stream, args, problems, c.workspace + c.layout.cutlass, epilogue_of(args));
+  return run_grouped_gemm<G>(stream, args, problems, c.workspace + c.layout.cutlass, kMoeStagedCutlassBytes,
+                             epilogue_of(args));
 }
 
 template <typename Element, bool kWTransposed>
@@ -384,7 +278,7 @@ ffi::Error MoeMatmulStagedCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBu
 // and out_rows sections, [A, d] and [A, f]), then dw[e] = x_eᵀ dy_e by the grouped GEMM.
 template <typename Element>
 std::string run_staged_dw(cudaStream_t stream, const StagedCall& c, const void* dy, bool dy_sorted) {
-  using G = DwGemm<Element>;
+  using G = TnGemm<Element>;
   const MoeStagedLayout& layout = c.layout;
   const Element* x_rows = c.x_sorted ? static_cast<const Element*>(c.x)
                                      : gather_into<Element>(stream, c.x, c.order, c.workspace + layout.x_rows,
@@ -403,7 +297,8 @@ std::string run_staged_dw(cudaStream_t stream, const StagedCall& c, const void* 
                                    unsigned(c.experts)), 256, 0, stream>>>(c.group_starts, static_cast<uint4*>(c.out),
                                                                           c.d * c.f / 8);
   const std::string failure =
-      run_grouped_gemm<G>(stream, args, c.experts, c.workspace + layout.cutlass, tma_store_arguments(args));
+      run_grouped_gemm<G>(stream, args, c.experts, c.workspace + layout.cutlass, kMoeStagedCutlassBytes,
+                          tma_store_arguments(args));
   if (!failure.empty()) return failure;
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
