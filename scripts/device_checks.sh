@@ -179,8 +179,9 @@
 #   PART=kgather_dw: session 33: (TESTS=1: the k-gather suites), bench_kgather_dw (dW kernel vs dense dW, index given,
 #                  $OUT/kgather_dw), then (SAN=1) memcheck and racecheck over the dW tests.
 #   PART=kgather_products: session 34: the dW products path's tests, bench_kgather_dw over VARIANTS, sanitizers.
-#   PART=kgather_device: session 35: PIT_KGATHER_DW=device's tests, the staged MoE dW tests, bench_kgather_dw
-#                  over VARIANTS at 50-99%, memcheck over the bf16 device-mode tests (SAN=0 skips).
+#   PART=kgather_device: session 35: PIT_KGATHER_DW=device's tests (TESTS=0 skips), the staged MoE dW tests
+#                  (MOE=0 skips), bench_kgather_dw over VARIANTS at 50-99% with the index given and detected in
+#                  the call, memcheck over the bf16 device-mode tests (SAN=0 skips).
 #   PART=ncu_kgather_dw: session 33: Nsight Compute of the dW path's kernels at 4096³ ($OUT/ncu_dw.txt).
 set -u
 export PYTHONUNBUFFERED=1
@@ -239,10 +240,12 @@ moe_suites() {  # the three MoE suites on the GPU (GPU vs CPU / float64); second
   pytest_gpu $1 tests/test_moe_kernels.py tests/test_moe_matmul.py
   pytest_gpu 150 tests/test_nn_moe.py
 }
-dw_bench() {  # default sparsities: bench_kgather_dw (index given; ROUNDS, VARIANTS, SPARSITY) to $OUT/kgather_dw
+dw_bench() {  # default sparsities[, index: given (default) or own]: bench_kgather_dw (ROUNDS, VARIANTS, SPARSITY)
+             # to $OUT/kgather_dw (index given) or $OUT/kgather_dw_own
+  local index=${2:-given}
   (cd benchmarks && PIT_BENCH_ROUNDS=${ROUNDS:-3} timeout -k 5 ${BENCH_TIMEOUT:-200} python3 bench_kgather_dw.py \
-     --out $OUT/kgather_dw --variants ${VARIANTS:-default} \
-     --sparsity ${SPARSITY:-$1} 2>&1 | grep -E "^\|" | tee -a $LOG)
+     --out $OUT/kgather_dw$([[ $index == given ]] || echo _$index) --index $index --variants ${VARIANTS:-default} \
+     --sparsity ${SPARSITY:-$1} 2>&1 | grep -E "^\||Error" | tee -a $LOG)
   echo "dw bench $((SECONDS-t0))s"
 }
 projection_table() {  # seconds, output folder under $OUT, then bench_moe case names: its projection table
@@ -493,9 +496,10 @@ kgather_products)  # session 34: the dW products path (PIT_KGATHER_DW=sparse, kg
 kgather_device)  # session 35: PIT_KGATHER_DW=device (the products path or the gated dense GEMM,
                 # kgather_dw_dense_sm90.cu): the device-mode and dW tests, the staged MoE dW tests (the
                 # shared CUTLASS header), bench_kgather_dw over VARIANTS, memcheck over the bf16 device-mode tests
-  pytest_gpu ${TEST_TIMEOUT:-200} tests/test_kgather_kernels.py -k "gpu and (device_mode or products or dw)"
+  [[ "${TESTS:-1}" == 1 ]] && pytest_gpu ${TEST_TIMEOUT:-200} tests/test_kgather_kernels.py -k "gpu and (device_mode or products or dw)"
   [[ "${MOE:-1}" == 1 ]] && pytest_gpu 150 tests/test_moe_kernels.py -k "staged and (tn or dw)"
-  dw_bench "0.5 0.9 0.95 0.98 0.99"
+  dw_bench "0.5 0.9 0.95 0.98 0.99" given
+  dw_bench "0.5 0.9 0.95 0.98 0.99" own
   [[ "${SAN:-1}" == 1 ]] && SAN_TIMEOUT=150 run_tool memcheck all tests/test_kgather_kernels.py \
     "gpu and device_mode and (bfloat16 or garbage) and not 0.97" ;;
 ncu_kgather_dw)  # session 33: Nsight Compute on the dW path's kernels at 4096³, SPARSITY (default 0.99 0.9), $OUT/ncu_dw.txt

@@ -93,6 +93,8 @@ __global__ void __launch_bounds__(kPackThreads) pit_kgather_pack_kernel(const T*
                                                                T* __restrict__ packed, int32_t* __restrict__ column_ids,
                                                                KGatherShape s, const int32_t* __restrict__ gate_total,
                                                                int64_t gate_cap) {
+  wait_for_previous_grid();  // (a dependent launch in the dW products path; a no-op otherwise)
+  allow_dependent_launch();
   // the dW products path's pack (kgather_dw_products.cuh) is not needed when its index is over its cap
   if (gate_total != nullptr && *gate_total > gate_cap) return;
   const int64_t group = blockIdx.x;  // b * groups + g
@@ -732,25 +734,36 @@ cudaError_t launch_tn_products(cudaStream_t stream, const KGatherShape& s, const
   float* scratch = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(table) + products_table_bytes(s));
   const int32_t* total = offsets + s.all_groups();
   // the total first: every later kernel of the path returns at once when it is over the cap
-  pit_kgather_group_offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(counts, offsets, s);
-  launch_pack<T>(stream, s, x, counts, indices, packed, column_ids, total, cap_rows);
-  const int64_t table_vecs = s.k * s.all_groups() / 4;  // int4 stores of -1 (not listed); the rest below
-  pit_kgather_products_table_clear_kernel<<<unsigned(std::min<int64_t>(std::max<int64_t>(ceil_div(table_vecs, 256), 1), 4096)),
-                                            256, 0, stream>>>(offsets, table, s, cap_rows);
-  pit_kgather_products_table_kernel<<<unsigned(s.all_groups()), 256, 0, stream>>>(column_ids, offsets, table, s,
-                                                                                cap_rows);
+  cudaError_t err = launch_products_kernel(pit_kgather_group_offsets_kernel, dim3(1), dim3(kOffsetsThreads), stream,
+                                          counts, offsets, s);
+  const dim3 pack_grid(unsigned(s.all_groups()), unsigned(ceil_div(s.packed_k, kPackThreads)));
+  if (err == cudaSuccess)
+    err = launch_products_kernel(pit_kgather_pack_kernel<T>, pack_grid, dim3(kPackThreads), stream,
+                                 static_cast<const T*>(x), counts, indices, packed, column_ids, s, total, cap_rows);
+  const int64_t table_vecs = s.k * s.all_groups() / 4;  // int4 stores of -1 (not listed); the rest one by one
+  const unsigned clear_ctas = unsigned(std::min<int64_t>(std::max<int64_t>(ceil_div(table_vecs, 256), 1), 4096));
+  if (err == cudaSuccess)
+    err = launch_products_kernel(pit_kgather_products_table_clear_kernel, dim3(clear_ctas), dim3(256), stream,
+                                 static_cast<const int32_t*>(offsets), table, s, cap_rows);
+  if (err == cudaSuccess)
+    err = launch_products_kernel(pit_kgather_products_table_kernel, dim3(unsigned(s.all_groups())), dim3(256), stream,
+                                 static_cast<const int32_t*>(column_ids), static_cast<const int32_t*>(offsets), table,
+                                 s, cap_rows);
   const bool vec_dy = rows_copy_by_16_bytes<T>(dy, s.n);
   const bool vec_dw = s.n % 4 == 0 && reinterpret_cast<uintptr_t>(dw) % 8 == 0;
-  for (int64_t n0 = 0; n0 < s.n; n0 += n_slab) {
+  for (int64_t n0 = 0; n0 < s.n && err == cudaSuccess; n0 += n_slab) {
     const int64_t width = std::min(n_slab, s.n - n0);
-    pit_kgather_tn_products_kernel<T><<<dim3(unsigned(s.all_groups()), unsigned(ceil_div(width, int64_t(kProductsN)))),
-                                        kProductsThreads, 0, stream>>>(
-        packed, offsets, static_cast<const T*>(dy), scratch, s, n0, n_slab, width, cap_rows, vec_dy);
-    pit_kgather_tn_reduce_kernel<T><<<unsigned(ceil_div(s.k, int64_t(kReduceRowsPerCta))), 32 * kReduceRowsPerCta, 0,
-                                      stream>>>(table, offsets, scratch, static_cast<T*>(dw), s, n0, n_slab, width,
-                                                cap_rows, vec_dw);
+    const dim3 products_grid(unsigned(s.all_groups()), unsigned(ceil_div(width, int64_t(kProductsN))));
+    err = launch_products_kernel(pit_kgather_tn_products_kernel<T>, products_grid, dim3(kProductsThreads), stream,
+                                 static_cast<const T*>(packed), static_cast<const int32_t*>(offsets),
+                                 static_cast<const T*>(dy), scratch, s, n0, n_slab, width, cap_rows, vec_dy);
+    if (err == cudaSuccess)
+      err = launch_products_kernel(pit_kgather_tn_reduce_kernel<T>, dim3(unsigned(ceil_div(s.k, int64_t(kReduceRowsPerCta)))),
+                                   dim3(32 * kReduceRowsPerCta), stream, static_cast<const int32_t*>(table),
+                                   static_cast<const int32_t*>(offsets), static_cast<const float*>(scratch),
+                                   static_cast<T*>(dw), s, n0, n_slab, width, cap_rows, vec_dw);
   }
-  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess || !masked_fallback) return err;
   return launch_tn<T>(stream, s, x, dy, counts, indices, dw, workspace, total, cap_rows);
 }
