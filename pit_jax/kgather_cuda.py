@@ -208,7 +208,8 @@ def dw_mode():
     return mode
 
 
-# PIT_KGATHER_DW=device: the products path's call, then `pit_dense_tn_gated`
+# PIT_KGATHER_DW=device: the products path's call (`pit_sparse_tn_products_detect` on x alone where
+# sparse_dense detected its own 32x1 index and the fused detect+pack applies), then `pit_dense_tn_gated`
 # (cuda/kgather/kgather_dw_dense_sm90.cu), CUTLASS's Hopper GEMM for the dense dW, which reads the
 # products call's index total from its scratch and runs no tiles when the products path wrote dW.
 # dW goes from the first call to the second as an aliased operand. No lax.cond, no host sync: the
@@ -274,7 +275,17 @@ def sparse_tn_cuda(x, dy, counts, offsets, indices, *, shape, tile, layout, exac
             if not _is_empty(lead, m, k, n):
                 warnings.warn(f"PIT_KGATHER_DW=device: {why}; dW is XLA's dense matmul here", stacklevel=2)
             return dense()
-        dw, pws = products_call(xk, dy, masked_fallback=False)
+        if fused_detect_applies(x.shape, itemsize, tile, exact):
+            # the index came from x with 32x1 tiles: the forward's fused detect+pack inside the
+            # products call, so the separate detection (which then has no user) and pack do not run
+            cap_rows, n_slab = plan
+            pws = (products_workspace_bytes(lead, m, k, tile[1], itemsize, cap_rows, n_slab)
+                   + 4 * math.prod(lead) * _cdiv(m, GROUP_ROWS))
+            dw, pws = jax.ffi.ffi_call("pit_sparse_tn_products_detect",
+                                       (jax.ShapeDtypeStruct((k, n), x.dtype), jax.ShapeDtypeStruct((pws,), jnp.uint8)))(
+                x, dy.astype(x.dtype), cap_rows=np.int64(cap_rows), n_slab=np.int64(n_slab))
+        else:
+            dw, pws = products_call(xk, dy, masked_fallback=False)
         # The dense GEMM's x: as it is when the index came from x (or _kernel_index masked it),
         # else masked to the index's tiles, as the default dense path does.
         x_dense = xk if (exact or xk is not x) else jnp.where(

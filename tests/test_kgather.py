@@ -342,15 +342,16 @@ def test_dw_mode_forces_one_path(monkeypatch, mode, kernel, cond):
 
 @pytest.mark.parametrize("exact", [True, False], ids=["detected", "given"])
 def test_dw_device_mode_lowers_to_the_gated_pair(monkeypatch, exact):
-    """PIT_KGATHER_DW=device lowers dW to the products call without its masked fallback, then the
-    gated dense GEMM on dW aliased in place, with the total's offset in the products scratch; no
-    conditional, no XLA matmul for dW. With the index given, the GEMM's x is masked to it."""
+    """PIT_KGATHER_DW=device lowers dW to the products call without its masked fallback (on x alone,
+    detecting inside, when sparse_dense detected its own 32x1 index), then the gated dense GEMM on
+    dW aliased in place, with the total's offset in the products scratch; no conditional, no XLA
+    matmul for dW. With the index given, the GEMM's x is masked to it."""
     if not pit_jax.cuda_available():
         pytest.skip("built without CUDA kernels")
     from pit_jax import kgather_cuda
     monkeypatch.setenv("PIT_KGATHER_DW", "device")
     monkeypatch.setattr(kgather_cuda, "gated_dense_dw_applies", lambda *a: True)  # no Hopper GPU needed to lower
-    x = jax.ShapeDtypeStruct((2, 96, 256), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((2, 1024, 256), jnp.bfloat16)  # 64 row groups: the fused detect+pack applies
     w = jax.ShapeDtypeStruct((256, 136), jnp.bfloat16)
     if exact:
         f, args = (lambda x, w: jnp.sum(pit_jax.sparse_dense(x, w).astype(jnp.float32))), (x, w)
@@ -358,9 +359,12 @@ def test_dw_device_mode_lowers_to_the_gated_pair(monkeypatch, exact):
         f = lambda x, w, i: jnp.sum(pit_jax.sparse_dense(x, w, index=i).astype(jnp.float32))
         args = (x, w, jax.eval_shape(lambda x: pit_jax.detect(x, (32, 1)), x))
     text = jax.jit(jax.grad(f, 1)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "pit_sparse_tn_products" in text and "masked_fallback = false" in text
+    if exact:  # the fused detect+pack inside the products call: no separate detection left for dW
+        assert "pit_sparse_tn_products_detect" in text and "masked_fallback" not in text
+    else:
+        assert "pit_sparse_tn_products(" in text and "masked_fallback = false" in text
     assert "pit_dense_tn_gated" in text and "output_operand_aliases" in text
-    offset = kgather_cuda.products_total_offset([2], 96, 256, 1, 2)
+    offset = kgather_cuda.products_total_offset([2], 1024, 256, 1, 2)
     assert f"gate_offset = {offset} : i64" in text
     assert "stablehlo.case" not in text and "stablehlo.dot_general" not in text.split("pit_sparse_tn_products")[1]
     assert ("stablehlo.scatter" in text) == (not exact)  # the element mask of a given index

@@ -189,12 +189,14 @@ def test_dw_products_path_cap_and_garbage(backend, monkeypatch, density_cap):
 @pytest.mark.parametrize("tile", [(32, 1), (64, 8), (16, 1)], ids=str)
 @pytest.mark.parametrize("sparsity", [0.5, 0.97, 1.0])
 @pytest.mark.parametrize("branch", ["products", "dense"])
-@pytest.mark.parametrize("shape", [(2, 96, 256, 392), (1, 70, 48, 24)], ids=["slabs", "odd_m"])
+@pytest.mark.parametrize("shape", [(2, 96, 256, 392), (1, 70, 48, 24), (2, 1030, 200, 136)],
+                         ids=["slabs", "odd_m", "fused"])
 def test_dw_device_mode_matches_float64(backend, monkeypatch, dtype, tile, sparsity, branch, shape):
     """PIT_KGATHER_DW=device: the products path, or the gated dense GEMM when the index lists more
     than the products cap (the device picks; the cap forces each branch here). Against float64,
     unlisted rows of dW exactly zero; the products call poisons dW first, so the dense branch
-    must overwrite all of it."""
+    must overwrite all of it. "fused" has 66 row groups, so with 32x1 tiles the products call
+    detects and packs x itself (pit_sparse_tn_products_detect; the last group partial)."""
     if backend == "cpu":
         pytest.skip("PIT_KGATHER_DW=device pairs two CUDA kernels (the CPU path is the reference)")
     if not pit_jax.kgather_cuda.gated_dense_dw_applies(DTYPES[dtype], shape[2], shape[3]):

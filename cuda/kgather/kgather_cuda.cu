@@ -93,8 +93,6 @@ __global__ void __launch_bounds__(kPackThreads) pit_kgather_pack_kernel(const T*
                                                                T* __restrict__ packed, int32_t* __restrict__ column_ids,
                                                                KGatherShape s, const int32_t* __restrict__ gate_total,
                                                                int64_t gate_cap) {
-  wait_for_previous_grid();  // (a dependent launch in the dW products path; a no-op otherwise)
-  allow_dependent_launch();
   // the dW products path's pack (kgather_dw_products.cuh) is not needed when its index is over its cap
   if (gate_total != nullptr && *gate_total > gate_cap) return;
   const int64_t group = blockIdx.x;  // b * groups + g
@@ -716,6 +714,48 @@ cudaError_t launch_tn(cudaStream_t stream, const KGatherShape& s, const void* x,
   return cudaGetLastError();
 }
 
+// The products path's scratch sections (products_workspace_bytes' layout; the masked kernel's
+// masks come first).
+template <typename T>
+struct ProductsSections {
+  T* packed;
+  int32_t *column_ids, *offsets, *table;
+  float* scratch;
+  ProductsSections(const KGatherShape& s, uint8_t* workspace) {
+    uint8_t* ws = workspace + pad256(s.tn_workspace_bytes());
+    packed = reinterpret_cast<T*>(ws);
+    column_ids = reinterpret_cast<int32_t*>(ws + s.packed_x_bytes(sizeof(T)));
+    offsets = reinterpret_cast<int32_t*>(ws + pad256(s.forward_workspace_bytes(sizeof(T))));
+    table = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(offsets) + products_offsets_bytes(s));
+    scratch = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(table) + products_table_bytes(s));
+  }
+  const int32_t* total(const KGatherShape& s) const { return offsets + s.all_groups(); }
+};
+
+// The products path after pack and the offsets: the table, then per slab the products and the row
+// sums. Each kernel returns at once when the total is over cap_rows.
+template <typename T>
+cudaError_t launch_products_passes(cudaStream_t stream, const KGatherShape& s, const ProductsSections<T>& p,
+                                   const void* dy, void* dw, int64_t cap_rows, int64_t n_slab) {
+  const int64_t table_vecs = s.k * s.all_groups() / 4;  // int4 stores of -1 (not listed); the rest one by one
+  pit_kgather_products_table_clear_kernel<<<unsigned(std::min<int64_t>(std::max<int64_t>(ceil_div(table_vecs, 256), 1), 4096)),
+                                            256, 0, stream>>>(p.offsets, p.table, s, cap_rows);
+  pit_kgather_products_table_kernel<<<unsigned(s.all_groups()), 256, 0, stream>>>(p.column_ids, p.offsets, p.table, s,
+                                                                                cap_rows);
+  const bool vec_dy = rows_copy_by_16_bytes<T>(dy, s.n);
+  const bool vec_dw = s.n % 4 == 0 && reinterpret_cast<uintptr_t>(dw) % 8 == 0;
+  for (int64_t n0 = 0; n0 < s.n; n0 += n_slab) {
+    const int64_t width = std::min(n_slab, s.n - n0);
+    pit_kgather_tn_products_kernel<T><<<dim3(unsigned(s.all_groups()), unsigned(ceil_div(width, int64_t(kProductsN)))),
+                                        kProductsThreads, 0, stream>>>(
+        p.packed, p.offsets, static_cast<const T*>(dy), p.scratch, s, n0, n_slab, width, cap_rows, vec_dy);
+    pit_kgather_tn_reduce_kernel<T><<<unsigned(ceil_div(s.k, int64_t(kReduceRowsPerCta))), 32 * kReduceRowsPerCta, 0,
+                                      stream>>>(p.table, p.offsets, p.scratch, static_cast<T*>(dw), s, n0, n_slab,
+                                                width, cap_rows, vec_dw);
+  }
+  return cudaGetLastError();
+}
+
 // dW through the products path (kgather_dw_products.cuh) when the index's listed columns fit
 // `cap_rows`, else through the masked kernel (masked_fallback) or through nothing: dw is then left
 // for pit_dense_tn_gated (kgather_dw_dense_sm90.cu), which reads the same total. The kernels of
@@ -726,46 +766,32 @@ cudaError_t launch_tn_products(cudaStream_t stream, const KGatherShape& s, const
                                int64_t cap_rows, int64_t n_slab, bool masked_fallback) {
   if (s.k == 0 || s.n == 0) return cudaSuccess;
   if (s.all_groups() == 0) return cudaMemsetAsync(dw, 0, s.k * s.n * sizeof(T), stream);
-  uint8_t* ws = workspace + pad256(s.tn_workspace_bytes());  // the masked kernel's masks come first
-  T* packed = reinterpret_cast<T*>(ws);
-  int32_t* column_ids = reinterpret_cast<int32_t*>(ws + s.packed_x_bytes(sizeof(T)));
-  int32_t* offsets = reinterpret_cast<int32_t*>(ws + pad256(s.forward_workspace_bytes(sizeof(T))));
-  int32_t* table = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(offsets) + products_offsets_bytes(s));
-  float* scratch = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(table) + products_table_bytes(s));
-  const int32_t* total = offsets + s.all_groups();
+  const ProductsSections<T> p(s, workspace);
   // the total first: every later kernel of the path returns at once when it is over the cap
-  cudaError_t err = launch_products_kernel(pit_kgather_group_offsets_kernel, dim3(1), dim3(kOffsetsThreads), stream,
-                                          counts, offsets, s);
-  const dim3 pack_grid(unsigned(s.all_groups()), unsigned(ceil_div(s.packed_k, kPackThreads)));
-  if (err == cudaSuccess)
-    err = launch_products_kernel(pit_kgather_pack_kernel<T>, pack_grid, dim3(kPackThreads), stream,
-                                 static_cast<const T*>(x), counts, indices, packed, column_ids, s, total, cap_rows);
-  const int64_t table_vecs = s.k * s.all_groups() / 4;  // int4 stores of -1 (not listed); the rest one by one
-  const unsigned clear_ctas = unsigned(std::min<int64_t>(std::max<int64_t>(ceil_div(table_vecs, 256), 1), 4096));
-  if (err == cudaSuccess)
-    err = launch_products_kernel(pit_kgather_products_table_clear_kernel, dim3(clear_ctas), dim3(256), stream,
-                                 static_cast<const int32_t*>(offsets), table, s, cap_rows);
-  if (err == cudaSuccess)
-    err = launch_products_kernel(pit_kgather_products_table_kernel, dim3(unsigned(s.all_groups())), dim3(256), stream,
-                                 static_cast<const int32_t*>(column_ids), static_cast<const int32_t*>(offsets), table,
-                                 s, cap_rows);
-  const bool vec_dy = rows_copy_by_16_bytes<T>(dy, s.n);
-  const bool vec_dw = s.n % 4 == 0 && reinterpret_cast<uintptr_t>(dw) % 8 == 0;
-  for (int64_t n0 = 0; n0 < s.n && err == cudaSuccess; n0 += n_slab) {
-    const int64_t width = std::min(n_slab, s.n - n0);
-    const dim3 products_grid(unsigned(s.all_groups()), unsigned(ceil_div(width, int64_t(kProductsN))));
-    err = launch_products_kernel(pit_kgather_tn_products_kernel<T>, products_grid, dim3(kProductsThreads), stream,
-                                 static_cast<const T*>(packed), static_cast<const int32_t*>(offsets),
-                                 static_cast<const T*>(dy), scratch, s, n0, n_slab, width, cap_rows, vec_dy);
-    if (err == cudaSuccess)
-      err = launch_products_kernel(pit_kgather_tn_reduce_kernel<T>, dim3(unsigned(ceil_div(s.k, int64_t(kReduceRowsPerCta)))),
-                                   dim3(32 * kReduceRowsPerCta), stream, static_cast<const int32_t*>(table),
-                                   static_cast<const int32_t*>(offsets), static_cast<const float*>(scratch),
-                                   static_cast<T*>(dw), s, n0, n_slab, width, cap_rows, vec_dw);
-  }
-  if (err == cudaSuccess) err = cudaGetLastError();
+  pit_kgather_group_offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(counts, p.offsets, s);
+  launch_pack<T>(stream, s, x, counts, indices, p.packed, p.column_ids, p.total(s), cap_rows);
+  const cudaError_t err = launch_products_passes<T>(stream, s, p, dy, dw, cap_rows, n_slab);
   if (err != cudaSuccess || !masked_fallback) return err;
-  return launch_tn<T>(stream, s, x, dy, counts, indices, dw, workspace, total, cap_rows);
+  return launch_tn<T>(stream, s, x, dy, counts, indices, dw, workspace, p.total(s), cap_rows);
+}
+
+// The same on x alone, for an index sparse_dense detected from x itself with 32x1 tiles (x's rows
+// whole 16-byte vectors): the forward's fused detect+pack kernel writes the groups' counts (a
+// last scratch section), packed columns and ids in one read of x, so neither the separate
+// detection nor pack runs. No masked fallback (PIT_KGATHER_DW=device: the gated GEMM is).
+template <typename T>
+cudaError_t launch_tn_products_detecting(cudaStream_t stream, const KGatherShape& s, const void* x, const void* dy,
+                                         void* dw, uint8_t* workspace, int64_t cap_rows, int64_t n_slab) {
+  if (s.k == 0 || s.n == 0) return cudaSuccess;
+  if (s.all_groups() == 0) return cudaMemsetAsync(dw, 0, s.k * s.n * sizeof(T), stream);
+  const ProductsSections<T> p(s, workspace);
+  int32_t* counts = reinterpret_cast<int32_t*>(workspace + products_workspace_bytes(s, sizeof(T), cap_rows, n_slab));
+  cudaError_t err = large_detect_pack_ring_fits()
+                        ? launch_detect_pack<T, 512>(stream, s, x, counts, p.packed, p.column_ids)
+                        : launch_detect_pack<T, 256>(stream, s, x, counts, p.packed, p.column_ids);
+  if (err != cudaSuccess) return err;
+  pit_kgather_group_offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(counts, p.offsets, s);
+  return launch_products_passes<T>(stream, s, p, dy, dw, cap_rows, n_slab);
 }
 
 // ---- FFI handlers ------------------------------------------------------------------------------
@@ -944,6 +970,48 @@ ffi::Error SparseTnProductsCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyB
   return dispatch_outcome(op, known, err);
 }
 
+// dW with the products path for an index detected from x inside (32x1 tiles; PIT_KGATHER_DW=device
+// when sparse_dense detected its own index): x and dy only. The scratch is pit_sparse_tn_products'
+// then one count per group.
+ffi::Error SparseTnProductsDetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                                      ffi::Result<ffi::AnyBuffer> dw, ffi::Result<ffi::Buffer<ffi::U8>> workspace,
+                                      int64_t cap_rows, int64_t n_slab) {
+  constexpr const char* op = "pit_sparse_tn_products_detect";
+  MatrixView xv;
+  if (!matrix_view(x.dimensions(), &xv)) return ffi::Error::InvalidArgument(std::string(op) + ": x must have rank >= 2");
+  const auto dyd = dy.dimensions();
+  if (dyd.size() != x.dimensions().size()) return ffi::Error::InvalidArgument(std::string(op) + ": dy must be [..., M, N] with x's leading dims");
+  for (size_t i = 0; i + 1 < dyd.size(); ++i)
+    if (dyd[i] != x.dimensions()[i]) return ffi::Error::InvalidArgument(std::string(op) + ": dy's leading dims and M must match x's");
+  const KGatherShape s = make_kgather_shape(xv.batch, xv.rows, xv.cols, dyd[dyd.size() - 1], kGroupRows, 1);
+  if (!fits_launch_limits(s, TnConfig<float>::kBN))
+    return ffi::Error::InvalidArgument(std::string(op) + ": x and dy are too large for one launch; split the batch");
+  if (dy.element_type() != x.element_type() || dw->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument(std::string(op) + ": x, dy and dw must share one dtype");
+  if (!same_dims(dw->dimensions(), {s.k, s.n})) return ffi::Error::InvalidArgument(std::string(op) + ": dw must be [K, N]");
+  if (s.all_groups() > kProductsMaxGroups)
+    return ffi::Error::InvalidArgument(std::string(op) + ": more row groups than the products path takes");
+  if (cap_rows < 0 || n_slab <= 0 || n_slab % kProductsN != 0 || cap_rows * n_slab > (int64_t(1) << 40))
+    return ffi::Error::InvalidArgument(std::string(op) + ": cap_rows must be >= 0 and n_slab a positive multiple of 128");
+  const int64_t elem = ffi::ByteWidth(x.element_type());
+  if (elem == 0 || (s.k * elem) % 16 != 0 || reinterpret_cast<uintptr_t>(x.untyped_data()) % 16 != 0)
+    return ffi::Error::InvalidArgument(std::string(op) + ": x's rows must be whole 16-byte vectors");
+  if (element_count(workspace->dimensions()) != products_workspace_bytes(s, elem, cap_rows, n_slab) + s.all_groups() * 4)
+    return ffi::Error::InvalidArgument(std::string(op) + ": workspace size does not match the shapes");
+  poison_device_outputs(stream, dw, workspace);
+  bool known;
+  const cudaError_t err = dispatch_dtype(x.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (TnConfig<T>::kTensorCores) {
+      return launch_tn_products_detecting<T>(stream, s, x.untyped_data(), dy.untyped_data(), dw->untyped_data(),
+                                             workspace->typed_data(), cap_rows, n_slab);
+    } else {
+      return cudaErrorNotSupported;  // fp32: the lowering does not call this target
+    }
+  }, &known);
+  return dispatch_outcome(op, known, err);
+}
+
 }  // namespace
 }  // namespace pit
 
@@ -966,6 +1034,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnCuda, pit::SparseTnCuda, PIT_KGATHER_BI
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnProductsCuda, pit::SparseTnProductsCuda,
                               PIT_KGATHER_BINDING.Attr<int64_t>("cap_rows").Attr<int64_t>("n_slab").Attr<bool>("masked_fallback"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnProductsDetectCuda, pit::SparseTnProductsDetectCuda,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>()
+                                  .Attr<int64_t>("cap_rows")
+                                  .Attr<int64_t>("n_slab"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseDenseDetectCuda, pit::SparseDenseDetectCuda,
                               xla::ffi::Ffi::Bind()

@@ -29,17 +29,6 @@ constexpr int kReduceMaxRounds = 32;     // a reduce warp keeps 32 groups' hits 
 constexpr int64_t kProductsMaxGroups = 32 * kReduceMaxRounds;
 constexpr int kOffsetsThreads = 1024;
 
-// Every kernel of the path is launched as a programmatic dependent launch on Hopper (waiting for
-// the previous grid before it reads anything), so the launch gaps of this chain of small kernels
-// overlap; over the cap they all return at once. PIT_KGATHER_DW_PDL=0 launches them plainly (an A/B
-// switch, read per launch).
-inline bool products_dependent_launch() { return dependent_launch_setting("PIT_KGATHER_DW_PDL") != 0; }
-template <typename... Params, typename... Args>
-cudaError_t launch_products_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
-                                   Args&&... args) {
-  return launch_dependent(kernel, grid, block, 0, stream, products_dependent_launch(), std::forward<Args>(args)...);
-}
-
 // Scratch layout after the masked kernel's masks: packed x | column ids | offsets | table | products.
 inline int64_t pad256(int64_t bytes) { return ceil_div(bytes, int64_t(256)) * 256; }
 inline int64_t products_offsets_bytes(const KGatherShape& s) { return pad256((s.all_groups() + 1) * 4); }
@@ -53,8 +42,6 @@ inline int64_t products_workspace_bytes(const KGatherShape& s, int64_t elem, int
 // 256-byte aligned) and the last k·groups % 4 entries one by one. Grid-stride.
 __global__ void __launch_bounds__(256) pit_kgather_products_table_clear_kernel(
     const int32_t* __restrict__ offsets, int32_t* __restrict__ table, KGatherShape s, int64_t cap_rows) {
-  wait_for_previous_grid();  // the previous kernel of the chain (launch_products_kernel)
-  allow_dependent_launch();
   const int64_t entries = s.k * s.all_groups();
   if (offsets[s.all_groups()] > cap_rows) return;  // the path does not run
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -69,10 +56,8 @@ __global__ void __launch_bounds__(256) pit_kgather_products_table_clear_kernel(
 __global__ void __launch_bounds__(256) pit_kgather_products_table_kernel(
     const int32_t* __restrict__ column_ids, const int32_t* __restrict__ offsets, int32_t* __restrict__ table,
     KGatherShape s, int64_t cap_rows) {
-  wait_for_previous_grid();  // the previous kernel of the chain (launch_products_kernel)
-  allow_dependent_launch();
   const int64_t groups = s.all_groups();
-  if (offsets[groups] > cap_rows) return;  // the masked kernel or the gated GEMM computes dW
+  if (offsets[groups] > cap_rows) return;  // the masked kernel computes dW
   const int64_t g = blockIdx.x;
   const int first = offsets[g], len = offsets[g + 1] - first;
   for (int p = threadIdx.x; p < len; p += blockDim.x) {
@@ -86,8 +71,6 @@ __global__ void __launch_bounds__(kOffsetsThreads) pit_kgather_group_offsets_ker
     const int32_t* __restrict__ counts, int32_t* __restrict__ offsets, KGatherShape s) {
   using Scan = cub::BlockScan<int, kOffsetsThreads>;
   __shared__ typename Scan::TempStorage storage;
-  wait_for_previous_grid();  // the previous kernel of the chain (launch_products_kernel)
-  allow_dependent_launch();
   const int64_t groups = s.all_groups();
   int carry = 0;
   for (int64_t base = 0; base < groups; base += kOffsetsThreads) {
@@ -112,9 +95,7 @@ __global__ void __launch_bounds__(kProductsThreads) pit_kgather_tn_products_kern
   constexpr int kDStride = kProductsN + 8, kPStride = kProductsCols + 8;  // 16-byte padding: ldmatrix rows
   __shared__ __align__(16) T dys[kGroupRows * kDStride];
   __shared__ __align__(16) T ps[kGroupRows * kPStride];
-  wait_for_previous_grid();  // the previous kernel of the chain (launch_products_kernel)
-  allow_dependent_launch();
-  if (offsets[s.all_groups()] > cap_rows) return;  // the masked kernel or the gated GEMM computes dW
+  if (offsets[s.all_groups()] > cap_rows) return;  // the masked kernel computes dW
   const int64_t group = blockIdx.x;
   const int64_t first_row = offsets[group];
   const int len = offsets[group + 1] - int(first_row);
@@ -179,10 +160,8 @@ template <typename T>
 __global__ void __launch_bounds__(32 * kReduceRowsPerCta) pit_kgather_tn_reduce_kernel(
     const int32_t* __restrict__ table, const int32_t* __restrict__ offsets, const float* __restrict__ scratch,
     T* __restrict__ dw, KGatherShape s, int64_t n0, int64_t n_slab, int64_t width, int64_t cap_rows, bool vec_dw) {
-  wait_for_previous_grid();  // the previous kernel of the chain (launch_products_kernel)
-  allow_dependent_launch();
   const int64_t groups = s.all_groups();
-  if (offsets[groups] > cap_rows) return;  // the masked kernel or the gated GEMM computes dW
+  if (offsets[groups] > cap_rows) return;  // the masked kernel computes dW
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t k = int64_t(blockIdx.x) * kReduceRowsPerCta + warp;
   if (k >= s.k) return;  // the whole warp
