@@ -65,8 +65,8 @@ def main():
                 apply_variant(v, names)
                 hlo = ours[v].lower(xs, idxs, dys).compile().as_text()
                 kernels[v] = {c: hlo.count(f'custom_call_target="{c}"')
-                              for c in ("pit_detect", "pit_sparse_tn", "pit_sparse_tn_products", "pit_dense_tn_gated",
-                                        "pit_sparse_dense")}
+                              for c in ("pit_detect", "pit_sparse_tn", "pit_sparse_tn_products",
+                                        "pit_sparse_tn_products_detect", "pit_dense_tn_gated", "pit_sparse_dense")}
                 got = ours[v](xs, idxs, dys)[0].astype(jnp.float32)
                 errs[v] = float(jnp.linalg.norm(got - want) / (jnp.linalg.norm(want) + 1e-30))
             t_dense, t_ours = [], {v: [] for v in variants}

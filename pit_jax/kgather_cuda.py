@@ -165,6 +165,11 @@ def count_occupancy(counts, n_inner, tile_k):
 DW_PRODUCTS_MAX_DENSITY = 0.02
 DW_PRODUCTS_SCRATCH_BYTES = 64 << 20
 PRODUCTS_MAX_GROUPS = 1024  # kProductsMaxGroups
+# Slabs of at most 1024 columns, of equal width: at 99% (index detected in the call, H200, session 35,
+# benchmarks/results/2026-11-29_session35/slab_ab_h200/) 1024 took 4096³ from 0.162 to 0.147 ms and
+# fc2 from 0.527 to 0.504 against the 1536 the scratch cap allowed (a short last slab of 1024); 512
+# and 256 were slower (each slab's row sums read the whole [K, groups] table again).
+DW_PRODUCTS_MAX_SLAB = 1024
 PRODUCTS_SLAB_ALIGN = 128   # kProductsN
 
 
@@ -187,7 +192,9 @@ def products_plan(x_shape, n, tile_k, dtype):
     if 4 * k * groups > budget or 4 * cap_rows * PRODUCTS_SLAB_ALIGN > budget:  # the table; the narrowest slab
         return None
     n_slab = max(PRODUCTS_SLAB_ALIGN, budget // (4 * cap_rows) // PRODUCTS_SLAB_ALIGN * PRODUCTS_SLAB_ALIGN)
-    n_slab = min(n_slab, _cdiv(n, PRODUCTS_SLAB_ALIGN) * PRODUCTS_SLAB_ALIGN)
+    n_slab = min(n_slab, DW_PRODUCTS_MAX_SLAB)
+    slabs = _cdiv(n, n_slab)  # then equal slabs: no short last one
+    n_slab = _cdiv(_cdiv(n, slabs), PRODUCTS_SLAB_ALIGN) * PRODUCTS_SLAB_ALIGN
     if "PIT_KGATHER_DW_SLAB" in os.environ:
         n_slab = int(os.environ["PIT_KGATHER_DW_SLAB"])
         if n_slab <= 0 or n_slab % PRODUCTS_SLAB_ALIGN:

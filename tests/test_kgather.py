@@ -372,12 +372,13 @@ def test_dw_device_mode_lowers_to_the_gated_pair(monkeypatch, exact):
 
 def test_products_plan_sizes_the_scratch(monkeypatch):
     """The dW products path's plan (read when lowering): cap_rows = 2% of the (group, column)
-    pairs, slabs of 128-column multiples that keep cap_rows·n_slab fp32 within max(64 MB, an fp32
-    dW), and no plan where the path does not apply (fp32, > 1024 row groups, a table or a
+    pairs, equal slabs of at most 1024 columns (a multiple of 128) that keep cap_rows·n_slab fp32
+    within max(64 MB, an fp32 dW), and no plan where the path does not apply (fp32, > 1024 row groups, a table or a
     128-column slab over the cap, density 0) or for symbolic shapes."""
     from pit_jax.kgather_cuda import products_plan
     bf16 = jnp.bfloat16
-    assert products_plan((4096, 4096), 4096, 1, bf16) == (10486, 1536)  # 3 slabs: 1536, 1536, 1024
+    assert products_plan((4096, 4096), 4096, 1, bf16) == (10486, 1024)  # 4 slabs (at most 1024 columns)
+    assert products_plan((4096, 4096), 2200, 1, bf16) == (10486, 768)   # 2200: 3 slabs of 768, not 1024 + 1024 + 152
     cap, slab = products_plan((4096, 16384), 4096, 1, bf16)
     assert cap == 41944 and slab % 128 == 0 and cap * slab * 4 <= 4 * 16384 * 4096
     assert products_plan((2, 150, 1100), 104, 8, jnp.float16) == (math.ceil(0.02 * 10 * 1104), 128)
