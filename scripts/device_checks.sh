@@ -182,6 +182,7 @@
 #   PART=kgather_device: session 35: PIT_KGATHER_DW=device's tests (TESTS=0 skips), the staged MoE dW tests
 #                  (MOE=0 skips), bench_kgather_dw over VARIANTS at 50-99% with the index given and detected in
 #                  the call, memcheck over the bf16 device-mode tests (SAN=0 skips).
+#   PART=ncu_dw_device: session 35: per-kernel times of one PIT_KGATHER_DW=device dW call (ncu, real clocks).
 #   PART=ncu_kgather_dw: session 33: Nsight Compute of the dW path's kernels at 4096³ ($OUT/ncu_dw.txt).
 set -u
 export PYTHONUNBUFFERED=1
@@ -503,6 +504,17 @@ kgather_device)  # session 35: PIT_KGATHER_DW=device (the products path or the g
   # memcheck in processes of 7 tests (the tool's own process crashed after 6 tests over a longer selection)
   [[ "${SAN:-1}" == 1 ]] && SAN_TIMEOUT=150 run_tool_chunks memcheck all tests/test_kgather_kernels.py \
     "gpu and device_mode and ((bfloat16 and 0.5 and not 64) or garbage)" 0 7 ;;
+ncu_dw_device)  # session 35: per-kernel times (real clocks, L2 not flushed) of one PIT_KGATHER_DW=device dW call, index
+               # detected in the call, at 4096³ and fc2 over SPARSITY (default 0.99 0.9), $OUT/ncu_dw_device.txt
+  for shape in "4096 4096 4096" "4096 16384 4096"; do
+    XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=benchmarks timeout -k 5 150 ncu --clock-control none --cache-control none \
+      --kernel-name regex:'pit_kgather|gated|cutlass|device_kernel' --section SpeedOfLight \
+      python3 -P benchmarks/profile_kgather_dw.py --shape $shape --mode device --index own \
+      --sparsity ${SPARSITY:-0.99 0.9} >> $OUT/ncu_dw_device.txt 2>&1
+    echo "rc $? ($shape)" >> $OUT/ncu_dw_device.txt
+  done
+  grep -E "^  [a-zA-Z_].*\(|Duration|DRAM Throughput|rc |sparsity" $OUT/ncu_dw_device.txt | sed 's/(const T1.*//; s/  */ /g' | tee -a $LOG
+  echo "ncu $((SECONDS-t0))s" ;;
 ncu_kgather_dw)  # session 33: Nsight Compute on the dW path's kernels at 4096³, SPARSITY (default 0.99 0.9), $OUT/ncu_dw.txt
   XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=benchmarks timeout -k 5 200 ncu \
     --kernel-name regex:'pit_kgather_(tn|pack|colmask)' \
