@@ -744,14 +744,19 @@ cudaError_t launch_products_passes(cudaStream_t stream, const KGatherShape& s, c
                                                                                 cap_rows);
   const bool vec_dy = rows_copy_by_16_bytes<T>(dy, s.n);
   const bool vec_dw = s.n % 4 == 0 && reinterpret_cast<uintptr_t>(dw) % 8 == 0;
+  // the row sums keep one table entry per 32 groups per lane in registers: as few rounds as the groups need
+  const int64_t rounds = ceil_div(s.all_groups(), int64_t(32));
+  auto reduce = rounds <= 4 ? pit_kgather_tn_reduce_kernel<T, 4>
+                : rounds <= 8 ? pit_kgather_tn_reduce_kernel<T, 8>
+                : rounds <= 16 ? pit_kgather_tn_reduce_kernel<T, 16>
+                : pit_kgather_tn_reduce_kernel<T, kReduceMaxRounds>;
   for (int64_t n0 = 0; n0 < s.n; n0 += n_slab) {
     const int64_t width = std::min(n_slab, s.n - n0);
     pit_kgather_tn_products_kernel<T><<<dim3(unsigned(s.all_groups()), unsigned(ceil_div(width, int64_t(kProductsN)))),
                                         kProductsThreads, 0, stream>>>(
         p.packed, p.offsets, static_cast<const T*>(dy), p.scratch, s, n0, n_slab, width, cap_rows, vec_dy);
-    pit_kgather_tn_reduce_kernel<T><<<unsigned(ceil_div(s.k, int64_t(kReduceRowsPerCta))), 32 * kReduceRowsPerCta, 0,
-                                      stream>>>(p.table, p.offsets, p.scratch, static_cast<T*>(dw), s, n0, n_slab,
-                                                width, cap_rows, vec_dw);
+    reduce<<<unsigned(ceil_div(s.k, int64_t(kReduceRowsPerCta))), 32 * kReduceRowsPerCta, 0, stream>>>(
+        p.table, p.offsets, p.scratch, static_cast<T*>(dw), s, n0, n_slab, width, cap_rows, vec_dw);
   }
   return cudaGetLastError();
 }

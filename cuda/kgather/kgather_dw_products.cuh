@@ -104,6 +104,29 @@ __global__ void __launch_bounds__(kProductsThreads) pit_kgather_tn_products_kern
   const int64_t c0 = int64_t(blockIdx.y) * kProductsN;  // within the slab
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane / 4, tq = lane % 4;
 
+  // This thread's vectors of a P chunk, loaded into registers first so that chunk 0's loads are in
+  // flight together with dy's. Columns from len on are multiplied but never stored. Pack wrote zeros
+  // up to len's multiple of 32 and nothing after it, so vectors starting at or past len are not read.
+  constexpr int kPVecs = kGroupRows * (kProductsCols / 8) / kProductsThreads;
+  uint4 pv[kPVecs];
+  auto load_p = [&](int p0) {
+#pragma unroll
+    for (int j = 0; j < kPVecs; ++j) {
+      const int i = threadIdx.x + j * kProductsThreads;
+      const int r = i / (kProductsCols / 8), c = (i % (kProductsCols / 8)) * 8;
+      pv[j] = p0 + c < len ? *reinterpret_cast<const uint4*>(packed + (group * kGroupRows + r) * s.packed_k + p0 + c)
+                           : make_uint4(0, 0, 0, 0);
+    }
+  };
+  auto store_p = [&]() {
+#pragma unroll
+    for (int j = 0; j < kPVecs; ++j) {
+      const int i = threadIdx.x + j * kProductsThreads;
+      const int r = i / (kProductsCols / 8), c = (i % (kProductsCols / 8)) * 8;
+      *reinterpret_cast<uint4*>(ps + r * kPStride + c) = pv[j];
+    }
+  };
+  load_p(0);
   for (int i = threadIdx.x; i < kGroupRows * (kProductsN / 8); i += kProductsThreads) {
     const int r = i / (kProductsN / 8), c = (i % (kProductsN / 8)) * 8;
     const int64_t row = row0 + r, col = c0 + c;  // col within the slab
@@ -117,17 +140,12 @@ __global__ void __launch_bounds__(kProductsThreads) pit_kgather_tn_products_kern
     }
   }
   for (int p0 = 0; p0 < len; p0 += kProductsCols) {
-    __syncthreads();  // dy's tile is written (first chunk); the previous chunk is read (later ones)
-    for (int i = threadIdx.x; i < kGroupRows * (kProductsCols / 8); i += kProductsThreads) {
-      const int r = i / (kProductsCols / 8), c = (i % (kProductsCols / 8)) * 8;
-      // Columns from len on are multiplied but never stored. Pack wrote zeros up to len's multiple
-      // of 32 and nothing after it, so vectors starting at or past len are not read.
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (p0 + c < len)
-        v = *reinterpret_cast<const uint4*>(packed + (group * kGroupRows + r) * s.packed_k + p0 + c);
-      *reinterpret_cast<uint4*>(ps + r * kPStride + c) = v;
+    if (p0 > 0) {
+      __syncthreads();  // the previous chunk is read
+      load_p(p0);
     }
-    __syncthreads();
+    store_p();
+    __syncthreads();  // dy's tile (first chunk) and this chunk are written
     const int m0 = p0 + warp * 16;  // this warp's 16 packed columns (MMA rows)
     if (m0 >= len) continue;
     uint32_t a[2][4];  // Pᵀ: rows = packed columns, reduction = the group's 32 rows
@@ -156,8 +174,9 @@ __global__ void __launch_bounds__(kProductsThreads) pit_kgather_tn_products_kern
 // table[k][g]; zero where no group lists k. One warp per row; each lane keeps kReduceVecs float4
 // sums, so a listed row's loads are all in flight at once.
 constexpr int kReduceVecs = 8;  // 1024 columns per pass over a row
-template <typename T>
-__global__ void __launch_bounds__(32 * kReduceRowsPerCta) pit_kgather_tn_reduce_kernel(
+// Up to 128 groups (kRounds 4) the kernel fits 80 registers, 3 CTAs per SM; more rounds spill at that bound.
+template <typename T, int kRounds>
+__global__ void __launch_bounds__(32 * kReduceRowsPerCta, kRounds <= 4 ? 3 : 2) pit_kgather_tn_reduce_kernel(
     const int32_t* __restrict__ table, const int32_t* __restrict__ offsets, const float* __restrict__ scratch,
     T* __restrict__ dw, KGatherShape s, int64_t n0, int64_t n_slab, int64_t width, int64_t cap_rows, bool vec_dw) {
   const int64_t groups = s.all_groups();
@@ -165,13 +184,12 @@ __global__ void __launch_bounds__(32 * kReduceRowsPerCta) pit_kgather_tn_reduce_
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t k = int64_t(blockIdx.x) * kReduceRowsPerCta + warp;
   if (k >= s.k) return;  // the whole warp
-  const int rounds = int(ceil_div(groups, int64_t(32)));
   const int32_t* table_row = table + k * groups;
-  int hit[kReduceMaxRounds];
+  int hit[kRounds];  // kRounds * 32 >= groups (the launcher's choice: as few registers as the groups need)
 #pragma unroll
-  for (int j = 0; j < kReduceMaxRounds; ++j) {  // the loads of every round first
+  for (int j = 0; j < kRounds; ++j) {  // the loads of every round first
     const int64_t g = int64_t(j) * 32 + lane;
-    hit[j] = j < rounds && g < groups ? table_row[g] : -1;
+    hit[j] = g < groups ? table_row[g] : -1;
   }
   T* out = dw + k * s.n + n0;
   for (int64_t base = 0; base < width; base += 128 * kReduceVecs) {  // the same trip count in every lane
@@ -179,8 +197,8 @@ __global__ void __launch_bounds__(32 * kReduceRowsPerCta) pit_kgather_tn_reduce_
 #pragma unroll
     for (int q = 0; q < kReduceVecs; ++q) acc[q] = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-    for (int j = 0; j < kReduceMaxRounds; ++j) {
-      unsigned m = __ballot_sync(0xffffffffu, hit[j] >= 0);  // (-1 in every lane past `rounds`)
+    for (int j = 0; j < kRounds; ++j) {
+      unsigned m = __ballot_sync(0xffffffffu, hit[j] >= 0);  // (-1 in every lane past the groups)
       while (m != 0) {
         const int l = __ffs(m) - 1;
         m &= m - 1;
