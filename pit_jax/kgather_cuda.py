@@ -223,10 +223,13 @@ def dw_mode():
 # device picks between the products path (very sparse x) and the dense dW (everything else).
 # Where the pair cannot serve (no products plan, a CUTLASS-less build, no compute capability 9
 # GPU at lowering, K or N not a multiple of 8) the dense dW runs, with a warning.
-def gated_dense_dw_applies(dtype, k, n) -> bool:
-    """Whether pit_dense_tn_gated serves these shapes here (decided when lowering)."""
+def gated_dense_dw_applies(dtype, rows, k, n) -> bool:
+    """Whether pit_dense_tn_gated serves x [rows, k]ᵀ·dy [rows, n] here (decided when lowering):
+    a CUTLASS build, bf16/fp16 with 16-byte rows on a Hopper GPU, and 32-bit problem sizes."""
     from . import _ext
     from .moe_cuda import fused_epilogue_applies  # bf16/fp16, 16-byte rows, a Hopper GPU here
+    if rows * max(k, n) >= 2**31 or k * n >= 2**31:  # the handler's int problem sizes
+        return False
     return bool(_ext.build_info().get("moe_staged")) and fused_epilogue_applies(dtype, k, n)
 
 
@@ -275,9 +278,9 @@ def sparse_tn_cuda(x, dy, counts, offsets, indices, *, shape, tile, layout, exac
 
     if mode == "device":
         why = ("no products plan for these shapes or this dtype" if plan is None else
-               None if gated_dense_dw_applies(x.dtype, k, n) else
-               "the gated dense GEMM needs a CUTLASS build, a compute capability 9 GPU, bf16/fp16 and K, N "
-               "multiples of 8")
+               None if gated_dense_dw_applies(x.dtype, math.prod(lead) * m, k, n) else
+               "the gated dense GEMM needs a CUTLASS build, a compute capability 9 GPU, bf16/fp16, K and N "
+               "multiples of 8, and rows·max(K, N) and K·N below 2^31")
         if why is not None:
             if not _is_empty(lead, m, k, n):
                 warnings.warn(f"PIT_KGATHER_DW=device: {why}; dW is XLA's dense matmul here", stacklevel=2)

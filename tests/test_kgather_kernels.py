@@ -195,11 +195,13 @@ def test_dw_device_mode_matches_float64(backend, monkeypatch, dtype, tile, spars
     """PIT_KGATHER_DW=device: the products path, or the gated dense GEMM when the index lists more
     than the products cap (the device picks; the cap forces each branch here). Against float64,
     unlisted rows of dW exactly zero; the products call poisons dW first, so the dense branch
-    must overwrite all of it. "fused" has 66 row groups, so with 32x1 tiles the products call
+    must overwrite all of it. The "dense" cap (1e-9 of the pairs: one row) forces the GEMM wherever
+    the index lists more than one column; at 100% sparsity nothing is listed and the products
+    path writes the zeros. "fused" has 66 row groups, so with 32x1 tiles the products call
     detects and packs x itself (pit_sparse_tn_products_detect; the last group partial)."""
     if backend == "cpu":
         pytest.skip("PIT_KGATHER_DW=device pairs two CUDA kernels (the CPU path is the reference)")
-    if not pit_jax.kgather_cuda.gated_dense_dw_applies(DTYPES[dtype], shape[2], shape[3]):
+    if not pit_jax.kgather_cuda.gated_dense_dw_applies(DTYPES[dtype], shape[0] * shape[1], shape[2], shape[3]):
         pytest.skip("the gated dense dW needs a CUTLASS build and a compute capability 9 GPU")
     monkeypatch.setenv("PIT_KGATHER_DW", "device")
     monkeypatch.setenv("PIT_KGATHER_DW_PRODUCTS_DENSITY", "1.0" if branch == "products" else "1e-9")
@@ -225,7 +227,7 @@ def test_dw_device_mode_given_index_with_garbage(backend, monkeypatch, branch):
     PIT_KGATHER_DW=device keep to the listed tiles: the dense GEMM runs on x masked to them."""
     if backend == "cpu":
         pytest.skip("PIT_KGATHER_DW=device pairs two CUDA kernels (the CPU path is the reference)")
-    if not pit_jax.kgather_cuda.gated_dense_dw_applies(np.dtype(jnp.bfloat16), 200, 136):
+    if not pit_jax.kgather_cuda.gated_dense_dw_applies(np.dtype(jnp.bfloat16), 160, 200, 136):
         pytest.skip("the gated dense dW needs a CUTLASS build and a compute capability 9 GPU")
     monkeypatch.setenv("PIT_KGATHER_DW", "device")
     monkeypatch.setenv("PIT_KGATHER_DW_PRODUCTS_DENSITY", "1.0" if branch == "products" else "1e-9")
@@ -241,6 +243,40 @@ def test_dw_device_mode_given_index_with_garbage(backend, monkeypatch, branch):
     _, dw_ref = _references(x, w, g, mask)
     assert np.isfinite(np.asarray(dw, np.float32)).all()
     assert _rel_err(dw, dw_ref) < TOL["bfloat16"]
+
+
+@pytest.mark.parametrize("call", ["products", "products_detect"])
+def test_products_total_sits_at_the_gate_offset(backend, call):
+    """pit_dense_tn_gated reads the products call's index total at products_total_offset of its
+    scratch: the int32 there is the number of listed (row group, column) pairs, for both products
+    targets. (A wrong offset would not change dW, only run the dense GEMM every time.)"""
+    if backend == "cpu":
+        pytest.skip("the products path is a CUDA kernel (the CPU path is the reference)")
+    from pit_jax import kgather_cuda as kc
+    rng = np.random.default_rng(14)
+    b, m, k, n = 2, 1030, 200, 136  # 66 row groups of 32, the last partial
+    x = random_tile_sparse(rng, (b, m, k), (32, 1), 0.9, "bfloat16")
+    dy = rng.standard_normal((b, m, n)).astype(DTYPES["bfloat16"])
+    cap_rows, n_slab = 1 << 20, 128
+    pws = kc.products_workspace_bytes([b], m, k, 1, 2, cap_rows, n_slab)
+    if call == "products":
+        idx = pit_jax.detect(x, (32, 1))
+        f = jax.jit(lambda x, dy, c, i: jax.ffi.ffi_call(
+            "pit_sparse_tn_products", (jax.ShapeDtypeStruct((k, n), x.dtype), jax.ShapeDtypeStruct((pws,), jnp.uint8)))(
+            x, dy, c, i, tile_m=np.int64(32), tile_k=np.int64(1), cap_rows=np.int64(cap_rows),
+            n_slab=np.int64(n_slab), masked_fallback=False))
+        _, ws = f(x, dy, idx.counts, idx.indices)
+    else:
+        f = jax.jit(lambda x, dy: jax.ffi.ffi_call(
+            "pit_sparse_tn_products_detect",
+            (jax.ShapeDtypeStruct((k, n), x.dtype), jax.ShapeDtypeStruct((pws + 4 * b * 33,), jnp.uint8)))(
+            x, dy, cap_rows=np.int64(cap_rows), n_slab=np.int64(n_slab)))
+        _, ws = f(x, dy)
+    offset = kc.products_total_offset([b], m, k, 1, 2)
+    total = int(np.asarray(ws)[offset:offset + 4].view(np.int32)[0])
+    rows = np.pad(np.asarray(x, np.float32) != 0, ((0, 0), (0, 33 * 32 - m), (0, 0)))
+    listed = rows.reshape(b, 33, 32, k).any(axis=2).sum()
+    assert total == listed > 0
 
 
 def test_dw_device_mode_warns_where_it_cannot_serve(backend, monkeypatch):
