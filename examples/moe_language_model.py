@@ -115,9 +115,14 @@ def run(kind, data, args):
     @nnx.jit
     def step(model, opt, batch):
         def loss_fn(model):
-            logits = model(batch[:, :-1])
+            # MoE load-balancing losses (pit only): nnx.capture on flax >= 0.12.8, which deprecates
+            # sowing outside it; nnx.pop after the call before that
+            if hasattr(nnx, "capture"):
+                logits, aux = nnx.capture(model, nnx.Intermediate)(batch[:, :-1])
+            else:
+                logits = model(batch[:, :-1])
+                aux = nnx.pop(model, nnx.Intermediate)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-            aux = nnx.pop(model, nnx.Intermediate)  # MoE load-balancing losses (pit only)
             lb = sum(v[0] for key, v in aux.flat_state() if key[-1] == "load_balancing_loss") if aux else 0.0
             return loss + 0.01 * lb, loss
         (_, loss), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)

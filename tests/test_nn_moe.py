@@ -1,5 +1,7 @@
 """pit_jax.nn.MoE and the MoE reference path: values against a float64 per-token loop, gradients
 against a dense every-expert formulation, skewed/empty/invalid routing, vmap, optax, Linen."""
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,11 @@ from flax import nnx
 import pit_jax.nn
 from pit_jax.moe_reference import route
 from pit_jax.nn.moe import moe_ffn
+
+# Most tests read the sown losses with nnx.pop after the call, the pattern of flax < 0.12.8, which
+# 0.12.8 deprecates (sowing outside nnx.capture); test_aux_losses_through_capture checks the
+# newer pattern warns of nothing.
+pytestmark = pytest.mark.filterwarnings(r"ignore:Using 'Module\.sow\(\)' outside of 'nnx\.capture\(\)':DeprecationWarning")
 
 
 def _act(h, g, activation):
@@ -121,6 +128,31 @@ def test_aux_losses_sown():
     aux = nnx.pop(m, nnx.Intermediate)
     np.testing.assert_allclose(float(aux["load_balancing_loss"][0]), 1.0, rtol=1e-6)
     np.testing.assert_allclose(float(aux["router_z_loss"][0]), np.log(8.0) ** 2, rtol=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(nnx, "capture"), reason="nnx.capture needs flax >= 0.12.8")
+def test_aux_losses_through_capture():
+    """The README's pattern on flax >= 0.12.8: nnx.capture returns the sown losses with no
+    deprecation warning, under jit, grad (the loss reaches the router) and per-sequence vmap."""
+    m = _model()
+    m.router.kernel[...] = jnp.zeros_like(m.router.kernel[...])  # uniform router
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((10, 16)), jnp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        y, aux = nnx.jit(lambda m, x: nnx.capture(m, nnx.Intermediate)(x))(m, x)
+        np.testing.assert_allclose(float(aux["load_balancing_loss"][0]), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(float(aux["router_z_loss"][0]), np.log(8.0) ** 2, rtol=1e-6)
+        assert y.shape == x.shape and bool(jnp.isfinite(y).all())
+
+        def loss(m, x):
+            _, aux = nnx.capture(m, nnx.Intermediate)(x)
+            return aux["router_z_loss"][0]
+        grads = nnx.grad(loss)(m, x)
+        assert float(jnp.abs(grads["router"]["kernel"][...]).sum()) > 0
+        per_seq = nnx.vmap(lambda m, x: nnx.capture(m, nnx.Intermediate)(x), in_axes=(None, 0))
+        ys, aux = per_seq(m, jnp.stack([x, 2 * x, 3 * x]))
+    assert ys.shape == (3, 10, 16) and aux["load_balancing_loss"][0].shape == (3,)
+    assert not nnx.state(m, nnx.Intermediate)  # nothing left sown on the module
 
 
 def test_grad_matches_dense_formulation(backend):

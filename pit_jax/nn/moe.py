@@ -1,8 +1,9 @@
 """`pit_jax.nn.MoE`: a dropless top-k Mixture-of-Experts FFN as a flax.nnx Module.
 
 Router: linear gate (no bias) -> softmax (fp32) -> top-k, optionally renormalised over the k.
-Auxiliary losses are sown as `nnx.Intermediate` values (read them with `nnx.pop(model,
-nnx.Intermediate)` or `nnx.state(model, nnx.Intermediate)` after a call):
+Auxiliary losses are sown as `nnx.Intermediate` values (read them with
+`y, aux = nnx.capture(model, nnx.Intermediate)(x)` on flax >= 0.12.8, which deprecates sowing
+outside `capture`, or with `nnx.pop(model, nnx.Intermediate)` after a call on older flax):
   - `load_balancing_loss`: Switch Transformer's E · Σ_e f_e · P_e, with f_e the fraction of the
     T·k assignments that went to expert e and P_e the mean router probability of e (1.0 when
     balanced);
