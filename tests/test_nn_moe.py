@@ -130,6 +130,33 @@ def test_aux_losses_sown():
     np.testing.assert_allclose(float(aux["router_z_loss"][0]), np.log(8.0) ** 2, rtol=1e-6)
 
 
+def test_load_balancing_sum_over_choices():
+    """load_balancing="sum_over_choices" is the top-k loss of flaxformer and Hugging Face
+    transformers (E · Σ_e (fraction of tokens choosing e) · mean router probability of e): k when
+    balanced, k times the Switch form for any router; a bad value is refused."""
+    k, e = 3, 8
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((40, 16)), jnp.float32)
+    switch = pit_jax.nn.MoE(e, k, 16, 24, rngs=nnx.Rngs(0))
+    summed = pit_jax.nn.MoE(e, k, 16, 24, load_balancing="sum_over_choices", rngs=nnx.Rngs(0))
+    losses = []
+    for m in (switch, summed):
+        m(x)
+        losses.append(float(nnx.pop(m, nnx.Intermediate)["load_balancing_loss"][0]))
+    logits = np.asarray(x, np.float64) @ np.asarray(summed.router.kernel[...], np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    chosen = np.zeros_like(probs)
+    np.put_along_axis(chosen, np.argsort(-probs, axis=-1)[:, :k], 1.0, axis=-1)
+    want = e * np.sum(chosen.mean(0) * probs.mean(0))  # one-hot over the k choices, mean over tokens
+    np.testing.assert_allclose(losses[1], want, rtol=1e-5)
+    np.testing.assert_allclose(losses[1], k * losses[0], rtol=1e-5)
+    summed.router.kernel[...] = jnp.zeros_like(summed.router.kernel[...])  # uniform router
+    summed(x)
+    np.testing.assert_allclose(float(nnx.pop(summed, nnx.Intermediate)["load_balancing_loss"][0]), k, rtol=1e-6)
+    with pytest.raises(ValueError, match="load_balancing"):
+        pit_jax.nn.MoE(e, k, 16, 24, load_balancing="flaxformer", rngs=nnx.Rngs(0))
+
+
 @pytest.mark.skipif(not hasattr(nnx, "capture"), reason="nnx.capture needs flax >= 0.12.8")
 def test_aux_losses_through_capture():
     """The README's pattern on flax >= 0.12.8: nnx.capture returns the sown losses with no

@@ -6,7 +6,10 @@ Auxiliary losses are sown as `nnx.Intermediate` values (read them with
 outside `capture`, or with `nnx.pop(model, nnx.Intermediate)` after a call on older flax):
   - `load_balancing_loss`: Switch Transformer's E · Σ_e f_e · P_e, with f_e the fraction of the
     T·k assignments that went to expert e and P_e the mean router probability of e (1.0 when
-    balanced);
+    balanced, for any k); `load_balancing="sum_over_choices"` takes f_e over the T tokens
+    instead (the fraction of tokens with e among their k choices), which sums the loss over the k
+    choices as flaxformer's and Hugging Face transformers' top-k MoE losses do: k times the
+    default, k when balanced;
   - `router_z_loss`: mean over tokens of logsumexp(logits)² (ST-MoE);
   - `dropped_fraction` (only with `capacity_factor`): share of assignments dropped.
 Dropless by default; `capacity_factor=c` keeps at most ceil(c·T·k/E) assignments per expert
@@ -27,13 +30,14 @@ from flax import nnx
 from ..moe import checked_operands, drop_over_capacity, fused_matmul
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
+LOAD_BALANCING = ("switch", "sum_over_choices")
 
 
 class MoE(nnx.Module):
     def __init__(self, num_experts: int, top_k: int, d_model: int, d_ff: int, *,
                  activation: str = "swiglu", renormalize: bool = True,
                  capacity_factor: float | None = None, batch_prioritized_routing: bool = False,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 load_balancing: str = "switch", dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if not (isinstance(num_experts, int) and num_experts >= 1):
             raise ValueError(f"pit_jax.nn.MoE: num_experts must be a positive int, got {num_experts!r}")
         if not (isinstance(top_k, int) and 1 <= top_k <= num_experts):
@@ -52,6 +56,9 @@ class MoE(nnx.Module):
             raise ValueError("pit_jax.nn.MoE: batch_prioritized_routing orders tokens for capacity dropping; "
                              "it needs a capacity_factor (the layer is dropless without one)")
         self.batch_prioritized_routing = batch_prioritized_routing
+        if load_balancing not in LOAD_BALANCING:
+            raise ValueError(f"pit_jax.nn.MoE: load_balancing must be one of {LOAD_BALANCING}, got {load_balancing!r}")
+        self.load_balancing = load_balancing
         init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
         self.router = nnx.Linear(d_model, num_experts, use_bias=False, dtype=jnp.float32,
                                  param_dtype=param_dtype, rngs=rngs)
@@ -77,7 +84,8 @@ class MoE(nnx.Module):
             self.sow(nnx.Intermediate, "dropped_fraction", dropped / top_e.size)
         y = moe_ffn(tokens.astype(self.dtype), routed, top_p, self._weights(), self.activation)
         assigned = jnp.zeros(self.num_experts, jnp.float32).at[top_e.reshape(-1)].add(1.0)
-        fraction = assigned / top_e.size
+        # per assignment (Switch: 1.0 when balanced) or per token (the sum over the k choices)
+        fraction = assigned / (top_e.size if self.load_balancing == "switch" else top_e.shape[0])
         self.sow(nnx.Intermediate, "load_balancing_loss",
                  self.num_experts * jnp.sum(fraction * jnp.mean(probs, axis=0)))
         self.sow(nnx.Intermediate, "router_z_loss",
