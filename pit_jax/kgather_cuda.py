@@ -66,13 +66,19 @@ def _pad256(nbytes):
     return _cdiv(nbytes, 256) * 256
 
 
+def _products_offsets_start(lead, m, k, tile_k, itemsize):
+    """Byte offset of the groups' offsets in pit_sparse_tn_products' scratch (after the masked
+    kernel's masks, the packed x and its column ids)."""
+    return _pad256(tn_workspace_bytes(lead, m, k)) + _pad256(forward_workspace_bytes(lead, m, k, tile_k, itemsize))
+
+
 def products_workspace_bytes(lead, m, k, tile_k, itemsize, cap_rows, n_slab):
     """pit_sparse_tn_products' scratch (kgather_dw_products.cuh): the masked kernel's masks, the
     packed x and its column ids, the groups' offsets, the [K, groups] table of scratch rows, then
     cap_rows fp32 rows of n_slab columns."""
     groups = math.prod(lead) * _cdiv(m, GROUP_ROWS)
-    return (_pad256(tn_workspace_bytes(lead, m, k)) + _pad256(forward_workspace_bytes(lead, m, k, tile_k, itemsize))
-            + _pad256((groups + 1) * 4) + _pad256(k * groups * 4) + cap_rows * n_slab * 4)
+    return (_products_offsets_start(lead, m, k, tile_k, itemsize) + _pad256((groups + 1) * 4)
+            + _pad256(k * groups * 4) + cap_rows * n_slab * 4)
 
 
 def _attrs(tile_m, tile_k):
@@ -245,9 +251,7 @@ def _is_empty(lead, m, k, n) -> bool:
 
 def products_total_offset(lead, m, k, tile_k, itemsize):
     """Byte offset of the index total (offsets[groups]) in pit_sparse_tn_products' scratch."""
-    groups = math.prod(lead) * _cdiv(m, GROUP_ROWS)
-    return (_pad256(tn_workspace_bytes(lead, m, k)) + _pad256(forward_workspace_bytes(lead, m, k, tile_k, itemsize))
-            + 4 * groups)
+    return _products_offsets_start(lead, m, k, tile_k, itemsize) + 4 * math.prod(lead) * _cdiv(m, GROUP_ROWS)
 
 
 def sparse_tn_cuda(x, dy, counts, offsets, indices, *, shape, tile, layout, exact, out_dtype):

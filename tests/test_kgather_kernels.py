@@ -42,6 +42,41 @@ def _references(x, w, g, mask):
     return y, dw
 
 
+def _check_dw_against_float64(seed, shape, tile, sparsity, dtype):
+    """dW of sparse_dense on random tile-sparse x [b, m, k] under the dW path the environment
+    chose: within TOL of float64, exactly zero at 100% sparsity and on rows no tile lists."""
+    b, m, k, n = shape
+    rng = np.random.default_rng(seed)
+    x = random_tile_sparse(rng, (b, m, k), tile, sparsity, dtype)
+    w = (rng.standard_normal((k, n)) + 0.1).astype(DTYPES[dtype])
+    g = rng.standard_normal((b, m, n)).astype(np.float32)
+    _, dw = _forward_and_dw(x, w, g, tile)
+    _, dw_ref = _references(x, w, g, np.ones(x.shape, bool))
+    if sparsity == 1.0:
+        np.testing.assert_array_equal(np.asarray(dw, np.float32), 0)
+    else:
+        assert _rel_err(dw, dw_ref) < TOL[dtype]
+    listed = np.abs(dw_ref) > 0
+    assert (np.asarray(dw, np.float32)[~listed] == 0).all()
+
+
+def _check_dw_given_index_with_garbage(seed):
+    """dW of sparse_dense on bf16 x with NaN outside a given (32, 4) index: finite, and within
+    TOL of float64 over the listed tiles."""
+    rng = np.random.default_rng(seed)
+    tile = (32, 4)
+    x = random_tile_sparse(rng, (2, 80, 200), tile, 0.6, "bfloat16")
+    idx = pit_jax.detect(x, tile)
+    mask = np.asarray(idx.element_mask())
+    x_garbage = np.where(mask, x, np.nan).astype(x.dtype)
+    w = (rng.standard_normal((200, 136)) + 0.1).astype(DTYPES["bfloat16"])
+    g = rng.standard_normal((2, 80, 136)).astype(np.float32)
+    _, dw = _forward_and_dw(x_garbage, w, g, tile, index=idx)
+    _, dw_ref = _references(x, w, g, mask)
+    assert np.isfinite(np.asarray(dw, np.float32)).all()
+    assert _rel_err(dw, dw_ref) < TOL["bfloat16"]
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("tile", [(32, 1), (64, 8), (32, 32), (16, 1)], ids=str)
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95, 1.0])
@@ -148,19 +183,7 @@ def test_dw_products_path_matches_float64(backend, monkeypatch, dtype, tile, spa
         pytest.skip("the products path is a CUDA kernel (the CPU path is the reference)")
     monkeypatch.setenv("PIT_KGATHER_DW_PRODUCTS_DENSITY", "1.0")
     monkeypatch.setenv("PIT_KGATHER_DW_SLAB", "128")
-    b, m, k, n = shape
-    rng = np.random.default_rng(stable_seed("products", dtype, tile, sparsity, shape))
-    x = random_tile_sparse(rng, (b, m, k), tile, sparsity, dtype)
-    w = (rng.standard_normal((k, n)) + 0.1).astype(DTYPES[dtype])
-    g = rng.standard_normal((b, m, n)).astype(np.float32)
-    y, dw = _forward_and_dw(x, w, g, tile)
-    _, dw_ref = _references(x, w, g, np.ones(x.shape, bool))
-    if sparsity == 1.0:
-        np.testing.assert_array_equal(np.asarray(dw, np.float32), 0)
-    else:
-        assert _rel_err(dw, dw_ref) < TOL[dtype]
-    listed = np.abs(dw_ref) > 0
-    assert (np.asarray(dw, np.float32)[~listed] == 0).all()
+    _check_dw_against_float64(stable_seed("products", dtype, tile, sparsity, shape), shape, tile, sparsity, dtype)
 
 
 @pytest.mark.parametrize("density_cap", ["0.02", "1.0"])
@@ -171,18 +194,7 @@ def test_dw_products_path_cap_and_garbage(backend, monkeypatch, density_cap):
     if backend == "cpu":
         pytest.skip("the products path is a CUDA kernel (the CPU path is the reference)")
     monkeypatch.setenv("PIT_KGATHER_DW_PRODUCTS_DENSITY", density_cap)
-    rng = np.random.default_rng(11)
-    tile = (32, 4)
-    x = random_tile_sparse(rng, (2, 80, 200), tile, 0.6, "bfloat16")
-    idx = pit_jax.detect(x, tile)
-    mask = np.asarray(idx.element_mask())
-    x_garbage = np.where(mask, x, np.nan).astype(x.dtype)
-    w = (rng.standard_normal((200, 136)) + 0.1).astype(DTYPES["bfloat16"])
-    g = rng.standard_normal((2, 80, 136)).astype(np.float32)
-    _, dw = _forward_and_dw(x_garbage, w, g, tile, index=idx)
-    _, dw_ref = _references(x, w, g, mask)
-    assert np.isfinite(np.asarray(dw, np.float32)).all()
-    assert _rel_err(dw, dw_ref) < TOL["bfloat16"]
+    _check_dw_given_index_with_garbage(11)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -206,19 +218,8 @@ def test_dw_device_mode_matches_float64(backend, monkeypatch, dtype, tile, spars
     monkeypatch.setenv("PIT_KGATHER_DW", "device")
     monkeypatch.setenv("PIT_KGATHER_DW_PRODUCTS_DENSITY", "1.0" if branch == "products" else "1e-9")
     monkeypatch.setenv("PIT_KGATHER_DW_SLAB", "128")
-    b, m, k, n = shape
-    rng = np.random.default_rng(stable_seed("device", dtype, tile, sparsity, branch, shape))
-    x = random_tile_sparse(rng, (b, m, k), tile, sparsity, dtype)
-    w = (rng.standard_normal((k, n)) + 0.1).astype(DTYPES[dtype])
-    g = rng.standard_normal((b, m, n)).astype(np.float32)
-    _, dw = _forward_and_dw(x, w, g, tile)
-    _, dw_ref = _references(x, w, g, np.ones(x.shape, bool))
-    if sparsity == 1.0:
-        np.testing.assert_array_equal(np.asarray(dw, np.float32), 0)
-    else:
-        assert _rel_err(dw, dw_ref) < TOL[dtype]
-    listed = np.abs(dw_ref) > 0
-    assert (np.asarray(dw, np.float32)[~listed] == 0).all()
+    _check_dw_against_float64(stable_seed("device", dtype, tile, sparsity, branch, shape), shape, tile, sparsity,
+                              dtype)
 
 
 @pytest.mark.parametrize("branch", ["products", "dense"])
@@ -231,18 +232,7 @@ def test_dw_device_mode_given_index_with_garbage(backend, monkeypatch, branch):
         pytest.skip("the gated dense dW needs a CUTLASS build and a compute capability 9 GPU")
     monkeypatch.setenv("PIT_KGATHER_DW", "device")
     monkeypatch.setenv("PIT_KGATHER_DW_PRODUCTS_DENSITY", "1.0" if branch == "products" else "1e-9")
-    rng = np.random.default_rng(12)
-    tile = (32, 4)
-    x = random_tile_sparse(rng, (2, 80, 200), tile, 0.6, "bfloat16")
-    idx = pit_jax.detect(x, tile)
-    mask = np.asarray(idx.element_mask())
-    x_garbage = np.where(mask, x, np.nan).astype(x.dtype)
-    w = (rng.standard_normal((200, 136)) + 0.1).astype(DTYPES["bfloat16"])
-    g = rng.standard_normal((2, 80, 136)).astype(np.float32)
-    _, dw = _forward_and_dw(x_garbage, w, g, tile, index=idx)
-    _, dw_ref = _references(x, w, g, mask)
-    assert np.isfinite(np.asarray(dw, np.float32)).all()
-    assert _rel_err(dw, dw_ref) < TOL["bfloat16"]
+    _check_dw_given_index_with_garbage(12)
 
 
 @pytest.mark.parametrize("call", ["products", "products_detect"])

@@ -839,6 +839,12 @@ bool fits_launch_limits(const KGatherShape& s, int64_t tile_n) {
 }
 
 
+// The fused detect+pack kernel streams x's rows as whole 16-byte vectors.
+bool rows_are_16_byte_vectors(ffi::AnyBuffer x, const KGatherShape& s) {
+  const int64_t elem = ffi::ByteWidth(x.element_type());
+  return elem != 0 && (s.k * elem) % 16 == 0 && reinterpret_cast<uintptr_t>(x.untyped_data()) % 16 == 0;
+}
+
 // The forward's operands beside x (whose shape made `s`): w [K, N], one dtype for x, w and y,
 // y [..., M, N]. Returns an error message or "".
 std::string check_forward_operands(const char* op, const KGatherShape& s, ffi::AnyBuffer x, ffi::AnyBuffer w,
@@ -889,7 +895,7 @@ ffi::Error SparseDenseDetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Any
   const std::string operands = check_forward_operands("pit_sparse_dense_detect", s, x, w, *y);
   if (!operands.empty()) return ffi::Error::InvalidArgument(operands);
   const int64_t elem = ffi::ByteWidth(x.element_type());
-  if (elem == 0 || (s.k * elem) % 16 != 0 || reinterpret_cast<uintptr_t>(x.untyped_data()) % 16 != 0)
+  if (!rows_are_16_byte_vectors(x, s))
     return ffi::Error::InvalidArgument("pit_sparse_dense_detect: x's rows must be whole 16-byte vectors");
   if (element_count(workspace->dimensions()) != s.forward_workspace_bytes(elem) + s.all_groups() * 4)
     return ffi::Error::InvalidArgument("pit_sparse_dense_detect: workspace size does not match the shapes");
@@ -904,21 +910,42 @@ ffi::Error SparseDenseDetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Any
 
 // dW's operands: x [..., M, K] with its index, dy [..., M, N] with x's leading dims, dw [K, N],
 // one dtype. Fills the shape; returns an error message or "".
-std::string check_tn_operands(const char* op, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer::Dimensions counts,
-                              ffi::AnyBuffer::Dimensions indices, ffi::AnyBuffer dw, int64_t tile_m, int64_t tile_k,
-                              KGatherShape* s) {
-  const auto dyd = dy.dimensions();
-  if (dyd.size() != x.dimensions().size() || dyd.size() < 2)
-    return std::string(op) + ": dy must be [..., M, N] with x's leading dims";
-  const std::string msg = check_kgather(op, x, counts, indices, dyd[dyd.size() - 1], tile_m, tile_k, s);
-  if (!msg.empty()) return msg;
-  if (!fits_launch_limits(*s, TnConfig<float>::kBN))
+// dW's operands beside x and its index (`s` made from x's shape and dy's N): dy [..., M, N] with
+// x's leading dims, dw [K, N], one dtype, sizes within one launch. Returns an error message or "".
+std::string check_tn_dy_and_dw(const char* op, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer dw,
+                               const KGatherShape& s) {
+  if (!fits_launch_limits(s, TnConfig<float>::kBN))
     return std::string(op) + ": x and dy are too large for one launch; split the batch";
+  const auto dyd = dy.dimensions();
   for (size_t i = 0; i + 1 < dyd.size(); ++i)
     if (dyd[i] != x.dimensions()[i]) return std::string(op) + ": dy's leading dims and M must match x's";
   if (dy.element_type() != x.element_type() || dw.element_type() != x.element_type())
     return std::string(op) + ": x, dy and dw must share one dtype";
-  if (!same_dims(dw.dimensions(), {s->k, s->n})) return std::string(op) + ": dw must be [K, N]";
+  if (!same_dims(dw.dimensions(), {s.k, s.n})) return std::string(op) + ": dw must be [K, N]";
+  return "";
+}
+
+// dy's rank against x's (whose shape then gives `s`).
+bool dy_rank_matches(ffi::AnyBuffer x, ffi::AnyBuffer dy) {
+  return dy.dimensions().size() == x.dimensions().size() && dy.dimensions().size() >= 2;
+}
+
+std::string check_tn_operands(const char* op, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::AnyBuffer::Dimensions counts,
+                              ffi::AnyBuffer::Dimensions indices, ffi::AnyBuffer dw, int64_t tile_m, int64_t tile_k,
+                              KGatherShape* s) {
+  if (!dy_rank_matches(x, dy)) return std::string(op) + ": dy must be [..., M, N] with x's leading dims";
+  const auto dyd = dy.dimensions();
+  const std::string msg = check_kgather(op, x, counts, indices, dyd[dyd.size() - 1], tile_m, tile_k, s);
+  if (!msg.empty()) return msg;
+  return check_tn_dy_and_dw(op, x, dy, dw, *s);
+}
+
+// The products path's limits (kgather_dw_products.cuh): row groups, the scratch's row cap and slab width.
+std::string check_products_plan(const char* op, const KGatherShape& s, int64_t cap_rows, int64_t n_slab) {
+  if (s.all_groups() > kProductsMaxGroups)
+    return std::string(op) + ": more row groups than the products path takes; use pit_sparse_tn";
+  if (cap_rows < 0 || n_slab <= 0 || n_slab % kProductsN != 0 || cap_rows * n_slab > (int64_t(1) << 40))
+    return std::string(op) + ": cap_rows must be >= 0 and n_slab a positive multiple of 128";
   return "";
 }
 
@@ -952,11 +979,8 @@ ffi::Error SparseTnProductsCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyB
   const std::string msg = check_tn_operands(op, x, dy, counts.dimensions(), indices.dimensions(), *dw, tile_m, tile_k,
                                             &s);
   if (!msg.empty()) return ffi::Error::InvalidArgument(msg);
-  if (s.all_groups() > kProductsMaxGroups)
-    return ffi::Error::InvalidArgument(std::string(op) + ": more row groups than the products path takes; "
-                                       "use pit_sparse_tn");
-  if (cap_rows < 0 || n_slab <= 0 || n_slab % kProductsN != 0 || cap_rows * n_slab > (int64_t(1) << 40))
-    return ffi::Error::InvalidArgument(std::string(op) + ": cap_rows must be >= 0 and n_slab a positive multiple of 128");
+  const std::string plan = check_products_plan(op, s, cap_rows, n_slab);
+  if (!plan.empty()) return ffi::Error::InvalidArgument(plan);
   const int64_t elem = ffi::ByteWidth(x.element_type());
   if (element_count(workspace->dimensions()) != products_workspace_bytes(s, elem, cap_rows, n_slab))
     return ffi::Error::InvalidArgument(std::string(op) + ": workspace size does not match the shapes");
@@ -984,23 +1008,16 @@ ffi::Error SparseTnProductsDetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi
   constexpr const char* op = "pit_sparse_tn_products_detect";
   MatrixView xv;
   if (!matrix_view(x.dimensions(), &xv)) return ffi::Error::InvalidArgument(std::string(op) + ": x must have rank >= 2");
+  if (!dy_rank_matches(x, dy))
+    return ffi::Error::InvalidArgument(std::string(op) + ": dy must be [..., M, N] with x's leading dims");
   const auto dyd = dy.dimensions();
-  if (dyd.size() != x.dimensions().size()) return ffi::Error::InvalidArgument(std::string(op) + ": dy must be [..., M, N] with x's leading dims");
-  for (size_t i = 0; i + 1 < dyd.size(); ++i)
-    if (dyd[i] != x.dimensions()[i]) return ffi::Error::InvalidArgument(std::string(op) + ": dy's leading dims and M must match x's");
   const KGatherShape s = make_kgather_shape(xv.batch, xv.rows, xv.cols, dyd[dyd.size() - 1], kGroupRows, 1);
-  if (!fits_launch_limits(s, TnConfig<float>::kBN))
-    return ffi::Error::InvalidArgument(std::string(op) + ": x and dy are too large for one launch; split the batch");
-  if (dy.element_type() != x.element_type() || dw->element_type() != x.element_type())
-    return ffi::Error::InvalidArgument(std::string(op) + ": x, dy and dw must share one dtype");
-  if (!same_dims(dw->dimensions(), {s.k, s.n})) return ffi::Error::InvalidArgument(std::string(op) + ": dw must be [K, N]");
-  if (s.all_groups() > kProductsMaxGroups)
-    return ffi::Error::InvalidArgument(std::string(op) + ": more row groups than the products path takes");
-  if (cap_rows < 0 || n_slab <= 0 || n_slab % kProductsN != 0 || cap_rows * n_slab > (int64_t(1) << 40))
-    return ffi::Error::InvalidArgument(std::string(op) + ": cap_rows must be >= 0 and n_slab a positive multiple of 128");
-  const int64_t elem = ffi::ByteWidth(x.element_type());
-  if (elem == 0 || (s.k * elem) % 16 != 0 || reinterpret_cast<uintptr_t>(x.untyped_data()) % 16 != 0)
+  std::string msg = check_tn_dy_and_dw(op, x, dy, *dw, s);
+  if (msg.empty()) msg = check_products_plan(op, s, cap_rows, n_slab);
+  if (!msg.empty()) return ffi::Error::InvalidArgument(msg);
+  if (!rows_are_16_byte_vectors(x, s))
     return ffi::Error::InvalidArgument(std::string(op) + ": x's rows must be whole 16-byte vectors");
+  const int64_t elem = ffi::ByteWidth(x.element_type());
   if (element_count(workspace->dimensions()) != products_workspace_bytes(s, elem, cap_rows, n_slab) + s.all_groups() * 4)
     return ffi::Error::InvalidArgument(std::string(op) + ": workspace size does not match the shapes");
   poison_device_outputs(stream, dw, workspace);
@@ -1040,21 +1057,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnCuda, pit::SparseTnCuda, PIT_KGATHER_BI
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnProductsCuda, pit::SparseTnProductsCuda,
                               PIT_KGATHER_BINDING.Attr<int64_t>("cap_rows").Attr<int64_t>("n_slab").Attr<bool>("masked_fallback"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
+// The targets that detect x's 32x1 tiles themselves: x and w (forward) or dy (dW), no index.
+#define PIT_KGATHER_DETECTING_BINDING                                       \
+  xla::ffi::Ffi::Bind()                                                     \
+      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()                        \
+      .Arg<xla::ffi::AnyBuffer>()                                           \
+      .Arg<xla::ffi::AnyBuffer>()                                           \
+      .Ret<xla::ffi::AnyBuffer>()                                           \
+      .Ret<xla::ffi::Buffer<xla::ffi::U8>>()
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnProductsDetectCuda, pit::SparseTnProductsDetectCuda,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>()
-                                  .Attr<int64_t>("cap_rows")
-                                  .Attr<int64_t>("n_slab"),
+                              PIT_KGATHER_DETECTING_BINDING.Attr<int64_t>("cap_rows").Attr<int64_t>("n_slab"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseDenseDetectCuda, pit::SparseDenseDetectCuda,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>(),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseDenseDetectCuda, pit::SparseDenseDetectCuda, PIT_KGATHER_DETECTING_BINDING,
                               {xla::ffi::Traits::kCmdBufferCompatible});
