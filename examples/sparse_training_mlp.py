@@ -1,7 +1,8 @@
 """Sparse training with dynamically pruned weights: an MLP on the handwritten digits dataset that
 ships inside scikit-learn (8x8 images, 10 classes; no download), trained with optax, once dense
-and once with the two hidden layers' weights magnitude-pruned, the mask recomputed every step
-and applied through `pit_jax.dense_sparse` (micro-tiles of 1 row x 8 columns; pruned weights
+and once with the two hidden layers' weights magnitude-pruned by micro-tile
+(`pit_jax.prune_tiles_by_magnitude`), the mask recomputed every step and applied through
+`pit_jax.dense_sparse` (micro-tiles of 1 row x 8 columns; pruned weights
 get zero gradient).
 
     pip install scikit-learn optax && python examples/sparse_training_mlp.py [--steps 600]
@@ -56,23 +57,13 @@ def init(key, sizes):
             for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
 
 
-def prune_by_tile_magnitude(w, density):
-    """Zero the micro-tiles of w with the smallest L2 norm, keeping `density` of them."""
-    tk, tn = TILE
-    k, n = w.shape
-    norms = jnp.sqrt(jnp.sum(w.reshape(k // tk, tk, n // tn, tn) ** 2, axis=(1, 3)))
-    cut = jnp.quantile(norms, 1.0 - density)
-    keep = jnp.repeat(jnp.repeat(norms >= cut, tk, 0), tn, 1)
-    return jnp.where(keep, w, 0.0)
-
-
 def forward(params, x, density):
     h = x
     for i, layer in enumerate(params):
         if density is None or i + 1 == len(params):  # the small classifier layer stays dense
             h = h @ layer["w"] + layer["b"]
         else:  # the mask is recomputed from the current weights at every step, on device
-            w = prune_by_tile_magnitude(layer["w"], density)
+            w = pit_jax.prune_tiles_by_magnitude(layer["w"], TILE, density)
             h = pit_jax.dense_sparse(h, w, tile=TILE, grad="masked") + layer["b"]
         if i + 1 < len(params):
             h = jax.nn.relu(h)

@@ -182,6 +182,7 @@
 #   PART=kgather_device: session 35: PIT_KGATHER_DW=device's tests (TESTS=0 skips), the staged MoE dW tests
 #                  (MOE=0 skips), bench_kgather_dw over VARIANTS at 50-99% with the index given and detected in
 #                  the call, memcheck over the bf16 device-mode tests (SAN=0 skips).
+#   PART=nn_linear: session 36: the nn linear layers' tests on the GPU, memcheck over them, bench_nn_linear.
 #   PART=ncu_dw_device: session 35: per-kernel times of one PIT_KGATHER_DW=device dW call (ncu, real clocks).
 #   PART=ncu_kgather_dw: session 33: Nsight Compute of the dW path's kernels at 4096³ ($OUT/ncu_dw.txt).
 set -u
@@ -494,6 +495,14 @@ kgather_products)  # session 34: the dW products path (PIT_KGATHER_DW=sparse, kg
     [[ "${RACE:-1}" == 1 ]] && SAN_TIMEOUT=100 run_tool racecheck pit_kgather_tn_products tests/test_kgather_kernels.py \
       "gpu and products and bfloat16 and 0.5"
   fi ;;
+nn_linear)  # session 36: pit_jax.nn.SparseLinear / PrunedLinear and the pruning functions on the GPU, memcheck over
+           # their GPU tests (chunks of 8), bench_nn_linear ($OUT/nn_linear); KGATHER=1 adds the k-gather suites
+  pytest_gpu 200 tests/test_nn_linear.py
+  [[ "${SAN:-1}" == 1 ]] && SAN_TIMEOUT=150 run_tool_chunks memcheck all tests/test_nn_linear.py \
+    "gpu and (SparseLinear or sparse_linear or pruned_linear) and not optax" 0 8
+  timeout -k 5 ${BENCH_TIMEOUT:-240} python3 benchmarks/bench_nn_linear.py --out $OUT/nn_linear 2>&1 | grep -E "^\| [SP]|Error" | tee -a $LOG
+  echo "bench $((SECONDS-t0))s"
+  [[ "${KGATHER:-0}" == 1 ]] && pytest_gpu ${TEST_TIMEOUT:-300} tests/test_kgather.py tests/test_kgather_kernels.py ;;
 kgather_device)  # session 35: PIT_KGATHER_DW=device (the products path or the gated dense GEMM,
                 # kgather_dw_dense_sm90.cu): the device-mode and dW tests, the staged MoE dW tests (the
                 # shared CUTLASS header), bench_kgather_dw over VARIANTS, memcheck over the bf16 device-mode tests

@@ -1,0 +1,137 @@
+"""flax.nnx linear layers on the k-gather rule: `SparseLinear` (the input is dynamically
+sparse, e.g. ReLU outputs) and `PrunedLinear` (the weight is magnitude-pruned by micro-tile at
+every call, PIT-style sparse training).
+
+Both keep `nnx.Linear`'s parameters (`kernel` [in, out], `bias` [out]), initialisers and dtype
+rules, so a checkpoint of one loads into the other. Leading dims of the input are flattened into
+rows before the sparse matmul: 32-row groups then span sequences, which leaves fewer partial
+groups than one group set per sequence (same values).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..kgather import dense_sparse, sparse_dense
+from ..pruning import check_tile_and_density, tile_magnitude_mask
+
+_default_kernel_init = nnx.initializers.lecun_normal()
+_default_bias_init = nnx.initializers.zeros_init()
+
+
+def _check_features(cls, in_features, out_features):
+    for name, v in (("in_features", in_features), ("out_features", out_features)):
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise ValueError(f"pit_jax.nn.{cls}: {name} must be a positive int, got {v!r}")
+
+
+class _TileSparseLinear(nnx.Module):
+    """nnx.Linear's parameters and dtype handling; subclasses supply the matmul."""
+    _name = "_TileSparseLinear"
+
+    def __init__(self, in_features, out_features, *, use_bias, dtype, param_dtype, kernel_init, bias_init, rngs):
+        _check_features(self._name, in_features, out_features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+        self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else nnx.data(None)
+        self.in_features, self.out_features, self.use_bias = in_features, out_features, use_bias
+        self.dtype, self.param_dtype = dtype, param_dtype
+
+    def _operands(self, x):
+        if not hasattr(x, "shape") or len(x.shape) < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"pit_jax.nn.{self._name}: x's last dim must be in_features={self.in_features}, got "
+                             f"shape {tuple(getattr(x, 'shape', ()))}")
+        kernel = self.kernel[...]
+        dtype = self.dtype if self.dtype is not None else jnp.result_type(x, kernel)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"pit_jax.nn.{self._name}: the computation dtype must be floating point, got {dtype} "
+                            f"(x {x.dtype}, kernel {kernel.dtype})")
+        return jnp.asarray(x, dtype).reshape(-1, self.in_features), kernel, dtype
+
+    def _finish(self, y, x_shape, dtype):
+        y = y.reshape(*x_shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class SparseLinear(_TileSparseLinear):
+    """`y = x @ kernel + bias` through `pit_jax.sparse_dense`: the zero micro-tiles of `x` are skipped.
+
+    For inputs that are sparse at run time, such as ReLU outputs feeding an FFN's second layer.
+    `tile`: `sparse_dense`'s micro-tile of the flattened input [rows, in_features]; None (32x1),
+    a pair (tm, tk), or "auto" (the dense matmul when more than 20% of the 32x1 tiles are
+    nonzero, decided on device; see the README for what that costs). The kernels beat the dense
+    matmul only at high tile sparsity (docs/kgather.md); at 50% they take about twice as long.
+    """
+    _name = "SparseLinear"
+
+    def __init__(self, in_features: int, out_features: int, *, tile=None, use_bias: bool = True, dtype=None,
+                 param_dtype=jnp.float32, kernel_init=_default_kernel_init, bias_init=_default_bias_init,
+                 rngs: nnx.Rngs):
+        if not (tile is None or (isinstance(tile, str) and tile == "auto") or (
+                hasattr(tile, "__len__") and not isinstance(tile, str) and len(tile) == 2 and all(
+                    isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in tile))):
+            raise ValueError(f"pit_jax.nn.SparseLinear: tile must be None, 'auto' or a pair of positive ints "
+                             f"(tm, tk), got {tile!r}")
+        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                         kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+        self.tile = tile if isinstance(tile, str) or tile is None else tuple(tile)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        rows, kernel, dtype = self._operands(x)
+        return self._finish(sparse_dense(rows, kernel.astype(dtype), tile=self.tile), x.shape, dtype)
+
+
+GRADS = ("masked", "dense")
+
+
+class PrunedLinear(_TileSparseLinear):
+    """A linear layer whose kernel is magnitude-pruned by micro-tile at every call (sparse training).
+
+    Each call keeps the `density` fraction of the kernel's (tk, tn) tiles with the largest L2 norms
+    (`pit_jax.tile_magnitude_mask`, from the current weights, on device) and multiplies through
+    `pit_jax.dense_sparse`, which skips the pruned tiles. `density` may be changed between calls
+    (a Python float is a compile-time constant) or be a float scalar array (a schedule under jit
+    without recompiling). `grad`:
+      - "masked" (PIT's sparse-training semantics): pruned weights get zero gradient;
+      - "dense": every weight gets the gradient of the dense product (xᵀ·dy), a straight-through
+        estimator, so pruned weights can grow back into the mask (as RigL- or Top-KAST-style
+        training wants); the forward is the same.
+    """
+    _name = "PrunedLinear"
+
+    def __init__(self, in_features: int, out_features: int, *, density, tile=(1, 32), grad: str = "masked",
+                 use_bias: bool = True, dtype=None, param_dtype=jnp.float32, kernel_init=_default_kernel_init,
+                 bias_init=_default_bias_init, rngs: nnx.Rngs):
+        if grad not in GRADS:
+            raise ValueError(f"pit_jax.nn.PrunedLinear: grad must be one of {GRADS}, got {grad!r}")
+        check_tile_and_density("nn.PrunedLinear", tile, density)
+        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                         kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+        self.tile, self.grad, self.density = tuple(int(t) for t in tile), grad, density
+
+    def mask(self) -> jax.Array:
+        """The boolean [in, out] mask the next call applies (from the current kernel)."""
+        return tile_magnitude_mask(self.kernel[...], self.tile, self.density)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        rows, kernel, dtype = self._operands(x)
+        keep = self.mask()
+        if self.grad == "dense":  # forward: the pruned kernel; gradient: identity to every weight
+            w = kernel - jax.lax.stop_gradient(jnp.where(keep, jnp.zeros((), kernel.dtype), kernel))
+        else:
+            w = jnp.where(keep, kernel, jnp.zeros((), kernel.dtype))
+        return self._finish(dense_sparse(rows, w.astype(dtype), tile=self.tile, grad=self.grad), x.shape, dtype)
+
+
+def SparseLinearLinen(**kwargs):
+    """SparseLinear as a Linen module (flax's nnx->linen bridge); SparseLinear's arguments, no rngs."""
+    from flax.nnx import bridge
+    return bridge.to_linen(SparseLinear, **kwargs)
+
+
+def PrunedLinearLinen(**kwargs):
+    """PrunedLinear as a Linen module (flax's nnx->linen bridge); PrunedLinear's arguments, no rngs."""
+    from flax.nnx import bridge
+    return bridge.to_linen(PrunedLinear, **kwargs)

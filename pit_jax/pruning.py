@@ -1,0 +1,78 @@
+"""Magnitude pruning by micro-tile, on device: the masks that `dense_sparse` then skips.
+
+Sparse training in the PIT style recomputes the weight mask at every step from the current
+weights (no offline preprocessing). These functions do that with jnp alone (a sort of the tile
+norms, no host round trip), so they run inside `jit` and `grad` on any backend, and `density`
+may be a traced scalar (a pruning schedule does not recompile).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_tile_and_density(fn, tile, density):
+    """Trace-time checks of a pruning tile (tk, tn) and density, naming the argument."""
+    if not hasattr(tile, "__len__") or len(tile) != 2 or not all(
+            isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t > 0 for t in tile):
+        raise ValueError(f"pit_jax.{fn}: tile must be a pair of positive ints, got {tile!r}")
+    if isinstance(density, numbers.Real) and not isinstance(density, bool):
+        if not 0.0 < float(density) <= 1.0:
+            raise ValueError(f"pit_jax.{fn}: density must be in (0, 1], got {density!r}")
+    elif not (hasattr(density, "shape") and density.shape == () and jnp.issubdtype(density.dtype, jnp.floating)):
+        raise TypeError(f"pit_jax.{fn}: density must be a float in (0, 1] or a float scalar array, "
+                        f"got {density!r}")
+
+
+def _check(fn, w, tile, density):
+    if not hasattr(w, "shape") or not hasattr(w, "dtype") or len(w.shape) != 2:
+        raise ValueError(f"pit_jax.{fn}: w must be a matrix [K, N], got "
+                         f"{'shape ' + str(tuple(w.shape)) if hasattr(w, 'shape') else type(w).__name__}")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(f"pit_jax.{fn}: w must be a floating-point array, got {w.dtype}")
+    check_tile_and_density(fn, tile, density)
+
+
+def kept_tile_count(density, tiles):
+    """ceil(density · tiles), at least 1. A Python density is counted exactly (0.3 of 420 tiles
+    keeps 126, where float32 0.3 · 420 rounds up past 126); a traced one in float32, clipped into
+    [0, 1], with a relative slack of 1e-6 against that rounding."""
+    if isinstance(density, numbers.Real):
+        return min(max(math.ceil(round(float(density) * tiles, 6)), 1), tiles)
+    d = jnp.clip(jnp.asarray(density, jnp.float32), 0.0, 1.0)
+    return jnp.clip(jnp.ceil(d * tiles * (1.0 - 1e-6)), 1, tiles).astype(jnp.int32)
+
+
+def tile_magnitude_mask(w, tile, density):
+    """Boolean [K, N] mask keeping the micro-tiles of `w` with the largest L2 norms.
+
+    `tile` = (tk, tn) as in `dense_sparse`; edge tiles of a K or N that is not a multiple of the
+    tile count as tiles of the elements they have. The ceil(density · tiles) largest norms are
+    kept (`kept_tile_count`; at least one), and every tile tied with the smallest kept norm as
+    well. A traced `density` is clipped into [0, 1]. The mask carries no gradient.
+    """
+    _check("tile_magnitude_mask", w, tile, density)
+    k, n = w.shape
+    tk, tn = min(int(tile[0]), k), min(int(tile[1]), n)
+    bk, bn = -(-k // tk), -(-n // tn)
+    a = jax.lax.stop_gradient(w).astype(jnp.float32)
+    a = jnp.pad(a, ((0, bk * tk - k), (0, bn * tn - n)))
+    norms = jnp.sqrt(jnp.sum(jnp.square(a.reshape(bk, tk, bn, tn)), axis=(1, 3)))
+    tiles = bk * bn
+    ascending = jnp.sort(norms.reshape(-1))
+    threshold = ascending[tiles - kept_tile_count(density, tiles)]
+    keep = norms >= threshold
+    return jnp.repeat(jnp.repeat(keep, tk, axis=0), tn, axis=1)[:k, :n]
+
+
+def prune_tiles_by_magnitude(w, tile, density):
+    """`w` with every micro-tile outside `tile_magnitude_mask(w, tile, density)` set to zero.
+
+    Gradients pass to the kept weights only (the pruned ones are constant zeros).
+    """
+    _check("prune_tiles_by_magnitude", w, tile, density)
+    return jnp.where(tile_magnitude_mask(w, tile, density), w, jnp.zeros((), w.dtype))
