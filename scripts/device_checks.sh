@@ -497,7 +497,7 @@ kgather_products)  # session 34: the dW products path (PIT_KGATHER_DW=sparse, kg
   fi ;;
 nn_linear)  # session 36: pit_jax.nn.SparseLinear / PrunedLinear and the pruning functions on the GPU, memcheck over
            # their GPU tests (chunks of 8), bench_nn_linear ($OUT/nn_linear); KGATHER=1 adds the k-gather suites
-  pytest_gpu 200 tests/test_nn_linear.py
+  [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 200 tests/test_nn_linear.py
   [[ "${SAN:-1}" == 1 ]] && SAN_TIMEOUT=150 run_tool_chunks memcheck all tests/test_nn_linear.py \
     "gpu and (SparseLinear or sparse_linear or pruned_linear) and not optax" 0 8
   timeout -k 5 ${BENCH_TIMEOUT:-240} python3 benchmarks/bench_nn_linear.py --out $OUT/nn_linear 2>&1 | grep -E "^\| [SP]|Error" | tee -a $LOG
