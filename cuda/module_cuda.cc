@@ -11,6 +11,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(PitDetectCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitSparseDenseCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitSparseDenseDetectCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitSparseTnCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(PitSparseNtCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitSparseTnProductsCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitSparseTnProductsDetectCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(PitMoeMatmulCuda);
@@ -30,6 +31,7 @@ NB_MODULE(_pit_cuda, m) {
     targets["pit_sparse_dense"] = nb::capsule(reinterpret_cast<void*>(PitSparseDenseCuda));
     targets["pit_sparse_dense_detect"] = nb::capsule(reinterpret_cast<void*>(PitSparseDenseDetectCuda));
     targets["pit_sparse_tn"] = nb::capsule(reinterpret_cast<void*>(PitSparseTnCuda));
+    targets["pit_sparse_nt"] = nb::capsule(reinterpret_cast<void*>(PitSparseNtCuda));
     targets["pit_sparse_tn_products"] = nb::capsule(reinterpret_cast<void*>(PitSparseTnProductsCuda));
     targets["pit_sparse_tn_products_detect"] = nb::capsule(reinterpret_cast<void*>(PitSparseTnProductsDetectCuda));
     targets["pit_moe_matmul"] = nb::capsule(reinterpret_cast<void*>(PitMoeMatmulCuda));

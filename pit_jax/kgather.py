@@ -6,11 +6,14 @@
 Primitives (the index arrays are operands, so one index can be reused across calls):
     pit_sparse_dense(x, w, counts, offsets, indices) -> (x ⊙ M) @ w
     pit_sparse_tn(x, dy, counts, offsets, indices)   -> Σ_batch (x ⊙ M)ᵀ @ dy   (dW of the above)
+    pit_sparse_nt(dy, w, counts, offsets, indices)   -> (dy @ wᵀ) ⊙ M           (x's masked cotangent)
 
 Gradients: sparse_dense is the function x @ w (the index only promises where x is zero), so
 dx = dy @ wᵀ is dense and dW = xᵀ dy is computed on x's nonzero tiles only (pit_sparse_tn).
 Parameter `exact`: the index was detected from this very x, so x is zero outside it and a dense
-fallback may use x as it is (no masking pass).
+fallback may use x as it is (no masking pass). Parameter `masked_grad`: the caller keeps only
+x's cotangent on its listed tiles (dense_sparse(grad="masked"), whose sparse operand is the
+weight), so the transpose computes it there only (pit_sparse_nt) instead of densely.
 """
 from __future__ import annotations
 
@@ -21,17 +24,22 @@ from jax.interpreters import ad, batching, mlir
 
 from . import _primitive, kgather_cuda
 from .detect import detect
-from .kgather_reference import F32, sparse_dense_ref, sparse_tn_ref, sum_tn
+from .kgather_reference import F32, sparse_dense_ref, sparse_nt_ref, sparse_tn_ref, sum_tn
 from .tile_index import TileIndex
 
 sparse_dense_p = _primitive.make_primitive("pit_sparse_dense", multiple_results=False)
 sparse_tn_p = _primitive.make_primitive("pit_sparse_tn", multiple_results=False)
+sparse_nt_p = _primitive.make_primitive("pit_sparse_nt", multiple_results=False)
 
 
 # ---- abstract evaluation ---------------------------------------------------------------------
 
-def _sparse_dense_abstract(x, w, counts, offsets, indices, *, shape, tile, layout, exact):
+def _sparse_dense_abstract(x, w, counts, offsets, indices, *, shape, tile, layout, exact, masked_grad):
     return jax.core.ShapedArray((*x.shape[:-1], w.shape[-1]), x.dtype)
+
+
+def _sparse_nt_abstract(dy, w, counts, offsets, indices, *, shape, tile, layout):
+    return jax.core.ShapedArray((*dy.shape[:-1], w.shape[0]), dy.dtype)
 
 
 def _sparse_tn_abstract(x, dy, counts, offsets, indices, *, shape, tile, layout, exact, out_dtype):
@@ -40,16 +48,21 @@ def _sparse_tn_abstract(x, dy, counts, offsets, indices, *, shape, tile, layout,
 
 sparse_dense_p.def_abstract_eval(_sparse_dense_abstract)
 sparse_tn_p.def_abstract_eval(_sparse_tn_abstract)
+sparse_nt_p.def_abstract_eval(_sparse_nt_abstract)
 
 
 # ---- lowering: jnp reference on CPU, the k-gather kernels (kgather_cuda.py) on CUDA -----------
 
-def _ref_sparse_dense(x, w, counts, offsets, indices, *, exact, **params):
+def _ref_sparse_dense(x, w, counts, offsets, indices, *, exact, masked_grad, **params):
     return sparse_dense_ref(x, w, indices, **params)
 
 
 def _ref_sparse_tn(x, dy, counts, offsets, indices, *, exact, **params):
     return sparse_tn_ref(x, dy, indices, **params)
+
+
+def _ref_sparse_nt(dy, w, counts, offsets, indices, **params):
+    return sparse_nt_ref(dy, w, indices, **params)
 
 
 _primitive.register_lowerings(
@@ -58,6 +71,9 @@ _primitive.register_lowerings(
 _primitive.register_lowerings(
     sparse_tn_p, cpu=mlir.lower_fun(_ref_sparse_tn, multiple_results=False),
     cuda=mlir.lower_fun(kgather_cuda.sparse_tn_cuda, multiple_results=False))
+_primitive.register_lowerings(
+    sparse_nt_p, cpu=mlir.lower_fun(_ref_sparse_nt, multiple_results=False),
+    cuda=mlir.lower_fun(kgather_cuda.sparse_nt_cuda, multiple_results=False))
 
 
 # ---- autodiff ----------------------------------------------------------------------------------
@@ -71,7 +87,9 @@ def _sparse_dense_jvp(primals, tangents, **params):
     dx, dw = tangents[:2]
     y = sparse_dense_p.bind(x, w, counts, offsets, indices, **params)
     dy = None
-    if type(dx) is not ad.Zero:  # a tangent of x need not be zero where x is: dense
+    if type(dx) is not ad.Zero and params["masked_grad"]:  # the caller keeps x's tangent on its tiles
+        dy = sparse_dense_p.bind(dx, w, counts, offsets, indices, **{**params, "exact": False})
+    elif type(dx) is not ad.Zero:  # a tangent of x need not be zero where x is: dense
         dy = _dense_matmul(dx, w, y.dtype)
     if type(dw) is not ad.Zero:
         t = sparse_dense_p.bind(x, dw, counts, offsets, indices, **params)
@@ -79,14 +97,18 @@ def _sparse_dense_jvp(primals, tangents, **params):
     return y, (_primitive.zero_tangent(y) if dy is None else dy)
 
 
-def _sparse_dense_transpose(ct, x, w, counts, offsets, indices, **params):
+def _sparse_dense_transpose(ct, x, w, counts, offsets, indices, *, masked_grad, **params):
     if type(ct) is ad.Zero:
         return [None] * 5
     x_bar = w_bar = None
     if ad.is_undefined_primal(w):
         w_bar = sparse_tn_p.bind(x, ct, counts, offsets, indices, out_dtype=w.aval.dtype, **params)
     if ad.is_undefined_primal(x):
-        x_bar = _dense_matmul(ct, jnp.swapaxes(w, -1, -2), x.aval.dtype)
+        if masked_grad:  # only x's listed tiles of the cotangent are kept downstream: compute only those
+            params.pop("exact")
+            x_bar = sparse_nt_p.bind(ct.astype(x.aval.dtype), w, counts, offsets, indices, **params)
+        else:
+            x_bar = _dense_matmul(ct, jnp.swapaxes(w, -1, -2), x.aval.dtype)
     return [x_bar, w_bar, None, None, None]
 
 
@@ -108,7 +130,8 @@ def _sparse_tn_transpose(ct, x, dy, counts, offsets, indices, *, out_dtype, **pa
         return [None] * 5
     x_bar = dy_bar = None
     if ad.is_undefined_primal(dy):
-        dy_bar = sparse_dense_p.bind(x, ct.astype(dy.aval.dtype), counts, offsets, indices, **params)
+        dy_bar = sparse_dense_p.bind(x, ct.astype(dy.aval.dtype), counts, offsets, indices, masked_grad=False,
+                                     **params)
     if ad.is_undefined_primal(x):
         x_bar = _dense_matmul(dy, ct.T.astype(dy.dtype), x.aval.dtype)
     return [x_bar, dy_bar, None, None, None]
@@ -120,25 +143,59 @@ ad.primitive_jvps[sparse_tn_p] = _sparse_tn_jvp
 ad.primitive_transposes[sparse_tn_p] = _sparse_tn_transpose
 
 
+def _sparse_nt_jvp(primals, tangents, **params):
+    dy, w, counts, offsets, indices = primals
+    ddy, dw = tangents[:2]
+    out = sparse_nt_p.bind(dy, w, counts, offsets, indices, **params)
+    t = None
+    if type(ddy) is not ad.Zero:
+        t = sparse_nt_p.bind(ddy, w, counts, offsets, indices, **params)
+    if type(dw) is not ad.Zero:
+        u = sparse_nt_p.bind(dy, dw, counts, offsets, indices, **params)
+        t = u if t is None else t + u
+    return out, (_primitive.zero_tangent(out) if t is None else t)
+
+
+def _sparse_nt_transpose(ct, dy, w, counts, offsets, indices, **params):
+    # out = M ⊙ (dy wᵀ): dy_bar = (M ⊙ ct) w, w_bar = Σ_batch (M ⊙ ct)ᵀ dy (the index is not ct's own)
+    if type(ct) is ad.Zero:
+        return [None] * 5
+    dy_bar = w_bar = None
+    if ad.is_undefined_primal(dy):
+        dy_bar = sparse_dense_p.bind(ct, w, counts, offsets, indices, exact=False, masked_grad=False, **params)
+    if ad.is_undefined_primal(w):
+        w_bar = sparse_tn_p.bind(ct, dy, counts, offsets, indices, exact=False, out_dtype=w.aval.dtype, **params)
+    return [dy_bar, w_bar, None, None, None]
+
+
+ad.primitive_jvps[sparse_nt_p] = _sparse_nt_jvp
+ad.primitive_transposes[sparse_nt_p] = _sparse_nt_transpose
+
+
 # ---- batching ----------------------------------------------------------------------------------
 
-def _sparse_dense_batch(args, dims, **params):
-    x, w, *index = args
-    xd, wd, *index_dims = dims
-    if wd is not None:  # a batch of weights: one product per weight
-        return _primitive.map_over_batch(sparse_dense_p, args, dims, params)
-    # x's leading dims are batch already: put the mapped axis in front of x and the index.
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    lead = [jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size, *a.shape))
-            for a, d in zip([x, *index], [xd, *index_dims])]
-    return sparse_dense_p.bind(lead[0], w, *lead[1:], **params), 0
+def _batch_rows_with_index(p):
+    """Batching of a product whose first operand's leading dims (and the index's) are batch and
+    whose second operand is one matrix (pit_sparse_dense: x and w; pit_sparse_nt: dy and w)."""
+    def rule(args, dims, **params):
+        x, w, *index = args
+        xd, wd, *index_dims = dims
+        if wd is not None:  # a batch of weights: one product per weight
+            return _primitive.map_over_batch(p, args, dims, params)
+        # the leading dims are batch already: put the mapped axis in front of x and the index
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+        lead = [jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size, *a.shape))
+                for a, d in zip([x, *index], [xd, *index_dims])]
+        return p.bind(lead[0], w, *lead[1:], **params), 0
+    return rule
 
 
 def _sparse_tn_batch(args, dims, **params):
     return _primitive.map_over_batch(sparse_tn_p, args, dims, params)  # leading dims are summed: keep apart
 
 
-batching.primitive_batchers[sparse_dense_p] = _sparse_dense_batch
+batching.primitive_batchers[sparse_dense_p] = _batch_rows_with_index(sparse_dense_p)
+batching.primitive_batchers[sparse_nt_p] = _batch_rows_with_index(sparse_nt_p)
 batching.primitive_batchers[sparse_tn_p] = _sparse_tn_batch
 
 
@@ -221,7 +278,7 @@ def sparse_dense(x, w, *, tile=None, index: TileIndex | None = None):
 def _sparse_dense_indexed(x, w, tile, index, exact):
     """The primitive on x's row index (detected here when None); exact: x is zero outside it."""
     tile, index = _row_index_of_x(x, tile, index)
-    params = dict(shape=tuple(x.shape[-2:]), tile=tuple(tile), layout="row", exact=exact)
+    params = dict(shape=tuple(x.shape[-2:]), tile=tuple(tile), layout="row", exact=exact, masked_grad=False)
     return sparse_dense_p.bind(x, w, index.counts, index.offsets, index.indices, **params)
 
 
@@ -324,7 +381,8 @@ def dense_sparse(x, w, *, tile=None, index: TileIndex | None = None, grad: str =
     x2 = x.reshape(-1, k)
     wt = w.T
     idx_t = _transpose_index(index)
-    params = dict(shape=(n, k), tile=(tile[1], tile[0]), layout="row", exact=exact)
+    # grad="masked": w's cotangent is kept on its listed tiles only, so only those are computed
+    params = dict(shape=(n, k), tile=(tile[1], tile[0]), layout="row", exact=exact, masked_grad=grad == "masked")
     yt = sparse_dense_p.bind(wt, x2.T, idx_t.counts, idx_t.offsets, idx_t.indices, **params)
     return yt.T.reshape(*lead, n)
 

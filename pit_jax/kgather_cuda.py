@@ -31,11 +31,9 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def _kernel_index(x, counts, indices, shape, tile):
-    """(x, counts, indices, tile_m) with tile_m a multiple of GROUP_ROWS, for the same product."""
+def _group_index(indices, shape, tile):
+    """(counts, indices) of 32-row groups listing the union of their row tiles' column blocks."""
     (m, k), (tm, tk) = shape, tile
-    if tm % GROUP_ROWS == 0:
-        return x, counts, indices, tm
     from .detect import detect_p  # compaction of the (small) group mask on device
     rows = jnp.repeat(tile_mask_from_indices(indices, "row"), tm, axis=-2)[..., :m, :]
     groups = _cdiv(m, GROUP_ROWS)
@@ -43,6 +41,14 @@ def _kernel_index(x, counts, indices, shape, tile):
     rows = jnp.pad(rows, pad)
     group_mask = rows.reshape(*rows.shape[:-2], groups, GROUP_ROWS, rows.shape[-1]).any(-2)
     g_counts, _, g_indices = detect_p.bind(group_mask.astype(jnp.bfloat16), tile_m=1, tile_k=1, layout="row")
+    return g_counts, g_indices
+
+
+def _kernel_index(x, counts, indices, shape, tile):
+    """(x, counts, indices, tile_m) with tile_m a multiple of GROUP_ROWS, for the same product."""
+    if tile[0] % GROUP_ROWS == 0:
+        return x, counts, indices, tile[0]
+    g_counts, g_indices = _group_index(indices, shape, tile)
     x = jnp.where(element_mask_from_indices(indices, shape, tile, "row"), x, jnp.zeros((), x.dtype))
     return x, g_counts, g_indices, GROUP_ROWS
 
@@ -110,8 +116,8 @@ def fused_detect_applies(x_shape, itemsize, tile, exact) -> bool:
         return False
 
 
-def sparse_dense_cuda(x, w, counts, offsets, indices, *, shape, tile, layout, exact):
-    del offsets, layout
+def sparse_dense_cuda(x, w, counts, offsets, indices, *, shape, tile, layout, exact, masked_grad):
+    del offsets, layout, masked_grad  # masked_grad: for the transpose rule only
     itemsize = np.dtype(x.dtype).itemsize
     if fused_detect_applies(x.shape, itemsize, tile, exact):
         *lead, m, k = x.shape
@@ -129,6 +135,22 @@ def sparse_dense_cuda(x, w, counts, offsets, indices, *, shape, tile, layout, ex
         xk, w.astype(x.dtype), ck, ik, **_attrs(tm, tile[1]))
     return y
 
+
+
+def sparse_nt_cuda(dy, w, counts, offsets, indices, *, shape, tile, layout):
+    """x's masked cotangent, (dy @ wᵀ) on x's listed tiles (`pit_sparse_nt`, kgather_nt.cuh). A row
+    tile that is not a multiple of 32 runs on its 32-row groups' union, then the finer tiles'
+    mask zeroes the rest (one elementwise pass)."""
+    del offsets, layout
+    (m, k), (tm, tk) = shape, tile
+    ck, ik, tm_kernel = counts, indices, tm
+    if tm % GROUP_ROWS:
+        (ck, ik), tm_kernel = _group_index(indices, shape, tile), GROUP_ROWS
+    out = jax.ffi.ffi_call("pit_sparse_nt", jax.ShapeDtypeStruct((*dy.shape[:-1], k), dy.dtype))(
+        dy, w.astype(dy.dtype), ck, ik, **_attrs(tm_kernel, tk))
+    if tm % GROUP_ROWS:
+        out = jnp.where(element_mask_from_indices(indices, shape, tile, "row"), out, jnp.zeros((), out.dtype))
+    return out
 
 # dW path. Default (PIT_KGATHER_DW=dense): XLA's dense matmul computes Σ xᵀ·dy — on x as it is
 # when the index was detected from x (`exact`), else on x masked to its listed tiles — with no

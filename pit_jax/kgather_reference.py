@@ -29,6 +29,12 @@ def sparse_tn_ref(x, dy, indices, *, shape, tile, layout, out_dtype):
     return sum_tn(_masked(x, indices, shape, tile, layout), dy, out_dtype)
 
 
+def sparse_nt_ref(dy, w, indices, *, shape, tile, layout):
+    """out[..., M, K] = (dy @ wᵀ) ⊙ M: x's masked cotangent, fp32 accumulation, in dy's dtype."""
+    full = jnp.matmul(dy, jnp.swapaxes(w, -1, -2), preferred_element_type=F32).astype(dy.dtype)
+    return _masked(full, indices, shape, tile, layout)
+
+
 def sum_tn(a, b, out_dtype):
     """Σ over leading dims of aᵀ b, for a [..., M, K], b [..., M, N], fp32 accumulation."""
     return jnp.matmul(a.reshape(-1, a.shape[-1]).T, b.reshape(-1, b.shape[-1]),

@@ -182,6 +182,7 @@
 #   PART=kgather_device: session 35: PIT_KGATHER_DW=device's tests (TESTS=0 skips), the staged MoE dW tests
 #                  (MOE=0 skips), bench_kgather_dw over VARIANTS at 50-99% with the index given and detected in
 #                  the call, memcheck over the bf16 device-mode tests (SAN=0 skips).
+#   PART=sparse_nt: session 36: pit_sparse_nt's tests and the dense_sparse / nn suites, sanitizers, bench_nn_linear.
 #   PART=nn_linear: session 36: the nn linear layers' tests on the GPU, memcheck over them, bench_nn_linear.
 #   PART=ncu_dw_device: session 35: per-kernel times of one PIT_KGATHER_DW=device dW call (ncu, real clocks).
 #   PART=ncu_kgather_dw: session 33: Nsight Compute of the dW path's kernels at 4096³ ($OUT/ncu_dw.txt).
@@ -495,6 +496,18 @@ kgather_products)  # session 34: the dW products path (PIT_KGATHER_DW=sparse, kg
     [[ "${RACE:-1}" == 1 ]] && SAN_TIMEOUT=100 run_tool racecheck pit_kgather_tn_products tests/test_kgather_kernels.py \
       "gpu and products and bfloat16 and 0.5"
   fi ;;
+sparse_nt)  # session 36: pit_sparse_nt (x's masked cotangent; dense_sparse(grad="masked")'s weight gradient,
+           # kgather_nt.cuh): its tests and the dense_sparse / nn linear suites on the GPU, memcheck and racecheck
+           # over a selection of its GPU tests, then bench_nn_linear ($OUT/nn_linear)
+  pytest_gpu 300 tests/test_kgather_kernels.py tests/test_kgather.py tests/test_nn_linear.py -k "gpu and (nt_ or masked_grad or dense_sparse or pruned or sparse_linear)"
+  if [[ "${SAN:-1}" == 1 ]]; then
+    SAN_TIMEOUT=150 run_tool_chunks memcheck all tests/test_kgather_kernels.py \
+      "gpu and ((sparse_nt_matches and 0.5 and (bfloat16 or float32)) or masked_grad)" 0 11
+    SAN_TIMEOUT=150 run_tool racecheck pit_kgather_nt tests/test_kgather_kernels.py \
+      "gpu and sparse_nt_matches and 0.5 and (bfloat16 or float32) and aligned"
+  fi
+  timeout -k 5 ${BENCH_TIMEOUT:-240} python3 benchmarks/bench_nn_linear.py --out $OUT/nn_linear 2>&1 | grep -E "^\| [SP]|Error" | tee -a $LOG
+  echo "bench $((SECONDS-t0))s" ;;
 nn_linear)  # session 36: pit_jax.nn.SparseLinear / PrunedLinear and the pruning functions on the GPU, memcheck over
            # their GPU tests (chunks of 8), bench_nn_linear ($OUT/nn_linear); KGATHER=1 adds the k-gather suites
   [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 200 tests/test_nn_linear.py

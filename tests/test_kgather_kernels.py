@@ -306,3 +306,76 @@ def test_dw_rule_matches_float64(backend, monkeypatch, pattern):
     y, dw = _forward_and_dw(x, w, g, (32, 1))
     y_ref, dw_ref = _references(x, w, g, np.ones(x.shape, bool))
     assert _rel_err(y, y_ref) < TOL["float16"] and _rel_err(dw, dw_ref) < TOL["float16"]
+
+
+# ---- pit_sparse_nt: x's masked cotangent, dense_sparse(grad="masked")'s weight gradient ------------
+
+def _nt(dy, w, index, tile):
+    from pit_jax.kgather import sparse_nt_p
+    params = dict(shape=tuple(index.shape), tile=tuple(tile), layout="row")
+    return sparse_nt_p.bind(dy, w, index.counts, index.offsets, index.indices, **params)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("tile", [(32, 1), (64, 8), (32, 32), (16, 1), (8, 3)], ids=str)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95, 1.0])
+@pytest.mark.parametrize("shape", [(2, 96, 300, 136), (1, 70, 45, 29), (1, 65, 130, 8)], ids=["aligned", "odd", "thin"])
+def test_sparse_nt_matches_float64(backend, dtype, tile, sparsity, shape):
+    """(dy @ wᵀ) on the index's tiles, exactly zero elsewhere; several 64-column CTAs per group,
+    16-byte and element copies (N = 136 / 29), partial row groups, merged row tiles."""
+    b, m, k, n = shape
+    rng = np.random.default_rng(stable_seed("nt", dtype, tile, sparsity, shape))
+    x = random_tile_sparse(rng, (b, m, k), tile, sparsity, dtype)
+    index = pit_jax.detect(x, tile)
+    dy = (rng.standard_normal((b, m, n)) + 0.1).astype(DTYPES[dtype])
+    w = (rng.standard_normal((k, n)) - 0.1).astype(DTYPES[dtype])
+    out = jax.jit(lambda dy, w, index: _nt(dy, w, index, tile))(dy, w, index)
+    assert out.shape == (b, m, k) and out.dtype == dy.dtype
+    mask = np.asarray(index.element_mask())
+    want = np.where(mask, np.asarray(dy, np.float64) @ np.asarray(w, np.float64).T, 0.0)
+    got = np.asarray(out, np.float64)
+    assert (got[~mask] == 0).all()
+    if sparsity == 1.0:
+        assert not mask.any()
+    else:
+        assert _rel_err(got, want) < TOL[dtype]
+
+
+def test_sparse_nt_autodiff_and_vmap(backend):
+    """jvp, both cotangents (dy_bar = (M ⊙ g) w, w_bar = Σ (M ⊙ g)ᵀ dy) and vmap over dy."""
+    rng = np.random.default_rng(21)
+    tile = (32, 4)
+    x = random_tile_sparse(rng, (2, 64, 72), tile, 0.6, "float32")
+    index = pit_jax.detect(x, tile)
+    mask = np.asarray(index.element_mask())
+    dy = rng.standard_normal((2, 64, 40)).astype(np.float32)
+    w = rng.standard_normal((72, 40)).astype(np.float32)
+    g = rng.standard_normal((2, 64, 72)).astype(np.float32)
+    f = lambda dy, w: _nt(dy, w, index, tile)
+    gdy, gw = jax.jit(jax.grad(lambda dy, w: jnp.sum(f(dy, w) * g), (0, 1)))(dy, w)
+    mg = np.where(mask, g, 0.0)
+    np.testing.assert_allclose(np.asarray(gdy), mg @ w, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(gw), np.einsum("bmk,bmn->kn", mg, dy), rtol=1e-4, atol=1e-4)
+    ddy, dw = rng.standard_normal(dy.shape).astype(np.float32), rng.standard_normal(w.shape).astype(np.float32)
+    _, tangent = jax.jvp(f, (dy, w), (ddy, dw))
+    np.testing.assert_allclose(np.asarray(tangent), np.where(mask, ddy @ w.T + dy @ dw.T, 0.0), rtol=1e-4, atol=1e-4)
+    batched = jax.vmap(lambda d: _nt(d, w, pit_jax.detect(x, tile), tile))(np.stack([dy, 2 * dy]))
+    np.testing.assert_allclose(np.asarray(batched[1]), 2 * np.where(mask, dy @ w.T, 0.0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dense_sparse_masked_grad_skips_dense_matmul(backend, dtype):
+    """grad="masked" lowers w's gradient to pit_sparse_nt (no dense matmul for it) and matches float64."""
+    rng = np.random.default_rng(stable_seed("ds_nt", dtype))
+    x = (rng.standard_normal((3, 50, 128)) + 0.1).astype(DTYPES[dtype])
+    w = random_tile_sparse(rng, (128, 96), (1, 32), 0.8, dtype)
+    g = rng.standard_normal((3, 50, 96)).astype(np.float32)
+    loss = lambda w: jnp.sum(pit_jax.dense_sparse(x, w, tile=(1, 32)).astype(jnp.float32) * g)
+    if pit_jax.cuda_available():  # the CPU path is the jnp reference, so look at the CUDA lowering
+        hlo = jax.jit(jax.grad(loss)).trace(w).lower(lowering_platforms=("cuda",)).as_text()
+        assert "pit_sparse_nt" in hlo and hlo.count("dot_general") == 0
+    gw = jax.jit(jax.grad(loss))(w)
+    mask = np.asarray(pit_jax.detect(w, (1, 32)).element_mask())
+    want = np.einsum("bmk,bmn->kn", np.asarray(x, np.float64), g) * mask
+    assert _rel_err(gw, want) < TOL[dtype]
+    assert (np.asarray(gw, np.float32)[~mask] == 0).all()

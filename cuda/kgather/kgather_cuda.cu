@@ -40,6 +40,7 @@
 #include "../common/tn_tile_math.cuh"
 #include "kgather_layout.h"
 #include "kgather_dw_products.cuh"
+#include "kgather_nt.cuh"
 
 static_assert(pit::kTnRows == pit::kGroupRows, "dW stages reduce one 32-row group each");
 
@@ -1034,6 +1035,34 @@ ffi::Error SparseTnProductsDetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi
   return dispatch_outcome(op, known, err);
 }
 
+// x's masked cotangent (dense_sparse's weight gradient, kgather_nt.cuh): dy [..., M, N], w [K, N]
+// and x's index give out [..., M, K] = dy @ wᵀ on the listed tiles, zero elsewhere.
+ffi::Error SparseNtCuda(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> counts,
+                        ffi::Buffer<ffi::S32> indices, ffi::Result<ffi::AnyBuffer> out, int64_t tile_m, int64_t tile_k) {
+  constexpr const char* op = "pit_sparse_nt";
+  const auto wd = w.dimensions();
+  if (wd.size() != 2) return ffi::Error::InvalidArgument(std::string(op) + ": w must be a matrix [K, N]");
+  KGatherShape s;  // out has x's shape [..., M, K]
+  const std::string msg = check_kgather(op, *out, counts.dimensions(), indices.dimensions(), wd[1], tile_m, tile_k, &s);
+  if (!msg.empty()) return ffi::Error::InvalidArgument(msg);
+  if (wd[0] != s.k) return ffi::Error::InvalidArgument(std::string(op) + ": w's rows must equal out's columns (K)");
+  const auto dyd = dy.dimensions(), od = out->dimensions();
+  bool dy_ok = dyd.size() == od.size() && dyd[dyd.size() - 1] == s.n;
+  for (size_t i = 0; dy_ok && i + 1 < dyd.size(); ++i) dy_ok = dyd[i] == od[i];
+  if (!dy_ok) return ffi::Error::InvalidArgument(std::string(op) + ": dy must be [..., M, N] with out's leading dims and M");
+  if (dy.element_type() != w.element_type() || out->element_type() != w.element_type())
+    return ffi::Error::InvalidArgument(std::string(op) + ": dy, w and out must share one dtype");
+  if (s.all_groups() >= (int64_t(1) << 31) || ceil_div(s.nb_k * s.tile_k, int64_t(NtConfig<float>::kBL)) > 65535)
+    return ffi::Error::InvalidArgument(std::string(op) + ": too many row groups or columns for one launch; split the batch");
+  poison_device_outputs(stream, out);
+  bool known;
+  const cudaError_t err = dispatch_dtype(w.element_type(), [&](auto tag) {
+    return launch_nt<decltype(tag)>(stream, s, dy.untyped_data(), w.untyped_data(), counts.typed_data(),
+                                    indices.typed_data(), out->untyped_data());
+  }, &known);
+  return dispatch_outcome(op, known, err);
+}
+
 }  // namespace
 }  // namespace pit
 
@@ -1070,4 +1099,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnProductsDetectCuda, pit::SparseTnProduc
                               PIT_KGATHER_DETECTING_BINDING.Attr<int64_t>("cap_rows").Attr<int64_t>("n_slab"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseDenseDetectCuda, pit::SparseDenseDetectCuda, PIT_KGATHER_DETECTING_BINDING,
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseNtCuda, pit::SparseNtCuda,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Attr<int64_t>("tile_m")
+                                  .Attr<int64_t>("tile_k"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
