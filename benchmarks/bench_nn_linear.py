@@ -1,6 +1,6 @@
 """pit_jax.nn.SparseLinear and PrunedLinear against flax's nnx.Linear, forward and training step.
 
-    python benchmarks/bench_nn_linear.py [--out benchmarks/results] [--quick]
+    python benchmarks/bench_nn_linear.py [--out benchmarks/results] [--quick] [--layers sparse pruned]
 
 SparseLinear: an FFN's second layer (OPT fc2: 4096 tokens as [4, 1024, 16384] -> 4096) on
 ReLU-like inputs with random 32x1 micro-tiles zero at the given sparsity; it is compared with
@@ -112,11 +112,14 @@ def pruned_linear_rows(key, quick):
 
 
 def main():
-    args = bench_parser("small shapes").parse_args()
+    ap = bench_parser("small shapes")
+    ap.add_argument("--layers", nargs="+", default=["sparse", "pruned"], choices=["sparse", "pruned"])
+    args = ap.parse_args()
     warnings.filterwarnings("ignore", message="pit_jax: sparse_")
     meta = announce()
     key = jax.random.PRNGKey(0)
-    rows = sparse_linear_rows(key, args.quick) + pruned_linear_rows(key, args.quick)
+    rows = (sparse_linear_rows(key, args.quick) if "sparse" in args.layers else []) + \
+        (pruned_linear_rows(key, args.quick) if "pruned" in args.layers else [])
     md = markdown_report(
         f"pit_jax.nn linear layers vs nnx.Linear — {meta['device']}, jax {meta['jax']}, {meta['date']}",
         "bf16; SparseLinear: x ReLU-like with random 32x1 tiles zero at the given sparsity, bare = "

@@ -37,14 +37,25 @@ def _check(fn, w, tile, density):
     check_tile_and_density(fn, tile, density)
 
 
+# density · tiles within this relative distance of an integer counts as that integer: float
+# rounding of the product (0.3 · 420 is 126.000005 in float32) must not keep one tile more.
+_SNAP = 1e-6
+
+
 def kept_tile_count(density, tiles):
-    """ceil(density · tiles), at least 1. A Python density is counted exactly (0.3 of 420 tiles
-    keeps 126, where float32 0.3 · 420 rounds up past 126); a traced one in float32, clipped into
-    [0, 1], with a relative slack of 1e-6 against that rounding."""
+    """ceil(density · tiles), clipped to [1, tiles]; a product within 1e-6 (relative) of an
+    integer is that integer. A Python or numpy density is counted in float64, a traced one in
+    float32 (the same count wherever float32 holds density · tiles to 1e-6, i.e. below about
+    10^6 tiles for densities that are not exact binary fractions)."""
     if isinstance(density, numbers.Real):
-        return min(max(math.ceil(round(float(density) * tiles, 6)), 1), tiles)
-    d = jnp.clip(jnp.asarray(density, jnp.float32), 0.0, 1.0)
-    return jnp.clip(jnp.ceil(d * tiles * (1.0 - 1e-6)), 1, tiles).astype(jnp.int32)
+        p = float(density) * tiles
+        r = round(p)
+        count = r if abs(p - r) <= _SNAP * max(p, 1.0) else math.ceil(p)
+        return min(max(count, 1), tiles)
+    p = jnp.clip(jnp.asarray(density, jnp.float32), 0.0, 1.0) * tiles
+    r = jnp.round(p)
+    count = jnp.where(jnp.abs(p - r) <= _SNAP * jnp.maximum(p, 1.0), r, jnp.ceil(p))
+    return jnp.clip(count, 1, tiles).astype(jnp.int32)
 
 
 def tile_magnitude_mask(w, tile, density):

@@ -502,11 +502,11 @@ sparse_nt)  # session 36: pit_sparse_nt (x's masked cotangent; dense_sparse(grad
   pytest_gpu 300 tests/test_kgather_kernels.py tests/test_kgather.py tests/test_nn_linear.py -k "gpu and (nt_ or masked_grad or dense_sparse or pruned or sparse_linear)"
   if [[ "${SAN:-1}" == 1 ]]; then
     SAN_TIMEOUT=150 run_tool_chunks memcheck all tests/test_kgather_kernels.py \
-      "gpu and ((sparse_nt_matches and 0.5 and (bfloat16 or float32)) or masked_grad)" 0 11
+      "gpu and ((sparse_nt_matches and 0.5 and (bfloat16 or float32)${SAN_SHAPES:+ and ($SAN_SHAPES)}) or masked_grad)" 0 11
     SAN_TIMEOUT=150 run_tool racecheck pit_kgather_nt tests/test_kgather_kernels.py \
       "gpu and sparse_nt_matches and 0.5 and (bfloat16 or float32) and aligned"
   fi
-  timeout -k 5 ${BENCH_TIMEOUT:-240} python3 benchmarks/bench_nn_linear.py --out $OUT/nn_linear 2>&1 | grep -E "^\| [SP]|Error" | tee -a $LOG
+  timeout -k 5 ${BENCH_TIMEOUT:-240} python3 benchmarks/bench_nn_linear.py --layers ${LAYERS:-sparse pruned} --out $OUT/nn_linear 2>&1 | grep -E "^\| [SP]|Error" | tee -a $LOG
   echo "bench $((SECONDS-t0))s" ;;
 nn_linear)  # session 36: pit_jax.nn.SparseLinear / PrunedLinear and the pruning functions on the GPU, memcheck over
            # their GPU tests (chunks of 8), bench_nn_linear ($OUT/nn_linear); KGATHER=1 adds the k-gather suites

@@ -1,6 +1,9 @@
 """pit_jax.nn.SparseLinear / PrunedLinear and the tile-magnitude pruning functions: values against
 float64 numpy, gradients against nnx.Linear's, masks against a numpy ranking of tile norms, odd
 shapes, leading dims, jit, vmap, traced densities, optax, Linen, and trace-time errors."""
+import math
+from fractions import Fraction
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +39,7 @@ def numpy_tile_mask(w, tile, density):
     for i in range(bk):
         for j in range(bn):
             norms[i, j] = np.sqrt(np.sum(w[i * tk:(i + 1) * tk, j * tn:(j + 1) * tn] ** 2))
-    keep_n = min(max(int(np.ceil(round(density * bk * bn, 6))), 1), bk * bn)
+    keep_n = min(max(math.ceil(Fraction(str(density)) * bk * bn), 1), bk * bn)  # exact decimal arithmetic
     cut = np.sort(norms.reshape(-1))[::-1][keep_n - 1]
     keep = norms >= cut
     return np.repeat(np.repeat(keep, tk, 0), tn, 1)[:k, :n]
@@ -147,8 +150,64 @@ def test_pruned_linear_values_and_gradients(backend, grad, tile):
     full = np.einsum("bmk,bmn->kn", np.asarray(x, np.float64), dy)
     want = full if grad == "dense" else np.where(mask, full, 0.0)
     np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=1e-4, atol=1e-4)
-    if grad == "masked":
-        assert not np.any(np.asarray(g)[~mask])
+
+
+@pytest.mark.parametrize("grad", ["masked", "dense"])
+def test_pruned_linear_zero_kept_tiles_get_their_gradient(backend, grad):
+    """A zero kernel keeps every tile (all norms tie) and must still train: the gradient mask is
+    the magnitude mask, not the nonzero tiles of the kernel's values."""
+    layer = pit_jax.nn.PrunedLinear(40, 24, density=0.5, tile=(1, 8), grad=grad,
+                                    kernel_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0))
+    assert np.asarray(layer.mask()).all()
+    x = np.random.default_rng(1).standard_normal((30, 40)).astype(np.float32)
+    g = nnx.grad(lambda m: jnp.sum(m(jnp.asarray(x)) * jnp.arange(24.0)))(layer).kernel[...]
+    want = x.astype(np.float64).T @ np.broadcast_to(np.arange(24.0), (30, 24))
+    np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_pruned_linear_half_precision(backend, dtype):
+    layer = pit_jax.nn.PrunedLinear(64, 48, density=0.3, tile=(1, 16), dtype=dtype, rngs=nnx.Rngs(4))
+    x = np.random.default_rng(5).standard_normal((2, 40, 64)).astype(np.float32)
+    mask = np.asarray(layer.mask())
+    kq = np.where(mask, np.asarray(layer.kernel[...].astype(dtype), np.float64), 0.0)
+    xq = np.asarray(jnp.asarray(x, dtype), np.float64)
+    y = nnx.jit(lambda m, x: m(x))(layer, jnp.asarray(x))
+    assert y.dtype == dtype
+    want = xq @ kq + np.asarray(layer.bias[...].astype(dtype), np.float64)
+    assert np.linalg.norm(np.asarray(y, np.float64) - want) <= 2e-2 * np.linalg.norm(want)
+    g = nnx.grad(lambda m: jnp.sum(m(jnp.asarray(x)).astype(jnp.float32)))(layer).kernel[...]
+    gwant = np.where(mask, xq.reshape(-1, 64).T @ np.ones((80, 48)), 0.0)
+    assert np.linalg.norm(np.asarray(g, np.float64) - gwant) <= 2e-2 * np.linalg.norm(gwant)
+
+
+def test_pruned_linear_density_schedule_without_retracing():
+    layer = pit_jax.nn.PrunedLinear(64, 64, density=jnp.float32(0.5), tile=(1, 8), rngs=nnx.Rngs(2))
+    x = jnp.ones((3, 64))
+    traces = []
+
+    @nnx.jit
+    def call(m, x):
+        traces.append(1)
+        return m(x), jnp.sum(m.mask())
+
+    for d in (0.5, 0.25, 0.1):
+        layer.density = jnp.float32(d)
+        y, kept = call(layer, x)
+        mask = numpy_tile_mask(layer.kernel[...], (1, 8), d)
+        assert int(kept) == int(mask.sum())
+        np.testing.assert_allclose(np.asarray(y, np.float64), linear64(
+            np.ones((3, 64)), mask * np.asarray(layer.kernel[...]), layer.bias[...]), rtol=1e-5, atol=1e-5)
+    assert len(traces) == 1
+
+
+@pytest.mark.parametrize("density, tiles, want", [
+    (0.3, 420, 126), (np.float32(0.3), 420, 126), (0.5, 2 ** 21, 2 ** 20), (0.3, 10 ** 7, 3 * 10 ** 6),
+    (0.3001, 420, 127), (1e-9, 50, 1), (1.0, 7, 7)])
+def test_kept_tile_count_python_and_traced(density, tiles, want):
+    from pit_jax.pruning import kept_tile_count
+    assert kept_tile_count(density, tiles) == want
+    assert int(jax.jit(lambda d: kept_tile_count(d, tiles))(jnp.float32(density))) == want
 
 
 def test_pruned_linear_trains_with_optax():

@@ -9,10 +9,13 @@ groups than one group set per sequence (same values).
 """
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..detect import detect
 from ..kgather import dense_sparse, sparse_dense
 from ..pruning import check_tile_and_density, tile_magnitude_mask
 
@@ -91,9 +94,9 @@ class PrunedLinear(_TileSparseLinear):
 
     Each call keeps the `density` fraction of the kernel's (tk, tn) tiles with the largest L2 norms
     (`pit_jax.tile_magnitude_mask`, from the current weights, on device) and multiplies through
-    `pit_jax.dense_sparse`, which skips the pruned tiles. `density` may be changed between calls
-    (a Python float is a compile-time constant) or be a float scalar array (a schedule under jit
-    without recompiling). `grad`:
+    `pit_jax.dense_sparse`, which skips the pruned tiles. `density`: a Python float (a compile-time
+    constant; assigning another recompiles), or a float scalar array, kept as data so that a
+    schedule assigns new arrays under jit without recompiling. `grad`:
       - "masked" (PIT's sparse-training semantics): pruned weights get zero gradient;
       - "dense": every weight gets the gradient of the dense product (xᵀ·dy), a straight-through
         estimator, so pruned weights can grow back into the mask (as RigL- or Top-KAST-style
@@ -109,7 +112,9 @@ class PrunedLinear(_TileSparseLinear):
         check_tile_and_density("nn.PrunedLinear", tile, density)
         super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                          kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
-        self.tile, self.grad, self.density = tuple(int(t) for t in tile), grad, density
+        self.tile, self.grad = tuple(int(t) for t in tile), grad
+        # a Python number is static (changing it recompiles); an array is data (a schedule under jit)
+        self.density = density if isinstance(density, numbers.Real) else nnx.data(jnp.asarray(density, jnp.float32))
 
     def mask(self) -> jax.Array:
         """The boolean [in, out] mask the next call applies (from the current kernel)."""
@@ -122,7 +127,12 @@ class PrunedLinear(_TileSparseLinear):
             w = kernel - jax.lax.stop_gradient(jnp.where(keep, jnp.zeros((), kernel.dtype), kernel))
         else:
             w = jnp.where(keep, kernel, jnp.zeros((), kernel.dtype))
-        return self._finish(dense_sparse(rows, w.astype(dtype), tile=self.tile, grad=self.grad), x.shape, dtype)
+        # The index is the mask's, not detected from w's values: a kept tile that is zero (a zero
+        # init, or small weights rounded to zero in `dtype`) still gets its gradient.
+        k, n = kernel.shape
+        index = detect(keep.astype(jnp.bfloat16), (min(self.tile[0], k), min(self.tile[1], n)), layout="row")
+        y = dense_sparse(rows, w.astype(dtype), index=index, grad=self.grad)
+        return self._finish(y, x.shape, dtype)
 
 
 def SparseLinearLinen(**kwargs):
