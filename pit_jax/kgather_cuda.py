@@ -136,7 +136,6 @@ def sparse_dense_cuda(x, w, counts, offsets, indices, *, shape, tile, layout, ex
     return y
 
 
-
 def sparse_nt_cuda(dy, w, counts, offsets, indices, *, shape, tile, layout):
     """x's masked cotangent, (dy @ wᵀ) on x's listed tiles (`pit_sparse_nt`, kgather_nt.cuh). A row
     tile that is not a multiple of 32 runs on its 32-row groups' union, then the finer tiles'
@@ -151,6 +150,7 @@ def sparse_nt_cuda(dy, w, counts, offsets, indices, *, shape, tile, layout):
     if tm % GROUP_ROWS:
         out = jnp.where(element_mask_from_indices(indices, shape, tile, "row"), out, jnp.zeros((), out.dtype))
     return out
+
 
 # dW path. Default (PIT_KGATHER_DW=dense): XLA's dense matmul computes Σ xᵀ·dy — on x as it is
 # when the index was detected from x (`exact`), else on x masked to its listed tiles — with no
