@@ -13,7 +13,10 @@ dx = dy @ wᵀ is dense and dW = xᵀ dy is computed on x's nonzero tiles only (
 Parameter `exact`: the index was detected from this very x, so x is zero outside it and a dense
 fallback may use x as it is (no masking pass). Parameter `masked_grad`: the caller keeps only
 x's cotangent on its listed tiles (dense_sparse(grad="masked"), whose sparse operand is the
-weight), so the transpose computes it there only (pit_sparse_nt) instead of densely.
+weight), so the transpose computes it there only (pit_sparse_nt) instead of densely. Parameter
+`x_transposed`: operand 0 holds xᵀ (dense_sparse passes its weight w as it is, the sparse operand
+being wᵀ), so no transposed copy is made before the kernel; tangents and cotangents of that
+operand are in the same transposed layout.
 """
 from __future__ import annotations
 
@@ -34,8 +37,14 @@ sparse_nt_p = _primitive.make_primitive("pit_sparse_nt", multiple_results=False)
 
 # ---- abstract evaluation ---------------------------------------------------------------------
 
-def _sparse_dense_abstract(x, w, counts, offsets, indices, *, shape, tile, layout, exact, masked_grad):
-    return jax.core.ShapedArray((*x.shape[:-1], w.shape[-1]), x.dtype)
+def _sparse_dense_abstract(x, w, counts, offsets, indices, *, shape, tile, layout, exact, masked_grad, x_transposed):
+    rows = x.shape[-1] if x_transposed else x.shape[-2]
+    return jax.core.ShapedArray((*x.shape[:-2], rows, w.shape[-1]), x.dtype)
+
+
+def _logical(x, x_transposed):
+    """The sparse operand x [..., M, K] from the buffer the primitive holds (xᵀ when x_transposed)."""
+    return jnp.swapaxes(x, -1, -2) if x_transposed else x
 
 
 def _sparse_nt_abstract(dy, w, counts, offsets, indices, *, shape, tile, layout):
@@ -53,8 +62,8 @@ sparse_nt_p.def_abstract_eval(_sparse_nt_abstract)
 
 # ---- lowering: jnp reference on CPU, the k-gather kernels (kgather_cuda.py) on CUDA -----------
 
-def _ref_sparse_dense(x, w, counts, offsets, indices, *, exact, masked_grad, **params):
-    return sparse_dense_ref(x, w, indices, **params)
+def _ref_sparse_dense(x, w, counts, offsets, indices, *, exact, masked_grad, x_transposed, **params):
+    return sparse_dense_ref(_logical(x, x_transposed), w, indices, **params)
 
 
 def _ref_sparse_tn(x, dy, counts, offsets, indices, *, exact, **params):
@@ -90,25 +99,27 @@ def _sparse_dense_jvp(primals, tangents, **params):
     if type(dx) is not ad.Zero and params["masked_grad"]:  # the caller keeps x's tangent on its tiles
         dy = sparse_dense_p.bind(dx, w, counts, offsets, indices, **{**params, "exact": False})
     elif type(dx) is not ad.Zero:  # a tangent of x need not be zero where x is: dense
-        dy = _dense_matmul(dx, w, y.dtype)
+        dy = _dense_matmul(_logical(dx, params["x_transposed"]), w, y.dtype)
     if type(dw) is not ad.Zero:
         t = sparse_dense_p.bind(x, dw, counts, offsets, indices, **params)
         dy = t if dy is None else dy + t
     return y, (_primitive.zero_tangent(y) if dy is None else dy)
 
 
-def _sparse_dense_transpose(ct, x, w, counts, offsets, indices, *, masked_grad, **params):
+def _sparse_dense_transpose(ct, x, w, counts, offsets, indices, *, masked_grad, x_transposed, **params):
     if type(ct) is ad.Zero:
         return [None] * 5
     x_bar = w_bar = None
     if ad.is_undefined_primal(w):
-        w_bar = sparse_tn_p.bind(x, ct, counts, offsets, indices, out_dtype=w.aval.dtype, **params)
+        w_bar = sparse_tn_p.bind(_logical(x, x_transposed), ct, counts, offsets, indices, out_dtype=w.aval.dtype,
+                                 **params)
     if ad.is_undefined_primal(x):
         if masked_grad:  # only x's listed tiles of the cotangent are kept downstream: compute only those
             params.pop("exact")
             x_bar = sparse_nt_p.bind(ct.astype(x.aval.dtype), w, counts, offsets, indices, **params)
         else:
             x_bar = _dense_matmul(ct, jnp.swapaxes(w, -1, -2), x.aval.dtype)
+        x_bar = _logical(x_bar, x_transposed)  # back to the operand's layout
     return [x_bar, w_bar, None, None, None]
 
 
@@ -131,7 +142,7 @@ def _sparse_tn_transpose(ct, x, dy, counts, offsets, indices, *, out_dtype, **pa
     x_bar = dy_bar = None
     if ad.is_undefined_primal(dy):
         dy_bar = sparse_dense_p.bind(x, ct.astype(dy.aval.dtype), counts, offsets, indices, masked_grad=False,
-                                     **params)
+                                     x_transposed=False, **params)
     if ad.is_undefined_primal(x):
         x_bar = _dense_matmul(dy, ct.T.astype(dy.dtype), x.aval.dtype)
     return [x_bar, dy_bar, None, None, None]
@@ -162,7 +173,8 @@ def _sparse_nt_transpose(ct, dy, w, counts, offsets, indices, **params):
         return [None] * 5
     dy_bar = w_bar = None
     if ad.is_undefined_primal(dy):
-        dy_bar = sparse_dense_p.bind(ct, w, counts, offsets, indices, exact=False, masked_grad=False, **params)
+        dy_bar = sparse_dense_p.bind(ct, w, counts, offsets, indices, exact=False, masked_grad=False,
+                                     x_transposed=False, **params)
     if ad.is_undefined_primal(w):
         w_bar = sparse_tn_p.bind(ct, dy, counts, offsets, indices, exact=False, out_dtype=w.aval.dtype, **params)
     return [dy_bar, w_bar, None, None, None]
@@ -278,7 +290,8 @@ def sparse_dense(x, w, *, tile=None, index: TileIndex | None = None):
 def _sparse_dense_indexed(x, w, tile, index, exact):
     """The primitive on x's row index (detected here when None); exact: x is zero outside it."""
     tile, index = _row_index_of_x(x, tile, index)
-    params = dict(shape=tuple(x.shape[-2:]), tile=tuple(tile), layout="row", exact=exact, masked_grad=False)
+    params = dict(shape=tuple(x.shape[-2:]), tile=tuple(tile), layout="row", exact=exact, masked_grad=False,
+                  x_transposed=False)
     return sparse_dense_p.bind(x, w, index.counts, index.offsets, index.indices, **params)
 
 
@@ -376,14 +389,15 @@ def dense_sparse(x, w, *, tile=None, index: TileIndex | None = None, grad: str =
         _check_index("dense_sparse", "index", index, (k, n), tile, "row", ())
     if grad == "masked":
         w = _mask_tangent(w, jax.lax.stop_gradient(index.element_mask()))
-    # y = x @ w  <=>  yᵀ = wᵀ xᵀ: the sparse operand goes first, its index transposed.
+    # y = x @ w  <=>  yᵀ = wᵀ xᵀ: the sparse operand goes first, its index transposed. w itself is
+    # the operand (x_transposed): the kernels read wᵀ's packed columns straight from w's rows.
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
-    wt = w.T
     idx_t = _transpose_index(index)
     # grad="masked": w's cotangent is kept on its listed tiles only, so only those are computed
-    params = dict(shape=(n, k), tile=(tile[1], tile[0]), layout="row", exact=exact, masked_grad=grad == "masked")
-    yt = sparse_dense_p.bind(wt, x2.T, idx_t.counts, idx_t.offsets, idx_t.indices, **params)
+    params = dict(shape=(n, k), tile=(tile[1], tile[0]), layout="row", exact=exact, masked_grad=grad == "masked",
+                  x_transposed=True)
+    yt = sparse_dense_p.bind(w, x2.T, idx_t.counts, idx_t.offsets, idx_t.indices, **params)
     return yt.T.reshape(*lead, n)
 
 

@@ -116,8 +116,24 @@ def fused_detect_applies(x_shape, itemsize, tile, exact) -> bool:
         return False
 
 
-def sparse_dense_cuda(x, w, counts, offsets, indices, *, shape, tile, layout, exact, masked_grad):
+# A sparse operand held transposed (x_transposed: dense_sparse's weight) is read in place by pack
+# (a packed column's 32 rows are one contiguous run of the buffer), so XLA makes no transposed copy.
+# PIT_KGATHER_TRANSPOSED_PACK (read when lowering): "1" (default) always; "given" only for an index
+# the caller passed (a detected one then takes the transposed copy and the fused detect+pack);
+# "0" never (the copy, then the paths of an untransposed x), for A/B runs.
+def transposed_pack_applies(tile, exact) -> bool:
+    mode = os.environ.get("PIT_KGATHER_TRANSPOSED_PACK", "1")
+    if mode not in ("0", "1", "given"):
+        raise ValueError(f"PIT_KGATHER_TRANSPOSED_PACK must be 0, 1 or given, got {mode!r}")
+    return mode == "1" or (mode == "given" and not exact)
+
+
+def sparse_dense_cuda(x, w, counts, offsets, indices, *, shape, tile, layout, exact, masked_grad, x_transposed):
     del offsets, layout, masked_grad  # masked_grad: for the transpose rule only
+    if x_transposed and transposed_pack_applies(tile, exact):
+        return _sparse_dense_call(x, w, counts, indices, shape, tile, x_transposed=True)
+    if x_transposed:
+        x = jnp.swapaxes(x, -1, -2)
     itemsize = np.dtype(x.dtype).itemsize
     if fused_detect_applies(x.shape, itemsize, tile, exact):
         *lead, m, k = x.shape
@@ -126,13 +142,23 @@ def sparse_dense_cuda(x, w, counts, offsets, indices, *, shape, tile, layout, ex
                                                             jax.ShapeDtypeStruct((ws,), jnp.uint8)))(
             x, w.astype(x.dtype))
         return y
-    xk, ck, ik, tm = _kernel_index(x, counts, indices, shape, tile)
-    *lead, m, k = x.shape
+    return _sparse_dense_call(x, w, counts, indices, shape, tile, x_transposed=False)
+
+
+def _sparse_dense_call(x, w, counts, indices, shape, tile, x_transposed):
+    """pit_sparse_dense on x's row index (x: the buffer, xᵀ when x_transposed)."""
+    if x_transposed and tile[0] % GROUP_ROWS != 0:  # the row-tile merge masks x: back to the buffer's layout
+        xl, ck, ik, tm = _kernel_index(jnp.swapaxes(x, -1, -2), counts, indices, shape, tile)
+        xk = jnp.swapaxes(xl, -1, -2)
+    else:  # (a row tile of whole groups leaves x as it is)
+        xk, ck, ik, tm = _kernel_index(x, counts, indices, shape, tile)
+    *lead, _, _ = x.shape
+    m, k = shape
     n = w.shape[-1]
     ws = forward_workspace_bytes(lead, m, k, tile[1], np.dtype(x.dtype).itemsize)
     y, _ = jax.ffi.ffi_call("pit_sparse_dense", (jax.ShapeDtypeStruct((*lead, m, n), x.dtype),
                                                  jax.ShapeDtypeStruct((ws,), jnp.uint8)))(
-        xk, w.astype(x.dtype), ck, ik, **_attrs(tm, tile[1]))
+        xk, w.astype(x.dtype), ck, ik, **_attrs(tm, tile[1]), x_transposed=bool(x_transposed))
     return y
 
 

@@ -508,6 +508,11 @@ sparse_nt)  # session 36: pit_sparse_nt (x's masked cotangent; dense_sparse(grad
   fi
   timeout -k 5 ${BENCH_TIMEOUT:-240} python3 benchmarks/bench_nn_linear.py --layers ${LAYERS:-sparse pruned} --out $OUT/nn_linear 2>&1 | grep -E "^\| [SP]|Error" | tee -a $LOG
   echo "bench $((SECONDS-t0))s" ;;
+pruned_profile)  # session 37: per-kernel device times of PrunedLinear 4096² (forward, step), nnx.Linear and the bare
+                # dense_sparse + bias (JAX profiler), at SPARSITY (default 0.95); SWITCH="NAME A B" for an A/B
+  PYTHONPATH=benchmarks timeout -k 5 ${BENCH_TIMEOUT:-240} python3 -P benchmarks/profile_pruned_linear.py \
+    --sparsity ${SPARSITY:-0.95} ${SWITCH:+--switch $SWITCH} --out $OUT/pruned_profile 2>&1 | tee -a $LOG | tail -120
+  echo "profile $((SECONDS-t0))s" ;;
 nn_linear)  # session 36: pit_jax.nn.SparseLinear / PrunedLinear and the pruning functions on the GPU, memcheck over
            # their GPU tests (chunks of 8), bench_nn_linear ($OUT/nn_linear); KGATHER=1 adds the k-gather suites
   [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 200 tests/test_nn_linear.py

@@ -385,3 +385,73 @@ def test_dense_sparse_masked_grad_skips_dense_matmul(backend, dtype):
     mask = np.asarray(pit_jax.detect(w, (1, 32)).element_mask())
     want = np.einsum("bmk,bmn->kn", np.asarray(x, np.float64), g) * mask
     assert _rel_err(gw, want) < TOL[dtype]
+
+
+def _dense_sparse_step(x, w, g, tile, index, grad):
+    """y = dense_sparse(x, w), dx and dw of Σ y·g, in one jitted call (a fresh function, so the
+    environment's switches are read when it lowers)."""
+    def loss(x, w):
+        y = pit_jax.dense_sparse(x, w, tile=tile, index=index, grad=grad)
+        return jnp.sum(y.astype(jnp.float32) * g), y
+    (_, y), (dx, dw) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(x, w)
+    return y, dx, dw
+
+
+_TPACK_SHAPES = [(2, 40, 136, 256), (1, 33, 70, 75), (1, 8, 512, 1000)]
+_TPACK_CASES = (  # (mode, dtype, tile, sparsity, shape): the default mode over the whole grid, the others on bf16
+    [("1", d, t, sp, sh) for d in DTYPES for t in [(1, 32), (1, 8), (3, 64)] for sp in [0.0, 0.5, 0.97, 1.0]
+     for sh in _TPACK_SHAPES]
+    + [(mode, "bfloat16", (1, 32), 0.5, sh) for mode in ["given", "0"] for sh in _TPACK_SHAPES])
+
+
+@pytest.mark.parametrize("mode,dtype,tile,sparsity,shape", _TPACK_CASES, ids=str)
+@pytest.mark.parametrize("given", [False, True], ids=["detected", "given"])
+def test_dense_sparse_transposed_pack_matches_float64(backend, monkeypatch, mode, dtype, tile, sparsity, shape, given):
+    """dense_sparse passes w itself to the kernels (the sparse operand is wᵀ; pack reads w's rows
+    in place, PIT_KGATHER_TRANSPOSED_PACK=1, the default), or a transposed copy (0; "given": the
+    copy for a detected index only). Forward and both gradients against float64: N not a multiple
+    of 32 or of 8 (pack's partial and unaligned runs), logical row tiles merged into 32-row groups
+    ((1, 8) -> 8-row tiles) or taken whole ((3, 64)), a batch of x, outputs poisoned first."""
+    monkeypatch.setenv("PIT_KGATHER_TRANSPOSED_PACK", mode)
+    b, m, k, n = shape
+    rng = np.random.default_rng(stable_seed("ds_tpack", mode, dtype, tile, sparsity, shape, given))
+    x = (rng.standard_normal((b, m, k)) + 0.1).astype(DTYPES[dtype])
+    w = random_tile_sparse(rng, (k, n), tile, sparsity, dtype)
+    g = rng.standard_normal((b, m, n)).astype(np.float32)
+    index = pit_jax.detect(w, (min(tile[0], k), min(tile[1], n))) if given else None
+    mask = np.asarray(pit_jax.detect(w, (min(tile[0], k), min(tile[1], n))).element_mask())
+    y, dx, dw = _dense_sparse_step(x, w, g, tile, index, "masked")
+    x64, w64, g64 = (np.asarray(a, np.float64) for a in (x, w, g))
+    y_ref = x64 @ w64
+    dw_ref = np.einsum("bmk,bmn->kn", x64, g64) * mask
+    if sparsity == 1.0:
+        np.testing.assert_array_equal(np.asarray(y, np.float32), 0)
+        np.testing.assert_array_equal(np.asarray(dw, np.float32), 0)
+    else:
+        assert _rel_err(y, y_ref) < TOL[dtype] and _rel_err(dw, dw_ref) < TOL[dtype]
+    assert (np.asarray(dw, np.float32)[~mask] == 0).all()
+    assert _rel_err(dx, g64 @ w64.T) < TOL[dtype] or sparsity == 1.0
+
+
+@pytest.mark.parametrize("mode,copies", [("1", False), ("0", True)])
+def test_dense_sparse_transposed_pack_lowering(mode, copies, monkeypatch):
+    """With the transposed pack the CUDA lowering hands w to pit_sparse_dense as it is (no
+    transpose of w before the call); with PIT_KGATHER_TRANSPOSED_PACK=0 it makes the copy."""
+    monkeypatch.setenv("PIT_KGATHER_TRANSPOSED_PACK", mode)
+    x = jnp.ones((64, 128), jnp.bfloat16)
+    w = jnp.ones((128, 96), jnp.bfloat16)
+    index = pit_jax.detect(w, (1, 32))
+    hlo = jax.jit(lambda x, w: pit_jax.dense_sparse(x, w, index=index)).trace(x, w).lower(
+        lowering_platforms=("cuda",)).as_text()
+    call = [line for line in hlo.splitlines() if "pit_sparse_dense" in line and "custom_call" in line]
+    assert len(call) == 1 and ("x_transposed = true" in call[0]) != copies
+    # the first operand of the call is w itself (%arg1) or a transpose of it
+    assert ("stablehlo.transpose %arg1" in hlo) == copies
+
+
+def test_transposed_pack_switch_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("PIT_KGATHER_TRANSPOSED_PACK", "yes")
+    x = jnp.ones((64, 128), jnp.bfloat16)
+    w = jnp.ones((128, 96), jnp.bfloat16)
+    with pytest.raises(ValueError, match="PIT_KGATHER_TRANSPOSED_PACK"):
+        jax.jit(lambda x, w: pit_jax.dense_sparse(x, w)).trace(x, w).lower(lowering_platforms=("cuda",))

@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <utility>
 
 #include <cub/block/block_scan.cuh>
 
@@ -87,7 +88,10 @@ __device__ __forceinline__ uint64_t bit_range(int lo, int hi) {  // bits [lo, hi
 
 // ---- forward step 1: pack ----------------------------------------------------------------------
 
-template <typename T>
+// kTransposedX: the buffer holds xᵀ ([..., K, M] row-major; dense_sparse's weight w is its sparse
+// operand's transpose), so a packed column's 32 rows are one contiguous 64-byte run of the buffer
+// and no transposed copy of x is materialised first.
+template <typename T, bool kTransposedX>
 __global__ void __launch_bounds__(kPackThreads) pit_kgather_pack_kernel(const T* __restrict__ x,
                                                                const int32_t* __restrict__ counts,
                                                                const int32_t* __restrict__ indices,
@@ -103,7 +107,6 @@ __global__ void __launch_bounds__(kPackThreads) pit_kgather_pack_kernel(const T*
   const int64_t padded = ceil_div(len, kPackAlign) * kPackAlign;
   const int32_t* blocks = indices + rb * s.nb_k;
   const int64_t row0 = g * kGroupRows;
-  const T* x_rows = x + (b * s.rows + row0) * s.k;
   T* out = packed + group * kGroupRows * s.packed_k;
   const int64_t p = int64_t(blockIdx.y) * kPackThreads + threadIdx.x;
   if (p < padded) {
@@ -114,9 +117,24 @@ __global__ void __launch_bounds__(kPackThreads) pit_kgather_pack_kernel(const T*
     }
     column_ids[group * s.packed_k + p] = int32_t(col);
     T v[kGroupRows];
+    if constexpr (kTransposedX) {
+      // xᵀ's row `col`, elements row0 .. row0 + 31: 16-byte loads when the run is whole and aligned
+      const T* run = x + (b * s.k + (col < 0 ? 0 : col)) * s.rows + row0;
+      constexpr int kVec = 16 / int(sizeof(T));
+      if (col >= 0 && row0 + kGroupRows <= s.rows && reinterpret_cast<uintptr_t>(run) % 16 == 0) {
 #pragma unroll
-    for (int r = 0; r < kGroupRows; ++r)  // 32 independent loads in flight
-      v[r] = (col >= 0 && row0 + r < s.rows) ? x_rows[r * s.k + col] : zero_value<T>();
+        for (int r = 0; r < kGroupRows; r += kVec)
+          *reinterpret_cast<uint4*>(v + r) = *reinterpret_cast<const uint4*>(run + r);
+      } else {
+#pragma unroll
+        for (int r = 0; r < kGroupRows; ++r) v[r] = (col >= 0 && row0 + r < s.rows) ? run[r] : zero_value<T>();
+      }
+    } else {
+      const T* x_rows = x + (b * s.rows + row0) * s.k;
+#pragma unroll
+      for (int r = 0; r < kGroupRows; ++r)  // 32 independent loads in flight
+        v[r] = (col >= 0 && row0 + r < s.rows) ? x_rows[r * s.k + col] : zero_value<T>();
+    }
 #pragma unroll
     for (int r = 0; r < kGroupRows; ++r) out[r * s.packed_k + p] = v[r];
   }
@@ -616,19 +634,22 @@ cudaError_t launch_gemm(cudaStream_t stream, const KGatherShape& s, const T* pac
 template <typename T>
 void launch_pack(cudaStream_t stream, const KGatherShape& s, const void* x, const int32_t* counts,
                  const int32_t* indices, T* packed, int32_t* column_ids, const int32_t* gate_total = nullptr,
-                 int64_t gate_cap = 0) {
+                 int64_t gate_cap = 0, bool x_transposed = false) {
   const dim3 grid(unsigned(s.all_groups()), unsigned(ceil_div(s.packed_k, kPackThreads)));
-  pit_kgather_pack_kernel<T><<<grid, kPackThreads, 0, stream>>>(static_cast<const T*>(x), counts, indices, packed,
-                                                               column_ids, s, gate_total, gate_cap);
+  auto kernel = x_transposed ? pit_kgather_pack_kernel<T, true> : pit_kgather_pack_kernel<T, false>;
+  kernel<<<grid, kPackThreads, 0, stream>>>(static_cast<const T*>(x), counts, indices, packed, column_ids, s,
+                                            gate_total, gate_cap);
 }
 
+// x_transposed: the buffer holds xᵀ (only pack reads x).
 template <typename T>
 cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const void* x, const void* w,
-                           const int32_t* counts, const int32_t* indices, void* y, uint8_t* workspace) {
+                           const int32_t* counts, const int32_t* indices, void* y, uint8_t* workspace,
+                           bool x_transposed) {
   if (s.all_groups() == 0 || s.n == 0) return cudaSuccess;
   T* packed = reinterpret_cast<T*>(workspace);
   int32_t* column_ids = reinterpret_cast<int32_t*>(workspace + s.packed_x_bytes(sizeof(T)));
-  launch_pack<T>(stream, s, x, counts, indices, packed, column_ids);
+  launch_pack<T>(stream, s, x, counts, indices, packed, column_ids, nullptr, 0, x_transposed);
   return launch_gemm<T>(stream, s, packed, column_ids, counts, w, y, /*dependent=*/false);
 }
 
@@ -814,9 +835,10 @@ bool same_dims(ffi::AnyBuffer::Dimensions a, std::initializer_list<int64_t> b) {
 // index [..., nb_m] / [..., nb_m, nb_k]; fills the shape. Returns an error message or "".
 std::string check_kgather(const char* op, ffi::AnyBuffer x, ffi::AnyBuffer::Dimensions counts,
                           ffi::AnyBuffer::Dimensions indices, int64_t n, int64_t tile_m, int64_t tile_k,
-                          KGatherShape* s) {
+                          KGatherShape* s, bool x_transposed = false) {
   MatrixView xv;
   if (!matrix_view(x.dimensions(), &xv)) return std::string(op) + ": x must have rank >= 2";
+  if (x_transposed) std::swap(xv.rows, xv.cols);  // the buffer holds xᵀ [..., K, M]
   if (tile_m <= 0 || tile_k <= 0 || tile_m % kGroupRows != 0)
     return std::string(op) + ": tile_m must be a positive multiple of 32 and tile_k positive";
   *s = make_kgather_shape(xv.batch, xv.rows, xv.cols, n, tile_m, tile_k);
@@ -857,14 +879,17 @@ std::string check_forward_operands(const char* op, const KGatherShape& s, ffi::A
   return "";
 }
 
+// y = x @ w on x's row index; x_transposed: the buffer holds xᵀ [..., K, M] (dense_sparse's weight),
+// which pack reads in place.
 ffi::Error SparseDenseCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> counts,
                            ffi::Buffer<ffi::S32> indices, ffi::Result<ffi::AnyBuffer> y,
-                           ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t tile_m, int64_t tile_k) {
+                           ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t tile_m, int64_t tile_k,
+                           bool x_transposed) {
   const auto wd = w.dimensions();
   if (wd.size() != 2) return ffi::Error::InvalidArgument("pit_sparse_dense: w must be a matrix [K, N]");
   KGatherShape s;
   const std::string msg = check_kgather("pit_sparse_dense", x, counts.dimensions(), indices.dimensions(), wd[1],
-                                        tile_m, tile_k, &s);
+                                        tile_m, tile_k, &s, x_transposed);
   if (!msg.empty()) return ffi::Error::InvalidArgument(msg);
   if (!fits_launch_limits(s, ForwardConfig<float>::kBN))
     return ffi::Error::InvalidArgument("pit_sparse_dense: x and w are too large for one launch (more than 2^31 - 1 "
@@ -877,7 +902,8 @@ ffi::Error SparseDenseCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer
   bool known;
   const cudaError_t err = dispatch_dtype(x.element_type(), [&](auto tag) {
     return launch_forward<decltype(tag)>(stream, s, x.untyped_data(), w.untyped_data(), counts.typed_data(),
-                                         indices.typed_data(), y->untyped_data(), workspace->typed_data());
+                                         indices.typed_data(), y->untyped_data(), workspace->typed_data(),
+                                         x_transposed);
   }, &known);
   return dispatch_outcome("pit_sparse_dense", known, err);
 }
@@ -1079,7 +1105,7 @@ ffi::Error SparseNtCuda(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuffer w
       .Attr<int64_t>("tile_m")                                              \
       .Attr<int64_t>("tile_k")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseDenseCuda, pit::SparseDenseCuda, PIT_KGATHER_BINDING,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseDenseCuda, pit::SparseDenseCuda, PIT_KGATHER_BINDING.Attr<bool>("x_transposed"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnCuda, pit::SparseTnCuda, PIT_KGATHER_BINDING,
                               {xla::ffi::Traits::kCmdBufferCompatible});
