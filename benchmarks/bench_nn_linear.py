@@ -33,15 +33,17 @@ def forward_fn(module):
 
 
 def step_fn(module):
-    """Loss and its gradient w.r.t. the parameters and x. The loss weighs y by a fixed random
-    array, so dy is dense: with sum(y), XLA rewrites the dense layer's dot with a broadcast dy as a
-    reduction, which no real loss allows."""
+    """Loss and its gradient w.r.t. the parameters and x. The loss is ½·Σ c ⊙ y² with a fixed
+    random c, so dy = c ⊙ y: dense, full rank and different for every input. (Until session 37 the
+    loss was linear in y, Σ c ⊙ y: its dy was the same array for every input, so XLA computed
+    dx = dy·Wᵀ once for the step's 4 inputs, on both sides, and the step times undercounted dx;
+    with sum(y), XLA also rewrites the dense layer's dot as a reduction.)"""
     graphdef, state = nnx.split(module)
-    weights = jax.random.normal(jax.random.PRNGKey(7), (module.out_features,), jnp.float32)
+    c = jax.random.normal(jax.random.PRNGKey(7), (module.out_features,), jnp.float32)
 
     def loss(state, x):
         y = nnx.merge(graphdef, state)(x).astype(jnp.float32)
-        return jnp.sum(y * weights * jnp.cos(jnp.arange(y.shape[-2], dtype=jnp.float32))[:, None])
+        return 0.5 * jnp.sum(c * jnp.square(y))
     step = lambda state, x: jax.value_and_grad(loss, argnums=(0, 1))(state, x)
     return jax.jit(lambda state, xs: [step(state, x) for x in xs]), state
 
@@ -125,8 +127,8 @@ def main():
         "bf16; SparseLinear: x ReLU-like with random 32x1 tiles zero at the given sparsity, bare = "
         "`sparse_dense(x, kernel) + bias` without the module; PrunedLinear: dense x, kernel pruned to "
         "(1 - sparsity) of its 1x32 tiles by magnitude inside every call, bare = `dense_sparse(x, pruned) + bias` "
-        "with the pruned kernel made once (no mask in the call); step = forward, loss (y weighted by a fixed "
-        "random array, so dy is dense) and its gradient w.r.t. the parameters and x; dW device = the same step "
+        "with the pruned kernel made once (no mask in the call); step = forward, loss ½·Σ c·y² (c a fixed "
+        "random row, so dy = c·y is dense and differs per input) and its gradient w.r.t. the parameters and x; dW device = the same step "
         "compiled with PIT_KGATHER_DW=device (SparseLinear's dW by the products path or the gated dense GEMM); rel err = relative L2 error of the forward against nnx.Linear (SparseLinear) or "
         "x @ (pruned kernel) in XLA (PrunedLinear)",
         ["layer", "shape", "sparsity", "nnx.Linear ms", "pit ms", "speedup", "bare op ms",

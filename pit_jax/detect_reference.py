@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .tile_index import TileIndex
+from .tile_index import TileIndex, tile_index_from_mask
 
 
 def tile_mask(x: jax.Array, tile) -> jax.Array:
@@ -22,17 +22,4 @@ def tile_mask(x: jax.Array, tile) -> jax.Array:
 
 
 def detect_reference(x: jax.Array, tile=(32, 1), *, layout: str = "row") -> TileIndex:
-    mask = tile_mask(x, tile)
-    if layout == "col":
-        mask = jnp.swapaxes(mask, -1, -2)
-    n_inner = mask.shape[-1]
-    counts = mask.sum(-1, dtype=jnp.int32)
-    offsets = jnp.concatenate(
-        [jnp.zeros((*counts.shape[:-1], 1), jnp.int32), jnp.cumsum(counts, -1, dtype=jnp.int32)], -1)
-
-    def row_nonzero(row):
-        return jnp.nonzero(row, size=n_inner, fill_value=-1)[0].astype(jnp.int32)
-
-    flat = mask.reshape(-1, n_inner)
-    indices = jax.vmap(row_nonzero)(flat).reshape(mask.shape)
-    return TileIndex(counts, offsets, indices, tuple(x.shape[-2:]), tuple(tile), layout)
+    return tile_index_from_mask(tile_mask(x, tile), tuple(x.shape[-2:]), tuple(tile), layout)

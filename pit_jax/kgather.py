@@ -28,7 +28,7 @@ from jax.interpreters import ad, batching, mlir
 from . import _primitive, kgather_cuda
 from .detect import detect
 from .kgather_reference import F32, sparse_dense_ref, sparse_nt_ref, sparse_tn_ref, sum_tn
-from .tile_index import TileIndex
+from .tile_index import TileIndex, tile_index_from_mask
 
 sparse_dense_p = _primitive.make_primitive("pit_sparse_dense", multiple_results=False)
 sparse_tn_p = _primitive.make_primitive("pit_sparse_tn", multiple_results=False)
@@ -403,8 +403,5 @@ def dense_sparse(x, w, *, tile=None, index: TileIndex | None = None, grad: str =
 
 def _transpose_index(index: TileIndex) -> TileIndex:
     """The index of the transposed matrix (row layout), rebuilt from the tile mask on device."""
-    from .detect_reference import detect_reference  # jnp compaction of a (small) tile mask
-    mask_t = jnp.swapaxes(index.to_mask(), -1, -2).astype(jnp.float32)
-    idx = detect_reference(mask_t, (1, 1), layout="row")
     (m, k), (tm, tk) = index.shape, index.tile
-    return TileIndex(idx.counts, idx.offsets, idx.indices, (k, m), (tk, tm), "row")
+    return tile_index_from_mask(jnp.swapaxes(index.to_mask(), -1, -2), (k, m), (tk, tm), "row")

@@ -58,15 +58,8 @@ def kept_tile_count(density, tiles):
     return jnp.clip(count, 1, tiles).astype(jnp.int32)
 
 
-def tile_magnitude_mask(w, tile, density):
-    """Boolean [K, N] mask keeping the micro-tiles of `w` with the largest L2 norms.
-
-    `tile` = (tk, tn) as in `dense_sparse`; edge tiles of a K or N that is not a multiple of the
-    tile count as tiles of the elements they have. The ceil(density · tiles) largest norms are
-    kept (`kept_tile_count`; at least one), and every tile tied with the smallest kept norm as
-    well. A traced `density` is clipped into [0, 1]. The mask carries no gradient.
-    """
-    _check("tile_magnitude_mask", w, tile, density)
+def _kept_tiles(w, tile, density):
+    """(boolean tile mask [ceil(K/tk), ceil(N/tn)], the tile clamped to w's shape)."""
     k, n = w.shape
     tk, tn = min(int(tile[0]), k), min(int(tile[1]), n)
     bk, bn = -(-k // tk), -(-n // tn)
@@ -76,7 +69,25 @@ def tile_magnitude_mask(w, tile, density):
     tiles = bk * bn
     ascending = jnp.sort(norms.reshape(-1))
     threshold = ascending[tiles - kept_tile_count(density, tiles)]
-    keep = norms >= threshold
+    return norms >= threshold, (tk, tn)
+
+
+def tile_magnitude_mask(w, tile, density, *, tiles: bool = False):
+    """Boolean [K, N] mask keeping the micro-tiles of `w` with the largest L2 norms.
+
+    `tile` = (tk, tn) as in `dense_sparse`; edge tiles of a K or N that is not a multiple of the
+    tile count as tiles of the elements they have. The ceil(density · tiles) largest norms are
+    kept (`kept_tile_count`; at least one), and every tile tied with the smallest kept norm as
+    well. A traced `density` is clipped into [0, 1]. The mask carries no gradient.
+
+    tiles=True: the tile mask [ceil(K/tk), ceil(N/tn)] itself (one entry per micro-tile, the tile
+    clamped to w's shape), e.g. for `pit_jax.tile_index_from_mask`.
+    """
+    _check("tile_magnitude_mask", w, tile, density)
+    keep, (tk, tn) = _kept_tiles(w, tile, density)
+    if tiles:
+        return keep
+    k, n = w.shape
     return jnp.repeat(jnp.repeat(keep, tk, axis=0), tn, axis=1)[:k, :n]
 
 

@@ -5,6 +5,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LAYOUTS = ("row", "col")
 
@@ -68,6 +69,34 @@ class TileIndex:
     def element_mask(self) -> jax.Array:
         """Boolean [..., M, K]: True on the elements covered by a nonzero micro-tile."""
         return element_mask_from_indices(self.indices, self.shape, self.tile, self.layout)
+
+
+def tile_index_from_mask(mask: jax.Array, shape, tile, layout: str = "row") -> TileIndex:
+    """The TileIndex of an array of `shape` (M, K) whose nonzero micro-tiles of `tile` are True in
+    the boolean tile mask `mask` [..., ceil(M/tm), ceil(K/tk)]: the index `detect` would give for
+    values nonzero exactly there, built from the (small) tile mask by a jnp compaction on device,
+    without the array itself. For a mask a caller already has (magnitude pruning, a fixed pattern),
+    so no element mask is expanded and read again."""
+    (m, k), (tm, tk) = shape, tile
+    if layout not in LAYOUTS:
+        raise ValueError(f"pit_jax.tile_index_from_mask: layout must be one of {LAYOUTS}, got {layout!r}")
+    if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t > 0 for t in (tm, tk)):
+        raise ValueError(f"pit_jax.tile_index_from_mask: tile must be a pair of positive ints, got {tuple(tile)}")
+    grid = (-(-m // tm), -(-k // tk))
+    if not hasattr(mask, "shape") or len(mask.shape) < 2 or tuple(mask.shape[-2:]) != grid:
+        raise ValueError(f"pit_jax.tile_index_from_mask: mask must have shape [..., {grid[0]}, {grid[1]}] "
+                         f"(the tile grid of shape {tuple(shape)} with tile {tuple(tile)}), got "
+                         f"{getattr(mask, 'shape', type(mask).__name__)}")
+    mask = jnp.asarray(mask).astype(bool)
+    if layout == "col":
+        mask = jnp.swapaxes(mask, -1, -2)
+    n_inner = mask.shape[-1]
+    counts = mask.sum(-1, dtype=jnp.int32)
+    offsets = jnp.concatenate(
+        [jnp.zeros((*counts.shape[:-1], 1), jnp.int32), jnp.cumsum(counts, -1, dtype=jnp.int32)], -1)
+    row_nonzero = lambda row: jnp.nonzero(row, size=n_inner, fill_value=-1)[0].astype(jnp.int32)
+    indices = jax.vmap(row_nonzero)(mask.reshape(-1, n_inner)).reshape(mask.shape)
+    return TileIndex(counts, offsets, indices, (m, k), (int(tm), int(tk)), layout)
 
 
 def tile_mask_from_indices(indices: jax.Array, layout: str) -> jax.Array:

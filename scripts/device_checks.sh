@@ -508,6 +508,15 @@ sparse_nt)  # session 36: pit_sparse_nt (x's masked cotangent; dense_sparse(grad
   fi
   timeout -k 5 ${BENCH_TIMEOUT:-240} python3 benchmarks/bench_nn_linear.py --layers ${LAYERS:-sparse pruned} --out $OUT/nn_linear 2>&1 | grep -E "^\| [SP]|Error" | tee -a $LOG
   echo "bench $((SECONDS-t0))s" ;;
+tpack)  # session 37: dense_sparse hands w to the kernels as it is (pack reads wᵀ's columns from w's rows): the k-gather
+       # and nn linear suites on the GPU (TESTS=0 skips), memcheck over the bf16 transposed-pack tests at 0.5 (chunks of
+       # 10; SAN=0 skips). No racecheck: pack has no shared memory and the GEMM kernel did not change
+  [[ "${TESTS:-1}" == 1 ]] && pytest_gpu ${TEST_TIMEOUT:-300} tests/test_kgather_kernels.py tests/test_kgather.py \
+    tests/test_kgather_fused.py tests/test_nn_linear.py -k "not cpu"
+  if [[ "${SAN:-1}" == 1 ]]; then
+    SAN_TIMEOUT=150 run_tool_chunks memcheck all tests/test_kgather_kernels.py \
+      "gpu and transposed_pack_matches and bfloat16 and 0.5" 0 10
+  fi ;;
 pruned_profile)  # session 37: per-kernel device times of PrunedLinear 4096² (forward, step), nnx.Linear and the bare
                 # dense_sparse + bias (JAX profiler), at SPARSITY (default 0.95); SWITCH="NAME A B" for an A/B
   PYTHONPATH=benchmarks timeout -k 5 ${BENCH_TIMEOUT:-240} python3 -P benchmarks/profile_pruned_linear.py \

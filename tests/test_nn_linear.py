@@ -282,3 +282,47 @@ def test_pruning_bad_input(args, exc, words):
         pit_jax.tile_magnitude_mask(*args)
     with pytest.raises(exc, match=words):
         pit_jax.prune_tiles_by_magnitude(*args)
+
+
+@pytest.mark.parametrize("wshape, tile", [((70, 45), (1, 8)), ((64, 96), (1, 32)), ((33, 20), (4, 3))], ids=str)
+@pytest.mark.parametrize("density", [0.05, 0.71, 1.0])
+def test_tile_magnitude_mask_tiles_expand_to_the_mask(wshape, tile, density):
+    """tiles=True gives the tile grid whose expansion is the element mask."""
+    w = np.random.default_rng(stable_seed("tiles", wshape, tile, density)).standard_normal(wshape).astype(np.float32)
+    keep = np.asarray(pit_jax.tile_magnitude_mask(w, tile, density, tiles=True))
+    tk, tn = min(tile[0], wshape[0]), min(tile[1], wshape[1])
+    assert keep.shape == (-(-wshape[0] // tk), -(-wshape[1] // tn))
+    expanded = np.repeat(np.repeat(keep, tk, 0), tn, 1)[:wshape[0], :wshape[1]]
+    np.testing.assert_array_equal(expanded, np.asarray(pit_jax.tile_magnitude_mask(w, tile, density)))
+
+
+@pytest.mark.parametrize("shape, tile", [((70, 45), (1, 8)), ((64, 96), (32, 1)), ((33, 20), (4, 3)),
+                                         ((5, 7), (2, 3))], ids=str)
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("lead", [(), (3,)], ids=str)
+def test_tile_index_from_mask_is_detects_index(backend, shape, tile, layout, lead):
+    """The index built from a tile mask equals detect's on an array nonzero exactly on those tiles
+    (under jit, with leading dims, empty and full rows of tiles)."""
+    rng = np.random.default_rng(stable_seed("from_mask", shape, tile, layout, lead))
+    grid = (-(-shape[0] // tile[0]), -(-shape[1] // tile[1]))
+    mask = rng.random((*lead, *grid)) < 0.4
+    mask[..., 0, :] = True
+    mask[..., -1, :] = False
+    x = np.repeat(np.repeat(mask, tile[0], -2), tile[1], -1)[..., :shape[0], :shape[1]].astype(np.float32)
+    x *= rng.standard_normal(x.shape).astype(np.float32) + 3.0
+    got = jax.jit(lambda m: pit_jax.tile_index_from_mask(m, shape, tile, layout))(mask)
+    want = pit_jax.detect(x, tile, layout=layout)
+    assert (got.shape, got.tile, got.layout) == (want.shape, want.tile, want.layout)
+    for a, b in ((got.counts, want.counts), (got.offsets, want.offsets), (got.indices, want.indices)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("args, words", [
+    ((np.ones((3, 4), bool), (10, 10), (4, 4)), "mask must have shape"),
+    ((np.ones((3, 3), bool), (10, 10), (4, 0)), "tile must be"),
+    ((np.ones((3, 3), bool), (10, 10), (4, 4), "diag"), "layout"),
+    ((np.ones(3, bool), (10, 10), (4, 4)), "mask must have shape"),
+])
+def test_tile_index_from_mask_bad_input(args, words):
+    with pytest.raises(ValueError, match=words):
+        pit_jax.tile_index_from_mask(*args)

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..detect import detect
 from ..kgather import dense_sparse, sparse_dense
 from ..pruning import check_tile_and_density, tile_magnitude_mask
+from ..tile_index import tile_index_from_mask
 
 _default_kernel_init = nnx.initializers.lecun_normal()
 _default_bias_init = nnx.initializers.zeros_init()
@@ -122,15 +122,18 @@ class PrunedLinear(_TileSparseLinear):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         rows, kernel, dtype = self._operands(x)
-        keep = self.mask()
+        k, n = kernel.shape
+        tile = (min(self.tile[0], k), min(self.tile[1], n))
+        keep_tiles = tile_magnitude_mask(kernel, self.tile, self.density, tiles=True)
+        keep = jnp.repeat(jnp.repeat(keep_tiles, tile[0], axis=0), tile[1], axis=1)[:k, :n]
         if self.grad == "dense":  # forward: the pruned kernel; gradient: identity to every weight
             w = kernel - jax.lax.stop_gradient(jnp.where(keep, jnp.zeros((), kernel.dtype), kernel))
         else:
             w = jnp.where(keep, kernel, jnp.zeros((), kernel.dtype))
         # The index is the mask's, not detected from w's values: a kept tile that is zero (a zero
-        # init, or small weights rounded to zero in `dtype`) still gets its gradient.
-        k, n = kernel.shape
-        index = detect(keep.astype(jnp.bfloat16), (min(self.tile[0], k), min(self.tile[1], n)), layout="row")
+        # init, or small weights rounded to zero in `dtype`) still gets its gradient. It is built
+        # from the tile mask itself (no pass over an expanded [K, N] mask).
+        index = tile_index_from_mask(keep_tiles, (k, n), tile, "row")
         y = dense_sparse(rows, w.astype(dtype), index=index, grad=self.grad)
         return self._finish(y, x.shape, dtype)
 
