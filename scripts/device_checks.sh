@@ -517,6 +517,23 @@ tpack)  # session 37: dense_sparse hands w to the kernels as it is (pack reads w
     SAN_TIMEOUT=150 run_tool_chunks memcheck all tests/test_kgather_kernels.py \
       "gpu and transposed_pack_matches and bfloat16 and 0.5" 0 10
   fi ;;
+tpack2)  # session 37, second run: the transposed-pack tests at 0.5 and 1.0 sparsity (bf16, fp32) and under vmap of w,
+        # the PrunedLinear / tile-index tests, then memcheck over the transposed-pack chunks whose tool process crashed
+        # in the first run (tests 10..29 of the bf16 0.5 selection, chunks of 5); then PART=pruned_profile's A/B
+        # (SWITCH) unless PROFILE=0. Full pytest logs in $OUT/tests_*.log
+  pytest_gpu ${TEST_TIMEOUT:-240} tests/test_kgather_kernels.py \
+    -k "gpu and ((transposed_pack_matches and (0.5 or 1.0) and not float16) or under_vmap_of_w)"
+  cp /tmp/tests.log $OUT/tests_tpack.log
+  pytest_gpu 120 tests/test_nn_linear.py -k "gpu and (pruned or from_mask)"
+  cp /tmp/tests.log $OUT/tests_nn.log
+  SAN_TIMEOUT=100 run_tool_chunks memcheck all tests/test_kgather_kernels.py \
+    "gpu and transposed_pack_matches and bfloat16 and 0.5" 10 5 30
+  if [[ "${PROFILE:-1}" == 1 ]]; then
+    PYTHONPATH=benchmarks timeout -k 5 ${BENCH_TIMEOUT:-200} python3 -P benchmarks/profile_pruned_linear.py \
+      --sparsity ${SPARSITY:-0.95} --switch ${SWITCH:-PIT_KGATHER_TRANSPOSED_PACK 0 1} --out $OUT/pruned_profile 2>&1 \
+      | tee -a $LOG | grep -E "^###"
+    echo "profile $((SECONDS-t0))s"
+  fi ;;
 pruned_profile)  # session 37: per-kernel device times of PrunedLinear 4096² (forward, step), nnx.Linear and the bare
                 # dense_sparse + bias (JAX profiler), at SPARSITY (default 0.95); SWITCH="NAME A B" for an A/B
   PYTHONPATH=benchmarks timeout -k 5 ${BENCH_TIMEOUT:-240} python3 -P benchmarks/profile_pruned_linear.py \

@@ -455,3 +455,19 @@ def test_transposed_pack_switch_rejects_unknown_values(monkeypatch):
     w = jnp.ones((128, 96), jnp.bfloat16)
     with pytest.raises(ValueError, match="PIT_KGATHER_TRANSPOSED_PACK"):
         jax.jit(lambda x, w: pit_jax.dense_sparse(x, w)).trace(x, w).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("n", [75, 256])
+def test_dense_sparse_transposed_pack_under_vmap_of_w(backend, n):
+    """A batch of weights under vmap: the transposed operand gets a leading batch dim (pack's batch
+    offsets over w's [B, K, N] buffer), each member with its own detected index."""
+    rng = np.random.default_rng(stable_seed("ds_tpack_vmap", n))
+    x = (rng.standard_normal((2, 24, 136)) + 0.1).astype(DTYPES["bfloat16"])
+    ws = np.stack([random_tile_sparse(rng, (136, n), (1, 32), sp, "bfloat16") for sp in (0.3, 0.9, 1.0)])
+    ys = jax.jit(jax.vmap(lambda w: pit_jax.dense_sparse(x, w)))(ws)
+    for i in range(len(ws)):
+        want = np.asarray(x, np.float64) @ np.asarray(ws[i], np.float64)
+        if i == 2:
+            np.testing.assert_array_equal(np.asarray(ys[i], np.float32), 0)
+        else:
+            assert _rel_err(ys[i], want) < TOL["bfloat16"]
