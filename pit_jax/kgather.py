@@ -91,6 +91,18 @@ def _dense_matmul(a, b, out_dtype):
     return jnp.matmul(a, b, preferred_element_type=F32).astype(out_dtype)
 
 
+def _dense_tangent_matmul(a, b, out_dtype):
+    """a @ b on a tangent, which JAX transposes by itself (dx = dy @ bᵀ under grad). On CUDA a
+    16-bit product stays in its dtype (XLA's GPU GEMM accumulates in fp32 and rounds once, as
+    nnx.Linear's dot): with preferred_element_type=float32 and a cast back, the transpose
+    multiplies an fp32 cotangent by b promoted to fp32, an fp32 GEMM on the GPU (session 37 found
+    SparseLinear's dx lowered that way). Elsewhere fp32 accumulation is asked for (XLA:CPU)."""
+    if jnp.dtype(a.dtype).itemsize != 2 or a.dtype != b.dtype:
+        return _dense_matmul(a, b, out_dtype)
+    return jax.lax.platform_dependent(a, b, cuda=lambda a, b: jnp.matmul(a, b).astype(out_dtype),
+                                      default=lambda a, b: _dense_matmul(a, b, out_dtype))
+
+
 def _sparse_dense_jvp(primals, tangents, **params):
     x, w, counts, offsets, indices = primals
     dx, dw = tangents[:2]
@@ -99,7 +111,7 @@ def _sparse_dense_jvp(primals, tangents, **params):
     if type(dx) is not ad.Zero and params["masked_grad"]:  # the caller keeps x's tangent on its tiles
         dy = sparse_dense_p.bind(dx, w, counts, offsets, indices, **{**params, "exact": False})
     elif type(dx) is not ad.Zero:  # a tangent of x need not be zero where x is: dense
-        dy = _dense_matmul(_logical(dx, params["x_transposed"]), w, y.dtype)
+        dy = _dense_tangent_matmul(_logical(dx, params["x_transposed"]), w, y.dtype)
     if type(dw) is not ad.Zero:
         t = sparse_dense_p.bind(x, dw, counts, offsets, indices, **params)
         dy = t if dy is None else dy + t

@@ -1,5 +1,6 @@
 """sparse_dense / dense_sparse: values against a float64 reference, autodiff, vmap, export, errors."""
 import math
+import re
 import warnings
 
 import jax
@@ -425,3 +426,25 @@ def test_dense_dw_skips_the_mask_when_the_index_is_from_x(monkeypatch):
     given = lower(lambda x, w, i: jnp.sum(pit_jax.sparse_dense(x, w, index=i).astype(jnp.float32)), x, w,
                   jax.eval_shape(lambda x: pit_jax.detect(x, (32, 1)), x))
     assert "stablehlo.scatter" in given
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("op", ["sparse_dense", "dense_sparse_dense_grad"])
+def test_half_gradients_lower_to_half_gemms_on_cuda(op, dtype):
+    """The dense dx of a 16-bit sparse_dense (and w's gradient under dense_sparse(grad="dense"))
+    is a GEMM in that dtype on CUDA, like a dense layer's: no dot_general of fp32 operands. Until
+    session 37 the tangent's fp32-accumulated product made JAX's transpose of it multiply an fp32
+    cotangent by w promoted to fp32."""
+    x = jnp.ones((256, 1024), dtype)
+    w = jnp.ones((1024, 256), dtype)
+    if op == "sparse_dense":
+        f = lambda x, w: pit_jax.sparse_dense(x, w)
+    else:
+        f = lambda x, w: pit_jax.dense_sparse(x, w, grad="dense")
+    loss = lambda x, w: 0.5 * jnp.sum(jnp.square(f(x, w).astype(jnp.float32)))
+    hlo = jax.jit(jax.grad(loss, (0, 1))).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    dots = [line for line in hlo.splitlines() if "dot_general" in line]
+    assert dots and not any(re.search(r":\s*\(tensor<[0-9x]*xf32>, tensor<[0-9x]*xf32>\)", d) for d in dots), dots
+    # the CPU path keeps fp32 accumulation and the values agree with float64
+    gx, gw = jax.jit(jax.grad(loss, (0, 1)))(x, w)
+    assert gx.dtype == jnp.dtype(dtype) and gw.dtype == jnp.dtype(dtype)
