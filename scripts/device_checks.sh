@@ -529,16 +529,30 @@ tpack2)  # session 37, second run: the transposed-pack tests at 0.5 and 1.0 spar
   SAN_TIMEOUT=100 run_tool_chunks memcheck all tests/test_kgather_kernels.py \
     "gpu and transposed_pack_matches and bfloat16 and 0.5" 10 5 30
   if [[ "${PROFILE:-1}" == 1 ]]; then
-    PYTHONPATH=benchmarks timeout -k 5 ${BENCH_TIMEOUT:-200} python3 -P benchmarks/profile_pruned_linear.py \
-      --sparsity ${SPARSITY:-0.95} --switch ${SWITCH:-PIT_KGATHER_TRANSPOSED_PACK 0 1} --out $OUT/pruned_profile 2>&1 \
+    PYTHONPATH=benchmarks timeout -k 5 ${BENCH_TIMEOUT:-200} python3 -P benchmarks/profile_nn_linear.py \
+      --layer pruned --sparsity ${SPARSITY:-0.95} --switch ${SWITCH:-PIT_KGATHER_TRANSPOSED_PACK 0 1} --out $OUT/pruned_profile 2>&1 \
       | tee -a $LOG | grep -E "^###"
     echo "profile $((SECONDS-t0))s"
   fi ;;
-pruned_profile)  # session 37: per-kernel device times of PrunedLinear 4096² (forward, step), nnx.Linear and the bare
-                # dense_sparse + bias (JAX profiler), at SPARSITY (default 0.95); SWITCH="NAME A B" for an A/B
-  PYTHONPATH=benchmarks timeout -k 5 ${BENCH_TIMEOUT:-240} python3 -P benchmarks/profile_pruned_linear.py \
-    --sparsity ${SPARSITY:-0.95} ${SWITCH:+--switch $SWITCH} --out $OUT/pruned_profile 2>&1 | tee -a $LOG | tail -120
+pruned_profile)  # session 37: per-kernel device times of an nn linear layer (LAYER=pruned (default): PrunedLinear 4096²;
+                # LAYER=sparse: SparseLinear at OPT fc2) forward and step, nnx.Linear and the bare op (JAX profiler), at
+                # SPARSITY (default 0.95); SWITCH="NAME A B" for an A/B
+  PYTHONPATH=benchmarks timeout -k 5 ${BENCH_TIMEOUT:-240} python3 -P benchmarks/profile_nn_linear.py --layer ${LAYER:-pruned} \
+    --sparsity ${SPARSITY:-0.95} ${SWITCH:+--switch $SWITCH} --out $OUT/nn_profile 2>&1 | tee -a $LOG | tail -120
   echo "profile $((SECONDS-t0))s" ;;
+dx_fix)  # prepared in session 37, not yet run: the 16-bit dense dx on CUDA (_dense_tangent_matmul) and what session 37
+        # left unchecked. GPU tests of the gradient paths and the nn layers; memcheck over the 10 given-index
+        # transposed-pack tests whose tool process crashed in session 37 (chunks of 2); bench_nn_linear; the SparseLinear
+        # step's kernels (profile_nn_linear --layer sparse). About 120 s build + 400 s.
+  pytest_gpu 200 tests/test_kgather.py tests/test_nn_linear.py -k "not cpu and (half_gradients or grad or sparse_linear or SparseLinear or pruned)"
+  SAN_TIMEOUT=90 run_tool_chunks memcheck all tests/test_kgather_kernels.py \
+    "gpu and transposed_pack_matches and bfloat16 and 0.5" 15 2 20
+  SAN_TIMEOUT=90 run_tool_chunks memcheck all tests/test_kgather_kernels.py \
+    "gpu and transposed_pack_matches and bfloat16 and 0.5" 25 2 30
+  timeout -k 5 ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_nn_linear.py --out $OUT/nn_linear 2>&1 | grep -E "^\| [SP]|Error" | tee -a $LOG
+  PYTHONPATH=benchmarks timeout -k 5 100 python3 -P benchmarks/profile_nn_linear.py --layer sparse --sparsity 0.95 \
+    --out $OUT/nn_profile 2>&1 | tee -a $LOG | grep -E "^###"
+  echo "dx_fix $((SECONDS-t0))s" ;;
 nn_linear)  # session 36: pit_jax.nn.SparseLinear / PrunedLinear and the pruning functions on the GPU, memcheck over
            # their GPU tests (chunks of 8), bench_nn_linear ($OUT/nn_linear); KGATHER=1 adds the k-gather suites
   [[ "${TESTS:-1}" == 1 ]] && pytest_gpu 200 tests/test_nn_linear.py
