@@ -434,17 +434,37 @@ def test_half_gradients_lower_to_half_gemms_on_cuda(op, dtype):
     """The dense dx of a 16-bit sparse_dense (and w's gradient under dense_sparse(grad="dense"))
     is a GEMM in that dtype on CUDA, like a dense layer's: no dot_general of fp32 operands. Until
     session 37 the tangent's fp32-accumulated product made JAX's transpose of it multiply an fp32
-    cotangent by w promoted to fp32."""
-    x = jnp.ones((256, 1024), dtype)
-    w = jnp.ones((1024, 256), dtype)
+    cotangent by w promoted to fp32. The values (CPU path) agree with float64."""
+    if not pit_jax.cuda_available():
+        pytest.skip("the CUDA lowering needs the CUDA module")
+    rng = np.random.default_rng(stable_seed("half_grads", op, dtype))
     if op == "sparse_dense":
+        x = random_tile_sparse(rng, (256, 1024), (32, 1), 0.7, dtype)
+        w = (rng.standard_normal((1024, 256)) + 0.1).astype(DTYPES[dtype])
         f = lambda x, w: pit_jax.sparse_dense(x, w)
     else:
+        x = (rng.standard_normal((256, 1024)) + 0.1).astype(DTYPES[dtype])
+        w = random_tile_sparse(rng, (1024, 256), (1, 32), 0.7, dtype)
         f = lambda x, w: pit_jax.dense_sparse(x, w, grad="dense")
-    loss = lambda x, w: 0.5 * jnp.sum(jnp.square(f(x, w).astype(jnp.float32)))
+    c = rng.standard_normal(256).astype(np.float32)
+    loss = lambda x, w: 0.5 * jnp.sum(c * jnp.square(f(x, w).astype(jnp.float32)))
     hlo = jax.jit(jax.grad(loss, (0, 1))).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
     dots = [line for line in hlo.splitlines() if "dot_general" in line]
     assert dots and not any(re.search(r":\s*\(tensor<[0-9x]*xf32>, tensor<[0-9x]*xf32>\)", d) for d in dots), dots
-    # the CPU path keeps fp32 accumulation and the values agree with float64
     gx, gw = jax.jit(jax.grad(loss, (0, 1)))(x, w)
-    assert gx.dtype == jnp.dtype(dtype) and gw.dtype == jnp.dtype(dtype)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    dy = c * (x64 @ w64)
+    for got, want in ((gx, dy @ w64.T), (gw, x64.T @ dy)):
+        assert got.dtype == jnp.dtype(dtype)
+        err = np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want)
+        assert err < 2e-2, err
+
+
+def test_half_gradient_platform_choice_compiles_away(backend):
+    """_dense_tangent_matmul chooses its product with lax.platform_dependent: the compiled step
+    for this backend keeps no conditional (the choice is a constant once lowered)."""
+    x = jnp.ones((64, 128), jnp.bfloat16)
+    w = jnp.ones((128, 96), jnp.bfloat16)
+    loss = lambda x, w: jnp.sum(jnp.square(pit_jax.sparse_dense(x, w).astype(jnp.float32)))
+    compiled = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
+    assert "conditional" not in compiled

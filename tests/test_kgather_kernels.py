@@ -437,6 +437,8 @@ def test_dense_sparse_transposed_pack_matches_float64(backend, monkeypatch, mode
 def test_dense_sparse_transposed_pack_lowering(mode, copies, monkeypatch):
     """With the transposed pack the CUDA lowering hands w to pit_sparse_dense as it is (no
     transpose of w before the call); with PIT_KGATHER_TRANSPOSED_PACK=0 it makes the copy."""
+    if not pit_jax.cuda_available():
+        pytest.skip("the CUDA lowering needs the CUDA module")
     monkeypatch.setenv("PIT_KGATHER_TRANSPOSED_PACK", mode)
     x = jnp.ones((64, 128), jnp.bfloat16)
     w = jnp.ones((128, 96), jnp.bfloat16)
@@ -450,6 +452,8 @@ def test_dense_sparse_transposed_pack_lowering(mode, copies, monkeypatch):
 
 
 def test_transposed_pack_switch_rejects_unknown_values(monkeypatch):
+    if not pit_jax.cuda_available():
+        pytest.skip("the CUDA lowering needs the CUDA module")
     monkeypatch.setenv("PIT_KGATHER_TRANSPOSED_PACK", "yes")
     x = jnp.ones((64, 128), jnp.bfloat16)
     w = jnp.ones((128, 96), jnp.bfloat16)
@@ -457,17 +461,33 @@ def test_transposed_pack_switch_rejects_unknown_values(monkeypatch):
         jax.jit(lambda x, w: pit_jax.dense_sparse(x, w)).trace(x, w).lower(lowering_platforms=("cuda",))
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("tile", [(1, 32), (1, 8)], ids=str)
 @pytest.mark.parametrize("n", [75, 256])
-def test_dense_sparse_transposed_pack_under_vmap_of_w(backend, n):
+def test_dense_sparse_transposed_pack_under_vmap_of_w(backend, dtype, tile, n):
     """A batch of weights under vmap: the transposed operand gets a leading batch dim (pack's batch
-    offsets over w's [B, K, N] buffer), each member with its own detected index."""
-    rng = np.random.default_rng(stable_seed("ds_tpack_vmap", n))
-    x = (rng.standard_normal((2, 24, 136)) + 0.1).astype(DTYPES["bfloat16"])
-    ws = np.stack([random_tile_sparse(rng, (136, n), (1, 32), sp, "bfloat16") for sp in (0.3, 0.9, 1.0)])
-    ys = jax.jit(jax.vmap(lambda w: pit_jax.dense_sparse(x, w)))(ws)
+    offsets over w's [B, K, N] buffer), each member with its own detected index; forward and the
+    gradients of Σ c·y with respect to x and the batch of w (masked), against float64."""
+    rng = np.random.default_rng(stable_seed("ds_tpack_vmap", dtype, tile, n))
+    x = (rng.standard_normal((2, 24, 136)) + 0.1).astype(DTYPES[dtype])
+    ws = np.stack([random_tile_sparse(rng, (136, n), tile, sp, dtype) for sp in (0.3, 0.9, 1.0)])
+    c = rng.standard_normal((3, 2, 24, n)).astype(np.float32)
+    f = jax.vmap(lambda w: pit_jax.dense_sparse(x, w, tile=tile))
+    ys = jax.jit(f)(ws)
+    loss = lambda x_, ws_: jnp.sum(c * jax.vmap(lambda w: pit_jax.dense_sparse(x_, w, tile=tile))(ws_)
+                                   .astype(jnp.float32))
+    gx, gws = jax.jit(jax.grad(loss, (0, 1)))(x, ws)
+    x64 = np.asarray(x, np.float64)
+    gx_want = np.zeros_like(x64)
     for i in range(len(ws)):
-        want = np.asarray(x, np.float64) @ np.asarray(ws[i], np.float64)
+        w64 = np.asarray(ws[i], np.float64)
+        mask = np.asarray(pit_jax.detect(ws[i], tile).element_mask())
+        gx_want += c[i] @ w64.T
+        gw_want = np.einsum("bmk,bmn->kn", x64, c[i]) * mask
         if i == 2:
             np.testing.assert_array_equal(np.asarray(ys[i], np.float32), 0)
+            np.testing.assert_array_equal(np.asarray(gws[i], np.float32), 0)
         else:
-            assert _rel_err(ys[i], want) < TOL["bfloat16"]
+            assert _rel_err(ys[i], x64 @ w64) < TOL[dtype]
+            assert _rel_err(gws[i], gw_want) < TOL[dtype]
+    assert _rel_err(gx, gx_want) < TOL[dtype]

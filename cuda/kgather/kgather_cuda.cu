@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kPackThreads) pit_kgather_pack_kernel(const T*
       if (col >= s.k) col = -1;  // the last column block is partial
     }
     column_ids[group * s.packed_k + p] = int32_t(col);
-    T v[kGroupRows];
+    alignas(16) T v[kGroupRows];  // written as 16-byte vectors in the transposed case
     if constexpr (kTransposedX) {
       // xᵀ's row `col`, elements row0 .. row0 + 31: 16-byte loads when the run is whole and aligned
       const T* run = x + (b * s.k + (col < 0 ? 0 : col)) * s.rows + row0;
