@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _primitive
-from .tile_index import LAYOUTS, TileIndex
+from .tile_index import LAYOUTS, TileIndex, is_int_pair
 
 _TARGET = "pit_detect"
 
@@ -79,8 +79,7 @@ _primitive.integer_outputs_jvp(detect_p)
 
 
 def _check_tile(tile, m, k):
-    if (not isinstance(tile, (tuple, list)) or len(tile) != 2
-            or not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in tile)):
+    if not isinstance(tile, (tuple, list)) or not is_int_pair(tile):
         raise TypeError(f"pit_jax.detect: tile must be a pair of ints (tm, tk), got {tile!r}")
     tm, tk = int(tile[0]), int(tile[1])
     if tm <= 0 or tk <= 0:

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.interpreters import ad, batching, mlir
 
 from . import _primitive, kgather_cuda
 from .detect import detect
 from .kgather_reference import F32, sparse_dense_ref, sparse_nt_ref, sparse_tn_ref, sum_tn
-from .tile_index import TileIndex, tile_index_from_mask
+from .tile_index import TileIndex, is_int_pair, tile_index_from_mask
 
 sparse_dense_p = _primitive.make_primitive("pit_sparse_dense", multiple_results=False)
 sparse_tn_p = _primitive.make_primitive("pit_sparse_tn", multiple_results=False)
@@ -91,12 +90,15 @@ def _dense_matmul(a, b, out_dtype):
     return jnp.matmul(a, b, preferred_element_type=F32).astype(out_dtype)
 
 
-def _dense_tangent_matmul(a, b, out_dtype):
-    """a @ b on a tangent, which JAX transposes by itself (dx = dy @ bᵀ under grad). On CUDA a
-    16-bit product stays in its dtype (XLA's GPU GEMM accumulates in fp32 and rounds once, as
-    nnx.Linear's dot): with preferred_element_type=float32 and a cast back, the transpose
-    multiplies an fp32 cotangent by b promoted to fp32, an fp32 GEMM on the GPU (session 37 found
-    SparseLinear's dx lowered that way). Elsewhere fp32 accumulation is asked for (XLA:CPU)."""
+def _dense_layer_matmul(a, b, out_dtype):
+    """a @ b as a dense layer computes it. On CUDA a 16-bit product stays in its dtype (XLA's GPU
+    GEMM accumulates in fp32 and rounds once, as nnx.Linear's dot). The fp32-output matmul rounded
+    afterwards cost 9% more on OPT fc2 (H200, benchmarks/results/2026-11-26_session8/
+    auto_dense_branch_probe_h200/), and on a tangent, which JAX transposes by itself (dx = dy @ bᵀ
+    under grad), it made the transpose multiply an fp32 cotangent by b promoted to fp32: an fp32
+    GEMM on the GPU (session 37 found SparseLinear's dx lowered that way). Elsewhere fp32
+    accumulation is asked for (XLA:CPU's bf16 dot in jax 0.11.2 missed the float64 tolerance on a
+    gradient)."""
     if jnp.dtype(a.dtype).itemsize != 2 or a.dtype != b.dtype:
         return _dense_matmul(a, b, out_dtype)
     return jax.lax.platform_dependent(a, b, cuda=lambda a, b: jnp.matmul(a, b).astype(out_dtype),
@@ -111,7 +113,7 @@ def _sparse_dense_jvp(primals, tangents, **params):
     if type(dx) is not ad.Zero and params["masked_grad"]:  # the caller keeps x's tangent on its tiles
         dy = sparse_dense_p.bind(dx, w, counts, offsets, indices, **{**params, "exact": False})
     elif type(dx) is not ad.Zero:  # a tangent of x need not be zero where x is: dense
-        dy = _dense_tangent_matmul(_logical(dx, params["x_transposed"]), w, y.dtype)
+        dy = _dense_layer_matmul(_logical(dx, params["x_transposed"]), w, y.dtype)
     if type(dw) is not ad.Zero:
         t = sparse_dense_p.bind(x, dw, counts, offsets, indices, **params)
         dy = t if dy is None else dy + t
@@ -241,8 +243,7 @@ def _resolve_tile(fn, tile, index, default):
     """`tile` as a checked pair of positive ints; None: the index's tile, else `default`."""
     if tile is None:
         return tuple(index.tile) if isinstance(index, TileIndex) else default
-    if not hasattr(tile, "__len__") or len(tile) != 2 or \
-            not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in tile):
+    if not is_int_pair(tile):
         choices = "a pair of ints or 'auto'" if fn == "sparse_dense" else "a pair of ints"
         raise TypeError(f"pit_jax.{fn}: tile must be {choices}, got {tile!r}")
     if min(tile) <= 0:
@@ -344,13 +345,7 @@ def auto_sampled_density(x):
 
 
 def _auto_dense_branch(x, w):
-    # On CUDA the plain matmul in x's dtype, exactly what a dense caller runs: XLA's GPU GEMM
-    # accumulates in fp32 anyway, and the fp32-output matmul rounded afterwards cost 9% more on
-    # OPT fc2 (H200, benchmarks/results/2026-11-26_session8/auto_dense_branch_probe_h200/).
-    # Elsewhere fp32 accumulation is asked for (XLA:CPU's bf16 dot in jax 0.11.2 missed the
-    # float64 tolerance on a gradient).
-    return jax.lax.platform_dependent(x, w, cuda=jnp.matmul,
-                                      default=lambda x, w: _dense_matmul(x, w, x.dtype))
+    return _dense_layer_matmul(x, w, x.dtype)  # exactly what a dense caller runs
 
 
 def _sparse_dense_auto(x, w, index):

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .kgather_reference import sparse_tn_ref, sum_tn
-from .tile_index import element_mask_from_indices, tile_mask_from_indices
+from .kgather_reference import masked_to_index, sparse_tn_ref, sum_tn
+from .tile_index import tile_mask_from_indices
 
 GROUP_ROWS = 32   # kGroupRows
 PACK_ALIGN = 32   # kPackAlign
@@ -49,7 +49,7 @@ def _kernel_index(x, counts, indices, shape, tile):
     if tile[0] % GROUP_ROWS == 0:
         return x, counts, indices, tile[0]
     g_counts, g_indices = _group_index(indices, shape, tile)
-    x = jnp.where(element_mask_from_indices(indices, shape, tile, "row"), x, jnp.zeros((), x.dtype))
+    x = masked_to_index(x, indices, shape, tile, "row")
     return x, g_counts, g_indices, GROUP_ROWS
 
 
@@ -174,7 +174,7 @@ def sparse_nt_cuda(dy, w, counts, offsets, indices, *, shape, tile, layout):
     out = jax.ffi.ffi_call("pit_sparse_nt", jax.ShapeDtypeStruct((*dy.shape[:-1], k), dy.dtype))(
         dy, w.astype(dy.dtype), ck, ik, **_attrs(tm_kernel, tk))
     if tm % GROUP_ROWS:
-        out = jnp.where(element_mask_from_indices(indices, shape, tile, "row"), out, jnp.zeros((), out.dtype))
+        out = masked_to_index(out, indices, shape, tile, "row")
     return out
 
 
@@ -350,8 +350,7 @@ def sparse_tn_cuda(x, dy, counts, offsets, indices, *, shape, tile, layout, exac
             dw, pws = products_call(xk, dy, masked_fallback=False)
         # The dense GEMM's x: as it is when the index came from x (or _kernel_index masked it),
         # else masked to the index's tiles, as the default dense path does.
-        x_dense = xk if (exact or xk is not x) else jnp.where(
-            element_mask_from_indices(indices, shape, tile, layout), x, jnp.zeros((), x.dtype))
+        x_dense = xk if (exact or xk is not x) else masked_to_index(x, indices, shape, tile, layout)
         dw, _ = jax.ffi.ffi_call("pit_dense_tn_gated", (jax.ShapeDtypeStruct((k, n), x.dtype),
                                                         jax.ShapeDtypeStruct((GATED_DW_WORKSPACE_BYTES,), jnp.uint8)),
                                  input_output_aliases={3: 0})(

@@ -6,7 +6,6 @@ values outside the listed tiles, exactly as a kernel that never reads them.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from .tile_index import element_mask_from_indices
@@ -14,25 +13,26 @@ from .tile_index import element_mask_from_indices
 F32 = jnp.float32
 
 
-def _masked(x, indices, shape, tile, layout):
+def masked_to_index(x, indices, shape, tile, layout):
+    """x with every element outside the index's listed micro-tiles set to zero."""
     return jnp.where(element_mask_from_indices(indices, shape, tile, layout), x, jnp.zeros((), x.dtype))
 
 
 def sparse_dense_ref(x, w, indices, *, shape, tile, layout):
     """y[..., M, N] = (x ⊙ M) @ w, fp32 accumulation, in x's dtype."""
-    xm = _masked(x, indices, shape, tile, layout)
+    xm = masked_to_index(x, indices, shape, tile, layout)
     return jnp.matmul(xm, w, preferred_element_type=F32).astype(x.dtype)
 
 
 def sparse_tn_ref(x, dy, indices, *, shape, tile, layout, out_dtype):
     """dw[K, N] = Σ_batch (x ⊙ M)ᵀ @ dy over every leading dim, fp32 accumulation."""
-    return sum_tn(_masked(x, indices, shape, tile, layout), dy, out_dtype)
+    return sum_tn(masked_to_index(x, indices, shape, tile, layout), dy, out_dtype)
 
 
 def sparse_nt_ref(dy, w, indices, *, shape, tile, layout):
     """out[..., M, K] = (dy @ wᵀ) ⊙ M: x's masked cotangent, fp32 accumulation, in dy's dtype."""
     full = jnp.matmul(dy, jnp.swapaxes(w, -1, -2), preferred_element_type=F32).astype(dy.dtype)
-    return _masked(full, indices, shape, tile, layout)
+    return masked_to_index(full, indices, shape, tile, layout)
 
 
 def sum_tn(a, b, out_dtype):

@@ -12,13 +12,13 @@ import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from .tile_index import expand_tile_mask, is_int_pair
 
 
 def check_tile_and_density(fn, tile, density):
     """Trace-time checks of a pruning tile (tk, tn) and density, naming the argument."""
-    if not hasattr(tile, "__len__") or len(tile) != 2 or not all(
-            isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t > 0 for t in tile):
+    if not is_int_pair(tile) or min(tile) <= 0:
         raise ValueError(f"pit_jax.{fn}: tile must be a pair of positive ints, got {tile!r}")
     if isinstance(density, numbers.Real) and not isinstance(density, bool):
         if not 0.0 < float(density) <= 1.0:
@@ -85,10 +85,7 @@ def tile_magnitude_mask(w, tile, density, *, tiles: bool = False):
     """
     _check("tile_magnitude_mask", w, tile, density)
     keep, (tk, tn) = _kept_tiles(w, tile, density)
-    if tiles:
-        return keep
-    k, n = w.shape
-    return jnp.repeat(jnp.repeat(keep, tk, axis=0), tn, axis=1)[:k, :n]
+    return keep if tiles else expand_tile_mask(keep, w.shape, (tk, tn))
 
 
 def prune_tiles_by_magnitude(w, tile, density):

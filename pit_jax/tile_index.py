@@ -71,17 +71,23 @@ class TileIndex:
         return element_mask_from_indices(self.indices, self.shape, self.tile, self.layout)
 
 
+def is_int_pair(tile) -> bool:
+    """A sequence of two Python or numpy ints (not bools): the form every tile argument takes."""
+    return (hasattr(tile, "__len__") and len(tile) == 2
+            and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in tile))
+
+
 def tile_index_from_mask(mask: jax.Array, shape, tile, layout: str = "row") -> TileIndex:
     """The TileIndex of an array of `shape` (M, K) whose nonzero micro-tiles of `tile` are True in
     the boolean tile mask `mask` [..., ceil(M/tm), ceil(K/tk)]: the index `detect` would give for
     values nonzero exactly there, built from the (small) tile mask by a jnp compaction on device,
     without the array itself. For a mask a caller already has (magnitude pruning, a fixed pattern),
     so no element mask is expanded and read again."""
-    (m, k), (tm, tk) = shape, tile
     if layout not in LAYOUTS:
         raise ValueError(f"pit_jax.tile_index_from_mask: layout must be one of {LAYOUTS}, got {layout!r}")
-    if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t > 0 for t in (tm, tk)):
+    if not is_int_pair(tile) or min(tile) <= 0:
         raise ValueError(f"pit_jax.tile_index_from_mask: tile must be a pair of positive ints, got {tuple(tile)}")
+    (m, k), (tm, tk) = shape, tile
     grid = (-(-m // tm), -(-k // tk))
     if not hasattr(mask, "shape") or len(mask.shape) < 2 or tuple(mask.shape[-2:]) != grid:
         raise ValueError(f"pit_jax.tile_index_from_mask: mask must have shape [..., {grid[0]}, {grid[1]}] "
@@ -108,8 +114,12 @@ def tile_mask_from_indices(indices: jax.Array, layout: str) -> jax.Array:
     return mask if layout == "row" else jnp.swapaxes(mask, -1, -2)
 
 
+def expand_tile_mask(mask: jax.Array, shape, tile) -> jax.Array:
+    """Boolean tile mask [..., nb_m, nb_k] -> boolean [..., M, K], each tile's value on its elements."""
+    (m, k), (tm, tk) = shape, tile
+    return jnp.repeat(jnp.repeat(mask, tm, axis=-2), tk, axis=-1)[..., :m, :k]
+
+
 def element_mask_from_indices(indices: jax.Array, shape, tile, layout: str) -> jax.Array:
     """[..., n_outer, n_inner] ids -> boolean [..., M, K], True on elements of nonzero tiles."""
-    (m, k), (tm, tk) = shape, tile
-    mask = tile_mask_from_indices(indices, layout)
-    return jnp.repeat(jnp.repeat(mask, tm, axis=-2), tk, axis=-1)[..., :m, :k]
+    return expand_tile_mask(tile_mask_from_indices(indices, layout), shape, tile)

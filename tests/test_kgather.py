@@ -461,7 +461,7 @@ def test_half_gradients_lower_to_half_gemms_on_cuda(op, dtype):
 
 
 def test_half_gradient_platform_choice_compiles_away(backend):
-    """_dense_tangent_matmul chooses its product with lax.platform_dependent: the compiled step
+    """_dense_layer_matmul chooses its product with lax.platform_dependent: the compiled step
     for this backend keeps no conditional (the choice is a constant once lowered)."""
     x = jnp.ones((64, 128), jnp.bfloat16)
     w = jnp.ones((128, 96), jnp.bfloat16)

@@ -23,6 +23,19 @@ inline cudaError_t dispatch_dtype(ffi::DataType dtype, Launch&& launch, bool* kn
   }
 }
 
+// dispatch_dtype for launchers that exist for the 16-bit (tensor-core) dtypes only: fp32 answers
+// cudaErrorNotSupported without launching (the lowering never sends it there).
+template <typename Launch>
+inline cudaError_t dispatch_16bit_dtype(ffi::DataType dtype, Launch&& launch, bool* known) {
+  return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
+    if constexpr (sizeof(tag) == 2) {
+      return launch(tag);
+    } else {
+      return cudaErrorNotSupported;
+    }
+  }, known);
+}
+
 // A handler's answer after dispatch_dtype: the dtype error, the launch's CUDA error, or success.
 inline ffi::Error dispatch_outcome(const char* op, bool known, cudaError_t err) {
   if (!known) return ffi::Error::InvalidArgument(std::string(op) + ": x must be bfloat16, float16 or float32");

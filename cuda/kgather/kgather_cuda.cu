@@ -1013,15 +1013,10 @@ ffi::Error SparseTnProductsCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyB
     return ffi::Error::InvalidArgument(std::string(op) + ": workspace size does not match the shapes");
   poison_device_outputs(stream, dw, workspace);
   bool known;
-  const cudaError_t err = dispatch_dtype(x.element_type(), [&](auto tag) {
-    using T = decltype(tag);
-    if constexpr (TnConfig<T>::kTensorCores) {
-      return launch_tn_products<T>(stream, s, x.untyped_data(), dy.untyped_data(), counts.typed_data(),
-                                   indices.typed_data(), dw->untyped_data(), workspace->typed_data(), cap_rows, n_slab,
-                                   masked_fallback);
-    } else {
-      return cudaErrorNotSupported;  // fp32: the lowering calls pit_sparse_tn
-    }
+  const cudaError_t err = dispatch_16bit_dtype(x.element_type(), [&](auto tag) {  // fp32: the lowering calls pit_sparse_tn
+    return launch_tn_products<decltype(tag)>(stream, s, x.untyped_data(), dy.untyped_data(), counts.typed_data(),
+                                             indices.typed_data(), dw->untyped_data(), workspace->typed_data(), cap_rows,
+                                             n_slab, masked_fallback);
   }, &known);
   return dispatch_outcome(op, known, err);
 }
@@ -1049,14 +1044,9 @@ ffi::Error SparseTnProductsDetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi
     return ffi::Error::InvalidArgument(std::string(op) + ": workspace size does not match the shapes");
   poison_device_outputs(stream, dw, workspace);
   bool known;
-  const cudaError_t err = dispatch_dtype(x.element_type(), [&](auto tag) {
-    using T = decltype(tag);
-    if constexpr (TnConfig<T>::kTensorCores) {
-      return launch_tn_products_detecting<T>(stream, s, x.untyped_data(), dy.untyped_data(), dw->untyped_data(),
-                                             workspace->typed_data(), cap_rows, n_slab);
-    } else {
-      return cudaErrorNotSupported;  // fp32: the lowering does not call this target
-    }
+  const cudaError_t err = dispatch_16bit_dtype(x.element_type(), [&](auto tag) {  // fp32: not called with it
+    return launch_tn_products_detecting<decltype(tag)>(stream, s, x.untyped_data(), dy.untyped_data(),
+                                                       dw->untyped_data(), workspace->typed_data(), cap_rows, n_slab);
   }, &known);
   return dispatch_outcome(op, known, err);
 }

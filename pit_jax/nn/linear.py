@@ -17,7 +17,7 @@ from flax import nnx
 
 from ..kgather import dense_sparse, sparse_dense
 from ..pruning import check_tile_and_density, tile_magnitude_mask
-from ..tile_index import tile_index_from_mask
+from ..tile_index import expand_tile_mask, tile_index_from_mask
 
 _default_kernel_init = nnx.initializers.lecun_normal()
 _default_bias_init = nnx.initializers.zeros_init()
@@ -125,7 +125,7 @@ class PrunedLinear(_TileSparseLinear):
         k, n = kernel.shape
         tile = (min(self.tile[0], k), min(self.tile[1], n))
         keep_tiles = tile_magnitude_mask(kernel, self.tile, self.density, tiles=True)
-        keep = jnp.repeat(jnp.repeat(keep_tiles, tile[0], axis=0), tile[1], axis=1)[:k, :n]
+        keep = expand_tile_mask(keep_tiles, (k, n), tile)
         if self.grad == "dense":  # forward: the pruned kernel; gradient: identity to every weight
             w = kernel - jax.lax.stop_gradient(jnp.where(keep, jnp.zeros((), kernel.dtype), kernel))
         else:
