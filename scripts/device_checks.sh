@@ -540,6 +540,13 @@ pruned_profile)  # session 37: per-kernel device times of an nn linear layer (LA
   PYTHONPATH=benchmarks timeout -k 5 ${BENCH_TIMEOUT:-240} python3 -P benchmarks/profile_nn_linear.py --layer ${LAYER:-pruned} \
     --sparsity ${SPARSITY:-0.95} ${SWITCH:+--switch $SWITCH} --out $OUT/nn_profile 2>&1 | tee -a $LOG | tail -120
   echo "profile $((SECONDS-t0))s" ;;
+memcheck_given)  # session 38: memcheck of the 4 given-index transposed-pack tests (15-18 of the bf16 0.5 selection) whose
+                # tool process segfaulted (rc 139) when two ran in one process (sessions 37, 38): one test per process,
+                # then, for any that crash again, the same test with XLA's command buffers off
+  SAN_TIMEOUT=90 run_tool_chunks memcheck all tests/test_kgather_kernels.py \
+    "gpu and transposed_pack_matches and bfloat16 and 0.5" 15 1 19
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= SAN_TIMEOUT=90 run_tool_chunks memcheck all tests/test_kgather_kernels.py \
+    "gpu and transposed_pack_matches and bfloat16 and 0.5" 15 2 19 ;;
 dx_fix)  # prepared in session 37, not yet run: the 16-bit dense dx on CUDA (_dense_tangent_matmul) and what session 37
         # left unchecked. GPU tests of the gradient paths and the nn layers; memcheck over the 10 given-index
         # transposed-pack tests whose tool process crashed in session 37 (chunks of 2); bench_nn_linear; the SparseLinear
