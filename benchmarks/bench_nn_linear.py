@@ -4,7 +4,7 @@
 
 SparseLinear: an FFN's second layer (OPT fc2: 4096 tokens as [4, 1024, 16384] -> 4096) on
 ReLU-like inputs with random 32x1 micro-tiles zero at the given sparsity; it is compared with
-nnx.Linear and with the bare `pit_jax.sparse_dense(x, kernel) + bias` on the same arrays (the
+nnx.Linear and with the bare `pit_jax.sparse_dense(x, kernel, bias=bias)` on the same arrays (the
 module's own overhead: flattening, casts, bias). PrunedLinear: a 4096 -> 4096 layer on dense
 inputs, its kernel pruned to the given density of 1x32 tiles at every call (the mask's sort
 included). "step" = the loss's gradient with respect to the parameters and the input (what
@@ -73,7 +73,7 @@ def sparse_linear_rows(key, quick):
     dense, sparse = nnx.Linear(k, n, **kw), pit_jax.nn.SparseLinear(k, n, **kw)
     sparse.kernel[...] = dense.kernel[...]
     dense.bias[...] = sparse.bias[...] = jax.random.normal(key, (n,), jnp.bfloat16)
-    bare = jax.jit(lambda kernel, bias, xs: [pit_jax.sparse_dense(x, kernel) + bias for x in xs])
+    bare = jax.jit(lambda kernel, bias, xs: [pit_jax.sparse_dense(x, kernel, bias=bias) for x in xs])
     m = lead[0] * lead[1]
     for sp in (0.9, 0.95, 0.99):
         xs = [x.reshape(*lead, k) for x in tile_sparse_bf16(key, m, k, (32, 1), sp, N_INPUTS, nonnegative=True)]
@@ -95,7 +95,7 @@ def pruned_linear_rows(key, quick):
     xs = tile_sparse_bf16(key, m, k, (1, 1), 0.0, N_INPUTS)
     kw = dict(param_dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
     dense = nnx.Linear(k, n, **kw)
-    bare = jax.jit(lambda kernel, bias, xs: [pit_jax.dense_sparse(x, kernel, tile=(1, 32)) + bias for x in xs])
+    bare = jax.jit(lambda kernel, bias, xs: [pit_jax.dense_sparse(x, kernel, bias=bias, tile=(1, 32)) for x in xs])
     rows = []
     for density in (0.5, 0.1, 0.05):
         pruned = pit_jax.nn.PrunedLinear(k, n, density=density, tile=(1, 32), **kw)
@@ -125,8 +125,8 @@ def main():
     md = markdown_report(
         f"pit_jax.nn linear layers vs nnx.Linear — {meta['device']}, jax {meta['jax']}, {meta['date']}",
         "bf16; SparseLinear: x ReLU-like with random 32x1 tiles zero at the given sparsity, bare = "
-        "`sparse_dense(x, kernel) + bias` without the module; PrunedLinear: dense x, kernel pruned to "
-        "(1 - sparsity) of its 1x32 tiles by magnitude inside every call, bare = `dense_sparse(x, pruned) + bias` "
+        "`sparse_dense(x, kernel, bias=bias)` without the module; PrunedLinear: dense x, kernel pruned to "
+        "(1 - sparsity) of its 1x32 tiles by magnitude inside every call, bare = `dense_sparse(x, pruned, bias=bias)` "
         "with the pruned kernel made once (no mask in the call); step = forward, loss ½·Σ c·y² (c a fixed "
         "random row, so dy = c·y is dense and differs per input) and its gradient w.r.t. the parameters and x; dW device = the same step "
         "compiled with PIT_KGATHER_DW=device (SparseLinear's dW by the products path or the gated dense GEMM); rel err = relative L2 error of the forward against nnx.Linear (SparseLinear) or "

@@ -6,9 +6,9 @@ the transposes around the k-gather kernels, the backward's GEMMs)?
     python benchmarks/profile_nn_linear.py [--layer pruned|sparse] [--sparsity 0.95] [--steps 5]
         [--out DIR] [--switch NAME A B]   # the same parts compiled with a switch at A, then B
 
---layer pruned: PrunedLinear 4096 -> 4096 on 4096 dense rows, bare = dense_sparse(x, pruned) + bias.
+--layer pruned: PrunedLinear 4096 -> 4096 on 4096 dense rows, bare = dense_sparse(x, pruned, bias=bias).
 --layer sparse: SparseLinear as OPT fc2 ([4, 1024, 16384] -> 4096) on ReLU-like inputs with random
-32x1 tiles zero at the sparsity, bare = sparse_dense(x, kernel) + bias. The step is
+32x1 tiles zero at the sparsity, bare = sparse_dense(x, kernel, bias=bias). The step is
 bench_nn_linear's (loss ½·Σ c·y²). Prints one markdown table per part (kernels grouped by name:
 calls per layer call, µs, share) and writes them to DIR/<layer>_linear_kernels.md.
 """
@@ -38,7 +38,7 @@ def parts(layer, sparsity, quick=False):
         dense = nnx.Linear(k, n, **kw)
         module = pit_jax.nn.PrunedLinear(k, n, density=1.0 - sparsity, tile=(1, 32), **kw)
         fixed = jnp.where(module.mask(), module.kernel[...], 0)
-        bare_jit = jax.jit(lambda kernel, bias, xs: [pit_jax.dense_sparse(x, kernel, tile=(1, 32)) + bias for x in xs])
+        bare_jit = jax.jit(lambda kernel, bias, xs: [pit_jax.dense_sparse(x, kernel, bias=bias, tile=(1, 32)) for x in xs])
     else:
         lead, k, n = ((2, 128), 512, 256) if quick else ((4, 1024), 16384, 4096)
         xs = [x.reshape(*lead, k) for x in
@@ -47,7 +47,7 @@ def parts(layer, sparsity, quick=False):
         module = pit_jax.nn.SparseLinear(k, n, **kw)
         module.kernel[...] = dense.kernel[...]
         fixed = module.kernel[...]
-        bare_jit = jax.jit(lambda kernel, bias, xs: [pit_jax.sparse_dense(x, kernel) + bias for x in xs])
+        bare_jit = jax.jit(lambda kernel, bias, xs: [pit_jax.sparse_dense(x, kernel, bias=bias) for x in xs])
     name = type(module).__name__
     out = []
     for label, make, mod in ((f"{name} forward", forward_fn, module), ("nnx.Linear forward", forward_fn, dense),
@@ -55,7 +55,7 @@ def parts(layer, sparsity, quick=False):
         fn, state = make(mod)
         out.append((label, (lambda fn: lambda state, xs: fn(state, xs))(fn), (state, xs)))
     bare = "dense_sparse" if layer == "pruned" else "sparse_dense"
-    out.append((f"bare {bare} + bias", lambda kernel, xs: bare_jit(kernel, module.bias[...], xs), (fixed, xs)))
+    out.append((f"bare {bare}(bias=)", lambda kernel, xs: bare_jit(kernel, module.bias[...], xs), (fixed, xs)))
     return out
 
 

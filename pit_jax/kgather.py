@@ -4,7 +4,7 @@
     dense_sparse(x, w)   y = x @ w, w [K, N] dynamically tile-sparse (sparse training)
 
 Primitives (the index arrays are operands, so one index can be reused across calls):
-    pit_sparse_dense(x, w, counts, offsets, indices) -> (x ⊙ M) @ w
+    pit_sparse_dense(x, w, counts, offsets, indices, bias) -> (x ⊙ M) @ w + bias
     pit_sparse_tn(x, dy, counts, offsets, indices)   -> Σ_batch (x ⊙ M)ᵀ @ dy   (dW of the above)
     pit_sparse_nt(dy, w, counts, offsets, indices)   -> (dy @ wᵀ) ⊙ M           (x's masked cotangent)
 
@@ -16,7 +16,12 @@ x's cotangent on its listed tiles (dense_sparse(grad="masked"), whose sparse ope
 weight), so the transpose computes it there only (pit_sparse_nt) instead of densely. Parameter
 `x_transposed`: operand 0 holds xᵀ (dense_sparse passes its weight w as it is, the sparse operand
 being wᵀ), so no transposed copy is made before the kernel; tangents and cotangents of that
-operand are in the same transposed layout.
+operand are in the same transposed layout. Parameter `y_transposed`: the primitive returns
+((x ⊙ M) @ w)ᵀ [..., N, M] (dense_sparse's y, written by the kernel's epilogue instead of a
+transposed copy). Operand `bias`: empty (shape (0,), no bias) or a vector along the output's last
+axis, added in fp32 before the kernel's one rounding (a dense layer's bias without an elementwise
+pass over y). Tangent and transpose rules bind the primitive without a bias (the bias's tangent
+is a broadcast), so the transpose rule never sees one.
 """
 from __future__ import annotations
 
@@ -36,14 +41,29 @@ sparse_nt_p = _primitive.make_primitive("pit_sparse_nt", multiple_results=False)
 
 # ---- abstract evaluation ---------------------------------------------------------------------
 
-def _sparse_dense_abstract(x, w, counts, offsets, indices, *, shape, tile, layout, exact, masked_grad, x_transposed):
+def _sparse_dense_abstract(x, w, counts, offsets, indices, bias, *, shape, tile, layout, exact, masked_grad,
+                           x_transposed, y_transposed):
     rows = x.shape[-1] if x_transposed else x.shape[-2]
-    return jax.core.ShapedArray((*x.shape[:-2], rows, w.shape[-1]), x.dtype)
+    out = (w.shape[-1], rows) if y_transposed else (rows, w.shape[-1])
+    return jax.core.ShapedArray((*x.shape[:-2], *out), x.dtype)
 
 
 def _logical(x, x_transposed):
-    """The sparse operand x [..., M, K] from the buffer the primitive holds (xᵀ when x_transposed)."""
+    """The sparse operand x [..., M, K] from the buffer the primitive holds (xᵀ when x_transposed)
+    (and the product [..., M, N] from the output when y_transposed: the same swap)."""
     return jnp.swapaxes(x, -1, -2) if x_transposed else x
+
+
+NO_BIAS_SHAPE = (0,)
+
+
+def no_bias(dtype):
+    """The bias operand of a product without one."""
+    return jnp.zeros(NO_BIAS_SHAPE, dtype)
+
+
+def _has_bias(bias):
+    return tuple(bias.shape) != NO_BIAS_SHAPE
 
 
 def _sparse_nt_abstract(dy, w, counts, offsets, indices, *, shape, tile, layout):
@@ -61,8 +81,10 @@ sparse_nt_p.def_abstract_eval(_sparse_nt_abstract)
 
 # ---- lowering: jnp reference on CPU, the k-gather kernels (kgather_cuda.py) on CUDA -----------
 
-def _ref_sparse_dense(x, w, counts, offsets, indices, *, exact, masked_grad, x_transposed, **params):
-    return sparse_dense_ref(_logical(x, x_transposed), w, indices, **params)
+def _ref_sparse_dense(x, w, counts, offsets, indices, bias, *, exact, masked_grad, x_transposed, y_transposed,
+                      **params):
+    return sparse_dense_ref(_logical(x, x_transposed), w, indices, **params, bias=bias if _has_bias(bias) else None,
+                            y_transposed=y_transposed)
 
 
 def _ref_sparse_tn(x, dy, counts, offsets, indices, *, exact, **params):
@@ -106,23 +128,32 @@ def _dense_layer_matmul(a, b, out_dtype):
 
 
 def _sparse_dense_jvp(primals, tangents, **params):
-    x, w, counts, offsets, indices = primals
+    x, w, counts, offsets, indices, bias = primals
     dx, dw = tangents[:2]
-    y = sparse_dense_p.bind(x, w, counts, offsets, indices, **params)
+    dbias = tangents[5]
+    y = sparse_dense_p.bind(x, w, counts, offsets, indices, bias, **params)
+    unbiased = no_bias(y.dtype)
     dy = None
     if type(dx) is not ad.Zero and params["masked_grad"]:  # the caller keeps x's tangent on its tiles
-        dy = sparse_dense_p.bind(dx, w, counts, offsets, indices, **{**params, "exact": False})
+        dy = sparse_dense_p.bind(dx, w, counts, offsets, indices, unbiased, **{**params, "exact": False})
     elif type(dx) is not ad.Zero:  # a tangent of x need not be zero where x is: dense
-        dy = _dense_layer_matmul(_logical(dx, params["x_transposed"]), w, y.dtype)
+        dy = _logical(_dense_layer_matmul(_logical(dx, params["x_transposed"]), w, y.dtype), params["y_transposed"])
     if type(dw) is not ad.Zero:
-        t = sparse_dense_p.bind(x, dw, counts, offsets, indices, **params)
+        t = sparse_dense_p.bind(x, dw, counts, offsets, indices, unbiased, **params)
+        dy = t if dy is None else dy + t
+    if type(dbias) is not ad.Zero and _has_bias(bias):
+        t = jnp.broadcast_to(dbias.astype(y.dtype), y.shape)
         dy = t if dy is None else dy + t
     return y, (_primitive.zero_tangent(y) if dy is None else dy)
 
 
-def _sparse_dense_transpose(ct, x, w, counts, offsets, indices, *, masked_grad, x_transposed, **params):
+def _sparse_dense_transpose(ct, x, w, counts, offsets, indices, bias, *, masked_grad, x_transposed, y_transposed,
+                            **params):
     if type(ct) is ad.Zero:
-        return [None] * 5
+        return [None] * 6
+    if ad.is_undefined_primal(bias) or _has_bias(bias):  # the JVP binds tangents without a bias
+        raise NotImplementedError("pit_sparse_dense is transposed without a bias operand")
+    ct = _logical(ct, y_transposed)  # the product's layout [..., M, N]
     x_bar = w_bar = None
     if ad.is_undefined_primal(w):
         w_bar = sparse_tn_p.bind(_logical(x, x_transposed), ct, counts, offsets, indices, out_dtype=w.aval.dtype,
@@ -134,7 +165,7 @@ def _sparse_dense_transpose(ct, x, w, counts, offsets, indices, *, masked_grad, 
         else:
             x_bar = _dense_matmul(ct, jnp.swapaxes(w, -1, -2), x.aval.dtype)
         x_bar = _logical(x_bar, x_transposed)  # back to the operand's layout
-    return [x_bar, w_bar, None, None, None]
+    return [x_bar, w_bar, None, None, None, None]
 
 
 def _sparse_tn_jvp(primals, tangents, *, out_dtype, **params):
@@ -155,8 +186,8 @@ def _sparse_tn_transpose(ct, x, dy, counts, offsets, indices, *, out_dtype, **pa
         return [None] * 5
     x_bar = dy_bar = None
     if ad.is_undefined_primal(dy):
-        dy_bar = sparse_dense_p.bind(x, ct.astype(dy.aval.dtype), counts, offsets, indices, masked_grad=False,
-                                     x_transposed=False, **params)
+        dy_bar = sparse_dense_p.bind(x, ct.astype(dy.aval.dtype), counts, offsets, indices, no_bias(dy.aval.dtype),
+                                     masked_grad=False, x_transposed=False, y_transposed=False, **params)
     if ad.is_undefined_primal(x):
         x_bar = _dense_matmul(dy, ct.T.astype(dy.dtype), x.aval.dtype)
     return [x_bar, dy_bar, None, None, None]
@@ -187,8 +218,8 @@ def _sparse_nt_transpose(ct, dy, w, counts, offsets, indices, **params):
         return [None] * 5
     dy_bar = w_bar = None
     if ad.is_undefined_primal(dy):
-        dy_bar = sparse_dense_p.bind(ct, w, counts, offsets, indices, exact=False, masked_grad=False,
-                                     x_transposed=False, **params)
+        dy_bar = sparse_dense_p.bind(ct, w, counts, offsets, indices, no_bias(ct.dtype), exact=False,
+                                     masked_grad=False, x_transposed=False, y_transposed=False, **params)
     if ad.is_undefined_primal(w):
         w_bar = sparse_tn_p.bind(ct, dy, counts, offsets, indices, exact=False, out_dtype=w.aval.dtype, **params)
     return [dy_bar, w_bar, None, None, None]
@@ -200,19 +231,20 @@ ad.primitive_transposes[sparse_nt_p] = _sparse_nt_transpose
 
 # ---- batching ----------------------------------------------------------------------------------
 
-def _batch_rows_with_index(p):
+def _batch_rows_with_index(p, trailing=()):
     """Batching of a product whose first operand's leading dims (and the index's) are batch and
-    whose second operand is one matrix (pit_sparse_dense: x and w; pit_sparse_nt: dy and w)."""
+    whose second operand is one matrix (pit_sparse_dense: x and w; pit_sparse_nt: dy and w).
+    `trailing`: unbatched operands bound after the index (pit_sparse_dense's bias)."""
     def rule(args, dims, **params):
         x, w, *index = args
         xd, wd, *index_dims = dims
         if wd is not None:  # a batch of weights: one product per weight
-            return _primitive.map_over_batch(p, args, dims, params)
+            return _primitive.map_over_batch(p, (*args, *trailing), (*dims, *[None] * len(trailing)), params)
         # the leading dims are batch already: put the mapped axis in front of x and the index
         size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
         lead = [jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size, *a.shape))
                 for a, d in zip([x, *index], [xd, *index_dims])]
-        return p.bind(lead[0], w, *lead[1:], **params), 0
+        return p.bind(lead[0], w, *lead[1:], *trailing, **params), 0
     return rule
 
 
@@ -220,7 +252,14 @@ def _sparse_tn_batch(args, dims, **params):
     return _primitive.map_over_batch(sparse_tn_p, args, dims, params)  # leading dims are summed: keep apart
 
 
-batching.primitive_batchers[sparse_dense_p] = _batch_rows_with_index(sparse_dense_p)
+def _sparse_dense_batch(args, dims, **params):
+    """The bias is the last operand: unbatched, the rows rule; batched, one product per member."""
+    if dims[-1] is not None:
+        return _primitive.map_over_batch(sparse_dense_p, args, dims, params)
+    return _batch_rows_with_index(sparse_dense_p, trailing=(args[-1],))(args[:-1], dims[:-1], **params)
+
+
+batching.primitive_batchers[sparse_dense_p] = _sparse_dense_batch
 batching.primitive_batchers[sparse_nt_p] = _batch_rows_with_index(sparse_nt_p)
 batching.primitive_batchers[sparse_tn_p] = _sparse_tn_batch
 
@@ -237,6 +276,19 @@ def _check_operands(fn, x, w):
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"pit_jax.{fn}: x's last dim ({x.shape[-1]}) must equal w's first dim "
                          f"({w.shape[0]}); shapes {x.shape} and {w.shape}")
+
+
+def _bias_operand(fn, bias, x, n):
+    """The primitive's bias operand: the caller's bias [N] in x's dtype, checked, or an empty one."""
+    if bias is None:
+        return no_bias(x.dtype)
+    if not hasattr(bias, "shape") or not hasattr(bias, "dtype"):
+        raise TypeError(f"pit_jax.{fn}: bias must be an array [N] or None, got {type(bias).__name__}")
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"pit_jax.{fn}: bias must have shape ({n},) (w's last dim), got {tuple(bias.shape)}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"pit_jax.{fn}: bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    return bias
 
 
 def _resolve_tile(fn, tile, index, default):
@@ -277,8 +329,11 @@ AUTO_TILE = (32, 1)
 AUTO_MAX_DENSITY = 0.2
 
 
-def sparse_dense(x, w, *, tile=None, index: TileIndex | None = None):
-    """y = x @ w where x [..., M, K] is dynamically sparse in micro-tiles of `tile` = (tm, tk).
+def sparse_dense(x, w, *, bias=None, tile=None, index: TileIndex | None = None):
+    """y = x @ w (+ bias) where x [..., M, K] is dynamically sparse in micro-tiles of `tile` = (tm, tk).
+
+    bias: None or [N] in x's dtype, added in the kernel's epilogue (fp32, before the output is
+    rounded once) rather than by a pass over y; its gradient is dy summed over the rows.
 
     The nonzero micro-tiles of x are detected on device (`pit_jax.detect(x, tile)`) unless a
     `TileIndex` for x (row layout) is passed as `index`; x must then be zero outside the tiles it
@@ -294,18 +349,19 @@ def sparse_dense(x, w, *, tile=None, index: TileIndex | None = None):
     if isinstance(tile, str):
         if tile != "auto":
             raise ValueError(f"pit_jax.sparse_dense: tile must be a pair of ints or 'auto', got {tile!r}")
-        return _sparse_dense_auto(x, w, index)
+        return _sparse_dense_auto(x, w, bias, index)
     tile = _resolve_tile("sparse_dense", tile, index, (32, 1))
     _check_operands("sparse_dense", x, w)
-    return _sparse_dense_indexed(x, w, tile, index, exact=index is None)
+    bias = _bias_operand("sparse_dense", bias, x, w.shape[1])
+    return _sparse_dense_indexed(x, w, bias, tile, index, exact=index is None)
 
 
-def _sparse_dense_indexed(x, w, tile, index, exact):
+def _sparse_dense_indexed(x, w, bias, tile, index, exact):
     """The primitive on x's row index (detected here when None); exact: x is zero outside it."""
     tile, index = _row_index_of_x(x, tile, index)
     params = dict(shape=tuple(x.shape[-2:]), tile=tuple(tile), layout="row", exact=exact, masked_grad=False,
-                  x_transposed=False)
-    return sparse_dense_p.bind(x, w, index.counts, index.offsets, index.indices, **params)
+                  x_transposed=False, y_transposed=False)
+    return sparse_dense_p.bind(x, w, index.counts, index.offsets, index.indices, bias, **params)
 
 
 def _row_index_of_x(x, tile, index):
@@ -344,20 +400,22 @@ def auto_sampled_density(x):
     return jnp.max(per_member)
 
 
-def _auto_dense_branch(x, w):
-    return _dense_layer_matmul(x, w, x.dtype)  # exactly what a dense caller runs
+def _auto_dense_branch(x, w, bias):
+    y = _dense_layer_matmul(x, w, x.dtype)  # exactly what a dense caller runs
+    return y + bias if _has_bias(bias) else y
 
 
-def _sparse_dense_auto(x, w, index):
+def _sparse_dense_auto(x, w, bias, index):
     _check_operands("sparse_dense", x, w)
+    bias = _bias_operand("sparse_dense", bias, x, w.shape[1])
     if index is not None:  # the caller's index gives the exact density
         tile, index = _row_index_of_x(x, AUTO_TILE, index)
         takes_kernel = auto_takes_kernel(index)
-        kernel = lambda x, w: _sparse_dense_indexed(x, w, tile, index, False)
+        kernel = lambda x, w, b: _sparse_dense_indexed(x, w, b, tile, index, False)
     else:  # sampled estimate; the kernel branch detects
         takes_kernel = auto_sampled_density(jax.lax.stop_gradient(x)) <= AUTO_MAX_DENSITY
-        kernel = lambda x, w: _sparse_dense_indexed(x, w, AUTO_TILE, None, True)
-    return jax.lax.cond(takes_kernel, kernel, _auto_dense_branch, x, w)
+        kernel = lambda x, w, b: _sparse_dense_indexed(x, w, b, AUTO_TILE, None, True)
+    return jax.lax.cond(takes_kernel, kernel, _auto_dense_branch, x, w, bias)
 
 
 @jax.custom_jvp
@@ -372,8 +430,11 @@ def _mask_tangent_jvp(primals, tangents):
     return w, jnp.where(mask, dw, jnp.zeros((), dw.dtype))
 
 
-def dense_sparse(x, w, *, tile=None, index: TileIndex | None = None, grad: str = "masked"):
-    """y = x @ w where the weight w [K, N] is dynamically sparse in micro-tiles `tile` = (tk, tn).
+def dense_sparse(x, w, *, bias=None, tile=None, index: TileIndex | None = None, grad: str = "masked"):
+    """y = x @ w (+ bias) where the weight w [K, N] is dynamically sparse in micro-tiles `tile` = (tk, tn).
+
+    bias: None or [N] in x's dtype, added in the kernel's epilogue, which also writes y in its
+    layout (the kernels compute yᵀ = wᵀ xᵀ; no transposed copy of it is made).
 
     grad="masked" (PIT sparse training): pruned weights (outside w's nonzero tiles) get zero
     gradient, as if y = x @ (w ⊙ M) with the mask M held constant. grad="dense": the exact
@@ -385,6 +446,7 @@ def dense_sparse(x, w, *, tile=None, index: TileIndex | None = None, grad: str =
                          f"only), got {tile!r}")
     tile = _resolve_tile("dense_sparse", tile, index, (1, 32))
     _check_operands("dense_sparse", x, w)
+    bias = _bias_operand("dense_sparse", bias, x, w.shape[1])
     if grad not in ("masked", "dense"):
         raise ValueError(f"pit_jax.dense_sparse: grad must be 'masked' or 'dense', got {grad!r}")
     k, n = w.shape
@@ -397,15 +459,16 @@ def dense_sparse(x, w, *, tile=None, index: TileIndex | None = None, grad: str =
     if grad == "masked":
         w = _mask_tangent(w, jax.lax.stop_gradient(index.element_mask()))
     # y = x @ w  <=>  yᵀ = wᵀ xᵀ: the sparse operand goes first, its index transposed. w itself is
-    # the operand (x_transposed): the kernels read wᵀ's packed columns straight from w's rows.
+    # the operand (x_transposed): the kernels read wᵀ's packed columns straight from w's rows, and
+    # write y, not yᵀ (y_transposed), with the bias along its last axis.
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     idx_t = _transpose_index(index)
     # grad="masked": w's cotangent is kept on its listed tiles only, so only those are computed
     params = dict(shape=(n, k), tile=(tile[1], tile[0]), layout="row", exact=exact, masked_grad=grad == "masked",
-                  x_transposed=True)
-    yt = sparse_dense_p.bind(w, x2.T, idx_t.counts, idx_t.offsets, idx_t.indices, **params)
-    return yt.T.reshape(*lead, n)
+                  x_transposed=True, y_transposed=True)
+    y = sparse_dense_p.bind(w, x2.T, idx_t.counts, idx_t.offsets, idx_t.indices, bias, **params)
+    return y.reshape(*lead, n)
 
 
 def _transpose_index(index: TileIndex) -> TileIndex:

@@ -128,24 +128,33 @@ def transposed_pack_applies(tile, exact) -> bool:
     return mode == "1" or (mode == "given" and not exact)
 
 
-def sparse_dense_cuda(x, w, counts, offsets, indices, *, shape, tile, layout, exact, masked_grad, x_transposed):
+def sparse_dense_cuda(x, w, counts, offsets, indices, bias, *, shape, tile, layout, exact, masked_grad, x_transposed,
+                      y_transposed):
+    """Every path ends in one of the two forward targets, whose epilogue adds the bias (an empty
+    buffer: none) and writes y in the asked layout."""
     del offsets, layout, masked_grad  # masked_grad: for the transpose rule only
+    epilogue = dict(bias=bias.astype(x.dtype), y_transposed=bool(y_transposed))
     if x_transposed and transposed_pack_applies(tile, exact):
-        return _sparse_dense_call(x, w, counts, indices, shape, tile, x_transposed=True)
+        return _sparse_dense_call(x, w, counts, indices, shape, tile, x_transposed=True, **epilogue)
     if x_transposed:
         x = jnp.swapaxes(x, -1, -2)
     itemsize = np.dtype(x.dtype).itemsize
     if fused_detect_applies(x.shape, itemsize, tile, exact):
         *lead, m, k = x.shape
         ws = fused_workspace_bytes(lead, m, k, itemsize)
-        y, _ = jax.ffi.ffi_call("pit_sparse_dense_detect", (jax.ShapeDtypeStruct((*lead, m, w.shape[-1]), x.dtype),
-                                                            jax.ShapeDtypeStruct((ws,), jnp.uint8)))(
-            x, w.astype(x.dtype))
+        y, _ = jax.ffi.ffi_call("pit_sparse_dense_detect", (
+            jax.ShapeDtypeStruct((*lead, *_out_dims(m, w.shape[-1], y_transposed)), x.dtype),
+            jax.ShapeDtypeStruct((ws,), jnp.uint8)))(x, w.astype(x.dtype), epilogue["bias"],
+                                                       y_transposed=epilogue["y_transposed"])
         return y
-    return _sparse_dense_call(x, w, counts, indices, shape, tile, x_transposed=False)
+    return _sparse_dense_call(x, w, counts, indices, shape, tile, x_transposed=False, **epilogue)
 
 
-def _sparse_dense_call(x, w, counts, indices, shape, tile, x_transposed):
+def _out_dims(m, n, y_transposed):
+    return (n, m) if y_transposed else (m, n)
+
+
+def _sparse_dense_call(x, w, counts, indices, shape, tile, x_transposed, bias, y_transposed):
     """pit_sparse_dense on x's row index (x: the buffer, xᵀ when x_transposed)."""
     if x_transposed and tile[0] % GROUP_ROWS != 0:  # the row-tile merge masks x: back to the buffer's layout
         xl, ck, ik, tm = _kernel_index(jnp.swapaxes(x, -1, -2), counts, indices, shape, tile)
@@ -156,9 +165,10 @@ def _sparse_dense_call(x, w, counts, indices, shape, tile, x_transposed):
     m, k = shape
     n = w.shape[-1]
     ws = forward_workspace_bytes(lead, m, k, tile[1], np.dtype(x.dtype).itemsize)
-    y, _ = jax.ffi.ffi_call("pit_sparse_dense", (jax.ShapeDtypeStruct((*lead, m, n), x.dtype),
+    y, _ = jax.ffi.ffi_call("pit_sparse_dense", (jax.ShapeDtypeStruct((*lead, *_out_dims(m, n, y_transposed)), x.dtype),
                                                  jax.ShapeDtypeStruct((ws,), jnp.uint8)))(
-        xk, w.astype(x.dtype), ck, ik, **_attrs(tm, tile[1]), x_transposed=bool(x_transposed))
+        xk, w.astype(x.dtype), ck, ik, bias, **_attrs(tm, tile[1]), x_transposed=bool(x_transposed),
+        y_transposed=y_transposed)
     return y
 
 

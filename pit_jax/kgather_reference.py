@@ -18,10 +18,17 @@ def masked_to_index(x, indices, shape, tile, layout):
     return jnp.where(element_mask_from_indices(indices, shape, tile, layout), x, jnp.zeros((), x.dtype))
 
 
-def sparse_dense_ref(x, w, indices, *, shape, tile, layout):
-    """y[..., M, N] = (x ⊙ M) @ w, fp32 accumulation, in x's dtype."""
+def sparse_dense_ref(x, w, indices, *, shape, tile, layout, bias=None, y_transposed=False):
+    """y[..., M, N] = (x ⊙ M) @ w, or its transpose [..., N, M] (y_transposed), plus `bias` along
+    the last axis; fp32 accumulation, one rounding to x's dtype."""
     xm = masked_to_index(x, indices, shape, tile, layout)
-    return jnp.matmul(xm, w, preferred_element_type=F32).astype(x.dtype)
+    y = jnp.matmul(xm, w, preferred_element_type=F32)
+    if bias is not None:  # along the output's last axis: the product's rows when transposed
+        y = y + (bias.astype(F32)[:, None] if y_transposed else bias.astype(F32))
+    # rounded before the transpose: XLA:CPU folded a transpose of the fp32 product into a bf16 x
+    # bf16 = f32 dot that its runtime does not implement (jax 0.11.2, under vmap of dense_sparse)
+    y = y.astype(x.dtype)
+    return jnp.swapaxes(y, -1, -2) if y_transposed else y
 
 
 def sparse_tn_ref(x, dy, indices, *, shape, tile, layout, out_dtype):

@@ -540,6 +540,19 @@ pruned_profile)  # session 37: per-kernel device times of an nn linear layer (LA
   PYTHONPATH=benchmarks timeout -k 5 ${BENCH_TIMEOUT:-240} python3 -P benchmarks/profile_nn_linear.py --layer ${LAYER:-pruned} \
     --sparsity ${SPARSITY:-0.95} ${SWITCH:+--switch $SWITCH} --out $OUT/nn_profile 2>&1 | tee -a $LOG | tail -120
   echo "profile $((SECONDS-t0))s" ;;
+epilogue)  # session 38: the forward's epilogue adds the bias and (dense_sparse) writes y instead of yᵀ. The bias tests
+          # on the GPU (every path, dtype, sparsity 0/0.5/1, odd N; vmap), the nn linear suite, memcheck over the bf16
+          # bias tests at 0.5 (chunks of 8), then bench_nn_linear ($OUT/nn_linear) and the SparseLinear / PrunedLinear
+          # kernel profiles at 95% ($OUT/nn_profile_sparse, $OUT/nn_profile_pruned). About 100 s build + 450 s.
+  pytest_gpu ${TEST_TIMEOUT:-200} tests/test_kgather_kernels.py tests/test_nn_linear.py -k "not cpu and (bias or Linear or linear)"
+  [[ "${SAN:-1}" == 1 ]] && SAN_TIMEOUT=100 run_tool_chunks memcheck all tests/test_kgather_kernels.py \
+    "gpu and bias_epilogue_matches and bfloat16 and 0.5" 0 8
+  timeout -k 5 ${BENCH_TIMEOUT:-170} python3 benchmarks/bench_nn_linear.py --out $OUT/nn_linear 2>&1 | grep -E "^\| [SP]|Error" | tee -a $LOG
+  for layer in sparse pruned; do
+    PYTHONPATH=benchmarks timeout -k 5 80 python3 -P benchmarks/profile_nn_linear.py --layer $layer --sparsity 0.95 \
+      --out $OUT/nn_profile_$layer 2>&1 | tee -a $LOG | grep -E "^###"
+  done
+  echo "epilogue $((SECONDS-t0))s" ;;
 memcheck_given)  # session 38: memcheck of the 4 given-index transposed-pack tests (15-18 of the bf16 0.5 selection) whose
                 # tool process segfaulted (rc 139) when two ran in one process (sessions 37, 38): one test per process,
                 # then, for any that crash again, the same test with XLA's command buffers off

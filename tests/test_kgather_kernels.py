@@ -491,3 +491,118 @@ def test_dense_sparse_transposed_pack_under_vmap_of_w(backend, dtype, tile, n):
             assert _rel_err(ys[i], x64 @ w64) < TOL[dtype]
             assert _rel_err(gws[i], gw_want) < TOL[dtype]
     assert _rel_err(gx, gx_want) < TOL[dtype]
+
+
+_EPILOGUE_SHAPES = [(2, 40, 136, 75), (1, 33, 70, 256), (1, 8, 512, 1000)]  # (b, m, k, n)
+_EPILOGUE_PATHS = ["sparse_dense", "sparse_dense_fused", "sparse_dense_given", "dense_sparse", "dense_sparse_given"]
+
+
+def _epilogue_call(path, x, w, bias):
+    """The op on `path` with a bias: sparse_dense with its own index (separate kernels below 64
+    groups), the fused detect+pack kernel (its group threshold lowered), a given index; dense_sparse,
+    whose kernel writes y transposed back to y's layout."""
+    if path.startswith("sparse_dense"):
+        index = pit_jax.detect(x, (min(32, x.shape[-2]), 1)) if path.endswith("given") else None
+        return pit_jax.sparse_dense(x, w, bias=bias, index=index)
+    index = pit_jax.detect(w, (1, 32)) if path.endswith("given") else None
+    return pit_jax.dense_sparse(x, w, bias=bias, index=index)
+
+
+@pytest.mark.parametrize("shape", _EPILOGUE_SHAPES, ids=str)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("path", _EPILOGUE_PATHS)
+def test_bias_epilogue_matches_float64(backend, monkeypatch, path, dtype, sparsity, shape):
+    """y = x @ w + bias with the bias added in the forward kernel's epilogue (and, for dense_sparse,
+    y written in its own layout by the kernel that computes yᵀ), against float64: N not a multiple
+    of 8 (the transposed store's scalar tail) or of 128, every tile zero (y is the bias alone),
+    outputs poisoned first (conftest); gradients of x, w and the bias."""
+    if path == "sparse_dense_fused":
+        monkeypatch.setenv("PIT_KGATHER_FUSED_MIN_GROUPS", "1")
+    b, m, k, n = shape
+    rng = np.random.default_rng(stable_seed("bias_epilogue", path, dtype, sparsity, shape))
+    if path.startswith("sparse_dense"):
+        x = random_tile_sparse(rng, (b, m, k), (32, 1), sparsity, dtype)
+        w = (rng.standard_normal((k, n)) + 0.1).astype(DTYPES[dtype])
+        mask = np.ones((k, n), bool)
+    else:
+        x = (rng.standard_normal((b, m, k)) + 0.1).astype(DTYPES[dtype])
+        w = random_tile_sparse(rng, (k, n), (1, 32), sparsity, dtype)
+        mask = np.asarray(pit_jax.detect(w, (1, 32)).element_mask())
+    bias = (rng.standard_normal(n) + 0.5).astype(DTYPES[dtype])
+    g = rng.standard_normal((b, m, n)).astype(np.float32)
+
+    def loss(x, w, bias):
+        y = _epilogue_call(path, x, w, bias)
+        return jnp.sum(y.astype(jnp.float32) * g), y
+
+    (_, y), (gx, gw, gb) = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(x, w, bias)
+    x64, w64, b64, g64 = (np.asarray(a, np.float64) for a in (x, w, bias, g))
+    assert y.shape == (b, m, n) and y.dtype == x.dtype
+    assert _rel_err(y, x64 @ w64 + b64) < TOL[dtype]
+    assert _rel_err(gb, g64.sum(axis=(0, 1))) < TOL[dtype]
+    assert _rel_err(gx, g64 @ w64.T) < TOL[dtype]
+    if sparsity < 1.0:
+        assert _rel_err(gw, np.einsum("bmk,bmn->kn", x64, g64) * mask) < TOL[dtype]
+    else:  # x all zero (sparse_dense), or w's every tile pruned (dense_sparse's masked gradient)
+        np.testing.assert_array_equal(np.asarray(gw, np.float32), 0)
+
+
+@pytest.mark.parametrize("path", _EPILOGUE_PATHS)
+def test_bias_epilogue_under_vmap(backend, monkeypatch, path):
+    """vmap over a batch of x with one bias, and over a batch of biases with one x (one product
+    per bias), against float64."""
+    if path == "sparse_dense_fused":
+        monkeypatch.setenv("PIT_KGATHER_FUSED_MIN_GROUPS", "1")
+    rng = np.random.default_rng(stable_seed("bias_vmap", path))
+    if path.startswith("sparse_dense"):
+        xs = random_tile_sparse(rng, (3, 40, 96), (32, 1), 0.6, "bfloat16")
+        w = (rng.standard_normal((96, 72)) + 0.1).astype(DTYPES["bfloat16"])
+    else:
+        xs = (rng.standard_normal((3, 40, 96)) + 0.1).astype(DTYPES["bfloat16"])
+        w = random_tile_sparse(rng, (96, 72), (1, 32), 0.6, "bfloat16")
+    biases = (rng.standard_normal((2, 72)) + 0.5).astype(DTYPES["bfloat16"])
+    f = lambda x, bias: _epilogue_call(path, x, w, bias)
+    w64 = np.asarray(w, np.float64)
+    y = jax.jit(jax.vmap(f, in_axes=(0, None)))(xs, biases[0])
+    assert _rel_err(y, np.asarray(xs, np.float64) @ w64 + np.asarray(biases[0], np.float64)) < TOL["bfloat16"]
+    y = jax.jit(jax.vmap(f, in_axes=(None, 0)))(xs[0], biases)
+    want = (np.asarray(xs[0], np.float64) @ w64)[None] + np.asarray(biases, np.float64)[:, None, :]
+    assert y.shape == (2, 40, 72) and _rel_err(y, want) < TOL["bfloat16"]
+
+
+def test_bias_is_checked():
+    """A bias of the wrong shape, dtype or type is refused at trace time, naming the argument."""
+    x = jnp.ones((64, 128), jnp.bfloat16)
+    w = jnp.ones((128, 96), jnp.bfloat16)
+    for op in (pit_jax.sparse_dense, pit_jax.dense_sparse):
+        with pytest.raises(ValueError, match=r"bias must have shape \(96,\)"):
+            op(x, w, bias=jnp.ones((95,), jnp.bfloat16))
+        with pytest.raises(ValueError, match=r"bias must have shape"):
+            op(x, w, bias=jnp.ones((1, 96), jnp.bfloat16))
+        with pytest.raises(TypeError, match="bias must have x's dtype"):
+            op(x, w, bias=jnp.ones((96,), jnp.float32))
+        with pytest.raises(TypeError, match="bias must be an array"):
+            op(x, w, bias=[1.0] * 96)
+    with pytest.raises(ValueError, match=r"bias must have shape"):
+        pit_jax.sparse_dense(x, w, bias=jnp.ones((95,), jnp.bfloat16), tile="auto")
+
+
+@pytest.mark.parametrize("op", ["sparse_dense", "dense_sparse"])
+def test_bias_and_layout_in_the_kernel_on_cuda(op):
+    """On CUDA the bias is an operand of the forward's custom call and nothing adds to or
+    transposes its result: dense_sparse's kernel writes y (not yᵀ) with the bias added."""
+    if not pit_jax.cuda_available():
+        pytest.skip("the CUDA lowering needs the CUDA module")
+    x = jnp.ones((4096, 256), jnp.bfloat16)  # 128 groups: sparse_dense takes the fused detect+pack target
+    w = jnp.ones((256, 96), jnp.bfloat16)
+    bias = jnp.ones((96,), jnp.bfloat16)
+    f = getattr(pit_jax, op)
+    hlo = jax.jit(lambda x, w, b: f(x, w, bias=b)).trace(x, w, bias).lower(lowering_platforms=("cuda",)).as_text()
+    target = "pit_sparse_dense_detect" if op == "sparse_dense" else "pit_sparse_dense"
+    calls = [line for line in hlo.splitlines() if f"@{target}(" in line]
+    assert len(calls) == 1 and "%arg2" in calls[0], calls  # the bias goes in as it is
+    assert ("y_transposed = true" in calls[0]) == (op == "dense_sparse")
+    result = calls[0].split("=")[0].strip().split(":")[0]  # %N
+    users = [line for line in hlo.splitlines() if f"{result}#0" in line and "custom_call" not in line]
+    assert all("stablehlo.add" not in u and "stablehlo.transpose" not in u for u in users), users

@@ -253,6 +253,20 @@ __global__ void __launch_bounds__(kThreadsPerCta) pit_kgather_detect_pack_kernel
 
 // ---- forward step 2: gathered GEMM -------------------------------------------------------------
 
+// Where the forward writes its tile and what it adds first. y: [..., M, N], or [..., N, M] when
+// `transposed` (dense_sparse computes yᵀ = wᵀ xᵀ and writes y itself, so XLA makes no transposed
+// copy of the product). bias (or null): added in fp32 to the accumulators before the one rounding,
+// along y's last axis, i.e. the tile's columns, or its rows when transposed (a dense layer's bias
+// in one pass instead of an elementwise pass over y). vec: y's rows take 16-byte stores (aligned
+// base, a row length that is a multiple of 8 elements).
+template <typename T>
+struct ForwardOutput {
+  T* y;
+  const T* bias;
+  bool transposed;
+  bool vec;
+};
+
 template <typename T>
 struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
   using C = ForwardConfig<T>;
@@ -279,18 +293,40 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
     }
   }
 
-  // Writes the tile to y_tile = y[row0, col0] (rows/cols: how many of its rows/columns exist)
-  // through shared memory (`staging`: kBM rows of kCStride, free once the main loop is done), so
-  // that global stores are whole 16-byte row segments. Storing from the fragment layout directly
+  // Writes the tile (rows row0.., columns col0.. of the product; `rows`/`cols` of them exist) to
+  // out.y through shared memory (`staging`: kBM rows of kCStride, free once the main loop is done),
+  // so that global stores are whole 16-byte segments. Storing from the fragment layout directly
   // wrote 2 bytes at a time, touching every 32-byte sector twice: 0.102 vs 0.068 ms per 4096³
-  // call at 99% sparsity (H200, 2026-11-27). vec_y: y's rows allow 16-byte stores (aligned base,
-  // row length a multiple of 8 elements).
+  // call at 99% sparsity (H200, 2026-11-27). `ld`: y's row length (N, or M when transposed; the
+  // caller has offset out.y to the tile's first element). Transposed, each thread stores 8
+  // consecutive product rows of one column: one 16-byte segment of a y row.
   static constexpr int kCStride = C::kBN + C::kVec;  // padded row: conflict-free fragment writes
   static_assert(C::kBM * kCStride <= C::kStages * C::kStageElems, "staging must fit the ring");
-  __device__ __forceinline__ void store(T* y_tile, int64_t ld, int64_t rows, int64_t cols, T* staging,
-                                        bool vec_y, int warp, int lane) const {
+  __device__ __forceinline__ void store(const ForwardOutput<T>& out, T* y_tile, int64_t ld, int64_t row0,
+                                        int64_t col0, int64_t rows, int64_t cols, T* staging, int warp,
+                                        int lane) const {
     // The caller has waited for the ring's copies and synchronised: `staging` is free.
     const int gq = lane / 4, tq = lane % 4;
+    float col_bias[4][2] = {}, row_bias[2][2] = {};
+    if (out.bias != nullptr) {
+      if (out.transposed) {
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int r = mi * 16 + gq + half * 8;
+            row_bias[mi][half] = r < rows ? float(out.bias[row0 + r]) : 0.f;
+          }
+      } else {
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int c = warp * 32 + ni * 8 + 2 * tq + e;
+            col_bias[ni][e] = c < cols ? float(out.bias[col0 + c]) : 0.f;
+          }
+      }
+    }
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -298,17 +334,35 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int r = mi * 16 + gq + half * 8, c = warp * 32 + ni * 8 + 2 * tq;
-          staging[r * kCStride + c] = from_float<T>(acc[mi][ni][2 * half]);
-          staging[r * kCStride + c + 1] = from_float<T>(acc[mi][ni][2 * half + 1]);
+          const float rb = row_bias[mi][half];
+          staging[r * kCStride + c] = from_float<T>(acc[mi][ni][2 * half] + rb + col_bias[ni][0]);
+          staging[r * kCStride + c + 1] = from_float<T>(acc[mi][ni][2 * half + 1] + rb + col_bias[ni][1]);
         }
     __syncthreads();
+    if (out.transposed) {
+      constexpr int kVecsPerCol = C::kBM / C::kVec;
+      for (int i = threadIdx.x; i < C::kBN * kVecsPerCol; i += kForwardThreads) {
+        const int c = i / kVecsPerCol, r = (i % kVecsPerCol) * C::kVec;
+        if (c >= cols || r >= rows) continue;
+        T* dst = y_tile + c * ld + r;
+        if (out.vec && r + C::kVec <= rows) {
+          alignas(16) T v[C::kVec];
+#pragma unroll
+          for (int e = 0; e < C::kVec; ++e) v[e] = staging[(r + e) * kCStride + c];
+          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(v);
+        } else {
+          for (int e = 0; e < C::kVec && r + e < rows; ++e) dst[e] = staging[(r + e) * kCStride + c];
+        }
+      }
+      return;
+    }
     constexpr int kVecsPerRow = C::kBN / C::kVec;
     for (int i = threadIdx.x; i < C::kBM * kVecsPerRow; i += kForwardThreads) {
       const int r = i / kVecsPerRow, c = (i % kVecsPerRow) * C::kVec;
       if (r >= rows || c >= cols) continue;
       const T* src = staging + r * kCStride + c;
       T* dst = y_tile + r * ld + c;
-      if (vec_y && c + C::kVec <= cols) {
+      if (out.vec && c + C::kVec <= cols) {
         *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
       } else {
         for (int e = 0; e < C::kVec && c + e < cols; ++e) dst[e] = src[e];
@@ -338,14 +392,19 @@ struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
     }
   }
 
-  __device__ __forceinline__ void store(T* y_tile, int64_t ld, int64_t rows, int64_t cols, T*, bool, int,
-                                        int) const {  // 4-byte elements: stored from registers, no barrier
+  // 4-byte elements: stored from registers, no barrier (arguments as ForwardTensorCoreMath::store's)
+  __device__ __forceinline__ void store(const ForwardOutput<T>& out, T* y_tile, int64_t ld, int64_t row0,
+                                        int64_t col0, int64_t rows, int64_t cols, T*, int, int) const {
     const int tr = threadIdx.x / 32, tc = threadIdx.x % 32;
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        if (tr * 8 + i < rows && tc * 4 + j < cols) y_tile[(tr * 8 + i) * ld + tc * 4 + j] = from_float<T>(acc[i][j]);
+      for (int j = 0; j < 4; ++j) {
+        const int r = tr * 8 + i, c = tc * 4 + j;
+        if (r >= rows || c >= cols) continue;
+        const float bias = out.bias == nullptr ? 0.f : float(out.bias[out.transposed ? row0 + r : col0 + c]);
+        y_tile[out.transposed ? c * ld + r : r * ld + c] = from_float<T>(acc[i][j] + bias);
+      }
   }
 };
 
@@ -437,10 +496,11 @@ struct ForwardTile {
     }
   }
 
-  __device__ __forceinline__ void store(const ForwardMath<T>& math, T* y, const KGatherShape& s, T* staging,
-                                        bool vec_y, int warp, int lane) const {
+  __device__ __forceinline__ void store(const ForwardMath<T>& math, const ForwardOutput<T>& out,
+                                        const KGatherShape& s, T* staging, int warp, int lane) const {
     const int64_t row0 = g * kGroupRows;
-    math.store(y + (b * s.rows + row0) * s.n + n0, s.n, s.rows - row0, s.n - n0, staging, vec_y, warp, lane);
+    T* y_tile = out.transposed ? out.y + (b * s.n + n0) * s.rows + row0 : out.y + (b * s.rows + row0) * s.n + n0;
+    math.store(out, y_tile, out.transposed ? s.rows : s.n, row0, n0, s.rows - row0, s.n - n0, staging, warp, lane);
   }
 };
 
@@ -449,8 +509,8 @@ template <typename T, bool kVecW>
 __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(const T* __restrict__ packed,
                                                                        const int32_t* __restrict__ column_ids,
                                                                        const int32_t* __restrict__ counts,
-                                                                       const T* __restrict__ w, T* __restrict__ y,
-                                                                       KGatherShape s, bool vec_y) {
+                                                                       const T* __restrict__ w,
+                                                                       ForwardOutput<T> out, KGatherShape s) {
   using C = ForwardConfig<T>;
   using Tile = ForwardTile<T, kVecW>;
   extern __shared__ __align__(16) unsigned char smem_bytes[];
@@ -483,7 +543,7 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
     cp_async_wait<0>();
     __syncthreads();  // every warp is done with the ring: it may stage the output tile
   }
-  tile.store(math, y, s, smem, vec_y, warp, lane);
+  tile.store(math, out, s, smem, warp, lane);
 }
 
 // ---- dW step 1: column masks per (row group, 64-column tile) -----------------------------------
@@ -612,20 +672,21 @@ __global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_kgather_tn_kernel(
 // PIT_KGATHER_PDL=0 turns them off (an A/B switch, read per launch).
 inline bool forward_dependent_launch() { return dependent_launch_setting("PIT_KGATHER_PDL") != 0; }
 
-// The gathered GEMM over a packed x (step 2); `counts` per 32-row group's tile row block.
+// The gathered GEMM over a packed x (step 2); `counts` per 32-row group's tile row block. `epilogue`
+// says where y goes and what is added (ForwardOutput; its `vec` is set here).
 template <typename T>
 cudaError_t launch_gemm(cudaStream_t stream, const KGatherShape& s, const T* packed, const int32_t* column_ids,
-                        const int32_t* counts, const void* w, void* y, bool dependent) {
+                        const int32_t* counts, const void* w, ForwardOutput<T> epilogue, bool dependent) {
   using C = ForwardConfig<T>;
   const int64_t n_tiles = ceil_div(s.n, C::kBN);
   const unsigned grid = unsigned(s.all_groups() * n_tiles);
   const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
   auto kernel = vec_w ? pit_kgather_forward_kernel<T, true> : pit_kgather_forward_kernel<T, false>;
+  epilogue.vec = rows_copy_by_16_bytes<T>(epilogue.y, epilogue.transposed ? s.rows : s.n);
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
   err = launch_dependent(kernel, dim3(grid), dim3(kForwardThreads), C::kSmemBytes, stream, dependent,
-                         packed, column_ids, counts, static_cast<const T*>(w), static_cast<T*>(y), s,
-                         rows_copy_by_16_bytes<T>(y, s.n));
+                         packed, column_ids, counts, static_cast<const T*>(w), epilogue, s);
   return err != cudaSuccess ? err : cudaGetLastError();
 }
 
@@ -641,16 +702,23 @@ void launch_pack(cudaStream_t stream, const KGatherShape& s, const void* x, cons
                                             gate_total, gate_cap);
 }
 
+// The forward's output and its epilogue as the handlers receive them (bias: null for none).
+template <typename T>
+ForwardOutput<T> forward_output(void* y, const void* bias, bool y_transposed) {
+  return ForwardOutput<T>{static_cast<T*>(y), static_cast<const T*>(bias), y_transposed, false};
+}
+
 // x_transposed: the buffer holds xᵀ (only pack reads x).
 template <typename T>
 cudaError_t launch_forward(cudaStream_t stream, const KGatherShape& s, const void* x, const void* w,
-                           const int32_t* counts, const int32_t* indices, void* y, uint8_t* workspace,
-                           bool x_transposed) {
+                           const int32_t* counts, const int32_t* indices, void* y, const void* bias,
+                           bool y_transposed, uint8_t* workspace, bool x_transposed) {
   if (s.all_groups() == 0 || s.n == 0) return cudaSuccess;
   T* packed = reinterpret_cast<T*>(workspace);
   int32_t* column_ids = reinterpret_cast<int32_t*>(workspace + s.packed_x_bytes(sizeof(T)));
   launch_pack<T>(stream, s, x, counts, indices, packed, column_ids, nullptr, 0, x_transposed);
-  return launch_gemm<T>(stream, s, packed, column_ids, counts, w, y, /*dependent=*/false);
+  return launch_gemm<T>(stream, s, packed, column_ids, counts, w, forward_output<T>(y, bias, y_transposed),
+                        /*dependent=*/false);
 }
 
 // Detection fused with pack (32x1 tiles, x's rows in 16-byte vectors), then the GEMM. Scratch:
@@ -701,7 +769,7 @@ inline bool large_detect_pack_ring_fits() {
 
 template <typename T>
 cudaError_t launch_forward_detecting(cudaStream_t stream, const KGatherShape& s, const void* x, const void* w,
-                                     void* y, uint8_t* workspace) {
+                                     void* y, const void* bias, bool y_transposed, uint8_t* workspace) {
   if (s.all_groups() == 0 || s.n == 0) return cudaSuccess;
   T* packed = reinterpret_cast<T*>(workspace);
   int32_t* column_ids = reinterpret_cast<int32_t*>(workspace + s.packed_x_bytes(sizeof(T)));
@@ -710,7 +778,8 @@ cudaError_t launch_forward_detecting(cudaStream_t stream, const KGatherShape& s,
                               ? launch_detect_pack<T, 512>(stream, s, x, counts, packed, column_ids)
                               : launch_detect_pack<T, 256>(stream, s, x, counts, packed, column_ids);
   if (err != cudaSuccess) return err;
-  return launch_gemm<T>(stream, s, packed, column_ids, counts, w, y, forward_dependent_launch());
+  return launch_gemm<T>(stream, s, packed, column_ids, counts, w, forward_output<T>(y, bias, y_transposed),
+                        forward_dependent_launch());
 }
 
 // The masked dW kernel; with `products_total`, it returns at once when *products_total <= products_cap
@@ -868,23 +937,36 @@ bool rows_are_16_byte_vectors(ffi::AnyBuffer x, const KGatherShape& s) {
   return elem != 0 && (s.k * elem) % 16 == 0 && reinterpret_cast<uintptr_t>(x.untyped_data()) % 16 == 0;
 }
 
-// The forward's operands beside x (whose shape made `s`): w [K, N], one dtype for x, w and y,
-// y [..., M, N]. Returns an error message or "".
+// The forward's operands beside x (whose shape made `s`): w [K, N], one dtype for x, w, bias and y,
+// y [..., M, N] ([..., N, M] when y_transposed), bias empty (none) or [y's last dim]. Returns an
+// error message or "".
 std::string check_forward_operands(const char* op, const KGatherShape& s, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                                   ffi::AnyBuffer y) {
+                                   ffi::AnyBuffer bias, ffi::AnyBuffer y, bool y_transposed) {
   if (w.dimensions()[0] != s.k) return std::string(op) + ": w's rows must equal x's columns";
   if (w.element_type() != x.element_type() || y.element_type() != x.element_type())
     return std::string(op) + ": x, w and y must share one dtype";
-  if (element_count(y.dimensions()) != s.batch * s.rows * s.n) return std::string(op) + ": y must be [..., M, N]";
+  const auto yd = y.dimensions();
+  const int64_t last = y_transposed ? s.rows : s.n, second = y_transposed ? s.n : s.rows;
+  if (element_count(yd) != s.batch * s.rows * s.n || yd.size() < 2 || yd[yd.size() - 1] != last ||
+      yd[yd.size() - 2] != second)
+    return std::string(op) + (y_transposed ? ": y must be [..., N, M]" : ": y must be [..., M, N]");
+  if (element_count(bias.dimensions()) != 0 &&
+      (bias.element_type() != x.element_type() || !same_dims(bias.dimensions(), {last})))
+    return std::string(op) + ": bias must be empty or [y's last dim] in x's dtype";
   return "";
+}
+
+// The bias buffer's data, or null when it is empty (no bias).
+const void* bias_or_null(ffi::AnyBuffer bias) {
+  return element_count(bias.dimensions()) == 0 ? nullptr : bias.untyped_data();
 }
 
 // y = x @ w on x's row index; x_transposed: the buffer holds xᵀ [..., K, M] (dense_sparse's weight),
 // which pack reads in place.
 ffi::Error SparseDenseCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::S32> counts,
-                           ffi::Buffer<ffi::S32> indices, ffi::Result<ffi::AnyBuffer> y,
+                           ffi::Buffer<ffi::S32> indices, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
                            ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t tile_m, int64_t tile_k,
-                           bool x_transposed) {
+                           bool x_transposed, bool y_transposed) {
   const auto wd = w.dimensions();
   if (wd.size() != 2) return ffi::Error::InvalidArgument("pit_sparse_dense: w must be a matrix [K, N]");
   KGatherShape s;
@@ -894,7 +976,7 @@ ffi::Error SparseDenseCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer
   if (!fits_launch_limits(s, ForwardConfig<float>::kBN))
     return ffi::Error::InvalidArgument("pit_sparse_dense: x and w are too large for one launch (more than 2^31 - 1 "
                                        "CTAs or 65535 * 256 packed columns); split the batch");
-  const std::string operands = check_forward_operands("pit_sparse_dense", s, x, w, *y);
+  const std::string operands = check_forward_operands("pit_sparse_dense", s, x, w, bias, *y, y_transposed);
   if (!operands.empty()) return ffi::Error::InvalidArgument(operands);
   if (element_count(workspace->dimensions()) != s.forward_workspace_bytes(ffi::ByteWidth(x.element_type())))
     return ffi::Error::InvalidArgument("pit_sparse_dense: workspace size does not match the shapes");
@@ -902,16 +984,17 @@ ffi::Error SparseDenseCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer
   bool known;
   const cudaError_t err = dispatch_dtype(x.element_type(), [&](auto tag) {
     return launch_forward<decltype(tag)>(stream, s, x.untyped_data(), w.untyped_data(), counts.typed_data(),
-                                         indices.typed_data(), y->untyped_data(), workspace->typed_data(),
-                                         x_transposed);
+                                         indices.typed_data(), y->untyped_data(), bias_or_null(bias), y_transposed,
+                                         workspace->typed_data(), x_transposed);
   }, &known);
   return dispatch_outcome("pit_sparse_dense", known, err);
 }
 
 // y = x @ w with x's 32x1 micro-tiles detected inside (no index operand): the lowering's choice
 // when sparse_dense detects its own index (pit_jax/kgather_cuda.py says when).
-ffi::Error SparseDenseDetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                                 ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::U8>> workspace) {
+ffi::Error SparseDenseDetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
+                                 ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::U8>> workspace,
+                                 bool y_transposed) {
   const auto wd = w.dimensions();
   if (wd.size() != 2) return ffi::Error::InvalidArgument("pit_sparse_dense_detect: w must be a matrix [K, N]");
   MatrixView xv;
@@ -919,7 +1002,7 @@ ffi::Error SparseDenseDetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Any
   const KGatherShape s = make_kgather_shape(xv.batch, xv.rows, xv.cols, wd[1], kGroupRows, 1);
   if (!fits_launch_limits(s, ForwardConfig<float>::kBN))
     return ffi::Error::InvalidArgument("pit_sparse_dense_detect: x and w are too large for one launch; split the batch");
-  const std::string operands = check_forward_operands("pit_sparse_dense_detect", s, x, w, *y);
+  const std::string operands = check_forward_operands("pit_sparse_dense_detect", s, x, w, bias, *y, y_transposed);
   if (!operands.empty()) return ffi::Error::InvalidArgument(operands);
   const int64_t elem = ffi::ByteWidth(x.element_type());
   if (!rows_are_16_byte_vectors(x, s))
@@ -930,7 +1013,7 @@ ffi::Error SparseDenseDetectCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::Any
   bool known;
   const cudaError_t err = dispatch_dtype(x.element_type(), [&](auto tag) {
     return launch_forward_detecting<decltype(tag)>(stream, s, x.untyped_data(), w.untyped_data(), y->untyped_data(),
-                                                   workspace->typed_data());
+                                                   bias_or_null(bias), y_transposed, workspace->typed_data());
   }, &known);
   return dispatch_outcome("pit_sparse_dense_detect", known, err);
 }
@@ -1095,7 +1178,21 @@ ffi::Error SparseNtCuda(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuffer w
       .Attr<int64_t>("tile_m")                                              \
       .Attr<int64_t>("tile_k")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseDenseCuda, pit::SparseDenseCuda, PIT_KGATHER_BINDING.Attr<bool>("x_transposed"),
+// The forward: x, w, its index, then the bias (an empty buffer for none).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseDenseCuda, pit::SparseDenseCuda,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>()
+                                  .Attr<int64_t>("tile_m")
+                                  .Attr<int64_t>("tile_k")
+                                  .Attr<bool>("x_transposed")
+                                  .Attr<bool>("y_transposed"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnCuda, pit::SparseTnCuda, PIT_KGATHER_BINDING,
                               {xla::ffi::Traits::kCmdBufferCompatible});
@@ -1114,7 +1211,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnProductsCuda, pit::SparseTnProductsCuda
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnProductsDetectCuda, pit::SparseTnProductsDetectCuda,
                               PIT_KGATHER_DETECTING_BINDING.Attr<int64_t>("cap_rows").Attr<int64_t>("n_slab"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseDenseDetectCuda, pit::SparseDenseDetectCuda, PIT_KGATHER_DETECTING_BINDING,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseDenseDetectCuda, pit::SparseDenseDetectCuda,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>()
+                                  .Attr<bool>("y_transposed"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseNtCuda, pit::SparseNtCuda,
                               xla::ffi::Ffi::Bind()

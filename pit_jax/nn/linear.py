@@ -51,11 +51,13 @@ class _TileSparseLinear(nnx.Module):
                             f"(x {x.dtype}, kernel {kernel.dtype})")
         return jnp.asarray(x, dtype).reshape(-1, self.in_features), kernel, dtype
 
-    def _finish(self, y, x_shape, dtype):
-        y = y.reshape(*x_shape[:-1], self.out_features)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
-        return y
+    def _bias(self, dtype):
+        """The bias in the computation dtype, or None; the ops add it in their kernel's epilogue
+        (before the one rounding of the output), not in a pass over y."""
+        return None if self.bias is None else self.bias[...].astype(dtype)
+
+    def _finish(self, y, x_shape):
+        return y.reshape(*x_shape[:-1], self.out_features)
 
 
 class SparseLinear(_TileSparseLinear):
@@ -83,7 +85,7 @@ class SparseLinear(_TileSparseLinear):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         rows, kernel, dtype = self._operands(x)
-        return self._finish(sparse_dense(rows, kernel.astype(dtype), tile=self.tile), x.shape, dtype)
+        return self._finish(sparse_dense(rows, kernel.astype(dtype), bias=self._bias(dtype), tile=self.tile), x.shape)
 
 
 GRADS = ("masked", "dense")
@@ -134,8 +136,8 @@ class PrunedLinear(_TileSparseLinear):
         # init, or small weights rounded to zero in `dtype`) still gets its gradient. It is built
         # from the tile mask itself (no pass over an expanded [K, N] mask).
         index = tile_index_from_mask(keep_tiles, (k, n), tile, "row")
-        y = dense_sparse(rows, w.astype(dtype), index=index, grad=self.grad)
-        return self._finish(y, x.shape, dtype)
+        y = dense_sparse(rows, w.astype(dtype), bias=self._bias(dtype), index=index, grad=self.grad)
+        return self._finish(y, x.shape)
 
 
 def SparseLinearLinen(**kwargs):
