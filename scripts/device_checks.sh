@@ -540,6 +540,18 @@ pruned_profile)  # session 37: per-kernel device times of an nn linear layer (LA
   PYTHONPATH=benchmarks timeout -k 5 ${BENCH_TIMEOUT:-240} python3 -P benchmarks/profile_nn_linear.py --layer ${LAYER:-pruned} \
     --sparsity ${SPARSITY:-0.95} ${SWITCH:+--switch $SWITCH} --out $OUT/nn_profile 2>&1 | tee -a $LOG | tail -120
   echo "profile $((SECONDS-t0))s" ;;
+epilogue2)  # session 38, second run: the bias read before the main loop and the transposed tile staged by column
+           # (PART=epilogue measured the PrunedLinear forward kernel at 56 µs against 47 before the epilogue). The
+           # bias tests on the GPU, memcheck over the bf16 ones at 0.5, bench_nn_linear, the PrunedLinear profile.
+  pytest_gpu ${TEST_TIMEOUT:-170} tests/test_kgather_kernels.py -k "gpu and bias"
+  [[ "${SAN:-1}" == 1 ]] && SAN_TIMEOUT=100 run_tool_chunks memcheck all tests/test_kgather_kernels.py \
+    "gpu and bias_epilogue_matches and bfloat16 and 0.5" 0 8
+  timeout -k 5 ${BENCH_TIMEOUT:-170} python3 benchmarks/bench_nn_linear.py --out $OUT/nn_linear 2>&1 | grep -E "^\| [SP]|Error" | tee -a $LOG
+  for layer in ${PROFILE_LAYERS:-pruned}; do
+    PYTHONPATH=benchmarks timeout -k 5 80 python3 -P benchmarks/profile_nn_linear.py --layer $layer --sparsity 0.95 \
+      --out $OUT/nn_profile_$layer 2>&1 | tee -a $LOG | grep -E "^###"
+  done
+  echo "epilogue2 $((SECONDS-t0))s" ;;
 epilogue)  # session 38: the forward's epilogue adds the bias and (dense_sparse) writes y instead of yᵀ. The bias tests
           # on the GPU (every path, dtype, sparsity 0/0.5/1, odd N; vmap), the nn linear suite, memcheck over the bf16
           # bias tests at 0.5 (chunks of 8), then bench_nn_linear ($OUT/nn_linear) and the SparseLinear / PrunedLinear

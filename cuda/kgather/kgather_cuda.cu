@@ -293,40 +293,48 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
     }
   }
 
-  // Writes the tile (rows row0.., columns col0.. of the product; `rows`/`cols` of them exist) to
-  // out.y through shared memory (`staging`: kBM rows of kCStride, free once the main loop is done),
-  // so that global stores are whole 16-byte segments. Storing from the fragment layout directly
-  // wrote 2 bytes at a time, touching every 32-byte sector twice: 0.102 vs 0.068 ms per 4096³
-  // call at 99% sparsity (H200, 2026-11-27). `ld`: y's row length (N, or M when transposed; the
-  // caller has offset out.y to the tile's first element). Transposed, each thread stores 8
-  // consecutive product rows of one column: one 16-byte segment of a y row.
+  // The bias values this thread adds (its fragment's columns, or rows when transposed), read
+  // before the main loop so that their latency hides behind it: read at the store, they added
+  // about 1 µs to every CTA (the 4096² PrunedLinear forward kernel took 56 µs against 47).
+  float col_bias[4][2] = {}, row_bias[2][2] = {};
+  __device__ __forceinline__ void load_bias(const ForwardOutput<T>& out, int64_t row0, int64_t col0, int64_t rows,
+                                            int64_t cols, int warp, int lane) {
+    if (out.bias == nullptr) return;
+    const int gq = lane / 4, tq = lane % 4;
+    if (out.transposed) {
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = mi * 16 + gq + half * 8;
+          row_bias[mi][half] = r < rows ? float(out.bias[row0 + r]) : 0.f;
+        }
+    } else {
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int c = warp * 32 + ni * 8 + 2 * tq + e;
+          col_bias[ni][e] = c < cols ? float(out.bias[col0 + c]) : 0.f;
+        }
+    }
+  }
+
+  // Writes the tile (`rows`/`cols` of its rows/columns exist) to y_tile through shared memory
+  // (`staging`, free once the main loop is done), so that global stores are whole 16-byte
+  // segments. Storing from the fragment layout directly wrote 2 bytes at a time, touching every
+  // 32-byte sector twice: 0.102 vs 0.068 ms per 4096³ call at 99% sparsity (H200, 2026-11-27).
+  // `ld`: y's row length (N, or M when transposed). Transposed, the tile is staged column by column
+  // (kTStride per column), so that a thread reads 8 consecutive rows of one column as one 16-byte
+  // vector and stores them as a 16-byte segment of a y row.
   static constexpr int kCStride = C::kBN + C::kVec;  // padded row: conflict-free fragment writes
+  static constexpr int kTStride = C::kBM + C::kVec;  // padded column (80 bytes): conflict-free too
   static_assert(C::kBM * kCStride <= C::kStages * C::kStageElems, "staging must fit the ring");
-  __device__ __forceinline__ void store(const ForwardOutput<T>& out, T* y_tile, int64_t ld, int64_t row0,
-                                        int64_t col0, int64_t rows, int64_t cols, T* staging, int warp,
-                                        int lane) const {
+  static_assert(C::kBN * kTStride <= C::kStages * C::kStageElems, "staging must fit the ring");
+  __device__ __forceinline__ void store(const ForwardOutput<T>& out, T* y_tile, int64_t ld, int64_t rows,
+                                        int64_t cols, T* staging, int warp, int lane) const {
     // The caller has waited for the ring's copies and synchronised: `staging` is free.
     const int gq = lane / 4, tq = lane % 4;
-    float col_bias[4][2] = {}, row_bias[2][2] = {};
-    if (out.bias != nullptr) {
-      if (out.transposed) {
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int r = mi * 16 + gq + half * 8;
-            row_bias[mi][half] = r < rows ? float(out.bias[row0 + r]) : 0.f;
-          }
-      } else {
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int c = warp * 32 + ni * 8 + 2 * tq + e;
-            col_bias[ni][e] = c < cols ? float(out.bias[col0 + c]) : 0.f;
-          }
-      }
-    }
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -335,37 +343,29 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
         for (int half = 0; half < 2; ++half) {
           const int r = mi * 16 + gq + half * 8, c = warp * 32 + ni * 8 + 2 * tq;
           const float rb = row_bias[mi][half];
-          staging[r * kCStride + c] = from_float<T>(acc[mi][ni][2 * half] + rb + col_bias[ni][0]);
-          staging[r * kCStride + c + 1] = from_float<T>(acc[mi][ni][2 * half + 1] + rb + col_bias[ni][1]);
+          const T v0 = from_float<T>(acc[mi][ni][2 * half] + rb + col_bias[ni][0]);
+          const T v1 = from_float<T>(acc[mi][ni][2 * half + 1] + rb + col_bias[ni][1]);
+          if (out.transposed) {
+            staging[c * kTStride + r] = v0;
+            staging[(c + 1) * kTStride + r] = v1;
+          } else {
+            staging[r * kCStride + c] = v0;
+            staging[r * kCStride + c + 1] = v1;
+          }
         }
     __syncthreads();
-    if (out.transposed) {
-      constexpr int kVecsPerCol = C::kBM / C::kVec;
-      for (int i = threadIdx.x; i < C::kBN * kVecsPerCol; i += kForwardThreads) {
-        const int c = i / kVecsPerCol, r = (i % kVecsPerCol) * C::kVec;
-        if (c >= cols || r >= rows) continue;
-        T* dst = y_tile + c * ld + r;
-        if (out.vec && r + C::kVec <= rows) {
-          alignas(16) T v[C::kVec];
-#pragma unroll
-          for (int e = 0; e < C::kVec; ++e) v[e] = staging[(r + e) * kCStride + c];
-          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(v);
-        } else {
-          for (int e = 0; e < C::kVec && r + e < rows; ++e) dst[e] = staging[(r + e) * kCStride + c];
-        }
-      }
-      return;
-    }
-    constexpr int kVecsPerRow = C::kBN / C::kVec;
-    for (int i = threadIdx.x; i < C::kBM * kVecsPerRow; i += kForwardThreads) {
-      const int r = i / kVecsPerRow, c = (i % kVecsPerRow) * C::kVec;
-      if (r >= rows || c >= cols) continue;
-      const T* src = staging + r * kCStride + c;
-      T* dst = y_tile + r * ld + c;
-      if (out.vec && c + C::kVec <= cols) {
+    const int lines = out.transposed ? C::kBN : C::kBM;  // y rows in the tile, and their lengths
+    const int64_t line_count = out.transposed ? cols : rows, line_len = out.transposed ? rows : cols;
+    const int stride = out.transposed ? kTStride : kCStride, vecs_per_line = (out.transposed ? C::kBM : C::kBN) / C::kVec;
+    for (int i = threadIdx.x; i < lines * vecs_per_line; i += kForwardThreads) {
+      const int line = i / vecs_per_line, e0 = (i % vecs_per_line) * C::kVec;
+      if (line >= line_count || e0 >= line_len) continue;
+      const T* src = staging + line * stride + e0;
+      T* dst = y_tile + line * ld + e0;
+      if (out.vec && e0 + C::kVec <= line_len) {
         *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
       } else {
-        for (int e = 0; e < C::kVec && c + e < cols; ++e) dst[e] = src[e];
+        for (int e = 0; e < C::kVec && e0 + e < line_len; ++e) dst[e] = src[e];
       }
     }
   }
@@ -392,9 +392,18 @@ struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
     }
   }
 
-  // 4-byte elements: stored from registers, no barrier (arguments as ForwardTensorCoreMath::store's)
-  __device__ __forceinline__ void store(const ForwardOutput<T>& out, T* y_tile, int64_t ld, int64_t row0,
-                                        int64_t col0, int64_t rows, int64_t cols, T*, int, int) const {
+  // 4-byte elements: stored from registers, no barrier; the bias is read here (the fp32 path is not
+  // tuned). Arguments as ForwardTensorCoreMath's, plus the tile's first row and column for the bias.
+  const T* bias_rows = nullptr;
+  const T* bias_cols = nullptr;
+  __device__ __forceinline__ void load_bias(const ForwardOutput<T>& out, int64_t row0, int64_t col0, int64_t,
+                                            int64_t, int, int) {
+    if (out.bias == nullptr) return;
+    if (out.transposed) bias_rows = out.bias + row0;
+    else bias_cols = out.bias + col0;
+  }
+  __device__ __forceinline__ void store(const ForwardOutput<T>& out, T* y_tile, int64_t ld, int64_t rows,
+                                        int64_t cols, T*, int, int) const {
     const int tr = threadIdx.x / 32, tc = threadIdx.x % 32;
 #pragma unroll
     for (int i = 0; i < 8; ++i)
@@ -402,7 +411,7 @@ struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
       for (int j = 0; j < 4; ++j) {
         const int r = tr * 8 + i, c = tc * 4 + j;
         if (r >= rows || c >= cols) continue;
-        const float bias = out.bias == nullptr ? 0.f : float(out.bias[out.transposed ? row0 + r : col0 + c]);
+        const float bias = bias_rows != nullptr ? float(bias_rows[r]) : bias_cols != nullptr ? float(bias_cols[c]) : 0.f;
         y_tile[out.transposed ? c * ld + r : r * ld + c] = from_float<T>(acc[i][j] + bias);
       }
   }
@@ -496,11 +505,17 @@ struct ForwardTile {
     }
   }
 
+  __device__ __forceinline__ void load_bias(ForwardMath<T>& math, const ForwardOutput<T>& out, const KGatherShape& s,
+                                            int warp, int lane) const {
+    const int64_t row0 = g * kGroupRows;
+    math.load_bias(out, row0, n0, s.rows - row0, s.n - n0, warp, lane);
+  }
+
   __device__ __forceinline__ void store(const ForwardMath<T>& math, const ForwardOutput<T>& out,
                                         const KGatherShape& s, T* staging, int warp, int lane) const {
     const int64_t row0 = g * kGroupRows;
     T* y_tile = out.transposed ? out.y + (b * s.n + n0) * s.rows + row0 : out.y + (b * s.rows + row0) * s.n + n0;
-    math.store(out, y_tile, out.transposed ? s.rows : s.n, row0, n0, s.rows - row0, s.n - n0, staging, warp, lane);
+    math.store(out, y_tile, out.transposed ? s.rows : s.n, s.rows - row0, s.n - n0, staging, warp, lane);
   }
 };
 
@@ -521,6 +536,7 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
   const Tile tile(blockIdx.x, packed, column_ids, counts, w, s);
 
   ForwardMath<T> math;
+  tile.load_bias(math, out, s, warp, lane);
   int32_t k_ids[Tile::kIdsPerThread];
 #pragma unroll
   for (int st = 0; st < C::kStages - 1; ++st) {
