@@ -540,6 +540,14 @@ pruned_profile)  # session 37: per-kernel device times of an nn linear layer (LA
   PYTHONPATH=benchmarks timeout -k 5 ${BENCH_TIMEOUT:-240} python3 -P benchmarks/profile_nn_linear.py --layer ${LAYER:-pruned} \
     --sparsity ${SPARSITY:-0.95} ${SWITCH:+--switch $SWITCH} --out $OUT/nn_profile 2>&1 | tee -a $LOG | tail -120
   echo "profile $((SECONDS-t0))s" ;;
+epilogue3)  # session 38, third run: the JVP sums its tangents in the product's layout and transposes once (PART=epilogue2's
+           # PrunedLinear step kept two transposes of dy: 539 µs of kernels against 474 in session 37). The bf16 bias
+           # tests on the GPU, bench_nn_linear, the PrunedLinear profile.
+  pytest_gpu ${TEST_TIMEOUT:-120} tests/test_kgather_kernels.py -k "gpu and bias and bfloat16"
+  timeout -k 5 ${BENCH_TIMEOUT:-170} python3 benchmarks/bench_nn_linear.py --out $OUT/nn_linear 2>&1 | grep -E "^\| [SP]|Error" | tee -a $LOG
+  PYTHONPATH=benchmarks timeout -k 5 80 python3 -P benchmarks/profile_nn_linear.py --layer pruned --sparsity 0.95 \
+    --out $OUT/nn_profile_pruned 2>&1 | tee -a $LOG | grep -E "^###"
+  echo "epilogue3 $((SECONDS-t0))s" ;;
 epilogue2)  # session 38, second run: the bias read before the main loop and the transposed tile staged by column
            # (PART=epilogue measured the PrunedLinear forward kernel at 56 µs against 47 before the epilogue). The
            # bias tests on the GPU, memcheck over the bf16 ones at 0.5, bench_nn_linear, the PrunedLinear profile.
