@@ -540,6 +540,11 @@ pruned_profile)  # session 37: per-kernel device times of an nn linear layer (LA
   PYTHONPATH=benchmarks timeout -k 5 ${BENCH_TIMEOUT:-240} python3 -P benchmarks/profile_nn_linear.py --layer ${LAYER:-pruned} \
     --sparsity ${SPARSITY:-0.95} ${SWITCH:+--switch $SWITCH} --out $OUT/nn_profile 2>&1 | tee -a $LOG | tail -120
   echo "profile $((SECONDS-t0))s" ;;
+epilogue4)  # session 38, fourth run: under differentiation dense_sparse's forward keeps the kernel's layout (yᵀ, then
+           # XLA's transpose with the bias), since the fused layout made the PrunedLinear step slower (PART=epilogue3);
+           # inference keeps the fused epilogue. Build, then bench_nn_linear on PrunedLinear only (device time was short).
+  timeout -k 5 ${BENCH_TIMEOUT:-110} python3 benchmarks/bench_nn_linear.py --layers pruned --out $OUT/nn_linear 2>&1 | grep -E "^\| [SP]|Error" | tee -a $LOG
+  echo "epilogue4 $((SECONDS-t0))s" ;;
 epilogue3)  # session 38, third run: the JVP sums its tangents in the product's layout and transposes once (PART=epilogue2's
            # PrunedLinear step kept two transposes of dy: 539 µs of kernels against 474 in session 37). The bf16 bias
            # tests on the GPU, bench_nn_linear, the PrunedLinear profile.

@@ -606,3 +606,18 @@ def test_bias_and_layout_in_the_kernel_on_cuda(op):
     result = calls[0].split("=")[0].strip().split(":")[0]  # %N
     users = [line for line in hlo.splitlines() if f"{result}#0" in line and "custom_call" not in line]
     assert all("stablehlo.add" not in u and "stablehlo.transpose" not in u for u in users), users
+
+
+def test_dense_sparse_under_grad_keeps_the_kernel_layout_on_cuda():
+    """Under differentiation dense_sparse's forward writes yᵀ and XLA transposes it with the bias
+    (the backward consumes dyᵀ, which XLA then computes in that layout); without AD the kernel
+    writes y itself. docs/kgather.md, "Session 38", has the step and forward times behind this."""
+    if not pit_jax.cuda_available():
+        pytest.skip("the CUDA lowering needs the CUDA module")
+    x = jnp.ones((256, 128), jnp.bfloat16)
+    w = jnp.ones((128, 96), jnp.bfloat16)
+    bias = jnp.ones((96,), jnp.bfloat16)
+    loss = lambda x, w, b: jnp.sum(jnp.square(pit_jax.dense_sparse(x, w, bias=b).astype(jnp.float32)))
+    hlo = jax.jit(jax.grad(loss, (0, 1, 2))).trace(x, w, bias).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in hlo.splitlines() if "@pit_sparse_dense(" in line]
+    assert calls and all("y_transposed = false" in c for c in calls), calls
