@@ -256,6 +256,28 @@ def test_export_symbolic_batch(backend):
     np.testing.assert_allclose(np.asarray(got), x @ w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("op", ["sparse_dense", "dense_sparse"])
+def test_export_with_bias_symbolic_batch(backend, op):
+    """Both ops with a bias, exported for cpu and cuda with a symbolic batch dim: the serialized
+    round trip computes x @ w + bias."""
+    b, = export.symbolic_shape("b")
+    tile = (8, 1) if op == "sparse_dense" else (1, 8)
+    fn = jax.jit(lambda x, w, bias: getattr(pit_jax, op)(x, w, bias=bias, tile=tile))
+    exp = export.export(fn, platforms=("cpu", "cuda"),
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in
+                                         ("pit_detect", "pit_sparse_dense", "pit_sparse_dense_detect")])(
+        jax.ShapeDtypeStruct((b, 24, 16), jnp.float32), jax.ShapeDtypeStruct((16, 12), jnp.float32),
+        jax.ShapeDtypeStruct((12,), jnp.float32))
+    rng = np.random.default_rng(stable_seed("export_bias", op))
+    if op == "sparse_dense":
+        x, w = random_tile_sparse(rng, (3, 24, 16), tile, 0.5, "float32"), _dense(rng, (16, 12), "float32")
+    else:
+        x, w = _dense(rng, (3, 24, 16), "float32"), random_tile_sparse(rng, (16, 12), tile, 0.5, "float32")
+    bias = _dense(rng, (12,), "float32")
+    loaded = export.deserialize(exp.serialize())
+    np.testing.assert_allclose(np.asarray(loaded.call(x, w, bias)), x @ w + bias, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("grad", ["masked", "dense"])
 def test_dense_sparse(backend, grad):
     rng = np.random.default_rng(8)
