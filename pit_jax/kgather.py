@@ -45,6 +45,9 @@ def _sparse_dense_abstract(x, w, counts, offsets, indices, bias, *, shape, tile,
                            x_transposed, y_transposed):
     rows = x.shape[-1] if x_transposed else x.shape[-2]
     out = (w.shape[-1], rows) if y_transposed else (rows, w.shape[-1])
+    if tuple(bias.shape) not in (NO_BIAS_SHAPE, (out[-1],)):
+        raise ValueError(f"pit_sparse_dense: the bias must be empty or [{out[-1]}] (the output's last dim), "
+                         f"got shape {tuple(bias.shape)}")
     return jax.core.ShapedArray((*x.shape[:-2], *out), x.dtype)
 
 
@@ -265,7 +268,8 @@ def _sparse_tn_batch(args, dims, **params):
 
 
 def _sparse_dense_batch(args, dims, **params):
-    """The bias is the last operand: unbatched, the rows rule; batched, one product per member."""
+    """The bias is the last operand: unbatched, the rows rule; batched, one product per member
+    (a kernel call each, even where x and w are shared: the bias stays in the epilogue)."""
     if dims[-1] is not None:
         return _primitive.map_over_batch(sparse_dense_p, args, dims, params)
     return _batch_rows_with_index(sparse_dense_p, trailing=(args[-1],))(args[:-1], dims[:-1], **params)
@@ -445,8 +449,11 @@ def _mask_tangent_jvp(primals, tangents):
 def dense_sparse(x, w, *, bias=None, tile=None, index: TileIndex | None = None, grad: str = "masked"):
     """y = x @ w (+ bias) where the weight w [K, N] is dynamically sparse in micro-tiles `tile` = (tk, tn).
 
-    bias: None or [N] in x's dtype, added in the kernel's epilogue, which also writes y in its
-    layout (the kernels compute yᵀ = wᵀ xᵀ; no transposed copy of it is made).
+    bias: None or [N] in x's dtype. Without differentiation it is added in the kernel's epilogue
+    (fp32, one rounding), which also writes y in its layout (the kernels compute yᵀ = wᵀ xᵀ; no
+    transposed copy of it is made). Under jvp/grad the kernel writes yᵀ and XLA transposes it and
+    adds the bias after the product's rounding (as an unfused dense layer does): the backward
+    then gets dyᵀ without a transpose of its own, which measured faster (docs/kgather.md).
 
     grad="masked" (PIT sparse training): pruned weights (outside w's nonzero tiles) get zero
     gradient, as if y = x @ (w ⊙ M) with the mask M held constant. grad="dense": the exact

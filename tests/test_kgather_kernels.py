@@ -494,7 +494,18 @@ def test_dense_sparse_transposed_pack_under_vmap_of_w(backend, dtype, tile, n):
 
 
 _EPILOGUE_SHAPES = [(2, 40, 136, 75), (1, 33, 70, 256), (1, 8, 512, 1000)]  # (b, m, k, n)
-_EPILOGUE_PATHS = ["sparse_dense", "sparse_dense_fused", "sparse_dense_given", "dense_sparse", "dense_sparse_given"]
+_EPILOGUE_PATHS = ["sparse_dense", "sparse_dense_fused", "sparse_dense_given", "dense_sparse", "dense_sparse_given",
+                   "dense_sparse_copy"]
+
+
+def _epilogue_env(path, monkeypatch):
+    """sparse_dense_fused: the fused detect+pack target at any group count (where x's rows are whole
+    16-byte vectors: not K = 70 in 16-bit); dense_sparse_copy: w's transposed copy, then that fused
+    target with the output transposed (PIT_KGATHER_TRANSPOSED_PACK=0)."""
+    if path in ("sparse_dense_fused", "dense_sparse_copy"):
+        monkeypatch.setenv("PIT_KGATHER_FUSED_MIN_GROUPS", "1")
+    if path == "dense_sparse_copy":
+        monkeypatch.setenv("PIT_KGATHER_TRANSPOSED_PACK", "0")
 
 
 def _epilogue_call(path, x, w, bias):
@@ -516,9 +527,10 @@ def test_bias_epilogue_matches_float64(backend, monkeypatch, path, dtype, sparsi
     """y = x @ w + bias with the bias added in the forward kernel's epilogue (and, for dense_sparse,
     y written in its own layout by the kernel that computes yᵀ), against float64: N not a multiple
     of 8 (the transposed store's scalar tail) or of 128, every tile zero (y is the bias alone),
-    outputs poisoned first (conftest); gradients of x, w and the bias."""
-    if path == "sparse_dense_fused":
-        monkeypatch.setenv("PIT_KGATHER_FUSED_MIN_GROUPS", "1")
+    outputs poisoned first (conftest); gradients of x, w and the bias. The forward alone (no AD)
+    as well: under differentiation dense_sparse's kernel writes yᵀ and XLA transposes it, so only
+    the plain call reaches the kernel's transposed store with the bias."""
+    _epilogue_env(path, monkeypatch)
     b, m, k, n = shape
     rng = np.random.default_rng(stable_seed("bias_epilogue", path, dtype, sparsity, shape))
     if path.startswith("sparse_dense"):
@@ -537,9 +549,11 @@ def test_bias_epilogue_matches_float64(backend, monkeypatch, path, dtype, sparsi
         return jnp.sum(y.astype(jnp.float32) * g), y
 
     (_, y), (gx, gw, gb) = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(x, w, bias)
+    y_plain = jax.jit(lambda x, w, bias: _epilogue_call(path, x, w, bias))(x, w, bias)
     x64, w64, b64, g64 = (np.asarray(a, np.float64) for a in (x, w, bias, g))
-    assert y.shape == (b, m, n) and y.dtype == x.dtype
-    assert _rel_err(y, x64 @ w64 + b64) < TOL[dtype]
+    for got in (y, y_plain):
+        assert got.shape == (b, m, n) and got.dtype == x.dtype
+        assert _rel_err(got, x64 @ w64 + b64) < TOL[dtype]
     assert _rel_err(gb, g64.sum(axis=(0, 1))) < TOL[dtype]
     assert _rel_err(gx, g64 @ w64.T) < TOL[dtype]
     if sparsity < 1.0:
@@ -552,8 +566,7 @@ def test_bias_epilogue_matches_float64(backend, monkeypatch, path, dtype, sparsi
 def test_bias_epilogue_under_vmap(backend, monkeypatch, path):
     """vmap over a batch of x with one bias, and over a batch of biases with one x (one product
     per bias), against float64."""
-    if path == "sparse_dense_fused":
-        monkeypatch.setenv("PIT_KGATHER_FUSED_MIN_GROUPS", "1")
+    _epilogue_env(path, monkeypatch)
     rng = np.random.default_rng(stable_seed("bias_vmap", path))
     if path.startswith("sparse_dense"):
         xs = random_tile_sparse(rng, (3, 40, 96), (32, 1), 0.6, "bfloat16")

@@ -53,7 +53,8 @@ class _TileSparseLinear(nnx.Module):
 
     def _bias(self, dtype):
         """The bias in the computation dtype, or None; the ops add it in their kernel's epilogue
-        (before the one rounding of the output), not in a pass over y."""
+        (before the one rounding of the output), not in a pass over y (dense_sparse under
+        differentiation: XLA adds it with its transpose of yᵀ, see dense_sparse)."""
         return None if self.bias is None else self.bias[...].astype(dtype)
 
     def _finish(self, y, x_shape):
