@@ -64,7 +64,7 @@ def forward(params, x, density):
             h = h @ layer["w"] + layer["b"]
         else:  # the mask is recomputed from the current weights at every step, on device
             w = pit_jax.prune_tiles_by_magnitude(layer["w"], TILE, density)
-            h = pit_jax.dense_sparse(h, w, tile=TILE, grad="masked") + layer["b"]
+            h = pit_jax.dense_sparse(h, w, bias=layer["b"], tile=TILE, grad="masked")
         if i + 1 < len(params):
             h = jax.nn.relu(h)
     return h

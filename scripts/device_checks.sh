@@ -540,6 +540,17 @@ pruned_profile)  # session 37: per-kernel device times of an nn linear layer (LA
   PYTHONPATH=benchmarks timeout -k 5 ${BENCH_TIMEOUT:-240} python3 -P benchmarks/profile_nn_linear.py --layer ${LAYER:-pruned} \
     --sparsity ${SPARSITY:-0.95} ${SWITCH:+--switch $SWITCH} --out $OUT/nn_profile 2>&1 | tee -a $LOG | tail -120
   echo "profile $((SECONDS-t0))s" ;;
+verify38)  # prepared in session 38 for the next device session: the bias tests on the GPU with their new forward-only
+          # check (the kernel's transposed store with the bias, since dense_sparse keeps yᵀ under AD) and the
+          # w-copy path with the fused target transposed; memcheck over the bf16 ones at 0.5 (chunks of 9); then
+          # bench_sparse_dense's 32x1 table without BCOO ($OUT/sparse_dense) to check that the bare forward did
+          # not move with the epilogue (session 31's table). About 100 s build + 400 s.
+  pytest_gpu ${TEST_TIMEOUT:-150} tests/test_kgather_kernels.py tests/test_kgather.py -k "gpu and (bias or export)"
+  [[ "${SAN:-1}" == 1 ]] && SAN_TIMEOUT=100 run_tool_chunks memcheck all tests/test_kgather_kernels.py \
+    "gpu and bias_epilogue_matches and bfloat16 and 0.5" 0 9
+  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_sparse_dense.py --tiles 32x1 --no-bcoo --out $OUT/sparse_dense 2>&1 \
+     | grep -E "^\| [4O]" | tee -a $LOG
+  echo "verify38 $((SECONDS-t0))s" ;;
 epilogue4)  # session 38, fourth run: under differentiation dense_sparse's forward keeps the kernel's layout (yᵀ, then
            # XLA's transpose with the bias), since the fused layout made the PrunedLinear step slower (PART=epilogue3);
            # inference keeps the fused epilogue. Build, then bench_nn_linear on PrunedLinear only (device time was short).
