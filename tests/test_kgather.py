@@ -66,6 +66,23 @@ def test_auto_matches_float64_with_gradients(backend, dtype, sparsity):
         assert _rel_err(dw, want_dw) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.95])
+def test_auto_with_bias(backend, dtype, sparsity):
+    """tile="auto" with a bias: the kernel branch (95%: its epilogue adds the bias) and the dense
+    branch (0%: the matmul plus the bias), values and the bias's gradient against float64."""
+    rng = np.random.default_rng(stable_seed("auto_bias", dtype, sparsity))
+    x = random_tile_sparse(rng, (2, 67, 45), (32, 1), sparsity, dtype)
+    w = _dense(rng, (45, 29), dtype)
+    bias = _dense(rng, (29,), dtype)
+    g = rng.standard_normal((2, 67, 29))
+    f = lambda x, w, b: pit_jax.sparse_dense(x, w, bias=b, tile="auto")
+    y, db = jax.jit(lambda x, w, b: (f(x, w, b), jax.grad(
+        lambda b: jnp.sum(f(x, w, b).astype(jnp.float32) * g))(b)))(x, w, bias)
+    assert _rel_err(y, x.astype(np.float64) @ w.astype(np.float64) + bias.astype(np.float64)) < TOL[dtype]
+    assert _rel_err(db, g.sum(axis=(0, 1))) < TOL[dtype]
+
+
 def test_auto_choice_follows_the_densest_batch_member(backend):
     """The kernel when every member lists at most AUTO_MAX_DENSITY of its 32x1 tiles; the dense
     matmul as soon as one member is denser; the result is x @ w either way (also under vmap)."""
