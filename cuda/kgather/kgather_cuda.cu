@@ -1182,31 +1182,27 @@ ffi::Error SparseNtCuda(cudaStream_t stream, ffi::AnyBuffer dy, ffi::AnyBuffer w
 }  // namespace pit
 
 // Launch shapes depend only on static shapes, so XLA may capture these handlers in CUDA graphs.
-#define PIT_KGATHER_BINDING                                                 \
+// The stream and two operands (x and w, or x and dy): every target's first arguments.
+#define PIT_KGATHER_TWO_OPERANDS                                            \
   xla::ffi::Ffi::Bind()                                                     \
       .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()                        \
       .Arg<xla::ffi::AnyBuffer>()                                           \
-      .Arg<xla::ffi::AnyBuffer>()                                           \
+      .Arg<xla::ffi::AnyBuffer>()
+// ... then the sparse operand's index (counts, indices).
+#define PIT_KGATHER_INDEXED_OPERANDS                                        \
+  PIT_KGATHER_TWO_OPERANDS                                                  \
       .Arg<xla::ffi::Buffer<xla::ffi::S32>>()                               \
-      .Arg<xla::ffi::Buffer<xla::ffi::S32>>()                               \
-      .Ret<xla::ffi::AnyBuffer>()                                           \
-      .Ret<xla::ffi::Buffer<xla::ffi::U8>>()                                \
-      .Attr<int64_t>("tile_m")                                              \
-      .Attr<int64_t>("tile_k")
+      .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+// An output and its workspace.
+#define PIT_KGATHER_RESULT_AND_WORKSPACE                                    \
+  .Ret<xla::ffi::AnyBuffer>().Ret<xla::ffi::Buffer<xla::ffi::U8>>()
+#define PIT_KGATHER_TILE_ATTRS .Attr<int64_t>("tile_m").Attr<int64_t>("tile_k")
+#define PIT_KGATHER_BINDING PIT_KGATHER_INDEXED_OPERANDS PIT_KGATHER_RESULT_AND_WORKSPACE PIT_KGATHER_TILE_ATTRS
 
 // The forward: x, w, its index, then the bias (an empty buffer for none).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseDenseCuda, pit::SparseDenseCuda,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>()
-                                  .Attr<int64_t>("tile_m")
-                                  .Attr<int64_t>("tile_k")
+                              PIT_KGATHER_INDEXED_OPERANDS.Arg<xla::ffi::AnyBuffer>()
+                                  PIT_KGATHER_RESULT_AND_WORKSPACE PIT_KGATHER_TILE_ATTRS
                                   .Attr<bool>("x_transposed")
                                   .Attr<bool>("y_transposed"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
@@ -1216,35 +1212,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnProductsCuda, pit::SparseTnProductsCuda
                               PIT_KGATHER_BINDING.Attr<int64_t>("cap_rows").Attr<int64_t>("n_slab").Attr<bool>("masked_fallback"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
 // The targets that detect x's 32x1 tiles themselves: x and w (forward) or dy (dW), no index.
-#define PIT_KGATHER_DETECTING_BINDING                                       \
-  xla::ffi::Ffi::Bind()                                                     \
-      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()                        \
-      .Arg<xla::ffi::AnyBuffer>()                                           \
-      .Arg<xla::ffi::AnyBuffer>()                                           \
-      .Ret<xla::ffi::AnyBuffer>()                                           \
-      .Ret<xla::ffi::Buffer<xla::ffi::U8>>()
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseTnProductsDetectCuda, pit::SparseTnProductsDetectCuda,
-                              PIT_KGATHER_DETECTING_BINDING.Attr<int64_t>("cap_rows").Attr<int64_t>("n_slab"),
+                              PIT_KGATHER_TWO_OPERANDS PIT_KGATHER_RESULT_AND_WORKSPACE
+                                  .Attr<int64_t>("cap_rows").Attr<int64_t>("n_slab"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
+// ... the forward's with the bias (an empty buffer for none) after w.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseDenseDetectCuda, pit::SparseDenseDetectCuda,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>()
+                              PIT_KGATHER_TWO_OPERANDS.Arg<xla::ffi::AnyBuffer>()
+                                  PIT_KGATHER_RESULT_AND_WORKSPACE
                                   .Attr<bool>("y_transposed"),
                               {xla::ffi::Traits::kCmdBufferCompatible});
+// x's masked cotangent: no workspace.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PitSparseNtCuda, pit::SparseNtCuda,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::AnyBuffer>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
-                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
-                                  .Ret<xla::ffi::AnyBuffer>()
-                                  .Attr<int64_t>("tile_m")
-                                  .Attr<int64_t>("tile_k"),
+                              PIT_KGATHER_INDEXED_OPERANDS.Ret<xla::ffi::AnyBuffer>() PIT_KGATHER_TILE_ATTRS,
                               {xla::ffi::Traits::kCmdBufferCompatible});
