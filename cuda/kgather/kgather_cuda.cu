@@ -392,8 +392,8 @@ struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
     }
   }
 
-  // 4-byte elements: stored from registers, no barrier; the bias is read here (the fp32 path is not
-  // tuned). Arguments as ForwardTensorCoreMath's, plus the tile's first row and column for the bias.
+  // 4-byte elements: stored from registers, no barrier. load_bias only points at the tile's bias
+  // values, which the store reads (the fp32 path is not tuned). Arguments as ForwardTensorCoreMath's.
   const T* bias_rows = nullptr;
   const T* bias_cols = nullptr;
   __device__ __forceinline__ void load_bias(const ForwardOutput<T>& out, int64_t row0, int64_t col0, int64_t,
