@@ -185,6 +185,7 @@
 #   PART=sparse_nt: session 36: pit_sparse_nt's tests and the dense_sparse / nn suites, sanitizers, bench_nn_linear.
 #   PART=nn_linear: session 36: the nn linear layers' tests on the GPU, memcheck over them, bench_nn_linear.
 #   PART=ncu_dw_device: session 35: per-kernel times of one PIT_KGATHER_DW=device dW call (ncu, real clocks).
+#   PART=store39: session 39: the forward store with one body per output layout; k-gather suites, bench.
 #   PART=ncu_kgather_dw: session 33: Nsight Compute of the dW path's kernels at 4096³ ($OUT/ncu_dw.txt).
 set -u
 export PYTHONUNBUFFERED=1
@@ -540,6 +541,20 @@ pruned_profile)  # session 37: per-kernel device times of an nn linear layer (LA
   PYTHONPATH=benchmarks timeout -k 5 ${BENCH_TIMEOUT:-240} python3 -P benchmarks/profile_nn_linear.py --layer ${LAYER:-pruned} \
     --sparsity ${SPARSITY:-0.95} ${SWITCH:+--switch $SWITCH} --out $OUT/nn_profile 2>&1 | tee -a $LOG | tail -120
   echo "profile $((SECONDS-t0))s" ;;
+store39)  # session 39: the forward's store with one body per output layout (session 38's runtime layout made the copy
+         # loop's trip count and line length runtime values; verify38's 4096³ 99% call read 0.051 / 0.045 ms given the
+         # index, against 0.044 / 0.040 in session 31). The k-gather kernel and fused suites on the GPU, memcheck over
+         # the first 9 bf16 bias tests at 0.5, bench_sparse_dense 32x1 without BCOO twice ($OUT/sparse_dense,
+         # $OUT/sparse_dense_2), bench_nn_linear on PrunedLinear ($OUT/nn_linear; its forward writes y transposed).
+  pytest_gpu ${TEST_TIMEOUT:-300} tests/test_kgather_kernels.py tests/test_kgather_fused.py -k "not cpu"
+  [[ "${SAN:-1}" == 1 ]] && SAN_TIMEOUT=100 run_tool_chunks memcheck all tests/test_kgather_kernels.py \
+    "gpu and bias_epilogue_matches and bfloat16 and 0.5" 0 9 9
+  for run in "" _2; do
+    timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_sparse_dense.py --tiles 32x1 --no-bcoo --out $OUT/sparse_dense$run 2>&1 \
+       | grep -E "^\| [4O]" | tee -a $LOG
+  done
+  timeout -k 5 ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_nn_linear.py --layers pruned --out $OUT/nn_linear 2>&1 | grep -E "^\| [SP]|Error" | tee -a $LOG
+  echo "store39 $((SECONDS-t0))s" ;;
 verify38)  # prepared in session 38 for the next device session: the bias tests on the GPU with their new forward-only
           # check (the kernel's transposed store with the bias, since dense_sparse keeps yᵀ under AD) and the
           # w-copy path with the fused target transposed; memcheck over the bf16 ones at 0.5 (chunks of 9); then
