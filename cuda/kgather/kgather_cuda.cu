@@ -267,7 +267,9 @@ struct ForwardOutput {
   bool vec;
 };
 
-template <typename T>
+// kBias: the kernel adds a bias. Without it the bias registers and adds are compiled out (with
+// them the 16-bit forward took 96 registers against 78).
+template <typename T, bool kBias>
 struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
   using C = ForwardConfig<T>;
   float acc[2][4][4] = {};
@@ -299,7 +301,7 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
   float col_bias[4][2] = {}, row_bias[2][2] = {};
   __device__ __forceinline__ void load_bias(const ForwardOutput<T>& out, int64_t row0, int64_t col0, int64_t rows,
                                             int64_t cols, int warp, int lane) {
-    if (out.bias == nullptr) return;
+    if (!kBias || out.bias == nullptr) return;
     const int gq = lane / 4, tq = lane % 4;
     if (out.transposed) {
 #pragma unroll
@@ -352,9 +354,12 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int r = mi * 16 + gq + half * 8, c = warp * 32 + ni * 8 + 2 * tq;
-          const float rb = row_bias[mi][half];
-          const T v0 = from_float<T>(acc[mi][ni][2 * half] + rb + col_bias[ni][0]);
-          const T v1 = from_float<T>(acc[mi][ni][2 * half + 1] + rb + col_bias[ni][1]);
+          float a0 = acc[mi][ni][2 * half], a1 = acc[mi][ni][2 * half + 1];
+          if constexpr (kBias) {
+            a0 += row_bias[mi][half] + col_bias[ni][0];
+            a1 += row_bias[mi][half] + col_bias[ni][1];
+          }
+          const T v0 = from_float<T>(a0), v1 = from_float<T>(a1);
           if constexpr (kTransposed) {
             staging[c * kTStride + r] = v0;
             staging[(c + 1) * kTStride + r] = v1;
@@ -381,7 +386,7 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
   }
 };
 
-template <typename T>
+template <typename T, bool kBias>
 struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
   using C = ForwardConfig<T>;
   float acc[8][4] = {};
@@ -408,7 +413,7 @@ struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
   const T* bias_cols = nullptr;
   __device__ __forceinline__ void load_bias(const ForwardOutput<T>& out, int64_t row0, int64_t col0, int64_t,
                                             int64_t, int, int) {
-    if (out.bias == nullptr) return;
+    if (!kBias || out.bias == nullptr) return;
     if (out.transposed) bias_rows = out.bias + row0;
     else bias_cols = out.bias + col0;
   }
@@ -427,8 +432,9 @@ struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
   }
 };
 
-template <typename T>
-using ForwardMath = std::conditional_t<ForwardConfig<T>::kTensorCores, ForwardTensorCoreMath<T>, ForwardCudaCoreMath<T>>;
+template <typename T, bool kBias>
+using ForwardMath =
+    std::conditional_t<ForwardConfig<T>::kTensorCores, ForwardTensorCoreMath<T, kBias>, ForwardCudaCoreMath<T, kBias>>;
 
 // One (32-row group, 128-column) tile of y for the forward GEMM: where its packed x and column ids
 // are, how many k-steps it takes, and this thread's copy slots, fixed for the whole k loop so that a
@@ -515,13 +521,15 @@ struct ForwardTile {
     }
   }
 
-  __device__ __forceinline__ void load_bias(ForwardMath<T>& math, const ForwardOutput<T>& out, const KGatherShape& s,
+  template <typename Math>
+  __device__ __forceinline__ void load_bias(Math& math, const ForwardOutput<T>& out, const KGatherShape& s,
                                             int warp, int lane) const {
     const int64_t row0 = g * kGroupRows;
     math.load_bias(out, row0, n0, s.rows - row0, s.n - n0, warp, lane);
   }
 
-  __device__ __forceinline__ void store(const ForwardMath<T>& math, const ForwardOutput<T>& out,
+  template <typename Math>
+  __device__ __forceinline__ void store(const Math& math, const ForwardOutput<T>& out,
                                         const KGatherShape& s, T* staging, int warp, int lane) const {
     const int64_t row0 = g * kGroupRows;
     T* y_tile = out.transposed ? out.y + (b * s.n + n0) * s.rows + row0 : out.y + (b * s.rows + row0) * s.n + n0;
@@ -530,7 +538,7 @@ struct ForwardTile {
 };
 
 // One CTA per tile.
-template <typename T, bool kVecW>
+template <typename T, bool kVecW, bool kBias>
 __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(const T* __restrict__ packed,
                                                                        const int32_t* __restrict__ column_ids,
                                                                        const int32_t* __restrict__ counts,
@@ -545,7 +553,7 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
   allow_dependent_launch();
   const Tile tile(blockIdx.x, packed, column_ids, counts, w, s);
 
-  ForwardMath<T> math;
+  ForwardMath<T, kBias> math;
   tile.load_bias(math, out, s, warp, lane);
   int32_t k_ids[Tile::kIdsPerThread];
 #pragma unroll
@@ -698,6 +706,18 @@ __global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_kgather_tn_kernel(
 // PIT_KGATHER_PDL=0 turns them off (an A/B switch, read per launch).
 inline bool forward_dependent_launch() { return dependent_launch_setting("PIT_KGATHER_PDL") != 0; }
 
+// PIT_KGATHER_BIAS_KERNEL=1: the kernel with the bias epilogue also runs calls without a bias (an A/B
+// switch of session 39, read per launch).
+inline bool forward_bias_kernel_always() {
+  const char* env = std::getenv("PIT_KGATHER_BIAS_KERNEL");
+  return env != nullptr && std::atoi(env) == 1;
+}
+
+template <typename T, bool kBias>
+auto forward_kernel(bool vec_w) {
+  return vec_w ? pit_kgather_forward_kernel<T, true, kBias> : pit_kgather_forward_kernel<T, false, kBias>;
+}
+
 // The gathered GEMM over a packed x (step 2); `counts` per 32-row group's tile row block. `epilogue`
 // says where y goes and what is added (ForwardOutput; its `vec` is set here).
 template <typename T>
@@ -707,7 +727,8 @@ cudaError_t launch_gemm(cudaStream_t stream, const KGatherShape& s, const T* pac
   const int64_t n_tiles = ceil_div(s.n, C::kBN);
   const unsigned grid = unsigned(s.all_groups() * n_tiles);
   const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
-  auto kernel = vec_w ? pit_kgather_forward_kernel<T, true> : pit_kgather_forward_kernel<T, false>;
+  auto kernel = epilogue.bias != nullptr || forward_bias_kernel_always() ? forward_kernel<T, true>(vec_w)
+                                                                        : forward_kernel<T, false>(vec_w);
   epilogue.vec = rows_copy_by_16_bytes<T>(epilogue.y, epilogue.transposed ? s.rows : s.n);
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
