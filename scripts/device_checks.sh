@@ -546,7 +546,7 @@ bias_kernel)  # session 39: the forward without a bias compiled without the bias
              # bf16). A few GPU tests of both kernels (bf16 forward, bias epilogue at 0.5), then bench_kgather_ab of the
              # default against PIT_KGATHER_BIAS_KERNEL=1 (the bias kernel on calls without a bias), 4096³ and fc2 at
              # 95 / 99% ($OUT/kgather_ab). Sized for a short device budget (about 240 s with the build).
-  pytest_gpu ${TEST_TIMEOUT:-45} tests/test_kgather_kernels.py -k "gpu and bfloat16 and ((forward_and_dw and 32, 1) or (bias_epilogue_matches and 0.5))"
+  pytest_gpu ${TEST_TIMEOUT:-45} tests/test_kgather_kernels.py -k "gpu and bfloat16 and ((forward_and_dw and aligned) or (bias_epilogue_matches and 0.5))"
   (cd benchmarks && PIT_BENCH_ROUNDS=${ROUNDS:-5} timeout -k 5 ${BENCH_TIMEOUT:-80} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
      --variants default PIT_KGATHER_BIAS_KERNEL=1 --sparsity ${SPARSITY:-0.95 0.99} 2>&1 | grep -E "^\| [4O]|Error" | tee -a $LOG)
   echo "bias_kernel $((SECONDS-t0))s" ;;
