@@ -185,7 +185,7 @@
 #   PART=sparse_nt: session 36: pit_sparse_nt's tests and the dense_sparse / nn suites, sanitizers, bench_nn_linear.
 #   PART=nn_linear: session 36: the nn linear layers' tests on the GPU, memcheck over them, bench_nn_linear.
 #   PART=ncu_dw_device: session 35: per-kernel times of one PIT_KGATHER_DW=device dW call (ncu, real clocks).
-#   PART=bias_kernel: session 39: A/B of the forward without bias registers (PIT_KGATHER_BIAS_KERNEL=1 = the bias kernel).
+#   PART=bias_kernel: session 39: A/B of the forward without bias registers (variant and switch removed after the run).
 #   PART=store39: session 39: the forward store with one body per output layout; k-gather suites, bench.
 #   PART=ncu_kgather_dw: session 33: Nsight Compute of the dW path's kernels at 4096³ ($OUT/ncu_dw.txt).
 set -u
@@ -545,7 +545,9 @@ pruned_profile)  # session 37: per-kernel device times of an nn linear layer (LA
 bias_kernel)  # session 39: the forward without a bias compiled without the bias registers (78 registers against 96 for
              # bf16). A few GPU tests of both kernels (bf16 forward, bias epilogue at 0.5), then bench_kgather_ab of the
              # default against PIT_KGATHER_BIAS_KERNEL=1 (the bias kernel on calls without a bias), 4096³ and fc2 at
-             # 95 / 99% ($OUT/kgather_ab). Sized for a short device budget (about 240 s with the build).
+             # 95 / 99% ($OUT/kgather_ab). Sized for a short device budget (about 240 s with the build). It ran once:
+             # no difference, so the variant and its switch were removed (today the switch does nothing; the patch is
+             # in benchmarks/results/2026-11-29_session39/bias_kernel_ab_h200/).
   pytest_gpu ${TEST_TIMEOUT:-45} tests/test_kgather_kernels.py -k "gpu and bfloat16 and ((forward_and_dw and aligned) or (bias_epilogue_matches and 0.5))"
   (cd benchmarks && PIT_BENCH_ROUNDS=${ROUNDS:-5} timeout -k 5 ${BENCH_TIMEOUT:-80} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
      --variants default PIT_KGATHER_BIAS_KERNEL=1 --sparsity ${SPARSITY:-0.95 0.99} 2>&1 | grep -E "^\| [4O]|Error" | tee -a $LOG)

@@ -267,9 +267,7 @@ struct ForwardOutput {
   bool vec;
 };
 
-// kBias: the kernel adds a bias. Without it the bias registers and adds are compiled out (with
-// them the 16-bit forward took 96 registers against 78).
-template <typename T, bool kBias>
+template <typename T>
 struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
   using C = ForwardConfig<T>;
   float acc[2][4][4] = {};
@@ -301,7 +299,7 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
   float col_bias[4][2] = {}, row_bias[2][2] = {};
   __device__ __forceinline__ void load_bias(const ForwardOutput<T>& out, int64_t row0, int64_t col0, int64_t rows,
                                             int64_t cols, int warp, int lane) {
-    if (!kBias || out.bias == nullptr) return;
+    if (out.bias == nullptr) return;
     const int gq = lane / 4, tq = lane % 4;
     if (out.transposed) {
 #pragma unroll
@@ -354,12 +352,9 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int r = mi * 16 + gq + half * 8, c = warp * 32 + ni * 8 + 2 * tq;
-          float a0 = acc[mi][ni][2 * half], a1 = acc[mi][ni][2 * half + 1];
-          if constexpr (kBias) {
-            a0 += row_bias[mi][half] + col_bias[ni][0];
-            a1 += row_bias[mi][half] + col_bias[ni][1];
-          }
-          const T v0 = from_float<T>(a0), v1 = from_float<T>(a1);
+          const float rb = row_bias[mi][half];
+          const T v0 = from_float<T>(acc[mi][ni][2 * half] + rb + col_bias[ni][0]);
+          const T v1 = from_float<T>(acc[mi][ni][2 * half + 1] + rb + col_bias[ni][1]);
           if constexpr (kTransposed) {
             staging[c * kTStride + r] = v0;
             staging[(c + 1) * kTStride + r] = v1;
@@ -386,7 +381,7 @@ struct ForwardTensorCoreMath {  // each warp: 32 rows x 32 columns
   }
 };
 
-template <typename T, bool kBias>
+template <typename T>
 struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
   using C = ForwardConfig<T>;
   float acc[8][4] = {};
@@ -413,7 +408,7 @@ struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
   const T* bias_cols = nullptr;
   __device__ __forceinline__ void load_bias(const ForwardOutput<T>& out, int64_t row0, int64_t col0, int64_t,
                                             int64_t, int, int) {
-    if (!kBias || out.bias == nullptr) return;
+    if (out.bias == nullptr) return;
     if (out.transposed) bias_rows = out.bias + row0;
     else bias_cols = out.bias + col0;
   }
@@ -432,9 +427,8 @@ struct ForwardCudaCoreMath {  // fp32: each thread 8 rows x 4 columns
   }
 };
 
-template <typename T, bool kBias>
-using ForwardMath =
-    std::conditional_t<ForwardConfig<T>::kTensorCores, ForwardTensorCoreMath<T, kBias>, ForwardCudaCoreMath<T, kBias>>;
+template <typename T>
+using ForwardMath = std::conditional_t<ForwardConfig<T>::kTensorCores, ForwardTensorCoreMath<T>, ForwardCudaCoreMath<T>>;
 
 // One (32-row group, 128-column) tile of y for the forward GEMM: where its packed x and column ids
 // are, how many k-steps it takes, and this thread's copy slots, fixed for the whole k loop so that a
@@ -521,15 +515,13 @@ struct ForwardTile {
     }
   }
 
-  template <typename Math>
-  __device__ __forceinline__ void load_bias(Math& math, const ForwardOutput<T>& out, const KGatherShape& s,
+  __device__ __forceinline__ void load_bias(ForwardMath<T>& math, const ForwardOutput<T>& out, const KGatherShape& s,
                                             int warp, int lane) const {
     const int64_t row0 = g * kGroupRows;
     math.load_bias(out, row0, n0, s.rows - row0, s.n - n0, warp, lane);
   }
 
-  template <typename Math>
-  __device__ __forceinline__ void store(const Math& math, const ForwardOutput<T>& out,
+  __device__ __forceinline__ void store(const ForwardMath<T>& math, const ForwardOutput<T>& out,
                                         const KGatherShape& s, T* staging, int warp, int lane) const {
     const int64_t row0 = g * kGroupRows;
     T* y_tile = out.transposed ? out.y + (b * s.n + n0) * s.rows + row0 : out.y + (b * s.rows + row0) * s.n + n0;
@@ -538,7 +530,7 @@ struct ForwardTile {
 };
 
 // One CTA per tile.
-template <typename T, bool kVecW, bool kBias>
+template <typename T, bool kVecW>
 __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(const T* __restrict__ packed,
                                                                        const int32_t* __restrict__ column_ids,
                                                                        const int32_t* __restrict__ counts,
@@ -553,7 +545,7 @@ __global__ void __launch_bounds__(kForwardThreads) pit_kgather_forward_kernel(co
   allow_dependent_launch();
   const Tile tile(blockIdx.x, packed, column_ids, counts, w, s);
 
-  ForwardMath<T, kBias> math;
+  ForwardMath<T> math;
   tile.load_bias(math, out, s, warp, lane);
   int32_t k_ids[Tile::kIdsPerThread];
 #pragma unroll
@@ -706,18 +698,6 @@ __global__ void __launch_bounds__(TnConfig<T>::kThreads) pit_kgather_tn_kernel(
 // PIT_KGATHER_PDL=0 turns them off (an A/B switch, read per launch).
 inline bool forward_dependent_launch() { return dependent_launch_setting("PIT_KGATHER_PDL") != 0; }
 
-// PIT_KGATHER_BIAS_KERNEL=1: the kernel with the bias epilogue also runs calls without a bias (an A/B
-// switch of session 39, read per launch).
-inline bool forward_bias_kernel_always() {
-  const char* env = std::getenv("PIT_KGATHER_BIAS_KERNEL");
-  return env != nullptr && std::atoi(env) == 1;
-}
-
-template <typename T, bool kBias>
-auto forward_kernel(bool vec_w) {
-  return vec_w ? pit_kgather_forward_kernel<T, true, kBias> : pit_kgather_forward_kernel<T, false, kBias>;
-}
-
 // The gathered GEMM over a packed x (step 2); `counts` per 32-row group's tile row block. `epilogue`
 // says where y goes and what is added (ForwardOutput; its `vec` is set here).
 template <typename T>
@@ -727,8 +707,7 @@ cudaError_t launch_gemm(cudaStream_t stream, const KGatherShape& s, const T* pac
   const int64_t n_tiles = ceil_div(s.n, C::kBN);
   const unsigned grid = unsigned(s.all_groups() * n_tiles);
   const bool vec_w = rows_copy_by_16_bytes<T>(w, s.n);
-  auto kernel = epilogue.bias != nullptr || forward_bias_kernel_always() ? forward_kernel<T, true>(vec_w)
-                                                                        : forward_kernel<T, false>(vec_w);
+  auto kernel = vec_w ? pit_kgather_forward_kernel<T, true> : pit_kgather_forward_kernel<T, false>;
   epilogue.vec = rows_copy_by_16_bytes<T>(epilogue.y, epilogue.transposed ? s.rows : s.n);
   cudaError_t err = allow_dynamic_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
