@@ -6,7 +6,7 @@ and loss for three feed-forward blocks of equal active parameters:
   ragged the same MoE written directly on jax.lax.ragged_dot
   dense  a dense SwiGLU FFN of the active width (k experts' worth)
 
-    pip install optax && python examples/moe_language_model.py [--steps 200] [--small]
+    pip install ".[nn]" && python examples/moe_language_model.py [--steps 200] [--small]
         [--dtype bfloat16]
 
 Parameters stay float32; --dtype sets the feed-forward blocks' compute dtype (bfloat16 runs

@@ -26,7 +26,7 @@ def test_moe_language_model_small():
         assert 0 < float(loss) < 10 and float(tokens_per_s) > 0  # 5 steps: 2 timed after the first 3
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="needs scikit-learn (pip install '.[examples]')")
+@pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="needs scikit-learn (pip install '.[test]' or '.[examples]')")
 def test_sparse_training_mlp_short():
     text = _run("sparse_training_mlp.py", "--steps", "20")
     rows = [line for line in text.splitlines() if line.startswith(("dense ", "dense_sparse, density"))]
