@@ -91,7 +91,7 @@ def _ref_sparse_dense(x, w, counts, offsets, indices, bias, *, exact, masked_gra
 
 
 def _ref_sparse_tn(x, dy, counts, offsets, indices, *, exact, **params):
-    return sparse_tn_ref(x, dy, indices, **params)
+    return sparse_tn_ref(x, dy, indices, **params, widen=True)
 
 
 def _ref_sparse_nt(dy, w, counts, offsets, indices, **params):
@@ -334,6 +334,15 @@ def _check_index(fn, name, index, shape, tile, layout, lead):
     if tuple(index.counts.shape[:-1]) != tuple(lead):
         raise ValueError(f"pit_jax.{fn}: {name} has batch dims {index.counts.shape[:-1]}, "
                          f"but the sparse operand has {tuple(lead)}")
+    # the kernels size their reads by these shapes: a hand-built index must match them exactly
+    n_outer, n_inner = index.grid if layout == "row" else index.grid[::-1]
+    want = {"counts": (*lead, n_outer), "offsets": (*lead, n_outer + 1), "indices": (*lead, n_outer, n_inner)}
+    for field, field_shape in want.items():
+        a = getattr(index, field)
+        if not hasattr(a, "shape") or tuple(a.shape) != field_shape or a.dtype != jnp.int32:
+            raise ValueError(f"pit_jax.{fn}: {name}.{field} must be int32 of shape {field_shape} for "
+                             f"its shape and tile, got {getattr(a, 'dtype', type(a).__name__)}"
+                             f"{tuple(getattr(a, 'shape', ()))}")
 
 
 # tile="auto": 32x1 micro-tiles, and the dense matmul when more than this fraction of them is
@@ -369,7 +378,15 @@ def sparse_dense(x, w, *, bias=None, tile=None, index: TileIndex | None = None):
     tile = _resolve_tile("sparse_dense", tile, index, (32, 1))
     _check_operands("sparse_dense", x, w)
     bias = _bias_operand("sparse_dense", bias, x, w.shape[1])
+    if _is_empty_product(x, w):
+        return _auto_dense_branch(x, w, bias)
     return _sparse_dense_indexed(x, w, bias, tile, index, exact=index is None)
+
+
+def _is_empty_product(x, w):
+    """M, K or N is 0: no tile to detect (detect refuses empty dims), and x @ w (+ bias) is XLA's
+    empty or all-zero product, which the dense matmul gives directly."""
+    return any(isinstance(d, int) and d == 0 for d in (*x.shape[-2:], w.shape[1]))
 
 
 def _sparse_dense_indexed(x, w, bias, tile, index, exact):
@@ -424,6 +441,8 @@ def _auto_dense_branch(x, w, bias):
 def _sparse_dense_auto(x, w, bias, index):
     _check_operands("sparse_dense", x, w)
     bias = _bias_operand("sparse_dense", bias, x, w.shape[1])
+    if _is_empty_product(x, w):
+        return _auto_dense_branch(x, w, bias)
     if index is not None:  # the caller's index gives the exact density
         tile, index = _row_index_of_x(x, AUTO_TILE, index)
         takes_kernel = auto_takes_kernel(index)
@@ -468,6 +487,8 @@ def dense_sparse(x, w, *, bias=None, tile=None, index: TileIndex | None = None, 
     bias = _bias_operand("dense_sparse", bias, x, w.shape[1])
     if grad not in ("masked", "dense"):
         raise ValueError(f"pit_jax.dense_sparse: grad must be 'masked' or 'dense', got {grad!r}")
+    if _is_empty_product(x, w):
+        return _auto_dense_branch(x, w, bias)
     k, n = w.shape
     tile = _clamp_tile(tile, k, n)
     exact = index is None

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.interpreters import ad, batching, mlir
 
 from . import _primitive, moe_cuda
+from ._checks import is_positive_int, is_positive_real
 from .moe_reference import (EPILOGUES, F32, apply_epilogue, fused_matmul_ref, grouped_matmul_ref, grouped_matmul_tn_ref,
                             routing_tables_ref, tile_starts_of)
 
@@ -212,9 +213,9 @@ def moe_routing(expert_ids, num_experts: int) -> MoeRouting:
     on CPU), dropless: capacity is T·k. Build it once per layer and pass it to every
     `moe_matmul` of the layer (`routing=`); ids outside [0, num_experts) are dropped."""
     _check_ids("moe_routing", expert_ids)
-    if not (isinstance(num_experts, int) and num_experts >= 1):
+    if not is_positive_int(num_experts):
         raise ValueError(f"pit_jax.moe_routing: num_experts must be a positive int, got {num_experts!r}")
-    return MoeRouting(*moe_route_p.bind(expert_ids.reshape(-1).astype(jnp.int32), num_experts=num_experts))
+    return MoeRouting(*moe_route_p.bind(expert_ids.reshape(-1).astype(jnp.int32), num_experts=int(num_experts)))
 
 
 def moe_matmul(x, w, expert_ids, *, routing: MoeRouting | None = None):
@@ -286,7 +287,7 @@ def check_layout_operands(fn, x, w, routing, rows_per_source, x_sorted):
     if w.shape[0] != routing.num_experts or w.shape[1] != x.shape[1]:
         raise ValueError(f"pit_jax.{fn}: w must be [E={routing.num_experts}, d={x.shape[1]}, f] for this routing "
                          f"and x, got shape {w.shape}")
-    if not (isinstance(rows_per_source, int) and rows_per_source >= 1):
+    if not is_positive_int(rows_per_source):
         raise ValueError(f"pit_jax.{fn}: rows_per_source must be a positive int, got {rows_per_source!r}")
     if x_sorted and (rows_per_source != 1 or x.shape[0] != a):
         raise ValueError(f"pit_jax.{fn}: x in routing order (x_sorted) must have one row per assignment "
@@ -355,9 +356,13 @@ def drop_over_capacity(expert_ids, num_experts: int, capacity_factor: float, *, 
     Returns (expert_ids with drops, number of dropped assignments) — all on device. Ids outside
     [0, E) are dropped by `moe_matmul` too but are not counted here (see
     `MoeRouting.dropped_count`)."""
-    if not (isinstance(num_experts, int) and num_experts > 0):
+    if (not hasattr(expert_ids, "ndim") or expert_ids.ndim == 0 or not jnp.issubdtype(expert_ids.dtype, jnp.integer)
+            or (expert_ids.ndim >= 2 and expert_ids.shape[-1] == 0)):
+        raise TypeError(f"pit_jax.drop_over_capacity: expert_ids must be an integer [..., k] array with k >= 1, got "
+                        f"{getattr(expert_ids, 'dtype', type(expert_ids).__name__)} {getattr(expert_ids, 'shape', '')}")
+    if not is_positive_int(num_experts):
         raise ValueError(f"pit_jax.drop_over_capacity: num_experts must be a positive int, got {num_experts!r}")
-    if not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
+    if not is_positive_real(capacity_factor):
         raise ValueError(f"pit_jax.drop_over_capacity: capacity_factor must be > 0, got {capacity_factor!r}")
     k = expert_ids.shape[-1] if expert_ids.ndim >= 2 else 1
     token_shape = expert_ids.shape[:-1] if expert_ids.ndim >= 2 else expert_ids.shape

@@ -61,12 +61,14 @@ def kept_tile_count(density, tiles):
 def _kept_tiles(w, tile, density):
     """(boolean tile mask [ceil(K/tk), ceil(N/tn)], the tile clamped to w's shape)."""
     k, n = w.shape
-    tk, tn = min(int(tile[0]), k), min(int(tile[1]), n)
+    tk, tn = max(min(int(tile[0]), k), 1), max(min(int(tile[1]), n), 1)  # (1 on an empty dim)
     bk, bn = -(-k // tk), -(-n // tn)
     a = jax.lax.stop_gradient(w).astype(jnp.float32)
     a = jnp.pad(a, ((0, bk * tk - k), (0, bn * tn - n)))
     norms = jnp.sqrt(jnp.sum(jnp.square(a.reshape(bk, tk, bn, tn)), axis=(1, 3)))
     tiles = bk * bn
+    if tiles == 0:  # an empty w has no tile to keep
+        return jnp.zeros((bk, bn), bool), (tk, tn)
     ascending = jnp.sort(norms.reshape(-1))
     threshold = ascending[tiles - kept_tile_count(density, tiles)]
     return norms >= threshold, (tk, tn)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from ._checks import is_int
 
 LAYOUTS = ("row", "col")
 
@@ -29,6 +31,11 @@ class TileIndex:
 
     The capacity is fixed by the shape (every tile could be nonzero), so the index can never
     overflow and its shape stays symbolic under jax.export.
+
+    Build it with `pit_jax.detect` or `pit_jax.tile_index_from_mask`. The ops check a given
+    index's metadata, shapes and dtypes at trace time, but not its values (they are data on the
+    device): an index built by hand must keep the invariants above (counts ≤ n_inner, ids in
+    [0, n_inner) then -1), which the CUDA kernels rely on.
     """
 
     counts: jax.Array
@@ -73,8 +80,7 @@ class TileIndex:
 
 def is_int_pair(tile) -> bool:
     """A sequence of two Python or numpy ints (not bools): the form every tile argument takes."""
-    return (hasattr(tile, "__len__") and len(tile) == 2
-            and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in tile))
+    return hasattr(tile, "__len__") and len(tile) == 2 and all(is_int(t) for t in tile)
 
 
 def tile_index_from_mask(mask: jax.Array, shape, tile, layout: str = "row") -> TileIndex:
@@ -82,12 +88,18 @@ def tile_index_from_mask(mask: jax.Array, shape, tile, layout: str = "row") -> T
     the boolean tile mask `mask` [..., ceil(M/tm), ceil(K/tk)]: the index `detect` would give for
     values nonzero exactly there, built from the (small) tile mask by a jnp compaction on device,
     without the array itself. For a mask a caller already has (magnitude pruning, a fixed pattern),
-    so no element mask is expanded and read again."""
+    so no element mask is expanded and read again. A tile larger than `shape` is clamped to it, as
+    `detect`, the ops and `tile_magnitude_mask` clamp theirs (the grid is the same)."""
     if layout not in LAYOUTS:
         raise ValueError(f"pit_jax.tile_index_from_mask: layout must be one of {LAYOUTS}, got {layout!r}")
+    # shape: ints, or jax.export's symbolic dims (not numbers), which are not clamped against
+    if not (hasattr(shape, "__len__") and len(shape) == 2
+            and all(is_int(d) and d > 0 or not isinstance(d, (numbers.Number, str)) for d in shape)):
+        raise ValueError(f"pit_jax.tile_index_from_mask: shape must be a pair of positive ints (M, K), got {shape!r}")
     if not is_int_pair(tile) or min(tile) <= 0:
-        raise ValueError(f"pit_jax.tile_index_from_mask: tile must be a pair of positive ints, got {tuple(tile)}")
-    (m, k), (tm, tk) = shape, tile
+        raise ValueError(f"pit_jax.tile_index_from_mask: tile must be a pair of positive ints, got {tile!r}")
+    m, k = (int(d) if is_int(d) else d for d in shape)
+    tm, tk = (min(int(t), d) if is_int(d) else int(t) for t, d in zip(tile, (m, k)))
     grid = (-(-m // tm), -(-k // tk))
     if not hasattr(mask, "shape") or len(mask.shape) < 2 or tuple(mask.shape[-2:]) != grid:
         raise ValueError(f"pit_jax.tile_index_from_mask: mask must have shape [..., {grid[0]}, {grid[1]}] "

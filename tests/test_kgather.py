@@ -162,10 +162,44 @@ def test_bad_input_names_the_argument():
         (lambda: pit_jax.dense_sparse(x, w.astype(np.float16)), TypeError, "x and w must have the same dtype"),
         (lambda: pit_jax.dense_sparse(x, w, index=pit_jax.detect(w.T.copy(), (1, 4))), ValueError,
          "index was made for shape \\(4, 16\\)"),
+        # a hand-built index whose arrays do not match its metadata (the kernels size reads by them)
+        (lambda: pit_jax.sparse_dense(x, w, index=_with_field(pit_jax.detect(x, (4, 1)), "indices", slice(0, 3))),
+         ValueError, "index.indices must be int32 of shape \\(2, 2, 16\\)"),
+        (lambda: pit_jax.sparse_dense(x, w, index=_with_field(pit_jax.detect(x, (4, 1)), "counts", jnp.float32)),
+         ValueError, "index.counts must be int32 of shape \\(2, 2\\)"),
+        (lambda: pit_jax.dense_sparse(x, w, index=_with_field(pit_jax.detect(w, (1, 4)), "offsets", slice(0, 2))),
+         ValueError, "index.offsets must be int32 of shape \\(17,\\)"),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+def _with_field(index, field, change):
+    """`index` with one array cut along its last axis (a slice) or cast (a dtype)."""
+    a = getattr(index, field)
+    a = a[..., change] if isinstance(change, slice) else a.astype(change)
+    return pit_jax.TileIndex(**{**{f: getattr(index, f) for f in
+                                   ("counts", "offsets", "indices", "shape", "tile", "layout")}, field: a})
+
+
+@pytest.mark.parametrize("x_shape, w_shape", [((0, 48), (48, 16)), ((5, 0), (0, 16)), ((5, 48), (48, 0)),
+                                              ((2, 0, 48), (48, 16))], ids=["M0", "K0", "N0", "batch_M0"])
+def test_empty_dims_give_the_dense_result(backend, x_shape, w_shape):
+    """M, K or N of 0: x @ w (+ bias) as jnp gives it (empty, or zeros plus the bias), gradients
+    of the operands' shapes; detect refuses empty dims, so no index is built."""
+    x, w = np.ones(x_shape, np.float32), np.ones(w_shape, np.float32)
+    b = np.arange(w_shape[1], dtype=np.float32)
+    cases = [(lambda x, w, b: pit_jax.sparse_dense(x, w, bias=b), x @ w + b),
+             (lambda x, w, b: pit_jax.sparse_dense(x, w), x @ w),
+             (lambda x, w, b: pit_jax.sparse_dense(x, w, bias=b, tile="auto"), x @ w + b),
+             (lambda x, w, b: pit_jax.dense_sparse(x, w, bias=b), x @ w + b)]
+    for f, want in cases:
+        y = jax.jit(f)(x, w, b)
+        assert y.shape == want.shape and y.dtype == x.dtype
+        np.testing.assert_array_equal(np.asarray(y), want)
+        gx, gw = jax.grad(lambda x, w: jnp.sum(f(x, w, b)), (0, 1))(x, w)
+        assert gx.shape == x.shape and gw.shape == w.shape
 
 
 def test_tile_defaults_to_the_index_tile(backend):
@@ -311,6 +345,31 @@ def test_dense_sparse(backend, grad):
     np.testing.assert_allclose(np.asarray(gw), want, rtol=1e-4, atol=1e-4)
     if grad == "masked":
         assert np.all(np.asarray(gw)[~mask] == 0)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("n", [16, 40])  # 16: one tile of w's columns (XLA:CPU's failing layout)
+def test_ops_outside_jit_match_float64(backend, dtype, n):
+    """Called op by op (no jit), as an nnx layer usually is: both ops, with and without a bias,
+    their gradients and vmap, against float64 (bf16 dense_sparse failed on XLA:CPU until session
+    39: its reference's widened dot became a bf16 x bf16 = f32 dot that the CPU runtime lacks)."""
+    rng = np.random.default_rng(stable_seed("outside_jit", dtype, n))
+    x = random_tile_sparse(rng, (2, 37, 48), (1, 1), 0.3, dtype)
+    w = random_tile_sparse(rng, (48, n), (1, 8), 0.5, dtype)
+    b = _dense(rng, (n,), dtype)
+    x64, w64, b64 = (np.asarray(a, np.float64) for a in (x, w, b))
+    g = rng.standard_normal((2, 37, n)).astype(np.float32)
+    for op in (pit_jax.sparse_dense, pit_jax.dense_sparse):
+        y = op(x, w)
+        assert y.dtype == x.dtype and _rel_err(y, x64 @ w64) < TOL[dtype]
+        assert _rel_err(op(x, w, bias=b), x64 @ w64 + b64) < TOL[dtype]
+        assert _rel_err(jax.vmap(lambda x: op(x, w, bias=b))(x), x64 @ w64 + b64) < TOL[dtype]
+        gx, gw, gb = jax.grad(lambda x, w, b: jnp.sum(op(x, w, bias=b).astype(jnp.float32) * g), (0, 1, 2))(x, w, b)
+        assert _rel_err(gx, g @ w64.T) < TOL[dtype] and _rel_err(gb, g.sum((0, 1))) < TOL[dtype]
+        dense_gw = np.einsum("bmk,bmn->kn", x64, g)
+        if op is pit_jax.dense_sparse:  # masked: only w's listed tiles
+            dense_gw = dense_gw * np.asarray(pit_jax.detect(w, (1, min(32, n))).element_mask())
+        assert _rel_err(gw, dense_gw) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

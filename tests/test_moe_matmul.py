@@ -118,6 +118,23 @@ def test_routing_reuse_and_errors():
         pit_jax.moe_routing(ids, 0)
     with pytest.raises(TypeError, match="integer"):
         pit_jax.moe_routing(ids.astype(jnp.float32), 4)
+    with pytest.raises(ValueError, match="num_experts must be a positive int, got True"):
+        pit_jax.moe_routing(ids, True)
+    assert pit_jax.moe_routing(ids, np.int64(4)).num_experts == 4  # numpy ints are ints
+
+
+@pytest.mark.parametrize("ids", [jnp.zeros((4, 0), jnp.int32), jnp.asarray([[0.9, 1.7]]), [[0, 1]], jnp.int32(3)],
+                         ids=["k0", "float", "list", "0d"])
+def test_drop_over_capacity_rejects_bad_ids(ids):
+    with pytest.raises(TypeError, match="drop_over_capacity: expert_ids must be an integer"):
+        pit_jax.drop_over_capacity(ids, 4, 1.0)
+
+
+def test_drop_over_capacity_takes_numpy_scalars():
+    ids = jnp.asarray([[0, 1], [1, 1]], jnp.int32)
+    kept, dropped = pit_jax.drop_over_capacity(ids, np.int64(4), np.float32(1.0))  # capacity ceil(4/4) = 1
+    np.testing.assert_array_equal(np.asarray(kept), [[0, -1], [1, -1]])
+    assert int(dropped) == 2
 
 
 def test_export_symbolic_tokens(backend):

@@ -322,7 +322,35 @@ def test_tile_index_from_mask_is_detects_index(backend, shape, tile, layout, lea
     ((np.ones((3, 3), bool), (10, 10), (4, 0)), "tile must be"),
     ((np.ones((3, 3), bool), (10, 10), (4, 4), "diag"), "layout"),
     ((np.ones(3, bool), (10, 10), (4, 4)), "mask must have shape"),
+    ((np.ones((3, 3), bool), (10,), (4, 4)), "shape must be a pair of positive ints"),
+    ((np.ones((3, 3), bool), 10, (4, 4)), "shape must be a pair of positive ints"),
+    ((np.ones((3, 3), bool), None, (4, 4)), "shape must be a pair of positive ints"),
+    ((np.ones((3, 3), bool), (10.0, 10.0), (4, 4)), "shape must be a pair of positive ints"),
+    ((np.ones((3, 3), bool), (-1, 10), (4, 4)), "shape must be a pair of positive ints"),
+    ((np.ones((3, 3), bool), (10, 10), None), "tile must be"),
+    ((np.ones((3, 3), bool), (10, 10), 4), "tile must be"),
 ])
 def test_tile_index_from_mask_bad_input(args, words):
     with pytest.raises(ValueError, match=words):
         pit_jax.tile_index_from_mask(*args)
+
+
+def test_tile_index_from_mask_clamps_a_tile_larger_than_shape(backend):
+    """As detect, the ops and tile_magnitude_mask clamp theirs (same grid), so the index of a
+    tiles=True mask fits dense_sparse's own clamped tile."""
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((48, 16)).astype(np.float32)
+    x = rng.standard_normal((5, 48)).astype(np.float32)
+    keep = pit_jax.tile_magnitude_mask(w, (1, 32), 0.5, tiles=True)
+    index = pit_jax.tile_index_from_mask(keep, (48, 16), (1, 32))
+    assert index.tile == (1, 16)
+    pruned = np.asarray(pit_jax.prune_tiles_by_magnitude(w, (1, 32), 0.5))
+    np.testing.assert_allclose(np.asarray(pit_jax.dense_sparse(x, pruned, index=index)), x @ pruned,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("wshape", [(0, 16), (16, 0)])
+def test_tile_magnitude_mask_of_an_empty_weight(wshape):
+    w = jnp.ones(wshape)
+    assert pit_jax.tile_magnitude_mask(w, (1, 32), 0.5).shape == wshape
+    assert pit_jax.prune_tiles_by_magnitude(w, (1, 32), 0.5).shape == wshape

@@ -282,6 +282,39 @@ def test_bad_input_dim():
         _model()(jnp.ones((3, 15)))
 
 
+@pytest.mark.parametrize("x, words", [
+    (jnp.ones((3, 16), jnp.int32), "floating-point array, got int32"),  # the output (x's dtype) would truncate
+    (jnp.ones((3, 16)) > 0, "floating-point array, got bool"),
+    (jnp.float32(1.0), "got a 0-d array"),
+    ([[1.0] * 16], "got list"),
+    (None, "got NoneType"),
+])
+def test_bad_input_type_names_x(x, words):
+    with pytest.raises(TypeError, match=f"MoE: x must be .*{words}"):
+        _model()(x)
+
+
+def test_bad_dtype_and_numpy_ints():
+    with pytest.raises(TypeError, match="dtype must be a floating-point dtype"):
+        pit_jax.nn.MoE(4, 2, 8, 8, dtype=jnp.int32, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="num_experts"):
+        pit_jax.nn.MoE(True, 1, 8, 8, rngs=nnx.Rngs(0))
+    m = pit_jax.nn.MoE(np.int64(4), np.int64(2), np.int64(8), np.int64(8), capacity_factor=np.float32(1.5),
+                       rngs=nnx.Rngs(0))  # numpy scalars are ints and reals like Python's
+    assert m(jnp.ones((3, 8))).shape == (3, 8) and type(m.num_experts) is int
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_no_tokens(capacity_factor):
+    """Zero tokens: an empty output and zero losses (a mean over no tokens would be NaN)."""
+    m = pit_jax.nn.MoE(4, 2, 8, 8, capacity_factor=capacity_factor, rngs=nnx.Rngs(0))
+    y = m(jnp.ones((2, 0, 8), jnp.bfloat16))
+    assert y.shape == (2, 0, 8) and y.dtype == jnp.bfloat16
+    aux = nnx.pop(m, nnx.Intermediate)
+    assert float(aux["load_balancing_loss"][0]) == 0 and float(aux["router_z_loss"][0]) == 0
+    assert ("dropped_fraction" in aux) == (capacity_factor is not None)
+
+
 def test_capacity_factor_drops_and_reports():
     m = pit_jax.nn.MoE(4, 1, 8, 8, capacity_factor=0.5, rngs=nnx.Rngs(0))
     m.router.kernel[...] = jnp.zeros_like(m.router.kernel[...]).at[:, 2].set(1.0)  # all to expert 2

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .._checks import is_positive_int
 from ..kgather import dense_sparse, sparse_dense
 from ..pruning import check_tile_and_density, tile_magnitude_mask
 from ..tile_index import expand_tile_mask, tile_index_from_mask
@@ -25,7 +26,7 @@ _default_bias_init = nnx.initializers.zeros_init()
 
 def _check_features(cls, in_features, out_features):
     for name, v in (("in_features", in_features), ("out_features", out_features)):
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        if not is_positive_int(v):
             raise ValueError(f"pit_jax.nn.{cls}: {name} must be a positive int, got {v!r}")
 
 

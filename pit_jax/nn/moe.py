@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .._checks import is_int, is_positive_int, is_positive_real
 from ..moe import checked_operands, drop_over_capacity, fused_matmul
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
@@ -38,17 +39,20 @@ class MoE(nnx.Module):
                  activation: str = "swiglu", renormalize: bool = True,
                  capacity_factor: float | None = None, batch_prioritized_routing: bool = False,
                  load_balancing: str = "switch", dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        if not (isinstance(num_experts, int) and num_experts >= 1):
+        if not is_positive_int(num_experts):
             raise ValueError(f"pit_jax.nn.MoE: num_experts must be a positive int, got {num_experts!r}")
-        if not (isinstance(top_k, int) and 1 <= top_k <= num_experts):
+        if not (is_int(top_k) and 1 <= top_k <= num_experts):
             raise ValueError(f"pit_jax.nn.MoE: top_k must be in [1, num_experts={num_experts}], got {top_k!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"pit_jax.nn.MoE: activation must be one of {ACTIVATIONS}, got {activation!r}")
         for name, v in (("d_model", d_model), ("d_ff", d_ff)):
-            if not (isinstance(v, int) and v >= 1):
+            if not is_positive_int(v):
                 raise ValueError(f"pit_jax.nn.MoE: {name} must be a positive int, got {v!r}")
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"pit_jax.nn.MoE: dtype must be a floating-point dtype, got {dtype!r}")
+        num_experts, top_k, d_model, d_ff = int(num_experts), int(top_k), int(d_model), int(d_ff)
         self.num_experts, self.top_k, self.d_model, self.d_ff = num_experts, top_k, d_model, d_ff
-        if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
+        if capacity_factor is not None and not is_positive_real(capacity_factor):
             raise ValueError(f"pit_jax.nn.MoE: capacity_factor must be None (dropless) or > 0, got {capacity_factor!r}")
         self.activation, self.renormalize, self.dtype = activation, renormalize, dtype
         self.capacity_factor = capacity_factor
@@ -68,9 +72,20 @@ class MoE(nnx.Module):
         self.w_out = nnx.Param(init(rngs.params(), (num_experts, d_ff, d_model), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if not hasattr(x, "shape") or not hasattr(x, "dtype") or len(x.shape) == 0:
+            raise TypeError(f"pit_jax.nn.MoE: x must be an array [..., d_model={self.d_model}], got "
+                            f"{'a 0-d array' if hasattr(x, 'shape') else type(x).__name__}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):  # the output has x's dtype: ints would truncate it
+            raise TypeError(f"pit_jax.nn.MoE: x must be a floating-point array, got {x.dtype}")
         if x.shape[-1] != self.d_model:
             raise ValueError(f"pit_jax.nn.MoE: x's last dim must be d_model={self.d_model}, got shape {x.shape}")
         tokens = x.reshape(-1, self.d_model)
+        if tokens.shape[0] == 0:  # no tokens: nothing routed, no loss (a mean over none would be NaN)
+            if self.capacity_factor is not None:
+                self.sow(nnx.Intermediate, "dropped_fraction", jnp.zeros((), jnp.float32))
+            self.sow(nnx.Intermediate, "load_balancing_loss", jnp.zeros((), jnp.float32))
+            self.sow(nnx.Intermediate, "router_z_loss", jnp.zeros((), jnp.float32))
+            return jnp.zeros(x.shape, x.dtype)
         logits = self.router(tokens.astype(jnp.float32))
         probs = jax.nn.softmax(logits, axis=-1)
         top_p, top_e = jax.lax.top_k(probs, self.top_k)
@@ -125,7 +140,7 @@ def moe_ffn(tokens, expert_ids, combine_weights, weights, activation, routing=No
                          out_sorted=True)
     out = fused_matmul(h, w_out, routing, epilogue="scale", rows_per_source=1, x_sorted=True, out_sorted=False,
                        scale=combine_weights.reshape(-1))  # [T·k, d], weighted rows in (token, slot) order
-    return out.reshape(t, k, -1).astype(jnp.float32).sum(axis=1).astype(tokens.dtype)
+    return out.reshape(t, k, out.shape[-1]).astype(jnp.float32).sum(axis=1).astype(tokens.dtype)
 
 
 def MoELinen(**kwargs):
