@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import export as jax_export
 from jax.interpreters import ad, batching, mlir
 
 from . import _primitive, moe_cuda
@@ -199,6 +200,10 @@ class MoeRouting(NamedTuple):
         """Assignments whose expert id lies outside [0, E): `moe_matmul` drops them (zero output
         rows, no gradient). A device scalar (per batch element under vmap); no host sync."""
         return jnp.diff(self.group_starts)[..., self.num_experts]
+
+
+# an exported function may take or return a MoeRouting (jax.export serializes its pytree)
+jax_export.register_namedtuple_serialization(MoeRouting, serialized_name="pit_jax.MoeRouting")
 
 
 def _check_ids(fn, expert_ids):

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import numbers
 
 import jax
 import jax.numpy as jnp
+from jax import export as jax_export
 
 from ._checks import is_int
 
@@ -76,6 +78,25 @@ class TileIndex:
     def element_mask(self) -> jax.Array:
         """Boolean [..., M, K]: True on the elements covered by a nonzero micro-tile."""
         return element_mask_from_indices(self.indices, self.shape, self.tile, self.layout)
+
+
+def _serialize_index_metadata(aux) -> bytes:
+    shape, tile, layout = aux
+    if not all(is_int(d) for d in (*shape, *tile)):
+        raise ValueError(f"pit_jax.TileIndex: an exported index's shape and tile must be ints to be serialized "
+                         f"(symbolic dims only in its leading, batch dims), got shape {shape}, tile {tile}")
+    return json.dumps([[int(d) for d in shape], [int(t) for t in tile], layout]).encode()
+
+
+def _deserialize_index_metadata(data: bytes):
+    shape, tile, layout = json.loads(data.decode())
+    return tuple(shape), tuple(tile), layout
+
+
+# an exported function may take or return a TileIndex (jax.export serializes its pytree)
+jax_export.register_pytree_node_serialization(TileIndex, serialized_name="pit_jax.TileIndex",
+                                             serialize_auxdata=_serialize_index_metadata,
+                                             deserialize_auxdata=_deserialize_index_metadata)
 
 
 def is_int_pair(tile) -> bool:

@@ -202,6 +202,27 @@ def test_empty_dims_give_the_dense_result(backend, x_shape, w_shape):
         assert gx.shape == x.shape and gw.shape == w.shape
 
 
+def test_index_crosses_a_serialized_export(backend):
+    """A TileIndex returned by, and passed into, an exported function that is serialized (its
+    pytree is registered with jax.export), with a symbolic batch dim."""
+    b, = export.symbolic_shape("b")
+    checks = [export.DisabledSafetyCheck.custom_call(t) for t in ("pit_detect", "pit_sparse_dense")]
+    rng = np.random.default_rng(12)
+    x = random_tile_sparse(rng, (3, 16, 8), (8, 1), 0.5, "float32")
+    w = _dense(rng, (8, 5), "float32")
+    exp = export.export(jax.jit(lambda x: pit_jax.detect(x, (8, 1))), platforms=("cpu", "cuda"),
+                        disabled_checks=checks)(jax.ShapeDtypeStruct((b, 16, 8), jnp.float32))
+    index = export.deserialize(exp.serialize()).call(x)
+    want = pit_jax.detect(x, (8, 1))
+    assert (index.shape, index.tile, index.layout) == (want.shape, want.tile, want.layout)
+    np.testing.assert_array_equal(np.asarray(index.indices), np.asarray(want.indices))
+    spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct((b, *a.shape[1:]), a.dtype), want)
+    exp = export.export(jax.jit(lambda x, i: pit_jax.sparse_dense(x, w, index=i)), platforms=("cpu", "cuda"),
+                        disabled_checks=checks)(jax.ShapeDtypeStruct((b, 16, 8), jnp.float32), spec)
+    np.testing.assert_allclose(np.asarray(export.deserialize(exp.serialize()).call(x, index)), x @ w,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_tile_defaults_to_the_index_tile(backend):
     """With `index` given and no `tile`, both functions take the index's tile."""
     rng = np.random.default_rng(7)

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
 import pit_jax
 from helpers import DTYPES, moe_layouts_want
@@ -128,6 +129,19 @@ def test_routing_reuse_and_errors():
 def test_drop_over_capacity_rejects_bad_ids(ids):
     with pytest.raises(TypeError, match="drop_over_capacity: expert_ids must be an integer"):
         pit_jax.drop_over_capacity(ids, 4, 1.0)
+
+
+def test_routing_crosses_a_serialized_export(backend):
+    """A MoeRouting returned by an exported, serialized function (symbolic token count)."""
+    t, = export.symbolic_shape("t")
+    exp = export.export(jax.jit(lambda i: pit_jax.moe_routing(i, 4)), platforms=("cpu", "cuda"),
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call("pit_moe_route")])(
+        jax.ShapeDtypeStruct((t, 2), jnp.int32))
+    ids = jnp.asarray([[0, 1], [3, 3], [2, 0]], jnp.int32)
+    got = export.deserialize(exp.serialize()).call(ids)
+    assert type(got) is pit_jax.moe.MoeRouting
+    for a, b in zip(got, pit_jax.moe_routing(ids, 4)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_drop_over_capacity_takes_numpy_scalars():
