@@ -347,6 +347,17 @@ def swiglu_matmul(x, w_gate, w_up, routing: MoeRouting, *, rows_per_source: int,
                         out_sorted=out_sorted, w_up=w_up)
 
 
+def _capacity(capacity_factor, assignments, num_experts):
+    """ceil(capacity_factor · assignments / num_experts): a Python int (rounded to 9 decimals
+    first: 1.1 · 10 is 11, not 12), or, for jax.export's symbolic token count, a device value in
+    float32 with products within 1e-6 (relative) of an integer taken as that integer."""
+    if isinstance(assignments, int):
+        return math.ceil(round(capacity_factor * assignments / num_experts, 9))
+    p = jnp.float32(capacity_factor) * jnp.asarray(assignments, jnp.float32) / num_experts
+    r = jnp.round(p)
+    return jnp.where(jnp.abs(p - r) <= 1e-6 * jnp.maximum(p, 1.0), r, jnp.ceil(p)).astype(jnp.int32)
+
+
 def drop_over_capacity(expert_ids, num_experts: int, capacity_factor: float, *, priority=None):
     """Capacity dropping: each expert keeps at most C = ceil(capacity_factor · T·k / E)
     assignments of `expert_ids` [..., k] (T = the product of the leading dims; flaxformer's
@@ -381,7 +392,7 @@ def drop_over_capacity(expert_ids, num_experts: int, capacity_factor: float, *, 
         token_order = jnp.argsort(-priority.reshape(-1).astype(jnp.float32), stable=True)
         by_token = by_token[token_order]
     by_slot = by_token.T.reshape(-1)  # slot-major priority order
-    capacity = math.ceil(round(capacity_factor * by_slot.size / num_experts, 9))  # static; 1.1 * 10 is 11, not 12
+    capacity = _capacity(capacity_factor, by_slot.size, num_experts)
     valid = (by_slot >= 0) & (by_slot < num_experts)
     order, starts, _ = moe_route_p.bind(by_slot, num_experts=num_experts)  # stable: priority order kept
     key = jnp.where(valid, by_slot, num_experts)[order]

@@ -144,6 +144,24 @@ def test_routing_crosses_a_serialized_export(backend):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.1, 1.25, 2.0])
+def test_drop_over_capacity_exports_with_symbolic_tokens(backend, capacity_factor):
+    """With a symbolic token count the capacity is computed on device (float32, snapped to an
+    integer within 1e-6): the same drops as the Python capacity at each concrete count."""
+    t, = export.symbolic_shape("t")
+    f = lambda ids: pit_jax.drop_over_capacity(ids, 4, capacity_factor)
+    exp = export.export(jax.jit(f), platforms=("cpu", "cuda"),
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call("pit_moe_route")])(
+        jax.ShapeDtypeStruct((t, 2), jnp.int32))
+    call = export.deserialize(exp.serialize()).call
+    rng = np.random.default_rng(13)
+    for tokens in (1, 5, 10, 20):
+        ids = jnp.asarray(rng.integers(0, 4, (tokens, 2)), jnp.int32)
+        (got, got_dropped), (want, want_dropped) = call(ids), f(ids)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert int(got_dropped) == int(want_dropped)
+
+
 def test_drop_over_capacity_takes_numpy_scalars():
     ids = jnp.asarray([[0, 1], [1, 1]], jnp.int32)
     kept, dropped = pit_jax.drop_over_capacity(ids, np.int64(4), np.float32(1.0))  # capacity ceil(4/4) = 1
