@@ -371,15 +371,17 @@ def sparse_dense(x, w, *, bias=None, tile=None, index: TileIndex | None = None):
     execution thread and waits for it there, unless XLA_FLAGS enables CONDITIONAL command
     buffers: docs/kgather.md). Under `vmap` a cond becomes a select and both paths run.
     """
-    if isinstance(tile, str):
-        if tile != "auto":
-            raise ValueError(f"pit_jax.sparse_dense: tile must be a pair of ints or 'auto', got {tile!r}")
-        return _sparse_dense_auto(x, w, bias, index)
-    tile = _resolve_tile("sparse_dense", tile, index, (32, 1))
+    auto = isinstance(tile, str)
+    if auto and tile != "auto":
+        raise ValueError(f"pit_jax.sparse_dense: tile must be a pair of ints or 'auto', got {tile!r}")
+    if not auto:
+        tile = _resolve_tile("sparse_dense", tile, index, (32, 1))
     _check_operands("sparse_dense", x, w)
     bias = _bias_operand("sparse_dense", bias, x, w.shape[1])
     if _is_empty_product(x, w):
         return _auto_dense_branch(x, w, bias)
+    if auto:
+        return _sparse_dense_auto(x, w, bias, index)
     return _sparse_dense_indexed(x, w, bias, tile, index, exact=index is None)
 
 
@@ -439,10 +441,7 @@ def _auto_dense_branch(x, w, bias):
 
 
 def _sparse_dense_auto(x, w, bias, index):
-    _check_operands("sparse_dense", x, w)
-    bias = _bias_operand("sparse_dense", bias, x, w.shape[1])
-    if _is_empty_product(x, w):
-        return _auto_dense_branch(x, w, bias)
+    """tile="auto" on checked operands (bias: the primitive's operand)."""
     if index is not None:  # the caller's index gives the exact density
         tile, index = _row_index_of_x(x, AUTO_TILE, index)
         takes_kernel = auto_takes_kernel(index)
