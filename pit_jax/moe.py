@@ -31,6 +31,7 @@ from jax.interpreters import ad, batching, mlir
 
 from . import _primitive, moe_cuda
 from ._checks import is_positive_int, is_positive_real
+from .pruning import ceil_snapped
 from .moe_reference import (EPILOGUES, F32, apply_epilogue, fused_matmul_ref, grouped_matmul_ref, grouped_matmul_tn_ref,
                             routing_tables_ref, tile_starts_of)
 
@@ -354,8 +355,7 @@ def _capacity(capacity_factor, assignments, num_experts):
     if isinstance(assignments, int):
         return math.ceil(round(capacity_factor * assignments / num_experts, 9))
     p = jnp.float32(capacity_factor) * jnp.asarray(assignments, jnp.float32) / num_experts
-    r = jnp.round(p)
-    return jnp.where(jnp.abs(p - r) <= 1e-6 * jnp.maximum(p, 1.0), r, jnp.ceil(p)).astype(jnp.int32)
+    return ceil_snapped(p).astype(jnp.int32)
 
 
 def drop_over_capacity(expert_ids, num_experts: int, capacity_factor: float, *, priority=None):

@@ -52,10 +52,15 @@ def kept_tile_count(density, tiles):
         r = round(p)
         count = r if abs(p - r) <= _SNAP * max(p, 1.0) else math.ceil(p)
         return min(max(count, 1), tiles)
-    p = jnp.clip(jnp.asarray(density, jnp.float32), 0.0, 1.0) * tiles
-    r = jnp.round(p)
-    count = jnp.where(jnp.abs(p - r) <= _SNAP * jnp.maximum(p, 1.0), r, jnp.ceil(p))
+    count = ceil_snapped(jnp.clip(jnp.asarray(density, jnp.float32), 0.0, 1.0) * tiles)
     return jnp.clip(count, 1, tiles).astype(jnp.int32)
+
+
+def ceil_snapped(p):
+    """ceil of a float32 device value, a value within 1e-6 (relative) of an integer taken as that
+    integer (float32 rounding of a product must not add one)."""
+    r = jnp.round(p)
+    return jnp.where(jnp.abs(p - r) <= _SNAP * jnp.maximum(p, 1.0), r, jnp.ceil(p))
 
 
 def _kept_tiles(w, tile, density):
