@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _primitive
-from .tile_index import LAYOUTS, TileIndex, is_int_pair
+from .tile_index import LAYOUTS, TileIndex, ceil_div, is_int_pair
 
 _TARGET = "pit_detect"
 
@@ -16,7 +16,7 @@ detect_p = _primitive.make_primitive("pit_detect")
 
 
 def _grid(m, k, tile_m, tile_k):
-    return (m + tile_m - 1) // tile_m, (k + tile_k - 1) // tile_k
+    return ceil_div(m, tile_m), ceil_div(k, tile_k)
 
 
 def _outer_inner(m, k, tile_m, tile_k, layout):

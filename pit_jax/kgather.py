@@ -320,8 +320,10 @@ def _resolve_tile(fn, tile, index, default):
 
 
 def _clamp_tile(tile, m, k):
-    """A tile larger than the matrix covers it in one block (detect itself rejects that)."""
-    return (min(int(tile[0]), m), min(int(tile[1]), k))
+    """A tile larger than the matrix covers it in one block (detect itself rejects that). A
+    symbolic dim (jax.export) keeps the tile: one partial block covers a smaller matrix just the
+    same, and detect checks only concrete dims."""
+    return tuple(min(int(t), d) if isinstance(d, int) else int(t) for t, d in zip(tile, (m, k)))
 
 
 def _check_index(fn, name, index, shape, tile, layout, lead):
@@ -427,8 +429,12 @@ def auto_sampled_density(x):
     member), from every AUTO_SAMPLE_STRIDE-th group of 32 rows (at least the first group)."""
     tm = AUTO_TILE[0]
     *lead, m, k = x.shape
-    groups = max(m // tm, 1)
-    rows = x[..., : groups * tm, :] if m >= tm else x
+    if isinstance(m, int):  # whole groups only (a slice, no copy), or the one partial group
+        groups = max(m // tm, 1)
+        rows = x[..., : groups * tm, :] if m >= tm else x
+    else:  # symbolic M (jax.export): zero rows complete the last group, which is then sampled too
+        groups = -(-m // tm)
+        rows = jnp.pad(x, [(0, 0)] * len(lead) + [(0, groups * tm - m), (0, 0)])
     grouped = rows.reshape(*lead, groups, -1, k)[..., ::AUTO_SAMPLE_STRIDE, :, :]
     nonzero_tiles = jnp.any(grouped != 0, axis=-2)
     per_member = jnp.mean(nonzero_tiles.astype(jnp.float32), axis=(-2, -1))

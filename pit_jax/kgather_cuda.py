@@ -33,7 +33,7 @@ def _cdiv(a, b):
 
 def _group_index(indices, shape, tile):
     """(counts, indices) of 32-row groups listing the union of their row tiles' column blocks."""
-    (m, k), (tm, tk) = shape, tile
+    m, tm = shape[0], tile[0]
     from .detect import detect_p  # compaction of the (small) group mask on device
     rows = jnp.repeat(tile_mask_from_indices(indices, "row"), tm, axis=-2)[..., :m, :]
     groups = _cdiv(m, GROUP_ROWS)
@@ -177,7 +177,7 @@ def sparse_nt_cuda(dy, w, counts, offsets, indices, *, shape, tile, layout):
     tile that is not a multiple of 32 runs on its 32-row groups' union, then the finer tiles'
     mask zeroes the rest (one elementwise pass)."""
     del offsets, layout
-    (m, k), (tm, tk) = shape, tile
+    k, (tm, tk) = shape[1], tile
     ck, ik, tm_kernel = counts, indices, tm
     if tm % GROUP_ROWS:
         (ck, ik), tm_kernel = _group_index(indices, shape, tile), GROUP_ROWS

@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 
 import jax
 import jax.numpy as jnp
 from jax import export as jax_export
 
 from ._checks import is_int
+
+
+def ceil_div(a, b):
+    """ceil(a / b) in the one form every grid uses, so jax.export's symbolic dims compare equal
+    (-(-a // b) is the same number but not the same symbolic expression)."""
+    return (a + b - 1) // b
+
 
 LAYOUTS = ("row", "col")
 
@@ -58,7 +64,7 @@ class TileIndex:
     def grid(self) -> tuple:
         """(number of row blocks, number of column blocks)."""
         (m, k), (tm, tk) = self.shape, self.tile
-        return (-(-m // tm), -(-k // tk))
+        return (ceil_div(m, tm), ceil_div(k, tk))
 
     @property
     def nnz(self) -> jax.Array:
@@ -113,15 +119,15 @@ def tile_index_from_mask(mask: jax.Array, shape, tile, layout: str = "row") -> T
     `detect`, the ops and `tile_magnitude_mask` clamp theirs (the grid is the same)."""
     if layout not in LAYOUTS:
         raise ValueError(f"pit_jax.tile_index_from_mask: layout must be one of {LAYOUTS}, got {layout!r}")
-    # shape: ints, or jax.export's symbolic dims (not numbers), which are not clamped against
+    # shape: ints, or jax.export's symbolic dims, which are not clamped against
     if not (hasattr(shape, "__len__") and len(shape) == 2
-            and all(is_int(d) and d > 0 or not isinstance(d, (numbers.Number, str)) for d in shape)):
+            and all(is_int(d) and d > 0 or jax_export.is_symbolic_dim(d) for d in shape)):
         raise ValueError(f"pit_jax.tile_index_from_mask: shape must be a pair of positive ints (M, K), got {shape!r}")
     if not is_int_pair(tile) or min(tile) <= 0:
         raise ValueError(f"pit_jax.tile_index_from_mask: tile must be a pair of positive ints, got {tile!r}")
     m, k = (int(d) if is_int(d) else d for d in shape)
     tm, tk = (min(int(t), d) if is_int(d) else int(t) for t, d in zip(tile, (m, k)))
-    grid = (-(-m // tm), -(-k // tk))
+    grid = (ceil_div(m, tm), ceil_div(k, tk))
     if not hasattr(mask, "shape") or len(mask.shape) < 2 or tuple(mask.shape[-2:]) != grid:
         raise ValueError(f"pit_jax.tile_index_from_mask: mask must have shape [..., {grid[0]}, {grid[1]}] "
                          f"(the tile grid of shape {tuple(shape)} with tile {tuple(tile)}), got "

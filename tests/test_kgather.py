@@ -350,6 +350,61 @@ def test_export_with_bias_symbolic_batch(backend, op):
     np.testing.assert_allclose(np.asarray(loaded.call(x, w, bias)), x @ w + bias, rtol=1e-5, atol=1e-5)
 
 
+_EXPORT_TARGETS = ("pit_detect", "pit_sparse_dense", "pit_sparse_dense_detect", "pit_sparse_nt", "pit_sparse_tn",
+                   "pit_sparse_tn_products")
+
+
+@pytest.mark.parametrize("tile", [(32, 1), (8, 1), (64, 4), "auto"], ids=str)
+def test_export_symbolic_rows(backend, tile):
+    """sparse_dense exported for cpu and cuda with a symbolic row count M: the tile is kept (not
+    clamped to M), so one partial row block covers M < tm; the serialized round trip gives x @ w
+    and both gradients against float64 at M below, across and above the tile."""
+    m, = export.symbolic_shape("m")
+    g_of = lambda y: jnp.cos(y.astype(jnp.float32))  # a cotangent that varies over y
+    f = lambda x, w: pit_jax.sparse_dense(x, w, tile=tile)
+    fn = jax.jit(lambda x, w: (f(x, w), jax.grad(lambda x, w: jnp.sum(f(x, w) * g_of(f(x, w))), (0, 1))(x, w)))
+    exp = export.export(fn, platforms=("cpu", "cuda"),
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in _EXPORT_TARGETS])(
+        jax.ShapeDtypeStruct((m, 72), jnp.float32), jax.ShapeDtypeStruct((72, 40), jnp.float32))
+    loaded = export.deserialize(exp.serialize())
+    rng = np.random.default_rng(stable_seed("export_rows", tile))
+    w = _dense(rng, (72, 40), "float32")
+    for rows in (5, 33, 100):
+        x = random_tile_sparse(rng, (rows, 72), (8, 1), 0.9 if tile == "auto" else 0.5, "float32")
+        y, (dx, dw) = loaded.call(x, w)
+        want = x.astype(np.float64) @ w.astype(np.float64)
+        assert y.shape == (rows, 40) and _rel_err(y, want) < TOL["float32"]
+        # d/dy of sum(y cos y) = cos y - y sin y
+        dy = np.cos(np.asarray(y, np.float64)) - np.asarray(y, np.float64) * np.sin(np.asarray(y, np.float64))
+        assert _rel_err(dw, x.astype(np.float64).T @ dy) < 1e-4
+        assert _rel_err(dx, dy @ w.astype(np.float64).T) < 1e-4
+
+
+def test_export_every_dim_symbolic(backend):
+    """Both ops with batch, M, K and N all symbolic (the index grids of detect and of
+    tile_index_from_mask must be the same symbolic expressions), values and dense_sparse's
+    masked gradient against float64 at two sets of sizes."""
+    b, m, k, n = export.symbolic_shape("b, m, k, n")
+    ds = lambda x, w: pit_jax.dense_sparse(x, w, tile=(8, 8))
+    fn = jax.jit(lambda x, w: (pit_jax.sparse_dense(x, w), ds(x, w), jax.grad(lambda w: ds(x, w).sum())(w)))
+    exp = export.export(fn, platforms=("cpu", "cuda"),
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in _EXPORT_TARGETS])(
+        jax.ShapeDtypeStruct((b, m, k), jnp.float32), jax.ShapeDtypeStruct((k, n), jnp.float32))
+    rng = np.random.default_rng(stable_seed("export_every_dim"))
+    loaded = export.deserialize(exp.serialize())
+    for (bb, mm, kk, nn) in ((1, 3, 5, 2), (2, 45, 48, 24)):
+        x = random_tile_sparse(rng, (bb, mm, kk), (32, 1), 0.5, "float32")
+        w = random_tile_sparse(rng, (kk, nn), (8, 8), 0.5, "float32")
+        want = x.astype(np.float64) @ w.astype(np.float64)
+        y_sd, y_ds, dw = loaded.call(x, w)
+        for got in (y_sd, y_ds):
+            assert got.shape == want.shape and _rel_err(got, want) < TOL["float32"]
+        padded = np.pad(w != 0, [(0, -kk % 8), (0, -nn % 8)])
+        kept = padded.reshape(-(-kk // 8), 8, -(-nn // 8), 8).any((1, 3)).repeat(8, 0).repeat(8, 1)[:kk, :nn]
+        want_dw = x.reshape(-1, kk).astype(np.float64).sum(0)[:, None] * kept  # masked: zero on pruned tiles
+        assert _rel_err(dw, want_dw) < 1e-5
+
+
 @pytest.mark.parametrize("grad", ["masked", "dense"])
 def test_dense_sparse(backend, grad):
     rng = np.random.default_rng(8)

@@ -102,6 +102,26 @@ def test_sparse_linear_under_vmap(backend):
     np.testing.assert_allclose(np.asarray(y, np.float64), linear64(x, layer.kernel[...], None), rtol=1e-5, atol=1e-5)
 
 
+def test_sparse_linear_exports_with_a_symbolic_batch(backend):
+    """SparseLinear folds leading dims into sparse_dense's row count: exported for cpu and cuda
+    with symbolic (batch, sequence) dims, the serialized call matches float64 at several sizes."""
+    from jax import export
+    layer = pit_jax.nn.SparseLinear(40, 24, rngs=nnx.Rngs(2))
+    graph, state = nnx.split(layer)
+    b, s = export.symbolic_shape("b, s")
+    targets = ("pit_detect", "pit_sparse_dense", "pit_sparse_dense_detect")
+    exp = export.export(jax.jit(lambda x: nnx.merge(graph, state)(x)), platforms=("cpu", "cuda"),
+                        disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in targets])(
+        jax.ShapeDtypeStruct((b, s, 40), jnp.float32))
+    loaded = export.deserialize(exp.serialize())
+    for seed, shape in enumerate(((1, 1, 40), (3, 13, 40), (2, 50, 40))):
+        x = relu_input(seed, shape)
+        y = loaded.call(x)
+        assert y.shape == (*shape[:-1], 24)
+        np.testing.assert_allclose(np.asarray(y, np.float64), linear64(x, layer.kernel[...], layer.bias[...]),
+                                   rtol=1e-5, atol=1e-5)
+
+
 # ---- PrunedLinear and the pruning functions ---------------------------------------------------------
 
 @pytest.mark.parametrize("wshape, tile", [((70, 45), (1, 8)), ((64, 96), (1, 32)), ((33, 20), (4, 3)),
@@ -327,6 +347,8 @@ def test_tile_index_from_mask_is_detects_index(backend, shape, tile, layout, lea
     ((np.ones((3, 3), bool), None, (4, 4)), "shape must be a pair of positive ints"),
     ((np.ones((3, 3), bool), (10.0, 10.0), (4, 4)), "shape must be a pair of positive ints"),
     ((np.ones((3, 3), bool), (-1, 10), (4, 4)), "shape must be a pair of positive ints"),
+    ((np.ones((3, 3), bool), (None, 10), (4, 4)), "shape must be a pair of positive ints"),
+    ((np.ones((3, 3), bool), (10, object()), (4, 4)), "shape must be a pair of positive ints"),
     ((np.ones((3, 3), bool), (10, 10), None), "tile must be"),
     ((np.ones((3, 3), bool), (10, 10), 4), "tile must be"),
 ])
