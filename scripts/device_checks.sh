@@ -187,6 +187,8 @@
 #   PART=ncu_dw_device: session 35: per-kernel times of one PIT_KGATHER_DW=device dW call (ncu, real clocks).
 #   PART=bias_kernel: session 39: A/B of the forward without bias registers (variant and switch removed after the run).
 #   PART=store39: session 39: the forward store with one body per output layout; k-gather suites, bench.
+#   PART=audit40:  session 40: the audit and export tests on the GPU, memcheck over a caller's out-of-range index, bench.
+#   PART=kernels40: session 40: the k-gather kernel tests of pack, dx (NT), dW (masks, products, device mode).
 #   PART=ncu_kgather_dw: session 33: Nsight Compute of the dW path's kernels at 4096³ ($OUT/ncu_dw.txt).
 set -u
 export PYTHONUNBUFFERED=1
@@ -552,6 +554,24 @@ bias_kernel)  # session 39: the forward without a bias compiled without the bias
   (cd benchmarks && PIT_BENCH_ROUNDS=${ROUNDS:-5} timeout -k 5 ${BENCH_TIMEOUT:-80} python3 bench_kgather_ab.py --out $OUT/kgather_ab \
      --variants default PIT_KGATHER_BIAS_KERNEL=1 --sparsity ${SPARSITY:-0.95 0.99} 2>&1 | grep -E "^\| [4O]|Error" | tee -a $LOG)
   echo "bias_kernel $((SECONDS-t0))s" ;;
+audit40)  # session 40: the tests sessions 39-40 added, on the GPU: empty dims, ops outside jit, exports with every dim
+         # symbolic (M, K, N: the CUDA lowering of a tile larger than M at call time), TileIndex / MoeRouting across a
+         # serialized export, drop_over_capacity, nn.MoE's input checks; a caller's index with counts past n_inner and
+         # ids out of range (the kernels now clamp counts and skip such ids), also under memcheck; bench_sparse_dense
+         # 32x1 without BCOO ($OUT/sparse_dense) for the clamps' cost.
+  pytest_gpu ${TEST_TIMEOUT:-200} tests/test_kgather.py tests/test_nn_linear.py tests/test_moe_matmul.py \
+    -k "gpu and (export or out_of_range or negative_counts or empty or outside_jit or clamps or routing_crosses or drop_over_capacity or symbolic)"
+  pytest_gpu 120 tests/test_nn_moe.py -k "bad_input_type or bad_dtype or no_tokens"
+  [[ "${SAN:-1}" == 1 ]] && SAN_TIMEOUT=100 run_tool_chunks memcheck all tests/test_kgather.py \
+    "gpu and (out_of_range or negative_counts)" 0 7
+  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_sparse_dense.py --tiles 32x1 --no-bcoo --out $OUT/sparse_dense 2>&1 \
+     | grep -E "^\| [4O]" | tee -a $LOG
+  echo "audit40 $((SECONDS-t0))s" ;;
+kernels40)  # session 40: pack, the NT kernel (dx) and the dW column masks now clamp a caller's counts and skip
+           # out-of-range ids: their kernel tests on the GPU (bf16 for the large parametrisations).
+  pytest_gpu ${TEST_TIMEOUT:-300} tests/test_kgather_kernels.py -k "gpu and (garbage or many_row or dense_sparse_through \
+or dw_over_many or dw_rule or masked_grad or ((dw_products or dw_device or sparse_nt or forward_and_dw or transposed_pack_matches) and bfloat16))"
+  echo "kernels40 $((SECONDS-t0))s" ;;
 store39)  # session 39: the forward's store with one body per output layout (session 38's runtime layout made the copy
          # loop's trip count and line length runtime values; verify38's 4096³ 99% call read 0.051 / 0.045 ms given the
          # index, against 0.044 / 0.040 in session 31). The k-gather kernel and fused suites on the GPU, memcheck over

@@ -103,18 +103,14 @@ __global__ void __launch_bounds__(kPackThreads) pit_kgather_pack_kernel(const T*
   const int64_t group = blockIdx.x;  // b * groups + g
   const int64_t b = group / s.groups, g = group % s.groups;
   const int64_t rb = b * s.nb_m + g * kGroupRows / s.tile_m;
-  const int64_t len = int64_t(counts[rb]) * s.tile_k;
+  const int64_t len = s.group_length(counts, b, g);
   const int64_t padded = ceil_div(len, kPackAlign) * kPackAlign;
   const int32_t* blocks = indices + rb * s.nb_k;
   const int64_t row0 = g * kGroupRows;
   T* out = packed + group * kGroupRows * s.packed_k;
   const int64_t p = int64_t(blockIdx.y) * kPackThreads + threadIdx.x;
   if (p < padded) {
-    int64_t col = -1;
-    if (p < len) {
-      col = int64_t(blocks[p / s.tile_k]) * s.tile_k + p % s.tile_k;
-      if (col >= s.k) col = -1;  // the last column block is partial
-    }
+    const int64_t col = p < len ? s.listed_column(blocks, p) : -1;
     column_ids[group * s.packed_k + p] = int32_t(col);
     alignas(16) T v[kGroupRows];  // written as 16-byte vectors in the transposed case
     if constexpr (kTransposedX) {
@@ -582,7 +578,7 @@ __global__ void __launch_bounds__(256) pit_kgather_colmask_kernel(const int32_t*
   __shared__ unsigned long long words[kMaskWordsPerPass];
   const int64_t rb_all = blockIdx.x;  // b * nb_m + rb
   const int64_t b = rb_all / s.nb_m, rb = rb_all % s.nb_m;
-  const int64_t count = counts[rb_all];
+  const int64_t count = s.listed_count(counts, rb_all);
   const int32_t* blocks = indices + rb_all * s.nb_k;
   const int64_t tiles = s.mask_tiles();
   const int64_t g_first = rb * s.tile_m / kGroupRows;
@@ -592,6 +588,7 @@ __global__ void __launch_bounds__(256) pit_kgather_colmask_kernel(const int32_t*
     __syncthreads();
     const int64_t pass_lo = t0 * kMaskCols, pass_hi = min(s.k, (t0 + kMaskWordsPerPass) * kMaskCols);
     for (int64_t j = threadIdx.x; j < count; j += blockDim.x) {
+      if (blocks[j] < 0 || blocks[j] >= s.nb_k) continue;  // a caller's bad id: skipped
       int64_t c = max(int64_t(blocks[j]) * s.tile_k, pass_lo);
       const int64_t c_end = min(int64_t(blocks[j]) * s.tile_k + s.tile_k, pass_hi);
       while (c < c_end) {

@@ -30,9 +30,23 @@ struct KGatherShape {
 
   PIT_HOST_DEVICE int64_t all_groups() const { return batch * groups; }
   PIT_HOST_DEVICE int64_t mask_tiles() const { return ceil_div(k, kMaskCols); }
+  // The count of row block `block` (over the batch). A caller's TileIndex is device data the host
+  // never sees: its count is clamped to [0, nb_k], so no kernel reads past its row of ids or its
+  // group's packed scratch.
+  PIT_HOST_DEVICE int64_t listed_count(const int32_t* counts, int64_t block) const {
+    const int64_t count = counts[block];
+    return count < 0 ? 0 : count > nb_k ? nb_k : count;
+  }
   // The packed length (tile_k · its row block's count) of group g of batch element b, as pack writes it.
   PIT_HOST_DEVICE int64_t group_length(const int32_t* counts, int64_t b, int64_t g) const {
-    return int64_t(counts[b * nb_m + g * kGroupRows / tile_m]) * tile_k;
+    return listed_count(counts, b * nb_m + g * kGroupRows / tile_m) * tile_k;
+  }
+  // Column p of a group's packed list (ids: its row block's listed column blocks), or -1 where p is
+  // past K (the last block is partial) or the id is outside [0, nb_k) (a caller's bad index: skipped).
+  PIT_HOST_DEVICE int64_t listed_column(const int32_t* ids, int64_t p) const {
+    const int64_t block = ids[p / tile_k];
+    const int64_t col = block * tile_k + p % tile_k;
+    return (block < 0 || block >= nb_k || col >= k) ? -1 : col;
   }
 
   // Forward scratch: packed x [batch*groups*32, packed_k] then its column ids [batch*groups, packed_k].

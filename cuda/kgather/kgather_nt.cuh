@@ -132,12 +132,7 @@ __global__ void __launch_bounds__(kNtThreads) pit_kgather_nt_kernel(const T* __r
   const int32_t* blocks = indices + rb * s.nb_k;
   if (threadIdx.x < C::kBL) {
     const int64_t p = p0 + threadIdx.x;
-    int64_t col = -1;
-    if (p < len) {
-      col = int64_t(blocks[p / s.tile_k]) * s.tile_k + p % s.tile_k;
-      if (col >= s.k) col = -1;  // the last column block is partial
-    }
-    ids[threadIdx.x] = int32_t(col);
+    ids[threadIdx.x] = int32_t(p < len ? s.listed_column(blocks, p) : -1);
   }
   __syncthreads();
 
