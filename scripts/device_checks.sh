@@ -189,6 +189,7 @@
 #   PART=store39: session 39: the forward store with one body per output layout; k-gather suites, bench.
 #   PART=audit40:  session 40: the audit and export tests on the GPU, memcheck over a caller's out-of-range index, bench.
 #   PART=kernels40: session 40: the k-gather kernel tests of pack, dx (NT), dW (masks, products, device mode).
+#   PART=gaps40:   session 40: profile_kgather_gaps.py (a sparse_dense call's kernels and the idle gaps between them, $OUT/gaps).
 #   PART=ncu_kgather_dw: session 33: Nsight Compute of the dW path's kernels at 4096³ ($OUT/ncu_dw.txt).
 set -u
 export PYTHONUNBUFFERED=1
@@ -567,6 +568,9 @@ audit40)  # session 40: the tests sessions 39-40 added, on the GPU: empty dims, 
   timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_sparse_dense.py --tiles 32x1 --no-bcoo --out $OUT/sparse_dense 2>&1 \
      | grep -E "^\| [4O]" | tee -a $LOG
   echo "audit40 $((SECONDS-t0))s" ;;
+gaps40)  # session 40: where a call's time goes between its kernels (4096³ and fc2 at 90 / 95 / 99%, detected and given).
+  (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-240} python3 profile_kgather_gaps.py --out $OUT/gaps 2>&1 | grep -E "^\|" | tee -a $LOG)
+  echo "gaps40 $((SECONDS-t0))s" ;;
 kernels40)  # session 40: pack, the NT kernel (dx) and the dW column masks now clamp a caller's counts and skip
            # out-of-range ids: their kernel tests on the GPU (bf16 for the large parametrisations).
   pytest_gpu ${TEST_TIMEOUT:-300} tests/test_kgather_kernels.py -k "gpu and (garbage or many_row or dense_sparse_through \
