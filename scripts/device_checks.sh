@@ -190,6 +190,7 @@
 #   PART=audit40:  session 40: the audit and export tests on the GPU, memcheck over a caller's out-of-range index, bench.
 #   PART=kernels40: session 40: the k-gather kernel tests of pack, dx (NT), dW (masks, products, device mode).
 #   PART=gaps40:   session 40: profile_kgather_gaps.py (a sparse_dense call's kernels and the idle gaps between them, $OUT/gaps).
+#   PART=step40:   session 40: probe_kgather_step.py with XLA's default flags ($OUT/step) and command buffers off ($OUT/step_nocb).
 #   PART=ncu_kgather_dw: session 33: Nsight Compute of the dW path's kernels at 4096³ ($OUT/ncu_dw.txt).
 set -u
 export PYTHONUNBUFFERED=1
@@ -568,6 +569,12 @@ audit40)  # session 40: the tests sessions 39-40 added, on the GPU: empty dims, 
   timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_sparse_dense.py --tiles 32x1 --no-bcoo --out $OUT/sparse_dense 2>&1 \
      | grep -E "^\| [4O]" | tee -a $LOG
   echo "audit40 $((SECONDS-t0))s" ;;
+step40)  # session 40: is the time per call at high sparsity the kernels' or the runtime's (1 / 4 / 16 calls per step,
+        # gaps inside and between steps, host events), with the default XLA_FLAGS and with command buffers off.
+  (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-200} python3 probe_kgather_step.py --out $OUT/step 2>&1 | grep -E "^\|" | head -40 | tee -a $LOG)
+  (cd benchmarks && XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout -k 5 ${BENCH_TIMEOUT:-200} python3 probe_kgather_step.py \
+     --out $OUT/step_nocb 2>&1 | grep -E "^\|" | head -18 | tee -a $LOG)
+  echo "step40 $((SECONDS-t0))s" ;;
 gaps40)  # session 40: where a call's time goes between its kernels (4096³ and fc2 at 90 / 95 / 99%, detected and given).
   (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-240} python3 profile_kgather_gaps.py --out $OUT/gaps 2>&1 | grep -E "^\|" | tee -a $LOG)
   echo "gaps40 $((SECONDS-t0))s" ;;

@@ -1,0 +1,135 @@
+"""Is bench_sparse_dense's time per call at high sparsity the kernels' or the runtime's? For 4096³
+(32x1 tiles, bf16): the time per call with 1, 4 (bench_sparse_dense's step) and 16 calls per jitted
+step, for the dense matmul, sparse_dense detecting its index, and sparse_dense given it; then one
+profiler trace of the 4-call step: idle gaps between kernels inside a step against those at step
+boundaries, and the host threads' busiest events per call (what XLA's runtime does per step).
+Run it under different XLA_FLAGS (e.g. --xla_gpu_enable_command_buffer=) to compare runtimes.
+
+    python benchmarks/probe_kgather_step.py [--sparsity 0.95 0.99] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+import pit_jax
+from common import announce, print_and_save, tile_sparse_bf16, time_per_call
+from profile_layer_kernels import short
+
+CALLS = (1, 4, 16)
+TRACED_CALLS = 4
+TRACED_STEPS = 10
+
+
+def trace_events(step, inputs):
+    """(kernels [(name, start, dur)] sorted by start, host events [(thread, name, dur)]) of
+    TRACED_STEPS steps launched back to back."""
+    jax.block_until_ready(step(inputs))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(TRACED_STEPS):
+                out = step(inputs)
+            jax.block_until_ready(out)
+        path = sorted(glob.glob(os.path.join(d, "plugins", "profile", "*", "*.trace.json.gz")))[-1]
+        events = json.load(gzip.open(path))["traceEvents"]
+    names = {(e["pid"], e.get("tid")): str(e["args"].get("name", "")) for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and str(e["args"].get("name", "")).startswith("/device:GPU")}
+    kernels, host = [], []
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        thread = names.get((e["pid"], e.get("tid")), "?")
+        if e["pid"] in gpu_pids:
+            if "stream" in thread.lower():
+                kernels.append((e["name"], float(e["ts"]), float(e["dur"])))
+        else:
+            host.append((thread, e["name"], float(e["dur"])))
+    return sorted(kernels, key=lambda r: r[1]), host
+
+
+def gap_rows(label, kernels, calls_per_step):
+    per_step = len(kernels) // TRACED_STEPS
+    inner, boundary = [], []
+    for i in range(len(kernels) - 1):
+        gap = kernels[i + 1][1] - (kernels[i][1] + kernels[i][2])
+        (boundary if (i + 1) % per_step == 0 else inner).append(gap)
+    mean = lambda v: sum(v) / len(v) if v else float("nan")
+    busy = sum(d for _, _, d in kernels) / (TRACED_STEPS * calls_per_step)
+    return (f"| {label} | {per_step} | {busy:.1f} | {mean(inner):.1f} (max {max(inner, default=float('nan')):.1f}) | "
+            f"{mean(boundary):.1f} (max {max(boundary, default=float('nan')):.1f}) |")
+
+
+def host_rows(label, host, calls):
+    total = collections.defaultdict(float)
+    count = collections.Counter()
+    for thread, name, dur in host:
+        key = (thread[:40], short(name)[:80])
+        total[key] += dur
+        count[key] += 1
+    top = sorted(total.items(), key=lambda kv: -kv[1])[:20]
+    return [f"| {label} | {t} | {n} | {v / calls:.1f} | {count[(t, n)] / calls:g} |" for (t, n), v in top]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sparsity", type=float, nargs="+", default=(0.95, 0.99))
+    ap.add_argument("--size", type=int, default=4096, help="M = K = N (small: a CPU smoke run)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    warnings.filterwarnings("ignore", message="pit_jax: sparse_")
+    meta = announce()
+    m = k = n = a.size
+    key = jax.random.PRNGKey(0)
+    w = jax.random.normal(jax.random.fold_in(key, 99), (k, n), jnp.bfloat16)
+    cases = [("dense", 0.0)] + [(kind, sp) for sp in a.sparsity for kind in ("detected", "given")]
+    times, gaps, hosts = [], [], []
+    for kind, sp in cases:
+        xs_all = tile_sparse_bf16(key, m, k, (32, 1), sp, max(CALLS), nonnegative=True)
+        row = []
+        for calls in CALLS:
+            xs = xs_all[:calls]
+            if kind == "dense":
+                f = jax.jit(lambda xs, w: [x @ w for x in xs])
+                step = lambda xs, f=f: f(xs, w)
+            elif kind == "detected":
+                f = jax.jit(lambda xs, w: [pit_jax.sparse_dense(x, w) for x in xs])
+                step = lambda xs, f=f: f(xs, w)
+            else:
+                idxs = [pit_jax.detect(x, (32, 1)) for x in xs]
+                f = jax.jit(lambda xs, w, idxs: [pit_jax.sparse_dense(x, w, index=i) for x, i in zip(xs, idxs)])
+                step = lambda xs, f=f, idxs=idxs: f(xs, w, idxs)
+            row.append(time_per_call(step, xs, calls) * 1e6)
+            if calls == TRACED_CALLS:
+                kernels, host = trace_events(step, xs)
+                label = f"{kind} {sp:.2f}"
+                gaps.append(gap_rows(label, kernels, calls))
+                hosts += host_rows(label, host, TRACED_STEPS * calls)
+        times.append(f"| {kind} | {sp:.2f} | " + " | ".join(f"{t:.1f}" for t in row) + " |")
+    text = "\n".join([
+        "# sparse_dense per-step runtime probe — " + ", ".join(f"{k} {v}" for k, v in meta.items()),
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", "",
+        f"{m}³ bf16, 32x1 tiles at random; µs per call (time_per_call: 10 steps back to back, median of 5)", "",
+        "| call | sparsity | " + " | ".join(f"{c} per step" for c in CALLS) + " |", "|---|---|" + "---|" * len(CALLS),
+        *times, "",
+        f"Trace of {TRACED_STEPS} steps of {TRACED_CALLS} calls: kernel busy µs per call; idle µs between consecutive "
+        "kernels inside a step and at step boundaries (mean, max)", "",
+        "| call | kernels per step | busy µs per call | gap inside a step | gap at a step boundary |", "|---|---|---|---|---|",
+        *gaps, "",
+        "Host threads' busiest events (µs per call, occurrences per call)", "",
+        "| call | thread | event | µs per call | per call |", "|---|---|---|---|---|", *hosts])
+    print_and_save(text, a.out, "kgather_step.md")
+
+
+if __name__ == "__main__":
+    main()
