@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 import pit_jax
 from bench_sparse_dense import shapes
-from common import (announce, apply_variant, bench_parser, markdown_report, parse_variants, round_order,
+from common import (announce, apply_variant, chain_calls, bench_parser, markdown_report, parse_variants, round_order,
                     tile_sparse_bf16, time_per_call, write_results)
 
 ROUNDS = int(os.environ.get("PIT_BENCH_ROUNDS", "3"))
@@ -38,7 +38,7 @@ def main():
     n_inputs = 4
     for name, m, k, n in shapes(args.quick):
         w = jax.random.normal(jax.random.fold_in(key, 99), (k, n), jnp.bfloat16)
-        dense = jax.jit(lambda xs, w: [x @ w for x in xs])
+        dense = jax.jit(lambda xs, w: chain_calls(jnp.matmul, xs, w))
         for sp in args.sparsity:
             xs = tile_sparse_bf16(key, m, k, TILE, sp, n_inputs, nonnegative=True)
             idxs = [pit_jax.detect(x, TILE) for x in xs]
@@ -46,9 +46,9 @@ def main():
             fns = []
             for v in variants:
                 apply_variant(v, names)
-                full = jax.jit(lambda xs, w: [pit_jax.sparse_dense(x, w, tile=TILE) for x in xs])
-                given = jax.jit(lambda xs, w, idxs: [pit_jax.sparse_dense(x, w, tile=TILE, index=i)
-                                                     for x, i in zip(xs, idxs)])
+                full = jax.jit(lambda xs, w: chain_calls(lambda x: pit_jax.sparse_dense(x, w, tile=TILE), xs))
+                given = jax.jit(lambda xs, w, idxs: chain_calls(
+                    lambda xi: pit_jax.sparse_dense(xi[0], w, tile=TILE, index=xi[1]), list(zip(xs, idxs))))
                 got = full(xs, w)[0].astype(jnp.float32)
                 given(xs, w, idxs)
                 err = float(jnp.max(jnp.abs(got - want)) / (jnp.max(jnp.abs(want)) + 1e-30))

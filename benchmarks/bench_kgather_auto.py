@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import pit_jax
-from common import announce, bench_parser, markdown_report, tile_sparse_bf16, time_per_call, write_results
+from common import announce, bench_parser, chain_calls, markdown_report, tile_sparse_bf16, time_per_call, write_results
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.99]
 
@@ -32,10 +32,10 @@ def main():
         [("4096³", 4096, 4096, 4096), ("OPT fc2 4096x16384→4096", 4096, 16384, 4096)]
     key = jax.random.PRNGKey(0)
     n_inputs = 4
-    dense = jax.jit(lambda xs, w: [x @ w for x in xs])
-    auto = jax.jit(lambda xs, w: [pit_jax.sparse_dense(x, w, tile="auto") for x in xs])
-    auto_idx = jax.jit(lambda xs, w: [pit_jax.sparse_dense(x, w, tile="auto", index=pit_jax.detect(x, (32, 1)))
-                                      for x in xs])
+    dense = jax.jit(lambda xs, w: chain_calls(jnp.matmul, xs, w))
+    auto = jax.jit(lambda xs, w: chain_calls(lambda x: pit_jax.sparse_dense(x, w, tile="auto"), xs))
+    auto_idx = jax.jit(lambda xs, w: chain_calls(
+        lambda x: pit_jax.sparse_dense(x, w, tile="auto", index=pit_jax.detect(x, (32, 1))), xs))
     rows = []
     for name, m, k, n in shapes:
         w = jax.random.normal(jax.random.fold_in(key, 99), (k, n), jnp.bfloat16)

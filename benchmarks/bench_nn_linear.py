@@ -22,14 +22,14 @@ from flax import nnx
 
 import pit_jax
 import pit_jax.nn
-from common import announce, bench_parser, markdown_report, tile_sparse_bf16, time_per_call, write_results
+from common import announce, bench_parser, chain_calls, markdown_report, tile_sparse_bf16, time_per_call, write_results
 
 N_INPUTS = 4
 
 
 def forward_fn(module):
     graphdef, state = nnx.split(module)
-    return jax.jit(lambda state, xs: [nnx.merge(graphdef, state)(x) for x in xs]), state
+    return jax.jit(lambda state, xs: chain_calls(lambda x: nnx.merge(graphdef, state)(x), xs)), state
 
 
 def step_fn(module):
@@ -45,7 +45,7 @@ def step_fn(module):
         y = nnx.merge(graphdef, state)(x).astype(jnp.float32)
         return 0.5 * jnp.sum(c * jnp.square(y))
     step = lambda state, x: jax.value_and_grad(loss, argnums=(0, 1))(state, x)
-    return jax.jit(lambda state, xs: [step(state, x) for x in xs]), state
+    return jax.jit(lambda state, xs: chain_calls(lambda x: step(state, x), xs)), state
 
 
 def timed(make, module, xs, steps=10, env=None):
@@ -73,7 +73,7 @@ def sparse_linear_rows(key, quick):
     dense, sparse = nnx.Linear(k, n, **kw), pit_jax.nn.SparseLinear(k, n, **kw)
     sparse.kernel[...] = dense.kernel[...]
     dense.bias[...] = sparse.bias[...] = jax.random.normal(key, (n,), jnp.bfloat16)
-    bare = jax.jit(lambda kernel, bias, xs: [pit_jax.sparse_dense(x, kernel, bias=bias) for x in xs])
+    bare = jax.jit(lambda kernel, bias, xs: chain_calls(lambda x: pit_jax.sparse_dense(x, kernel, bias=bias), xs))
     m = lead[0] * lead[1]
     for sp in (0.9, 0.95, 0.99):
         xs = [x.reshape(*lead, k) for x in tile_sparse_bf16(key, m, k, (32, 1), sp, N_INPUTS, nonnegative=True)]
@@ -95,7 +95,7 @@ def pruned_linear_rows(key, quick):
     xs = tile_sparse_bf16(key, m, k, (1, 1), 0.0, N_INPUTS)
     kw = dict(param_dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
     dense = nnx.Linear(k, n, **kw)
-    bare = jax.jit(lambda kernel, bias, xs: [pit_jax.dense_sparse(x, kernel, bias=bias, tile=(1, 32)) for x in xs])
+    bare = jax.jit(lambda kernel, bias, xs: chain_calls(lambda x: pit_jax.dense_sparse(x, kernel, bias=bias, tile=(1, 32)), xs))
     rows = []
     for density in (0.5, 0.1, 0.05):
         pruned = pit_jax.nn.PrunedLinear(k, n, density=density, tile=(1, 32), **kw)

@@ -20,7 +20,7 @@ from jax.experimental import sparse as jsparse
 
 import pit_jax
 from pit_jax.kgather_cuda import count_occupancy
-from common import (announce, bench_parser, dispatch_fraction, markdown_report, tile_sparse_bf16, time_per_call,
+from common import (announce, chain_calls, bench_parser, dispatch_fraction, markdown_report, tile_sparse_bf16, time_per_call,
                     write_results)
 
 SPARSITIES = [0.0, 0.5, 0.9, 0.95, 0.99]  # of 32x1 micro-tiles, at random
@@ -47,21 +47,21 @@ def main():
         w = jax.random.normal(jax.random.fold_in(key, 99), (k, n), jnp.bfloat16)
         n_inputs = 4
         xs0 = tile_sparse_bf16(key, m, k, (1, 1), 0.0, n_inputs, nonnegative=True)
-        copy_t = time_per_call(jax.jit(lambda xs: [-x for x in xs]), xs0, n_inputs)
+        copy_t = time_per_call(jax.jit(lambda xs: chain_calls(jnp.negative, xs)), xs0, n_inputs)
         copy_rate = 2 * m * k * 2 / copy_t
-        dense = jax.jit(lambda xs, w: [x @ w for x in xs])
+        dense = jax.jit(lambda xs, w: chain_calls(jnp.matmul, xs, w))
         t_dense = time_per_call(lambda xs: dense(xs, w), xs0, n_inputs)
         dense_rate = 2 * m * k * n / t_dense
         for tile, sp in [(t, sp) for t in tiles for sp in SPARSITIES]:
             xs = tile_sparse_bf16(key, m, k, tile, sp, n_inputs, nonnegative=True)
-            ours = jax.jit(lambda xs, w: [pit_jax.sparse_dense(x, w, tile=tile) for x in xs])
+            ours = jax.jit(lambda xs, w: chain_calls(lambda x: pit_jax.sparse_dense(x, w, tile=tile), xs))
             idxs = [pit_jax.detect(x, tile) for x in xs]
-            ours_idx = jax.jit(lambda xs, w, idxs: [pit_jax.sparse_dense(x, w, tile=tile, index=i)
-                                                    for x, i in zip(xs, idxs)])
-            dw_ours = jax.jit(lambda xs, w: [jax.grad(lambda w: jnp.sum(
-                pit_jax.sparse_dense(x, w, tile=tile).astype(jnp.float32)))(w) for x in xs])
-            dw_dense = jax.jit(lambda xs, w: [jax.grad(lambda w: jnp.sum(
-                (x @ w).astype(jnp.float32)))(w) for x in xs])
+            ours_idx = jax.jit(lambda xs, w, idxs: chain_calls(
+                lambda xi: pit_jax.sparse_dense(xi[0], w, tile=tile, index=xi[1]), list(zip(xs, idxs))))
+            dw_ours = jax.jit(lambda xs, w: chain_calls(lambda x: jax.grad(lambda w: jnp.sum(
+                pit_jax.sparse_dense(x, w, tile=tile).astype(jnp.float32)))(w), xs))
+            dw_dense = jax.jit(lambda xs, w: chain_calls(lambda x: jax.grad(lambda w: jnp.sum(
+                (x @ w).astype(jnp.float32)))(w), xs))
             y, want = ours(xs[:1], w)[0], (xs[0] @ w)
             err = float(jnp.linalg.norm((y - want).astype(jnp.float32)) /
                         jnp.maximum(jnp.linalg.norm(want.astype(jnp.float32)), 1e-30))
@@ -72,8 +72,8 @@ def main():
             t_dw_dense = time_per_call(lambda xs: dw_dense(xs, w), xs, n_inputs, steps=3)
             # the dW kernel alone (PIT_KGATHER_DW is read when lowering: set around the compile)
             os.environ["PIT_KGATHER_DW"] = "sparse"
-            dw_kernel = jax.jit(lambda xs, w: [jax.grad(lambda w: jnp.sum(
-                pit_jax.sparse_dense(x, w, tile=tile).astype(jnp.float32)))(w) for x in xs])
+            dw_kernel = jax.jit(lambda xs, w: chain_calls(lambda x: jax.grad(lambda w: jnp.sum(
+                pit_jax.sparse_dense(x, w, tile=tile).astype(jnp.float32)))(w), xs))
             dw_kernel.lower(xs, w).compile()
             del os.environ["PIT_KGATHER_DW"]
             t_dw_kernel = time_per_call(lambda xs: dw_kernel(xs, w), xs, n_inputs, steps=3)
@@ -82,7 +82,7 @@ def main():
                 if tile[0] % 32 == 0 else float("nan")
             t_auto = float("nan")
             if tile == (32, 1):  # tile="auto": kernel or dense matmul, chosen on device
-                auto = jax.jit(lambda xs, w: [pit_jax.sparse_dense(x, w, tile="auto") for x in xs])
+                auto = jax.jit(lambda xs, w: chain_calls(lambda x: pit_jax.sparse_dense(x, w, tile="auto"), xs))
                 t_auto = time_per_call(lambda xs: auto(xs, w), xs, n_inputs)
             t_bcoo = float("nan")
             if not args.no_bcoo and tile == (32, 1) and sp >= 0.95 and k <= 4096:  # seconds per call

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import pit_jax
-from common import announce, print_and_save, tile_sparse_bf16, time_per_call
+from common import announce, chain_calls, print_and_save, tile_sparse_bf16, time_per_call
 from profile_layer_kernels import short
 
 CALLS = (1, 4, 16)
@@ -100,14 +100,15 @@ def main():
         for calls in CALLS:
             xs = xs_all[:calls]
             if kind == "dense":
-                f = jax.jit(lambda xs, w: [x @ w for x in xs])
+                f = jax.jit(lambda xs, w: chain_calls(jnp.matmul, xs, w))
                 step = lambda xs, f=f: f(xs, w)
             elif kind == "detected":
-                f = jax.jit(lambda xs, w: [pit_jax.sparse_dense(x, w) for x in xs])
+                f = jax.jit(lambda xs, w: chain_calls(lambda x: pit_jax.sparse_dense(x, w), xs))
                 step = lambda xs, f=f: f(xs, w)
             else:
                 idxs = [pit_jax.detect(x, (32, 1)) for x in xs]
-                f = jax.jit(lambda xs, w, idxs: [pit_jax.sparse_dense(x, w, index=i) for x, i in zip(xs, idxs)])
+                f = jax.jit(lambda xs, w, idxs: chain_calls(lambda xi: pit_jax.sparse_dense(xi[0], w, index=xi[1]),
+                                                           list(zip(xs, idxs))))
                 step = lambda xs, f=f, idxs=idxs: f(xs, w, idxs)
             row.append(time_per_call(step, xs, calls) * 1e6)
             if calls == TRACED_CALLS:

@@ -191,6 +191,8 @@
 #   PART=kernels40: session 40: the k-gather kernel tests of pack, dx (NT), dW (masks, products, device mode).
 #   PART=gaps40:   session 40: profile_kgather_gaps.py (a sparse_dense call's kernels and the idle gaps between them, $OUT/gaps).
 #   PART=step40:   session 40: probe_kgather_step.py with XLA's default flags ($OUT/step) and command buffers off ($OUT/step_nocb).
+#   PART=chain40:  session 40: the benchmarks with chained calls (no dot merging in the dense baseline): bench_sparse_dense
+#                  32x1 ($OUT/sparse_dense), bench_nn_linear ($OUT/nn_linear), probe_kgather_step ($OUT/step).
 #   PART=ncu_kgather_dw: session 33: Nsight Compute of the dW path's kernels at 4096³ ($OUT/ncu_dw.txt).
 set -u
 export PYTHONUNBUFFERED=1
@@ -569,6 +571,14 @@ audit40)  # session 40: the tests sessions 39-40 added, on the GPU: empty dims, 
   timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_sparse_dense.py --tiles 32x1 --no-bcoo --out $OUT/sparse_dense 2>&1 \
      | grep -E "^\| [4O]" | tee -a $LOG
   echo "audit40 $((SECONDS-t0))s" ;;
+chain40)  # session 40: step40 found XLA merging the dense baseline's dots (one GEMM per two calls on concatenated x,
+         # plus a concatenate and a copy: 209 µs per 4096³ call against 185 at one call per step). The benchmarks now
+         # chain their calls through optimization barriers; their tables again.
+  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_sparse_dense.py --tiles 32x1 --no-bcoo --out $OUT/sparse_dense 2>&1 \
+     | grep -E "^\| [4O]" | tee -a $LOG
+  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_nn_linear.py --out $OUT/nn_linear 2>&1 | grep -E "^\| [SP]|Error" | tee -a $LOG
+  (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-120} python3 probe_kgather_step.py --out $OUT/step 2>&1 | grep -E "^\|" | head -18 | tee -a $LOG)
+  echo "chain40 $((SECONDS-t0))s" ;;
 step40)  # session 40: is the time per call at high sparsity the kernels' or the runtime's (1 / 4 / 16 calls per step,
         # gaps inside and between steps, host events), with the default XLA_FLAGS and with command buffers off.
   (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-200} python3 probe_kgather_step.py --out $OUT/step 2>&1 | grep -E "^\|" | head -40 | tee -a $LOG)
