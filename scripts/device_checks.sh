@@ -193,6 +193,8 @@
 #   PART=step40:   session 40: probe_kgather_step.py with XLA's default flags ($OUT/step) and command buffers off ($OUT/step_nocb).
 #   PART=chain40:  session 40: the benchmarks with chained calls (no dot merging in the dense baseline): bench_sparse_dense
 #                  32x1 ($OUT/sparse_dense), bench_nn_linear ($OUT/nn_linear), probe_kgather_step ($OUT/step).
+#   PART=final40:  session 40: the canonical bench_sparse_dense (32x1 with BCOO, chained calls; $OUT/sparse_dense) and
+#                  probe_auto_dense_branch.py with XLA's default command buffers and with CONDITIONAL added.
 #   PART=ncu_kgather_dw: session 33: Nsight Compute of the dW path's kernels at 4096³ ($OUT/ncu_dw.txt).
 set -u
 export PYTHONUNBUFFERED=1
@@ -571,6 +573,18 @@ audit40)  # session 40: the tests sessions 39-40 added, on the GPU: empty dims, 
   timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_sparse_dense.py --tiles 32x1 --no-bcoo --out $OUT/sparse_dense 2>&1 \
      | grep -E "^\| [4O]" | tee -a $LOG
   echo "audit40 $((SECONDS-t0))s" ;;
+final40)  # session 40: the canonical table on chained calls, with the BCOO peer column; what tile="auto"'s cost at 0%
+         # consists of against the un-merged dense matmul (1.13x / 1.11x in chain40), with and without CONDITIONAL
+         # command buffers.
+  timeout -k 5 ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_sparse_dense.py --tiles 32x1 --out $OUT/sparse_dense 2>&1 \
+     | grep -E "^\| [4O]" | tee -a $LOG
+  CB=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN
+  for variant in "default|" "conditional|--xla_gpu_enable_command_buffer=$CB,CONDITIONAL"; do
+    name=${variant%%|*}; flags=${variant#*|}
+    echo "== probe_auto_dense_branch, $name: XLA_FLAGS='$flags'" | tee -a $LOG
+    (cd benchmarks && XLA_FLAGS="$flags" timeout -k 5 100 python3 probe_auto_dense_branch.py 2>&1 | grep -E "^\||Error" | tee -a $LOG)
+  done
+  echo "final40 $((SECONDS-t0))s" ;;
 chain40)  # session 40: step40 found XLA merging the dense baseline's dots (one GEMM per two calls on concatenated x,
          # plus a concatenate and a copy: 209 µs per 4096³ call against 185 at one call per step). The benchmarks now
          # chain their calls through optimization barriers; their tables again.
