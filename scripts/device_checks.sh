@@ -195,6 +195,7 @@
 #                  32x1 ($OUT/sparse_dense), bench_nn_linear ($OUT/nn_linear), probe_kgather_step ($OUT/step).
 #   PART=final40:  session 40: the canonical bench_sparse_dense (32x1 with BCOO, chained calls; $OUT/sparse_dense) and
 #                  probe_auto_dense_branch.py with XLA's default command buffers and with CONDITIONAL added.
+#   PART=auto40:   session 40: bench_kgather_ab at densities 0.2 / 0.175 / 0.15 against the un-merged dense matmul ($OUT/auto_ab).
 #   PART=ncu_kgather_dw: session 33: Nsight Compute of the dW path's kernels at 4096³ ($OUT/ncu_dw.txt).
 set -u
 export PYTHONUNBUFFERED=1
@@ -573,6 +574,11 @@ audit40)  # session 40: the tests sessions 39-40 added, on the GPU: empty dims, 
   timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_sparse_dense.py --tiles 32x1 --no-bcoo --out $OUT/sparse_dense 2>&1 \
      | grep -E "^\| [4O]" | tee -a $LOG
   echo "audit40 $((SECONDS-t0))s" ;;
+auto40)  # session 40: tile="auto"'s threshold (0.2) was set against the merged dense baseline; where the kernel, detection
+        # included, crosses the un-merged dense matmul now.
+  (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-300} python3 bench_kgather_ab.py --variants default --sparsity 0.8 0.825 0.85 \
+     --out $OUT/auto_ab 2>&1 | grep -E "^\| [4O]|Error" | tee -a $LOG)
+  echo "auto40 $((SECONDS-t0))s" ;;
 final40)  # session 40: the canonical table on chained calls, with the BCOO peer column; what tile="auto"'s cost at 0%
          # consists of against the un-merged dense matmul (1.13x / 1.11x in chain40), with and without CONDITIONAL
          # command buffers.
