@@ -351,7 +351,9 @@ def _check_index(fn, name, index, shape, tile, layout, lead):
 # nonzero. Since the forward's swizzled shared-memory rows (session 30) it crosses the dense
 # matmul between density 0.25 and 0.20 on 4096³ and OPT fc2 (H200, 2026-11-29, detection
 # included: 0.86-0.88x dense at 0.25, 1.04-1.09x at 0.20 in two runs, 1.34-1.36x at 0.15), so the rule
-# stops at 0.20 (docs/kgather.md; 0.125 before, the crossover of the older forward).
+# stops at 0.20 (docs/kgather.md; 0.125 before, the crossover of the older forward). Session 40
+# re-checked it against one dense GEMM per call (the earlier baseline was merged by XLA): 1.06x /
+# 1.20x at 0.20, 1.15x / 1.35x at 0.175 (4096³ / fc2).
 AUTO_TILE = (32, 1)
 AUTO_MAX_DENSITY = 0.2
 

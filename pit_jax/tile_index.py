@@ -43,7 +43,8 @@ class TileIndex:
     Build it with `pit_jax.detect` or `pit_jax.tile_index_from_mask`. The ops check a given
     index's metadata, shapes and dtypes at trace time, but not its values (they are data on the
     device): an index built by hand must keep the invariants above (counts ≤ n_inner, ids in
-    [0, n_inner) then -1), which the CUDA kernels rely on.
+    [0, n_inner) then -1) for defined results. One that breaks them stays in bounds: the CUDA
+    kernels clamp counts to [0, n_inner] and skip ids outside [0, n_inner).
     """
 
     counts: jax.Array
