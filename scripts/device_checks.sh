@@ -196,6 +196,8 @@
 #   PART=final40:  session 40: the canonical bench_sparse_dense (32x1 with BCOO, chained calls; $OUT/sparse_dense) and
 #                  probe_auto_dense_branch.py with XLA's default command buffers and with CONDITIONAL added.
 #   PART=auto40:   session 40: bench_kgather_ab at densities 0.2 / 0.175 / 0.15 against the un-merged dense matmul ($OUT/auto_ab).
+#   PART=cb40:     session 40: probe_command_buffer.py (which ops XLA captures) with the default flags and with CUSTOM_CALL
+#                  listed; probe_kgather_step.py with CUSTOM_CALL ($OUT/step_cc); bf16 forward tests under that flag.
 #   PART=ncu_kgather_dw: session 33: Nsight Compute of the dW path's kernels at 4096³ ($OUT/ncu_dw.txt).
 set -u
 export PYTHONUNBUFFERED=1
@@ -574,6 +576,14 @@ audit40)  # session 40: the tests sessions 39-40 added, on the GPU: empty dims, 
   timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_sparse_dense.py --tiles 32x1 --no-bcoo --out $OUT/sparse_dense 2>&1 \
      | grep -E "^\| [4O]" | tee -a $LOG
   echo "audit40 $((SECONDS-t0))s" ;;
+cb40)  # session 40: pit's ffi_calls ran as separate thunks in step40's traces, though declared kCmdBufferCompatible. Which ops
+      # XLA captures by default and with CUSTOM_CALL named; the step's times with it; the forward's tests under capture.
+  CC=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN
+  (cd benchmarks && timeout -k 5 60 python3 probe_command_buffer.py 2>&1 | grep -E "^\||Error" | tee -a $LOG)
+  (cd benchmarks && XLA_FLAGS=$CC timeout -k 5 60 python3 probe_command_buffer.py 2>&1 | grep -E "^\||Error" | tee -a $LOG)
+  (cd benchmarks && XLA_FLAGS=$CC timeout -k 5 100 python3 probe_kgather_step.py --out $OUT/step_cc 2>&1 | grep -E "^\|" | head -18 | tee -a $LOG)
+  XLA_FLAGS=$CC pytest_gpu 60 tests/test_kgather_kernels.py -k "gpu and forward_and_dw and bfloat16"
+  echo "cb40 $((SECONDS-t0))s" ;;
 auto40)  # session 40: tile="auto"'s threshold (0.2) was set against the merged dense baseline; where the kernel, detection
         # included, crosses the un-merged dense matmul now.
   (cd benchmarks && timeout -k 5 ${BENCH_TIMEOUT:-300} python3 bench_kgather_ab.py --variants default --sparsity 0.8 0.825 0.85 \
