@@ -27,9 +27,18 @@ from common import announce, bench_parser, chain_calls, markdown_report, tile_sp
 N_INPUTS = 4
 
 
+def per_call_params(step):
+    """step(states, xs) -> f(params, xs) that hands each call its own copy of the parameters, as
+    separate arguments of the jit: with one shared array XLA computes work that depends only on
+    the weights (PrunedLinear's mask and index) once for the step's calls (session 40's review)."""
+    fn = jax.jit(step)
+    return lambda params, xs: fn([params] * len(xs), xs)
+
+
 def forward_fn(module):
     graphdef, state = nnx.split(module)
-    return jax.jit(lambda state, xs: chain_calls(lambda x: nnx.merge(graphdef, state)(x), xs)), state
+    return per_call_params(lambda states, xs: chain_calls(
+        lambda sx: nnx.merge(graphdef, sx[0])(sx[1]), list(zip(states, xs)))), state
 
 
 def step_fn(module):
@@ -45,7 +54,7 @@ def step_fn(module):
         y = nnx.merge(graphdef, state)(x).astype(jnp.float32)
         return 0.5 * jnp.sum(c * jnp.square(y))
     step = lambda state, x: jax.value_and_grad(loss, argnums=(0, 1))(state, x)
-    return jax.jit(lambda state, xs: chain_calls(lambda x: step(state, x), xs)), state
+    return per_call_params(lambda states, xs: chain_calls(lambda sx: step(*sx), list(zip(states, xs)))), state
 
 
 def timed(make, module, xs, steps=10, env=None):
@@ -73,13 +82,14 @@ def sparse_linear_rows(key, quick):
     dense, sparse = nnx.Linear(k, n, **kw), pit_jax.nn.SparseLinear(k, n, **kw)
     sparse.kernel[...] = dense.kernel[...]
     dense.bias[...] = sparse.bias[...] = jax.random.normal(key, (n,), jnp.bfloat16)
-    bare = jax.jit(lambda kernel, bias, xs: chain_calls(lambda x: pit_jax.sparse_dense(x, kernel, bias=bias), xs))
+    bare = per_call_params(lambda kbs, xs: chain_calls(
+        lambda kbx: pit_jax.sparse_dense(kbx[1], kbx[0][0], bias=kbx[0][1]), list(zip(kbs, xs))))
     m = lead[0] * lead[1]
     for sp in (0.9, 0.95, 0.99):
         xs = [x.reshape(*lead, k) for x in tile_sparse_bf16(key, m, k, (32, 1), sp, N_INPUTS, nonnegative=True)]
         y_sparse = forward_fn(sparse)[0](nnx.split(sparse)[1], xs[:1])[0]
         y_dense = forward_fn(dense)[0](nnx.split(dense)[1], xs[:1])[0]
-        t_bare = time_per_call(lambda xs: bare(sparse.kernel[...], sparse.bias[...], xs), xs, N_INPUTS) * 1e3
+        t_bare = time_per_call(lambda xs: bare((sparse.kernel[...], sparse.bias[...]), xs), xs, N_INPUTS) * 1e3
         row = dict(layer="SparseLinear", shape=f"[{lead[0]}, {lead[1]}, {k}] -> {n}", sparsity=sp,
                    t_nnx_ms=timed(forward_fn, dense, xs), t_pit_ms=timed(forward_fn, sparse, xs), t_bare_ms=t_bare,
                    t_nnx_step_ms=timed(step_fn, dense, xs, steps=5), t_pit_step_ms=timed(step_fn, sparse, xs, steps=5),
@@ -95,14 +105,15 @@ def pruned_linear_rows(key, quick):
     xs = tile_sparse_bf16(key, m, k, (1, 1), 0.0, N_INPUTS)
     kw = dict(param_dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
     dense = nnx.Linear(k, n, **kw)
-    bare = jax.jit(lambda kernel, bias, xs: chain_calls(lambda x: pit_jax.dense_sparse(x, kernel, bias=bias, tile=(1, 32)), xs))
+    bare = per_call_params(lambda kbs, xs: chain_calls(
+        lambda kbx: pit_jax.dense_sparse(kbx[1], kbx[0][0], bias=kbx[0][1], tile=(1, 32)), list(zip(kbs, xs))))
     rows = []
     for density in (0.5, 0.1, 0.05):
         pruned = pit_jax.nn.PrunedLinear(k, n, density=density, tile=(1, 32), **kw)
         want = xs[0] @ jnp.where(pruned.mask(), pruned.kernel[...], 0) + pruned.bias[...]
         got = forward_fn(pruned)[0](nnx.split(pruned)[1], xs[:1])[0]
         fixed = jnp.where(pruned.mask(), pruned.kernel[...], 0)
-        t_bare = time_per_call(lambda xs: bare(fixed, pruned.bias[...], xs), xs, N_INPUTS) * 1e3
+        t_bare = time_per_call(lambda xs: bare((fixed, pruned.bias[...]), xs), xs, N_INPUTS) * 1e3
         row = dict(layer="PrunedLinear", shape=f"[{m}, {k}] -> {n}", sparsity=1.0 - density,
                    t_nnx_ms=timed(forward_fn, dense, xs), t_pit_ms=timed(forward_fn, pruned, xs),
                    t_bare_ms=t_bare, t_nnx_step_ms=timed(step_fn, dense, xs, steps=5),

@@ -1,5 +1,5 @@
 """Where the time of a sparse_dense call goes between its kernels: bench_sparse_dense's step (four
-calls on distinct x, 32x1 tiles, detection included or the index given) timed back to back, then
+chained calls on distinct x, 32x1 tiles, detection included or the index given) timed back to back, then
 the same steps under a JAX profiler trace: per call, the wall time, the kernels' span and busy
 time, each kernel's mean time, and the largest idle gaps between consecutive kernels.
 
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 import pit_jax
-from common import announce, print_and_save, tile_sparse_bf16, time_per_call
+from common import announce, chain_calls, print_and_save, tile_sparse_bf16, time_per_call
 from profile_layer_kernels import kernel_events, short
 
 CALLS_PER_STEP = 4
@@ -68,23 +68,24 @@ def main():
         m, k, n = SHAPES[shape_name]
         w = jax.random.normal(jax.random.fold_in(key, 99), (k, n), jnp.bfloat16)
         xs0 = tile_sparse_bf16(key, m, k, (1, 1), 0.0, CALLS_PER_STEP, nonnegative=True)
-        dense = jax.jit(lambda xs, w: [x @ w for x in xs])
+        dense = jax.jit(lambda xs, w: chain_calls(jnp.matmul, xs, w))
         head, rows = profile_rows(f"{shape_name} dense", lambda xs: dense(xs, w), xs0)
         calls += head
         kernels += rows
         for sp in a.sparsity:
             xs = tile_sparse_bf16(key, m, k, (32, 1), sp, CALLS_PER_STEP, nonnegative=True)
-            ours = jax.jit(lambda xs, w: [pit_jax.sparse_dense(x, w) for x in xs])
+            ours = jax.jit(lambda xs, w: chain_calls(lambda x: pit_jax.sparse_dense(x, w), xs))
             idxs = [pit_jax.detect(x, (32, 1)) for x in xs]
-            given = jax.jit(lambda xs, w, idxs: [pit_jax.sparse_dense(x, w, index=i) for x, i in zip(xs, idxs)])
+            given = jax.jit(lambda xs, w, idxs: chain_calls(lambda xi: pit_jax.sparse_dense(xi[0], w, index=xi[1]),
+                                                               list(zip(xs, idxs))))
             for label, step in ((f"{shape_name} {sp:.2f} detected", lambda xs: ours(xs, w)),
                                 (f"{shape_name} {sp:.2f} given", lambda xs: given(xs, w, idxs))):
                 head, rows = profile_rows(label, step, xs)
                 calls += head
                 kernels += rows
     text = "\n".join([
-        f"# sparse_dense call anatomy — " + ", ".join(f"{k} {v}" for k, v in meta.items()), "",
-        f"bf16, 32x1 tiles at random; {CALLS_PER_STEP} calls per jitted step on distinct x, {STEPS} steps back to back. "
+        "# sparse_dense call anatomy — " + ", ".join(f"{k} {v}" for k, v in meta.items()), "",
+        f"bf16, 32x1 tiles at random; {CALLS_PER_STEP} chained calls per jitted step on distinct x, {STEPS} steps back to back. "
         "wall = µs per call (time_per_call, as bench_sparse_dense); span = first kernel start to last kernel end per "
         "call (profiler trace); busy = kernel time per call; gaps = idle time between consecutive kernels, summed "
         "per pair of kernel names (mean µs × occurrences per call)", "",

@@ -32,7 +32,7 @@ from jax.interpreters import ad, batching, mlir
 from . import _primitive, kgather_cuda
 from .detect import detect
 from .kgather_reference import F32, sparse_dense_ref, sparse_nt_ref, sparse_tn_ref, sum_tn
-from .tile_index import TileIndex, is_int_pair, tile_index_from_mask
+from .tile_index import TileIndex, ceil_div, is_int_pair, tile_index_from_mask
 
 sparse_dense_p = _primitive.make_primitive("pit_sparse_dense", multiple_results=False)
 sparse_tn_p = _primitive.make_primitive("pit_sparse_tn", multiple_results=False)
@@ -434,9 +434,9 @@ def auto_sampled_density(x):
     if isinstance(m, int):  # whole groups only (a slice, no copy), or the one partial group
         groups = max(m // tm, 1)
         rows = x[..., : groups * tm, :] if m >= tm else x
-    else:  # symbolic M (jax.export): zero rows complete the last group, which is then sampled too
-        groups = -(-m // tm)
-        rows = jnp.pad(x, [(0, 0)] * len(lead) + [(0, groups * tm - m), (0, 0)])
+    else:  # symbolic M (jax.export): the same groups; zero rows complete a first group shorter than tm
+        groups = jax.core.max_dim(m // tm, 1)
+        rows = jnp.pad(x, [(0, 0)] * len(lead) + [(0, ceil_div(m, tm) * tm - m), (0, 0)])[..., : groups * tm, :]
     grouped = rows.reshape(*lead, groups, -1, k)[..., ::AUTO_SAMPLE_STRIDE, :, :]
     nonzero_tiles = jnp.any(grouped != 0, axis=-2)
     per_member = jnp.mean(nonzero_tiles.astype(jnp.float32), axis=(-2, -1))
