@@ -198,6 +198,9 @@
 #   PART=auto40:   session 40: bench_kgather_ab at densities 0.2 / 0.175 / 0.15 against the un-merged dense matmul ($OUT/auto_ab).
 #   PART=cb40:     session 40: probe_command_buffer.py (which ops XLA captures) with the default flags and with CUSTOM_CALL
 #                  listed; probe_kgather_step.py with CUSTOM_CALL ($OUT/step_cc); bf16 forward tests under that flag.
+#   PART=verify40: prepared in session 40 for the next device session: the review's tests (broken counts bound directly
+#                  on the NT kernel and the transposed pack, negative counts, exported auto), memcheck over them, and
+#                  bench_nn_linear with per-call parameters ($OUT/nn_linear).
 #   PART=ncu_kgather_dw: session 33: Nsight Compute of the dW path's kernels at 4096³ ($OUT/ncu_dw.txt).
 set -u
 export PYTHONUNBUFFERED=1
@@ -576,6 +579,14 @@ audit40)  # session 40: the tests sessions 39-40 added, on the GPU: empty dims, 
   timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_sparse_dense.py --tiles 32x1 --no-bcoo --out $OUT/sparse_dense 2>&1 \
      | grep -E "^\| [4O]" | tee -a $LOG
   echo "audit40 $((SECONDS-t0))s" ;;
+verify40)  # prepared in session 40 (not run there: the device budget was spent): the tests its review added, on the GPU,
+          # memcheck over the kernel-level ones, then bench_nn_linear, whose PrunedLinear rows were upper bounds (the
+          # step's calls shared one kernel array, so XLA computed the mask once per step).
+  pytest_gpu ${TEST_TIMEOUT:-150} tests/test_kgather_kernels.py tests/test_kgather.py \
+    -k "gpu and (broken_counts or negative_counts or out_of_range or export_symbolic_rows or sampled_density_is_the_same)"
+  [[ "${SAN:-1}" == 1 ]] && SAN_TIMEOUT=100 run_tool_chunks memcheck all tests/test_kgather_kernels.py "gpu and broken_counts" 0 4
+  timeout -k 5 ${BENCH_TIMEOUT:-200} python3 benchmarks/bench_nn_linear.py --out $OUT/nn_linear 2>&1 | grep -E "^\| [SP]|Error" | tee -a $LOG
+  echo "verify40 $((SECONDS-t0))s" ;;
 cb40)  # session 40: pit's ffi_calls ran as separate thunks in step40's traces, though declared kCmdBufferCompatible. Which ops
       # XLA captures by default and with CUSTOM_CALL named; the step's times with it; the forward's tests under capture.
   CC=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN
