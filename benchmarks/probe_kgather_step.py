@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import os
-import tempfile
 import warnings
 
 import jax
@@ -23,39 +19,11 @@ import jax.numpy as jnp
 
 import pit_jax
 from common import announce, chain_calls, print_and_save, tile_sparse_bf16, time_per_call
-from profile_layer_kernels import short
+from profile_layer_kernels import host_events, kernel_events, profile, short
 
 CALLS = (1, 4, 16)
 TRACED_CALLS = 4
 TRACED_STEPS = 10
-
-
-def trace_events(step, inputs):
-    """(kernels [(name, start, dur)] sorted by start, host events [(thread, name, dur)]) of
-    TRACED_STEPS steps launched back to back."""
-    jax.block_until_ready(step(inputs))
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            for _ in range(TRACED_STEPS):
-                out = step(inputs)
-            jax.block_until_ready(out)
-        path = sorted(glob.glob(os.path.join(d, "plugins", "profile", "*", "*.trace.json.gz")))[-1]
-        events = json.load(gzip.open(path))["traceEvents"]
-    names = {(e["pid"], e.get("tid")): str(e["args"].get("name", "")) for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                and str(e["args"].get("name", "")).startswith("/device:GPU")}
-    kernels, host = [], []
-    for e in events:
-        if e.get("ph") != "X" or "dur" not in e:
-            continue
-        thread = names.get((e["pid"], e.get("tid")), "?")
-        if e["pid"] in gpu_pids:
-            if "stream" in thread.lower():
-                kernels.append((e["name"], float(e["ts"]), float(e["dur"])))
-        else:
-            host.append((thread, e["name"], float(e["dur"])))
-    return sorted(kernels, key=lambda r: r[1]), host
 
 
 def gap_rows(label, kernels, calls_per_step):
@@ -112,7 +80,8 @@ def main():
                 step = lambda xs, f=f, idxs=idxs: f(xs, w, idxs)
             row.append(time_per_call(step, xs, calls) * 1e6)
             if calls == TRACED_CALLS:
-                kernels, host = trace_events(step, xs)
+                kernels, host = profile(step, (xs,), TRACED_STEPS,
+                                        read=lambda d: (kernel_events(d, with_start=True), host_events(d)))
                 label = f"{kind} {sp:.2f}"
                 gaps.append(gap_rows(label, kernels, calls))
                 hosts += host_rows(label, host, TRACED_STEPS * calls)

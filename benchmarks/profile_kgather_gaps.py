@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import tempfile
 import warnings
 
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 
 import pit_jax
 from common import announce, chain_calls, print_and_save, tile_sparse_bf16, time_per_call
-from profile_layer_kernels import kernel_events, short
+from profile_layer_kernels import profile, short
 
 CALLS_PER_STEP = 4
 STEPS = 10
@@ -27,13 +26,7 @@ SHAPES = {"4096³": (4096, 4096, 4096), "fc2": (4096, 16384, 4096), "small": (25
 def profile_rows(label, step, inputs):
     """Markdown rows: the call's wall time, span, busy time and gaps; then its kernels' mean times."""
     wall = time_per_call(step, inputs, CALLS_PER_STEP) * 1e6
-    jax.block_until_ready(step(inputs))
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            for _ in range(STEPS):
-                out = step(inputs)
-            jax.block_until_ready(out)
-        ks = kernel_events(d, with_start=True)
+    ks = profile(step, (inputs,), STEPS, with_start=True)
     calls = STEPS * CALLS_PER_STEP
     if not ks:
         return [f"| {label} | {wall:.1f} | no kernel events | | | |"], []

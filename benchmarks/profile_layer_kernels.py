@@ -26,13 +26,19 @@ import jax.numpy as jnp
 from bench_moe import CASES, GRAD_ARGS, dense_layer, expert_ids, fwd_bwd, layer_inputs, pit_layer
 
 
-def kernel_events(trace_dir, with_start=False):
-    """[(kernel name, µs)] of the GPU stream tracks in the latest trace under trace_dir
-    ([(name, start µs, µs)] sorted by start with with_start)."""
+def trace_events(trace_dir):
+    """(the latest trace's events under trace_dir, the pids of its GPU processes)."""
     path = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")))[-1]
     events = json.load(gzip.open(path))["traceEvents"]
     gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                 and str(e["args"].get("name", "")).startswith("/device:GPU")}
+    return events, gpu_pids
+
+
+def kernel_events(trace_dir, with_start=False):
+    """[(kernel name, µs)] of the GPU stream tracks in the latest trace under trace_dir
+    ([(name, start µs, µs)] sorted by start with with_start)."""
+    events, gpu_pids = trace_events(trace_dir)
     # one GPU process has several tracks: streams (kernels) and XLA op/module summaries; keep streams
     stream_tids = {(e["pid"], e["tid"]) for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
                    and e["pid"] in gpu_pids and "stream" in str(e["args"].get("name", "")).lower()}
@@ -43,6 +49,15 @@ def kernel_events(trace_dir, with_start=False):
     if with_start:
         return sorted(((e["name"], float(e["ts"]), float(e["dur"])) for e in kernels), key=lambda r: r[1])
     return [(e["name"], float(e["dur"])) for e in kernels]
+
+
+def host_events(trace_dir):
+    """[(thread name, event name, µs)] of the latest trace's host (non-GPU) processes."""
+    events, gpu_pids = trace_events(trace_dir)
+    threads = {(e["pid"], e.get("tid")): str(e["args"].get("name", "")) for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    return [(threads.get((e["pid"], e.get("tid")), "?"), e["name"], float(e["dur"])) for e in events
+            if e.get("ph") == "X" and "dur" in e and e["pid"] not in gpu_pids]
 
 
 def short(name):
@@ -58,8 +73,9 @@ def short(name):
     return name[:70]
 
 
-def profile(step, args, steps, with_start=False):
-    """kernel_events of `steps` calls of step(*args) in one trace, after two warm calls."""
+def profile(step, args, steps, with_start=False, read=None):
+    """kernel_events of `steps` calls of step(*args) in one trace, after two warm calls (or
+    read(trace_dir), e.g. to take host events as well)."""
     jax.block_until_ready(step(*args))  # compile and warm up outside the trace
     jax.block_until_ready(step(*args))
     with tempfile.TemporaryDirectory() as d:
@@ -67,7 +83,7 @@ def profile(step, args, steps, with_start=False):
             for _ in range(steps):
                 out = step(*args)
             jax.block_until_ready(out)
-        return kernel_events(d, with_start=with_start)
+        return read(d) if read else kernel_events(d, with_start=with_start)
 
 
 def table(label, events, steps):
