@@ -1,8 +1,11 @@
 """NumPy references and random sparse inputs shared by the tests."""
 import zlib
 
-import numpy as np
+import jax.numpy as jnp
 import ml_dtypes
+import numpy as np
+
+import pit_jax
 
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 
@@ -70,3 +73,22 @@ def moe_layouts_want(x, w, ids, order, g, *, x_sorted, out_sorted):
         dx[src[p]] += w64[experts[p]] @ g64[dst[p]]
         dw[experts[p]] += np.outer(x64[src[p]], g64[dst[p]])
     return out, dx, dw
+
+
+def broken_index(index, rng):
+    """A copy of `index` breaking its invariants where the kernels must stay in bounds: every count
+    past n_inner (ids then read up to the row's end, -1 padding), and in every other row one listed
+    id replaced by one past n_inner or negative (other than -1). Returns it with the boolean element
+    mask of the in-range ids it still lists (the tiles the product is over)."""
+    n_inner = index.indices.shape[-1]
+    ids = np.array(index.indices)
+    flat = ids.reshape(-1, n_inner)
+    for row in range(0, flat.shape[0], 2):
+        listed = np.flatnonzero(flat[row] >= 0)
+        if listed.size:
+            flat[row, rng.choice(listed)] = rng.choice([n_inner, n_inner + 7, 2**30, -2, -2**30])
+    in_range = jnp.asarray(np.where((ids >= 0) & (ids < n_inner), ids, -1))
+    kept = pit_jax.TileIndex(index.counts, index.offsets, in_range, index.shape, index.tile, index.layout).element_mask()
+    broken = pit_jax.TileIndex(jnp.full_like(index.counts, n_inner + 1000), index.offsets, jnp.asarray(ids),
+                               index.shape, index.tile, index.layout)
+    return broken, np.asarray(kept)

@@ -10,7 +10,7 @@ import pytest
 from jax import export
 
 import pit_jax
-from helpers import DTYPES, random_tile_sparse, stable_seed
+from helpers import DTYPES, broken_index, random_tile_sparse, stable_seed
 
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}  # relative Frobenius error
 
@@ -350,21 +350,6 @@ def test_export_with_bias_symbolic_batch(backend, op):
     np.testing.assert_allclose(np.asarray(loaded.call(x, w, bias)), x @ w + bias, rtol=1e-5, atol=1e-5)
 
 
-def _out_of_range_index(index, rng):
-    """A copy of `index` breaking its invariants where the kernels must stay in bounds: every
-    count past n_inner (ids then read up to the row's end, -1 padding), and ids past n_inner or
-    negative (other than -1) inside the counts. The listed tiles are then the in-range ids."""
-    n_inner = index.indices.shape[-1]
-    counts = jnp.full_like(index.counts, n_inner + 1000)
-    ids = np.array(index.indices)
-    flat = ids.reshape(-1, n_inner)
-    for row in range(0, flat.shape[0], 2):  # a bad id in every other row, among its listed ones
-        listed = np.flatnonzero(flat[row] >= 0)
-        if listed.size:
-            flat[row, rng.choice(listed)] = rng.choice([n_inner, n_inner + 7, 2**30, -2, -2**30])
-    return pit_jax.TileIndex(counts, index.offsets, jnp.asarray(ids), index.shape, index.tile, index.layout), ids
-
-
 @pytest.mark.parametrize("tile", [(32, 1), (8, 2), (64, 4)], ids=str)
 @pytest.mark.parametrize("dw", ["dense", "sparse"])
 def test_out_of_range_index_stays_in_bounds(backend, tile, dw, monkeypatch):
@@ -375,10 +360,8 @@ def test_out_of_range_index_stays_in_bounds(backend, tile, dw, monkeypatch):
     rng = np.random.default_rng(stable_seed("bad_index", tile, dw))
     x = random_tile_sparse(rng, (2, 70, 45), tile, 0.4, "bfloat16")
     w = _dense(rng, (45, 37), "bfloat16")
-    bad, ids = _out_of_range_index(pit_jax.detect(x, tile), rng)
-    kept = pit_jax.TileIndex(bad.counts, bad.offsets, jnp.asarray(np.where((ids >= 0) & (ids < ids.shape[-1]), ids, -1)),
-                             bad.shape, bad.tile, bad.layout).element_mask()
-    xk = np.where(np.asarray(kept), x.astype(np.float64), 0)
+    bad, kept = broken_index(pit_jax.detect(x, tile), rng)
+    xk = np.where(kept, x.astype(np.float64), 0)
     g = rng.standard_normal((2, 70, 37))
     f = lambda x, w: pit_jax.sparse_dense(x, w, index=bad)
     y, (gx, gw) = jax.jit(lambda x, w: (f(x, w), jax.grad(
@@ -389,18 +372,15 @@ def test_out_of_range_index_stays_in_bounds(backend, tile, dw, monkeypatch):
     # dense_sparse: the weight's index broken the same way (read in place, transposed)
     w_tile = (tile[1], min(tile[0], 37))
     ws = random_tile_sparse(rng, (45, 37), w_tile, 0.4, "bfloat16")
-    bad_w, ids_w = _out_of_range_index(pit_jax.detect(ws, w_tile), rng)
-    kept_w = pit_jax.TileIndex(bad_w.counts, bad_w.offsets,
-                               jnp.asarray(np.where((ids_w >= 0) & (ids_w < ids_w.shape[-1]), ids_w, -1)),
-                               bad_w.shape, bad_w.tile, bad_w.layout).element_mask()
-    wk = np.where(np.asarray(kept_w), ws.astype(np.float64), 0)
+    bad_w, kept_w = broken_index(pit_jax.detect(ws, w_tile), rng)
+    wk = np.where(kept_w, ws.astype(np.float64), 0)
     f2 = lambda x, w: pit_jax.dense_sparse(x, w, index=bad_w)
     y2, (gx2, gw2) = jax.jit(lambda x, w: (f2(x, w), jax.grad(
         lambda x, w: jnp.sum(f2(x, w).astype(jnp.float32) * g), (0, 1))(x, w)))(x, ws)
     x64 = x.astype(np.float64)
     assert _rel_err(y2, x64 @ wk) < TOL["bfloat16"]
     assert _rel_err(gx2, g @ wk.T) < TOL["bfloat16"]
-    assert _rel_err(gw2, np.einsum("bmk,bmn->kn", x64, g) * np.asarray(kept_w)) < TOL["bfloat16"]  # masked
+    assert _rel_err(gw2, np.einsum("bmk,bmn->kn", x64, g) * kept_w) < TOL["bfloat16"]  # masked
 
 
 def test_negative_counts_stay_in_bounds(backend):

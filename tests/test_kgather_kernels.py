@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import pit_jax
-from helpers import DTYPES, random_tile_sparse, stable_seed
+from helpers import DTYPES, broken_index, random_tile_sparse, stable_seed
 
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}  # relative Frobenius error
 
@@ -636,24 +636,6 @@ def test_dense_sparse_under_grad_keeps_the_kernel_layout_on_cuda():
     assert calls and all("y_transposed = false" in c for c in calls), calls
 
 
-def _broken_counts(index, rng):
-    """`index` with every count past n_inner (the kernels then read ids up to the row's end, -1
-    padding) and, in every other row, one listed id replaced by one outside [0, n_inner); and the
-    element mask of the in-range ids it still lists."""
-    n_inner = index.indices.shape[-1]
-    ids = np.array(index.indices)
-    flat = ids.reshape(-1, n_inner)
-    for row in range(0, flat.shape[0], 2):
-        listed = np.flatnonzero(flat[row] >= 0)
-        if listed.size:
-            flat[row, rng.choice(listed)] = rng.choice([n_inner, n_inner + 5, 2**30, -2, -2**30])
-    kept = pit_jax.TileIndex(index.counts, index.offsets, jnp.asarray(np.where(ids < n_inner, ids, -1)),
-                             index.shape, index.tile, index.layout).element_mask()
-    broken = pit_jax.TileIndex(jnp.full_like(index.counts, n_inner + 1000), index.offsets, jnp.asarray(ids),
-                               index.shape, index.tile, index.layout)
-    return broken, np.asarray(kept)
-
-
 @pytest.mark.parametrize("tile", [(32, 1), (64, 8)], ids=str)
 def test_nt_kernel_stays_in_bounds_on_broken_counts(backend, tile):
     """pit_sparse_nt bound directly on an index with counts past n_inner and out-of-range ids (the
@@ -661,7 +643,7 @@ def test_nt_kernel_stays_in_bounds_on_broken_counts(backend, tile):
     in-range ids' tiles, zero elsewhere. Run under compute-sanitizer on the GPU."""
     rng = np.random.default_rng(stable_seed("nt_broken", tile))
     x = random_tile_sparse(rng, (2, 70, 45), tile, 0.5, "bfloat16")
-    broken, kept = _broken_counts(pit_jax.detect(x, tile), rng)
+    broken, kept = broken_index(pit_jax.detect(x, tile), rng)
     dy = (rng.standard_normal((2, 70, 37)) + 0.1).astype(DTYPES["bfloat16"])
     w = (rng.standard_normal((45, 37)) - 0.1).astype(DTYPES["bfloat16"])
     got = np.asarray(jax.jit(lambda dy, w, i: _nt(dy, w, i, tile))(dy, w, broken), np.float64)
@@ -678,7 +660,7 @@ def test_transposed_pack_stays_in_bounds_on_broken_counts(backend, tile):
     rng = np.random.default_rng(stable_seed("tpack_broken", tile))
     s = random_tile_sparse(rng, (70, 45), tile, 0.5, "bfloat16")  # the sparse operand [N, K]
     d = (rng.standard_normal((45, 29)) + 0.1).astype(DTYPES["bfloat16"])  # dense [K, M]
-    broken, kept = _broken_counts(pit_jax.detect(s, tile), rng)
+    broken, kept = broken_index(pit_jax.detect(s, tile), rng)
     params = dict(shape=(70, 45), tile=tile, layout="row", exact=False, masked_grad=False, x_transposed=True,
                   y_transposed=True)
     y = jax.jit(lambda st, d, i: sparse_dense_p.bind(st, d, i.counts, i.offsets, i.indices, no_bias(st.dtype),
