@@ -32,7 +32,7 @@ from jax.interpreters import ad, batching, mlir
 from . import _primitive, kgather_cuda
 from .detect import detect
 from .kgather_reference import F32, sparse_dense_ref, sparse_nt_ref, sparse_tn_ref, sum_tn
-from .tile_index import TileIndex, ceil_div, is_int_pair, tile_index_from_mask
+from .tile_index import TileIndex, ceil_div, clamp_tile, is_int_pair, tile_index_from_mask
 
 sparse_dense_p = _primitive.make_primitive("pit_sparse_dense", multiple_results=False)
 sparse_tn_p = _primitive.make_primitive("pit_sparse_tn", multiple_results=False)
@@ -319,13 +319,6 @@ def _resolve_tile(fn, tile, index, default):
     return (int(tile[0]), int(tile[1]))
 
 
-def _clamp_tile(tile, m, k):
-    """A tile larger than the matrix covers it in one block (detect itself rejects that). A
-    symbolic dim (jax.export) keeps the tile: one partial block covers a smaller matrix just the
-    same, and detect checks only concrete dims."""
-    return tuple(min(int(t), d) if isinstance(d, int) else int(t) for t, d in zip(tile, (m, k)))
-
-
 def _check_index(fn, name, index, shape, tile, layout, lead):
     if not isinstance(index, TileIndex):
         raise TypeError(f"pit_jax.{fn}: {name} must be a pit_jax.TileIndex, got {type(index).__name__}")
@@ -406,7 +399,7 @@ def _sparse_dense_indexed(x, w, bias, tile, index, exact):
 def _row_index_of_x(x, tile, index):
     """(clamped tile, row-layout TileIndex of x): detected on device, or the caller's, checked."""
     m, k = x.shape[-2:]
-    tile = _clamp_tile(tile, m, k)
+    tile = clamp_tile(tile, (m, k))  # detect rejects a tile larger than a concrete dim
     if index is None:
         index = detect(jax.lax.stop_gradient(x), tile, layout="row")
     else:
@@ -497,7 +490,7 @@ def dense_sparse(x, w, *, bias=None, tile=None, index: TileIndex | None = None, 
     if _is_empty_product(x, w):
         return _auto_dense_branch(x, w, bias)
     k, n = w.shape
-    tile = _clamp_tile(tile, k, n)
+    tile = clamp_tile(tile, (k, n))
     exact = index is None
     if index is None:
         index = detect(jax.lax.stop_gradient(w), tile, layout="row")

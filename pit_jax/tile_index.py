@@ -17,6 +17,13 @@ def ceil_div(a, b):
     return (a + b - 1) // b
 
 
+def clamp_tile(tile, shape):
+    """`tile` as ints, each no larger than its dim of `shape`: a tile larger than the matrix covers
+    it in one block. A symbolic dim (jax.export) keeps the tile: one partial block covers a smaller
+    matrix just the same."""
+    return tuple(min(int(t), d) if is_int(d) else int(t) for t, d in zip(tile, shape))
+
+
 LAYOUTS = ("row", "col")
 
 
@@ -127,7 +134,7 @@ def tile_index_from_mask(mask: jax.Array, shape, tile, layout: str = "row") -> T
     if not is_int_pair(tile) or min(tile) <= 0:
         raise ValueError(f"pit_jax.tile_index_from_mask: tile must be a pair of positive ints, got {tile!r}")
     m, k = (int(d) if is_int(d) else d for d in shape)
-    tm, tk = (min(int(t), d) if is_int(d) else int(t) for t, d in zip(tile, (m, k)))
+    tm, tk = clamp_tile(tile, (m, k))
     grid = (ceil_div(m, tm), ceil_div(k, tk))
     if not hasattr(mask, "shape") or len(mask.shape) < 2 or tuple(mask.shape[-2:]) != grid:
         raise ValueError(f"pit_jax.tile_index_from_mask: mask must have shape [..., {grid[0]}, {grid[1]}] "
